@@ -1,0 +1,329 @@
+// CPU kernels of the softmax_kl family: per-row KL(softmax(t/T) || softmax(s/T)) and its gradients.
+//
+// Numerical spec: kdkernels/reference/softmax_kl.py. Rows run in parallel (at::parallel_for). Each row is walked
+// in L1-sized chunks: a chunk's maxima move the row's online state, then the chunk is accumulated with vectorised
+// exp, so the forward reads each input from memory once. Half/bfloat16 chunks are widened to float first; all
+// arithmetic is float (double for double inputs) and the per-row state is kept in double.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace kdkernels {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kChunk = 2048;  // elements per chunk: 2 inputs x 8 KiB (fp32) stay in L1
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Logits in {float, Half, BFloat16} accumulate in float; double accumulates in double.
+template <typename S, typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+inline double safe_shift(double max) { return max == kNegInf ? 0.0 : max; }
+
+// Online state of one row (see the spec's "one-pass forward" notes). With m~ = safe_shift(max):
+//   sum_s = sum exp(a - m~_s),  sum_t = sum exp(b - m~_t),
+//   acc   = sum e_t * ((b - m~_t) - (a - m~_s))   over entries with e_t = exp(b - m~_t) > 0.
+struct RowState {
+  double max_s = kNegInf, sum_s = 0.0;
+  double max_t = kNegInf, sum_t = 0.0;
+  double acc = 0.0;
+
+  // Re-expresses the sums against larger maxima. acc' = c (acc + (ds - dt) sum_t), c = exp(-dt).
+  void rebase(double new_max_s, double new_max_t) {
+    const double old_shift_s = safe_shift(max_s), new_shift_s = safe_shift(new_max_s);
+    const double old_shift_t = safe_shift(max_t), new_shift_t = safe_shift(new_max_t);
+    if (max_t != kNegInf) {
+      const double c = std::exp(old_shift_t - new_shift_t);
+      acc = c * (acc + ((new_shift_s - old_shift_s) - (new_shift_t - old_shift_t)) * sum_t);
+      sum_t *= c;
+    }
+    if (max_s != kNegInf) sum_s *= std::exp(old_shift_s - new_shift_s);
+    max_s = new_max_s;
+    max_t = new_max_t;
+  }
+
+  double lse_s() const { return max_s == kNegInf ? kNegInf : max_s + std::log(sum_s); }
+  double lse_t() const { return max_t == kNegInf ? kNegInf : max_t + std::log(sum_t); }
+  double loss() const { return max_t == kNegInf ? 0.0 : acc / sum_t - std::log(sum_t) + std::log(sum_s); }
+};
+
+// Returns `n` elements of `src` as acc_t: the pointer itself when no widening is needed, else `buffer`.
+template <typename acc_t, typename X>
+inline const acc_t* as_acc(const X* src, acc_t* buffer, int64_t n) {
+  if constexpr (std::is_same_v<X, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename acc_t, typename X>
+inline void store_from_acc(const acc_t* src, X* dst, int64_t n) {
+  if constexpr (std::is_same_v<X, acc_t>) {
+    (void)src, (void)dst, (void)n;  // computed in place
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename acc_t>
+inline acc_t max_of(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec vmax = Vec::loadu(x);
+    for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
+    result = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+  }
+  for (; j < n; ++j) result = (x[j] > result || std::isnan(x[j])) ? x[j] : result;
+  return result;
+}
+
+template <typename acc_t>
+void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t max_a = max_of(s, n) * inv_t;
+  const acc_t max_b = max_of(t, n) * inv_t;
+  state.rebase(std::max<double>(state.max_s, max_a), std::max<double>(state.max_t, max_b));
+  const acc_t shift_s = static_cast<acc_t>(safe_shift(state.max_s));
+  const acc_t shift_t = static_cast<acc_t>(safe_shift(state.max_t));
+
+  const Vec v_inv_t(inv_t), v_shift_s(shift_s), v_shift_t(shift_t), zero(acc_t(0));
+  Vec sum_s(acc_t(0)), sum_t(acc_t(0)), acc(acc_t(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec log_q_s = Vec::loadu(s + j) * v_inv_t - v_shift_s;  // a - m~_s
+    const Vec log_q_t = Vec::loadu(t + j) * v_inv_t - v_shift_t;  // b - m~_t
+    const Vec e_s = log_q_s.exp();
+    const Vec e_t = log_q_t.exp();
+    sum_s += e_s;
+    sum_t += e_t;
+    acc += Vec::blendv(e_t * (log_q_t - log_q_s), zero, e_t == zero);
+  }
+  auto add = [](Vec& p, Vec& q) { return p + q; };
+  double chunk_sum_s = at::vec::vec_reduce_all<acc_t>(add, sum_s);
+  double chunk_sum_t = at::vec::vec_reduce_all<acc_t>(add, sum_t);
+  double chunk_acc = at::vec::vec_reduce_all<acc_t>(add, acc);
+  for (; j < n; ++j) {
+    const acc_t log_q_s = s[j] * inv_t - shift_s;
+    const acc_t log_q_t = t[j] * inv_t - shift_t;
+    const acc_t e_t = std::exp(log_q_t);
+    chunk_sum_s += std::exp(log_q_s);
+    chunk_sum_t += e_t;
+    if (e_t != acc_t(0)) chunk_acc += e_t * (log_q_t - log_q_s);
+  }
+  state.sum_s += chunk_sum_s;
+  state.sum_t += chunk_sum_t;
+  state.acc += chunk_acc;
+}
+
+template <typename S, typename T>
+void forward_rows(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
+                  int64_t rows, int64_t cols, double temperature, acc_type_t<S, T>* loss,
+                  acc_type_t<S, T>* lse_student, acc_type_t<S, T>* lse_teacher) {
+  using acc_t = acc_type_t<S, T>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kChunk];
+    alignas(64) acc_t t_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const S* s_row = student + row * student_row_stride;
+      const T* t_row = teacher + row * teacher_row_stride;
+      RowState state;
+      for (int64_t c = 0; c < cols; c += kChunk) {
+        const int64_t n = std::min(kChunk, cols - c);
+        accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t);
+      }
+      loss[row] = static_cast<acc_t>(state.loss());
+      lse_student[row] = static_cast<acc_t>(state.lse_s());
+      lse_teacher[row] = static_cast<acc_t>(state.lse_t());
+    }
+  });
+}
+
+// grad_s = g/T (p_s - p_t);  grad_t = g/T p_t ((b - lse_t) - (a - lse_s) - loss), 0 where p_t == 0.
+template <typename acc_t>
+void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_t scale, acc_t shift_s,
+                    acc_t lse_t, acc_t loss, acc_t* grad_s, acc_t* grad_t) {
+  using Vec = Vectorized<acc_t>;
+  const Vec v_inv_t(inv_t), v_scale(scale), v_shift_s(shift_s), v_lse_t(lse_t), v_loss(loss), zero(acc_t(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec log_p_s = Vec::loadu(s + j) * v_inv_t - v_shift_s;
+    const Vec log_p_t = Vec::loadu(t + j) * v_inv_t - v_lse_t;
+    const Vec p_t = log_p_t.exp();
+    if (grad_s != nullptr) (v_scale * (log_p_s.exp() - p_t)).store(grad_s + j);
+    if (grad_t != nullptr) {
+      const Vec g = v_scale * p_t * (log_p_t - log_p_s - v_loss);
+      Vec::blendv(g, zero, p_t == zero).store(grad_t + j);
+    }
+  }
+  for (; j < n; ++j) {
+    const acc_t log_p_s = s[j] * inv_t - shift_s;
+    const acc_t log_p_t = t[j] * inv_t - lse_t;
+    const acc_t p_t = std::exp(log_p_t);
+    if (grad_s != nullptr) grad_s[j] = scale * (std::exp(log_p_s) - p_t);
+    if (grad_t != nullptr) grad_t[j] = p_t == acc_t(0) ? acc_t(0) : scale * p_t * (log_p_t - log_p_s - loss);
+  }
+}
+
+template <typename S, typename T>
+void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
+                   const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* lse_student,
+                   const acc_type_t<S, T>* lse_teacher, const acc_type_t<S, T>* loss, int64_t rows, int64_t cols,
+                   double temperature, S* grad_student, T* grad_teacher) {
+  using acc_t = acc_type_t<S, T>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kChunk];
+    alignas(64) acc_t t_buffer[kChunk];
+    alignas(64) acc_t gs_buffer[kChunk];
+    alignas(64) acc_t gt_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      S* gs_row = grad_student ? grad_student + row * cols : nullptr;
+      T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
+      const acc_t g = grad_loss[row];
+      const acc_t lse_t = lse_teacher[row];
+      if (g == acc_t(0) || lse_t == -std::numeric_limits<acc_t>::infinity()) {  // empty row or no upstream grad
+        if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
+        if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
+        continue;
+      }
+      const acc_t lse_s = lse_student[row];
+      const acc_t shift_s = lse_s == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity()
+                                                                              : lse_s;  // p_s = 0 when lse_s = -inf
+      const S* s_row = student + row * student_row_stride;
+      const T* t_row = teacher + row * teacher_row_stride;
+      for (int64_t c = 0; c < cols; c += kChunk) {
+        const int64_t n = std::min(kChunk, cols - c);
+        acc_t* gs = nullptr;
+        acc_t* gt = nullptr;
+        if constexpr (std::is_same_v<S, acc_t>) gs = gs_row ? gs_row + c : nullptr;
+        else gs = gs_row ? gs_buffer : nullptr;
+        if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
+        else gt = gt_row ? gt_buffer : nullptr;
+        backward_chunk<acc_t>(as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t, g * inv_t,
+                              shift_s, lse_t, loss[row], gs, gt);
+        if (gs_row) store_from_acc(gs, gs_row + c, n);
+        if (gt_row) store_from_acc(gt, gt_row + c, n);
+      }
+    }
+  });
+}
+
+// Calls fn(S{}) with S the C++ type of a logits dtype.
+template <typename Fn>
+void dispatch_logits_type(at::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kHalf: return fn(at::Half{});
+    case at::kBFloat16: return fn(at::BFloat16{});
+    case at::kDouble: return fn(double{});
+    default: TORCH_CHECK(false, "softmax_kl: ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
+  }
+}
+
+// Calls fn(S{}, T{}) for a supported (student, teacher) dtype pair: float64 pairs only with float64.
+template <typename Fn>
+void dispatch_logits_pair(const at::Tensor& student, const at::Tensor& teacher, Fn&& fn) {
+  dispatch_logits_type(student.scalar_type(), "student", [&](auto s_tag) {
+    dispatch_logits_type(teacher.scalar_type(), "teacher", [&](auto t_tag) {
+      using S = decltype(s_tag);
+      using T = decltype(t_tag);
+      if constexpr (std::is_same_v<S, double> != std::is_same_v<T, double>) {
+        TORCH_CHECK(false, "softmax_kl: float64 logits must be paired with float64, got student ",
+                    student.scalar_type(), " and teacher ", teacher.scalar_type());
+      } else {
+        fn(s_tag, t_tag);
+      }
+    });
+  });
+}
+
+void check_logits(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "softmax_kl: expected 2-D logits, got ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "softmax_kl: student shape ", student.sizes(),
+              " != teacher shape ", teacher.sizes());
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl (cpu): tensors must be on CPU");
+  TORCH_CHECK(student.size(1) == 0 || (student.stride(1) == 1 && teacher.stride(1) == 1),
+              "softmax_kl: the last dim of the logits must have unit stride");
+}
+
+at::ScalarType accumulation_dtype(const at::Tensor& student) {
+  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& student,
+                                                                      const at::Tensor& teacher,
+                                                                      double temperature) {
+  check_logits(student, teacher);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "softmax_kl: temperature must be positive and finite");
+  const int64_t rows = student.size(0), cols = student.size(1);
+  const auto options = student.options().dtype(accumulation_dtype(student));
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor lse_student = at::empty({rows}, options);
+  at::Tensor lse_teacher = at::empty({rows}, options);
+  if (rows == 0) return {loss, lse_student, lse_teacher};
+  TORCH_CHECK(cols > 0, "softmax_kl: logits need at least one column");
+  dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    using acc_t = acc_type_t<S, T>;
+    forward_rows<S, T>(student.const_data_ptr<S>(), student.stride(0), teacher.const_data_ptr<T>(), teacher.stride(0),
+                       rows, cols, temperature, loss.mutable_data_ptr<acc_t>(), lse_student.mutable_data_ptr<acc_t>(),
+                       lse_teacher.mutable_data_ptr<acc_t>());
+  });
+  return {loss, lse_student, lse_teacher};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                           const at::Tensor& teacher, const at::Tensor& lse_student,
+                                                           const at::Tensor& lse_teacher, const at::Tensor& loss,
+                                                           double temperature, bool student_grad, bool teacher_grad) {
+  check_logits(student, teacher);
+  const int64_t rows = student.size(0), cols = student.size(1);
+  const auto acc = accumulation_dtype(student);
+  for (const at::Tensor* stat : {&grad_loss, &lse_student, &lse_teacher, &loss}) {
+    TORCH_CHECK(stat->dim() == 1 && stat->size(0) == rows && stat->scalar_type() == acc && stat->is_contiguous() &&
+                    stat->device().is_cpu(),
+                "softmax_kl_backward: per-row statistics must be contiguous 1-D [", rows, "] ", acc, " CPU tensors");
+  }
+  at::Tensor grad_student = student_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_teacher = teacher_grad ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
+  if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
+  dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    using acc_t = acc_type_t<S, T>;
+    backward_rows<S, T>(grad_loss.const_data_ptr<acc_t>(), student.const_data_ptr<S>(), student.stride(0),
+                        teacher.const_data_ptr<T>(), teacher.stride(0), lse_student.const_data_ptr<acc_t>(),
+                        lse_teacher.const_data_ptr<acc_t>(), loss.const_data_ptr<acc_t>(), rows, cols, temperature,
+                        student_grad ? grad_student.mutable_data_ptr<S>() : nullptr,
+                        teacher_grad ? grad_teacher.mutable_data_ptr<T>() : nullptr);
+  });
+  return {grad_student, grad_teacher};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("softmax_kl_forward", &softmax_kl_forward_cpu);
+  m.impl("softmax_kl_backward", &softmax_kl_backward_cpu);
+}
+
+}  // namespace kdkernels

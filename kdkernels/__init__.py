@@ -1,0 +1,13 @@
+"""kdkernels: fused knowledge-distillation losses for PyTorch (C++, CUDA and Triton kernels, pure-PyTorch reference).
+
+    import kdkernels
+    loss = kdkernels.kd_loss(student_logits, teacher_logits, temperature=4.0)
+"""
+from kdkernels._version import __version__
+from kdkernels._extension import build_info
+from kdkernels.backends import BackendUnavailableError, available_backends
+from kdkernels import ops  # noqa: F401  (registers fake kernels and autograd for the compiled ops)
+from kdkernels.losses import kd_loss
+from kdkernels import nn
+
+__all__ = ["__version__", "kd_loss", "nn", "available_backends", "build_info", "BackendUnavailableError"]

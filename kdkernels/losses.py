@@ -1,0 +1,121 @@
+"""Functional distillation losses: argument validation, backend choice and reductions over per-row losses."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from kdkernels import backends
+from kdkernels.ops.softmax_kl import softmax_kl_rows
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_logits(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dimension (classes last), got a 0-d tensor")
+    if logits.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(logits.shape)}); expected at least one row and one class")
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return temperature
+
+
+def _check_labels(labels, leading_shape: torch.Size, device: torch.device, ignore_index) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels must have the logits' leading shape {tuple(leading_shape)}, got "
+                         f"{tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with a unit-stride last dim (copies only when the input's last dim is strided)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def reduce_rows(rows: torch.Tensor, leading_shape: torch.Size, classes: int, reduction: str,
+                labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Reduces per-row losses [N]; rows whose label is ``ignore_index`` give 0 and are not counted.
+
+    batchmean = sum / counted rows; sum; mean = sum / (counted rows * classes); none = per row, leading shape.
+    The count stays on the device (no host synchronisation); an all-ignored batch gives 0.
+    """
+    count = rows.shape[0]
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        count = keep.sum().clamp_min(1)
+    if reduction == "none":
+        return rows.reshape(leading_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / count
+    return total / (count * classes)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+            reduction: str = "batchmean", scale_by_t2: bool = True, labels: torch.Tensor | None = None,
+            ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+    """Hinton knowledge-distillation loss, fused: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over the last dim.
+
+    Equals ``F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction=...) * T**2``
+    (the mdistiller / RepDistiller convention for ``batchmean``) without materialising any probability tensor.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` logits, float32/float16/bfloat16/float64 (they may differ);
+            leading dims are rows. ``-inf`` entries (masked vocabulary) are allowed: see the reference module.
+        temperature: ``T > 0``.
+        reduction: ``"batchmean"`` (sum / counted rows), ``"sum"``, ``"mean"`` (sum / (counted rows · V), as
+            ``nn.KLDivLoss()``) or ``"none"`` (per-row float32 losses with the leading shape).
+        scale_by_t2: multiply by ``T²`` (Hinton's gradient-magnitude correction).
+        labels, ignore_index: rows whose label equals ``ignore_index`` contribute 0 and are not counted.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` (see ``kdkernels.backends``).
+
+    Gradients flow to the teacher too when it requires grad (mutual learning). The scalar result is float32
+    (float64 for float64 inputs).
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got "
+                         f"{student_logits.device} and {teacher_logits.device}")
+    temperature = _check_temperature(temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
+    leading_shape = student_logits.shape[:-1]
+    if labels is not None:
+        _check_labels(labels, leading_shape, student_logits.device, ignore_index)
+    student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
+    name = backends.select_backend(backend, student, teacher)
+    rows = softmax_kl_rows(student, teacher, temperature, name)
+    if scale_by_t2:
+        rows = rows * (temperature * temperature)
+    return reduce_rows(rows, leading_shape, student_logits.shape[-1], reduction, labels, ignore_index)

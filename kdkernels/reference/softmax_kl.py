@@ -1,0 +1,71 @@
+"""Pure-PyTorch reference for the ``softmax_kl`` family: the executable specification.
+
+Every backend (cpu, cuda, triton) must reproduce these definitions. For one row of student logits ``s`` and
+teacher logits ``t`` (length V) and temperature ``T``::
+
+    a = s / T,  b = t / T
+    lse_s = logsumexp(a),  lse_t = logsumexp(b)
+    p_t = exp(b - lse_t)
+    loss = sum_j  p_t[j] * ((b[j] - lse_t) - (a[j] - lse_s))      # KL(p_t || p_s), Hinton et al. 2015
+
+with these conventions for masked (``-inf``) entries, which the kernels must honour exactly:
+
+* a term whose teacher probability is 0 (``t[j] = -inf``, or underflow) contributes exactly 0, so entries that are
+  ``-inf`` in both inputs never produce NaN;
+* a row whose teacher is entirely ``-inf`` is empty: loss 0 and gradient 0 for both inputs;
+* a teacher-finite entry whose student logit is ``-inf`` makes the loss ``+inf`` (the true KL); the teacher gradient
+  of such a row is undefined.
+
+Gradients (``g`` = upstream gradient of the row's loss)::
+
+    d loss / d s[j] = g / T * (p_s[j] - p_t[j])
+    d loss / d t[j] = g / T * p_t[j] * ((b[j] - lse_t) - (a[j] - lse_s) - loss)
+
+This module computes them by autograd through the formula above, so it doubles as an independent check of the
+kernels' hand-written backward. Accumulation is in float32 for half/bfloat16/float32 inputs and float64 for float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16/bf16/fp32 inputs accumulate in fp32)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row KL(softmax(teacher/T) || softmax(student/T)) over the last dim of 2-D inputs [N, V] -> [N].
+
+    Differentiable with respect to both inputs. Returns the accumulation dtype (see ``accumulation_dtype``).
+    """
+    acc = accumulation_dtype(student, teacher)
+    a = student.to(acc) / temperature
+    b = teacher.to(acc) / temperature
+    neg_inf = float("-inf")
+    teacher_empty = (b == neg_inf).all(dim=-1, keepdim=True)
+    student_empty = (a == neg_inf).all(dim=-1, keepdim=True)
+    # Empty rows are replaced by zeros before any log/exp so that no NaN reaches the forward or the backward.
+    b = torch.where(teacher_empty, torch.zeros_like(b), b)
+    a = torch.where(student_empty | teacher_empty, torch.zeros_like(a), a)
+    log_p_t = b - torch.logsumexp(b, dim=-1, keepdim=True)
+    log_p_s = a - torch.logsumexp(a, dim=-1, keepdim=True)
+    p_t = log_p_t.exp()
+    contributes = p_t > 0
+    log_ratio = torch.where(contributes, log_p_t - log_p_s, torch.zeros_like(p_t))
+    rows = (p_t * log_ratio).sum(dim=-1)
+    rows = torch.where(student_empty.squeeze(-1) & ~teacher_empty.squeeze(-1), torch.full_like(rows, float("inf")),
+                       rows)
+    return torch.where(teacher_empty.squeeze(-1), torch.zeros_like(rows), rows)
+
+
+def eager_hinton_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The loss as reference repositories write it in eager PyTorch (mdistiller / RepDistiller convention):
+
+    ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="batchmean") * T**2``.
+    Used as the baseline in benchmarks; it has none of the ``-inf`` conventions above.
+    """
+    log_p_s = torch.log_softmax(student / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher / temperature, dim=-1)
+    return torch.nn.functional.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature ** 2
