@@ -22,13 +22,15 @@
 
 TORCH_LIBRARY(kdkernels, m) {
   // softmax_kl: per-row KL(softmax(teacher / T) || softmax(student / T)) over 2-D [N, V] logits whose last dim has
-  // unit stride. Returns (loss, lse_student, lse_teacher), each [N] in the accumulation dtype (fp32, fp64 for fp64).
+  // unit stride. Returns (loss [N], stats_student [N, 2], stats_teacher [N, 2]) in the accumulation dtype (fp32;
+  // fp64 for fp64 inputs). A row's stats are (max, log_sum): max = the row's largest raw logit and
+  // log_sum = log(sum(exp((x - max) / T))), so log p = (x - max) / T - log_sum is exact near the max.
   m.def("softmax_kl_forward(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   // Gradients of sum(grad_loss * loss) with respect to student and teacher, from the saved per-row statistics.
   // A gradient that is not requested comes back as an empty tensor of shape [0].
   m.def(
-      "softmax_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor lse_student, "
-      "Tensor lse_teacher, Tensor loss, float temperature, bool student_grad, bool teacher_grad) "
+      "softmax_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats_student, "
+      "Tensor stats_teacher, Tensor loss, float temperature, bool student_grad, bool teacher_grad) "
       "-> (Tensor, Tensor)");
 }
 

@@ -11,7 +11,6 @@ An explicitly requested backend that cannot run the input raises :class:`Backend
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import NamedTuple
@@ -38,7 +37,6 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
@@ -49,8 +47,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def unsupported_install_reasons(name: str) -> list[str]:
-    """Why `name` cannot run on this installation at all (empty when it can run somewhere)."""
+def _installation_reasons(name: str) -> list[str]:
     if name == "reference":
         return []
     if name in ("cpu", "cuda"):
@@ -62,12 +59,22 @@ def unsupported_install_reasons(name: str) -> list[str]:
         if name == "cuda" and not torch.cuda.is_available():
             return ["no CUDA device is visible"]
         return []
-    if name == "triton":
-        if not torch.cuda.is_available() and not triton_interpreter_enabled():
-            return ["triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors, slow: for tests)"]
-        error = _triton_import_error()
-        return [error] if error is not None else []
-    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if not torch.cuda.is_available() and not triton_interpreter_enabled():
+        return ["triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors, slow: for tests)"]
+    error = _triton_import_error()
+    return [error] if error is not None else []
+
+
+# What the installation can run does not change within a process: decided once, at import (this also keeps
+# backend selection free of calls that torch.compile cannot trace).
+_INSTALLATION_REASONS = {name: tuple(_installation_reasons(name)) for name in BACKENDS}
+
+
+def unsupported_install_reasons(name: str) -> list[str]:
+    """Why `name` cannot run on this installation at all (empty when it can run somewhere)."""
+    if name not in _INSTALLATION_REASONS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return list(_INSTALLATION_REASONS[name])
 
 
 def unsupported_reasons(name: str, *tensors: torch.Tensor) -> list[str]:

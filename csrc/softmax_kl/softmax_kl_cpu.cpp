@@ -9,7 +9,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -30,30 +35,32 @@ using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 inline double safe_shift(double max) { return max == kNegInf ? 0.0 : max; }
 
-// Online state of one row (see the spec's "one-pass forward" notes). With m~ = safe_shift(max):
-//   sum_s = sum exp(a - m~_s),  sum_t = sum exp(b - m~_t),
-//   acc   = sum e_t * ((b - m~_t) - (a - m~_s))   over entries with e_t = exp(b - m~_t) > 0.
+// Online state of one row, in raw-logit units: M = running max of the raw logits, m~ = safe_shift(M) and
+// x^ = (x - m~) / T. Then sum_s = sum exp(s^), sum_t = sum exp(t^) and acc = sum e_t (t^ - s^) over entries with
+// e_t = exp(t^) > 0. Exponents formed as (x - m~) / T are exact near the max, however large |x| / T is.
 struct RowState {
   double max_s = kNegInf, sum_s = 0.0;
   double max_t = kNegInf, sum_t = 0.0;
   double acc = 0.0;
 
-  // Re-expresses the sums against larger maxima. acc' = c (acc + (ds - dt) sum_t), c = exp(-dt).
-  void rebase(double new_max_s, double new_max_t) {
-    const double old_shift_s = safe_shift(max_s), new_shift_s = safe_shift(new_max_s);
-    const double old_shift_t = safe_shift(max_t), new_shift_t = safe_shift(new_max_t);
+  // Re-expresses the sums against larger maxima: acc' = c (acc + (ds - dt) sum_t), c = exp(-dt),
+  // with dt = (m~_t' - m~_t) / T and ds = (m~_s' - m~_s) / T.
+  void rebase(double new_max_s, double new_max_t, double inv_t) {
+    const double delta_s = (safe_shift(new_max_s) - safe_shift(max_s)) * inv_t;
+    const double delta_t = (safe_shift(new_max_t) - safe_shift(max_t)) * inv_t;
     if (max_t != kNegInf) {
-      const double c = std::exp(old_shift_t - new_shift_t);
-      acc = c * (acc + ((new_shift_s - old_shift_s) - (new_shift_t - old_shift_t)) * sum_t);
+      const double c = std::exp(-delta_t);
+      acc = c * (acc + (delta_s - delta_t) * sum_t);
       sum_t *= c;
     }
-    if (max_s != kNegInf) sum_s *= std::exp(old_shift_s - new_shift_s);
+    if (max_s != kNegInf) sum_s *= std::exp(-delta_s);
     max_s = new_max_s;
     max_t = new_max_t;
   }
 
-  double lse_s() const { return max_s == kNegInf ? kNegInf : max_s + std::log(sum_s); }
-  double lse_t() const { return max_t == kNegInf ? kNegInf : max_t + std::log(sum_t); }
+  // log p = (x - max) / T - log_sum: the per-row statistics the backward needs.
+  double log_sum_s() const { return std::log(sum_s); }
+  double log_sum_t() const { return std::log(sum_t); }
   double loss() const { return max_t == kNegInf ? 0.0 : acc / sum_t - std::log(sum_t) + std::log(sum_s); }
 };
 
@@ -94,9 +101,7 @@ inline acc_t max_of(const acc_t* x, int64_t n) {
 template <typename acc_t>
 void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
   using Vec = Vectorized<acc_t>;
-  const acc_t max_a = max_of(s, n) * inv_t;
-  const acc_t max_b = max_of(t, n) * inv_t;
-  state.rebase(std::max<double>(state.max_s, max_a), std::max<double>(state.max_t, max_b));
+  state.rebase(std::max<double>(state.max_s, max_of(s, n)), std::max<double>(state.max_t, max_of(t, n)), inv_t);
   const acc_t shift_s = static_cast<acc_t>(safe_shift(state.max_s));
   const acc_t shift_t = static_cast<acc_t>(safe_shift(state.max_t));
 
@@ -104,25 +109,24 @@ void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n
   Vec sum_s(acc_t(0)), sum_t(acc_t(0)), acc(acc_t(0));
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec log_q_s = Vec::loadu(s + j) * v_inv_t - v_shift_s;  // a - m~_s
-    const Vec log_q_t = Vec::loadu(t + j) * v_inv_t - v_shift_t;  // b - m~_t
-    const Vec e_s = log_q_s.exp();
-    const Vec e_t = log_q_t.exp();
-    sum_s += e_s;
+    const Vec s_hat = (Vec::loadu(s + j) - v_shift_s) * v_inv_t;
+    const Vec t_hat = (Vec::loadu(t + j) - v_shift_t) * v_inv_t;
+    const Vec e_t = t_hat.exp();
+    sum_s += s_hat.exp();
     sum_t += e_t;
-    acc += Vec::blendv(e_t * (log_q_t - log_q_s), zero, e_t == zero);
+    acc += Vec::blendv(e_t * (t_hat - s_hat), zero, e_t == zero);
   }
   auto add = [](Vec& p, Vec& q) { return p + q; };
   double chunk_sum_s = at::vec::vec_reduce_all<acc_t>(add, sum_s);
   double chunk_sum_t = at::vec::vec_reduce_all<acc_t>(add, sum_t);
   double chunk_acc = at::vec::vec_reduce_all<acc_t>(add, acc);
   for (; j < n; ++j) {
-    const acc_t log_q_s = s[j] * inv_t - shift_s;
-    const acc_t log_q_t = t[j] * inv_t - shift_t;
-    const acc_t e_t = std::exp(log_q_t);
-    chunk_sum_s += std::exp(log_q_s);
+    const acc_t s_hat = (s[j] - shift_s) * inv_t;
+    const acc_t t_hat = (t[j] - shift_t) * inv_t;
+    const acc_t e_t = std::exp(t_hat);
+    chunk_sum_s += std::exp(s_hat);
     chunk_sum_t += e_t;
-    if (e_t != acc_t(0)) chunk_acc += e_t * (log_q_t - log_q_s);
+    if (e_t != acc_t(0)) chunk_acc += e_t * (t_hat - s_hat);
   }
   state.sum_s += chunk_sum_s;
   state.sum_t += chunk_sum_t;
@@ -132,7 +136,7 @@ void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n
 template <typename S, typename T>
 void forward_rows(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
                   int64_t rows, int64_t cols, double temperature, acc_type_t<S, T>* loss,
-                  acc_type_t<S, T>* lse_student, acc_type_t<S, T>* lse_teacher) {
+                  acc_type_t<S, T>* stats_student, acc_type_t<S, T>* stats_teacher) {
   using acc_t = acc_type_t<S, T>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t grain = std::max<int64_t>(1, 32768 / cols);
@@ -148,22 +152,26 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
         accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t);
       }
       loss[row] = static_cast<acc_t>(state.loss());
-      lse_student[row] = static_cast<acc_t>(state.lse_s());
-      lse_teacher[row] = static_cast<acc_t>(state.lse_t());
+      stats_student[2 * row] = static_cast<acc_t>(state.max_s);
+      stats_student[2 * row + 1] = static_cast<acc_t>(state.log_sum_s());
+      stats_teacher[2 * row] = static_cast<acc_t>(state.max_t);
+      stats_teacher[2 * row + 1] = static_cast<acc_t>(state.log_sum_t());
     }
   });
 }
 
-// grad_s = g/T (p_s - p_t);  grad_t = g/T p_t ((b - lse_t) - (a - lse_s) - loss), 0 where p_t == 0.
+// With log p = (x - max) / T - log_sum:  grad_s = g/T (p_s - p_t),
+// grad_t = g/T p_t (log p_t - log p_s - loss), 0 where p_t == 0.
 template <typename acc_t>
-void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_t scale, acc_t shift_s,
-                    acc_t lse_t, acc_t loss, acc_t* grad_s, acc_t* grad_t) {
+void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_t scale, acc_t max_s,
+                    acc_t log_sum_s, acc_t max_t, acc_t log_sum_t, acc_t loss, acc_t* grad_s, acc_t* grad_t) {
   using Vec = Vectorized<acc_t>;
-  const Vec v_inv_t(inv_t), v_scale(scale), v_shift_s(shift_s), v_lse_t(lse_t), v_loss(loss), zero(acc_t(0));
+  const Vec v_inv_t(inv_t), v_scale(scale), v_max_s(max_s), v_max_t(max_t), v_log_sum_s(log_sum_s),
+      v_log_sum_t(log_sum_t), v_loss(loss), zero(acc_t(0));
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec log_p_s = Vec::loadu(s + j) * v_inv_t - v_shift_s;
-    const Vec log_p_t = Vec::loadu(t + j) * v_inv_t - v_lse_t;
+    const Vec log_p_s = (Vec::loadu(s + j) - v_max_s) * v_inv_t - v_log_sum_s;
+    const Vec log_p_t = (Vec::loadu(t + j) - v_max_t) * v_inv_t - v_log_sum_t;
     const Vec p_t = log_p_t.exp();
     if (grad_s != nullptr) (v_scale * (log_p_s.exp() - p_t)).store(grad_s + j);
     if (grad_t != nullptr) {
@@ -172,8 +180,8 @@ void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_
     }
   }
   for (; j < n; ++j) {
-    const acc_t log_p_s = s[j] * inv_t - shift_s;
-    const acc_t log_p_t = t[j] * inv_t - lse_t;
+    const acc_t log_p_s = (s[j] - max_s) * inv_t - log_sum_s;
+    const acc_t log_p_t = (t[j] - max_t) * inv_t - log_sum_t;
     const acc_t p_t = std::exp(log_p_t);
     if (grad_s != nullptr) grad_s[j] = scale * (std::exp(log_p_s) - p_t);
     if (grad_t != nullptr) grad_t[j] = p_t == acc_t(0) ? acc_t(0) : scale * p_t * (log_p_t - log_p_s - loss);
@@ -182,10 +190,11 @@ void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_
 
 template <typename S, typename T>
 void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
-                   const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* lse_student,
-                   const acc_type_t<S, T>* lse_teacher, const acc_type_t<S, T>* loss, int64_t rows, int64_t cols,
+                   const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* stats_student,
+                   const acc_type_t<S, T>* stats_teacher, const acc_type_t<S, T>* loss, int64_t rows, int64_t cols,
                    double temperature, S* grad_student, T* grad_teacher) {
   using acc_t = acc_type_t<S, T>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t grain = std::max<int64_t>(1, 32768 / cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -197,15 +206,15 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
       S* gs_row = grad_student ? grad_student + row * cols : nullptr;
       T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
       const acc_t g = grad_loss[row];
-      const acc_t lse_t = lse_teacher[row];
-      if (g == acc_t(0) || lse_t == -std::numeric_limits<acc_t>::infinity()) {  // empty row or no upstream grad
+      const acc_t max_t = stats_teacher[2 * row];
+      if (g == acc_t(0) || max_t == -inf) {  // no upstream gradient, or an empty (all -inf) teacher row
         if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
         if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
         continue;
       }
-      const acc_t lse_s = lse_student[row];
-      const acc_t shift_s = lse_s == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity()
-                                                                              : lse_s;  // p_s = 0 when lse_s = -inf
+      // An all -inf student row has p_s = 0: a +inf log-sum makes every log p_s -inf.
+      const acc_t max_s = stats_student[2 * row] == -inf ? acc_t(0) : stats_student[2 * row];
+      const acc_t log_sum_s = stats_student[2 * row] == -inf ? inf : stats_student[2 * row + 1];
       const S* s_row = student + row * student_row_stride;
       const T* t_row = teacher + row * teacher_row_stride;
       for (int64_t c = 0; c < cols; c += kChunk) {
@@ -217,12 +226,30 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
         if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
         else gt = gt_row ? gt_buffer : nullptr;
         backward_chunk<acc_t>(as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t, g * inv_t,
-                              shift_s, lse_t, loss[row], gs, gt);
+                              max_s, log_sum_s, max_t, stats_teacher[2 * row + 1], loss[row], gs, gt);
         if (gs_row) store_from_acc(gs, gs_row + c, n);
         if (gt_row) store_from_acc(gt, gt_row + c, n);
       }
     }
   });
+}
+
+// Allocates a gradient. Large ones are backed by transparent huge pages where Linux offers them: the first touch
+// of fresh 4 KiB pages of a [4096, 32000] fp32 gradient costs about as much as the whole backward pass, and
+// torch's allocator enables huge pages only through a process-wide environment variable.
+at::Tensor empty_gradient(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * options.dtype().itemsize();
+  if (bytes >= 4 * kHugePage) {
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage) == 0) {
+      madvise(data, bytes, MADV_HUGEPAGE);  // advisory: failure leaves ordinary pages
+      return at::from_blob(data, {rows, cols}, [](void* p) { free(p); }, options);
+    }
+  }
+#endif
+  return at::empty({rows, cols}, options);
 }
 
 // Calls fn(S{}) with S the C++ type of a logits dtype.
@@ -276,43 +303,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::
   const int64_t rows = student.size(0), cols = student.size(1);
   const auto options = student.options().dtype(accumulation_dtype(student));
   at::Tensor loss = at::empty({rows}, options);
-  at::Tensor lse_student = at::empty({rows}, options);
-  at::Tensor lse_teacher = at::empty({rows}, options);
-  if (rows == 0) return {loss, lse_student, lse_teacher};
+  at::Tensor stats_student = at::empty({rows, 2}, options);
+  at::Tensor stats_teacher = at::empty({rows, 2}, options);
+  if (rows == 0) return {loss, stats_student, stats_teacher};
   TORCH_CHECK(cols > 0, "softmax_kl: logits need at least one column");
   dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
     using acc_t = acc_type_t<S, T>;
     forward_rows<S, T>(student.const_data_ptr<S>(), student.stride(0), teacher.const_data_ptr<T>(), teacher.stride(0),
-                       rows, cols, temperature, loss.mutable_data_ptr<acc_t>(), lse_student.mutable_data_ptr<acc_t>(),
-                       lse_teacher.mutable_data_ptr<acc_t>());
+                       rows, cols, temperature, loss.mutable_data_ptr<acc_t>(),
+                       stats_student.mutable_data_ptr<acc_t>(), stats_teacher.mutable_data_ptr<acc_t>());
   });
-  return {loss, lse_student, lse_teacher};
+  return {loss, stats_student, stats_teacher};
+}
+
+void check_row_statistic(const at::Tensor& stat, const char* name, int64_t rows, int64_t width, at::ScalarType acc) {
+  const bool shape_ok = width == 1 ? (stat.dim() == 1 && stat.size(0) == rows)
+                                   : (stat.dim() == 2 && stat.size(0) == rows && stat.size(1) == width);
+  TORCH_CHECK(shape_ok && stat.scalar_type() == acc && stat.is_contiguous() && stat.device().is_cpu(),
+              "softmax_kl_backward: ", name, " must be a contiguous ", acc, " CPU tensor of shape [", rows,
+              width == 1 ? "]" : ", 2]", ", got ", stat.sizes(), " ", stat.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
-                                                           const at::Tensor& teacher, const at::Tensor& lse_student,
-                                                           const at::Tensor& lse_teacher, const at::Tensor& loss,
+                                                           const at::Tensor& teacher, const at::Tensor& stats_student,
+                                                           const at::Tensor& stats_teacher, const at::Tensor& loss,
                                                            double temperature, bool student_grad, bool teacher_grad) {
   check_logits(student, teacher);
   const int64_t rows = student.size(0), cols = student.size(1);
   const auto acc = accumulation_dtype(student);
-  for (const at::Tensor* stat : {&grad_loss, &lse_student, &lse_teacher, &loss}) {
-    TORCH_CHECK(stat->dim() == 1 && stat->size(0) == rows && stat->scalar_type() == acc && stat->is_contiguous() &&
-                    stat->device().is_cpu(),
-                "softmax_kl_backward: per-row statistics must be contiguous 1-D [", rows, "] ", acc, " CPU tensors");
-  }
-  at::Tensor grad_student = student_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
+  check_row_statistic(grad_loss, "grad_loss", rows, 1, acc);
+  check_row_statistic(loss, "loss", rows, 1, acc);
+  check_row_statistic(stats_student, "stats_student", rows, 2, acc);
+  check_row_statistic(stats_teacher, "stats_teacher", rows, 2, acc);
+  at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
   dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
     using acc_t = acc_type_t<S, T>;
     backward_rows<S, T>(grad_loss.const_data_ptr<acc_t>(), student.const_data_ptr<S>(), student.stride(0),
-                        teacher.const_data_ptr<T>(), teacher.stride(0), lse_student.const_data_ptr<acc_t>(),
-                        lse_teacher.const_data_ptr<acc_t>(), loss.const_data_ptr<acc_t>(), rows, cols, temperature,
+                        teacher.const_data_ptr<T>(), teacher.stride(0), stats_student.const_data_ptr<acc_t>(),
+                        stats_teacher.const_data_ptr<acc_t>(), loss.const_data_ptr<acc_t>(), rows, cols, temperature,
                         student_grad ? grad_student.mutable_data_ptr<S>() : nullptr,
                         teacher_grad ? grad_teacher.mutable_data_ptr<T>() : nullptr);
   });

@@ -2,11 +2,12 @@
 
 Ops (schemas in csrc/kdkernels.cpp; Triton twins in kdkernels/triton/softmax_kl.py):
 
-* ``softmax_kl_forward(student, teacher, T) -> (loss, lse_student, lse_teacher)``: per-row
-  KL(softmax(teacher/T) || softmax(student/T)) of 2-D logits, plus the two logsumexps the backward needs.
-* ``softmax_kl_backward(grad_loss, student, teacher, lse_student, lse_teacher, loss, T, student_grad, teacher_grad)``.
+* ``softmax_kl_forward(student, teacher, T) -> (loss, stats_student, stats_teacher)``: per-row
+  KL(softmax(teacher/T) || softmax(student/T)) of 2-D logits [N, V], plus per-row statistics [N, 2] =
+  (max, log_sum) of each side, with log p = (x - max) / T - log_sum: what the backward needs.
+* ``softmax_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, T, student_grad, teacher_grad)``.
 
-The backward saves only the inputs and three fp32 numbers per row; it never keeps a probability tensor.
+The backward saves only the inputs and five fp32 numbers per row; it never keeps a probability tensor.
 Formulas and ``-inf`` conventions: kdkernels/reference/softmax_kl.py.
 """
 from __future__ import annotations
@@ -24,10 +25,11 @@ def _accumulation_dtype(student: torch.Tensor) -> torch.dtype:
 def _fake_forward(student, teacher, temperature):
     rows = student.shape[0]
     dtype = _accumulation_dtype(student)
-    return tuple(student.new_empty((rows,), dtype=dtype) for _ in range(3))
+    return (student.new_empty((rows,), dtype=dtype), student.new_empty((rows, 2), dtype=dtype),
+            student.new_empty((rows, 2), dtype=dtype))
 
 
-def _fake_backward(grad_loss, student, teacher, lse_student, lse_teacher, loss, temperature, student_grad,
+def _fake_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature, student_grad,
                    teacher_grad):
     grad_student = torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad else \
         student.new_empty((0,))
@@ -38,17 +40,17 @@ def _fake_backward(grad_loss, student, teacher, lse_student, lse_teacher, loss, 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, temperature = inputs
-    loss, lse_student, lse_teacher = output
-    ctx.save_for_backward(student, teacher, lse_student, lse_teacher, loss)
+    loss, stats_student, stats_teacher = output
+    ctx.save_for_backward(student, teacher, stats_student, stats_teacher, loss)
     ctx.temperature = temperature
-    ctx.mark_non_differentiable(lse_student, lse_teacher)
+    ctx.mark_non_differentiable(stats_student, stats_teacher)
 
 
 def _autograd_backward(backward_op):
-    def backward(ctx, grad_loss, _grad_lse_student, _grad_lse_teacher):
-        student, teacher, lse_student, lse_teacher, loss = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_stats_student, _grad_stats_teacher):
+        student, teacher, stats_student, stats_teacher, loss = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_student, grad_teacher = backward_op(grad_loss.contiguous(), student, teacher, lse_student, lse_teacher,
+        grad_student, grad_teacher = backward_op(grad_loss.contiguous(), student, teacher, stats_student, stats_teacher,
                                                  loss, ctx.temperature, student_grad, teacher_grad)
         return (grad_student if student_grad else None, grad_teacher if teacher_grad else None, None)
 
