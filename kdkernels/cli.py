@@ -1,0 +1,40 @@
+"""The ``kdkernels`` command.
+
+    kdkernels info     how kdkernels._C was built and which backends can run here (and why not)
+    kdkernels bench    forward+backward benchmark of kd_loss vs eager and torch.compile (see kdkernels.bench)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(_arguments) -> int:
+    import kdkernels
+
+    print(f"kdkernels {kdkernels.__version__}")
+    print(json.dumps(kdkernels.build_info(), indent=2, default=str))
+    for name, status in kdkernels.available_backends().items():
+        print(f"  {name:<10} {'available' if status.available else 'unavailable'}"
+              + ("" if status.available else f": {status.reason}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="kdkernels", description="Fused knowledge-distillation kernels.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="build information and available backends")
+    commands.add_parser("bench", help="benchmark kd_loss (run `kdkernels bench --help` for options)",
+                        add_help=False)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        from kdkernels import bench
+
+        return bench.main(argv[1:])
+    arguments = parser.parse_args(argv)
+    return {"info": _info}[arguments.command](arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

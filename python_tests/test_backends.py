@@ -1,0 +1,81 @@
+"""Backend choice (argument > KDKERNELS_BACKEND > auto), reasons for unavailable backends, and extension loading."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import backends
+
+
+def test_available_backends_lists_every_backend_with_a_reason():
+    status = kdkernels.available_backends()
+    assert set(status) == {"cpu", "cuda", "triton", "reference"}
+    assert status["reference"].available
+    for name, entry in status.items():
+        assert entry.available == (entry.reason == "ok"), name
+        assert entry.reason, name
+    assert status["cuda"].available == (torch.cuda.is_available() and "cuda" in
+                                        kdkernels.build_info().get("compiled_backends", ()))
+
+
+def test_auto_picks_the_compiled_cpu_kernel_for_cpu_tensors():
+    x = torch.zeros(2, 3)
+    expected = "cpu" if kdkernels.available_backends()["cpu"].available else "reference"
+    assert backends.select_backend("auto", x, x) == expected
+
+
+def test_explicit_backend_that_cannot_run_raises_with_its_reason():
+    x = torch.zeros(2, 3)  # CPU tensors: cuda cannot run them, whether or not it is built and a GPU is present
+    with pytest.raises(kdkernels.BackendUnavailableError, match="backend 'cuda' cannot run this input: .+"):
+        kdkernels.kd_loss(x, x, backend="cuda")
+
+
+def test_environment_variable_chooses_the_backend(monkeypatch):
+    x = torch.randn(3, 4)
+    monkeypatch.setenv("KDKERNELS_BACKEND", "reference")
+    assert backends.select_backend("auto", x, x) == "reference"
+    assert backends.select_backend("cpu", x, x) == "cpu" or not kdkernels.available_backends()["cpu"].available
+    monkeypatch.setenv("KDKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="KDKERNELS_BACKEND environment variable must be"):
+        kdkernels.kd_loss(x, x)
+
+
+def test_build_info_names_versions_and_backends():
+    info = kdkernels.build_info()
+    if not info["loaded"]:
+        pytest.fail(f"kdkernels._C did not load: {info['error']}")
+    assert info["version"] == kdkernels.__version__
+    assert info["torch_version"] == torch.__version__
+    assert "cpu" in info["compiled_backends"]
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+
+
+def test_failed_extension_load_warns_once_and_other_backends_still_work():
+    """With kdkernels._C unimportable, import warns (naming built-for and present versions) and falls back."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["kdkernels._C"] = None  # makes `from kdkernels import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kdkernels
+            import kdkernels.losses
+        messages = [str(w.message) for w in caught if "kdkernels._C" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "Built for:" in messages[0] and "present: torch" in messages[0], messages[0]
+        status = kdkernels.available_backends()
+        assert not status["cpu"].available and "not loaded" in status["cpu"].reason, status
+        import torch
+        x = torch.randn(3, 5)
+        assert kdkernels.backends.select_backend("auto", x, x) == "reference"
+        loss = kdkernels.kd_loss(x, torch.randn(3, 5))
+        assert torch.isfinite(loss)
+        print("ok")
+    """)
+    environment = {k: v for k, v in os.environ.items() if k != "KDKERNELS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
