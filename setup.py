@@ -88,7 +88,7 @@ def extension():
         kind = cpp_extension.CUDAExtension
         sources += sorted(str(p) for p in Path("csrc").glob("*/*_cuda.cu"))
         macros.append(("KDKERNELS_WITH_CUDA", None))
-        compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        compile_args["nvcc"] = ["-O3", "-lineinfo",
                                 "--threads", os.environ.get("NVCC_THREADS", "2")]
     write_build_config(capability, archs)
     print(f"kdkernels: building CPU kernels ({capability})" + (f" and CUDA kernels for {archs}" if with_cuda else

@@ -43,8 +43,9 @@ def require_backend(name: str) -> str:
 # within `rtol` of the float64 result plus twice the error of the reference formula evaluated in the input
 # precision (fp32 accumulation, outputs in the input dtype): the flash-attention criterion. The second term only
 # matters for ill-conditioned inputs (|logits| / T ~ 1e5), where every fp32 implementation, eager included, loses
-# digits. bf16/fp16 gradients are stored in their dtype: about 1 ulp.
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+# digits. bf16/fp16 gradients are stored in their dtype: 1 ulp (ARCHITECTURE.md), since the Triton interpreter
+# rounds fp32 -> bf16 stores by truncation rather than to nearest even.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}  # ~1 ulp
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,

@@ -112,13 +112,14 @@ def test_negative_infinity_entries(backend, dtype):
 @pytest.mark.parametrize("backend", backend_params())
 def test_student_negative_infinity_under_finite_teacher_is_infinite(backend):
     device = require_backend(backend)
-    student, teacher = logits((2, 30), device=device, seed=11), logits((2, 30), device=device, seed=12)
-    student[0, 4] = float("-inf")
+    student, teacher = logits((3, 3000), device=device, seed=11), logits((3, 3000), device=device, seed=12)
+    student[0, 4] = float("-inf")  # one entry
+    student[2] = float("-inf")  # the whole row
     student = student.requires_grad_()
     loss = kdkernels.kd_loss(student, teacher, 1.0, reduction="none", backend=backend)
-    assert loss[0].item() == float("inf") and torch.isfinite(loss[1])
+    assert loss[0].item() == float("inf") and loss[2].item() == float("inf") and torch.isfinite(loss[1])
     (grad,) = torch.autograd.grad(loss[1], student)
-    assert torch.isfinite(grad).all() and (grad[0] == 0).all()
+    assert torch.isfinite(grad).all() and (grad[0] == 0).all() and (grad[2] == 0).all()
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -50,7 +50,9 @@ struct RowState {
     const double delta_t = (safe_shift(new_max_t) - safe_shift(max_t)) * inv_t;
     if (max_t != kNegInf) {
       const double c = std::exp(-delta_t);
-      acc = c * (acc + (delta_s - delta_t) * sum_t);
+      // c == 0: the old teacher mass underflows, so its terms have p_t == 0 and contribute 0 (an acc of +inf from a
+      // student -inf under a finite teacher entry must not become 0 * inf = NaN).
+      acc = c == 0.0 ? 0.0 : c * (acc + (delta_s - delta_t) * sum_t);
       sum_t *= c;
     }
     if (max_s != kNegInf) sum_s *= std::exp(-delta_s);
@@ -61,7 +63,11 @@ struct RowState {
   // log p = (x - max) / T - log_sum: the per-row statistics the backward needs.
   double log_sum_s() const { return std::log(sum_s); }
   double log_sum_t() const { return std::log(sum_t); }
-  double loss() const { return max_t == kNegInf ? 0.0 : acc / sum_t - std::log(sum_t) + std::log(sum_s); }
+  double loss() const {
+    if (max_t == kNegInf) return 0.0;                                      // empty teacher row
+    if (max_s == kNegInf) return std::numeric_limits<double>::infinity();  // all -inf student, finite teacher
+    return acc / sum_t - std::log(sum_t) + std::log(sum_s);
+  }
 };
 
 // Returns `n` elements of `src` as acc_t: the pointer itself when no widening is needed, else `buffer`.
