@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kdkernels
-from conftest import RTOL, assert_close_to_reference, backend_params, require_backend
+from kd_testing import RTOL, assert_close_to_reference, backend_params, require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]

@@ -1,0 +1,30 @@
+"""The repository's promises: CI runs the README's test command verbatim, and the README's commands exist."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"## The two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_has_the_two_commands():
+    main_job, tests = readme_commands()
+    assert main_job.endswith("kdkernels bench")
+    assert "pytest python_tests benchmarks" in tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    _, tests = readme_commands()
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci_lines, "the test command in .ci/run differs from README.md's"
+
+
+def test_readme_quotes_only_committed_benchmark_results():
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"\(benchmarks/results/([^)]+\.(?:md|json))\)", readme)
+    assert quoted, "the README's benchmark table names its source file"
+    for path in quoted:
+        assert (ROOT / "benchmarks" / "results" / path).is_file(), path
