@@ -55,8 +55,8 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_rows(rows: torch.Tensor, leading_shape: torch.Size, classes: int, reduction: str,
-                labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    """Reduces per-row losses [N]; rows whose label is ``ignore_index`` give 0 and are not counted.
+                labels: torch.Tensor | None, ignore_index: int, scale: float = 1.0) -> torch.Tensor:
+    """Scales and reduces per-row losses [N]; rows whose label is ``ignore_index`` give 0 and are not counted.
 
     batchmean = sum / counted rows; sum; mean = sum / (counted rows * classes); none = per row, leading shape.
     The count stays on the device (no host synchronisation); an all-ignored batch gives 0.
@@ -67,13 +67,11 @@ def reduce_rows(rows: torch.Tensor, leading_shape: torch.Size, classes: int, red
         rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
         count = keep.sum().clamp_min(1)
     if reduction == "none":
-        return rows.reshape(leading_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / count
-    return total / (count * classes)
+        return (rows * scale if scale != 1.0 else rows).reshape(leading_shape)
+    divisor = {"sum": 1, "batchmean": count, "mean": count * classes}[reduction]
+    if isinstance(divisor, torch.Tensor):
+        return rows.sum() * scale / divisor
+    return rows.sum() * (scale / divisor)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
@@ -116,6 +114,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
     name = backends.select_backend(backend, student, teacher)
     rows = softmax_kl_rows(student, teacher, temperature, name)
-    if scale_by_t2:
-        rows = rows * (temperature * temperature)
-    return reduce_rows(rows, leading_shape, student_logits.shape[-1], reduction, labels, ignore_index)
+    scale = temperature * temperature if scale_by_t2 else 1.0
+    return reduce_rows(rows, leading_shape, student_logits.shape[-1], reduction, labels, ignore_index, scale)

@@ -29,6 +29,9 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 2048;  // elements per chunk: 2 inputs x 8 KiB (fp32) stay in L1
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Rows per parallel task: about 8K elements, so that a few hundred short rows already use every core.
+inline int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, 8192 / cols); }
+
 // Logits in {float, Half, BFloat16} accumulate in float; double accumulates in double.
 template <typename S, typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -60,13 +63,11 @@ struct RowState {
     max_t = new_max_t;
   }
 
-  // log p = (x - max) / T - log_sum: the per-row statistics the backward needs.
-  double log_sum_s() const { return std::log(sum_s); }
-  double log_sum_t() const { return std::log(sum_t); }
-  double loss() const {
+  // KL from the final state and the row's log-sums (log p = (x - max) / T - log_sum).
+  double loss(double log_sum_s, double log_sum_t) const {
     if (max_t == kNegInf) return 0.0;                                      // empty teacher row
     if (max_s == kNegInf) return std::numeric_limits<double>::infinity();  // all -inf student, finite teacher
-    return acc / sum_t - std::log(sum_t) + std::log(sum_s);
+    return acc / sum_t - log_sum_t + log_sum_s;
   }
 };
 
@@ -90,18 +91,20 @@ inline void store_from_acc(const acc_t* src, X* dst, int64_t n) {
   }
 }
 
+// Loads x[0, count) into a vector whose missing lanes are -inf: they contribute exp(-inf) = 0 to every sum below.
+template <typename acc_t>
+inline Vectorized<acc_t> load_padded(const acc_t* x, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  if (count >= Vec::size()) return Vec::loadu(x);
+  return Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), Vec::loadu(x, count), count);
+}
+
 template <typename acc_t>
 inline acc_t max_of(const acc_t* x, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  acc_t result = -std::numeric_limits<acc_t>::infinity();
-  int64_t j = 0;
-  if (n >= Vec::size()) {
-    Vec vmax = Vec::loadu(x);
-    for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
-    result = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-  }
-  for (; j < n; ++j) result = (x[j] > result || std::isnan(x[j])) ? x[j] : result;
-  return result;
+  Vec vmax = load_padded(x, n);
+  for (int64_t j = Vec::size(); j < n; j += Vec::size()) vmax = at::vec::maximum(vmax, load_padded(x + j, n - j));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
 }
 
 template <typename acc_t>
@@ -113,30 +116,18 @@ void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n
 
   const Vec v_inv_t(inv_t), v_shift_s(shift_s), v_shift_t(shift_t), zero(acc_t(0));
   Vec sum_s(acc_t(0)), sum_t(acc_t(0)), acc(acc_t(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec s_hat = (Vec::loadu(s + j) - v_shift_s) * v_inv_t;
-    const Vec t_hat = (Vec::loadu(t + j) - v_shift_t) * v_inv_t;
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const Vec s_hat = (load_padded(s + j, n - j) - v_shift_s) * v_inv_t;
+    const Vec t_hat = (load_padded(t + j, n - j) - v_shift_t) * v_inv_t;
     const Vec e_t = t_hat.exp();
     sum_s += s_hat.exp();
     sum_t += e_t;
     acc += Vec::blendv(e_t * (t_hat - s_hat), zero, e_t == zero);
   }
   auto add = [](Vec& p, Vec& q) { return p + q; };
-  double chunk_sum_s = at::vec::vec_reduce_all<acc_t>(add, sum_s);
-  double chunk_sum_t = at::vec::vec_reduce_all<acc_t>(add, sum_t);
-  double chunk_acc = at::vec::vec_reduce_all<acc_t>(add, acc);
-  for (; j < n; ++j) {
-    const acc_t s_hat = (s[j] - shift_s) * inv_t;
-    const acc_t t_hat = (t[j] - shift_t) * inv_t;
-    const acc_t e_t = std::exp(t_hat);
-    chunk_sum_s += std::exp(s_hat);
-    chunk_sum_t += e_t;
-    if (e_t != acc_t(0)) chunk_acc += e_t * (t_hat - s_hat);
-  }
-  state.sum_s += chunk_sum_s;
-  state.sum_t += chunk_sum_t;
-  state.acc += chunk_acc;
+  state.sum_s += at::vec::vec_reduce_all<acc_t>(add, sum_s);
+  state.sum_t += at::vec::vec_reduce_all<acc_t>(add, sum_t);
+  state.acc += at::vec::vec_reduce_all<acc_t>(add, acc);
 }
 
 template <typename S, typename T>
@@ -145,7 +136,7 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
                   acc_type_t<S, T>* stats_student, acc_type_t<S, T>* stats_teacher) {
   using acc_t = acc_type_t<S, T>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  const int64_t grain = rows_per_task(cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t s_buffer[kChunk];
     alignas(64) acc_t t_buffer[kChunk];
@@ -157,11 +148,12 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
         const int64_t n = std::min(kChunk, cols - c);
         accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t);
       }
-      loss[row] = static_cast<acc_t>(state.loss());
+      const double log_sum_s = std::log(state.sum_s), log_sum_t = std::log(state.sum_t);
+      loss[row] = static_cast<acc_t>(state.loss(log_sum_s, log_sum_t));
       stats_student[2 * row] = static_cast<acc_t>(state.max_s);
-      stats_student[2 * row + 1] = static_cast<acc_t>(state.log_sum_s());
+      stats_student[2 * row + 1] = static_cast<acc_t>(log_sum_s);
       stats_teacher[2 * row] = static_cast<acc_t>(state.max_t);
-      stats_teacher[2 * row + 1] = static_cast<acc_t>(state.log_sum_t());
+      stats_teacher[2 * row + 1] = static_cast<acc_t>(log_sum_t);
     }
   });
 }
@@ -174,23 +166,16 @@ void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_
   using Vec = Vectorized<acc_t>;
   const Vec v_inv_t(inv_t), v_scale(scale), v_max_s(max_s), v_max_t(max_t), v_log_sum_s(log_sum_s),
       v_log_sum_t(log_sum_t), v_loss(loss), zero(acc_t(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec log_p_s = (Vec::loadu(s + j) - v_max_s) * v_inv_t - v_log_sum_s;
-    const Vec log_p_t = (Vec::loadu(t + j) - v_max_t) * v_inv_t - v_log_sum_t;
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const Vec log_p_s = (load_padded(s + j, count) - v_max_s) * v_inv_t - v_log_sum_s;
+    const Vec log_p_t = (load_padded(t + j, count) - v_max_t) * v_inv_t - v_log_sum_t;
     const Vec p_t = log_p_t.exp();
-    if (grad_s != nullptr) (v_scale * (log_p_s.exp() - p_t)).store(grad_s + j);
+    if (grad_s != nullptr) (v_scale * (log_p_s.exp() - p_t)).store(grad_s + j, count);
     if (grad_t != nullptr) {
       const Vec g = v_scale * p_t * (log_p_t - log_p_s - v_loss);
-      Vec::blendv(g, zero, p_t == zero).store(grad_t + j);
+      Vec::blendv(g, zero, p_t == zero).store(grad_t + j, count);
     }
-  }
-  for (; j < n; ++j) {
-    const acc_t log_p_s = (s[j] - max_s) * inv_t - log_sum_s;
-    const acc_t log_p_t = (t[j] - max_t) * inv_t - log_sum_t;
-    const acc_t p_t = std::exp(log_p_t);
-    if (grad_s != nullptr) grad_s[j] = scale * (std::exp(log_p_s) - p_t);
-    if (grad_t != nullptr) grad_t[j] = p_t == acc_t(0) ? acc_t(0) : scale * p_t * (log_p_t - log_p_s - loss);
   }
 }
 
@@ -202,7 +187,7 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
   using acc_t = acc_type_t<S, T>;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  const int64_t grain = rows_per_task(cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t s_buffer[kChunk];
     alignas(64) acc_t t_buffer[kChunk];
