@@ -67,7 +67,8 @@ def test_student_only_gradient(backend, dtype):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("classes", [1, 2, 3, 9000], ids=["V1", "V2", "V3", "V9000-several-blocks"])
+@pytest.mark.parametrize("classes", [1, 2, 3, 9000, 262144],
+                         ids=["V1", "V2", "V3", "V9000-several-blocks", "V262144"])
 def test_class_counts(backend, dtype, classes):
     device = require_backend(backend)
     student, teacher = logits((3, classes), dtype, device, seed=5), logits((3, classes), dtype, device, seed=6)

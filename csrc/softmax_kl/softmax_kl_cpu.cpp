@@ -12,6 +12,8 @@
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include "softmax_kl_host.h"
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -34,7 +36,7 @@ inline int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, 8192 / 
 
 // Logits in {float, Half, BFloat16} accumulate in float; double accumulates in double.
 template <typename S, typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+using acc_type_t = softmax_kl::acc_type_t<S>;
 
 inline double safe_shift(double max) { return max == kNegInf ? 0.0 : max; }
 
@@ -243,64 +245,26 @@ at::Tensor empty_gradient(int64_t rows, int64_t cols, const at::TensorOptions& o
   return at::empty({rows, cols}, options);
 }
 
-// Calls fn(S{}) with S the C++ type of a logits dtype.
-template <typename Fn>
-void dispatch_logits_type(at::ScalarType dtype, const char* name, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(at::Half{});
-    case at::kBFloat16: return fn(at::BFloat16{});
-    case at::kDouble: return fn(double{});
-    default: TORCH_CHECK(false, "softmax_kl: ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
-  }
-}
-
-// Calls fn(S{}, T{}) for a supported (student, teacher) dtype pair: float64 pairs only with float64.
-template <typename Fn>
-void dispatch_logits_pair(const at::Tensor& student, const at::Tensor& teacher, Fn&& fn) {
-  dispatch_logits_type(student.scalar_type(), "student", [&](auto s_tag) {
-    dispatch_logits_type(teacher.scalar_type(), "teacher", [&](auto t_tag) {
-      using S = decltype(s_tag);
-      using T = decltype(t_tag);
-      if constexpr (std::is_same_v<S, double> != std::is_same_v<T, double>) {
-        TORCH_CHECK(false, "softmax_kl: float64 logits must be paired with float64, got student ",
-                    student.scalar_type(), " and teacher ", teacher.scalar_type());
-      } else {
-        fn(s_tag, t_tag);
-      }
-    });
-  });
-}
-
-void check_logits(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "softmax_kl: expected 2-D logits, got ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "softmax_kl: student shape ", student.sizes(),
-              " != teacher shape ", teacher.sizes());
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl (cpu): tensors must be on CPU");
-  TORCH_CHECK(student.size(1) == 0 || (student.stride(1) == 1 && teacher.stride(1) == 1),
-              "softmax_kl: the last dim of the logits must have unit stride");
-}
-
-at::ScalarType accumulation_dtype(const at::Tensor& student) {
-  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+struct CpuElements {
+  using half = at::Half;
+  using bfloat16 = at::BFloat16;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& student,
                                                                       const at::Tensor& teacher,
                                                                       double temperature) {
-  check_logits(student, teacher);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "softmax_kl: temperature must be positive and finite");
+  softmax_kl::check_logits(student, teacher, at::kCPU);
+  softmax_kl::check_temperature(temperature);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(accumulation_dtype(student));
+  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
   at::Tensor loss = at::empty({rows}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   if (rows == 0) return {loss, stats_student, stats_teacher};
   TORCH_CHECK(cols > 0, "softmax_kl: logits need at least one column");
-  dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    using T = decltype(t_tag);
+  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
     forward_rows<S, T>(student.const_data_ptr<S>(), student.stride(0), teacher.const_data_ptr<T>(), teacher.stride(0),
                        rows, cols, temperature, loss.mutable_data_ptr<acc_t>(),
@@ -309,31 +273,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::
   return {loss, stats_student, stats_teacher};
 }
 
-void check_row_statistic(const at::Tensor& stat, const char* name, int64_t rows, int64_t width, at::ScalarType acc) {
-  const bool shape_ok = width == 1 ? (stat.dim() == 1 && stat.size(0) == rows)
-                                   : (stat.dim() == 2 && stat.size(0) == rows && stat.size(1) == width);
-  TORCH_CHECK(shape_ok && stat.scalar_type() == acc && stat.is_contiguous() && stat.device().is_cpu(),
-              "softmax_kl_backward: ", name, " must be a contiguous ", acc, " CPU tensor of shape [", rows,
-              width == 1 ? "]" : ", 2]", ", got ", stat.sizes(), " ", stat.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                                            const at::Tensor& teacher, const at::Tensor& stats_student,
                                                            const at::Tensor& stats_teacher, const at::Tensor& loss,
                                                            double temperature, bool student_grad, bool teacher_grad) {
-  check_logits(student, teacher);
+  softmax_kl::check_backward_inputs(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature,
+                                    at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto acc = accumulation_dtype(student);
-  check_row_statistic(grad_loss, "grad_loss", rows, 1, acc);
-  check_row_statistic(loss, "loss", rows, 1, acc);
-  check_row_statistic(stats_student, "stats_student", rows, 2, acc);
-  check_row_statistic(stats_teacher, "stats_teacher", rows, 2, acc);
   at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
-  dispatch_logits_pair(student, teacher, [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    using T = decltype(t_tag);
+  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
     backward_rows<S, T>(grad_loss.const_data_ptr<acc_t>(), student.const_data_ptr<S>(), student.stride(0),
                         teacher.const_data_ptr<T>(), teacher.stride(0), stats_student.const_data_ptr<acc_t>(),
