@@ -10,6 +10,7 @@ from kdkernels import backends
 from kdkernels.ops.softmax_kl import softmax_kl_rows
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+DIVERGENCES = ("forward", "reverse", "symmetric")
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -74,9 +75,21 @@ def reduce_rows(rows: torch.Tensor, leading_shape: torch.Size, classes: int, red
     return rows.sum() * (scale / divisor)
 
 
+def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, divergence: str,
+                    backend: str) -> torch.Tensor:
+    """Per-row divergence of 2-D logits on one backend: forward KL(p_t ‖ p_s), reverse KL(p_s ‖ p_t) (the same
+    fused op with the roles swapped), or symmetric (forward + reverse) / 2."""
+    if divergence == "forward":
+        return softmax_kl_rows(student, teacher, temperature, backend)
+    if divergence == "reverse":
+        return softmax_kl_rows(teacher, student, temperature, backend)
+    return 0.5 * (softmax_kl_rows(student, teacher, temperature, backend) +
+                  softmax_kl_rows(teacher, student, temperature, backend))
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
             reduction: str = "batchmean", scale_by_t2: bool = True, labels: torch.Tensor | None = None,
-            ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+            ignore_index: int = -100, divergence: str = "forward", backend: str = "auto") -> torch.Tensor:
     """Hinton knowledge-distillation loss, fused: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over the last dim.
 
     Equals ``F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction=...) * T**2``
@@ -90,6 +103,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             ``nn.KLDivLoss()``) or ``"none"`` (per-row float32 losses with the leading shape).
         scale_by_t2: multiply by ``T²`` (Hinton's gradient-magnitude correction).
         labels, ignore_index: rows whose label equals ``ignore_index`` contribute 0 and are not counted.
+        divergence: with ``p_s = softmax(s/T)``, ``p_t = softmax(t/T)``:
+            ``"forward"``: ``KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s)`` (Hinton KD; mode-covering);
+            ``"reverse"``: ``KL(p_s ‖ p_t)`` (mode-seeking, as in on-policy LLM distillation);
+            ``"symmetric"``: ``(KL(p_t ‖ p_s) + KL(p_s ‖ p_t)) / 2``, the symmetric KL of SSLD / PaddleClas DML.
+            The ``-inf`` conventions apply with the roles of the two distributions as written.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` (see ``kdkernels.backends``).
 
     Gradients flow to the teacher too when it requires grad (mutual learning). The scalar result is float32
@@ -106,6 +124,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     temperature = _check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     leading_shape = student_logits.shape[:-1]
@@ -113,6 +133,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         _check_labels(labels, leading_shape, student_logits.device, ignore_index)
     student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
     name = backends.select_backend(backend, student, teacher)
-    rows = softmax_kl_rows(student, teacher, temperature, name)
+    rows = divergence_rows(student, teacher, temperature, divergence, name)
     scale = temperature * temperature if scale_by_t2 else 1.0
     return reduce_rows(rows, leading_shape, student_logits.shape[-1], reduction, labels, ignore_index, scale)

@@ -17,6 +17,20 @@ def test_equals_the_eager_hinton_formula(temperature):
     torch.testing.assert_close(kdkernels.kd_loss(student, teacher, temperature), expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_divergences_equal_their_eager_formulas(temperature):
+    student, teacher = logits((8, 40), 7, torch.float64), logits((8, 40), 8, torch.float64)
+    forward = eager_hinton_kd(student, teacher, temperature)
+    reverse = eager_hinton_kd(teacher, student, temperature)  # KL(p_s || p_t)
+    log_p_s, log_p_t = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
+    by_hand = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).mean() * temperature ** 2
+    torch.testing.assert_close(reverse, by_hand, rtol=1e-12, atol=0)
+    for divergence, expected in (("forward", forward), ("reverse", reverse),
+                                 ("symmetric", (forward + reverse) / 2)):
+        actual = kdkernels.kd_loss(student, teacher, temperature, divergence=divergence)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0, msg=divergence)
+
+
 def test_reductions_relate_as_documented():
     student, teacher = logits((2, 3, 50), 3), logits((2, 3, 50), 4)
     per_row = kdkernels.kd_loss(student, teacher, 2.0, reduction="none")
@@ -34,9 +48,10 @@ def test_reductions_relate_as_documented():
 def test_module_matches_functional():
     student, teacher = logits((8, 10), 5), logits((8, 10), 6)
     labels = torch.tensor([0, 1, -100, 3, 4, 5, -100, 7])
-    criterion = kdkernels.nn.KDLoss(temperature=3.0, reduction="sum")
+    criterion = kdkernels.nn.KDLoss(temperature=3.0, reduction="sum", divergence="symmetric")
     torch.testing.assert_close(criterion(student, teacher, labels),
-                               kdkernels.kd_loss(student, teacher, 3.0, reduction="sum", labels=labels))
+                               kdkernels.kd_loss(student, teacher, 3.0, reduction="sum", labels=labels,
+                                                 divergence="symmetric"))
     assert "temperature=3.0" in repr(criterion)
 
 
@@ -45,6 +60,8 @@ def test_module_validates_at_construction():
         kdkernels.nn.KDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="reduction"):
         kdkernels.nn.KDLoss(reduction="avg")
+    with pytest.raises(ValueError, match="divergence"):
+        kdkernels.nn.KDLoss(divergence="js")
 
 
 GOOD = dict(student_logits=logits((4, 5)), teacher_logits=logits((4, 5), 1))
@@ -73,6 +90,7 @@ BAD_INPUTS = [
     (dict(labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
     (dict(labels=torch.zeros(4, dtype=torch.int64), ignore_index=0.5), TypeError, "ignore_index must be an int"),
     (dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
+    (dict(divergence="jeffreys"), ValueError, "divergence must be one of"),
     (dict(backend=3), TypeError, "backend must be a string"),
 ]
 

@@ -111,6 +111,23 @@ def test_negative_infinity_entries(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence", ["reverse", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_reverse_and_symmetric_divergences(backend, divergence, dtype):
+    device = require_backend(backend)
+    student, teacher = logits((5, 700), dtype, device, seed=31), logits((5, 700), dtype, device, seed=32)
+    check_against_reference(backend, student, teacher, 2.0, "none", divergence=divergence)
+    check_against_reference(backend, student, teacher, 0.5, "batchmean", divergence=divergence,
+                            labels=torch.tensor([0, -100, 2, 3, 4], device=device))
+    if divergence == "reverse":  # -inf in both, -inf only where p_s is the target (student), an all -inf row
+        masked_teacher, masked_student = masked(dtype, device)
+        loss, grads = check_against_reference(backend, masked_student, masked_teacher, 2.0, "none",
+                                              divergence=divergence)
+        assert torch.isfinite(loss).all() and loss[3].item() == 0.0
+        assert all(torch.isfinite(g).all() and (g[3] == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_student_negative_infinity_under_finite_teacher_is_infinite(backend):
     device = require_backend(backend)
     student, teacher = logits((3, 3000), device=device, seed=11), logits((3, 3000), device=device, seed=12)
