@@ -6,6 +6,7 @@ naming what it was built for and what is present, and leaves the Triton and refe
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,11 @@ def _load():
             return module, None
         except (ImportError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
+            package_dir = Path(__file__).resolve().parent
+            if (package_dir.parent / "setup.py").is_file() and not any(package_dir.glob("_C*.so")):
+                reason = (f"kdkernels is imported from its source tree {package_dir.parent}, which holds no built "
+                          "extension: run from another directory, or build in place with "
+                          "`pip install --no-build-isolation -e .`")
     present = f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, " + (
         f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA")
     message = (f"kdkernels: the compiled extension kdkernels._C is not loaded ({reason}). Built for: {_built_for()}; "
