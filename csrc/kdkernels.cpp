@@ -32,6 +32,16 @@ TORCH_LIBRARY(kdkernels, m) {
       "softmax_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats_student, "
       "Tensor stats_teacher, Tensor loss, float temperature, bool student_grad, bool teacher_grad) "
       "-> (Tensor, Tensor)");
+  // softmax_jsd: per-row generalised JSD, beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
+  // m = beta p_t + (1 - beta) p_s formed in log space, 0 < beta < 1. Returns (loss [N], stats_student [N, 2],
+  // stats_teacher [N, 2], mixture_kl [N, 2] = (KL(p_t || m), KL(p_s || m))), stats as for softmax_kl.
+  m.def(
+      "softmax_jsd_forward(Tensor student, Tensor teacher, float temperature, float beta) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_jsd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats_student, "
+      "Tensor stats_teacher, Tensor mixture_kl, float temperature, float beta, bool student_grad, bool teacher_grad) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

@@ -115,15 +115,25 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def select_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """The backend that runs these tensors: the requested one (or an error saying why it cannot), else auto."""
+def op_reasons(name: str, ops: tuple[str, ...]) -> list[str]:
+    """Why backend `name` lacks one of these op families' kernels (the reference has them all)."""
+    if name == "reference" or not ops:
+        return []
+    prefix = "triton_" if name == "triton" else ""
+    return [f"the {name} backend has no {op} kernel" for op in ops
+            if not hasattr(torch.ops.kdkernels, f"{prefix}{op}_forward")]
+
+
+def select_backend(backend: str, *tensors: torch.Tensor, required_ops: tuple[str, ...] = ()) -> str:
+    """The backend that runs these tensors and has the `required_ops` kernels: the requested one, or an error
+    saying why it cannot; else the first that can in the device's auto order."""
     name = requested_backend(backend)
     if name != "auto":
-        reasons = unsupported_reasons(name, *tensors)
+        reasons = unsupported_reasons(name, *tensors) or op_reasons(name, required_ops)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run this input: {'; '.join(reasons)}")
         return name
     for candidate in AUTO_ORDER.get(tensors[0].device.type, ("reference",)):
-        if not unsupported_reasons(candidate, *tensors):
+        if not unsupported_reasons(candidate, *tensors) and not op_reasons(candidate, required_ops):
             return candidate
     return "reference"

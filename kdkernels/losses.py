@@ -7,10 +7,10 @@ import numbers
 import torch
 
 from kdkernels import backends
-from kdkernels.ops.softmax_kl import softmax_kl_rows
+from kdkernels.ops.softmax_kl import softmax_jsd_rows, softmax_kl_rows
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-DIVERGENCES = ("forward", "reverse", "symmetric")
+DIVERGENCES = ("forward", "reverse", "symmetric", "jsd")
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -76,12 +76,15 @@ def reduce_rows(rows: torch.Tensor, leading_shape: torch.Size, classes: int, red
 
 
 def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, divergence: str,
-                    backend: str) -> torch.Tensor:
+                    backend: str, beta: float = 0.5) -> torch.Tensor:
     """Per-row divergence of 2-D logits on one backend: forward KL(p_t ‖ p_s), reverse KL(p_s ‖ p_t) (the same
-    fused op with the roles swapped), or symmetric (forward + reverse) / 2."""
-    if divergence == "forward":
+    fused op with the roles swapped), JSD(beta) (forward KL at beta = 0, reverse KL at beta = 1), or symmetric
+    (forward + reverse) / 2."""
+    if divergence == "jsd" and 0.0 < beta < 1.0:
+        return softmax_jsd_rows(student, teacher, temperature, beta, backend)
+    if divergence == "forward" or (divergence == "jsd" and beta == 0.0):
         return softmax_kl_rows(student, teacher, temperature, backend)
-    if divergence == "reverse":
+    if divergence == "reverse" or divergence == "jsd":
         return softmax_kl_rows(teacher, student, temperature, backend)
     return 0.5 * (softmax_kl_rows(student, teacher, temperature, backend) +
                   softmax_kl_rows(teacher, student, temperature, backend))
@@ -89,7 +92,8 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
             reduction: str = "batchmean", scale_by_t2: bool = True, labels: torch.Tensor | None = None,
-            ignore_index: int = -100, divergence: str = "forward", backend: str = "auto") -> torch.Tensor:
+            ignore_index: int = -100, divergence: str = "forward", beta: float = 0.5,
+            backend: str = "auto") -> torch.Tensor:
     """Hinton knowledge-distillation loss, fused: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over the last dim.
 
     Equals ``F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction=...) * T**2``
@@ -106,7 +110,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         divergence: with ``p_s = softmax(s/T)``, ``p_t = softmax(t/T)``:
             ``"forward"``: ``KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s)`` (Hinton KD; mode-covering);
             ``"reverse"``: ``KL(p_s ‖ p_t)`` (mode-seeking, as in on-policy LLM distillation);
-            ``"symmetric"``: ``(KL(p_t ‖ p_s) + KL(p_s ‖ p_t)) / 2``, the symmetric KL of SSLD / PaddleClas DML.
+            ``"symmetric"``: ``(KL(p_t ‖ p_s) + KL(p_s ‖ p_t)) / 2``, the symmetric KL of SSLD / PaddleClas DML;
+            ``"jsd"``: the generalised JSD of GKD, ``β KL(p_t ‖ m) + (1 − β) KL(p_s ‖ m)`` with
+            ``m = β p_t + (1 − β) p_s`` formed in log space (never NaN); ``beta = 0`` is exactly forward KL and
+            ``beta = 1`` exactly reverse KL (the Liger-Kernel / TRL convention). A row in which either input is
+            entirely ``-inf`` gives 0.
+        beta: the JSD skew, ``0 ≤ beta ≤ 1`` (used only by ``divergence="jsd"``).
             The ``-inf`` conventions apply with the roles of the two distributions as written.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` (see ``kdkernels.backends``).
 
@@ -126,13 +135,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     leading_shape = student_logits.shape[:-1]
     if labels is not None:
         _check_labels(labels, leading_shape, student_logits.device, ignore_index)
     student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
-    name = backends.select_backend(backend, student, teacher)
-    rows = divergence_rows(student, teacher, temperature, divergence, name)
+    needs_jsd_kernel = divergence == "jsd" and 0.0 < beta < 1.0
+    name = backends.select_backend(backend, student, teacher,
+                                   required_ops=("softmax_jsd",) if needs_jsd_kernel else ())
+    rows = divergence_rows(student, teacher, temperature, divergence, name, beta)
     scale = temperature * temperature if scale_by_t2 else 1.0
     return reduce_rows(rows, leading_shape, student_logits.shape[-1], reduction, labels, ignore_index, scale)

@@ -17,7 +17,8 @@ class KDLoss(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, *, reduction: str = "batchmean", scale_by_t2: bool = True,
-                 ignore_index: int = -100, divergence: str = "forward", backend: str = "auto") -> None:
+                 ignore_index: int = -100, divergence: str = "forward", beta: float = 0.5,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.temperature = losses._check_temperature(temperature)
         if reduction not in losses.REDUCTIONS:
@@ -26,6 +27,7 @@ class KDLoss(torch.nn.Module):
         if divergence not in losses.DIVERGENCES:
             raise ValueError(f"divergence must be one of {', '.join(losses.DIVERGENCES)}; got {divergence!r}")
         self.divergence = divergence
+        self.beta = beta
         self.scale_by_t2 = scale_by_t2
         self.ignore_index = ignore_index
         self.backend = backend
@@ -34,7 +36,7 @@ class KDLoss(torch.nn.Module):
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         return losses.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
                               scale_by_t2=self.scale_by_t2, labels=labels, ignore_index=self.ignore_index,
-                              divergence=self.divergence, backend=self.backend)
+                              divergence=self.divergence, beta=self.beta, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, divergence={self.divergence!r}, "

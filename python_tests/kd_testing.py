@@ -38,9 +38,9 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2 ** -10, torc
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,
-                              low_precision: torch.Tensor | None = None) -> None:
-    """Elementwise |actual - expected| <= rtol (|expected| + 1e-3 max|expected|) + 2 max|low_precision - expected|,
-    with NaN and inf patterns equal."""
+                              low_precision: torch.Tensor | None = None, atol: float = 0.0) -> None:
+    """Elementwise |actual - expected| <= rtol (|expected| + 1e-3 max|expected|) + 2 max|low_precision - expected|
+    + atol, with NaN and inf patterns equal."""
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -55,6 +55,54 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, rtol
     slack = 0.0
     if low_precision is not None:
         slack = 2 * (low_precision.detach().double().cpu()[finite] - e).abs().max().item()
-    bound = rtol * (e.abs() + e.abs().max() * 1e-3) + slack + 1e-300
+    bound = rtol * (e.abs() + e.abs().max() * 1e-3) + slack + atol + 1e-300
     worst = ((a - e).abs() / bound).max().item()
     assert worst <= 1.0, f"{what}: error {worst:.3g}x the tolerance (rtol={rtol}, slack={slack:.3g})"
+
+
+def logits(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def loss_and_grads(backend, student, teacher, temperature, reduction, teacher_grad=True, upstream=None, **kwargs):
+    student = student.detach().clone().requires_grad_(True)
+    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
+    loss = kdkernels.kd_loss(student, teacher, temperature, reduction=reduction, backend=backend, **kwargs)
+    if upstream is None:  # grad_output != 1 everywhere
+        upstream = torch.full_like(loss, 0.75) if loss.dim() == 0 else \
+            torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype).to(loss.device) + 0.5
+    inputs = (student, teacher) if teacher_grad else (student,)
+    grads = torch.autograd.grad(loss, inputs, upstream)
+    return loss, grads, upstream
+
+
+def check_against_reference(backend, student, teacher, temperature, reduction="batchmean", teacher_grad=True,
+                            grad_atol=0.0, **kwargs):
+    """Runs the backend, the float64 reference and the reference in the input precision; compares all outputs.
+
+    `grad_atol` is an absolute floor for gradients whose formula cancels O(1) terms (see test_ops_softmax_jsd)."""
+    loss, grads, upstream = loss_and_grads(backend, student, teacher, temperature, reduction, teacher_grad, **kwargs)
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ref_loss, ref_grads, _ = loss_and_grads("reference", student.cpu().double(), teacher.cpu().double(), temperature,
+                                            reduction, teacher_grad, upstream.cpu().double(), **cpu)
+    low_loss, low_grads, _ = loss_and_grads("reference", student.cpu(), teacher.cpu(), temperature, reduction,
+                                            teacher_grad, upstream.cpu(), **cpu)
+    rtol = RTOL[student.dtype]
+    expected_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype, f"loss dtype {loss.dtype}"
+    assert_close_to_reference(loss, ref_loss, max(RTOL[torch.float32], RTOL[expected_dtype]), "loss", low_loss)
+    for name, grad, ref, low, x in zip(("student grad", "teacher grad"), grads, ref_grads, low_grads,
+                                       (student, teacher)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
+        assert_close_to_reference(grad, ref, rtol, name, low, atol=grad_atol)
+    return loss, grads
+
+
+def masked(dtype, device):
+    """Rows: finite; -inf in both at the same places; teacher -inf only; a row entirely -inf in both."""
+    student, teacher = logits((4, 40), torch.float64, seed=9), logits((4, 40), torch.float64, seed=10)
+    student[1, ::3] = teacher[1, ::3] = float("-inf")
+    teacher[2, 5:20] = float("-inf")
+    student[3] = teacher[3] = float("-inf")
+    return student.to(dtype).to(device), teacher.to(dtype).to(device)

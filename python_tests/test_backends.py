@@ -79,3 +79,11 @@ def test_failed_extension_load_warns_once_and_other_backends_still_work():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_backend_without_the_required_kernel_is_refused_or_skipped():
+    x = torch.zeros(2, 3)
+    with pytest.raises(kdkernels.BackendUnavailableError, match="has no no_such_family kernel"):
+        backends.select_backend("cpu", x, x, required_ops=("no_such_family",))
+    assert backends.select_backend("auto", x, x, required_ops=("no_such_family",)) == "reference"
+    assert backends.select_backend("reference", x, x, required_ops=("no_such_family",)) == "reference"

@@ -91,6 +91,9 @@ BAD_INPUTS = [
     (dict(labels=torch.zeros(4, dtype=torch.int64), ignore_index=0.5), TypeError, "ignore_index must be an int"),
     (dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
     (dict(divergence="jeffreys"), ValueError, "divergence must be one of"),
+    (dict(divergence="jsd", beta=1.5), ValueError, "beta must be in"),
+    (dict(divergence="jsd", beta=-0.1), ValueError, "beta must be in"),
+    (dict(divergence="jsd", beta="0.5"), TypeError, "beta must be a real number"),
     (dict(backend=3), TypeError, "backend must be a string"),
 ]
 

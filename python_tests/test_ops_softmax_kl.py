@@ -4,48 +4,11 @@ import pytest
 import torch
 
 import kdkernels
-from kd_testing import RTOL, assert_close_to_reference, backend_params, require_backend
+from kd_testing import backend_params, check_against_reference, logits, loss_and_grads, masked, require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
-
-
-def logits(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def loss_and_grads(backend, student, teacher, temperature, reduction, teacher_grad=True, upstream=None, **kwargs):
-    student = student.detach().clone().requires_grad_(True)
-    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
-    loss = kdkernels.kd_loss(student, teacher, temperature, reduction=reduction, backend=backend, **kwargs)
-    if upstream is None:  # grad_output != 1 everywhere
-        upstream = torch.full_like(loss, 0.75) if loss.dim() == 0 else \
-            torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype).to(loss.device) + 0.5
-    inputs = (student, teacher) if teacher_grad else (student,)
-    grads = torch.autograd.grad(loss, inputs, upstream)
-    return loss, grads, upstream
-
-
-def check_against_reference(backend, student, teacher, temperature, reduction="batchmean", teacher_grad=True,
-                            **kwargs):
-    """Runs the backend, the float64 reference and the reference in the input precision; compares all outputs."""
-    loss, grads, upstream = loss_and_grads(backend, student, teacher, temperature, reduction, teacher_grad, **kwargs)
-    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    ref_loss, ref_grads, _ = loss_and_grads("reference", student.cpu().double(), teacher.cpu().double(), temperature,
-                                            reduction, teacher_grad, upstream.cpu().double(), **cpu)
-    low_loss, low_grads, _ = loss_and_grads("reference", student.cpu(), teacher.cpu(), temperature, reduction,
-                                            teacher_grad, upstream.cpu(), **cpu)
-    rtol = RTOL[student.dtype]
-    expected_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    assert loss.dtype == expected_dtype, f"loss dtype {loss.dtype}"
-    assert_close_to_reference(loss, ref_loss, max(RTOL[torch.float32], RTOL[expected_dtype]), "loss", low_loss)
-    for name, grad, ref, low, x in zip(("student grad", "teacher grad"), grads, ref_grads, low_grads,
-                                       (student, teacher)):
-        assert grad.dtype == x.dtype and grad.shape == x.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
-        assert_close_to_reference(grad, ref, rtol, name, low)
-    return loss, grads
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -84,15 +47,6 @@ def test_temperatures_and_extreme_logits(backend, temperature, scale):
                                                                                  scale, 8)
     loss, grads = check_against_reference(backend, student, teacher, temperature, "none")
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
-
-
-def masked(dtype, device):
-    """Rows: finite; -inf in both at the same places; teacher -inf only; a row entirely -inf in both."""
-    student, teacher = logits((4, 40), torch.float64, seed=9), logits((4, 40), torch.float64, seed=10)
-    student[1, ::3] = teacher[1, ::3] = float("-inf")
-    teacher[2, 5:20] = float("-inf")
-    student[3] = teacher[3] = float("-inf")
-    return student.to(dtype).to(device), teacher.to(dtype).to(device)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -245,6 +245,176 @@ at::Tensor empty_gradient(int64_t rows, int64_t cols, const at::TensorOptions& o
   return at::empty({rows, cols}, options);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// softmax_jsd: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s formed in log space.
+// Forward: pass 1 takes each side's (max, log_sum) with an online rescaled sum; pass 2 (the row again, from cache)
+// accumulates both mixture KLs. Backward: one elementwise pass from those per-row values.
+
+// Online log-sum-exp of one side, in raw-logit units like RowState: sum = sum exp((x - max) / T).
+struct LogSumState {
+  double max = kNegInf, sum = 0.0;
+};
+
+template <typename acc_t>
+void log_sum_chunk(LogSumState& state, const acc_t* x, int64_t n, acc_t inv_t) {
+  using Vec = Vectorized<acc_t>;
+  const double new_max = std::max<double>(state.max, max_of(x, n));
+  if (state.max != kNegInf) state.sum *= std::exp((safe_shift(state.max) - safe_shift(new_max)) * inv_t);
+  state.max = new_max;
+  const Vec shift(static_cast<acc_t>(safe_shift(new_max))), v_inv_t(inv_t);
+  Vec sum(acc_t(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) sum += ((load_padded(x + j, n - j) - shift) * v_inv_t).exp();
+  state.sum += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum);
+}
+
+// For one vector of entries: log p_s, log p_t and the two mixture log-ratios a = log p_t - log m and
+// b = log p_s - log m. With d = log p_s - log p_t = ((s - max_s) - (t - max_t)) / T + (log_sum_t - log_sum_s), each
+// difference exact near the maxima and the log-sum difference rounded once per row from double, the ratios are
+//   d <= 0:  a = -log1p((1 - beta) expm1(d)),   b = d + a
+//   d >  0:  b = -log1p(beta expm1(-d)),        a = b - d
+// accurate to ~eps |d| however close the two distributions are (log p - log m would carry eps log V). Entries with
+// a zero probability give +-inf or NaN ratios: callers discard them with the probability.
+template <typename acc_t>
+struct MixtureLogs {
+  Vectorized<acc_t> log_p_s, log_p_t, ratio_t, ratio_s;
+};
+
+template <typename acc_t>
+struct JsdRow {
+  acc_t max_s, log_sum_s, max_t, log_sum_t, beta, inv_t;
+  acc_t log_sum_difference;  // log_sum_t - log_sum_s, rounded once
+
+  JsdRow(double max_s_, double log_sum_s_, double max_t_, double log_sum_t_, double beta_, acc_t inv_t_)
+      : max_s(static_cast<acc_t>(max_s_)), log_sum_s(static_cast<acc_t>(log_sum_s_)),
+        max_t(static_cast<acc_t>(max_t_)), log_sum_t(static_cast<acc_t>(log_sum_t_)),
+        beta(static_cast<acc_t>(beta_)), inv_t(inv_t_), log_sum_difference(static_cast<acc_t>(log_sum_t_ - log_sum_s_)) {}
+
+  MixtureLogs<acc_t> at(const acc_t* s, const acc_t* t, int64_t count) const {
+    using Vec = Vectorized<acc_t>;
+    const Vec v_inv_t(inv_t);
+    const Vec below_max_s = load_padded(s, count) - Vec(max_s), below_max_t = load_padded(t, count) - Vec(max_t);
+    const Vec log_p_s = below_max_s * v_inv_t - Vec(log_sum_s);
+    const Vec log_p_t = below_max_t * v_inv_t - Vec(log_sum_t);
+    const Vec d = (below_max_s - below_max_t) * v_inv_t + Vec(log_sum_difference);
+    const Vec d_non_positive = d <= Vec(acc_t(0));
+    const Vec w = (-d.abs()).expm1();
+    const Vec l = Vec::blendv(Vec(beta) * w, Vec(acc_t(1) - beta) * w, d_non_positive).log1p();
+    const Vec ratio_t = Vec::blendv(-d - l, -l, d_non_positive);
+    const Vec ratio_s = Vec::blendv(-l, d - l, d_non_positive);
+    return {log_p_s, log_p_t, ratio_t, ratio_s};
+  }
+};
+
+template <typename S, typename T>
+void jsd_forward_rows(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
+                      int64_t rows, int64_t cols, double temperature, double beta, acc_type_t<S, T>* loss,
+                      acc_type_t<S, T>* stats_student, acc_type_t<S, T>* stats_teacher,
+                      acc_type_t<S, T>* mixture_kl) {
+  using acc_t = acc_type_t<S, T>;
+  using Vec = Vectorized<acc_t>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kChunk];
+    alignas(64) acc_t t_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const S* s_row = student + row * student_row_stride;
+      const T* t_row = teacher + row * teacher_row_stride;
+      LogSumState side_s, side_t;
+      for (int64_t c = 0; c < cols; c += kChunk) {
+        const int64_t n = std::min(kChunk, cols - c);
+        log_sum_chunk<acc_t>(side_s, as_acc(s_row + c, s_buffer, n), n, inv_t);
+        log_sum_chunk<acc_t>(side_t, as_acc(t_row + c, t_buffer, n), n, inv_t);
+      }
+      const double log_sum_s = std::log(side_s.sum), log_sum_t = std::log(side_t.sum);
+      stats_student[2 * row] = static_cast<acc_t>(side_s.max);
+      stats_student[2 * row + 1] = static_cast<acc_t>(log_sum_s);
+      stats_teacher[2 * row] = static_cast<acc_t>(side_t.max);
+      stats_teacher[2 * row + 1] = static_cast<acc_t>(log_sum_t);
+      double kl_t = 0.0, kl_s = 0.0;
+      if (side_s.max != kNegInf && side_t.max != kNegInf) {  // else an empty row: 0
+        const JsdRow<acc_t> jsd(side_s.max, log_sum_s, side_t.max, log_sum_t, beta, inv_t);
+        const Vec zero(acc_t(0));
+        for (int64_t c = 0; c < cols; c += kChunk) {
+          const int64_t n = std::min(kChunk, cols - c);
+          const acc_t* s = as_acc(s_row + c, s_buffer, n);
+          const acc_t* t = as_acc(t_row + c, t_buffer, n);
+          Vec acc_t_side(acc_t(0)), acc_s_side(acc_t(0));
+          for (int64_t j = 0; j < n; j += Vec::size()) {
+            const MixtureLogs<acc_t> l = jsd.at(s + j, t + j, n - j);
+            const Vec p_t = l.log_p_t.exp(), p_s = l.log_p_s.exp();
+            acc_t_side += Vec::blendv(p_t * l.ratio_t, zero, p_t == zero);
+            acc_s_side += Vec::blendv(p_s * l.ratio_s, zero, p_s == zero);
+          }
+          auto add = [](Vec& p, Vec& q) { return p + q; };
+          kl_t += at::vec::vec_reduce_all<acc_t>(add, acc_t_side);
+          kl_s += at::vec::vec_reduce_all<acc_t>(add, acc_s_side);
+        }
+      }
+      mixture_kl[2 * row] = static_cast<acc_t>(kl_t);
+      mixture_kl[2 * row + 1] = static_cast<acc_t>(kl_s);
+      loss[row] = static_cast<acc_t>(beta * kl_t + (1.0 - beta) * kl_s);
+    }
+  });
+}
+
+template <typename S, typename T>
+void jsd_backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
+                       const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* stats_student,
+                       const acc_type_t<S, T>* stats_teacher, const acc_type_t<S, T>* mixture_kl, int64_t rows,
+                       int64_t cols, double temperature, double beta, S* grad_student, T* grad_teacher) {
+  using acc_t = acc_type_t<S, T>;
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kChunk];
+    alignas(64) acc_t t_buffer[kChunk];
+    alignas(64) acc_t gs_buffer[kChunk];
+    alignas(64) acc_t gt_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      S* gs_row = grad_student ? grad_student + row * cols : nullptr;
+      T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
+      const acc_t g = grad_loss[row];
+      if (g == acc_t(0) || stats_student[2 * row] == -inf || stats_teacher[2 * row] == -inf) {
+        if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
+        if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
+        continue;
+      }
+      const JsdRow<acc_t> jsd(stats_student[2 * row], stats_student[2 * row + 1], stats_teacher[2 * row],
+                              stats_teacher[2 * row + 1], beta, inv_t);
+      const Vec scale_s(static_cast<acc_t>(g * (1.0 - beta) * inv_t)), scale_t(static_cast<acc_t>(g * beta * inv_t));
+      const Vec kl_t(mixture_kl[2 * row]), kl_s(mixture_kl[2 * row + 1]), zero(acc_t(0));
+      const S* s_row = student + row * student_row_stride;
+      const T* t_row = teacher + row * teacher_row_stride;
+      for (int64_t c = 0; c < cols; c += kChunk) {
+        const int64_t n = std::min(kChunk, cols - c);
+        const acc_t* s = as_acc(s_row + c, s_buffer, n);
+        const acc_t* t = as_acc(t_row + c, t_buffer, n);
+        acc_t* gs = nullptr;
+        acc_t* gt = nullptr;
+        if constexpr (std::is_same_v<S, acc_t>) gs = gs_row ? gs_row + c : nullptr;
+        else gs = gs_row ? gs_buffer : nullptr;
+        if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
+        else gt = gt_row ? gt_buffer : nullptr;
+        for (int64_t j = 0; j < n; j += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+          const MixtureLogs<acc_t> l = jsd.at(s + j, t + j, count);
+          if (gs != nullptr) {
+            const Vec p_s = l.log_p_s.exp();
+            Vec::blendv(scale_s * p_s * (l.ratio_s - kl_s), zero, p_s == zero).store(gs + j, count);
+          }
+          if (gt != nullptr) {
+            const Vec p_t = l.log_p_t.exp();
+            Vec::blendv(scale_t * p_t * (l.ratio_t - kl_t), zero, p_t == zero).store(gt + j, count);
+          }
+        }
+        if (gs_row) store_from_acc(gs, gs_row + c, n);
+        if (gt_row) store_from_acc(gt, gt_row + c, n);
+      }
+    }
+  });
+}
+
 struct CpuElements {
   using half = at::Half;
   using bfloat16 = at::BFloat16;
@@ -296,11 +466,73 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
   return {grad_student, grad_teacher};
 }
 
+void check_beta(double beta) {
+  TORCH_CHECK(beta > 0.0 && beta < 1.0, "softmax_jsd: beta must be in (0, 1), got ", beta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_jsd_forward_cpu(const at::Tensor& student,
+                                                                                   const at::Tensor& teacher,
+                                                                                   double temperature, double beta) {
+  softmax_kl::check_logits(student, teacher, at::kCPU);
+  softmax_kl::check_temperature(temperature);
+  check_beta(beta);
+  const int64_t rows = student.size(0), cols = student.size(1);
+  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor stats_student = at::empty({rows, 2}, options);
+  at::Tensor stats_teacher = at::empty({rows, 2}, options);
+  at::Tensor mixture_kl = at::empty({rows, 2}, options);
+  if (rows == 0) return {loss, stats_student, stats_teacher, mixture_kl};
+  TORCH_CHECK(cols > 0, "softmax_jsd: logits need at least one column");
+  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    using acc_t = acc_type_t<S, T>;
+    jsd_forward_rows<S, T>(student.const_data_ptr<S>(), student.stride(0), teacher.const_data_ptr<T>(),
+                           teacher.stride(0), rows, cols, temperature, beta, loss.mutable_data_ptr<acc_t>(),
+                           stats_student.mutable_data_ptr<acc_t>(), stats_teacher.mutable_data_ptr<acc_t>(),
+                           mixture_kl.mutable_data_ptr<acc_t>());
+  });
+  return {loss, stats_student, stats_teacher, mixture_kl};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_jsd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                            const at::Tensor& teacher, const at::Tensor& stats_student,
+                                                            const at::Tensor& stats_teacher,
+                                                            const at::Tensor& mixture_kl, double temperature,
+                                                            double beta, bool student_grad, bool teacher_grad) {
+  softmax_kl::check_logits(student, teacher, at::kCPU);
+  softmax_kl::check_temperature(temperature);
+  check_beta(beta);
+  const int64_t rows = student.size(0), cols = student.size(1);
+  const auto acc = softmax_kl::accumulation_dtype(student);
+  softmax_kl::check_row_statistic(grad_loss, "grad_loss", rows, 1, acc, student.device());
+  softmax_kl::check_row_statistic(stats_student, "stats_student", rows, 2, acc, student.device());
+  softmax_kl::check_row_statistic(stats_teacher, "stats_teacher", rows, 2, acc, student.device());
+  softmax_kl::check_row_statistic(mixture_kl, "mixture_kl", rows, 2, acc, student.device());
+  at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
+  if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
+  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    using acc_t = acc_type_t<S, T>;
+    jsd_backward_rows<S, T>(grad_loss.const_data_ptr<acc_t>(), student.const_data_ptr<S>(), student.stride(0),
+                            teacher.const_data_ptr<T>(), teacher.stride(0), stats_student.const_data_ptr<acc_t>(),
+                            stats_teacher.const_data_ptr<acc_t>(), mixture_kl.const_data_ptr<acc_t>(), rows, cols,
+                            temperature, beta, student_grad ? grad_student.mutable_data_ptr<S>() : nullptr,
+                            teacher_grad ? grad_teacher.mutable_data_ptr<T>() : nullptr);
+  });
+  return {grad_student, grad_teacher};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("softmax_kl_forward", &softmax_kl_forward_cpu);
   m.impl("softmax_kl_backward", &softmax_kl_backward_cpu);
+  m.impl("softmax_jsd_forward", &softmax_jsd_forward_cpu);
+  m.impl("softmax_jsd_backward", &softmax_jsd_backward_cpu);
 }
 
 }  // namespace kdkernels

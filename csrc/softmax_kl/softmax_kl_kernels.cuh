@@ -1,8 +1,9 @@
-// CUDA device code of the softmax_kl family: per-row KL(softmax(t/T) || softmax(s/T)) and its gradients.
+// CUDA device code of the softmax_kl family: per-row KL(softmax(t/T) || softmax(s/T)) and the beta-skew
+// Jensen-Shannon divergence (softmax_jsd), and their gradients.
 //
 // No torch include: raw pointers, int64 sizes and row strides, so this header compiles with plain nvcc. The torch
-// launcher (softmax_kl_cuda.cu) checks the tensors and calls launch_softmax_kl_forward / _backward below, which pick
-// the launch configuration and launch exactly one kernel each on the given stream.
+// launcher (softmax_kl_cuda.cu) checks the tensors and calls launch_softmax_{kl,jsd}_forward / _backward below, which
+// pick the launch configuration and launch exactly one kernel each on the given stream.
 //
 // Numerical spec: kdkernels/reference/softmax_kl.py. Inputs: student/teacher logits S, T in {float, __half,
 // __nv_bfloat16} with float accumulation, or double/double with double accumulation. Each element is widened to
@@ -38,7 +39,23 @@
 //   p = exp2(x * log2 e),  grad_s = g/T (p_s - p_t),  grad_t = g/T p_t (x_t - x_s - loss), 0 where p_t == 0.
 //
 // ---------------------------------------------------------------------------------------------------------------
-// Launch heuristics (bandwidth-bound; see ../shared/reference/kernels.md §6):
+// softmax_jsd (spec: softmax_jsd_rows), 0 < beta < 1: loss = beta kl_t + (1 - beta) kl_s, kl_t = KL(p_t || m),
+// kl_s = KL(p_s || m), log m = logaddexp(log beta + log p_t, log1p(-beta) + log p_s). log m is not an online sum,
+// so the forward makes two passes over each row with the KL forward's thread layout and configs:
+//   1. the per-side online (max, sum) of the KL state without acc (SoftmaxPairState; same rebase rules for ds, dt),
+//      merged so that every thread of the row holds the row's (max, log_sum) per side (stats exactly as the KL op);
+//   2. the row again (typically L2-resident), with lp = (x - max)/T - log_sum and d = lp_t - lp_s + log(beta/(1-beta)):
+//        lp_t - log m = -log beta - softplus(-d),  lp_s - log m = -log1p(-beta) - softplus(d),
+//        softplus(x) = max(x, 0) + log1p(exp(-|x|))      (= the spec's hi + log1p(exp(lo - hi)), rearranged)
+//      kl_t += p_t (lp_t - log m) where p_t = exp(lp_t) > 0 (else exactly 0), kl_s likewise; summed per row.
+//   Outputs: stats as the KL forward, mixture_kl [N, 2] = (kl_t, kl_s), loss; a row with either side all -inf is
+//   empty: loss 0, mixture_kl (0, 0).
+// Backward (elementwise, the KL backward's layout), g = grad_loss[row]: zeros when g == 0 or either max is -inf; else
+//   grad_s = g (1 - beta)/T p_s (lp_s - log m - kl_s),  grad_t = g beta/T p_t (lp_t - log m - kl_t), 0 where p == 0.
+// exp / log1p are the precise expf / log1pf (exp / log1p for double); beta's logs are formed on the host in double.
+//
+// ---------------------------------------------------------------------------------------------------------------
+// Launch heuristics (shared by softmax_kl and softmax_jsd) (bandwidth-bound; see ../shared/reference/kernels.md §6):
 // * Vector width: VEC = 16 / max(sizeof(S), sizeof(T)) elements per load (fp32 4, fp16/bf16 8, mixed 4, fp64 2),
 //   so the wider input uses 16-byte loads. Used when both row base pointers are aligned to VEC elements and both
 //   row strides are multiples of VEC (the backward also needs V % VEC == 0 and aligned outputs, which are contiguous
@@ -62,6 +79,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace kdkernels {
@@ -103,6 +121,14 @@ __device__ __forceinline__ float kd_fma(float a, float b, float c) { return fmaf
 __device__ __forceinline__ double kd_fma(double a, double b, double c) { return fma(a, b, c); }
 __device__ __forceinline__ float kd_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double kd_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float kd_exp(float x) { return expf(x); }
+__device__ __forceinline__ double kd_exp(double x) { return exp(x); }
+__device__ __forceinline__ float kd_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double kd_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float kd_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double kd_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float kd_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double kd_abs(double x) { return fabs(x); }
 
 template <typename Acc>
 __device__ __forceinline__ Acc pos_inf();
@@ -217,25 +243,98 @@ __device__ __forceinline__ void accumulate_chunk(KlState<Acc>& st, const Acc (&s
   st.acc += acc;
 }
 
-// Merges the states of `width` consecutive lanes (power of two <= 32, aligned); all 32 lanes must be active.
 template <typename Acc>
-__device__ __forceinline__ void reduce_lanes(KlState<Acc>& st, int width, Acc k) {
+__device__ __forceinline__ KlState<Acc> shfl_xor_state(const KlState<Acc>& st, int offset) {
+  KlState<Acc> other;
+  other.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
+  other.ds = __shfl_xor_sync(0xffffffffu, st.ds, offset);
+  other.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
+  other.dt = __shfl_xor_sync(0xffffffffu, st.dt, offset);
+  other.acc = __shfl_xor_sync(0xffffffffu, st.acc, offset);
+  return other;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Lean per-side online state (ms, ds, mt, dt) of the JSD forward's first pass: the KlState without acc.
+
+template <typename Acc>
+struct SoftmaxPairState {
+  Acc ms, ds, mt, dt;
+};
+
+template <typename Acc>
+__device__ __forceinline__ SoftmaxPairState<Acc> empty_pair_state() {
+  return SoftmaxPairState<Acc>{-pos_inf<Acc>(), Acc(0), -pos_inf<Acc>(), Acc(0)};
+}
+
+// Moves one side's (m, d) to the max new_m >= m. k = log2(e)/T.
+template <typename Acc>
+__device__ __forceinline__ void rebase_side(Acc& m, Acc& d, Acc new_m, Acc k) {
+  if (m != -pos_inf<Acc>()) d *= kd_exp2((safe_shift(m) - safe_shift(new_m)) * k);  // else d == 0 stays 0
+  m = new_m;
+}
+
+template <typename Acc>
+__device__ __forceinline__ void merge_into(SoftmaxPairState<Acc>& st, SoftmaxPairState<Acc> other, Acc k) {
+  const Acc ms = kd_max(st.ms, other.ms), mt = kd_max(st.mt, other.mt);
+  rebase_side(st.ms, st.ds, ms, k);
+  rebase_side(other.ms, other.ds, ms, k);
+  rebase_side(st.mt, st.dt, mt, k);
+  rebase_side(other.mt, other.dt, mt, k);
+  st.ds += other.ds;
+  st.dt += other.dt;
+}
+
+template <int N, typename Acc>
+__device__ __forceinline__ void accumulate_chunk(SoftmaxPairState<Acc>& st, const Acc (&s)[N], const Acc (&t)[N],
+                                                 Acc k) {
+  Acc chunk_ms = s[0], chunk_mt = t[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) {
+    chunk_ms = kd_max(chunk_ms, s[j]);
+    chunk_mt = kd_max(chunk_mt, t[j]);
+  }
+  if (chunk_ms > st.ms) rebase_side(st.ms, st.ds, chunk_ms, k);
+  if (chunk_mt > st.mt) rebase_side(st.mt, st.dt, chunk_mt, k);
+  const Acc shift_s = safe_shift(st.ms), shift_t = safe_shift(st.mt);
+  Acc ds = Acc(0), dt = Acc(0);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    ds += kd_exp2((s[j] - shift_s) * k);
+    dt += kd_exp2((t[j] - shift_t) * k);
+  }
+  st.ds += ds;
+  st.dt += dt;
+}
+
+template <typename Acc>
+__device__ __forceinline__ SoftmaxPairState<Acc> shfl_xor_state(const SoftmaxPairState<Acc>& st, int offset) {
+  SoftmaxPairState<Acc> other;
+  other.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
+  other.ds = __shfl_xor_sync(0xffffffffu, st.ds, offset);
+  other.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
+  other.dt = __shfl_xor_sync(0xffffffffu, st.dt, offset);
+  return other;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Shared by both forwards.
+
+// Merges the states (KlState or SoftmaxPairState) of `width` consecutive lanes (power of two <= 32, aligned); all
+// 32 lanes must be active. Every lane ends with the same bits (a butterfly of commutative merges).
+template <typename State, typename Acc>
+__device__ __forceinline__ void reduce_lanes(State& st, int width, Acc k) {
   for (int offset = width / 2; offset > 0; offset /= 2) {
-    KlState<Acc> other;
-    other.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
-    other.ds = __shfl_xor_sync(0xffffffffu, st.ds, offset);
-    other.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
-    other.dt = __shfl_xor_sync(0xffffffffu, st.dt, offset);
-    other.acc = __shfl_xor_sync(0xffffffffu, st.acc, offset);
-    merge_into(st, other, k);
+    merge_into(st, shfl_xor_state(st, offset), k);
   }
 }
 
-// Accumulates this lane's share of one row: load units lane, lane + G, lane + 2G, ... (a unit is VEC elements),
-// then, when VEC > 1, the V % VEC tail with scalar loads.
-template <int VEC, int UNROLL, typename S, typename T, typename Acc>
-__device__ __forceinline__ void accumulate_row(KlState<Acc>& st, const S* __restrict__ s_row,
-                                               const T* __restrict__ t_row, int64_t V, int lane, int group, Acc k) {
+// Visits this lane's share of one row: load units lane, lane + G, lane + 2G, ... (a unit is VEC elements), UNROLL
+// units loaded before fn(s, t) is called on them as Acc arrays of UNROLL * VEC elements (units past the row end are
+// -inf in both); then, when VEC > 1, the V % VEC tail with scalar loads, as arrays of 1 element.
+template <int VEC, int UNROLL, typename Acc, typename S, typename T, typename Fn>
+__device__ __forceinline__ void for_each_row_chunk(const S* __restrict__ s_row, const T* __restrict__ t_row, int64_t V,
+                                                   int lane, int group, Fn&& fn) {
   const int64_t units = V / VEC;
   const int64_t step = static_cast<int64_t>(group) * UNROLL;
   for (int64_t base = lane; base < units; base += step) {
@@ -264,15 +363,23 @@ __device__ __forceinline__ void accumulate_row(KlState<Acc>& st, const S* __rest
         }
       }
     }
-    accumulate_chunk<UNROLL * VEC>(st, s, t, k);
+    fn(s, t);
   }
   if constexpr (VEC > 1) {
     for (int64_t j = units * VEC + lane; j < V; j += group) {
       const Acc s1[1] = {widen(s_row[j])};
       const Acc t1[1] = {widen(t_row[j])};
-      accumulate_chunk<1>(st, s1, t1, k);
+      fn(s1, t1);
     }
   }
+}
+
+// Accumulates this lane's share of one row into st (KlState or SoftmaxPairState).
+template <int VEC, int UNROLL, typename State, typename S, typename T, typename Acc>
+__device__ __forceinline__ void accumulate_row(State& st, const S* __restrict__ s_row, const T* __restrict__ t_row,
+                                               int64_t V, int lane, int group, Acc k) {
+  for_each_row_chunk<VEC, UNROLL, Acc>(s_row, t_row, V, lane, group,
+                                       [&](const auto& s, const auto& t) { accumulate_chunk(st, s, t, k); });
 }
 
 // Block mode uses at most 512 threads a row and asks for 2 resident blocks per SM (<= 64 registers a thread; the
@@ -409,6 +516,213 @@ __global__ void __launch_bounds__(kBackwardThreads)
 }
 
 // ----------------------------------------------------------------------------------------------------------------
+// softmax_jsd: per-row beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s (see the header
+// comment). Per-row weights in Acc, computed on the host in double (jsd_weights).
+
+template <typename Acc>
+struct JsdWeights {
+  Acc beta, one_minus_beta;
+};
+
+template <typename Acc>
+inline JsdWeights<Acc> jsd_weights(double beta) {
+  return JsdWeights<Acc>{static_cast<Acc>(beta), static_cast<Acc>(1.0 - beta)};
+}
+
+template <typename Acc>
+struct JsdRowStats {
+  Acc max_s, log_sum_s, max_t, log_sum_t;
+  Acc log_sum_difference;  // log_sum_t - log_sum_s, formed as log(d_t / d_s) in the forward
+};
+
+// For one entry: log p_s, log p_t and the mixture log-ratios rt = log p_t - log m, rs = log p_s - log m. With
+// d = log p_s - log p_t = ((s - max_s) - (t - max_t))/T + (log_sum_t - log_sum_s), each difference exact near the
+// maxima:  d <= 0: rt = -log1p((1 - beta) expm1(d)), rs = d + rt;  d > 0: rs = -log1p(beta expm1(-d)), rt = rs - d.
+// Accurate to ~eps |d| however close the distributions are (log p - log m would cancel O(log V) terms). Meaningful
+// only where the matching p > 0; d is NaN when both are -inf (callers select such terms away).
+template <typename Acc>
+__device__ __forceinline__ void jsd_terms(Acc x_s, Acc x_t, const JsdRowStats<Acc>& r, Acc inv_t,
+                                          const JsdWeights<Acc>& w, Acc& lp_s, Acc& lp_t, Acc& rt, Acc& rs) {
+  const Acc below_s = x_s - r.max_s, below_t = x_t - r.max_t;
+  lp_s = below_s * inv_t - r.log_sum_s;
+  lp_t = below_t * inv_t - r.log_sum_t;
+  const Acc d = (below_s - below_t) * inv_t + r.log_sum_difference;
+  const bool non_positive = d <= Acc(0);
+  const Acc l = kd_log1p((non_positive ? w.one_minus_beta : w.beta) * kd_expm1(-kd_abs(d)));
+  rt = non_positive ? -l : -d - l;
+  rs = non_positive ? d - l : -l;
+}
+
+// kl_t += sum p_t rt, kl_s += sum p_s rs over the chunk; zero-probability terms are exactly 0.
+template <int N, typename Acc>
+__device__ __forceinline__ void accumulate_jsd_chunk(Acc& kl_t, Acc& kl_s, const Acc (&s)[N], const Acc (&t)[N],
+                                                     const JsdRowStats<Acc>& r, Acc inv_t, const JsdWeights<Acc>& w) {
+  Acc sum_t = Acc(0), sum_s = Acc(0);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    Acc lp_s, lp_t, rt, rs;
+    jsd_terms(s[j], t[j], r, inv_t, w, lp_s, lp_t, rt, rs);
+    const Acc p_s = kd_exp(lp_s), p_t = kd_exp(lp_t);
+    sum_t += p_t > Acc(0) ? p_t * rt : Acc(0);
+    sum_s += p_s > Acc(0) ? p_s * rs : Acc(0);
+  }
+  kl_t += sum_t;
+  kl_s += sum_s;
+}
+
+// Sums (a, b) over `width` consecutive lanes (power of two <= 32, aligned) into the first lane of each group; all
+// 32 lanes must be active.
+template <typename Acc>
+__device__ __forceinline__ void sum_lanes(Acc& a, Acc& b, int width) {
+  for (int offset = 1; offset < width; offset *= 2) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+  }
+}
+
+// Two passes over each row, with the forward's thread layout (group / block mode, same configs):
+//   1. per-side online (max, sum) (SoftmaxPairState), merged so that every thread of the row holds the row's state;
+//   2. the row again (typically from L2), kl_t and kl_s with the final statistics; summed to the row's first thread.
+// Outputs as the KL forward's stats, plus mixture_kl [N, 2] = (kl_t, kl_s) and loss = beta kl_t + (1 - beta) kl_s;
+// a row with either side all -inf gets loss 0 and mixture_kl (0, 0).
+template <typename S, typename T, typename Acc, int VEC, int UNROLL>
+__global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>::value)
+    softmax_jsd_forward_kernel(const S* __restrict__ student, int64_t student_row_stride,
+                               const T* __restrict__ teacher, int64_t teacher_row_stride, int64_t N, int64_t V,
+                               Acc inv_t, Acc k, JsdWeights<Acc> w, int group, Acc* __restrict__ loss,
+                               Acc* __restrict__ stats_student, Acc* __restrict__ stats_teacher,
+                               Acc* __restrict__ mixture_kl) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const bool block_mode = group > 32;
+  int64_t row;
+  int lane;
+  if (block_mode) {
+    row = blockIdx.x;
+    lane = tid;
+  } else {
+    row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + tid / group;
+    lane = tid % group;
+  }
+  const S* s_row = student + row * student_row_stride;
+  const T* t_row = teacher + row * teacher_row_stride;
+
+  // Pass 1.
+  SoftmaxPairState<Acc> st = empty_pair_state<Acc>();
+  if (row < N) accumulate_row<VEC, UNROLL>(st, s_row, t_row, V, lane, group, k);
+  reduce_lanes(st, block_mode ? 32 : group, k);
+  const int warp = tid / 32;
+  const int num_warps = static_cast<int>(blockDim.x) / 32;
+  if (block_mode) {
+    __shared__ Acc stat_partial[4][32];
+    if (tid % 32 == 0) {
+      stat_partial[0][warp] = st.ms;
+      stat_partial[1][warp] = st.ds;
+      stat_partial[2][warp] = st.mt;
+      stat_partial[3][warp] = st.dt;
+    }
+    __syncthreads();
+    const int i = tid % 32;  // every warp merges all partials the same way: all threads get the row's state
+    st = i < num_warps ? SoftmaxPairState<Acc>{stat_partial[0][i], stat_partial[1][i], stat_partial[2][i],
+                                               stat_partial[3][i]}
+                       : empty_pair_state<Acc>();
+    reduce_lanes(st, 32, k);
+  }
+
+  // Pass 2.
+  const Acc neg_inf = -pos_inf<Acc>();
+  const bool empty_row = st.ms == neg_inf || st.mt == neg_inf;  // uniform over the row's threads
+  // log(0) = -inf for an all -inf side (an empty row, never read then)
+  const JsdRowStats<Acc> r{st.ms, kd_log(st.ds), st.mt, kd_log(st.dt), kd_log(st.dt / st.ds)};
+  Acc kl_t = Acc(0), kl_s = Acc(0);
+  if (row < N && !empty_row) {
+    for_each_row_chunk<VEC, UNROLL, Acc>(s_row, t_row, V, lane, group, [&](const auto& s, const auto& t) {
+      accumulate_jsd_chunk(kl_t, kl_s, s, t, r, inv_t, w);
+    });
+  }
+  sum_lanes(kl_t, kl_s, block_mode ? 32 : group);
+  if (block_mode) {
+    __shared__ Acc kl_partial[2][32];
+    if (tid % 32 == 0) {
+      kl_partial[0][warp] = kl_t;
+      kl_partial[1][warp] = kl_s;
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    kl_t = kl_partial[0][0];
+    kl_s = kl_partial[1][0];
+    for (int i = 1; i < num_warps; ++i) {
+      kl_t += kl_partial[0][i];
+      kl_s += kl_partial[1][i];
+    }
+  } else if (lane != 0 || row >= N) {
+    return;
+  }
+
+  Acc* row_stats_s = stats_student + 2 * row;
+  Acc* row_stats_t = stats_teacher + 2 * row;
+  row_stats_s[0] = r.max_s;
+  row_stats_s[1] = r.log_sum_s;
+  row_stats_t[0] = r.max_t;
+  row_stats_t[1] = r.log_sum_t;
+  mixture_kl[2 * row] = kl_t;  // both 0 for an empty row
+  mixture_kl[2 * row + 1] = kl_s;
+  loss[row] = empty_row ? Acc(0) : w.beta * kl_t + w.one_minus_beta * kl_s;
+}
+
+// Backward, elementwise with the KL backward's layout: zeros when g == 0 or either side's max is -inf; else
+//   grad_s = g (1 - beta)/T p_s (rs - kl_s),  grad_t = g beta/T p_t (rt - kl_t),  0 where the p is 0.
+template <typename S, typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kBackwardThreads)
+    softmax_jsd_backward_kernel(const Acc* __restrict__ grad_loss, const S* __restrict__ student,
+                                int64_t student_row_stride, const T* __restrict__ teacher, int64_t teacher_row_stride,
+                                const Acc* __restrict__ stats_student, const Acc* __restrict__ stats_teacher,
+                                const Acc* __restrict__ mixture_kl, int64_t N, int64_t V, Acc inv_t,
+                                JsdWeights<Acc> w, S* __restrict__ grad_student, T* __restrict__ grad_teacher) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= N) return;
+  const Acc g = grad_loss[row];
+  const JsdRowStats<Acc> r{stats_student[2 * row], stats_student[2 * row + 1], stats_teacher[2 * row],
+                           stats_teacher[2 * row + 1], stats_teacher[2 * row + 1] - stats_student[2 * row + 1]};
+  const bool zero = g == Acc(0) || r.max_s == -pos_inf<Acc>() || r.max_t == -pos_inf<Acc>();
+  const Acc kl_t = mixture_kl[2 * row], kl_s = mixture_kl[2 * row + 1];
+  const Acc scale_s = g * w.one_minus_beta * inv_t;
+  const Acc scale_t = g * w.beta * inv_t;
+
+  const S* s_row = student + row * student_row_stride;
+  const T* t_row = teacher + row * teacher_row_stride;
+  S* gs_row = grad_student != nullptr ? grad_student + row * V : nullptr;
+  T* gt_row = grad_teacher != nullptr ? grad_teacher + row * V : nullptr;
+
+  const int64_t units = V / VEC;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  for (int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; unit < units; unit += step) {
+    const int64_t col = unit * VEC;
+    AlignedVec<S, VEC> gs;
+    AlignedVec<T, VEC> gt;
+    if (zero) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        gs.val[j] = Narrow<S>::from(Acc(0));
+        gt.val[j] = Narrow<T>::from(Acc(0));
+      }
+    } else {
+      const AlignedVec<S, VEC> sv = load_vec<S, VEC>(s_row + col);
+      const AlignedVec<T, VEC> tv = load_vec<T, VEC>(t_row + col);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        Acc lp_s, lp_t, rt, rs;
+        jsd_terms(widen(sv.val[j]), widen(tv.val[j]), r, inv_t, w, lp_s, lp_t, rt, rs);
+        const Acc p_s = kd_exp(lp_s), p_t = kd_exp(lp_t);
+        gs.val[j] = Narrow<S>::from(p_s > Acc(0) ? scale_s * p_s * (rs - kl_s) : Acc(0));
+        gt.val[j] = Narrow<T>::from(p_t > Acc(0) ? scale_t * p_t * (rt - kl_t) : Acc(0));
+      }
+    }
+    if (gs_row != nullptr) store_vec<S, VEC>(gs_row + col, gs);
+    if (gt_row != nullptr) store_vec<T, VEC>(gt_row + col, gt);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // Host-side launch helpers (one kernel launch each, on `stream`; the caller checks the launch).
 
 inline int64_t next_pow2(int64_t x) {
@@ -444,14 +758,47 @@ inline ForwardConfig forward_config(int64_t N, int64_t units) {
   return cfg;
 }
 
+// Whether the forwards can use VecWidth<S, T> loads (the V % VEC tail is handled with scalar loads).
+template <typename S, typename T>
+bool forward_vectorised(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
+                        int64_t N) {
+  constexpr int kVec = VecWidth<S, T>::value;
+  return kVec > 1 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
+         (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
+}
+
+// Whether the backwards can use VecWidth<S, T> loads and stores (no tail: V % VEC == 0).
+template <typename S, typename T>
+bool backward_vectorised(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
+                         int64_t N, int64_t V, const S* grad_student, const T* grad_teacher) {
+  constexpr int kVec = VecWidth<S, T>::value;
+  return kVec > 1 && V % kVec == 0 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
+         (grad_student == nullptr || is_aligned(grad_student, kVec * sizeof(S))) &&
+         (grad_teacher == nullptr || is_aligned(grad_teacher, kVec * sizeof(T))) &&
+         (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
+}
+
+struct BackwardConfig {
+  dim3 grid, block;
+};
+
+// (TX, 256 / TX) blocks, TX = min(256, next_pow2(units)); grid (row blocks, min(column tiles, 65535)).
+inline BackwardConfig backward_config(int64_t N, int64_t units) {
+  const int tx = static_cast<int>(clamp64(next_pow2(units), 1, kBackwardThreads));
+  const int ty = kBackwardThreads / tx;
+  BackwardConfig cfg;
+  cfg.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+  cfg.grid = dim3(static_cast<unsigned>((N + ty - 1) / ty), static_cast<unsigned>(clamp64((units + tx - 1) / tx, 1, 65535)));
+  return cfg;
+}
+
 // Requires N >= 1, V >= 1, N < 2^31 (the launcher checks). inv_t = 1/T in Acc.
 template <typename S, typename T, typename Acc>
 void launch_softmax_kl_forward(const S* student, int64_t student_row_stride, const T* teacher,
                                int64_t teacher_row_stride, int64_t N, int64_t V, Acc inv_t, Acc* loss,
                                Acc* stats_student, Acc* stats_teacher, cudaStream_t stream) {
   constexpr int kVec = VecWidth<S, T>::value;
-  const bool vectorised = kVec > 1 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
-                          (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
+  const bool vectorised = forward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N);
   const Acc k = inv_t * log2e<Acc>();
   if (vectorised) {
     const ForwardConfig cfg = forward_config(N, (V + kVec - 1) / kVec);
@@ -474,25 +821,63 @@ void launch_softmax_kl_backward(const Acc* grad_loss, const S* student, int64_t 
                                 const Acc* loss, int64_t N, int64_t V, Acc inv_t, S* grad_student, T* grad_teacher,
                                 cudaStream_t stream) {
   constexpr int kVec = VecWidth<S, T>::value;
-  const bool vectorised =
-      kVec > 1 && V % kVec == 0 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
-      (grad_student == nullptr || is_aligned(grad_student, kVec * sizeof(S))) &&
-      (grad_teacher == nullptr || is_aligned(grad_teacher, kVec * sizeof(T))) &&
-      (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
-  const int vec = vectorised ? kVec : 1;
-  const int64_t units = V / vec;
-  const int tx = static_cast<int>(clamp64(next_pow2(units), 1, kBackwardThreads));
-  const int ty = kBackwardThreads / tx;
-  const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  const dim3 grid(static_cast<unsigned>((N + ty - 1) / ty), static_cast<unsigned>(clamp64((units + tx - 1) / tx, 1, 65535)));
+  const bool vectorised = backward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N, V,
+                                              grad_student, grad_teacher);
+  const BackwardConfig cfg = backward_config(N, V / (vectorised ? kVec : 1));
   if (vectorised) {
-    softmax_kl_backward_kernel<S, T, Acc, kVec><<<grid, block, 0, stream>>>(
+    softmax_kl_backward_kernel<S, T, Acc, kVec><<<cfg.grid, cfg.block, 0, stream>>>(
         grad_loss, student, student_row_stride, teacher, teacher_row_stride, stats_student, stats_teacher, loss, N, V,
         inv_t, grad_student, grad_teacher);
   } else {
-    softmax_kl_backward_kernel<S, T, Acc, 1><<<grid, block, 0, stream>>>(
+    softmax_kl_backward_kernel<S, T, Acc, 1><<<cfg.grid, cfg.block, 0, stream>>>(
         grad_loss, student, student_row_stride, teacher, teacher_row_stride, stats_student, stats_teacher, loss, N, V,
         inv_t, grad_student, grad_teacher);
+  }
+}
+
+// softmax_jsd forward: the KL forward's configuration (forward_config, vector width, UNROLL). Requires N >= 1,
+// V >= 1, N < 2^31, 0 < beta < 1 (the launcher checks). inv_t = 1/T in Acc.
+template <typename S, typename T, typename Acc>
+void launch_softmax_jsd_forward(const S* student, int64_t student_row_stride, const T* teacher,
+                                int64_t teacher_row_stride, int64_t N, int64_t V, Acc inv_t, double beta, Acc* loss,
+                                Acc* stats_student, Acc* stats_teacher, Acc* mixture_kl, cudaStream_t stream) {
+  constexpr int kVec = VecWidth<S, T>::value;
+  const bool vectorised = forward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N);
+  const Acc k = inv_t * log2e<Acc>();
+  const JsdWeights<Acc> w = jsd_weights<Acc>(beta);
+  if (vectorised) {
+    const ForwardConfig cfg = forward_config(N, (V + kVec - 1) / kVec);
+    softmax_jsd_forward_kernel<S, T, Acc, kVec, 2><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+        student, student_row_stride, teacher, teacher_row_stride, N, V, inv_t, k, w, cfg.group, loss, stats_student,
+        stats_teacher, mixture_kl);
+  } else {
+    const ForwardConfig cfg = forward_config(N, V);
+    softmax_jsd_forward_kernel<S, T, Acc, 1, 4><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+        student, student_row_stride, teacher, teacher_row_stride, N, V, inv_t, k, w, cfg.group, loss, stats_student,
+        stats_teacher, mixture_kl);
+  }
+}
+
+// softmax_jsd backward: the KL backward's configuration. Same requirements as launch_softmax_kl_backward, and
+// 0 < beta < 1; mixture_kl is the forward's [N, 2] output.
+template <typename S, typename T, typename Acc>
+void launch_softmax_jsd_backward(const Acc* grad_loss, const S* student, int64_t student_row_stride, const T* teacher,
+                                 int64_t teacher_row_stride, const Acc* stats_student, const Acc* stats_teacher,
+                                 const Acc* mixture_kl, int64_t N, int64_t V, Acc inv_t, double beta, S* grad_student,
+                                 T* grad_teacher, cudaStream_t stream) {
+  constexpr int kVec = VecWidth<S, T>::value;
+  const bool vectorised = backward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N, V,
+                                              grad_student, grad_teacher);
+  const BackwardConfig cfg = backward_config(N, V / (vectorised ? kVec : 1));
+  const JsdWeights<Acc> w = jsd_weights<Acc>(beta);
+  if (vectorised) {
+    softmax_jsd_backward_kernel<S, T, Acc, kVec><<<cfg.grid, cfg.block, 0, stream>>>(
+        grad_loss, student, student_row_stride, teacher, teacher_row_stride, stats_student, stats_teacher, mixture_kl,
+        N, V, inv_t, w, grad_student, grad_teacher);
+  } else {
+    softmax_jsd_backward_kernel<S, T, Acc, 1><<<cfg.grid, cfg.block, 0, stream>>>(
+        grad_loss, student, student_row_stride, teacher, teacher_row_stride, stats_student, stats_teacher, mixture_kl,
+        N, V, inv_t, w, grad_student, grad_teacher);
   }
 }
 
@@ -503,8 +888,8 @@ void launch_softmax_kl_backward(const Acc* grad_loss, const S* student, int64_t 
 
 // ------------------------------------------------------------------------------------------------------------------
 // Standalone compile check (CMake builds a .cu that defines this and includes this header, with plain nvcc).
-// Instantiating the two launch helpers for every (student, teacher) type pair the launcher dispatches to
-// instantiates every kernel the launcher can launch (vector and scalar variants of both kernels); the kernels are
+// Instantiating the four launch helpers for every (student, teacher) type pair the launcher dispatches to
+// instantiates every kernel the launcher can launch (vector and scalar variants of all four kernels); the kernels are
 // also instantiated explicitly below so that a kernel the helpers stopped using would still be compiled.
 #ifdef KDKERNELS_STANDALONE_INSTANTIATE
 #define KDKERNELS_SOFTMAX_KL_INSTANTIATE(S, T, ACC)                                                                    \
@@ -524,7 +909,26 @@ void launch_softmax_kl_backward(const Acc* grad_loss, const S* student, int64_t 
                                                                       int64_t, ACC, S*, T*);                          \
   template __global__ void kdkernels::softmax_kl_cuda::softmax_kl_backward_kernel<S, T, ACC, 1>(                      \
       const ACC*, const S*, int64_t, const T*, int64_t, const ACC*, const ACC*, const ACC*, int64_t, int64_t, ACC,    \
-      S*, T*);
+      S*, T*);                                                                                                         \
+  template void kdkernels::softmax_kl_cuda::launch_softmax_jsd_forward<S, T, ACC>(                                     \
+      const S*, int64_t, const T*, int64_t, int64_t, int64_t, ACC, double, ACC*, ACC*, ACC*, ACC*, cudaStream_t);    \
+  template void kdkernels::softmax_kl_cuda::launch_softmax_jsd_backward<S, T, ACC>(                                    \
+      const ACC*, const S*, int64_t, const T*, int64_t, const ACC*, const ACC*, const ACC*, int64_t, int64_t, ACC,   \
+      double, S*, T*, cudaStream_t);                                                                                   \
+  template __global__ void kdkernels::softmax_kl_cuda::softmax_jsd_forward_kernel<                                    \
+      S, T, ACC, kdkernels::softmax_kl_cuda::VecWidth<S, T>::value, 2>(                                                \
+      const S*, int64_t, const T*, int64_t, int64_t, int64_t, ACC, ACC, kdkernels::softmax_kl_cuda::JsdWeights<ACC>, \
+      int, ACC*, ACC*, ACC*, ACC*);                                                                                    \
+  template __global__ void kdkernels::softmax_kl_cuda::softmax_jsd_forward_kernel<S, T, ACC, 1, 4>(                   \
+      const S*, int64_t, const T*, int64_t, int64_t, int64_t, ACC, ACC, kdkernels::softmax_kl_cuda::JsdWeights<ACC>, \
+      int, ACC*, ACC*, ACC*, ACC*);                                                                                    \
+  template __global__ void kdkernels::softmax_kl_cuda::softmax_jsd_backward_kernel<                                   \
+      S, T, ACC, kdkernels::softmax_kl_cuda::VecWidth<S, T>::value>(                                                   \
+      const ACC*, const S*, int64_t, const T*, int64_t, const ACC*, const ACC*, const ACC*, int64_t, int64_t, ACC,   \
+      kdkernels::softmax_kl_cuda::JsdWeights<ACC>, S*, T*);                                                            \
+  template __global__ void kdkernels::softmax_kl_cuda::softmax_jsd_backward_kernel<S, T, ACC, 1>(                     \
+      const ACC*, const S*, int64_t, const T*, int64_t, const ACC*, const ACC*, const ACC*, int64_t, int64_t, ACC,   \
+      kdkernels::softmax_kl_cuda::JsdWeights<ACC>, S*, T*);
 
 KDKERNELS_SOFTMAX_KL_INSTANTIATE(float, float, float)
 KDKERNELS_SOFTMAX_KL_INSTANTIATE(float, __half, float)

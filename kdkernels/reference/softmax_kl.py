@@ -27,6 +27,8 @@ kernels' hand-written backward. Accumulation is in float32 for half/bfloat16/flo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -69,3 +71,42 @@ def eager_hinton_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     log_p_s = torch.log_softmax(student / temperature, dim=-1)
     log_p_t = torch.log_softmax(teacher / temperature, dim=-1)
     return torch.nn.functional.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def softmax_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
+    """Per-row generalised (β-skew) Jensen-Shannon divergence of GKD-style distillation, 0 < β < 1::
+
+        p_s = softmax(s/T),  p_t = softmax(t/T),  log m = logaddexp(log β + log p_t, log(1-β) + log p_s)
+        jsd = β KL(p_t || m) + (1-β) KL(p_s || m)
+
+    The mixture is formed in log space, so nothing underflows to NaN however small both probabilities are
+    (Liger-Kernel #1453). Terms with zero probability contribute exactly 0; a row in which either input is
+    entirely ``-inf`` is empty (loss 0, gradient 0). Gradients (``g`` upstream, both KLs per row)::
+
+        d jsd / d s[j] = g (1-β)/T p_s[j] (log p_s[j] - log m[j] - KL(p_s || m))
+        d jsd / d t[j] = g β/T     p_t[j] (log p_t[j] - log m[j] - KL(p_t || m))
+
+    β = 0 and β = 1 are not defined here (the divergence vanishes there); ``kd_loss`` maps them to forward and
+    reverse KL, as Liger-Kernel and TRL do.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for the JSD rows, got {beta}")
+    acc = accumulation_dtype(student, teacher)
+    a = student.to(acc) / temperature
+    b = teacher.to(acc) / temperature
+    neg_inf = float("-inf")
+    empty = (b == neg_inf).all(dim=-1, keepdim=True) | (a == neg_inf).all(dim=-1, keepdim=True)
+    a = torch.where(empty, torch.zeros_like(a), a)
+    b = torch.where(empty, torch.zeros_like(b), b)
+    log_p_s = a - torch.logsumexp(a, dim=-1, keepdim=True)
+    log_p_t = b - torch.logsumexp(b, dim=-1, keepdim=True)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    zero = torch.zeros_like(p_s)
+    # Where both probabilities are 0 the mixture term is discarded; safe inputs keep logaddexp's backward NaN-free.
+    both_zero = (p_s == 0) & (p_t == 0)
+    log_m = torch.logaddexp(torch.where(both_zero, zero, log_p_t) + math.log(beta),
+                            torch.where(both_zero, zero, log_p_s) + math.log1p(-beta))
+    kl_t = (p_t * torch.where(p_t > 0, log_p_t - log_m, zero)).sum(dim=-1)
+    kl_s = (p_s * torch.where(p_s > 0, log_p_s - log_m, zero)).sum(dim=-1)
+    rows = beta * kl_t + (1.0 - beta) * kl_s
+    return torch.where(empty.squeeze(-1), torch.zeros_like(rows), rows)
