@@ -34,3 +34,13 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
 def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit):
         cli.main(["distil"])
+
+
+def test_bench_jsd_mode_matches_the_eager_gkd_formula(tmp_path):
+    code = cli.main(["bench", "--quick", "--no-compile", "--divergence", "jsd", "--beta", "0.3", "--shapes", "48x300",
+                     "--out", str(tmp_path)])
+    assert code == 0  # non-zero when a kdkernels row errors or disagrees with the eager formula
+    result = json.loads((tmp_path / "jsd_loss.json").read_text())
+    assert result["metadata"]["divergence"] == "jsd" and result["metadata"]["beta"] == 0.3
+    rows = {r["impl"].split(" ")[0]: r for r in result["records"]}
+    assert rows["kdkernels:auto"]["accuracy_warning"] is None and rows["eager"]["status"] == "ok"

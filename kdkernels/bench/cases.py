@@ -10,11 +10,10 @@ import time
 
 import torch
 
-from kdkernels.bench.impls import DTYPES, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend
+from kdkernels.bench.impls import DTYPES, benched_loss, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend
 from kdkernels.bench.memory import measure_peak_mb
 from kdkernels.bench.report import fmt, short_error
 from kdkernels.bench.timing import QUANTILES, quantile, time_cpu, time_cuda
-from kdkernels.reference.softmax_kl import eager_hinton_kd
 
 
 def _sync(device: torch.device) -> None:
@@ -29,6 +28,7 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
     u = n * v * itemsize
     student, teacher = make_inputs(n, v, dtype, device)
 
+    benched = benched_loss(cfg.divergence, cfg.beta)
     impls: list[tuple[str, str | None]] = [("eager", None)]
     if not cfg.no_compile:
         impls.append(("compile", None))
@@ -49,8 +49,8 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
             compiled = None
             if impl == "compile":
                 torch._dynamo.reset()  # one compiled graph per (shape, dtype); keeps clear of the recompile limit
-                compiled = torch.compile(eager_hinton_kd, dynamic=False)
-            fn = make_loss_fn(impl, backend, cfg.temperature, compiled)
+                compiled = torch.compile(benched.eager, dynamic=False)
+            fn = make_loss_fn(impl, backend, cfg.temperature, compiled, benched)
 
             def step(fn=fn):
                 fn(student, teacher).backward()

@@ -2,16 +2,31 @@
 ``torch.compile`` of the eager loss, as loss functions of (student, teacher); and the random inputs."""
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import torch
 
 import kdkernels
 from kdkernels import backends as _backends
-from kdkernels.reference.softmax_kl import eager_hinton_kd
+from kdkernels.reference.softmax_kl import eager_generalized_jsd, eager_hinton_kd
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 IMPL_ORDER = ("eager", "compile")  # then the kdkernels:* rows
+
+
+class BenchedLoss(NamedTuple):
+    """The loss a run measures: its name (title and file stem), its eager formula and kd_loss's arguments for it."""
+    name: str
+    eager: Callable
+    kd_loss_kwargs: dict
+
+
+def benched_loss(divergence: str, beta: float) -> BenchedLoss:
+    if divergence == "jsd":
+        return BenchedLoss("jsd_loss", functools.partial(eager_generalized_jsd, beta=beta),
+                           {"divergence": "jsd", "beta": beta, "scale_by_t2": False})  # GKD has no T^2
+    return BenchedLoss("kd_loss", eager_hinton_kd, {})
 
 
 def kdkernels_impls(device: torch.device, requested: list[str] | None, sample: torch.Tensor) -> list[tuple[str, str]]:
@@ -29,12 +44,13 @@ def kdkernels_impls(device: torch.device, requested: list[str] | None, sample: t
     return impls
 
 
-def make_loss_fn(impl: str, backend: str | None, temperature: float, compiled: Callable | None) -> Callable:
+def make_loss_fn(impl: str, backend: str | None, temperature: float, compiled: Callable | None,
+                 loss: BenchedLoss) -> Callable:
     if impl == "eager":
-        return lambda s, t: eager_hinton_kd(s, t, temperature)
+        return lambda s, t: loss.eager(s, t, temperature)
     if impl == "compile":
         return lambda s, t: compiled(s, t, temperature)
-    return lambda s, t: kdkernels.kd_loss(s, t, temperature, backend=backend)
+    return lambda s, t: kdkernels.kd_loss(s, t, temperature, backend=backend, **loss.kd_loss_kwargs)
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available, else cpu")
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--divergence", choices=("forward", "jsd"), default="forward",
+                   help="forward: Hinton KD vs the mdistiller eager formula (kd_loss.*); jsd: generalised JSD vs "
+                        "TRL's eager generalized_jsd_loss (jsd_loss.*)")
+    p.add_argument("--beta", type=float, default=0.5, help="the JSD skew (with --divergence jsd)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--target-time", type=float, default=None,
                    help="CPU: seconds of timed calls per (shape, dtype, impl) (default 2.0; --quick 0.05)")

@@ -50,7 +50,7 @@ def plot(meta: dict, records: list[dict], path: Path) -> None:
         ax.set_title(dtype)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"kd_loss fwd+bwd, T={meta['temperature']}: {meta['device']} (torch {meta['torch_version']})"
+    fig.suptitle(f"{meta['benchmark']}, T={meta['temperature']}: {meta['device']} (torch {meta['torch_version']})"
                  "\nlabels: speed-up vs eager", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

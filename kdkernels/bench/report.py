@@ -13,6 +13,7 @@ import torch
 
 import kdkernels
 from kdkernels.bench.device import cpu_model, device_name, sanitize, usable_cores
+from kdkernels.bench.impls import benched_loss
 from kdkernels.bench.memory import CUDA_MEMORY_METHOD, cpu_peak_supported
 from kdkernels.bench.timing import QUANTILES
 
@@ -39,7 +40,7 @@ def _impl_label(rec: dict) -> str:
 def markdown_table(meta: dict, records: list[dict]) -> str:
     show_pct = any(r.get("pct_of_3U_floor") is not None for r in records)
     lines = [
-        f"# kd_loss forward+backward: {meta['device']}",
+        f"# {meta['benchmark']}: {meta['device']}",
         "",
         f"torch {meta['torch_version']}, triton {meta['triton_version'] or '-'}, kdkernels {meta['kdkernels_version']}"
         f", {meta['threads']} threads, T = {meta['temperature']}, {meta['date_utc']}",
@@ -107,7 +108,9 @@ def metadata(device: torch.device, cfg: argparse.Namespace, argv: list[str]) -> 
     name = device_name(device)
     meta = {
         "schema_version": SCHEMA_VERSION,
-        "benchmark": "kd_loss forward+backward",
+        "benchmark": f"{benched_loss(cfg.divergence, cfg.beta).name} forward+backward",
+        "divergence": cfg.divergence,
+        "beta": cfg.beta if cfg.divergence == "jsd" else None,
         "device": name,
         "device_dir": sanitize(name),
         "device_type": device.type,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kdkernels.bench.cases import bench_case
+from kdkernels.bench.impls import benched_loss
 from kdkernels.bench.device import default_results_root
 from kdkernels.bench.options import DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES, build_parser
 from kdkernels.bench.plot import plot
@@ -71,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kd_loss.json").write_text(to_json({"metadata": meta, "records": records}))
-    (out / "kd_loss.md").write_text(table)
-    written = ["kd_loss.json", "kd_loss.md"]
+    stem = benched_loss(cfg.divergence, cfg.beta).name
+    (out / f"{stem}.json").write_text(to_json({"metadata": meta, "records": records}))
+    (out / f"{stem}.md").write_text(table)
+    written = [f"{stem}.json", f"{stem}.md"]
     if not cfg.no_plot:
         try:
-            plot(meta, records, out / "kd_loss.png")
-            written.append("kd_loss.png")
+            plot(meta, records, out / f"{stem}.png")
+            written.append(f"{stem}.png")
         except Exception as exc:  # noqa: BLE001  (no matplotlib: the numbers are still written)
             print(f"kdkernels bench: no plot ({short_error(exc)})", file=sys.stderr)
     print(f"wrote {', '.join(str(out / w) for w in written)} ({meta['wall_s']} s)")

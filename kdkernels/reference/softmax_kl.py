@@ -110,3 +110,15 @@ def softmax_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     kl_s = (p_s * torch.where(p_s > 0, log_p_s - log_m, zero)).sum(dim=-1)
     rows = beta * kl_t + (1.0 - beta) * kl_s
     return torch.where(empty.squeeze(-1), torch.zeros_like(rows), rows)
+
+
+def eager_generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                          beta: float) -> torch.Tensor:
+    """Generalised JSD as TRL's GKD trainer writes it in eager PyTorch (``generalized_jsd_loss``, batchmean): the
+    log-mixture by ``logsumexp`` over stacked log-probabilities, then two ``kl_div`` calls. The benchmark baseline."""
+    log_p_s = torch.log_softmax(student / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p_s + math.log1p(-beta), log_p_t + math.log(beta)]), dim=0)
+    kl_teacher = torch.nn.functional.kl_div(log_m, log_p_t, reduction="none", log_target=True)
+    kl_student = torch.nn.functional.kl_div(log_m, log_p_s, reduction="none", log_target=True)
+    return (beta * kl_teacher + (1 - beta) * kl_student).sum() / student.shape[0]
