@@ -21,8 +21,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TIMING_ROUNDS = 3  # CPU: timed calls are split into rounds that alternate between implementations
+
+
 def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argparse.Namespace) -> list[dict]:
-    """All implementations for one (shape, dtype): a list of measurement records."""
+    """All implementations for one (shape, dtype): a list of measurement records.
+
+    Each implementation first runs once (compiling, checked against eager) and has its peak memory measured. On CPU
+    the timed calls then alternate between implementations in TIMING_ROUNDS rounds, so that a slowdown of the
+    shared machine lasting a few seconds falls on all of them rather than skewing one ratio."""
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     u = n * v * itemsize
@@ -34,8 +41,12 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
         impls.append(("compile", None))
     impls += kdkernels_impls(device, cfg.backends, student.detach())
 
+    def reset():
+        student.grad = None
+
     ref_loss, ref_grad = None, None
-    records = []
+    records, steps = [], {}
+    torch._dynamo.reset()  # one compiled graph per (shape, dtype); keeps clear of the recompile limit
     for impl, backend in impls:
         rec = {
             "shape": [n, v], "N": n, "V": v, "dtype": dtype_name, "impl": impl,
@@ -43,31 +54,23 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
             "temperature": cfg.temperature, "status": "ok", "error": None,
             "bytes_U": u, "bytes_floor_5U": 5 * u, "bytes_floor_3U": 3 * u,
         }
-        print(f"  {n}x{v} {dtype_name:>4} {impl:<18}", end=" ", flush=True)
-        wall0 = time.perf_counter()
+        records.append(rec)
         try:
-            compiled = None
-            if impl == "compile":
-                torch._dynamo.reset()  # one compiled graph per (shape, dtype); keeps clear of the recompile limit
-                compiled = torch.compile(benched.eager, dynamic=False)
+            compiled = torch.compile(benched.eager, dynamic=False) if impl == "compile" else None
             fn = make_loss_fn(impl, backend, cfg.temperature, compiled, benched)
 
             def step(fn=fn):
                 fn(student, teacher).backward()
 
-            def reset():
-                student.grad = None
-
-            # 1. first call: compiles (torch.compile), checks the result against eager, estimates the cost
+            # 1. first call: compiles (torch.compile), checks the result against eager
             reset()
             _sync(device)
             t0 = time.perf_counter()
             loss = fn(student, teacher)
             loss.backward()
             _sync(device)
-            first_s = time.perf_counter() - t0
             if impl == "compile":
-                rec["compile_s"] = first_s
+                rec["compile_s"] = time.perf_counter() - t0
             loss_value = float(loss.detach().float())
             rec["loss"] = loss_value
             rec["finite"] = bool(math.isfinite(loss_value) and torch.isfinite(student.grad).all().item())
@@ -79,53 +82,54 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
                 rec["grad_max_abs_eager"] = float(ref_grad.float().abs().max())
             del loss
             reset()
-
             # 2. peak memory of one call (after the first, so that one-time costs are excluded)
             rec["peak_extra_mb"] = measure_peak_mb(step, device) if cfg.memory else None
             reset()
-
-            # 3. timing
-            if device.type == "cuda":
-                _sync(device)
-                t0 = time.perf_counter()
-                step()
-                _sync(device)
-                estimate_ms = (time.perf_counter() - t0) * 1e3
-                reset()
-                times, method = time_cuda(step, student, estimate_ms=estimate_ms, warmup_ms=cfg.warmup_ms,
-                                          rep_ms=cfg.rep_ms, min_reps=cfg.min_reps)
-                rec["timing_method"] = method
-                rec["warmup_calls"] = None
-            else:
-                times, n_warm = time_cpu(step, reset, target_s=cfg.target_time, warmup_s=cfg.warmup_time,
-                                         min_reps=cfg.min_reps, max_reps=cfg.max_reps)
-                rec["timing_method"] = "time.perf_counter around one fwd+bwd call"
-                rec["warmup_calls"] = n_warm
-            reset()
-            raw = "no raw times" not in rec["timing_method"]
-            rec["times_ms"] = times if raw else None
-            rec["reps"] = len(times) if raw else None
-            if raw:
-                rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = (quantile(times, q) for q in QUANTILES)
-                rec["mean_ms"], rec["min_ms"], rec["max_ms"] = statistics.fmean(times), min(times), max(times)
-            else:
-                rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = times
-            rec["gbps_5U"] = 5 * u / (rec["median_ms"] * 1e-3) / 1e9
-            rec["gbps_3U"] = 3 * u / (rec["median_ms"] * 1e-3) / 1e9
-            if cfg.peak_gbps:
-                rec["pct_of_3U_floor"] = 100.0 * (3 * u / (cfg.peak_gbps * 1e9) * 1e3) / rec["median_ms"]
-            print(f"median {rec['median_ms']:10.3f} ms  p20 {rec['p20_ms']:10.3f}  p80 {rec['p80_ms']:10.3f}  "
-                  f"reps {rec['reps']}  peak {fmt(rec['peak_extra_mb'], '.1f')} MB  "
-                  f"({time.perf_counter() - wall0:.1f} s)", flush=True)
+            steps[impl] = step
         except Exception as exc:  # noqa: BLE001  (a failing implementation is recorded, the run goes on)
-            rec["status"] = "error"
-            rec["error"] = short_error(exc)
-            student.grad = None
-            print(f"ERROR {rec['error'].splitlines()[0][:200]}", flush=True)
-        finally:
-            if impl == "compile":
-                torch._dynamo.reset()
-        records.append(rec)
+            _record_error(rec, exc)
+            reset()
+
+    # 3. timing
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    started = {impl: time.perf_counter() for impl in steps}
+    rounds = 1 if device.type == "cuda" else TIMING_ROUNDS
+    for round_index in range(rounds):
+        for impl, step in list(steps.items()):
+            rec = next(r for r in records if r["impl"] == impl)
+            try:
+                if device.type == "cuda":
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(device)
+                    estimate_ms = (time.perf_counter() - t0) * 1e3
+                    reset()
+                    times[impl], rec["timing_method"] = time_cuda(
+                        step, student, estimate_ms=estimate_ms, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
+                        min_reps=cfg.min_reps)
+                    rec["warmup_calls"] = None
+                else:
+                    round_times, n_warm = time_cpu(
+                        step, reset, target_s=cfg.target_time / rounds,
+                        warmup_s=cfg.warmup_time if round_index == 0 else 0.0,
+                        min_reps=math.ceil(cfg.min_reps / rounds), max_reps=math.ceil(cfg.max_reps / rounds))
+                    times[impl] += round_times
+                    rec["timing_method"] = (f"time.perf_counter around one fwd+bwd call, in {rounds} rounds "
+                                            "alternating between implementations")
+                    rec["warmup_calls"] = rec.get("warmup_calls", 0) + n_warm
+                reset()
+            except Exception as exc:  # noqa: BLE001
+                _record_error(rec, exc)
+                del steps[impl]
+                reset()
+    for impl in steps:
+        rec = next(r for r in records if r["impl"] == impl)
+        _summarise_times(rec, times[impl], u, cfg)
+        print(f"  {n}x{v} {dtype_name:>4} {impl:<18} median {rec['median_ms']:10.3f} ms  p20 {rec['p20_ms']:10.3f}  "
+              f"p80 {rec['p80_ms']:10.3f}  reps {rec['reps']}  peak {fmt(rec['peak_extra_mb'], '.1f')} MB  "
+              f"({time.perf_counter() - started[impl]:.1f} s)", flush=True)
+    torch._dynamo.reset()
 
     _check_accuracy(records)
     _add_speedups(records)
@@ -134,6 +138,28 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return records
+
+
+def _record_error(rec: dict, exc: BaseException) -> None:
+    rec["status"] = "error"
+    rec["error"] = short_error(exc)
+    print(f"  {rec['N']}x{rec['V']} {rec['dtype']:>4} {rec['impl']:<18} ERROR {rec['error'].splitlines()[0][:200]}",
+          flush=True)
+
+
+def _summarise_times(rec: dict, times, u: int, cfg: argparse.Namespace) -> None:
+    raw = "no raw times" not in rec["timing_method"]
+    rec["times_ms"] = times if raw else None
+    rec["reps"] = len(times) if raw else None
+    if raw:
+        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = (quantile(times, q) for q in QUANTILES)
+        rec["mean_ms"], rec["min_ms"], rec["max_ms"] = statistics.fmean(times), min(times), max(times)
+    else:
+        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = times
+    rec["gbps_5U"] = 5 * u / (rec["median_ms"] * 1e-3) / 1e9
+    rec["gbps_3U"] = 3 * u / (rec["median_ms"] * 1e-3) / 1e9
+    if cfg.peak_gbps:
+        rec["pct_of_3U_floor"] = 100.0 * (3 * u / (cfg.peak_gbps * 1e9) * 1e3) / rec["median_ms"]
 
 
 def _check_accuracy(records: list[dict]) -> None:

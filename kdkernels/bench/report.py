@@ -138,9 +138,9 @@ def metadata(device: torch.device, cfg: argparse.Namespace, argv: list[str]) -> 
         meta["cpu_model"] = cpu_model()
         meta["usable_cores"] = usable_cores()
         meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        meta["timing"] = (f"time.perf_counter per fwd+bwd call, warm-up >= {cfg.warmup_time} s, reps = "
-                          f"{cfg.target_time} s / estimate clamped to [{cfg.min_reps}, {cfg.max_reps}] (stopping after "
-                          f"{4 * cfg.target_time:g} s once {cfg.min_reps} are done), "
+        meta["timing"] = (f"time.perf_counter per fwd+bwd call in 3 rounds alternating between implementations, "
+                          f"each round {cfg.target_time / 3:g} s of calls after its warm-up (>= {cfg.warmup_time} s in "
+                          f"the first), reps clamped to [{cfg.min_reps}, {cfg.max_reps}] in all, "
                           "student.grad = None between calls, gc disabled")
         supported, why = cpu_peak_supported()
         meta["memory_method"] = (why if supported else f"unavailable: {why}") if cfg.memory else "disabled"
