@@ -13,15 +13,12 @@ import torch
 from kdkernels.bench.impls import DTYPES, benched_loss, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend
 from kdkernels.bench.memory import measure_peak_mb
 from kdkernels.bench.report import fmt, short_error
-from kdkernels.bench.timing import QUANTILES, quantile, time_cpu, time_cuda
+from kdkernels.bench.timing import QUANTILES, TIMING_ROUNDS, quantile, time_cpu, time_cuda
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-TIMING_ROUNDS = 3  # CPU: timed calls are split into rounds that alternate between implementations
 
 
 def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argparse.Namespace) -> list[dict]:

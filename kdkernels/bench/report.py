@@ -15,7 +15,7 @@ import kdkernels
 from kdkernels.bench.device import cpu_model, device_name, sanitize, usable_cores
 from kdkernels.bench.impls import benched_loss
 from kdkernels.bench.memory import CUDA_MEMORY_METHOD, cpu_peak_supported
-from kdkernels.bench.timing import QUANTILES
+from kdkernels.bench.timing import QUANTILES, TIMING_ROUNDS
 
 SCHEMA_VERSION = 1
 FLOOR_NOTE = ("GB/s = 5U / median time, U = N*V*itemsize: the fwd+bwd bytes-moved floor of a two-pass fused kernel "
@@ -138,8 +138,8 @@ def metadata(device: torch.device, cfg: argparse.Namespace, argv: list[str]) -> 
         meta["cpu_model"] = cpu_model()
         meta["usable_cores"] = usable_cores()
         meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        meta["timing"] = (f"time.perf_counter per fwd+bwd call in 3 rounds alternating between implementations, "
-                          f"each round {cfg.target_time / 3:g} s of calls after its warm-up (>= {cfg.warmup_time} s in "
+        meta["timing"] = (f"time.perf_counter per fwd+bwd call in {TIMING_ROUNDS} rounds alternating between "
+                          f"implementations, each round {cfg.target_time / TIMING_ROUNDS:g} s of calls after its warm-up (>= {cfg.warmup_time} s in "
                           f"the first), reps clamped to [{cfg.min_reps}, {cfg.max_reps}] in all, "
                           "student.grad = None between calls, gc disabled")
         supported, why = cpu_peak_supported()

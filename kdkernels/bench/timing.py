@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
+TIMING_ROUNDS = 3  # CPU: timed calls are split into rounds that alternate between implementations
 
 
 def quantile(values: list[float], q: float) -> float:
