@@ -459,27 +459,15 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
 // ----------------------------------------------------------------------------------------------------------------
 // Backward: block (TX, TY), row = blockIdx.x * TY + threadIdx.y, units blockIdx.y * TX + threadIdx.x (+ tiles).
 // grad_student / grad_teacher are contiguous [N, V] or nullptr when not requested.
-template <typename S, typename T, typename Acc, int VEC>
-__global__ void __launch_bounds__(kBackwardThreads)
-    softmax_kl_backward_kernel(const Acc* __restrict__ grad_loss, const S* __restrict__ student,
-                               int64_t student_row_stride, const T* __restrict__ teacher, int64_t teacher_row_stride,
-                               const Acc* __restrict__ stats_student, const Acc* __restrict__ stats_teacher,
-                               const Acc* __restrict__ loss, int64_t N, int64_t V, Acc inv_t,
-                               S* __restrict__ grad_student, T* __restrict__ grad_teacher) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= N) return;
-  const Acc neg_inf = -pos_inf<Acc>();
-  const Acc g = grad_loss[row];
-  const Acc max_t = stats_teacher[2 * row];
-  const Acc log_sum_t = stats_teacher[2 * row + 1];
-  const bool zero_row = g == Acc(0) || max_t == neg_inf;
-  const Acc max_s = stats_student[2 * row];
-  const Acc log_sum_s = stats_student[2 * row + 1];
-  const bool student_empty = max_s == neg_inf;  // then p_s = 0 (and x_s = -inf)
-  const Acc row_loss = loss[row];
-  const Acc scale = g * inv_t;
-  const Acc l2e = log2e<Acc>();
 
+// The elementwise backward of one row, shared by the ops: writes zeros when `zero_row`, else for every entry
+// element(x_s, x_t, grad_s, grad_t) with the widened logits, then narrows and stores the requested gradients.
+template <typename S, typename T, typename Acc, int VEC, typename Element>
+__device__ __forceinline__ void backward_row_elementwise(int64_t row, const S* __restrict__ student,
+                                                         int64_t student_row_stride, const T* __restrict__ teacher,
+                                                         int64_t teacher_row_stride, int64_t V, bool zero_row,
+                                                         S* __restrict__ grad_student, T* __restrict__ grad_teacher,
+                                                         Element element) {
   const S* s_row = student + row * student_row_stride;
   const T* t_row = teacher + row * teacher_row_stride;
   S* gs_row = grad_student != nullptr ? grad_student + row * V : nullptr;
@@ -502,17 +490,47 @@ __global__ void __launch_bounds__(kBackwardThreads)
       const AlignedVec<T, VEC> tv = load_vec<T, VEC>(t_row + col);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const Acc x_s = student_empty ? neg_inf : (widen(sv.val[j]) - max_s) * inv_t - log_sum_s;  // log p_s
-        const Acc x_t = (widen(tv.val[j]) - max_t) * inv_t - log_sum_t;                            // log p_t
-        const Acc p_s = kd_exp2(x_s * l2e);
-        const Acc p_t = kd_exp2(x_t * l2e);
-        gs.val[j] = Narrow<S>::from(scale * (p_s - p_t));
-        gt.val[j] = Narrow<T>::from(p_t == Acc(0) ? Acc(0) : scale * p_t * (x_t - x_s - row_loss));
+        Acc grad_s, grad_t;
+        element(widen(sv.val[j]), widen(tv.val[j]), grad_s, grad_t);
+        gs.val[j] = Narrow<S>::from(grad_s);
+        gt.val[j] = Narrow<T>::from(grad_t);
       }
     }
     if (gs_row != nullptr) store_vec<S, VEC>(gs_row + col, gs);
     if (gt_row != nullptr) store_vec<T, VEC>(gt_row + col, gt);
   }
+}
+
+template <typename S, typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kBackwardThreads)
+    softmax_kl_backward_kernel(const Acc* __restrict__ grad_loss, const S* __restrict__ student,
+                               int64_t student_row_stride, const T* __restrict__ teacher, int64_t teacher_row_stride,
+                               const Acc* __restrict__ stats_student, const Acc* __restrict__ stats_teacher,
+                               const Acc* __restrict__ loss, int64_t N, int64_t V, Acc inv_t,
+                               S* __restrict__ grad_student, T* __restrict__ grad_teacher) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= N) return;
+  const Acc neg_inf = -pos_inf<Acc>();
+  const Acc g = grad_loss[row];
+  const Acc max_t = stats_teacher[2 * row];
+  const Acc log_sum_t = stats_teacher[2 * row + 1];
+  const bool zero_row = g == Acc(0) || max_t == neg_inf;
+  const Acc max_s = stats_student[2 * row];
+  const Acc log_sum_s = stats_student[2 * row + 1];
+  const bool student_empty = max_s == neg_inf;  // then p_s = 0 (and x_s = -inf)
+  const Acc row_loss = loss[row];
+  const Acc scale = g * inv_t;
+  const Acc l2e = log2e<Acc>();
+  backward_row_elementwise<S, T, Acc, VEC>(
+      row, student, student_row_stride, teacher, teacher_row_stride, V, zero_row, grad_student, grad_teacher,
+      [&](Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
+        const Acc x_s = student_empty ? neg_inf : (s - max_s) * inv_t - log_sum_s;  // log p_s
+        const Acc x_t = (t - max_t) * inv_t - log_sum_t;                            // log p_t
+        const Acc p_s = kd_exp2(x_s * l2e);
+        const Acc p_t = kd_exp2(x_t * l2e);
+        grad_s = scale * (p_s - p_t);
+        grad_t = p_t == Acc(0) ? Acc(0) : scale * p_t * (x_t - x_s - row_loss);
+      });
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -687,39 +705,15 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const Acc kl_t = mixture_kl[2 * row], kl_s = mixture_kl[2 * row + 1];
   const Acc scale_s = g * w.one_minus_beta * inv_t;
   const Acc scale_t = g * w.beta * inv_t;
-
-  const S* s_row = student + row * student_row_stride;
-  const T* t_row = teacher + row * teacher_row_stride;
-  S* gs_row = grad_student != nullptr ? grad_student + row * V : nullptr;
-  T* gt_row = grad_teacher != nullptr ? grad_teacher + row * V : nullptr;
-
-  const int64_t units = V / VEC;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  for (int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; unit < units; unit += step) {
-    const int64_t col = unit * VEC;
-    AlignedVec<S, VEC> gs;
-    AlignedVec<T, VEC> gt;
-    if (zero) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        gs.val[j] = Narrow<S>::from(Acc(0));
-        gt.val[j] = Narrow<T>::from(Acc(0));
-      }
-    } else {
-      const AlignedVec<S, VEC> sv = load_vec<S, VEC>(s_row + col);
-      const AlignedVec<T, VEC> tv = load_vec<T, VEC>(t_row + col);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
+  backward_row_elementwise<S, T, Acc, VEC>(
+      row, student, student_row_stride, teacher, teacher_row_stride, V, zero, grad_student, grad_teacher,
+      [&](Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
         Acc lp_s, lp_t, rt, rs;
-        jsd_terms(widen(sv.val[j]), widen(tv.val[j]), r, inv_t, w, lp_s, lp_t, rt, rs);
+        jsd_terms(s, t, r, inv_t, w, lp_s, lp_t, rt, rs);
         const Acc p_s = kd_exp(lp_s), p_t = kd_exp(lp_t);
-        gs.val[j] = Narrow<S>::from(p_s > Acc(0) ? scale_s * p_s * (rs - kl_s) : Acc(0));
-        gt.val[j] = Narrow<T>::from(p_t > Acc(0) ? scale_t * p_t * (rt - kl_t) : Acc(0));
-      }
-    }
-    if (gs_row != nullptr) store_vec<S, VEC>(gs_row + col, gs);
-    if (gt_row != nullptr) store_vec<T, VEC>(gt_row + col, gt);
-  }
+        grad_s = p_s > Acc(0) ? scale_s * p_s * (rs - kl_s) : Acc(0);
+        grad_t = p_t > Acc(0) ? scale_t * p_t * (rt - kl_t) : Acc(0);
+      });
 }
 
 // ----------------------------------------------------------------------------------------------------------------
