@@ -83,6 +83,21 @@ def _log(x, F64: tl.constexpr):
 
 
 @triton.jit
+def _rescaled_sum(m, d, tile, k, F64: tl.constexpr):
+    """One side's online sum d = sum exp((x - m~) k) moved to the max of a new tile, with m~ = (m == -inf) ? 0 : m.
+
+    Returns (new max, its safe shift m~', d rescaled to it, delta = (m~' - m~) k, c = exp(-delta)). A side whose
+    old max was -inf is empty: its sum stays 0 (c, possibly inf, is discarded)."""
+    neg_inf = float("-inf")
+    m_new = tl.maximum(m, tl.max(tile, axis=0))
+    shift_old = tl.where(m == neg_inf, 0.0, m)
+    shift = tl.where(m_new == neg_inf, 0.0, m_new)
+    delta = (shift - shift_old) * k
+    c = _exp(-delta, F64)
+    return m_new, shift, tl.where(m == neg_inf, 0.0, c * d), delta, c
+
+
+@triton.jit
 def _softmax_kl_fwd_kernel(
     s_ptr,
     t_ptr,
@@ -128,25 +143,14 @@ def _softmax_kl_fwd_kernel(
         s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
 
-        # 1. tile maxima -> new state maxima
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
-        sh_s_old = tl.where(m_s == neg_inf, 0.0, m_s)
-        sh_t_old = tl.where(m_t == neg_inf, 0.0, m_t)
-        sh_s = tl.where(m_s_new == neg_inf, 0.0, m_s_new)
-        sh_t = tl.where(m_t_new == neg_inf, 0.0, m_t_new)
-
-        # 2. move the state to the new shifts. delta_* >= 0 when the old maximum was finite; a state whose old
+        # 1-2. move the state to the tile's maxima. delta_* >= 0 when the old maximum was finite; a state whose old
         #    maximum was -inf is empty (stays 0) and its factors (possibly inf) are discarded by tl.where.
-        delta_s = (sh_s - sh_s_old) * k
-        delta_t = (sh_t - sh_t_old) * k
-        c_s = _exp(-delta_s, F64)
-        c_t = _exp(-delta_t, F64)
+        m_s_new, sh_s, d_s, delta_s, _ = _rescaled_sum(m_s, d_s, s, k, F64)
+        m_t_new, sh_t, d_t_rescaled, delta_t, c_t = _rescaled_sum(m_t, d_t, t, k, F64)
         # c_t == 0 (old teacher mass underflows) also zeroes acc: that keeps acc = +inf (a student -inf under a
         # teacher-finite entry) from becoming 0 * inf = NaN; the underflowed terms have p_t == 0 and contribute 0.
         acc = tl.where((m_t == neg_inf) | (c_t == 0.0), 0.0, c_t * (acc + (delta_s - delta_t) * d_t))
-        d_t = tl.where(m_t == neg_inf, 0.0, c_t * d_t)
-        d_s = tl.where(m_s == neg_inf, 0.0, c_s * d_s)
+        d_t = d_t_rescaled
 
         # 3. accumulate the tile (masked lanes and -inf logits give exponent -inf -> e == 0)
         x_s = (s - sh_s) * k
@@ -368,22 +372,10 @@ def _softmax_jsd_fwd_kernel(
         s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
 
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
-        sh_s_old = tl.where(m_s == neg_inf, 0.0, m_s)
-        sh_t_old = tl.where(m_t == neg_inf, 0.0, m_t)
-        sh_s = tl.where(m_s_new == neg_inf, 0.0, m_s_new)
-        sh_t = tl.where(m_t_new == neg_inf, 0.0, m_t_new)
-
-        c_s = _exp(-((sh_s - sh_s_old) * k), F64)
-        c_t = _exp(-((sh_t - sh_t_old) * k), F64)
-        d_t = tl.where(m_t == neg_inf, 0.0, c_t * d_t)
-        d_s = tl.where(m_s == neg_inf, 0.0, c_s * d_s)
+        m_s, sh_s, d_s, _, _ = _rescaled_sum(m_s, d_s, s, k, F64)
+        m_t, sh_t, d_t, _, _ = _rescaled_sum(m_t, d_t, t, k, F64)
         d_s += tl.sum(_exp((s - sh_s) * k, F64), axis=0)
         d_t += tl.sum(_exp((t - sh_t) * k, F64), axis=0)
-
-        m_s = m_s_new
-        m_t = m_t_new
 
     log_sum_s = _log(d_s, F64) * unit
     log_sum_t = _log(d_t, F64) * unit
