@@ -181,16 +181,15 @@ void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_
   }
 }
 
-template <typename S, typename T>
-void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
-                   const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* stats_student,
-                   const acc_type_t<S, T>* stats_teacher, const acc_type_t<S, T>* loss, int64_t rows, int64_t cols,
-                   double temperature, S* grad_student, T* grad_teacher) {
+// The backward of every row, in parallel. Rows for which zero_row(row) holds get zero gradients; the others are
+// walked in chunks: chunk(row, s, t, n, grad_s, grad_t) gets the chunk's logits widened to acc_t and writes acc_t
+// gradients (null when not requested), which land in place or are narrowed to the gradient's dtype on store.
+template <typename S, typename T, typename ZeroRow, typename Chunk>
+void backward_rows_chunked(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
+                           int64_t rows, int64_t cols, S* grad_student, T* grad_teacher, ZeroRow zero_row,
+                           Chunk chunk) {
   using acc_t = acc_type_t<S, T>;
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const int64_t grain = rows_per_task(cols);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t s_buffer[kChunk];
     alignas(64) acc_t t_buffer[kChunk];
     alignas(64) acc_t gs_buffer[kChunk];
@@ -198,16 +197,11 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
     for (int64_t row = begin; row < end; ++row) {
       S* gs_row = grad_student ? grad_student + row * cols : nullptr;
       T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
-      const acc_t g = grad_loss[row];
-      const acc_t max_t = stats_teacher[2 * row];
-      if (g == acc_t(0) || max_t == -inf) {  // no upstream gradient, or an empty (all -inf) teacher row
+      if (zero_row(row)) {
         if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
         if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
         continue;
       }
-      // An all -inf student row has p_s = 0: a +inf log-sum makes every log p_s -inf.
-      const acc_t max_s = stats_student[2 * row] == -inf ? acc_t(0) : stats_student[2 * row];
-      const acc_t log_sum_s = stats_student[2 * row] == -inf ? inf : stats_student[2 * row + 1];
       const S* s_row = student + row * student_row_stride;
       const T* t_row = teacher + row * teacher_row_stride;
       for (int64_t c = 0; c < cols; c += kChunk) {
@@ -218,13 +212,34 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
         else gs = gs_row ? gs_buffer : nullptr;
         if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
         else gt = gt_row ? gt_buffer : nullptr;
-        backward_chunk<acc_t>(as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t, g * inv_t,
-                              max_s, log_sum_s, max_t, stats_teacher[2 * row + 1], loss[row], gs, gt);
+        chunk(row, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, gs, gt);
         if (gs_row) store_from_acc(gs, gs_row + c, n);
         if (gt_row) store_from_acc(gt, gt_row + c, n);
       }
     }
   });
+}
+
+template <typename S, typename T>
+void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
+                   const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* stats_student,
+                   const acc_type_t<S, T>* stats_teacher, const acc_type_t<S, T>* loss, int64_t rows, int64_t cols,
+                   double temperature, S* grad_student, T* grad_teacher) {
+  using acc_t = acc_type_t<S, T>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  backward_rows_chunked(
+      student, student_row_stride, teacher, teacher_row_stride, rows, cols, grad_student, grad_teacher,
+      // no upstream gradient, or an empty (all -inf) teacher row
+      [&](int64_t row) { return grad_loss[row] == acc_t(0) || stats_teacher[2 * row] == -inf; },
+      [&](int64_t row, const acc_t* s, const acc_t* t, int64_t n, acc_t* gs, acc_t* gt) {
+        // An all -inf student row has p_s = 0: a +inf log-sum makes every log p_s -inf.
+        const bool student_empty = stats_student[2 * row] == -inf;
+        const acc_t max_s = student_empty ? acc_t(0) : stats_student[2 * row];
+        const acc_t log_sum_s = student_empty ? inf : stats_student[2 * row + 1];
+        backward_chunk<acc_t>(s, t, n, inv_t, grad_loss[row] * inv_t, max_s, log_sum_s, stats_teacher[2 * row],
+                              stats_teacher[2 * row + 1], loss[row], gs, gt);
+      });
 }
 
 // Allocates a gradient. Large ones are backed by transparent huge pages where Linux offers them: the first touch
@@ -366,36 +381,17 @@ void jsd_backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int6
   using Vec = Vectorized<acc_t>;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kChunk];
-    alignas(64) acc_t t_buffer[kChunk];
-    alignas(64) acc_t gs_buffer[kChunk];
-    alignas(64) acc_t gt_buffer[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      S* gs_row = grad_student ? grad_student + row * cols : nullptr;
-      T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
-      const acc_t g = grad_loss[row];
-      if (g == acc_t(0) || stats_student[2 * row] == -inf || stats_teacher[2 * row] == -inf) {
-        if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
-        if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
-        continue;
-      }
-      const JsdRow<acc_t> jsd(stats_student[2 * row], stats_student[2 * row + 1], stats_teacher[2 * row],
-                              stats_teacher[2 * row + 1], beta, inv_t);
-      const Vec scale_s(static_cast<acc_t>(g * (1.0 - beta) * inv_t)), scale_t(static_cast<acc_t>(g * beta * inv_t));
-      const Vec kl_t(mixture_kl[2 * row]), kl_s(mixture_kl[2 * row + 1]), zero(acc_t(0));
-      const S* s_row = student + row * student_row_stride;
-      const T* t_row = teacher + row * teacher_row_stride;
-      for (int64_t c = 0; c < cols; c += kChunk) {
-        const int64_t n = std::min(kChunk, cols - c);
-        const acc_t* s = as_acc(s_row + c, s_buffer, n);
-        const acc_t* t = as_acc(t_row + c, t_buffer, n);
-        acc_t* gs = nullptr;
-        acc_t* gt = nullptr;
-        if constexpr (std::is_same_v<S, acc_t>) gs = gs_row ? gs_row + c : nullptr;
-        else gs = gs_row ? gs_buffer : nullptr;
-        if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
-        else gt = gt_row ? gt_buffer : nullptr;
+  backward_rows_chunked(
+      student, student_row_stride, teacher, teacher_row_stride, rows, cols, grad_student, grad_teacher,
+      [&](int64_t row) {
+        return grad_loss[row] == acc_t(0) || stats_student[2 * row] == -inf || stats_teacher[2 * row] == -inf;
+      },
+      [&](int64_t row, const acc_t* s, const acc_t* t, int64_t n, acc_t* gs, acc_t* gt) {
+        const JsdRow<acc_t> jsd(stats_student[2 * row], stats_student[2 * row + 1], stats_teacher[2 * row],
+                                stats_teacher[2 * row + 1], beta, inv_t);
+        const double g = grad_loss[row];
+        const Vec scale_s(static_cast<acc_t>(g * (1.0 - beta) * inv_t)), scale_t(static_cast<acc_t>(g * beta * inv_t));
+        const Vec kl_t(mixture_kl[2 * row]), kl_s(mixture_kl[2 * row + 1]), zero(acc_t(0));
         for (int64_t j = 0; j < n; j += Vec::size()) {
           const int64_t count = std::min<int64_t>(Vec::size(), n - j);
           const MixtureLogs<acc_t> l = jsd.at(s + j, t + j, count);
@@ -408,11 +404,7 @@ void jsd_backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int6
             Vec::blendv(scale_t * p_t * (l.ratio_t - kl_t), zero, p_t == zero).store(gt + j, count);
           }
         }
-        if (gs_row) store_from_acc(gs, gs_row + c, n);
-        if (gt_row) store_from_acc(gt, gt_row + c, n);
-      }
-    }
-  });
+      });
 }
 
 struct CpuElements {
