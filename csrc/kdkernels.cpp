@@ -42,6 +42,36 @@ TORCH_LIBRARY(kdkernels, m) {
       "softmax_jsd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats_student, "
       "Tensor stats_teacher, Tensor mixture_kl, float temperature, float beta, bool student_grad, bool teacher_grad) "
       "-> (Tensor, Tensor)");
+  // target_split: DKD's and NKD's per-row terms for int64 labels [N] in [0, V). Returns (terms [N, 6],
+  // stats_student [N, 2], stats_teacher [N, 2]) in the accumulation dtype. terms = (log p_s[y], log(1 - p_s[y]),
+  // log p_t[y], log(1 - p_t[y]), KL(q_t || q_s), H(q_t)) with q = the softmax over the non-target columns; a side's
+  // stats are (max, log_sum) over its non-target columns only, log q = (x - max) / T - log_sum.
+  // Spec: kdkernels/reference/target_split.py.
+  m.def(
+      "target_split_forward(Tensor student, Tensor teacher, Tensor labels, float temperature) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients of sum(grad_terms * terms) ([N, 6]) with respect to student and teacher.
+  m.def(
+      "target_split_backward(Tensor grad_terms, Tensor student, Tensor teacher, Tensor labels, Tensor stats_student, "
+      "Tensor stats_teacher, Tensor terms, float temperature, bool student_grad, bool teacher_grad) "
+      "-> (Tensor, Tensor)");
+  // logsoftmax_gather: log_softmax(logits / T) at int64 indices [N, k] -> (gathered [N, k], stats [N, 2]) in the
+  // accumulation dtype; stats as for softmax_kl. Spec: kdkernels/reference/logsoftmax_gather.py.
+  m.def("logsoftmax_gather_forward(Tensor logits, Tensor indices, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "logsoftmax_gather_backward(Tensor grad_gathered, Tensor logits, Tensor indices, Tensor stats, "
+      "float temperature) -> Tensor");
+  // dist: DIST's Pearson correlations of y = softmax(x / T): (row_pearson [N], col_pearson [V], row_moments [N, 3],
+  // col_moments [V, 5], stats_student [N, 2], stats_teacher [N, 2]) in the accumulation dtype. row_moments =
+  // (S_st, S_ss, S_tt), the centred sums of each row (centre 1/V); col_moments = (mean_s, mean_t, S_st, S_ss, S_tt)
+  // of each column across the batch; stats as for softmax_kl. Spec: kdkernels/reference/dist.py.
+  m.def(
+      "dist_forward(Tensor student, Tensor teacher, float temperature) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dist_backward(Tensor grad_row, Tensor grad_col, Tensor student, Tensor teacher, Tensor row_moments, "
+      "Tensor col_moments, Tensor stats_student, Tensor stats_teacher, float temperature, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -1,0 +1,84 @@
+"""Pure-PyTorch reference for the ``target_split`` op: the executable specification of DKD's and NKD's row terms.
+
+For one row of student logits ``s``, teacher logits ``t`` (length V), label ``y`` and temperature ``T``, with
+``a = s / T``, ``b = t / T`` and the non-target distributions ``q_s = softmax(a without column y)``,
+``q_t = softmax(b without column y)`` (over the V - 1 other columns), the op returns six per-row terms::
+
+    0  log p_s[y]       = a[y] - logsumexp(a)
+    1  log (1 - p_s[y]) = logsumexp(a without y) - logsumexp(a)       # the non-target mass, in log space
+    2  log p_t[y]       (the same for the teacher)
+    3  log (1 - p_t[y])
+    4  KL(q_t || q_s)   = sum_c q_t[c] (log q_t[c] - log q_s[c])       # mdistiller's NCKD before T^2 / B
+    5  H(q_t)           = -sum_c q_t[c] log q_t[c]                     # NKD's non-target cross-entropy is 4 + 5
+
+No probability is ever logged: every log comes from a logsumexp difference, so the terms stay finite at logit
+gaps of any size and in every dtype (mdistiller takes ``log`` of a summed softmax bin, which is ``-inf`` once the
+non-target mass underflows).
+
+Conventions for ``-inf`` entries (the kernels honour them exactly):
+
+* a side whose non-target columns are all ``-inf`` (or V = 1) has ``log (1 - p[y]) = -inf`` and an empty ``q``:
+  terms 4 and 5 are 0 when the teacher's ``q_t`` is empty; a side whose every column is ``-inf`` has
+  ``log p[y] = log (1 - p[y]) = -inf``;
+* a non-target term whose teacher probability is 0 contributes 0 to terms 4 and 5; a teacher-finite non-target
+  column whose student logit is ``-inf`` makes term 4 ``+inf``.
+
+Gradients (``g_k`` = upstream gradient of term k; ``p`` = softmax of the full row; ``[c != y]`` the indicator)::
+
+    d/d s[c] = 1/T * ( g0 (d_cy - p_s[c]) + g1 ([c != y] q_s[c] - p_s[c]) + g4 [c != y] (q_s[c] - q_t[c]) )
+    d/d t[c] = 1/T * ( g2 (d_cy - p_t[c]) + g3 ([c != y] q_t[c] - p_t[c])
+                       + [c != y] q_t[c] (g4 (log q_t[c] - log q_s[c] - term4) - g5 (log q_t[c] + term5)) )
+
+Here they come from autograd through the formula; every term accumulates in float64 for float64 inputs, else
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels.reference.softmax_kl import accumulation_dtype
+
+TERM_NAMES = ("log_p_target_student", "log_p_rest_student", "log_p_target_teacher", "log_p_rest_teacher",
+              "kl_non_target", "entropy_non_target_teacher")
+
+
+def _side_terms(x: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor):
+    """(log p[y], log(1 - p[y]), log q, q empty) of one side's scaled logits ``x`` [N, V]."""
+    rest = torch.where(is_target, torch.full_like(x, float("-inf")), x)
+    target = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    lse_rest = torch.logsumexp(rest, dim=-1)
+    lse_all = torch.logaddexp(target, lse_rest)
+    row_empty = torch.isneginf(lse_all)
+    safe_all = torch.where(row_empty, torch.zeros_like(lse_all), lse_all)
+    log_p_target = torch.where(row_empty, lse_all, target - safe_all)
+    log_p_rest = torch.where(row_empty, lse_all, lse_rest - safe_all)
+    rest_empty = torch.isneginf(lse_rest)
+    safe_lse_rest = torch.where(rest_empty, torch.zeros_like(lse_rest), lse_rest)
+    log_q = rest - safe_lse_rest.unsqueeze(-1)
+    return log_p_target, log_p_rest, log_q, rest_empty
+
+
+def target_split_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The six per-row terms of the module docstring for 2-D logits [N, V] and labels [N] -> [N, 6].
+
+    Differentiable with respect to both logits (float64 for float64 inputs, else float32).
+    """
+    acc = accumulation_dtype(student, teacher)
+    labels = labels.long()
+    is_target = torch.nn.functional.one_hot(labels, student.shape[-1]).bool()
+    lp_s, lr_s, log_q_s, _ = _side_terms(student.to(acc) / temperature, labels, is_target)
+    lp_t, lr_t, log_q_t, teacher_rest_empty = _side_terms(teacher.to(acc) / temperature, labels, is_target)
+    q_t = log_q_t.exp()
+    contributes = q_t > 0
+    safe_log_q_t = torch.where(contributes, log_q_t, torch.zeros_like(log_q_t))
+    safe_log_q_s = torch.where(contributes, log_q_s, torch.zeros_like(log_q_s))
+    kl = (q_t * (safe_log_q_t - safe_log_q_s)).sum(dim=-1)
+    entropy = -(q_t * safe_log_q_t).sum(dim=-1)
+    # a teacher-finite column under a student -inf: the true KL is +inf
+    student_hole = (contributes & torch.isneginf(log_q_s)).any(dim=-1)
+    kl = torch.where(student_hole, torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(teacher_rest_empty, torch.zeros_like(kl), kl)
+    entropy = torch.where(teacher_rest_empty, torch.zeros_like(entropy), entropy)
+    return torch.stack((lp_s, lr_s, lp_t, lr_t, kl, entropy), dim=-1)
