@@ -12,6 +12,7 @@
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include "../common/cpu_rows.h"
 #include "softmax_kl_host.h"
 
 #ifdef __linux__
@@ -26,19 +27,7 @@
 namespace kdkernels {
 namespace {
 
-using at::vec::Vectorized;
-
-constexpr int64_t kChunk = 2048;  // elements per chunk: 2 inputs x 8 KiB (fp32) stay in L1
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-
-// Rows per parallel task: about 8K elements, so that a few hundred short rows already use every core.
-inline int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, 8192 / cols); }
-
-// Logits in {float, Half, BFloat16} accumulate in float; double accumulates in double.
-template <typename S, typename T>
-using acc_type_t = softmax_kl::acc_type_t<S>;
-
-inline double safe_shift(double max) { return max == kNegInf ? 0.0 : max; }
+using namespace kdkernels::cpu;
 
 // Online state of one row, in raw-logit units: M = running max of the raw logits, m~ = safe_shift(M) and
 // x^ = (x - m~) / T. Then sum_s = sum exp(s^), sum_t = sum exp(t^) and acc = sum e_t (t^ - s^) over entries with
@@ -72,42 +61,6 @@ struct RowState {
     return acc / sum_t - log_sum_t + log_sum_s;
   }
 };
-
-// Returns `n` elements of `src` as acc_t: the pointer itself when no widening is needed, else `buffer`.
-template <typename acc_t, typename X>
-inline const acc_t* as_acc(const X* src, acc_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<X, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
-
-template <typename acc_t, typename X>
-inline void store_from_acc(const acc_t* src, X* dst, int64_t n) {
-  if constexpr (std::is_same_v<X, acc_t>) {
-    (void)src, (void)dst, (void)n;  // computed in place
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-// Loads x[0, count) into a vector whose missing lanes are -inf: they contribute exp(-inf) = 0 to every sum below.
-template <typename acc_t>
-inline Vectorized<acc_t> load_padded(const acc_t* x, int64_t count) {
-  using Vec = Vectorized<acc_t>;
-  if (count >= Vec::size()) return Vec::loadu(x);
-  return Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), Vec::loadu(x, count), count);
-}
-
-template <typename acc_t>
-inline acc_t max_of(const acc_t* x, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec vmax = load_padded(x, n);
-  for (int64_t j = Vec::size(); j < n; j += Vec::size()) vmax = at::vec::maximum(vmax, load_padded(x + j, n - j));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-}
 
 template <typename acc_t>
 void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
@@ -181,45 +134,6 @@ void backward_chunk(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, acc_
   }
 }
 
-// The backward of every row, in parallel. Rows for which zero_row(row) holds get zero gradients; the others are
-// walked in chunks: chunk(row, s, t, n, grad_s, grad_t) gets the chunk's logits widened to acc_t and writes acc_t
-// gradients (null when not requested), which land in place or are narrowed to the gradient's dtype on store.
-template <typename S, typename T, typename ZeroRow, typename Chunk>
-void backward_rows_chunked(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
-                           int64_t rows, int64_t cols, S* grad_student, T* grad_teacher, ZeroRow zero_row,
-                           Chunk chunk) {
-  using acc_t = acc_type_t<S, T>;
-  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kChunk];
-    alignas(64) acc_t t_buffer[kChunk];
-    alignas(64) acc_t gs_buffer[kChunk];
-    alignas(64) acc_t gt_buffer[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      S* gs_row = grad_student ? grad_student + row * cols : nullptr;
-      T* gt_row = grad_teacher ? grad_teacher + row * cols : nullptr;
-      if (zero_row(row)) {
-        if (gs_row) std::fill(gs_row, gs_row + cols, S(0));
-        if (gt_row) std::fill(gt_row, gt_row + cols, T(0));
-        continue;
-      }
-      const S* s_row = student + row * student_row_stride;
-      const T* t_row = teacher + row * teacher_row_stride;
-      for (int64_t c = 0; c < cols; c += kChunk) {
-        const int64_t n = std::min(kChunk, cols - c);
-        acc_t* gs = nullptr;
-        acc_t* gt = nullptr;
-        if constexpr (std::is_same_v<S, acc_t>) gs = gs_row ? gs_row + c : nullptr;
-        else gs = gs_row ? gs_buffer : nullptr;
-        if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
-        else gt = gt_row ? gt_buffer : nullptr;
-        chunk(row, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, gs, gt);
-        if (gs_row) store_from_acc(gs, gs_row + c, n);
-        if (gt_row) store_from_acc(gt, gt_row + c, n);
-      }
-    }
-  });
-}
-
 template <typename S, typename T>
 void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t student_row_stride,
                    const T* teacher, int64_t teacher_row_stride, const acc_type_t<S, T>* stats_student,
@@ -242,45 +156,10 @@ void backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int64_t 
       });
 }
 
-// Allocates a gradient. Large ones are backed by transparent huge pages where Linux offers them: the first touch
-// of fresh 4 KiB pages of a [4096, 32000] fp32 gradient costs about as much as the whole backward pass, and
-// torch's allocator enables huge pages only through a process-wide environment variable.
-at::Tensor empty_gradient(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-#ifdef __linux__
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * options.dtype().itemsize();
-  if (bytes >= 4 * kHugePage) {
-    void* data = nullptr;
-    if (posix_memalign(&data, kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage) == 0) {
-      madvise(data, bytes, MADV_HUGEPAGE);  // advisory: failure leaves ordinary pages
-      return at::from_blob(data, {rows, cols}, [](void* p) { free(p); }, options);
-    }
-  }
-#endif
-  return at::empty({rows, cols}, options);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // softmax_jsd: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s formed in log space.
 // Forward: pass 1 takes each side's (max, log_sum) with an online rescaled sum; pass 2 (the row again, from cache)
 // accumulates both mixture KLs. Backward: one elementwise pass from those per-row values.
-
-// Online log-sum-exp of one side, in raw-logit units like RowState: sum = sum exp((x - max) / T).
-struct LogSumState {
-  double max = kNegInf, sum = 0.0;
-};
-
-template <typename acc_t>
-void log_sum_chunk(LogSumState& state, const acc_t* x, int64_t n, acc_t inv_t) {
-  using Vec = Vectorized<acc_t>;
-  const double new_max = std::max<double>(state.max, max_of(x, n));
-  if (state.max != kNegInf) state.sum *= std::exp((safe_shift(state.max) - safe_shift(new_max)) * inv_t);
-  state.max = new_max;
-  const Vec shift(static_cast<acc_t>(safe_shift(new_max))), v_inv_t(inv_t);
-  Vec sum(acc_t(0));
-  for (int64_t j = 0; j < n; j += Vec::size()) sum += ((load_padded(x + j, n - j) - shift) * v_inv_t).exp();
-  state.sum += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum);
-}
 
 // For one vector of entries: log p_s, log p_t and the two mixture log-ratios a = log p_t - log m and
 // b = log p_s - log m. With d = log p_s - log p_t = ((s - max_s) - (t - max_t)) / T + (log_sum_t - log_sum_s), each
@@ -406,11 +285,6 @@ void jsd_backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int6
         }
       });
 }
-
-struct CpuElements {
-  using half = at::Half;
-  using bfloat16 = at::BFloat16;
-};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& student,
                                                                       const at::Tensor& teacher,
