@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <string>
 #include <type_traits>
 
 namespace kdkernels::softmax_kl {
@@ -73,15 +74,15 @@ inline void check_temperature(double temperature) {
               temperature);
 }
 
-// A per-row tensor of the backward: [rows] (width 1) or [rows, 2] (width 2), contiguous, acc dtype, on `device`.
+// A per-row tensor of the backward: [rows] (width 1) or [rows, width], contiguous, acc dtype, on `device`.
 inline void check_row_statistic(const at::Tensor& stat, const char* name, int64_t rows, int64_t width,
                                 at::ScalarType acc, const at::Device& device) {
   const bool shape_ok = width == 1 ? (stat.dim() == 1 && stat.size(0) == rows)
                                    : (stat.dim() == 2 && stat.size(0) == rows && stat.size(1) == width);
   TORCH_CHECK(shape_ok && stat.scalar_type() == acc && stat.is_contiguous() && stat.device() == device,
-              "softmax_kl_backward: ", name, " must be a contiguous ", acc, " tensor of shape [", rows,
-              width == 1 ? "]" : ", 2]", " on ", device, ", got ", stat.sizes(), " ", stat.scalar_type(), " on ",
-              stat.device());
+              name, " must be a contiguous ", acc, " tensor of shape [", rows,
+              width == 1 ? "" : ", " + std::to_string(width), "] on ", device, ", got ", stat.sizes(), " ",
+              stat.scalar_type(), " on ", stat.device());
 }
 
 // The checks every backward launcher runs before allocating anything.
