@@ -8,6 +8,8 @@ from kdkernels._extension import build_info
 from kdkernels.backends import BackendUnavailableError, available_backends
 from kdkernels import ops  # noqa: F401  (registers fake kernels and autograd for the compiled ops)
 from kdkernels.losses import kd_loss
+from kdkernels.decoupled_losses import dkd_loss, nkd_loss
+from kdkernels.pearson_losses import dist_loss
 from kdkernels import nn
 
-__all__ = ["__version__", "kd_loss", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "nn", "available_backends", "build_info", "BackendUnavailableError"]

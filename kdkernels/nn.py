@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import losses
+from kdkernels import decoupled_losses, losses, pearson_losses
 
 
 class KDLoss(torch.nn.Module):
@@ -18,7 +18,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 1.0, *, reduction: str = "batchmean", scale_by_t2: bool = True,
                  ignore_index: int = -100, divergence: str = "forward", beta: float = 0.5,
-                 backend: str = "auto") -> None:
+                 logit_softcap: float | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.temperature = losses._check_temperature(temperature)
         if reduction not in losses.REDUCTIONS:
@@ -30,14 +30,85 @@ class KDLoss(torch.nn.Module):
         self.beta = beta
         self.scale_by_t2 = scale_by_t2
         self.ignore_index = ignore_index
+        self.logit_softcap = logit_softcap
         self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         return losses.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
                               scale_by_t2=self.scale_by_t2, labels=labels, ignore_index=self.ignore_index,
-                              divergence=self.divergence, beta=self.beta, backend=self.backend)
+                              divergence=self.divergence, beta=self.beta, logit_softcap=self.logit_softcap,
+                              backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, divergence={self.divergence!r}, "
                 f"backend={self.backend!r}")
+
+
+class DKDLoss(torch.nn.Module):
+    """Decoupled KD module: ``alpha · TCKD + beta · NCKD`` (mdistiller's DKD without its warm-up factor, which
+    belongs to the training loop); see :func:`kdkernels.dkd_loss`.
+
+    Example::
+
+        criterion = kdkernels.nn.DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)
+        loss = ce + min(epoch / 20, 1.0) * criterion(student(x), teacher(x).detach(), y)
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, *,
+                 reduction: str = "batchmean", backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = losses._check_temperature(temperature)
+        self.alpha = decoupled_losses._check_real("alpha", alpha)
+        self.beta = decoupled_losses._check_real("beta", beta)
+        if reduction not in decoupled_losses.DKD_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(decoupled_losses.DKD_REDUCTIONS)}; got "
+                             f"{reduction!r}")
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        return decoupled_losses.dkd_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha,
+                                         self.beta, self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}"
+
+
+class NKDLoss(torch.nn.Module):
+    """Normalized KD module (cls_KD's NKD; add the student's cross-entropy separately); see
+    :func:`kdkernels.nkd_loss`."""
+
+    def __init__(self, temperature: float = 1.0, gamma: float = 1.5, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = losses._check_temperature(temperature)
+        self.gamma = decoupled_losses._check_real("gamma", gamma)
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        return decoupled_losses.nkd_loss(student_logits, teacher_logits, labels, self.temperature, self.gamma,
+                                         backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gamma={self.gamma}"
+
+
+class DISTLoss(torch.nn.Module):
+    """DIST module: ``beta · T² · inter + gamma · T² · intra`` Pearson terms; see :func:`kdkernels.dist_loss`."""
+
+    def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0, *,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = losses._check_temperature(temperature)
+        self.beta = decoupled_losses._check_real("beta", beta)
+        self.gamma = decoupled_losses._check_real("gamma", gamma)
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return pearson_losses.dist_loss(student_logits, teacher_logits, self.temperature, self.beta, self.gamma,
+                                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"

@@ -82,3 +82,42 @@ def target_split_terms(student: torch.Tensor, teacher: torch.Tensor, labels: tor
     kl = torch.where(teacher_rest_empty, torch.zeros_like(kl), kl)
     entropy = torch.where(teacher_rest_empty, torch.zeros_like(entropy), entropy)
     return torch.stack((lp_s, lr_s, lp_t, lr_t, kl, entropy), dim=-1)
+
+
+def eager_dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+              beta: float = 8.0, temperature: float = 4.0, return_parts: bool = False):
+    """DKD as mdistiller's ``distillers/DKD.py`` writes it (softmax, summed bins, ``log`` of the bins, the
+    ``-1000`` mask, two ``kl_div(reduction="sum")``), in the inputs' dtype: the baseline of the benchmarks and the
+    formula the fused loss must equal wherever this one is finite."""
+    gt_mask = torch.zeros_like(student).scatter_(1, labels.long().unsqueeze(1), 1).bool()
+    other_mask = ~gt_mask
+    p_s = torch.softmax(student / temperature, dim=1)
+    p_t = torch.softmax(teacher / temperature, dim=1)
+    bins_s = torch.cat(((p_s * gt_mask).sum(1, keepdim=True), (p_s * other_mask).sum(1, keepdim=True)), dim=1)
+    bins_t = torch.cat(((p_t * gt_mask).sum(1, keepdim=True), (p_t * other_mask).sum(1, keepdim=True)), dim=1)
+    scale = temperature ** 2 / labels.shape[0]
+    tckd = torch.nn.functional.kl_div(torch.log(bins_s), bins_t, reduction="sum") * scale
+    q_t = torch.softmax(teacher / temperature - 1000.0 * gt_mask, dim=1)
+    log_q_s = torch.log_softmax(student / temperature - 1000.0 * gt_mask, dim=1)
+    nckd = torch.nn.functional.kl_div(log_q_s, q_t, reduction="sum") * scale
+    if return_parts:
+        return tckd, nckd
+    return alpha * tckd + beta * nckd
+
+
+def eager_nkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+              gamma: float = 1.5) -> torch.Tensor:
+    """NKD as yzd-v/cls_KD ``nkd.py`` @9466b3f writes it (gathers, a scatter mask that drops the target column,
+    two softmaxes over the V - 1 others), in the inputs' dtype; soft labels [N, V] are reduced by argmax."""
+    label = labels.argmax(dim=1, keepdim=True) if labels.dim() > 1 else labels.long().view(-1, 1)
+    rows = student.shape[0]
+    log_p_s = torch.log_softmax(student, dim=1)
+    p_t = torch.softmax(teacher, dim=1)
+    loss_target = -(p_t.gather(1, label).detach() * log_p_s.gather(1, label)).mean()
+    keep = torch.ones_like(student).scatter_(1, label, 0).bool()
+    rest_s = student[keep].reshape(rows, -1)
+    rest_t = teacher[keep].reshape(rows, -1)
+    log_q_s = torch.log_softmax(rest_s / temperature, dim=1)
+    q_t = torch.softmax(rest_t / temperature, dim=1)
+    loss_non_target = -gamma * temperature ** 2 * (q_t * log_q_s).sum(dim=1).mean()
+    return loss_target + loss_non_target

@@ -1,0 +1,64 @@
+"""The ``dist`` op: DIST's row (inter-class) and column (intra-class) Pearson correlations of two softmaxes.
+
+``dist_forward(student, teacher, T) -> (row_pearson [N], col_pearson [V], row_moments [N, 3], col_moments [V, 5],
+stats_student [N, 2], stats_teacher [N, 2])``; the two Pearson vectors are differentiable, the rest is what the
+backward needs (it never stores a probability tensor). Spec: kdkernels/reference/dist.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, forward_op, register_family
+from kdkernels.reference import dist as reference
+
+FAMILY = "dist"
+
+
+def _fake_forward(student, teacher, temperature):
+    rows, cols = student.shape
+    dtype = accumulation_dtype(student)
+    shapes = ((rows,), (cols,), (rows, 3), (cols, 5), (rows, 2), (rows, 2))
+    return tuple(student.new_empty(shape, dtype=dtype) for shape in shapes)
+
+
+def _fake_backward(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student, stats_teacher,
+                   temperature, student_grad, teacher_grad):
+    return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, temperature = inputs
+    _row, _col, row_moments, col_moments, stats_student, stats_teacher = output
+    ctx.save_for_backward(student, teacher, row_moments, col_moments, stats_student, stats_teacher)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(row_moments, col_moments, stats_student, stats_teacher)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_row, grad_col, *_grad_saved):
+        student, teacher, row_moments, col_moments, stats_student, stats_teacher = ctx.saved_tensors
+        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows, cols = student.shape
+        dtype = row_moments.dtype
+        grad_row = torch.zeros(rows, dtype=dtype, device=student.device) if grad_row is None else grad_row
+        grad_col = torch.zeros(cols, dtype=dtype, device=student.device) if grad_col is None else grad_col
+        grad_student, grad_teacher = backward_op(grad_row.contiguous(), grad_col.contiguous(), student, teacher,
+                                                 row_moments, col_moments, stats_student, stats_teacher,
+                                                 ctx.temperature, student_grad, teacher_grad)
+        return (grad_student if student_grad else None, grad_teacher if teacher_grad else None, None)
+
+    return backward
+
+
+register_family(FAMILY, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
+                make_backward=_make_backward)
+
+
+def dist_pearson(student: torch.Tensor, teacher: torch.Tensor, temperature: float, backend: str):
+    """(row_pearson [N], col_pearson [V]) of 2-D logits on the named backend (see the reference)."""
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        student, teacher = student.double(), teacher.double()
+    if backend == "reference":
+        return reference.dist_pearson(student, teacher, temperature)
+    outputs = forward_op(FAMILY, backend)(student, teacher, temperature)
+    return outputs[0], outputs[1]

@@ -1,0 +1,40 @@
+"""DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) on the fused ``dist`` op."""
+from __future__ import annotations
+
+import torch
+
+from kdkernels import backends
+from kdkernels.decoupled_losses import _check_pair, _check_real
+from kdkernels.losses import _as_rows, _check_temperature
+from kdkernels.ops.dist import dist_pearson
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              beta: float = 1.0, gamma: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """DIST: Pearson-correlation matching of the student's and teacher's softmaxes, as DIST_KD's ``dist_kd.py``.
+
+    With ``y = softmax(z/T)`` over the classes of each row and ``pearson(a, b) = cos(a - mean a, b - mean b)``,
+    ``cos(a, b) = a·b / (‖a‖ ‖b‖ + 1e-8)``::
+
+        inter = 1 - mean_n pearson(y_s[n, :], y_t[n, :])     # per sample, across classes
+        intra = 1 - mean_c pearson(y_s[:, c], y_t[:, c])     # per class, across the batch
+        loss  = beta · T² · inter + gamma · T² · intra
+
+    Defaults ``beta = gamma = T = 1`` (DIST_KD's ``kd='dist'``; ``'dist_t4'`` uses ``T = 4``). The intra term is a
+    statistic of the batch: it needs at least two rows (pass ``gamma=0`` for the inter term alone) and, under data
+    parallelism, it is computed on each process's local batch, as in DIST_KD. Leading dims of ``[..., C]`` logits are
+    rows (for segmentation maps, move the class dim last first). Gradients reach the teacher too when it requires
+    grad. One fused op computes both terms in three passes over the logits and never stores a probability tensor.
+    """
+    _check_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    beta, gamma = _check_real("beta", beta), _check_real("gamma", gamma)
+    student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
+    if gamma != 0.0 and student.shape[0] < 2:
+        raise ValueError(f"dist_loss: the intra-class term (gamma={gamma}) correlates each class across the batch "
+                         f"and needs at least 2 rows; student_logits has {student.shape[0]}. Pass gamma=0 to use "
+                         "the inter-class term alone.")
+    name = backends.select_backend(backend, student, teacher, required_ops=("dist",))
+    row_pearson, col_pearson = dist_pearson(student, teacher, temperature, name)
+    scale = temperature * temperature
+    return beta * scale * (1.0 - row_pearson.mean()) + gamma * scale * (1.0 - col_pearson.mean())
