@@ -106,3 +106,42 @@ def masked(dtype, device):
     teacher[2, 5:20] = float("-inf")
     student[3] = teacher[3] = float("-inf")
     return student.to(dtype).to(device), teacher.to(dtype).to(device)
+
+
+def _outputs_and_grads(fn, backend, tensors, grad_flags, upstreams=None):
+    """fn(backend, *tensors) -> a tensor or a tuple of tensors; returns (outputs, grads of those that require grad,
+    upstream gradients). Upstreams are random (seeded) when not given, so no gradient is checked against ones."""
+    tensors = [t.detach().clone().requires_grad_(flag) for t, flag in zip(tensors, grad_flags)]
+    outputs = fn(backend, *tensors)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    if upstreams is None:
+        generator = torch.Generator().manual_seed(7)
+        upstreams = tuple((torch.rand(o.shape, generator=generator, dtype=torch.float64) + 0.5).to(o.dtype)
+                          .to(o.device) for o in outputs)
+    differentiable = [t for t in tensors if t.requires_grad]
+    finite = [(o, u) for o, u in zip(outputs, upstreams) if o.requires_grad]
+    grads = torch.autograd.grad([o for o, _ in finite], differentiable, [u for _, u in finite]) \
+        if differentiable else ()
+    return outputs, grads, upstreams
+
+
+def check_op_against_reference(fn, backend, tensors, grad_flags, output_rtol=None, grad_atol=0.0, what="op"):
+    """Compares fn(backend, ...) with fn("reference", ...) in float64 and in the inputs' precision: every output
+    and every input gradient, under random upstream gradients. Returns (outputs, grads)."""
+    outputs, grads, upstreams = _outputs_and_grads(fn, backend, tensors, grad_flags)
+    cpu_tensors = [t.detach().cpu() for t in tensors]
+    wide = [t.double() if t.dtype.is_floating_point else t for t in cpu_tensors]
+    ref_outputs, ref_grads, _ = _outputs_and_grads(fn, "reference", wide, grad_flags,
+                                                   tuple(u.cpu().double() for u in upstreams))
+    low_outputs, low_grads, _ = _outputs_and_grads(fn, "reference", cpu_tensors, grad_flags,
+                                                   tuple(u.cpu() for u in upstreams))
+    floats = [t for t in tensors if t.dtype.is_floating_point]
+    dtype = floats[0].dtype
+    rtol = output_rtol if output_rtol is not None else RTOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    for index, (out, ref, low) in enumerate(zip(outputs, ref_outputs, low_outputs)):
+        assert_close_to_reference(out, ref, rtol, f"{what} output {index}", low)
+    differentiable = [t for t, flag in zip(tensors, grad_flags) if flag]
+    for index, (grad, ref, low, x) in enumerate(zip(grads, ref_grads, low_grads, differentiable)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, f"{what} grad {index}: {grad.dtype} {grad.shape}"
+        assert_close_to_reference(grad, ref, RTOL[x.dtype], f"{what} grad {index}", low, atol=grad_atol)
+    return outputs, grads
