@@ -119,9 +119,25 @@ def op_reasons(name: str, ops: tuple[str, ...]) -> list[str]:
     """Why backend `name` lacks one of these op families' kernels (the reference has them all)."""
     if name == "reference" or not ops:
         return []
-    prefix = "triton_" if name == "triton" else ""
-    return [f"the {name} backend has no {op} kernel" for op in ops
-            if not hasattr(torch.ops.kdkernels, f"{prefix}{op}_forward")]
+    return [f"the {name} backend has no {op} kernel" for op in ops if not _has_kernel(name, op)]
+
+
+def _has_kernel(name: str, op: str) -> bool:
+    return _KERNELS.get((name, op), False)
+
+
+def _kernel_registered(name: str, op: str) -> bool:
+    if name == "triton":
+        return hasattr(torch.ops.kdkernels, f"triton_{op}_forward")
+    # A C++ schema can exist without a kernel for this backend's dispatch key.
+    return hasattr(torch.ops.kdkernels, f"{op}_forward") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"kdkernels::{op}_forward", name.upper())
+
+
+# Decided once, at import, like the installation reasons (torch.compile traces select_backend).
+OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist")
+_KERNELS = {(name, op): not _INSTALLATION_REASONS[name] and _kernel_registered(name, op)
+            for name in ("cpu", "cuda", "triton") for op in OP_FAMILIES}
 
 
 def select_backend(backend: str, *tensors: torch.Tensor, required_ops: tuple[str, ...] = ()) -> str:
