@@ -32,7 +32,7 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
     u = n * v * itemsize
     student, teacher = make_inputs(n, v, dtype, device)
 
-    benched = benched_loss(cfg.divergence, cfg.beta)
+    benched = benched_loss(cfg.loss, cfg.divergence, cfg.beta)
     impls: list[tuple[str, str | None]] = [("eager", None)]
     if not cfg.no_compile:
         impls.append(("compile", None))

@@ -9,24 +9,55 @@ import torch
 
 import kdkernels
 from kdkernels import backends as _backends
+from kdkernels.reference.dist import eager_dist
 from kdkernels.reference.softmax_kl import eager_generalized_jsd, eager_hinton_kd
+from kdkernels.reference.target_split import eager_dkd, eager_nkd
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 IMPL_ORDER = ("eager", "compile")  # then the kdkernels:* rows
 
 
 class BenchedLoss(NamedTuple):
-    """The loss a run measures: its name (title and file stem), its eager formula and kd_loss's arguments for it."""
+    """The loss a run measures: its name (title and file stem), its eager formula as the reference repositories
+    write it, and the kdkernels call; both take (student, teacher, T) and the kdkernels one also a backend."""
     name: str
     eager: Callable
-    kd_loss_kwargs: dict
+    fused: Callable
 
 
-def benched_loss(divergence: str, beta: float) -> BenchedLoss:
-    if divergence == "jsd":
+def benchmark_labels(student: torch.Tensor) -> torch.Tensor:
+    """Deterministic class labels for the label-taking losses: row i gets class i mod V."""
+    rows, classes = student.shape
+    return torch.arange(rows, device=student.device) % classes
+
+
+def _eager_dkd(s, t, temperature):
+    return eager_dkd(s, t, benchmark_labels(s), 1.0, 8.0, temperature)
+
+
+def _eager_nkd(s, t, temperature):
+    return eager_nkd(s, t, benchmark_labels(s), temperature, 1.5)
+
+
+LOSSES = ("kd", "dkd", "nkd", "dist")
+
+
+def benched_loss(loss: str, divergence: str = "forward", beta: float = 0.5) -> BenchedLoss:
+    if loss == "dkd":
+        return BenchedLoss("dkd_loss", _eager_dkd, lambda s, t, temperature, backend: kdkernels.dkd_loss(
+            s, t, benchmark_labels(s), temperature, 1.0, 8.0, backend=backend))
+    if loss == "nkd":
+        return BenchedLoss("nkd_loss", _eager_nkd, lambda s, t, temperature, backend: kdkernels.nkd_loss(
+            s, t, benchmark_labels(s), temperature, 1.5, backend=backend))
+    if loss == "dist":
+        return BenchedLoss("dist_loss", lambda s, t, temperature: eager_dist(s, t, 1.0, 1.0, temperature),
+                           lambda s, t, temperature, backend: kdkernels.dist_loss(s, t, temperature, backend=backend))
+    if divergence == "jsd":  # GKD has no T^2
         return BenchedLoss("jsd_loss", functools.partial(eager_generalized_jsd, beta=beta),
-                           {"divergence": "jsd", "beta": beta, "scale_by_t2": False})  # GKD has no T^2
-    return BenchedLoss("kd_loss", eager_hinton_kd, {})
+                           lambda s, t, temperature, backend: kdkernels.kd_loss(
+                               s, t, temperature, divergence="jsd", beta=beta, scale_by_t2=False, backend=backend))
+    return BenchedLoss("kd_loss", eager_hinton_kd,
+                       lambda s, t, temperature, backend: kdkernels.kd_loss(s, t, temperature, backend=backend))
 
 
 def kdkernels_impls(device: torch.device, requested: list[str] | None, sample: torch.Tensor) -> list[tuple[str, str]]:
@@ -50,7 +81,7 @@ def make_loss_fn(impl: str, backend: str | None, temperature: float, compiled: C
         return lambda s, t: loss.eager(s, t, temperature)
     if impl == "compile":
         return lambda s, t: compiled(s, t, temperature)
-    return lambda s, t: kdkernels.kd_loss(s, t, temperature, backend=backend, **loss.kd_loss_kwargs)
+    return lambda s, t: loss.fused(s, t, temperature, backend)
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from kdkernels import backends as _backends
-from kdkernels.bench.impls import DTYPES
+from kdkernels.bench.impls import DTYPES, LOSSES
 from kdkernels.bench.report import FLOOR_NOTE
 
 TEMPERATURE = 4.0
@@ -52,8 +52,8 @@ def parse_backends(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kdkernels bench",
-        description="Time forward+backward of kdkernels.kd_loss against PyTorch eager and torch.compile; print a "
-                    "markdown table and write kd_loss.json/.md/.png under benchmarks/results/<device>/.",
+        description="Time forward+backward of a kdkernels loss against its eager formula and torch.compile of it; "
+                    "print a markdown table and write <loss>.json/.md/.png under benchmarks/results/<device>/.",
         epilog=FLOOR_NOTE)
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated NxV list (default: 256x100,1024x1000,4096x32000; plus 8192x128256 on GPU)")
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available, else cpu")
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--loss", choices=LOSSES, default="kd",
+                   help="kd: kd_loss (see --divergence); dkd: dkd_loss vs mdistiller's DKD; nkd: nkd_loss vs cls_KD's "
+                        "NKD; dist: dist_loss vs DIST_KD's DIST (results in <loss>_loss.*)")
     p.add_argument("--divergence", choices=("forward", "jsd"), default="forward",
                    help="forward: Hinton KD vs the mdistiller eager formula (kd_loss.*); jsd: generalised JSD vs "
                         "TRL's eager generalized_jsd_loss (jsd_loss.*)")

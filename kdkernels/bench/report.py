@@ -108,7 +108,8 @@ def metadata(device: torch.device, cfg: argparse.Namespace, argv: list[str]) -> 
     name = device_name(device)
     meta = {
         "schema_version": SCHEMA_VERSION,
-        "benchmark": f"{benched_loss(cfg.divergence, cfg.beta).name} forward+backward",
+        "benchmark": f"{benched_loss(cfg.loss, cfg.divergence, cfg.beta).name} forward+backward",
+        "loss": cfg.loss,
         "divergence": cfg.divergence,
         "beta": cfg.beta if cfg.divergence == "jsd" else None,
         "device": name,

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    stem = benched_loss(cfg.divergence, cfg.beta).name
+    stem = benched_loss(cfg.loss, cfg.divergence, cfg.beta).name
     (out / f"{stem}.json").write_text(to_json({"metadata": meta, "records": records}))
     (out / f"{stem}.md").write_text(table)
     written = [f"{stem}.json", f"{stem}.md"]
