@@ -91,6 +91,20 @@ void log_sum_chunk(LogSumState& state, const acc_t* x, int64_t n, acc_t inv_t) {
   state.sum += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum);
 }
 
+// Where a chunk's acc_t gradient is written: the gradient row itself when it has the acc_t dtype, else `buffer`
+// (narrowed on store); null when the gradient is not requested.
+template <typename acc_t, typename X>
+inline acc_t* chunk_gradient(X* grad_row, int64_t column, acc_t* buffer) {
+  if (grad_row == nullptr) return nullptr;
+  if constexpr (std::is_same_v<X, acc_t>) {
+    (void)buffer;
+    return grad_row + column;
+  } else {
+    (void)column;
+    return buffer;
+  }
+}
+
 // The backward of every row, in parallel. Rows for which zero_row(row) holds get zero gradients; the others are
 // walked in chunks: chunk(row, s, t, n, grad_s, grad_t) gets the chunk's logits widened to acc_t and writes acc_t
 // gradients (null when not requested), which land in place or are narrowed to the gradient's dtype on store.
@@ -116,15 +130,37 @@ void backward_rows_chunked(const S* student, int64_t student_row_stride, const T
       const T* t_row = teacher + row * teacher_row_stride;
       for (int64_t c = 0; c < cols; c += kChunk) {
         const int64_t n = std::min(kChunk, cols - c);
-        acc_t* gs = nullptr;
-        acc_t* gt = nullptr;
-        if constexpr (std::is_same_v<S, acc_t>) gs = gs_row ? gs_row + c : nullptr;
-        else gs = gs_row ? gs_buffer : nullptr;
-        if constexpr (std::is_same_v<T, acc_t>) gt = gt_row ? gt_row + c : nullptr;
-        else gt = gt_row ? gt_buffer : nullptr;
+        acc_t* gs = chunk_gradient(gs_row, c, gs_buffer);
+        acc_t* gt = chunk_gradient(gt_row, c, gt_buffer);
         chunk(row, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, gs, gt);
         if (gs_row) store_from_acc(gs, gs_row + c, n);
         if (gt_row) store_from_acc(gt, gt_row + c, n);
+      }
+    }
+  });
+}
+
+// The one-input form of backward_rows_chunked, for ops with a single logits tensor: chunk(row, column, x, n, grad)
+// gets the chunk that starts at `column`, widened to acc_t, and writes its acc_t gradient.
+template <typename X, typename ZeroRow, typename Chunk>
+void backward_rows_chunked(const X* logits, int64_t row_stride, int64_t rows, int64_t cols, X* grad,
+                           ZeroRow zero_row, Chunk chunk) {
+  using acc_t = softmax_kl::acc_type_t<X>;
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t x_buffer[kChunk];
+    alignas(64) acc_t g_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      X* g_row = grad + row * cols;
+      if (zero_row(row)) {
+        std::fill(g_row, g_row + cols, X(0));
+        continue;
+      }
+      const X* x_row = logits + row * row_stride;
+      for (int64_t c = 0; c < cols; c += kChunk) {
+        const int64_t n = std::min(kChunk, cols - c);
+        acc_t* g = chunk_gradient(g_row, c, g_buffer);
+        chunk(row, c, as_acc(x_row + c, x_buffer, n), n, g);
+        store_from_acc(g, g_row + c, n);
       }
     }
   });
@@ -146,6 +182,11 @@ inline at::Tensor empty_gradient(int64_t rows, int64_t cols, const at::TensorOpt
   }
 #endif
   return at::empty({rows, cols}, options);
+}
+
+// The gradient of a [rows, cols] input when it is requested, else the empty [0] tensor that stands for none.
+inline at::Tensor requested_gradient(bool requested, const at::Tensor& input) {
+  return requested ? empty_gradient(input.size(0), input.size(1), input.options()) : at::empty({0}, input.options());
 }
 
 struct CpuElements {
