@@ -58,6 +58,29 @@ inline void store_from_acc(const acc_t* src, X* dst, int64_t n) {
   }
 }
 
+// Walks one row of student and teacher in kChunk pieces widened to acc_t: fn(first_column, s, t, n).
+template <typename acc_t, typename S, typename T, typename Fn>
+void for_each_chunk_pair(const S* s_row, const T* t_row, int64_t cols, acc_t* s_buffer, acc_t* t_buffer, Fn&& fn) {
+  for (int64_t c = 0; c < cols; c += kChunk) {
+    const int64_t n = std::min(kChunk, cols - c);
+    fn(c, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n);
+  }
+}
+
+// Where the acc_t gradient of the chunk at `first_column` of a gradient row goes: in place when the gradient is
+// acc_t, else `buffer`, narrowed afterwards by store_from_acc. Null for an unrequested gradient (null row).
+template <typename acc_t, typename X>
+inline acc_t* chunk_destination(X* grad_row, int64_t first_column, acc_t* buffer) {
+  if (grad_row == nullptr) return nullptr;
+  if constexpr (std::is_same_v<X, acc_t>) {
+    (void)buffer;
+    return grad_row + first_column;
+  } else {
+    (void)first_column;
+    return buffer;
+  }
+}
+
 // Loads x[0, count) into a vector whose missing lanes are -inf: they contribute exp(-inf) = 0 to every sum below.
 template <typename acc_t>
 inline Vectorized<acc_t> load_padded(const acc_t* x, int64_t count) {
