@@ -25,12 +25,25 @@ def test_matches_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("rows,classes", [(1, 5), (2, 1), (2, 2), (3, 17), (5, 2049), (70, 40), (4, 9000)])
+@pytest.mark.parametrize("rows,classes", [(1, 5), (2, 1), (2, 3), (3, 17), (5, 2049), (70, 40), (4, 9000)])
 def test_shapes(backend, rows, classes):
     device = require_backend(backend)
     student = logits((rows, classes), torch.float32, device, seed=3)
     teacher = logits((rows, classes), torch.float32, device, seed=4)
     check(backend, student, teacher, temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_two_classes_and_two_rows_are_perfectly_correlated(backend):
+    """With V = 2 (and N = 2) every centred pair is (d, -d): each Pearson is exactly +-1 and its true gradient is of
+    the order of the 1e-8 epsilon, i.e. pure rounding noise in any float32 implementation; it must stay tiny."""
+    device = require_backend(backend)
+    student = logits((2, 2), torch.float32, device, seed=13).requires_grad_()
+    teacher = logits((2, 2), torch.float32, device, seed=14)
+    row, col = dist_pearson(student, teacher, 2.0, backend)
+    assert torch.allclose(row.abs(), torch.ones_like(row)) and torch.allclose(col.abs(), torch.ones_like(col))
+    (grad,) = torch.autograd.grad(row.sum() + col.sum(), student)
+    assert torch.isfinite(grad).all() and grad.abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("backend", backend_params())
