@@ -272,3 +272,36 @@ def test_bad_input_errors_name_the_argument(call, error, match):
     student, teacher = logits((6, 30), seed=24), logits((6, 30), seed=25)
     with pytest.raises(error, match=match):
         call(student, teacher, labels_for(6, 30, "cpu"))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_batch_of_one_and_all_ignored_rows(backend):
+    device = device_of(backend)
+    student, teacher = logits((1, 12), device=device, seed=26), logits((1, 12), device=device, seed=27)
+    label = torch.tensor([3], device=device)
+    loss = kdkernels.dkd_loss(student, teacher, label, backend=backend)
+    expected = eager_dkd(student.double().cpu(), teacher.double().cpu(), label.cpu())
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    log_probs, indices = torch.log_softmax(logits((3, 12), device=device, seed=28), -1).topk(4)
+    s = logits((3, 12), device=device, seed=29).requires_grad_()
+    ignored = kdkernels.kd_loss(s, teacher_topk_logprobs=log_probs, teacher_topk_indices=indices,
+                                labels=torch.full((3,), -100, device=device), backend=backend)
+    ignored.backward()
+    assert ignored.item() == 0.0 and (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_dist_loss_does_not_synchronise(backend, monkeypatch):
+    device = require_backend(backend)
+    student = logits((4, 30), device=device, seed=30).requires_grad_()
+    teacher = logits((4, 30), device=device, seed=31)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the loss")
+
+    for name in ("item", "__bool__", "tolist", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    loss = kdkernels.dist_loss(student, teacher, backend=backend)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(student.grad).all()
