@@ -40,8 +40,11 @@ def triton_interpreter_enabled() -> bool:
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
-    try:
-        import kdkernels.triton.softmax_kl  # noqa: F401  (registers the triton ops)
+    try:  # importing the family modules registers the triton ops
+        import kdkernels.triton.dist  # noqa: F401
+        import kdkernels.triton.logsoftmax_gather  # noqa: F401
+        import kdkernels.triton.softmax_kl  # noqa: F401
+        import kdkernels.triton.target_split  # noqa: F401
     except Exception as exc:  # a broken triton install must not break the other backends
         return f"the triton kernels failed to import: {type(exc).__name__}: {exc}"
     return None

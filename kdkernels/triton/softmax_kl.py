@@ -98,6 +98,21 @@ def _rescaled_sum(m, d, tile, k, F64: tl.constexpr):
 
 
 @triton.jit
+def _rescaled_teacher_moment(acc, m_t, c_t, d_t, delta_t, delta_x):
+    """acc = sum e_t (t^ - x^) moved to new shifts (t^ -= delta_t, x^ -= delta_x, e_t *= c_t), d_t = the teacher's
+    sum before the move. A teacher whose old max was -inf is empty; c_t == 0 (the old teacher mass underflows) also
+    zeroes acc, which keeps an acc of +inf (a -inf x^ under a finite teacher) from becoming 0 * inf = NaN: the
+    underflowed terms have p_t == 0 and contribute 0."""
+    return tl.where((m_t == float("-inf")) | (c_t == 0.0), 0.0, c_t * (acc + (delta_x - delta_t) * d_t))
+
+
+@triton.jit
+def _teacher_weighted_sum(e_t, r):
+    # sum e_t r over a tile, a term := 0 where e_t == 0 (so r = +-inf there gives no NaN)
+    return tl.sum(tl.where(e_t == 0.0, 0.0, e_t * r), axis=0)
+
+
+@triton.jit
 def _softmax_kl_fwd_kernel(
     s_ptr,
     t_ptr,
@@ -147,9 +162,7 @@ def _softmax_kl_fwd_kernel(
         #    maximum was -inf is empty (stays 0) and its factors (possibly inf) are discarded by tl.where.
         m_s_new, sh_s, d_s, delta_s, _ = _rescaled_sum(m_s, d_s, s, k, F64)
         m_t_new, sh_t, d_t_rescaled, delta_t, c_t = _rescaled_sum(m_t, d_t, t, k, F64)
-        # c_t == 0 (old teacher mass underflows) also zeroes acc: that keeps acc = +inf (a student -inf under a
-        # teacher-finite entry) from becoming 0 * inf = NaN; the underflowed terms have p_t == 0 and contribute 0.
-        acc = tl.where((m_t == neg_inf) | (c_t == 0.0), 0.0, c_t * (acc + (delta_s - delta_t) * d_t))
+        acc = _rescaled_teacher_moment(acc, m_t, c_t, d_t, delta_t, delta_s)
         d_t = d_t_rescaled
 
         # 3. accumulate the tile (masked lanes and -inf logits give exponent -inf -> e == 0)
@@ -159,7 +172,7 @@ def _softmax_kl_fwd_kernel(
         e_t = _exp(x_t, F64)
         d_s += tl.sum(e_s, axis=0)
         d_t += tl.sum(e_t, axis=0)
-        acc += tl.sum(tl.where(e_t == 0.0, 0.0, e_t * (x_t - x_s)), axis=0)
+        acc += _teacher_weighted_sum(e_t, x_t - x_s)
 
         m_s = m_s_new
         m_t = m_t_new
@@ -514,18 +527,26 @@ def _acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
-    if student.dim() != 2:
-        raise ValueError(f"student: expected a 2-D [N, V] tensor, got shape {tuple(student.shape)}")
+    _check_logits("student", student)
     if teacher.shape != student.shape:
         raise ValueError(f"teacher: expected shape {tuple(student.shape)} (the student's), got {tuple(teacher.shape)}")
     if teacher.device != student.device:
         raise ValueError(f"teacher: expected device {student.device} (the student's), got {teacher.device}")
-    for name, x in (("student", student), ("teacher", teacher)):
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check_logits("teacher", teacher)
     if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
         raise TypeError(f"student, teacher: float64 must be used for both inputs, got {student.dtype} and "
                         f"{teacher.dtype}")
+    _check_temperature(temperature)
+
+
+def _check_logits(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [N, V] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def _check_temperature(temperature: float) -> None:
     if not (temperature > 0.0 and math.isfinite(temperature)):
         raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
 
