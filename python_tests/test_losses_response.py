@@ -32,9 +32,11 @@ def assert_matches_eager(backend, ours, eager, student, teacher, what):
     """ours(student, teacher) on `backend` against eager(...) in float64 (and in the input precision for slack)."""
     loss, grad = value_and_grad(ours, student, teacher)
     ref_loss, ref_grad = value_and_grad(eager, student.cpu().double(), teacher.cpu().double())
+    # slack: twice the error of the eager formula itself evaluated in the inputs' precision
+    low_loss, low_grad = value_and_grad(eager, student.cpu(), teacher.cpu())
     rtol = RTOL[torch.float64] * 10 if student.dtype == torch.float64 else RTOL[torch.float32]
-    assert_close_to_reference(loss, ref_loss, rtol, f"{what} loss")
-    assert_close_to_reference(grad, ref_grad, RTOL[student.dtype], f"{what} grad",
+    assert_close_to_reference(loss, ref_loss, rtol, f"{what} loss", low_loss)
+    assert_close_to_reference(grad, ref_grad, RTOL[student.dtype], f"{what} grad", low_grad,
                               atol=1e-7 * ref_grad.abs().max().item())
     return loss, grad
 
