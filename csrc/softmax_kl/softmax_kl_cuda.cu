@@ -23,11 +23,7 @@
 namespace kdkernels {
 namespace {
 
-struct CudaElements {
-  using half = __half;
-  using bfloat16 = __nv_bfloat16;
-};
-
+using cuda_rows::CudaElements;
 using softmax_kl::acc_type_t;
 
 void check_rows_fit_the_grid(const at::Tensor& student) {

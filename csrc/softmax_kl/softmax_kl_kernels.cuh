@@ -7,7 +7,8 @@
 //
 // Numerical spec: kdkernels/reference/softmax_kl.py. Inputs: student/teacher logits S, T in {float, __half,
 // __nv_bfloat16} with float accumulation, or double/double with double accumulation. Each element is widened to
-// Acc as soon as it is loaded; all arithmetic is in Acc.
+// Acc as soon as it is loaded; all arithmetic is in Acc. The building blocks shared with the other families
+// (conversions, per-side softmax states, reductions, row walks, launch configurations) are in ../common/cuda_rows.cuh.
 //
 // ---------------------------------------------------------------------------------------------------------------
 // Forward (one pass over s and t). The online state of a subset of a row is kept in *raw logit units* (the units of
@@ -74,324 +75,14 @@
 #ifndef KDKERNELS_SOFTMAX_KL_KERNELS_CUH_
 #define KDKERNELS_SOFTMAX_KL_KERNELS_CUH_
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <math_constants.h>
+#include "../common/cuda_rows.cuh"
 
-#include <cmath>
 #include <cstdint>
 
 namespace kdkernels {
 namespace softmax_kl_cuda {
 
-// ----------------------------------------------------------------------------------------------------------------
-// Element conversions and math in the accumulation type. Explicit intrinsics only: torch builds with
-// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ double widen(double x) { return x; }
-
-template <typename Out>
-struct Narrow;
-template <>
-struct Narrow<float> {
-  __device__ __forceinline__ static float from(float x) { return x; }
-};
-template <>
-struct Narrow<__half> {
-  __device__ __forceinline__ static __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Narrow<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-template <>
-struct Narrow<double> {
-  __device__ __forceinline__ static double from(double x) { return x; }
-};
-
-__device__ __forceinline__ float kd_exp2(float x) { return exp2f(x); }
-__device__ __forceinline__ double kd_exp2(double x) { return exp2(x); }
-__device__ __forceinline__ float kd_log(float x) { return logf(x); }
-__device__ __forceinline__ double kd_log(double x) { return log(x); }
-__device__ __forceinline__ float kd_fma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double kd_fma(double a, double b, double c) { return fma(a, b, c); }
-__device__ __forceinline__ float kd_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double kd_max(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ float kd_exp(float x) { return expf(x); }
-__device__ __forceinline__ double kd_exp(double x) { return exp(x); }
-__device__ __forceinline__ float kd_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double kd_log1p(double x) { return log1p(x); }
-__device__ __forceinline__ float kd_expm1(float x) { return expm1f(x); }
-__device__ __forceinline__ double kd_expm1(double x) { return expm1(x); }
-__device__ __forceinline__ float kd_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double kd_abs(double x) { return fabs(x); }
-
-template <typename Acc>
-__device__ __forceinline__ Acc pos_inf();
-template <>
-__device__ __forceinline__ float pos_inf<float>() {
-  return CUDART_INF_F;
-}
-template <>
-__device__ __forceinline__ double pos_inf<double>() {
-  return CUDART_INF;
-}
-
-template <typename Acc>
-__host__ __device__ __forceinline__ constexpr Acc log2e() {
-  return static_cast<Acc>(1.44269504088896340735992468100189214);
-}
-
-// 16 / max(sizeof(S), sizeof(T)) elements: the wider input gets 16-byte loads.
-template <typename S, typename T>
-struct VecWidth {
-  static constexpr int value = 16 / static_cast<int>(sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
-};
-
-template <typename X, int N>
-struct alignas(sizeof(X) * N) AlignedVec {
-  X val[N];
-};
-
-template <typename X, int N>
-__device__ __forceinline__ AlignedVec<X, N> load_vec(const X* __restrict__ p) {
-  return *reinterpret_cast<const AlignedVec<X, N>*>(p);
-}
-
-template <typename X, int N>
-__device__ __forceinline__ void store_vec(X* __restrict__ p, const AlignedVec<X, N>& v) {
-  *reinterpret_cast<AlignedVec<X, N>*>(p) = v;
-}
-
-// ----------------------------------------------------------------------------------------------------------------
-// Forward online state (raw logit units; see the header comment).
-
-template <typename Acc>
-struct KlState {
-  Acc ms, ds, mt, dt, acc;
-};
-
-template <typename Acc>
-__device__ __forceinline__ KlState<Acc> empty_state() {
-  return KlState<Acc>{-pos_inf<Acc>(), Acc(0), -pos_inf<Acc>(), Acc(0), Acc(0)};
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc safe_shift(Acc m) {
-  return m == -pos_inf<Acc>() ? Acc(0) : m;
-}
-
-// Moves `st` to the maxima (new_ms >= st.ms, new_mt >= st.mt). k = log2(e)/T.
-template <typename Acc>
-__device__ __forceinline__ void rebase(KlState<Acc>& st, Acc new_ms, Acc new_mt, Acc k) {
-  const Acc old_shift_s = safe_shift(st.ms), new_shift_s = safe_shift(new_ms);
-  const Acc old_shift_t = safe_shift(st.mt), new_shift_t = safe_shift(new_mt);
-  if (st.mt != -pos_inf<Acc>()) {  // else dt == acc == 0: nothing to scale
-    const Acc c = kd_exp2((old_shift_t - new_shift_t) * k);
-    if (c == Acc(0)) {
-      st.acc = Acc(0);
-      st.dt = Acc(0);
-    } else {
-      st.acc = c * (st.acc + ((new_shift_s - old_shift_s) - (new_shift_t - old_shift_t)) * st.dt);
-      st.dt *= c;
-    }
-  }
-  if (st.ms != -pos_inf<Acc>()) st.ds *= kd_exp2((old_shift_s - new_shift_s) * k);
-  st.ms = new_ms;
-  st.mt = new_mt;
-}
-
-template <typename Acc>
-__device__ __forceinline__ void merge_into(KlState<Acc>& st, KlState<Acc> other, Acc k) {
-  const Acc ms = kd_max(st.ms, other.ms), mt = kd_max(st.mt, other.mt);
-  rebase(st, ms, mt, k);
-  rebase(other, ms, mt, k);
-  st.ds += other.ds;
-  st.dt += other.dt;
-  st.acc += other.acc;
-}
-
-// Adds n loaded elements (already widened; padding entries are -inf in both, which contribute nothing).
-template <int N, typename Acc>
-__device__ __forceinline__ void accumulate_chunk(KlState<Acc>& st, const Acc (&s)[N], const Acc (&t)[N], Acc k) {
-  Acc chunk_ms = s[0], chunk_mt = t[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) {
-    chunk_ms = kd_max(chunk_ms, s[j]);
-    chunk_mt = kd_max(chunk_mt, t[j]);
-  }
-  if (chunk_ms > st.ms || chunk_mt > st.mt) rebase(st, kd_max(st.ms, chunk_ms), kd_max(st.mt, chunk_mt), k);
-  const Acc shift_s = safe_shift(st.ms), shift_t = safe_shift(st.mt);
-  Acc ds = Acc(0), dt = Acc(0), acc = Acc(0);
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const Acc rel_s = s[j] - shift_s;  // raw units, <= 0
-    const Acc rel_t = t[j] - shift_t;
-    const Acc e_s = kd_exp2(rel_s * k);
-    const Acc e_t = kd_exp2(rel_t * k);
-    ds += e_s;
-    dt += e_t;
-    // e_t == 0 terms are exactly 0 (avoids 0 * inf = NaN when both entries are -inf).
-    acc += e_t > Acc(0) ? e_t * (rel_t - rel_s) : Acc(0);
-  }
-  st.ds += ds;
-  st.dt += dt;
-  st.acc += acc;
-}
-
-template <typename Acc>
-__device__ __forceinline__ KlState<Acc> shfl_xor_state(const KlState<Acc>& st, int offset) {
-  KlState<Acc> other;
-  other.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
-  other.ds = __shfl_xor_sync(0xffffffffu, st.ds, offset);
-  other.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
-  other.dt = __shfl_xor_sync(0xffffffffu, st.dt, offset);
-  other.acc = __shfl_xor_sync(0xffffffffu, st.acc, offset);
-  return other;
-}
-
-// ----------------------------------------------------------------------------------------------------------------
-// Lean per-side online state (ms, ds, mt, dt) of the JSD forward's first pass: the KlState without acc.
-
-template <typename Acc>
-struct SoftmaxPairState {
-  Acc ms, ds, mt, dt;
-};
-
-template <typename Acc>
-__device__ __forceinline__ SoftmaxPairState<Acc> empty_pair_state() {
-  return SoftmaxPairState<Acc>{-pos_inf<Acc>(), Acc(0), -pos_inf<Acc>(), Acc(0)};
-}
-
-// Moves one side's (m, d) to the max new_m >= m. k = log2(e)/T.
-template <typename Acc>
-__device__ __forceinline__ void rebase_side(Acc& m, Acc& d, Acc new_m, Acc k) {
-  if (m != -pos_inf<Acc>()) d *= kd_exp2((safe_shift(m) - safe_shift(new_m)) * k);  // else d == 0 stays 0
-  m = new_m;
-}
-
-template <typename Acc>
-__device__ __forceinline__ void merge_into(SoftmaxPairState<Acc>& st, SoftmaxPairState<Acc> other, Acc k) {
-  const Acc ms = kd_max(st.ms, other.ms), mt = kd_max(st.mt, other.mt);
-  rebase_side(st.ms, st.ds, ms, k);
-  rebase_side(other.ms, other.ds, ms, k);
-  rebase_side(st.mt, st.dt, mt, k);
-  rebase_side(other.mt, other.dt, mt, k);
-  st.ds += other.ds;
-  st.dt += other.dt;
-}
-
-template <int N, typename Acc>
-__device__ __forceinline__ void accumulate_chunk(SoftmaxPairState<Acc>& st, const Acc (&s)[N], const Acc (&t)[N],
-                                                 Acc k) {
-  Acc chunk_ms = s[0], chunk_mt = t[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) {
-    chunk_ms = kd_max(chunk_ms, s[j]);
-    chunk_mt = kd_max(chunk_mt, t[j]);
-  }
-  if (chunk_ms > st.ms) rebase_side(st.ms, st.ds, chunk_ms, k);
-  if (chunk_mt > st.mt) rebase_side(st.mt, st.dt, chunk_mt, k);
-  const Acc shift_s = safe_shift(st.ms), shift_t = safe_shift(st.mt);
-  Acc ds = Acc(0), dt = Acc(0);
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    ds += kd_exp2((s[j] - shift_s) * k);
-    dt += kd_exp2((t[j] - shift_t) * k);
-  }
-  st.ds += ds;
-  st.dt += dt;
-}
-
-template <typename Acc>
-__device__ __forceinline__ SoftmaxPairState<Acc> shfl_xor_state(const SoftmaxPairState<Acc>& st, int offset) {
-  SoftmaxPairState<Acc> other;
-  other.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
-  other.ds = __shfl_xor_sync(0xffffffffu, st.ds, offset);
-  other.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
-  other.dt = __shfl_xor_sync(0xffffffffu, st.dt, offset);
-  return other;
-}
-
-// ----------------------------------------------------------------------------------------------------------------
-// Shared by both forwards.
-
-// Merges the states (KlState or SoftmaxPairState) of `width` consecutive lanes (power of two <= 32, aligned); all
-// 32 lanes must be active. Every lane ends with the same bits (a butterfly of commutative merges).
-template <typename State, typename Acc>
-__device__ __forceinline__ void reduce_lanes(State& st, int width, Acc k) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    merge_into(st, shfl_xor_state(st, offset), k);
-  }
-}
-
-// Visits this lane's share of one row: load units lane, lane + G, lane + 2G, ... (a unit is VEC elements), UNROLL
-// units loaded before fn(s, t) is called on them as Acc arrays of UNROLL * VEC elements (units past the row end are
-// -inf in both); then, when VEC > 1, the V % VEC tail with scalar loads, as arrays of 1 element.
-template <int VEC, int UNROLL, typename Acc, typename S, typename T, typename Fn>
-__device__ __forceinline__ void for_each_row_chunk(const S* __restrict__ s_row, const T* __restrict__ t_row, int64_t V,
-                                                   int lane, int group, Fn&& fn) {
-  const int64_t units = V / VEC;
-  const int64_t step = static_cast<int64_t>(group) * UNROLL;
-  for (int64_t base = lane; base < units; base += step) {
-    Acc s[UNROLL * VEC], t[UNROLL * VEC];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int64_t unit = base + static_cast<int64_t>(u) * group;
-      if (unit < units) {
-        if constexpr (VEC == 1) {
-          s[u] = widen(s_row[unit]);
-          t[u] = widen(t_row[unit]);
-        } else {
-          const AlignedVec<S, VEC> sv = load_vec<S, VEC>(s_row + unit * VEC);
-          const AlignedVec<T, VEC> tv = load_vec<T, VEC>(t_row + unit * VEC);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            s[u * VEC + j] = widen(sv.val[j]);
-            t[u * VEC + j] = widen(tv.val[j]);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          s[u * VEC + j] = -pos_inf<Acc>();
-          t[u * VEC + j] = -pos_inf<Acc>();
-        }
-      }
-    }
-    fn(s, t);
-  }
-  if constexpr (VEC > 1) {
-    for (int64_t j = units * VEC + lane; j < V; j += group) {
-      const Acc s1[1] = {widen(s_row[j])};
-      const Acc t1[1] = {widen(t_row[j])};
-      fn(s1, t1);
-    }
-  }
-}
-
-// Accumulates this lane's share of one row into st (KlState or SoftmaxPairState).
-template <int VEC, int UNROLL, typename State, typename S, typename T, typename Acc>
-__device__ __forceinline__ void accumulate_row(State& st, const S* __restrict__ s_row, const T* __restrict__ t_row,
-                                               int64_t V, int lane, int group, Acc k) {
-  for_each_row_chunk<VEC, UNROLL, Acc>(s_row, t_row, V, lane, group,
-                                       [&](const auto& s, const auto& t) { accumulate_chunk(st, s, t, k); });
-}
-
-// Block mode uses at most 512 threads a row and asks for 2 resident blocks per SM (<= 64 registers a thread; the
-// float kernels need <= 57), so that one block's end-of-row reduction overlaps the other block's loads. Double rows
-// ask for 1 (they need ~110 registers; with 64 they spill).
-constexpr int kForwardMaxThreads = 512;
-template <typename Acc>
-struct ForwardMinBlocksPerSm {
-  static constexpr int value = sizeof(Acc) > 4 ? 1 : 2;
-};
-constexpr int kForwardGroupBlock = 256;  // threads per block in group mode
-constexpr int kBackwardThreads = 256;
+using namespace cuda_rows;  // widen / Narrow / kd_* math, online softmax states, row walks, launch heuristics
 
 // group <= 32: group mode (blockDim.x / group rows per block); group == blockDim.x > 32: one block per row.
 template <typename S, typename T, typename Acc, int VEC, int UNROLL>
@@ -399,46 +90,15 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
     softmax_kl_forward_kernel(const S* __restrict__ student, int64_t student_row_stride, const T* __restrict__ teacher,
                               int64_t teacher_row_stride, int64_t N, int64_t V, Acc inv_t, Acc k, int group,
                               Acc* __restrict__ loss, Acc* __restrict__ stats_student, Acc* __restrict__ stats_teacher) {
-  const int tid = static_cast<int>(threadIdx.x);
-  const bool block_mode = group > 32;
-  int64_t row;
-  int lane;
-  if (block_mode) {
-    row = blockIdx.x;
-    lane = tid;
-  } else {
-    row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + tid / group;
-    lane = tid % group;
-  }
-
-  KlState<Acc> st = empty_state<Acc>();
+  const RowLane rl = row_lane(group);
+  const int64_t row = rl.row;
+  KlState<Acc> st = empty_kl_state<Acc>();
   if (row < N) {  // out-of-range lanes keep the empty state but still take part in the shuffles
-    accumulate_row<VEC, UNROLL>(st, student + row * student_row_stride, teacher + row * teacher_row_stride, V, lane,
-                                group, k);
+    accumulate_row<VEC, UNROLL>(st, V, rl.lane, group, k, student + row * student_row_stride,
+                                teacher + row * teacher_row_stride);
   }
-  reduce_lanes(st, block_mode ? 32 : group, k);
-
-  if (block_mode) {
-    __shared__ Acc partial[5][32];
-    const int warp = tid / 32;
-    const int num_warps = static_cast<int>(blockDim.x) / 32;
-    if (tid % 32 == 0) {
-      partial[0][warp] = st.ms;
-      partial[1][warp] = st.ds;
-      partial[2][warp] = st.mt;
-      partial[3][warp] = st.dt;
-      partial[4][warp] = st.acc;
-    }
-    __syncthreads();
-    if (warp != 0) return;
-    st = tid < num_warps ? KlState<Acc>{partial[0][tid], partial[1][tid], partial[2][tid], partial[3][tid],
-                                        partial[4][tid]}
-                         : empty_state<Acc>();
-    reduce_lanes(st, 32, k);
-    if (tid != 0) return;
-  } else if (lane != 0 || row >= N) {
-    return;
-  }
+  reduce_row(st, rl, empty_kl_state<Acc>(), k);
+  if (rl.lane != 0 || row >= N) return;
 
   const Acc neg_inf = -pos_inf<Acc>();
   stats_student[2 * row] = st.ms;
@@ -459,47 +119,6 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
 // ----------------------------------------------------------------------------------------------------------------
 // Backward: block (TX, TY), row = blockIdx.x * TY + threadIdx.y, units blockIdx.y * TX + threadIdx.x (+ tiles).
 // grad_student / grad_teacher are contiguous [N, V] or nullptr when not requested.
-
-// The elementwise backward of one row, shared by the ops: writes zeros when `zero_row`, else for every entry
-// element(x_s, x_t, grad_s, grad_t) with the widened logits, then narrows and stores the requested gradients.
-template <typename S, typename T, typename Acc, int VEC, typename Element>
-__device__ __forceinline__ void backward_row_elementwise(int64_t row, const S* __restrict__ student,
-                                                         int64_t student_row_stride, const T* __restrict__ teacher,
-                                                         int64_t teacher_row_stride, int64_t V, bool zero_row,
-                                                         S* __restrict__ grad_student, T* __restrict__ grad_teacher,
-                                                         Element element) {
-  const S* s_row = student + row * student_row_stride;
-  const T* t_row = teacher + row * teacher_row_stride;
-  S* gs_row = grad_student != nullptr ? grad_student + row * V : nullptr;
-  T* gt_row = grad_teacher != nullptr ? grad_teacher + row * V : nullptr;
-
-  const int64_t units = V / VEC;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  for (int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; unit < units; unit += step) {
-    const int64_t col = unit * VEC;
-    AlignedVec<S, VEC> gs;
-    AlignedVec<T, VEC> gt;
-    if (zero_row) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        gs.val[j] = Narrow<S>::from(Acc(0));
-        gt.val[j] = Narrow<T>::from(Acc(0));
-      }
-    } else {
-      const AlignedVec<S, VEC> sv = load_vec<S, VEC>(s_row + col);
-      const AlignedVec<T, VEC> tv = load_vec<T, VEC>(t_row + col);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        Acc grad_s, grad_t;
-        element(widen(sv.val[j]), widen(tv.val[j]), grad_s, grad_t);
-        gs.val[j] = Narrow<S>::from(grad_s);
-        gt.val[j] = Narrow<T>::from(grad_t);
-      }
-    }
-    if (gs_row != nullptr) store_vec<S, VEC>(gs_row + col, gs);
-    if (gt_row != nullptr) store_vec<T, VEC>(gt_row + col, gt);
-  }
-}
 
 template <typename S, typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kBackwardThreads)
@@ -523,7 +142,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const Acc l2e = log2e<Acc>();
   backward_row_elementwise<S, T, Acc, VEC>(
       row, student, student_row_stride, teacher, teacher_row_stride, V, zero_row, grad_student, grad_teacher,
-      [&](Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
+      [&](int64_t, Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
         const Acc x_s = student_empty ? neg_inf : (s - max_s) * inv_t - log_sum_s;  // log p_s
         const Acc x_t = (t - max_t) * inv_t - log_sum_t;                            // log p_t
         const Acc p_s = kd_exp2(x_s * l2e);
@@ -610,41 +229,17 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
                                Acc inv_t, Acc k, JsdWeights<Acc> w, int group, Acc* __restrict__ loss,
                                Acc* __restrict__ stats_student, Acc* __restrict__ stats_teacher,
                                Acc* __restrict__ mixture_kl) {
-  const int tid = static_cast<int>(threadIdx.x);
-  const bool block_mode = group > 32;
-  int64_t row;
-  int lane;
-  if (block_mode) {
-    row = blockIdx.x;
-    lane = tid;
-  } else {
-    row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + tid / group;
-    lane = tid % group;
-  }
+  const RowLane rl = row_lane(group);
+  const int64_t row = rl.row;
+  const int lane = rl.lane;
+  const bool block_mode = rl.block_mode;
   const S* s_row = student + row * student_row_stride;
   const T* t_row = teacher + row * teacher_row_stride;
 
-  // Pass 1.
+  // Pass 1 (afterwards every thread of the row holds the row's state).
   SoftmaxPairState<Acc> st = empty_pair_state<Acc>();
-  if (row < N) accumulate_row<VEC, UNROLL>(st, s_row, t_row, V, lane, group, k);
-  reduce_lanes(st, block_mode ? 32 : group, k);
-  const int warp = tid / 32;
-  const int num_warps = static_cast<int>(blockDim.x) / 32;
-  if (block_mode) {
-    __shared__ Acc stat_partial[4][32];
-    if (tid % 32 == 0) {
-      stat_partial[0][warp] = st.ms;
-      stat_partial[1][warp] = st.ds;
-      stat_partial[2][warp] = st.mt;
-      stat_partial[3][warp] = st.dt;
-    }
-    __syncthreads();
-    const int i = tid % 32;  // every warp merges all partials the same way: all threads get the row's state
-    st = i < num_warps ? SoftmaxPairState<Acc>{stat_partial[0][i], stat_partial[1][i], stat_partial[2][i],
-                                               stat_partial[3][i]}
-                       : empty_pair_state<Acc>();
-    reduce_lanes(st, 32, k);
-  }
+  if (row < N) accumulate_row<VEC, UNROLL>(st, V, lane, group, k, s_row, t_row);
+  reduce_row(st, rl, empty_pair_state<Acc>(), k);
 
   // Pass 2.
   const Acc neg_inf = -pos_inf<Acc>();
@@ -653,12 +248,16 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
   const JsdRowStats<Acc> r{st.ms, kd_log(st.ds), st.mt, kd_log(st.dt), kd_log(st.dt / st.ds)};
   Acc kl_t = Acc(0), kl_s = Acc(0);
   if (row < N && !empty_row) {
-    for_each_row_chunk<VEC, UNROLL, Acc>(s_row, t_row, V, lane, group, [&](const auto& s, const auto& t) {
-      accumulate_jsd_chunk(kl_t, kl_s, s, t, r, inv_t, w);
-    });
+    for_each_row_chunk<VEC, UNROLL, Acc>(
+        V, lane, group,
+        [&](const auto&, const auto& s, const auto& t) { accumulate_jsd_chunk(kl_t, kl_s, s, t, r, inv_t, w); }, s_row,
+        t_row);
   }
   sum_lanes(kl_t, kl_s, block_mode ? 32 : group);
   if (block_mode) {
+    const int tid = static_cast<int>(threadIdx.x);
+    const int warp = tid / 32;
+    const int num_warps = static_cast<int>(blockDim.x) / 32;
     __shared__ Acc kl_partial[2][32];
     if (tid % 32 == 0) {
       kl_partial[0][warp] = kl_t;
@@ -707,7 +306,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const Acc scale_t = g * w.beta * inv_t;
   backward_row_elementwise<S, T, Acc, VEC>(
       row, student, student_row_stride, teacher, teacher_row_stride, V, zero, grad_student, grad_teacher,
-      [&](Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
+      [&](int64_t, Acc s, Acc t, Acc& grad_s, Acc& grad_t) {
         Acc lp_s, lp_t, rt, rs;
         jsd_terms(s, t, r, inv_t, w, lp_s, lp_t, rt, rs);
         const Acc p_s = kd_exp(lp_s), p_t = kd_exp(lp_t);
@@ -718,73 +317,6 @@ __global__ void __launch_bounds__(kBackwardThreads)
 
 // ----------------------------------------------------------------------------------------------------------------
 // Host-side launch helpers (one kernel launch each, on `stream`; the caller checks the launch).
-
-inline int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p *= 2;
-  return p;
-}
-
-inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-inline bool is_aligned(const void* p, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
-
-struct ForwardConfig {
-  int group;    // lanes per row (<= 32: group mode) or threads per block (> 32: one block per row)
-  int threads;  // blockDim.x
-  int64_t blocks;
-};
-
-inline ForwardConfig forward_config(int64_t N, int64_t units) {
-  ForwardConfig cfg;
-  if (units <= 256) {
-    cfg.group = static_cast<int>(clamp64(next_pow2((units + 3) / 4), 1, 32));
-    cfg.threads = kForwardGroupBlock;
-    const int64_t rows_per_block = kForwardGroupBlock / cfg.group;
-    cfg.blocks = (N + rows_per_block - 1) / rows_per_block;
-  } else {
-    cfg.group = static_cast<int>(clamp64(next_pow2((units + 7) / 8), 64, kForwardMaxThreads));
-    cfg.threads = cfg.group;
-    cfg.blocks = N;
-  }
-  return cfg;
-}
-
-// Whether the forwards can use VecWidth<S, T> loads (the V % VEC tail is handled with scalar loads).
-template <typename S, typename T>
-bool forward_vectorised(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
-                        int64_t N) {
-  constexpr int kVec = VecWidth<S, T>::value;
-  return kVec > 1 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
-         (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
-}
-
-// Whether the backwards can use VecWidth<S, T> loads and stores (no tail: V % VEC == 0).
-template <typename S, typename T>
-bool backward_vectorised(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
-                         int64_t N, int64_t V, const S* grad_student, const T* grad_teacher) {
-  constexpr int kVec = VecWidth<S, T>::value;
-  return kVec > 1 && V % kVec == 0 && is_aligned(student, kVec * sizeof(S)) && is_aligned(teacher, kVec * sizeof(T)) &&
-         (grad_student == nullptr || is_aligned(grad_student, kVec * sizeof(S))) &&
-         (grad_teacher == nullptr || is_aligned(grad_teacher, kVec * sizeof(T))) &&
-         (N == 1 || (student_row_stride % kVec == 0 && teacher_row_stride % kVec == 0));
-}
-
-struct BackwardConfig {
-  dim3 grid, block;
-};
-
-// (TX, 256 / TX) blocks, TX = min(256, next_pow2(units)); grid (row blocks, min(column tiles, 65535)).
-inline BackwardConfig backward_config(int64_t N, int64_t units) {
-  const int tx = static_cast<int>(clamp64(next_pow2(units), 1, kBackwardThreads));
-  const int ty = kBackwardThreads / tx;
-  BackwardConfig cfg;
-  cfg.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  cfg.grid = dim3(static_cast<unsigned>((N + ty - 1) / ty), static_cast<unsigned>(clamp64((units + tx - 1) / tx, 1, 65535)));
-  return cfg;
-}
 
 // Requires N >= 1, V >= 1, N < 2^31 (the launcher checks). inv_t = 1/T in Acc.
 template <typename S, typename T, typename Acc>
