@@ -3,17 +3,15 @@
 //
 //   pearson = S_st / (sqrt(S_ss) sqrt(S_tt) + 1e-8),   S_ab = sum (y_a - centre_a) (y_b - centre_b)
 // per row (centre 1/V) and per column (centre: the column's mean across the batch).
-// Forward, three passes:
+// Forward, two passes:
 //   1. rows in parallel: each side's (max, log_sum) as in softmax_kl, so that y = exp((x - max) / T - log_sum);
 //   2. column blocks in parallel, each thread walking every row of its blocks: each row's centred sums over the
-//      block (then added up over the blocks) and each column's sums of y_s and y_t;
-//   3. column blocks again: each column's sums of products of values centred at its mean.
-// Column sums are of y minus the column's value in the first row, in double: a constant column has the exact mean,
-// centred values 0 and Pearson correlation exactly 0.
+//      block (then added up over the blocks) and each column's sums, squares and products of y minus the column's
+//      value in the first row, in double, then centred at the column mean (a constant column gives exactly 0).
 // Backward, rows in parallel, with a = y_s - centre, b = y_t - centre, D = sqrt(S_ss) sqrt(S_tt) + 1e-8:
 //   dr/dy_s = b / D - S_st sqrt(S_tt) / (sqrt(S_ss) D^2) a   (second term 0 when S_ss = 0; swap s and t for y_t)
 //   g_s[n, c] = grad_row[n] dr_row/dy_s + grad_col[c] dr_col/dy_s,   grad_s = 1/T y_s (g_s - sum_j g_s y_s)
-// in two walks of each row: the dot product, then the write. Per-row and per-column sums and coefficients are
+// in two walks of each row: the dot product (keeping y and y dL/dy of the row), then the write. Per-row and per-column sums and coefficients are
 // double; per-element arithmetic is vectorised float (double for double inputs).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -37,7 +35,7 @@ namespace {
 using namespace kdkernels::cpu;
 
 constexpr double kEps = 1e-8;             // the reference's cosine epsilon
-constexpr int64_t kMaxBlockWidth = 1024;  // columns per block of passes 2 and 3: four row segments of <= 8 KiB
+constexpr int64_t kMaxBlockWidth = 1024;  // columns per block of pass 2: four row segments of <= 8 KiB
 
 template <typename S, typename T>
 struct Logits {
@@ -90,7 +88,7 @@ struct PearsonCoefficients {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The column blocks of passes 2 and 3: a multiple of the thread count, at most kMaxBlockWidth wide, whole vectors.
+// The column blocks of pass 2: a multiple of the thread count, at most kMaxBlockWidth wide, whole vectors.
 struct ColumnBlocks {
   int64_t width, count;
 
@@ -210,9 +208,17 @@ void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc
                        }
                        double* sum_s = columns.mean_s.data() + first;
                        double* sum_t = columns.mean_t.data() + first;
+                       double* st = columns.st.data() + first;
+                       double* ss = columns.ss.data() + first;
+                       double* tt = columns.tt.data() + first;
                        for (int64_t j = 0; j < n; ++j) {
-                         sum_s[j] += static_cast<double>(y_s[j]) - shift_s[j];
-                         sum_t[j] += static_cast<double>(y_t[j]) - shift_t[j];
+                         const double a = static_cast<double>(y_s[j]) - shift_s[j];
+                         const double b = static_cast<double>(y_t[j]) - shift_t[j];
+                         sum_s[j] += a;
+                         sum_t[j] += b;
+                         st[j] += a * b;
+                         ss[j] += a * a;
+                         tt[j] += b * b;
                        }
                      });
 
@@ -230,25 +236,17 @@ void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc
     out.row_pearson[row] = static_cast<acc_t>(sums.pearson());
   }
 
+  // Sums of values shifted by a sample of their own column are centred by subtracting n mean^2 (in double, with
+  // |mean - shift| of the order of the column's spread, this loses about one digit; a constant column is exactly 0).
+  const double rows = static_cast<double>(x.rows);
   for (int64_t c = 0; c < x.cols; ++c) {
-    columns.mean_s[c] = columns.shift_s[c] + columns.mean_s[c] / static_cast<double>(x.rows);
-    columns.mean_t[c] = columns.shift_t[c] + columns.mean_t[c] / static_cast<double>(x.rows);
+    const double offset_s = columns.mean_s[c] / rows, offset_t = columns.mean_t[c] / rows;
+    columns.st[c] -= rows * offset_s * offset_t;
+    columns.ss[c] = std::max(0.0, columns.ss[c] - rows * offset_s * offset_s);
+    columns.tt[c] = std::max(0.0, columns.tt[c] - rows * offset_t * offset_t);
+    columns.mean_s[c] = columns.shift_s[c] + offset_s;
+    columns.mean_t[c] = columns.shift_t[c] + offset_t;
   }
-  walk_column_blocks(x, blocks, out.stats_student, out.stats_teacher, inv_t,
-                     [&](int64_t, int64_t first, int64_t n, int64_t, const acc_t* y_s, const acc_t* y_t) {
-                       const double* mean_s = columns.mean_s.data() + first;
-                       const double* mean_t = columns.mean_t.data() + first;
-                       double* st = columns.st.data() + first;
-                       double* ss = columns.ss.data() + first;
-                       double* tt = columns.tt.data() + first;
-                       for (int64_t j = 0; j < n; ++j) {
-                         const double a = static_cast<double>(y_s[j]) - mean_s[j];
-                         const double b = static_cast<double>(y_t[j]) - mean_t[j];
-                         st[j] += a * b;
-                         ss[j] += a * a;
-                         tt[j] += b * b;
-                       }
-                     });
 
   for (int64_t c = 0; c < x.cols; ++c) {
     const CentredSums sums{columns.st[c], columns.ss[c], columns.tt[c]};
@@ -322,6 +320,23 @@ struct BackwardInputs {
   const acc_t *grad_row, *grad_col, *row_moments, *col_moments, *stats_student, *stats_teacher;
 };
 
+// Writes one row's gradient 1/T (gy - dot y) from the row's kept y and y dL/dy, narrowing chunk by chunk.
+template <typename acc_t, typename X>
+void write_row_gradient(const acc_t* y, const acc_t* gy, acc_t dot, acc_t inv_t, int64_t cols, X* grad_row,
+                        acc_t* buffer) {
+  using Vec = Vectorized<acc_t>;
+  const Vec v_inv_t(inv_t), v_dot(dot);
+  for (int64_t c = 0; c < cols; c += kChunk) {
+    const int64_t n = std::min(kChunk, cols - c);
+    acc_t* out = chunk_destination(grad_row, c, buffer);
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+      (v_inv_t * (Vec::loadu(gy + c + j, count) - v_dot * Vec::loadu(y + c + j, count))).store(out + j, count);
+    }
+    store_from_acc(out, grad_row + c, n);
+  }
+}
+
 template <typename S, typename T>
 void backward(const Logits<S, T>& x, double temperature, const BackwardInputs<acc_type_t<S, T>>& in, S* grad_student,
               T* grad_teacher) {
@@ -336,6 +351,10 @@ void backward(const Logits<S, T>& x, double temperature, const BackwardInputs<ac
     alignas(64) acc_t t_buffer[kChunk];
     alignas(64) acc_t gs_buffer[kChunk];
     alignas(64) acc_t gt_buffer[kChunk];
+    // The first walk keeps y and y * dL/dy of the row (in acc_t, a few hundred KiB at most: in cache) so that the
+    // second walk writes the gradient without re-reading the logits or recomputing an exponential.
+    std::vector<acc_t> y_s_row(grad_student ? x.cols : 0), gy_s_row(grad_student ? x.cols : 0);
+    std::vector<acc_t> y_t_row(grad_teacher ? x.cols : 0), gy_t_row(grad_teacher ? x.cols : 0);
     for (int64_t row = begin; row < end; ++row) {
       const acc_t* moments = in.row_moments + 3 * row;
       const RowGradientTerms<acc_t> terms(in.stats_student + 2 * row, in.stats_teacher + 2 * row, inv_t, row_centre,
@@ -348,28 +367,30 @@ void backward(const Logits<S, T>& x, double temperature, const BackwardInputs<ac
                             for (int64_t j = 0; j < n; j += Vec::size()) {
                               const int64_t count = std::min<int64_t>(Vec::size(), n - j);
                               const ElementTerms<acc_t> e = terms.at(s + j, t + j, c + j, count);
-                              sum_s = at::vec::fmadd(e.g_s, e.y_s, sum_s);
-                              sum_t = at::vec::fmadd(e.g_t, e.y_t, sum_t);
+                              const Vec gy_s = e.g_s * e.y_s, gy_t = e.g_t * e.y_t;
+                              sum_s += gy_s;
+                              sum_t += gy_t;
+                              if (grad_student) {
+                                e.y_s.store(y_s_row.data() + c + j, count);
+                                gy_s.store(gy_s_row.data() + c + j, count);
+                              }
+                              if (grad_teacher) {
+                                e.y_t.store(y_t_row.data() + c + j, count);
+                                gy_t.store(gy_t_row.data() + c + j, count);
+                              }
                             }
                             dot_s += at::vec::vec_reduce_all<acc_t>(add, sum_s);
                             dot_t += at::vec::vec_reduce_all<acc_t>(add, sum_t);
                           });
-      const Vec v_inv_t(inv_t), v_dot_s(static_cast<acc_t>(dot_s)), v_dot_t(static_cast<acc_t>(dot_t));
-      S* gs_row = grad_student ? grad_student + row * x.cols : nullptr;
-      T* gt_row = grad_teacher ? grad_teacher + row * x.cols : nullptr;
-      for_each_chunk_pair(x.student_row(row), x.teacher_row(row), x.cols, s_buffer, t_buffer,
-                          [&](int64_t c, const acc_t* s, const acc_t* t, int64_t n) {
-                            acc_t* gs = chunk_destination(gs_row, c, gs_buffer);
-                            acc_t* gt = chunk_destination(gt_row, c, gt_buffer);
-                            for (int64_t j = 0; j < n; j += Vec::size()) {
-                              const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-                              const ElementTerms<acc_t> e = terms.at(s + j, t + j, c + j, count);
-                              if (gs) (v_inv_t * e.y_s * (e.g_s - v_dot_s)).store(gs + j, count);
-                              if (gt) (v_inv_t * e.y_t * (e.g_t - v_dot_t)).store(gt + j, count);
-                            }
-                            if (gs_row) store_from_acc(gs, gs_row + c, n);
-                            if (gt_row) store_from_acc(gt, gt_row + c, n);
-                          });
+      // grad = 1/T y (dL/dy - dot) = 1/T (y dL/dy - dot y)
+      if (grad_student) {
+        write_row_gradient(y_s_row.data(), gy_s_row.data(), static_cast<acc_t>(dot_s), inv_t, x.cols,
+                           grad_student + row * x.cols, gs_buffer);
+      }
+      if (grad_teacher) {
+        write_row_gradient(y_t_row.data(), gy_t_row.data(), static_cast<acc_t>(dot_t), inv_t, x.cols,
+                           grad_teacher + row * x.cols, gt_buffer);
+      }
     }
   });
 }
