@@ -3,16 +3,18 @@
 //
 //   pearson = S_st / (sqrt(S_ss) sqrt(S_tt) + 1e-8),   S_ab = sum (y_a - centre_a) (y_b - centre_b)
 // per row (centre 1/V) and per column (centre: the column's mean across the batch).
-// Forward, two passes:
-//   1. rows in parallel: each side's (max, log_sum) as in softmax_kl, so that y = exp((x - max) / T - log_sum);
-//   2. column blocks in parallel, each thread walking every row of its blocks: each row's centred sums over the
-//      block (then added up over the blocks) and each column's sums, squares and products of y minus the column's
-//      value in the first row, in double, then centred at the column mean (a constant column gives exactly 0).
+// Forward: each column's sums, squares and products of y minus the column's value in the first row are summed in
+// acc_t over tiles of 4 rows, then in double, and centred at the column mean at the end (a constant column gives
+// exactly 0); each row's centred sums come from the same y. Two strategies:
+//   V <= 4096: rows in parallel, each row's softmax formed once (max, then exp, then scale); per-thread column
+//      accumulators (in cache) added up at the end;
+//   V > 4096: every row's (max, log_sum) first, then column blocks in parallel, each thread walking every row of its
+//      blocks, so that its column accumulators stay in cache.
 // Backward, rows in parallel, with a = y_s - centre, b = y_t - centre, D = sqrt(S_ss) sqrt(S_tt) + 1e-8:
 //   dr/dy_s = b / D - S_st sqrt(S_tt) / (sqrt(S_ss) D^2) a   (second term 0 when S_ss = 0; swap s and t for y_t)
 //   g_s[n, c] = grad_row[n] dr_row/dy_s + grad_col[c] dr_col/dy_s,   grad_s = 1/T y_s (g_s - sum_j g_s y_s)
-// in two walks of each row: the dot product (keeping y and y dL/dy of the row), then the write. Per-row and per-column sums and coefficients are
-// double; per-element arithmetic is vectorised float (double for double inputs).
+// in two walks of each row: the dot product (keeping y and y dL/dy of the row), then the write. Per-row and
+// per-column sums and coefficients are double; per-element arithmetic is vectorised float (double for double inputs).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -35,7 +37,8 @@ namespace {
 using namespace kdkernels::cpu;
 
 constexpr double kEps = 1e-8;             // the reference's cosine epsilon
-constexpr int64_t kMaxBlockWidth = 1024;  // columns per block of pass 2: four row segments of <= 8 KiB
+constexpr int64_t kMaxBlockWidth = 1024;  // columns per block of the column-block forward: row segments of <= 8 KiB
+constexpr int64_t kRowWiseMaxCols = 4096;  // up to this V the forward walks rows (its accumulators fit in L2)
 
 template <typename S, typename T>
 struct Logits {
@@ -85,74 +88,6 @@ struct PearsonCoefficients {
     beta_t = tt > 0.0 ? grad * st * root_ss / (root_tt * d * d) : 0.0;
   }
 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The column blocks of pass 2: a multiple of the thread count, at most kMaxBlockWidth wide, whole vectors.
-struct ColumnBlocks {
-  int64_t width, count;
-
-  explicit ColumnBlocks(int64_t cols) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t wanted = ceil_div(std::max(ceil_div(cols, kMaxBlockWidth), threads), threads) * threads;
-    constexpr int64_t kLanes = 16;  // a whole number of vectors of every acc_t and ISA
-    width = ceil_div(ceil_div(cols, wanted), kLanes) * kLanes;
-    count = ceil_div(cols, width);
-  }
-};
-
-// Pass 1: each row's (max, log_sum) of both sides.
-template <typename S, typename T>
-void row_statistics(const Logits<S, T>& x, acc_type_t<S, T> inv_t, acc_type_t<S, T>* stats_student,
-                    acc_type_t<S, T>* stats_teacher) {
-  using acc_t = acc_type_t<S, T>;
-  at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kChunk];
-    alignas(64) acc_t t_buffer[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      LogSumState side_s, side_t;
-      for_each_chunk_pair(x.student_row(row), x.teacher_row(row), x.cols, s_buffer, t_buffer,
-                          [&](int64_t, const acc_t* s, const acc_t* t, int64_t n) {
-                            log_sum_chunk<acc_t>(side_s, s, n, inv_t);
-                            log_sum_chunk<acc_t>(side_t, t, n, inv_t);
-                          });
-      stats_student[2 * row] = static_cast<acc_t>(side_s.max);
-      stats_student[2 * row + 1] = static_cast<acc_t>(std::log(side_s.sum));
-      stats_teacher[2 * row] = static_cast<acc_t>(side_t.max);
-      stats_teacher[2 * row + 1] = static_cast<acc_t>(std::log(side_t.sum));
-    }
-  });
-}
-
-// Column blocks in parallel; within a block, every row in order: visit(block, first_column, n, row, y_s, y_t) with
-// the row's n values of y_s and y_t in the block.
-template <typename S, typename T, typename Visit>
-void walk_column_blocks(const Logits<S, T>& x, const ColumnBlocks& blocks, const acc_type_t<S, T>* stats_student,
-                        const acc_type_t<S, T>* stats_teacher, acc_type_t<S, T> inv_t, Visit visit) {
-  using acc_t = acc_type_t<S, T>;
-  using Vec = Vectorized<acc_t>;
-  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kMaxBlockWidth];
-    alignas(64) acc_t t_buffer[kMaxBlockWidth];
-    alignas(64) acc_t y_s[kMaxBlockWidth];
-    alignas(64) acc_t y_t[kMaxBlockWidth];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * blocks.width;
-      const int64_t n = std::min(blocks.width, x.cols - first);
-      for (int64_t row = 0; row < x.rows; ++row) {
-        const acc_t* s = as_acc(x.student_row(row) + first, s_buffer, n);
-        const acc_t* t = as_acc(x.teacher_row(row) + first, t_buffer, n);
-        const RowSoftmax<acc_t> softmax_s(stats_student + 2 * row, inv_t), softmax_t(stats_teacher + 2 * row, inv_t);
-        for (int64_t j = 0; j < n; j += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-          softmax_s.at(s + j, count).store(y_s + j, count);
-          softmax_t.at(t + j, count).store(y_t + j, count);
-        }
-        visit(block, first, n, row, y_s, y_t);
-      }
-    }
-  });
-}
 
 // The centred sums of n values of a row segment, centre `centre`.
 template <typename acc_t>
@@ -224,8 +159,190 @@ struct ForwardOutputs {
   acc_t *row_pearson, *col_pearson, *row_moments, *col_moments, *stats_student, *stats_teacher;
 };
 
+// One row's softmax of both sides into y_s, y_t [cols] (acc_t), and its stats (max, log_sum): the max first, then
+// e = exp((x - max) / T) once per element, y = e * exp(-log_sum) with exp(-log_sum) formed from the stored log_sum
+// exactly as RowSoftmax does, so that the backward recomputes the very same y.
+template <typename acc_t, typename X>
+void row_softmax(const X* x, int64_t cols, acc_t inv_t, acc_t* widened, acc_t* y, acc_t* stats) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t* values = as_acc(x, widened, cols);
+  const acc_t max = max_of(values, cols);
+  const double shift = safe_shift(max);
+  const Vec v_shift(static_cast<acc_t>(shift)), v_inv_t(inv_t);
+  double sum = 0.0;
+  for (int64_t c = 0; c < cols; c += kChunk) {
+    const int64_t n = std::min(kChunk, cols - c);
+    Vec partial(acc_t(0));
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+      const Vec e = ((load_padded(values + c + j, count) - v_shift) * v_inv_t).exp();
+      partial += e;
+      e.store(y + c + j, count);
+    }
+    sum += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, partial);
+  }
+  stats[0] = max;
+  stats[1] = static_cast<acc_t>(std::log(sum));
+  const Vec inv_sum(static_cast<acc_t>(std::exp(-static_cast<double>(stats[1]))));
+  for (int64_t j = 0; j < cols; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), cols - j);
+    (Vec::loadu(y + j, count) * inv_sum).store(y + j, count);
+  }
+}
+
+// Centres the column accumulators and writes col_moments and col_pearson. Sums of values shifted by a sample of
+// their own column are centred by subtracting n mean^2 (in double, with |mean - shift| of the order of the column's
+// spread, this loses about one digit; a constant column is exactly 0).
+template <typename acc_t>
+void write_column_outputs(ColumnAccumulators& columns, const std::vector<acc_t>& shifts_s,
+                          const std::vector<acc_t>& shifts_t, int64_t row_count, int64_t cols,
+                          const ForwardOutputs<acc_t>& out) {
+  const double rows = static_cast<double>(row_count);
+  for (int64_t c = 0; c < cols; ++c) {
+    const double offset_s = columns.mean_s[c] / rows, offset_t = columns.mean_t[c] / rows;
+    columns.st[c] -= rows * offset_s * offset_t;
+    columns.ss[c] = std::max(0.0, columns.ss[c] - rows * offset_s * offset_s);
+    columns.tt[c] = std::max(0.0, columns.tt[c] - rows * offset_t * offset_t);
+    columns.mean_s[c] = static_cast<double>(shifts_s[c]) + offset_s;
+    columns.mean_t[c] = static_cast<double>(shifts_t[c]) + offset_t;
+  }
+
+  for (int64_t c = 0; c < cols; ++c) {
+    const CentredSums sums{columns.st[c], columns.ss[c], columns.tt[c]};
+    acc_t* moments = out.col_moments + 5 * c;
+    moments[0] = static_cast<acc_t>(columns.mean_s[c]);
+    moments[1] = static_cast<acc_t>(columns.mean_t[c]);
+    moments[2] = static_cast<acc_t>(sums.st);
+    moments[3] = static_cast<acc_t>(sums.ss);
+    moments[4] = static_cast<acc_t>(sums.tt);
+    out.col_pearson[c] = static_cast<acc_t>(sums.pearson());
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The column blocks of pass 2: a multiple of the thread count, at most kMaxBlockWidth wide, whole vectors.
+struct ColumnBlocks {
+  int64_t width, count;
+
+  explicit ColumnBlocks(int64_t cols) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t wanted = ceil_div(std::max(ceil_div(cols, kMaxBlockWidth), threads), threads) * threads;
+    constexpr int64_t kLanes = 16;  // a whole number of vectors of every acc_t and ISA
+    width = ceil_div(ceil_div(cols, wanted), kLanes) * kLanes;
+    count = ceil_div(cols, width);
+  }
+};
+
+// Pass 1: each row's (max, log_sum) of both sides.
 template <typename S, typename T>
-void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
+void row_statistics(const Logits<S, T>& x, acc_type_t<S, T> inv_t, acc_type_t<S, T>* stats_student,
+                    acc_type_t<S, T>* stats_teacher) {
+  using acc_t = acc_type_t<S, T>;
+  at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kChunk];
+    alignas(64) acc_t t_buffer[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      LogSumState side_s, side_t;
+      for_each_chunk_pair(x.student_row(row), x.teacher_row(row), x.cols, s_buffer, t_buffer,
+                          [&](int64_t, const acc_t* s, const acc_t* t, int64_t n) {
+                            log_sum_chunk<acc_t>(side_s, s, n, inv_t);
+                            log_sum_chunk<acc_t>(side_t, t, n, inv_t);
+                          });
+      stats_student[2 * row] = static_cast<acc_t>(side_s.max);
+      stats_student[2 * row + 1] = static_cast<acc_t>(std::log(side_s.sum));
+      stats_teacher[2 * row] = static_cast<acc_t>(side_t.max);
+      stats_teacher[2 * row + 1] = static_cast<acc_t>(std::log(side_t.sum));
+    }
+  });
+}
+
+// Column blocks in parallel; within a block, every row in order: visit(block, first_column, n, row, y_s, y_t) with
+// the row's n values of y_s and y_t in the block.
+template <typename S, typename T, typename Visit>
+void walk_column_blocks(const Logits<S, T>& x, const ColumnBlocks& blocks, const acc_type_t<S, T>* stats_student,
+                        const acc_type_t<S, T>* stats_teacher, acc_type_t<S, T> inv_t, Visit visit) {
+  using acc_t = acc_type_t<S, T>;
+  using Vec = Vectorized<acc_t>;
+  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t s_buffer[kMaxBlockWidth];
+    alignas(64) acc_t t_buffer[kMaxBlockWidth];
+    alignas(64) acc_t y_s[kMaxBlockWidth];
+    alignas(64) acc_t y_t[kMaxBlockWidth];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * blocks.width;
+      const int64_t n = std::min(blocks.width, x.cols - first);
+      for (int64_t row = 0; row < x.rows; ++row) {
+        const acc_t* s = as_acc(x.student_row(row) + first, s_buffer, n);
+        const acc_t* t = as_acc(x.teacher_row(row) + first, t_buffer, n);
+        const RowSoftmax<acc_t> softmax_s(stats_student + 2 * row, inv_t), softmax_t(stats_teacher + 2 * row, inv_t);
+        for (int64_t j = 0; j < n; j += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+          softmax_s.at(s + j, count).store(y_s + j, count);
+          softmax_t.at(t + j, count).store(y_t + j, count);
+        }
+        visit(block, first, n, row, y_s, y_t);
+      }
+    }
+  });
+}
+
+// Short rows (the column accumulators stay in cache): rows in parallel, each row's softmax formed once.
+template <typename S, typename T>
+void forward_by_rows(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
+  using acc_t = acc_type_t<S, T>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t row_centre = static_cast<acc_t>(1.0 / static_cast<double>(x.cols));
+  // Row 0's y are the column shifts (a constant column then has values - shift exactly 0).
+  std::vector<acc_t> shifts_s(x.cols), shifts_t(x.cols), scratch(x.cols);
+  row_softmax(x.student_row(0), x.cols, inv_t, scratch.data(), shifts_s.data(), out.stats_student);
+  row_softmax(x.teacher_row(0), x.cols, inv_t, scratch.data(), shifts_t.data(), out.stats_teacher);
+  // Rows in parallel; each thread sums its rows' column moments in its own accumulators, added up afterwards.
+  std::vector<ColumnAccumulators> partials(at::get_num_threads(), ColumnAccumulators(x.cols));
+  at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
+    ColumnAccumulators& columns = partials[at::get_thread_num()];
+    ShiftedMomentTile<acc_t> tile(x.cols);
+    std::vector<acc_t> widened(x.cols), y_s(x.cols), y_t(x.cols);
+    int64_t tile_rows = 0;
+    for (int64_t row = begin; row < end; ++row) {
+      row_softmax(x.student_row(row), x.cols, inv_t, widened.data(), y_s.data(), out.stats_student + 2 * row);
+      row_softmax(x.teacher_row(row), x.cols, inv_t, widened.data(), y_t.data(), out.stats_teacher + 2 * row);
+      CentredSums sums;  // vector sums in acc_t per chunk, added up in double
+      for (int64_t c = 0; c < x.cols; c += kChunk) {
+        const CentredSums part = row_centred_sums(y_s.data() + c, y_t.data() + c, std::min(kChunk, x.cols - c),
+                                                  row_centre);
+        sums.st += part.st;
+        sums.ss += part.ss;
+        sums.tt += part.tt;
+      }
+      out.row_moments[3 * row] = static_cast<acc_t>(sums.st);
+      out.row_moments[3 * row + 1] = static_cast<acc_t>(sums.ss);
+      out.row_moments[3 * row + 2] = static_cast<acc_t>(sums.tt);
+      out.row_pearson[row] = static_cast<acc_t>(sums.pearson());
+      tile.add(y_s.data(), y_t.data(), shifts_s.data(), shifts_t.data(), 0, x.cols);
+      if (++tile_rows == kTileRows || row + 1 == end) {
+        tile.flush_into(columns, 0, x.cols);
+        tile_rows = 0;
+      }
+    }
+  });
+  ColumnAccumulators& columns = partials[0];
+  for (size_t part = 1; part < partials.size(); ++part) {
+    for (int64_t c = 0; c < x.cols; ++c) {
+      columns.mean_s[c] += partials[part].mean_s[c];
+      columns.mean_t[c] += partials[part].mean_t[c];
+      columns.st[c] += partials[part].st[c];
+      columns.ss[c] += partials[part].ss[c];
+      columns.tt[c] += partials[part].tt[c];
+    }
+  }
+  write_column_outputs(columns, shifts_s, shifts_t, x.rows, x.cols, out);
+}
+
+// Long rows: (max, log_sum) of every row first, then column blocks in parallel, each thread walking every row of
+// its blocks, so that its column accumulators stay in cache.
+template <typename S, typename T>
+void forward_by_column_blocks(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
   using acc_t = acc_type_t<S, T>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   row_statistics(x, inv_t, out.stats_student, out.stats_teacher);
@@ -260,28 +377,15 @@ void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc
     out.row_moments[3 * row + 2] = static_cast<acc_t>(sums.tt);
     out.row_pearson[row] = static_cast<acc_t>(sums.pearson());
   }
+  write_column_outputs(columns, shifts_s, shifts_t, x.rows, x.cols, out);
+}
 
-  // Sums of values shifted by a sample of their own column are centred by subtracting n mean^2 (in double, with
-  // |mean - shift| of the order of the column's spread, this loses about one digit; a constant column is exactly 0).
-  const double rows = static_cast<double>(x.rows);
-  for (int64_t c = 0; c < x.cols; ++c) {
-    const double offset_s = columns.mean_s[c] / rows, offset_t = columns.mean_t[c] / rows;
-    columns.st[c] -= rows * offset_s * offset_t;
-    columns.ss[c] = std::max(0.0, columns.ss[c] - rows * offset_s * offset_s);
-    columns.tt[c] = std::max(0.0, columns.tt[c] - rows * offset_t * offset_t);
-    columns.mean_s[c] = static_cast<double>(shifts_s[c]) + offset_s;
-    columns.mean_t[c] = static_cast<double>(shifts_t[c]) + offset_t;
-  }
-
-  for (int64_t c = 0; c < x.cols; ++c) {
-    const CentredSums sums{columns.st[c], columns.ss[c], columns.tt[c]};
-    acc_t* moments = out.col_moments + 5 * c;
-    moments[0] = static_cast<acc_t>(columns.mean_s[c]);
-    moments[1] = static_cast<acc_t>(columns.mean_t[c]);
-    moments[2] = static_cast<acc_t>(sums.st);
-    moments[3] = static_cast<acc_t>(sums.ss);
-    moments[4] = static_cast<acc_t>(sums.tt);
-    out.col_pearson[c] = static_cast<acc_t>(sums.pearson());
+template <typename S, typename T>
+void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
+  if (x.cols <= kRowWiseMaxCols) {
+    forward_by_rows(x, temperature, out);
+  } else {
+    forward_by_column_blocks(x, temperature, out);
   }
 }
 
