@@ -24,8 +24,8 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     statistic of the batch: it needs at least two rows (pass ``gamma=0`` for the inter term alone) and, under data
     parallelism, it is computed on each process's local batch, as in DIST_KD. Leading dims of ``[..., C]`` logits are
     rows (for segmentation maps, move the class dim last first). Gradients reach the teacher too when it requires
-    grad. One fused op computes both terms in two passes over the logits (two more for the gradient) and never stores a
-    probability tensor.
+    grad. One fused op computes both terms in one pass over the logits (two for rows longer than 4096 classes), one
+    more for the gradient, and never stores a probability tensor.
     """
     _check_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
