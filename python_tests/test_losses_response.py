@@ -307,3 +307,24 @@ def test_dist_loss_does_not_synchronise(backend, monkeypatch):
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_gradcheck_float64(backend):
+    """Finite differences through every new fused op, both inputs (top-k: the student)."""
+    device = require_backend(backend)
+    student = logits((3, 7), torch.float64, device, seed=32).requires_grad_()
+    teacher = logits((3, 7), torch.float64, device, seed=33).requires_grad_()
+    labels = torch.tensor([0, 6, 3], device=device)
+    log_probs, indices = torch.log_softmax(logits((3, 7), torch.float64, device, seed=34), -1).topk(3)
+    checks = [
+        lambda s, t: kdkernels.dkd_loss(s, t, labels, 1.7, 1.0, 2.0, "sum", backend=backend),
+        lambda s, t: torch.stack(kdkernels.dkd_loss(s, t, labels, 0.8, return_parts=True, backend=backend)),
+        lambda s, t: kdkernels.dist_loss(s, t, 1.3, 1.0, 0.5, backend=backend),
+        lambda s, t: kdkernels.kd_loss(s, teacher_topk_logprobs=log_probs, teacher_topk_indices=indices,
+                                       temperature=1.0, topk_convention="tail", backend=backend) + 0 * t.sum(),
+    ]
+    for fn in checks:
+        assert torch.autograd.gradcheck(fn, (student, teacher))
+    assert torch.autograd.gradcheck(lambda s: kdkernels.nkd_loss(s, teacher.detach(), labels, 2.0, backend=backend),
+                                    (student,))
