@@ -12,21 +12,11 @@ import numbers
 import torch
 
 from kdkernels import backends
-from kdkernels.losses import _as_rows, _check_logits, _check_temperature
+from kdkernels._log_space import kl_from_log_probs
+from kdkernels.losses import _as_rows, _check_temperature, check_logits_pair
 from kdkernels.ops.target_split import target_split_terms
 
 DKD_REDUCTIONS = ("batchmean", "sum", "none")
-
-
-def _check_pair(student_logits, teacher_logits) -> None:
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits and teacher_logits must be on the same device, got "
-                         f"{student_logits.device} and {teacher_logits.device}")
 
 
 def _check_real(name: str, value, *, positive: bool = False) -> float:
@@ -62,16 +52,6 @@ def class_labels(labels, logits: torch.Tensor, *, allow_soft: bool = False) -> t
     return labels
 
 
-def _two_bin_kl(log_bins_teacher: torch.Tensor, log_bins_student: torch.Tensor) -> torch.Tensor:
-    """Per-row KL of two-bin distributions given in log space [N, 2]; a zero-probability teacher bin adds 0."""
-    bins_teacher = log_bins_teacher.exp()
-    present = bins_teacher > 0
-    zero = torch.zeros_like(bins_teacher)
-    # Safe operands keep the backward of the discarded branch free of 0 * inf.
-    ratio = torch.where(present, log_bins_teacher, zero) - torch.where(present, log_bins_student, zero)
-    return torch.where(present, bins_teacher * ratio, zero).sum(dim=-1)
-
-
 def _reduce(rows: torch.Tensor, reduction: str, leading_shape: torch.Size) -> torch.Tensor:
     if reduction == "none":
         return rows.reshape(leading_shape)
@@ -102,7 +82,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         return_parts: return ``(tckd, nckd)`` (each reduced and T²-scaled, without alpha / beta) instead.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
     """
-    _check_pair(student_logits, teacher_logits)
+    check_logits_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     alpha, beta = _check_real("alpha", alpha), _check_real("beta", beta)
     if reduction not in DKD_REDUCTIONS:
@@ -114,7 +94,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     name = backends.select_backend(backend, student, teacher, required_ops=("target_split",))
     terms = target_split_terms(student, teacher, targets, temperature, name)
     scale = temperature * temperature
-    tckd = _two_bin_kl(terms[:, 2:4], terms[:, 0:2]) * scale
+    tckd = kl_from_log_probs(terms[:, 2:4], terms[:, 0:2]) * scale
     nckd = terms[:, 4] * scale
     leading_shape = student_logits.shape[:-1]
     if return_parts:
@@ -135,7 +115,7 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     cls_KD. At ``T = 1`` one pass over the logits gives both terms; otherwise the target term takes a second pass at
     temperature 1. Add the student's own cross-entropy separately, as cls_KD does.
     """
-    _check_pair(student_logits, teacher_logits)
+    check_logits_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     gamma = _check_real("gamma", gamma)
     targets = class_labels(labels, student_logits, allow_soft=True)

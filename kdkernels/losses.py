@@ -26,6 +26,18 @@ def _check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(logits.shape)}); expected at least one row and one class")
 
 
+def check_logits_pair(student_logits, teacher_logits) -> None:
+    """Both logits valid, of one shape and on one device."""
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got "
+                         f"{student_logits.device} and {teacher_logits.device}")
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
@@ -183,13 +195,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
     else:
         if teacher_logits is None:
             raise TypeError("kd_loss needs teacher_logits, or teacher_topk_logprobs and teacher_topk_indices")
-        _check_logits("teacher_logits", teacher_logits)
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
-                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-        if student_logits.device != teacher_logits.device:
-            raise ValueError(f"student_logits and teacher_logits must be on the same device, got "
-                             f"{student_logits.device} and {teacher_logits.device}")
+        check_logits_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from kdkernels import backends
-from kdkernels.decoupled_losses import _check_pair, _check_real
-from kdkernels.losses import _as_rows, _check_temperature
+from kdkernels.decoupled_losses import _check_real
+from kdkernels.losses import _as_rows, _check_temperature, check_logits_pair
 from kdkernels.ops.dist import dist_pearson
 
 
@@ -27,7 +27,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     grad. One fused op computes both terms in one pass over the logits (two for rows longer than 4096 classes), one
     more for the gradient, and never stores a probability tensor.
     """
-    _check_pair(student_logits, teacher_logits)
+    check_logits_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     beta, gamma = _check_real("beta", beta), _check_real("gamma", gamma)
     student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)

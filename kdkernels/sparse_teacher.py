@@ -21,18 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from kdkernels._log_space import kl_from_log_probs
 from kdkernels.ops.logsoftmax_gather import logsoftmax_gather
 
 TOPK_CONVENTIONS = ("renormalize", "tail")
-
-
-def _kl_terms(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Σ q (log q - log p) over the last dim; a zero teacher probability adds exactly 0 (gradients included)."""
-    q = log_q.exp()
-    present = q > 0
-    zero = torch.zeros_like(q)
-    ratio = torch.where(present, log_q, zero) - torch.where(present, log_p, zero)
-    return torch.where(present, q * ratio, zero).sum(dim=-1)
 
 
 def _log_tail(log_probs: torch.Tensor, floor: float) -> torch.Tensor:
@@ -51,8 +43,8 @@ def topk_kl_rows(student: torch.Tensor, topk_logprobs: torch.Tensor, topk_indice
         empty = torch.isneginf(scaled).all(dim=-1, keepdim=True)
         scaled = torch.where(empty, torch.zeros_like(scaled), scaled)
         log_q = torch.where(empty, torch.full_like(scaled, float("-inf")), torch.log_softmax(scaled, dim=-1))
-        return _kl_terms(log_q, log_p_student)
+        return kl_from_log_probs(log_q, log_p_student)
     log_q = torch.cat((teacher, _log_tail(teacher, 0.0).unsqueeze(-1)), dim=-1)
     tiny = torch.finfo(log_p_student.dtype).tiny
     log_p = torch.cat((log_p_student, _log_tail(log_p_student, tiny).unsqueeze(-1)), dim=-1)
-    return _kl_terms(log_q, log_p)
+    return kl_from_log_probs(log_q, log_p)
