@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from kdkernels import _extension
+from kdkernels import backends  # noqa: F401  (imports the Triton twins, so that their ops exist here)
 
 
 def accumulation_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _extension, backends
+from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, register_family
 from kdkernels.reference import softmax_kl as reference
 
 
-def _accumulation_dtype(student: torch.Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(student, teacher, temperature):
-    rows = student.shape[0]
-    dtype = _accumulation_dtype(student)
+    rows, dtype = student.shape[0], accumulation_dtype(student)
     return (student.new_empty((rows,), dtype=dtype), student.new_empty((rows, 2), dtype=dtype),
             student.new_empty((rows, 2), dtype=dtype))
 
 
 def _fake_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature, student_grad,
                    teacher_grad):
-    grad_student = torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad else \
-        student.new_empty((0,))
-    grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else \
-        teacher.new_empty((0,))
-    return grad_student, grad_teacher
+    return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -46,7 +37,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats_student, stats_teacher)
 
 
-def _autograd_backward(backward_op):
+def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_stats_student, _grad_stats_teacher):
         student, teacher, stats_student, stats_teacher, loss = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -57,32 +48,15 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
-
-
-if _extension._C is not None:
-    torch.library.register_fake("kdkernels::softmax_kl_forward")(_fake_forward)
-    torch.library.register_fake("kdkernels::softmax_kl_backward")(_fake_backward)
-    _register_autograd("kdkernels::softmax_kl_forward", torch.ops.kdkernels.softmax_kl_backward.default)
-
-# The Triton ops (and their fakes) are defined when kdkernels.triton.softmax_kl is imported, which happens only where
-# triton can run: a CUDA device is visible, or TRITON_INTERPRET=1.
-if not backends.unsupported_install_reasons("triton"):
-    _register_autograd("kdkernels::triton_softmax_kl_forward", torch.ops.kdkernels.triton_softmax_kl_backward.default)
-
-
 def _fake_jsd_forward(student, teacher, temperature, beta):
-    rows = student.shape[0]
-    dtype = _accumulation_dtype(student)
+    rows, dtype = student.shape[0], accumulation_dtype(student)
     return (student.new_empty((rows,), dtype=dtype),) + tuple(student.new_empty((rows, 2), dtype=dtype)
                                                                for _ in range(3))
 
 
 def _fake_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta,
                        student_grad, teacher_grad):
-    return _fake_backward(grad_loss, student, teacher, stats_student, stats_teacher, None, temperature,
-                          student_grad, teacher_grad)
+    return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 
 def _setup_jsd_context(ctx, inputs, output):
@@ -93,7 +67,7 @@ def _setup_jsd_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats_student, stats_teacher, mixture_kl)
 
 
-def _jsd_autograd_backward(backward_op):
+def _make_jsd_backward(backward_op):
     def backward(ctx, grad_loss, *_grad_statistics):
         student, teacher, stats_student, stats_teacher, mixture_kl = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -105,19 +79,12 @@ def _jsd_autograd_backward(backward_op):
     return backward
 
 
-if _extension._C is not None:
-    torch.library.register_fake("kdkernels::softmax_jsd_forward")(_fake_jsd_forward)
-    torch.library.register_fake("kdkernels::softmax_jsd_backward")(_fake_jsd_backward)
-    torch.library.register_autograd("kdkernels::softmax_jsd_forward",
-                                    _jsd_autograd_backward(torch.ops.kdkernels.softmax_jsd_backward.default),
-                                    setup_context=_setup_jsd_context)
-
-TRITON_JSD = not backends.unsupported_install_reasons("triton") and hasattr(torch.ops.kdkernels,
-                                                                               "triton_softmax_jsd_forward")
-if TRITON_JSD:
-    torch.library.register_autograd("kdkernels::triton_softmax_jsd_forward",
-                                    _jsd_autograd_backward(torch.ops.kdkernels.triton_softmax_jsd_backward.default),
-                                    setup_context=_setup_jsd_context)
+# The Triton twins (and their fakes) exist when kdkernels.triton is importable: a CUDA device, or TRITON_INTERPRET=1.
+register_family("softmax_kl", fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
+                make_backward=_make_backward)
+register_family("softmax_jsd", fake_forward=_fake_jsd_forward, fake_backward=_fake_jsd_backward,
+                setup_context=_setup_jsd_context, make_backward=_make_jsd_backward)
+TRITON_JSD = hasattr(torch.ops.kdkernels, "triton_softmax_jsd_forward")
 
 
 def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
