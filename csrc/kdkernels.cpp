@@ -72,6 +72,14 @@ TORCH_LIBRARY(kdkernels, m) {
       "dist_backward(Tensor grad_row, Tensor grad_col, Tensor student, Tensor teacher, Tensor row_moments, "
       "Tensor col_moments, Tensor stats_student, Tensor stats_teacher, float temperature, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  // pairwise: a batch-relation loss between student features [B, D_s] and teacher features [B, D_t] (B >= 2), with
+  // its gradients computed in the same call: (loss [] in the accumulation dtype, grad_student, grad_teacher), the
+  // gradients of the loss (unit upstream) in the features' dtypes, or empty [0] tensors when not requested.
+  // relation (params): rkd_distance (), rkd_angle (), rkd (distance_weight, angle_weight), sp (), pkt (eps),
+  // cc (gamma, order, bilinear 0/1). Spec: kdkernels/reference/pairwise.py.
+  m.def(
+      "pairwise_forward(Tensor student, Tensor teacher, str relation, float[] params, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
