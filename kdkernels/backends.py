@@ -138,7 +138,7 @@ def _kernel_registered(name: str, op: str) -> bool:
 
 
 # Decided once, at import, like the installation reasons (torch.compile traces select_backend).
-OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist")
+OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist", "pairwise")
 _KERNELS = {(name, op): not _INSTALLATION_REASONS[name] and _kernel_registered(name, op)
             for name in ("cpu", "cuda", "triton") for op in OP_FAMILIES}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import decoupled_losses, losses, pearson_losses
+from kdkernels import decoupled_losses, losses, pearson_losses, relation_losses
 
 
 class KDLoss(torch.nn.Module):
@@ -112,3 +112,54 @@ class DISTLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"
+
+
+class RKDLoss(torch.nn.Module):
+    """Relational KD: ``distance_weight · RKD-D + angle_weight · RKD-A`` on features [B, ...]; see
+    :func:`kdkernels.rkd_loss` (defaults 25 / 50, RepDistiller's)."""
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, gather: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+        self.gather, self.backend = gather, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return relation_losses.rkd_loss(student, teacher, self.distance_weight, self.angle_weight,
+                                        gather=self.gather, backend=self.backend)
+
+
+class SPLoss(torch.nn.Module):
+    """Similarity-preserving KD on features [B, ...]; see :func:`kdkernels.sp_loss`."""
+
+    def __init__(self, *, gather: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.gather, self.backend = gather, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return relation_losses.sp_loss(student, teacher, gather=self.gather, backend=self.backend)
+
+
+class PKTLoss(torch.nn.Module):
+    """Probabilistic knowledge transfer on features [B, ...]; see :func:`kdkernels.pkt_loss`."""
+
+    def __init__(self, eps: float = 1e-7, *, gather: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.eps, self.gather, self.backend = eps, gather, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return relation_losses.pkt_loss(student, teacher, self.eps, gather=self.gather, backend=self.backend)
+
+
+class CCLoss(torch.nn.Module):
+    """Correlation congruence on features [B, ...]; see :func:`kdkernels.cc_loss`."""
+
+    def __init__(self, gamma: float = 0.4, order: int = 2, kernel: str = "gaussian", *, gather: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.gamma, self.order, self.kernel = gamma, order, kernel
+        self.gather, self.backend = gather, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return relation_losses.cc_loss(student, teacher, self.gamma, self.order, self.kernel, gather=self.gather,
+                                       backend=self.backend)

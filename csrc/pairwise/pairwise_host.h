@@ -12,10 +12,12 @@
 #pragma once
 
 #include <ATen/Context.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -187,13 +189,19 @@ inline at::Tensor preprocess_backward(const at::Tensor& grad_prepared, const Pre
   return grad_prepared;
 }
 
-// G = P P^T with TF32 off (a TF32 Gram loses the distances), symmetrised so that kernels may read either triangle.
-inline at::Tensor symmetric_gram(const at::Tensor& prepared) {
+// a @ b with TF32 off: a TF32 Gram loses the distances (10-bit mantissas), and its gradient would too.
+inline at::Tensor exact_mm(const at::Tensor& a, const at::Tensor& b) {
   auto& context = at::globalContext();
   const bool tf32 = context.allowTF32CuBLAS();
   if (tf32) context.setAllowTF32CuBLAS(false);
-  at::Tensor gram = at::mm(prepared, prepared.t());
+  at::Tensor product = at::mm(a, b);
   if (tf32) context.setAllowTF32CuBLAS(true);
+  return product;
+}
+
+// G = P P^T, symmetrised so that kernels may read either triangle.
+inline at::Tensor symmetric_gram(const at::Tensor& prepared) {
+  const at::Tensor gram = exact_mm(prepared, prepared.t());
   return ((gram + gram.t()) * 0.5).contiguous();
 }
 
@@ -224,7 +232,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
 
   const auto feature_grad = [&](const at::Tensor& dgram, const Prepared& prepared, const at::Tensor& unit,
                                 const at::Tensor& features) {
-    const at::Tensor grad_prepared = at::mm(dgram + dgram.t(), unit);
+    const at::Tensor grad_prepared = exact_mm(dgram + dgram.t(), unit);
     return preprocess_backward(grad_prepared, prepared, unit, preprocess, eps)
         .to(features.scalar_type())
         .contiguous();

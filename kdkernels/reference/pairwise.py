@@ -23,6 +23,7 @@ the loss layer). Formulas as the official code writes them (../shared/reference/
 Deliberate differences from the official code, all outside its forward values:
 
 * no host synchronisation: RKD's mean over the positive distances is a masked sum over a masked count;
+* PKT's norm is ``torch.norm`` (zero gradient at a zero feature row) rather than ``sqrt(sum(x ** 2))`` (NaN there);
 * RKD angle's coincident points (``x_j = x_i``): the official ``F.normalize`` of the zero vector has gradient
   ``1/1e-12`` (1e12-sized gradients); here the unit vector of a zero difference is 0 with zero gradient, the limit
   that the distance's clamp also takes. Forward values are identical.
@@ -100,7 +101,7 @@ def sp(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def _pkt_similarity(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+    x = x / (x.norm(dim=1, keepdim=True) + eps)  # torch's norm: zero gradient at a zero row
     similarity = (x @ x.t() + 1.0) / 2.0
     return similarity / similarity.sum(dim=1, keepdim=True)
 

@@ -1,0 +1,71 @@
+"""The ``pairwise`` op: batch-relation losses (RKD distance and angle, SP, PKT, CC) with their gradients.
+
+``pairwise_forward(student [B, D_s], teacher [B, D_t], relation, params, student_grad, teacher_grad) ->
+(loss [], grad_student, grad_teacher)``: the kernels compute the gradients of the loss in the same call (at the Gram
+level the backward shares the forward's loop), so autograd only scales them by the upstream gradient. Relations and
+their parameters are listed in csrc/kdkernels.cpp; the spec is kdkernels/reference/pairwise.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from kdkernels import _extension
+from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like
+from kdkernels.reference import pairwise as reference
+
+FAMILY = "pairwise"
+
+
+def _fake_forward(student, teacher, relation, params, student_grad, teacher_grad):
+    loss = student.new_empty((), dtype=accumulation_dtype(student))
+    return loss, empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, grad_student, grad_teacher = output
+    ctx.save_for_backward(grad_student, grad_teacher)
+    ctx.mark_non_differentiable(grad_student, grad_teacher)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    grad_student, grad_teacher = ctx.saved_tensors
+    scale = lambda grad: (grad_loss * grad).to(grad.dtype) if grad.numel() else None  # noqa: E731
+    student_grad = scale(grad_student) if ctx.needs_input_grad[0] else None
+    teacher_grad = scale(grad_teacher) if ctx.needs_input_grad[1] else None
+    return student_grad, teacher_grad, None, None, None, None
+
+
+def _register() -> None:
+    if _extension._C is not None:
+        torch.library.register_fake(f"kdkernels::{FAMILY}_forward")(_fake_forward)
+    for prefix in ("", "triton_"):
+        if prefix == "" and _extension._C is None:
+            continue
+        if hasattr(torch.ops.kdkernels, f"{prefix}{FAMILY}_forward"):
+            torch.library.register_autograd(f"kdkernels::{prefix}{FAMILY}_forward", _backward,
+                                            setup_context=_setup_context)
+
+
+_register()
+
+
+def _forward_op(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.kdkernels.pairwise_forward
+    if backend == "triton":
+        return torch.ops.kdkernels.triton_pairwise_forward
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def relation_loss(relation: str, student: torch.Tensor, teacher: torch.Tensor, params: tuple[float, ...],
+                  backend: str) -> torch.Tensor:
+    """The relation loss of 2-D features on the named backend, differentiable with respect to both (a scalar in the
+    accumulation dtype: float64 for float64 features, else float32)."""
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        student, teacher = student.double(), teacher.double()
+    if backend == "reference":
+        return reference.relation_loss(relation, student, teacher, params)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = _forward_op(backend)(student, teacher, relation, [float(p) for p in params],
+                                      grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad)
+    return loss

@@ -1,0 +1,266 @@
+"""rkd_distance_loss, rkd_angle_loss, rkd_loss, sp_loss, pkt_loss and cc_loss: equal to the official formulas
+(lenscloth/RKD, RepDistiller, probabilistic_kt, KD-Zoo) in float64 on every backend, accurate in fp32 where the
+official fp32 code is not (large mean offsets), finite on duplicate and zero rows, O(B²) memory, no B < 2, and clear
+errors for bad input."""
+import pytest
+import torch
+
+import kdkernels
+from kd_testing import RTOL, assert_close_to_reference, backend_params, require_backend
+from kdkernels.bench.memory import cpu_peak_supported, measure_peak_mb
+from kdkernels.reference import pairwise as reference
+
+ALL_BACKENDS = backend_params() + ["reference"]
+
+# (name, kdkernels loss, official eager formula); each takes (student, teacher).
+LOSSES = [
+    ("rkd_distance", kdkernels.rkd_distance_loss, reference.eager_rkd_distance),
+    ("rkd_angle", kdkernels.rkd_angle_loss, reference.eager_rkd_angle),
+    ("rkd", kdkernels.rkd_loss, reference.eager_rkd),
+    ("sp", kdkernels.sp_loss, reference.eager_sp),
+    ("pkt", kdkernels.pkt_loss, reference.eager_pkt),
+    ("cc", kdkernels.cc_loss, reference.eager_cc),
+]
+LOSS_IDS = [name for name, _, _ in LOSSES]
+
+
+def device_of(backend):
+    return require_backend(backend) if backend != "reference" else "cpu"
+
+
+def features(shape, dtype=torch.float64, device="cpu", seed=0, offset=0.0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset).to(dtype).to(device)
+
+
+def value_and_grads(fn, student, teacher, teacher_grad=False):
+    student = student.detach().clone().requires_grad_()
+    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
+    loss = fn(student, teacher)
+    grads = torch.autograd.grad(loss, (student, teacher) if teacher_grad else (student,))
+    return loss, grads
+
+
+def assert_matches(actual, expected, what, rtol=RTOL[torch.float64], low=None):
+    """Loss and student gradient against the expected pair; gradients are compared relative to their largest entry
+    (an entry that is 0 by symmetry is rounding noise in any implementation)."""
+    (loss, grads), (ref_loss, ref_grads) = actual, expected
+    assert_close_to_reference(loss, ref_loss, rtol, f"{what} loss", None if low is None else low[0])
+    for i, (grad, ref) in enumerate(zip(grads, ref_grads)):
+        floor = rtol * ref.abs().max().item()
+        assert_close_to_reference(grad, ref, rtol, f"{what} grad {i}", None if low is None else low[1][i],
+                                  atol=floor)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name,loss,eager", LOSSES, ids=LOSS_IDS)
+def test_equals_the_official_formula_in_float64(backend, name, loss, eager):
+    device = device_of(backend)
+    student, teacher = features((12, 10), seed=1), features((12, 6), seed=2, scale=3.0)
+    actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.to(device), teacher.to(device))
+    expected = value_and_grads(eager, student, teacher)
+    assert_matches(actual, expected, name)
+    assert actual[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name,loss,eager", LOSSES, ids=LOSS_IDS)
+def test_teacher_gradient_matches_the_reference(backend, name, loss, eager):
+    """Online distillation: the teacher requires grad and gets the gradient of the same loss (the reference
+    differentiates both sides, the official code detaches RKD's teacher)."""
+    device = device_of(backend)
+    student, teacher = features((9, 5), seed=3), features((9, 7), seed=4)
+    actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.to(device), teacher.to(device), True)
+    expected = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student, teacher, True)
+    assert_matches(actual, expected, name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name,loss,eager", LOSSES, ids=LOSS_IDS)
+def test_low_precision_inputs_compute_in_fp32(backend, dtype, name, loss, eager):
+    device = require_backend(backend)
+    student = features((16, 3, 2, 2), seed=5).to(dtype)  # any [B, ...] shape is flattened per sample
+    teacher = features((16, 20), seed=6).to(dtype)
+    actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.to(device), teacher.to(device))
+    assert actual[0].dtype == torch.float32 and actual[1][0].dtype == dtype
+    assert actual[1][0].shape == student.shape
+    expected = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student.double(), teacher.double())
+    low = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student.float(), teacher.float())
+    low = (low[0], tuple(g.to(dtype) for g in low[1]))
+    assert_matches(actual, expected, name, RTOL[dtype], low)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle"])
+def test_rkd_centres_features_with_a_large_mean_offset(backend, name):
+    """Distances and angles are translation invariant. With a mean offset of 1000 the uncentred fp32 Gram formula
+    of the official pdist loses the distances (cancellation of |x|^2 ~ 1e6 terms); the kernels centre first and
+    stay within fp32 rounding of the float64 result."""
+    device = require_backend(backend)
+    loss = dict((n, f) for n, f, _ in LOSSES)[name]
+    student, teacher = features((20, 16), seed=7, offset=1000.0), features((20, 8), seed=8, offset=-1000.0)
+    actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.float().to(device),
+                             teacher.float().to(device))
+    expected = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student.float().double(),
+                               teacher.float().double())
+    assert_matches(actual, expected, name, rtol=1e-4)
+    if name == "rkd_distance":
+        official = reference.eager_rkd_distance(student.float(), teacher.float())
+        assert (official.double() - expected[0]).abs() > 100 * (actual[0].double().cpu() - expected[0]).abs()
+
+
+DUPLICATE_CASES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b, d in
+                   [(name, torch.float64) for name in ("cpu", "cuda", "triton", "reference")]
+                   + [(name, torch.float32) for name in ("cpu", "cuda", "triton")]]
+
+
+@pytest.mark.parametrize("backend,dtype", DUPLICATE_CASES)
+def test_rkd_duplicate_rows_have_zero_distance_and_finite_gradients(backend, dtype):
+    """Duplicate samples: the official distance is clamped (zero gradient) and the official angle uses a zero unit
+    vector; the forward equals the official code in float64, the gradients stay finite (the official angle's are
+    ~1e12). In fp32 the kernels treat distances within Gram rounding as 0, as float64 would (the reference formula
+    itself, uncentred, gives such duplicates a distance of ~1e-4 in fp32)."""
+    device = device_of(backend)
+    student, teacher = features((10, 6), seed=9), features((10, 4), seed=10)
+    student[4], teacher[7], teacher[8] = student[1], teacher[2], teacher[2]
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    for name, loss, eager in LOSSES[:3]:
+        actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.to(device), teacher.to(device))
+        official = eager(student.double(), teacher.double())
+        assert_close_to_reference(actual[0], official, RTOL[dtype], f"{name} loss")
+        assert torch.isfinite(actual[1][0]).all()
+        expected = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student.double(), teacher.double())
+        assert_matches(actual, expected, name, RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_two_samples_is_the_smallest_batch(backend):
+    device = device_of(backend)
+    student, teacher = features((2, 5), device=device, seed=11), features((2, 3), device=device, seed=12)
+    for name, loss, eager in LOSSES:
+        actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student, teacher)
+        expected = value_and_grads(eager, student.cpu(), teacher.cpu())
+        assert_close_to_reference(actual[0], expected[0], RTOL[torch.float64], name, atol=1e-15)
+        assert torch.isfinite(actual[1][0]).all()
+        with pytest.raises(ValueError, match="at least 2 samples"):
+            loss(student[:1], teacher[:1], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_zero_feature_rows_give_finite_gradients(backend):
+    device = device_of(backend)
+    student, teacher = features((7, 5), seed=13), features((7, 4), seed=14)
+    student[3] = 0.0
+    teacher[5] = 0.0
+    for name, loss, _ in LOSSES[3:]:
+        actual = value_and_grads(lambda s, t: loss(s, t, backend=backend), student.to(device), teacher.to(device))
+        expected = value_and_grads(lambda s, t: loss(s, t, backend="reference"), student, teacher)
+        assert torch.isfinite(actual[1][0]).all()
+        assert_matches(actual, expected, name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rkd_is_the_weighted_sum_and_cc_options(backend):
+    device = device_of(backend)
+    student, teacher = features((8, 5), device=device, seed=15), features((8, 9), device=device, seed=16)
+    combined = kdkernels.rkd_loss(student, teacher, 2.0, 3.0, backend=backend)
+    parts = (2.0 * kdkernels.rkd_distance_loss(student, teacher, backend=backend)
+             + 3.0 * kdkernels.rkd_angle_loss(student, teacher, backend=backend))
+    torch.testing.assert_close(combined, parts, rtol=1e-12, atol=0)
+    for order in (0, 1, 5):
+        actual = kdkernels.cc_loss(student, teacher, gamma=0.7, order=order, backend=backend)
+        torch.testing.assert_close(actual.cpu(), reference.eager_cc(student.cpu(), teacher.cpu(), 0.7, order),
+                                   rtol=1e-12, atol=0)
+    bilinear = kdkernels.cc_loss(student, teacher, kernel="bilinear", backend=backend)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    expected = torch.nn.functional.mse_loss(unit(student) @ unit(student).T, unit(teacher) @ unit(teacher).T)
+    torch.testing.assert_close(bilinear, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name,loss,eager", LOSSES, ids=LOSS_IDS)
+def test_gradcheck_float64(name, loss, eager):
+    backend = "cpu"
+    require_backend(backend)
+    student = features((5, 4), seed=17).requires_grad_()
+    teacher = features((5, 3), seed=18).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, t: loss(s, t, backend=backend), (student, teacher))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compile_fullgraph(backend):
+    device = require_backend(backend)
+    student = features((10, 6), torch.float32, device, seed=19).requires_grad_()
+    teacher = features((10, 8), torch.float32, device, seed=20)
+
+    def distill(s, t):
+        return (kdkernels.rkd_loss(s, t, backend=backend) + kdkernels.sp_loss(s, t, backend=backend)
+                + kdkernels.pkt_loss(s, t, backend=backend) + kdkernels.cc_loss(s, t, backend=backend))
+
+    torch._dynamo.reset()
+    expected = distill(student, teacher)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    actual = torch.compile(distill, fullgraph=True)(student, teacher)
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_gradient_is_computed_without_autograd():
+    require_backend("cpu")
+    student, teacher = features((6, 4), torch.float32, seed=21), features((6, 4), torch.float32, seed=22)
+    _, grad_student, grad_teacher = torch.ops.kdkernels.pairwise_forward(student, teacher, "rkd", [25.0, 50.0],
+                                                                         False, False)
+    assert grad_student.numel() == 0 and grad_teacher.numel() == 0
+    with torch.no_grad():
+        value = kdkernels.rkd_loss(student.requires_grad_(), teacher)
+    assert not value.requires_grad
+
+
+def test_rkd_angle_memory_is_quadratic_in_the_batch():
+    """Target: B = 1024, D = 512, fp32, forward + backward within 64 MB of extra memory (the official code needs
+    B x B x D and B x B x B tensors: 2 GiB and 4 GiB each)."""
+    require_backend("cpu")
+    supported, reason = cpu_peak_supported()
+    if not supported:
+        pytest.skip(reason)
+    student = features((1024, 512), torch.float32, seed=23).requires_grad_()
+    teacher = features((1024, 512), torch.float32, seed=24)
+
+    def step():
+        kdkernels.rkd_angle_loss(student, teacher, backend="cpu").backward()
+
+    step()  # warm-up: thread pools, allocator
+    student.grad = None
+    peak = measure_peak_mb(step, torch.device("cpu"))
+    assert peak is not None and peak < 64, f"peak extra memory {peak:.1f} MB"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_input_raises_a_clear_error(backend):
+    device = device_of(backend)
+    student, teacher = features((4, 3), device=device, seed=25), features((4, 3), device=device, seed=26)
+    cases = [
+        (lambda: kdkernels.rkd_loss(student, teacher[:3], backend=backend), ValueError, "same batch size"),
+        (lambda: kdkernels.sp_loss(student.long(), teacher, backend=backend), TypeError, "floating-point"),
+        (lambda: kdkernels.pkt_loss(student, "x", backend=backend), TypeError, "teacher must be a torch.Tensor"),
+        (lambda: kdkernels.pkt_loss(student, teacher, eps=0.0, backend=backend), ValueError, "eps must be positive"),
+        (lambda: kdkernels.cc_loss(student, teacher, order=1.5, backend=backend), ValueError, "order"),
+        (lambda: kdkernels.cc_loss(student, teacher, kernel="rbf", backend=backend), ValueError, "kernel"),
+        (lambda: kdkernels.rkd_loss(student, teacher, float("nan"), backend=backend), ValueError, "distance_weight"),
+        (lambda: kdkernels.sp_loss(student, teacher, gather=1, backend=backend), TypeError, "gather"),
+        (lambda: kdkernels.sp_loss(student[:, :0], teacher, backend=backend), ValueError, "at least one feature"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_nn_modules_match_the_functions():
+    student, teacher = features((6, 5), seed=27), features((6, 4), seed=28)
+    pairs = [(kdkernels.nn.RKDLoss(1.0, 2.0)(student, teacher), kdkernels.rkd_loss(student, teacher, 1.0, 2.0)),
+             (kdkernels.nn.SPLoss()(student, teacher), kdkernels.sp_loss(student, teacher)),
+             (kdkernels.nn.PKTLoss(1e-6)(student, teacher), kdkernels.pkt_loss(student, teacher, 1e-6)),
+             (kdkernels.nn.CCLoss(0.5, 3)(student, teacher), kdkernels.cc_loss(student, teacher, 0.5, 3))]
+    for module_value, function_value in pairs:
+        torch.testing.assert_close(module_value, function_value, rtol=0, atol=0)
