@@ -35,7 +35,12 @@ namespace {
 using at::vec::Vectorized;
 using namespace kdkernels::pairwise;
 
-constexpr int64_t kRowsPerTask = 8;
+// Rows of a [B, B] matrix per parallel task: about 32K elements, so that small batches (launch-bound, like eager
+// PyTorch's small ops) stay on one thread. The angle's rows are B^2 triples each.
+constexpr int64_t kElementsPerTask = 32768;
+inline int64_t rows_per_task(int64_t elements_per_row) {
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_row));
+}
 
 template <typename acc_t>
 acc_t huber(acc_t x) {
@@ -62,18 +67,18 @@ Square<acc_t> square(const at::Tensor& t) {
   return {t.defined() ? static_cast<acc_t*>(t.data_ptr()) : nullptr, t.defined() ? t.size(0) : 0};
 }
 
-// Calls fn(row) for every row in parallel and returns the sum of fn's double results in row order.
+// Calls fn(row) for every row of a square matrix in parallel and returns the sum of fn's double results in row order.
 template <typename Fn>
 double parallel_row_sum(int64_t rows, Fn&& fn) {
   std::vector<double> partial(rows, 0.0);
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(rows), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) partial[i] = fn(i);
   });
   return std::accumulate(partial.begin(), partial.end(), 0.0);
 }
 
 inline void parallel_rows(int64_t rows, const std::function<void(int64_t)>& fn) {
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(rows), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(i);
   });
 }
@@ -256,7 +261,7 @@ double angle_rows(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te) {
   std::vector<double> partial(n, 0.0);
   acc_t* q_s = kStudent ? st.sums->q.data() : nullptr;
   acc_t* q_t = kTeacher ? te.sums->q.data() : nullptr;
-  at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, rows_per_task(n * n), [&](int64_t begin, int64_t end) {
     for (int64_t a = 0; a < n; ++a) {
       for (int64_t b = begin; b < end; ++b) {
         partial[b] += angle_row<acc_t, kStudent, kTeacher>(st, te, a, b, q_s ? q_s + b * n : nullptr,

@@ -9,6 +9,7 @@ import torch
 
 import kdkernels
 from kdkernels import backends as _backends
+from kdkernels.reference import pairwise as _pairwise
 from kdkernels.reference.dist import eager_dist
 from kdkernels.reference.softmax_kl import eager_generalized_jsd, eager_hinton_kd
 from kdkernels.reference.target_split import eager_dkd, eager_nkd
@@ -39,10 +40,27 @@ def _eager_nkd(s, t, temperature):
     return eager_nkd(s, t, benchmark_labels(s), temperature, 1.5)
 
 
-LOSSES = ("kd", "dkd", "nkd", "dist")
+# Relation losses on features [B, D] (the shapes are BxD); the temperature does not apply to them.
+RELATION_LOSSES = {
+    "rkd_distance": (_pairwise.eager_rkd_distance, kdkernels.rkd_distance_loss),
+    "rkd_angle": (_pairwise.eager_rkd_angle, kdkernels.rkd_angle_loss),
+    "rkd": (_pairwise.eager_rkd, kdkernels.rkd_loss),
+    "sp": (_pairwise.eager_sp, kdkernels.sp_loss),
+    "pkt": (_pairwise.eager_pkt, kdkernels.pkt_loss),
+    "cc": (_pairwise.eager_cc, kdkernels.cc_loss),
+}
+LOSSES = ("kd", "dkd", "nkd", "dist") + tuple(RELATION_LOSSES)
+
+
+def _relation_loss(loss: str) -> BenchedLoss:
+    eager, fused = RELATION_LOSSES[loss]
+    return BenchedLoss(f"{loss}_loss", lambda s, t, temperature: eager(s, t),
+                       lambda s, t, temperature, backend: fused(s, t, backend=backend))
 
 
 def benched_loss(loss: str, divergence: str = "forward", beta: float = 0.5) -> BenchedLoss:
+    if loss in RELATION_LOSSES:
+        return _relation_loss(loss)
     if loss == "dkd":
         return BenchedLoss("dkd_loss", _eager_dkd, lambda s, t, temperature, backend: kdkernels.dkd_loss(
             s, t, benchmark_labels(s), temperature, 1.0, 8.0, backend=backend))

@@ -13,6 +13,10 @@ TEMPERATURE = 4.0
 DEFAULT_SHAPES = ((256, 100), (1024, 1000), (4096, 32000))
 GPU_EXTRA_SHAPES = ((8192, 128256),)
 QUICK_SHAPES = ((256, 100), (1024, 1000))
+# Relation losses (BxD features): the B = 256 cases; the angle's eager B^3 x D cost bounds its shapes.
+RELATION_SHAPES = ((256, 128), (256, 512), (1024, 512))
+ANGLE_SHAPES = ((64, 128), (256, 512))
+RELATION_QUICK_SHAPES = ((32, 16), (64, 32))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "print a markdown table and write <loss>.json/.md/.png under benchmarks/results/<device>/.",
         epilog=FLOOR_NOTE)
     p.add_argument("--shapes", type=parse_shapes, default=None,
-                   help="comma-separated NxV list (default: 256x100,1024x1000,4096x32000; plus 8192x128256 on GPU)")
+                   help="comma-separated NxV list (default: 256x100,1024x1000,4096x32000; plus 8192x128256 on GPU; "
+                        "relation losses: BxD, 256x128,256x512,1024x512, angle and rkd 64x128,256x512)")
     p.add_argument("--dtypes", type=parse_dtypes, default=None, help="comma-separated, of fp32,bf16,fp16,fp64 "
                                                                      "(default: fp32,bf16; --quick: fp32)")
     p.add_argument("--backends", type=parse_backends, default=None,
@@ -73,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--loss", choices=LOSSES, default="kd",
                    help="kd: kd_loss (see --divergence); dkd: dkd_loss vs mdistiller's DKD; nkd: nkd_loss vs cls_KD's "
-                        "NKD; dist: dist_loss vs DIST_KD's DIST (results in <loss>_loss.*)")
+                        "NKD; dist: dist_loss vs DIST_KD's DIST; rkd_distance, rkd_angle, rkd, sp, pkt, cc: the "
+                        "relation losses on [B, D] features vs lenscloth/RKD, RepDistiller, probabilistic_kt and "
+                        "KD-Zoo (results in <loss>_loss.*)")
     p.add_argument("--divergence", choices=("forward", "jsd"), default="forward",
                    help="forward: Hinton KD vs the mdistiller eager formula (kd_loss.*); jsd: generalised JSD vs "
                         "TRL's eager generalized_jsd_loss (jsd_loss.*)")

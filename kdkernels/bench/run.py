@@ -13,7 +13,19 @@ import torch
 from kdkernels.bench.cases import bench_case
 from kdkernels.bench.impls import benched_loss
 from kdkernels.bench.device import default_results_root
-from kdkernels.bench.options import DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES, build_parser
+from kdkernels.bench.impls import RELATION_LOSSES
+from kdkernels.bench.options import (ANGLE_SHAPES, DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES,
+                                     RELATION_QUICK_SHAPES, RELATION_SHAPES, build_parser)
+
+
+def default_shapes(loss: str, quick: bool, device: torch.device) -> list[tuple[int, int]]:
+    if loss in RELATION_LOSSES:
+        if quick:
+            return list(RELATION_QUICK_SHAPES)
+        return list(ANGLE_SHAPES if loss in ("rkd_angle", "rkd") else RELATION_SHAPES)
+    if quick:
+        return list(QUICK_SHAPES)
+    return list(DEFAULT_SHAPES) + (list(GPU_EXTRA_SHAPES) if device.type == "cuda" else [])
 from kdkernels.bench.plot import plot
 from kdkernels.bench.report import markdown_table, metadata, short_error, to_json
 
@@ -33,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     quick = cfg.quick
-    shapes = cfg.shapes or (list(QUICK_SHAPES) if quick else
-                            list(DEFAULT_SHAPES) + (list(GPU_EXTRA_SHAPES) if device.type == "cuda" else []))
+    shapes = cfg.shapes or default_shapes(cfg.loss, quick, device)
     dtypes = cfg.dtypes or (["fp32"] if quick else ["fp32", "bf16"])
     cfg.target_time = cfg.target_time if cfg.target_time is not None else (0.05 if quick else 2.0)
     cfg.warmup_time = cfg.warmup_time if cfg.warmup_time is not None else (0.02 if quick else 0.5)
