@@ -97,76 +97,148 @@ void add_loss(const GramProblem& problem, double value) {
 
 // ---------------------------------------------------------------------------------------------------- distance
 
+// Vectorised walk over the columns of one row: fn(c, count) for blocks of Vec::size() (count < size at the end).
+template <typename acc_t, typename Fn>
+void for_each_block(int64_t n, Fn&& fn) {
+  for (int64_t c = 0; c < n; c += Vectorized<acc_t>::size()) {
+    fn(c, std::min<int64_t>(Vectorized<acc_t>::size(), n - c));
+  }
+}
+
+template <typename acc_t>
+double reduce_sum(const Vectorized<acc_t>& v) {
+  return static_cast<double>(
+      at::vec::vec_reduce_all<acc_t>([](const auto& x, const auto& y) { return x + y; }, v));
+}
+
+template <typename acc_t>
+Vectorized<acc_t> huber_vec(const Vectorized<acc_t>& x) {
+  using Vec = Vectorized<acc_t>;
+  const Vec magnitude = x.abs(), half(0.5);
+  return Vec::blendv(magnitude - half, half * x * x, magnitude < Vec(1));
+}
+
+template <typename acc_t>
+Vectorized<acc_t> huber_grad_vec(const Vectorized<acc_t>& x) {
+  using Vec = Vectorized<acc_t>;
+  return at::vec::minimum(Vec(1), at::vec::maximum(Vec(-1), x));
+}
+
+template <typename acc_t>
+std::vector<acc_t> diagonal(const Square<acc_t>& g) {
+  std::vector<acc_t> result(g.n);
+  for (int64_t i = 0; i < g.n; ++i) result[i] = g.at(i, i);
+  return result;
+}
+
+// Squared distances of row i to a block of columns, with Gram rounding noise snapped to 0 (coincident points).
+template <typename acc_t>
+Vectorized<acc_t> squared_distances(const Square<acc_t>& g, const acc_t* diag, int64_t i, int64_t c, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  const Vec sums = Vec(g.at(i, i)) + Vec::loadu(diag + c, count);
+  const Vec d2 = sums - Vec(2) * Vec::loadu(g.row(i) + c, count);
+  const Vec noise = Vec(acc_t(kCoincidentUlps) * std::numeric_limits<acc_t>::epsilon()) * sums;
+  return Vec::blendv(d2, Vec(0), d2 <= noise);
+}
+
 template <typename acc_t>
 struct DistanceSide {
   std::vector<acc_t> d;   // [B, B] clamped distances, 0 on the diagonal
+  std::vector<acc_t> passes;  // [B, B] 1 where the clamp passes the gradient (off the diagonal), else 0
   double mean = 0.0;      // mean off-diagonal distance
 };
 
 template <typename acc_t>
 DistanceSide<acc_t> distances(const Square<acc_t>& g) {
+  using Vec = Vectorized<acc_t>;
   const int64_t n = g.n;
-  DistanceSide<acc_t> side{std::vector<acc_t>(n * n), 0.0};
+  const std::vector<acc_t> diag = diagonal(g);
+  DistanceSide<acc_t> side{std::vector<acc_t>(n * n), std::vector<acc_t>(n * n), 0.0};
   const double total = parallel_row_sum(n, [&](int64_t i) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = i == j ? acc_t(0) : std::sqrt(std::max(squared_distance(g, i, j), acc_t(kDistanceClamp)));
-      side.d[i * n + j] = d;
-      sum += d;
-    }
-    return sum;
+    Vec sum(0);
+    acc_t* d_row = side.d.data() + i * n;
+    acc_t* pass_row = side.passes.data() + i * n;
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec d2 = squared_distances(g, diag.data(), i, c, count);
+      const Vec d = at::vec::maximum(d2, Vec(acc_t(kDistanceClamp))).sqrt();
+      d.store(d_row + c, count);
+      Vec::blendv(Vec(0), Vec(1), d2 >= Vec(acc_t(kDistanceClamp))).store(pass_row + c, count);
+      sum = sum + Vec::set(Vec(0), d, count);
+    });
+    const double diagonal_distance = d_row[i];
+    d_row[i] = acc_t(0);
+    pass_row[i] = acc_t(0);
+    return reduce_sum(sum) - diagonal_distance;
   });
   side.mean = total / static_cast<double>(n * n - n);
   return side;
 }
 
-// dL/dG of one side from dL/du (u = d / mu): dd = g / mu - (sum g d) / (mu^2 (B^2 - B)), dD2 = dd / (2 d) where the
-// clamp passes; D2 = G_ii + G_jj - 2 G_ij with dD2 symmetric, so row i collects 2 sum_j dD2_ij on its diagonal.
-template <typename acc_t, typename GradU>
-void distance_gram_grad(const Square<acc_t>& g, const DistanceSide<acc_t>& side, GradU&& grad_u, double weight,
-                        const Square<acc_t>& dgram) {
-  const int64_t n = g.n;
+// dL/dG of one side from g = dL/du (u = d / mu): dd = g / mu - (sum g d) / (mu^2 (B^2 - B)), dD2 = dd / (2 d) where
+// the clamp passes; D2 = G_ii + G_jj - 2 G_ij with dD2 symmetric, so row i collects 2 sum_j dD2_ij on its diagonal.
+template <typename acc_t>
+void distance_gram_grad(const DistanceSide<acc_t>& side, const std::vector<acc_t>& grad_u, double weighted_sum,
+                        double weight, const Square<acc_t>& dgram) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t n = dgram.n;
   const double inv_mean = 1.0 / side.mean;
-  const double weighted_sum = parallel_row_sum(n, [&](int64_t i) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(grad_u(i, j)) * side.d[i * n + j];
-    return sum;
-  });
-  const double through_mean = weighted_sum * inv_mean * inv_mean / static_cast<double>(n * n - n);
-  parallel_rows(n, [&](int64_t i) {
-    double diagonal = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (j == i || squared_distance(g, i, j) < acc_t(kDistanceClamp)) continue;
-      const double dd = grad_u(i, j) * inv_mean - through_mean;
-      const double dd2 = weight * dd / (2.0 * side.d[i * n + j]);
-      dgram.at(i, j) -= static_cast<acc_t>(2.0 * dd2);
-      diagonal += 2.0 * dd2;
-    }
-    dgram.at(i, i) += static_cast<acc_t>(diagonal);
+  const Vec through_mean(static_cast<acc_t>(weighted_sum * inv_mean * inv_mean / static_cast<double>(n * n - n)));
+  const Vec v_inv_mean(static_cast<acc_t>(inv_mean)), half_weight(static_cast<acc_t>(0.5 * weight)), two(2);
+  parallel_row_sum(n, [&](int64_t i) {
+    Vec diagonal_sum(0);
+    const int64_t row = i * n;
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec dd = Vec::loadu(grad_u.data() + row + c, count) * v_inv_mean - through_mean;
+      const Vec passes = Vec::loadu(side.passes.data() + row + c, count);
+      const Vec d = Vec::blendv(Vec(1), Vec::loadu(side.d.data() + row + c, count), passes > Vec(0));
+      const Vec dd2 = half_weight * dd / d * passes;
+      (Vec::loadu(dgram.row(i) + c, count) - two * dd2).store(dgram.row(i) + c, count);
+      diagonal_sum = diagonal_sum + Vec::set(Vec(0), dd2, count);
+    });
+    dgram.at(i, i) += static_cast<acc_t>(2.0 * reduce_sum(diagonal_sum));
+    return 0.0;
   });
 }
 
 template <typename acc_t>
 void rkd_distance(const GramTerm& term, const GramProblem& problem) {
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const int64_t n = gs.n;
   const DistanceSide<acc_t> s = distances(gs), t = distances(gt);
-  const acc_t inv_s = acc_t(1.0 / s.mean), inv_t = acc_t(1.0 / t.mean);
-  const auto difference = [&](int64_t i, int64_t j) { return s.d[i * n + j] * inv_s - t.d[i * n + j] * inv_t; };
-  const double inv_count = 1.0 / static_cast<double>(n * n);
+  const Vec inv_s(static_cast<acc_t>(1.0 / s.mean)), inv_t(static_cast<acc_t>(1.0 / t.mean));
+  const bool student = problem.dgram_student.defined(), teacher = problem.dgram_teacher.defined();
+  std::vector<acc_t> grad_u(student || teacher ? n * n : 0);  // huber'(u), u = d_s / mu_s - d_t / mu_t
+  std::vector<double> weighted_s(n, 0.0), weighted_t(n, 0.0);  // per row: sum g d_s, sum g d_t
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += huber(difference(i, j));
-    return sum;
+    Vec sum(0), sum_s(0), sum_t(0);
+    const int64_t row = i * n;
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec d_s = Vec::loadu(s.d.data() + row + c, count), d_t = Vec::loadu(t.d.data() + row + c, count);
+      const Vec u = d_s * inv_s - d_t * inv_t;
+      sum = sum + huber_vec(u);
+      if (!grad_u.empty()) {
+        const Vec g = huber_grad_vec(u);
+        g.store(grad_u.data() + row + c, count);
+        sum_s = at::vec::fmadd(g, d_s, sum_s);
+        sum_t = at::vec::fmadd(g, d_t, sum_t);
+      }
+    });
+    weighted_s[i] = reduce_sum(sum_s);
+    weighted_t[i] = reduce_sum(sum_t);
+    return reduce_sum(sum);
   });
+  const double inv_count = 1.0 / static_cast<double>(n * n);
   add_loss(problem, term.weight * loss * inv_count);
-  if (problem.dgram_student.defined()) {
-    distance_gram_grad(gs, s, [&](int64_t i, int64_t j) { return huber_grad(difference(i, j)) * inv_count; },
-                       term.weight, square<acc_t>(problem.dgram_student));
+  const auto total = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0); };
+  if (student) {
+    distance_gram_grad(s, grad_u, total(weighted_s), term.weight * inv_count,
+                       square<acc_t>(problem.dgram_student));
   }
-  if (problem.dgram_teacher.defined()) {
-    distance_gram_grad(gt, t, [&](int64_t i, int64_t j) { return -huber_grad(difference(i, j)) * inv_count; },
-                       term.weight, square<acc_t>(problem.dgram_teacher));
+  if (teacher) {
+    for (acc_t& g : grad_u) g = -g;
+    distance_gram_grad(t, grad_u, -total(weighted_t), term.weight * inv_count,
+                       square<acc_t>(problem.dgram_teacher));
   }
 }
 
@@ -318,149 +390,176 @@ void rkd_angle(const GramTerm& term, const GramProblem& problem) {
 
 // ------------------------------------------------------------------------------------------------- row-wise terms
 
-// Gn = G / max(|G_i.|, 1e-12) of one row into `out`; returns the row's norm.
 template <typename acc_t>
-double normalized_row(const Square<acc_t>& g, int64_t i, std::vector<acc_t>& out) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < g.n; ++j) sum += static_cast<double>(g.at(i, j)) * g.at(i, j);
-  const double norm = std::sqrt(sum), inverse = 1.0 / std::max(norm, kNormalizeEps);
-  for (int64_t j = 0; j < g.n; ++j) out[j] = static_cast<acc_t>(g.at(i, j) * inverse);
-  return norm;
+double row_sum_of_squares(const acc_t* row, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec sum(0);
+  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+    const Vec x = Vec::loadu(row + c, count);
+    sum = at::vec::fmadd(x, x, sum);
+  });
+  return reduce_sum(sum);
 }
 
-// dL/dG of a row normalised by max(|G_i.|, eps) from dL/dGn: (dGn - Gn (Gn . dGn)) / |G_i.| when the norm passes
-// the clamp, else dGn / eps.
-template <typename acc_t>
-void normalized_row_grad(const std::vector<acc_t>& gn, const std::vector<double>& dgn, double norm, double weight,
-                         acc_t* dgram_row) {
-  const int64_t n = static_cast<int64_t>(gn.size());
-  double radial = 0.0;
-  if (norm >= kNormalizeEps) {
-    for (int64_t j = 0; j < n; ++j) radial += gn[j] * dgn[j];
-  }
-  const double inverse = 1.0 / std::max(norm, kNormalizeEps);
-  for (int64_t j = 0; j < n; ++j) dgram_row[j] += static_cast<acc_t>(weight * (dgn[j] - gn[j] * radial) * inverse);
-}
-
+// SP row i, with Gn = G / max(|G_i.|, 1e-12) and diff = Gn_t - Gn_s: loss sum diff^2; through the row normalisation
+// (its norm differentiable where it passes the clamp), dG = (dGn - Gn (Gn . dGn)) / max(|G_i.|, eps) with
+// dGn_s = -2 diff / B^2 and dGn_t = 2 diff / B^2.
 template <typename acc_t>
 void sp(const GramTerm& term, const GramProblem& problem) {
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
   const double inv_count = 1.0 / static_cast<double>(n * n);
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    std::vector<acc_t> ns(n), nt(n);
-    const double norm_s = normalized_row(gs, i, ns), norm_t = normalized_row(gt, i, nt);
-    std::vector<double> grad(n);
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const double difference = static_cast<double>(nt[j]) - ns[j];
-      sum += difference * difference;
-      grad[j] = -2.0 * difference * inv_count;
-    }
-    if (dgs.data != nullptr) normalized_row_grad(ns, grad, norm_s, term.weight, dgs.row(i));
-    if (dgt.data != nullptr) {
-      for (double& x : grad) x = -x;
-      normalized_row_grad(nt, grad, norm_t, term.weight, dgt.row(i));
-    }
-    return sum;
+    const double norm_s = std::sqrt(row_sum_of_squares(gs.row(i), n));
+    const double norm_t = std::sqrt(row_sum_of_squares(gt.row(i), n));
+    const double inverse_s = 1.0 / std::max(norm_s, kNormalizeEps), inverse_t = 1.0 / std::max(norm_t, kNormalizeEps);
+    const Vec inv_s(static_cast<acc_t>(inverse_s)), inv_t(static_cast<acc_t>(inverse_t));
+    Vec sum(0), radial_s(0), radial_t(0);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec ns = Vec::loadu(gs.row(i) + c, count) * inv_s, nt = Vec::loadu(gt.row(i) + c, count) * inv_t;
+      const Vec diff = nt - ns;
+      sum = at::vec::fmadd(diff, diff, sum);
+      radial_s = at::vec::fmadd(ns, diff, radial_s);
+      radial_t = at::vec::fmadd(nt, diff, radial_t);
+    });
+    const auto write = [&](const Square<acc_t>& g, const Square<acc_t>& dg, double norm, double inverse,
+                           double radial, double sign) {
+      // dGn = sign * 2 diff / B^2; (Gn . dGn) = sign * 2 radial / B^2, 0 where the clamp stops the norm's gradient
+      const double scale = sign * 2.0 * inv_count;
+      const Vec v_scale(static_cast<acc_t>(scale * term.weight * inverse));
+      const Vec v_radial(static_cast<acc_t>(norm >= kNormalizeEps ? radial : 0.0));
+      for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+        const Vec ns = Vec::loadu(gs.row(i) + c, count) * inv_s, nt = Vec::loadu(gt.row(i) + c, count) * inv_t;
+        const Vec own = Vec::loadu(g.row(i) + c, count) * Vec(static_cast<acc_t>(inverse));
+        const Vec step = v_scale * ((nt - ns) - own * v_radial);
+        (Vec::loadu(dg.row(i) + c, count) + step).store(dg.row(i) + c, count);
+      });
+    };
+    if (dgs.data != nullptr) write(gs, dgs, norm_s, inverse_s, reduce_sum(radial_s), -1.0);
+    if (dgt.data != nullptr) write(gt, dgt, norm_t, inverse_t, reduce_sum(radial_t), 1.0);
+    return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
 }
 
-// S = (G + 1) / 2 of one row divided by its sum into `out`; returns the row sum.
 template <typename acc_t>
-double pkt_row(const Square<acc_t>& g, int64_t i, std::vector<double>& out) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < g.n; ++j) sum += out[j] = (static_cast<double>(g.at(i, j)) + 1.0) * 0.5;
-  for (int64_t j = 0; j < g.n; ++j) out[j] /= sum;
-  return sum;
+double pkt_row_sum(const acc_t* row, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec sum(0);
+  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+    sum = sum + Vec::set(Vec(0), (Vec::loadu(row + c, count) + Vec(1)) * Vec(0.5), count);
+  });
+  return reduce_sum(sum);
 }
 
-// dL/dG of a PKT row from dL/dP: dS = (dP - sum(dP P)) / rowsum, dG = dS / 2.
-template <typename acc_t>
-void pkt_row_grad(const std::vector<double>& p, const std::vector<double>& dp, double row_sum, double weight,
-                  acc_t* dgram_row) {
-  double dot = 0.0;
-  for (size_t j = 0; j < p.size(); ++j) dot += dp[j] * p[j];
-  const double scale = weight * 0.5 / row_sum;
-  for (size_t j = 0; j < p.size(); ++j) dgram_row[j] += static_cast<acc_t>(scale * (dp[j] - dot));
-}
-
+// PKT row i, with P = (G + 1) / (2 R), R the row sum of (G + 1) / 2, and r = log((P_t + eps) / (P_s + eps)):
+// loss sum P_t r; dP_s = -P_t / (P_s + eps) / B^2, dP_t = (r + P_t / (P_t + eps)) / B^2; through the row
+// normalisation, dG = (dP - sum(dP P)) / (2 R).
 template <typename acc_t>
 void pkt(const GramTerm& term, const GramProblem& problem) {
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
-  const double eps = term.eps, inv_count = 1.0 / static_cast<double>(n * n);
+  const double inv_count = 1.0 / static_cast<double>(n * n);
+  const Vec eps(static_cast<acc_t>(term.eps)), one(1), half(0.5), v_inv_count(static_cast<acc_t>(inv_count));
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    std::vector<double> ps(n), pt(n), grad(n);
-    const double sum_s = pkt_row(gs, i, ps), sum_t = pkt_row(gt, i, pt);
-    double total = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      // log((t + eps) / (s + eps)) as log1p of the relative difference: exact when t = s.
-      const double log_ratio = std::log1p((pt[j] - ps[j]) / (ps[j] + eps));
-      total += pt[j] * log_ratio;
-      grad[j] = log_ratio;
+    const double sum_s = pkt_row_sum(gs.row(i), n), sum_t = pkt_row_sum(gt.row(i), n);
+    const Vec scale_s(static_cast<acc_t>(0.5 / sum_s)), scale_t(static_cast<acc_t>(0.5 / sum_t));
+    // Everything of one block: P_s, P_t, r, dP_s, dP_t.
+    const auto block = [&](int64_t c, int64_t count, Vec& ps, Vec& pt, Vec& r, Vec& dps, Vec& dpt) {
+      ps = (Vec::loadu(gs.row(i) + c, count) + one) * scale_s;
+      pt = (Vec::loadu(gt.row(i) + c, count) + one) * scale_t;
+      r = ((pt - ps) / (ps + eps)).log1p();  // log((t + eps) / (s + eps)), exact when t = s
+      dps = Vec(0) - pt / (ps + eps) * v_inv_count;
+      dpt = (r + pt / (pt + eps)) * v_inv_count;
+    };
+    Vec sum(0), dot_s(0), dot_t(0);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      Vec ps, pt, r, dps, dpt;
+      block(c, count, ps, pt, r, dps, dpt);
+      sum = sum + Vec::set(Vec(0), pt * r, count);
+      dot_s = dot_s + Vec::set(Vec(0), dps * ps, count);
+      dot_t = dot_t + Vec::set(Vec(0), dpt * pt, count);
+    });
+    const Vec ds(static_cast<acc_t>(reduce_sum(dot_s))), dt(static_cast<acc_t>(reduce_sum(dot_t)));
+    const Vec weight_s(static_cast<acc_t>(term.weight * 0.5 / sum_s));
+    const Vec weight_t(static_cast<acc_t>(term.weight * 0.5 / sum_t));
+    if (dgs.data != nullptr || dgt.data != nullptr) {
+      for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+        Vec ps, pt, r, dps, dpt;
+        block(c, count, ps, pt, r, dps, dpt);
+        if (dgs.data != nullptr) {
+          (Vec::loadu(dgs.row(i) + c, count) + weight_s * (dps - ds)).store(dgs.row(i) + c, count);
+        }
+        if (dgt.data != nullptr) {
+          (Vec::loadu(dgt.row(i) + c, count) + weight_t * (dpt - dt)).store(dgt.row(i) + c, count);
+        }
+      });
     }
-    if (dgs.data != nullptr) {
-      std::vector<double> dp(n);
-      for (int64_t j = 0; j < n; ++j) dp[j] = -pt[j] / (ps[j] + eps) * inv_count;
-      pkt_row_grad(ps, dp, sum_s, term.weight, dgs.row(i));
-    }
-    if (dgt.data != nullptr) {
-      for (int64_t j = 0; j < n; ++j) grad[j] = (grad[j] + pt[j] / (pt[j] + eps)) * inv_count;
-      pkt_row_grad(pt, grad, sum_t, term.weight, dgt.row(i));
-    }
-    return total;
+    return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
 }
 
 // K(G) and K'(G) of the CC kernel: the Taylor series of the Gaussian RBF by Horner's rule, or the identity.
+template <typename acc_t>
 struct CorrelationKernel {
-  std::vector<double> coefficients;  // c_p = exp(-2 gamma) (2 gamma)^p / p!
+  using Vec = Vectorized<acc_t>;
+  std::vector<acc_t> coefficients;  // c_p = exp(-2 gamma) (2 gamma)^p / p!
   bool bilinear;
 
   explicit CorrelationKernel(const GramTerm& term) : bilinear(term.bilinear) {
     double c = std::exp(-2.0 * term.gamma);
     for (int64_t p = 0; p <= term.order; ++p) {
-      coefficients.push_back(c);
+      coefficients.push_back(static_cast<acc_t>(c));
       c *= 2.0 * term.gamma / static_cast<double>(p + 1);
     }
   }
-  double value(double x) const {
+  Vec value(const Vec& x) const {
     if (bilinear) return x;
-    double result = 0.0;
-    for (auto c = coefficients.rbegin(); c != coefficients.rend(); ++c) result = result * x + *c;
+    Vec result(0);
+    for (auto c = coefficients.rbegin(); c != coefficients.rend(); ++c) result = at::vec::fmadd(result, x, Vec(*c));
     return result;
   }
-  double derivative(double x) const {
-    if (bilinear) return 1.0;
-    double result = 0.0;
-    for (size_t p = coefficients.size() - 1; p >= 1; --p) result = result * x + static_cast<double>(p) * coefficients[p];
+  Vec derivative(const Vec& x) const {
+    if (bilinear) return Vec(1);
+    Vec result(0);
+    for (size_t p = coefficients.size() - 1; p >= 1; --p) {
+      result = at::vec::fmadd(result, x, Vec(static_cast<acc_t>(p) * coefficients[p]));
+    }
     return result;
   }
 };
 
+// CC: loss sum (K_s - K_t)^2 / B^2, dG_s = 2 (K_s - K_t) K'(G_s) / B^2, dG_t = -2 (K_s - K_t) K'(G_t) / B^2.
 template <typename acc_t>
 void cc(const GramTerm& term, const GramProblem& problem) {
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
-  const CorrelationKernel kernel(term);
+  const CorrelationKernel<acc_t> kernel(term);
   const double inv_count = 1.0 / static_cast<double>(n * n);
+  const Vec scale(static_cast<acc_t>(2.0 * inv_count * term.weight));
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const double x_s = gs.at(i, j), x_t = gt.at(i, j);
-      const double difference = kernel.value(x_s) - kernel.value(x_t);
-      sum += difference * difference;
-      const double grad = 2.0 * difference * inv_count * term.weight;
-      if (dgs.data != nullptr) dgs.at(i, j) += static_cast<acc_t>(grad * kernel.derivative(x_s));
-      if (dgt.data != nullptr) dgt.at(i, j) -= static_cast<acc_t>(grad * kernel.derivative(x_t));
-    }
-    return sum;
+    Vec sum(0);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec x_s = Vec::loadu(gs.row(i) + c, count), x_t = Vec::loadu(gt.row(i) + c, count);
+      const Vec difference = Vec::set(Vec(0), kernel.value(x_s) - kernel.value(x_t), count);
+      sum = at::vec::fmadd(difference, difference, sum);
+      if (dgs.data != nullptr) {
+        const Vec step = scale * difference * kernel.derivative(x_s);
+        (Vec::loadu(dgs.row(i) + c, count) + step).store(dgs.row(i) + c, count);
+      }
+      if (dgt.data != nullptr) {
+        const Vec step = scale * difference * kernel.derivative(x_t);
+        (Vec::loadu(dgt.row(i) + c, count) - step).store(dgt.row(i) + c, count);
+      }
+    });
+    return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
 }
@@ -478,6 +577,34 @@ void run_term(const GramTerm& term, const GramProblem& problem) {
   }
 }
 
+// (m + m^T) * scale in place, over 32 x 32 tiles of the upper triangle and their mirrors (cache-friendly).
+template <typename acc_t>
+void symmetrize_square(acc_t* m, int64_t n, acc_t scale) {
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, rows_per_task(n * kTile), [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      for (int64_t tj = ti; tj < tiles; ++tj) {
+        for (int64_t i = ti * kTile; i < std::min(n, (ti + 1) * kTile); ++i) {
+          for (int64_t j = std::max(i, tj * kTile); j < std::min(n, (tj + 1) * kTile); ++j) {
+            const acc_t value = (m[i * n + j] + m[j * n + i]) * scale;
+            m[i * n + j] = value;
+            m[j * n + i] = value;
+          }
+        }
+      }
+    }
+  });
+}
+
+void cpu_symmetrize(at::Tensor& matrix, double scale) {
+  if (matrix.scalar_type() == at::kDouble) {
+    symmetrize_square(matrix.data_ptr<double>(), matrix.size(0), scale);
+  } else {
+    symmetrize_square(matrix.data_ptr<float>(), matrix.size(0), static_cast<float>(scale));
+  }
+}
+
 void cpu_gram_kernel(const GramTerm& term, const GramProblem& problem) {
   if (problem.gram_student.scalar_type() == at::kDouble) {
     run_term<double>(term, problem);
@@ -492,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_cpu(const at::Te
                                                                     at::ArrayRef<double> params, bool student_grad,
                                                                     bool teacher_grad) {
   return relation_forward(student, teacher, relation, params, student_grad, teacher_grad, at::kCPU,
-                          &cpu_gram_kernel);
+                          &cpu_gram_kernel, &cpu_symmetrize);
 }
 
 }  // namespace

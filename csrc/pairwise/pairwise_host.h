@@ -199,17 +199,27 @@ inline at::Tensor exact_mm(const at::Tensor& a, const at::Tensor& b) {
   return product;
 }
 
+// m <- (m + m^T) * scale for a contiguous square matrix. Devices may supply a faster one than ATen's transposed add
+// (on the CPU that add is a strided walk costing more than the Gram itself at B = 256).
+using Symmetrize = void (*)(at::Tensor& matrix, double scale);
+
+inline void symmetrize_with_aten(at::Tensor& matrix, double scale) {
+  matrix = ((matrix + matrix.t()) * scale).contiguous();
+}
+
 // G = P P^T, symmetrised so that kernels may read either triangle.
-inline at::Tensor symmetric_gram(const at::Tensor& prepared) {
-  const at::Tensor gram = exact_mm(prepared, prepared.t());
-  return ((gram + gram.t()) * 0.5).contiguous();
+inline at::Tensor symmetric_gram(const at::Tensor& prepared, Symmetrize symmetrize) {
+  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
+  symmetrize(gram, 0.5);
+  return gram;
 }
 
 // The whole op for one device: (loss [] acc dtype, grad_student, grad_teacher) with the gradients of the loss in
 // the features' dtypes and shapes, or empty [0] tensors when not requested.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
     const at::Tensor& student, const at::Tensor& teacher, c10::string_view relation, at::ArrayRef<double> params,
-    bool student_grad, bool teacher_grad, at::DeviceType device_type, GramKernel kernel) {
+    bool student_grad, bool teacher_grad, at::DeviceType device_type, GramKernel kernel,
+    Symmetrize symmetrize = &symmetrize_with_aten) {
   check_features(student, teacher, device_type);
   const std::vector<GramTerm> terms = parse_terms(relation, params);
   const Preprocess preprocess = preprocess_of(terms.front().relation);
@@ -223,16 +233,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
   const at::Tensor p_student = unit_features(prepared_student), p_teacher = unit_features(prepared_teacher);
 
   GramProblem problem;
-  problem.gram_student = symmetric_gram(p_student);
-  problem.gram_teacher = symmetric_gram(p_teacher);
+  problem.gram_student = symmetric_gram(p_student, symmetrize);
+  problem.gram_teacher = symmetric_gram(p_teacher, symmetrize);
   problem.loss = at::zeros({}, p_student.options());
   if (student_grad) problem.dgram_student = at::zeros_like(problem.gram_student);
   if (teacher_grad) problem.dgram_teacher = at::zeros_like(problem.gram_teacher);
   for (const GramTerm& term : terms) kernel(term, problem);
 
-  const auto feature_grad = [&](const at::Tensor& dgram, const Prepared& prepared, const at::Tensor& unit,
+  const auto feature_grad = [&](at::Tensor& dgram, const Prepared& prepared, const at::Tensor& unit,
                                 const at::Tensor& features) {
-    const at::Tensor grad_prepared = exact_mm(dgram + dgram.t(), unit);
+    symmetrize(dgram, 1.0);  // dL/dP = (dG + dG^T) P
+    const at::Tensor grad_prepared = exact_mm(dgram, unit);
     return preprocess_backward(grad_prepared, prepared, unit, preprocess, eps)
         .to(features.scalar_type())
         .contiguous();
