@@ -51,6 +51,12 @@ def _check_features_and_logits(features, logits) -> None:
         raise ValueError(f"features and logits must be on the same device, got {features.device} and {logits.device}")
 
 
+def _all_gather_together(features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gathered by one collective, side by side as [B, D + C]."""
+    gathered = all_gather_batch(torch.cat([features, logits], dim=1))
+    return gathered.split([features.shape[1], logits.shape[1]], dim=1)
+
+
 def _affinity(features: torch.Tensor) -> torch.Tensor:
     """Row-softmax of the cosine similarities, each sample's affinity to itself an exact zero."""
     unit = F.normalize(features.flatten(1), p=2, dim=1)
@@ -90,7 +96,7 @@ def bake_targets(features: torch.Tensor, logits: torch.Tensor, temperature: floa
     with torch.no_grad():
         features, logits = features.detach().to(acc), logits.detach().to(acc)
         if gather:
-            features, logits = all_gather_batch(features), all_gather_batch(logits)
+            features, logits = _all_gather_together(features.flatten(1), logits)
         targets = _propagate(_affinity(features), torch.softmax(logits / temperature, dim=1), omega)
     if gather:
         rank, world_size = rank_and_world_size()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 
-# torch >= 2.13 names it all_gather_single and deprecates the older name.
+# Newer torch (2.13 here) names it all_gather_single and deprecates all_gather_into_tensor.
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
