@@ -11,7 +11,9 @@ from kdkernels.losses import kd_loss
 from kdkernels.decoupled_losses import dkd_loss, nkd_loss
 from kdkernels.pearson_losses import dist_loss
 from kdkernels.relation_losses import cc_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
+from kdkernels.bake import bake_loss, bake_targets
 from kdkernels import nn
 
-__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss",
-           "rkd_angle_loss", "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
+           "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "nn", "available_backends",
+           "build_info", "BackendUnavailableError"]

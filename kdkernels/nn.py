@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import decoupled_losses, losses, pearson_losses, relation_losses
+from kdkernels import bake, decoupled_losses, losses, pearson_losses, relation_losses
 
 
 class KDLoss(torch.nn.Module):
@@ -163,3 +163,29 @@ class CCLoss(torch.nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return relation_losses.cc_loss(student, teacher, self.gamma, self.order, self.kernel, gather=self.gather,
                                        backend=self.backend)
+
+
+class BAKELoss(torch.nn.Module):
+    """BAKE module: ``T² · Σ KL(Q ‖ softmax(z/T)) / B`` towards the batch-ensembled targets Q; see
+    :func:`kdkernels.bake_loss`.
+
+    Example::
+
+        criterion = kdkernels.nn.BAKELoss(temperature=4.0, omega=0.5)
+        loss = F.cross_entropy(logits, y) + criterion(logits, features)
+    """
+
+    def __init__(self, temperature: float = 4.0, omega: float = 0.5, *, gather: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = losses._check_temperature(temperature)
+        self.omega = bake._check_omega(omega)
+        self.gather = gather
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return bake.bake_loss(logits, features, self.temperature, self.omega, gather=self.gather,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, omega={self.omega}, gather={self.gather}"
