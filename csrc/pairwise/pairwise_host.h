@@ -22,6 +22,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -181,8 +182,10 @@ inline at::Tensor preprocess_backward(const at::Tensor& grad_prepared, const Pre
       const at::Tensor denominators = unit_denominators(prepared, preprocess, eps);
       const at::Tensor differentiable = preprocess == Preprocess::kUnitPlusEps ? prepared.norms > 0
                                                                               : prepared.norms > eps;
+      const double tiny = prepared.norms.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                                        : std::numeric_limits<float>::min();
       const at::Tensor radial = (unit * grad_prepared).sum(1, /*keepdim=*/true) * denominators /
-                                prepared.norms.clamp_min(1e-300);
+                                prepared.norms.clamp_min(tiny);
       return (grad_prepared - unit * radial * differentiable) / denominators;
     }
   }
