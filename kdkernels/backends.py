@@ -43,6 +43,7 @@ def _triton_import_error() -> str | None:
     try:  # importing the family modules registers the triton ops
         import kdkernels.triton.dist  # noqa: F401
         import kdkernels.triton.logsoftmax_gather  # noqa: F401
+        import kdkernels.triton.pairwise  # noqa: F401
         import kdkernels.triton.softmax_kl  # noqa: F401
         import kdkernels.triton.target_split  # noqa: F401
     except Exception as exc:  # a broken triton install must not break the other backends
@@ -138,7 +139,7 @@ def _kernel_registered(name: str, op: str) -> bool:
 
 
 # Decided once, at import, like the installation reasons (torch.compile traces select_backend).
-OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist")
+OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist", "pairwise")
 _KERNELS = {(name, op): not _INSTALLATION_REASONS[name] and _kernel_registered(name, op)
             for name in ("cpu", "cuda", "triton") for op in OP_FAMILIES}
 
