@@ -559,7 +559,7 @@ def _preprocess_backward(grad: torch.Tensor, prepared: _Prepared, preprocess: st
         return grad
     unit, norms, denominators = prepared.features, prepared.norms, prepared.denominators
     differentiable = norms > 0 if preprocess == "unit_plus_eps" else norms > eps
-    radial = (unit * grad).sum(1, keepdim=True) * denominators / norms.clamp_min(1e-300)
+    radial = (unit * grad).sum(1, keepdim=True) * denominators / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     return (grad - unit * radial * differentiable) / denominators
 
 
