@@ -29,14 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.softmax_kl import _launch_guard
+from kdkernels.triton.softmax_kl import _SUPPORTED_DTYPES, _acc_dtype, _launch_guard
 
 __all__ = ["pairwise_forward"]
 
-RELATIONS = ("rkd_distance", "rkd_angle", "rkd", "sp", "pkt", "cc")
 _COINCIDENT_ULPS = 64.0
 _NORMALIZE_EPS = 1e-12  # F.normalize
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -520,10 +518,6 @@ def _check_features(student: torch.Tensor, teacher: torch.Tensor) -> None:
                          f"teacher {teacher.dtype}")
 
 
-def _accumulation_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 @dataclasses.dataclass
 class _Prepared:
     """Preprocessed features P in the accumulation dtype, the raw row norms (unit preprocessings) and the
@@ -540,7 +534,7 @@ def _preprocess_of(relation: str) -> str:
 
 
 def _prepare(features: torch.Tensor, preprocess: str, eps: float) -> _Prepared:
-    x = features.to(_accumulation_dtype(features))
+    x = features.to(_acc_dtype(features, features))
     if preprocess == "centre":
         return _Prepared(x - x.mean(0, keepdim=True))
     if preprocess == "none":
@@ -765,7 +759,7 @@ def pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, relation: str
 def _pairwise_forward_fake(student, teacher, relation, params, student_grad, teacher_grad):
     _check_features(student, teacher)
     _parse_terms(relation, params)
-    loss = student.new_empty((), dtype=_accumulation_dtype(student))
+    loss = student.new_empty((), dtype=_acc_dtype(student, teacher))
     grad_student = torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad \
         else _empty_gradient(student)
     grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad \
