@@ -43,6 +43,7 @@ def _triton_import_error() -> str | None:
     try:  # importing the family modules registers the triton ops
         import kdkernels.triton.dist  # noqa: F401
         import kdkernels.triton.logsoftmax_gather  # noqa: F401
+        import kdkernels.triton.pairwise  # noqa: F401
         import kdkernels.triton.softmax_kl  # noqa: F401
         import kdkernels.triton.target_split  # noqa: F401
     except Exception as exc:  # a broken triton install must not break the other backends
