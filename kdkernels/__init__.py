@@ -10,6 +10,7 @@ from kdkernels import ops  # noqa: F401  (registers fake kernels and autograd fo
 from kdkernels.losses import kd_loss
 from kdkernels.decoupled_losses import dkd_loss, nkd_loss
 from kdkernels.pearson_losses import dist_loss
+from kdkernels.contrastive_losses import crd_loss, crd_normalizers, crd_update_memory_
 from kdkernels import nn
 
-__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "crd_loss", "crd_normalizers", "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]

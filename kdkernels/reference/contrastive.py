@@ -102,7 +102,7 @@ def eager_crd(student_embed: torch.Tensor, teacher_embed: torch.Tensor, contrast
     out_teacher = eager_contrast_scores(teacher_embed, memory_student, contrast_indices, temperature)  # out_v2
     for side, out in enumerate((out_student, out_teacher)):
         if normalizers[side].item() < 0:
-            normalizers[side] = out.mean() * num_data
+            normalizers[side] = out.detach().mean() * num_data
     out_student = torch.div(out_student, normalizers[0].item()).contiguous()
     out_teacher = torch.div(out_teacher, normalizers[1].item()).contiguous()
     return eager_contrast_loss(out_student, num_data, eps) + eager_contrast_loss(out_teacher, num_data, eps)
