@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(const at::Ten
                                                                    bool embed_grad) {
   contrastive::check_tensors(embed, memory, contrast_indices, log_normalizer, at::kCPU);
   const contrastive::Constants constants = contrastive::check_constants(temperature, noise_mass, eps);
-  auto [loss_rows, score_lse, grad_embed] = contrastive::allocate_outputs(embed, embed_grad);
+  at::Tensor loss_rows, score_lse, grad_embed;
+  std::tie(loss_rows, score_lse, grad_embed) = contrastive::allocate_outputs(embed, embed_grad);
   const at::Tensor embed_rows = contrastive::unit_stride_rows(embed);
   const at::Tensor memory_rows = contrastive::unit_stride_rows(memory);
   const at::Tensor indices = contrast_indices.contiguous();
