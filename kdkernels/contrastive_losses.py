@@ -138,7 +138,8 @@ def crd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: 
     num_data = memory_student.shape[0]
     contrast_indices = _resolve_contrast_indices(indices, contrast_indices, student_embed, num_data, num_negatives,
                                                  generator)
-    if not isinstance(normalizers, torch.Tensor) or normalizers.shape != (2,) or not normalizers.dtype.is_floating_point:
+    if (not isinstance(normalizers, torch.Tensor) or normalizers.shape != (2,)
+            or not normalizers.dtype.is_floating_point):
         raise ValueError(f"normalizers must be a float tensor of shape [2] (Z_v1, Z_v2), got "
                          f"{normalizers if not isinstance(normalizers, torch.Tensor) else tuple(normalizers.shape)}")
     if normalizers.device != student_embed.device:
@@ -169,11 +170,11 @@ def crd_normalizers(student_embed: torch.Tensor, teacher_embed: torch.Tensor, co
     name = backends.select_backend(backend, student_embed, memory_teacher, required_ops=("crd_nce",))
     num_data, contrasts = memory_student.shape[0], contrast_indices.shape[1]
     zero = student_embed.new_zeros((), dtype=accumulation_dtype(student_embed))
+    noise_mass = (contrasts - 1) / num_data  # any positive value: only score_lse is used
     values = []
     with torch.no_grad():
         for embed, bank in ((student_embed, memory_teacher), (teacher_embed, memory_student)):
-            _, score_lse = crd_nce(embed.detach(), bank, contrast_indices, zero, temperature, (contrasts - 1) / num_data,
-                                   0.0, name)
+            _, score_lse = crd_nce(embed.detach(), bank, contrast_indices, zero, temperature, noise_mass, 0.0, name)
             values.append(normalizer_from_score_lse(score_lse, contrasts, num_data))
     return torch.stack(values)
 

@@ -16,7 +16,8 @@ ALL_BACKENDS = backend_params(("cpu", "cuda", "triton", "reference"))
 
 def unit_rows(rows, features, seed, dtype=torch.float64, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, features, generator=generator, dtype=torch.float64), dim=1).to(dtype).to(device)
+    rows = F.normalize(torch.randn(rows, features, generator=generator, dtype=torch.float64), dim=1)
+    return rows.to(dtype).to(device)
 
 
 def batch(size=6, negatives=50, features=16, num_data=80, dtype=torch.float64, device="cpu", seed=0):

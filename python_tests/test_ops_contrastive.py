@@ -121,7 +121,8 @@ def test_cpu_rejects_out_of_range_indices():
     for bad in (20, -1):
         indices_bad = indices.clone()
         indices_bad[2, 7] = bad
-        with pytest.raises(RuntimeError, match=rf"contrast_indices must lie in \[0, 20\).*got {bad} at row 2, column 7"):
+        message = rf"contrast_indices must lie in \[0, 20\).*got {bad} at row 2, column 7"
+        with pytest.raises(RuntimeError, match=message):
             torch.ops.kdkernels.crd_nce_forward(embed, memory, indices_bad, log_z, 0.07, 0.5, 1e-7, True)
 
 
