@@ -80,6 +80,15 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def(
       "pairwise_forward(Tensor student, Tensor teacher, str relation, float[] params, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  // contrastive: CRD's NCE of embeddings [B, d] against rows of the other side's memory bank [N, d] picked by int64
+  // contrast_indices [B, K+1] (column 0: the positive). With s = memory[idx] . embed / T, x = exp(s - log Z) and
+  // c = noise_mass + eps (noise_mass = K / N): loss_rows[b] = -log(x_b0 / (x_b0 + c)) - sum_{k>=1}
+  // log(noise_mass / (x_bk + c)) and score_lse[b] = logsumexp_k s_bk, both [B] in the accumulation dtype, computed
+  // in log space; grad_embed = d sum(loss_rows) / d embed in embed's dtype when embed_grad, else empty [0].
+  // log_normalizer: 0-dim log Z in the accumulation dtype. Spec: kdkernels/reference/contrastive.py.
+  m.def(
+      "crd_nce_forward(Tensor embed, Tensor memory, Tensor contrast_indices, Tensor log_normalizer, "
+      "float temperature, float noise_mass, float eps, bool embed_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -12,8 +12,9 @@ from kdkernels.decoupled_losses import dkd_loss, nkd_loss
 from kdkernels.pearson_losses import dist_loss
 from kdkernels.relation_losses import cc_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
 from kdkernels.bake import bake_loss, bake_targets
+from kdkernels.contrastive_losses import crd_loss, crd_normalizers, crd_update_memory_
 from kdkernels import nn
 
 __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
-           "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "nn", "available_backends",
-           "build_info", "BackendUnavailableError"]
+           "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
+           "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]

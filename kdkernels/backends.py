@@ -41,6 +41,7 @@ def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     try:  # importing the family modules registers the triton ops
+        import kdkernels.triton.contrastive  # noqa: F401
         import kdkernels.triton.dist  # noqa: F401
         import kdkernels.triton.logsoftmax_gather  # noqa: F401
         import kdkernels.triton.pairwise  # noqa: F401
@@ -139,7 +140,8 @@ def _kernel_registered(name: str, op: str) -> bool:
 
 
 # Decided once, at import, like the installation reasons (torch.compile traces select_backend).
-OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist", "pairwise")
+OP_FAMILIES = ("softmax_kl", "softmax_jsd", "target_split", "logsoftmax_gather", "dist", "pairwise",
+               "crd_nce")
 _KERNELS = {(name, op): not _INSTALLATION_REASONS[name] and _kernel_registered(name, op)
             for name in ("cpu", "cuda", "triton") for op in OP_FAMILIES}
 

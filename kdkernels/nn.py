@@ -1,9 +1,11 @@
 """``torch.nn.Module`` wrappers of the functional losses."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kdkernels import bake, decoupled_losses, losses, pearson_losses, relation_losses
+from kdkernels import bake, contrastive_losses, decoupled_losses, losses, pearson_losses, relation_losses
 
 
 class KDLoss(torch.nn.Module):
@@ -189,3 +191,59 @@ class BAKELoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, omega={self.omega}, gather={self.gather}"
+
+
+class CRDLoss(torch.nn.Module):
+    """CRD's contrastive loss with its state, as RepDistiller's ``CRDLoss`` without the embedding heads (the caller's
+    modules: pass their L2-normalised outputs). Holds the two memory banks ``memory_student`` / ``memory_teacher``
+    [num_data, feat_dim] (buffers, init U(-stdv, stdv), stdv = 1/sqrt(feat_dim/3)) and ``normalizers`` [2] (Z_v1,
+    Z_v2; -1 until set). Each call sets Z on the first call (:func:`kdkernels.contrastive_losses.crd_normalizers`;
+    a loaded state_dict whose Z are > 0 counts as set), computes :func:`kdkernels.crd_loss` from the banks as they
+    were, then updates both banks (:func:`kdkernels.crd_update_memory_`).
+
+    Example::
+
+        criterion = kdkernels.nn.CRDLoss(num_data=len(train_set), feat_dim=128)
+        loss = criterion(embed_s(f_s), embed_t(f_t), sample_index, contrast_index)
+    """
+
+    def __init__(self, num_data: int, feat_dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07,
+                 momentum: float = 0.5, eps: float = 1e-7, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.num_data = contrastive_losses._check_positive_int("num_data", num_data)
+        self.feat_dim = contrastive_losses._check_positive_int("feat_dim", feat_dim)
+        self.num_negatives = contrastive_losses._check_positive_int("num_negatives", num_negatives)
+        self.temperature = losses._check_temperature(temperature)
+        self.momentum = float(momentum)
+        self.eps = contrastive_losses._check_eps(eps)
+        self.backend = backend
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
+        self.register_buffer("memory_student", torch.rand(num_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_teacher", torch.rand(num_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("normalizers", torch.full((2,), -1.0))
+        self.normalizers_set = False
+        self.register_load_state_dict_post_hook(CRDLoss._after_load)
+
+    @staticmethod
+    def _after_load(module: "CRDLoss", _incompatible_keys) -> None:
+        module.normalizers_set = bool((module.normalizers > 0).all())
+
+    def forward(self, student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: torch.Tensor,
+                contrast_indices: torch.Tensor | None = None) -> torch.Tensor:
+        if contrast_indices is None:
+            contrast_indices = contrastive_losses.sample_contrast_indices(indices, self.num_data, self.num_negatives)
+        if not self.normalizers_set:
+            self.normalizers.copy_(contrastive_losses.crd_normalizers(
+                student_embed, teacher_embed, contrast_indices, self.memory_student, self.memory_teacher,
+                self.temperature, backend=self.backend))
+            self.normalizers_set = True
+        loss = contrastive_losses.crd_loss(student_embed, teacher_embed, indices, contrast_indices,
+                                           self.memory_student, self.memory_teacher, self.normalizers,
+                                           self.temperature, self.eps, backend=self.backend)
+        contrastive_losses.crd_update_memory_(self.memory_student, student_embed, indices, self.momentum)
+        contrastive_losses.crd_update_memory_(self.memory_teacher, teacher_embed, indices, self.momentum)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, num_negatives={self.num_negatives}, "
+                f"temperature={self.temperature}, momentum={self.momentum}")
