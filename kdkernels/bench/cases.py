@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from kdkernels.bench.impls import DTYPES, benched_loss, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend
+from kdkernels.bench.impls import (DTYPES, benched_loss, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend,
+                                   with_state)
 from kdkernels.bench.memory import measure_peak_mb
 from kdkernels.bench.report import fmt, short_error
 from kdkernels.bench.timing import QUANTILES, TIMING_ROUNDS, quantile, time_cpu, time_cuda
@@ -30,9 +31,12 @@ def bench_case(n: int, v: int, dtype_name: str, device: torch.device, cfg: argpa
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     u = n * v * itemsize
-    student, teacher = make_inputs(n, v, dtype, device)
-
     benched = benched_loss(cfg.loss, cfg.divergence, cfg.beta)
+    if benched.inputs is None:
+        student, teacher = make_inputs(n, v, dtype, device)
+    else:
+        student, teacher, state = benched.inputs(n, v, dtype, device)
+        benched = with_state(benched, state)
     impls: list[tuple[str, str | None]] = [("eager", None)]
     if not cfg.no_compile:
         impls.append(("compile", None))

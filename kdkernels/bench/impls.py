@@ -10,6 +10,7 @@ import torch
 import kdkernels
 from kdkernels import backends as _backends
 from kdkernels.reference import pairwise as _pairwise
+from kdkernels.reference.contrastive import eager_crd
 from kdkernels.reference.dist import eager_dist
 from kdkernels.reference.softmax_kl import eager_generalized_jsd, eager_hinton_kd
 from kdkernels.reference.target_split import eager_dkd, eager_nkd
@@ -20,10 +21,22 @@ IMPL_ORDER = ("eager", "compile")  # then the kdkernels:* rows
 
 class BenchedLoss(NamedTuple):
     """The loss a run measures: its name (title and file stem), its eager formula as the reference repositories
-    write it, and the kdkernels call; both take (student, teacher, T) and the kdkernels one also a backend."""
+    write it, and the kdkernels call; both take (student, teacher, T) and the kdkernels one also a backend.
+    ``inputs(n, v, dtype, device) -> (student, teacher, state)``, when given, replaces make_inputs; the two
+    callables then get the state as a last argument (bind it with :func:`with_state`)."""
     name: str
     eager: Callable
     fused: Callable
+    inputs: Callable | None = None
+
+
+def with_state(loss: BenchedLoss, state) -> BenchedLoss:
+    return loss._replace(eager=functools.partial(_call_with_state, loss.eager, state),
+                         fused=functools.partial(_call_with_state, loss.fused, state))
+
+
+def _call_with_state(fn, state, *args):
+    return fn(*args, state)
 
 
 def benchmark_labels(student: torch.Tensor) -> torch.Tensor:
@@ -49,7 +62,39 @@ RELATION_LOSSES = {
     "pkt": (_pairwise.eager_pkt, kdkernels.pkt_loss),
     "cc": (_pairwise.eager_cc, kdkernels.cc_loss),
 }
-LOSSES = ("kd", "dkd", "nkd", "dist") + tuple(RELATION_LOSSES)
+LOSSES = ("kd", "dkd", "nkd", "dist") + tuple(RELATION_LOSSES) + ("crd",)
+
+CRD_FEATURES, CRD_NUM_DATA = 128, 50000  # RepDistiller's embedding size; a CIFAR-sized bank
+
+
+def _crd_inputs(batch: int, negatives: int, dtype: torch.dtype, device: torch.device):
+    """Unit embeddings [B, 128] (the student's requires grad), both banks [50000, 128] initialised as RepDistiller,
+    contrast indices [B, K + 1] (column 0 the positive) and the normalisers of the first call (steady state)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(batch, CRD_FEATURES, generator=gen), dim=1)  # noqa: E731
+    stdv = 1.0 / (CRD_FEATURES / 3) ** 0.5
+    banks = [((torch.rand(CRD_NUM_DATA, CRD_FEATURES, generator=gen) * 2 - 1) * stdv).to(dtype).to(device)
+             for _ in range(2)]
+    indices = torch.randperm(CRD_NUM_DATA, generator=gen)[:batch]
+    contrast = torch.randint(0, CRD_NUM_DATA, (batch, negatives + 1), generator=gen)
+    contrast[:, 0] = indices
+    student, teacher = unit().to(dtype).to(device).requires_grad_(True), unit().to(dtype).to(device)
+    indices, contrast = indices.to(device), contrast.to(device)
+    normalizers = kdkernels.crd_normalizers(student.detach(), teacher, contrast, banks[0], banks[1])
+    return student, teacher, (indices, contrast, banks[0], banks[1], normalizers)
+
+
+def _crd_loss() -> BenchedLoss:
+    def eager(s, t, temperature, state):
+        _, contrast, memory_student, memory_teacher, normalizers = state
+        return eager_crd(s, t, contrast, memory_student, memory_teacher, normalizers.clone()).sum()
+
+    def fused(s, t, temperature, backend, state):
+        indices, contrast, memory_student, memory_teacher, normalizers = state
+        return kdkernels.crd_loss(s, t, indices, contrast, memory_student, memory_teacher, normalizers,
+                                  backend=backend)
+
+    return BenchedLoss("crd_loss", eager, fused, _crd_inputs)
 
 
 def _relation_loss(loss: str) -> BenchedLoss:
@@ -61,6 +106,8 @@ def _relation_loss(loss: str) -> BenchedLoss:
 def benched_loss(loss: str, divergence: str = "forward", beta: float = 0.5) -> BenchedLoss:
     if loss in RELATION_LOSSES:
         return _relation_loss(loss)
+    if loss == "crd":
+        return _crd_loss()
     if loss == "dkd":
         return BenchedLoss("dkd_loss", _eager_dkd, lambda s, t, temperature, backend: kdkernels.dkd_loss(
             s, t, benchmark_labels(s), temperature, 1.0, 8.0, backend=backend))

@@ -17,6 +17,9 @@ QUICK_SHAPES = ((256, 100), (1024, 1000))
 RELATION_SHAPES = ((256, 128), (256, 512), (1024, 512))
 ANGLE_SHAPES = ((64, 128), (256, 512))
 RELATION_QUICK_SHAPES = ((32, 16), (64, 32))
+# CRD (BxK: batch x negatives, embeddings of 128 over a bank of 50000): RepDistiller's CIFAR K = 16384, and 4096.
+CRD_SHAPES = ((64, 4096), (64, 16384))
+CRD_QUICK_SHAPES = ((8, 64),)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kd: kd_loss (see --divergence); dkd: dkd_loss vs mdistiller's DKD; nkd: nkd_loss vs cls_KD's "
                         "NKD; dist: dist_loss vs DIST_KD's DIST; rkd_distance, rkd_angle, rkd, sp, pkt, cc: the "
                         "relation losses on [B, D] features vs lenscloth/RKD, RepDistiller, probabilistic_kt and "
-                        "KD-Zoo (results in <loss>_loss.*)")
+                        "KD-Zoo; crd: crd_loss vs RepDistiller's CRD, shapes BxK (results in <loss>_loss.*)")
     p.add_argument("--divergence", choices=("forward", "jsd"), default="forward",
                    help="forward: Hinton KD vs the mdistiller eager formula (kd_loss.*); jsd: generalised JSD vs "
                         "TRL's eager generalized_jsd_loss (jsd_loss.*)")

@@ -14,11 +14,13 @@ from kdkernels.bench.cases import bench_case
 from kdkernels.bench.impls import benched_loss
 from kdkernels.bench.device import default_results_root
 from kdkernels.bench.impls import RELATION_LOSSES
-from kdkernels.bench.options import (ANGLE_SHAPES, DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES,
+from kdkernels.bench.options import (ANGLE_SHAPES, CRD_QUICK_SHAPES, CRD_SHAPES, DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES,
                                      RELATION_QUICK_SHAPES, RELATION_SHAPES, build_parser)
 
 
 def default_shapes(loss: str, quick: bool, device: torch.device) -> list[tuple[int, int]]:
+    if loss == "crd":  # BxK: batch x negatives (d = 128, N = 50000)
+        return list(CRD_QUICK_SHAPES if quick else CRD_SHAPES)
     if loss in RELATION_LOSSES:
         if quick:
             return list(RELATION_QUICK_SHAPES)
