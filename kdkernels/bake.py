@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kdkernels.distributed import all_gather_batch, rank_and_world_size
 from kdkernels.losses import _check_logits, _check_temperature, kd_loss
 from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels.relation_losses import check_features
 
 
 def _check_omega(omega) -> float:
@@ -31,13 +32,7 @@ def _check_omega(omega) -> float:
 
 
 def _check_features_and_logits(features, logits) -> None:
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if not features.dtype.is_floating_point:
-        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
-    if features.dim() < 2 or features[0].numel() == 0:
-        raise ValueError(f"features must have shape [B, ...] with at least one feature per sample, got "
-                         f"{tuple(features.shape)}")
+    check_features("features", features, min_dim=2)
     _check_logits("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape [B, C], got {tuple(logits.shape)}")

@@ -21,20 +21,21 @@ from kdkernels.ops.pairwise import relation_loss
 CC_KERNELS = ("gaussian", "bilinear")
 
 
-def _check_features(name: str, features) -> None:
+def check_features(name: str, features, min_dim: int = 1) -> None:
+    """A floating-point tensor [B, ...] of at least `min_dim` dims with at least one feature per sample."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
     if not features.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
-    if features.dim() < 1 or features[0].numel() == 0:
+    if features.dim() < min_dim or features.dim() == 0 or features[0].numel() == 0:
         raise ValueError(f"{name} must have shape [B, ...] with at least one feature per sample, got "
                          f"{tuple(features.shape)}")
 
 
 def _feature_rows(student, teacher, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated [B, D] views of both feature tensors (all-gathered when asked)."""
-    _check_features("student", student)
-    _check_features("teacher", teacher)
+    check_features("student", student)
+    check_features("teacher", teacher)
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher must have the same batch size, got {student.shape[0]} and "
                          f"{teacher.shape[0]}")
