@@ -620,7 +620,7 @@ void launch_gram_diagonals(const GramArgs<Acc>& g, Acc* diagonals, cudaStream_t 
 template <typename Acc>
 void launch_rkd_distance(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace, cudaStream_t stream) {
   const int64_t B = g.batch;
-  Acc* diagonals = workspace;      // [2, B]
+  Acc* diagonals = workspace;         // [2, B]
   Acc* row_sums = workspace + 2 * B;  // [2, B]
   Acc* partials = workspace + 4 * B;  // [3, B]
   const double scale = weight / (static_cast<double>(B) * static_cast<double>(B));
@@ -639,7 +639,8 @@ template <typename Acc>
 void launch_rkd_angle(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace, cudaStream_t stream) {
   const int64_t B = g.batch;
   const bool student_grad = g.dgram_student != nullptr, teacher_grad = g.dgram_teacher != nullptr;
-  AngleArgs<Acc> args{g, workspace, workspace + 5 * B, {nullptr, nullptr}, {nullptr, nullptr}, workspace + 2 * B};
+  Acc* inverse_distances = workspace + 5 * B;  // after diagonals [2, B] and partials [3, B]
+  AngleArgs<Acc> args{g, workspace, inverse_distances, {nullptr, nullptr}, {nullptr, nullptr}, workspace + 2 * B};
   Acc* next = workspace + 5 * B + 2 * B * B;
   for (int side = 0; side < 2; ++side) {
     if (!(side == 0 ? student_grad : teacher_grad)) continue;
@@ -650,8 +651,8 @@ void launch_rkd_angle(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* wor
   const double scale = weight / (static_cast<double>(B) * static_cast<double>(B) * static_cast<double>(B));
   const int threads = row_threads(B);
   launch_gram_diagonals(g, workspace, stream);
-  rkd_angle_inverse_distances_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(
-      g, args.diagonals, const_cast<Acc*>(args.inverse_distances));
+  rkd_angle_inverse_distances_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, args.diagonals,
+                                                                                 inverse_distances);
   if (student_grad && teacher_grad) {
     rkd_angle_kernel<Acc, true, true><<<row_blocks(B), threads, 0, stream>>>(args);
   } else if (student_grad) {
