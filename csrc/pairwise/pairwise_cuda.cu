@@ -4,10 +4,8 @@
 // Numerical spec: kdkernels/reference/pairwise.py; the Gram-level formulas are stated at the top of
 // pairwise_kernels.cuh. Grams are float32 (float64 for float64 features); each term adds weight * L to the loss and
 // weight * dL/dG to the requested Gram gradients.
-#include <ATen/TensorOperators.h>  // the tensor arithmetic of pairwise_host.h, which does not include it itself
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros_like.h>  // likewise for pairwise_host.h's at::zeros_like
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
