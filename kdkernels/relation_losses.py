@@ -10,6 +10,7 @@ relation spans the global batch (see :func:`kdkernels.distributed.all_gather_bat
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -27,7 +28,7 @@ def check_features(name: str, features, min_dim: int = 1) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
     if not features.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
-    if features.dim() < min_dim or features.dim() == 0 or features[0].numel() == 0:
+    if features.dim() < max(min_dim, 1) or math.prod(features.shape[1:]) == 0:
         raise ValueError(f"{name} must have shape [B, ...] with at least one feature per sample, got "
                          f"{tuple(features.shape)}")
 
@@ -44,7 +45,8 @@ def _feature_rows(student, teacher, gather: bool) -> tuple[torch.Tensor, torch.T
                          f"{teacher.device}")
     if not isinstance(gather, bool):
         raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-    student, teacher = student.reshape(student.shape[0], -1), teacher.reshape(teacher.shape[0], -1)
+    if student.dim() != 2 or teacher.dim() != 2:
+        student, teacher = student.reshape(student.shape[0], -1), teacher.reshape(teacher.shape[0], -1)
     if gather:
         from kdkernels.distributed import all_gather_batch
         student, teacher = all_gather_batch(student), all_gather_batch(teacher)

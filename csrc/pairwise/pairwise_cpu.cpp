@@ -447,42 +447,57 @@ void sp(const GramTerm& term, const GramProblem& problem) {
 
 // PKT row i, with P = (G + 1) / (2 R), R the row sum of (G + 1) / 2, and r = log((P_t + eps) / (P_s + eps)):
 // loss sum P_t r; dP_s = -P_t / (P_s + eps) / B^2, dP_t = (r + P_t / (P_t + eps)) / B^2; through the row
-// normalisation, dG = (dP - sum(dP P)) / (2 R). In double for any Gram dtype: the loss is a KL-like sum of terms of
-// both signs, and float rounding of P ~ 1/B would show in it.
+// normalisation, dG = (dP - sum(dP P)) / (2 R). Vectorised in acc_t with row sums in double; r is formed as
+// log1p((P_t - P_s) / (P_s + eps)) with the difference from one fused multiply-add, so that it stays accurate when
+// the two rows agree (the loss is a KL-like sum of terms of both signs).
 template <typename acc_t>
 void pkt(const GramTerm& term, const GramProblem& problem) {
-  using Vec = Vectorized<double>;
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
   const double inv_count = 1.0 / static_cast<double>(n * n);
-  const Vec eps(term.eps), one(1), v_inv_count(inv_count);
+  const Vec eps(static_cast<acc_t>(term.eps)), one(1), v_inv_count(static_cast<acc_t>(inv_count));
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    std::vector<double> ps(n), pt(n), dps(n), dpt(n);
     double sum_s = 0.0, sum_t = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-      sum_s += ps[j] = (static_cast<double>(gs.at(i, j)) + 1.0) * 0.5;
-      sum_t += pt[j] = (static_cast<double>(gt.at(i, j)) + 1.0) * 0.5;
+      sum_s += (static_cast<double>(gs.at(i, j)) + 1.0) * 0.5;
+      sum_t += (static_cast<double>(gt.at(i, j)) + 1.0) * 0.5;
     }
-    const Vec inv_s(1.0 / sum_s), inv_t(1.0 / sum_t);
-    Vec sum(0), dot_s(0), dot_t(0);
-    for_each_block<double>(n, [&](int64_t c, int64_t count) {
-      const Vec p_s = Vec::loadu(ps.data() + c, count) * inv_s, p_t = Vec::loadu(pt.data() + c, count) * inv_t;
-      const Vec r = ((p_t - p_s) / (p_s + eps)).log1p();  // log((t + eps) / (s + eps)), exact when t = s
-      const Vec grad_s = Vec(0) - p_t / (p_s + eps) * v_inv_count;
-      const Vec grad_t = (r + p_t / (p_t + eps)) * v_inv_count;
-      sum = at::vec::fmadd(p_t, r, sum);
-      dot_s = at::vec::fmadd(grad_s, p_s, dot_s);
-      dot_t = at::vec::fmadd(grad_t, p_t, dot_t);
-      grad_s.store(dps.data() + c, count);
-      grad_t.store(dpt.data() + c, count);
-    });
-    const auto write = [&](const Square<acc_t>& dg, const std::vector<double>& dp, double dot, double row_sum) {
-      const double scale = term.weight * 0.5 / row_sum;
-      for (int64_t j = 0; j < n; ++j) dg.at(i, j) += static_cast<acc_t>(scale * (dp[j] - dot));
+    const Vec scale_s(static_cast<acc_t>(0.5 / sum_s)), scale_t(static_cast<acc_t>(0.5 / sum_t));
+    // P_s, P_t, r, dP_s, dP_t of one block of the row.
+    const auto block = [&](int64_t c, int64_t count, Vec& p_s, Vec& p_t, Vec& r, Vec& grad_s, Vec& grad_t) {
+      const Vec x_s = Vec::loadu(gs.row(i) + c, count) + one, x_t = Vec::loadu(gt.row(i) + c, count) + one;
+      p_s = x_s * scale_s;
+      p_t = x_t * scale_t;
+      const Vec inv_s = one / (p_s + eps);
+      r = (at::vec::fmadd(x_t, scale_t, Vec(0) - p_s) * inv_s).log1p();
+      grad_s = Vec(0) - p_t * inv_s * v_inv_count;
+      grad_t = (r + p_t / (p_t + eps)) * v_inv_count;
     };
-    if (dgs.data != nullptr) write(dgs, dps, reduce_sum(dot_s), sum_s);
-    if (dgt.data != nullptr) write(dgt, dpt, reduce_sum(dot_t), sum_t);
+    Vec sum(0), dot_s(0), dot_t(0);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      Vec p_s, p_t, r, grad_s, grad_t;
+      block(c, count, p_s, p_t, r, grad_s, grad_t);
+      sum = sum + Vec::set(Vec(0), p_t * r, count);
+      dot_s = dot_s + Vec::set(Vec(0), grad_s * p_s, count);
+      dot_t = dot_t + Vec::set(Vec(0), grad_t * p_t, count);
+    });
+    if (dgs.data != nullptr || dgt.data != nullptr) {
+      const Vec ds(static_cast<acc_t>(reduce_sum(dot_s))), dt(static_cast<acc_t>(reduce_sum(dot_t)));
+      const Vec weight_s(static_cast<acc_t>(term.weight * 0.5 / sum_s));
+      const Vec weight_t(static_cast<acc_t>(term.weight * 0.5 / sum_t));
+      for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+        Vec p_s, p_t, r, grad_s, grad_t;
+        block(c, count, p_s, p_t, r, grad_s, grad_t);
+        if (dgs.data != nullptr) {
+          (Vec::loadu(dgs.row(i) + c, count) + weight_s * (grad_s - ds)).store(dgs.row(i) + c, count);
+        }
+        if (dgt.data != nullptr) {
+          (Vec::loadu(dgt.row(i) + c, count) + weight_t * (grad_t - dt)).store(dgt.row(i) + c, count);
+        }
+      });
+    }
     return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
