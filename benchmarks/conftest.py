@@ -56,3 +56,41 @@ def make_inputs(device):
         teacher = (torch.randn(n, v, device=device, generator=gen) * 3.0).to(dtype)
         return student, teacher
     return make
+
+
+@pytest.fixture
+def check_and_time(benchmark, device, synchronize):
+    """``check_and_time(fn, eager, student, teacher, group, impl, loss_tol=(rtol, atol), grad_tol=(rtol, atol_rel))``:
+    one call of ``fn(student, teacher).backward()`` checked against ``eager`` in float64 (loss, and the student
+    gradient with an absolute floor of ``atol_rel`` x its largest entry), then timed by pytest-benchmark. A
+    torch.compile row whose compilation fails here is skipped (no C++ compiler: not a kdkernels failure)."""
+    def run(fn, eager, student, teacher, group, impl, loss_tol, grad_tol):
+        try:
+            value = fn(student, teacher)
+            value.backward()
+        except Exception as exc:  # noqa: BLE001
+            if impl != "compile":
+                raise
+            pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {str(exc)[:300]}")
+        synchronize()
+        wide = student.detach().double().requires_grad_(True)
+        expected = eager(wide, teacher.double())
+        expected.backward()
+        torch.testing.assert_close(value.detach().double(), expected.detach(), rtol=loss_tol[0], atol=loss_tol[1])
+        torch.testing.assert_close(student.grad.double(), wide.grad, rtol=grad_tol[0],
+                                   atol=grad_tol[1] * wide.grad.abs().max().item())
+
+        def reset():
+            student.grad = None
+
+        def step():
+            fn(student, teacher).backward()
+            synchronize()
+
+        benchmark.group = group
+        benchmark.extra_info.update({"shape": list(student.shape), "dtype": "fp32", "impl": impl,
+                                     "device": device.type})
+        benchmark.pedantic(step, setup=reset, rounds=10, iterations=1, warmup_rounds=2)
+        assert student.grad is not None and torch.isfinite(student.grad).all()
+
+    return run
