@@ -576,28 +576,23 @@ void run_term(const GramTerm& term, const GramProblem& problem) {
   }
 }
 
-// (m + m^T) * scale in place, tile pair by tile pair: both 32 x 32 tiles are copied row by row into local buffers
-// and written back row by row, so that no column walk strides through the matrix (a power-of-two row length would
-// map a column's elements to one cache set).
+// (m + m^T) * scale in place over 8 x 8 tiles of the upper triangle and their mirrors: a mirror tile's 8 rows stay
+// in cache even at a power-of-two row length, where a column walk maps every element to one cache set.
 template <typename acc_t>
 void symmetrize_square(acc_t* m, int64_t n, acc_t scale) {
-  constexpr int64_t kTile = 32;
+  constexpr int64_t kTile = 8;
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, rows_per_task(n * kTile), [&](int64_t begin, int64_t end) {
-    acc_t upper[kTile][kTile], lower[kTile][kTile];
     for (int64_t ti = begin; ti < end; ++ti) {
-      const int64_t i0 = ti * kTile, rows = std::min(kTile, n - i0);
-      for (int64_t tj = ti; tj < tiles; ++tj) {
-        const int64_t j0 = tj * kTile, cols = std::min(kTile, n - j0);
-        for (int64_t r = 0; r < rows; ++r) std::copy_n(m + (i0 + r) * n + j0, cols, upper[r]);
-        for (int64_t c = 0; c < cols; ++c) std::copy_n(m + (j0 + c) * n + i0, rows, lower[c]);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t c = 0; c < cols; ++c) upper[r][c] = (upper[r][c] + lower[c][r]) * scale;
-        }
-        for (int64_t r = 0; r < rows; ++r) std::copy_n(upper[r], cols, m + (i0 + r) * n + j0);
-        for (int64_t c = 0; c < cols; ++c) {
-          for (int64_t r = 0; r < rows; ++r) lower[c][r] = upper[r][c];
-          std::copy_n(lower[c], rows, m + (j0 + c) * n + i0);
+      const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
+      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+        const int64_t j1 = std::min(n, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = std::max(i, j0); j < j1; ++j) {
+            const acc_t value = (m[i * n + j] + m[j * n + i]) * scale;
+            m[i * n + j] = value;
+            m[j * n + i] = value;
+          }
         }
       }
     }
