@@ -11,7 +11,7 @@ The Gram-level kernels (D2_ij = G_ii + G_jj - 2 G_ij, 0 when <= 64 eps (G_ii + G
   dL/dD2 = dL/dd / (2 d) where D2 > 1e-12. Three row launches: the sums of d, the loss and sum(h d), dG.
 * rkd_angle: r_ab = 1 / sqrt(D2_ab) (0 when coincident), psi_abc = ((G_bc - G_ab) - (G_ac - G_aa)) r_ab r_ac,
   L = mean_{B^3} huber(psi_s - psi_t). With g = huber' / B^3 and W = g r_ab r_ac, a program per middle index b owns
-  P[a, b] = sum_c W, T[a, b] = -r_ab^2 sum_c g psi (= dL/dD2_ab) and, in a second launch, Q[b, c] = sum_a W; then
+  P[a, b] = sum_c W, T[a, b] = -r_ab^2 sum_c g psi (= dL/dD2_ab) and, in the same pass, Q[b, c] = sum_a W; then
   dG = Q - 2 P - 2 T + diag(rowsum P + rowsum T + colsum T) (only dG + dG^T is used, so P and T stay transposed).
 * sp: Gn = G / max(|G_i.|, 1e-12) row-wise, L = sum (Gn_t - Gn_s)^2 / B^2, F.normalize's backward per row.
 * pkt: S = (G + 1) / 2, P = S / rowsum(S), L = mean P_t log((P_t + eps) / (P_s + eps)), the row-stochastic backward.
@@ -217,12 +217,13 @@ def _angle_tile(g_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC: tl.constexpr
 
 
 @triton.jit
-def _rkd_angle_anchor_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, pt_ptr, tt_ptr, consts_ptr, B, coincident,
-                             BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-                             STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
-    """Program b: partials[b] = sum_{a,c} huber(psi_s - psi_t); per side (row b of the transposed layout)
-    P[b, a] = sum_c g r_ab r_ac and T[b, a] = -r_ab^2 sum_c g psi with g = scale huber' (consts = (scale,)), the
-    teacher's g negated."""
+def _rkd_angle_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, qs_ptr, pt_ptr, tt_ptr, qt_ptr, consts_ptr, B,
+                      coincident, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                      STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """Program b, in one pass over its B^2 triples: partials[b] = sum_{a,c} huber(psi_s - psi_t); per side (row b of
+    the transposed layout) P[b, a] = sum_c g r_ab r_ac and T[b, a] = -r_ab^2 sum_c g psi, and Q[b, c] =
+    sum_a g r_ab r_ac accumulated into the zeroed row b (owned by this program), with g = scale huber'
+    (consts = (scale,)), the teacher's g negated."""
     b = tl.program_id(0)
     scale = tl.load(consts_ptr)
     loss = tl.zeros([BLOCK_A], ACC)
@@ -244,9 +245,11 @@ def _rkd_angle_anchor_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, pt_pt
             if STUDENT_GRAD:
                 weights_s += tl.sum(g * r_ac_s, axis=1) * r_ab_s
                 moments_s += tl.sum(g * psi_s, axis=1)
+                _add_to_row(qs_ptr, b, c, c_mask, B, tl.sum(g * r_ab_s[:, None] * r_ac_s, axis=0))
             if TEACHER_GRAD:
                 weights_t -= tl.sum(g * r_ac_t, axis=1) * r_ab_t
                 moments_t -= tl.sum(g * psi_t, axis=1)
+                _add_to_row(qt_ptr, b, c, c_mask, B, -tl.sum(g * r_ab_t[:, None] * r_ac_t, axis=0))
         if STUDENT_GRAD:
             tl.store(ps_ptr + b * B + a, weights_s, mask=a_mask)
             tl.store(ts_ptr + b * B + a, -r_ab_s * r_ab_s * moments_s, mask=a_mask)
@@ -254,34 +257,6 @@ def _rkd_angle_anchor_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, pt_pt
             tl.store(pt_ptr + b * B + a, weights_t, mask=a_mask)
             tl.store(tt_ptr + b * B + a, -r_ab_t * r_ab_t * moments_t, mask=a_mask)
     tl.store(partials_ptr + b, tl.sum(loss, axis=0))
-
-
-@triton.jit
-def _rkd_angle_middle_kernel(gs_ptr, gt_ptr, qs_ptr, qt_ptr, consts_ptr, B, coincident, BLOCK_A: tl.constexpr,
-                             BLOCK_C: tl.constexpr, ACC: tl.constexpr, STUDENT_GRAD: tl.constexpr,
-                             TEACHER_GRAD: tl.constexpr):
-    """Program b: Q[b, c] = sum_a g r_ab r_ac per side, g as in _rkd_angle_anchor_kernel."""
-    b = tl.program_id(0)
-    scale = tl.load(consts_ptr)
-    for c_start in range(0, B, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
-        c_mask = c < B
-        q_s = tl.zeros([BLOCK_C], ACC)
-        q_t = tl.zeros([BLOCK_C], ACC)
-        for a_start in range(0, B, BLOCK_A):
-            a = a_start + tl.arange(0, BLOCK_A)
-            a_mask = a < B
-            psi_s, r_ab_s, r_ac_s = _angle_tile(gs_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC)
-            psi_t, r_ab_t, r_ac_t = _angle_tile(gt_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC)
-            g = scale * _huber_slope(psi_s - psi_t)
-            if STUDENT_GRAD:
-                q_s += tl.sum(g * r_ab_s[:, None] * r_ac_s, axis=0)
-            if TEACHER_GRAD:
-                q_t -= tl.sum(g * r_ab_t[:, None] * r_ac_t, axis=0)
-        if STUDENT_GRAD:
-            tl.store(qs_ptr + b * B + c, q_s, mask=c_mask)
-        if TEACHER_GRAD:
-            tl.store(qt_ptr + b * B + c, q_t, mask=c_mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -656,18 +631,15 @@ def _rkd_angle(term: _GramTerm, problem: _GramProblem) -> None:
     flags = problem.launch_flags()
     consts = problem.constants(term.weight / B ** 3)
     needed = [side for side, flag in (("student", "STUDENT_GRAD"), ("teacher", "TEACHER_GRAD")) if flags[flag]]
-    buffers = {side: (problem.new(B, B), problem.new(B, B), problem.new(B, B)) for side in needed}  # P^T, T^T, Q
+    # P^T, T^T, and Q (accumulated by the kernel: zeroed)
+    buffers = {side: (problem.new(B, B), problem.new(B, B), torch.zeros_like(gs)) for side in needed}
     placeholder = (gs, gs, gs)
     p_s, t_s, q_s = buffers.get("student", placeholder)
     p_t, t_t, q_t = buffers.get("teacher", placeholder)
     partials = problem.new(B)
-    _rkd_angle_anchor_kernel[(B,)](gs, gt, partials, p_s, t_s, p_t, t_t, consts, B, problem.coincident,
-                                   BLOCK_A=block_a, BLOCK_C=block_c, **flags)
+    _rkd_angle_kernel[(B,)](gs, gt, partials, p_s, t_s, q_s, p_t, t_t, q_t, consts, B, problem.coincident,
+                            BLOCK_A=block_a, BLOCK_C=block_c, **flags)
     problem.loss_terms.append(partials.sum() * (term.weight / B ** 3))
-    if not needed:
-        return
-    _rkd_angle_middle_kernel[(B,)](gs, gt, q_s, q_t, consts, B, problem.coincident, BLOCK_A=block_a,
-                                   BLOCK_C=block_c, **flags)
     if "student" in buffers:
         problem.dgram_student += _angle_gram_gradient(q_s, p_s, t_s)
     if "teacher" in buffers:
