@@ -84,14 +84,6 @@ inline void parallel_rows(int64_t rows, const std::function<void(int64_t)>& fn) 
   });
 }
 
-template <typename acc_t>
-acc_t squared_distance(const Square<acc_t>& g, int64_t i, int64_t j) {
-  const acc_t diagonal = g.at(i, i) + g.at(j, j);
-  const acc_t d2 = diagonal - acc_t(2) * g.at(i, j);
-  const acc_t noise = acc_t(kCoincidentUlps) * std::numeric_limits<acc_t>::epsilon() * diagonal;
-  return d2 <= noise ? acc_t(0) : d2;
-}
-
 void add_loss(const GramProblem& problem, double value) {
   problem.loss.add_(value);
 }
@@ -185,7 +177,7 @@ void distance_gram_grad(const DistanceSide<acc_t>& side, const std::vector<acc_t
   const double inv_mean = 1.0 / side.mean;
   const Vec through_mean(static_cast<acc_t>(weighted_sum * inv_mean * inv_mean / static_cast<double>(n * n - n)));
   const Vec v_inv_mean(static_cast<acc_t>(inv_mean)), half_weight(static_cast<acc_t>(0.5 * weight)), two(2);
-  parallel_row_sum(n, [&](int64_t i) {
+  parallel_rows(n, [&](int64_t i) {
     Vec diagonal_sum(0);
     const int64_t row = i * n;
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
@@ -197,7 +189,6 @@ void distance_gram_grad(const DistanceSide<acc_t>& side, const std::vector<acc_t
       diagonal_sum = diagonal_sum + Vec::set(Vec(0), dd2, count);
     });
     dgram.at(i, i) += static_cast<acc_t>(2.0 * reduce_sum(diagonal_sum));
-    return 0.0;
   });
 }
 
@@ -248,13 +239,16 @@ void rkd_distance(const GramTerm& term, const GramProblem& problem) {
 // r_ij = 1 / |x_i - x_j| (0 on the diagonal and for coincident points).
 template <typename acc_t>
 std::vector<acc_t> inverse_distances(const Square<acc_t>& g) {
+  using Vec = Vectorized<acc_t>;
   const int64_t n = g.n;
+  const std::vector<acc_t> diag = diagonal(g);
   std::vector<acc_t> r(n * n);
   parallel_rows(n, [&](int64_t i) {
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d2 = i == j ? acc_t(0) : squared_distance(g, i, j);
-      r[i * n + j] = d2 > acc_t(0) ? acc_t(1) / std::sqrt(d2) : acc_t(0);
-    }
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec d2 = squared_distances(g, diag.data(), i, c, count);
+      Vec::blendv(Vec(0), d2.rsqrt(), d2 > Vec(0)).store(r.data() + i * n + c, count);
+    });
+    r[i * n + i] = acc_t(0);
   });
   return r;
 }
