@@ -27,12 +27,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_student, grad_teacher)
 
 
+def _scaled_gradients(ctx, grad_loss):
+    """The saved gradients of the loss times the upstream gradient, for the inputs that need one."""
+    return tuple((grad_loss * grad).to(grad.dtype) if needed and grad.numel() else None
+                 for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2]))
+
+
 def _backward(ctx, grad_loss, *_unused):
-    grad_student, grad_teacher = ctx.saved_tensors
-    scale = lambda grad: (grad_loss * grad).to(grad.dtype) if grad.numel() else None  # noqa: E731
-    student_grad = scale(grad_student) if ctx.needs_input_grad[0] else None
-    teacher_grad = scale(grad_teacher) if ctx.needs_input_grad[1] else None
-    return student_grad, teacher_grad, None, None, None, None
+    return (*_scaled_gradients(ctx, grad_loss), None, None, None, None)
 
 
 def _register() -> None:
@@ -70,10 +72,7 @@ class _RelationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_student, grad_teacher = ctx.saved_tensors
-        student_grad = (grad_loss * grad_student).to(grad_student.dtype) if ctx.needs_input_grad[0] else None
-        teacher_grad = (grad_loss * grad_teacher).to(grad_teacher.dtype) if ctx.needs_input_grad[1] else None
-        return student_grad, teacher_grad, None, None, None
+        return (*_scaled_gradients(ctx, grad_loss), None, None, None)
 
 
 def relation_loss(relation: str, student: torch.Tensor, teacher: torch.Tensor, params: tuple[float, ...],
