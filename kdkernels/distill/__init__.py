@@ -1,0 +1,24 @@
+"""The trainer layer: distillation strategies on one :class:`Distiller` abstraction.
+
+    from kdkernels import distill
+    split = distill.load_digits(train_size=300)
+    setup = distill.Setup(student=distill.digits_model("student-cnn"), teacher=trained_teacher, num_classes=10)
+    recipe = distill.build_recipe("dkd", setup)            # official hyperparameters; override with keywords
+    result = distill.Trainer(distill.TrainConfig(epochs=30)).fit(recipe, split.train, split.test)
+
+Strategies call only kdkernels' public losses. See ``kdkernels list`` for every method.
+"""
+from kdkernels.distill.data import (ClassAwareBatchSampler, IndexedDataset, PairBatchSampler, ShuffleBatchSampler,
+                                    TensorDictDataset, load_digits)
+from kdkernels.distill.distiller import Distiller, DistillOutput
+from kdkernels.distill.hooks import FeatureTaps
+from kdkernels.distill.models import DigitsCNN, DigitsMLP, digits_model
+from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
+from kdkernels.distill.registry import Method, build_recipe, get_method, methods, register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+
+__all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
+           "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "methods",
+           "get_method", "build_recipe", "load_digits", "TensorDictDataset", "IndexedDataset",
+           "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
+           "digits_model"]

@@ -1,0 +1,1 @@
+"""(methods of this category are being added)"""

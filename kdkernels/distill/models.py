@@ -1,0 +1,88 @@
+"""A small model zoo for the built-in ``digits`` data (1×8×8 images, 10 classes): teacher, assistant and student
+CNNs, and an MLP student. Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know
+where to hook; nothing in the distillation code depends on these classes.
+
+CNN layout: three stages ``stage1``..``stage3`` (8×8, 4×4, 2×2), each ``Sequential(conv, bn, relu[, conv, bn,
+relu])`` so that the last BN output (``stage<i>.<k>``) is the pre-activation feature; then ``pool`` (global
+average), ``flatten`` and ``fc``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdkernels.distill.recipe import FeaturePoints
+
+NUM_CLASSES = 10
+
+
+def _stage(in_channels: int, out_channels: int, stride: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index in range(depth):
+        layers += [nn.Conv2d(in_channels if index == 0 else out_channels, out_channels, 3,
+                             stride=stride if index == 0 else 1, padding=1, bias=False),
+                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=False)]
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """Three conv stages of ``widths`` channels (``depth`` conv-BN-ReLU blocks each), global pooling and a linear
+    classifier."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), depth: int = 1,
+                 num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.stage1 = _stage(1, widths[0], 1, depth)
+        self.stage2 = _stage(widths[0], widths[1], 2, depth)
+        self.stage3 = _stage(widths[1], widths[2], 2, depth)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(widths[2], num_classes)
+        last_bn = str(3 * depth - 2)
+        self.kd_points = FeaturePoints(stages=["stage1", "stage2", "stage3"], embedding="fc/input", classifier="fc",
+                                       pre_activation=[f"stage{i}.{last_bn}" for i in (1, 2, 3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class DigitsMLP(nn.Module):
+    """Flatten, ``hidden`` ReLU layers (``hidden1``, ``hidden2``, …), and a linear classifier ``fc``."""
+
+    def __init__(self, hidden: tuple[int, ...] = (32,), num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        width = 64
+        names = []
+        for index, size in enumerate(hidden, start=1):
+            setattr(self, f"hidden{index}", nn.Sequential(nn.Linear(width, size), nn.ReLU()))
+            names.append(f"hidden{index}")
+            width = size
+        self._hidden = names
+        self.fc = nn.Linear(width, num_classes)
+        self.kd_points = FeaturePoints(stages=list(names), embedding="fc/input", classifier="fc",
+                                       pre_activation=[f"{name}.0" for name in names])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        for name in self._hidden:
+            x = getattr(self, name)(x)
+        return self.fc(x)
+
+
+MODEL_ZOO: dict[str, Callable[[], nn.Module]] = {
+    "teacher-cnn": lambda: DigitsCNN(widths=(32, 64, 128), depth=2),
+    "assistant-cnn": lambda: DigitsCNN(widths=(16, 32, 64), depth=1),
+    "student-cnn": lambda: DigitsCNN(widths=(4, 8, 16), depth=1),
+    "student-mlp": lambda: DigitsMLP(hidden=(32,)),
+}
+
+
+def digits_model(name: str) -> nn.Module:
+    """A fresh model of the digits zoo: ``teacher-cnn``, ``assistant-cnn``, ``student-cnn`` or ``student-mlp``."""
+    if name not in MODEL_ZOO:
+        raise ValueError(f"unknown digits model {name!r}; the zoo has {sorted(MODEL_ZOO)}")
+    return MODEL_ZOO[name]()

@@ -1,0 +1,100 @@
+"""The strategy registry: every method's name, category, paper, presets and builder.
+
+A method is a function ``build(setup: Setup, **hyperparameters) -> Recipe`` registered with :func:`register`. Its
+keyword defaults are the official hyperparameters (the ``"default"`` preset); other presets override some of them
+(e.g. DKD's per-pair CIFAR betas). :func:`build_recipe` merges preset and overrides and rejects unknown names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+from typing import Callable, Mapping
+
+from kdkernels.distill.recipe import Recipe, Setup
+
+CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "multi-teacher", "teacher-prep")
+_METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "multi_teacher",
+                   "teacher_prep")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    category: str
+    paper: str
+    build: Callable[..., Recipe]
+    presets: Mapping[str, Mapping[str, object]]
+    approximation: str | None = None   # "approximation of <paper>: ..." where the exact loss is not pinned down
+    needs_teacher: bool = True
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.build) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def hyperparameters(self, preset: str = "default") -> dict[str, object]:
+        """The builder's keyword defaults updated by ``preset``."""
+        if preset not in self.presets:
+            raise ValueError(f"method {self.name!r} has no preset {preset!r}; presets: {sorted(self.presets)}")
+        defaults = {name: p.default for name, p in inspect.signature(self.build).parameters.items()
+                    if name != "setup" and p.default is not p.empty}
+        return {**defaults, **self.presets[preset]}
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapping[str, object]] | None = None,
+             approximation: str | None = None, needs_teacher: bool = True):
+    """Decorator registering ``build(setup, **hyperparameters) -> Recipe`` as method ``name``."""
+    if category not in CATEGORIES:
+        raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+
+    def decorate(build):
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        all_presets = {"default": {}, **(presets or {})}
+        parameters = inspect.signature(build).parameters
+        for preset, values in all_presets.items():
+            unknown = sorted(set(values) - set(parameters))
+            if unknown:
+                raise ValueError(f"method {name!r} preset {preset!r} sets unknown hyperparameters {unknown}")
+        _REGISTRY[name] = Method(name, category, paper, build, all_presets, approximation, needs_teacher)
+        return build
+
+    return decorate
+
+
+def _load_all() -> None:
+    for module in _METHOD_MODULES:
+        importlib.import_module(f"kdkernels.distill.methods.{module}")
+
+
+def methods() -> list[Method]:
+    """Every registered method, by category then name."""
+    _load_all()
+    return sorted(_REGISTRY.values(), key=lambda m: (CATEGORIES.index(m.category), m.name))
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint} Run `kdkernels list` for all methods.")
+    return _REGISTRY[name]
+
+
+def build_recipe(name: str, setup: Setup, preset: str = "default", **overrides) -> Recipe:
+    """Builds method ``name`` with its ``preset`` hyperparameters updated by ``overrides``."""
+    method = get_method(name)
+    known = set(inspect.signature(method.build).parameters) - {"setup"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no hyperparameter(s) {unknown}; it takes {sorted(known)}")
+    hyperparameters = {**method.hyperparameters(preset), **overrides}
+    recipe = method.build(setup, **hyperparameters)
+    recipe.hyperparameters = hyperparameters
+    return recipe
