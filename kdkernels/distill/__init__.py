@@ -14,11 +14,11 @@ from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.hooks import FeatureTaps
 from kdkernels.distill.models import DigitsCNN, DigitsMLP, digits_model
 from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
-from kdkernels.distill.registry import Method, build_recipe, get_method, methods, register
+from kdkernels.distill.registry import Method, build_recipe, get_method, list_methods, register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
-           "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "methods",
+           "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "list_methods",
            "get_method", "build_recipe", "load_digits", "TensorDictDataset", "IndexedDataset",
            "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
            "digits_model"]

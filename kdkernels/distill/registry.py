@@ -72,7 +72,7 @@ def _load_all() -> None:
         importlib.import_module(f"kdkernels.distill.methods.{module}")
 
 
-def methods() -> list[Method]:
+def list_methods() -> list[Method]:
     """Every registered method, by category then name."""
     _load_all()
     return sorted(_REGISTRY.values(), key=lambda m: (CATEGORIES.index(m.category), m.name))
