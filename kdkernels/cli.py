@@ -1,13 +1,18 @@
 """The ``kdkernels`` command.
 
+    kdkernels demo     the main job: a teacher, a baseline and distilled students on digits, over seeds
+    kdkernels list     every distillation method with its category and paper
+    kdkernels distill  distil a digits student with any method
     kdkernels info     how kdkernels._C was built and which backends can run here (and why not)
-    kdkernels bench    forward+backward benchmark of kd_loss vs eager and torch.compile (see kdkernels.bench)
+    kdkernels bench    forward+backward benchmarks of the losses vs eager and torch.compile (see kdkernels.bench)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from kdkernels.distill import commands as distill_commands
 
 
 def _info(_arguments) -> int:
@@ -23,17 +28,22 @@ def _info(_arguments) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="kdkernels", description="Fused knowledge-distillation kernels.")
+    parser = argparse.ArgumentParser(prog="kdkernels", description="Fused knowledge-distillation kernels and a distillation toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="build information and available backends")
-    commands.add_parser("bench", help="benchmark kd_loss (run `kdkernels bench --help` for options)",
+    distill_commands.add_parsers(commands)
+    commands.add_parser("bench", help="benchmark the losses (run `kdkernels bench --help` for options)",
                         add_help=False)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         from kdkernels import bench
 
         return bench.main(argv[1:])
     arguments = parser.parse_args(argv)
-    return {"info": _info}[arguments.command](arguments)
+    try:
+        return {"info": _info, **distill_commands.COMMANDS}[arguments.command](arguments)
+    except distill_commands.UsageError as error:
+        print(f"kdkernels {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

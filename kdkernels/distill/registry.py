@@ -43,6 +43,13 @@ class Method:
         return {**defaults, **self.presets[preset]}
 
 
+    def check_overrides(self, overrides: Mapping[str, object]) -> None:
+        known = set(inspect.signature(self.build).parameters) - {"setup"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no hyperparameter(s) {unknown}; it takes {sorted(known)}")
+
+
 _REGISTRY: dict[str, Method] = {}
 
 
@@ -90,10 +97,7 @@ def get_method(name: str) -> Method:
 def build_recipe(name: str, setup: Setup, preset: str = "default", **overrides) -> Recipe:
     """Builds method ``name`` with its ``preset`` hyperparameters updated by ``overrides``."""
     method = get_method(name)
-    known = set(inspect.signature(method.build).parameters) - {"setup"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"method {name!r} has no hyperparameter(s) {unknown}; it takes {sorted(known)}")
+    method.check_overrides(overrides)
     hyperparameters = {**method.hyperparameters(preset), **overrides}
     recipe = method.build(setup, **hyperparameters)
     recipe.hyperparameters = hyperparameters

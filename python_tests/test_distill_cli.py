@@ -1,0 +1,83 @@
+"""``kdkernels list``, ``kdkernels distill`` for every listed method, and ``kdkernels demo --quick``."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from kdkernels import cli
+from kdkernels.distill.registry import list_methods
+
+
+def test_list_prints_every_method_with_category_and_paper(capsys, tmp_path):
+    assert cli.main(["list", "--json", str(tmp_path / "methods.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    methods = list_methods()
+    assert len(lines) == len(methods)
+    for line, method in zip(lines, methods):
+        assert line.split()[:2] == [method.name, method.category]
+        assert method.paper in line
+    listed = json.loads((tmp_path / "methods.json").read_text())
+    assert [entry["name"] for entry in listed] == [m.name for m in methods]
+
+
+def test_list_by_category(capsys):
+    assert cli.main(["list", "--category", "baseline"]) == 0
+    assert capsys.readouterr().out.split()[0] == "ce"
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_distill_runs_every_listed_method(method, teacher_cache, tmp_path, capsys):
+    arguments = ["distill", "--method", method, "--epochs", "1", "--teacher-epochs", "1", "--train-size", "80",
+                 "--batch-size", "16", "--teacher-cache", str(teacher_cache), "--no-progress",
+                 "--json", str(tmp_path / "result.json")]
+    if any(m.name == method and m.category == "multi-teacher" for m in list_methods()):
+        arguments += ["--teachers", "2"]
+    assert cli.main(arguments) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["method"] == method
+    assert 0.0 <= result["accuracy"] <= 100.0
+    assert f"{method}: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["distill", "--method", "kdd"], "unknown method 'kdd'; did you mean kd"),
+    (["distill", "--method", "kd", "--preset", "nope"], "no preset 'nope'"),
+    (["distill", "--method", "kd", "--set", "temp=2"], r"no hyperparameter\(s\) \['temp'\]"),
+    (["distill", "--method", "kd", "--set", "temperature"], "NAME=VALUE"),
+    (["demo", "--methods", "ce,kdd"], "unknown method 'kdd'"),
+])
+def test_bad_command_lines_fail_with_a_clear_message(arguments, message, capsys):
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(message, error), error
+
+
+def test_distill_overrides_reach_the_method(teacher_cache, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["distill", "--method", "kd", "--set", "temperature=2.5", "--epochs", "1", "--teacher-epochs",
+                     "1", "--train-size", "60", "--teacher-cache", str(teacher_cache), "--no-progress",
+                     "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["overrides"] == {"temperature": 2.5}
+    assert (out / "metrics.csv").exists() and (out / "student.pt").exists()
+
+
+def test_demo_quick_writes_per_seed_accuracies(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert list(report["methods"]) == ["ce", "kd", "dkd"]
+    for summary in report["methods"].values():
+        assert len(summary["accuracies"]) == 1 and 0.0 <= summary["accuracies"][0] <= 100.0
+        assert 0.0 <= summary["loss_share"] <= 1.0
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    table = (tmp_path / "demo.md").read_text()
+    assert "| kd | response |" in table
+    assert "| kd | response |" in capsys.readouterr().out
