@@ -233,6 +233,20 @@ def test_tf_nkd_soft_labels_under_mixup():
     assert_close(kdkernels.tf_nkd_loss(student, soft), cls_kd_tf_nkd(student, soft))
 
 
+@pytest.mark.parametrize("method", ["label-smoothing", "dkd"])
+def test_hard_label_terms_use_the_mixup_criterion(method):
+    distiller, batch, values, _ = first_step(build_recipe(method, digits_setup(), warmup=1)
+                                             if method == "dkd" else build_recipe(method, digits_setup(teacher=None)))
+    student, teacher, labels = logits_of(values, batch)
+    permutation = torch.roll(torch.arange(len(labels)), 3)
+    output = distiller.compute_terms(values, StepContext(batch=batch, mixup=MixupBatch(0.6, permutation)))
+    if method == "dkd":
+        term, reference = "dkd", lambda y: mdistiller_dkd(student, teacher, y, 1.0, 8.0, 4.0)
+    else:
+        term, reference = "label_smoothing", lambda y: F.cross_entropy(student, y, label_smoothing=0.1)
+    assert_close(output.terms[term], 0.6 * reference(labels) + 0.4 * reference(labels[permutation]))
+
+
 def test_dist_matches_dist_kd():
     run_steps(build_recipe("dist", digits_setup()))
     _, batch, values, output = first_step(build_recipe("dist", digits_setup(), "cifar"))

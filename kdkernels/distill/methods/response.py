@@ -1,7 +1,9 @@
 """Response-based methods: losses on the logits (../shared/reference/methods.md §1, and WSL from §4).
 
 Offline methods distil a frozen teacher's logits (KD, DKD, NKD, DIST, WSL, SSLD, Tf-KD self); teacher-free ones
-shape the student's own soft labels (tf-NKD, Tf-KD reg, label smoothing, Zipf's label smoothing).
+shape the student's own soft labels (tf-NKD, Tf-KD reg, label smoothing, Zipf's label smoothing). Under the
+trainer's MixUp, label-reading terms use the mixup criterion over both labels, except NKD and tf-NKD, which take
+the mixed soft labels as cls_KD does.
 """
 from __future__ import annotations
 
@@ -36,6 +38,43 @@ def kd(setup: Setup, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight
     return offline("kd", setup, terms)
 
 
+# ---------------------------------------------------------------------------------------------- labels and MixUp
+
+def mixup_average(loss_of, target: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """``loss_of(y)``, or under MixUp the mixup criterion ``lam·loss_of(y) + (1 − lam)·loss_of(y[perm])`` (as
+    :class:`CrossEntropyTerm` does), for losses that take hard labels."""
+    if context.mixup is None:
+        return loss_of(target)
+    lam, permutation = context.mixup.lam, context.mixup.permutation
+    return lam * loss_of(target) + (1.0 - lam) * loss_of(target[permutation])
+
+
+class HardLabelTerm(FunctionTerm):
+    """``fn(*values, labels)`` with the labels read last; under MixUp, :func:`mixup_average` over both labels."""
+
+    def loss(self, *values, context):
+        *inputs, target = values
+        return mixup_average(lambda labels: self.fn(*inputs, labels, **self.kwargs), target, context)
+
+
+def mixed_labels(target: torch.Tensor, context: StepContext, classes: int) -> torch.Tensor:
+    """Hard labels, or under MixUp the soft labels ``lam·onehot(y) + (1 − lam)·onehot(y[perm])`` that cls_KD's
+    batch augments produce (its NKD takes their argmax, tf-NKD their top 2)."""
+    if context.mixup is None:
+        return target
+    onehot = F.one_hot(target.long(), classes).float()
+    lam = context.mixup.lam
+    return lam * onehot + (1.0 - lam) * onehot[context.mixup.permutation]
+
+
+class SoftLabelTerm(FunctionTerm):
+    """``fn(*logits, labels)`` with the labels read last, given as soft labels under MixUp (:func:`mixed_labels`)."""
+
+    def loss(self, *values, context):
+        *logits, target = values
+        return self.fn(*logits, mixed_labels(target, context, logits[0].shape[-1]), **self.kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------- DKD
 
 def warmup_factor(epoch: int, warmup: float) -> float:
@@ -43,7 +82,7 @@ def warmup_factor(epoch: int, warmup: float) -> float:
     return min(epoch / warmup, 1.0)
 
 
-class WarmupTerm(FunctionTerm):
+class WarmupTerm(HardLabelTerm):
     """``weight · min(epoch / warmup, 1) · fn(*values, **kwargs)`` (DKD's linear warm-up over the first epochs)."""
 
     def __init__(self, name, fn, reads, weight: float = 1.0, *, warmup: float, **kwargs):
@@ -82,24 +121,6 @@ def dkd(setup: Setup, temperature: float = 4.0, alpha: float = 1.0, beta: float 
 
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD
 
-def mixed_labels(target: torch.Tensor, context: StepContext, classes: int) -> torch.Tensor:
-    """Hard labels, or under MixUp the soft labels ``lam·onehot(y) + (1 − lam)·onehot(y[perm])`` that cls_KD's
-    batch augments produce (its NKD takes their argmax, tf-NKD their top 2)."""
-    if context.mixup is None:
-        return target
-    onehot = F.one_hot(target.long(), classes).float()
-    lam = context.mixup.lam
-    return lam * onehot + (1.0 - lam) * onehot[context.mixup.permutation]
-
-
-class LabelTerm(FunctionTerm):
-    """A loss whose last value read is the labels, given as soft labels under MixUp (see :func:`mixed_labels`)."""
-
-    def loss(self, *values, context):
-        *logits, target = values
-        return self.fn(*logits, mixed_labels(target, context, logits[0].shape[-1]), **self.kwargs)
-
-
 @register("nkd", category="response",
           paper="Yang, Zeng, Li, Zhang, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: "
                 "A Unified Approach with Normalized Loss and Customized Soft Labels. ICCV 2023")
@@ -111,7 +132,7 @@ def nkd(setup: Setup, temperature: float = 1.0, gamma: float = 1.5, ce_weight: f
     ``res34_distill_res18_img.py``. Under MixUp the labels are the mixed soft labels, reduced by argmax as cls_KD.
     """
     terms = [CrossEntropyTerm("student", ce_weight),
-             LabelTerm("nkd", kdkernels.nkd_loss, ("student", "teacher", "target"), nkd_weight,
+             SoftLabelTerm("nkd", kdkernels.nkd_loss, ("student", "teacher", "target"), nkd_weight,
                        temperature=temperature, gamma=gamma)]
     return offline("nkd", setup, terms)
 
@@ -123,7 +144,7 @@ def tf_nkd(setup: Setup, ce_weight: float = 1.0, tf_nkd_weight: float = 1.0) -> 
     """Teacher-free NKD: ``CE − mean_b w_t·log p_s[y]``, ``w_t = p_s[y] + 1 − mean_b p_s[y]`` (detached), cls_KD
     ``classification_distiller.py`` @8a16562 (``tf_nkd=True``); under MixUp the top-2 mixed labels, as coded."""
     terms = [CrossEntropyTerm("student", ce_weight),
-             LabelTerm("tf_nkd", kdkernels.tf_nkd_loss, ("student", "target"), tf_nkd_weight)]
+             SoftLabelTerm("tf_nkd", kdkernels.tf_nkd_loss, ("student", "target"), tf_nkd_weight)]
     return teacher_free("tf-nkd", setup, terms)
 
 
@@ -180,7 +201,7 @@ def tfkd_reg(setup: Setup, alpha: float = 0.1, temperature: float = 20.0, multip
     multiplier 100); presets the other ``experiments/base_experiments`` architectures.
     """
     terms = [CrossEntropyTerm("student", 1.0 - alpha),
-             FunctionTerm("tf_kd_reg", kdkernels.tf_kd_reg_loss, ("student", "target"), alpha,
+             HardLabelTerm("tf_kd_reg", kdkernels.tf_kd_reg_loss, ("student", "target"), alpha,
                           temperature=temperature, correct_prob=correct_prob, multiplier=multiplier)]
     return teacher_free("tfkd-reg", setup, terms)
 
@@ -196,7 +217,7 @@ def label_smoothing(setup: Setup, epsilon: float = 0.1, convention: str = "unifo
     if convention not in LABEL_SMOOTHING_CONVENTIONS:
         raise ValueError(f"label-smoothing: convention must be one of {LABEL_SMOOTHING_CONVENTIONS}, "
                          f"got {convention!r}")
-    terms = [FunctionTerm("label_smoothing", kdkernels.label_smoothing_loss, ("student", "target"),
+    terms = [HardLabelTerm("label_smoothing", kdkernels.label_smoothing_loss, ("student", "target"),
                           epsilon=epsilon, convention=convention)]
     return teacher_free("label-smoothing", setup, terms)
 
@@ -250,8 +271,9 @@ class ZipfTerm(Term):
             return classifier(locations)
 
     def loss(self, logits, feature, target, *, context):
-        return kdkernels.zipf_ls_loss(logits, self.dense_logits(feature).float(), target, power=self.power,
-                                      mask=self.mask)
+        dense = self.dense_logits(feature).float()
+        return mixup_average(lambda labels: kdkernels.zipf_ls_loss(logits, dense, labels, power=self.power,
+                                                                    mask=self.mask), target, context)
 
 
 @register("zipf-ls", category="response", needs_teacher=False,
@@ -306,6 +328,6 @@ def wsl(setup: Setup, temperature: float = 2.0, wsl_weight: float = 2.5, ce_weig
     """WSL: ``CE + 2.5·T²·mean_b w_b·softCE(p_t, p_s)``, ``w = 1 − exp(−CE_s/CE_t)``, PaddleClas ``wslloss.py``
     (``resnet34_distill_resnet18_wsl.yaml``: T 2, weight 2.5)."""
     terms = [CrossEntropyTerm("student", ce_weight),
-             FunctionTerm("wsl", kdkernels.wsl_loss, ("student", "teacher", "target"), wsl_weight,
+             HardLabelTerm("wsl", kdkernels.wsl_loss, ("student", "teacher", "target"), wsl_weight,
                           temperature=temperature)]
     return offline("wsl", setup, terms)
