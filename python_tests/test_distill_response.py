@@ -375,3 +375,17 @@ def test_wsl_matches_paddleclas(use_labels):
 def test_wsl_shape_mismatch_names_the_arguments():
     with pytest.raises(ValueError, match="student_logits and teacher_logits"):
         kdkernels.wsl_loss(torch.randn(4, 10), torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+
+
+def test_soft_label_losses_validate_their_arguments():
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="correct_prob"):
+        kdkernels.tf_kd_reg_loss(logits, labels, correct_prob=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        kdkernels.tf_kd_reg_loss(logits, labels, temperature=0.0)
+    with pytest.raises(TypeError, match="mask"):
+        kdkernels.zipf_ls_loss(logits, torch.randn(4, 3, 10), labels, mask=1)
+    with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+        kdkernels.tf_nkd_loss(torch.randn(2, 4, 10), labels)
+    with pytest.raises(ValueError, match="class indices"):
+        kdkernels.tf_nkd_loss(logits, torch.tensor([0, 1, 2, 10]))
