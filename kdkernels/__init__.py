@@ -18,3 +18,5 @@ from kdkernels import nn
 __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
            "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
            "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, wsl_loss, zipf_ls_loss
+__all__ += ["label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss"]

@@ -1,12 +1,32 @@
-"""Response-based methods: losses on the logits (../shared/reference/methods.md §1)."""
+"""Response-based methods: losses on the logits (../shared/reference/methods.md §1, and WSL from §4).
+
+Offline methods distil a frozen teacher's logits (KD, DKD, NKD, DIST, WSL, SSLD, Tf-KD self); teacher-free ones
+shape the student's own soft labels (tf-NKD, Tf-KD reg, label smoothing, Zipf's label smoothing). Under the
+trainer's MixUp, label-reading terms use the mixup criterion over both labels, except NKD and tf-NKD, which take
+the mixed soft labels as cls_KD does.
+"""
 from __future__ import annotations
 
-import kdkernels
-from kdkernels.distill.methods._common import offline
-from kdkernels.distill.recipe import Recipe, Setup
-from kdkernels.distill.registry import register
-from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import kdkernels
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
+from kdkernels.distill.methods._common import offline, single_stage
+from kdkernels.distill.recipe import Recipe, Setup, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+from kdkernels.soft_label_losses import LABEL_SMOOTHING_CONVENTIONS
+
+
+def teacher_free(method: str, setup: Setup, terms: list[Term]) -> Recipe:
+    """The student alone (teacher-free methods), one stage."""
+    return single_stage(method, Distiller({"student": setup.student}, terms))
+
+
+# ----------------------------------------------------------------------------------------------------------- KD
 
 @register("kd", category="response",
           paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531, 2015",
@@ -16,3 +36,298 @@ def kd(setup: Setup, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight
     terms = [CrossEntropyTerm("student", ce_weight),
              FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), kd_weight, temperature=temperature)]
     return offline("kd", setup, terms)
+
+
+# ---------------------------------------------------------------------------------------------- labels and MixUp
+
+def mixup_average(loss_of, target: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """``loss_of(y)``, or under MixUp the mixup criterion ``lam·loss_of(y) + (1 − lam)·loss_of(y[perm])`` (as
+    :class:`CrossEntropyTerm` does), for losses that take hard labels."""
+    if context.mixup is None:
+        return loss_of(target)
+    lam, permutation = context.mixup.lam, context.mixup.permutation
+    return lam * loss_of(target) + (1.0 - lam) * loss_of(target[permutation])
+
+
+class HardLabelTerm(FunctionTerm):
+    """``fn(*values, labels)`` with the labels read last; under MixUp, :func:`mixup_average` over both labels."""
+
+    def loss(self, *values, context):
+        *inputs, target = values
+        return mixup_average(lambda labels: self.fn(*inputs, labels, **self.kwargs), target, context)
+
+
+def mixed_labels(target: torch.Tensor, context: StepContext, classes: int) -> torch.Tensor:
+    """Hard labels, or under MixUp the soft labels ``lam·onehot(y) + (1 − lam)·onehot(y[perm])`` that cls_KD's
+    batch augments produce (its NKD takes their argmax, tf-NKD their top 2)."""
+    if context.mixup is None:
+        return target
+    onehot = F.one_hot(target.long(), classes).float()
+    lam = context.mixup.lam
+    return lam * onehot + (1.0 - lam) * onehot[context.mixup.permutation]
+
+
+class SoftLabelTerm(FunctionTerm):
+    """``fn(*logits, labels)`` with the labels read last, given as soft labels under MixUp (:func:`mixed_labels`)."""
+
+    def loss(self, *values, context):
+        *logits, target = values
+        return self.fn(*logits, mixed_labels(target, context, logits[0].shape[-1]), **self.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- DKD
+
+def warmup_factor(epoch: int, warmup: float) -> float:
+    """mdistiller's ``min(epoch / warmup, 1)``: epochs count from 1, the factor is constant within an epoch."""
+    return min(epoch / warmup, 1.0)
+
+
+class WarmupTerm(HardLabelTerm):
+    """``weight · min(epoch / warmup, 1) · fn(*values, **kwargs)`` (DKD's linear warm-up over the first epochs)."""
+
+    def __init__(self, name, fn, reads, weight: float = 1.0, *, warmup: float, **kwargs):
+        super().__init__(name, fn, reads, weight, **kwargs)
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup > 0:
+            raise ValueError(f"term {name!r}: warmup must be a positive number of epochs, got {warmup!r}")
+        self.warmup = warmup
+
+    def weight_at(self, context: StepContext) -> float:
+        return self.weight * warmup_factor(context.epoch, self.warmup)
+
+
+DKD_PRESETS = {
+    "cifar-res56-res20": {"beta": 2.0}, "cifar-res110-res32": {"beta": 2.0},
+    "cifar-vgg13-vgg8": {"beta": 6.0}, "cifar-wrn40-2-wrn16-2": {"beta": 6.0},
+    "cifar-wrn40-2-wrn40-1": {"beta": 6.0}, "cifar-vgg13-mv2": {"beta": 6.0},
+    "imagenet-r34-r18": {"temperature": 1.0, "beta": 0.5, "warmup": 1},
+    "imagenet-r50-mv1": {"temperature": 1.0, "beta": 2.0, "warmup": 1},
+}
+
+
+@register("dkd", category="response",
+          paper="Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation. CVPR 2022", presets=DKD_PRESETS)
+def dkd(setup: Setup, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, warmup: float = 20,
+        ce_weight: float = 1.0) -> Recipe:
+    """DKD: ``ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD)``, mdistiller ``DKD.py`` (batchmean, T²).
+
+    Defaults are mdistiller's ``cfg.py`` (the CIFAR res32x4→res8x4 family uses beta 8); presets carry the per-pair
+    CIFAR betas of ``configs/cifar100/dkd/*.yaml`` and the ImageNet ``r34_r18`` / ``r50_mv1`` configs.
+    """
+    terms = [CrossEntropyTerm("student", ce_weight),
+             WarmupTerm("dkd", kdkernels.dkd_loss, ("student", "teacher", "target"), warmup=warmup,
+                        temperature=temperature, alpha=alpha, beta=beta)]
+    return offline("dkd", setup, terms)
+
+
+# ------------------------------------------------------------------------------------------------ NKD and tf-NKD
+
+@register("nkd", category="response",
+          paper="Yang, Zeng, Li, Zhang, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: "
+                "A Unified Approach with Normalized Loss and Customized Soft Labels. ICCV 2023")
+def nkd(setup: Setup, temperature: float = 1.0, gamma: float = 1.5, ce_weight: float = 1.0,
+        nkd_weight: float = 1.0) -> Recipe:
+    """NKD: ``CE − mean_b p_t[y]·log p_s[y] − gamma·T²·mean_b Σ_{c≠y} q_t log q_s``, yzd-v/cls_KD ``nkd.py`` @9466b3f.
+
+    ``q`` are the softmaxes over the non-target classes at temperature T; defaults ``temp=1, gamma=1.5`` from
+    ``res34_distill_res18_img.py``. Under MixUp the labels are the mixed soft labels, reduced by argmax as cls_KD.
+    """
+    terms = [CrossEntropyTerm("student", ce_weight),
+             SoftLabelTerm("nkd", kdkernels.nkd_loss, ("student", "teacher", "target"), nkd_weight,
+                       temperature=temperature, gamma=gamma)]
+    return offline("nkd", setup, terms)
+
+
+@register("tf-nkd", category="response", needs_teacher=False,
+          paper="Yang, Zeng, Li, Zhang, Yuan, Li. Rethinking Knowledge Distillation via Cross-Entropy. "
+                "arXiv:2208.10139, 2022")
+def tf_nkd(setup: Setup, ce_weight: float = 1.0, tf_nkd_weight: float = 1.0) -> Recipe:
+    """Teacher-free NKD: ``CE − mean_b w_t·log p_s[y]``, ``w_t = p_s[y] + 1 − mean_b p_s[y]`` (detached), cls_KD
+    ``classification_distiller.py`` @8a16562 (``tf_nkd=True``); under MixUp the top-2 mixed labels, as coded."""
+    terms = [CrossEntropyTerm("student", ce_weight),
+             SoftLabelTerm("tf_nkd", kdkernels.tf_nkd_loss, ("student", "target"), tf_nkd_weight)]
+    return teacher_free("tf-nkd", setup, terms)
+
+
+# --------------------------------------------------------------------------------------------------------- DIST
+
+@register("dist", category="response",
+          paper="Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022",
+          presets={"cifar": {"temperature": 4.0}})
+def dist(setup: Setup, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0, ce_weight: float = 1.0,
+         kd_weight: float = 2.0) -> Recipe:
+    """DIST: ``ce_weight·CE + kd_weight·T²·(beta·(1 − inter Pearson) + gamma·(1 − intra Pearson))``, DIST_KD
+    ``dist_kd.py``; defaults ``kd='dist'`` with ``kd_loss_weight 2`` (``resnet_dist.yaml``); preset ``cifar`` is
+    ``dist_t4`` (T = 4) with the same weights (``dist_cifar.yaml``)."""
+    terms = [CrossEntropyTerm("student", ce_weight),
+             FunctionTerm("dist", kdkernels.dist_loss, ("student", "teacher"), kd_weight, temperature=temperature,
+                          beta=beta, gamma=gamma)]
+    return offline("dist", setup, terms)
+
+
+# -------------------------------------------------------------------------------------------------------- Tf-KD
+
+TF_KD_PAPER = ("Yuan, Tay, Li, Wang, Feng. Revisiting Knowledge Distillation via Label Smoothing Regularization. "
+               "CVPR 2020")
+
+
+@register("tfkd-self", category="self", paper=TF_KD_PAPER)
+def tfkd_self(setup: Setup, alpha: float = 0.95, temperature: float = 6.0, multiplier: float = 50.0) -> Recipe:
+    """Tf-KD self: ``(1−α)·CE + α·multiplier·T²·KL(p_t ‖ p_s)`` with the KL an ELEMENT mean over B·C, as coded.
+
+    yuanli2333/Teacher-free-Knowledge-Distillation ``my_loss_function.py::loss_kd_self`` uses ``nn.KLDivLoss()``,
+    whose default ``reduction='mean'`` divides by ``B·C`` (C times smaller than the batchmean of Hinton KD in
+    mdistiller; the ``multiplier`` compensates), so this calls ``kd_loss(reduction="mean")``. The teacher
+    (``setup.teacher``) is a pretrained copy of the student's own architecture. Defaults from
+    ``resnet18_self_teacher/params.json``: alpha 0.95, T 6, multiplier 50.
+    """
+    terms = [CrossEntropyTerm("student", 1.0 - alpha),
+             FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), alpha * multiplier,
+                          temperature=temperature, reduction="mean")]
+    return offline("tfkd-self", setup, terms)
+
+
+@register("tfkd-reg", category="response", paper=TF_KD_PAPER, needs_teacher=False, presets={
+    "mobilenetv2": {"temperature": 40.0, "alpha": 0.95, "multiplier": 1.0},
+    "shufflenetv2": {"temperature": 10.0, "alpha": 0.95, "multiplier": 1.0},
+    "googlenet": {"temperature": 40.0, "alpha": 0.1, "multiplier": 50.0}})
+def tfkd_reg(setup: Setup, alpha: float = 0.1, temperature: float = 20.0, multiplier: float = 100.0,
+             correct_prob: float = 0.99) -> Recipe:
+    """Tf-KD reg AS CODED: ``(1−α)·CE + α·multiplier·KLDiv_mean(log_softmax(z_s), softmax(q/T))``, q a probability
+    vector (``correct_prob`` on y), ``my_loss_function.py::loss_kd_regularization``.
+
+    Documented as such: ``softmax(q/T)`` of a probability vector is nearly uniform, so as coded the "virtual
+    teacher" is effectively a near-uniform (maximum-entropy) prior, with no temperature on the student and no T²
+    (see :func:`kdkernels.tf_kd_reg_loss`). Defaults are ``base_resnet18/params.json`` (T 20, alpha 0.1,
+    multiplier 100); presets the other ``experiments/base_experiments`` architectures.
+    """
+    terms = [CrossEntropyTerm("student", 1.0 - alpha),
+             HardLabelTerm("tf_kd_reg", kdkernels.tf_kd_reg_loss, ("student", "target"), alpha,
+                          temperature=temperature, correct_prob=correct_prob, multiplier=multiplier)]
+    return teacher_free("tfkd-reg", setup, terms)
+
+
+# ---------------------------------------------------------------------------------------------- label smoothing
+
+@register("label-smoothing", category="response", needs_teacher=False,
+          paper="Müller, Kornblith, Hinton. When Does Label Smoothing Help? NeurIPS 2019",
+          presets={"others": {"convention": "others"}})
+def label_smoothing(setup: Setup, epsilon: float = 0.1, convention: str = "uniform") -> Recipe:
+    """Label smoothing: CE against ``(1−ε)·onehot + ε/C`` (``uniform``: Müller et al., timm) or ``1−ε`` on y and
+    ``ε/(C−1)`` elsewhere (``others``: Tf-KD ``loss_label_smoothing``, zipfls, Self-KD-Lib)."""
+    if convention not in LABEL_SMOOTHING_CONVENTIONS:
+        raise ValueError(f"label-smoothing: convention must be one of {LABEL_SMOOTHING_CONVENTIONS}, "
+                         f"got {convention!r}")
+    terms = [HardLabelTerm("label_smoothing", kdkernels.label_smoothing_loss, ("student", "target"),
+                          epsilon=epsilon, convention=convention)]
+    return teacher_free("label-smoothing", setup, terms)
+
+
+# --------------------------------------------------------------------------------------- Zipf's label smoothing
+
+UPSAMPLE_MODES = (None, "bilinear", "bicubic")
+
+
+class ZipfTerm(Term):
+    """Zipf's label smoothing: the student's classifier applied at every location of its last feature map votes
+    for a class ranking, whose Zipf distribution is the non-target soft label (:func:`kdkernels.zipf_ls_loss`).
+
+    The classifier is held by reference, outside the term's submodules, so its parameters are neither duplicated
+    in the state dict nor optimised twice."""
+
+    def __init__(self, feature: str, classifier: nn.Module, weight: float, *, power: float, mask: bool,
+                 upsample: str | None):
+        super().__init__("zipf", ("student", feature, "target"), weight)
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"term 'zipf': upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        self._classifier = [classifier]
+        self.power, self.mask, self.upsample = power, mask, upsample
+
+    def build(self, example):
+        logits, feature = example["student"], example[self.reads[1]]
+        if feature.dim() not in (3, 4):
+            raise ValueError(f"term 'zipf': {self.reads[1]!r} must be a feature map [B, C, H, W] (or tokens "
+                             f"[B, L, D]) for dense voting, got shape {tuple(feature.shape)}")
+        dense = self.dense_logits(feature)
+        if dense.shape[-1] != logits.shape[-1]:
+            raise ValueError(f"term 'zipf': the classifier applied to {self.reads[1]!r} gives {dense.shape[-1]} "
+                             f"classes but 'student' has {logits.shape[-1]}")
+
+    def locations(self, feature: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] per-location features (upsampled ×2 first when ``upsample`` names a mode, as zipfls)."""
+        if feature.dim() == 3:
+            return feature
+        if self.upsample is not None:
+            feature = F.interpolate(feature, scale_factor=2.0, mode=self.upsample)
+        return feature.flatten(2).transpose(1, 2)
+
+    def dense_logits(self, feature: torch.Tensor) -> torch.Tensor:
+        locations = self.locations(feature)
+        classifier = self._classifier[0]
+        in_features = getattr(classifier, "in_features", None)
+        if in_features is not None and in_features != locations.shape[-1]:
+            raise ValueError(f"term 'zipf': {self.reads[1]!r} has {locations.shape[-1]} channels but the classifier "
+                             f"takes {in_features}: pass feature_layer= the map that the classifier pools")
+        with torch.no_grad():
+            return classifier(locations)
+
+    def loss(self, logits, feature, target, *, context):
+        dense = self.dense_logits(feature).float()
+        return mixup_average(lambda labels: kdkernels.zipf_ls_loss(logits, dense, labels, power=self.power,
+                                                                    mask=self.mask), target, context)
+
+
+@register("zipf-ls", category="response", needs_teacher=False,
+          paper="Liang, Li, Zhou, Yang, Li, Wang, Hu, Xu, Wen, Wu. Efficient One Pass Self-distillation with "
+                "Zipf's Label Smoothing. ECCV 2022",
+          presets={"tiny-imagenet": {"loss_lambda": 1.0},
+                   "imagenet": {"loss_lambda": 0.1, "upsample": None},
+                   "inat21": {"loss_lambda": 1.0, "upsample": None}})
+def zipf_ls(setup: Setup, loss_lambda: float = 0.1, power: float = 1.0, mask: bool = False,
+            upsample: str | None = "bilinear", feature_layer: str | None = None,
+            classifier: str | None = None) -> Recipe:
+    """Zipf's label smoothing: ``CE + loss_lambda·KL(zipf(rank of dense votes) ‖ p_s over non-targets)``,
+    megvii-research/zipfls ``pytorch_zipfls/losses.py`` + ``train.py`` (``--dense``, ``rank='hard'``).
+
+    Defaults are the README's CIFAR command (``--loss_lambda 0.1 --dense --upsample bilinear``); presets the
+    TinyImageNet (1.0, bilinear), ImageNet (0.1, no upsampling) and iNat21 (1.0) commands. ``feature_layer`` is the
+    last stage map (default: the student's last ``kd_points`` stage) and ``classifier`` the linear head applied at
+    each of its locations (default: ``kd_points.classifier``).
+    """
+    if feature_layer is None or classifier is None:
+        points = feature_points(setup.student)
+        feature_layer = feature_layer or points.stages[-1]
+        classifier = classifier or points.classifier
+    head = find_module(setup.student, classifier, "student")
+    terms = [CrossEntropyTerm("student", 1.0),
+             ZipfTerm(f"student:{feature_layer}", head, loss_lambda, power=power, mask=mask, upsample=upsample)]
+    return teacher_free("zipf-ls", setup, terms)
+
+
+# --------------------------------------------------------------------------------------------------------- SSLD
+
+@register("ssld", category="response",
+          paper="Cui, Guo, Du, et al. Beyond Self-Supervision: A Simple Yet Effective Network Distillation "
+                "Alternative to Improve Backbones. arXiv:2103.05959, 2021")
+def ssld(setup: Setup, temperature: float = 1.0, weight: float = 1.0) -> Recipe:
+    """SSLD, label-free: ``(KL(p_t ‖ p_s) + KL(p_s ‖ p_t)) / 2`` per-sample sum / B, PaddleClas ``DMLLoss``.
+
+    No label term (``PPLCNet_x2_5_ssld.yaml`` has only ``DistillationDMLLoss``), so it trains on unlabeled batches;
+    the frozen teacher keeps its batch norm in train mode, as the SSLD docs say.
+    """
+    terms = [FunctionTerm("ssld", kdkernels.kd_loss, ("student", "teacher"), weight, temperature=temperature,
+                          divergence="symmetric")]
+    return offline("ssld", setup, terms, frozen_train_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- WSL
+
+@register("wsl", category="response",
+          paper="Zhou, Song, Chen, Zhou, Wang, Yuan, Zhang. Rethinking Soft Labels for Knowledge Distillation: "
+                "A Bias-Variance Tradeoff Perspective. ICLR 2021")
+def wsl(setup: Setup, temperature: float = 2.0, wsl_weight: float = 2.5, ce_weight: float = 1.0) -> Recipe:
+    """WSL: ``CE + 2.5·T²·mean_b w_b·softCE(p_t, p_s)``, ``w = 1 − exp(−CE_s/CE_t)``, PaddleClas ``wslloss.py``
+    (``resnet34_distill_resnet18_wsl.yaml``: T 2, weight 2.5)."""
+    terms = [CrossEntropyTerm("student", ce_weight),
+             HardLabelTerm("wsl", kdkernels.wsl_loss, ("student", "teacher", "target"), wsl_weight,
+                          temperature=temperature)]
+    return offline("wsl", setup, terms)
