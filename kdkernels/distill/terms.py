@@ -112,11 +112,17 @@ class CrossEntropyTerm(Term):
     def loss(self, logits, target, *, context):
         if self.rows is not None:
             logits, target = logits[: self.rows], target[: self.rows]
-        ce = lambda y: F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)  # noqa: E731
-        if context.mixup is None:
-            return ce(target)
-        lam, permutation = context.mixup.lam, context.mixup.permutation
-        return lam * ce(target) + (1.0 - lam) * ce(target[permutation])
+        return mixup_average(lambda y: F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), target,
+                             context)
+
+
+def mixup_average(loss_of, target: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """``loss_of(y)``, or under MixUp the mixup criterion ``lam·loss_of(y) + (1 − lam)·loss_of(y[perm])``, for
+    losses that take hard labels."""
+    if context.mixup is None:
+        return loss_of(target)
+    lam, permutation = context.mixup.lam, context.mixup.permutation
+    return lam * loss_of(target) + (1.0 - lam) * loss_of(target[permutation])
 
 
 def model_of(key: str) -> str:

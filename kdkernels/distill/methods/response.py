@@ -17,7 +17,7 @@ from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, single_stage
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
-from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term, mixup_average
 from kdkernels.soft_label_losses import LABEL_SMOOTHING_CONVENTIONS
 
 
@@ -39,15 +39,6 @@ def kd(setup: Setup, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight
 
 
 # ---------------------------------------------------------------------------------------------- labels and MixUp
-
-def mixup_average(loss_of, target: torch.Tensor, context: StepContext) -> torch.Tensor:
-    """``loss_of(y)``, or under MixUp the mixup criterion ``lam·loss_of(y) + (1 − lam)·loss_of(y[perm])`` (as
-    :class:`CrossEntropyTerm` does), for losses that take hard labels."""
-    if context.mixup is None:
-        return loss_of(target)
-    lam, permutation = context.mixup.lam, context.mixup.permutation
-    return lam * loss_of(target) + (1.0 - lam) * loss_of(target[permutation])
-
 
 class HardLabelTerm(FunctionTerm):
     """``fn(*values, labels)`` with the labels read last; under MixUp, :func:`mixup_average` over both labels."""
