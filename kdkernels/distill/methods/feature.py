@@ -1,1 +1,207 @@
-"""(methods of this category are being added)"""
+"""Feature-based methods: losses on hooked intermediate features (../shared/reference/methods.md §2).
+
+Taps default to the models' :func:`feature_points` (stages, pre-activation BNs, pooled embedding); every builder
+takes explicit tap paths too, for models without ``kd_points``. Stage-wise losses are one term summing the stages
+with the official stage weights; connectors (regressors, embeddings) are built from the first batch's shapes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
+                                          ofd_connector, output_channels)
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
+from kdkernels.distill.methods._common import offline
+from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.feature_losses import pool_to_smaller
+from kdkernels.nn import CRDLoss
+
+CIFAR_INIT_SHARE = 30 / 240   # RepDistiller's init_epochs 30 before the 240-epoch main run (FSP, AB, FT)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+def _shapes(values: Sequence[torch.Tensor]) -> str:
+    return ", ".join(str(tuple(v.shape)) for v in values)
+
+
+def check_term(term: Term, example: dict, compute) -> None:
+    """Runs ``compute()`` (the term's loss on the example, no grad, eval mode) and re-raises a ValueError naming the
+    term and the values it read with their shapes."""
+    mode = term.training
+    term.eval()
+    try:
+        with torch.no_grad():
+            compute()
+    except ValueError as error:
+        described = ", ".join(f"{key} {tuple(example[key].shape)}" for key in term.reads
+                              if isinstance(example[key], torch.Tensor))
+        raise ValueError(f"term {term.name!r} cannot compare {described}: {error}") from error
+    finally:
+        term.train(mode)
+
+
+def response_terms(ce_weight: float, kd_weight: float = 0.0, temperature: float = 4.0) -> list[Term]:
+    """``ce_weight·CE`` plus, when ``kd_weight > 0``, Hinton KD (the ``γ·CE + α·KD`` part of RepDistiller's loss)."""
+    terms: list[Term] = [CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else []
+    if kd_weight > 0:
+        terms.append(FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), kd_weight,
+                                  temperature=temperature))
+    return terms
+
+
+def stage_taps(model: nn.Module, explicit: Sequence[str] | str | None, kind: str = "stages") -> list[str]:
+    """Explicit taps, else the model's ``feature_points`` of ``kind`` (stages / pre_activation)."""
+    if explicit is not None:
+        return [explicit] if isinstance(explicit, str) else list(explicit)
+    taps = list(getattr(feature_points(model), kind))
+    if not taps:
+        raise ValueError(f"{type(model).__name__} declares no {kind} feature points: pass the tap paths explicitly")
+    return taps
+
+
+def tapped(model_name: str, taps: Sequence[str]) -> list[str]:
+    return [f"{model_name}:{tap}" for tap in taps]
+
+
+class StageTerm(Term):
+    """``Σ_i w_i · stage_loss(i, connector_i(s_i), t_i)`` over pairs of student and teacher taps.
+
+    Subclasses give :meth:`stage_loss` and, when the method has one, :meth:`make_connector` (identity otherwise).
+    ``pool`` pools the larger map of each pair to the smaller before the connector (VID). :meth:`build` creates the
+    connectors once and checks that every pair works, raising a ValueError naming the term, the values and shapes.
+    """
+
+    def __init__(self, name: str, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float = 1.0,
+                 stage_weights: Sequence[float] | None = None, pool: bool = False):
+        if len(student_keys) != len(teacher_keys) or not student_keys:
+            raise ValueError(f"term {name!r} pairs student and teacher taps, got {len(student_keys)} student and "
+                             f"{len(teacher_keys)} teacher taps: {list(student_keys)} vs {list(teacher_keys)}")
+        super().__init__(name, [*student_keys, *teacher_keys], weight)
+        self.num_stages = len(student_keys)
+        self.stage_weights = [1.0] * self.num_stages if stage_weights is None else [float(w) for w in stage_weights]
+        self.pool = pool
+        self.connectors = nn.ModuleList()
+
+    def make_connector(self, index: int, student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
+        return nn.Identity()
+
+    def stage_loss(self, index: int, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pairs(self, values: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = list(zip(values[: self.num_stages], values[self.num_stages:]))
+        return [pool_to_smaller(s, t) for s, t in pairs] if self.pool else pairs
+
+    def build(self, example: dict) -> None:
+        values = [example[key] for key in self.reads]
+        if not len(self.connectors):
+            self.connectors = nn.ModuleList(self.make_connector(i, s, t) for i, (s, t) in enumerate(self.pairs(values)))
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def loss(self, *values, context):
+        losses = [w * self.stage_loss(i, self.connectors[i](s), t)
+                  for i, (w, (s, t)) in enumerate(zip(self.stage_weights, self.pairs(values)))]
+        return torch.stack(losses).sum()
+
+
+class FunctionStageTerm(StageTerm):
+    """A stage term whose per-stage loss is a public loss ``fn(student, teacher, **kwargs)`` (no connector)."""
+
+    def __init__(self, name, student_keys, teacher_keys, fn, weight=1.0, stage_weights=None, **kwargs):
+        super().__init__(name, student_keys, teacher_keys, weight, stage_weights)
+        self.fn, self.kwargs = fn, kwargs
+
+    def stage_loss(self, index, student, teacher):
+        return self.fn(student, teacher, **self.kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- FitNet
+
+class HintTerm(StageTerm):
+    """FitNet's hint: ``MSE(ConvReg(f_s), f_t)``, or the bare MSE without a regressor (equal shapes required)."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, regressor: bool = True):
+        super().__init__("hint", [student_key], [teacher_key], weight)
+        self.regressor = regressor
+
+    def make_connector(self, index, student, teacher):
+        return ConvReg(student.shape, teacher.shape) if self.regressor else nn.Identity()
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.fitnet_loss(student, teacher)
+
+
+@register("fitnet", category="feature",
+          paper="Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015",
+          presets={"two-stage": {"hint_stage_epochs": CIFAR_INIT_SHARE, "ce_weight": 0.1, "kd_weight": 0.9}})
+def fitnet(setup: Setup, hint_weight: float = 100.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
+           temperature: float = 4.0, hint_stage_epochs: int | float | None = None, regressor: bool = True,
+           student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """FitNet: ``ce·CE + kd·KD + 100·MSE(ConvReg(f_s), f_t)`` on the middle stage, RepDistiller ``FitNet.py``.
+
+    Default: single stage, as RepDistiller (``-a 0 -b 100``) and mdistiller. ``hint_stage_epochs`` (preset
+    ``two-stage``, the paper's procedure) first trains the student up to the hint plus the regressor on the hint loss
+    alone for that many epochs (a float: share of the run), then trains with ``ce·CE + kd·KD`` (no hint).
+    """
+    teacher = setup.require_teacher("fitnet")
+    student_tap = student_layer or stage_taps(setup.student, None)[1]
+    teacher_tap = teacher_layer or stage_taps(teacher, None)[1]
+    hint = HintTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", hint_weight, regressor)
+    if hint_stage_epochs is None:
+        return offline("fitnet", setup, [*response_terms(ce_weight, kd_weight, temperature), hint])
+    hint_stage = Stage("fitnet-hint", Distiller({"student": setup.student, "teacher": teacher}, [hint]),
+                       epochs=hint_stage_epochs)
+    main_terms = response_terms(ce_weight, kd_weight, temperature)
+    if not main_terms:
+        raise ValueError("fitnet with a hint stage: the second stage needs ce_weight > 0 or kd_weight > 0")
+    return Recipe("fitnet", [hint_stage, *offline("fitnet", setup, main_terms).stages])
+
+
+# ------------------------------------------------------------------------------------------------ AT, NST, PKT
+
+def _stagewise(method: str, setup: Setup, fn, weight: float, ce_weight: float, student_layers, teacher_layers,
+               **kwargs) -> Recipe:
+    """``ce·CE + weight·Σ_stages fn(f_s, f_t)`` over the paired stage taps (AT, NST)."""
+    teacher = setup.require_teacher(method)
+    term = FunctionStageTerm(method, tapped("student", stage_taps(setup.student, student_layers)),
+                             tapped("teacher", stage_taps(teacher, teacher_layers)), fn, weight, **kwargs)
+    return offline(method, setup, [*response_terms(ce_weight), term])
+
+
+@register("at", category="feature",
+          paper="Zagoruyko, Komodakis. Paying More Attention to Attention: Improving the Performance of "
+                "Convolutional Neural Networks via Attention Transfer. ICLR 2017")
+def at(setup: Setup, weight: float = 1000.0, p: float = 2.0, ce_weight: float = 1.0,
+       student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """AT: ``CE + 1000·Σ_stages mean (a(f_s) − a(f_t))²``, ``a = normalize(mean_c f^p)``, RepDistiller ``AT.py``."""
+    return _stagewise("at", setup, kdkernels.at_loss, weight, ce_weight, student_layers, teacher_layers, p=p)
+
+
+@register("nst", category="feature",
+          paper="Huang, Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer. "
+                "arXiv:1707.01219, 2017")
+def nst(setup: Setup, weight: float = 50.0, ce_weight: float = 1.0, student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """NST: ``CE + 50·Σ_stages MMD²_poly(F_s, F_t)`` (c = 0, detached K_tt), RepDistiller ``NST.py`` with bmm."""
+    return _stagewise("nst", setup, kdkernels.nst_loss, weight, ce_weight, student_layers, teacher_layers)
+
+
+@register("pkt", category="feature",
+          paper="Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018")
+def pkt(setup: Setup, weight: float = 30000.0, ce_weight: float = 1.0, student_layer: str | None = None,
+        teacher_layer: str | None = None) -> Recipe:
+    """PKT: ``CE + 30000·PKT(f_s, f_t)`` on the pooled embeddings, probabilistic_kt ``cosine_similarity_loss``."""
+    teacher = setup.require_teacher("pkt")
+    student_tap = student_layer or feature_points(setup.student).embedding
+    teacher_tap = teacher_layer or feature_points(teacher).embedding
+    term = FunctionTerm("pkt", kdkernels.pkt_loss, (f"student:{student_tap}", f"teacher:{teacher_tap}"), weight)
+    return offline("pkt", setup, [*response_terms(ce_weight), term])
