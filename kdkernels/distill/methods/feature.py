@@ -205,3 +205,167 @@ def pkt(setup: Setup, weight: float = 30000.0, ce_weight: float = 1.0, student_l
     teacher_tap = teacher_layer or feature_points(teacher).embedding
     term = FunctionTerm("pkt", kdkernels.pkt_loss, (f"student:{student_tap}", f"teacher:{teacher_tap}"), weight)
     return offline("pkt", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ VID
+
+class VIDTerm(StageTerm):
+    """VID per stage: ``vid_loss(regressor(f_s), f_t, log_scale)`` after pooling the larger map to the smaller."""
+
+    def __init__(self, student_keys, teacher_keys, weight, init_var: float, eps: float):
+        super().__init__("vid", student_keys, teacher_keys, weight, pool=True)
+        self.init_var, self.eps = init_var, eps
+
+    def make_connector(self, index, student, teacher):
+        return VIDRegressor(student.shape[1], teacher.shape[1], self.init_var, self.eps)
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.vid_loss(student, teacher, self.connectors[index].log_scale, self.eps)
+
+
+@register("vid", category="feature",
+          paper="Ahn, Hu, Damianou, Lawrence, Dai. Variational Information Distillation for Knowledge Transfer. "
+                "CVPR 2019")
+def vid(setup: Setup, weight: float = 1.0, init_var: float = 5.0, eps: float = 1e-5, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """VID: ``CE + Σ_stages mean ½((μ(f_s) − f_t)²/σ² + log σ²)``, learned softplus variance, RepDistiller ``VID.py``.
+
+    The per-channel ``log_scale`` is a registered, optimised parameter (as RepDistiller; mdistiller's copy leaves it
+    unregistered, so its variance stays at ``init_var``)."""
+    if init_var <= eps:
+        raise ValueError(f"vid: init_var ({init_var}) must exceed eps ({eps})")
+    teacher = setup.require_teacher("vid")
+    term = VIDTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                   tapped("teacher", stage_taps(teacher, teacher_layers)), weight, init_var, eps)
+    return offline("vid", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ OFD
+
+def bn_margins(teacher: nn.Module, paths: Sequence[str]) -> list[torch.Tensor]:
+    """OFD margins of the BN modules at ``paths`` of the teacher (the BNs before the ReLUs)."""
+    margins = []
+    for path in paths:
+        module = find_module(teacher, path.removesuffix("/input"), "teacher")
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
+            raise ValueError(f"ofd takes its margins from the teacher's BN before ReLU, but teacher tap {path!r} is "
+                             f"a {type(module).__name__}: pass teacher_layers naming affine BatchNorm modules")
+        margins.append(kdkernels.ofd_margins(module.weight, module.bias))
+    return margins
+
+
+class OFDTerm(StageTerm):
+    """OFD's partial L2 over the stages, ``Σ_i ofd_loss(conn_i(s_i), t_i, m_i)/B / 2^(n−i−1)``."""
+
+    def __init__(self, student_keys, teacher_keys, weight, margins: Sequence[torch.Tensor]):
+        n = len(student_keys)
+        super().__init__("ofd", student_keys, teacher_keys, weight, [1.0 / 2 ** (n - i - 1) for i in range(n)])
+        for index, margin in enumerate(margins):
+            self.register_buffer(f"margin{index}", margin)
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4:
+            raise ValueError(f"ofd compares [B, C, H, W] maps, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        return ofd_connector(student.shape[1], teacher.shape[1])
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.ofd_loss(student, teacher, getattr(self, f"margin{index}"), reduction="batchmean")
+
+
+@register("ofd", category="feature",
+          paper="Heo, Kim, Yun, Park, Kwak, Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019",
+          presets={"imagenet": {"normalizer": 10000.0}})
+def ofd(setup: Setup, normalizer: float = 1000.0, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """OFD: ``CE + Σ_i partialL2(conn(s_i), max(t_i, m))/2^(n−i−1)/B/1000``, clovaai/overhaul-distillation.
+
+    Pre-ReLU features of both nets (the ``pre_activation`` taps: the BNs before ReLU), margins from the teacher's BN
+    (γ, β), connectors conv1×1 + BN with the official init, the teacher frozen but in train mode (BN batch statistics,
+    as the official code). ``normalizer`` 1000 (CIFAR) or 10000 (preset ``imagenet``)."""
+    teacher = setup.require_teacher("ofd")
+    teacher_taps = stage_taps(teacher, teacher_layers, "pre_activation")
+    term = OFDTerm(tapped("student", stage_taps(setup.student, student_layers, "pre_activation")),
+                   tapped("teacher", teacher_taps), 1.0 / normalizer, bn_margins(teacher, teacher_taps))
+    return offline("ofd", setup, [*response_terms(ce_weight), term], frozen_train_mode=True)
+
+
+# ------------------------------------------------------------------------------------------ init-stage methods
+
+def init_then_train(method: str, setup: Setup, init_term: Term, init_epochs: int | float, ce_weight: float,
+                    kd_weight: float = 0.0, temperature: float = 4.0) -> Recipe:
+    """An init stage (only ``init_term`` trains the student's layers it reaches and the term's connectors) for
+    ``init_epochs`` (a float: share of the run), then ``ce·CE (+ kd·KD)`` training (RepDistiller ``init``)."""
+    teacher = setup.require_teacher(method)
+    init = Stage(f"{method}-init", Distiller({"student": setup.student, "teacher": teacher}, [init_term]),
+                 epochs=init_epochs)
+    terms = response_terms(ce_weight, kd_weight, temperature)
+    if not terms:
+        raise ValueError(f"{method}: the training stage needs ce_weight > 0 or kd_weight > 0")
+    models = {"student": setup.student, "teacher": teacher} if kd_weight > 0 else {"student": setup.student}
+    return Recipe(method, [init, Stage(method, Distiller(models, terms))])
+
+
+class ABTerm(StageTerm):
+    """AB's alternative L2 over the stages: ``Σ_i 2^(i−n+1)·alt_L2(C_i(s_i), t_i)/B``."""
+
+    def __init__(self, student_keys, teacher_keys, weight, margin: float):
+        n = len(student_keys)
+        super().__init__("ab", student_keys, teacher_keys, weight, [2.0 ** (i - n + 1) for i in range(n)])
+        self.margin = margin
+
+    def make_connector(self, index, student, teacher):
+        return ab_connector(student.shape, teacher.shape)
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.ab_loss(student, teacher, self.margin, reduction="batchmean")
+
+
+@register("ab", category="feature",
+          paper="Heo, Lee, Yun, Choi. Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
+                "Neurons. AAAI 2019")
+def ab(setup: Setup, weight: float = 3.0 / 1000.0, margin: float = 1.0, init_epochs: int | float = CIFAR_INIT_SHARE,
+       ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+       student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """AB: init stage on ``3/1000·Σ_i 2^(i−n+1)·alt_L2(C_i(s_i), t_i)/B`` (margin 1), then CE, bhheo/AB_distillation.
+
+    Pre-ReLU stage features; connectors as RepDistiller ``Connector`` (identity when shapes agree, else conv+BN).
+    The init stage lasts ``init_epochs`` (RepDistiller: 30 before the 240-epoch run, hence the 1/8 share); the main
+    stage is CE only (RepDistiller), optionally plus KD (``kd_weight``, the paper's AB + KD)."""
+    teacher = setup.require_teacher("ab")
+    term = ABTerm(tapped("student", stage_taps(setup.student, student_layers, "pre_activation")),
+                  tapped("teacher", stage_taps(teacher, teacher_layers, "pre_activation")), weight, margin)
+    return init_then_train("ab", setup, term, init_epochs, ce_weight, kd_weight, temperature)
+
+
+class FSPTerm(Term):
+    """FSP over consecutive stage pairs: ``fsp_loss(student maps, teacher maps)``."""
+
+    def __init__(self, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float):
+        if len(student_keys) != len(teacher_keys) or len(student_keys) < 2:
+            raise ValueError(f"term 'fsp' needs the same number (>= 2) of student and teacher stages, got "
+                             f"{list(student_keys)} and {list(teacher_keys)}")
+        super().__init__("fsp", [*student_keys, *teacher_keys], weight)
+        self.num_stages = len(student_keys)
+
+    def build(self, example):
+        values = [example[key] for key in self.reads]
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def loss(self, *values, context):
+        return kdkernels.fsp_loss(values[: self.num_stages], values[self.num_stages:])
+
+
+@register("fsp", category="feature",
+          paper="Yim, Joo, Bae, Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and "
+                "Transfer Learning. CVPR 2017")
+def fsp(setup: Setup, weight: float = 1.0, init_epochs: int | float = CIFAR_INIT_SHARE, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """FSP: init stage on ``Σ_pairs mean (G_s − G_t)²`` (G = flow matrices of consecutive stages), then CE only,
+    RepDistiller ``FSP.py`` + ``helper/pretrain.py``.
+
+    Student and teacher need equal channel counts at every stage (RepDistiller's rule; a ValueError otherwise).
+    The init stage lasts ``init_epochs`` (RepDistiller: 30 before the 240-epoch run, hence the 1/8 share)."""
+    teacher = setup.require_teacher("fsp")
+    term = FSPTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                   tapped("teacher", stage_taps(teacher, teacher_layers)), weight)
+    return init_then_train("fsp", setup, term, init_epochs, ce_weight)
