@@ -369,3 +369,124 @@ def fsp(setup: Setup, weight: float = 1.0, init_epochs: int | float = CIFAR_INIT
     term = FSPTerm(tapped("student", stage_taps(setup.student, student_layers)),
                    tapped("teacher", stage_taps(teacher, teacher_layers)), weight)
     return init_then_train("fsp", setup, term, init_epochs, ce_weight)
+
+
+# ------------------------------------------------------------------------------------------------------------ CRD
+
+class CRDTerm(Term):
+    """CRD: embedding heads for both sides, then :class:`kdkernels.nn.CRDLoss` (memory banks and Z as buffers,
+    ``kdkernels.crd_loss`` then ``crd_update_memory_`` on every training call)."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, criterion: CRDLoss):
+        super().__init__("crd", (student_key, teacher_key, "index"), weight)
+        self.criterion = criterion
+        self.embed_student: nn.Module | None = None
+        self.embed_teacher: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if self.embed_student is None:
+            dim = self.criterion.feat_dim
+            self.embed_student = Embed(student[0].numel(), dim)
+            self.embed_teacher = Embed(teacher[0].numel(), dim)
+
+    def loss(self, student, teacher, index, *, context):
+        return self.criterion(self.embed_student(student), self.embed_teacher(teacher), index.long())
+
+
+@register("crd", category="feature",
+          paper="Tian, Krishnan, Isola. Contrastive Representation Distillation. ICLR 2020",
+          presets={"crd+kd": {"kd_weight": 1.0}})
+def crd(setup: Setup, weight: float = 0.8, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+        feat_dim: int = 128, num_negatives: int = 16384, nce_temperature: float = 0.07, momentum: float = 0.5,
+        student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """CRD: ``CE + kd·KD + 0.8·NCE(embed_s, embed_t; memory banks)``, RepDistiller ``crd/criterion.py``.
+
+    Embeddings Linear(d, 128) + L2 norm of the pooled features of both nets, two memory banks of one slot per
+    training sample (``setup.num_train``; batches carry ``"index"``), Z set on the first step, momentum 0.5, T 0.07.
+    Defaults are plain CRD (RepDistiller ``-a 0 -b 0.8``); preset ``crd+kd`` adds KD with weight 1 (``-a 1``).
+    Deviations: K = 16384 negatives are clamped to ``num_train − 1`` on small data sets, and they are drawn
+    uniformly from the whole bank (RepDistiller's fallback ``AliasMethod`` sampler, which may pick the sample's own
+    class), not from the other classes as RepDistiller's ``CIFAR100InstanceSample`` "exact" mode does."""
+    teacher = setup.require_teacher("crd")
+    if not setup.num_train:
+        raise ValueError("crd keeps one memory-bank slot per training sample: set Setup.num_train")
+    if setup.num_train < 2:
+        raise ValueError(f"crd needs at least 2 training samples, got num_train={setup.num_train}")
+    negatives = min(num_negatives, setup.num_train - 1)
+    criterion = CRDLoss(setup.num_train, feat_dim, negatives, nce_temperature, momentum)
+    student_tap = student_layer or feature_points(setup.student).embedding
+    teacher_tap = teacher_layer or feature_points(teacher).embedding
+    term = CRDTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, criterion)
+    return offline("crd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
+
+
+# ------------------------------------------------------------------------------------------------------------- FT
+
+class ParaphraserTerm(Term):
+    """FT's paraphraser pre-training: ``L1(P(f_t), f_t)`` (reconstruction of the teacher's feature)."""
+
+    def __init__(self, teacher_key: str, paraphraser: Paraphraser):
+        super().__init__("paraphraser", (teacher_key,), 1.0)
+        self.paraphraser = paraphraser
+
+    def loss(self, teacher, *, context):
+        return F.l1_loss(self.paraphraser(teacher), teacher)
+
+
+class FactorTransferTerm(Term):
+    """FT: ``ft_loss(translator(f_s), paraphraser.encoder(f_t))``; the (pre-trained) paraphraser stays frozen and in
+    eval mode here."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, paraphraser: Paraphraser, rate: float):
+        super().__init__("ft", (student_key, teacher_key), weight)
+        self.paraphraser, self.rate = paraphraser, rate
+        self.translator: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"term 'ft' needs [B, C, H, W] maps of the same size: {self.reads[0]} "
+                             f"{tuple(student.shape)}, {self.reads[1]} {tuple(teacher.shape)}")
+        if self.translator is None:
+            self.translator = Translator(student.shape[1], teacher.shape[1], self.rate)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.paraphraser.eval()
+        return self
+
+    def loss(self, student, teacher, *, context):
+        with torch.no_grad():
+            factor_teacher = self.paraphraser.encoder(teacher)
+        return kdkernels.ft_loss(self.translator(student), factor_teacher)
+
+
+@register("ft", category="feature",
+          paper="Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. "
+                "NeurIPS 2018")
+def ft(setup: Setup, beta: float = 500.0, rate: float = 0.5, paraphraser_epochs: int | float = CIFAR_INIT_SHARE,
+       ce_weight: float = 1.0, teacher_channels: int | None = None, student_layer: str | None = None,
+       teacher_layer: str | None = None) -> Recipe:
+    """FT: paraphraser pre-training (L1 reconstruction), then ``CE + 500·L1(FT(T(f_s)), FT(P_enc(f_t)))`` with
+    ``FT(x) = normalize(x.view(B, −1))``, Jangho-Kim/Factor-Transfer-pytorch (= KD-Zoo ``ft.py``).
+
+    Last stage of both nets, paraphrase rate 0.5. The first stage trains only the paraphraser on the frozen teacher
+    for ``paraphraser_epochs`` (a float: share of the run; RepDistiller uses 30 epochs before its 240); the
+    paraphraser is then frozen. RepDistiller's ``FactorTransfer`` is a different variant (factor =
+    ``normalize(mean_c F²)``, an AT-like map, β = 200, MSE reconstruction): not this method.
+    ``teacher_channels`` is read from the teacher's last conv/BN at the tap unless given."""
+    teacher = setup.require_teacher("ft")
+    student_tap = student_layer or stage_taps(setup.student, None)[-1]
+    teacher_tap = teacher_layer or stage_taps(teacher, None)[-1]
+    channels = teacher_channels or output_channels(find_module(teacher, teacher_tap, "teacher"))
+    if not channels:
+        raise ValueError(f"ft cannot tell the channel count of teacher tap {teacher_tap!r}: pass teacher_channels")
+    paraphraser = Paraphraser(channels, rate)
+    pretrain = Distiller({"teacher": teacher}, [ParaphraserTerm(f"teacher:{teacher_tap}", paraphraser)],
+                         trainable=(), evaluate=("teacher",))
+    transfer = FactorTransferTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", beta, paraphraser, rate)
+    main = offline("ft", setup, [*response_terms(ce_weight), transfer]).stages[0]
+    main.before = lambda: paraphraser.requires_grad_(False)
+    return Recipe("ft", [Stage("ft-paraphraser", pretrain, epochs=paraphraser_epochs,
+                               before=lambda: paraphraser.requires_grad_(True)), main])
