@@ -18,5 +18,7 @@ from kdkernels import nn
 __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
            "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
            "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
-from kdkernels.feature_losses import ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss, ofd_margins, vid_loss  # noqa: E501,E402
-__all__ += ["fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss", "ft_loss"]  # noqa: E501
+from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,  # noqa: E402
+                                      ofd_margins, vid_loss)
+__all__ += ["fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
+            "ft_loss"]

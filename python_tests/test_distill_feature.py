@@ -70,7 +70,8 @@ def test_conv_reg_shape_rules():
 
 def test_fitnet_without_regressor_needs_equal_shapes():
     recipe = build_recipe("fitnet", digits_setup(), regressor=False)
-    with pytest.raises(ValueError, match=r"term 'hint'.*student:stage2 \(32, 8, 4, 4\).*teacher:stage2 \(32, 64, 4, 4\)"):
+    shapes = r"term 'hint'.*student:stage2 \(32, 8, 4, 4\).*teacher:stage2 \(32, 64, 4, 4\)"
+    with pytest.raises(ValueError, match=shapes):
         first_step(recipe)
 
 
