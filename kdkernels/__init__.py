@@ -20,3 +20,7 @@ __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_d
            "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
 from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, wsl_loss, zipf_ls_loss
 __all__ += ["label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss"]
+from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,  # noqa: E402
+                                      ofd_margins, vid_loss)
+__all__ += ["fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
+            "ft_loss"]

@@ -1,1 +1,492 @@
-"""(methods of this category are being added)"""
+"""Feature-based methods: losses on hooked intermediate features (../shared/reference/methods.md §2).
+
+Taps default to the models' :func:`feature_points` (stages, pre-activation BNs, pooled embedding); every builder
+takes explicit tap paths too, for models without ``kd_points``. Stage-wise losses are one term summing the stages
+with the official stage weights; connectors (regressors, embeddings) are built from the first batch's shapes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
+                                          ofd_connector, output_channels)
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
+from kdkernels.distill.methods._common import offline
+from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.feature_losses import pool_to_smaller
+from kdkernels.nn import CRDLoss
+
+CIFAR_INIT_SHARE = 30 / 240   # RepDistiller's init_epochs 30 before the 240-epoch main run (FSP, AB, FT)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+def _shapes(values: Sequence[torch.Tensor]) -> str:
+    return ", ".join(str(tuple(v.shape)) for v in values)
+
+
+def check_term(term: Term, example: dict, compute) -> None:
+    """Runs ``compute()`` (the term's loss on the example, no grad, eval mode) and re-raises a ValueError naming the
+    term and the values it read with their shapes."""
+    mode = term.training
+    term.eval()
+    try:
+        with torch.no_grad():
+            compute()
+    except ValueError as error:
+        described = ", ".join(f"{key} {tuple(example[key].shape)}" for key in term.reads
+                              if isinstance(example[key], torch.Tensor))
+        raise ValueError(f"term {term.name!r} cannot compare {described}: {error}") from error
+    finally:
+        term.train(mode)
+
+
+def response_terms(ce_weight: float, kd_weight: float = 0.0, temperature: float = 4.0) -> list[Term]:
+    """``ce_weight·CE`` plus, when ``kd_weight > 0``, Hinton KD (the ``γ·CE + α·KD`` part of RepDistiller's loss)."""
+    terms: list[Term] = [CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else []
+    if kd_weight > 0:
+        terms.append(FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), kd_weight,
+                                  temperature=temperature))
+    return terms
+
+
+def stage_taps(model: nn.Module, explicit: Sequence[str] | str | None, kind: str = "stages") -> list[str]:
+    """Explicit taps, else the model's ``feature_points`` of ``kind`` (stages / pre_activation)."""
+    if explicit is not None:
+        return [explicit] if isinstance(explicit, str) else list(explicit)
+    taps = list(getattr(feature_points(model), kind))
+    if not taps:
+        raise ValueError(f"{type(model).__name__} declares no {kind} feature points: pass the tap paths explicitly")
+    return taps
+
+
+def tapped(model_name: str, taps: Sequence[str]) -> list[str]:
+    return [f"{model_name}:{tap}" for tap in taps]
+
+
+class StageTerm(Term):
+    """``Σ_i w_i · stage_loss(i, connector_i(s_i), t_i)`` over pairs of student and teacher taps.
+
+    Subclasses give :meth:`stage_loss` and, when the method has one, :meth:`make_connector` (identity otherwise).
+    ``pool`` pools the larger map of each pair to the smaller before the connector (VID). :meth:`build` creates the
+    connectors once and checks that every pair works, raising a ValueError naming the term, the values and shapes.
+    """
+
+    def __init__(self, name: str, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float = 1.0,
+                 stage_weights: Sequence[float] | None = None, pool: bool = False):
+        if len(student_keys) != len(teacher_keys) or not student_keys:
+            raise ValueError(f"term {name!r} pairs student and teacher taps, got {len(student_keys)} student and "
+                             f"{len(teacher_keys)} teacher taps: {list(student_keys)} vs {list(teacher_keys)}")
+        super().__init__(name, [*student_keys, *teacher_keys], weight)
+        self.num_stages = len(student_keys)
+        self.stage_weights = [1.0] * self.num_stages if stage_weights is None else [float(w) for w in stage_weights]
+        self.pool = pool
+        self.connectors = nn.ModuleList()
+
+    def make_connector(self, index: int, student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
+        return nn.Identity()
+
+    def stage_loss(self, index: int, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pairs(self, values: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = list(zip(values[: self.num_stages], values[self.num_stages:]))
+        return [pool_to_smaller(s, t) for s, t in pairs] if self.pool else pairs
+
+    def build(self, example: dict) -> None:
+        values = [example[key] for key in self.reads]
+        if not len(self.connectors):
+            self.connectors = nn.ModuleList(self.make_connector(i, s, t) for i, (s, t) in enumerate(self.pairs(values)))
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def loss(self, *values, context):
+        losses = [w * self.stage_loss(i, self.connectors[i](s), t)
+                  for i, (w, (s, t)) in enumerate(zip(self.stage_weights, self.pairs(values)))]
+        return torch.stack(losses).sum()
+
+
+class FunctionStageTerm(StageTerm):
+    """A stage term whose per-stage loss is a public loss ``fn(student, teacher, **kwargs)`` (no connector)."""
+
+    def __init__(self, name, student_keys, teacher_keys, fn, weight=1.0, stage_weights=None, **kwargs):
+        super().__init__(name, student_keys, teacher_keys, weight, stage_weights)
+        self.fn, self.kwargs = fn, kwargs
+
+    def stage_loss(self, index, student, teacher):
+        return self.fn(student, teacher, **self.kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- FitNet
+
+class HintTerm(StageTerm):
+    """FitNet's hint: ``MSE(ConvReg(f_s), f_t)``, or the bare MSE without a regressor (equal shapes required)."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, regressor: bool = True):
+        super().__init__("hint", [student_key], [teacher_key], weight)
+        self.regressor = regressor
+
+    def make_connector(self, index, student, teacher):
+        return ConvReg(student.shape, teacher.shape) if self.regressor else nn.Identity()
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.fitnet_loss(student, teacher)
+
+
+@register("fitnet", category="feature",
+          paper="Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015",
+          presets={"two-stage": {"hint_stage_epochs": CIFAR_INIT_SHARE, "ce_weight": 0.1, "kd_weight": 0.9}})
+def fitnet(setup: Setup, hint_weight: float = 100.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
+           temperature: float = 4.0, hint_stage_epochs: int | float | None = None, regressor: bool = True,
+           student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """FitNet: ``ce·CE + kd·KD + 100·MSE(ConvReg(f_s), f_t)`` on the middle stage, RepDistiller ``FitNet.py``.
+
+    Default: single stage, as RepDistiller (``-a 0 -b 100``) and mdistiller. ``hint_stage_epochs`` (preset
+    ``two-stage``, the paper's procedure) first trains the student up to the hint plus the regressor on the hint loss
+    alone for that many epochs (a float: share of the run), then trains with ``ce·CE + kd·KD`` (no hint).
+    """
+    teacher = setup.require_teacher("fitnet")
+    student_tap = student_layer or stage_taps(setup.student, None)[1]
+    teacher_tap = teacher_layer or stage_taps(teacher, None)[1]
+    hint = HintTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", hint_weight, regressor)
+    if hint_stage_epochs is None:
+        return offline("fitnet", setup, [*response_terms(ce_weight, kd_weight, temperature), hint])
+    hint_stage = Stage("fitnet-hint", Distiller({"student": setup.student, "teacher": teacher}, [hint]),
+                       epochs=hint_stage_epochs)
+    main_terms = response_terms(ce_weight, kd_weight, temperature)
+    if not main_terms:
+        raise ValueError("fitnet with a hint stage: the second stage needs ce_weight > 0 or kd_weight > 0")
+    return Recipe("fitnet", [hint_stage, *offline("fitnet", setup, main_terms).stages])
+
+
+# ------------------------------------------------------------------------------------------------ AT, NST, PKT
+
+def _stagewise(method: str, setup: Setup, fn, weight: float, ce_weight: float, student_layers, teacher_layers,
+               **kwargs) -> Recipe:
+    """``ce·CE + weight·Σ_stages fn(f_s, f_t)`` over the paired stage taps (AT, NST)."""
+    teacher = setup.require_teacher(method)
+    term = FunctionStageTerm(method, tapped("student", stage_taps(setup.student, student_layers)),
+                             tapped("teacher", stage_taps(teacher, teacher_layers)), fn, weight, **kwargs)
+    return offline(method, setup, [*response_terms(ce_weight), term])
+
+
+@register("at", category="feature",
+          paper="Zagoruyko, Komodakis. Paying More Attention to Attention: Improving the Performance of "
+                "Convolutional Neural Networks via Attention Transfer. ICLR 2017")
+def at(setup: Setup, weight: float = 1000.0, p: float = 2.0, ce_weight: float = 1.0,
+       student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """AT: ``CE + 1000·Σ_stages mean (a(f_s) − a(f_t))²``, ``a = normalize(mean_c f^p)``, RepDistiller ``AT.py``."""
+    return _stagewise("at", setup, kdkernels.at_loss, weight, ce_weight, student_layers, teacher_layers, p=p)
+
+
+@register("nst", category="feature",
+          paper="Huang, Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer. "
+                "arXiv:1707.01219, 2017")
+def nst(setup: Setup, weight: float = 50.0, ce_weight: float = 1.0, student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """NST: ``CE + 50·Σ_stages MMD²_poly(F_s, F_t)`` (c = 0, detached K_tt), RepDistiller ``NST.py`` with bmm."""
+    return _stagewise("nst", setup, kdkernels.nst_loss, weight, ce_weight, student_layers, teacher_layers)
+
+
+@register("pkt", category="feature",
+          paper="Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018")
+def pkt(setup: Setup, weight: float = 30000.0, ce_weight: float = 1.0, student_layer: str | None = None,
+        teacher_layer: str | None = None) -> Recipe:
+    """PKT: ``CE + 30000·PKT(f_s, f_t)`` on the pooled embeddings, probabilistic_kt ``cosine_similarity_loss``."""
+    teacher = setup.require_teacher("pkt")
+    student_tap = student_layer or feature_points(setup.student).embedding
+    teacher_tap = teacher_layer or feature_points(teacher).embedding
+    term = FunctionTerm("pkt", kdkernels.pkt_loss, (f"student:{student_tap}", f"teacher:{teacher_tap}"), weight)
+    return offline("pkt", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ VID
+
+class VIDTerm(StageTerm):
+    """VID per stage: ``vid_loss(regressor(f_s), f_t, log_scale)`` after pooling the larger map to the smaller."""
+
+    def __init__(self, student_keys, teacher_keys, weight, init_var: float, eps: float):
+        super().__init__("vid", student_keys, teacher_keys, weight, pool=True)
+        self.init_var, self.eps = init_var, eps
+
+    def make_connector(self, index, student, teacher):
+        return VIDRegressor(student.shape[1], teacher.shape[1], self.init_var, self.eps)
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.vid_loss(student, teacher, self.connectors[index].log_scale, self.eps)
+
+
+@register("vid", category="feature",
+          paper="Ahn, Hu, Damianou, Lawrence, Dai. Variational Information Distillation for Knowledge Transfer. "
+                "CVPR 2019")
+def vid(setup: Setup, weight: float = 1.0, init_var: float = 5.0, eps: float = 1e-5, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """VID: ``CE + Σ_stages mean ½((μ(f_s) − f_t)²/σ² + log σ²)``, learned softplus variance, RepDistiller ``VID.py``.
+
+    The per-channel ``log_scale`` is a registered, optimised parameter (as RepDistiller; mdistiller's copy leaves it
+    unregistered, so its variance stays at ``init_var``)."""
+    if init_var <= eps:
+        raise ValueError(f"vid: init_var ({init_var}) must exceed eps ({eps})")
+    teacher = setup.require_teacher("vid")
+    term = VIDTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                   tapped("teacher", stage_taps(teacher, teacher_layers)), weight, init_var, eps)
+    return offline("vid", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ OFD
+
+def bn_margins(teacher: nn.Module, paths: Sequence[str]) -> list[torch.Tensor]:
+    """OFD margins of the BN modules at ``paths`` of the teacher (the BNs before the ReLUs)."""
+    margins = []
+    for path in paths:
+        module = find_module(teacher, path.removesuffix("/input"), "teacher")
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
+            raise ValueError(f"ofd takes its margins from the teacher's BN before ReLU, but teacher tap {path!r} is "
+                             f"a {type(module).__name__}: pass teacher_layers naming affine BatchNorm modules")
+        margins.append(kdkernels.ofd_margins(module.weight, module.bias))
+    return margins
+
+
+class OFDTerm(StageTerm):
+    """OFD's partial L2 over the stages, ``Σ_i ofd_loss(conn_i(s_i), t_i, m_i)/B / 2^(n−i−1)``."""
+
+    def __init__(self, student_keys, teacher_keys, weight, margins: Sequence[torch.Tensor]):
+        n = len(student_keys)
+        super().__init__("ofd", student_keys, teacher_keys, weight, [1.0 / 2 ** (n - i - 1) for i in range(n)])
+        for index, margin in enumerate(margins):
+            self.register_buffer(f"margin{index}", margin)
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4:
+            raise ValueError(f"ofd compares [B, C, H, W] maps, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        return ofd_connector(student.shape[1], teacher.shape[1])
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.ofd_loss(student, teacher, getattr(self, f"margin{index}"), reduction="batchmean")
+
+
+@register("ofd", category="feature",
+          paper="Heo, Kim, Yun, Park, Kwak, Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019",
+          presets={"imagenet": {"normalizer": 10000.0}})
+def ofd(setup: Setup, normalizer: float = 1000.0, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """OFD: ``CE + Σ_i partialL2(conn(s_i), max(t_i, m))/2^(n−i−1)/B/1000``, clovaai/overhaul-distillation.
+
+    Pre-ReLU features of both nets (the ``pre_activation`` taps: the BNs before ReLU), margins from the teacher's BN
+    (γ, β), connectors conv1×1 + BN with the official init, the teacher frozen but in train mode (BN batch statistics,
+    as the official code). ``normalizer`` 1000 (CIFAR) or 10000 (preset ``imagenet``)."""
+    teacher = setup.require_teacher("ofd")
+    teacher_taps = stage_taps(teacher, teacher_layers, "pre_activation")
+    term = OFDTerm(tapped("student", stage_taps(setup.student, student_layers, "pre_activation")),
+                   tapped("teacher", teacher_taps), 1.0 / normalizer, bn_margins(teacher, teacher_taps))
+    return offline("ofd", setup, [*response_terms(ce_weight), term], frozen_train_mode=True)
+
+
+# ------------------------------------------------------------------------------------------ init-stage methods
+
+def init_then_train(method: str, setup: Setup, init_term: Term, init_epochs: int | float, ce_weight: float,
+                    kd_weight: float = 0.0, temperature: float = 4.0) -> Recipe:
+    """An init stage (only ``init_term`` trains the student's layers it reaches and the term's connectors) for
+    ``init_epochs`` (a float: share of the run), then ``ce·CE (+ kd·KD)`` training (RepDistiller ``init``)."""
+    teacher = setup.require_teacher(method)
+    init = Stage(f"{method}-init", Distiller({"student": setup.student, "teacher": teacher}, [init_term]),
+                 epochs=init_epochs)
+    terms = response_terms(ce_weight, kd_weight, temperature)
+    if not terms:
+        raise ValueError(f"{method}: the training stage needs ce_weight > 0 or kd_weight > 0")
+    models = {"student": setup.student, "teacher": teacher} if kd_weight > 0 else {"student": setup.student}
+    return Recipe(method, [init, Stage(method, Distiller(models, terms))])
+
+
+class ABTerm(StageTerm):
+    """AB's alternative L2 over the stages: ``Σ_i 2^(i−n+1)·alt_L2(C_i(s_i), t_i)/B``."""
+
+    def __init__(self, student_keys, teacher_keys, weight, margin: float):
+        n = len(student_keys)
+        super().__init__("ab", student_keys, teacher_keys, weight, [2.0 ** (i - n + 1) for i in range(n)])
+        self.margin = margin
+
+    def make_connector(self, index, student, teacher):
+        return ab_connector(student.shape, teacher.shape)
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.ab_loss(student, teacher, self.margin, reduction="batchmean")
+
+
+@register("ab", category="feature",
+          paper="Heo, Lee, Yun, Choi. Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
+                "Neurons. AAAI 2019")
+def ab(setup: Setup, weight: float = 3.0 / 1000.0, margin: float = 1.0, init_epochs: int | float = CIFAR_INIT_SHARE,
+       ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+       student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """AB: init stage on ``3/1000·Σ_i 2^(i−n+1)·alt_L2(C_i(s_i), t_i)/B`` (margin 1), then CE, bhheo/AB_distillation.
+
+    Pre-ReLU stage features; connectors as RepDistiller ``Connector`` (identity when shapes agree, else conv+BN).
+    The init stage lasts ``init_epochs`` (RepDistiller: 30 before the 240-epoch run, hence the 1/8 share); the main
+    stage is CE only (RepDistiller), optionally plus KD (``kd_weight``, the paper's AB + KD)."""
+    teacher = setup.require_teacher("ab")
+    term = ABTerm(tapped("student", stage_taps(setup.student, student_layers, "pre_activation")),
+                  tapped("teacher", stage_taps(teacher, teacher_layers, "pre_activation")), weight, margin)
+    return init_then_train("ab", setup, term, init_epochs, ce_weight, kd_weight, temperature)
+
+
+class FSPTerm(Term):
+    """FSP over consecutive stage pairs: ``fsp_loss(student maps, teacher maps)``."""
+
+    def __init__(self, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float):
+        if len(student_keys) != len(teacher_keys) or len(student_keys) < 2:
+            raise ValueError(f"term 'fsp' needs the same number (>= 2) of student and teacher stages, got "
+                             f"{list(student_keys)} and {list(teacher_keys)}")
+        super().__init__("fsp", [*student_keys, *teacher_keys], weight)
+        self.num_stages = len(student_keys)
+
+    def build(self, example):
+        values = [example[key] for key in self.reads]
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def loss(self, *values, context):
+        return kdkernels.fsp_loss(values[: self.num_stages], values[self.num_stages:])
+
+
+@register("fsp", category="feature",
+          paper="Yim, Joo, Bae, Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and "
+                "Transfer Learning. CVPR 2017")
+def fsp(setup: Setup, weight: float = 1.0, init_epochs: int | float = CIFAR_INIT_SHARE, ce_weight: float = 1.0,
+        student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """FSP: init stage on ``Σ_pairs mean (G_s − G_t)²`` (G = flow matrices of consecutive stages), then CE only,
+    RepDistiller ``FSP.py`` + ``helper/pretrain.py``.
+
+    Student and teacher need equal channel counts at every stage (RepDistiller's rule; a ValueError otherwise).
+    The init stage lasts ``init_epochs`` (RepDistiller: 30 before the 240-epoch run, hence the 1/8 share)."""
+    teacher = setup.require_teacher("fsp")
+    term = FSPTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                   tapped("teacher", stage_taps(teacher, teacher_layers)), weight)
+    return init_then_train("fsp", setup, term, init_epochs, ce_weight)
+
+
+# ------------------------------------------------------------------------------------------------------------ CRD
+
+class CRDTerm(Term):
+    """CRD: embedding heads for both sides, then :class:`kdkernels.nn.CRDLoss` (memory banks and Z as buffers,
+    ``kdkernels.crd_loss`` then ``crd_update_memory_`` on every training call)."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, criterion: CRDLoss):
+        super().__init__("crd", (student_key, teacher_key, "index"), weight)
+        self.criterion = criterion
+        self.embed_student: nn.Module | None = None
+        self.embed_teacher: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if self.embed_student is None:
+            dim = self.criterion.feat_dim
+            self.embed_student = Embed(student[0].numel(), dim)
+            self.embed_teacher = Embed(teacher[0].numel(), dim)
+
+    def loss(self, student, teacher, index, *, context):
+        return self.criterion(self.embed_student(student), self.embed_teacher(teacher), index.long())
+
+
+@register("crd", category="feature",
+          paper="Tian, Krishnan, Isola. Contrastive Representation Distillation. ICLR 2020",
+          presets={"crd+kd": {"kd_weight": 1.0}})
+def crd(setup: Setup, weight: float = 0.8, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+        feat_dim: int = 128, num_negatives: int = 16384, nce_temperature: float = 0.07, momentum: float = 0.5,
+        student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """CRD: ``CE + kd·KD + 0.8·NCE(embed_s, embed_t; memory banks)``, RepDistiller ``crd/criterion.py``.
+
+    Embeddings Linear(d, 128) + L2 norm of the pooled features of both nets, two memory banks of one slot per
+    training sample (``setup.num_train``; batches carry ``"index"``), Z set on the first step, momentum 0.5, T 0.07.
+    Defaults are plain CRD (RepDistiller ``-a 0 -b 0.8``); preset ``crd+kd`` adds KD with weight 1 (``-a 1``).
+    Deviations: K = 16384 negatives are clamped to ``num_train − 1`` on small data sets, and they are drawn
+    uniformly from the whole bank (RepDistiller's fallback ``AliasMethod`` sampler, which may pick the sample's own
+    class), not from the other classes as RepDistiller's ``CIFAR100InstanceSample`` "exact" mode does."""
+    teacher = setup.require_teacher("crd")
+    if not setup.num_train:
+        raise ValueError("crd keeps one memory-bank slot per training sample: set Setup.num_train")
+    if setup.num_train < 2:
+        raise ValueError(f"crd needs at least 2 training samples, got num_train={setup.num_train}")
+    negatives = min(num_negatives, setup.num_train - 1)
+    criterion = CRDLoss(setup.num_train, feat_dim, negatives, nce_temperature, momentum)
+    student_tap = student_layer or feature_points(setup.student).embedding
+    teacher_tap = teacher_layer or feature_points(teacher).embedding
+    term = CRDTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, criterion)
+    return offline("crd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
+
+
+# ------------------------------------------------------------------------------------------------------------- FT
+
+class ParaphraserTerm(Term):
+    """FT's paraphraser pre-training: ``L1(P(f_t), f_t)`` (reconstruction of the teacher's feature)."""
+
+    def __init__(self, teacher_key: str, paraphraser: Paraphraser):
+        super().__init__("paraphraser", (teacher_key,), 1.0)
+        self.paraphraser = paraphraser
+
+    def loss(self, teacher, *, context):
+        return F.l1_loss(self.paraphraser(teacher), teacher)
+
+
+class FactorTransferTerm(Term):
+    """FT: ``ft_loss(translator(f_s), paraphraser.encoder(f_t))``; the (pre-trained) paraphraser stays frozen and in
+    eval mode here."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, paraphraser: Paraphraser, rate: float):
+        super().__init__("ft", (student_key, teacher_key), weight)
+        self.paraphraser, self.rate = paraphraser, rate
+        self.translator: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"term 'ft' needs [B, C, H, W] maps of the same size: {self.reads[0]} "
+                             f"{tuple(student.shape)}, {self.reads[1]} {tuple(teacher.shape)}")
+        if self.translator is None:
+            self.translator = Translator(student.shape[1], teacher.shape[1], self.rate)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.paraphraser.eval()
+        return self
+
+    def loss(self, student, teacher, *, context):
+        with torch.no_grad():
+            factor_teacher = self.paraphraser.encoder(teacher)
+        return kdkernels.ft_loss(self.translator(student), factor_teacher)
+
+
+@register("ft", category="feature",
+          paper="Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. "
+                "NeurIPS 2018")
+def ft(setup: Setup, beta: float = 500.0, rate: float = 0.5, paraphraser_epochs: int | float = CIFAR_INIT_SHARE,
+       ce_weight: float = 1.0, teacher_channels: int | None = None, student_layer: str | None = None,
+       teacher_layer: str | None = None) -> Recipe:
+    """FT: paraphraser pre-training (L1 reconstruction), then ``CE + 500·L1(FT(T(f_s)), FT(P_enc(f_t)))`` with
+    ``FT(x) = normalize(x.view(B, −1))``, Jangho-Kim/Factor-Transfer-pytorch (= KD-Zoo ``ft.py``).
+
+    Last stage of both nets, paraphrase rate 0.5. The first stage trains only the paraphraser on the frozen teacher
+    for ``paraphraser_epochs`` (a float: share of the run; RepDistiller uses 30 epochs before its 240); the
+    paraphraser is then frozen. RepDistiller's ``FactorTransfer`` is a different variant (factor =
+    ``normalize(mean_c F²)``, an AT-like map, β = 200, MSE reconstruction): not this method.
+    ``teacher_channels`` is read from the teacher's last conv/BN at the tap unless given."""
+    teacher = setup.require_teacher("ft")
+    student_tap = student_layer or stage_taps(setup.student, None)[-1]
+    teacher_tap = teacher_layer or stage_taps(teacher, None)[-1]
+    channels = teacher_channels or output_channels(find_module(teacher, teacher_tap, "teacher"))
+    if not channels:
+        raise ValueError(f"ft cannot tell the channel count of teacher tap {teacher_tap!r}: pass teacher_channels")
+    paraphraser = Paraphraser(channels, rate)
+    pretrain = Distiller({"teacher": teacher}, [ParaphraserTerm(f"teacher:{teacher_tap}", paraphraser)],
+                         trainable=(), evaluate=("teacher",))
+    transfer = FactorTransferTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", beta, paraphraser, rate)
+    main = offline("ft", setup, [*response_terms(ce_weight), transfer]).stages[0]
+    main.before = lambda: paraphraser.requires_grad_(False)
+    return Recipe("ft", [Stage("ft-paraphraser", pretrain, epochs=paraphraser_epochs,
+                               before=lambda: paraphraser.requires_grad_(True)), main])
