@@ -18,3 +18,5 @@ from kdkernels import nn
 __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
            "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
            "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+from kdkernels.ranking_losses import bdkd_loss, darkrank_loss, irg_loss
+__all__ += ["irg_loss", "darkrank_loss", "bdkd_loss"]
