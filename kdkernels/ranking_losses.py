@@ -113,7 +113,8 @@ def darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3
 
         loss = −mean_b Σ_i ( s_bi − logsumexp(s_bi, …, s_bL) )
 
-    A batch of ``B ≤ list_length`` samples ranks its ``B − 1`` others (the official slicing). Defaults α = 3, β = 3, L = 4 (the class defaults).
+    A batch of ``B ≤ list_length`` samples ranks its ``B − 1`` others (the official slicing). Defaults α = 3,
+    β = 3, L = 4 (the class defaults).
     """
     _check_pair(student, teacher, "features")
     alpha, beta = _check_real("alpha", alpha), _check_real("beta", beta, positive=True)

@@ -64,8 +64,9 @@ def peer_names(peers) -> list[str]:
           needs_teacher=False)
 def dml(setup: Setup, peers: int = 2, temperature: float = 1.0, kl_weight: float = 1.0,
         ce_weight: float = 1.0) -> Recipe:
-    """DML: each of N peers minimises ``CE_i + Σ_{j≠i} KL(p_j.detach() ‖ p_i)`` (batchmean, T 1, λ 1), as
-    Knowledge-Distillation-Zoo ``train_dml.py`` (no 1/(N−1), as the official TF code).
+    """DML: each of N peers minimises ``CE_i + Σ_{j≠i} KL(p_j.detach() ‖ p_i)`` (KD-Zoo ``train_dml.py``).
+
+    Batchmean, T 1, λ 1, no 1/(N−1) (as the official TF code).
 
     The peers are ``setup.student`` plus ``peers − 1`` fresh students (``student``, ``peer1``, …). The joint sum of the
     per-peer losses gives each peer exactly its own loss's gradient, because the other peers enter it detached; the
@@ -104,9 +105,10 @@ class FeatureDistanceTerm(FunctionTerm):
           needs_teacher=False)
 def dml_feature(setup: Setup, dml_weight: float = 1.0, feature_weight: float = 1.0, ce_weight: float = 1.0,
                 layer: str | None = None) -> Recipe:
-    """UDML: two identical trainable peers, ``CE_1 + CE_2 + (KL(p_1‖p_2) + KL(p_2‖p_1))/2 + mse(f_1, f_2)``, no
-    detach, as PaddleClas ``PPLCNet_x2_5_udml.yaml`` (DistillationDMLLoss, DistillationDistanceLoss l2 on
-    ``blocks5``).
+    """UDML: two peers, ``CE_1 + CE_2 + symmetric KL/2 + mse(f_1, f_2)``, no detach (PaddleClas ``*_udml.yaml``).
+
+    Two identical trainable peers, as PaddleClas ``PPLCNet_x2_5_udml.yaml`` (DistillationGTCELoss,
+    DistillationDMLLoss, DistillationDistanceLoss l2 on ``blocks5``); ``(KL(p_1‖p_2) + KL(p_2‖p_1)) / 2`` batchmean.
 
     The feature is the ``layer`` tap of both peers; by default the second-to-last stage (the last when the model has
     one), as ``blocks5`` is in PP-LCNet. PaddleClas's DMLLoss adds 1e-12 inside its logarithms; this is exact.
@@ -162,9 +164,11 @@ class SwitOKDTeacherTerm(Term):
           paper="Qian, Wang, Li, Hong, Wang. Switchable Online Knowledge Distillation. ECCV 2022",
           needs_teacher=False)
 def switokd(setup: Setup, temperature: float = 1.0) -> Recipe:
-    """SwitOKD: the student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
-    ``CE_t + KL(p_s.detach() ‖ p_t)`` only in learning mode, and pauses in expert mode (``G > δ`` and ``t < s``,
-    see :func:`switokd_expert_mode`), as hfutqian/SwitOKD ``CIFAR-100/.../main.py`` (batchmean, T 1).
+    """SwitOKD: online pair; the teacher pauses in expert mode, learns DML-style otherwise (hfutqian/SwitOKD).
+
+    The student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
+    ``CE_t + KL(p_s.detach() ‖ p_t)`` only in learning mode and pauses in expert mode (``G > δ`` and ``t < s``, see
+    :func:`switokd_expert_mode`), as hfutqian/SwitOKD ``CIFAR-100/.../main.py`` (batchmean, T 1).
 
     The teacher is an untrained ``setup.new_assistant`` network trained alongside. In expert mode the teacher term
     is a constant 0 with no graph, so the teacher's parameters get no gradient and the optimiser skips them, as the
@@ -243,8 +247,10 @@ def sokd(setup: Setup, temperature: float = 4.0, ce_weight: float = 1.0, kd_weig
          branch_ce_weight: float = 1.0, branch_teacher_weight: float = 1.0, branch_student_weight: float = 1.0,
          branch_from: str | None = None, branch_stages: Sequence[str] | None = None,
          branch_init: str = "teacher") -> Recipe:
-    """SOKD: frozen teacher, trainable branch ``a`` (copies of the teacher's stages after ``branch_from`` and its
-    classifier) on the detached teacher feature; ``CE_a + KL_T(p_t‖p_a) + KL_T(p_s.detach()‖p_a)`` for the branch,
+    """SOKD: frozen teacher plus a trainable teacher branch distilling both ways (swlzq/Semi-Online-KD).
+
+    The branch ``a`` (copies of the teacher's stages after ``branch_from`` and its classifier) reads the detached
+    teacher feature; ``CE_a + KL_T(p_t‖p_a) + KL_T(p_s.detach()‖p_a)`` for the branch,
     ``CE_s + KL_T(p_a.detach()‖p_s)`` for the student (T 4, T² batchmean), as swlzq/Semi-Online-KD
     ``trainer/sokd.py``.
 
@@ -277,8 +283,9 @@ BDKD_APPROXIMATION = ("approximation of Amara et al., BD-KD (arXiv:2212.12965): 
                 "Distillation. arXiv:2212.12965, 2022",
           approximation=BDKD_APPROXIMATION, needs_teacher=False)
 def bd_kd(setup: Setup, temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 1.0) -> Recipe:
-    """BD-KD (approximation): student and online teacher each minimise ``CE + bdkd_loss(self, other.detach())``, a
-    per-sample entropy-weighted mix of forward and reverse KL (``kdkernels.bdkd_loss``).
+    """BD-KD (approximation): student and online teacher each minimise ``CE + bdkd_loss(self, other.detach())``.
+
+    ``kdkernels.bdkd_loss`` is a per-sample entropy-weighted mix of forward and reverse KL.
 
     Approximation of arXiv:2212.12965: the paper balances forward and reverse KL per sample for both networks (the
     student-centred weighting comes from the teacher/student entropy gap); its exact rule could not be pinned down

@@ -74,7 +74,7 @@ def rkd(setup: Setup, distance_weight: float = 25.0, angle_weight: float = 50.0,
           paper="Tung, Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019")
 def sp(setup: Setup, weight: float = 3000.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
        temperature: float = 4.0, student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
-    """SP: ``CE + 3000·‖normalize(G_t) − normalize(G_s)‖²_F / B²`` on the last stage map (RepDistiller/mdistiller SP)."""
+    """SP: ``CE + 3000·‖normalize(G_t) − normalize(G_s)‖²_F / B²`` on the last stage map (RepDistiller SP)."""
     teacher = setup.require_teacher("sp")
     term = FunctionTerm("sp", kdkernels.sp_loss, (f"student:{tap(setup.student, student_layer, last_stage)}",
                                                   f"teacher:{tap(teacher, teacher_layer, last_stage)}"), weight)
@@ -82,12 +82,15 @@ def sp(setup: Setup, weight: float = 3000.0, ce_weight: float = 1.0, kd_weight: 
 
 
 @register("cc", category="relation",
-          paper="Peng, Jin, Liu, Li, Wu, Liu, Zhou, Zhang. Correlation Congruence for Knowledge Distillation. ICCV 2019")
+          paper="Peng, Jin, Liu, Li, Wu, Liu, Zhou, Zhang. Correlation Congruence for Knowledge Distillation. "
+                "ICCV 2019")
 def cc(setup: Setup, gamma: float = 0.4, order: int = 2, weight: float = 100.0, ce_weight: float = 1.0,
        kd_weight: float = 0.0, temperature: float = 4.0, student_layer: str | None = None,
        teacher_layer: str | None = None) -> Recipe:
-    """CC: ``CE + 100·mse(K_s, K_t)``, K the order-2 Taylor series of the Gaussian RBF (γ 0.4) of the L2-normalised
-    pooled embeddings, as Knowledge-Distillation-Zoo ``kd_losses/cc.py`` (features used as they are, no embedding).
+    """CC: ``CE + 100·mse(K_s, K_t)``, Gaussian-RBF Taylor kernels of the embeddings (KD-Zoo ``kd_losses/cc.py``).
+
+    K is the order-2 Taylor series of the Gaussian RBF (γ 0.4) of the L2-normalised pooled embeddings; KD-Zoo applies
+    it to the features as they are (no learnt embedding).
 
     Other variants, not this one: torchdistill ``CCKDLoss`` (a learnt d→128 linear embedding, no normalisation,
     ``‖K_s − K_t‖_F / B²``, weight 0.003) and RepDistiller ``Correlation`` (a consecutive-pair approximation on
@@ -121,8 +124,10 @@ def irg(setup: Setup, vertex_weight: float = 0.1, edge_weight: float = 5.0, tran
         weight: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
         student_stages: tuple[str, str] | None = None, teacher_stages: tuple[str, str] | None = None,
         student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
-    """IRG: ``CE + 0.1·mse(logits) + 5·edge + 5·transform`` over the last two stage maps and the pooled embedding,
-    as Knowledge-Distillation-Zoo ``kd_losses/irg.py`` (λ 1; the official code is Caffe). See ``kdkernels.irg_loss``."""
+    """IRG: ``CE + 0.1·vertex + 5·edge + 5·transform`` (Knowledge-Distillation-Zoo ``kd_losses/irg.py``, λ 1).
+
+    Over the last two stage maps, the pooled embedding and the logits (the official code is Caffe). See
+    ``kdkernels.irg_loss``."""
     teacher = setup.require_teacher("irg")
     student_maps = last_two_stages("irg", setup.student, student_stages)
     teacher_maps = last_two_stages("irg", teacher, teacher_stages)
@@ -141,8 +146,10 @@ def irg(setup: Setup, vertex_weight: float = 0.1, edge_weight: float = 5.0, tran
 def darkrank(setup: Setup, alpha: float = 3.0, beta: float = 3.0, list_length: int = 4, weight: float = 1.0,
              ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
              student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
-    """HardDarkRank: ``CE + weight·ListMLE(student scores in the teacher's top-4 order)``, score ``−3·d^3``, on the
-    pooled embeddings (lenscloth/RKD ``HardDarkRank`` class defaults; the ``cli`` preset is its ``--dark_alpha 2``)."""
+    """HardDarkRank: ``CE + ListMLE`` of the student's ``−3·d³`` scores in the teacher's top-4 order (lenscloth/RKD).
+
+    On the pooled embeddings, with the ``HardDarkRank`` class defaults; the ``cli`` preset is its ``--dark_alpha 2``.
+    The official script has no classification setting: CE weight 1 and DarkRank weight 1 are ours."""
     student, teacher = embedding_pair(setup, "darkrank", student_layer, teacher_layer)
     term = FunctionTerm("darkrank", kdkernels.darkrank_loss, (student, teacher), weight, alpha=alpha, beta=beta,
                         list_length=list_length)
