@@ -1,4 +1,5 @@
-"""kdkernels: fused knowledge-distillation losses for PyTorch (C++, CUDA and Triton kernels, pure-PyTorch reference).
+"""kdkernels: fused knowledge-distillation losses for PyTorch (C++, CUDA and Triton kernels, pure-PyTorch reference),
+and a distillation toolkit on top of them (:mod:`kdkernels.distill`).
 
     import kdkernels
     loss = kdkernels.kd_loss(student_logits, teacher_logits, temperature=4.0)
@@ -13,14 +14,19 @@ from kdkernels.pearson_losses import dist_loss
 from kdkernels.relation_losses import cc_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
 from kdkernels.bake import bake_loss, bake_targets
 from kdkernels.contrastive_losses import crd_loss, crd_normalizers, crd_update_memory_
+from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, wsl_loss, zipf_ls_loss
+from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,
+                                      ofd_margins, vid_loss)
+from kdkernels.ranking_losses import bdkd_loss, darkrank_loss, irg_loss
 from kdkernels import nn
 
-__all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
-           "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
-           "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
-from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, wsl_loss, zipf_ls_loss
-__all__ += ["label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss"]
-from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,  # noqa: E402
-                                      ofd_margins, vid_loss)
-__all__ += ["fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
-            "ft_loss"]
+__all__ = [
+    "__version__", "build_info", "available_backends", "BackendUnavailableError", "nn",
+    # fused kernels
+    "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss",
+    "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers", "crd_update_memory_",
+    # reference implementations (no fused kernel yet)
+    "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss",
+    "fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss", "ft_loss",
+    "irg_loss", "darkrank_loss", "bdkd_loss",
+]

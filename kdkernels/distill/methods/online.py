@@ -1,1 +1,301 @@
-"""(methods of this category are being added)"""
+"""Online methods: networks that learn from each other while they train (../shared/reference/methods.md §1.9–1.11,
+§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD and BD-KD.
+
+All trainable networks share one optimiser. Where the official code gives each network its own loss and optimiser
+with the other networks' outputs detached, the distiller sums those losses: a network's parameters then appear only
+in its own loss (as the learner; as a target they are detached), so each receives exactly the gradient of its own
+loss, as with separate backward passes. The online "teacher" of SwitOKD and BD-KD trains from scratch: it is built
+untrained by ``setup.new_assistant`` (the larger network; ``new_student`` when none is given).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
+from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.recipe import Recipe, Setup, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+
+
+class TowardsTerm(Term):
+    """``Σ_j fn(learner, target_j.detach(), **kwargs)``: the learner moves towards the other networks, which receive
+    no gradient from this term."""
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], learner: str, targets: Sequence[str],
+                 weight: float = 1.0, **kwargs):
+        super().__init__(name, (learner, *targets), weight)
+        self.fn = fn
+        self.kwargs = kwargs
+
+    def loss(self, learner, *targets, context):
+        return sum(self.fn(learner, target.detach(), **self.kwargs) for target in targets)
+
+
+def online_recipe(method: str, models: dict[str, nn.Module], terms: Sequence[Term], ce_weight: float = 1.0,
+                  **distiller_options) -> Recipe:
+    """Every model trainable with its own label CE; all of them evaluated (the first is the exported student)."""
+    ce_terms = [CrossEntropyTerm(name, ce_weight) for name in models]
+    distiller = Distiller(models, [*ce_terms, *terms], trainable=tuple(models), evaluate=tuple(models),
+                          **distiller_options)
+    return single_stage(method, distiller)
+
+
+def student_and_online_teacher(setup: Setup, method: str) -> dict[str, nn.Module]:
+    return {"student": setup.student, "teacher": setup.fresh_assistant(method)}
+
+
+# ------------------------------------------------------------------------------------------------------------ DML
+
+def peer_names(peers) -> list[str]:
+    if isinstance(peers, bool) or not isinstance(peers, int) or peers < 2:
+        raise ValueError(f"peers must be an integer >= 2 (the student and at least one peer), got {peers!r}")
+    return ["student"] + [f"peer{index}" for index in range(1, peers)]
+
+
+@register("dml", category="online", paper="Zhang, Xiang, Hospedales, Lu. Deep Mutual Learning. CVPR 2018",
+          needs_teacher=False)
+def dml(setup: Setup, peers: int = 2, temperature: float = 1.0, kl_weight: float = 1.0,
+        ce_weight: float = 1.0) -> Recipe:
+    """DML: each of N peers minimises ``CE_i + Σ_{j≠i} KL(p_j.detach() ‖ p_i)`` (KD-Zoo ``train_dml.py``).
+
+    Batchmean, T 1, λ 1, no 1/(N−1) (as the official TF code).
+
+    The peers are ``setup.student`` plus ``peers − 1`` fresh students (``student``, ``peer1``, …). The joint sum of the
+    per-peer losses gives each peer exactly its own loss's gradient, because the other peers enter it detached; the
+    one difference from KD-Zoo is one optimiser instead of one per peer (identical for identical settings). The
+    official TF code updates the peers one after another; like KD-Zoo, this takes one forward per step.
+    """
+    names = peer_names(peers)
+    models = {"student": setup.student, **{name: setup.fresh_student("dml") for name in names[1:]}}
+    terms = [TowardsTerm(f"dml_{name}", kdkernels.kd_loss, name, [other for other in names if other != name],
+                         kl_weight, temperature=temperature) for name in names]
+    return online_recipe("dml", models, terms, ce_weight)
+
+
+def check_same_shape(term: str, example: dict) -> None:
+    """The two values of ``term`` must have one shape (there is no connector)."""
+    (first, a), (second, b) = example.items()
+    if a.shape != b.shape:
+        raise ValueError(f"term {term!r}: {first} {tuple(a.shape)} and {second} {tuple(b.shape)} differ in shape; "
+                         "the peers need identical architectures (or pass a layer whose outputs match)")
+
+
+class FeatureDistanceTerm(FunctionTerm):
+    """PaddleClas ``DistanceLoss(mode='l2')``: ``nn.MSELoss()`` (mean over every element) between two peers' maps,
+    both receiving gradients."""
+
+    def __init__(self, reads: Sequence[str], weight: float):
+        super().__init__("feature_l2", F.mse_loss, reads, weight)
+
+    def build(self, example):
+        check_same_shape(self.name, example)
+
+
+@register("dml-feature", category="online",
+          paper="Du, Li, Guo, Liu, Liu, Bai, Ma, Yu. PP-OCRv2: Bag of Tricks for Ultra Lightweight OCR System. "
+                "arXiv:2109.03144, 2021 (PaddleClas UDML)",
+          needs_teacher=False)
+def dml_feature(setup: Setup, dml_weight: float = 1.0, feature_weight: float = 1.0, ce_weight: float = 1.0,
+                layer: str | None = None) -> Recipe:
+    """UDML: two peers, ``CE_1 + CE_2 + symmetric KL/2 + mse(f_1, f_2)``, no detach (PaddleClas ``*_udml.yaml``).
+
+    Two identical trainable peers, as PaddleClas ``PPLCNet_x2_5_udml.yaml`` (DistillationGTCELoss,
+    DistillationDMLLoss, DistillationDistanceLoss l2 on ``blocks5``); ``(KL(p_1‖p_2) + KL(p_2‖p_1)) / 2`` batchmean.
+
+    The feature is the ``layer`` tap of both peers; by default the second-to-last stage (the last when the model has
+    one), as ``blocks5`` is in PP-LCNet. PaddleClas's DMLLoss adds 1e-12 inside its logarithms; this is exact.
+    """
+    peer = setup.fresh_student("dml-feature")
+    if layer is None:
+        stages = feature_points(setup.student).stages
+        if not stages:
+            raise ValueError("dml-feature: the student's feature points list no stages; pass layer=...")
+        layer = stages[-2] if len(stages) > 1 else stages[-1]
+    terms = [FunctionTerm("dml", kdkernels.kd_loss, ("student", "peer"), dml_weight, divergence="symmetric"),
+             FeatureDistanceTerm((f"student:{layer}", f"peer:{layer}"), feature_weight)]
+    return online_recipe("dml-feature", {"student": setup.student, "peer": peer}, terms, ce_weight)
+
+
+# -------------------------------------------------------------------------------------------------------- SwitOKD
+
+def _distance_to_labels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean_b ‖onehot(y) − softmax(z)‖₁``."""
+    one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    return (one_hot - logits.softmax(dim=-1)).abs().sum(dim=-1).mean()
+
+
+def switokd_expert_mode(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> bool:
+    """SwitOKD's switch (hfutqian/SwitOKD ``main.py``): with ``s = mean‖y − p_s‖₁``, ``t = mean‖y − p_t‖₁`` and the
+    gap ``G = mean‖p_s − p_t‖₁`` (T = 1), ``ε = exp(−t/(t + s))`` and ``δ = s − ε·t``, expert mode when ``G > δ`` and
+    ``t < s``."""
+    with torch.no_grad():
+        s_label = _distance_to_labels(student_logits, target)
+        t_label = _distance_to_labels(teacher_logits, target)
+        gap = (student_logits.softmax(dim=-1) - teacher_logits.softmax(dim=-1)).abs().sum(dim=-1).mean()
+        epsilon = torch.exp(-t_label / (t_label + s_label))
+        delta = s_label - epsilon * t_label
+        return bool(gap > delta) and bool(t_label < s_label)
+
+
+class SwitOKDTeacherTerm(Term):
+    """The teacher's ``CE_t + KL(p_s.detach() ‖ p_t)`` in learning mode; nothing (no gradient, no update of the
+    teacher) in expert mode."""
+
+    def __init__(self, temperature: float):
+        super().__init__("switokd_teacher", ("teacher", "student", "target"))
+        self.temperature = temperature
+
+    def loss(self, teacher, student, target, *, context):
+        if switokd_expert_mode(student, teacher, target):
+            return torch.zeros((), device=teacher.device)
+        return (F.cross_entropy(teacher, target) +
+                kdkernels.kd_loss(teacher, student.detach(), self.temperature))
+
+
+@register("switokd", category="online",
+          paper="Qian, Wang, Li, Hong, Wang. Switchable Online Knowledge Distillation. ECCV 2022",
+          needs_teacher=False)
+def switokd(setup: Setup, temperature: float = 1.0) -> Recipe:
+    """SwitOKD: online pair; the teacher pauses in expert mode, learns DML-style otherwise (hfutqian/SwitOKD).
+
+    The student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
+    ``CE_t + KL(p_s.detach() ‖ p_t)`` only in learning mode and pauses in expert mode (``G > δ`` and ``t < s``, see
+    :func:`switokd_expert_mode`), as hfutqian/SwitOKD ``CIFAR-100/.../main.py`` (batchmean, T 1).
+
+    The teacher is an untrained ``setup.new_assistant`` network trained alongside. In expert mode the teacher term
+    is a constant 0 with no graph, so the teacher's parameters get no gradient and the optimiser skips them, as the
+    official code skips ``optimizer.step()``. The official code gives the teacher lr 0.1 and the student 0.01; here
+    both share the run's learning rate.
+    """
+    terms = [CrossEntropyTerm("student"),
+             TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
+             SwitOKDTeacherTerm(temperature)]
+    distiller = Distiller(student_and_online_teacher(setup, "switokd"), terms, trainable=("student", "teacher"),
+                          evaluate=("student", "teacher"))
+    return single_stage("switokd", distiller)
+
+
+# ----------------------------------------------------------------------------------------------------------- SOKD
+
+class GlobalPool(nn.Module):
+    """Global average pooling of a ``[B, C, ...]`` map to ``[B, C]`` (identity on ``[B, C]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).mean(dim=2) if x.dim() > 2 else x
+
+
+def auxiliary_branch(teacher: nn.Module, stages: Sequence[str], classifier: str, init: str) -> nn.Sequential:
+    """Copies of the teacher's ``stages`` and ``classifier`` with global pooling between them; ``init`` is
+    ``"teacher"`` (the teacher's weights) or ``"random"`` (re-initialised)."""
+    if init not in ("teacher", "random"):
+        raise ValueError(f"branch_init must be 'teacher' or 'random', got {init!r}")
+    modules = [copy.deepcopy(find_module(teacher, path, "teacher")) for path in [*stages, classifier]]
+    branch = nn.Sequential(*modules[:-1], GlobalPool(), modules[-1])
+    branch.requires_grad_(True)
+    if init == "random":
+        for module in branch.modules():
+            if module is not branch and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return branch
+
+
+def branch_layout(teacher: nn.Module, split: str | None, stages: Sequence[str] | None) -> tuple[str, list[str], str]:
+    """(split tap, branch stages, classifier path): by default the second-to-last stage and the stages after it."""
+    points = feature_points(teacher)
+    if split is None:
+        if len(points.stages) < 2:
+            raise ValueError(f"sokd needs two stages of the teacher, its feature points list {points.stages}: pass "
+                             "branch_from=... and branch_stages=...")
+        split = points.stages[-2]
+    if stages is None:
+        if split not in points.stages:
+            raise ValueError(f"sokd: branch_from {split!r} is not one of the teacher's stages {points.stages}; pass "
+                             "branch_stages=... too")
+        stages = points.stages[points.stages.index(split) + 1:]
+    return split, list(stages), points.classifier
+
+
+class SOKDTerm(Term):
+    """SOKD's auxiliary branch on a teacher feature and its three distillation pieces (plus its CE)."""
+
+    def __init__(self, branch: nn.Module, split: str, temperature: float, weights: dict[str, float]):
+        super().__init__("sokd", ("student", "teacher", f"teacher:{split}", "target"))
+        self.branch = branch
+        self.temperature = temperature
+        self.weights = weights
+
+    def loss(self, student, teacher, feature, target, *, context):
+        auxiliary = self.branch(feature.detach())
+        kl = lambda learner, towards: kdkernels.kd_loss(learner, towards.detach(), self.temperature)  # noqa: E731
+        w = self.weights
+        return (w["branch_ce"] * F.cross_entropy(auxiliary, target) + w["branch_teacher"] * kl(auxiliary, teacher)
+                + w["branch_student"] * kl(auxiliary, student) + w["student"] * kl(student, auxiliary))
+
+
+@register("sokd", category="online",
+          paper="Liu, Shao, Zhang, Wang, Zhang, Dong. Semi-Online Knowledge Distillation. BMVC 2021",
+          presets={"official-code": {"branch_init": "random"}})
+def sokd(setup: Setup, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
+         branch_ce_weight: float = 1.0, branch_teacher_weight: float = 1.0, branch_student_weight: float = 1.0,
+         branch_from: str | None = None, branch_stages: Sequence[str] | None = None,
+         branch_init: str = "teacher") -> Recipe:
+    """SOKD: frozen teacher plus a trainable teacher branch distilling both ways (swlzq/Semi-Online-KD).
+
+    The branch ``a`` (copies of the teacher's stages after ``branch_from`` and its classifier) reads the detached
+    teacher feature; ``CE_a + KL_T(p_t‖p_a) + KL_T(p_s.detach()‖p_a)`` for the branch,
+    ``CE_s + KL_T(p_a.detach()‖p_s)`` for the student (T 4, T² batchmean), as swlzq/Semi-Online-KD
+    ``trainer/sokd.py``.
+
+    Defaults: the branch starts from the teacher's second-to-last stage (``feature_T[-3]``); the teacher's forward
+    after the split must be the branch stages, global average pooling and the classifier (true of the digits zoo and
+    ResNets). As in the official code the teacher runs in train mode (batch-norm batch statistics) with frozen
+    weights. The official code's branch is randomly initialised (preset ``official-code``); by default it starts
+    from the teacher's weights. The official config trains the branch at the student's lr (0.1), as here.
+    """
+    teacher = setup.require_teacher("sokd")
+    split, stages, classifier = branch_layout(teacher, branch_from, branch_stages)
+    branch = auxiliary_branch(teacher, stages, classifier, branch_init)
+    weights = {"branch_ce": branch_ce_weight, "branch_teacher": branch_teacher_weight,
+               "branch_student": branch_student_weight, "student": kd_weight}
+    terms = [CrossEntropyTerm("student", ce_weight), SOKDTerm(branch, split, temperature, weights)]
+    distiller = Distiller({"student": setup.student, "teacher": teacher}, terms, trainable=("student",),
+                          frozen_train_mode=("teacher",))
+    return single_stage("sokd", distiller)
+
+
+# ---------------------------------------------------------------------------------------------------------- BD-KD
+
+BDKD_APPROXIMATION = ("approximation of Amara et al., BD-KD (arXiv:2212.12965): the paper's per-sample weighting "
+                      "rule is not public; each network mixes forward and reverse KL towards the other with the "
+                      "entropy weight w = H_target / (H_target + H_learner) (kdkernels.bdkd_loss)")
+
+
+@register("bd-kd", category="online",
+          paper="Amara, Sepahvand, Meyer, Gross, Clark. BD-KD: Balancing the Divergences for Online Knowledge "
+                "Distillation. arXiv:2212.12965, 2022",
+          approximation=BDKD_APPROXIMATION, needs_teacher=False)
+def bd_kd(setup: Setup, temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 1.0) -> Recipe:
+    """BD-KD (approximation): student and online teacher each minimise ``CE + bdkd_loss(self, other.detach())``.
+
+    ``kdkernels.bdkd_loss`` is a per-sample entropy-weighted mix of forward and reverse KL.
+
+    Approximation of arXiv:2212.12965: the paper balances forward and reverse KL per sample for both networks (the
+    student-centred weighting comes from the teacher/student entropy gap); its exact rule could not be pinned down
+    from public sources, so the weight ``H_target / (H_target + H_learner)`` is ours. The teacher is an untrained
+    ``setup.new_assistant`` network trained alongside. The two weights mirror each other, so both terms have the same
+    value; their gradients reach different networks.
+    """
+    terms = [TowardsTerm("bdkd_student", kdkernels.bdkd_loss, "student", ["teacher"], kd_weight,
+                         temperature=temperature),
+             TowardsTerm("bdkd_teacher", kdkernels.bdkd_loss, "teacher", ["student"], kd_weight,
+                         temperature=temperature)]
+    return online_recipe("bd-kd", student_and_online_teacher(setup, "bd-kd"), terms, ce_weight)
+

@@ -1,0 +1,209 @@
+"""Online methods (DML, DML + feature, SwitOKD, SOKD, BD-KD): training steps on digits, each loss term against the
+official formula transcribed here in eager PyTorch, and who receives which gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from distill_testing import digits_setup, first_step, run_steps
+from kdkernels.distill import Setup, build_recipe, digits_model
+from kdkernels.distill.methods.online import switokd_expert_mode
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected.detach().reshape(()), rtol=RTOL, atol=ATOL)
+
+
+def kl_batchmean(learner, target, temperature=1.0):
+    """KD-Zoo / SOKD ``SoftTarget``: ``F.kl_div(log_softmax(s/T), softmax(t/T), batchmean)·T²``."""
+    return F.kl_div(F.log_softmax(learner / temperature, dim=1), F.softmax(target / temperature, dim=1),
+                    reduction="batchmean") * temperature ** 2
+
+
+def gradients(loss, module):
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+
+@pytest.mark.parametrize("method", ["dml", "dml-feature", "switokd", "sokd", "bd-kd"])
+def test_online_method_trains(method):
+    run_steps(build_recipe(method, digits_setup()))
+
+
+# ---- DML -------------------------------------------------------------------------------------------------------------
+
+def test_dml_terms_and_own_gradients():
+    distiller, batch, values, output = first_step(build_recipe("dml", digits_setup(), peers=3))
+    assert distiller.trainable == distiller.evaluate == ("student", "peer1", "peer2")
+    names, y = distiller.evaluate, batch["target"]
+    for name in names:
+        others = [other for other in names if other != name]
+        own = sum(kl_batchmean(values[name], values[other].detach()) for other in others)
+        close(output.terms[f"dml_{name}"], own)
+        close(output.terms[f"ce_{name}"], F.cross_entropy(values[name], y))
+        # the joint loss gives each peer exactly the gradient of its own loss (KD-Zoo's separate backward passes)
+        own_loss = F.cross_entropy(values[name], y) + own
+        for joint, alone in zip(gradients(output.loss, distiller.models[name]),
+                                gradients(own_loss, distiller.models[name])):
+            torch.testing.assert_close(joint, alone, rtol=RTOL, atol=1e-7)
+
+
+def test_dml_needs_two_peers_and_a_factory():
+    with pytest.raises(ValueError, match="peers must be an integer >= 2"):
+        build_recipe("dml", digits_setup(), peers=1)
+    setup = Setup(student=digits_model("student-cnn"), num_classes=10)
+    with pytest.raises(ValueError, match="needs new_student"):
+        build_recipe("dml", setup)
+
+
+# ---- DML + feature (PaddleClas UDML) -------------------------------------------------------------------------------
+
+def paddle_dml(x, target, eps=1e-12):
+    """PaddleClas ``DMLLoss`` (act softmax): symmetric KL, each ``target·log((target+eps)/(x+eps))·C``, mean."""
+    x, target = F.softmax(x, dim=-1), F.softmax(target, dim=-1)
+    kldiv = lambda a, b: b * torch.log((b + eps) / (a + eps)) * a.shape[-1]  # noqa: E731
+    return ((kldiv(x, target) + kldiv(target, x)) / 2).mean()
+
+
+def test_dml_feature_terms_and_both_peers_learn():
+    distiller, batch, values, output = first_step(build_recipe("dml-feature", digits_setup()))
+    close(output.terms["dml"], paddle_dml(values["student"], values["peer"]))
+    close(output.terms["feature_l2"], F.mse_loss(values["student:stage2"], values["peer:stage2"]))
+    close(output.terms["ce_peer"], F.cross_entropy(values["peer"], batch["target"]))
+    # no detach (PaddleClas): the mutual term moves both peers
+    dml = distiller.terms[[t.name for t in distiller.terms].index("dml")]
+    mutual = dml(distiller._resolve(values, dml), None)
+    for name in ("student", "peer"):
+        assert any(g.abs().sum() > 0 for g in gradients(mutual, distiller.models[name]))
+
+
+def test_dml_feature_shape_mismatch_names_the_term():
+    setup = digits_setup()
+    setup.new_student = lambda: digits_model("assistant-cnn")
+    with pytest.raises(ValueError, match="term 'feature_l2'.*differ in shape"):
+        first_step(build_recipe("dml-feature", setup))
+
+
+# ---- SwitOKD -----------------------------------------------------------------------------------------------------
+
+def official_switch(output, output_ks2, target, classes=10):
+    """hfutqian/SwitOKD main.py: ``output`` the teacher, ``output_ks2`` the student."""
+    onehot = torch.zeros(target.shape[0], classes).scatter_(1, target.view(-1, 1), 1)
+    dist_label = lambda y, q: torch.mean(torch.sum(torch.abs(F.softmax(q, dim=-1) - y), 1))  # noqa: E731
+    s_label, t_label = dist_label(onehot, output_ks2), dist_label(onehot, output)
+    ps_pt = torch.mean(torch.sum(torch.abs(F.softmax(output_ks2, -1) - F.softmax(output, -1)), 1))
+    epsilon = torch.exp(-1 * (t_label / (t_label + s_label)))
+    delta = s_label - epsilon * t_label
+    return bool(ps_pt > delta and t_label < s_label)
+
+
+def test_switokd_switch_matches_official():
+    generator = torch.Generator().manual_seed(0)
+    modes = set()
+    for trial in range(200):
+        target = torch.randint(0, 10, (16,), generator=generator)
+        teacher = torch.randn(16, 10, generator=generator) * 3 + 6 * F.one_hot(target, 10) * (trial % 3)
+        student = torch.randn(16, 10, generator=generator) * 3
+        expected = official_switch(teacher, student, target)
+        assert switokd_expert_mode(student, teacher, target) == expected
+        modes.add(expected)
+    assert modes == {True, False}
+
+
+def test_switokd_learning_mode_terms():
+    distiller, batch, values, output = first_step(build_recipe("switokd", digits_setup()))
+    s, t, y = values["student"], values["teacher"], batch["target"]
+    assert distiller.evaluate == ("student", "teacher")
+    close(output.terms["switokd_student"], kl_batchmean(s, t))
+    assert not official_switch(t, s, y)
+    close(output.terms["switokd_teacher"], F.cross_entropy(t, y) + kl_batchmean(t, s))
+
+
+def test_switokd_expert_mode_leaves_the_teacher_alone():
+    recipe = build_recipe("switokd", digits_setup())
+    distiller = recipe.stages[0].distiller
+    teacher_term = distiller.terms[-1]
+    target = torch.arange(10).repeat(2)
+    teacher = (2.0 * F.one_hot(target, 10)).float().requires_grad_()           # mildly right
+    student = (8.0 * F.one_hot((target + 1) % 10, 10)).float().requires_grad_()  # confidently wrong
+    assert official_switch(teacher, student, target)
+    loss = teacher_term.loss(teacher, student, target, context=None)
+    assert float(loss) == 0.0 and not loss.requires_grad
+    student_term = distiller.terms[1]
+    close(student_term.loss(student, teacher, context=None), kl_batchmean(student, teacher))
+    assert torch.autograd.grad(student_term.loss(student, teacher, context=None), teacher, allow_unused=True)[0] is None
+
+
+# ---- SOKD --------------------------------------------------------------------------------------------------------
+
+def test_sokd_terms_match_official():
+    distiller, batch, values, output = first_step(build_recipe("sokd", digits_setup()))
+    teacher, term = distiller.models["teacher"], distiller.terms[1]
+    assert teacher.training and not any(p.requires_grad for p in teacher.parameters())   # official teacher.train()
+    auxiliary = term.branch(values["teacher:stage2"].detach())
+    s, t, y = values["student"], values["teacher"], batch["target"]
+    expected = (F.cross_entropy(auxiliary, y) + kl_batchmean(auxiliary, t.detach(), 4.0) +
+                kl_batchmean(auxiliary, s.detach(), 4.0) + kl_batchmean(s, auxiliary.detach(), 4.0))
+    close(output.terms["sokd"], expected)
+    close(output.terms["ce_student"], F.cross_entropy(s, y))
+
+
+def test_sokd_branch_copies_the_teacher_and_the_teacher_stays_frozen():
+    setup = digits_setup()
+    recipe = build_recipe("sokd", setup)
+    branch = recipe.stages[0].distiller.terms[1].branch
+    torch.testing.assert_close(branch[0][0].weight, setup.teacher.stage3[0].weight)
+    torch.testing.assert_close(branch[-1].weight, setup.teacher.fc.weight)
+    teacher_before = [p.detach().clone() for p in setup.teacher.parameters()]
+    branch_before = [p.detach().clone() for p in branch.parameters()]
+    run_steps(recipe)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, setup.teacher.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(branch_before, branch.parameters()))
+    random_branch = build_recipe("sokd", digits_setup(), preset="official-code").stages[0].distiller.terms[1].branch
+    assert not torch.equal(random_branch[-1].weight, setup.teacher.fc.weight)
+
+
+def test_sokd_bad_configuration():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("sokd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match="branch_init"):
+        build_recipe("sokd", digits_setup(), branch_init="zeros")
+    with pytest.raises(ValueError, match="not one of the teacher's stages"):
+        build_recipe("sokd", digits_setup(), branch_from="stage3.0")
+
+
+# ---- BD-KD (approximation) -------------------------------------------------------------------------------------
+
+def balanced(learner, target, temperature=1.0):
+    """The documented BD-KD approximation: entropy weight on forward KL, the rest on reverse KL, per sample."""
+    entropy = lambda z: -(F.softmax(z / temperature, 1) * F.log_softmax(z / temperature, 1)).sum(1)  # noqa: E731
+    w = (entropy(target) / (entropy(target) + entropy(learner))).detach()
+    p, q = F.log_softmax(learner / temperature, 1), F.log_softmax(target / temperature, 1)
+    forward = (q.exp() * (q - p)).sum(1)
+    reverse = (p.exp() * (p - q)).sum(1)
+    return (w * forward + (1 - w) * reverse).mean() * temperature ** 2
+
+
+def test_bdkd_terms_and_registry_flag():
+    from kdkernels.distill import get_method
+    assert get_method("bd-kd").approximation.startswith("approximation of")
+    distiller, batch, values, output = first_step(build_recipe("bd-kd", digits_setup()))
+    s, t = values["student"], values["teacher"]
+    close(output.terms["bdkd_student"], balanced(s, t))
+    close(output.terms["bdkd_teacher"], balanced(t, s))
+    torch.testing.assert_close(kdkernels.bdkd_loss(s, t, 3.0), balanced(s, t, 3.0), rtol=RTOL, atol=ATOL)
+    student_term = distiller.terms[[term.name for term in distiller.terms].index("bdkd_student")]
+    loss = student_term(distiller._resolve(values, student_term), None)
+    assert all(float(g.abs().sum()) == 0 for g in gradients(loss, distiller.models["teacher"]))
+
+
+def test_bdkd_loss_validates_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 3), 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 5))
