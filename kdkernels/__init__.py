@@ -13,7 +13,8 @@ from kdkernels.decoupled_losses import dkd_loss, nkd_loss
 from kdkernels.pearson_losses import dist_loss
 from kdkernels.relation_losses import cc_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
 from kdkernels.bake import bake_loss, bake_targets
-from kdkernels.contrastive_losses import crd_loss, crd_normalizers, crd_update_memory_
+from kdkernels.contrastive_losses import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
+                                          sample_other_class_indices)
 from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, wsl_loss, zipf_ls_loss
 from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,
                                       ofd_margins, vid_loss)
@@ -25,6 +26,7 @@ __all__ = [
     # fused kernels
     "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss",
     "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers", "crd_update_memory_",
+    "sample_contrast_indices", "sample_other_class_indices",
     # reference implementations (no fused kernel yet)
     "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss",
     "fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss", "ft_loss",

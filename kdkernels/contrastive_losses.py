@@ -94,6 +94,28 @@ def sample_contrast_indices(indices: torch.Tensor, num_data: int, num_negatives:
     return torch.cat([indices.reshape(-1, 1).to(torch.int64), negatives], dim=1)
 
 
+def sample_other_class_indices(indices: torch.Tensor, bank_labels: torch.Tensor, num_negatives: int = 16384, *,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    """RepDistiller's ``CIFAR100InstanceSample`` "exact" mode: [B, K+1] int64 with column 0 = ``indices`` and K =
+    ``num_negatives`` columns drawn uniformly, with replacement, from the bank entries whose label differs from the
+    anchor's (``bank_labels`` [num_data], integer class of every bank slot). On the device, no host sync: a draw r
+    in [0, N − n_y) over the label-sorted bank skips the anchor's class block."""
+    num_negatives = _check_positive_int("num_negatives", num_negatives)
+    if not isinstance(bank_labels, torch.Tensor) or bank_labels.dim() != 1 or bank_labels.dtype.is_floating_point:
+        raise ValueError("bank_labels must be a 1-D integer tensor with one class per bank slot")
+    _check_index_tensor("indices", indices, (indices.shape[0],), bank_labels.device)
+    order = torch.argsort(bank_labels, stable=True)
+    counts = torch.bincount(bank_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    anchor_class = bank_labels[indices]
+    own_start, own_count = starts[anchor_class].unsqueeze(1), counts[anchor_class].unsqueeze(1)
+    others = bank_labels.shape[0] - own_count
+    uniform = torch.rand(indices.shape[0], num_negatives, generator=generator, device=bank_labels.device)
+    draw = torch.minimum((uniform * others).long(), others - 1)
+    position = draw + (draw >= own_start) * own_count
+    return torch.cat([indices.reshape(-1, 1).to(torch.int64), order[position]], dim=1)
+
+
 def _resolve_contrast_indices(indices, contrast_indices, embed, num_data, num_negatives, generator):
     _check_index_tensor("indices", indices, (embed.shape[0],), embed.device)
     if contrast_indices is None:

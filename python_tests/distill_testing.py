@@ -24,7 +24,7 @@ def digits_setup(student: str = "student-cnn", teacher: str | None = "teacher-cn
     split = digits_split()
     built_teachers = [digits_model(teacher) for _ in range(teachers)] if teacher else []
     return Setup(student=digits_model(student), num_classes=10, teachers=built_teachers,
-                 num_train=len(split.train), new_student=lambda: digits_model(student),
+                 num_train=len(split.train), train_labels=split.train.targets, new_student=lambda: digits_model(student),
                  new_assistant=lambda: digits_model("assistant-cnn"))
 
 

@@ -271,6 +271,7 @@ def _contrast_loss(x, num_data):
 
 def test_crd_matches_repdistiller_and_updates_memory():
     setup = digits_setup()
+    setup.train_labels = None  # uniform negatives over the bank (RepDistiller's fallback sampler)
     recipe = build_recipe("crd", setup)
     distiller = recipe.stages[0].distiller
     crd = term(distiller, "crd")
@@ -301,6 +302,46 @@ def test_crd_matches_repdistiller_and_updates_memory():
     assert set(output.terms) == {"ce_student", "crd"}
 
 
+def test_other_class_negatives_never_share_the_anchor_class():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 3])
+    index = torch.tensor([0, 3, 6, 8, 1])
+    contrast = kdkernels.sample_other_class_indices(index, labels, 4000, generator=torch.Generator().manual_seed(0))
+    assert contrast.shape == (5, 4001) and torch.equal(contrast[:, 0], index)
+    for row, anchor in zip(contrast, index):
+        negatives = row[1:]
+        assert not (labels[negatives] == labels[anchor]).any()
+        others = torch.nonzero(labels != labels[anchor]).flatten()
+        counts = torch.bincount(negatives, minlength=labels.numel())[others].float()
+        assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()  # uniform over others
+    with pytest.raises(ValueError, match="bank_labels"):
+        kdkernels.sample_other_class_indices(index, labels.float(), 3)
+
+
+def test_crd_exact_mode_draws_negatives_from_other_classes():
+    setup = digits_setup()
+    recipe = build_recipe("crd", setup)
+    distiller = recipe.stages[0].distiller
+    crd = term(distiller, "crd")
+    assert crd.criterion.num_negatives == 16384, "with labels, K keeps its official value (drawn with replacement)"
+    batch = next(iter(batches_for(recipe.stages[0])))
+    distiller.build(batch).activate().train()
+    values = distiller.run_models(batch)
+    memory_student, memory_teacher = crd.criterion.memory_student.clone(), crd.criterion.memory_teacher.clone()
+    torch.manual_seed(3)
+    output = distiller.compute_terms(values, StepContext(batch=batch))
+    torch.manual_seed(3)
+    contrast = kdkernels.sample_other_class_indices(batch["index"], setup.train_labels, 16384)
+    assert not (setup.train_labels[contrast[:, 1:]] == batch["target"].unsqueeze(1)).any()
+    with torch.no_grad():
+        v1 = crd.embed_student(values["student:fc/input"])
+        v2 = crd.embed_teacher(values["teacher:fc/input"])
+    num_data = setup.num_train
+    out_v2 = torch.exp(torch.bmm(memory_student[contrast], v2.unsqueeze(2)).squeeze(2) / 0.07)
+    out_v1 = torch.exp(torch.bmm(memory_teacher[contrast], v1.unsqueeze(2)).squeeze(2) / 0.07)
+    out_v1, out_v2 = out_v1 / (out_v1.mean() * num_data), out_v2 / (out_v2.mean() * num_data)
+    close(output.terms["crd"], 0.8 * (_contrast_loss(out_v1, num_data) + _contrast_loss(out_v2, num_data))[0])
+
+
 def test_crd_training_presets_and_errors():
     run_steps(build_recipe("crd", digits_setup()), steps=2)
     with_kd = build_recipe("crd", digits_setup(), preset="crd+kd")
@@ -308,6 +349,10 @@ def test_crd_training_presets_and_errors():
     setup = digits_setup()
     setup.num_train = None
     with pytest.raises(ValueError, match="num_train"):
+        build_recipe("crd", setup)
+    setup = digits_setup()
+    setup.train_labels = setup.train_labels[:5]
+    with pytest.raises(ValueError, match="one label per training sample"):
         build_recipe("crd", setup)
 
 

@@ -68,8 +68,9 @@ def train_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int =
 
 def digits_setup(experiment: DigitsExperiment, teachers: list[torch.nn.Module], seed: int) -> Setup:
     torch.manual_seed(seed)
+    train = experiment.split().train
     return Setup(student=digits_model(experiment.student), num_classes=10, teachers=list(teachers),
-                 num_train=len(experiment.split().train),
+                 num_train=len(train), train_labels=train.targets,
                  new_student=lambda: digits_model(experiment.student),
                  new_assistant=lambda: digits_model(experiment.assistant))
 

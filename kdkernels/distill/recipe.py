@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch
 from torch import nn
 
 from kdkernels.distill.distiller import Distiller
@@ -112,6 +113,7 @@ class Setup:
     teacher: nn.Module | None = None
     teachers: list[nn.Module] = dataclasses.field(default_factory=list)
     num_train: int | None = None
+    train_labels: torch.Tensor | None = None
     new_student: Callable[[], nn.Module] | None = None
     new_assistant: Callable[[], nn.Module] | None = None
 

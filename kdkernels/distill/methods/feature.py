@@ -22,6 +22,7 @@ from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
 from kdkernels.feature_losses import pool_to_smaller
+from kdkernels.contrastive_losses import sample_other_class_indices
 from kdkernels.nn import CRDLoss
 
 CIFAR_INIT_SHARE = 30 / 240   # RepDistiller's init_epochs 30 before the 240-epoch main run (FSP, AB, FT)
@@ -377,9 +378,11 @@ class CRDTerm(Term):
     """CRD: embedding heads for both sides, then :class:`kdkernels.nn.CRDLoss` (memory banks and Z as buffers,
     ``kdkernels.crd_loss`` then ``crd_update_memory_`` on every training call)."""
 
-    def __init__(self, student_key: str, teacher_key: str, weight: float, criterion: CRDLoss):
+    def __init__(self, student_key: str, teacher_key: str, weight: float, criterion: CRDLoss,
+                 bank_labels: torch.Tensor | None = None):
         super().__init__("crd", (student_key, teacher_key, "index"), weight)
         self.criterion = criterion
+        self.register_buffer("bank_labels", None if bank_labels is None else bank_labels.long().clone())
         self.embed_student: nn.Module | None = None
         self.embed_teacher: nn.Module | None = None
 
@@ -391,7 +394,11 @@ class CRDTerm(Term):
             self.embed_teacher = Embed(teacher[0].numel(), dim)
 
     def loss(self, student, teacher, index, *, context):
-        return self.criterion(self.embed_student(student), self.embed_teacher(teacher), index.long())
+        index = index.long()
+        contrast = None
+        if self.bank_labels is not None:
+            contrast = sample_other_class_indices(index, self.bank_labels, self.criterion.num_negatives)
+        return self.criterion(self.embed_student(student), self.embed_teacher(teacher), index, contrast)
 
 
 @register("crd", category="feature",
@@ -405,19 +412,25 @@ def crd(setup: Setup, weight: float = 0.8, ce_weight: float = 1.0, kd_weight: fl
     Embeddings Linear(d, 128) + L2 norm of the pooled features of both nets, two memory banks of one slot per
     training sample (``setup.num_train``; batches carry ``"index"``), Z set on the first step, momentum 0.5, T 0.07.
     Defaults are plain CRD (RepDistiller ``-a 0 -b 0.8``); preset ``crd+kd`` adds KD with weight 1 (``-a 1``).
-    Deviations: K = 16384 negatives are clamped to ``num_train − 1`` on small data sets, and they are drawn
-    uniformly from the whole bank (RepDistiller's fallback ``AliasMethod`` sampler, which may pick the sample's own
-    class), not from the other classes as RepDistiller's ``CIFAR100InstanceSample`` "exact" mode does."""
+    Negatives: with ``setup.train_labels``, K = 16384 drawn with replacement from the other classes
+    (``CIFAR100InstanceSample`` "exact" mode); without labels, drawn uniformly from the whole bank (RepDistiller's
+    fallback ``AliasMethod`` sampler, which may pick the sample's own class), K clamped to ``num_train − 1``."""
     teacher = setup.require_teacher("crd")
     if not setup.num_train:
         raise ValueError("crd keeps one memory-bank slot per training sample: set Setup.num_train")
     if setup.num_train < 2:
         raise ValueError(f"crd needs at least 2 training samples, got num_train={setup.num_train}")
-    negatives = min(num_negatives, setup.num_train - 1)
+    labels = setup.train_labels
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != setup.num_train):
+        raise ValueError(f"crd: train_labels must hold one label per training sample ({setup.num_train}), got "
+                         f"shape {tuple(labels.shape)}")
+    if labels is not None and int(torch.unique(labels).numel()) < 2:
+        raise ValueError("crd draws negatives from other classes: train_labels has a single class")
+    negatives = num_negatives if labels is not None else min(num_negatives, setup.num_train - 1)
     criterion = CRDLoss(setup.num_train, feat_dim, negatives, nce_temperature, momentum)
     student_tap = student_layer or feature_points(setup.student).embedding
     teacher_tap = teacher_layer or feature_points(teacher).embedding
-    term = CRDTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, criterion)
+    term = CRDTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, criterion, labels)
     return offline("crd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
 
 
