@@ -41,7 +41,8 @@ def add_parsers(commands) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--train-size", type=int, default=300, help="labelled training images for the student")
     run.add_argument("--student", default="student-cnn", help="digits zoo model of the student")
-    run.add_argument("--teacher", default="teacher-cnn", help="digits zoo model of the teacher(s)")
+    run.add_argument("--teacher", help="digits zoo model of the teacher(s) (default: teacher-cnn, or what the method "
+                     "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
     run.add_argument("--teacher-epochs", type=int, default=30)
     run.add_argument("--teachers", type=int, help="teachers to train (default: 3 for multi-teacher methods, else 1)")
     run.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
@@ -97,12 +98,15 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 def distill_command(arguments) -> int:
     overrides = parse_overrides(arguments.overrides)
     method = _checked_method(arguments.method, arguments.preset, overrides)
-    from kdkernels.distill.experiment import DigitsExperiment, distil_digits, train_teacher
+    from kdkernels.distill.experiment import DigitsExperiment, distil_digits, teacher_model_for, train_teacher
     from kdkernels.distill.trainer import TrainConfig
 
-    experiment = DigitsExperiment(student=arguments.student, teacher=arguments.teacher,
-                                  train_size=arguments.train_size, teacher_epochs=arguments.teacher_epochs,
-                                  cache_dir=arguments.teacher_cache)
+    experiment = DigitsExperiment(student=arguments.student, train_size=arguments.train_size,
+                                  teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache)
+    try:
+        experiment.teacher = arguments.teacher or teacher_model_for(arguments.method, experiment)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     config = TrainConfig(epochs=arguments.epochs, batch_size=arguments.batch_size, lr=arguments.lr,
                          amp=arguments.amp, mixup_alpha=arguments.mixup, out_dir=arguments.out,
                          resume=arguments.resume, progress=not arguments.no_progress, seed=arguments.seed)

@@ -36,6 +36,23 @@ class DigitsExperiment:
         return load_digits(train_size=self.train_size if train_size is ... else train_size, seed=self.split_seed)
 
 
+SAME_WIDTH_TEACHERS = {"student-cnn": "student-cnn-deep"}
+
+
+def teacher_model_for(method: str, experiment: DigitsExperiment) -> str:
+    """The zoo teacher a method is defined for: the experiment's teacher, a deeper model with the student's stage
+    widths (FSP: equal channel counts), or the student's own architecture (Tf-KD self)."""
+    kind = get_method(method).teacher_architecture
+    if kind == "student":
+        return experiment.student
+    if kind == "same-widths":
+        if experiment.student not in SAME_WIDTH_TEACHERS:
+            raise ValueError(f"method {method!r} needs a teacher with the student's stage widths; the digits zoo has "
+                             f"one for {sorted(SAME_WIDTH_TEACHERS)}, not for {experiment.student!r}")
+        return SAME_WIDTH_TEACHERS[experiment.student]
+    return experiment.teacher
+
+
 def _teacher_cache_path(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> Path | None:
     if experiment.cache_dir is None:
         return None

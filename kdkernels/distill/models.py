@@ -77,12 +77,13 @@ MODEL_ZOO: dict[str, Callable[[], nn.Module]] = {
     "teacher-cnn": lambda: DigitsCNN(widths=(32, 64, 128), depth=2),
     "assistant-cnn": lambda: DigitsCNN(widths=(16, 32, 64), depth=1),
     "student-cnn": lambda: DigitsCNN(widths=(4, 8, 16), depth=1),
+    "student-cnn-deep": lambda: DigitsCNN(widths=(4, 8, 16), depth=2),  # the student's widths, twice the depth
     "student-mlp": lambda: DigitsMLP(hidden=(32,)),
 }
 
 
 def digits_model(name: str) -> nn.Module:
-    """A fresh model of the digits zoo: ``teacher-cnn``, ``assistant-cnn``, ``student-cnn`` or ``student-mlp``."""
+    """A fresh model of the digits zoo (see ``MODEL_ZOO``)."""
     if name not in MODEL_ZOO:
         raise ValueError(f"unknown digits model {name!r}; the zoo has {sorted(MODEL_ZOO)}")
     return MODEL_ZOO[name]()

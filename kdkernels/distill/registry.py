@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 from kdkernels.distill.recipe import Recipe, Setup
 
 CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "multi-teacher", "teacher-prep")
+TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "multi_teacher",
                    "teacher_prep")
 
@@ -28,6 +29,7 @@ class Method:
     presets: Mapping[str, Mapping[str, object]]
     approximation: str | None = None   # "approximation of <paper>: ..." where the exact loss is not pinned down
     needs_teacher: bool = True
+    teacher_architecture: str = "any"  # "any"; "same-widths" (equal channels per stage, FSP); "student" (Tf-KD self)
 
     @property
     def summary(self) -> str:
@@ -54,10 +56,16 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapping[str, object]] | None = None,
-             approximation: str | None = None, needs_teacher: bool = True):
-    """Decorator registering ``build(setup, **hyperparameters) -> Recipe`` as method ``name``."""
+             approximation: str | None = None, needs_teacher: bool = True, teacher_architecture: str = "any"):
+    """Decorator registering ``build(setup, **hyperparameters) -> Recipe`` as method ``name``.
+
+    ``teacher_architecture`` tells runners which teacher the method is defined for: ``"any"``, ``"same-widths"``
+    (the teacher's stages have the student's channel counts, e.g. FSP) or ``"student"`` (a trained copy of the
+    student's architecture, e.g. Tf-KD self)."""
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+    if teacher_architecture not in TEACHER_ARCHITECTURES:
+        raise ValueError(f"teacher_architecture must be one of {TEACHER_ARCHITECTURES}, got {teacher_architecture!r}")
 
     def decorate(build):
         if name in _REGISTRY:
@@ -68,7 +76,8 @@ def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapp
             unknown = sorted(set(values) - set(parameters))
             if unknown:
                 raise ValueError(f"method {name!r} preset {preset!r} sets unknown hyperparameters {unknown}")
-        _REGISTRY[name] = Method(name, category, paper, build, all_presets, approximation, needs_teacher)
+        _REGISTRY[name] = Method(name, category, paper, build, all_presets, approximation, needs_teacher,
+                                 teacher_architecture)
         return build
 
     return decorate

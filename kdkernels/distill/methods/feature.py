@@ -356,7 +356,7 @@ class FSPTerm(Term):
         return kdkernels.fsp_loss(values[: self.num_stages], values[self.num_stages:])
 
 
-@register("fsp", category="feature",
+@register("fsp", category="feature", teacher_architecture="same-widths",
           paper="Yim, Joo, Bae, Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and "
                 "Transfer Learning. CVPR 2017")
 def fsp(setup: Setup, weight: float = 1.0, init_epochs: int | float = CIFAR_INIT_SHARE, ce_weight: float = 1.0,

@@ -161,7 +161,7 @@ TF_KD_PAPER = ("Yuan, Tay, Li, Wang, Feng. Revisiting Knowledge Distillation via
                "CVPR 2020")
 
 
-@register("tfkd-self", category="self", paper=TF_KD_PAPER)
+@register("tfkd-self", category="self", paper=TF_KD_PAPER, teacher_architecture="student")
 def tfkd_self(setup: Setup, alpha: float = 0.95, temperature: float = 6.0, multiplier: float = 50.0) -> Recipe:
     """Tf-KD self: ``(1−α)·CE + α·multiplier·T²·KL(p_t ‖ p_s)`` with the KL an ELEMENT mean over B·C, as coded.
 
