@@ -18,3 +18,7 @@ from kdkernels import nn
 __all__ = ["__version__", "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss",
            "rkd_loss", "sp_loss", "pkt_loss", "cc_loss", "bake_loss", "bake_targets", "crd_loss", "crd_normalizers",
            "crd_update_memory_", "nn", "available_backends", "build_info", "BackendUnavailableError"]
+from kdkernels.ensemble_losses import (byot_loss, camkd_feature_loss, camkd_loss, camkd_weights,  # noqa: E402
+                                       ensemble_kd_loss, soft_cross_entropy_loss)
+__all__ += ["soft_cross_entropy_loss", "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss",
+            "byot_loss"]
