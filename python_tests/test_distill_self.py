@@ -62,7 +62,8 @@ def test_cs_kd_trains_and_matches_official_formula():
     z, y = values["student"], batch["target"]
     assert z.shape[0] == 32 and (y[:16] == y[16:]).all(), "pairs: 16 anchors then 16 same-class partners"
     anchors, partners = z[:16], z[16:].detach()
-    kd = F.kl_div(torch.log_softmax(anchors / 4, dim=1), torch.softmax(partners / 4, dim=1), reduction="sum") * 4 ** 2 / 16
+    kd = F.kl_div(torch.log_softmax(anchors / 4, dim=1), torch.softmax(partners / 4, dim=1), reduction="sum")
+    kd = kd * 4 ** 2 / 16
     torch.testing.assert_close(output.terms["cls"], 3.0 * kd.detach(), **TOL)
     torch.testing.assert_close(output.terms["ce_student"], F.cross_entropy(anchors, y[:16]).detach(), **TOL)
 

@@ -212,8 +212,10 @@ def dgkd_stage(name: str, student: nn.Module, guides: dict[str, nn.Module], lam:
           paper="Son, Na, Choi, Hwang. Densely Guided Knowledge Distillation using Multiple Teacher Assistants. "
                 "ICCV 2021")
 def dgkd(setup: Setup, lam: float = 1.0, temperature: float = 5.0, assistants: int = 2, drop: int = 1) -> Recipe:
-    """DGKD: each assistant, then the student, learns from the teacher and ALL larger assistants, with ``drop``
-    guides removed at random per mini-batch: ``(1−λ)·CE + λ·T²·Σ_kept KLDiv_mean(s, g)``.
+    """DGKD: ``(1−λ)·CE + λ·T²·Σ_kept KLDiv_mean(s, g)`` over the teacher and all larger assistants, some dropped.
+
+    Each assistant, then the student, learns from the teacher and ALL larger assistants (the guides g), with
+    ``drop`` guides removed at random per mini-batch (stochastic DGKD).
 
     The weighting (a plain sum of TAKD's element-mean KL terms, one per kept guide) and the defaults (λ 1, T 5,
     one guide dropped) follow the DGKD training script found in the public code index (TAKD-derived; its

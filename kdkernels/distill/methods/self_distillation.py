@@ -152,7 +152,7 @@ class AuxiliaryHeadsTerm(Term):
                 "Neural Networks via Self Distillation. ICCV 2019")
 def byot(setup: Setup, temperature: float = 3.0, alpha: float = 0.1, beta: float = 1e-6,
          stages: list[str] | None = None, embedding: str | None = None) -> Recipe:
-    """BYOT: ``(1−α)ΣCE + α·T²·Σ softCE(heads, deepest.detach()) + β·Σ feature L2`` (luanyunteng/pytorch-be-your-own-teacher).
+    """BYOT: ``(1−α)ΣCE + α·T²·Σ softCE(heads, deepest.detach()) + β·Σ feature L2`` (pytorch-be-your-own-teacher).
 
     Auxiliary bottleneck heads (term submodules) sit on every stage but the deepest; the deepest is the network's
     own classifier. The feature term compares each head's pooled feature with the detached final pooled feature

@@ -76,8 +76,10 @@ def fine_tune_stage(name: str, teacher: nn.Module, terms: Sequence[Term], epochs
           paper="Park, No. Prune Your Model Before Distill It. ECCV 2022 (arXiv:2109.14960)")
 def prune_kd(setup: Setup, pruning_ratio: float = 0.8, finetune_epochs: int | float = 0.65,
              temperature: float = 10.0, alpha: float = 0.95) -> Recipe:
-    """Prune, then distil: iterative global L1 pruning of the teacher's conv/linear weights, 20% of the remaining
-    per round with a fine-tune after each (learning-rate rewinding), then ``α·T²·KL + (1−α)·CE`` (ososos888/prune-then-distill).
+    """Prune, then distil: iterative global L1 pruning of the teacher's weights, then ``α·T²·KL + (1−α)·CE``.
+
+    As ososos888/prune-then-distill: each round prunes 20% of the remaining conv/linear weights (global magnitude)
+    and fine-tunes the teacher (learning-rate rewinding).
 
     The number of rounds gives the sparsity closest to ``pruning_ratio`` (0.8: 7 rounds, 79%). Each round is a stage
     whose ``before`` prunes and which fine-tunes the teacher with cross-entropy for ``finetune_epochs`` (a share of
