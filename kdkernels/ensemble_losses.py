@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdkernels.losses import _check_logits, _check_temperature, check_logits_pair, kd_loss
+from kdkernels.losses import _check_labels, _check_logits, _check_temperature, check_logits_pair, kd_loss
 from kdkernels.relation_losses import check_features
 
 
@@ -20,15 +20,8 @@ def _accumulation(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def _check_labels(labels, rows: int, device: torch.device) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != (rows,):
-        raise ValueError(f"labels must have shape [{rows}], got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
+def _check_class_labels(labels, rows: int, device: torch.device) -> None:
+    _check_labels(labels, torch.Size([rows]), device, -100)
 
 
 def _check_weight(name: str, value) -> float:
@@ -101,7 +94,7 @@ def camkd_weights(teacher_logits: Sequence[torch.Tensor], labels: torch.Tensor) 
     weights are not detached).
     """
     teachers = _check_teacher_list("teacher_logits", teacher_logits, minimum=2)
-    _check_labels(labels, teachers[0].shape[0], teachers[0].device)
+    _check_class_labels(labels, teachers[0].shape[0], teachers[0].device)
     losses = torch.stack([F.cross_entropy(_accumulation(t), labels, reduction="none") for t in teachers])
     return (1.0 - torch.softmax(losses, dim=0)) / (len(teachers) - 1)
 
@@ -171,7 +164,7 @@ def byot_loss(final_logits: torch.Tensor, head_logits: Sequence[torch.Tensor], l
     """
     _check_logits("final_logits", final_logits)
     heads = _check_teacher_list("head_logits", head_logits, final_logits)
-    _check_labels(labels, final_logits.shape[0], final_logits.device)
+    _check_class_labels(labels, final_logits.shape[0], final_logits.device)
     temperature = _check_temperature(temperature)
     alpha, beta = _check_weight("alpha", alpha), _check_weight("beta", beta)
     if isinstance(head_features, torch.Tensor) or len(head_features) != len(heads):

@@ -139,7 +139,16 @@ def prue_prune_(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, a
         return
     threshold = torch.cat([s.flatten() for s in scores]).kthvalue(kth).values
     for (module, name), score in zip(layers, scores):
-        prune.custom_from_mask(module, name, score.gt(threshold))
+        prune.custom_from_mask(module, name, same_on_every_rank(score.gt(threshold)))
+
+
+def same_on_every_rank(mask: torch.Tensor) -> torch.Tensor:
+    """Rank 0's mask on every data-parallel rank (each rank scores its own batch); the mask itself otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = mask.to(torch.uint8)
+        torch.distributed.broadcast(shared, src=0)
+        return shared.bool()
+    return mask
 
 
 class SparsifyingCrossEntropyTerm(Term):
