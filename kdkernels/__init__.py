@@ -19,6 +19,8 @@ from kdkernels.soft_label_losses import label_smoothing_loss, tf_kd_reg_loss, tf
 from kdkernels.feature_losses import (ab_loss, at_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss,
                                       ofd_margins, vid_loss)
 from kdkernels.ranking_losses import bdkd_loss, darkrank_loss, irg_loss
+from kdkernels.ensemble_losses import (byot_loss, camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss,
+                                       soft_cross_entropy_loss)
 from kdkernels import nn
 
 __all__ = [
@@ -30,5 +32,6 @@ __all__ = [
     # reference implementations (no fused kernel yet)
     "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss", "zipf_ls_loss", "wsl_loss",
     "fitnet_loss", "at_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss", "ft_loss",
-    "irg_loss", "darkrank_loss", "bdkd_loss",
+    "irg_loss", "darkrank_loss", "bdkd_loss", "soft_cross_entropy_loss", "ensemble_kd_loss", "camkd_weights",
+    "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]

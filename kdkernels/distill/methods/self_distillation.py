@@ -1,1 +1,204 @@
-"""(methods of this category are being added)"""
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT) or its own reborn copies (BAN)
+(../shared/reference/methods.md §1.14–1.15)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+
+
+def positive_int(method: str, name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or a ValueError naming the method and the hyperparameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def tap_or_default(model_name: str, explicit: str | None, default) -> str:
+    """``"<model>:<tap>"`` for an explicit tap, else for the one ``default()`` picks from the model's kd_points."""
+    return f"{model_name}:{explicit if explicit is not None else default()}"
+
+
+# ------------------------------------------------------------------------------------------------------------ BAKE
+
+@register("bake", category="self", needs_teacher=False,
+          paper="Ge, Zhang, Choi, Cheung, Zhao, Zhu, Wang, Zhao, Li. Self-Distillation with Batch Knowledge "
+                "Ensembling Improves ImageNet Classification. arXiv:2104.13298, 2021",
+          presets={"cifar": {"intra": 3}, "tinyimagenet": {"omega": 0.9}})
+def bake(setup: Setup, temperature: float = 4.0, omega: float = 0.5, kd_weight: float = 1.0, intra: int = 1,
+         embedding: str | None = None) -> Recipe:
+    """BAKE: ``CE + λ·T²·KL(Q ‖ softmax(z/T))`` with Q the batch-propagated soft targets (yxgeee/BAKE).
+
+    ``Q = (1−ω)(I − ωA)⁻¹ softmax(z/T)`` over the affinities A of the pooled embeddings (``kdkernels.bake_loss``).
+    Batches are class-aware: each anchor is followed by ``intra`` samples of its class (ImageNet/TinyImageNet:
+    intra 1; preset ``cifar``: intra 3). No teacher: the student's own logits and embedding, detached.
+    """
+    intra = positive_int("bake", "intra", intra)
+    features = tap_or_default("student", embedding, lambda: feature_points(setup.student).embedding)
+    terms = [CrossEntropyTerm("student", 1.0),
+             FunctionTerm("bake", kdkernels.bake_loss, ("student", features), kd_weight, temperature=temperature,
+                          omega=omega)]
+    return single_stage("bake", Distiller({"student": setup.student}, terms), batching="class_aware",
+                        batching_options={"intra": intra})
+
+
+# ----------------------------------------------------------------------------------------------------------- CS-KD
+
+def anchor_rows(term: str, rows: int) -> int:
+    """The number of anchors of a "pairs" batch (B anchors then their B partners)."""
+    if rows % 2:
+        raise ValueError(f"term {term!r} reads a 'pairs' batch of B anchors followed by B partners, but the batch "
+                         f"has an odd number of rows ({rows})")
+    return rows // 2
+
+
+class AnchorCrossEntropyTerm(Term):
+    """``CE(z[:B], y[:B])``: cross-entropy on the anchor half of a "pairs" batch (the batch size is dynamic)."""
+
+    def __init__(self, logits: str = "student", weight: float = 1.0, *, target: str = "target",
+                 name: str | None = None):
+        super().__init__(name or f"ce_{logits}", (logits, target), weight)
+
+    def loss(self, logits, target, *, context):
+        anchors = anchor_rows(self.name, logits.shape[0])
+        return F.cross_entropy(logits[:anchors], target[:anchors])
+
+
+def class_consistency_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CS-KD's ``T²·Σ KL(softmax(z_pair/T).detach() ‖ softmax(z_anchor/T)) / B`` on a "pairs" batch."""
+    anchors = anchor_rows("cs-kd", logits.shape[0])
+    return kdkernels.kd_loss(logits[:anchors], logits[anchors:].detach(), temperature)
+
+
+@register("cs-kd", category="self", needs_teacher=False,
+          paper="Yun, Park, Lee, Shin. Regularizing Class-wise Predictions via Self-knowledge Distillation. "
+                "CVPR 2020",
+          presets={"cub": {"kd_weight": 3.0}})
+def cs_kd(setup: Setup, temperature: float = 4.0, kd_weight: float = 1.0) -> Recipe:
+    """CS-KD: ``CE(z[:B]) + λ·T²·KL(softmax(z_pair/T).detach() ‖ softmax(z[:B]/T))`` (batchmean), alinlab/cs-kd.
+
+    Batches are B anchors followed by one random same-class partner each (``batching="pairs"``). The official
+    code runs the partners in a second, no-grad forward; here one forward covers anchors and partners (batch-norm
+    statistics over 2B samples), and the partner logits are detached, so the gradient is the same path.
+    """
+    terms = [AnchorCrossEntropyTerm("student", 1.0),
+             FunctionTerm("cls", class_consistency_loss, ("student",), kd_weight, temperature=temperature)]
+    return single_stage("cs-kd", Distiller({"student": setup.student}, terms), batching="pairs")
+
+
+# ------------------------------------------------------------------------------------------------------------ BYOT
+
+class BottleneckHead(nn.Module):
+    """BYOT's auxiliary head (``branchBottleNeck`` + pool + fc): 1×1 conv to width/4, a k×k stride-k conv that
+    brings the map to the final stage's size, 1×1 conv to the final width (each with BN and ReLU), global average
+    pooling, and a linear classifier. Returns (pooled feature [B, width], logits [B, C])."""
+
+    def __init__(self, in_channels: int, width: int, stride: int, num_classes: int):
+        super().__init__()
+        middle = max(1, width // 4)
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels, middle, 1), nn.BatchNorm2d(middle), nn.ReLU(),
+            nn.Conv2d(middle, middle, stride, stride=stride), nn.BatchNorm2d(middle), nn.ReLU(),
+            nn.Conv2d(middle, width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(self.bottleneck(feature_map)).flatten(1)
+        return pooled, self.fc(pooled)
+
+
+class AuxiliaryHeadsTerm(Term):
+    """BYOT's whole loss (``kdkernels.byot_loss``) with one :class:`BottleneckHead` per shallow stage.
+
+    Reads the logits, the labels, the pooled final feature, the deepest stage map (for its spatial size) and the
+    shallow stage maps; the heads are built from their shapes.
+    """
+
+    def __init__(self, name: str, *, logits: str, target: str, embedding: str, final_stage: str,
+                 stages: list[str], temperature: float, alpha: float, beta: float):
+        super().__init__(name, (logits, target, embedding, final_stage, *stages))
+        self.stage_keys = list(stages)
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.heads = nn.ModuleList()
+
+    def build(self, example):
+        logits, embedding, final_map = (example[key] for key in self.reads[:1] + self.reads[2:4])
+        maps = [example[key] for key in self.stage_keys]
+        for key, value in zip(self.reads[3:], [final_map, *maps]):
+            if value.dim() != 4:
+                raise ValueError(f"term {self.name!r}: BYOT's heads need convolutional stage maps [B, C, H, W]; "
+                                 f"{key!r} has shape {tuple(value.shape)}")
+        width, final_size = embedding.reshape(embedding.shape[0], -1).shape[1], final_map.shape[-1]
+        self.heads = nn.ModuleList(
+            BottleneckHead(m.shape[1], width, max(1, m.shape[-1] // final_size), logits.shape[1]) for m in maps
+        ).to(logits.device)
+
+    def loss(self, logits, target, embedding, final_map, *maps, context):
+        outputs = [head(feature_map) for head, feature_map in zip(self.heads, maps)]
+        return kdkernels.byot_loss(logits, [o[1] for o in outputs], target, embedding, [o[0] for o in outputs],
+                                   self.temperature, self.alpha, self.beta)
+
+
+@register("byot", category="self", needs_teacher=False,
+          paper="Zhang, Song, Gao, Chen, Bao, Ma. Be Your Own Teacher: Improve the Performance of Convolutional "
+                "Neural Networks via Self Distillation. ICCV 2019")
+def byot(setup: Setup, temperature: float = 3.0, alpha: float = 0.1, beta: float = 1e-6,
+         stages: list[str] | None = None, embedding: str | None = None) -> Recipe:
+    """BYOT: ``(1−α)ΣCE + α·T²·Σ softCE(heads, deepest.detach()) + β·Σ feature L2`` (pytorch-be-your-own-teacher).
+
+    Auxiliary bottleneck heads (term submodules) sit on every stage but the deepest; the deepest is the network's
+    own classifier. The feature term compares each head's pooled feature with the detached final pooled feature
+    where either is positive, summed. ``stages`` (shallow to deep, the last being the deepest) and ``embedding``
+    override the model's kd_points. Unofficial reference code (the paper has none public).
+    """
+    points = None if stages is not None and embedding is not None else feature_points(setup.student)
+    stage_taps = list(stages) if stages is not None else list(points.stages)
+    if len(stage_taps) < 2:
+        raise ValueError(f"byot: needs at least two stages (auxiliary heads on all but the deepest), got {stage_taps}")
+    pooled = tap_or_default("student", embedding, lambda: points.embedding)
+    term = AuxiliaryHeadsTerm("byot", logits="student", target="target", embedding=pooled,
+                              final_stage=f"student:{stage_taps[-1]}",
+                              stages=[f"student:{tap}" for tap in stage_taps[:-1]],
+                              temperature=temperature, alpha=alpha, beta=beta)
+    return single_stage("byot", Distiller({"student": setup.student}, [term]))
+
+
+# ------------------------------------------------------------------------------------------------------------- BAN
+
+def ban_generation(index: int, student: nn.Module, teacher: nn.Module, temperature: float,
+                   label_weight: float) -> Stage:
+    terms: list[Term] = [FunctionTerm("ban", kdkernels.soft_cross_entropy_loss, ("student", "teacher"), 1.0,
+                                      temperature=temperature)]
+    if label_weight > 0:
+        terms.append(CrossEntropyTerm("student", label_weight))
+    return Stage(f"generation-{index}", Distiller({"student": student, "teacher": teacher}, terms))
+
+
+@register("ban", category="self",
+          paper="Furlanello, Lipton, Tschannen, Itti, Anandkumar. Born-Again Neural Networks. ICML 2018",
+          presets={"with-labels": {"label_weight": 1.0}})
+def ban(setup: Setup, generations: int = 3, temperature: float = 1.0, label_weight: float = 0.0) -> Recipe:
+    """BAN: generations of identical students, each trained only on ``softCE(student, previous generation)``.
+
+    Generation 1 learns from the given teacher, generation k from the frozen generation k−1 (a fresh, untrained
+    copy of the student's architecture each time; the last generation is ``setup.student``). The loss is the
+    paper's BAN objective: the cross-entropy between the student's and the teacher's output distributions, no
+    label term (``kdkernels.soft_cross_entropy_loss``, T = 1). Preset ``with-labels`` adds the CE on the labels
+    (the paper's "BAN+L"). The paper's CWTM/DKPP variants and the final ensemble of generations are not included.
+    """
+    generations = positive_int("ban", "generations", generations)
+    teacher = setup.require_teacher("ban")
+    students = [setup.fresh_student("ban") for _ in range(generations - 1)] + [setup.student]
+    stages = []
+    for index, student in enumerate(students, start=1):
+        stages.append(ban_generation(index, student, teacher, temperature, label_weight))
+        teacher = student
+    return Recipe("ban", stages)
