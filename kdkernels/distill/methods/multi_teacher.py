@@ -210,7 +210,10 @@ def dgkd_stage(name: str, student: nn.Module, guides: dict[str, nn.Module], lam:
 
 @register("dgkd", category="multi-teacher",
           paper="Son, Na, Choi, Hwang. Densely Guided Knowledge Distillation using Multiple Teacher Assistants. "
-                "ICCV 2021")
+                "ICCV 2021",
+          approximation="approximation of Son et al. (ICCV 2021): the dense guidance and random guide dropping follow "
+                        "the paper; lambda 1, T 5 and one dropped guide per step come from a reimplementation whose "
+                        "provenance could not be confirmed")
 def dgkd(setup: Setup, lam: float = 1.0, temperature: float = 5.0, assistants: int = 2, drop: int = 1) -> Recipe:
     """DGKD: ``(1−λ)·CE + λ·T²·Σ_kept KLDiv_mean(s, g)`` over the teacher and all larger assistants, some dropped.
 
