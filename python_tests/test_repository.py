@@ -12,7 +12,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_has_the_two_commands():
     main_job, tests = readme_commands()
-    assert main_job.endswith("kdkernels bench")
+    assert main_job.endswith("kdkernels demo")
     assert "pytest python_tests benchmarks" in tests
 
 
@@ -28,3 +28,11 @@ def test_readme_quotes_only_committed_benchmark_results():
     assert quoted, "the README's benchmark table names its source file"
     for path in quoted:
         assert (ROOT / "benchmarks" / "results" / path).is_file(), path
+
+
+def test_readme_lists_every_registered_method():
+    from kdkernels.distill import list_methods
+
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z0-9+-]+)` \| ", readme, re.M))
+    assert listed == {m.name for m in list_methods()}

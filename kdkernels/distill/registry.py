@@ -33,8 +33,9 @@ class Method:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.build) or ""
-        return doc.splitlines()[0] if doc else ""
+        """The docstring's first paragraph, on one line."""
+        paragraph = (inspect.getdoc(self.build) or "").split("\n\n", 1)[0]
+        return " ".join(paragraph.split())
 
     def hyperparameters(self, preset: str = "default") -> dict[str, object]:
         """The builder's keyword defaults updated by ``preset``."""
