@@ -6,6 +6,7 @@ run against an uninterrupted one (bit for bit), a cached teacher against the liv
 """
 import csv
 import functools
+import importlib
 import json
 import math
 import os
@@ -331,30 +332,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+DDP_SPLITS = {"plain": dict(batch_size=16), "accumulated": dict(batch_size=8, grad_accum=2)}
+
+
 def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    """One torchrun-like rank: the environment variables torchrun sets, then an ordinary fit."""
+    """One torchrun-like rank: the environment variables torchrun sets, then ordinary fits (the second one finds
+    the process group the first initialised)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        result = Trainer(TrainConfig(batch_size=16, **DDP_CONFIG)).fit(kd_recipe(), small_split().train,
-                                                                      small_split().test)
-        torch.save({"student": result.student.state_dict(), "accuracy": result.accuracy,
-                    "history": without_timings(result.history), "backend": dist.get_backend()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        for name, options in DDP_SPLITS.items():
+            result = Trainer(TrainConfig(**options, **DDP_CONFIG)).fit(kd_recipe(), small_split().train,
+                                                                       small_split().test)
+            torch.save({"student": result.student.state_dict(), "accuracy": result.accuracy,
+                        "history": without_timings(result.history), "backend": dist.get_backend()},
+                       os.path.join(out_dir, f"{name}{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path):
-    """Each rank takes 16 of the 32 samples of a step; DDP's gradient average is the 32-sample mean's gradient."""
-    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    """Each rank takes 16 of the 32 samples of a step (one batch of 16, or two micro-batches of 8 with DDP's
+    no_sync on the first); DDP's gradient average is the gradient of the 32-sample mean."""
+    # fork: the children inherit the imported torch (a spawn re-imports it: seconds per process). They set one
+    # intra-op thread, so they never enter the OpenMP pool the parent may have started (not fork-safe).
+    importlib.import_module("torch._dynamo")  # what an optimiser's constructor imports lazily: once, before forking
+    mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"{name}{rank}.pt") for name in DDP_SPLITS for rank in range(2)]
     single_recipe = kd_recipe()
     single = Trainer(TrainConfig(batch_size=32, **DDP_CONFIG)).fit(single_recipe, small_split().train,
                                                                    small_split().test)
-    assert ranks[0]["backend"] == "gloo"
+    assert {rank["backend"] for rank in ranks} == {"gloo"}
     for rank in ranks:
         for name, value in single_recipe.student.state_dict().items():
             torch.testing.assert_close(rank["student"][name], value, rtol=1e-5, atol=1e-6)
