@@ -46,9 +46,10 @@ def kd_recipe(seed: int = 0, student: str = "student-mlp", teacher: str = "stude
 
 
 def two_stage_recipe(seed: int = 0) -> Recipe:
-    """Stage 1 trains a model on labels (2 epochs); stage 2 distils it, now frozen, into a second model."""
+    """Stage 1 trains a model on labels (2 epochs); stage 2 distils it, now frozen, into a second model. Input
+    dropout makes training draw from torch's RNG, which a resume must restore."""
     torch.manual_seed(seed)
-    first, second = digits_model("student-mlp"), digits_model("student-mlp")
+    first, second = (torch.nn.Sequential(torch.nn.Dropout(0.2), digits_model("student-mlp")) for _ in range(2))
     teacher_stage = build_recipe("ce", Setup(student=first, num_classes=10)).stages[0]
     teacher_stage.name, teacher_stage.epochs = "teacher", 2
     student_stage = build_recipe("kd", Setup(student=second, teacher=first, num_classes=10)).stages[0]
@@ -378,7 +379,7 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path)
 
 def test_cached_teacher_gives_the_live_teachers_kd_losses():
     torch.manual_seed(0)
-    teacher = digits_model("teacher-cnn").eval()
+    teacher = digits_model("assistant-cnn").eval()
     cached = cache_teacher(teacher, digits_split().train, batch_size=64)
     assert isinstance(cached, CachedTeacher) and cached.takes_batch and len(cached) == len(digits_split().train)
     losses = {}

@@ -52,7 +52,7 @@ from kdkernels.distributed import rank_and_world_size
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MIXUP_STREAM = 1   # keeps MixUp's draws apart from the samplers' (seed, epoch) streams
+_MIXUP_STREAM, _LOADER_STREAM = 1, 2   # keep these draws apart from the samplers' (seed, epoch) streams
 
 
 @dataclasses.dataclass
@@ -216,6 +216,11 @@ def mix_batch(batch: dict, alpha: float, rng: np.random.Generator) -> tuple[dict
     return mixed, MixupBatch(lam, permutation)
 
 
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (per-epoch generators that a resumed run recreates identically)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()}
@@ -361,7 +366,10 @@ class Trainer:
         self.config = config or TrainConfig()
 
     def fit(self, recipe: Recipe, train_set: Dataset, test_set: Dataset | None = None) -> RunResult:
-        """Trains every stage of ``recipe`` on ``train_set``, evaluating on ``test_set``; see the module doc."""
+        """Trains every stage of ``recipe`` on ``train_set``, evaluating on ``test_set``; see the module doc.
+
+        Datasets yield ``{"input", "target", "index"}`` dicts or ``(input, target)`` pairs; a DataLoader is replaced
+        by its dataset (the trainer batches itself: deterministic per (seed, epoch), sharded over ranks)."""
         return _Run(self.config, recipe, train_set, test_set).execute()
 
 
@@ -373,6 +381,8 @@ class _Run:
             raise ValueError(f"recipe {recipe.method!r} has no stages")
         self.config, self.recipe = config, recipe
         _check_mixup(config, recipe)
+        train_set, test_set = (data.dataset if isinstance(data, DataLoader) else data
+                               for data in (train_set, test_set))
         self.env = _environment(config)
         self.amp_dtype = AMP_DTYPES[config.amp]
         self.train_set = as_sample_dataset(train_set)
@@ -409,13 +419,16 @@ class _Run:
         """Trains one stage (or what is left of it after a resume); False when ``stop_after_epochs`` ends the call."""
         epochs = self._stage_epochs(index)
         done = self.resume_epoch if index == self.resume_stage else 0
-        if index < self.resume_stage or done >= epochs:
+        if index < self.resume_stage or (index == self.resume_stage and self.resume_payload is not None
+                                         and done >= epochs):
             return True
         continuing = index == self.resume_stage and self.resume_payload is not None and done > 0
         if not continuing:
             self._restore_pending_rng()
             if stage.before is not None:
                 stage.before()
+            if epochs == 0:
+                return True
         run = self._prepare_stage(index, stage, epochs)
         if continuing:
             run.load_state_dict(self.resume_payload["run"])
@@ -425,9 +438,9 @@ class _Run:
             row.update(self._evaluate(run, epoch))
             self.history.append(row)
             self.epochs_this_call += 1
-            stopping = self.config.stop_after_epochs is not None and \
-                self.epochs_this_call >= self.config.stop_after_epochs and \
-                not (index == len(self.recipe.stages) - 1 and epoch == epochs)
+            last_of_run = index == len(self.recipe.stages) - 1 and epoch == epochs
+            stopping = not last_of_run and self.config.stop_after_epochs is not None \
+                and self.epochs_this_call >= self.config.stop_after_epochs
             self._after_epoch(run, epoch, row, force_checkpoint=stopping)
             if stopping:
                 return False
@@ -469,6 +482,7 @@ class _Run:
     def _train_epoch(self, run: _StageRun, epoch: int) -> dict:
         config = self.config
         run.sampler.set_epoch(run.offset + epoch)
+        run.loader.generator.manual_seed(stream_seed(config.seed, _LOADER_STREAM, run.offset + epoch))
         run.distiller.train()
         mixing = None
         if config.mixup_alpha > 0:
