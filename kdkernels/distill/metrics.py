@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -36,11 +35,9 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
 
 
 def _jsonable(value):
-    """Values json cannot write (tensors, paths, dtypes, NaN) as plain numbers, lists or strings."""
+    """Values json cannot write (tensors, numpy values, paths, dtypes, functions) as numbers, lists or strings."""
     if hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     return str(value)
 
 
@@ -60,6 +57,7 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "") 
     dotted lines mark where a stage starts)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,23 +65,34 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "") 
     figure = Figure(figsize=(10, 4))
     FigureCanvasAgg(figure)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    loss_axes.plot(x, [row.get("train_loss", math.nan) for row in rows], marker=".")
+    _plot_per_stage(loss_axes, x, rows, "train_loss", color="C0", label=None)
     loss_axes.set(xlabel="epoch", ylabel="train loss", title="train loss")
-    for key in accuracy_keys(rows):
-        points = [(i, row[key]) for i, row in zip(x, rows) if row.get(key) is not None]
-        if points:
-            accuracy_axes.plot(*zip(*points), marker=".", label=key[len(ACCURACY_PREFIX):])
+    for number, key in enumerate(accuracy_keys(rows)):
+        _plot_per_stage(accuracy_axes, x, rows, key, color=f"C{number % 10}", label=key[len(ACCURACY_PREFIX):])
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     if accuracy_keys(rows):
         accuracy_axes.legend()
     for axes in (loss_axes, accuracy_axes):
         _mark_stages(axes, rows)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
+
+
+def _plot_per_stage(axes, x: list[int], rows: Sequence[dict], key: str, color: str, label: str | None) -> None:
+    """``key`` against ``x``, one line per stage (losses differ per stage, and a name such as "student" may be
+    another model in the next stage), with one legend entry."""
+    stages = dict.fromkeys(row.get("stage_index", row.get("stage")) for row in rows)
+    for stage in stages:
+        points = [(i, row[key]) for i, row in zip(x, rows)
+                  if row.get(key) is not None and row.get("stage_index", row.get("stage")) == stage]
+        if points:
+            axes.plot(*zip(*points), marker=".", color=color, label=label)
+            label = None
 
 
 def _mark_stages(axes, rows: Sequence[dict]) -> None:
