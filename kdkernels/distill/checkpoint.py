@@ -1,0 +1,103 @@
+"""Checkpoints of a training run: what a resumed run needs to continue exactly where the interrupted one stopped.
+
+A checkpoint is written at the end of an epoch and holds the position (stage index, epochs done in that stage,
+optimiser steps), the state of every model of the recipe (each shared model once), the current stage's distiller
+(its terms' connectors and buffers such as memory banks), the optimiser, LR scheduler and AMP grad scaler, the RNG
+states of torch, numpy and ``random``, and the metrics history. Files are written atomically (a temporary file then
+``os.replace``), so an interrupted write never leaves a truncated ``last.pt``.
+
+Checkpoints are this package's own files and hold numpy RNG state: they are loaded with ``weights_only=False``;
+load only files you wrote.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdkernels.distill.recipe import Recipe
+
+FORMAT = 1
+
+
+def rng_state() -> dict:
+    """The states of torch's CPU (and CUDA, when available) generators, numpy's global generator and ``random``."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping) -> None:
+    """Restores what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA), numpy's global generator and ``random``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def recipe_models(recipe: Recipe) -> dict[str, nn.Module]:
+    """Every model of the recipe once, keyed ``"<stage index>/<model name>"`` by its first appearance (a model
+    trained in one stage and frozen in the next is one entry)."""
+    seen, result = set(), {}
+    for index, stage in enumerate(recipe.stages):
+        for name, model in stage.distiller.models.items():
+            if id(model) not in seen:
+                seen.add(id(model))
+                result[f"{index}/{name}"] = model
+    return result
+
+
+def models_state(recipe: Recipe) -> dict[str, dict]:
+    return {key: model.state_dict() for key, model in recipe_models(recipe).items()}
+
+
+def load_models_state(recipe: Recipe, states: Mapping[str, Mapping]) -> None:
+    """Loads :func:`models_state` into the recipe's models; the recipe must have the same stages and models."""
+    models = recipe_models(recipe)
+    if set(models) != set(states):
+        raise ValueError(f"the checkpoint's models {sorted(states)} do not match the recipe's {sorted(models)}")
+    for key, model in models.items():
+        model.load_state_dict(states[key])
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Writes ``payload`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **payload}, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a kdkernels training checkpoint (format {FORMAT})")
+    return payload
+
+
+def check_matches(payload: Mapping, recipe: Recipe, path: str | os.PathLike) -> None:
+    """A ValueError when the checkpoint was written by another method or stage layout than ``recipe``."""
+    stages = [stage.name for stage in recipe.stages]
+    if payload.get("method") != recipe.method or list(payload.get("stages", [])) != stages:
+        raise ValueError(f"checkpoint {path} is of method {payload.get('method')!r} with stages "
+                         f"{payload.get('stages')}, but the recipe is {recipe.method!r} with stages {stages}")

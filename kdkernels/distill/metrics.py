@@ -1,0 +1,103 @@
+"""A run's metrics on disk: the per-epoch history as CSV and JSON, and a learning-curve plot.
+
+History rows are dicts (stage, epoch, lr, train_loss, each term's mean, ``test_acc_<model>``, seconds); stages
+have different terms, so the CSV's columns are the union of the rows' keys in order of first appearance and a
+value a row lacks is left empty. The plot uses matplotlib's Agg canvas directly (no global backend switch).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+ACCURACY_PREFIX = "test_acc_"
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+    """The union of the rows' keys, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns(rows), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _jsonable(value):
+    """Values json cannot write (tensors, numpy values, paths, dtypes, functions) as numbers, lists or strings."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def write_json(payload: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    return path
+
+
+def accuracy_keys(rows: Sequence[dict]) -> list[str]:
+    return [key for key in columns(rows) if key.startswith(ACCURACY_PREFIX)]
+
+
+def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Train loss and test accuracy per epoch over the whole run (epochs of all stages, one after the other;
+    dotted lines mark where a stage starts)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = list(range(1, len(rows) + 1))
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    _plot_per_stage(loss_axes, x, rows, "train_loss", color="C0", label=None)
+    loss_axes.set(xlabel="epoch", ylabel="train loss", title="train loss")
+    for number, key in enumerate(accuracy_keys(rows)):
+        _plot_per_stage(accuracy_axes, x, rows, key, color=f"C{number % 10}", label=key[len(ACCURACY_PREFIX):])
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    if accuracy_keys(rows):
+        accuracy_axes.legend()
+    for axes in (loss_axes, accuracy_axes):
+        _mark_stages(axes, rows)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _plot_per_stage(axes, x: list[int], rows: Sequence[dict], key: str, color: str, label: str | None) -> None:
+    """``key`` against ``x``, one line per stage (losses differ per stage, and a name such as "student" may be
+    another model in the next stage), with one legend entry."""
+    stages = dict.fromkeys(row.get("stage_index", row.get("stage")) for row in rows)
+    for stage in stages:
+        points = [(i, row[key]) for i, row in zip(x, rows)
+                  if row.get(key) is not None and row.get("stage_index", row.get("stage")) == stage]
+        if points:
+            axes.plot(*zip(*points), marker=".", color=color, label=label)
+            label = None
+
+
+def _mark_stages(axes, rows: Sequence[dict]) -> None:
+    previous = None
+    for index, row in enumerate(rows, start=1):
+        if previous is not None and row.get("stage") != previous:
+            axes.axvline(index - 0.5, linestyle=":", color="grey")
+        previous = row.get("stage")
