@@ -16,9 +16,11 @@ from kdkernels.distill.models import DigitsCNN, DigitsMLP, digits_model
 from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import Method, build_recipe, get_method, list_methods, register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+from kdkernels.distill.trainer import RunResult, TrainConfig, Trainer
+from kdkernels.distill.cache import CachedTeacher, cache_teacher
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
            "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "list_methods",
            "get_method", "build_recipe", "load_digits", "TensorDictDataset", "IndexedDataset",
            "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
-           "digits_model"]
+           "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher"]
