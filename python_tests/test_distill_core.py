@@ -234,3 +234,19 @@ def test_feature_points_of_the_zoo_and_of_torchvision_style_models():
     assert distill.feature_points(ResNetLike()).stages == ["layer1", "layer2"]
     with pytest.raises(ValueError, match="kd_points"):
         distill.feature_points(nn.Linear(2, 2))
+
+
+def test_parameter_groups_scale_the_learning_rate_per_model():
+    setup = digits_setup(teacher=None)
+    peer = distill.digits_model("student-cnn")
+    term = distill.FunctionTerm("mutual", kdkernels.kd_loss, ("student", "peer"))
+    distiller = distill.Distiller({"student": setup.student, "peer": peer}, [term], trainable=("student", "peer"))
+    groups = distiller.parameter_groups(0.01, {"peer": 10.0})
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in groups}
+    assert by_lr.keys() == {0.01, 0.1}
+    assert by_lr[0.1] == {id(p) for p in peer.parameters()}
+    assert by_lr[0.01] == {id(p) for p in setup.student.parameters()}
+    stage = distill.Stage("mutual", distiller, model_lr_scales={"peer": 10.0})
+    assert stage.model_lr_scales == {"peer": 10.0}
+    with pytest.raises(ValueError, match="do not train here"):
+        distill.Stage("mutual", distiller, model_lr_scales={"teacher": 2.0})

@@ -207,3 +207,12 @@ def test_bdkd_loss_validates_arguments():
         kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 3), 0.0)
     with pytest.raises(ValueError, match="same shape"):
         kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 5))
+
+
+def test_switokd_trains_its_teacher_ten_times_faster_as_the_official_code():
+    recipe = build_recipe("switokd", digits_setup())
+    stage = recipe.stages[0]
+    assert stage.model_lr_scales == {"teacher": 10.0}
+    groups = stage.distiller.parameter_groups(0.01, stage.model_lr_scales)
+    teacher = {id(p) for p in stage.distiller.models["teacher"].parameters()}
+    assert [g["lr"] for g in groups if {id(p) for p in g["params"]} == teacher] == [0.1]

@@ -115,6 +115,17 @@ class Distiller(nn.Module):
                     result.append(parameter)
         return result
 
+    def parameter_groups(self, lr: float, model_lr_scales: dict[str, float] | None = None) -> list[dict]:
+        """Optimiser parameter groups of :meth:`trainable_parameters`: one at ``lr``, plus one per model listed in
+        ``model_lr_scales`` at ``lr · scale``."""
+        scales = model_lr_scales or {}
+        scaled = {id(p): name for name in scales for p in self.models[name].parameters()}
+        groups: dict[str | None, list[nn.Parameter]] = {}
+        for parameter in self.trainable_parameters():
+            groups.setdefault(scaled.get(id(parameter)), []).append(parameter)
+        return [{"params": params, "lr": lr * (scales[name] if name is not None else 1.0)}
+                for name, params in groups.items()]
+
     def model(self, name: str | None = None) -> nn.Module:
         """A model by name; by default the first evaluated one (the student)."""
         return self.models[name or self.evaluate[0]]

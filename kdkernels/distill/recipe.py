@@ -31,6 +31,8 @@ class Stage:
             ``"pairs"`` (CS-KD: each batch is B anchors followed by B same-class partners).
         batching_options: options of that batching (``intra`` samples per anchor for class_aware).
         lr_scale: this stage's learning rate relative to the run's.
+        model_lr_scales: per trainable model, a further factor on its learning rate (SwitOKD trains its online
+            teacher at 10× the student's rate, as the official code does).
     """
 
     name: str
@@ -40,8 +42,13 @@ class Stage:
     batching: str = "shuffle"
     batching_options: dict = dataclasses.field(default_factory=dict)
     lr_scale: float = 1.0
+    model_lr_scales: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        not_trained = sorted(set(self.model_lr_scales) - set(self.distiller.trainable))
+        if not_trained:
+            raise ValueError(f"stage {self.name!r}: model_lr_scales names models that do not train here: "
+                             f"{not_trained}; the trainable models are {list(self.distiller.trainable)}")
         if self.batching not in BATCHING:
             raise ValueError(f"stage {self.name!r}: batching must be one of {BATCHING}, got {self.batching!r}")
         if isinstance(self.epochs, float) and not 0.0 < self.epochs <= 1.0:

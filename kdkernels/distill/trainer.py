@@ -179,7 +179,8 @@ def lr_lambda(config: TrainConfig, epochs: int, steps_per_epoch: int) -> Callabl
     return factor
 
 
-def make_optimizer(config: TrainConfig, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, parameters: list, lr: float) -> torch.optim.Optimizer:
+    """The configured optimiser over parameters or parameter groups (groups may carry their own ``lr``)."""
     if not parameters:
         raise ValueError("the stage has no trainable parameters")
     if config.optimizer == "sgd":
@@ -464,7 +465,8 @@ class _Run:
         distiller = stage.distiller
         distiller.build(to_device(first, env.device)).activate().to(env.device)
         parameters = distiller.trainable_parameters()
-        optimizer = make_optimizer(config, parameters, config.lr * stage.lr_scale)
+        lr = config.lr * stage.lr_scale
+        optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
         steps_per_epoch = max(1, math.ceil(len(sampler) / config.grad_accum))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, epochs, steps_per_epoch))
         scaler = torch.amp.GradScaler(env.device.type, enabled=config.amp == "fp16")

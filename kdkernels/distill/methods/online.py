@@ -163,7 +163,7 @@ class SwitOKDTeacherTerm(Term):
 @register("switokd", category="online",
           paper="Qian, Wang, Li, Hong, Wang. Switchable Online Knowledge Distillation. ECCV 2022",
           needs_teacher=False)
-def switokd(setup: Setup, temperature: float = 1.0) -> Recipe:
+def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10.0) -> Recipe:
     """SwitOKD: online pair; the teacher pauses in expert mode, learns DML-style otherwise (hfutqian/SwitOKD).
 
     The student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
@@ -172,15 +172,15 @@ def switokd(setup: Setup, temperature: float = 1.0) -> Recipe:
 
     The teacher is an untrained ``setup.new_assistant`` network trained alongside. In expert mode the teacher term
     is a constant 0 with no graph, so the teacher's parameters get no gradient and the optimiser skips them, as the
-    official code skips ``optimizer.step()``. The official code gives the teacher lr 0.1 and the student 0.01; here
-    both share the run's learning rate.
+    official code skips ``optimizer.step()``. The official code gives the teacher lr 0.1 and the student 0.01: the
+    teacher trains at ``teacher_lr_scale`` (10) times the run's (the student's) learning rate.
     """
     terms = [CrossEntropyTerm("student"),
              TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
              SwitOKDTeacherTerm(temperature)]
     distiller = Distiller(student_and_online_teacher(setup, "switokd"), terms, trainable=("student", "teacher"),
                           evaluate=("student", "teacher"))
-    return single_stage("switokd", distiller)
+    return single_stage("switokd", distiller, model_lr_scales={"teacher": teacher_lr_scale})
 
 
 # ----------------------------------------------------------------------------------------------------------- SOKD
