@@ -37,10 +37,11 @@ namespace {
 using at::vec::Vectorized;
 using namespace kdkernels::pairwise;
 
-// Rows of a [B, B] matrix per parallel task: about 256K elements, so that the B^2 work of batches up to 512 stays on
-// one thread (it takes tens of microseconds, less than waking another; measured at B = 256 on 2 cores). The angle's
-// rows are B^2 triples each.
-constexpr int64_t kElementsPerTask = 262144;
+// Rows of a [B, B] matrix per parallel task: about 32K elements, so that the B^2 passes of B = 256 (tens of
+// microseconds each) run on two threads: the GEMM before them leaves the Gram spread over both cores' caches, and
+// the OpenMP workers are still spinning from it (measured on 2 cores: 256K elements per task, one thread, was
+// 10-20 % slower end to end). The angle's rows are B^2 triples each.
+constexpr int64_t kElementsPerTask = 32768;
 inline int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
@@ -735,6 +736,25 @@ void symmetrize_tile_pair(acc_t* m, int64_t n, int64_t i0, int64_t j0, acc_t sca
   if (i0 != j0) at::vec::transpose_mxn<acc_t>(m + i0 * n + j0, n, m + j0 * n + i0, n, rows, cols);
 }
 
+// The strict lower triangle of m <- its upper triangle, tile by tile (the diagonal tiles element by element).
+template <typename acc_t>
+void mirror_upper_square(acc_t* m, int64_t n) {
+  constexpr int64_t kTile = 16;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, rows_per_task(n * kTile), [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t i0 = ti * kTile, rows = std::min(kTile, n - i0);
+      for (int64_t r = 1; r < rows; ++r) {
+        for (int64_t c = 0; c < r; ++c) m[(i0 + r) * n + i0 + c] = m[(i0 + c) * n + i0 + r];
+      }
+      for (int64_t j0 = i0 + kTile; j0 < n; j0 += kTile) {
+        at::vec::transpose_mxn<acc_t>(m + i0 * n + j0, n, m + j0 * n + i0, n, static_cast<int>(rows),
+                                      static_cast<int>(std::min(kTile, n - j0)));
+      }
+    }
+  });
+}
+
 template <typename acc_t>
 void symmetrize_square(acc_t* m, int64_t n, acc_t scale) {
   constexpr int64_t kTile = 16;
@@ -754,6 +774,18 @@ void cpu_symmetrize(at::Tensor& matrix, double scale) {
   }
 }
 
+// G = P P^T made exactly symmetric by copying its upper triangle (the GEMM's two triangles differ by rounding at
+// most): half the traffic of averaging them.
+at::Tensor cpu_symmetric_gram(const at::Tensor& prepared) {
+  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
+  if (gram.scalar_type() == at::kDouble) {
+    mirror_upper_square(gram.data_ptr<double>(), gram.size(0));
+  } else {
+    mirror_upper_square(gram.data_ptr<float>(), gram.size(0));
+  }
+  return gram;
+}
+
 void cpu_gram_kernel(const GramTerm& term, const GramProblem& problem) {
   if (problem.gram_student.scalar_type() == at::kDouble) {
     run_term<double>(term, problem);
@@ -768,7 +800,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_cpu(const at::Te
                                                                     at::ArrayRef<double> params, bool student_grad,
                                                                     bool teacher_grad) {
   return relation_forward(student, teacher, relation, params, student_grad, teacher_grad, at::kCPU,
-                          &cpu_gram_kernel, DeviceHooks{&cpu_symmetrize, &cpu_prepare, &cpu_preprocess_backward});
+                          &cpu_gram_kernel,
+                          DeviceHooks{&cpu_symmetric_gram, &cpu_symmetrize, &cpu_prepare, &cpu_preprocess_backward});
 }
 
 }  // namespace

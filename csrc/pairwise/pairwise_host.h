@@ -223,19 +223,22 @@ inline void symmetrize_with_aten(at::Tensor& matrix, double scale) {
   matrix = ((matrix + matrix.t()) * scale).contiguous();
 }
 
+// G = P P^T, exactly symmetric so that kernels may read either triangle.
+using SymmetricGram = at::Tensor (*)(const at::Tensor& prepared);
+
+inline at::Tensor symmetric_gram_with_aten(const at::Tensor& prepared) {
+  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
+  symmetrize_with_aten(gram, 0.5);
+  return gram;
+}
+
 // What a device may do its own way instead of with ATen ops.
 struct DeviceHooks {
+  SymmetricGram symmetric_gram = &symmetric_gram_with_aten;
   Symmetrize symmetrize = &symmetrize_with_aten;
   Prepare prepare = &prepare_with_aten;
   PreprocessBackward preprocess_backward = &preprocess_backward_with_aten;
 };
-
-// G = P P^T, symmetrised so that kernels may read either triangle.
-inline at::Tensor symmetric_gram(const at::Tensor& prepared, Symmetrize symmetrize) {
-  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
-  symmetrize(gram, 0.5);
-  return gram;
-}
 
 // The whole op for one device: (loss [] acc dtype, grad_student, grad_teacher) with the gradients of the loss in
 // the features' dtypes and shapes, or empty [0] tensors when not requested.
@@ -251,8 +254,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
   const Prepared prepared_teacher = hooks.prepare(teacher, preprocess, eps);
 
   GramProblem problem;
-  problem.gram_student = symmetric_gram(prepared_student.features, hooks.symmetrize);
-  problem.gram_teacher = symmetric_gram(prepared_teacher.features, hooks.symmetrize);
+  problem.gram_student = hooks.symmetric_gram(prepared_student.features);
+  problem.gram_teacher = hooks.symmetric_gram(prepared_teacher.features);
   problem.loss = at::zeros({}, prepared_student.features.options());
   if (student_grad) problem.dgram_student = at::zeros_like(problem.gram_student);
   if (teacher_grad) problem.dgram_teacher = at::zeros_like(problem.gram_teacher);
