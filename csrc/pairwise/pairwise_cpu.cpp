@@ -72,8 +72,10 @@ Square<acc_t> square(const at::Tensor& t) {
 }
 
 // Calls fn(row) for every row of a square matrix in parallel and returns the sum of fn's double results in row order.
-template <typename Fn>
-double parallel_row_sum(int64_t rows, Fn&& fn) {
+// fn goes through std::function (as in parallel_rows) so that it is compiled once: at::parallel_for calls it from a
+// serial and a parallel site, and two inlined copies may contract different multiply-adds into FMAs, which made the
+// results depend on the thread count.
+inline double parallel_row_sum(int64_t rows, const std::function<double(int64_t)>& fn) {
   std::vector<double> partial(rows, 0.0);
   at::parallel_for(0, rows, rows_per_task(rows), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) partial[i] = fn(i);
@@ -273,9 +275,10 @@ struct AngleSide {
   AngleSums<acc_t>* sums;  // null when this side's gradient is not requested
 };
 
-// One (anchor a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t).
+// One (anchor a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t). Not inlined,
+// so that the serial and the parallel call sites of angle_rows run the same code (see parallel_row_sum).
 template <typename acc_t, bool kStudent, bool kTeacher>
-double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b, acc_t* q_s,
+C10_NOINLINE double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b, acc_t* q_s,
                  acc_t* q_t) {
   using Vec = Vectorized<acc_t>;
   const int64_t n = st.g.n;
