@@ -14,7 +14,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -35,10 +37,11 @@ namespace {
 using at::vec::Vectorized;
 using namespace kdkernels::pairwise;
 
-// Rows of a [B, B] matrix per parallel task: about 256K elements, so that the B^2 work of batches up to 512 stays on
-// one thread (it takes tens of microseconds, less than waking another; measured at B = 256 on 2 cores). The angle's
-// rows are B^2 triples each.
-constexpr int64_t kElementsPerTask = 262144;
+// Rows of a [B, B] matrix per parallel task: about 32K elements, so that the B^2 passes of B = 256 (tens of
+// microseconds each) run on two threads: the GEMM before them leaves the Gram spread over both cores' caches, and
+// the OpenMP workers are still spinning from it (measured on 2 cores: 256K elements per task, one thread, was
+// 10-20 % slower end to end). The angle's rows are B^2 triples each.
+constexpr int64_t kElementsPerTask = 32768;
 inline int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
@@ -69,8 +72,10 @@ Square<acc_t> square(const at::Tensor& t) {
 }
 
 // Calls fn(row) for every row of a square matrix in parallel and returns the sum of fn's double results in row order.
-template <typename Fn>
-double parallel_row_sum(int64_t rows, Fn&& fn) {
+// fn goes through std::function (as in parallel_rows) so that it is compiled once: at::parallel_for calls it from a
+// serial and a parallel site, and two inlined copies may contract different multiply-adds into FMAs, which made the
+// results depend on the thread count.
+inline double parallel_row_sum(int64_t rows, const std::function<double(int64_t)>& fn) {
   std::vector<double> partial(rows, 0.0);
   at::parallel_for(0, rows, rows_per_task(rows), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) partial[i] = fn(i);
@@ -78,8 +83,9 @@ double parallel_row_sum(int64_t rows, Fn&& fn) {
   return std::accumulate(partial.begin(), partial.end(), 0.0);
 }
 
-inline void parallel_rows(int64_t rows, const std::function<void(int64_t)>& fn) {
-  at::parallel_for(0, rows, rows_per_task(rows), [&](int64_t begin, int64_t end) {
+// Calls fn(row) for every row of a [rows, cols] matrix (square by default) in parallel.
+inline void parallel_rows(int64_t rows, const std::function<void(int64_t)>& fn, int64_t cols = 0) {
+  at::parallel_for(0, rows, rows_per_task(cols > 0 ? cols : rows), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(i);
   });
 }
@@ -269,9 +275,10 @@ struct AngleSide {
   AngleSums<acc_t>* sums;  // null when this side's gradient is not requested
 };
 
-// One (anchor a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t).
+// One (anchor a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t). Not inlined,
+// so that the serial and the parallel call sites of angle_rows run the same code (see parallel_row_sum).
 template <typename acc_t, bool kStudent, bool kTeacher>
-double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b, acc_t* q_s,
+C10_NOINLINE double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b, acc_t* q_s,
                  acc_t* q_t) {
   using Vec = Vectorized<acc_t>;
   const int64_t n = st.g.n;
@@ -396,9 +403,35 @@ double row_sum_of_squares(const acc_t* row, int64_t n) {
   return reduce_sum(sum);
 }
 
+// The sum of a row in double, in a fixed order: blocks widened to double vectors.
+template <typename acc_t>
+double row_sum(const acc_t* row, int64_t n) {
+  using Wide = Vectorized<double>;
+  constexpr int64_t kWidth = Wide::size();
+  alignas(64) double wide[kWidth];
+  Wide sum(0.0);
+  int64_t c = 0;
+  for (; c + kWidth <= n; c += kWidth) {
+    for (int64_t k = 0; k < kWidth; ++k) wide[k] = static_cast<double>(row[c + k]);
+    sum = sum + Wide::loadu(wide);
+  }
+  double tail = 0.0;
+  for (; c < n; ++c) tail += static_cast<double>(row[c]);
+  return reduce_sum(sum) + tail;
+}
+
+// row[0, n) += value.
+template <typename acc_t>
+void add_to_row(acc_t* row, int64_t n, acc_t value) {
+  using Vec = Vectorized<acc_t>;
+  const Vec v(value);
+  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) { (Vec::loadu(row + c, count) + v).store(row + c, count); });
+}
+
 // SP row i, with Gn = G / max(|G_i.|, 1e-12) and diff = Gn_t - Gn_s: loss sum diff^2; through the row normalisation
 // (its norm differentiable where it passes the clamp), dG = (dGn - Gn (Gn . dGn)) / max(|G_i.|, eps) with
-// dGn_s = -2 diff / B^2 and dGn_t = 2 diff / B^2.
+// dGn_s = -2 diff / B^2 and dGn_t = 2 diff / B^2. Three passes over the row: both norms, the loss and the two
+// radial sums, the gradients.
 template <typename acc_t>
 void sp(const GramTerm& term, const GramProblem& problem) {
   using Vec = Vectorized<acc_t>;
@@ -407,33 +440,46 @@ void sp(const GramTerm& term, const GramProblem& problem) {
   const int64_t n = gs.n;
   const double inv_count = 1.0 / static_cast<double>(n * n);
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    const double norm_s = std::sqrt(row_sum_of_squares(gs.row(i), n));
-    const double norm_t = std::sqrt(row_sum_of_squares(gt.row(i), n));
+    const acc_t *gs_row = gs.row(i), *gt_row = gt.row(i);
+    Vec squares_s(0), squares_t(0);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec x_s = Vec::loadu(gs_row + c, count), x_t = Vec::loadu(gt_row + c, count);
+      squares_s = at::vec::fmadd(x_s, x_s, squares_s);
+      squares_t = at::vec::fmadd(x_t, x_t, squares_t);
+    });
+    const double norm_s = std::sqrt(reduce_sum(squares_s)), norm_t = std::sqrt(reduce_sum(squares_t));
     const double inverse_s = 1.0 / std::max(norm_s, kNormalizeEps), inverse_t = 1.0 / std::max(norm_t, kNormalizeEps);
     const Vec inv_s(static_cast<acc_t>(inverse_s)), inv_t(static_cast<acc_t>(inverse_t));
     Vec sum(0), radial_s(0), radial_t(0);
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec ns = Vec::loadu(gs.row(i) + c, count) * inv_s, nt = Vec::loadu(gt.row(i) + c, count) * inv_t;
+      const Vec ns = Vec::loadu(gs_row + c, count) * inv_s, nt = Vec::loadu(gt_row + c, count) * inv_t;
       const Vec diff = nt - ns;
       sum = at::vec::fmadd(diff, diff, sum);
       radial_s = at::vec::fmadd(ns, diff, radial_s);
       radial_t = at::vec::fmadd(nt, diff, radial_t);
     });
-    const auto write = [&](const Square<acc_t>& g, const Square<acc_t>& dg, double norm, double inverse,
-                           double radial, double sign) {
-      // dGn = sign * 2 diff / B^2; (Gn . dGn) = sign * 2 radial / B^2, 0 where the clamp stops the norm's gradient
-      const double scale = sign * 2.0 * inv_count;
-      const Vec v_scale(static_cast<acc_t>(scale * term.weight * inverse));
-      const Vec v_radial(static_cast<acc_t>(norm >= kNormalizeEps ? radial : 0.0));
-      for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-        const Vec ns = Vec::loadu(gs.row(i) + c, count) * inv_s, nt = Vec::loadu(gt.row(i) + c, count) * inv_t;
-        const Vec own = Vec::loadu(g.row(i) + c, count) * Vec(static_cast<acc_t>(inverse));
-        const Vec step = v_scale * ((nt - ns) - own * v_radial);
-        (Vec::loadu(dg.row(i) + c, count) + step).store(dg.row(i) + c, count);
-      });
+    // dG = scale * (diff - Gn * radial) with scale = sign * 2 weight / (B^2 |G_i.|); radial 0 where the clamp stops
+    // the norm's gradient.
+    const auto side_scale = [&](double inverse, double sign) {
+      return Vec(static_cast<acc_t>(sign * 2.0 * inv_count * term.weight * inverse));
     };
-    if (dgs.data != nullptr) write(gs, dgs, norm_s, inverse_s, reduce_sum(radial_s), -1.0);
-    if (dgt.data != nullptr) write(gt, dgt, norm_t, inverse_t, reduce_sum(radial_t), 1.0);
+    const auto side_radial = [&](double norm, const Vec& radial) {
+      return Vec(static_cast<acc_t>(norm >= kNormalizeEps ? reduce_sum(radial) : 0.0));
+    };
+    const Vec scale_s = side_scale(inverse_s, -1.0), scale_t = side_scale(inverse_t, 1.0);
+    const Vec own_s = side_radial(norm_s, radial_s), own_t = side_radial(norm_t, radial_t);
+    acc_t *ds_row = dgs.data != nullptr ? dgs.row(i) : nullptr, *dt_row = dgt.data != nullptr ? dgt.row(i) : nullptr;
+    if (ds_row == nullptr && dt_row == nullptr) return reduce_sum(sum);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      const Vec ns = Vec::loadu(gs_row + c, count) * inv_s, nt = Vec::loadu(gt_row + c, count) * inv_t;
+      const Vec diff = nt - ns;
+      if (ds_row != nullptr) {
+        (Vec::loadu(ds_row + c, count) + scale_s * (diff - ns * own_s)).store(ds_row + c, count);
+      }
+      if (dt_row != nullptr) {
+        (Vec::loadu(dt_row + c, count) + scale_t * (diff - nt * own_t)).store(dt_row + c, count);
+      }
+    });
     return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
@@ -441,9 +487,10 @@ void sp(const GramTerm& term, const GramProblem& problem) {
 
 // PKT row i, with P = (G + 1) / (2 R), R the row sum of (G + 1) / 2, and r = log((P_t + eps) / (P_s + eps)):
 // loss sum P_t r; dP_s = -P_t / (P_s + eps) / B^2, dP_t = (r + P_t / (P_t + eps)) / B^2; through the row
-// normalisation, dG = (dP - sum(dP P)) / (2 R). Vectorised in acc_t with row sums in double; r is formed as
+// normalisation, dG = (dP - sum(dP P)) / (2 R). Vectorised in acc_t with the row sums in double; r is formed as
 // log1p((P_t - P_s) / (P_s + eps)) with the difference from one fused multiply-add, so that it stays accurate when
-// the two rows agree (the loss is a KL-like sum of terms of both signs).
+// the two rows agree (the loss is a KL-like sum of terms of both signs). One pass writes dP / (2 R B^2) and
+// accumulates sum(dP P); a cheap second one subtracts that row constant.
 template <typename acc_t>
 void pkt(const GramTerm& term, const GramProblem& problem) {
   using Vec = Vectorized<acc_t>;
@@ -451,47 +498,37 @@ void pkt(const GramTerm& term, const GramProblem& problem) {
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
   const double inv_count = 1.0 / static_cast<double>(n * n);
-  const Vec eps(static_cast<acc_t>(term.eps)), one(1), v_inv_count(static_cast<acc_t>(inv_count));
+  const Vec eps(static_cast<acc_t>(term.eps)), one(1);
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    double sum_s = 0.0, sum_t = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      sum_s += (static_cast<double>(gs.at(i, j)) + 1.0) * 0.5;
-      sum_t += (static_cast<double>(gt.at(i, j)) + 1.0) * 0.5;
-    }
-    const Vec scale_s(static_cast<acc_t>(0.5 / sum_s)), scale_t(static_cast<acc_t>(0.5 / sum_t));
-    // P_s, P_t, r, dP_s, dP_t of one block of the row.
-    const auto block = [&](int64_t c, int64_t count, Vec& p_s, Vec& p_t, Vec& r, Vec& grad_s, Vec& grad_t) {
-      const Vec x_s = Vec::loadu(gs.row(i) + c, count) + one, x_t = Vec::loadu(gt.row(i) + c, count) + one;
-      p_s = x_s * scale_s;
-      p_t = x_t * scale_t;
-      const Vec inv_s = one / (p_s + eps);
-      r = (at::vec::fmadd(x_t, scale_t, Vec(0) - p_s) * inv_s).log1p();
-      grad_s = Vec(0) - p_t * inv_s * v_inv_count;
-      grad_t = (r + p_t / (p_t + eps)) * v_inv_count;
-    };
+    const acc_t *gs_row = gs.row(i), *gt_row = gt.row(i);
+    acc_t *ds_row = dgs.data != nullptr ? dgs.row(i) : nullptr, *dt_row = dgt.data != nullptr ? dgt.row(i) : nullptr;
+    const double half_sum_s = 0.5 * (row_sum(gs_row, n) + static_cast<double>(n));  // R
+    const double half_sum_t = 0.5 * (row_sum(gt_row, n) + static_cast<double>(n));
+    const Vec scale_s(static_cast<acc_t>(0.5 / half_sum_s)), scale_t(static_cast<acc_t>(0.5 / half_sum_t));
+    // dG = weight * (dP - sum(dP P)) / (2 R B^2), with dP here without its 1 / B^2
+    const double weight_s = term.weight * inv_count * 0.5 / half_sum_s;
+    const double weight_t = term.weight * inv_count * 0.5 / half_sum_t;
+    const Vec v_weight_s(static_cast<acc_t>(weight_s)), v_weight_t(static_cast<acc_t>(weight_t));
     Vec sum(0), dot_s(0), dot_t(0);
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      Vec p_s, p_t, r, grad_s, grad_t;
-      block(c, count, p_s, p_t, r, grad_s, grad_t);
+      const Vec x_s = Vec::loadu(gs_row + c, count) + one, x_t = Vec::loadu(gt_row + c, count) + one;
+      const Vec p_s = x_s * scale_s, p_t = x_t * scale_t;
+      const Vec inv_s = one / (p_s + eps);
+      const Vec r = (at::vec::fmadd(x_t, scale_t, Vec(0) - p_s) * inv_s).log1p();
       sum = sum + Vec::set(Vec(0), p_t * r, count);
-      dot_s = dot_s + Vec::set(Vec(0), grad_s * p_s, count);
-      dot_t = dot_t + Vec::set(Vec(0), grad_t * p_t, count);
+      if (ds_row != nullptr) {
+        const Vec grad = Vec(0) - p_t * inv_s;
+        dot_s = dot_s + Vec::set(Vec(0), grad * p_s, count);
+        at::vec::fmadd(v_weight_s, grad, Vec::loadu(ds_row + c, count)).store(ds_row + c, count);
+      }
+      if (dt_row != nullptr) {
+        const Vec grad = r + p_t / (p_t + eps);
+        dot_t = dot_t + Vec::set(Vec(0), grad * p_t, count);
+        at::vec::fmadd(v_weight_t, grad, Vec::loadu(dt_row + c, count)).store(dt_row + c, count);
+      }
     });
-    if (dgs.data != nullptr || dgt.data != nullptr) {
-      const Vec ds(static_cast<acc_t>(reduce_sum(dot_s))), dt(static_cast<acc_t>(reduce_sum(dot_t)));
-      const Vec weight_s(static_cast<acc_t>(term.weight * 0.5 / sum_s));
-      const Vec weight_t(static_cast<acc_t>(term.weight * 0.5 / sum_t));
-      for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-        Vec p_s, p_t, r, grad_s, grad_t;
-        block(c, count, p_s, p_t, r, grad_s, grad_t);
-        if (dgs.data != nullptr) {
-          (Vec::loadu(dgs.row(i) + c, count) + weight_s * (grad_s - ds)).store(dgs.row(i) + c, count);
-        }
-        if (dgt.data != nullptr) {
-          (Vec::loadu(dgt.row(i) + c, count) + weight_t * (grad_t - dt)).store(dgt.row(i) + c, count);
-        }
-      });
-    }
+    if (ds_row != nullptr) add_to_row(ds_row, n, static_cast<acc_t>(-weight_s * reduce_sum(dot_s)));
+    if (dt_row != nullptr) add_to_row(dt_row, n, static_cast<acc_t>(-weight_t * reduce_sum(dot_t)));
     return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
@@ -557,6 +594,118 @@ void cc(const GramTerm& term, const GramProblem& problem) {
   add_loss(problem, term.weight * loss * inv_count);
 }
 
+// ------------------------------------------------------------------------------------------------- preprocessing
+// prepare_with_aten and preprocess_backward_with_aten of pairwise_host.h in one or two passes over the features
+// instead of 3 to 10 ATen ops (each costs about as much as the pass at B = 256); float16 and bfloat16 features are
+// widened by ATen first.
+
+// Column means of a [rows, cols] matrix, summed in double over the rows in order.
+template <typename acc_t>
+std::vector<double> column_means(const acc_t* x, int64_t rows, int64_t cols) {
+  std::vector<double> sum(cols, 0.0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* row = x + i * cols;
+    for (int64_t j = 0; j < cols; ++j) sum[j] += static_cast<double>(row[j]);
+  }
+  for (double& value : sum) value /= static_cast<double>(rows);
+  return sum;
+}
+
+// out = x minus its column means; out may be x.
+template <typename acc_t>
+void subtract_column_means(const acc_t* x, acc_t* out, int64_t rows, int64_t cols) {
+  const std::vector<double> means = column_means(x, rows, cols);
+  parallel_rows(rows, [&](int64_t i) {
+    const acc_t* row = x + i * cols;
+    acc_t* out_row = out + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out_row[j] = static_cast<acc_t>(static_cast<double>(row[j]) - means[j]);
+  }, cols);
+}
+
+template <typename acc_t>
+double row_dot(const acc_t* x, const acc_t* y, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec sum(0);
+  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+    sum = at::vec::fmadd(Vec::loadu(x + c, count), Vec::loadu(y + c, count), sum);
+  });
+  return reduce_sum(sum);
+}
+
+// n' of a unit preprocessing: |x| + eps or max(|x|, eps).
+inline double unit_denominator(double norm, Preprocess preprocess, double eps) {
+  return preprocess == Preprocess::kUnitPlusEps ? norm + eps : std::max(norm, eps);
+}
+
+// P = x / n' per row, and the norms |x|.
+template <typename acc_t>
+void unit_rows(const acc_t* x, acc_t* out, acc_t* norms, int64_t rows, int64_t cols, Preprocess preprocess,
+               double eps) {
+  using Vec = Vectorized<acc_t>;
+  parallel_rows(rows, [&](int64_t i) {
+    const acc_t* row = x + i * cols;
+    acc_t* out_row = out + i * cols;
+    const double norm = std::sqrt(row_sum_of_squares(row, cols));
+    norms[i] = static_cast<acc_t>(norm);
+    const Vec inverse(static_cast<acc_t>(1.0 / unit_denominator(norm, preprocess, eps)));
+    for_each_block<acc_t>(cols, [&](int64_t c, int64_t count) {
+      (Vec::loadu(row + c, count) * inverse).store(out_row + c, count);
+    });
+  }, cols);
+}
+
+// dL/dx = (dP - P (P.dP) n' / |x|) / n' in place of dP, the radial term only where the norm is differentiable.
+template <typename acc_t>
+void unit_rows_backward(acc_t* grad, const acc_t* unit, const acc_t* norms, int64_t rows, int64_t cols,
+                        Preprocess preprocess, double eps) {
+  using Vec = Vectorized<acc_t>;
+  parallel_rows(rows, [&](int64_t i) {
+    acc_t* grad_row = grad + i * cols;
+    const acc_t* unit_row = unit + i * cols;
+    const double norm = norms[i], denominator = unit_denominator(norm, preprocess, eps);
+    const bool differentiable = preprocess == Preprocess::kUnitPlusEps ? norm > 0.0 : norm > eps;
+    const Vec radial(static_cast<acc_t>(differentiable ? row_dot(unit_row, grad_row, cols) * denominator / norm : 0.0));
+    const Vec inverse(static_cast<acc_t>(1.0 / denominator));
+    for_each_block<acc_t>(cols, [&](int64_t c, int64_t count) {
+      const Vec g = Vec::loadu(grad_row + c, count) - Vec::loadu(unit_row + c, count) * radial;
+      (g * inverse).store(grad_row + c, count);
+    });
+  }, cols);
+}
+
+Prepared cpu_prepare(const at::Tensor& features, Preprocess preprocess, double eps) {
+  at::Tensor x = features.to(accumulation_dtype(features)).contiguous();
+  if (preprocess == Preprocess::kNone) return {x, at::Tensor()};
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor norms = is_unit(preprocess) ? at::empty({rows, 1}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_prepare", [&] {
+    if (preprocess == Preprocess::kCentre) {
+      subtract_column_means(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, cols);
+    } else {
+      unit_rows(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), rows, cols,
+                preprocess, eps);
+    }
+  });
+  return {out, norms};
+}
+
+at::Tensor cpu_preprocess_backward(at::Tensor& grad_prepared, const Prepared& prepared, Preprocess preprocess,
+                                   double eps, at::ScalarType dtype) {
+  at::Tensor grad = grad_prepared.contiguous();
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "pairwise_preprocess_backward", [&] {
+    scalar_t* data = grad.data_ptr<scalar_t>();
+    if (preprocess == Preprocess::kCentre) {
+      subtract_column_means(data, data, rows, cols);
+    } else if (is_unit(preprocess)) {
+      unit_rows_backward(data, prepared.features.data_ptr<scalar_t>(), prepared.norms.data_ptr<scalar_t>(), rows,
+                         cols, preprocess, eps);
+    }
+  });
+  return grad.to(dtype);
+}
+
 // ------------------------------------------------------------------------------------------------- registration
 
 template <typename acc_t>
@@ -570,25 +719,52 @@ void run_term(const GramTerm& term, const GramProblem& problem) {
   }
 }
 
-// (m + m^T) * scale in place over 8 x 8 tiles of the upper triangle and their mirrors: a mirror tile's 8 rows stay
-// in cache even at a power-of-two row length, where a column walk maps every element to one cache set.
+// (m + m^T) * scale in place over kTile x kTile tiles of the upper triangle and their mirrors, which move through
+// a vector transpose (a column walk at a power-of-two row length maps every element to one cache set).
 template <typename acc_t>
-void symmetrize_square(acc_t* m, int64_t n, acc_t scale) {
-  constexpr int64_t kTile = 8;
+void symmetrize_tile_pair(acc_t* m, int64_t n, int64_t i0, int64_t j0, acc_t scale) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kTile = 16;
+  const int rows = static_cast<int>(std::min(kTile, n - i0)), cols = static_cast<int>(std::min(kTile, n - j0));
+  alignas(64) acc_t mirror[kTile * kTile];  // mirror[r][c] = m[j0 + c][i0 + r]
+  at::vec::transpose_mxn<acc_t>(m + j0 * n + i0, n, mirror, kTile, cols, rows);
+  const Vec v_scale(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* upper = m + (i0 + r) * n + j0;
+    for (int64_t c = 0; c < cols; c += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), cols - c);
+      ((Vec::loadu(upper + c, count) + Vec::loadu(mirror + r * kTile + c, count)) * v_scale).store(upper + c, count);
+    }
+  }
+  if (i0 != j0) at::vec::transpose_mxn<acc_t>(m + i0 * n + j0, n, m + j0 * n + i0, n, rows, cols);
+}
+
+// The strict lower triangle of m <- its upper triangle, tile by tile (the diagonal tiles element by element).
+template <typename acc_t>
+void mirror_upper_square(acc_t* m, int64_t n) {
+  constexpr int64_t kTile = 16;
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, rows_per_task(n * kTile), [&](int64_t begin, int64_t end) {
     for (int64_t ti = begin; ti < end; ++ti) {
-      const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
-      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-        const int64_t j1 = std::min(n, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = std::max(i, j0); j < j1; ++j) {
-            const acc_t value = (m[i * n + j] + m[j * n + i]) * scale;
-            m[i * n + j] = value;
-            m[j * n + i] = value;
-          }
-        }
+      const int64_t i0 = ti * kTile, rows = std::min(kTile, n - i0);
+      for (int64_t r = 1; r < rows; ++r) {
+        for (int64_t c = 0; c < r; ++c) m[(i0 + r) * n + i0 + c] = m[(i0 + c) * n + i0 + r];
       }
+      for (int64_t j0 = i0 + kTile; j0 < n; j0 += kTile) {
+        at::vec::transpose_mxn<acc_t>(m + i0 * n + j0, n, m + j0 * n + i0, n, static_cast<int>(rows),
+                                      static_cast<int>(std::min(kTile, n - j0)));
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void symmetrize_square(acc_t* m, int64_t n, acc_t scale) {
+  constexpr int64_t kTile = 16;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, rows_per_task(n * kTile), [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      for (int64_t tj = ti; tj < tiles; ++tj) symmetrize_tile_pair(m, n, ti * kTile, tj * kTile, scale);
     }
   });
 }
@@ -599,6 +775,18 @@ void cpu_symmetrize(at::Tensor& matrix, double scale) {
   } else {
     symmetrize_square(matrix.data_ptr<float>(), matrix.size(0), static_cast<float>(scale));
   }
+}
+
+// G = P P^T made exactly symmetric by copying its upper triangle (the GEMM's two triangles differ by rounding at
+// most): half the traffic of averaging them.
+at::Tensor cpu_symmetric_gram(const at::Tensor& prepared) {
+  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
+  if (gram.scalar_type() == at::kDouble) {
+    mirror_upper_square(gram.data_ptr<double>(), gram.size(0));
+  } else {
+    mirror_upper_square(gram.data_ptr<float>(), gram.size(0));
+  }
+  return gram;
 }
 
 void cpu_gram_kernel(const GramTerm& term, const GramProblem& problem) {
@@ -615,7 +803,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_cpu(const at::Te
                                                                     at::ArrayRef<double> params, bool student_grad,
                                                                     bool teacher_grad) {
   return relation_forward(student, teacher, relation, params, student_grad, teacher_grad, at::kCPU,
-                          &cpu_gram_kernel, &cpu_symmetrize);
+                          &cpu_gram_kernel,
+                          DeviceHooks{&cpu_symmetric_gram, &cpu_symmetrize, &cpu_prepare, &cpu_preprocess_backward});
 }
 
 }  // namespace

@@ -142,11 +142,27 @@ inline void check_features(const at::Tensor& student, const at::Tensor& teacher,
 
 // Preprocessed features in the accumulation dtype, and what the backward through the preprocessing needs.
 struct Prepared {
-  at::Tensor features;  // P [B, D]
+  at::Tensor features;  // P [B, D], contiguous: the Gram's input
   at::Tensor norms;     // [B, 1] row norms of the raw features (unit preprocessings), else undefined
 };
 
-inline Prepared prepare(const at::Tensor& features, Preprocess preprocess) {
+inline double unit_eps(Preprocess preprocess, const GramTerm& term) {
+  return preprocess == Preprocess::kUnitPlusEps ? term.eps : kNormalizeEps;
+}
+
+inline bool is_unit(Preprocess preprocess) {
+  return preprocess == Preprocess::kUnitPlusEps || preprocess == Preprocess::kUnitClamped;
+}
+
+// Divides the rows of a unit preprocessing: x / (|x| + eps) or x / max(|x|, eps).
+inline at::Tensor unit_denominators(const at::Tensor& norms, Preprocess preprocess, double eps) {
+  return preprocess == Preprocess::kUnitPlusEps ? norms + eps : norms.clamp_min(eps);
+}
+
+// features -> P. `eps` is the unit preprocessings' (unit_eps). Devices may fuse it into loops of their own.
+using Prepare = Prepared (*)(const at::Tensor& features, Preprocess preprocess, double eps);
+
+inline Prepared prepare_with_aten(const at::Tensor& features, Preprocess preprocess, double eps) {
   at::Tensor x = features.to(accumulation_dtype(features));
   switch (preprocess) {
     case Preprocess::kCentre: return {x - x.mean(0, /*keepdim=*/true), at::Tensor()};
@@ -154,42 +170,39 @@ inline Prepared prepare(const at::Tensor& features, Preprocess preprocess) {
     case Preprocess::kUnitPlusEps:
     case Preprocess::kUnitClamped: {
       at::Tensor norms = x.norm(2, {1}, /*keepdim=*/true);
-      return {x, norms};
+      return {(x / unit_denominators(norms, preprocess, eps)).contiguous(), norms};
     }
   }
   return {x, at::Tensor()};
 }
 
-inline double unit_eps(Preprocess preprocess, const GramTerm& term) {
-  return preprocess == Preprocess::kUnitPlusEps ? term.eps : kNormalizeEps;
-}
+// dL/dx (in `dtype`, contiguous) from dL/dP. Centre: dP minus its batch mean. P = x / n' with n' = |x| + eps or
+// max(|x|, eps): dL/dx = (dP - P (P.dP) n' / |x|) / n' where the norm is differentiable (|x| > 0, and |x| > eps when
+// clamped), else dP / n' (torch's norm backward is 0 at 0). The device version may overwrite grad_prepared.
+using PreprocessBackward = at::Tensor (*)(at::Tensor& grad_prepared, const Prepared& prepared, Preprocess preprocess,
+                                          double eps, at::ScalarType dtype);
 
-// Divides the rows of a unit preprocessing: x / (|x| + eps) or x / max(|x|, eps).
-inline at::Tensor unit_denominators(const Prepared& prepared, Preprocess preprocess, double eps) {
-  return preprocess == Preprocess::kUnitPlusEps ? prepared.norms + eps : prepared.norms.clamp_min(eps);
-}
-
-// dL/dx from dL/dP. Centre: dP minus its batch mean. x / n' with n' = |x| + eps or max(|x|, eps):
-// dL/dx = (dP - P (P.dP) n' / |x|) / n' where the norm is differentiable (|x| > 0, and |x| > eps when clamped),
-// else dP / n' (torch's norm backward is 0 at 0).
-inline at::Tensor preprocess_backward(const at::Tensor& grad_prepared, const Prepared& prepared,
-                                      const at::Tensor& unit, Preprocess preprocess, double eps) {
+inline at::Tensor preprocess_backward_with_aten(at::Tensor& grad_prepared, const Prepared& prepared,
+                                                Preprocess preprocess, double eps, at::ScalarType dtype) {
+  at::Tensor grad;
   switch (preprocess) {
-    case Preprocess::kCentre: return grad_prepared - grad_prepared.mean(0, /*keepdim=*/true);
-    case Preprocess::kNone: return grad_prepared;
+    case Preprocess::kCentre: grad = grad_prepared - grad_prepared.mean(0, /*keepdim=*/true); break;
+    case Preprocess::kNone: grad = grad_prepared; break;
     case Preprocess::kUnitPlusEps:
     case Preprocess::kUnitClamped: {
-      const at::Tensor denominators = unit_denominators(prepared, preprocess, eps);
+      const at::Tensor& unit = prepared.features;
+      const at::Tensor denominators = unit_denominators(prepared.norms, preprocess, eps);
       const at::Tensor differentiable = preprocess == Preprocess::kUnitPlusEps ? prepared.norms > 0
                                                                               : prepared.norms > eps;
       const double tiny = prepared.norms.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
                                                                         : std::numeric_limits<float>::min();
       const at::Tensor radial = (unit * grad_prepared).sum(1, /*keepdim=*/true) * denominators /
                                 prepared.norms.clamp_min(tiny);
-      return (grad_prepared - unit * radial * differentiable) / denominators;
+      grad = (grad_prepared - unit * radial * differentiable) / denominators;
+      break;
     }
   }
-  return grad_prepared;
+  return grad.to(dtype).contiguous();
 }
 
 // a @ b with TF32 off: a TF32 Gram loses the distances (10-bit mantissas), and its gradient would too.
@@ -210,50 +223,52 @@ inline void symmetrize_with_aten(at::Tensor& matrix, double scale) {
   matrix = ((matrix + matrix.t()) * scale).contiguous();
 }
 
-// G = P P^T, symmetrised so that kernels may read either triangle.
-inline at::Tensor symmetric_gram(const at::Tensor& prepared, Symmetrize symmetrize) {
+// G = P P^T, exactly symmetric so that kernels may read either triangle.
+using SymmetricGram = at::Tensor (*)(const at::Tensor& prepared);
+
+inline at::Tensor symmetric_gram_with_aten(const at::Tensor& prepared) {
   at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
-  symmetrize(gram, 0.5);
+  symmetrize_with_aten(gram, 0.5);
   return gram;
 }
+
+// What a device may do its own way instead of with ATen ops.
+struct DeviceHooks {
+  SymmetricGram symmetric_gram = &symmetric_gram_with_aten;
+  Symmetrize symmetrize = &symmetrize_with_aten;
+  Prepare prepare = &prepare_with_aten;
+  PreprocessBackward preprocess_backward = &preprocess_backward_with_aten;
+};
 
 // The whole op for one device: (loss [] acc dtype, grad_student, grad_teacher) with the gradients of the loss in
 // the features' dtypes and shapes, or empty [0] tensors when not requested.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
     const at::Tensor& student, const at::Tensor& teacher, c10::string_view relation, at::ArrayRef<double> params,
     bool student_grad, bool teacher_grad, at::DeviceType device_type, GramKernel kernel,
-    Symmetrize symmetrize = &symmetrize_with_aten) {
+    const DeviceHooks& hooks = DeviceHooks{}) {
   check_features(student, teacher, device_type);
   const std::vector<GramTerm> terms = parse_terms(relation, params);
   const Preprocess preprocess = preprocess_of(terms.front().relation);
   const double eps = unit_eps(preprocess, terms.front());
-
-  const auto unit_features = [&](const Prepared& prepared) {
-    if (preprocess != Preprocess::kUnitPlusEps && preprocess != Preprocess::kUnitClamped) return prepared.features;
-    return (prepared.features / unit_denominators(prepared, preprocess, eps)).contiguous();
-  };
-  const Prepared prepared_student = prepare(student, preprocess), prepared_teacher = prepare(teacher, preprocess);
-  const at::Tensor p_student = unit_features(prepared_student), p_teacher = unit_features(prepared_teacher);
+  const Prepared prepared_student = hooks.prepare(student, preprocess, eps);
+  const Prepared prepared_teacher = hooks.prepare(teacher, preprocess, eps);
 
   GramProblem problem;
-  problem.gram_student = symmetric_gram(p_student, symmetrize);
-  problem.gram_teacher = symmetric_gram(p_teacher, symmetrize);
-  problem.loss = at::zeros({}, p_student.options());
+  problem.gram_student = hooks.symmetric_gram(prepared_student.features);
+  problem.gram_teacher = hooks.symmetric_gram(prepared_teacher.features);
+  problem.loss = at::zeros({}, prepared_student.features.options());
   if (student_grad) problem.dgram_student = at::zeros_like(problem.gram_student);
   if (teacher_grad) problem.dgram_teacher = at::zeros_like(problem.gram_teacher);
   for (const GramTerm& term : terms) kernel(term, problem);
 
-  const auto feature_grad = [&](at::Tensor& dgram, const Prepared& prepared, const at::Tensor& unit,
-                                const at::Tensor& features) {
-    symmetrize(dgram, 1.0);  // dL/dP = (dG + dG^T) P
-    const at::Tensor grad_prepared = exact_mm(dgram, unit);
-    return preprocess_backward(grad_prepared, prepared, unit, preprocess, eps)
-        .to(features.scalar_type())
-        .contiguous();
+  const auto feature_grad = [&](at::Tensor& dgram, const Prepared& prepared, const at::Tensor& features) {
+    hooks.symmetrize(dgram, 1.0);  // dL/dP = (dG + dG^T) P
+    at::Tensor grad_prepared = exact_mm(dgram, prepared.features);
+    return hooks.preprocess_backward(grad_prepared, prepared, preprocess, eps, features.scalar_type());
   };
-  at::Tensor grad_student = student_grad ? feature_grad(problem.dgram_student, prepared_student, p_student, student)
+  at::Tensor grad_student = student_grad ? feature_grad(problem.dgram_student, prepared_student, student)
                                          : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? feature_grad(problem.dgram_teacher, prepared_teacher, p_teacher, teacher)
+  at::Tensor grad_teacher = teacher_grad ? feature_grad(problem.dgram_teacher, prepared_teacher, teacher)
                                          : at::empty({0}, teacher.options());
   return {problem.loss, grad_student, grad_teacher};
 }
