@@ -59,12 +59,15 @@ def _forward_op(backend: str):
     raise ValueError(f"unknown backend {backend!r}")
 
 
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)  # a private guard: absent -> plain call
+
+
 def _below_autograd(op, *args):
     """op(*args) straight to the backend's kernel: the op's registered autograd would only redispatch it, in Python
     (~20 us a call). torch.compile cannot trace that guard and needs no shortcut."""
-    if torch.compiler.is_compiling():
+    if _BELOW_AUTOGRAD is None or torch.compiler.is_compiling():
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    with _BELOW_AUTOGRAD():
         return op(*args)
 
 
