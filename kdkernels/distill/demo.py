@@ -23,14 +23,17 @@ from kdkernels.distill.experiment import DigitsExperiment, distil_digits, train_
 from kdkernels.distill.registry import get_method
 from kdkernels.distill.trainer import TrainConfig
 
-DEMO_METHODS = ("ce", "kd", "dkd", "nkd", "dist", "rkd", "sp", "pkt", "dml", "bake", "cs-kd", "label-smoothing")
+# Official hyperparameters throughout. AT is left out: its weight of 1000 is calibrated for CIFAR's 32x32 maps, and on
+# digits' 8x8..2x2 maps the term outweighs the cross-entropy by two orders of magnitude (students fall below 50%).
+DEMO_METHODS = ("ce", "kd", "dkd", "nkd", "dist", "fitnet", "pkt", "rkd", "sp", "dml", "bake", "cs-kd",
+                "label-smoothing")
 QUICK_METHODS = ("ce", "kd", "dkd")
 
 
 @dataclasses.dataclass
 class DemoSettings:
     methods: tuple[str, ...] = DEMO_METHODS
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
