@@ -465,3 +465,38 @@ def test_a_stage_without_batches_is_an_error():
     config = TrainConfig(epochs=1, batch_size=128, drop_last=True, **QUIET)
     with pytest.raises(ValueError, match="no batch"):
         Trainer(config).fit(kd_recipe(), small_split().train)
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    """Images without labels, as SSLD's mined unlabelled data."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, index):
+        return {"input": self.inputs[index]}
+
+
+def test_label_free_methods_train_on_unlabelled_data_and_others_say_what_is_missing():
+    from kdkernels.distill import Trainer, TrainConfig, build_recipe
+
+    split = digits_split()
+    unlabelled = _Unlabelled(split.train.inputs[:64])
+    torch.manual_seed(0)
+    teacher = digits_model("teacher-cnn")
+    setup = Setup(student=digits_model("student-cnn"), teacher=teacher, num_classes=10)
+    before = [p.detach().clone() for p in setup.student.parameters()]
+    result = Trainer(TrainConfig(epochs=1, batch_size=16, progress=False)).fit(build_recipe("ssld", setup),
+                                                                              unlabelled, split.test)
+    assert 0.0 <= result.accuracy <= 100.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, setup.student.parameters()))
+    with pytest.raises(ValueError, match="reads 'target'"):
+        Trainer(TrainConfig(epochs=1, batch_size=16, progress=False)).fit(
+            build_recipe("kd", Setup(student=digits_model("student-cnn"), teacher=teacher, num_classes=10)),
+            unlabelled)
+    with pytest.raises(ValueError, match="no 'target' labels"):
+        Trainer(TrainConfig(epochs=1, batch_size=16, progress=False)).fit(
+            build_recipe("bake", Setup(student=digits_model("student-cnn"), num_classes=10)), unlabelled)

@@ -52,28 +52,37 @@ class IndexedDataset(Dataset):
         return {"input": inputs, "target": torch.as_tensor(target), "index": torch.tensor(index)}
 
     @property
-    def labels(self) -> np.ndarray:
+    def labels(self) -> np.ndarray | None:
+        """The targets, or None for unlabelled data (dict samples without ``"target"``)."""
         targets = getattr(self.dataset, "targets", None)
         if targets is None:
-            targets = [self.dataset[i][1] for i in range(len(self.dataset))]
-        return np.asarray(targets)
+            samples = (self.dataset[i] for i in range(len(self.dataset)))
+            targets = [sample.get("target") if isinstance(sample, dict) else sample[1] for sample in samples]
+            if any(target is None for target in targets):
+                return None
+        return np.asarray([int(target) for target in targets])
 
 
 def as_sample_dataset(dataset: Dataset) -> Dataset:
-    """The dataset itself when it yields sample dicts with an index, else wrapped in :class:`IndexedDataset`."""
+    """The dataset itself when it yields sample dicts with an index, else wrapped in :class:`IndexedDataset`.
+    Samples without ``"target"`` are unlabelled data (label-free methods such as SSLD train on them)."""
     if isinstance(dataset, (TensorDictDataset, IndexedDataset)):
         return dataset
     first = dataset[0]
-    if isinstance(first, dict) and {"input", "target", "index"} <= set(first):
+    if isinstance(first, dict) and {"input", "index"} <= set(first):
         return dataset
     return IndexedDataset(dataset)
 
 
-def dataset_labels(dataset: Dataset) -> np.ndarray:
+def dataset_labels(dataset: Dataset) -> np.ndarray | None:
+    """The labels of a sample dataset by index, or None when its samples carry no ``"target"``."""
     labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        return np.asarray(labels)
-    return np.asarray([int(dataset[i]["target"]) for i in range(len(dataset))])
+    if labels is not None or isinstance(dataset, (TensorDictDataset, IndexedDataset)):
+        return None if labels is None else np.asarray(labels)
+    samples = [dataset[i] for i in range(len(dataset))]
+    if any("target" not in sample for sample in samples):
+        return None
+    return np.asarray([int(sample["target"]) for sample in samples])
 
 
 @dataclasses.dataclass
@@ -225,12 +234,20 @@ class PairBatchSampler(_EpochSampler):
 
 
 def batch_sampler_for(batching: str, labels, batch_size: int, *, options: dict | None = None, seed: int = 0,
-                      rank: int = 0, world_size: int = 1, drop_last: bool = False) -> _EpochSampler:
-    """The batch sampler a stage asks for (``Stage.batching``): shuffle, class_aware or pairs."""
+                      rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                      num_samples: int | None = None) -> _EpochSampler:
+    """The batch sampler a stage asks for (``Stage.batching``): shuffle, class_aware or pairs. ``labels`` may be
+    None for unlabelled data (then ``num_samples`` is needed), which only the shuffle batching accepts."""
     options = options or {}
     if batching == "shuffle":
-        return ShuffleBatchSampler(len(labels), batch_size, drop_last=drop_last, seed=seed, rank=rank,
+        count = len(labels) if labels is not None else num_samples
+        if count is None:
+            raise ValueError("batch_sampler_for needs labels or num_samples")
+        return ShuffleBatchSampler(count, batch_size, drop_last=drop_last, seed=seed, rank=rank,
                                    world_size=world_size)
+    if labels is None:
+        raise ValueError(f"{batching!r} batching groups samples of the same class: the training data has no "
+                         "'target' labels")
     if batching == "class_aware":
         intra = int(options.get("intra", 1))
         batch_size -= batch_size % (intra + 1)

@@ -3,7 +3,8 @@
     result = Trainer(TrainConfig(epochs=30, amp="bf16", out_dir="runs/dkd")).fit(recipe, split.train, split.test)
 
 Per stage: ``stage.before()``; the distiller is built on the first batch (terms size their connectors) BEFORE the
-optimiser exists, then activated; the optimiser covers ``distiller.trainable_parameters()`` at ``lr · lr_scale``;
+optimiser exists, then activated; the optimiser covers ``distiller.trainable_parameters()`` at ``lr · lr_scale``
+(times ``Stage.model_lr_scales`` per model);
 the LR follows a per-step schedule (cosine, step, multistep or constant, after a linear warm-up) over the stage's
 epochs; batches come from the stage's sampler (``Stage.batching``), a deterministic function of (seed, epoch).
 
@@ -450,7 +451,7 @@ class _Run:
     def _prepare_stage(self, index: int, stage: Stage, epochs: int) -> _StageRun:
         config, env = self.config, self.env
         offset = sum(self._stage_epochs(i) for i in range(index))
-        sampler = batch_sampler_for(stage.batching, self.labels, config.batch_size,
+        sampler = batch_sampler_for(stage.batching, self.labels, config.batch_size, num_samples=len(self.train_set),
                                     options=stage.batching_options, seed=config.seed, rank=env.rank,
                                     world_size=env.world_size, drop_last=config.drop_last)
         loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=config.num_workers,
