@@ -4,8 +4,17 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or a plain process): the one that prints and writes summaries."""
+    from kdkernels.distributed import rank_and_world_size
+
+    rank, world_size = rank_and_world_size()
+    return (rank if world_size > 1 else int(os.environ.get("RANK", "0"))) == 0
 
 
 class UsageError(ValueError):
@@ -115,10 +124,13 @@ def distill_command(arguments) -> int:
         count = arguments.teachers or (3 if method.category == "multi-teacher" else 1)
         for index in range(count):
             teacher, accuracy = train_teacher(experiment, config, seed=arguments.seed + index)
-            print(f"teacher {index}: {accuracy:.2f}% test accuracy")
+            if is_main_process():
+                print(f"teacher {index}: {accuracy:.2f}% test accuracy")
             teachers.append(teacher)
     result = distil_digits(arguments.method, experiment, config, teachers, seed=arguments.seed,
                            preset=arguments.preset, overrides=overrides)
+    if not is_main_process():
+        return 0
     print(f"{arguments.method}: {result.accuracy:.2f}% test accuracy (best {result.best_accuracy:.2f}%), "
           f"{result.train_seconds:.1f} s, {100 * result.loss_share:.1f}% of it in the loss")
     if arguments.json:

@@ -17,6 +17,7 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Setup
 from kdkernels.distill.registry import build_recipe, get_method
 from kdkernels.distill.trainer import RunResult, TrainConfig, Trainer
+from kdkernels.distributed import rank_and_world_size
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ def train_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int =
                                          resume=False, mixup_alpha=0.0)
     result = Trainer(teacher_config).fit(build_recipe("ce", Setup(student=teacher, num_classes=10)),
                                          split.train, split.test)
-    if path is not None:
+    if path is not None and rank_and_world_size()[0] == 0:  # every rank trained the same teacher; one writes it
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": teacher.state_dict(), "accuracy": result.accuracy}, path)
     return teacher.eval(), result.accuracy
