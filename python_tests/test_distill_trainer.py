@@ -375,6 +375,47 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path)
             assert ddp_row["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
 
 
+def dropout_recipe(seed: int = 0) -> Recipe:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.2), digits_model("student-mlp"))
+    return build_recipe("ce", Setup(student=model, num_classes=10))
+
+
+def ddp_resume_worker(rank: int, port: int, out_dir: str) -> None:
+    """Per rank: 3 epochs straight, and 1 epoch then a resume for the rest. Batches of 20 from 64 samples give
+    rank 0 two batches of 20 and rank 1 one of 20 and one of 4, so dropout draws differently on the two ranks."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = dict(epochs=3, batch_size=20, lr=0.1, **QUIET)
+    try:
+        whole = dropout_recipe(seed=1)
+        Trainer(TrainConfig(out_dir=os.path.join(out_dir, "whole"), **config)).fit(whole, small_split().train)
+        pieces = os.path.join(out_dir, "pieces")
+        Trainer(TrainConfig(out_dir=pieces, stop_after_epochs=1, **config)).fit(dropout_recipe(seed=1),
+                                                                                small_split().train)
+        resumed = dropout_recipe(seed=7)
+        Trainer(TrainConfig(out_dir=pieces, resume=True, **config)).fit(resumed, small_split().train)
+        torch.save({"whole": whole.student.state_dict(), "resumed": resumed.student.state_dict(),
+                    "rng": torch.get_rng_state()}, os.path.join(out_dir, f"resume{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_resume_restores_every_ranks_rng(tmp_path):
+    importlib.import_module("torch._dynamo")
+    mp.start_processes(ddp_resume_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"resume{rank}.pt") for rank in range(2)]
+    assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"]), "the ranks should have drawn differently"
+    for rank in ranks:
+        for name, value in rank["whole"].items():
+            assert torch.equal(rank["resumed"][name], value), name
+    checkpoint = load_checkpoint(tmp_path / "pieces" / "last.pt")
+    assert len(checkpoint["rng_per_rank"]) == 2
+
+
 # ------------------------------------------------------------------------------------------ offline teacher
 
 def test_cached_teacher_gives_the_live_teachers_kd_losses():

@@ -18,7 +18,8 @@ DDP's average over ranks).
 Outputs (rank 0, when ``out_dir`` is set): ``metrics.csv`` and ``metrics.json`` (updated every epoch),
 ``curves.png``, ``last.pt`` (every ``checkpoint_every`` epochs and at the end of each stage), ``best.pt`` (best test
 accuracy of the exported model) and ``student.pt`` (the exported model's ``state_dict``). ``resume`` continues from
-a checkpoint exactly as the uninterrupted run would have (bit for bit on CPU in one process).
+a checkpoint exactly as the uninterrupted run would have (bit for bit on CPU, also under DDP with the same number
+of processes: every rank's RNG states are saved).
 """
 from __future__ import annotations
 
@@ -570,23 +571,37 @@ class _Run:
         improved = accuracy is not None and (self.best is None or accuracy > self.best)
         if improved:
             self.best = accuracy
-        if not self.writes:
+        if self.out_dir is None:
             return
         periodic = epoch % self.config.checkpoint_every == 0 or epoch == run.epochs
         if periodic or improved or force_checkpoint:
-            payload = self._checkpoint(run, epoch)
-            if periodic or force_checkpoint:
-                ckpt.save_checkpoint(self.out_dir / "last.pt", payload)
-            if improved:
-                ckpt.save_checkpoint(self.out_dir / "best.pt", payload)
-        self._write_metrics()
+            rng_per_rank = self._rng_per_rank()  # a collective under DDP: every rank takes part, rank 0 writes
+            if self.writes:
+                payload = self._checkpoint(run, epoch, rng_per_rank)
+                if periodic or force_checkpoint:
+                    ckpt.save_checkpoint(self.out_dir / "last.pt", payload)
+                if improved:
+                    ckpt.save_checkpoint(self.out_dir / "best.pt", payload)
+            if self.env.world_size > 1:
+                dist.barrier()  # no rank may read last.pt (a resume) before rank 0 has written it
+        if self.writes:
+            self._write_metrics()
 
-    def _checkpoint(self, run: _StageRun, epoch: int) -> dict:
+    def _rng_per_rank(self) -> list[dict]:
+        """Every rank's RNG states (ranks draw differently, e.g. dropout over a short last batch)."""
+        state = ckpt.rng_state()
+        if self.env.world_size == 1:
+            return [state]
+        states: list = [None] * self.env.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _checkpoint(self, run: _StageRun, epoch: int, rng_per_rank: list[dict]) -> dict:
         return {"method": self.recipe.method, "stages": [stage.name for stage in self.recipe.stages],
                 "stage": run.index, "epoch": epoch, "models": ckpt.models_state(self.recipe),
-                "run": run.state_dict(), "rng": ckpt.rng_state(), "history": list(self.history),
-                "best_accuracy": self.best, "student": self.recipe.student.state_dict(),
-                "config": dataclasses.asdict(self.config)}
+                "run": run.state_dict(), "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
+                "history": list(self.history), "best_accuracy": self.best,
+                "student": self.recipe.student.state_dict(), "config": dataclasses.asdict(self.config)}
 
     def _summary(self) -> dict:
         last_stage = len(self.recipe.stages) - 1
@@ -661,7 +676,8 @@ class _Run:
         self.history = list(payload["history"])
         self.best = payload["best_accuracy"]
         self.resume_payload = payload
-        self.pending_rng = payload["rng"]
+        per_rank = payload.get("rng_per_rank", [])
+        self.pending_rng = per_rank[self.env.rank] if len(per_rank) == self.env.world_size else payload["rng"]
 
     def _restore_pending_rng(self) -> None:
         if self.pending_rng is not None:
