@@ -307,6 +307,35 @@ def test_resume_continues_a_two_stage_run_identically(tmp_path, pieces):
     assert [row["stage"] for row in resumed.history] == ["teacher"] * 2 + ["kd"] * 3
 
 
+def pruning_recipe(method: str, seed: int) -> Recipe:
+    torch.manual_seed(0)
+    teacher = digits_model("student-cnn")
+    torch.manual_seed(seed)
+    options = {"pruning_ratio": 0.5, "finetune_epochs": 1}
+    return build_recipe(method, Setup(student=digits_model("student-mlp"), teacher=teacher, num_classes=10),
+                        **options)
+
+
+@pytest.mark.parametrize("method", ["prune-kd", "prue"])
+def test_resume_with_a_pruned_teacher(tmp_path, method):
+    """prune-kd prunes in each stage's ``before`` (a resume prunes again, then loads); PrUE prunes when its stage
+    builds (a resume loads a pruned teacher into a fresh one). Both continue bit for bit."""
+    config = dict(epochs=2, batch_size=16, **QUIET)
+    reference = pruning_recipe(method, seed=1)
+    Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(reference, small_split().train)
+    Trainer(TrainConfig(out_dir=tmp_path / "pieces", stop_after_epochs=2, **config)).fit(
+        pruning_recipe(method, seed=1), small_split().train)
+    resumed = pruning_recipe(method, seed=5)
+    Trainer(TrainConfig(out_dir=tmp_path / "pieces", resume=True, **config)).fit(resumed, small_split().train)
+    assert_same_run_models(resumed, reference)
+
+
+def assert_same_run_models(resumed: Recipe, reference: Recipe) -> None:
+    for key, state in parameters_of_recipe(reference).items():
+        for name, value in state.items():
+            assert torch.equal(parameters_of_recipe(resumed)[key][name], value), f"{key}.{name}"
+
+
 def test_resume_true_without_a_checkpoint_starts_fresh(tmp_path):
     config = TrainConfig(epochs=1, batch_size=32, out_dir=tmp_path, resume=True, **QUIET)
     assert len(Trainer(config).fit(kd_recipe(), small_split().train).history) == 1

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdkernels.distill import pruning
 from kdkernels.distill.recipe import Recipe
 
 FORMAT = 1
@@ -66,12 +67,16 @@ def models_state(recipe: Recipe) -> dict[str, dict]:
 
 
 def load_models_state(recipe: Recipe, states: Mapping[str, Mapping]) -> None:
-    """Loads :func:`models_state` into the recipe's models; the recipe must have the same stages and models."""
+    """Loads :func:`models_state` into the recipe's models; the recipe must have the same stages and models.
+    Pruned weights (``torch.nn.utils.prune``'s ``<name>_orig`` and ``<name>_mask``) load into models that are not
+    pruned yet, and every pruned weight is recomputed from what was loaded."""
     models = recipe_models(recipe)
     if set(models) != set(states):
         raise ValueError(f"the checkpoint's models {sorted(states)} do not match the recipe's {sorted(models)}")
     for key, model in models.items():
+        pruning.prepare_pruned_parameters(model, states[key])
         model.load_state_dict(states[key])
+        pruning.refresh_pruned_weights(model)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:

@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 
 import kdkernels
 from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.pruning import refresh_pruned_weights
 from kdkernels.distill.recipe import Recipe, Setup, Stage
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
@@ -37,7 +38,8 @@ def check_amount(name: str, amount) -> float:
 
 def magnitude_prune_(model: nn.Module, amount: float, layer_types: Sequence[type] = CONV_AND_LINEAR) -> None:
     """Global unstructured L1 pruning of ``amount`` of the still-unpruned weights of all such layers (repeated
-    calls prune a share of what remains, as torch's pruning containers do)."""
+    calls prune a share of what remains, as torch's pruning containers do), ranked by the current weights."""
+    refresh_pruned_weights(model)
     prune.global_unstructured(prunable_weights(model, layer_types), pruning_method=prune.L1Unstructured,
                               amount=check_amount("amount", amount))
 
@@ -162,9 +164,9 @@ class SparsifyingCrossEntropyTerm(Term):
         self.pruned = False
 
     def build(self, example):
-        if not self.pruned:
+        if not self.pruned and not prune.is_pruned(self._teacher[0]):  # a resumed run loads the pruned teacher
             prue_prune_(self._teacher[0], example["input"], example["target"], self.amount)
-            self.pruned = True
+        self.pruned = True
 
     def loss(self, logits, target, _inputs, *, context):
         return F.cross_entropy(logits, target)
