@@ -216,3 +216,45 @@ def test_switokd_trains_its_teacher_ten_times_faster_as_the_official_code():
     groups = stage.distiller.parameter_groups(0.01, stage.model_lr_scales)
     teacher = {id(p) for p in stage.distiller.models["teacher"].parameters()}
     assert [g["lr"] for g in groups if {id(p) for p in g["params"]} == teacher] == [0.1]
+
+
+def _switokd_batch():
+    """Rows 0-3: a right teacher and a confidently wrong student (expert mode on their own); rows 4-7: the reverse
+    (learning mode on their own)."""
+    target = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    right = F.one_hot(target, 5).float() * 2.0
+    wrong = F.one_hot((target + 1) % 5, 5).float() * 8.0
+    teacher = torch.cat([right[:4], wrong[4:]])
+    student = torch.cat([wrong[:4], right[4:]])
+    return student, teacher, target
+
+
+def _switokd_rank(rank: int, port: int, out_dir: str) -> None:
+    import os
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        student, teacher, target = _switokd_batch()
+        rows = slice(4 * rank, 4 * rank + 4)
+        torch.save(switokd_expert_mode(student[rows], teacher[rows], target[rows]),
+                   os.path.join(out_dir, f"switokd{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_switokd_ranks_switch_alike_from_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_switokd_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"switokd{rank}.pt") for rank in range(2)]
+    student, teacher, target = _switokd_batch()
+    local = [switokd_expert_mode(student[r], teacher[r], target[r]) for r in (slice(0, 4), slice(4, 8))]
+    assert local == [True, False], "the two halves alone would switch differently"
+    assert ranks[0] == ranks[1] == switokd_expert_mode(student, teacher, target)

@@ -127,19 +127,28 @@ def dml_feature(setup: Setup, dml_weight: float = 1.0, feature_weight: float = 1
 # -------------------------------------------------------------------------------------------------------- SwitOKD
 
 def _distance_to_labels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean_b ‖onehot(y) − softmax(z)‖₁``."""
+    """``‖onehot(y) − softmax(z)‖₁`` per sample."""
     one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-    return (one_hot - logits.softmax(dim=-1)).abs().sum(dim=-1).mean()
+    return (one_hot - logits.softmax(dim=-1)).abs().sum(dim=-1)
+
+
+def _global_means(*per_sample: torch.Tensor) -> list[torch.Tensor]:
+    """Batch means of per-sample values, over every data-parallel rank's batch when a process group runs (so
+    that all ranks take the same decision from the same statistics)."""
+    sums = torch.stack([values.sum() for values in per_sample] + [per_sample[0].new_tensor(per_sample[0].numel())])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return list(sums[:-1] / sums[-1])
 
 
 def switokd_expert_mode(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> bool:
     """SwitOKD's switch (hfutqian/SwitOKD ``main.py``): with ``s = mean‖y − p_s‖₁``, ``t = mean‖y − p_t‖₁`` and the
     gap ``G = mean‖p_s − p_t‖₁`` (T = 1), ``ε = exp(−t/(t + s))`` and ``δ = s − ε·t``, expert mode when ``G > δ`` and
-    ``t < s``."""
+    ``t < s``. Under data parallelism the means are over the global batch, so every rank switches alike."""
     with torch.no_grad():
-        s_label = _distance_to_labels(student_logits, target)
-        t_label = _distance_to_labels(teacher_logits, target)
-        gap = (student_logits.softmax(dim=-1) - teacher_logits.softmax(dim=-1)).abs().sum(dim=-1).mean()
+        s_label, t_label, gap = _global_means(
+            _distance_to_labels(student_logits, target), _distance_to_labels(teacher_logits, target),
+            (student_logits.softmax(dim=-1) - teacher_logits.softmax(dim=-1)).abs().sum(dim=-1))
         epsilon = torch.exp(-t_label / (t_label + s_label))
         delta = s_label - epsilon * t_label
         return bool(gap > delta) and bool(t_label < s_label)
