@@ -20,24 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels.decoupled_losses import _check_real
-from kdkernels.relation_losses import check_features
+from kdkernels.relation_losses import check_feature_pair, check_features
 
 REDUCTIONS = ("sum", "batchmean")
 
 
 def _check_pair(student_name: str, student, teacher_name: str, teacher, dims: Sequence[int] = (4,)) -> None:
     """Both floating tensors of an allowed rank, same batch size and device."""
+    check_feature_pair(student_name, student, teacher_name, teacher)
     for name, value in ((student_name, student), (teacher_name, teacher)):
-        check_features(name, value)
         if value.dim() not in dims:
             raise ValueError(f"{name} must have {' or '.join(str(d) for d in dims)} dims, got shape "
                              f"{tuple(value.shape)}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"{student_name} and {teacher_name} must have the same batch size, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.device != teacher.device:
-        raise ValueError(f"{student_name} and {teacher_name} must be on the same device, got {student.device} and "
-                         f"{teacher.device}")
 
 
 def _check_same_shape(student_name: str, student, teacher_name: str, teacher) -> None:

@@ -33,16 +33,21 @@ def check_features(name: str, features, min_dim: int = 1) -> None:
                          f"{tuple(features.shape)}")
 
 
+def check_feature_pair(student_name: str, student, teacher_name: str, teacher) -> None:
+    """Two feature tensors (:func:`check_features`) with the same batch size, on the same device."""
+    check_features(student_name, student)
+    check_features(teacher_name, teacher)
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{student_name} and {teacher_name} must have the same batch size, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"{student_name} and {teacher_name} must be on the same device, got {student.device} and "
+                         f"{teacher.device}")
+
+
 def _feature_rows(student, teacher, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated [B, D] views of both feature tensors (all-gathered when asked)."""
-    check_features("student", student)
-    check_features("teacher", teacher)
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"student and teacher must have the same batch size, got {student.shape[0]} and "
-                         f"{teacher.shape[0]}")
-    if student.device != teacher.device:
-        raise ValueError(f"student and teacher must be on the same device, got {student.device} and "
-                         f"{teacher.device}")
+    check_feature_pair("student", student, "teacher", teacher)
     if not isinstance(gather, bool):
         raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
     if student.dim() != 2 or teacher.dim() != 2:
