@@ -36,3 +36,19 @@ def test_readme_lists_every_registered_method():
     section = re.search(r"\*\*The methods\*\*(.*?)<!-- demo-results -->", (ROOT / "README.md").read_text(), re.S)
     listed = set(re.findall(r"^\| `([a-z0-9+-]+)` \| ", section.group(1), re.M))
     assert listed == {m.name for m in list_methods()}
+
+
+def test_readme_toolkit_examples_run():
+    """The README's distillation examples, run as written (one epoch; the digits zoo's stage3 for "layer3")."""
+    from kdkernels import distill
+
+    section = (ROOT / "README.md").read_text()
+    section = section[section.index("## Distillation toolkit"):section.index("**The commands.**")]
+    training, custom = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "epochs=240" in training and "layer3" in custom
+    namespace = {"student": distill.digits_model("student-cnn"), "teacher": distill.digits_model("teacher-cnn")}
+    exec(training.replace("epochs=240", "epochs=1").replace('out_dir="runs/dkd"', "progress=False"), namespace)
+    assert 0.0 <= namespace["result"].accuracy <= 100.0
+    assert namespace["recipe"].hyperparameters["warmup"] == 5
+    exec(custom.replace("layer3", "stage3"), namespace)
+    assert [term.name for term in namespace["distiller"].terms] == ["ce_student", "kd", "at"]
