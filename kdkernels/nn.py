@@ -1,205 +1,179 @@
-"""``torch.nn.Module`` wrappers of the functional losses."""
+"""``torch.nn.Module`` versions of the public losses, for training scripts that hold a criterion::
+
+    criterion = kdkernels.nn.KDLoss(temperature=4.0)
+    loss = criterion(student(x), teacher(x).detach())
+
+Each module is generated from its function (:data:`LOSS_MODULES` lists the pairs), so the two cannot drift apart: the
+constructor takes the function's hyperparameters (same names, defaults and order, stored as attributes), ``forward``
+its per-call tensors, and ``module(*inputs)`` is ``function(*inputs, **hyperparameters)``. The constructor checks what
+the function's signature states (choices written as ``Literal`` annotations, a positive temperature, the types of
+the defaults); the function checks the rest on each call. :class:`CRDLoss` is written by hand: it owns CRD's memory banks and normalisation constants.
+"""
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Callable, Literal, get_args, get_origin
 
 import torch
 
-from kdkernels import bake, contrastive_losses, decoupled_losses, losses, pearson_losses, relation_losses
+from kdkernels import losses
+from kdkernels._validation import Checks
+from kdkernels.losses import contrastive
 
 
-class KDLoss(torch.nn.Module):
-    """Hinton KD loss module: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (or the reverse or symmetric KL); see
-    :func:`kdkernels.kd_loss`.
-
-    Example::
-
-        criterion = kdkernels.nn.KDLoss(temperature=4.0)
-        loss = criterion(student(x), teacher(x).detach())
-    """
-
-    def __init__(self, temperature: float = 1.0, *, reduction: str = "batchmean", scale_by_t2: bool = True,
-                 ignore_index: int = -100, divergence: str = "forward", beta: float = 0.5,
-                 logit_softcap: float | None = None, backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = losses._check_temperature(temperature)
-        if reduction not in losses.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(losses.REDUCTIONS)}; got {reduction!r}")
-        self.reduction = reduction
-        if divergence not in losses.DIVERGENCES:
-            raise ValueError(f"divergence must be one of {', '.join(losses.DIVERGENCES)}; got {divergence!r}")
-        self.divergence = divergence
-        self.beta = beta
-        self.scale_by_t2 = scale_by_t2
-        self.ignore_index = ignore_index
-        self.logit_softcap = logit_softcap
-        self.backend = backend
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        return losses.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
-                              scale_by_t2=self.scale_by_t2, labels=labels, ignore_index=self.ignore_index,
-                              divergence=self.divergence, beta=self.beta, logit_softcap=self.logit_softcap,
-                              backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, reduction={self.reduction!r}, divergence={self.divergence!r}, "
-                f"backend={self.backend!r}")
+def _check_hyperparameters(class_name: str, values: dict, signature: inspect.Signature) -> None:
+    """What the function's signature states: choices (Literal annotations), a positive temperature, and types from
+    the defaults; ranges and the inputs are the function's to check on each call."""
+    check = Checks(class_name)
+    for name, value in values.items():
+        parameter = signature.parameters[name]
+        default = parameter.default
+        if get_origin(parameter.annotation) is Literal:
+            check.choice(name, value, get_args(parameter.annotation))
+        elif name == "temperature":
+            check.temperature(value)
+        elif isinstance(default, bool):
+            check.flag(name, value)
+        elif isinstance(default, int) and value is not None:
+            check.integer(name, value)
+        elif isinstance(default, float) and value is not None:
+            check.real(name, value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            check.type_error(name, "a str", value)
 
 
-class DKDLoss(torch.nn.Module):
-    """Decoupled KD module: ``alpha · TCKD + beta · NCKD`` (mdistiller's DKD without its warm-up factor, which
-    belongs to the training loop); see :func:`kdkernels.dkd_loss`.
-
-    Example::
-
-        criterion = kdkernels.nn.DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)
-        loss = ce + min(epoch / 20, 1.0) * criterion(student(x), teacher(x).detach(), y)
-    """
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, *,
-                 reduction: str = "batchmean", backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = losses._check_temperature(temperature)
-        self.alpha = decoupled_losses._check_real("alpha", alpha)
-        self.beta = decoupled_losses._check_real("beta", beta)
-        if reduction not in decoupled_losses.DKD_REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(decoupled_losses.DKD_REDUCTIONS)}; got "
-                             f"{reduction!r}")
-        self.reduction = reduction
-        self.backend = backend
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        return decoupled_losses.dkd_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha,
-                                         self.beta, self.reduction, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}"
+def _parameter_text(parameter: inspect.Parameter) -> str:
+    if parameter.default is inspect.Parameter.empty:
+        return parameter.name
+    return f"{parameter.name}=_defaults[{parameter.name!r}]"
 
 
-class NKDLoss(torch.nn.Module):
-    """Normalized KD module (cls_KD's NKD; add the student's cross-entropy separately); see
-    :func:`kdkernels.nkd_loss`."""
+def _signature_text(parameters: list[inspect.Parameter]) -> str:
+    """Parameters as source text, with a bare * before the first keyword-only one."""
+    parts, starred = ["self"], False
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and not starred:
+            parts.append("*")
+            starred = True
+        parts.append(_parameter_text(parameter))
+    return ", ".join(parts)
 
-    def __init__(self, temperature: float = 1.0, gamma: float = 1.5, *, backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = losses._check_temperature(temperature)
-        self.gamma = decoupled_losses._check_real("gamma", gamma)
-        self.backend = backend
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        return decoupled_losses.nkd_loss(student_logits, teacher_logits, labels, self.temperature, self.gamma,
-                                         backend=self.backend)
+def loss_module(class_name: str, function: Callable, inputs: tuple[str, ...], example: str) -> type:
+    """The module class of `function`: ``inputs`` (names of its per-call tensors, in forward's order) go to
+    ``forward``, every other parameter to the constructor."""
+    signature = inspect.signature(function, eval_str=True)
+    missing = [name for name in inputs if name not in signature.parameters]
+    if missing:
+        raise ValueError(f"{function.__name__} has no parameter(s) {missing}")
+    hyper = [p for name, p in signature.parameters.items() if name not in inputs]
+    inputs_as_parameters = [signature.parameters[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                            for name in inputs]
+    defaults = {p.name: p.default for p in signature.parameters.values() if p.default is not inspect.Parameter.empty}
+    names = [p.name for p in hyper]
+    source = (
+        f"def __init__({_signature_text(hyper)}):\n"
+        f"    torch.nn.Module.__init__(self)\n"
+        f"    values = {{{', '.join(f'{n!r}: {n}' for n in names)}}}\n"
+        f"    _check(_class_name, values, _function_signature)\n"
+        f"    for name, value in values.items():\n"
+        f"        setattr(self, name, value)\n"
+        f"def forward({_signature_text(inputs_as_parameters)}):\n"
+        f"    return _function({', '.join(f'{n}={n}' for n in inputs)}"
+        f"{''.join(f', {n}=self.{n}' for n in names)})\n")
+    namespace = {"torch": torch, "_defaults": defaults, "_check": _check_hyperparameters, "_class_name": class_name,
+                 "_function_signature": signature, "_function": function}
+    exec(source, namespace)  # real signatures: help(), IDEs and torch.compile see the parameters by name
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gamma={self.gamma}"
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+
+    summary = (function.__doc__ or "").strip().split("\n\n")[0]
+    doc = (f"Module of :func:`kdkernels.{function.__name__}`: {summary}\n\n"
+           f"``{class_name}(hyperparameters)(inputs)`` equals ``{function.__name__}(inputs, hyperparameters)``. "
+           f"Inputs: {', '.join(inputs)}.\n\nExample::\n\n    {example}\n")
+    return type(class_name, (torch.nn.Module,), {
+        "__init__": namespace["__init__"], "forward": namespace["forward"], "extra_repr": extra_repr,
+        "__doc__": doc, "__module__": __name__, "function": staticmethod(function), "inputs": inputs,
+        "hyperparameters": tuple(names)})
 
 
-class DISTLoss(torch.nn.Module):
-    """DIST module: ``beta · T² · inter + gamma · T² · intra`` Pearson terms; see :func:`kdkernels.dist_loss`."""
+# (class name, function, forward's inputs, example): every public loss that is a loss (not a helper such as
+# bake_targets, camkd_weights, ofd_margins, crd_normalizers or the samplers); crd_loss's module is CRDLoss below.
+_SPECS = [
+    ("KDLoss", losses.kd_loss,
+     ("student_logits", "teacher_logits", "labels", "teacher_topk_logprobs", "teacher_topk_indices"),
+     "loss = KDLoss(temperature=4.0)(student(x), teacher(x).detach())"),
+    ("DKDLoss", losses.dkd_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = ce + min(epoch / 20, 1.0) * DKDLoss(4.0, 1.0, 8.0)(student(x), teacher(x).detach(), y)"),
+    ("NKDLoss", losses.nkd_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = ce + NKDLoss(temperature=1.0, gamma=1.5)(student(x), teacher(x).detach(), y)"),
+    ("DISTLoss", losses.dist_loss, ("student_logits", "teacher_logits"),
+     "loss = ce + DISTLoss(temperature=1.0)(student(x), teacher(x).detach())"),
+    ("RKDLoss", losses.rkd_loss, ("student", "teacher"), "loss = ce + RKDLoss(25.0, 50.0)(f_s, f_t.detach())"),
+    ("RKDDistanceLoss", losses.rkd_distance_loss, ("student", "teacher"),
+     "loss = ce + 25.0 * RKDDistanceLoss()(f_s, f_t.detach())"),
+    ("RKDAngleLoss", losses.rkd_angle_loss, ("student", "teacher"),
+     "loss = ce + 50.0 * RKDAngleLoss()(f_s, f_t.detach())"),
+    ("SPLoss", losses.sp_loss, ("student", "teacher"), "loss = ce + 3000.0 * SPLoss()(f_s, f_t.detach())"),
+    ("PKTLoss", losses.pkt_loss, ("student", "teacher"), "loss = ce + 30000.0 * PKTLoss()(f_s, f_t.detach())"),
+    ("CCLoss", losses.cc_loss, ("student", "teacher"), "loss = ce + 0.02 * CCLoss(gamma=0.4)(e_s, e_t.detach())"),
+    ("IRGLoss", losses.irg_loss, ("student", "teacher"),
+     "loss = ce + IRGLoss()((m1_s, m2_s, emb_s, z_s), (m1_t, m2_t, emb_t, z_t))"),
+    ("BAKELoss", losses.bake_loss, ("logits", "features"),
+     "loss = F.cross_entropy(logits, y) + BAKELoss(temperature=4.0, omega=0.5)(logits, features)"),
+    ("SoftCrossEntropyLoss", losses.soft_cross_entropy_loss, ("student_logits", "teacher_logits"),
+     "loss = SoftCrossEntropyLoss()(student(x), previous_generation(x).detach())"),
+    ("WSLLoss", losses.wsl_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = ce + 2.5 * WSLLoss(temperature=2.0)(student(x), teacher(x).detach(), y)"),
+    ("BDKDLoss", losses.bdkd_loss, ("learner_logits", "target_logits"),
+     "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
+    ("LabelSmoothingLoss", losses.label_smoothing_loss, ("logits", "labels"),
+     "loss = LabelSmoothingLoss(epsilon=0.1)(student(x), y)"),
+    ("TfKDRegLoss", losses.tf_kd_reg_loss, ("student_logits", "labels"),
+     "loss = 0.9 * ce + TfKDRegLoss(temperature=20.0, correct_prob=0.99)(student(x), y)"),
+    ("TfNKDLoss", losses.tf_nkd_loss, ("student_logits", "labels"), "loss = ce + TfNKDLoss()(student(x), y)"),
+    ("ZipfLSLoss", losses.zipf_ls_loss, ("logits", "dense_logits", "labels"),
+     "loss = ce + ZipfLSLoss()(logits, dense_logits, y)"),
+    ("FitNetLoss", losses.fitnet_loss, ("student_hint", "teacher_hint"),
+     "loss = FitNetLoss()(regressor(f_s), f_t.detach())"),
+    ("ATLoss", losses.at_loss, ("student", "teacher"), "loss = ce + 1000.0 * ATLoss(p=2.0)(f_s, f_t.detach())"),
+    ("NSTLoss", losses.nst_loss, ("student", "teacher"), "loss = ce + 50.0 * NSTLoss()(f_s, f_t.detach())"),
+    ("FSPLoss", losses.fsp_loss, ("student_features", "teacher_features"),
+     "loss = FSPLoss()([g1_s, g2_s, g3_s], [g1_t, g2_t, g3_t])"),
+    ("OFDLoss", losses.ofd_loss, ("student", "teacher", "margin"),
+     "loss = OFDLoss(reduction='batchmean')(connector(f_s), f_t.detach(), margin)"),
+    ("VIDLoss", losses.vid_loss, ("mean", "teacher", "log_scale"),
+     "loss = VIDLoss()(regressor(f_s), f_t.detach(), log_scale)"),
+    ("ABLoss", losses.ab_loss, ("student", "teacher"), "loss = ABLoss(margin=1.0)(connector(f_s), f_t.detach())"),
+    ("FTLoss", losses.ft_loss, ("student_factor", "teacher_factor"),
+     "loss = ce + 200.0 * FTLoss()(translator(f_s), paraphraser(f_t).detach())"),
+    ("DarkRankLoss", losses.darkrank_loss, ("student", "teacher"), "loss = DarkRankLoss()(e_s, e_t.detach())"),
+    ("EnsembleKDLoss", losses.ensemble_kd_loss, ("student_logits", "teacher_logits"),
+     "loss = ce + EnsembleKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers])"),
+    ("CAMKDLoss", losses.camkd_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = ce + CAMKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers], y)"),
+    ("CAMKDFeatureLoss", losses.camkd_feature_loss,
+     ("student_features", "teacher_features", "teacher_logits_on_student", "labels"),
+     "loss = 50.0 * CAMKDFeatureLoss()(adapted_s, features_t, logits_t_on_s, y)"),
+    ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
+     "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
+]
 
-    def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0, *,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = losses._check_temperature(temperature)
-        self.beta = decoupled_losses._check_real("beta", beta)
-        self.gamma = decoupled_losses._check_real("gamma", gamma)
-        self.backend = backend
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return pearson_losses.dist_loss(student_logits, teacher_logits, self.temperature, self.beta, self.gamma,
-                                        backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"
-
-
-class RKDLoss(torch.nn.Module):
-    """Relational KD: ``distance_weight · RKD-D + angle_weight · RKD-A`` on features [B, ...]; see
-    :func:`kdkernels.rkd_loss` (defaults 25 / 50, RepDistiller's)."""
-
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, gather: bool = False,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.distance_weight, self.angle_weight = distance_weight, angle_weight
-        self.gather, self.backend = gather, backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return relation_losses.rkd_loss(student, teacher, self.distance_weight, self.angle_weight,
-                                        gather=self.gather, backend=self.backend)
-
-
-class SPLoss(torch.nn.Module):
-    """Similarity-preserving KD on features [B, ...]; see :func:`kdkernels.sp_loss`."""
-
-    def __init__(self, *, gather: bool = False, backend: str = "auto") -> None:
-        super().__init__()
-        self.gather, self.backend = gather, backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return relation_losses.sp_loss(student, teacher, gather=self.gather, backend=self.backend)
-
-
-class PKTLoss(torch.nn.Module):
-    """Probabilistic knowledge transfer on features [B, ...]; see :func:`kdkernels.pkt_loss`."""
-
-    def __init__(self, eps: float = 1e-7, *, gather: bool = False, backend: str = "auto") -> None:
-        super().__init__()
-        self.eps, self.gather, self.backend = eps, gather, backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return relation_losses.pkt_loss(student, teacher, self.eps, gather=self.gather, backend=self.backend)
-
-
-class CCLoss(torch.nn.Module):
-    """Correlation congruence on features [B, ...]; see :func:`kdkernels.cc_loss`."""
-
-    def __init__(self, gamma: float = 0.4, order: int = 2, kernel: str = "gaussian", *, gather: bool = False,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.gamma, self.order, self.kernel = gamma, order, kernel
-        self.gather, self.backend = gather, backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return relation_losses.cc_loss(student, teacher, self.gamma, self.order, self.kernel, gather=self.gather,
-                                       backend=self.backend)
-
-
-class BAKELoss(torch.nn.Module):
-    """BAKE module: ``T² · Σ KL(Q ‖ softmax(z/T)) / B`` towards the batch-ensembled targets Q; see
-    :func:`kdkernels.bake_loss`.
-
-    Example::
-
-        criterion = kdkernels.nn.BAKELoss(temperature=4.0, omega=0.5)
-        loss = F.cross_entropy(logits, y) + criterion(logits, features)
-    """
-
-    def __init__(self, temperature: float = 4.0, omega: float = 0.5, *, gather: bool = False,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = losses._check_temperature(temperature)
-        self.omega = bake._check_omega(omega)
-        self.gather = gather
-        self.backend = backend
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return bake.bake_loss(logits, features, self.temperature, self.omega, gather=self.gather,
-                              backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, omega={self.omega}, gather={self.gather}"
+LOSS_MODULES: dict[str, type] = {}
+for _name, _function, _inputs, _example in _SPECS:
+    LOSS_MODULES[_function.__name__] = globals()[_name] = loss_module(_name, _function, _inputs, _example)
+del _name, _function, _inputs, _example
 
 
 class CRDLoss(torch.nn.Module):
     """CRD's contrastive loss with its state, as RepDistiller's ``CRDLoss`` without the embedding heads (the caller's
     modules: pass their L2-normalised outputs). Holds the two memory banks ``memory_student`` / ``memory_teacher``
     [num_data, feat_dim] (buffers, init U(-stdv, stdv), stdv = 1/sqrt(feat_dim/3)) and ``normalizers`` [2] (Z_v1,
-    Z_v2; -1 until set). Each call sets Z on the first call (:func:`kdkernels.contrastive_losses.crd_normalizers`;
-    a loaded state_dict whose Z are > 0 counts as set), computes :func:`kdkernels.crd_loss` from the banks as they
-    were, then updates both banks (:func:`kdkernels.crd_update_memory_`).
+    Z_v2; -1 until set). Each call sets Z on the first call (:func:`kdkernels.crd_normalizers`; a loaded state_dict
+    whose Z are > 0 counts as set), computes :func:`kdkernels.crd_loss` from the banks as they were, then updates both
+    banks (:func:`kdkernels.crd_update_memory_`).
 
     Example::
 
@@ -210,12 +184,13 @@ class CRDLoss(torch.nn.Module):
     def __init__(self, num_data: int, feat_dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07,
                  momentum: float = 0.5, eps: float = 1e-7, *, backend: str = "auto") -> None:
         super().__init__()
-        self.num_data = contrastive_losses._check_positive_int("num_data", num_data)
-        self.feat_dim = contrastive_losses._check_positive_int("feat_dim", feat_dim)
-        self.num_negatives = contrastive_losses._check_positive_int("num_negatives", num_negatives)
-        self.temperature = losses._check_temperature(temperature)
-        self.momentum = float(momentum)
-        self.eps = contrastive_losses._check_eps(eps)
+        check = Checks("CRDLoss")
+        self.num_data = check.integer("num_data", num_data, minimum=1)
+        self.feat_dim = check.integer("feat_dim", feat_dim, minimum=1)
+        self.num_negatives = check.integer("num_negatives", num_negatives, minimum=1)
+        self.temperature = check.temperature(temperature)
+        self.momentum = check.probability("momentum", momentum)
+        self.eps = check.real("eps", eps, nonnegative=True)
         self.backend = backend
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_student", torch.rand(num_data, feat_dim).mul_(2 * stdv).add_(-stdv))
@@ -231,19 +206,24 @@ class CRDLoss(torch.nn.Module):
     def forward(self, student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: torch.Tensor,
                 contrast_indices: torch.Tensor | None = None) -> torch.Tensor:
         if contrast_indices is None:
-            contrast_indices = contrastive_losses.sample_contrast_indices(indices, self.num_data, self.num_negatives)
+            contrast_indices = contrastive.sample_contrast_indices(indices, self.num_data, self.num_negatives)
         if not self.normalizers_set:
-            self.normalizers.copy_(contrastive_losses.crd_normalizers(
+            self.normalizers.copy_(contrastive.crd_normalizers(
                 student_embed, teacher_embed, contrast_indices, self.memory_student, self.memory_teacher,
                 self.temperature, backend=self.backend))
             self.normalizers_set = True
-        loss = contrastive_losses.crd_loss(student_embed, teacher_embed, indices, contrast_indices,
-                                           self.memory_student, self.memory_teacher, self.normalizers,
-                                           self.temperature, self.eps, backend=self.backend)
-        contrastive_losses.crd_update_memory_(self.memory_student, student_embed, indices, self.momentum)
-        contrastive_losses.crd_update_memory_(self.memory_teacher, teacher_embed, indices, self.momentum)
+        loss = contrastive.crd_loss(student_embed, teacher_embed, indices, contrast_indices, self.memory_student,
+                                    self.memory_teacher, self.normalizers, self.temperature, self.eps,
+                                    backend=self.backend)
+        contrastive.crd_update_memory_(self.memory_student, student_embed, indices, self.momentum)
+        contrastive.crd_update_memory_(self.memory_teacher, teacher_embed, indices, self.momentum)
         return loss
 
     def extra_repr(self) -> str:
         return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, num_negatives={self.num_negatives}, "
                 f"temperature={self.temperature}, momentum={self.momentum}")
+
+
+LOSS_MODULES["crd_loss"] = CRDLoss
+
+__all__ = sorted(cls.__name__ for cls in LOSS_MODULES.values())

@@ -10,7 +10,7 @@ import kdkernels
 from distill_testing import digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.terms import MixupBatch, StepContext
-from kdkernels.soft_label_losses import min_rank
+from kdkernels.losses.soft_label import min_rank
 
 
 def assert_close(actual, expected):
@@ -373,7 +373,7 @@ def test_wsl_matches_paddleclas(use_labels):
 
 
 def test_wsl_shape_mismatch_names_the_arguments():
-    with pytest.raises(ValueError, match="student_logits and teacher_logits"):
+    with pytest.raises(ValueError, match="teacher_logits must have the same shape as student_logits"):
         kdkernels.wsl_loss(torch.randn(4, 10), torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
 
 

@@ -243,10 +243,11 @@ def test_bad_input_raises_a_clear_error(backend):
     student, teacher = features((4, 3), device=device, seed=25), features((4, 3), device=device, seed=26)
     cases = [
         (lambda: kdkernels.rkd_loss(student, teacher[:3], backend=backend), ValueError, "same batch size"),
-        (lambda: kdkernels.sp_loss(student.long(), teacher, backend=backend), TypeError, "floating-point"),
+        (lambda: kdkernels.sp_loss(student.long(), teacher, backend=backend), TypeError, "student must be float32"),
         (lambda: kdkernels.pkt_loss(student, "x", backend=backend), TypeError, "teacher must be a torch.Tensor"),
         (lambda: kdkernels.pkt_loss(student, teacher, eps=0.0, backend=backend), ValueError, "eps must be positive"),
-        (lambda: kdkernels.cc_loss(student, teacher, order=1.5, backend=backend), ValueError, "order"),
+        (lambda: kdkernels.cc_loss(student, teacher, order=1.5, backend=backend), TypeError, "order must be an int"),
+        (lambda: kdkernels.cc_loss(student, teacher, order=65, backend=backend), ValueError, r"order must be an int in \[0, 64\]"),
         (lambda: kdkernels.cc_loss(student, teacher, kernel="rbf", backend=backend), ValueError, "kernel"),
         (lambda: kdkernels.rkd_loss(student, teacher, float("nan"), backend=backend), ValueError, "distance_weight"),
         (lambda: kdkernels.sp_loss(student, teacher, gather=1, backend=backend), TypeError, "gather"),

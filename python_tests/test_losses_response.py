@@ -250,7 +250,7 @@ def test_nn_modules_match_the_functions():
     (lambda s, t, y: kdkernels.dkd_loss(s, t, y + 100), ValueError, r"labels must be class indices in \[0, 30\)"),
     (lambda s, t, y: kdkernels.dkd_loss(s, t, y.float()), TypeError, "labels must be an integer tensor"),
     (lambda s, t, y: kdkernels.dkd_loss(s, t, y[:3]), ValueError, "leading shape"),
-    (lambda s, t, y: kdkernels.dkd_loss(s, t, y, reduction="mean"), ValueError, "reduction must be one of"),
+    (lambda s, t, y: kdkernels.dkd_loss(s, t, y, reduction="avg"), ValueError, "reduction must be one of"),
     (lambda s, t, y: kdkernels.dkd_loss(s, t, y, alpha=float("nan")), ValueError, "alpha must be finite"),
     (lambda s, t, y: kdkernels.dkd_loss(s, t[:, :5], y), ValueError, "same shape"),
     (lambda s, t, y: kdkernels.nkd_loss(s, t, y, gamma="x"), TypeError, "gamma must be a real number"),

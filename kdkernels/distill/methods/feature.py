@@ -21,8 +21,8 @@ from kdkernels.distill.methods._common import offline
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
-from kdkernels.feature_losses import pool_to_smaller
-from kdkernels.contrastive_losses import sample_other_class_indices
+from kdkernels.losses._common import pool_to_smaller
+from kdkernels.losses.contrastive import sample_other_class_indices
 from kdkernels.nn import CRDLoss
 
 CIFAR_INIT_SHARE = 30 / 240   # RepDistiller's init_epochs 30 before the 240-epoch main run (FSP, AB, FT)

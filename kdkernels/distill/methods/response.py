@@ -18,7 +18,7 @@ from kdkernels.distill.methods._common import offline, single_stage
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term, mixup_average
-from kdkernels.soft_label_losses import LABEL_SMOOTHING_CONVENTIONS
+from kdkernels.losses.soft_label import LABEL_SMOOTHING_CONVENTIONS
 
 
 def teacher_free(method: str, setup: Setup, terms: list[Term]) -> Recipe:

@@ -11,39 +11,31 @@ with no host synchronisation; the KL runs on the fused ``softmax_kl`` kernel.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 
+from kdkernels._validation import Checks, Reduction, accumulation_dtype
 from kdkernels.distributed import all_gather_batch, rank_and_world_size
-from kdkernels.losses import _check_logits, _check_temperature, kd_loss
-from kdkernels.reference.softmax_kl import accumulation_dtype
-from kdkernels.relation_losses import check_features
+from kdkernels.losses.kd import kd_loss
 
 
-def _check_omega(omega) -> float:
-    if isinstance(omega, bool) or not isinstance(omega, numbers.Real):
-        raise TypeError(f"omega must be a real number, got {type(omega).__name__}")
-    omega = float(omega)
-    if not 0.0 <= omega < 1.0:
-        raise ValueError(f"omega must be in [0, 1), got {omega}")
-    return omega
+def check_omega(check: Checks, omega) -> float:
+    return check.real("omega", omega, minimum=0.0, maximum=1.0, maximum_open=True)
 
 
-def _check_features_and_logits(features, logits) -> None:
-    check_features("features", features, min_dim=2)
-    _check_logits("logits", logits)
+def _check_features_and_logits(check: Checks, features, logits) -> None:
+    check.features("features", features, dims=None)
+    if features.dim() < 2:
+        check.value_error("features", "must have shape [B, ...] with at least one feature per sample",
+                          f"shape {tuple(features.shape)}")
+    check.logits("logits", logits)
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [B, C], got {tuple(logits.shape)}")
+        check.value_error("logits", "must have shape [B, C]", f"{tuple(logits.shape)}")
     if features.shape[0] != logits.shape[0]:
-        raise ValueError(f"features and logits must have the same batch size, got {features.shape[0]} and "
-                         f"{logits.shape[0]}")
-    if logits.shape[0] < 2:
-        raise ValueError(f"BAKE propagates knowledge between samples and needs a batch of at least 2, got "
-                         f"{logits.shape[0]}")
-    if features.device != logits.device:
-        raise ValueError(f"features and logits must be on the same device, got {features.device} and {logits.device}")
+        check.value_error("features", f"must have the same batch size as logits ({logits.shape[0]})",
+                          f"{features.shape[0]}")
+    check.batch_of_at_least("logits", logits, 2, "BAKE propagates knowledge between samples")
+    check.same_device("features", features, "logits", logits)
 
 
 def _all_gather_together(features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +77,13 @@ def bake_targets(features: torch.Tensor, logits: torch.Tensor, temperature: floa
 
     Returns detached targets whose rows sum to 1, computed in float32 (float64 for float64 inputs).
     """
-    _check_features_and_logits(features, logits)
-    temperature, omega = _check_temperature(temperature), _check_omega(omega)
+    return _targets(Checks("bake_targets"), features, logits, temperature, omega, gather)
+
+
+def _targets(check: Checks, features, logits, temperature, omega, gather) -> torch.Tensor:
+    _check_features_and_logits(check, features, logits)
+    temperature, omega = check.temperature(temperature), check_omega(check, omega)
+    check.flag("gather", gather)
     acc = accumulation_dtype(features, logits)
     with torch.no_grad():
         features, logits = features.detach().to(acc), logits.detach().to(acc)
@@ -101,14 +98,17 @@ def bake_targets(features: torch.Tensor, logits: torch.Tensor, temperature: floa
 
 
 def bake_loss(logits: torch.Tensor, features: torch.Tensor, temperature: float = 4.0, omega: float = 0.5, *,
-              gather: bool = False, backend: str = "auto") -> torch.Tensor:
+              gather: bool = False, reduction: Reduction = "batchmean", backend: str = "auto") -> torch.Tensor:
     """BAKE's distillation term ``T^2 * sum KL(Q || softmax(logits / T)) / B`` with ``Q = bake_targets(...)``.
 
     Add it to the cross-entropy (BAKE: weight 1). The gradient reaches ``logits`` only (the targets are detached, as
     in BAKE); with ``gather=True`` the targets come from the global batch and each rank's loss covers its own rows.
     The KL runs on the fused ``softmax_kl`` kernel against teacher logits ``T * log Q`` (whose tempered softmax is Q;
     zero targets become ``-inf`` logits, which contribute exactly 0). Returns float32 (float64 for float64 inputs).
+    ``reduction`` as :func:`kdkernels.kd_loss`'s (``"batchmean"``: BAKE's).
     """
-    targets = bake_targets(features, logits, temperature, omega, gather=gather)
+    check = Checks("bake_loss")
+    reduction = check.reduction(reduction)
+    targets = _targets(check, features, logits, temperature, omega, gather)
     teacher_logits = temperature * torch.log(targets)
-    return kd_loss(logits, teacher_logits, temperature, reduction="batchmean", backend=backend)
+    return kd_loss(logits, teacher_logits, temperature, reduction=reduction, backend=backend)

@@ -11,74 +11,41 @@ are explicit, caller-owned state (:class:`kdkernels.nn.CRDLoss` holds them as bu
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from kdkernels import backends
-from kdkernels.losses import _check_temperature
-from kdkernels.ops._registration import accumulation_dtype
+from kdkernels._validation import Checks, accumulation_dtype, promote_float64
 from kdkernels.ops.contrastive import crd_nce
 from kdkernels.reference.contrastive import normalizer_from_score_lse
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-def _check_embeddings(student_embed, teacher_embed) -> None:
+def _check_embeddings(check: Checks, student_embed, teacher_embed) -> None:
     for name, x in (("student_embed", student_embed), ("teacher_embed", teacher_embed)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"{name} must be a non-empty 2-D [B, d] tensor, got shape {tuple(x.shape)}")
-    if student_embed.shape != teacher_embed.shape:
-        raise ValueError(f"student_embed and teacher_embed must have the same shape [B, d], got "
-                         f"{tuple(student_embed.shape)} and {tuple(teacher_embed.shape)}")
-    if student_embed.device != teacher_embed.device:
-        raise ValueError(f"student_embed and teacher_embed must be on the same device, got {student_embed.device} "
-                         f"and {teacher_embed.device}")
+        check.floating(name, x, dims=(2,))
+    check.same_shape("teacher_embed", teacher_embed, "student_embed", student_embed)
+    check.same_device("teacher_embed", teacher_embed, "student_embed", student_embed)
 
 
-def _check_banks(memory_student, memory_teacher, embed: torch.Tensor) -> None:
+def _check_banks(check: Checks, memory_student, memory_teacher, embed: torch.Tensor) -> None:
     for name, bank in (("memory_student", memory_student), ("memory_teacher", memory_teacher)):
-        if not isinstance(bank, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(bank).__name__}")
-        if bank.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {bank.dtype}")
-        if bank.dim() != 2 or bank.shape[0] < 1 or bank.shape[1] != embed.shape[1]:
-            raise ValueError(f"{name} must be a 2-D [N, {embed.shape[1]}] bank (the embeddings' width), got shape "
-                             f"{tuple(bank.shape)}")
-        if bank.device != embed.device:
-            raise ValueError(f"{name} must be on the embeddings' device {embed.device}, got {bank.device}")
+        check.floating(name, bank, dims=(2,))
+        if bank.shape[1] != embed.shape[1]:
+            check.value_error(name, f"must be a 2-D [N, {embed.shape[1]}] bank (the embeddings' width)",
+                              f"shape {tuple(bank.shape)}")
+        check.same_device(name, bank, "the embeddings", embed)
         if bank.requires_grad:
-            raise ValueError(f"{name} requires grad, but a CRD memory bank is a constant updated by "
-                             "crd_update_memory_ (register it as a buffer, or pass bank.detach())")
-        if (bank.dtype == torch.float64) != (embed.dtype == torch.float64):
-            raise TypeError(f"{name} is {bank.dtype} but the embeddings are {embed.dtype}: float64 must be used "
-                            "for both")
-    if memory_student.shape != memory_teacher.shape:
-        raise ValueError(f"memory_student and memory_teacher must have the same shape [N, d], got "
-                         f"{tuple(memory_student.shape)} and {tuple(memory_teacher.shape)}")
+            check.value_error(name, "must not require grad (a CRD memory bank is a constant updated by "
+                              "crd_update_memory_: register it as a buffer, or pass bank.detach())",
+                              "a tensor that requires grad")
+    check.same_shape("memory_teacher", memory_teacher, "memory_student", memory_student)
 
 
-def _check_index_tensor(name: str, x, shape: tuple, device: torch.device) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {x.dtype}")
-    if x.dim() != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
-        expected = ", ".join("K+1" if want is None else str(want) for want in shape)
-        raise ValueError(f"{name} must have shape [{expected}], got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} must be on the embeddings' device {device}, got {x.device}")
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _check_contrast_indices(check: Checks, contrast_indices, embed: torch.Tensor) -> torch.Tensor:
+    check.index_tensor("contrast_indices", contrast_indices, (embed.shape[0], None), embed.device, "[B, K+1]")
+    if contrast_indices.shape[1] < 2:
+        check.value_error("contrast_indices", "needs K+1 >= 2 columns (the positive and at least one negative)",
+                          f"{contrast_indices.shape[1]}")
+    return contrast_indices
 
 
 def sample_contrast_indices(indices: torch.Tensor, num_data: int, num_negatives: int = 16384, *,
@@ -87,8 +54,10 @@ def sample_contrast_indices(indices: torch.Tensor, num_data: int, num_negatives:
     and K = ``num_negatives`` columns drawn uniformly, with replacement, from the whole bank [0, num_data)
     (``AliasMethod`` over uniform unigrams). Unlike the dataset sampler (``CIFAR100InstanceSample``, negatives from
     other classes), these negatives may be of the sample's own class, or the sample itself."""
-    num_data = _check_positive_int("num_data", num_data)
-    num_negatives = _check_positive_int("num_negatives", num_negatives)
+    check = Checks("sample_contrast_indices")
+    check.integers("indices", indices)
+    num_data = check.integer("num_data", num_data, minimum=1)
+    num_negatives = check.integer("num_negatives", num_negatives, minimum=1)
     negatives = torch.randint(0, num_data, (indices.shape[0], num_negatives), generator=generator,
                               device=indices.device, dtype=torch.int64)
     return torch.cat([indices.reshape(-1, 1).to(torch.int64), negatives], dim=1)
@@ -100,10 +69,10 @@ def sample_other_class_indices(indices: torch.Tensor, bank_labels: torch.Tensor,
     ``num_negatives`` columns drawn uniformly, with replacement, from the bank entries whose label differs from the
     anchor's (``bank_labels`` [num_data], integer class of every bank slot). On the device, no host sync: a draw r
     in [0, N − n_y) over the label-sorted bank skips the anchor's class block."""
-    num_negatives = _check_positive_int("num_negatives", num_negatives)
-    if not isinstance(bank_labels, torch.Tensor) or bank_labels.dim() != 1 or bank_labels.dtype.is_floating_point:
-        raise ValueError("bank_labels must be a 1-D integer tensor with one class per bank slot")
-    _check_index_tensor("indices", indices, (indices.shape[0],), bank_labels.device)
+    check = Checks("sample_other_class_indices")
+    num_negatives = check.integer("num_negatives", num_negatives, minimum=1)
+    check.integers("bank_labels", bank_labels, dims=(1,))
+    check.index_tensor("indices", indices, (None,), bank_labels.device, "[B]")
     order = torch.argsort(bank_labels, stable=True)
     counts = torch.bincount(bank_labels)
     starts = torch.cumsum(counts, 0) - counts
@@ -116,21 +85,12 @@ def sample_other_class_indices(indices: torch.Tensor, bank_labels: torch.Tensor,
     return torch.cat([indices.reshape(-1, 1).to(torch.int64), order[position]], dim=1)
 
 
-def _resolve_contrast_indices(indices, contrast_indices, embed, num_data, num_negatives, generator):
-    _check_index_tensor("indices", indices, (embed.shape[0],), embed.device)
+def _resolve_contrast_indices(check: Checks, indices, contrast_indices, embed, num_data, num_negatives, generator):
+    check.index_tensor("indices", indices, (embed.shape[0],), embed.device, "[B]")
     if contrast_indices is None:
+        num_negatives = check.integer("num_negatives", num_negatives, minimum=1)
         return sample_contrast_indices(indices, num_data, num_negatives, generator=generator)
-    _check_index_tensor("contrast_indices", contrast_indices, (embed.shape[0], None), embed.device)
-    if contrast_indices.shape[1] < 2:
-        raise ValueError(f"contrast_indices needs K+1 >= 2 columns (the positive and at least one negative), got "
-                         f"{contrast_indices.shape[1]}")
-    return contrast_indices
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite real >= 0, got {eps!r}")
-    return float(eps)
+    return _check_contrast_indices(check, contrast_indices, embed)
 
 
 def crd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: torch.Tensor,
@@ -153,20 +113,19 @@ def crd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: 
     value as a [1] tensor. Every term is formed in log space (no exp overflow at low temperatures or in fp16), and
     the op never stores the B x (K+1) x d gathered memory (RepDistiller keeps two, ~537 MB each at B=64, K=16384).
     """
-    _check_embeddings(student_embed, teacher_embed)
-    _check_banks(memory_student, memory_teacher, student_embed)
-    temperature = _check_temperature(temperature)
-    eps = _check_eps(eps)
+    check = Checks("crd_loss")
+    _check_embeddings(check, student_embed, teacher_embed)
+    _check_banks(check, memory_student, memory_teacher, student_embed)
+    temperature = check.temperature(temperature)
+    eps = check.real("eps", eps, nonnegative=True)
     num_data = memory_student.shape[0]
-    contrast_indices = _resolve_contrast_indices(indices, contrast_indices, student_embed, num_data, num_negatives,
-                                                 generator)
-    if (not isinstance(normalizers, torch.Tensor) or normalizers.shape != (2,)
-            or not normalizers.dtype.is_floating_point):
-        raise ValueError(f"normalizers must be a float tensor of shape [2] (Z_v1, Z_v2), got "
-                         f"{normalizers if not isinstance(normalizers, torch.Tensor) else tuple(normalizers.shape)}")
-    if normalizers.device != student_embed.device:
-        raise ValueError(f"normalizers must be on the embeddings' device {student_embed.device}, got "
-                         f"{normalizers.device}")
+    contrast_indices = _resolve_contrast_indices(check, indices, contrast_indices, student_embed, num_data,
+                                                 num_negatives, generator)
+    check.floating("normalizers", normalizers)
+    check.shape("normalizers", normalizers, (2,), "[2] (Z_v1, Z_v2)")
+    check.same_device("normalizers", normalizers, "student_embed", student_embed)
+    student_embed, teacher_embed, memory_student, memory_teacher = promote_float64(
+        student_embed, teacher_embed, memory_student, memory_teacher)
     name = backends.select_backend(backend, student_embed, memory_teacher, required_ops=("crd_nce",))
     noise_mass = (contrast_indices.shape[1] - 1) / num_data
     log_normalizers = normalizers.detach().to(accumulation_dtype(student_embed)).log()
@@ -183,12 +142,13 @@ def crd_normalizers(student_embed: torch.Tensor, teacher_embed: torch.Tensor, co
     """RepDistiller's normalisation constants (Z_v1, Z_v2) [2], set on its first call: ``Z = mean(exp(s)) N`` over
     the batch's B (K+1) scores of each side (student embeddings vs the teacher bank, then teacher embeddings vs the
     student bank), formed from per-row logsumexps (no exp overflow, no gathered tensor). No gradient."""
-    _check_embeddings(student_embed, teacher_embed)
-    _check_banks(memory_student, memory_teacher, student_embed)
-    temperature = _check_temperature(temperature)
-    _check_index_tensor("contrast_indices", contrast_indices, (student_embed.shape[0], None), student_embed.device)
-    if contrast_indices.shape[1] < 2:
-        raise ValueError(f"contrast_indices needs K+1 >= 2 columns, got {contrast_indices.shape[1]}")
+    check = Checks("crd_normalizers")
+    _check_embeddings(check, student_embed, teacher_embed)
+    _check_banks(check, memory_student, memory_teacher, student_embed)
+    temperature = check.temperature(temperature)
+    _check_contrast_indices(check, contrast_indices, student_embed)
+    student_embed, teacher_embed, memory_student, memory_teacher = promote_float64(
+        student_embed, teacher_embed, memory_student, memory_teacher)
     name = backends.select_backend(backend, student_embed, memory_teacher, required_ops=("crd_nce",))
     num_data, contrasts = memory_student.shape[0], contrast_indices.shape[1]
     zero = student_embed.new_zeros((), dtype=accumulation_dtype(student_embed))
@@ -207,17 +167,13 @@ def crd_update_memory_(memory: torch.Tensor, embed: torch.Tensor, indices: torch
     (L2 norm, computed in float32, float64 for a float64 bank). Duplicate indices in a batch are deterministic: the
     last occurrence wins (every duplicate writes that value; RepDistiller's ``index_copy_`` races). No host
     synchronisation. Returns ``memory``."""
-    if not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"memory must be a 2-D float [N, d] tensor, got "
-                         f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}")
-    if not isinstance(embed, torch.Tensor) or embed.dim() != 2 or embed.shape[1] != memory.shape[1]:
-        raise ValueError(f"embed must be a 2-D [B, {memory.shape[1]}] tensor, got "
-                         f"{tuple(embed.shape) if isinstance(embed, torch.Tensor) else type(embed).__name__}")
-    if embed.device != memory.device:
-        raise ValueError(f"embed must be on the memory's device {memory.device}, got {embed.device}")
-    _check_index_tensor("indices", indices, (embed.shape[0],), memory.device)
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a real in [0, 1], got {momentum!r}")
+    check = Checks("crd_update_memory_")
+    check.floating("memory", memory, dims=(2,), nonempty=False)
+    check.floating("embed", embed, nonempty=False)
+    check.shape("embed", embed, (None, memory.shape[1]), f"[B, {memory.shape[1]}] (2-D, the memory's width)")
+    check.same_device("embed", embed, "memory", memory)
+    check.index_tensor("indices", indices, (embed.shape[0],), memory.device, "[B]")
+    momentum = check.probability("momentum", momentum)
     with torch.no_grad():
         acc = accumulation_dtype(memory)
         mixed = torch.index_select(memory, 0, indices).to(acc) * momentum + embed.detach().to(acc) * (1 - momentum)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from kdkernels import backends
-from kdkernels.decoupled_losses import _check_real
-from kdkernels.losses import _as_rows, _check_temperature, check_logits_pair
+from kdkernels._validation import Checks
+from kdkernels.losses._common import as_rows
 from kdkernels.ops.dist import dist_pearson
 
 
@@ -25,16 +25,18 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     parallelism, it is computed on each process's local batch, as in DIST_KD. Leading dims of ``[..., C]`` logits are
     rows (for segmentation maps, move the class dim last first). Gradients reach the teacher too when it requires
     grad. One fused op computes both terms in one pass over the logits (two for rows longer than 4096 classes), one
-    more for the gradient, and never stores a probability tensor.
+    more for the gradient, and never stores a probability tensor. The loss is a statistic of the whole batch, so it
+    takes no ``reduction``.
     """
-    check_logits_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
-    beta, gamma = _check_real("beta", beta), _check_real("gamma", gamma)
-    student, teacher = _as_rows(student_logits), _as_rows(teacher_logits)
+    check = Checks("dist_loss")
+    check.logits_pair(student_logits, teacher_logits)
+    temperature = check.temperature(temperature)
+    beta, gamma = check.real("beta", beta), check.real("gamma", gamma)
+    student, teacher = as_rows(student_logits), as_rows(teacher_logits)
     if gamma != 0.0 and student.shape[0] < 2:
-        raise ValueError(f"dist_loss: the intra-class term (gamma={gamma}) correlates each class across the batch "
-                         f"and needs at least 2 rows; student_logits has {student.shape[0]}. Pass gamma=0 to use "
-                         "the inter-class term alone.")
+        check.value_error("student_logits", f"must hold at least 2 rows for the intra-class term (gamma={gamma}), "
+                          "which correlates each class across the batch; pass gamma=0 to use the inter-class term "
+                          "alone", f"{student.shape[0]}")
     name = backends.select_backend(backend, student, teacher, required_ops=("dist",))
     row_pearson, col_pearson = dist_pearson(student, teacher, temperature, name)
     scale = temperature * temperature

@@ -1,5 +1,5 @@
-"""Soft-label losses: label smoothing (both conventions), Tf-KD's virtual teacher, teacher-free NKD, Zipf's label
-smoothing and weighted soft labels (WSL).
+"""Teacher-free soft-label losses: label smoothing (both conventions), Tf-KD's virtual teacher, teacher-free NKD and
+Zipf's label smoothing. (Weighted soft labels, which come from a teacher, are in :mod:`kdkernels.losses.response`.)
 
 Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may later replace it
 behind the same signature). Every formula is transcribed from the official code named in its docstring
@@ -7,26 +7,23 @@ behind the same signature). Every formula is transcribed from the official code 
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-from kdkernels.decoupled_losses import _check_real, class_labels
-from kdkernels.losses import _check_logits, _check_temperature, check_logits_pair
+from kdkernels._validation import Checks, Reduction
+from kdkernels.losses._common import reduce_rows, soft_cross_entropy_rows
 
-LABEL_SMOOTHING_CONVENTIONS = ("uniform", "others")
+LabelSmoothingConvention = Literal["uniform", "others"]
+LABEL_SMOOTHING_CONVENTIONS = get_args(LabelSmoothingConvention)
+_BATCH_BY_CLASSES = "[batch, classes]"
 
 
-def _check_2d(name: str, logits) -> None:
-    _check_logits(name, logits)
+def _check_2d(check: Checks, name: str, logits) -> None:
+    check.logits(name, logits)
     if logits.dim() != 2:
-        raise ValueError(f"{name} must be [batch, classes], got shape {tuple(logits.shape)}")
-
-
-def _check_probability(name: str, value, *, upper_open: bool = True) -> float:
-    value = _check_real(name, value)
-    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value}")
-    return value
+        check.value_error(name, f"must have shape {_BATCH_BY_CLASSES}", f"shape {tuple(logits.shape)}")
 
 
 def _non_target_columns(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -35,15 +32,10 @@ def _non_target_columns(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return columns + (columns >= labels.unsqueeze(1)).long()
 
 
-def _soft_cross_entropy(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-row ``-Σ_c target·log_probs``."""
-    return -(target * log_probs).sum(dim=1)
-
-
 # ------------------------------------------------------------------------------------------------ label smoothing
 
 def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
-                         convention: str = "uniform") -> torch.Tensor:
+                         convention: LabelSmoothingConvention = "uniform", *, reduction: Reduction = "batchmean") -> torch.Tensor:
     """Cross-entropy against smoothed one-hot targets, averaged over the batch: ``mean_b −Σ_c q_c log softmax(z)_c``.
 
     ``convention="uniform"``: ``q = (1 − ε)·onehot(y) + ε/C`` over all ``C`` classes, the target included (Müller,
@@ -54,27 +46,29 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: fl
 
     Args:
         logits: ``[B, C]``. labels: integer class indices ``[B]``. epsilon: ``0 ≤ ε < 1``.
+        reduction: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over B · C) or ``"none"`` ([B]).
     """
-    _check_2d("logits", logits)
-    if convention not in LABEL_SMOOTHING_CONVENTIONS:
-        raise ValueError(f"convention must be one of {', '.join(LABEL_SMOOTHING_CONVENTIONS)}; got {convention!r}")
-    epsilon = _check_probability("epsilon", epsilon)
+    check = Checks("label_smoothing_loss")
+    _check_2d(check, "logits", logits)
+    convention = check.choice("convention", convention, LABEL_SMOOTHING_CONVENTIONS)
+    epsilon = check.probability("epsilon", epsilon, upper_open=True)
+    reduction = check.reduction(reduction)
     classes = logits.shape[1]
     if convention == "others" and classes < 2:
-        raise ValueError(f"convention='others' spreads epsilon over the C - 1 other classes and needs C >= 2, "
-                         f"got C = {classes}")
-    targets = class_labels(labels, logits)
+        check.value_error("logits", "must have C >= 2 classes with convention='others' (it spreads epsilon over the "
+                          "C - 1 other classes)", f"C = {classes}")
+    targets = check.class_labels(labels, logits)
     log_probs = F.log_softmax(logits, dim=1)
     off_target = epsilon / classes if convention == "uniform" else epsilon / (classes - 1)
     on_target = 1.0 - epsilon + (off_target if convention == "uniform" else 0.0)
     smoothed = torch.full_like(log_probs, off_target).scatter_(1, targets.unsqueeze(1), on_target)
-    return _soft_cross_entropy(smoothed, log_probs).mean()
+    return reduce_rows(soft_cross_entropy_rows(smoothed, log_probs), reduction, elements=classes)
 
 
 # ------------------------------------------------------------------------------------------------------ Tf-KD reg
 
 def tf_kd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 20.0,
-                   correct_prob: float = 0.99, multiplier: float = 1.0) -> torch.Tensor:
+                   correct_prob: float = 0.99, multiplier: float = 1.0, *, reduction: Reduction = "mean") -> torch.Tensor:
     """Tf-KD_reg's virtual-teacher term AS CODED in yuanli2333/Teacher-free-Knowledge-Distillation
     ``my_loss_function.py::loss_kd_regularization``::
 
@@ -89,35 +83,40 @@ def tf_kd_reg_loss(student_logits: torch.Tensor, labels: torch.Tensor, temperatu
     Args:
         student_logits: ``[B, C]``. labels: integer class indices ``[B]``. temperature: ``T > 0`` (Tf-KD's
         ``reg_temperature``). correct_prob: ``q`` on the label, in ``[0, 1]``. multiplier: Tf-KD's ``multiplier``.
+        reduction: ``"mean"`` (the element mean above, as coded), ``"batchmean"``, ``"sum"`` or ``"none"`` ([B]).
     """
-    _check_2d("student_logits", student_logits)
-    temperature = _check_temperature(temperature)
-    correct_prob = _check_probability("correct_prob", correct_prob, upper_open=False)
-    multiplier = _check_real("multiplier", multiplier)
+    check = Checks("tf_kd_reg_loss")
+    _check_2d(check, "student_logits", student_logits)
+    temperature = check.temperature(temperature)
+    correct_prob = check.probability("correct_prob", correct_prob)
+    multiplier = check.real("multiplier", multiplier)
+    reduction = check.reduction(reduction)
     classes = student_logits.shape[1]
     if classes < 2:
-        raise ValueError(f"tf_kd_reg_loss needs at least 2 classes, got {classes}")
-    targets = class_labels(labels, student_logits)
+        check.value_error("student_logits", "must have at least 2 classes", f"{classes}")
+    targets = check.class_labels(labels, student_logits)
     virtual = torch.full_like(student_logits, (1.0 - correct_prob) / (classes - 1))
     virtual.scatter_(1, targets.unsqueeze(1), correct_prob)
     teacher = F.softmax(virtual / temperature, dim=1)
     student = F.log_softmax(student_logits, dim=1)
-    element_mean = F.kl_div(student, teacher, reduction="sum") / student.numel()   # nn.KLDivLoss() default
-    return multiplier * element_mean
+    if reduction == "mean":  # nn.KLDivLoss()'s default, as coded
+        return multiplier * (F.kl_div(student, teacher, reduction="sum") / student.numel())
+    rows = F.kl_div(student, teacher, reduction="none").sum(dim=1)
+    return reduce_rows(rows, reduction, elements=classes, scale=multiplier)
 
 
 # ------------------------------------------------------------------------------------------------------- tf-NKD
 
-def _top_labels(labels: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_labels(check: Checks, labels: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, classes) ``[B, k]``: hard labels give k = 1 with value 1; soft labels ``[B, C]`` their top 2."""
     if labels.dtype.is_floating_point and labels.shape == logits.shape:
         values, classes = torch.sort(labels, dim=1, descending=True)
         return values[:, :2].to(logits.dtype), classes[:, :2]
-    targets = class_labels(labels, logits)
+    targets = check.class_labels(labels, logits)
     return torch.ones_like(logits[:, :1]), targets.unsqueeze(1)
 
 
-def tf_nkd_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def tf_nkd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, reduction: Reduction = "batchmean") -> torch.Tensor:
     """Teacher-free NKD (Yang et al., arXiv 2208.10139 v1) as yzd-v/cls_KD ``classification_distiller.py``
     @8a16562 codes it (``tf_nkd=True``)::
 
@@ -131,15 +130,19 @@ def tf_nkd_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
     Args:
         student_logits: ``[B, C]``. labels: integer class indices ``[B]``, or soft labels shaped like the logits.
+        reduction: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over B · C) or ``"none"`` ([B]).
     """
-    _check_2d("student_logits", student_logits)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    values, classes = _top_labels(labels, student_logits)
+    check = Checks("tf_nkd_loss")
+    _check_2d(check, "student_logits", student_logits)
+    check.tensor("labels", labels)
+    reduction = check.reduction(reduction)
+    values, classes = _top_labels(check, labels, student_logits)
     log_y = torch.gather(F.log_softmax(student_logits, dim=1), 1, classes)
     y = log_y.detach().exp()
     weight = torch.where(values == 0, torch.zeros_like(y), y + values - y.mean(dim=0, keepdim=True))
-    return -(weight * log_y).mean(dim=0).sum()
+    if reduction == "batchmean":  # as coded: the mean over the batch of each label's term, summed over labels
+        return -(weight * log_y).mean(dim=0).sum()
+    return reduce_rows(-(weight * log_y).sum(dim=1), reduction, elements=student_logits.shape[1])
 
 
 # --------------------------------------------------------------------------------------- Zipf's label smoothing
@@ -160,7 +163,7 @@ def dense_votes(dense_logits: torch.Tensor) -> torch.Tensor:
 
 
 def zipf_ls_loss(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor, power: float = 1.0,
-                 mask: bool = False) -> torch.Tensor:
+                 mask: bool = False, *, reduction: Reduction = "batchmean") -> torch.Tensor:
     """Zipf's label smoothing (Liang et al., ECCV 2022) as megvii-research/zipfls ``pytorch_zipfls/losses.py``
     (``zipf_loss`` with ``dense=True, rank='hard', distribution='rank_zipf'``) computes it::
 
@@ -171,25 +174,28 @@ def zipf_ls_loss(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch
 
     ``dense_logits`` are the classifier applied at every location of the last feature map (no gradient flows
     through them: only their argmax is used). The rank is computed on the device (no scipy, no host copy).
-    ``mask=True`` (``--mask``) averages only over the rows whose prediction is correct (0 when there is none).
+    ``mask=True`` (``--mask``) averages only over the rows whose prediction is correct (0 when there is none);
+    ``reduction``: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over rows · (C − 1)) or ``"none"`` ([B], 0 for the
+    rows that ``mask`` drops).
     The method adds ``CE + loss_lambda·loss``.
 
     Args:
         logits: ``[B, C]`` student logits. dense_logits: ``[B, L, C]`` per-location logits. labels: ``[B]``.
         power: the Zipf exponent (1). mask: see above.
     """
-    _check_2d("logits", logits)
-    _check_logits("dense_logits", dense_logits)
+    check = Checks("zipf_ls_loss")
+    _check_2d(check, "logits", logits)
+    check.logits("dense_logits", dense_logits)
     if dense_logits.dim() != 3 or dense_logits.shape[0] != logits.shape[0] or dense_logits.shape[2] != logits.shape[1]:
-        raise ValueError(f"dense_logits must be [batch, locations, classes] = [{logits.shape[0]}, L, "
-                         f"{logits.shape[1]}], got {tuple(dense_logits.shape)}")
-    power = _check_real("power", power)
-    if not isinstance(mask, bool):
-        raise TypeError(f"mask must be a bool, got {type(mask).__name__}")
+        check.value_error("dense_logits", f"must have shape [batch, locations, classes] = [{logits.shape[0]}, L, "
+                          f"{logits.shape[1]}]", f"shape {tuple(dense_logits.shape)}")
+    power = check.real("power", power)
+    check.flag("mask", mask)
+    reduction = check.reduction(reduction)
     classes = logits.shape[1]
     if classes < 2:
-        raise ValueError(f"zipf_ls_loss needs at least 2 classes, got {classes}")
-    targets = class_labels(labels, logits)
+        check.value_error("logits", "must have at least 2 classes", f"{classes}")
+    targets = check.class_labels(labels, logits)
     columns = _non_target_columns(targets, classes)
     with torch.no_grad():
         ranks = min_rank(dense_votes(dense_logits.detach())).to(logits.dtype)
@@ -198,38 +204,9 @@ def zipf_ls_loss(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch
     student = F.log_softmax(torch.gather(logits, 1, columns), dim=1)
     rows = (pdf * (pdf.log() - student)).sum(dim=1)
     if not mask:
-        return rows.mean()
-    correct = (logits.argmax(dim=1) == targets).to(rows.dtype)
-    return (rows * correct).sum() / correct.sum().clamp_min(1.0)
-
-
-# -------------------------------------------------------------------------------------------------------- WSL
-
-def wsl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-             temperature: float = 2.0) -> torch.Tensor:
-    """Weighted soft labels (Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance
-    Tradeoff Perspective", ICLR 2021) as PaddleClas ``ppcls/loss/wslloss.py`` codes it::
-
-        ce_s = CE(z_s, y), ce_t = CE(z_t, y)              # temperature 1, both detached, per sample
-        w    = 1 − exp(−max(ce_s / (ce_t + 1e-7), 0))
-        loss = T² · mean_b w · (−Σ_c softmax(z_t/T)·log_softmax(z_s/T))   # a soft cross-entropy, not a KL
-
-    ``labels=None`` uses the teacher's argmax as ``y`` (PaddleClas ``target=None``). The method adds ``CE +
-    2.5·loss`` (``resnet34_distill_resnet18_wsl.yaml``).
-
-    Args:
-        student_logits, teacher_logits: ``[B, C]``. labels: integer class indices ``[B]`` or None. temperature: T.
-    """
-    check_logits_pair(student_logits, teacher_logits)
-    _check_2d("student_logits", student_logits)
-    temperature = _check_temperature(temperature)
-    teacher_logits = teacher_logits.detach()
-    targets = teacher_logits.argmax(dim=1) if labels is None else class_labels(labels, student_logits).unsqueeze(1)
-    targets = targets.reshape(-1, 1)
-    with torch.no_grad():
-        ce_student = -torch.gather(F.log_softmax(student_logits.detach(), dim=1), 1, targets).squeeze(1)
-        ce_teacher = -torch.gather(F.log_softmax(teacher_logits, dim=1), 1, targets).squeeze(1)
-        weight = 1.0 - torch.exp(-(ce_student / (ce_teacher + 1e-7)).clamp_min(0.0))
-    soft_ce = _soft_cross_entropy(F.softmax(teacher_logits / temperature, dim=1),
-                                  F.log_softmax(student_logits / temperature, dim=1))
-    return temperature * temperature * (weight * soft_ce).mean()
+        return reduce_rows(rows, reduction, elements=classes - 1)
+    correct = logits.argmax(dim=1) == targets
+    if reduction == "batchmean":  # as coded: the mean over the correctly predicted rows
+        weights = correct.to(rows.dtype)
+        return (rows * weights).sum() / weights.sum().clamp_min(1.0)
+    return reduce_rows(rows, reduction, elements=classes - 1, keep=correct)

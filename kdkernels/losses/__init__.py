@@ -1,0 +1,37 @@
+"""The public functional losses, one module per fused op family and one per category of unfused losses.
+
+Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-k teachers),
+:mod:`~kdkernels.losses.decoupled` (DKD, NKD), :mod:`~kdkernels.losses.dist` (DIST),
+:mod:`~kdkernels.losses.relation` (RKD, SP, PKT, CC; and IRG), :mod:`~kdkernels.losses.contrastive` (CRD),
+:mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
+:mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
+:mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`.
+Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
+"""
+from kdkernels.losses.kd import kd_loss
+from kdkernels.losses.decoupled import dkd_loss, nkd_loss
+from kdkernels.losses.dist import dist_loss
+from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
+from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
+                                          sample_other_class_indices)
+from kdkernels.losses.bake import bake_loss, bake_targets
+from kdkernels.losses.response import bdkd_loss, soft_cross_entropy_loss, wsl_loss
+from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
+from kdkernels.losses.feature import (ab_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss, ofd_margins,
+                                      vid_loss)
+from kdkernels.losses.attention import at_loss
+from kdkernels.losses.ranking import darkrank_loss
+from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
+from kdkernels.losses.self_distillation import byot_loss
+
+__all__ = [
+    # fused kernels
+    "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss",
+    "pkt_loss", "cc_loss", "crd_loss", "crd_normalizers", "crd_update_memory_", "sample_contrast_indices",
+    "sample_other_class_indices", "bake_loss", "bake_targets",
+    # composed of torch ops (no fused kernel yet)
+    "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
+    "ft_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights", "camkd_loss",
+    "camkd_feature_loss", "byot_loss",
+]

@@ -1,0 +1,198 @@
+"""Feature-based distillation losses (plain PyTorch; each function IS the reference of its method).
+
+Each loss compares one student feature map with one teacher feature map (the strategies sum them over stages with
+the official stage weights) and matches the official code named in its docstring
+(../shared/reference/methods.md §2). Inputs are float tensors ``[B, C, H, W]`` (FitNet, VID and FT also take
+``[B, D]``); the teacher side is used as given (detach it for offline distillation). Shape mismatches that a
+connector would fix raise a ValueError naming both arguments and their shapes. Every loss takes a ``reduction`` over
+its elementwise terms (``"mean"``: over all elements; ``"batchmean"``: sum / B; ``"sum"``; ``"none"``: per sample),
+defaulting to the official one.
+
+* :func:`fitnet_loss` — FitNet hint MSE;            * :func:`nst_loss` — NST polynomial-kernel MMD;
+* :func:`fsp_loss` — FSP (flow) matrices;            * :func:`ofd_margins` / :func:`ofd_loss` — OFD;
+* :func:`vid_loss` — VID Gaussian NLL;               * :func:`ab_loss` — AB alternative L2;
+* :func:`ft_loss` — factor transfer L1.
+(Attention transfer is in :mod:`kdkernels.losses.attention`.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
+from kdkernels.losses._common import pool_to_smaller, reduce_rows
+
+_CONNECTOR_HINT = " (use a connector/regressor to map the student feature)"
+
+
+def reduce_elements(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduces elementwise loss terms [B, ...]: "mean" over all elements, "sum", "batchmean" = sum / B, or "none"
+    (the per-sample sums [B])."""
+    if reduction == "mean":
+        return values.mean()
+    return reduce_rows(values.reshape(values.shape[0], -1).sum(dim=1), reduction)
+
+
+def _check_pair(check: Checks, student_name: str, student, teacher_name: str, teacher,
+                dims: Sequence[int] = (4,), same_shape: bool = False) -> None:
+    check.feature_pair(student_name, student, teacher_name, teacher, dims=dims, same_shape=same_shape,
+                       hint=_CONNECTOR_HINT)
+
+
+def fitnet_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """FitNet hint loss (Romero et al., ICLR 2015), as RepDistiller ``distiller_zoo/FitNet.py`` (``HintLoss``):
+    ``mean((r(f_s) − f_t)²)`` over every element, where ``student_hint`` is already the regressor's output ``r(f_s)``.
+    """
+    check = Checks("fitnet_loss")
+    _check_pair(check, "student_hint", student_hint, "teacher_hint", teacher_hint, dims=(2, 3, 4), same_shape=True)
+    reduction = check.reduction(reduction)
+    if reduction == "mean":
+        return F.mse_loss(student_hint, teacher_hint)
+    return reduce_elements((student_hint - teacher_hint).pow(2), reduction)
+
+
+def _channel_maps(features: torch.Tensor) -> torch.Tensor:
+    """[B, C, H·W] with every channel's spatial map L2-normalised."""
+    return F.normalize(features.reshape(features.shape[0], features.shape[1], -1), dim=2)
+
+
+def _poly_kernel_means(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample ``mean((a bᵀ)²)`` over [C_a, C_b], by bmm (never the B×C×C×HW broadcast) -> [B]."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+
+
+def nst_loss(student: torch.Tensor, teacher: torch.Tensor, *,
+             reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """Neuron selectivity transfer (Huang & Wang, 2017) for one stage, as RepDistiller ``NST.py`` (full loss, c = 0):
+    the larger map pooled to the smaller, every channel map L2-normalised over H·W (F [B, C, HW]), then per sample
+    ``mean((F_t F_tᵀ)²).detach() + mean((F_s F_sᵀ)²) − 2·mean((F_s F_tᵀ)²)`` with batched matrix products
+    (the official TuSimple ``mmd_poly`` uses ``batch_dot``; RepDistiller's broadcast builds B×C×C×HW), averaged over
+    the batch (``"batchmean"``, the official value; also ``"sum"`` and ``"none"``)."""
+    check = Checks("nst_loss")
+    _check_pair(check, "student", student, "teacher", teacher)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    student, teacher = pool_to_smaller(student, teacher)
+    f_s, f_t = _channel_maps(student), _channel_maps(teacher)
+    rows = _poly_kernel_means(f_t, f_t).detach() + _poly_kernel_means(f_s, f_s) - 2 * _poly_kernel_means(f_s, f_t)
+    return reduce_rows(rows, reduction)
+
+
+def fsp_matrices(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """FSP matrices of consecutive maps ``(g_i, g_{i+1})``, the larger pooled to the smaller:
+    ``G = g_{i+1} g_iᵀ / HW`` [B, C_{i+1}, C_i] (RepDistiller ``FSP.compute_fsp``, by bmm)."""
+    matrices = []
+    for bottom, top in zip(features[:-1], features[1:]):
+        bottom, top = pool_to_smaller(bottom, top)
+        bottom = bottom.reshape(bottom.shape[0], bottom.shape[1], -1)
+        top = top.reshape(top.shape[0], top.shape[1], -1)
+        matrices.append(torch.bmm(top, bottom.transpose(1, 2)) / bottom.shape[2])
+    return matrices
+
+
+def fsp_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], *,
+             reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """FSP (Yim et al., CVPR 2017), as RepDistiller ``FSP.py`` summed as in ``helper/pretrain.py``:
+    ``Σ_i mean((G_s,i − G_t,i)²)`` over the FSP matrices of consecutive stage maps (see :func:`fsp_matrices`), each
+    mean over the batch and the matrix (``"batchmean"``: the official value, i.e. the batch mean of the per-sample
+    ``Σ_i mean_matrix``; also ``"sum"`` and ``"none"`` over samples). Student and teacher must have the same channel
+    count at every stage (RepDistiller raises otherwise)."""
+    check = Checks("fsp_loss")
+    student_features = check.tensor_list("student_features", student_features, minimum=2)
+    teacher_features = check.tensor_list("teacher_features", teacher_features, minimum=2)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    if len(student_features) != len(teacher_features):
+        check.value_error("teacher_features", f"must hold the same number of maps as student_features "
+                          f"({len(student_features)})", f"{len(teacher_features)}")
+    for index, (student, teacher) in enumerate(zip(student_features, teacher_features)):
+        _check_pair(check, f"student_features[{index}]", student, f"teacher_features[{index}]", teacher)
+        if student.shape[1] != teacher.shape[1]:
+            check.value_error(f"teacher_features[{index}]", f"must have the channels of student_features[{index}] "
+                              f"{tuple(student.shape)} (FSP needs equal channel counts)",
+                              f"{teacher.shape[1]} channels {tuple(teacher.shape)}")
+    pairs = zip(fsp_matrices(student_features), fsp_matrices(teacher_features))
+    rows = torch.stack([(g_s - g_t).pow(2).mean(dim=(1, 2)) for g_s, g_t in pairs]).sum(dim=0)
+    return reduce_rows(rows, reduction)
+
+
+def ofd_margins(bn_weight: torch.Tensor, bn_bias: torch.Tensor) -> torch.Tensor:
+    """OFD's per-channel margins from the teacher's BN before ReLU (clovaai/overhaul-distillation
+    ``distiller.py::get_margin_from_BN``), with s = |γ|, μ = β: the expectation of the negative part of N(μ, s²),
+    ``m = −s·exp(−(μ/s)²/2)/√(2π)/Φ(−μ/s) + μ`` where ``Φ(−μ/s) > 1e-3``, else ``m = −3s``. Computed in float64,
+    returned as float32 [C]."""
+    check = Checks("ofd_margins")
+    check.floating("bn_weight", bn_weight, dims=(1,))
+    check.floating("bn_bias", bn_bias, dims=(1,))
+    check.same_shape("bn_bias", bn_bias, "bn_weight", bn_weight)
+    s = bn_weight.detach().double().abs()
+    mu = bn_bias.detach().double()
+    cdf = torch.special.ndtr(-mu / s)
+    negative_mean = -s * torch.exp(-(mu / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf + mu
+    return torch.where(cdf > 1e-3, negative_mean, -3 * s).float()
+
+
+def ofd_loss(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
+             reduction: Reduction = "sum") -> torch.Tensor:
+    """OFD's partial L2 for one stage (Heo et al., ICCV 2019; overhaul-distillation ``distillation_loss``): with the
+    teacher's pre-ReLU map clipped at the margin, ``t' = max(t, m_c)``,
+    ``loss = Σ (s − t')² · 1[(s > t') ∨ (t' > 0)]``; ``student`` is the connector's output (pre-ReLU side).
+    ``reduction="sum"`` is the official per-stage value; ``"batchmean"`` divides by B."""
+    check = Checks("ofd_loss")
+    _check_pair(check, "student", student, "teacher", teacher, same_shape=True)
+    reduction = check.reduction(reduction)
+    check.tensor("margin", margin)
+    if margin.reshape(-1).shape[0] != teacher.shape[1]:
+        check.value_error("margin", f"must be a tensor of {teacher.shape[1]} per-channel values",
+                          f"shape {tuple(margin.shape)}")
+    clipped = torch.max(teacher, margin.reshape(1, -1, 1, 1).to(teacher))
+    mask = (student > clipped) | (clipped > 0)
+    return reduce_elements((student - clipped).pow(2) * mask, reduction)
+
+
+def vid_loss(mean: torch.Tensor, teacher: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5, *,
+             reduction: Reduction = "mean") -> torch.Tensor:
+    """VID (Ahn et al., CVPR 2019), as RepDistiller ``VID.py``: a Gaussian with per-channel variance
+    ``σ²_c = softplus(log_scale_c) + eps`` around the regressor's ``mean`` (same shape as the teacher map),
+    ``loss = mean_{B,C,H,W} ½((mean − t)²/σ² + log σ²)``."""
+    check = Checks("vid_loss")
+    _check_pair(check, "mean", mean, "teacher", teacher, dims=(2, 4), same_shape=True)
+    eps = check.real("eps", eps)
+    reduction = check.reduction(reduction)
+    check.tensor("log_scale", log_scale)
+    if log_scale.shape != (teacher.shape[1],):
+        check.value_error("log_scale", f"must be a [{teacher.shape[1]}] tensor (one per teacher channel)",
+                          f"shape {tuple(log_scale.shape)}")
+    variance = (F.softplus(log_scale) + eps).reshape(1, -1, *([1] * (teacher.dim() - 2)))
+    return reduce_elements(0.5 * ((mean - teacher).pow(2) / variance + variance.log()), reduction)
+
+
+def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0,
+            reduction: Reduction = "sum") -> torch.Tensor:
+    """AB's alternative L2 (Heo et al., AAAI 2019; bhheo/AB_distillation, RepDistiller ``AB.py``) on pre-ReLU maps:
+    ``Σ (s + m)²·1[(s > −m) ∧ (t ≤ 0)] + (s − m)²·1[(s ≤ m) ∧ (t > 0)]``; ``student`` is the connector's output.
+    ``reduction="batchmean"`` divides by B (the official per-stage value before the stage weight and 3/1000)."""
+    check = Checks("ab_loss")
+    _check_pair(check, "student", student, "teacher", teacher, dims=(2, 4), same_shape=True)
+    margin = check.real("margin", margin)
+    reduction = check.reduction(reduction)
+    positive_teacher = teacher > 0
+    below = (student + margin).pow(2) * ((student > -margin) & ~positive_teacher)
+    above = (student - margin).pow(2) * ((student <= margin) & positive_teacher)
+    return reduce_elements(below + above, reduction)
+
+
+def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Factor transfer (Kim et al., NeurIPS 2018), as Jangho-Kim/Factor-Transfer-pytorch ``train_student.py``
+    (``FT(x) = normalize(x.view(B, −1))``, ``nn.L1Loss()``): ``mean |FT(F_s) − FT(F_t)|`` over B·D, on the translator's
+    and the paraphraser's factors."""
+    check = Checks("ft_loss")
+    _check_pair(check, "student_factor", student_factor, "teacher_factor", teacher_factor, dims=(2, 3, 4),
+                same_shape=True)
+    reduction = check.reduction(reduction)
+    batch = student_factor.shape[0]
+    student, teacher = F.normalize(student_factor.reshape(batch, -1)), F.normalize(teacher_factor.reshape(batch, -1))
+    if reduction == "mean":
+        return F.l1_loss(student, teacher)
+    return reduce_elements((student - teacher).abs(), reduction)

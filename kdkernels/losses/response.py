@@ -1,0 +1,109 @@
+"""Response-based losses that compose torch ops (no fused kernel of their own): the soft-target cross-entropy of
+BAN and BYOT, weighted soft labels (WSL) and the balanced divergences of BD-KD.
+
+Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may replace it later
+behind the same signature), transcribed from the official code named in its docstring.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels._validation import Checks, Reduction
+from kdkernels.losses._common import accumulate, reduce_rows, soft_cross_entropy_rows
+from kdkernels.losses.kd import kd_loss
+
+_WEIGHT_EPS = 1e-12
+
+
+def soft_cross_entropy_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                            *, reduction: Reduction = "batchmean") -> torch.Tensor:
+    """``−mean_b Σ_c softmax(t/T)_bc · log_softmax(s/T)_bc``: cross-entropy against the teacher's soft targets.
+
+    It equals ``kd_loss(s, t, T, scale_by_t2=False)`` plus the teacher's entropy, so the gradients agree; the value
+    is the one the official code logs. BYOT (luanyunteng/pytorch-be-your-own-teacher ``kd_loss_function``, there
+    multiplied by T²) and BAN (Furlanello et al. 2018: the student's cross-entropy on the previous generation's
+    output, T = 1) use it. The gradient reaches both inputs; detach the teacher for offline distillation.
+    ``reduction`` over rows: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over rows · C) or ``"none"``.
+    """
+    check = Checks("soft_cross_entropy_loss")
+    check.logits_pair(student_logits, teacher_logits)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction)
+    student = accumulate(student_logits)
+    teacher = accumulate(teacher_logits).to(student.dtype)
+    targets = torch.softmax(teacher / temperature, dim=-1)
+    rows = soft_cross_entropy_rows(targets, torch.log_softmax(student / temperature, dim=-1))
+    return reduce_rows(rows.reshape(-1), reduction, leading_shape=student_logits.shape[:-1],
+                       elements=student_logits.shape[-1])
+
+
+def wsl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+             temperature: float = 2.0, *, reduction: Reduction = "batchmean") -> torch.Tensor:
+    """Weighted soft labels (Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance
+    Tradeoff Perspective", ICLR 2021) as PaddleClas ``ppcls/loss/wslloss.py`` codes it::
+
+        ce_s = CE(z_s, y), ce_t = CE(z_t, y)              # temperature 1, both detached, per sample
+        w    = 1 − exp(−max(ce_s / (ce_t + 1e-7), 0))
+        loss = T² · mean_b w · (−Σ_c softmax(z_t/T)·log_softmax(z_s/T))   # a soft cross-entropy, not a KL
+
+    ``labels=None`` uses the teacher's argmax as ``y`` (PaddleClas ``target=None``). The method adds ``CE +
+    2.5·loss`` (``resnet34_distill_resnet18_wsl.yaml``). ``reduction`` over samples: ``"batchmean"`` (above),
+    ``"sum"``, ``"mean"`` (over samples · C) or ``"none"``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, C]``. labels: integer class indices ``[B]`` or None. temperature: T.
+    """
+    check = Checks("wsl_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction)
+    teacher_logits = teacher_logits.detach()
+    targets = teacher_logits.argmax(dim=1) if labels is None else check.class_labels(labels, student_logits)
+    targets = targets.reshape(-1, 1)
+    with torch.no_grad():
+        ce_student = -torch.gather(F.log_softmax(student_logits.detach(), dim=1), 1, targets).squeeze(1)
+        ce_teacher = -torch.gather(F.log_softmax(teacher_logits, dim=1), 1, targets).squeeze(1)
+        weight = 1.0 - torch.exp(-(ce_student / (ce_teacher + 1e-7)).clamp_min(0.0))
+    soft_ce = soft_cross_entropy_rows(F.softmax(teacher_logits / temperature, dim=1),
+                                      F.log_softmax(student_logits / temperature, dim=1))
+    return reduce_rows(weight * soft_ce, reduction, elements=student_logits.shape[1],
+                       scale=temperature * temperature)
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def bdkd_loss(learner_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, *,
+              reduction: Reduction = "batchmean", backend: str = "auto") -> torch.Tensor:
+    """Balanced forward/reverse KL of one network of an online-KD pair towards the other: an approximation of BD-KD
+    (Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge Distillation", arXiv:2212.12965).
+
+    Per sample ``b``, with ``p = softmax(learner/T)``, ``q = softmax(target/T)`` and their entropies ``H_p``,
+    ``H_q``, the weight ``w_b = H_q / (H_q + H_p)`` (no gradient) mixes the two divergences::
+
+        loss = T² · mean_b ( w_b · KL(q ‖ p) + (1 − w_b) · KL(p ‖ q) )
+
+    An over-confident learner (``H_p < H_q``) leans on the mode-covering forward KL, an under-confident one on the
+    mode-seeking reverse KL. The paper weights the two KLs per sample from the teacher/student entropy gap for both
+    networks; its exact rule could not be taken from a public source, so this weight is ours. Gradients reach the
+    target too when it requires grad: detach it for the usual online-KD update. ``reduction`` over samples:
+    ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over samples · C) or ``"none"``.
+    """
+    check = Checks("bdkd_loss")
+    check.logits_pair(learner_logits, target_logits, "learner_logits", "target_logits")
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction)
+    with torch.no_grad():
+        h_learner = _entropy(learner_logits.float(), temperature)
+        h_target = _entropy(target_logits.float(), temperature)
+        forward_weight = h_target / (h_target + h_learner).clamp_min(_WEIGHT_EPS)
+    forward = kd_loss(learner_logits, target_logits, temperature, reduction="none", divergence="forward",
+                      backend=backend)
+    reverse = kd_loss(learner_logits, target_logits, temperature, reduction="none", divergence="reverse",
+                      backend=backend)
+    rows = forward_weight * forward + (1.0 - forward_weight) * reverse
+    return reduce_rows(rows.reshape(-1), reduction, leading_shape=learner_logits.shape[:-1],
+                       elements=learner_logits.shape[-1])

@@ -1,0 +1,60 @@
+"""Self-distillation losses: a network teaches itself (BYOT's deepest classifier teaches its shallow heads).
+
+Plain PyTorch: each function IS the reference of its formula, transcribed from the code named in its docstring
+(../shared/reference/methods.md §1.12).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels._validation import Checks
+from kdkernels.losses._common import accumulate
+from kdkernels.losses.ensemble import check_logits_list
+from kdkernels.losses.response import soft_cross_entropy_loss
+
+
+def _byot_feature_term(head_feature: torch.Tensor, final_feature: torch.Tensor) -> torch.Tensor:
+    """``Σ (f − F)² · 1[(f > 0) | (F > 0)]`` over all elements (``feature_loss_function``)."""
+    active = ((head_feature > 0) | (final_feature > 0)).to(head_feature.dtype)
+    return ((head_feature - final_feature) ** 2 * active).sum()
+
+
+def byot_loss(final_logits: torch.Tensor, head_logits: Sequence[torch.Tensor], labels: torch.Tensor,
+              final_features: torch.Tensor, head_features: Sequence[torch.Tensor], temperature: float = 3.0,
+              alpha: float = 0.1, beta: float = 1e-6) -> torch.Tensor:
+    """BYOT's total loss (Zhang et al., "Be Your Own Teacher", ICCV 2019; luanyunteng/pytorch-be-your-own-teacher
+    ``train.py``, unofficial code)::
+
+        (1 − α) · [CE(z_final) + Σ_k CE(z_k)]
+        + α · T² · Σ_k softCE(z_k / T, softmax(z_final / T).detach())
+        + β · Σ_k Σ (f_k − f_final.detach())² · 1[(f_k > 0) | (f_final > 0)]
+
+    ``head_logits``/``head_features`` are the auxiliary heads' outputs (shallow stages), ``final_*`` the network's own
+    classifier output and its pooled feature (flattened to [B, D] like the heads' features). Its three terms are
+    normalised differently (batch means and a sum over elements), as coded, so it takes no ``reduction``.
+    """
+    check = Checks("byot_loss")
+    check.logits("final_logits", final_logits, dims=(2,))
+    heads = check_logits_list(check, "head_logits", head_logits, final_logits)
+    check.labels(labels, final_logits.shape[:1], final_logits.device)
+    temperature = check.temperature(temperature)
+    alpha, beta = check.real("alpha", alpha, nonnegative=True), check.real("beta", beta, nonnegative=True)
+    head_features = check.tensor_list("head_features", head_features)
+    if len(head_features) != len(heads):
+        check.value_error("head_features", f"must hold one feature per head logits ({len(heads)})",
+                          f"{len(head_features)}")
+    final = accumulate(final_logits)
+    final_feature = accumulate(final_features).reshape(final.shape[0], -1).detach()
+    ce = F.cross_entropy(final, labels) + sum(F.cross_entropy(accumulate(h), labels) for h in heads)
+    soft = sum(soft_cross_entropy_loss(h, final.detach(), temperature) for h in heads) * temperature ** 2
+    features = []
+    for index, feature in enumerate(head_features):
+        feature = accumulate(feature).reshape(final.shape[0], -1)
+        if feature.shape != final_feature.shape:
+            check.value_error(f"head_features[{index}]", f"must have final_features' {final_feature.shape[1]} "
+                              "features per sample", f"{feature.shape[1]}")
+        features.append(_byot_feature_term(feature, final_feature))
+    return (1.0 - alpha) * ce + alpha * soft + beta * sum(features)

@@ -1,0 +1,81 @@
+"""One small valid call of every public loss: the inputs (per-call tensors) by parameter name, for the tests that run
+every loss the same way (modules, argument checks, reductions)."""
+import torch
+
+B, C = 6, 7
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _labels(seed=0):
+    return torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits_pair():
+    return {"student_logits": _randn(B, C, seed=1), "teacher_logits": _randn(B, C, seed=2) * 2}
+
+
+def _features_pair(shape_s=(B, 5), shape_t=(B, 4)):
+    return {"student": _randn(*shape_s, seed=3), "teacher": _randn(*shape_t, seed=4)}
+
+
+def _maps(channels=3, size=4, seed=5):
+    return _randn(B, channels, size, size, seed=seed)
+
+
+def _irg_side(seed):
+    return [_randn(B, 4, 4, 4, seed=seed), _randn(B, 8, 2, 2, seed=seed + 1), _randn(B, 5, seed=seed + 2),
+            _randn(B, C, seed=seed + 3)]
+
+
+# function name -> builder of its inputs {parameter: value}
+INPUTS = {
+    "kd_loss": lambda: _logits_pair(),
+    "dkd_loss": lambda: {**_logits_pair(), "labels": _labels()},
+    "nkd_loss": lambda: {**_logits_pair(), "labels": _labels()},
+    "dist_loss": lambda: _logits_pair(),
+    "rkd_distance_loss": lambda: _features_pair(),
+    "rkd_angle_loss": lambda: _features_pair(),
+    "rkd_loss": lambda: _features_pair(),
+    "sp_loss": lambda: _features_pair(),
+    "pkt_loss": lambda: _features_pair(),
+    "cc_loss": lambda: _features_pair(),
+    "irg_loss": lambda: {"student": _irg_side(10), "teacher": _irg_side(20)},
+    "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
+    "soft_cross_entropy_loss": lambda: _logits_pair(),
+    "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
+    "bdkd_loss": lambda: {"learner_logits": _randn(B, C, seed=1), "target_logits": _randn(B, C, seed=2)},
+    "label_smoothing_loss": lambda: {"logits": _randn(B, C, seed=1), "labels": _labels()},
+    "tf_kd_reg_loss": lambda: {"student_logits": _randn(B, C, seed=1), "labels": _labels()},
+    "tf_nkd_loss": lambda: {"student_logits": _randn(B, C, seed=1), "labels": _labels()},
+    "zipf_ls_loss": lambda: {"logits": _randn(B, C, seed=1), "dense_logits": _randn(B, 9, C, seed=8),
+                             "labels": _labels()},
+    "fitnet_loss": lambda: {"student_hint": _maps(seed=1), "teacher_hint": _maps(seed=2)},
+    "at_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(channels=5, seed=2)},
+    "nst_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(channels=5, seed=2)},
+    "fsp_loss": lambda: {"student_features": [_maps(seed=1), _maps(seed=2)],
+                         "teacher_features": [_maps(seed=3), _maps(seed=4)]},
+    "ofd_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(seed=2), "margin": -_randn(3, seed=3).abs()},
+    "vid_loss": lambda: {"mean": _maps(seed=1), "teacher": _maps(seed=2), "log_scale": _randn(3, seed=3)},
+    "ab_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(seed=2)},
+    "ft_loss": lambda: {"student_factor": _maps(seed=1), "teacher_factor": _maps(seed=2)},
+    "darkrank_loss": lambda: _features_pair(),
+    "ensemble_kd_loss": lambda: {"student_logits": _randn(B, C, seed=1),
+                                 "teacher_logits": [_randn(B, C, seed=2), _randn(B, C, seed=3)]},
+    "camkd_loss": lambda: {"student_logits": _randn(B, C, seed=1),
+                           "teacher_logits": [_randn(B, C, seed=2), _randn(B, C, seed=3)], "labels": _labels()},
+    "camkd_feature_loss": lambda: {"student_features": [_randn(B, 5, seed=1), _randn(B, 5, seed=2)],
+                                   "teacher_features": [_randn(B, 5, seed=3), _randn(B, 5, seed=4)],
+                                   "teacher_logits_on_student": [_randn(B, C, seed=5), _randn(B, C, seed=6)],
+                                   "labels": _labels()},
+    "byot_loss": lambda: {"final_logits": _randn(B, C, seed=1), "head_logits": [_randn(B, C, seed=2)],
+                          "labels": _labels(), "final_features": _randn(B, 5, seed=3),
+                          "head_features": [_randn(B, 5, seed=4)]},
+    "crd_loss": None,  # stateful: kdkernels.nn.CRDLoss, tested in test_losses_crd.py
+}
+
+# Public functions that are helpers of a loss rather than losses (no module, no reduction).
+HELPERS = ("bake_targets", "camkd_weights", "ofd_margins", "crd_normalizers", "crd_update_memory_",
+           "sample_contrast_indices", "sample_other_class_indices")
