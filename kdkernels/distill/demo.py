@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import kdkernels
-from kdkernels.bench.device import default_results_root, device_name, sanitize
+from kdkernels._results import default_results_root, device_name, sanitize
 from kdkernels.distill.experiment import DigitsExperiment, distil_digits, train_teacher
 from kdkernels.distill.registry import get_method
 from kdkernels.distill.trainer import TrainConfig
