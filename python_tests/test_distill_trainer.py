@@ -28,7 +28,8 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Recipe, Setup, Stage
 from kdkernels.distill.registry import build_recipe
 from kdkernels.distill.terms import CrossEntropyTerm, Term
-from kdkernels.distill.trainer import TrainConfig, Trainer, lr_lambda
+from kdkernels.distill.schedules import lr_lambda
+from kdkernels.distill.trainer import TrainConfig, Trainer
 
 QUIET = dict(progress=False, num_workers=0)
 
