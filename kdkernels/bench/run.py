@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from kdkernels._results import default_results_root
 from kdkernels.bench.cases import bench_case
 from kdkernels.bench.impls import benched_loss
-from kdkernels.bench.device import default_results_root
 from kdkernels.bench.impls import RELATION_LOSSES
 from kdkernels.bench.options import (ANGLE_SHAPES, CRD_QUICK_SHAPES, CRD_SHAPES, DEFAULT_SHAPES, GPU_EXTRA_SHAPES, QUICK_SHAPES,
                                      RELATION_QUICK_SHAPES, RELATION_SHAPES, build_parser)

@@ -16,7 +16,8 @@ from kdkernels.distill.models import DigitsCNN, DigitsMLP, digits_model
 from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import Method, build_recipe, get_method, list_methods, register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
-from kdkernels.distill.trainer import RunResult, TrainConfig, Trainer
+from kdkernels.distill.config import RunResult, TrainConfig
+from kdkernels.distill.trainer import Trainer
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",

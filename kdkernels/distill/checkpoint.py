@@ -6,6 +6,9 @@ optimiser steps), the state of every model of the recipe (each shared model once
 states of torch, numpy and ``random``, and the metrics history. Files are written atomically (a temporary file then
 ``os.replace``), so an interrupted write never leaves a truncated ``last.pt``.
 
+This module also finds the checkpoint a run resumes from (:func:`resume_path`) and loads it (:func:`load_for_resume`),
+and exports the trained model (``student.pt``: its ``state_dict`` alone).
+
 Checkpoints are this package's own files and hold numpy RNG state: they are loaded with ``weights_only=False``;
 load only files you wrote.
 """
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from kdkernels.distill import pruning
+from kdkernels.distill.environment import Environment, all_gather_objects
 from kdkernels.distill.recipe import Recipe
 
 FORMAT = 1
@@ -41,6 +45,12 @@ def restore_rng(state: Mapping) -> None:
     random.setstate(state["random"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def rng_per_rank(world_size: int) -> list[dict]:
+    """Every rank's RNG states (ranks draw differently, e.g. dropout over a short last batch); a collective under
+    DDP: every rank takes part."""
+    return all_gather_objects(rng_state(), world_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -106,3 +116,50 @@ def check_matches(payload: Mapping, recipe: Recipe, path: str | os.PathLike) -> 
     if payload.get("method") != recipe.method or list(payload.get("stages", [])) != stages:
         raise ValueError(f"checkpoint {path} is of method {payload.get('method')!r} with stages "
                          f"{payload.get('stages')}, but the recipe is {recipe.method!r} with stages {stages}")
+
+
+def run_checkpoint(recipe: Recipe, *, stage: int, epoch: int, run_state: dict, rng_per_rank: list[dict],
+                   history: list[dict], best_accuracy: float | None, config: dict) -> dict:
+    """The payload of a checkpoint after ``epoch`` epochs of stage ``stage`` (``run_state``: the stage's own state,
+    ``rng_per_rank``: from :func:`rng_per_rank`, ``config``: the TrainConfig as a dict)."""
+    return {"method": recipe.method, "stages": [s.name for s in recipe.stages], "stage": stage, "epoch": epoch,
+            "models": models_state(recipe), "run": run_state, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
+            "history": list(history), "best_accuracy": best_accuracy, "student": recipe.student.state_dict(),
+            "config": config}
+
+
+def resume_path(resume: bool | str | os.PathLike | None, out_dir: Path | None) -> Path | None:
+    """The checkpoint ``TrainConfig.resume`` names: None for False; ``out_dir/last.pt`` for True (None when it does
+    not exist yet); else the path, which must exist."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        if out_dir is None:
+            raise ValueError("resume=True resumes from out_dir/last.pt: set out_dir (or pass a checkpoint path)")
+        path = out_dir / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    return path
+
+
+def load_for_resume(path: Path, recipe: Recipe, env: Environment) -> tuple[dict, dict]:
+    """Loads the checkpoint at ``path`` into ``recipe``: the stages up to the checkpoint's stage are set up again
+    (their ``before``), then every model is loaded. Returns the payload and this rank's RNG states (restored by the
+    caller when training continues)."""
+    payload = load_checkpoint(path, map_location=env.device)
+    check_matches(payload, recipe, path)
+    for stage in recipe.stages[: int(payload["stage"]) + 1]:
+        if stage.before is not None:
+            stage.before()
+    load_models_state(recipe, payload["models"])
+    per_rank = payload.get("rng_per_rank", [])
+    return payload, per_rank[env.rank] if len(per_rank) == env.world_size else payload["rng"]
+
+
+def export_student(student: nn.Module, out_dir: Path) -> Path:
+    """Writes ``out_dir/student.pt``: the exported model's ``state_dict``."""
+    path = out_dir / "student.pt"
+    torch.save(student.state_dict(), path)
+    return path

@@ -108,7 +108,7 @@ def distill_command(arguments) -> int:
     overrides = parse_overrides(arguments.overrides)
     method = _checked_method(arguments.method, arguments.preset, overrides)
     from kdkernels.distill.experiment import DigitsExperiment, distil_digits, teacher_model_for, train_teacher
-    from kdkernels.distill.trainer import TrainConfig
+    from kdkernels.distill.config import TrainConfig
 
     experiment = DigitsExperiment(student=arguments.student, train_size=arguments.train_size,
                                   teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache)

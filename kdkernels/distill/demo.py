@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import kdkernels
-from kdkernels.bench.device import default_results_root, device_name, sanitize
+from kdkernels._results import default_results_root, device_name, sanitize
 from kdkernels.distill.experiment import DigitsExperiment, distil_digits, train_teacher
 from kdkernels.distill.registry import get_method
-from kdkernels.distill.trainer import TrainConfig
+from kdkernels.distill.config import TrainConfig
 
 # Official hyperparameters throughout. AT is left out: its weight of 1000 is calibrated for CIFAR's 32x32 maps, and on
 # digits' 8x8..2x2 maps the term outweighs the cross-entropy by two orders of magnitude (students fall below 50%).

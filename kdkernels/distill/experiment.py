@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from kdkernels.distill.config import RunResult, TrainConfig
 from kdkernels.distill.data import DigitsSplit, load_digits
 from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Setup
 from kdkernels.distill.registry import build_recipe, get_method
-from kdkernels.distill.trainer import RunResult, TrainConfig, Trainer
+from kdkernels.distill.trainer import Trainer
 from kdkernels.distributed import rank_and_world_size
 
 

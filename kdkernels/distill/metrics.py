@@ -1,5 +1,9 @@
 """A run's metrics on disk: the per-epoch history as CSV and JSON, and a learning-curve plot.
 
+The run's summary (:func:`summarize`) is what :class:`~kdkernels.distill.RunResult` and ``metrics.json`` report:
+the exported model's last and best accuracy, the last evaluation of each model of the last stage, train time and the
+share of it spent in the loss terms.
+
 History rows are dicts (stage, epoch, lr, train_loss, each term's mean, ``test_acc_<model>``, seconds); stages
 have different terms, so the CSV's columns are the union of the rows' keys in order of first appearance and a
 value a row lacks is left empty. The plot uses matplotlib's Agg canvas directly (no global backend switch).
@@ -9,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +51,36 @@ def write_json(payload: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=_jsonable))
     return path
+
+
+def summarize(history: Sequence[dict], *, method: str, last_stage: int, exported_key: str,
+              best_accuracy: float | None) -> dict:
+    """The run's summary from its history rows: the fields of RunResult other than history, student, paths and
+    completed (``exported_key``: the history key of the exported model's accuracy)."""
+    evaluated = [row for row in history if row["stage_index"] == last_stage
+                 and any(key.startswith(ACCURACY_PREFIX) for key in row)]
+    accuracies = {key[len(ACCURACY_PREFIX):]: value for key, value in evaluated[-1].items()
+                  if key.startswith(ACCURACY_PREFIX)} if evaluated else {}
+    train_seconds = sum(row["seconds"] for row in history)
+    loss_seconds = sum(row["loss_seconds"] for row in history)
+    return {"method": method, "accuracy": evaluated[-1].get(exported_key) if evaluated
+            else None, "best_accuracy": best_accuracy, "accuracies": accuracies, "train_seconds": train_seconds,
+            "loss_seconds": loss_seconds, "loss_share": loss_seconds / train_seconds if train_seconds else 0.0}
+
+
+def write_metrics(out_dir: Path, history: Sequence[dict], summary: dict) -> dict[str, Path]:
+    """``metrics.csv`` (the history) and ``metrics.json`` (``summary`` and the history) in ``out_dir``."""
+    return {"metrics_csv": write_csv(history, out_dir / "metrics.csv"),
+            "metrics_json": write_json({**summary, "history": history}, out_dir / "metrics.json")}
+
+
+def plot_run(history: Sequence[dict], out_dir: Path, title: str) -> dict[str, Path]:
+    """``curves.png`` in ``out_dir`` (:func:`plot_curves`); nothing, with a warning, without matplotlib."""
+    try:
+        return {"curves": plot_curves(history, out_dir / "curves.png", title)}
+    except ImportError:  # pragma: no cover - matplotlib is optional
+        warnings.warn("matplotlib is not installed: no curves.png", stacklevel=3)
+        return {}
 
 
 def accuracy_keys(rows: Sequence[dict]) -> list[str]:

@@ -1,5 +1,6 @@
-"""Which machine the benchmark runs on: the GPU name or the CPU model and usable cores, as a directory name,
-and where results go (``benchmarks/results`` of the source checkout, else of the working directory)."""
+"""Which machine results come from and where they go, for every command that writes results (``kdkernels bench``,
+``kdkernels demo``): the GPU name or the CPU model and usable cores, as a directory name, under
+``benchmarks/results`` of the source checkout (else of the working directory)."""
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ def device_name(device: torch.device) -> str:
 
 def default_results_root() -> Path:
     """``benchmarks/results`` of the source checkout when kdkernels runs from one (editable install), else of cwd."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     if (repo / "benchmarks").is_dir():
         return repo / "benchmarks" / "results"
     return Path.cwd() / "benchmarks" / "results"

@@ -1,0 +1,115 @@
+"""What a training run is asked to do and what it returns: :class:`TrainConfig` (checked when built, each bad
+option a ValueError naming it) and :class:`RunResult`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kdkernels.distill.precision import AMP_DTYPES
+from kdkernels.distill.schedules import OPTIMIZERS, SCHEDULES
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How a recipe is trained.
+
+    epochs: per stage, unless the stage fixes its own (``Stage.epochs``). batch_size: samples per micro-batch
+    (per rank under DDP); an optimiser step takes ``grad_accum`` of them. lr: the base learning rate (times the
+    stage's ``lr_scale``). schedule: ``"cosine"`` (to 0 over the stage), ``"step"`` (× ``gamma`` every
+    ``step_size`` epochs, default a third of the stage), ``"multistep"`` (× ``gamma`` at each epoch of
+    ``milestones``) or ``"constant"``; ``warmup_epochs`` (may be fractional) ramps the LR linearly first.
+    amp: ``"off"``, ``"bf16"`` or ``"fp16"`` (fp16 uses a GradScaler). mixup_alpha: > 0 enables MixUp with
+    ``lam ~ Beta(alpha, alpha)``. device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``. resume: False, True (``out_dir/last.pt`` when it exists) or a checkpoint path.
+    stop_after_epochs: leave after this many epochs in this call (all stages counted), with a resumable
+    checkpoint: for time-limited jobs. eval_batch_size: batch size of the test-set evaluation.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: Sequence[int] = ()
+    gamma: float = 0.1
+    step_size: int | None = None
+    warmup_epochs: float = 0
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+    amp: str = "off"
+    mixup_alpha: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 1
+    resume: bool | str | os.PathLike = False
+    progress: bool = True
+    eval_every: int = 1
+    drop_last: bool = False
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    stop_after_epochs: int | None = None
+
+    def __post_init__(self):
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("amp", self.amp, tuple(AMP_DTYPES))
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "eval_batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("step_size", "stop_after_epochs"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("momentum", "weight_decay", "warmup_epochs", "mixup_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be positive or None, got {self.clip_grad_norm}")
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones (the epochs at which the LR is multiplied by "
+                             "gamma)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from error
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :meth:`Trainer.fit` returns. Accuracies are in %, ``None`` without a test set. ``accuracies`` holds the
+    last evaluation of each evaluated model of the last stage; ``accuracy`` is the exported model's. ``completed``
+    is False when ``stop_after_epochs`` ended the call early."""
+
+    method: str
+    accuracy: float | None
+    best_accuracy: float | None
+    accuracies: dict[str, float]
+    history: list[dict]
+    train_seconds: float
+    loss_seconds: float
+    loss_share: float
+    student: nn.Module
+    paths: dict[str, Path]
+    completed: bool = True

@@ -1,0 +1,91 @@
+"""A stage being trained: what :func:`prepare_stage` sets up when a stage starts (its batches, the built and activated
+distiller, the optimiser at ``lr · lr_scale`` with per-model scales, the per-step LR schedule, the AMP grad scaler,
+the forward module, DDP-wrapped when data-parallel) and the position and state a checkpoint holds."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from kdkernels.distill.batches import to_device
+from kdkernels.distill.config import TrainConfig
+from kdkernels.distill.data import batch_sampler_for
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.environment import Environment
+from kdkernels.distill.precision import grad_scaler
+from kdkernels.distill.recipe import Stage
+from kdkernels.distill.schedules import make_optimizer, make_scheduler
+from kdkernels.distill.step import DistillStep
+
+
+@dataclasses.dataclass
+class StageRun:
+    """A stage being trained: its distiller, data, optimiser state and position."""
+
+    index: int
+    stage: Stage
+    epochs: int
+    offset: int                  # epochs of the earlier stages (the samplers' epoch numbers continue across stages)
+    loader: DataLoader
+    sampler: object
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    model: nn.Module             # DistillStep, wrapped in DDP when data-parallel
+    steps_per_epoch: int
+    step: int = 0
+
+    @property
+    def distiller(self) -> Distiller:
+        return self.stage.distiller
+
+    def state_dict(self) -> dict:
+        return {"distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+
+
+def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: TrainConfig, env: Environment,
+                  train_set: Dataset, labels: np.ndarray | None, amp_dtype: torch.dtype | None) -> StageRun:
+    """Sets up stage ``index`` (``epochs`` epochs, after ``offset`` epochs of the earlier stages). The distiller is
+    built on the stage's first batch (terms size their connectors) before the optimiser exists."""
+    sampler = batch_sampler_for(stage.batching, labels, config.batch_size, num_samples=len(train_set),
+                                options=stage.batching_options, seed=config.seed, rank=env.rank,
+                                world_size=env.world_size, drop_last=config.drop_last)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
+                        generator=torch.Generator().manual_seed(config.seed),
+                        pin_memory=env.device.type == "cuda")
+    sampler.set_epoch(offset + 1)
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError(f"stage {stage.name!r} gets no batch: {len(train_set)} training samples, "
+                         f"batch_size {config.batch_size}, drop_last {config.drop_last}, "
+                         f"{env.world_size} process(es)")
+    distiller = stage.distiller
+    distiller.build(to_device(first, env.device)).activate().to(env.device)
+    parameters = distiller.trainable_parameters()
+    lr = config.lr * stage.lr_scale
+    optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / config.grad_accum))
+    scheduler = make_scheduler(config, optimizer, epochs, steps_per_epoch)
+    scaler = grad_scaler(config.amp, env.device.type)
+    model = DistillStep(distiller, amp_dtype, env.device.type)
+    if env.world_size > 1:
+        # Unused parameters are normal here: a hint stage trains only the layers below its tap, a term may read
+        # one of several peers' features, and a model's classifier gets no gradient from feature-only terms.
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
+                                        else None, find_unused_parameters=True)
+    return StageRun(index, stage, epochs, offset, loader, sampler, parameters, optimizer, scheduler, scaler,
+                    model, steps_per_epoch)

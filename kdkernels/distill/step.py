@@ -1,0 +1,84 @@
+"""One optimiser step of a stage: ``grad_accum`` micro-batches, each forward with the models under autocast and the
+loss terms in fp32, each loss weighted by its share of the step's samples (``1/grad_accum`` for equal
+micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
+(scaled) optimiser step and the LR schedule's step. Also the epoch's sample-weighted loss sums."""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdkernels.distill.batches import rows_of, to_device
+from kdkernels.distill.distiller import Distiller, DistillOutput
+from kdkernels.distill.environment import Environment, all_reduce_sum
+from kdkernels.distill.mixing import mix_batch
+from kdkernels.distill.precision import autocast
+from kdkernels.distill.terms import StepContext
+
+if TYPE_CHECKING:
+    from kdkernels.distill.config import TrainConfig
+    from kdkernels.distill.stage import StageRun
+
+
+class DistillStep(nn.Module):
+    """One forward of a distiller with the models under autocast and the terms in fp32 (DDP wraps this)."""
+
+    def __init__(self, distiller: Distiller, amp_dtype: torch.dtype | None, device_type: str):
+        super().__init__()
+        self.distiller = distiller
+        self.amp_dtype, self.device_type = amp_dtype, device_type
+
+    def forward(self, batch: dict, context: StepContext) -> DistillOutput:
+        with autocast(self.device_type, self.amp_dtype):
+            values = self.distiller.run_models(batch)
+        return self.distiller.compute_terms(values, context)
+
+
+class EpochSums:
+    """Sample-weighted sums of the loss and of each term over an epoch."""
+
+    def __init__(self):
+        self.rows, self.loss, self.loss_seconds = 0, 0.0, 0.0
+        self.terms: dict[str, float] = {}
+
+    def add(self, output: DistillOutput, rows: int) -> None:
+        self.rows += rows
+        self.loss += float(output.loss.detach()) * rows
+        self.loss_seconds += output.loss_seconds
+        for name, value in output.terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + float(value) * rows
+
+    def means(self, environment: Environment) -> dict[str, float]:
+        names = list(self.terms)
+        totals = all_reduce_sum([self.rows, self.loss, *(self.terms[n] for n in names)], environment.device,
+                                environment.world_size)
+        rows = max(totals[0], 1.0)
+        return {"train_loss": totals[1] / rows, **{name: total / rows for name, total in zip(names, totals[2:])}}
+
+
+def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig, env: Environment,
+                   mixing: np.random.Generator | None, sums: EpochSums) -> None:
+    """Trains ``run`` on the micro-batches of ``group`` for one optimiser step; adds their losses to ``sums``."""
+    total_rows = sum(rows_of(batch) for batch in group)
+    run.optimizer.zero_grad(set_to_none=True)
+    for position, batch in enumerate(group):
+        batch = to_device(batch, env.device)
+        mixup = None
+        if mixing is not None:
+            batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
+        context = StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch, mixup=mixup)
+        last = position == len(group) - 1
+        with run.model.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext():
+            output = run.model(batch, context)
+            run.scaler.scale(output.loss * (rows_of(batch) / total_rows)).backward()
+        sums.add(output, rows_of(batch))
+    if config.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.parameters, config.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
