@@ -6,8 +6,8 @@ and a distillation toolkit on top of them (:mod:`kdkernels.distill`).
 """
 from kdkernels._version import __version__
 from kdkernels._extension import build_info
+from kdkernels import ops  # noqa: F401  (registers fake kernels and autograd for the compiled ops; decides backends)
 from kdkernels.backends import BackendUnavailableError, available_backends
-from kdkernels import ops  # noqa: F401  (registers fake kernels and autograd for the compiled ops)
 from kdkernels.losses import *  # noqa: F401,F403  (every public loss)
 from kdkernels.losses import __all__ as _LOSSES
 from kdkernels import nn

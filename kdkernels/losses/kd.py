@@ -194,7 +194,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
         teacher = as_rows(teacher_logits)
         needs_jsd_kernel = divergence == "jsd" and 0.0 < beta < 1.0
         name = backends.select_backend(backend, student, teacher,
-                                       required_ops=("softmax_jsd",) if needs_jsd_kernel else ())
+                                       required_ops=("softmax_jsd",) if needs_jsd_kernel else ("softmax_kl",))
         rows = divergence_rows(student, teacher, temperature, divergence, name, beta)
     keep = labels.reshape(-1) != ignore_index if labels is not None else None
     return reduce_rows(rows, reduction, leading_shape=leading_shape, elements=student_logits.shape[-1], keep=keep,

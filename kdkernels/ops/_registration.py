@@ -1,16 +1,26 @@
-"""Registration shared by the op families: fake kernels of the C++ ops and autograd of the C++ and Triton twins."""
+"""The one registration path of every op family: fakes and autograd, shared by the C++ op and its Triton twin.
+
+An :class:`OpSpec` says, for one op, what its outputs look like (the fakes, which torch.compile and opcheck use) and
+how it differentiates (``setup_context`` and ``make_backward``). :func:`register` applies it to
+``kdkernels::<op>_forward`` (the C++ op, when kdkernels._C is loaded) and to ``kdkernels::triton_<op>_forward`` (the
+Triton twin, when triton is importable): the same fake and the same autograd for both, and for their
+``_backward`` ops where the backward is an op of its own.
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 
-from kdkernels import _extension
-from kdkernels import backends  # noqa: F401  (imports the Triton twins, so that their ops exist here)
+from kdkernels._validation import accumulation_dtype as _accumulation_dtype
+
+TWIN_PREFIXES = ("", "triton_")  # the C++ op and the Triton twin
 
 
 def accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+    """float64 for float64 logits, else float32: the dtype of an op's per-row outputs."""
+    return _accumulation_dtype(logits)
 
 
 def empty_gradient_like(logits: torch.Tensor, requested: bool) -> torch.Tensor:
@@ -20,30 +30,42 @@ def empty_gradient_like(logits: torch.Tensor, requested: bool) -> torch.Tensor:
     return logits.new_empty((0,))
 
 
-def register_family(family: str, *, fake_forward: Callable, fake_backward: Callable, setup_context: Callable,
-                    make_backward: Callable) -> None:
-    """Fakes for ``kdkernels::<family>_forward/_backward`` (when ``_C`` is loaded) and autograd for every twin that
-    exists: the C++ op and ``kdkernels::triton_<family>_forward`` (whose fakes the Triton module registers).
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """The Python side of one op.
 
-    ``make_backward(backward_op)`` returns the autograd backward calling that backend's backward op.
+    ``make_backward(backward_op)`` returns the autograd backward; ``backward_op`` is that twin's
+    ``kdkernels::[triton_]<name>_backward`` when ``fake_backward`` is given (the backward is an op of its own), else
+    None (the forward already returned the gradients, which the backward scales).
     """
-    if _extension._C is not None:
-        torch.library.register_fake(f"kdkernels::{family}_forward")(fake_forward)
-        torch.library.register_fake(f"kdkernels::{family}_backward")(fake_backward)
-    for prefix in ("", "triton_"):
-        if prefix == "" and _extension._C is None:
-            continue
-        if not hasattr(torch.ops.kdkernels, f"{prefix}{family}_forward"):
-            continue
-        backward_op = getattr(torch.ops.kdkernels, f"{prefix}{family}_backward").default
-        torch.library.register_autograd(f"kdkernels::{prefix}{family}_forward", make_backward(backward_op),
-                                        setup_context=setup_context)
+
+    name: str
+    fake_forward: Callable
+    setup_context: Callable
+    make_backward: Callable
+    fake_backward: Callable | None = None
 
 
-def forward_op(family: str, backend: str):
-    """The forward op of `family` on a compiled backend ("cpu"/"cuda" share the C++ op; "triton" its twin)."""
+def register(spec: OpSpec) -> None:
+    """Fakes and autograd for every twin of `spec` that exists here."""
+    for prefix in TWIN_PREFIXES:
+        forward = f"{prefix}{spec.name}_forward"
+        if not hasattr(torch.ops.kdkernels, forward):
+            continue
+        torch.library.register_fake(f"kdkernels::{forward}")(spec.fake_forward)
+        backward_op = None
+        if spec.fake_backward is not None:
+            backward = f"{prefix}{spec.name}_backward"
+            torch.library.register_fake(f"kdkernels::{backward}")(spec.fake_backward)
+            backward_op = getattr(torch.ops.kdkernels, backward).default
+        torch.library.register_autograd(f"kdkernels::{forward}", spec.make_backward(backward_op),
+                                        setup_context=spec.setup_context)
+
+
+def forward_op(name: str, backend: str):
+    """The forward op `name` on a compiled backend ("cpu"/"cuda" share the C++ op; "triton" its twin)."""
     if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.kdkernels, f"{family}_forward")
+        return getattr(torch.ops.kdkernels, f"{name}_forward")
     if backend == "triton":
-        return getattr(torch.ops.kdkernels, f"triton_{family}_forward")
+        return getattr(torch.ops.kdkernels, f"triton_{name}_forward")
     raise ValueError(f"unknown backend {backend!r}")

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _extension
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, forward_op
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import contrastive as reference
 
-FAMILY = "crd_nce"
+OP = "crd_nce"
 
 
 def _fake_forward(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps, embed_grad):
@@ -41,17 +40,7 @@ def _backward(ctx, grad_loss_rows, _grad_score_lse, _grad_grad_embed):
     return grad, None, None, None, None, None, None, None
 
 
-def _register() -> None:
-    if _extension._C is not None:
-        torch.library.register_fake(f"kdkernels::{FAMILY}_forward")(_fake_forward)
-    for name in (f"{FAMILY}_forward", f"triton_{FAMILY}_forward"):
-        if name == f"{FAMILY}_forward" and _extension._C is None:
-            continue
-        if hasattr(torch.ops.kdkernels, name):
-            torch.library.register_autograd(f"kdkernels::{name}", _backward, setup_context=_setup_context)
-
-
-_register()
+register(OpSpec(OP, _fake_forward, _setup_context, lambda _no_backward_op: _backward))
 
 
 def crd_nce(embed: torch.Tensor, memory: torch.Tensor, contrast_indices: torch.Tensor, log_normalizer: torch.Tensor,
@@ -63,6 +52,6 @@ def crd_nce(embed: torch.Tensor, memory: torch.Tensor, contrast_indices: torch.T
     if backend == "reference":
         return reference.crd_nce(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps)
     embed_grad = embed.requires_grad and torch.is_grad_enabled()
-    loss_rows, score_lse, _ = forward_op(FAMILY, backend)(embed, memory, contrast_indices, log_normalizer,
+    loss_rows, score_lse, _ = forward_op(OP, backend)(embed, memory, contrast_indices, log_normalizer,
                                                           temperature, noise_mass, eps, embed_grad)
     return loss_rows, score_lse

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, forward_op, register_family
+from kdkernels._validation import promote_float64
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import dist as reference
 
-FAMILY = "dist"
+OP = "dist"
 
 
 def _fake_forward(student, teacher, temperature):
@@ -50,15 +51,13 @@ def _make_backward(backward_op):
     return backward
 
 
-register_family(FAMILY, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-                make_backward=_make_backward)
+register(OpSpec(OP, _fake_forward, _setup_context, _make_backward, _fake_backward))
 
 
 def dist_pearson(student: torch.Tensor, teacher: torch.Tensor, temperature: float, backend: str):
     """(row_pearson [N], col_pearson [V]) of 2-D logits on the named backend (see the reference)."""
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student, teacher = student.double(), teacher.double()
+    student, teacher = promote_float64(student, teacher)
     if backend == "reference":
         return reference.dist_pearson(student, teacher, temperature)
-    outputs = forward_op(FAMILY, backend)(student, teacher, temperature)
+    outputs = forward_op(OP, backend)(student, teacher, temperature)
     return outputs[0], outputs[1]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, forward_op, register_family
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import logsoftmax_gather as reference
 
-FAMILY = "logsoftmax_gather"
+OP = "logsoftmax_gather"
 
 
 def _fake_forward(logits, indices, temperature):
@@ -39,12 +39,11 @@ def _make_backward(backward_op):
     return backward
 
 
-register_family(FAMILY, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-                make_backward=_make_backward)
+register(OpSpec(OP, _fake_forward, _setup_context, _make_backward, _fake_backward))
 
 
 def logsoftmax_gather(logits: torch.Tensor, indices: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
     """``log_softmax(logits / T)`` of 2-D logits gathered at int64 indices [N, k] (values in [0, V)) -> [N, k]."""
     if backend == "reference":
         return reference.logsoftmax_gather(logits, indices, temperature)
-    return forward_op(FAMILY, backend)(logits, indices, temperature)[0]
+    return forward_op(OP, backend)(logits, indices, temperature)[0]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import _extension
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like
+from kdkernels._validation import promote_float64
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import pairwise as reference
 
-FAMILY = "pairwise"
+OP = "pairwise"
 
 
 def _fake_forward(student, teacher, relation, params, student_grad, teacher_grad):
@@ -37,26 +37,7 @@ def _backward(ctx, grad_loss, *_unused):
     return (*_scaled_gradients(ctx, grad_loss), None, None, None, None)
 
 
-def _register() -> None:
-    if _extension._C is not None:
-        torch.library.register_fake(f"kdkernels::{FAMILY}_forward")(_fake_forward)
-    for prefix in ("", "triton_"):
-        if prefix == "" and _extension._C is None:
-            continue
-        if hasattr(torch.ops.kdkernels, f"{prefix}{FAMILY}_forward"):
-            torch.library.register_autograd(f"kdkernels::{prefix}{FAMILY}_forward", _backward,
-                                            setup_context=_setup_context)
-
-
-_register()
-
-
-def _forward_op(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.pairwise_forward
-    if backend == "triton":
-        return torch.ops.kdkernels.triton_pairwise_forward
-    raise ValueError(f"unknown backend {backend!r}")
+register(OpSpec(OP, _fake_forward, _setup_context, lambda _no_backward_op: _backward))
 
 
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)  # a private guard: absent -> plain call
@@ -91,8 +72,7 @@ def relation_loss(relation: str, student: torch.Tensor, teacher: torch.Tensor, p
                   backend: str) -> torch.Tensor:
     """The relation loss of 2-D features on the named backend, differentiable with respect to both (a scalar in the
     accumulation dtype: float64 for float64 features, else float32)."""
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student, teacher = student.double(), teacher.double()
+    student, teacher = promote_float64(student, teacher)
     if backend == "reference":
         return reference.relation_loss(relation, student, teacher, params)
-    return _RelationLoss.apply(student, teacher, _forward_op(backend), relation, [float(p) for p in params])
+    return _RelationLoss.apply(student, teacher, forward_op(OP, backend), relation, [float(p) for p in params])

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, register_family
+from kdkernels._validation import promote_float64
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import softmax_kl as reference
 
 
@@ -79,12 +80,8 @@ def _make_jsd_backward(backward_op):
     return backward
 
 
-# The Triton twins (and their fakes) exist when kdkernels.triton is importable: a CUDA device, or TRITON_INTERPRET=1.
-register_family("softmax_kl", fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-                make_backward=_make_backward)
-register_family("softmax_jsd", fake_forward=_fake_jsd_forward, fake_backward=_fake_jsd_backward,
-                setup_context=_setup_jsd_context, make_backward=_make_jsd_backward)
-TRITON_JSD = hasattr(torch.ops.kdkernels, "triton_softmax_jsd_forward")
+register(OpSpec("softmax_kl", _fake_forward, _setup_context, _make_backward, _fake_backward))
+register(OpSpec("softmax_jsd", _fake_jsd_forward, _setup_jsd_context, _make_jsd_backward, _fake_jsd_backward))
 
 
 def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
@@ -92,26 +89,16 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
     float32 result (float64 when either input is float64); differentiable with respect to both inputs.
     """
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student, teacher = student.double(), teacher.double()
+    student, teacher = promote_float64(student, teacher)
     if backend == "reference":
         return reference.softmax_kl_rows(student, teacher, temperature)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.softmax_kl_forward(student, teacher, temperature)[0]
-    if backend == "triton":
-        return torch.ops.kdkernels.triton_softmax_kl_forward(student, teacher, temperature)[0]
-    raise ValueError(f"unknown backend {backend!r}")
+    return forward_op("softmax_kl", backend)(student, teacher, temperature)[0]
 
 
 def softmax_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float,
                      backend: str) -> torch.Tensor:
     """Per-row generalised JSD(beta) of 2-D logits, 0 < beta < 1, on the named backend -> [N] (see the reference)."""
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student, teacher = student.double(), teacher.double()
+    student, teacher = promote_float64(student, teacher)
     if backend == "reference":
         return reference.softmax_jsd_rows(student, teacher, temperature, beta)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.kdkernels.softmax_jsd_forward(student, teacher, temperature, beta)[0]
-    if backend == "triton":
-        return torch.ops.kdkernels.triton_softmax_jsd_forward(student, teacher, temperature, beta)[0]
-    raise ValueError(f"unknown backend {backend!r}")
+    return forward_op("softmax_jsd", backend)(student, teacher, temperature, beta)[0]

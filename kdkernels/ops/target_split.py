@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.ops._registration import accumulation_dtype, empty_gradient_like, forward_op, register_family
+from kdkernels._validation import promote_float64
+from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import target_split as reference
 
-FAMILY = "target_split"
+OP = "target_split"
 
 
 def _fake_forward(student, teacher, labels, temperature):
@@ -45,15 +46,13 @@ def _make_backward(backward_op):
     return backward
 
 
-register_family(FAMILY, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-                make_backward=_make_backward)
+register(OpSpec(OP, _fake_forward, _setup_context, _make_backward, _fake_backward))
 
 
 def target_split_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
                        backend: str) -> torch.Tensor:
     """The six per-row terms [N, 6] of 2-D logits and int64 labels [N] (values in [0, V)) on the named backend."""
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student, teacher = student.double(), teacher.double()
+    student, teacher = promote_float64(student, teacher)
     if backend == "reference":
         return reference.target_split_terms(student, teacher, labels, temperature)
-    return forward_op(FAMILY, backend)(student, teacher, labels, temperature)[0]
+    return forward_op(OP, backend)(student, teacher, labels, temperature)[0]
