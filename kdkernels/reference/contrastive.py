@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels._validation import accumulation_dtype
 
 
 def crd_nce(embed: torch.Tensor, memory: torch.Tensor, contrast_indices: torch.Tensor,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels._validation import accumulation_dtype
 
 EPS = 1e-8
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels._validation import accumulation_dtype
 
 
 def logsoftmax_gather(logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -39,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels._validation import accumulation_dtype
 
 RELATIONS = ("rkd_distance", "rkd_angle", "rkd", "sp", "pkt", "cc")
 NORMALIZE_EPS = 1e-12  # F.normalize's default

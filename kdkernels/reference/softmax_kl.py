@@ -31,16 +31,14 @@ import math
 
 import torch
 
+from kdkernels._validation import accumulation_dtype
 
-def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (fp16/bf16/fp32 inputs accumulate in fp32)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-row KL(softmax(teacher/T) || softmax(student/T)) over the last dim of 2-D inputs [N, V] -> [N].
 
-    Differentiable with respect to both inputs. Returns the accumulation dtype (see ``accumulation_dtype``).
+    Differentiable with respect to both inputs. Returns the accumulation dtype (float64 for float64 inputs, else float32).
     """
     acc = accumulation_dtype(student, teacher)
     a = student.to(acc) / temperature

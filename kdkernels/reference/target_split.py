@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.reference.softmax_kl import accumulation_dtype
+from kdkernels._validation import accumulation_dtype
 
 TERM_NAMES = ("log_p_target_student", "log_p_rest_student", "log_p_target_teacher", "log_p_rest_teacher",
               "kl_non_target", "entropy_non_target_teacher")
