@@ -52,3 +52,31 @@ def test_readme_toolkit_examples_run():
     assert namespace["recipe"].hyperparameters["warmup"] == 5
     exec(custom.replace("layer3", "stage3"), namespace)
     assert [term.name for term in namespace["distiller"].terms] == ["ce_student", "kd", "at"]
+
+
+def test_readme_loss_table_names_every_loss_its_module_and_file():
+    import kdkernels
+    from kdkernels.nn import LOSS_MODULES
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("<!-- losses-table -->"):readme.index("## Distillation toolkit")]
+    rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| `")]
+    listed = {}
+    for functions, modules, file in rows:
+        names = re.findall(r"`([a-z0-9_]+)`", functions)
+        classes = re.findall(r"`([A-Za-z0-9]+)`", modules)
+        for name, cls in zip(names, classes):
+            listed[name] = (cls, file.strip().strip("`"))
+    assert set(listed) == set(LOSS_MODULES)
+    for name, (cls, file) in listed.items():
+        assert LOSS_MODULES[name].__name__ == cls, name
+        assert getattr(kdkernels, name).__module__ == f"kdkernels.losses.{file.removesuffix('.py')}", name
+
+
+def test_readme_method_count_is_the_registry_s():
+    from kdkernels.distill import list_methods
+
+    count = len([m for m in list_methods() if m.name != "ce"])
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"(\d+) (?:distillation )?methods", readme)
+    assert quoted and all(int(n) == count for n in quoted), (quoted, count)
