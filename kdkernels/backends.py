@@ -58,6 +58,8 @@ def _installation_reasons(name: str) -> list[str]:
     if name in ("cpu", "cuda"):
         if _extension._C is None:
             return [_extension.LOAD_ERROR or "kdkernels._C is not loaded"]
+        if name == "cpu" and _extension.CPU_LOAD_ERROR is not None:
+            return [_extension.CPU_LOAD_ERROR]
         if name not in _extension.compiled_backends():
             return [f"kdkernels._C was built without {name} kernels (compiled: "
                     f"{', '.join(_extension.compiled_backends())})"]

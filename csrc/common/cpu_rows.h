@@ -22,7 +22,10 @@
 
 #include "host.h"
 
+// Like ATen's kernels, everything here lives in a namespace named after the vector ISA of the library being
+// compiled (CPU_CAPABILITY: DEFAULT, AVX2, AVX512), so the inline functions of two ISA builds never share a symbol.
 namespace kdkernels::cpu {
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -217,4 +220,5 @@ struct CpuElements {
   using bfloat16 = at::BFloat16;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels::cpu
