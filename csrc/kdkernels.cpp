@@ -1,7 +1,8 @@
 // Op schemas for every kdkernels op, and the `kdkernels._C` Python module that reports how it was built.
 //
-// Kernels register per dispatch key in their own files: csrc/<family>/<family>_cpu.cpp (CPU) and
-// csrc/<family>/<family>_cuda.cu (CUDA). Fake (meta) kernels and autograd live in kdkernels/ops/<family>.py.
+// Kernels register per dispatch key in their own files: csrc/<family>/<family>_cuda.cu (CUDA, built into _C) and
+// csrc/<family>/<family>_cpu.cpp (CPU, built once per vector ISA into kdkernels/_cpu_<isa>*.so, one of which
+// kdkernels/_extension.py loads). Fake (meta) kernels and autograd live in kdkernels/ops/<family>.py.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
@@ -15,9 +16,6 @@
 #endif
 #ifndef KDKERNELS_CUDA_ARCHS
 #define KDKERNELS_CUDA_ARCHS ""
-#endif
-#ifndef KDKERNELS_CPU_CAPABILITY_NAME
-#define KDKERNELS_CPU_CAPABILITY_NAME "DEFAULT"
 #endif
 
 TORCH_LIBRARY(kdkernels, m) {
@@ -109,12 +107,10 @@ PYBIND11_MODULE(_C, module) {
     pybind11::dict info;
     info["version"] = KDKERNELS_VERSION;
     info["torch_version"] = KDKERNELS_TORCH_VERSION;
-    pybind11::list backends;
-    backends.append("cpu");
+    pybind11::list backends;  // of this module; the CPU kernels are separate libraries
     if (built_with_cuda()) backends.append("cuda");
     info["compiled_backends"] = backends;
     info["cuda_archs"] = std::string(KDKERNELS_CUDA_ARCHS);
-    info["cpu_capability"] = KDKERNELS_CPU_CAPABILITY_NAME;
     return info;
   });
 }

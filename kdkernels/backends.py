@@ -88,6 +88,8 @@ def _triton_import_error() -> str | None:
 def _compiled_reasons(name: str) -> list[str]:
     if _extension._C is None:
         return [_extension.LOAD_ERROR or "kdkernels._C is not loaded"]
+    if name == "cpu" and _extension.CPU_LOAD_ERROR is not None:
+        return [_extension.CPU_LOAD_ERROR]
     if name not in _extension.compiled_backends():
         return [f"kdkernels._C was built without {name} kernels (compiled: "
                 f"{', '.join(_extension.compiled_backends())})"]

@@ -3,7 +3,7 @@
     kdkernels demo     the main job: a teacher, a baseline and distilled students on digits, over seeds
     kdkernels list     every distillation method with its category and paper
     kdkernels distill  distil a digits student with any method
-    kdkernels info     how kdkernels._C was built and which backends can run here (and why not)
+    kdkernels info     how kdkernels was built, which CPU kernels are loaded, which backends can run here (and why not)
     kdkernels bench    forward+backward benchmarks of the losses vs eager and torch.compile (see kdkernels.bench)
 """
 from __future__ import annotations
@@ -18,8 +18,11 @@ from kdkernels.distill import commands as distill_commands
 def _info(_arguments) -> int:
     import kdkernels
 
+    info = kdkernels.build_info()
     print(f"kdkernels {kdkernels.__version__}")
-    print(json.dumps(kdkernels.build_info(), indent=2, default=str))
+    print(json.dumps(info, indent=2, default=str))
+    print(f"CPU kernels loaded: {info.get('cpu_capability') or 'none'} (built: "
+          f"{', '.join(info.get('cpu_capabilities') or []) or 'none'}; choose with KDKERNELS_CPU_CAPABILITY)")
     for name, status in kdkernels.available_backends().items():
         print(f"  {name:<10} {'available' if status.available else 'unavailable'}"
               + ("" if status.available else f": {status.reason}"))

@@ -52,6 +52,7 @@ def test_build_info_names_versions_and_backends():
     assert info["torch_version"] == torch.__version__
     assert "cpu" in info["compiled_backends"]
     assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert info["cpu_capability"] in info["cpu_capabilities"]
 
 
 def test_failed_extension_load_warns_once_and_other_backends_still_work():

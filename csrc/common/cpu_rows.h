@@ -20,9 +20,12 @@
 #include <limits>
 #include <type_traits>
 
-#include "../softmax_kl/softmax_kl_host.h"
+#include "host.h"
 
+// Like ATen's kernels, everything here lives in a namespace named after the vector ISA of the library being
+// compiled (CPU_CAPABILITY: DEFAULT, AVX2, AVX512), so the inline functions of two ISA builds never share a symbol.
 namespace kdkernels::cpu {
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -34,7 +37,7 @@ inline int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, 8192 / 
 
 // Logits in {float, Half, BFloat16} accumulate in float; double accumulates in double.
 template <typename S, typename T>
-using acc_type_t = softmax_kl::acc_type_t<S>;
+using acc_type_t = host::acc_type_t<S>;
 
 inline double safe_shift(double max) { return max == kNegInf ? 0.0 : max; }
 
@@ -168,7 +171,7 @@ void backward_rows_chunked(const S* student, int64_t student_row_stride, const T
 template <typename X, typename ZeroRow, typename Chunk>
 void backward_rows_chunked(const X* logits, int64_t row_stride, int64_t rows, int64_t cols, X* grad,
                            ZeroRow zero_row, Chunk chunk) {
-  using acc_t = softmax_kl::acc_type_t<X>;
+  using acc_t = host::acc_type_t<X>;
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t x_buffer[kChunk];
     alignas(64) acc_t g_buffer[kChunk];
@@ -217,4 +220,5 @@ struct CpuElements {
   using bfloat16 = at::BFloat16;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdkernels::cpu

@@ -22,7 +22,7 @@
 namespace kdkernels {
 namespace cuda_rows {
 
-// The backend's element types, as the host dispatch (softmax_kl_host.h: dispatch_logits_pair) names them.
+// The backend's element types, as the host dispatch (common/host.h: dispatch_logits_pair) names them.
 struct CudaElements {
   using half = __half;
   using bfloat16 = __nv_bfloat16;

@@ -188,7 +188,7 @@ template <typename E, typename M>
 void forward(const at::Tensor& embed, const at::Tensor& memory, const at::Tensor& indices,
              const at::Tensor& log_normalizer, const contrastive::Constants& constants, at::Tensor& loss_rows,
              at::Tensor& score_lse, E* grad_embed) {
-  using acc_t = softmax_kl::acc_type_t<E>;
+  using acc_t = host::acc_type_t<E>;
   const contrastive::Shape shape = contrastive::shape_of(embed, memory, indices);
   const int64_t d = shape.features;
   const int64_t chunks = (shape.contrasts + kChunkContrasts - 1) / kChunkContrasts;
@@ -210,9 +210,9 @@ void forward(const at::Tensor& embed, const at::Tensor& memory, const at::Tensor
     }
   });
   for (const Partial& p : partials) {
-    TORCH_CHECK(p.bad_index < 0, "crd_nce: contrast_indices must lie in [0, ", shape.bank, ") (the memory's rows), "
-                "got ", problem.indices[p.bad_index], " at row ", p.bad_index / shape.contrasts, ", column ",
-                p.bad_index % shape.contrasts);
+    TORCH_CHECK_VALUE(p.bad_index < 0, contrastive::kOp, ": contrast_indices must lie in [0, ", shape.bank,
+                      ") (the memory's rows), got ", problem.indices[p.bad_index], " at row ",
+                      p.bad_index / shape.contrasts, ", column ", p.bad_index % shape.contrasts);
   }
   reduce_rows<E, acc_t>(problem, partials, grads, loss_rows.mutable_data_ptr<acc_t>(),
                         score_lse.mutable_data_ptr<acc_t>(), grad_embed);
@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(const at::Ten
   const at::Tensor embed_rows = contrastive::unit_stride_rows(embed);
   const at::Tensor memory_rows = contrastive::unit_stride_rows(memory);
   const at::Tensor indices = contrast_indices.contiguous();
-  softmax_kl::dispatch_logits_pair<CpuElements>(embed_rows, memory_rows, [&](auto e_tag, auto m_tag) {
+  host::dispatch_logits_pair<CpuElements>(embed_rows, memory_rows, [&](auto e_tag, auto m_tag) {
     using E = typename decltype(e_tag)::type;
     using M = typename decltype(m_tag)::type;
     forward<E, M>(embed_rows, memory_rows, indices, log_normalizer, constants, loss_rows, score_lse,

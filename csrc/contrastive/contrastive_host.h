@@ -18,56 +18,45 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
-#include <utility>
+
+#include "../common/host.h"
 
 namespace kdkernels::contrastive {
 
-inline bool supported_float(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
-}
+constexpr const char* kOp = "crd_nce_forward";
 
 // Embeddings and memory in {float32, float16, bfloat16} accumulate in float32 (they may differ: a bf16 autocast
 // embedding against an fp32 bank); float64 only with float64, accumulating in float64.
-inline at::ScalarType accumulation_dtype(const at::Tensor& embed) {
-  return embed.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType accumulation_dtype(const at::Tensor& embed) { return host::accumulation_dtype(embed); }
 
 inline void check_tensors(const at::Tensor& embed, const at::Tensor& memory, const at::Tensor& contrast_indices,
                           const at::Tensor& log_normalizer, at::DeviceType device_type) {
-  TORCH_CHECK(embed.dim() == 2, "crd_nce: embed must be 2-D [B, d], got shape ", embed.sizes());
-  TORCH_CHECK(memory.dim() == 2, "crd_nce: memory must be 2-D [N, d], got shape ", memory.sizes());
-  TORCH_CHECK(contrast_indices.dim() == 2, "crd_nce: contrast_indices must be 2-D [B, K+1], got shape ",
-              contrast_indices.sizes());
-  TORCH_CHECK(embed.size(0) >= 1, "crd_nce: embed needs at least one row, got shape ", embed.sizes());
-  TORCH_CHECK(embed.size(1) >= 1, "crd_nce: embed needs at least one column, got shape ", embed.sizes());
-  TORCH_CHECK(memory.size(0) >= 1, "crd_nce: memory needs at least one row, got shape ", memory.sizes());
-  TORCH_CHECK(memory.size(1) == embed.size(1), "crd_nce: memory rows have ", memory.size(1),
-              " features but embed rows have ", embed.size(1));
-  TORCH_CHECK(contrast_indices.size(0) == embed.size(0), "crd_nce: contrast_indices has ", contrast_indices.size(0),
-              " rows but embed has ", embed.size(0));
-  TORCH_CHECK(contrast_indices.size(1) >= 2,
-              "crd_nce: contrast_indices needs K+1 >= 2 columns (a positive and a negative), got ",
-              contrast_indices.size(1));
-  TORCH_CHECK(contrast_indices.scalar_type() == at::kLong, "crd_nce: contrast_indices must be int64, got ",
-              contrast_indices.scalar_type());
-  TORCH_CHECK(supported_float(embed.scalar_type()) && supported_float(memory.scalar_type()),
-              "crd_nce: embed and memory must be float32, float16, bfloat16 or float64, got ", embed.scalar_type(),
-              " and ", memory.scalar_type());
-  TORCH_CHECK((embed.scalar_type() == at::kDouble) == (memory.scalar_type() == at::kDouble),
-              "crd_nce: float64 embed must be paired with a float64 memory, got ", embed.scalar_type(), " and ",
-              memory.scalar_type());
+  TORCH_CHECK_VALUE(embed.dim() == 2, kOp, ": embed must be 2-D [B, d], got shape ", embed.sizes());
+  TORCH_CHECK_VALUE(memory.dim() == 2, kOp, ": memory must be 2-D [N, d], got shape ", memory.sizes());
+  TORCH_CHECK_VALUE(contrast_indices.dim() == 2, kOp, ": contrast_indices must be 2-D [B, K+1], got shape ",
+                    contrast_indices.sizes());
+  TORCH_CHECK_VALUE(embed.size(0) >= 1, kOp, ": embed needs at least one row, got shape ", embed.sizes());
+  TORCH_CHECK_VALUE(embed.size(1) >= 1, kOp, ": embed needs at least one column, got shape ", embed.sizes());
+  TORCH_CHECK_VALUE(memory.size(0) >= 1, kOp, ": memory needs at least one row, got shape ", memory.sizes());
+  TORCH_CHECK_VALUE(memory.size(1) == embed.size(1), kOp, ": memory rows have ", memory.size(1),
+                    " features but embed rows have ", embed.size(1));
+  TORCH_CHECK_VALUE(contrast_indices.size(0) == embed.size(0), kOp, ": contrast_indices has ",
+                    contrast_indices.size(0), " rows but embed has ", embed.size(0));
+  TORCH_CHECK_VALUE(contrast_indices.size(1) >= 2, kOp,
+                    ": contrast_indices needs K+1 >= 2 columns (a positive and a negative), got ",
+                    contrast_indices.size(1));
+  TORCH_CHECK_TYPE(contrast_indices.scalar_type() == at::kLong, kOp, ": contrast_indices must be int64, got ",
+                   contrast_indices.scalar_type());
+  host::check_float_pair(kOp, "embed", embed, "memory", memory);
   const auto acc = accumulation_dtype(embed);
-  TORCH_CHECK(log_normalizer.dim() == 0 && log_normalizer.scalar_type() == acc,
-              "crd_nce: log_normalizer must be a 0-dim ", acc, " tensor, got shape ", log_normalizer.sizes(), " ",
-              log_normalizer.scalar_type());
-  TORCH_CHECK(embed.device().type() == device_type, "crd_nce: this kernel runs ", device_type, " tensors, got ",
-              embed.device());
-  for (const auto& [name, x] : {std::pair<const char*, const at::Tensor*>{"memory", &memory},
-                                {"contrast_indices", &contrast_indices},
-                                {"log_normalizer", &log_normalizer}}) {
-    TORCH_CHECK(x->device() == embed.device(), "crd_nce: ", name, " is on ", x->device(), " but embed is on ",
-                embed.device());
-  }
+  TORCH_CHECK_TYPE(log_normalizer.scalar_type() == acc, kOp, ": log_normalizer must be ", acc, ", got ",
+                   log_normalizer.scalar_type());
+  TORCH_CHECK_VALUE(log_normalizer.dim() == 0, kOp, ": log_normalizer must be 0-dim, got shape ",
+                    log_normalizer.sizes());
+  host::check_device_type(kOp, "embed", embed, device_type);
+  host::check_same_device(kOp, "memory", memory, "embed", embed);
+  host::check_same_device(kOp, "contrast_indices", contrast_indices, "embed", embed);
+  host::check_same_device(kOp, "log_normalizer", log_normalizer, "embed", embed);
 }
 
 // The scalar constants of the formula, in double.
@@ -78,11 +67,10 @@ struct Constants {
 };
 
 inline Constants check_constants(double temperature, double noise_mass, double eps) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "crd_nce: temperature must be positive and finite, got ",
-              temperature);
-  TORCH_CHECK(noise_mass > 0 && std::isfinite(noise_mass), "crd_nce: noise_mass (K / N) must be positive and finite, "
-              "got ", noise_mass);
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "crd_nce: eps must be >= 0 and finite, got ", eps);
+  host::check_temperature(kOp, temperature);
+  TORCH_CHECK_VALUE(noise_mass > 0 && std::isfinite(noise_mass), kOp,
+                    ": noise_mass (K / N) must be positive and finite, got ", noise_mass);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), kOp, ": eps must be >= 0 and finite, got ", eps);
   const double log_c = std::log(noise_mass + eps);
   return Constants{1.0 / temperature, log_c, log_c - std::log(noise_mass)};
 }

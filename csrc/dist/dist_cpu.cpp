@@ -534,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& student, const at::Tensor& teacher, double temperature) {
   dist::check_forward_inputs(student, teacher, temperature, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor row_pearson = at::empty({rows}, options);
   at::Tensor row_moments = at::empty({rows, 3}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
@@ -543,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor col_pearson = rows == 0 ? at::zeros({cols}, options) : at::empty({cols}, options);
   at::Tensor col_moments = rows == 0 ? at::zeros({cols, 5}, options) : at::empty({cols, 5}, options);
   if (rows > 0) {
-    softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+    host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
       using S = typename decltype(s_tag)::type;
       using T = typename decltype(t_tag)::type;
       using acc_t = acc_type_t<S, T>;
@@ -567,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor> dist_backward_cpu(const at::Tensor& grad_row,
   at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;

@@ -15,7 +15,8 @@
 #include <limits>
 #include <tuple>
 
-#include "../softmax_kl/softmax_kl_host.h"
+#include "../common/cuda_launch.h"
+#include "../common/host.h"
 #include "dist_host.h"
 #include "dist_kernels.cuh"
 
@@ -23,11 +24,10 @@ namespace kdkernels {
 namespace {
 
 using cuda_rows::CudaElements;
-using softmax_kl::acc_type_t;
+using host::acc_type_t;
 
 void check_shape_for_cuda(const at::Tensor& student) {
-  TORCH_CHECK(student.size(0) <= std::numeric_limits<int32_t>::max(), "dist (cuda): at most 2^31 - 1 rows, got ",
-              student.size(0));
+  cuda_launch::check_rows_fit_the_grid("dist", student.size(0));
   TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "dist (cuda): logits need at least one row and column, got ",
               student.sizes());
 }
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape_for_cuda(student);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor row_pearson = at::empty({rows}, options);
   at::Tensor col_pearson = at::empty({cols}, options);
   at::Tensor row_moments = at::empty({rows, 3}, options);
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   at::Tensor workspace = at::empty({dist_cuda::dist_forward_workspace_elements(rows, cols)}, options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  softmax_kl::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using Acc = acc_type_t<S>;
@@ -78,10 +78,10 @@ std::tuple<at::Tensor, at::Tensor> dist_backward_cuda(const at::Tensor& grad_row
   at::Tensor grad_teacher =
       teacher_grad ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
   if (!student_grad && !teacher_grad) return {grad_student, grad_teacher};
-  const auto acc_options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto acc_options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor workspace = at::empty({dist_cuda::dist_backward_workspace_elements(rows)}, acc_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  softmax_kl::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using Acc = acc_type_t<S>;

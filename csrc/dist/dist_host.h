@@ -5,17 +5,22 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "../softmax_kl/softmax_kl_host.h"
+#include "../common/host.h"
 
 namespace kdkernels::dist {
 
-// Logits [N, V] as for softmax_kl, at least one column when there is a row, and a valid temperature.
+// Logits [N, V] (csrc/common/host.h), at least one column when there is a row, and a valid temperature.
+inline void check_logits_and_temperature(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                         double temperature, at::DeviceType device_type) {
+  host::check_logit_pair(op, student, teacher, device_type);
+  host::check_temperature(op, temperature);
+  TORCH_CHECK_VALUE(student.size(0) == 0 || student.size(1) > 0, op, ": logits need at least one column, got shape ",
+                    student.sizes());
+}
+
 inline void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                                  at::DeviceType device_type) {
-  softmax_kl::check_logits(student, teacher, device_type);
-  softmax_kl::check_temperature(temperature);
-  TORCH_CHECK(student.size(0) == 0 || student.size(1) > 0, "dist: logits need at least one column, got ",
-              student.sizes());
+  check_logits_and_temperature("dist_forward", student, teacher, temperature, device_type);
 }
 
 // The forward's checks, plus grad_row [N], grad_col [V], row_moments [N, 3], col_moments [V, 5] and
@@ -24,16 +29,17 @@ inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& 
                                   const at::Tensor& teacher, const at::Tensor& row_moments,
                                   const at::Tensor& col_moments, const at::Tensor& stats_student,
                                   const at::Tensor& stats_teacher, double temperature, at::DeviceType device_type) {
-  check_forward_inputs(student, teacher, temperature, device_type);
+  constexpr const char* op = "dist_backward";
+  check_logits_and_temperature(op, student, teacher, temperature, device_type);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto acc = softmax_kl::accumulation_dtype(student);
+  const auto acc = host::accumulation_dtype(student);
   const auto& device = student.device();
-  softmax_kl::check_row_statistic(grad_row, "dist: grad_row", rows, 1, acc, device);
-  softmax_kl::check_row_statistic(grad_col, "dist: grad_col", cols, 1, acc, device);
-  softmax_kl::check_row_statistic(row_moments, "dist: row_moments", rows, 3, acc, device);
-  softmax_kl::check_row_statistic(col_moments, "dist: col_moments", cols, 5, acc, device);
-  softmax_kl::check_row_statistic(stats_student, "dist: stats_student", rows, 2, acc, device);
-  softmax_kl::check_row_statistic(stats_teacher, "dist: stats_teacher", rows, 2, acc, device);
+  host::check_row_statistic(op, "grad_row", grad_row, rows, 1, acc, device);
+  host::check_row_statistic(op, "grad_col", grad_col, cols, 1, acc, device);
+  host::check_row_statistic(op, "row_moments", row_moments, rows, 3, acc, device);
+  host::check_row_statistic(op, "col_moments", col_moments, cols, 5, acc, device);
+  host::check_row_statistic(op, "stats_student", stats_student, rows, 2, acc, device);
+  host::check_row_statistic(op, "stats_teacher", stats_teacher, rows, 2, acc, device);
 }
 
 }  // namespace kdkernels::dist

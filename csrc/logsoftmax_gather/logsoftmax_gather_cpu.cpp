@@ -30,8 +30,8 @@ struct RowIndices {
 
   int64_t at(int64_t row, int64_t j) const {
     const int64_t index = data[row * row_stride + j * stride];
-    TORCH_CHECK(index >= 0 && index < cols, "logsoftmax_gather: indices must be in [0, V) = [0, ", cols, "), got ",
-                index, " at [", row, ", ", j, "]");
+    TORCH_CHECK_VALUE(index >= 0 && index < cols, "logsoftmax_gather: indices must be in [0, V) = [0, ", cols,
+                      "), got ", index, " at [", row, ", ", j, "]");
     return index;
   }
 };
@@ -97,12 +97,11 @@ std::tuple<at::Tensor, at::Tensor> logsoftmax_gather_forward_cpu(const at::Tenso
                                                                  double temperature) {
   logsoftmax_gather::check_forward_inputs(logits, indices, temperature, at::kCPU);
   const int64_t rows = logits.size(0), cols = logits.size(1);
-  const auto options = logits.options().dtype(softmax_kl::accumulation_dtype(logits));
+  const auto options = logits.options().dtype(host::accumulation_dtype(logits));
   at::Tensor gathered = at::empty({rows, indices.size(1)}, options);
   at::Tensor stats = at::empty({rows, 2}, options);
   if (rows == 0) return {gathered, stats};
-  TORCH_CHECK(cols > 0, "logsoftmax_gather: logits need at least one column");
-  softmax_kl::dispatch_logits_type<CpuElements>(logits.scalar_type(), "logits", [&](auto tag) {
+  host::dispatch_logits_type<CpuElements>(logits.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     using acc_t = acc_type_t<X, X>;
     forward_rows<X>(logits.const_data_ptr<X>(), logits.stride(0), row_indices(indices, cols), rows, cols,
@@ -117,7 +116,7 @@ at::Tensor logsoftmax_gather_backward_cpu(const at::Tensor& grad_gathered, const
   at::Tensor grad = requested_gradient(true, logits);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   if (rows == 0 || cols == 0) return grad;
-  softmax_kl::dispatch_logits_type<CpuElements>(logits.scalar_type(), "logits", [&](auto tag) {
+  host::dispatch_logits_type<CpuElements>(logits.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     using acc_t = acc_type_t<X, X>;
     backward_rows<X>(grad_gathered.const_data_ptr<acc_t>(), logits.const_data_ptr<X>(), logits.stride(0),

@@ -289,16 +289,14 @@ void jsd_backward_rows(const acc_type_t<S, T>* grad_loss, const S* student, int6
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& student,
                                                                       const at::Tensor& teacher,
                                                                       double temperature) {
-  softmax_kl::check_logits(student, teacher, at::kCPU);
-  softmax_kl::check_temperature(temperature);
+  softmax_kl::check_kl_forward(student, teacher, temperature, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor loss = at::empty({rows}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   if (rows == 0) return {loss, stats_student, stats_teacher};
-  TORCH_CHECK(cols > 0, "softmax_kl: logits need at least one column");
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
@@ -313,13 +311,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& teacher, const at::Tensor& stats_student,
                                                            const at::Tensor& stats_teacher, const at::Tensor& loss,
                                                            double temperature, bool student_grad, bool teacher_grad) {
-  softmax_kl::check_backward_inputs(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature,
-                                    at::kCPU);
+  softmax_kl::check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature,
+                                at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
   at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
@@ -332,25 +330,18 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
   return {grad_student, grad_teacher};
 }
 
-void check_beta(double beta) {
-  TORCH_CHECK(beta > 0.0 && beta < 1.0, "softmax_jsd: beta must be in (0, 1), got ", beta);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_jsd_forward_cpu(const at::Tensor& student,
                                                                                    const at::Tensor& teacher,
                                                                                    double temperature, double beta) {
-  softmax_kl::check_logits(student, teacher, at::kCPU);
-  softmax_kl::check_temperature(temperature);
-  check_beta(beta);
+  softmax_kl::check_jsd_forward(student, teacher, temperature, beta, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor loss = at::empty({rows}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   at::Tensor mixture_kl = at::empty({rows, 2}, options);
   if (rows == 0) return {loss, stats_student, stats_teacher, mixture_kl};
-  TORCH_CHECK(cols > 0, "softmax_jsd: logits need at least one column");
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
@@ -367,19 +358,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_jsd_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& stats_teacher,
                                                             const at::Tensor& mixture_kl, double temperature,
                                                             double beta, bool student_grad, bool teacher_grad) {
-  softmax_kl::check_logits(student, teacher, at::kCPU);
-  softmax_kl::check_temperature(temperature);
-  check_beta(beta);
+  softmax_kl::check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature,
+                                 beta, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto acc = softmax_kl::accumulation_dtype(student);
-  softmax_kl::check_row_statistic(grad_loss, "grad_loss", rows, 1, acc, student.device());
-  softmax_kl::check_row_statistic(stats_student, "stats_student", rows, 2, acc, student.device());
-  softmax_kl::check_row_statistic(stats_teacher, "stats_teacher", rows, 2, acc, student.device());
-  softmax_kl::check_row_statistic(mixture_kl, "mixture_kl", rows, 2, acc, student.device());
   at::Tensor grad_student = student_grad ? empty_gradient(rows, cols, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? empty_gradient(rows, cols, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;

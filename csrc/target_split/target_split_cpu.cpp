@@ -30,8 +30,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 int64_t checked_label(const int64_t* labels, int64_t label_stride, int64_t row, int64_t cols) {
   const int64_t label = labels[row * label_stride];
-  TORCH_CHECK(label >= 0 && label < cols, "target_split: labels must be in [0, V) = [0, ", cols, "), got ", label,
-              " in row ", row);
+  TORCH_CHECK_VALUE(label >= 0 && label < cols, "target_split: labels must be in [0, V) = [0, ", cols, "), got ",
+                    label, " in row ", row);
   return label;
 }
 
@@ -250,13 +250,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> target_split_forward_cpu(const at
                                                                         const at::Tensor& labels, double temperature) {
   target_split::check_forward_inputs(student, teacher, labels, temperature, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor terms = at::empty({rows, kTerms}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   if (rows == 0) return {terms, stats_student, stats_teacher};
-  TORCH_CHECK(cols > 0, "target_split: logits need at least one column");
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;
@@ -280,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> target_split_backward_cpu(const at::Tensor& g
   at::Tensor grad_teacher = requested_gradient(teacher_grad, teacher);
   const int64_t rows = student.size(0), cols = student.size(1);
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
-  softmax_kl::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+  host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     using acc_t = acc_type_t<S, T>;

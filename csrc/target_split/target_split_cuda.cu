@@ -6,16 +6,13 @@
 // float32; float64 logits (both) accumulate in float64. terms [N, 6] and stats [N, 2] are in the accumulation dtype.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <tuple>
 
-#include "../softmax_kl/softmax_kl_host.h"
+#include "../common/cuda_launch.h"
+#include "../common/host.h"
 #include "target_split_host.h"
 #include "target_split_kernels.cuh"
 
@@ -23,40 +20,33 @@ namespace kdkernels {
 namespace {
 
 using cuda_rows::CudaElements;
-using softmax_kl::acc_type_t;
-
-void check_rows_fit_the_grid(const at::Tensor& student) {
-  TORCH_CHECK(student.size(0) <= std::numeric_limits<int32_t>::max(),
-              "target_split (cuda): at most 2^31 - 1 rows, got ", student.size(0));
-}
+using host::acc_type_t;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> target_split_forward_cuda(const at::Tensor& student,
                                                                          const at::Tensor& teacher,
                                                                          const at::Tensor& labels,
                                                                          double temperature) {
   target_split::check_forward_inputs(student, teacher, labels, temperature, at::kCUDA);
-  check_rows_fit_the_grid(student);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  cuda_launch::check_rows_fit_the_grid("target_split_forward", student.size(0));
   const int64_t rows = student.size(0), cols = student.size(1);
-  const auto options = student.options().dtype(softmax_kl::accumulation_dtype(student));
+  const auto options = student.options().dtype(host::accumulation_dtype(student));
   at::Tensor terms = at::empty({rows, 6}, options);
   at::Tensor stats_student = at::empty({rows, 2}, options);
   at::Tensor stats_teacher = at::empty({rows, 2}, options);
   if (rows == 0) return {terms, stats_student, stats_teacher};
-  TORCH_CHECK(cols > 0, "target_split (cuda): logits need at least one column");
   const at::Tensor labels_c = labels.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  softmax_kl::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using Acc = acc_type_t<S>;
-    target_split_cuda::launch_target_split_forward<S, T, Acc>(
-        static_cast<const S*>(student.const_data_ptr()), student.stride(0),
-        static_cast<const T*>(teacher.const_data_ptr()), teacher.stride(0), labels_c.const_data_ptr<int64_t>(), rows,
-        cols, static_cast<Acc>(1.0 / temperature), static_cast<Acc*>(terms.mutable_data_ptr()),
-        static_cast<Acc*>(stats_student.mutable_data_ptr()), static_cast<Acc*>(stats_teacher.mutable_data_ptr()),
-        stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda_launch::launch_on(student, [&](cudaStream_t stream) {
+    host::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+      using S = typename decltype(s_tag)::type;
+      using T = typename decltype(t_tag)::type;
+      using Acc = acc_type_t<S>;
+      target_split_cuda::launch_target_split_forward<S, T, Acc>(
+          static_cast<const S*>(student.const_data_ptr()), student.stride(0),
+          static_cast<const T*>(teacher.const_data_ptr()), teacher.stride(0), labels_c.const_data_ptr<int64_t>(),
+          rows, cols, static_cast<Acc>(1.0 / temperature), static_cast<Acc*>(terms.mutable_data_ptr()),
+          static_cast<Acc*>(stats_student.mutable_data_ptr()), static_cast<Acc*>(stats_teacher.mutable_data_ptr()),
+          stream);
+    });
   });
   return {terms, stats_student, stats_teacher};
 }
@@ -69,29 +59,28 @@ std::tuple<at::Tensor, at::Tensor> target_split_backward_cuda(const at::Tensor& 
                                                               bool student_grad, bool teacher_grad) {
   target_split::check_backward_inputs(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
                                       temperature, at::kCUDA);
-  check_rows_fit_the_grid(student);
+  cuda_launch::check_rows_fit_the_grid("target_split_backward", student.size(0));
   const int64_t rows = student.size(0), cols = student.size(1);
-  const c10::cuda::CUDAGuard device_guard(student.device());
   at::Tensor grad_student =
       student_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_teacher =
       teacher_grad ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0 || cols == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
   const at::Tensor labels_c = labels.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  softmax_kl::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using Acc = acc_type_t<S>;
-    target_split_cuda::launch_target_split_backward<S, T, Acc>(
-        static_cast<const Acc*>(grad_terms.const_data_ptr()), static_cast<const S*>(student.const_data_ptr()),
-        student.stride(0), static_cast<const T*>(teacher.const_data_ptr()), teacher.stride(0),
-        labels_c.const_data_ptr<int64_t>(), static_cast<const Acc*>(stats_student.const_data_ptr()),
-        static_cast<const Acc*>(stats_teacher.const_data_ptr()), static_cast<const Acc*>(terms.const_data_ptr()), rows,
-        cols, static_cast<Acc>(1.0 / temperature),
-        student_grad ? static_cast<S*>(grad_student.mutable_data_ptr()) : nullptr,
-        teacher_grad ? static_cast<T*>(grad_teacher.mutable_data_ptr()) : nullptr, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda_launch::launch_on(student, [&](cudaStream_t stream) {
+    host::dispatch_logits_pair<CudaElements>(student, teacher, [&](auto s_tag, auto t_tag) {
+      using S = typename decltype(s_tag)::type;
+      using T = typename decltype(t_tag)::type;
+      using Acc = acc_type_t<S>;
+      target_split_cuda::launch_target_split_backward<S, T, Acc>(
+          static_cast<const Acc*>(grad_terms.const_data_ptr()), static_cast<const S*>(student.const_data_ptr()),
+          student.stride(0), static_cast<const T*>(teacher.const_data_ptr()), teacher.stride(0),
+          labels_c.const_data_ptr<int64_t>(), static_cast<const Acc*>(stats_student.const_data_ptr()),
+          static_cast<const Acc*>(stats_teacher.const_data_ptr()), static_cast<const Acc*>(terms.const_data_ptr()),
+          rows, cols, static_cast<Acc>(1.0 / temperature),
+          student_grad ? static_cast<S*>(grad_student.mutable_data_ptr()) : nullptr,
+          teacher_grad ? static_cast<T*>(grad_teacher.mutable_data_ptr()) : nullptr, stream);
+    });
   });
   return {grad_student, grad_teacher};
 }
