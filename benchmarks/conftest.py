@@ -1,4 +1,4 @@
-"""Fixtures for the pytest-benchmark microbenchmarks of kd_loss (see benchmarks/README.md).
+"""Fixtures for the pytest-benchmark microbenchmarks, one file per op family (see benchmarks/README.md).
 
     pytest benchmarks                          # time them (pytest-benchmark table)
     pytest benchmarks --benchmark-disable      # smoke test: each benchmarked call runs once, asserts still run
@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkernels.reference.softmax_kl import eager_hinton_kd
+from bench_testing import first_call, loss_fn
+from kdkernels.bench.impls import benched_loss
 
 
 @pytest.fixture(scope="session")
@@ -27,26 +28,6 @@ def synchronize(device):
     return lambda: None
 
 
-@pytest.fixture(scope="session")
-def compiled_eager():
-    """``torch.compile(eager_hinton_kd, dynamic=False)``, one object for the whole session (dynamo keeps one
-    graph per (shape, dtype); the few shapes here stay under its recompile limit). Compile errors skip the test."""
-    compiled = torch.compile(eager_hinton_kd, dynamic=False)
-    errors: dict[tuple, str] = {}
-
-    def call(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        key = (tuple(student.shape), student.dtype, student.device.type)
-        if key in errors:
-            pytest.skip(errors[key])
-        try:
-            return compiled(student, teacher, temperature)
-        except Exception as exc:  # noqa: BLE001  (no C++ compiler, an inductor bug: not a kdkernels failure)
-            errors[key] = f"torch.compile failed here: {type(exc).__name__}: {str(exc)[:300]}"
-            pytest.skip(errors[key])
-
-    return call
-
-
 @pytest.fixture
 def make_inputs(device):
     """``make_inputs(n, v, dtype)`` -> (student leaf requiring grad, detached teacher), fixed seed."""
@@ -59,22 +40,24 @@ def make_inputs(device):
 
 
 @pytest.fixture
-def check_and_time(benchmark, device, synchronize):
-    """``check_and_time(fn, eager, student, teacher, group, impl, loss_tol=(rtol, atol), grad_tol=(rtol, atol_rel))``:
-    one call of ``fn(student, teacher).backward()`` checked against ``eager`` in float64 (loss, and the student
-    gradient with an absolute floor of ``atol_rel`` x its largest entry), then timed by pytest-benchmark. A
-    torch.compile row whose compilation fails here is skipped (no C++ compiler: not a kdkernels failure)."""
-    def run(fn, eager, student, teacher, group, impl, loss_tol, grad_tol):
-        try:
+def check_and_time(benchmark, device, synchronize, make_inputs):
+    """``check_and_time(loss, shape, impl, temperature, loss_tol=(rtol, atol), grad_tol=(rtol, atol_rel))``: fp32
+    inputs ``shape`` from make_inputs, one call of ``fn(student, teacher).backward()`` checked against the eager
+    formula in float64 (loss, and the student gradient with an absolute floor of ``atol_rel`` x its largest entry),
+    then timed by pytest-benchmark, grouped per (loss, shape, device)."""
+    def run(loss, shape, impl, temperature, loss_tol, grad_tol):
+        student, teacher = make_inputs(*shape, torch.float32)
+        fn = loss_fn(loss, impl, temperature)
+
+        def forward_backward():
             value = fn(student, teacher)
             value.backward()
-        except Exception as exc:  # noqa: BLE001
-            if impl != "compile":
-                raise
-            pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {str(exc)[:300]}")
+            return value
+
+        value = first_call(forward_backward, impl)
         synchronize()
         wide = student.detach().double().requires_grad_(True)
-        expected = eager(wide, teacher.double())
+        expected = loss_fn(loss, "eager", temperature)(wide, teacher.double())
         expected.backward()
         torch.testing.assert_close(value.detach().double(), expected.detach(), rtol=loss_tol[0], atol=loss_tol[1])
         torch.testing.assert_close(student.grad.double(), wide.grad, rtol=grad_tol[0],
@@ -87,9 +70,8 @@ def check_and_time(benchmark, device, synchronize):
             fn(student, teacher).backward()
             synchronize()
 
-        benchmark.group = group
-        benchmark.extra_info.update({"shape": list(student.shape), "dtype": "fp32", "impl": impl,
-                                     "device": device.type})
+        benchmark.group = f"{benched_loss(loss).name} fwd+bwd {shape[0]}x{shape[1]} fp32 {device.type}"
+        benchmark.extra_info.update({"shape": list(shape), "dtype": "fp32", "impl": impl, "device": device.type})
         benchmark.pedantic(step, setup=reset, rounds=10, iterations=1, warmup_rounds=2)
         assert student.grad is not None and torch.isfinite(student.grad).all()
 

@@ -1,5 +1,6 @@
-"""Feature-based strategies: training steps on digits, and each loss term against the official formula transcribed
-here in eager PyTorch (RepDistiller / official repositories), plus edge cases and configuration errors."""
+"""Feature-based strategies: training steps on digits, their stages, presets, connectors and configuration errors,
+and each term equal to its weight times the public loss on the method's own values (the losses against the official
+formulas: test_losses_feature.py, test_losses_attention.py, test_losses_relation.py, test_losses_crd.py)."""
 from __future__ import annotations
 
 import math
@@ -13,40 +14,35 @@ from distill_testing import batches_for, digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
 from kdkernels.distill.connectors import ConvReg
 from kdkernels.distill.terms import StepContext
-
-RTOL, ATOL = 1e-5, 1e-6
+from kdkernels.losses._common import pool_to_smaller
 
 
 def close(actual, expected):
-    torch.testing.assert_close(actual.float(), torch.as_tensor(expected).float(), rtol=RTOL, atol=ATOL)
+    """The same computation up to the order of a few float32 operations."""
+    torch.testing.assert_close(actual, expected.detach(), rtol=1e-6, atol=1e-9)
 
 
 def term(distiller, name):
     return next(t for t in distiller.terms if t.name == name)
 
 
-def pool_larger(s, t):
-    """RepDistiller: adaptive-avg-pool the larger map to the smaller H."""
-    if s.shape[2] > t.shape[2]:
-        s = F.adaptive_avg_pool2d(s, (t.shape[2], t.shape[2]))
-    elif s.shape[2] < t.shape[2]:
-        t = F.adaptive_avg_pool2d(t, (s.shape[2], s.shape[2]))
-    return s, t
-
-
 STAGES = ["stage1", "stage2", "stage3"]
+
+
+def stage_pairs(values):
+    return [(values[f"student:{key}"], values[f"teacher:{key}"]) for key in STAGES]
 
 
 # ------------------------------------------------------------------------------------------------------- FitNet
 
-def test_fitnet_trains_and_matches_hint_mse():
+def test_fitnet_trains_and_its_hint_is_the_regressed_fitnet_loss():
     run_steps(build_recipe("fitnet", digits_setup()))
     distiller, _, values, output = first_step(build_recipe("fitnet", digits_setup()))
     hint = term(distiller, "hint")
     assert hint.reads == ("student:stage2", "teacher:stage2")
     with torch.no_grad():
         regressed = hint.connectors[0](values["student:stage2"])
-    close(output.terms["hint"], 100 * ((regressed - values["teacher:stage2"]) ** 2).mean())
+    close(output.terms["hint"], 100 * kdkernels.fitnet_loss(regressed, values["teacher:stage2"]))
     assert set(output.terms) == {"ce_student", "hint"}
 
 
@@ -77,82 +73,36 @@ def test_fitnet_without_regressor_needs_equal_shapes():
 
 # ---------------------------------------------------------------------------------------------- AT, NST, PKT
 
-def test_at_matches_repdistiller():
-    run_steps(build_recipe("at", digits_setup()))
-    _, _, values, output = first_step(build_recipe("at", digits_setup()))
-
-    def at(f):
-        return F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
-
-    expected = sum((at(s) - at(t)).pow(2).mean() for s, t in
-                   (pool_larger(values[f"student:{k}"], values[f"teacher:{k}"]) for k in STAGES))
-    close(output.terms["at"], 1000 * expected)
+@pytest.mark.parametrize("method, loss, weight", [("at", kdkernels.at_loss, 1000.0),
+                                                 ("nst", kdkernels.nst_loss, 50.0)])
+def test_stagewise_method_trains_and_sums_its_loss_over_the_stages(method, loss, weight):
+    run_steps(build_recipe(method, digits_setup()))
+    _, _, values, output = first_step(build_recipe(method, digits_setup()))
+    close(output.terms[method], weight * sum(loss(s, t) for s, t in stage_pairs(values)))
 
 
-def test_at_pools_the_larger_map_and_checks_stage_counts():
-    s, t = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)
-    a_t = F.normalize(t.pow(2).mean(1).view(3, -1))
-    a_s = F.normalize(F.adaptive_avg_pool2d(s, (4, 4)).pow(2).mean(1).view(3, -1))
-    close(kdkernels.at_loss(s, t), (a_s - a_t).pow(2).mean())
+def test_at_pairs_student_and_teacher_stages():
     with pytest.raises(ValueError, match="pairs student and teacher taps"):
         build_recipe("at", digits_setup(), student_layers=["stage1", "stage2"])
-    with pytest.raises(ValueError, match="p must be positive"):
-        kdkernels.at_loss(s, t, p=0)
 
 
-def test_nst_matches_repdistiller_broadcast_form():
-    run_steps(build_recipe("nst", digits_setup()))
-    _, _, values, output = first_step(build_recipe("nst", digits_setup()))
-
-    def poly_kernel(a, b):  # RepDistiller NST.poly_kernel (the B×C×C×HW broadcast)
-        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
-
-    expected = 0.0
-    for key in STAGES:
-        s, t = pool_larger(values[f"student:{key}"], values[f"teacher:{key}"])
-        s = F.normalize(s.view(s.shape[0], s.shape[1], -1), dim=2)
-        t = F.normalize(t.view(t.shape[0], t.shape[1], -1), dim=2)
-        expected = expected + poly_kernel(t, t).mean() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
-    close(output.terms["nst"], 50 * expected)
-
-
-def test_pkt_matches_probabilistic_kt():
+def test_pkt_trains_on_the_pooled_embeddings():
     run_steps(build_recipe("pkt", digits_setup()))
     _, _, values, output = first_step(build_recipe("pkt", digits_setup()))
-
-    def similarity(x, eps=1e-7):
-        x = x / (torch.sqrt(torch.sum(x ** 2, dim=1, keepdim=True)) + eps)
-        x[x != x] = 0
-        s = (torch.mm(x, x.transpose(0, 1)) + 1.0) / 2.0
-        return s / torch.sum(s, dim=1, keepdim=True)
-
-    # float64: at the 30000 scale float32 cancellation in the eager formula alone exceeds 1e-5
-    s, t = similarity(values["student:fc/input"].double()), similarity(values["teacher:fc/input"].double())
-    close(output.terms["pkt"], 30000 * torch.mean(t * torch.log((t + 1e-7) / (s + 1e-7))))
+    close(output.terms["pkt"], 30000 * kdkernels.pkt_loss(values["student:fc/input"], values["teacher:fc/input"]))
 
 
 # -------------------------------------------------------------------------------------------------------- FSP
 
-def _fsp_repdistiller(features):
-    matrices = []
-    for bot, top in zip(features[:-1], features[1:]):
-        bot, top = pool_larger(bot, top)
-        bot = bot.unsqueeze(1).flatten(3)
-        top = top.unsqueeze(2).flatten(3)
-        matrices.append((bot * top).mean(-1))
-    return matrices
-
-
-def test_fsp_init_stage_matches_repdistiller_then_ce():
+def test_fsp_init_stage_then_ce():
     setup = lambda: digits_setup("assistant-cnn", "assistant-cnn")  # noqa: E731  FSP needs equal channels
     recipe = build_recipe("fsp", setup())
     assert [s.name for s in recipe.stages] == ["fsp-init", "fsp"]
     assert [t.name for t in recipe.stages[1].distiller.terms] == ["ce_student"]
     run_steps(recipe, steps=2)
     _, _, values, output = first_step(build_recipe("fsp", setup()), stage_index=0)
-    g_s = _fsp_repdistiller([values[f"student:{k}"] for k in STAGES])
-    g_t = _fsp_repdistiller([values[f"teacher:{k}"] for k in STAGES])
-    close(output.terms["fsp"], sum((s - t).pow(2).mean() for s, t in zip(g_s, g_t)))
+    student, teacher = zip(*stage_pairs(values))
+    close(output.terms["fsp"], kdkernels.fsp_loss(student, teacher))
 
 
 def test_fsp_rejects_unequal_channels():
@@ -162,38 +112,28 @@ def test_fsp_rejects_unequal_channels():
 
 # -------------------------------------------------------------------------------------------------------- OFD
 
-def _official_margin(bn):
-    def cdf(x):
-        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
-    margins = []
-    for s, m in zip(bn.weight.data, bn.bias.data):
-        s, m = abs(s.item()), m.item()
-        if cdf(-m / s) > 0.001:
-            margins.append(-s * math.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf(-m / s) + m)
-        else:
-            margins.append(-3 * s)
-    return torch.tensor(margins).view(1, -1, 1, 1)
+# (student connector input, teacher BN before ReLU): the pre-activation taps of OFD and AB
+PRE_ACTIVATION = [("stage1.1", "stage1.4"), ("stage2.1", "stage2.4"), ("stage3.1", "stage3.4")]
 
 
-def test_ofd_matches_overhaul_distillation():
+def test_ofd_trains_with_margins_from_the_teachers_bns_and_stage_weights():
     setup = digits_setup()
     teacher = setup.teacher
     for bn in (teacher.stage1[4], teacher.stage2[4], teacher.stage3[4]):  # varied margins, both branches
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-5, 1)
     recipe = build_recipe("ofd", setup)
-    distiller, batch, values, output = first_step(recipe)
+    distiller, _, values, output = first_step(recipe)
     assert teacher.training, "OFD keeps the teacher in train mode"
     ofd = term(distiller, "ofd")
     total = 0.0
-    taps = [("stage1.1", "stage1.4"), ("stage2.1", "stage2.4"), ("stage3.1", "stage3.4")]
-    for i, (s_tap, t_tap) in enumerate(taps):
+    for i, (s_tap, t_tap) in enumerate(PRE_ACTIVATION):
         with torch.no_grad():
             source = ofd.connectors[i](values[f"student:{s_tap}"])
-        target = torch.max(values[f"teacher:{t_tap}"], _official_margin(teacher.get_submodule(t_tap)))
-        loss = F.mse_loss(source, target, reduction="none") * ((source > target) | (target > 0)).float()
-        total = total + loss.sum() / 2 ** (len(taps) - i - 1)
-    close(output.terms["ofd"], total / batch["input"].shape[0] / 1000)
+        bn = teacher.get_submodule(t_tap)
+        margin = kdkernels.ofd_margins(bn.weight, bn.bias)
+        total = total + kdkernels.ofd_loss(source, values[f"teacher:{t_tap}"], margin, "batchmean") / 2 ** (2 - i)
+    close(output.terms["ofd"], total / 1000)
     assert build_recipe("ofd", digits_setup(), preset="imagenet").hyperparameters["normalizer"] == 10000.0
     run_steps(build_recipe("ofd", digits_setup()))
 
@@ -209,7 +149,7 @@ def test_ofd_connector_init_and_margin_source():
 
 # -------------------------------------------------------------------------------------------------------- VID
 
-def test_vid_matches_repdistiller_and_learns_the_variance():
+def test_vid_trains_its_regressors_and_variances():
     history = run_steps(build_recipe("vid", digits_setup()))
     assert len(history) == 3
     distiller, _, values, output = first_step(build_recipe("vid", digits_setup()))
@@ -219,11 +159,10 @@ def test_vid_matches_repdistiller_and_learns_the_variance():
         regressor = vid.connectors[i]
         assert any(p is regressor.log_scale for p in distiller.trainable_parameters())
         close(F.softplus(regressor.log_scale) + 1e-5, torch.full_like(regressor.log_scale, 5.0))
-        s, t = pool_larger(values[f"student:{key}"], values[f"teacher:{key}"])
+        s, t = pool_to_smaller(values[f"student:{key}"], values[f"teacher:{key}"])
         with torch.no_grad():
             mean = regressor(s)
-        var = (torch.log(1.0 + torch.exp(regressor.log_scale)) + 1e-5).view(1, -1, 1, 1)
-        expected = expected + torch.mean(0.5 * ((mean - t) ** 2 / var + torch.log(var)))
+        expected = expected + kdkernels.vid_loss(mean, t, regressor.log_scale)
     close(output.terms["vid"], expected)
     with pytest.raises(ValueError, match="init_var"):
         build_recipe("vid", digits_setup(), init_var=0.0)
@@ -231,23 +170,19 @@ def test_vid_matches_repdistiller_and_learns_the_variance():
 
 # --------------------------------------------------------------------------------------------------------- AB
 
-def test_ab_init_stage_matches_repdistiller():
+def test_ab_init_stage_with_stage_weights_then_ce():
     recipe = build_recipe("ab", digits_setup())
     assert [s.name for s in recipe.stages] == ["ab-init", "ab"]
     assert [t.name for t in recipe.stages[1].distiller.terms] == ["ce_student"]
     run_steps(recipe, steps=2)
-    distiller, batch, values, output = first_step(build_recipe("ab", digits_setup()), stage_index=0)
+    distiller, _, values, output = first_step(build_recipe("ab", digits_setup()), stage_index=0)
     ab = term(distiller, "ab")
-    taps = [("stage1.1", "stage1.4"), ("stage2.1", "stage2.4"), ("stage3.1", "stage3.4")]
-    expected, batch_size = 0.0, batch["input"].shape[0]
-    for i, (s_tap, t_tap) in enumerate(taps):
+    expected = 0.0
+    for i, (s_tap, t_tap) in enumerate(PRE_ACTIVATION):
         with torch.no_grad():
             source = ab.connectors[i](values[f"student:{s_tap}"])
-        target = values[f"teacher:{t_tap}"]
-        loss = ((source + 1.0) ** 2 * ((source > -1.0) & (target <= 0)).float()
-                + (source - 1.0) ** 2 * ((source <= 1.0) & (target > 0)).float())
-        expected = expected + 2 ** (i - 3 + 1) * torch.abs(loss).sum() / batch_size / 1000 * 3
-    close(output.terms["ab"], expected)
+        expected = expected + 2 ** (i - 2) * kdkernels.ab_loss(source, values[f"teacher:{t_tap}"], 1.0, "batchmean")
+    close(output.terms["ab"], 3 / 1000 * expected)
     with_kd = build_recipe("ab", digits_setup(), kd_weight=1.0)
     assert [t.name for t in with_kd.stages[1].distiller.terms] == ["ce_student", "kd"]
 
@@ -259,45 +194,37 @@ def test_ab_identity_connector_when_shapes_agree():
 
 # -------------------------------------------------------------------------------------------------------- CRD
 
-def _contrast_loss(x, num_data):
-    """RepDistiller crd/criterion.py ContrastLoss."""
-    bsz, m, pn = x.shape[0], x.size(1) - 1, 1.0 / num_data
-    p_pos = x.select(1, 0)
-    log_d1 = torch.div(p_pos, p_pos.add(m * pn + 1e-7)).log_()
-    p_neg = x.narrow(1, 1, m)
-    log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + 1e-7)).log_()
-    return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
-
-
-def test_crd_matches_repdistiller_and_updates_memory():
-    setup = digits_setup()
-    setup.train_labels = None  # uniform negatives over the bank (RepDistiller's fallback sampler)
+def crd_step(setup, seed):
+    """One training-mode CRD step with the torch RNG at ``seed``: (distiller, batch, output, both banks as they were
+    before the step, both embeddings)."""
     recipe = build_recipe("crd", setup)
     distiller = recipe.stages[0].distiller
     crd = term(distiller, "crd")
-    num_data = setup.num_train
-    assert crd.criterion.num_negatives == num_data - 1, "K is clamped to the data set"
     batch = next(iter(batches_for(recipe.stages[0])))
     distiller.build(batch).activate().train()
     values = distiller.run_models(batch)
-    memory_student = crd.criterion.memory_student.clone()
-    memory_teacher = crd.criterion.memory_teacher.clone()
-    torch.manual_seed(7)
+    banks = crd.criterion.memory_student.clone(), crd.criterion.memory_teacher.clone()
+    torch.manual_seed(seed)
     output = distiller.compute_terms(values, StepContext(batch=batch))
-    torch.manual_seed(7)
-    index = batch["index"]
-    contrast = torch.cat([index.view(-1, 1), torch.randint(0, num_data, (index.shape[0], num_data - 1))], 1)
     with torch.no_grad():
-        v1 = crd.embed_student(values["student:fc/input"])
-        v2 = crd.embed_teacher(values["teacher:fc/input"])
-    out_v2 = torch.exp(torch.bmm(memory_student[contrast], v2.unsqueeze(2)).squeeze(2) / 0.07)
-    out_v1 = torch.exp(torch.bmm(memory_teacher[contrast], v1.unsqueeze(2)).squeeze(2) / 0.07)
-    z_v1, z_v2 = out_v1.mean() * num_data, out_v2.mean() * num_data
-    close(crd.criterion.normalizers, torch.stack([z_v1, z_v2]))
-    out_v1, out_v2 = out_v1 / z_v1, out_v2 / z_v2
-    close(output.terms["crd"], 0.8 * (_contrast_loss(out_v1, num_data) + _contrast_loss(out_v2, num_data))[0])
-    updated = F.normalize(memory_student[index] * 0.5 + v1 * 0.5, dim=1)
-    close(crd.criterion.memory_student[index], updated)
+        embeddings = crd.embed_student(values["student:fc/input"]), crd.embed_teacher(values["teacher:fc/input"])
+    return distiller, batch, output, banks, embeddings
+
+
+def test_crd_sets_the_normalizers_and_updates_the_banks():
+    setup = digits_setup()
+    setup.train_labels = None  # uniform negatives over the bank (RepDistiller's fallback sampler)
+    distiller, batch, output, banks, (v1, v2) = crd_step(setup, seed=7)
+    crd, num_data = term(distiller, "crd"), setup.num_train
+    assert crd.criterion.num_negatives == num_data - 1, "K is clamped to the data set"
+    index = batch["index"]
+    torch.manual_seed(7)
+    contrast = kdkernels.sample_contrast_indices(index, num_data, num_data - 1)
+    normalizers = kdkernels.crd_normalizers(v1, v2, contrast, *banks)
+    close(crd.criterion.normalizers, normalizers)
+    close(output.terms["crd"], 0.8 * kdkernels.crd_loss(v1, v2, index, contrast, *banks, normalizers))
+    close(crd.criterion.memory_student, kdkernels.crd_update_memory_(banks[0].clone(), v1, index, 0.5))
+    close(crd.criterion.memory_teacher, kdkernels.crd_update_memory_(banks[1].clone(), v2, index, 0.5))
     assert {"terms.1.criterion.memory_student", "terms.1.criterion.normalizers"} <= set(distiller.state_dict())
     assert set(output.terms) == {"ce_student", "crd"}
 
@@ -319,27 +246,14 @@ def test_other_class_negatives_never_share_the_anchor_class():
 
 def test_crd_exact_mode_draws_negatives_from_other_classes():
     setup = digits_setup()
-    recipe = build_recipe("crd", setup)
-    distiller = recipe.stages[0].distiller
-    crd = term(distiller, "crd")
-    assert crd.criterion.num_negatives == 16384, "with labels, K keeps its official value (drawn with replacement)"
-    batch = next(iter(batches_for(recipe.stages[0])))
-    distiller.build(batch).activate().train()
-    values = distiller.run_models(batch)
-    memory_student, memory_teacher = crd.criterion.memory_student.clone(), crd.criterion.memory_teacher.clone()
-    torch.manual_seed(3)
-    output = distiller.compute_terms(values, StepContext(batch=batch))
+    distiller, batch, output, banks, (v1, v2) = crd_step(setup, seed=3)
+    negatives = term(distiller, "crd").criterion.num_negatives
+    assert negatives == 16384, "with labels, K keeps its official value (drawn with replacement)"
     torch.manual_seed(3)
     contrast = kdkernels.sample_other_class_indices(batch["index"], setup.train_labels, 16384)
     assert not (setup.train_labels[contrast[:, 1:]] == batch["target"].unsqueeze(1)).any()
-    with torch.no_grad():
-        v1 = crd.embed_student(values["student:fc/input"])
-        v2 = crd.embed_teacher(values["teacher:fc/input"])
-    num_data = setup.num_train
-    out_v2 = torch.exp(torch.bmm(memory_student[contrast], v2.unsqueeze(2)).squeeze(2) / 0.07)
-    out_v1 = torch.exp(torch.bmm(memory_teacher[contrast], v1.unsqueeze(2)).squeeze(2) / 0.07)
-    out_v1, out_v2 = out_v1 / (out_v1.mean() * num_data), out_v2 / (out_v2.mean() * num_data)
-    close(output.terms["crd"], 0.8 * (_contrast_loss(out_v1, num_data) + _contrast_loss(out_v2, num_data))[0])
+    normalizers = kdkernels.crd_normalizers(v1, v2, contrast, *banks)
+    close(output.terms["crd"], 0.8 * kdkernels.crd_loss(v1, v2, batch["index"], contrast, *banks, normalizers))
 
 
 def test_crd_training_presets_and_errors():
@@ -383,31 +297,4 @@ def test_ft_paraphraser_stage_then_factor_transfer():
         factor_t = ft.paraphraser.encoder(values["teacher:stage3"])
     assert factor_t.shape[1] == 64, "paraphrase rate 0.5 of the teacher's 128 channels"
 
-    def factor(x):
-        return F.normalize(x.view(x.size(0), -1))
-
-    close(output.terms["ft"], 500 * torch.nn.L1Loss()(factor(factor_s), factor(factor_t)))
-
-
-# -------------------------------------------------------------------------------------------- public losses
-
-def test_public_feature_losses_validate_arguments():
-    x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="student_hint must have the same shape as teacher_hint"):
-        kdkernels.fitnet_loss(x, torch.randn(2, 5, 4, 4))
-    with pytest.raises(TypeError, match="student must be a torch.Tensor"):
-        kdkernels.at_loss([1.0], x)
-    with pytest.raises(ValueError, match="same batch size"):
-        kdkernels.nst_loss(x, torch.randn(3, 3, 4, 4))
-    with pytest.raises(ValueError, match="margin must be a tensor of 3"):
-        kdkernels.ofd_loss(x, x, torch.zeros(4))
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        kdkernels.ab_loss(x, x, reduction="avg")
-    with pytest.raises(ValueError, match="log_scale must be a \\[3\\]"):
-        kdkernels.vid_loss(x, x, torch.zeros(2))
-    with pytest.raises(ValueError, match=r"student_features must hold at least 2 tensor\(s\), got 1"):
-        kdkernels.fsp_loss([x], [x])
-    with pytest.raises(ValueError, match="teacher_features must hold the same number of maps"):
-        kdkernels.fsp_loss([x, x], [x, x, x])
-    margins = kdkernels.ofd_margins(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 20.0]))
-    close(margins, torch.tensor([-1 / math.sqrt(2 * math.pi) / 0.5, -6.0]))
+    close(output.terms["ft"], 500 * kdkernels.ft_loss(factor_s, factor_t))

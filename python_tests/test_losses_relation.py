@@ -266,3 +266,88 @@ def test_nn_modules_match_the_functions():
              (kdkernels.nn.CCLoss(0.5, 3)(student, teacher), kdkernels.cc_loss(student, teacher, 0.5, 3))]
     for module_value, function_value in pairs:
         torch.testing.assert_close(module_value, function_value, rtol=0, atol=0)
+
+
+# ---- IRG (plain PyTorch) against Knowledge-Distillation-Zoo kd_losses/irg.py, value and gradients in float64 --------
+
+from torch.nn import functional as F  # noqa: E402
+
+from losses_testing import assert_equals_official, randn  # noqa: E402
+
+
+def kd_zoo_irg(irg_s, irg_t, w_irg_vert=0.1, w_irg_edge=5.0, w_irg_tran=5.0):
+    """Knowledge-Distillation-Zoo ``kd_losses/irg.py`` (``IRG.forward``, ``euclidean_dist_fm`` and ``_fms``,
+    squared)."""
+    def euclidean_dist_fm(fm, eps=1e-12):
+        fm = fm.view(fm.size(0), -1)
+        fm_square = fm.pow(2).sum(dim=1)
+        fm_prod = torch.mm(fm, fm.t())
+        fms_dist = (fm_square.unsqueeze(0) + fm_square.unsqueeze(1) - 2 * fm_prod).clamp(min=eps)
+        fms_dist = fms_dist.clone()
+        fms_dist[range(len(fm_prod)), range(len(fm_prod))] = 0
+        return fms_dist / fms_dist.max()
+
+    def euclidean_dist_fms(fm1, fm2, eps=1e-12):
+        if fm1.size(2) > fm2.size(2):
+            fm1 = F.adaptive_avg_pool2d(fm1, (fm2.size(2), fm2.size(3)))
+        if fm1.size(1) < fm2.size(1):
+            fm2 = (fm2[:, 0::2, :, :] + fm2[:, 1::2, :, :]) / 2.0
+        fm1, fm2 = fm1.reshape(fm1.size(0), -1), fm2.reshape(fm2.size(0), -1)
+        fms_dist = torch.sum(torch.pow(fm1 - fm2, 2), dim=-1).clamp(min=eps)
+        return fms_dist / fms_dist.max()
+
+    fm_s1, fm_s2, feat_s, out_s = irg_s
+    fm_t1, fm_t2, feat_t, out_t = irg_t
+    loss_irg_vert = F.mse_loss(out_s, out_t)
+    loss_irg_edge = (F.mse_loss(euclidean_dist_fm(feat_s), euclidean_dist_fm(feat_t))
+                     + F.mse_loss(euclidean_dist_fm(fm_s1), euclidean_dist_fm(fm_t1))
+                     + F.mse_loss(euclidean_dist_fm(fm_s2), euclidean_dist_fm(fm_t2))) / 3.0
+    loss_irg_tran = F.mse_loss(euclidean_dist_fms(fm_s1, fm_s2), euclidean_dist_fms(fm_t1, fm_t2))
+    return w_irg_vert * loss_irg_vert + w_irg_edge * loss_irg_edge + w_irg_tran * loss_irg_tran
+
+
+def irg_side(map1, map2, embedding, classes=10, seed=0):
+    """(map1, map2, embedding, logits) of one network: float64 leaves that require grad."""
+    batch = map1[0]
+    return [randn(*map1, seed=seed, grad=True), randn(*map2, seed=seed + 1, grad=True),
+            randn(batch, embedding, seed=seed + 2, grad=True), randn(batch, classes, seed=seed + 3, grad=True)]
+
+
+IRG_SIDES = {  # (student, teacher) (map1, map2, embedding) shapes
+    "pooled-and-paired": (((6, 4, 4, 4), (6, 8, 2, 2), 8), ((6, 16, 4, 4), (6, 32, 2, 2), 32)),
+    "equal-maps": (((5, 3, 4, 4), (5, 3, 4, 4), 6), ((5, 6, 4, 4), (5, 6, 4, 4), 6)),
+    "pooled-only": (((4, 5, 6, 6), (4, 5, 3, 3), 5), ((4, 2, 8, 8), (4, 4, 4, 4), 7)),
+}
+
+
+@pytest.mark.parametrize("weights", [(0.1, 5.0, 5.0), (1.0, 0.5, 2.0)], ids=["kd-zoo", "other-weights"])
+@pytest.mark.parametrize("sides", list(IRG_SIDES.values()), ids=list(IRG_SIDES))
+def test_irg_is_kd_zoo(sides, weights):
+    """map1 is pooled to map2's size when larger, map2's channels averaged in pairs when it has more; widths differ
+    between student and teacher except for the logits. Both sides get gradients."""
+    (s1, s2, s_dim), (t1, t2, t_dim) = sides
+    student, teacher = irg_side(s1, s2, s_dim, seed=1), irg_side(t1, t2, t_dim, seed=11)
+    assert_equals_official(lambda s, t: kdkernels.irg_loss(s, t, *weights), lambda s, t: kd_zoo_irg(s, t, *weights),
+                           student, teacher, what="irg")
+
+
+def test_irg_bad_input_raises_naming_the_argument():
+    (s1, s2, s_dim), (t1, t2, t_dim) = IRG_SIDES["pooled-and-paired"]
+    student, teacher = irg_side(s1, s2, s_dim, seed=1), irg_side(t1, t2, t_dim, seed=11)
+    cases = [
+        (lambda: kdkernels.irg_loss([student[0]], teacher), TypeError,
+         r"^irg_loss: student must be a sequence \(map1, map2, embedding, logits\) of 4 tensors, got list$"),
+        (lambda: kdkernels.irg_loss(student, teacher[:3] + [teacher[3][:, :5]]), ValueError,
+         r"^irg_loss: teacher\[3\] must have the same shape as student\[3\] \(6, 10\), got shape \(6, 5\)$"),
+        (lambda: kdkernels.irg_loss(student, [teacher[0], teacher[1][:, :24]] + teacher[2:]), ValueError,
+         r"^irg_loss: teacher\[1\] must have teacher\[0\]'s channels, or twice as many, and at most its spatial size"),
+        (lambda: kdkernels.irg_loss([student[2], student[1]] + student[2:], teacher), ValueError,
+         r"^irg_loss: student\[0\], student\[1\] must be \[B, C, H, W\] maps"),
+        (lambda: kdkernels.irg_loss([x[:1] for x in student], [x[:1] for x in teacher]), ValueError,
+         r"^irg_loss: student\[0\] must hold at least 2 samples"),
+        (lambda: kdkernels.irg_loss(student, teacher, edge_weight=float("inf")), ValueError,
+         r"^irg_loss: edge_weight must be finite, got inf$"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

@@ -1,4 +1,5 @@
-"""pytest-benchmark microbenchmarks: forward+backward of kd_loss vs PyTorch eager vs torch.compile.
+"""pytest-benchmark microbenchmarks of the softmax_kl family: forward+backward of kd_loss vs PyTorch eager vs
+torch.compile.
 
 Each test first runs its implementation once outside the timer and checks the result (finite; for fp32 equal to
 eager within tight tolerances, for bf16 close to the fp32 loss of the same inputs), so a benchmark cannot silently
@@ -13,22 +14,14 @@ import pytest
 import torch
 
 import kdkernels
+from bench_testing import IMPLS, first_call, loss_fn
 from kdkernels.reference.softmax_kl import eager_hinton_kd
 
 TEMPERATURE = 4.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ["kdkernels", "eager", "compile"]
 # (shape, dtype): both small shapes in fp32, one in bf16 (each torch.compile case costs a cold compile, ~5-10 s on
 # a 2-core CPU, and `pytest benchmarks --benchmark-disable` must stay well under a minute there).
 CASES = [((256, 100), "fp32"), ((1024, 1000), "fp32"), ((1024, 1000), "bf16")]
-
-
-def _loss_fn(impl: str, compiled_eager):
-    if impl == "kdkernels":
-        return lambda s, t: kdkernels.kd_loss(s, t, TEMPERATURE)  # backend auto
-    if impl == "eager":
-        return lambda s, t: eager_hinton_kd(s, t, TEMPERATURE)
-    return lambda s, t: compiled_eager(s, t, TEMPERATURE)
 
 
 def _check_against_eager(impl: str, dtype_name: str, loss: torch.Tensor, student: torch.Tensor,
@@ -48,16 +41,18 @@ def _check_against_eager(impl: str, dtype_name: str, loss: torch.Tensor, student
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("shape", "dtype_name"), CASES, ids=[f"{n}x{v}-{d}" for (n, v), d in CASES])
-def test_kd_loss_fwd_bwd(benchmark, device, synchronize, make_inputs, compiled_eager, shape, dtype_name,
-                         impl):
+def test_kd_loss_fwd_bwd(benchmark, device, synchronize, make_inputs, shape, dtype_name, impl):
     n, v = shape
     dtype = DTYPES[dtype_name]
     student, teacher = make_inputs(n, v, dtype)
-    fn = _loss_fn(impl, compiled_eager)
+    fn = loss_fn("kd", impl, TEMPERATURE)
 
-    # correctness, outside the timer (also the compile / first-call warm-up)
-    loss = fn(student, teacher)
-    loss.backward()
+    def forward_backward():
+        value = fn(student, teacher)
+        value.backward()
+        return value
+
+    loss = first_call(forward_backward, impl)  # correctness, outside the timer
     synchronize()
     _check_against_eager(impl, dtype_name, loss, student, teacher)
 

@@ -1,0 +1,225 @@
+"""fitnet_loss, nst_loss, fsp_loss, ofd_margins / ofd_loss, vid_loss, ab_loss and ft_loss against the official code
+transcribed here in eager PyTorch (RepDistiller, overhaul-distillation, AB_distillation, Factor-Transfer), value and
+gradients in float64, including maps of different sizes and channel counts, and their argument errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from losses_testing import assert_equals_official, randn
+
+
+def pool_larger(s, t):
+    """RepDistiller: adaptive-avg-pool the larger map to the smaller H."""
+    if s.shape[2] > t.shape[2]:
+        s = F.adaptive_avg_pool2d(s, (t.shape[2], t.shape[2]))
+    elif s.shape[2] < t.shape[2]:
+        t = F.adaptive_avg_pool2d(t, (s.shape[2], s.shape[2]))
+    return s, t
+
+
+def pair(student_shape, teacher_shape, seed=0):
+    """Student and teacher features (float64 leaves that require grad)."""
+    return randn(*student_shape, seed=seed, grad=True), randn(*teacher_shape, seed=seed + 1, scale=2.0, grad=True)
+
+
+MAPS = [((4, 3, 4, 4), (4, 3, 4, 4)), ((3, 6, 8, 8), (3, 6, 8, 8))]
+MAP_IDS = ["4x3x4x4", "3x6x8x8"]
+# (student, teacher) maps of different sizes and channel counts: the larger map is pooled to the smaller
+UNEQUAL_MAPS = [((3, 4, 8, 8), (3, 6, 4, 4)), ((3, 5, 2, 2), (3, 2, 4, 4)), ((2, 3, 6, 6), (2, 7, 6, 6))]
+UNEQUAL_IDS = ["student-larger", "teacher-larger", "unequal-channels"]
+
+
+# -------------------------------------------------------------------------------------------------------- FitNet
+
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (5, 7), (2, 3, 6)], ids=["map", "vector", "tokens"])
+def test_fitnet_is_repdistiller_hint_loss(shape):
+    """RepDistiller ``FitNet.py`` ``HintLoss``: ``nn.MSELoss()`` of the regressed student hint and the teacher's."""
+    student, teacher = pair(shape, shape, seed=1)
+    assert_equals_official(kdkernels.fitnet_loss, torch.nn.MSELoss(), student, teacher, what="fitnet")
+
+
+# ----------------------------------------------------------------------------------------------------------- NST
+
+def repdistiller_nst(f_s, f_t):
+    """RepDistiller ``NST.py`` (``nst_loss``, full loss, the B×C×C×HW broadcast ``poly_kernel``)."""
+    def poly_kernel(a, b):
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    f_s, f_t = pool_larger(f_s, f_t)
+    f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean() - 2 * poly_kernel(f_s, f_t).mean()
+
+
+@pytest.mark.parametrize("shapes", MAPS + UNEQUAL_MAPS, ids=MAP_IDS + UNEQUAL_IDS)
+def test_nst_is_repdistiller(shapes):
+    student, teacher = pair(*shapes, seed=2)
+    assert_equals_official(kdkernels.nst_loss, repdistiller_nst, student, teacher, what="nst")
+
+
+# ----------------------------------------------------------------------------------------------------------- FSP
+
+def repdistiller_fsp(g_s, g_t):
+    """RepDistiller ``FSP.py`` (``compute_fsp``, ``compute_loss``), the stage losses summed as
+    ``helper/pretrain.py``."""
+    def compute_fsp(g):
+        matrices = []
+        for bot, top in zip(g[:-1], g[1:]):
+            bot, top = pool_larger(bot, top)
+            bot = bot.unsqueeze(1).flatten(3)
+            top = top.unsqueeze(2).flatten(3)
+            matrices.append((bot * top).mean(-1))
+        return matrices
+
+    return sum((s - t).pow(2).mean() for s, t in zip(compute_fsp(g_s), compute_fsp(g_t)))
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (8, 4, 2), (2, 4, 4)], ids=["equal", "shrinking", "growing"])
+def test_fsp_is_repdistiller(sizes):
+    """Consecutive maps of different sizes are pooled to the smaller; channels differ between stages, not between
+    student and teacher."""
+    channels = (3, 5, 4)
+    student = [randn(2, c, h, h, seed=10 + i, grad=True) for i, (c, h) in enumerate(zip(channels, sizes))]
+    teacher = [randn(2, c, h, h, seed=20 + i, grad=True) for i, (c, h) in enumerate(zip(channels, sizes))]
+    assert_equals_official(kdkernels.fsp_loss, repdistiller_fsp, student, teacher, what="fsp")
+
+
+# ----------------------------------------------------------------------------------------------------------- OFD
+
+def official_margin(bn_weight, bn_bias):
+    """clovaai/overhaul-distillation ``distiller.py::get_margin_from_BN`` (scipy's ``norm.cdf`` as erf)."""
+    def cdf(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    margins = []
+    for s, m in zip(bn_weight, bn_bias):
+        s, m = abs(s.item()), m.item()
+        if cdf(-m / s) > 0.001:
+            margins.append(-s * math.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf(-m / s) + m)
+        else:
+            margins.append(-3 * s)
+    return torch.FloatTensor(margins)
+
+
+def overhaul_distillation_loss(source, target, margin):
+    """clovaai/overhaul-distillation ``distiller.py::distillation_loss`` (per stage, before the stage weight)."""
+    target = torch.max(target, margin.view(1, -1, 1, 1).to(target))
+    loss = F.mse_loss(source, target, reduction="none")
+    return (loss * ((source > target) | (target > 0)).float()).sum()
+
+
+def test_ofd_margins_are_overhaul_distillation_in_both_branches():
+    """Margins of N(β, γ²)'s negative part where Φ(−β/|γ|) > 1e-3, else −3|γ|: both branches, a negative γ
+    too."""
+    weight = torch.cat([torch.linspace(0.3, 2.0, 6), torch.tensor([-1.5, 1.0, 2.0])])
+    bias = torch.cat([torch.linspace(-4.0, 1.5, 6), torch.tensor([0.5, 20.0, 6.5])])
+    margins = kdkernels.ofd_margins(weight, bias)
+    assert margins.dtype == torch.float32
+    torch.testing.assert_close(margins, official_margin(weight, bias))
+    torch.testing.assert_close(kdkernels.ofd_margins(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 20.0])),
+                               torch.tensor([-1 / math.sqrt(2 * math.pi) / 0.5, -6.0]))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (2, 6, 5, 5)], ids=MAP_IDS[:1] + ["2x6x5x5"])
+def test_ofd_loss_is_overhaul_distillation(shape):
+    student, teacher = pair(shape, shape, seed=3)
+    margin = -randn(shape[1], seed=5).abs()
+    assert_equals_official(lambda s, t: kdkernels.ofd_loss(s, t, margin),
+                           lambda s, t: overhaul_distillation_loss(s, t, margin), student, teacher, what="ofd")
+
+
+# ----------------------------------------------------------------------------------------------------------- VID
+
+def repdistiller_vid(pred_mean, target, log_scale, eps=1e-5):
+    """RepDistiller ``VID.py`` after the regressor (``view(1, -1, 1, 1)``; ``view(1, -1)`` for [B, D] features)."""
+    pred_var = torch.log(1.0 + torch.exp(log_scale)) + eps
+    pred_var = pred_var.view(1, -1, *([1] * (target.dim() - 2)))
+    neg_log_prob = 0.5 * ((pred_mean - target) ** 2 / pred_var + torch.log(pred_var))
+    return torch.mean(neg_log_prob)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (6, 5)], ids=["map", "vector"])
+def test_vid_is_repdistiller_and_learns_the_variance(shape, eps):
+    mean, teacher = pair(shape, shape, seed=6)
+    log_scale = randn(shape[1], seed=8, grad=True)
+    assert_equals_official(lambda m, t, v: kdkernels.vid_loss(m, t, v, eps),
+                           lambda m, t, v: repdistiller_vid(m, t, v, eps), mean, teacher, log_scale, what="vid")
+
+
+# ------------------------------------------------------------------------------------------------------------ AB
+
+def ab_alternative_l2(source, target, margin):
+    """bhheo/AB_distillation ``criterion_alternative_L2`` (RepDistiller ``AB.py``), per stage."""
+    loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0)).float()
+            + (source - margin) ** 2 * ((source <= margin) & (target > 0)).float())
+    return torch.abs(loss).sum()
+
+
+@pytest.mark.parametrize("margin", [1.0, 0.25])
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (6, 5)], ids=["map", "vector"])
+def test_ab_is_ab_distillation(shape, margin):
+    student, teacher = pair(shape, shape, seed=9)
+    assert_equals_official(lambda s, t: kdkernels.ab_loss(s, t, margin),
+                           lambda s, t: ab_alternative_l2(s, t, margin), student, teacher, what="ab")
+
+
+# ------------------------------------------------------------------------------------------------------------ FT
+
+def factor_transfer(factor_s, factor_t):
+    """Jangho-Kim/Factor-Transfer-pytorch ``train_student.py``: ``FT(x) = normalize(x.view(B, −1))``, L1Loss."""
+    def factor(x):
+        return F.normalize(x.view(x.size(0), -1))
+
+    return torch.nn.L1Loss()(factor(factor_s), factor(factor_t))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (6, 5)], ids=["map", "vector"])
+def test_ft_is_factor_transfer(shape):
+    student, teacher = pair(shape, shape, seed=11)
+    assert_equals_official(kdkernels.ft_loss, factor_transfer, student, teacher, what="ft")
+
+
+# ---------------------------------------------------------------------------------------------- argument errors
+
+X = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.fitnet_loss(X, torch.randn(2, 5, 4, 4)), ValueError,
+     r"^fitnet_loss: student_hint must have the same shape as teacher_hint \(2, 5, 4, 4\) \(use a connector/regressor "
+     r"to map the student feature\), got shape \(2, 3, 4, 4\)$"),
+    (lambda: kdkernels.nst_loss(X, torch.randn(3, 3, 4, 4)), ValueError,
+     r"^nst_loss: teacher must have the same batch size as student \(2, 3, 4, 4\), got shape \(3, 3, 4, 4\)$"),
+    (lambda: kdkernels.nst_loss(X, X, reduction="mean"), ValueError,
+     r"^nst_loss: reduction must be one of 'batchmean', 'sum', 'none', got 'mean'$"),
+    (lambda: kdkernels.nst_loss(torch.randn(2, 12), torch.randn(2, 12)), ValueError,
+     r"^nst_loss: student must have 4 dims, got shape \(2, 12\)$"),
+    (lambda: kdkernels.fsp_loss([X], [X]), ValueError,
+     r"^fsp_loss: student_features must hold at least 2 tensor\(s\), got 1$"),
+    (lambda: kdkernels.fsp_loss([X, X], [X, X, X]), ValueError,
+     r"^fsp_loss: teacher_features must hold the same number of maps as student_features \(2\), got 3$"),
+    (lambda: kdkernels.fsp_loss([X, X], [X, torch.randn(2, 5, 4, 4)]), ValueError,
+     r"^fsp_loss: teacher_features\[1\] must have the channels of student_features\[1\] \(2, 3, 4, 4\) \(FSP needs "
+     r"equal channel counts\), got 5 channels \(2, 5, 4, 4\)$"),
+    (lambda: kdkernels.fsp_loss(X, [X, X]), TypeError,
+     r"^fsp_loss: student_features must be a list or tuple of tensors, got a torch.float32 tensor"),
+    (lambda: kdkernels.ofd_loss(X, X, torch.zeros(4)), ValueError,
+     r"^ofd_loss: margin must be a tensor of 3 per-channel values, got shape \(4,\)$"),
+    (lambda: kdkernels.ofd_margins(torch.ones(3), torch.ones(4)), ValueError,
+     r"^ofd_margins: bn_bias must have the same shape as bn_weight \(3,\), got shape \(4,\)$"),
+    (lambda: kdkernels.vid_loss(X, X, torch.zeros(2)), ValueError,
+     r"^vid_loss: log_scale must be a \[3\] tensor \(one per teacher channel\), got shape \(2,\)$"),
+    (lambda: kdkernels.vid_loss(X, X, torch.zeros(3), eps=float("inf")), ValueError,
+     r"^vid_loss: eps must be finite, got inf$"),
+    (lambda: kdkernels.ab_loss(X, X, reduction="avg"), ValueError,
+     r"^ab_loss: reduction must be one of 'batchmean', 'sum', 'mean', 'none', got 'avg'$"),
+    (lambda: kdkernels.ab_loss(X, X, margin="1"), TypeError, r"^ab_loss: margin must be a real number, got '1'$"),
+    (lambda: kdkernels.ft_loss(X, X[:, :2]), ValueError,
+     r"^ft_loss: student_factor must have the same shape as teacher_factor \(2, 2, 4, 4\)"),
+])
+def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
