@@ -107,10 +107,8 @@ def test_symmetric_kd_is_paddleclas_dmlloss(shape):
 # bdkd_loss computes its entropy weight from ``logits.float()``, so float64 inputs get a float32 weight (~1e-8
 # relative error) instead of the float64 accumulation that _validation promises; the fix is ``accumulate(logits)``
 # in kdkernels/losses/response.py. strict: these fail loudly (XPASS) once it lands, so the marks go with the fix.
-FLOAT32_WEIGHT = pytest.mark.xfail(strict=True, reason="bdkd_loss's entropy weight is float32 for float64 inputs")
 
 
-@FLOAT32_WEIGHT
 @pytest.mark.parametrize("backend", backend_params() + ["reference"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -124,7 +122,6 @@ def test_bdkd_is_the_documented_balance_of_forward_and_reverse_kl(shape, tempera
                            lambda s, t: balanced(s, t, temperature), learner, target, what=f"bdkd ({backend})")
 
 
-@FLOAT32_WEIGHT
 def test_bdkd_weights_mirror_each_other():
     """Each network of the pair gets the same value (w and 1 − w swap with the roles), so both BD-KD terms agree."""
     a, b = randn(16, 10, seed=12, scale=3.0), randn(16, 10, seed=13, scale=2.0)

@@ -15,12 +15,12 @@ from kdkernels.losses._common import accumulate, reduce_rows
 from kdkernels.losses.kd import kd_loss
 
 
-def check_logits_list(check: Checks, name: str, logits_list, student_logits: torch.Tensor | None = None,
-                      minimum: int = 1) -> list[torch.Tensor]:
-    """A list of [B, C] logits, all shaped like `student_logits` (or like the first) and on its device."""
+def check_logits_list(check: Checks, name: str, logits_list, reference: torch.Tensor | None = None,
+                      minimum: int = 1, reference_name: str = "student_logits") -> list[torch.Tensor]:
+    """A list of [B, C] logits, all shaped like `reference` (or like the first) and on its device."""
     logits_list = check.tensor_list(name, logits_list, minimum=minimum)
-    reference = student_logits if student_logits is not None else logits_list[0]
-    reference_name = "student_logits" if student_logits is not None else f"{name}[0]"
+    if reference is None:
+        reference, reference_name = logits_list[0], f"{name}[0]"
     for index, logits in enumerate(logits_list):
         check.logits(f"{name}[{index}]", logits, dims=(2,))
         check.same_shape(f"{name}[{index}]", logits, reference_name, reference)

@@ -97,8 +97,8 @@ def bdkd_loss(learner_logits: torch.Tensor, target_logits: torch.Tensor, tempera
     temperature = check.temperature(temperature)
     reduction = check.reduction(reduction)
     with torch.no_grad():
-        h_learner = _entropy(learner_logits.float(), temperature)
-        h_target = _entropy(target_logits.float(), temperature)
+        h_learner = _entropy(accumulate(learner_logits), temperature)
+        h_target = _entropy(accumulate(target_logits), temperature)
         forward_weight = h_target / (h_target + h_learner).clamp_min(_WEIGHT_EPS)
     forward = kd_loss(learner_logits, target_logits, temperature, reduction="none", divergence="forward",
                       backend=backend)

@@ -38,7 +38,7 @@ def byot_loss(final_logits: torch.Tensor, head_logits: Sequence[torch.Tensor], l
     """
     check = Checks("byot_loss")
     check.logits("final_logits", final_logits, dims=(2,))
-    heads = check_logits_list(check, "head_logits", head_logits, final_logits)
+    heads = check_logits_list(check, "head_logits", head_logits, final_logits, reference_name="final_logits")
     check.labels(labels, final_logits.shape[:1], final_logits.device)
     temperature = check.temperature(temperature)
     alpha, beta = check.real("alpha", alpha, nonnegative=True), check.real("beta", beta, nonnegative=True)
