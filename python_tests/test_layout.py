@@ -51,3 +51,17 @@ def test_shared_python_code_imports_no_family():
         for name in imported_modules(path):
             match = re.fullmatch(r"kdkernels\.(ops|triton|reference|losses)\.([a-z_]+)(\..*)?", name)
             assert not match or match.group(2).startswith("_"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_csrc_common_includes_no_family_and_no_family_includes_another():
+    for path in (ROOT / "csrc").rglob("*"):
+        if path.suffix not in (".h", ".cuh", ".cpp", ".cu"):
+            continue
+        folder = path.parent.name
+        for target in re.findall(r'#include "([^"]+)"', path.read_text()):
+            parts = Path(target).parts
+            included_folder = parts[-2] if len(parts) > 1 else folder
+            if folder == "common":
+                assert included_folder == "common", f"{path.relative_to(ROOT)} includes {target}"
+            elif path.parent != ROOT / "csrc":
+                assert included_folder in (folder, "common"), f"{path.relative_to(ROOT)} includes {target}"
