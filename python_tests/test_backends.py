@@ -88,3 +88,25 @@ def test_backend_without_the_required_kernel_is_refused_or_skipped():
         backends.select_backend("cpu", x, x, required_ops=("no_such_family",))
     assert backends.select_backend("auto", x, x, required_ops=("no_such_family",)) == "reference"
     assert backends.select_backend("reference", x, x, required_ops=("no_such_family",)) == "reference"
+
+
+def test_refusal_reasons_are_derived_from_each_backends_data():
+    cpu = backends.INSTALLED["cpu"]
+    x = torch.zeros(2, 3)
+    assert cpu.devices == ("cpu",) and set(cpu.dtypes) == {torch.float32, torch.float16, torch.bfloat16,
+                                                             torch.float64}
+    assert backends.unsupported_reasons("reference", x.to("meta"), x.int()) == \
+        ["the reference backend takes torch.float32, torch.float16, torch.bfloat16, torch.float64 inputs, got torch.int32"]
+    if not cpu.install_reasons:
+        assert cpu.ops == set(backends.OPS)
+        assert backends.unsupported_reasons("cpu", x.to("meta")) == ["the cpu backend runs cpu tensors, got meta tensors"]
+        assert backends.unsupported_reasons("cpu", x, required_ops=("pairwise", "nope")) == \
+            ["the cpu backend has no nope kernel"]
+    assert backends.INSTALLED["reference"].ops is None  # the reference has every op
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        backends.unsupported_reasons("fast", x)
+
+
+def test_the_family_list_is_read_once_from_ops():
+    from kdkernels.ops import FAMILIES
+    assert backends.OPS == tuple(op for ops in FAMILIES.values() for op in ops)
