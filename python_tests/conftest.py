@@ -14,9 +14,6 @@ if not torch.cuda.is_available():
 # Kernels that miss the flash-attention criterion (kd_testing.assert_close_to_reference) on some machines, with the
 # fix in progress (issue 12). Temporary: each entry goes with the commit that fixes its kernel.
 KNOWN_INACCURATE = {
-    "test_ops_dist.py::test_matches_reference[fp32-cpu]": "DIST fp32 column statistics",
-    "test_ops_dist.py::test_matches_reference[fp16-triton]": "DIST fp32 column statistics",
-    "test_ops_dist.py::test_shapes[2-3-cpu]": "DIST fp32 column statistics",
     "test_ops_pairwise.py::test_batch_sizes[": "RKD from Gram matrices in fp32",
     "test_ops_pairwise.py::test_rkd_large_mean_offset[rkd_distance-1000.0-fp32-cpu]": "RKD from Gram matrices",
     "test_ops_pairwise.py::test_pkt_zero_rows[fp32-cpu]": "PKT zero-row gradient",

@@ -18,8 +18,8 @@ inline void check_forward_inputs(const at::Tensor& student, const at::Tensor& te
               student.sizes());
 }
 
-// The forward's checks, plus grad_row [N], grad_col [V], row_moments [N, 3], col_moments [V, 5] and
-// stats_student / stats_teacher [N, 2]: contiguous, accumulation dtype, on the logits' device.
+// The forward's checks, plus grad_row [N] and grad_col [V] (accumulation dtype), row_moments [N, 3], col_moments
+// [V, 5] and stats_student / stats_teacher [N, 2] (float64): contiguous, on the logits' device.
 inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& student,
                                   const at::Tensor& teacher, const at::Tensor& row_moments,
                                   const at::Tensor& col_moments, const at::Tensor& stats_student,
@@ -30,10 +30,10 @@ inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& 
   const auto& device = student.device();
   softmax_kl::check_row_statistic(grad_row, "dist: grad_row", rows, 1, acc, device);
   softmax_kl::check_row_statistic(grad_col, "dist: grad_col", cols, 1, acc, device);
-  softmax_kl::check_row_statistic(row_moments, "dist: row_moments", rows, 3, acc, device);
-  softmax_kl::check_row_statistic(col_moments, "dist: col_moments", cols, 5, acc, device);
-  softmax_kl::check_row_statistic(stats_student, "dist: stats_student", rows, 2, acc, device);
-  softmax_kl::check_row_statistic(stats_teacher, "dist: stats_teacher", rows, 2, acc, device);
+  softmax_kl::check_row_statistic(row_moments, "dist: row_moments", rows, 3, at::kDouble, device);
+  softmax_kl::check_row_statistic(col_moments, "dist: col_moments", cols, 5, at::kDouble, device);
+  softmax_kl::check_row_statistic(stats_student, "dist: stats_student", rows, 2, at::kDouble, device);
+  softmax_kl::check_row_statistic(stats_teacher, "dist: stats_teacher", rows, 2, at::kDouble, device);
 }
 
 }  // namespace kdkernels::dist
