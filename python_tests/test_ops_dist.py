@@ -48,6 +48,8 @@ REGIMES = {
     "saturated-two-rows": (2, 5, 3.0, 0.1),
     "low-T": (64, 300, 3.0, 0.1),
     "high-T": (4, 10, 3.0, 30.0),
+    "logits-1e4": (8, 50, 1e4, 1.0),
+    "logits-1e4-high-T": (8, 50, 1e4, 100.0),
 }
 
 
@@ -62,6 +64,15 @@ def test_ill_conditioned_regimes(backend, regime):
         if "saturated" in regime:
             assert torch.softmax(student.double() / temperature, -1).min() < 1e-6
         check(backend, student, teacher, temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("scale,temperature", [(1e4, 1.0), (1e4, 100.0), (30.0, 0.1), (3.0, 100.0)])
+def test_float64_across_the_exponential_range(backend, scale, temperature):
+    """Exponents from 0 down past the underflow of exp, in float64 (elementwise rtol 1e-10)."""
+    device = require_backend(backend)
+    student, teacher = logits((8, 50), torch.float64, device, scale, 1), logits((8, 50), torch.float64, device, scale, 2)
+    check(backend, student, teacher, temperature)
 
 
 @pytest.mark.parametrize("backend", backend_params(("cpu",)))

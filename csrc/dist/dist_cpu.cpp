@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_rows.h"
@@ -52,6 +53,35 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline double add_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<double>([](Vec& p, Vec& q) { return p + q; }, v);
+}
+
+// exp(x) for x <= 0 or NaN (-inf gives 0, NaN stays NaN), the only arguments the kernels form. With AVX512,
+// 2^(n/8) exp(r), r = x - n ln2/8 in [-ln2/16, ln2/16], exp(r) by its Taylor polynomial of degree 7 (truncation
+// 3e-16 relative) and 2^(n/8) from an 8-entry table in a register: about 3e-16 relative, in two thirds of the time
+// of Sleef's general double exp (the double exponentials are most of these kernels' work). Elsewhere Sleef's.
+inline Vec exp_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d z = _mm512_max_pd(_mm512_set1_pd(-800.0), x);  // exp(-800) = 0; max keeps a NaN second operand
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(z, _mm512_set1_pd(8.0 / 0x1.62e42fefa39efp-1)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = z - n ln2/8 with ln2/8 split so that n times its high part is exact (|n| < 2^11).
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0x1.62e42fefa3800p-4), z);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0x1.ef35793c76730p-48), r);
+  __m512d p = _mm512_set1_pd(1.0 / 5040);
+  for (const double coefficient : {1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0}) {
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(coefficient));
+  }
+  // n = 8 q + j: exp(z) = 2^q 2^(j/8) exp(r)
+  const __m512d q = _mm512_roundscale_pd(_mm512_mul_pd(n, _mm512_set1_pd(0.125)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512i j = _mm512_cvtpd_epi64(_mm512_fnmadd_pd(q, _mm512_set1_pd(8.0), n));
+  const __m512d powers = _mm512_set_pd(0x1.d5818dcfba487p+0, 0x1.ae89f995ad3adp+0, 0x1.8ace5422aa0dbp+0,
+                                       0x1.6a09e667f3bcdp+0, 0x1.4bfdad5362a27p+0, 0x1.306fe0a31b715p+0,
+                                       0x1.172b83c7d517bp+0, 1.0);  // 2^(7/8), ..., 2^(1/8), 1
+  return Vec(_mm512_scalef_pd(_mm512_mul_pd(p, _mm512_permutexvar_pd(j, powers)), q));
+#else
+  return x.exp();
+#endif
 }
 
 template <typename S, typename T>
@@ -75,7 +105,9 @@ struct RowSoftmax {
   RowSoftmax(const double* stats, double inv_t_) : max(stats[0]), inv_t(inv_t_), inv_sum(std::exp(-stats[1])) {}
 
   // The lanes past `count` are 0.
-  Vec at(const double* x, int64_t count) const { return ((load_padded(x, count) - max) * inv_t).exp() * inv_sum; }
+  Vec at(const double* x, int64_t count) const {
+    return exp_nonpositive((load_padded(x, count) - max) * inv_t) * inv_sum;
+  }
 };
 
 struct CentredSums {
@@ -170,7 +202,12 @@ void write_row_outputs(const CentredSums& sums, int64_t row, const ForwardOutput
 template <typename X>
 double row_exponentials(const X* x, int64_t cols, double inv_t, double* widened, double* e, double* stats) {
   const double* values = as_acc(x, widened, cols);
-  const double max = max_of(values, cols);
+  double max;
+  if constexpr (std::is_same_v<X, float>) {
+    max = max_of(x, cols);  // exact, twice the lanes
+  } else {
+    max = max_of(values, cols);
+  }
   const Vec v_shift(safe_shift(max)), v_inv_t(inv_t);
   double sum = 0.0;
   for (int64_t c = 0; c < cols; c += kChunk) {
@@ -178,7 +215,7 @@ double row_exponentials(const X* x, int64_t cols, double inv_t, double* widened,
     Vec partial(0.0);
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-      const Vec exponential = ((load_padded(values + c + j, count) - v_shift) * v_inv_t).exp();
+      const Vec exponential = exp_nonpositive((load_padded(values + c + j, count) - v_shift) * v_inv_t);
       partial += exponential;
       exponential.store(e + c + j, count);
     }
