@@ -59,10 +59,12 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def(
       "logsoftmax_gather_backward(Tensor grad_gathered, Tensor logits, Tensor indices, Tensor stats, "
       "float temperature) -> Tensor");
-  // dist: DIST's Pearson correlations of y = softmax(x / T): (row_pearson [N], col_pearson [V], row_moments [N, 3],
-  // col_moments [V, 5], stats_student [N, 2], stats_teacher [N, 2]) in the accumulation dtype. row_moments =
-  // (S_st, S_ss, S_tt), the centred sums of each row (centre 1/V); col_moments = (mean_s, mean_t, S_st, S_ss, S_tt)
-  // of each column across the batch; stats as for softmax_kl. Spec: kdkernels/reference/dist.py.
+  // dist: DIST's Pearson correlations of y = softmax(x / T): (row_pearson [N], col_pearson [V]) in the accumulation
+  // dtype, and (row_moments [N, 3], col_moments [V, 5], stats_student [N, 2], stats_teacher [N, 2]) in float64 for
+  // every logits dtype (the backward's centred values cancel below float precision). row_moments = (S_st, S_ss,
+  // S_tt), the centred sums of each row (centre 1/V); col_moments = (mean_s, mean_t, S_st, S_ss, S_tt) of each column
+  // across the batch; stats as for softmax_kl. grad_row, grad_col: accumulation dtype. Spec:
+  // kdkernels/reference/dist.py.
   m.def(
       "dist_forward(Tensor student, Tensor teacher, float temperature) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -137,6 +137,22 @@ def test_dist_equals_dist_kd(backend, dtype):
                              lambda s, t: eager_dist(s, t, beta, gamma, temperature), student, teacher, "dist")
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("rows,classes,scale,temperature",
+                         [(2, 10, 3.0, 1.0), (4, 100, 3.0, 0.1), (16, 2, 3.0, 1.0), (16, 100, 50.0, 1.0),
+                          (4, 10, 3.0, 30.0)],
+                         ids=["two-rows", "four-rows-low-T", "two-classes", "saturated", "high-T"])
+def test_dist_equals_dist_kd_where_it_is_ill_conditioned(backend, rows, classes, scale, temperature):
+    """Few rows or classes, saturated softmaxes, low and high T (see test_ops_dist.REGIMES), fp32: within the
+    flash-attention criterion of DIST_KD's own code. (The fp32 reference backend is that code, not held to it.)"""
+    device = require_backend(backend)
+    for seed in range(3):
+        student = logits((rows, classes), torch.float32, device, scale=scale, seed=40 + 2 * seed)
+        teacher = logits((rows, classes), torch.float32, device, scale=scale, seed=41 + 2 * seed)
+        assert_matches_eager(backend, lambda s, t: kdkernels.dist_loss(s, t, temperature, 2.0, 0.5, backend=backend),
+                             lambda s, t: eager_dist(s, t, 2.0, 0.5, temperature), student, teacher, "dist")
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_dist_batch_of_one(backend):
     device = device_of(backend)

@@ -1,5 +1,6 @@
 """dist kernels (cpu, cuda, triton) against the float64 reference: DIST's row and column Pearson correlations and
-their gradients, batch and class counts, identical rows, near-one-hot rows, -inf entries, dtypes, opcheck."""
+their gradients, batch and class counts, ill-conditioned regimes (few rows or classes, saturated softmaxes, low and
+high temperatures), identical rows, near-one-hot rows, -inf entries, dtypes, thread-count independence, opcheck."""
 import pytest
 import torch
 
@@ -31,6 +32,69 @@ def test_shapes(backend, rows, classes):
     student = logits((rows, classes), torch.float32, device, seed=3)
     teacher = logits((rows, classes), torch.float32, device, seed=4)
     check(backend, student, teacher, temperature=1.0)
+
+
+# (rows, classes, logit scale, temperature) where DIST's statistics are ill-conditioned: a column's spread far below
+# its values (few rows, saturated softmaxes), correlations close to +-1 (two rows, two classes), probabilities far
+# below 1e-6 (large logits, low T) or all close to 1/V (high T). DIST_KD's own fp32 code is as accurate there as the
+# rounding of y allows, which only arithmetic beyond float32 beats by the flash-attention criterion's margin.
+REGIMES = {
+    "two-rows": (2, 10, 3.0, 1.0),
+    "three-rows": (3, 5, 3.0, 1.0),
+    "four-rows-low-T": (4, 100, 3.0, 0.1),
+    "two-classes": (16, 2, 3.0, 1.0),
+    "three-classes-low-T": (8, 3, 3.0, 0.25),
+    "saturated": (16, 100, 50.0, 1.0),
+    "saturated-two-rows": (2, 5, 3.0, 0.1),
+    "low-T": (64, 300, 3.0, 0.1),
+    "high-T": (4, 10, 3.0, 30.0),
+    "logits-1e4": (8, 50, 1e4, 1.0),
+    "logits-1e4-high-T": (8, 50, 1e4, 100.0),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("regime", REGIMES)
+def test_ill_conditioned_regimes(backend, regime):
+    device = require_backend(backend)
+    rows, classes, scale, temperature = REGIMES[regime]
+    for seed in range(3):
+        student = logits((rows, classes), torch.float32, device, scale=scale, seed=100 + 2 * seed)
+        teacher = logits((rows, classes), torch.float32, device, scale=scale, seed=101 + 2 * seed)
+        if "saturated" in regime:
+            assert torch.softmax(student.double() / temperature, -1).min() < 1e-6
+        check(backend, student, teacher, temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("scale,temperature", [(1e4, 1.0), (1e4, 100.0), (30.0, 0.1), (3.0, 100.0)])
+def test_float64_across_the_exponential_range(backend, scale, temperature):
+    """Exponents from 0 down past the underflow of exp, in float64 (elementwise rtol 1e-10)."""
+    device = require_backend(backend)
+    student, teacher = logits((8, 50), torch.float64, device, scale, 1), logits((8, 50), torch.float64, device, scale, 2)
+    check(backend, student, teacher, temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("rows,classes", [(200, 300), (70, 5000)])
+def test_results_do_not_depend_on_the_thread_count(backend, rows, classes):
+    """Several row blocks (forward) and row tasks (backward): 1 and 2 threads give the same bits."""
+    require_backend(backend)
+    student = logits((rows, classes), seed=15).requires_grad_()
+    teacher = logits((rows, classes), seed=16).requires_grad_()
+    upstream = (torch.rand(rows, generator=torch.Generator().manual_seed(0)),
+                torch.rand(classes, generator=torch.Generator().manual_seed(1)))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            row, col = dist_pearson(student, teacher, 2.0, backend)
+            results.append((row, col, *torch.autograd.grad((row, col), (student, teacher), upstream)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("backend", backend_params())

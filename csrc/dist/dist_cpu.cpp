@@ -3,18 +3,25 @@
 //
 //   pearson = S_st / (sqrt(S_ss) sqrt(S_tt) + 1e-8),   S_ab = sum (y_a - centre_a) (y_b - centre_b)
 // per row (centre 1/V) and per column (centre: the column's mean across the batch).
-// Forward: each column's sums, squares and products of y minus the column's value in the first row are summed in
-// acc_t over tiles of 4 rows, then in double, and centred at the column mean at the end (a constant column gives
-// exactly 0); each row's centred sums come from the same y. Two strategies:
-//   V <= 4096: rows in parallel, each row's softmax formed once (max, then exp, then scale); per-thread column
-//      accumulators (in cache) added up at the end;
-//   V > 4096: every row's (max, log_sum) first, then column blocks in parallel, each thread walking every row of its
-//      blocks, so that its column accumulators stay in cache.
+//
+// Precision: every per-element quantity (y, its centred values, dL/dy, the softmax backward) is formed in double
+// for every logits dtype, and the saved statistics (stats, row_moments, col_moments) are double; only the Pearson
+// vectors and the gradients are rounded to their dtypes. Float arithmetic, however ordered, is only as accurate as
+// DIST_KD's own fp32 code, not measurably better: where a column's spread is far below its values (a few rows,
+// saturated softmaxes) or a correlation is close to +-1 (two rows, two classes), the centred values and the Pearson
+// slopes b / D - S_st sqrt(S_tt) / (sqrt(S_ss) D^2) a cancel, and their error is set by the rounding of y itself.
+//
+// Forward: blocks of rows in parallel, each row's softmax formed once (max, then exp, then scale) and walked once
+// for its centred sums (centre 1/V) and for the column moments: each block sums its rows' values minus the
+// column's value in the first row, their squares and products in its own double accumulators, added up in block
+// order and centred at the column means at the end (S - N offset^2, offset = mean - shift: a constant column gives
+// exactly 0). One exponential per element: with double exponentials this beats walking column blocks (in cache)
+// after a pass for the row statistics. The blocks depend on the shape only, so results do not depend on the thread
+// count.
 // Backward, rows in parallel, with a = y_s - centre, b = y_t - centre, D = sqrt(S_ss) sqrt(S_tt) + 1e-8:
 //   dr/dy_s = b / D - S_st sqrt(S_tt) / (sqrt(S_ss) D^2) a   (second term 0 when S_ss = 0; swap s and t for y_t)
 //   g_s[n, c] = grad_row[n] dr_row/dy_s + grad_col[c] dr_col/dy_s,   grad_s = 1/T y_s (g_s - sum_j g_s y_s)
-// in two walks of each row: the dot product (keeping y and y dL/dy of the row), then the write. Per-row and
-// per-column sums and coefficients are double; per-element arithmetic is vectorised float (double for double inputs).
+// in two walks of each row: the dot product (keeping y and y dL/dy of the row), then the write.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -26,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_rows.h"
@@ -35,10 +43,46 @@ namespace kdkernels {
 namespace {
 
 using namespace kdkernels::cpu;
+using Vec = Vectorized<double>;
 
-constexpr double kEps = 1e-8;             // the reference's cosine epsilon
-constexpr int64_t kMaxBlockWidth = 1024;  // columns per block of the column-block forward: row segments of <= 8 KiB
-constexpr int64_t kRowWiseMaxCols = 4096;  // up to this V the forward walks rows (its accumulators fit in L2)
+constexpr double kEps = 1e-8;          // the reference's cosine epsilon
+constexpr int64_t kMaxRowBlocks = 64;  // row blocks of the forward; each has 5 V double column accumulators, so at
+constexpr int64_t kMinBlockRows = 32;  //   most 64 of them, of at least 32 rows (1/6 of fp32 logits' bytes)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline double add_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<double>([](Vec& p, Vec& q) { return p + q; }, v);
+}
+
+// exp(x) for x <= 0 or NaN (-inf gives 0, NaN stays NaN), the only arguments the kernels form. With AVX512,
+// 2^(n/8) exp(r), r = x - n ln2/8 in [-ln2/16, ln2/16], exp(r) by its Taylor polynomial of degree 7 (truncation
+// 3e-16 relative) and 2^(n/8) from an 8-entry table in a register: about 3e-16 relative, in two thirds of the time
+// of Sleef's general double exp (the double exponentials are most of these kernels' work). Elsewhere Sleef's.
+inline Vec exp_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d z = _mm512_max_pd(_mm512_set1_pd(-800.0), x);  // exp(-800) = 0; max keeps a NaN second operand
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(z, _mm512_set1_pd(8.0 / 0x1.62e42fefa39efp-1)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = z - n ln2/8 with ln2/8 split so that n times its high part is exact (|n| < 2^11).
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0x1.62e42fefa3800p-4), z);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0x1.ef35793c76730p-48), r);
+  __m512d p = _mm512_set1_pd(1.0 / 5040);
+  for (const double coefficient : {1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0}) {
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(coefficient));
+  }
+  // n = 8 q + j: exp(z) = 2^q 2^(j/8) exp(r)
+  const __m512d q = _mm512_roundscale_pd(_mm512_mul_pd(n, _mm512_set1_pd(0.125)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512i j = _mm512_cvtpd_epi64(_mm512_fnmadd_pd(q, _mm512_set1_pd(8.0), n));
+  const __m512d powers = _mm512_set_pd(0x1.d5818dcfba487p+0, 0x1.ae89f995ad3adp+0, 0x1.8ace5422aa0dbp+0,
+                                       0x1.6a09e667f3bcdp+0, 0x1.4bfdad5362a27p+0, 0x1.306fe0a31b715p+0,
+                                       0x1.172b83c7d517bp+0, 1.0);  // 2^(7/8), ..., 2^(1/8), 1
+  return Vec(_mm512_scalef_pd(_mm512_mul_pd(p, _mm512_permutexvar_pd(j, powers)), q));
+#else
+  return x.exp();
+#endif
+}
 
 template <typename S, typename T>
 struct Logits {
@@ -53,25 +97,27 @@ struct Logits {
 };
 
 // y = exp((x - max) / T) / sum of one row from its (max, log_sum), with 1 / sum = exp(-log_sum) rounded once per
-// row: at high temperatures y is close to 1/V and its centred values are small differences, which an exponent
-// formed as (x - max) / T - log_sum would blur by the rounding of log_sum ~ log V. The forward and the backward
-// both form y here, so that they agree bit for bit (a constant column's centred values are then exactly 0 in both).
-template <typename acc_t>
+// row. The forward and the backward both form y here, so that they agree bit for bit (a constant column's centred
+// values are then exactly 0 in both).
 struct RowSoftmax {
-  Vectorized<acc_t> max, inv_t, inv_sum;
+  Vec max, inv_t, inv_sum;
 
-  RowSoftmax(const acc_t* stats, acc_t inv_t_)
-      : max(stats[0]), inv_t(inv_t_), inv_sum(static_cast<acc_t>(std::exp(-static_cast<double>(stats[1])))) {}
+  RowSoftmax(const double* stats, double inv_t_) : max(stats[0]), inv_t(inv_t_), inv_sum(std::exp(-stats[1])) {}
 
   // The lanes past `count` are 0.
-  Vectorized<acc_t> at(const acc_t* x, int64_t count) const {
-    return ((load_padded(x, count) - max) * inv_t).exp() * inv_sum;
+  Vec at(const double* x, int64_t count) const {
+    return exp_nonpositive((load_padded(x, count) - max) * inv_t) * inv_sum;
   }
 };
 
 struct CentredSums {
   double st = 0.0, ss = 0.0, tt = 0.0;
 
+  void add(const CentredSums& other) {
+    st += other.st;
+    ss += other.ss;
+    tt += other.tt;
+  }
   double pearson() const { return st / (std::sqrt(ss) * std::sqrt(tt) + kEps); }
 };
 
@@ -89,375 +135,237 @@ struct PearsonCoefficients {
   }
 };
 
-// The centred sums of n values of a row segment, centre `centre`.
-template <typename acc_t>
-CentredSums row_centred_sums(const acc_t* y_s, const acc_t* y_t, int64_t n, acc_t centre) {
-  using Vec = Vectorized<acc_t>;
-  const Vec zero(acc_t(0)), v_centre(centre);
-  Vec st(zero), ss(zero), tt(zero);
-  for (int64_t j = 0; j < n; j += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-    const Vec a = Vec::set(zero, Vec::loadu(y_s + j, count) - v_centre, count);
-    const Vec b = Vec::set(zero, Vec::loadu(y_t + j, count) - v_centre, count);
-    st = at::vec::fmadd(a, b, st);
-    ss = at::vec::fmadd(a, a, ss);
-    tt = at::vec::fmadd(b, b, tt);
-  }
-  auto add = [](Vec& p, Vec& q) { return p + q; };
-  return {at::vec::vec_reduce_all<acc_t>(add, st), at::vec::vec_reduce_all<acc_t>(add, ss),
-          at::vec::vec_reduce_all<acc_t>(add, tt)};
-}
-
-// Per-column accumulators of the forward, in double: the first row's y (the shift), the sums of y - shift (then
-// the means) and the centred sums.
+// Per-column sums over rows of values minus their column's shift (the first row's y): sums of both sides (then
+// the means), products and squares (then the centred sums).
 struct ColumnAccumulators {
   std::vector<double> mean_s, mean_t, st, ss, tt;
 
-  explicit ColumnAccumulators(int64_t cols)
-      : mean_s(cols), mean_t(cols), st(cols), ss(cols), tt(cols) {}
-};
+  explicit ColumnAccumulators(int64_t cols) : mean_s(cols), mean_t(cols), st(cols), ss(cols), tt(cols) {}
 
-constexpr int64_t kTileRows = 4;  // rows summed in acc_t before they are added to the double column sums
-
-// Column sums, squares and products of values minus their column's shift, over a tile of kTileRows rows in acc_t
-// (vectorised, in cache), then added to the double accumulators: fp32 rounding over 4 terms, double over the batch.
-template <typename acc_t>
-struct ShiftedMomentTile {
-  std::vector<acc_t> sum_s, sum_t, st, ss, tt;
-
-  explicit ShiftedMomentTile(int64_t cols) : sum_s(cols), sum_t(cols), st(cols), ss(cols), tt(cols) {}
-
-  void add(const acc_t* y_s, const acc_t* y_t, const acc_t* shift_s, const acc_t* shift_t, int64_t first,
-           int64_t n) {
-    using Vec = Vectorized<acc_t>;
-    for (int64_t j = 0; j < n; j += Vec::size()) {
-      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-      const int64_t c = first + j;
-      const Vec a = Vec::loadu(y_s + j, count) - Vec::loadu(shift_s + c, count);
-      const Vec b = Vec::loadu(y_t + j, count) - Vec::loadu(shift_t + c, count);
-      (Vec::loadu(sum_s.data() + c, count) + a).store(sum_s.data() + c, count);
-      (Vec::loadu(sum_t.data() + c, count) + b).store(sum_t.data() + c, count);
-      at::vec::fmadd(a, b, Vec::loadu(st.data() + c, count)).store(st.data() + c, count);
-      at::vec::fmadd(a, a, Vec::loadu(ss.data() + c, count)).store(ss.data() + c, count);
-      at::vec::fmadd(b, b, Vec::loadu(tt.data() + c, count)).store(tt.data() + c, count);
-    }
-  }
-
-  void flush_into(ColumnAccumulators& columns, int64_t first, int64_t n) {
-    const std::pair<std::vector<acc_t>*, std::vector<double>*> pairs[] = {
-        {&sum_s, &columns.mean_s}, {&sum_t, &columns.mean_t}, {&st, &columns.st}, {&ss, &columns.ss},
-        {&tt, &columns.tt}};
-    for (const auto& [tile, total] : pairs) {
-      for (int64_t c = first; c < first + n; ++c) (*total)[c] += static_cast<double>((*tile)[c]);
-      std::fill(tile->begin() + first, tile->begin() + first + n, acc_t(0));
+  void add(const ColumnAccumulators& other) {
+    for (auto [total, part] : {std::pair{&mean_s, &other.mean_s}, std::pair{&mean_t, &other.mean_t},
+                               std::pair{&st, &other.st}, std::pair{&ss, &other.ss}, std::pair{&tt, &other.tt}}) {
+      for (size_t c = 0; c < total->size(); ++c) (*total)[c] += (*part)[c];
     }
   }
 };
 
-template <typename acc_t>
+// One walk over a row segment of n values at columns [first, first + n), whose y come from probs(j, count) ->
+// (y_s, y_t) of the `count` values at j: returns the segment's centred row sums (centre `centre`) and adds its
+// values minus the shifts to the column accumulators.
+template <typename Probs>
+CentredSums accumulate_segment(Probs probs, int64_t n, double centre, const double* shift_s, const double* shift_t,
+                               ColumnAccumulators& columns, int64_t first) {
+  const Vec zero(0.0), v_centre(centre);
+  Vec row_st(zero), row_ss(zero), row_tt(zero);
+  double* __restrict__ sum_s = columns.mean_s.data() + first;
+  double* __restrict__ sum_t = columns.mean_t.data() + first;
+  double* __restrict__ st = columns.st.data() + first;
+  double* __restrict__ ss = columns.ss.data() + first;
+  double* __restrict__ tt = columns.tt.data() + first;
+  shift_s += first;
+  shift_t += first;
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const auto [y_s, y_t] = probs(j, count);
+    const Vec a_row = Vec::set(zero, y_s - v_centre, count), b_row = Vec::set(zero, y_t - v_centre, count);
+    row_st = at::vec::fmadd(a_row, b_row, row_st);
+    row_ss = at::vec::fmadd(a_row, a_row, row_ss);
+    row_tt = at::vec::fmadd(b_row, b_row, row_tt);
+    const Vec a = y_s - Vec::loadu(shift_s + j, count), b = y_t - Vec::loadu(shift_t + j, count);
+    (Vec::loadu(sum_s + j, count) + a).store(sum_s + j, count);
+    (Vec::loadu(sum_t + j, count) + b).store(sum_t + j, count);
+    at::vec::fmadd(a, b, Vec::loadu(st + j, count)).store(st + j, count);
+    at::vec::fmadd(a, a, Vec::loadu(ss + j, count)).store(ss + j, count);
+    at::vec::fmadd(b, b, Vec::loadu(tt + j, count)).store(tt + j, count);
+  }
+  return {add_lanes(row_st), add_lanes(row_ss), add_lanes(row_tt)};
+}
+
+template <typename Out>
 struct ForwardOutputs {
-  acc_t *row_pearson, *col_pearson, *row_moments, *col_moments, *stats_student, *stats_teacher;
+  Out *row_pearson, *col_pearson;
+  double *row_moments, *col_moments, *stats_student, *stats_teacher;
 };
 
-// One row's softmax of both sides into y_s, y_t [cols] (acc_t), and its stats (max, log_sum): the max first, then
-// e = exp((x - max) / T) once per element, y = e * exp(-log_sum) with exp(-log_sum) formed from the stored log_sum
-// exactly as RowSoftmax does, so that the backward recomputes the very same y.
-template <typename acc_t, typename X>
-void row_softmax(const X* x, int64_t cols, acc_t inv_t, acc_t* widened, acc_t* y, acc_t* stats) {
-  using Vec = Vectorized<acc_t>;
-  const acc_t* values = as_acc(x, widened, cols);
-  const acc_t max = max_of(values, cols);
-  const double shift = safe_shift(max);
-  const Vec v_shift(static_cast<acc_t>(shift)), v_inv_t(inv_t);
+template <typename Out>
+void write_row_outputs(const CentredSums& sums, int64_t row, const ForwardOutputs<Out>& out) {
+  out.row_moments[3 * row] = sums.st;
+  out.row_moments[3 * row + 1] = sums.ss;
+  out.row_moments[3 * row + 2] = sums.tt;
+  out.row_pearson[row] = static_cast<Out>(sums.pearson());
+}
+
+// One row's e = exp((x - max) / T) into e [cols] and its stats (max, log_sum); returns exp(-log_sum), formed from
+// the stored log_sum exactly as RowSoftmax does, so that y = e * exp(-log_sum) is the very y the backward
+// recomputes.
+template <typename X>
+double row_exponentials(const X* x, int64_t cols, double inv_t, double* widened, double* e, double* stats) {
+  const double* values = as_acc(x, widened, cols);
+  double max;
+  if constexpr (std::is_same_v<X, float>) {
+    max = max_of(x, cols);  // exact, twice the lanes
+  } else {
+    max = max_of(values, cols);
+  }
+  const Vec v_shift(safe_shift(max)), v_inv_t(inv_t);
   double sum = 0.0;
   for (int64_t c = 0; c < cols; c += kChunk) {
     const int64_t n = std::min(kChunk, cols - c);
-    Vec partial(acc_t(0));
+    Vec partial(0.0);
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-      const Vec e = ((load_padded(values + c + j, count) - v_shift) * v_inv_t).exp();
-      partial += e;
-      e.store(y + c + j, count);
+      const Vec exponential = exp_nonpositive((load_padded(values + c + j, count) - v_shift) * v_inv_t);
+      partial += exponential;
+      exponential.store(e + c + j, count);
     }
-    sum += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, partial);
+    sum += add_lanes(partial);
   }
   stats[0] = max;
-  stats[1] = static_cast<acc_t>(std::log(sum));
-  const Vec inv_sum(static_cast<acc_t>(std::exp(-static_cast<double>(stats[1]))));
-  for (int64_t j = 0; j < cols; j += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), cols - j);
-    (Vec::loadu(y + j, count) * inv_sum).store(y + j, count);
-  }
+  stats[1] = std::log(sum);
+  return std::exp(-stats[1]);
 }
 
-// Centres the column accumulators and writes col_moments and col_pearson. Sums of values shifted by a sample of
-// their own column are centred by subtracting n mean^2 (in double, with |mean - shift| of the order of the column's
-// spread, this loses about one digit; a constant column is exactly 0).
-template <typename acc_t>
-void write_column_outputs(ColumnAccumulators& columns, const std::vector<acc_t>& shifts_s,
-                          const std::vector<acc_t>& shifts_t, int64_t row_count, int64_t cols,
-                          const ForwardOutputs<acc_t>& out) {
+// Centres the column accumulators (sums of values minus their column's shift) and writes col_moments and
+// col_pearson. With offset = mean - shift, S = sum (y - shift)^2 - N offset^2 (in double: sum (y - shift)^2 is at
+// most (N + 1) S, so S keeps all but log10(N + 1) of double's digits; a constant column is exactly 0).
+template <typename Out>
+void write_column_outputs(const ColumnAccumulators& columns, const std::vector<double>& shifts_s,
+                          const std::vector<double>& shifts_t, int64_t row_count, int64_t cols,
+                          const ForwardOutputs<Out>& out) {
   const double rows = static_cast<double>(row_count);
   for (int64_t c = 0; c < cols; ++c) {
     const double offset_s = columns.mean_s[c] / rows, offset_t = columns.mean_t[c] / rows;
-    columns.st[c] -= rows * offset_s * offset_t;
-    columns.ss[c] = std::max(0.0, columns.ss[c] - rows * offset_s * offset_s);
-    columns.tt[c] = std::max(0.0, columns.tt[c] - rows * offset_t * offset_t);
-    columns.mean_s[c] = static_cast<double>(shifts_s[c]) + offset_s;
-    columns.mean_t[c] = static_cast<double>(shifts_t[c]) + offset_t;
-  }
-
-  for (int64_t c = 0; c < cols; ++c) {
-    const CentredSums sums{columns.st[c], columns.ss[c], columns.tt[c]};
-    acc_t* moments = out.col_moments + 5 * c;
-    moments[0] = static_cast<acc_t>(columns.mean_s[c]);
-    moments[1] = static_cast<acc_t>(columns.mean_t[c]);
-    moments[2] = static_cast<acc_t>(sums.st);
-    moments[3] = static_cast<acc_t>(sums.ss);
-    moments[4] = static_cast<acc_t>(sums.tt);
-    out.col_pearson[c] = static_cast<acc_t>(sums.pearson());
+    const CentredSums sums{columns.st[c] - rows * offset_s * offset_t,
+                           std::max(0.0, columns.ss[c] - rows * offset_s * offset_s),
+                           std::max(0.0, columns.tt[c] - rows * offset_t * offset_t)};
+    double* moments = out.col_moments + 5 * c;
+    moments[0] = shifts_s[c] + offset_s;
+    moments[1] = shifts_t[c] + offset_t;
+    moments[2] = sums.st;
+    moments[3] = sums.ss;
+    moments[4] = sums.tt;
+    out.col_pearson[c] = static_cast<Out>(sums.pearson());
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Row blocks of the forward, from the shape only.
+struct RowBlocks {
+  int64_t rows_per_block, count;
 
-// The column blocks of pass 2: a multiple of the thread count, at most kMaxBlockWidth wide, whole vectors.
-struct ColumnBlocks {
-  int64_t width, count;
-
-  explicit ColumnBlocks(int64_t cols) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t wanted = ceil_div(std::max(ceil_div(cols, kMaxBlockWidth), threads), threads) * threads;
-    constexpr int64_t kLanes = 16;  // a whole number of vectors of every acc_t and ISA
-    width = ceil_div(ceil_div(cols, wanted), kLanes) * kLanes;
-    count = ceil_div(cols, width);
+  RowBlocks(int64_t rows, int64_t cols) {
+    rows_per_block = std::max({kMinBlockRows, rows_per_task(cols), ceil_div(rows, kMaxRowBlocks)});
+    count = ceil_div(rows, rows_per_block);
   }
 };
 
-// Pass 1: each row's (max, log_sum) of both sides.
-template <typename S, typename T>
-void row_statistics(const Logits<S, T>& x, acc_type_t<S, T> inv_t, acc_type_t<S, T>* stats_student,
-                    acc_type_t<S, T>* stats_teacher) {
-  using acc_t = acc_type_t<S, T>;
-  at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kChunk];
-    alignas(64) acc_t t_buffer[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      LogSumState side_s, side_t;
-      for_each_chunk_pair(x.student_row(row), x.teacher_row(row), x.cols, s_buffer, t_buffer,
-                          [&](int64_t, const acc_t* s, const acc_t* t, int64_t n) {
-                            log_sum_chunk<acc_t>(side_s, s, n, inv_t);
-                            log_sum_chunk<acc_t>(side_t, t, n, inv_t);
-                          });
-      stats_student[2 * row] = static_cast<acc_t>(side_s.max);
-      stats_student[2 * row + 1] = static_cast<acc_t>(std::log(side_s.sum));
-      stats_teacher[2 * row] = static_cast<acc_t>(side_t.max);
-      stats_teacher[2 * row + 1] = static_cast<acc_t>(std::log(side_t.sum));
-    }
-  });
-}
-
-// Column blocks in parallel; within a block, every row in order: visit(block, first_column, n, row, y_s, y_t) with
-// the row's n values of y_s and y_t in the block.
-template <typename S, typename T, typename Visit>
-void walk_column_blocks(const Logits<S, T>& x, const ColumnBlocks& blocks, const acc_type_t<S, T>* stats_student,
-                        const acc_type_t<S, T>* stats_teacher, acc_type_t<S, T> inv_t, Visit visit) {
-  using acc_t = acc_type_t<S, T>;
-  using Vec = Vectorized<acc_t>;
-  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kMaxBlockWidth];
-    alignas(64) acc_t t_buffer[kMaxBlockWidth];
-    alignas(64) acc_t y_s[kMaxBlockWidth];
-    alignas(64) acc_t y_t[kMaxBlockWidth];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * blocks.width;
-      const int64_t n = std::min(blocks.width, x.cols - first);
-      for (int64_t row = 0; row < x.rows; ++row) {
-        const acc_t* s = as_acc(x.student_row(row) + first, s_buffer, n);
-        const acc_t* t = as_acc(x.teacher_row(row) + first, t_buffer, n);
-        const RowSoftmax<acc_t> softmax_s(stats_student + 2 * row, inv_t), softmax_t(stats_teacher + 2 * row, inv_t);
-        for (int64_t j = 0; j < n; j += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-          softmax_s.at(s + j, count).store(y_s + j, count);
-          softmax_t.at(t + j, count).store(y_t + j, count);
-        }
-        visit(block, first, n, row, y_s, y_t);
-      }
-    }
-  });
-}
-
-// Short rows (the column accumulators stay in cache): rows in parallel, each row's softmax formed once.
-template <typename S, typename T>
-void forward_by_rows(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
-  using acc_t = acc_type_t<S, T>;
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const acc_t row_centre = static_cast<acc_t>(1.0 / static_cast<double>(x.cols));
+template <typename S, typename T, typename Out>
+void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<Out>& out) {
+  const double inv_t = 1.0 / temperature;
+  const double row_centre = 1.0 / static_cast<double>(x.cols);
   // Row 0's y are the column shifts (a constant column then has values - shift exactly 0).
-  std::vector<acc_t> shifts_s(x.cols), shifts_t(x.cols), scratch(x.cols);
-  row_softmax(x.student_row(0), x.cols, inv_t, scratch.data(), shifts_s.data(), out.stats_student);
-  row_softmax(x.teacher_row(0), x.cols, inv_t, scratch.data(), shifts_t.data(), out.stats_teacher);
-  // Rows in parallel; each thread sums its rows' column moments in its own accumulators, added up afterwards.
-  std::vector<ColumnAccumulators> partials(at::get_num_threads(), ColumnAccumulators(x.cols));
-  at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
-    ColumnAccumulators& columns = partials[at::get_thread_num()];
-    ShiftedMomentTile<acc_t> tile(x.cols);
-    std::vector<acc_t> widened(x.cols), y_s(x.cols), y_t(x.cols);
-    int64_t tile_rows = 0;
-    for (int64_t row = begin; row < end; ++row) {
-      row_softmax(x.student_row(row), x.cols, inv_t, widened.data(), y_s.data(), out.stats_student + 2 * row);
-      row_softmax(x.teacher_row(row), x.cols, inv_t, widened.data(), y_t.data(), out.stats_teacher + 2 * row);
-      CentredSums sums;  // vector sums in acc_t per chunk, added up in double
-      for (int64_t c = 0; c < x.cols; c += kChunk) {
-        const CentredSums part = row_centred_sums(y_s.data() + c, y_t.data() + c, std::min(kChunk, x.cols - c),
-                                                  row_centre);
-        sums.st += part.st;
-        sums.ss += part.ss;
-        sums.tt += part.tt;
-      }
-      out.row_moments[3 * row] = static_cast<acc_t>(sums.st);
-      out.row_moments[3 * row + 1] = static_cast<acc_t>(sums.ss);
-      out.row_moments[3 * row + 2] = static_cast<acc_t>(sums.tt);
-      out.row_pearson[row] = static_cast<acc_t>(sums.pearson());
-      tile.add(y_s.data(), y_t.data(), shifts_s.data(), shifts_t.data(), 0, x.cols);
-      if (++tile_rows == kTileRows || row + 1 == end) {
-        tile.flush_into(columns, 0, x.cols);
-        tile_rows = 0;
+  std::vector<double> shifts_s(x.cols), shifts_t(x.cols), scratch(x.cols);
+  auto first_row = [&](const auto* logits_row, std::vector<double>& shifts, double* stats) {
+    const double inv_sum = row_exponentials(logits_row, x.cols, inv_t, scratch.data(), shifts.data(), stats);
+    for (double& y : shifts) y *= inv_sum;
+  };
+  first_row(x.student_row(0), shifts_s, out.stats_student);
+  first_row(x.teacher_row(0), shifts_t, out.stats_teacher);
+
+  const RowBlocks blocks(x.rows, x.cols);
+  std::vector<ColumnAccumulators> partials(blocks.count, ColumnAccumulators(x.cols));
+  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> widened(x.cols), e_s(x.cols), e_t(x.cols);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * blocks.rows_per_block;
+      const int64_t last = std::min(x.rows, first + blocks.rows_per_block);
+      for (int64_t row = first; row < last; ++row) {
+        const Vec inv_sum_s(row_exponentials(x.student_row(row), x.cols, inv_t, widened.data(), e_s.data(),
+                                             out.stats_student + 2 * row));
+        const Vec inv_sum_t(row_exponentials(x.teacher_row(row), x.cols, inv_t, widened.data(), e_t.data(),
+                                             out.stats_teacher + 2 * row));
+        const double* es = e_s.data();
+        const double* et = e_t.data();
+        CentredSums sums;
+        for (int64_t c = 0; c < x.cols; c += kChunk) {
+          auto probs = [&](int64_t j, int64_t count) {
+            return std::pair{Vec::loadu(es + c + j, count) * inv_sum_s, Vec::loadu(et + c + j, count) * inv_sum_t};
+          };
+          sums.add(accumulate_segment(probs, std::min(kChunk, x.cols - c), row_centre, shifts_s.data(),
+                                      shifts_t.data(), partials[block], c));
+        }
+        write_row_outputs(sums, row, out);
       }
     }
   });
-  ColumnAccumulators& columns = partials[0];
-  for (size_t part = 1; part < partials.size(); ++part) {
-    for (int64_t c = 0; c < x.cols; ++c) {
-      columns.mean_s[c] += partials[part].mean_s[c];
-      columns.mean_t[c] += partials[part].mean_t[c];
-      columns.st[c] += partials[part].st[c];
-      columns.ss[c] += partials[part].ss[c];
-      columns.tt[c] += partials[part].tt[c];
-    }
-  }
-  write_column_outputs(columns, shifts_s, shifts_t, x.rows, x.cols, out);
-}
-
-// Long rows: (max, log_sum) of every row first, then column blocks in parallel, each thread walking every row of
-// its blocks, so that its column accumulators stay in cache.
-template <typename S, typename T>
-void forward_by_column_blocks(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
-  using acc_t = acc_type_t<S, T>;
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  row_statistics(x, inv_t, out.stats_student, out.stats_teacher);
-
-  const ColumnBlocks blocks(x.cols);
-  const acc_t row_centre = static_cast<acc_t>(1.0 / static_cast<double>(x.cols));
-  std::vector<CentredSums> row_partials(x.rows * blocks.count);
-  ColumnAccumulators columns(x.cols);
-  ShiftedMomentTile<acc_t> tile(x.cols);  // each block's columns belong to one thread
-  std::vector<acc_t> shifts_s(x.cols), shifts_t(x.cols);
-  walk_column_blocks(x, blocks, out.stats_student, out.stats_teacher, inv_t,
-                     [&](int64_t block, int64_t first, int64_t n, int64_t row, const acc_t* y_s, const acc_t* y_t) {
-                       row_partials[row * blocks.count + block] = row_centred_sums(y_s, y_t, n, row_centre);
-                       if (row == 0) {
-                         std::copy(y_s, y_s + n, shifts_s.data() + first);
-                         std::copy(y_t, y_t + n, shifts_t.data() + first);
-                       }
-                       tile.add(y_s, y_t, shifts_s.data(), shifts_t.data(), first, n);
-                       if ((row + 1) % kTileRows == 0 || row + 1 == x.rows) tile.flush_into(columns, first, n);
-                     });
-
-  for (int64_t row = 0; row < x.rows; ++row) {
-    CentredSums sums;
-    for (int64_t block = 0; block < blocks.count; ++block) {
-      const CentredSums& part = row_partials[row * blocks.count + block];
-      sums.st += part.st;
-      sums.ss += part.ss;
-      sums.tt += part.tt;
-    }
-    out.row_moments[3 * row] = static_cast<acc_t>(sums.st);
-    out.row_moments[3 * row + 1] = static_cast<acc_t>(sums.ss);
-    out.row_moments[3 * row + 2] = static_cast<acc_t>(sums.tt);
-    out.row_pearson[row] = static_cast<acc_t>(sums.pearson());
-  }
-  write_column_outputs(columns, shifts_s, shifts_t, x.rows, x.cols, out);
-}
-
-template <typename S, typename T>
-void forward(const Logits<S, T>& x, double temperature, const ForwardOutputs<acc_type_t<S, T>>& out) {
-  if (x.cols <= kRowWiseMaxCols) {
-    forward_by_rows(x, temperature, out);
-  } else {
-    forward_by_column_blocks(x, temperature, out);
-  }
+  for (int64_t block = 1; block < blocks.count; ++block) partials[0].add(partials[block]);
+  write_column_outputs(partials[0], shifts_s, shifts_t, x.rows, x.cols, out);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward.
 
-// Per column, in acc_t: the centre (mean) of each side and grad_col[c] times the column's Pearson coefficients.
-template <typename acc_t>
+// Per column: the centre (mean) of each side and grad_col[c] times the column's Pearson coefficients.
 struct ColumnTerms {
-  std::vector<acc_t> mean_s, mean_t, alpha, beta_s, beta_t;
+  std::vector<double> mean_s, mean_t, alpha, beta_s, beta_t;
 
-  ColumnTerms(const acc_t* grad_col, const acc_t* col_moments, int64_t cols)
+  template <typename Out>
+  ColumnTerms(const Out* grad_col, const double* col_moments, int64_t cols)
       : mean_s(cols), mean_t(cols), alpha(cols), beta_s(cols), beta_t(cols) {
     for (int64_t c = 0; c < cols; ++c) {
-      const acc_t* moments = col_moments + 5 * c;
-      const PearsonCoefficients k(grad_col[c], moments[2], moments[3], moments[4]);
+      const double* moments = col_moments + 5 * c;
+      const PearsonCoefficients k(static_cast<double>(grad_col[c]), moments[2], moments[3], moments[4]);
       mean_s[c] = moments[0];
       mean_t[c] = moments[1];
-      alpha[c] = static_cast<acc_t>(k.alpha);
-      beta_s[c] = static_cast<acc_t>(k.beta_s);
-      beta_t[c] = static_cast<acc_t>(k.beta_t);
+      alpha[c] = k.alpha;
+      beta_s[c] = k.beta_s;
+      beta_t[c] = k.beta_t;
     }
   }
 };
 
-template <typename acc_t>
-struct ElementTerms {
-  Vectorized<acc_t> y_s, y_t, g_s, g_t;  // g = dL/dy
-};
-
-// dL/dy of one row at `count` entries from a column: its row term (centre 1/V) plus the columns' terms.
-template <typename acc_t>
+// dL/dy of one row, at `count` entries from a column: its row term (centre 1/V) plus the columns' terms.
 struct RowGradientTerms {
-  using Vec = Vectorized<acc_t>;
-  RowSoftmax<acc_t> softmax_s, softmax_t;
+  RowSoftmax softmax_s, softmax_t;
   Vec centre, alpha, beta_s, beta_t;
-  const ColumnTerms<acc_t>& columns;
+  const ColumnTerms& columns;
 
-  RowGradientTerms(const acc_t* stats_student, const acc_t* stats_teacher, acc_t inv_t, acc_t row_centre,
-                   const PearsonCoefficients& row, const ColumnTerms<acc_t>& columns_)
-      : softmax_s(stats_student, inv_t), softmax_t(stats_teacher, inv_t), centre(row_centre),
-        alpha(static_cast<acc_t>(row.alpha)), beta_s(static_cast<acc_t>(row.beta_s)),
-        beta_t(static_cast<acc_t>(row.beta_t)), columns(columns_) {}
+  RowGradientTerms(const double* stats_student, const double* stats_teacher, double inv_t, double row_centre,
+                   const PearsonCoefficients& row, const ColumnTerms& columns_)
+      : softmax_s(stats_student, inv_t), softmax_t(stats_teacher, inv_t), centre(row_centre), alpha(row.alpha),
+        beta_s(row.beta_s), beta_t(row.beta_t), columns(columns_) {}
 
-  ElementTerms<acc_t> at(const acc_t* s, const acc_t* t, int64_t column, int64_t count) const {
-    const Vec y_s = softmax_s.at(s, count), y_t = softmax_t.at(t, count);
+  // dL/dy of the student (kStudent) or of the teacher at these y_s, y_t.
+  template <bool kStudent>
+  Vec gradient(const Vec& y_s, const Vec& y_t, int64_t column, int64_t count) const {
     const Vec a_row = y_s - centre, b_row = y_t - centre;
     const Vec a_col = y_s - Vec::loadu(columns.mean_s.data() + column, count);
     const Vec b_col = y_t - Vec::loadu(columns.mean_t.data() + column, count);
     const Vec alpha_col = Vec::loadu(columns.alpha.data() + column, count);
-    const Vec beta_s_col = Vec::loadu(columns.beta_s.data() + column, count);
-    const Vec beta_t_col = Vec::loadu(columns.beta_t.data() + column, count);
-    const Vec g_s = alpha * b_row - beta_s * a_row + alpha_col * b_col - beta_s_col * a_col;
-    const Vec g_t = alpha * a_row - beta_t * b_row + alpha_col * a_col - beta_t_col * b_col;
-    return {y_s, y_t, g_s, g_t};
+    if constexpr (kStudent) {
+      const Vec beta_col = Vec::loadu(columns.beta_s.data() + column, count);
+      return alpha * b_row - beta_s * a_row + alpha_col * b_col - beta_col * a_col;
+    } else {
+      const Vec beta_col = Vec::loadu(columns.beta_t.data() + column, count);
+      return alpha * a_row - beta_t * b_row + alpha_col * a_col - beta_col * b_col;
+    }
   }
 };
 
-template <typename acc_t>
+template <typename Out>
 struct BackwardInputs {
-  const acc_t *grad_row, *grad_col, *row_moments, *col_moments, *stats_student, *stats_teacher;
+  const Out *grad_row, *grad_col;
+  const double *row_moments, *col_moments, *stats_student, *stats_teacher;
 };
 
 // Writes one row's gradient 1/T (gy - dot y) from the row's kept y and y dL/dy, narrowing chunk by chunk.
-template <typename acc_t, typename X>
-void write_row_gradient(const acc_t* y, const acc_t* gy, acc_t dot, acc_t inv_t, int64_t cols, X* grad_row,
-                        acc_t* buffer) {
-  using Vec = Vectorized<acc_t>;
+template <typename X>
+void write_row_gradient(const double* y, const double* gy, double dot, double inv_t, int64_t cols, X* grad_row,
+                        double* buffer) {
   const Vec v_inv_t(inv_t), v_dot(dot);
   for (int64_t c = 0; c < cols; c += kChunk) {
     const int64_t n = std::min(kChunk, cols - c);
-    acc_t* out = chunk_destination(grad_row, c, buffer);
+    double* out = chunk_destination(grad_row, c, buffer);
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), n - j);
       (v_inv_t * (Vec::loadu(gy + c + j, count) - v_dot * Vec::loadu(y + c + j, count))).store(out + j, count);
@@ -466,62 +374,74 @@ void write_row_gradient(const acc_t* y, const acc_t* gy, acc_t dot, acc_t inv_t,
   }
 }
 
-template <typename S, typename T>
-void backward(const Logits<S, T>& x, double temperature, const BackwardInputs<acc_type_t<S, T>>& in, S* grad_student,
-              T* grad_teacher) {
-  using acc_t = acc_type_t<S, T>;
-  using Vec = Vectorized<acc_t>;
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const acc_t row_centre = static_cast<acc_t>(1.0 / static_cast<double>(x.cols));
-  const ColumnTerms<acc_t> columns(in.grad_col, in.col_moments, x.cols);
-  auto add = [](Vec& p, Vec& q) { return p + q; };
+// The rows of the requested gradients (kStudent, kTeacher: which).
+template <bool kStudent, bool kTeacher, typename S, typename T, typename Out>
+void backward_rows(const Logits<S, T>& x, double temperature, const BackwardInputs<Out>& in, S* grad_student,
+                   T* grad_teacher) {
+  const double inv_t = 1.0 / temperature;
+  const double row_centre = 1.0 / static_cast<double>(x.cols);
+  const ColumnTerms columns(in.grad_col, in.col_moments, x.cols);
   at::parallel_for(0, x.rows, rows_per_task(x.cols), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t s_buffer[kChunk];
-    alignas(64) acc_t t_buffer[kChunk];
-    alignas(64) acc_t gs_buffer[kChunk];
-    alignas(64) acc_t gt_buffer[kChunk];
-    // The first walk keeps y and y * dL/dy of the row (in acc_t, a few hundred KiB at most: in cache) so that the
-    // second walk writes the gradient without re-reading the logits or recomputing an exponential.
-    std::vector<acc_t> y_s_row(grad_student ? x.cols : 0), gy_s_row(grad_student ? x.cols : 0);
-    std::vector<acc_t> y_t_row(grad_teacher ? x.cols : 0), gy_t_row(grad_teacher ? x.cols : 0);
+    alignas(64) double s_buffer[kChunk];
+    alignas(64) double t_buffer[kChunk];
+    alignas(64) double grad_buffer[kChunk];
+    // The first walk keeps y and y dL/dy of the row (a few hundred KiB at most: in cache) so that the second walk
+    // writes the gradient without re-reading the logits or recomputing an exponential.
+    std::vector<double> kept(2 * (int{kStudent} + int{kTeacher}) * x.cols);
+    double* __restrict__ y_s_row = kept.data();
+    double* __restrict__ gy_s_row = y_s_row + x.cols;
+    double* __restrict__ y_t_row = kStudent ? gy_s_row + x.cols : kept.data();
+    double* __restrict__ gy_t_row = y_t_row + x.cols;
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t* moments = in.row_moments + 3 * row;
-      const RowGradientTerms<acc_t> terms(in.stats_student + 2 * row, in.stats_teacher + 2 * row, inv_t, row_centre,
-                                          PearsonCoefficients(in.grad_row[row], moments[0], moments[1], moments[2]),
-                                          columns);
+      const double* moments = in.row_moments + 3 * row;
+      const RowGradientTerms terms(
+          in.stats_student + 2 * row, in.stats_teacher + 2 * row, inv_t, row_centre,
+          PearsonCoefficients(static_cast<double>(in.grad_row[row]), moments[0], moments[1], moments[2]), columns);
       double dot_s = 0.0, dot_t = 0.0;
       for_each_chunk_pair(x.student_row(row), x.teacher_row(row), x.cols, s_buffer, t_buffer,
-                          [&](int64_t c, const acc_t* s, const acc_t* t, int64_t n) {
-                            Vec sum_s(acc_t(0)), sum_t(acc_t(0));
+                          [&](int64_t c, const double* s, const double* t, int64_t n) {
+                            Vec sum_s(0.0), sum_t(0.0);
                             for (int64_t j = 0; j < n; j += Vec::size()) {
                               const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-                              const ElementTerms<acc_t> e = terms.at(s + j, t + j, c + j, count);
-                              const Vec gy_s = e.g_s * e.y_s, gy_t = e.g_t * e.y_t;
-                              sum_s += gy_s;
-                              sum_t += gy_t;
-                              if (grad_student) {
-                                e.y_s.store(y_s_row.data() + c + j, count);
-                                gy_s.store(gy_s_row.data() + c + j, count);
+                              const Vec y_s = terms.softmax_s.at(s + j, count);
+                              const Vec y_t = terms.softmax_t.at(t + j, count);
+                              if constexpr (kStudent) {
+                                const Vec gy = terms.gradient<true>(y_s, y_t, c + j, count) * y_s;
+                                sum_s += gy;
+                                y_s.store(y_s_row + c + j, count);
+                                gy.store(gy_s_row + c + j, count);
                               }
-                              if (grad_teacher) {
-                                e.y_t.store(y_t_row.data() + c + j, count);
-                                gy_t.store(gy_t_row.data() + c + j, count);
+                              if constexpr (kTeacher) {
+                                const Vec gy = terms.gradient<false>(y_s, y_t, c + j, count) * y_t;
+                                sum_t += gy;
+                                y_t.store(y_t_row + c + j, count);
+                                gy.store(gy_t_row + c + j, count);
                               }
                             }
-                            dot_s += at::vec::vec_reduce_all<acc_t>(add, sum_s);
-                            dot_t += at::vec::vec_reduce_all<acc_t>(add, sum_t);
+                            dot_s += add_lanes(sum_s);
+                            dot_t += add_lanes(sum_t);
                           });
       // grad = 1/T y (dL/dy - dot) = 1/T (y dL/dy - dot y)
-      if (grad_student) {
-        write_row_gradient(y_s_row.data(), gy_s_row.data(), static_cast<acc_t>(dot_s), inv_t, x.cols,
-                           grad_student + row * x.cols, gs_buffer);
+      if constexpr (kStudent) {
+        write_row_gradient(y_s_row, gy_s_row, dot_s, inv_t, x.cols, grad_student + row * x.cols, grad_buffer);
       }
-      if (grad_teacher) {
-        write_row_gradient(y_t_row.data(), gy_t_row.data(), static_cast<acc_t>(dot_t), inv_t, x.cols,
-                           grad_teacher + row * x.cols, gt_buffer);
+      if constexpr (kTeacher) {
+        write_row_gradient(y_t_row, gy_t_row, dot_t, inv_t, x.cols, grad_teacher + row * x.cols, grad_buffer);
       }
     }
   });
+}
+
+template <typename S, typename T, typename Out>
+void backward(const Logits<S, T>& x, double temperature, const BackwardInputs<Out>& in, S* grad_student,
+              T* grad_teacher) {
+  if (grad_student && grad_teacher) {
+    backward_rows<true, true>(x, temperature, in, grad_student, grad_teacher);
+  } else if (grad_student) {
+    backward_rows<true, false>(x, temperature, in, grad_student, grad_teacher);
+  } else {
+    backward_rows<false, true>(x, temperature, in, grad_student, grad_teacher);
+  }
 }
 
 template <typename S, typename T>
@@ -535,22 +455,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   dist::check_forward_inputs(student, teacher, temperature, at::kCPU);
   const int64_t rows = student.size(0), cols = student.size(1);
   const auto options = student.options().dtype(host::accumulation_dtype(student));
+  const auto saved = student.options().dtype(at::kDouble);
   at::Tensor row_pearson = at::empty({rows}, options);
-  at::Tensor row_moments = at::empty({rows, 3}, options);
-  at::Tensor stats_student = at::empty({rows, 2}, options);
-  at::Tensor stats_teacher = at::empty({rows, 2}, options);
+  at::Tensor row_moments = at::empty({rows, 3}, saved);
+  at::Tensor stats_student = at::empty({rows, 2}, saved);
+  at::Tensor stats_teacher = at::empty({rows, 2}, saved);
   // An empty batch has no column statistics: zeros.
   at::Tensor col_pearson = rows == 0 ? at::zeros({cols}, options) : at::empty({cols}, options);
-  at::Tensor col_moments = rows == 0 ? at::zeros({cols, 5}, options) : at::empty({cols, 5}, options);
+  at::Tensor col_moments = rows == 0 ? at::zeros({cols, 5}, saved) : at::empty({cols, 5}, saved);
   if (rows > 0) {
     host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
       using S = typename decltype(s_tag)::type;
       using T = typename decltype(t_tag)::type;
-      using acc_t = acc_type_t<S, T>;
+      using Out = acc_type_t<S, T>;
       forward(logits_view<S, T>(student, teacher), temperature,
-              ForwardOutputs<acc_t>{row_pearson.mutable_data_ptr<acc_t>(), col_pearson.mutable_data_ptr<acc_t>(),
-                                    row_moments.mutable_data_ptr<acc_t>(), col_moments.mutable_data_ptr<acc_t>(),
-                                    stats_student.mutable_data_ptr<acc_t>(), stats_teacher.mutable_data_ptr<acc_t>()});
+              ForwardOutputs<Out>{row_pearson.mutable_data_ptr<Out>(), col_pearson.mutable_data_ptr<Out>(),
+                                  row_moments.mutable_data_ptr<double>(), col_moments.mutable_data_ptr<double>(),
+                                  stats_student.mutable_data_ptr<double>(), stats_teacher.mutable_data_ptr<double>()});
     });
   }
   return {row_pearson, col_pearson, row_moments, col_moments, stats_student, stats_teacher};
@@ -570,11 +491,11 @@ std::tuple<at::Tensor, at::Tensor> dist_backward_cpu(const at::Tensor& grad_row,
   host::dispatch_logits_pair<CpuElements>(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
-    using acc_t = acc_type_t<S, T>;
+    using Out = acc_type_t<S, T>;
     backward(logits_view<S, T>(student, teacher), temperature,
-             BackwardInputs<acc_t>{grad_row.const_data_ptr<acc_t>(), grad_col.const_data_ptr<acc_t>(),
-                                   row_moments.const_data_ptr<acc_t>(), col_moments.const_data_ptr<acc_t>(),
-                                   stats_student.const_data_ptr<acc_t>(), stats_teacher.const_data_ptr<acc_t>()},
+             BackwardInputs<Out>{grad_row.const_data_ptr<Out>(), grad_col.const_data_ptr<Out>(),
+                                 row_moments.const_data_ptr<double>(), col_moments.const_data_ptr<double>(),
+                                 stats_student.const_data_ptr<double>(), stats_teacher.const_data_ptr<double>()},
              student_grad ? grad_student.mutable_data_ptr<S>() : nullptr,
              teacher_grad ? grad_teacher.mutable_data_ptr<T>() : nullptr);
   });

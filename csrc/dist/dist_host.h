@@ -23,8 +23,8 @@ inline void check_forward_inputs(const at::Tensor& student, const at::Tensor& te
   check_logits_and_temperature("dist_forward", student, teacher, temperature, device_type);
 }
 
-// The forward's checks, plus grad_row [N], grad_col [V], row_moments [N, 3], col_moments [V, 5] and
-// stats_student / stats_teacher [N, 2]: contiguous, accumulation dtype, on the logits' device.
+// The forward's checks, plus grad_row [N] and grad_col [V] (accumulation dtype), row_moments [N, 3], col_moments
+// [V, 5] and stats_student / stats_teacher [N, 2] (float64): contiguous, on the logits' device.
 inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& student,
                                   const at::Tensor& teacher, const at::Tensor& row_moments,
                                   const at::Tensor& col_moments, const at::Tensor& stats_student,
@@ -36,10 +36,10 @@ inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& 
   const auto& device = student.device();
   host::check_row_statistic(op, "grad_row", grad_row, rows, 1, acc, device);
   host::check_row_statistic(op, "grad_col", grad_col, cols, 1, acc, device);
-  host::check_row_statistic(op, "row_moments", row_moments, rows, 3, acc, device);
-  host::check_row_statistic(op, "col_moments", col_moments, cols, 5, acc, device);
-  host::check_row_statistic(op, "stats_student", stats_student, rows, 2, acc, device);
-  host::check_row_statistic(op, "stats_teacher", stats_teacher, rows, 2, acc, device);
+  host::check_row_statistic(op, "row_moments", row_moments, rows, 3, at::kDouble, device);
+  host::check_row_statistic(op, "col_moments", col_moments, cols, 5, at::kDouble, device);
+  host::check_row_statistic(op, "stats_student", stats_student, rows, 2, at::kDouble, device);
+  host::check_row_statistic(op, "stats_teacher", stats_teacher, rows, 2, at::kDouble, device);
 }
 
 }  // namespace kdkernels::dist

@@ -24,6 +24,12 @@
 // and sums to zero over the batch for the column term. Two launches: the per-row dots sum_j g y (row walk, into a
 // workspace of N * 2), then the elementwise gradients (the softmax_kl backward's layout).
 // An all -inf row has no softmax: its y is NaN and so is everything it touches (as in the reference).
+// Precision: every kernel computes in double (Acc) for every logits dtype, and the saved statistics (stats,
+// row_moments, col_moments) and the workspaces are double; only the Pearson vectors and the incoming grad_row /
+// grad_col (Out: the accumulation dtype, float or double) and the gradients (the logits' dtypes) are not. Float
+// arithmetic, however ordered, is only as accurate as DIST_KD's own fp32 code: where a column's spread is far below
+// its values (a few rows, saturated softmaxes) or a correlation is close to +-1 (two rows, two classes), the centred
+// values and the Pearson slopes cancel, and their error is set by the rounding of y itself.
 #ifndef KDKERNELS_DIST_KERNELS_CUH_
 #define KDKERNELS_DIST_KERNELS_CUH_
 
@@ -35,6 +41,8 @@ namespace kdkernels {
 namespace dist_cuda {
 
 using namespace cuda_rows;
+
+using Acc = double;  // the arithmetic of every kernel (see Precision above)
 
 constexpr int kColumnThreads = 256;
 constexpr int64_t kColumnTargetBlocks = 1024;  // about a full wave of 256-thread blocks (132 SMs x 8), whatever V
@@ -110,12 +118,12 @@ __device__ __forceinline__ void accumulate_row_moments(SumState<Acc, 3>& sums, c
 }
 
 // group <= 32: group mode (blockDim.x / group rows per block); group == blockDim.x > 32: one block per row.
-template <typename S, typename T, typename Acc, int VEC, int UNROLL>
+template <typename S, typename T, typename Out, int VEC, int UNROLL>
 __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>::value)
     dist_row_forward_kernel(const S* __restrict__ student, int64_t student_row_stride, const T* __restrict__ teacher,
                             int64_t teacher_row_stride, int64_t N, int64_t V, Acc inv_t, Acc k, int group,
                             Acc* __restrict__ stats_student, Acc* __restrict__ stats_teacher,
-                            Acc* __restrict__ row_moments, Acc* __restrict__ row_pearson) {
+                            Acc* __restrict__ row_moments, Out* __restrict__ row_pearson) {
   const RowLane rl = row_lane(group);
   const int64_t row = rl.row;
   const S* s_row = student + row * student_row_stride;
@@ -144,7 +152,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
   stats_teacher[2 * row] = r.max_t;
   stats_teacher[2 * row + 1] = r.log_sum_t;
   for (int i = 0; i < 3; ++i) row_moments[3 * row + i] = sums.v[i];
-  row_pearson[row] = pearson(sums.v[0], sums.v[1], sums.v[2]);
+  row_pearson[row] = static_cast<Out>(pearson(sums.v[0], sums.v[1], sums.v[2]));
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +174,8 @@ struct ColumnInputs {
   Acc inv_t;
 
   __device__ __forceinline__ ProbPair<Acc> at(int64_t row, int64_t col) const {
-    return probs(widen(student[row * student_row_stride + col]), widen(teacher[row * teacher_row_stride + col]),
+    return probs(static_cast<Acc>(widen(student[row * student_row_stride + col])),
+                 static_cast<Acc>(widen(teacher[row * teacher_row_stride + col])),
                  load_row_softmax(stats_student, stats_teacher, row), inv_t);
   }
 };
@@ -244,10 +253,10 @@ __global__ void __launch_bounds__(kColumnThreads)
 }
 
 // 4: col_moments[:, 2:5] = the chunks' centred sums added in order, and col_pearson. Grid (column blocks, 1).
-template <typename Acc>
+template <typename Out>
 __global__ void __launch_bounds__(kColumnThreads)
     dist_column_finish_kernel(const Acc* __restrict__ centred_sums, int64_t chunks, int64_t V,
-                              Acc* __restrict__ col_moments, Acc* __restrict__ col_pearson) {
+                              Acc* __restrict__ col_moments, Out* __restrict__ col_pearson) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= V) return;
   Acc sums[3] = {Acc(0), Acc(0), Acc(0)};
@@ -255,7 +264,7 @@ __global__ void __launch_bounds__(kColumnThreads)
     for (int i = 0; i < 3; ++i) sums[i] += centred_sums[3 * (c * V + col) + i];
   }
   for (int i = 0; i < 3; ++i) col_moments[5 * col + 2 + i] = sums[i];
-  col_pearson[col] = pearson(sums[0], sums[1], sums[2]);
+  col_pearson[col] = static_cast<Out>(pearson(sums[0], sums[1], sums[2]));
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -268,15 +277,15 @@ struct DistRowGrad {
   PearsonGrad<Acc> pearson;   // grad_row[n] times the row correlation's derivatives
 };
 
-template <typename Acc>
-__device__ __forceinline__ DistRowGrad<Acc> dist_row_grad(const Acc* __restrict__ grad_row,
+template <typename Acc, typename Out>
+__device__ __forceinline__ DistRowGrad<Acc> dist_row_grad(const Out* __restrict__ grad_row,
                                                           const Acc* __restrict__ row_moments,
                                                           const Acc* __restrict__ stats_student,
                                                           const Acc* __restrict__ stats_teacher, int64_t row,
                                                           int64_t V) {
   const Acc* m = row_moments + 3 * row;
   return DistRowGrad<Acc>{load_row_softmax(stats_student, stats_teacher, row), Acc(1) / static_cast<Acc>(V),
-                          pearson_grad(m[0], m[1], m[2], grad_row[row])};
+                          pearson_grad(m[0], m[1], m[2], static_cast<Acc>(grad_row[row]))};
 }
 
 // y and the upstream gradient g (with respect to y) of both sides at one entry.
@@ -285,26 +294,26 @@ struct DistUpstream {
   Acc y_s, y_t, g_s, g_t;
 };
 
-template <typename Acc>
+template <typename Acc, typename Out>
 __device__ __forceinline__ DistUpstream<Acc> dist_upstream(Acc s, Acc t, int64_t col, const DistRowGrad<Acc>& r,
                                                            const Acc* __restrict__ col_moments,
-                                                           const Acc* __restrict__ grad_col, Acc inv_t) {
+                                                           const Out* __restrict__ grad_col, Acc inv_t) {
   const ProbPair<Acc> y = probs(s, t, r.softmax, inv_t);
   const Acc a = y.s - r.centre, b = y.t - r.centre;
   const Acc* m = col_moments + 5 * col;
   const Acc a_col = y.s - m[0], b_col = y.t - m[1];
-  const PearsonGrad<Acc> pc = pearson_grad(m[2], m[3], m[4], grad_col[col]);
+  const PearsonGrad<Acc> pc = pearson_grad(m[2], m[3], m[4], static_cast<Acc>(grad_col[col]));
   return DistUpstream<Acc>{y.s, y.t,
                            (b * r.pearson.inv_d - r.pearson.self_a * a) + (b_col * pc.inv_d - pc.self_a * a_col),
                            (a * r.pearson.inv_d - r.pearson.self_b * b) + (a_col * pc.inv_d - pc.self_b * b_col)};
 }
 
 // Adds a loaded chunk's (g_s y_s, g_t y_t); padding is skipped.
-template <int N, typename Acc, typename Columns>
+template <int N, typename Acc, typename Out, typename Columns>
 __device__ __forceinline__ void accumulate_row_dots(SumState<Acc, 2>& dots, const Columns& columns, const Acc (&s)[N],
                                                     const Acc (&t)[N], int64_t V, const DistRowGrad<Acc>& r,
                                                     const Acc* __restrict__ col_moments,
-                                                    const Acc* __restrict__ grad_col, Acc inv_t) {
+                                                    const Out* __restrict__ grad_col, Acc inv_t) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (columns[i] < V) {
@@ -316,9 +325,9 @@ __device__ __forceinline__ void accumulate_row_dots(SumState<Acc, 2>& dots, cons
 }
 
 // row_dots [N, 2] = (sum_j g_s y_s, sum_j g_t y_t); the forward's row walk and configurations.
-template <typename S, typename T, typename Acc, int VEC, int UNROLL>
+template <typename S, typename T, typename Out, int VEC, int UNROLL>
 __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>::value)
-    dist_backward_dot_kernel(const Acc* __restrict__ grad_row, const Acc* __restrict__ grad_col,
+    dist_backward_dot_kernel(const Out* __restrict__ grad_row, const Out* __restrict__ grad_col,
                              const S* __restrict__ student, int64_t student_row_stride, const T* __restrict__ teacher,
                              int64_t teacher_row_stride, const Acc* __restrict__ row_moments,
                              const Acc* __restrict__ col_moments, const Acc* __restrict__ stats_student,
@@ -343,9 +352,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
 }
 
 // Backward: block (TX, TY), row = blockIdx.x * TY + threadIdx.y, units blockIdx.y * TX + threadIdx.x (+ tiles).
-template <typename S, typename T, typename Acc, int VEC>
+template <typename S, typename T, typename Out, int VEC>
 __global__ void __launch_bounds__(kBackwardThreads)
-    dist_backward_kernel(const Acc* __restrict__ grad_row, const Acc* __restrict__ grad_col,
+    dist_backward_kernel(const Out* __restrict__ grad_row, const Out* __restrict__ grad_col,
                          const S* __restrict__ student, int64_t student_row_stride, const T* __restrict__ teacher,
                          int64_t teacher_row_stride, const Acc* __restrict__ row_moments,
                          const Acc* __restrict__ col_moments, const Acc* __restrict__ stats_student,
@@ -375,28 +384,28 @@ inline ColumnChunks column_chunks(int64_t N, int64_t V) {
   return ColumnChunks{rows_per_chunk, (N + rows_per_chunk - 1) / rows_per_chunk};
 }
 
-// Elements (of Acc) of the forward's workspace.
+// Elements (double) of the forward's workspace.
 inline int64_t dist_forward_workspace_elements(int64_t N, int64_t V) { return column_chunks(N, V).chunks * V * 5; }
 
-// Elements (of Acc) of the backward's workspace.
+// Elements (double) of the backward's workspace.
 inline int64_t dist_backward_workspace_elements(int64_t N) { return 2 * N; }
 
 // Requires N >= 1, V >= 1, N < 2^31 (the launcher checks). Outputs contiguous: stats [N, 2], row_moments [N, 3],
 // row_pearson [N], col_moments [V, 5], col_pearson [V]; workspace: dist_forward_workspace_elements(N, V).
-template <typename S, typename T, typename Acc>
+template <typename S, typename T, typename Out>
 void launch_dist_forward(const S* student, int64_t student_row_stride, const T* teacher, int64_t teacher_row_stride,
                          int64_t N, int64_t V, Acc inv_t, Acc* stats_student, Acc* stats_teacher, Acc* row_moments,
-                         Acc* row_pearson, Acc* col_moments, Acc* col_pearson, Acc* workspace, cudaStream_t stream) {
+                         Out* row_pearson, Acc* col_moments, Out* col_pearson, Acc* workspace, cudaStream_t stream) {
   constexpr int kVec = VecWidth<S, T>::value;
   const Acc k = inv_t * log2e<Acc>();
   if (forward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N)) {
     const ForwardConfig cfg = forward_config(N, (V + kVec - 1) / kVec);
-    dist_row_forward_kernel<S, T, Acc, kVec, 2><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+    dist_row_forward_kernel<S, T, Out, kVec, 2><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
         student, student_row_stride, teacher, teacher_row_stride, N, V, inv_t, k, cfg.group, stats_student,
         stats_teacher, row_moments, row_pearson);
   } else {
     const ForwardConfig cfg = forward_config(N, V);
-    dist_row_forward_kernel<S, T, Acc, 1, 4><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+    dist_row_forward_kernel<S, T, Out, 1, 4><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
         student, student_row_stride, teacher, teacher_row_stride, N, V, inv_t, k, cfg.group, stats_student,
         stats_teacher, row_moments, row_pearson);
   }
@@ -411,15 +420,15 @@ void launch_dist_forward(const S* student, int64_t student_row_stride, const T* 
   dist_column_sums_kernel<S, T, Acc><<<grid, kColumnThreads, 0, stream>>>(in, split.rows_per_chunk, shifted_sums);
   dist_column_centred_kernel<S, T, Acc><<<grid, kColumnThreads, 0, stream>>>(in, split.rows_per_chunk, split.chunks,
                                                                              shifted_sums, centred_sums, col_moments);
-  dist_column_finish_kernel<Acc><<<column_blocks, kColumnThreads, 0, stream>>>(centred_sums, split.chunks, V,
+  dist_column_finish_kernel<Out><<<column_blocks, kColumnThreads, 0, stream>>>(centred_sums, split.chunks, V,
                                                                                col_moments, col_pearson);
 }
 
 // Requires N >= 1, V >= 1, N < 2^31. grad_row [N], grad_col [V] and the forward's saved outputs contiguous;
 // grad_student / grad_teacher: contiguous [N, V] or nullptr (at least one non-null); workspace:
 // dist_backward_workspace_elements(N).
-template <typename S, typename T, typename Acc>
-void launch_dist_backward(const Acc* grad_row, const Acc* grad_col, const S* student, int64_t student_row_stride,
+template <typename S, typename T, typename Out>
+void launch_dist_backward(const Out* grad_row, const Out* grad_col, const S* student, int64_t student_row_stride,
                           const T* teacher, int64_t teacher_row_stride, const Acc* row_moments, const Acc* col_moments,
                           const Acc* stats_student, const Acc* stats_teacher, int64_t N, int64_t V, Acc inv_t,
                           S* grad_student, T* grad_teacher, Acc* workspace, cudaStream_t stream) {
@@ -428,12 +437,12 @@ void launch_dist_backward(const Acc* grad_row, const Acc* grad_col, const S* stu
   // The dot pass does a Pearson derivative per element: half the forward's units in flight keeps it in registers.
   if (forward_vectorised(student, student_row_stride, teacher, teacher_row_stride, N)) {
     const ForwardConfig cfg = forward_config(N, (V + kVec - 1) / kVec);
-    dist_backward_dot_kernel<S, T, Acc, kVec, 1><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+    dist_backward_dot_kernel<S, T, Out, kVec, 1><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
         grad_row, grad_col, student, student_row_stride, teacher, teacher_row_stride, row_moments, col_moments,
         stats_student, stats_teacher, N, V, inv_t, cfg.group, row_dots);
   } else {
     const ForwardConfig cfg = forward_config(N, V);
-    dist_backward_dot_kernel<S, T, Acc, 1, 2><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
+    dist_backward_dot_kernel<S, T, Out, 1, 2><<<static_cast<unsigned>(cfg.blocks), cfg.threads, 0, stream>>>(
         grad_row, grad_col, student, student_row_stride, teacher, teacher_row_stride, row_moments, col_moments,
         stats_student, stats_teacher, N, V, inv_t, cfg.group, row_dots);
   }
@@ -442,11 +451,11 @@ void launch_dist_backward(const Acc* grad_row, const Acc* grad_col, const S* stu
                                               grad_student, grad_teacher);
   const BackwardConfig cfg = backward_config(N, V / (vectorised ? kVec : 1));
   if (vectorised) {
-    dist_backward_kernel<S, T, Acc, kVec><<<cfg.grid, cfg.block, 0, stream>>>(
+    dist_backward_kernel<S, T, Out, kVec><<<cfg.grid, cfg.block, 0, stream>>>(
         grad_row, grad_col, student, student_row_stride, teacher, teacher_row_stride, row_moments, col_moments,
         stats_student, stats_teacher, row_dots, N, V, inv_t, grad_student, grad_teacher);
   } else {
-    dist_backward_kernel<S, T, Acc, 1><<<cfg.grid, cfg.block, 0, stream>>>(
+    dist_backward_kernel<S, T, Out, 1><<<cfg.grid, cfg.block, 0, stream>>>(
         grad_row, grad_col, student, student_row_stride, teacher, teacher_row_stride, row_moments, col_moments,
         stats_student, stats_teacher, row_dots, N, V, inv_t, grad_student, grad_teacher);
   }
@@ -461,13 +470,13 @@ void launch_dist_backward(const Acc* grad_row, const Acc* grad_col, const S* stu
 // Standalone compile check (CMake builds a .cu that defines this and includes this header, with plain nvcc):
 // every kernel the launchers can launch, for every (student, teacher) type pair the launcher dispatches to.
 #ifdef KDKERNELS_STANDALONE_INSTANTIATE
-#define KDKERNELS_DIST_INSTANTIATE(S, T, ACC)                                                                          \
-  template void kdkernels::dist_cuda::launch_dist_forward<S, T, ACC>(const S*, int64_t, const T*, int64_t, int64_t,   \
-                                                                     int64_t, ACC, ACC*, ACC*, ACC*, ACC*, ACC*, ACC*, \
-                                                                     ACC*, cudaStream_t);                              \
-  template void kdkernels::dist_cuda::launch_dist_backward<S, T, ACC>(                                                 \
-      const ACC*, const ACC*, const S*, int64_t, const T*, int64_t, const ACC*, const ACC*, const ACC*, const ACC*,   \
-      int64_t, int64_t, ACC, S*, T*, ACC*, cudaStream_t);
+#define KDKERNELS_DIST_INSTANTIATE(S, T, OUT)                                                                          \
+  template void kdkernels::dist_cuda::launch_dist_forward<S, T, OUT>(const S*, int64_t, const T*, int64_t, int64_t,   \
+                                                                     int64_t, double, double*, double*, double*, OUT*, \
+                                                                     double*, OUT*, double*, cudaStream_t);            \
+  template void kdkernels::dist_cuda::launch_dist_backward<S, T, OUT>(                                                 \
+      const OUT*, const OUT*, const S*, int64_t, const T*, int64_t, const double*, const double*, const double*,      \
+      const double*, int64_t, int64_t, double, S*, T*, double*, cudaStream_t);
 
 KDKERNELS_DIST_INSTANTIATE(float, float, float)
 KDKERNELS_DIST_INSTANTIATE(float, __half, float)

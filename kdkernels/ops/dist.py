@@ -1,8 +1,8 @@
 """The ``dist`` op: DIST's row (inter-class) and column (intra-class) Pearson correlations of two softmaxes.
 
 ``dist_forward(student, teacher, T) -> (row_pearson [N], col_pearson [V], row_moments [N, 3], col_moments [V, 5],
-stats_student [N, 2], stats_teacher [N, 2])``; the two Pearson vectors are differentiable, the rest is what the
-backward needs (it never stores a probability tensor). Spec: kdkernels/reference/dist.py.
+stats_student [N, 2], stats_teacher [N, 2])``; the two Pearson vectors (accumulation dtype) are differentiable, the
+rest (float64) is what the backward needs (it never stores a probability tensor). Spec: kdkernels/reference/dist.py.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ OP = "dist"
 def _fake_forward(student, teacher, temperature):
     rows, cols = student.shape
     dtype = accumulation_dtype(student)
-    shapes = ((rows,), (cols,), (rows, 3), (cols, 5), (rows, 2), (rows, 2))
-    return tuple(student.new_empty(shape, dtype=dtype) for shape in shapes)
+    return (student.new_empty((rows,), dtype=dtype), student.new_empty((cols,), dtype=dtype),
+            *(student.new_empty(shape, dtype=torch.float64) for shape in ((rows, 3), (cols, 5), (rows, 2), (rows, 2))))
 
 
 def _fake_backward(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student, stats_teacher,
@@ -40,7 +40,7 @@ def _make_backward(backward_op):
         student, teacher, row_moments, col_moments, stats_student, stats_teacher = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows, cols = student.shape
-        dtype = row_moments.dtype
+        dtype = accumulation_dtype(student)
         grad_row = torch.zeros(rows, dtype=dtype, device=student.device) if grad_row is None else grad_row
         grad_col = torch.zeros(cols, dtype=dtype, device=student.device) if grad_col is None else grad_col
         grad_student, grad_teacher = backward_op(grad_row.contiguous(), grad_col.contiguous(), student, teacher,

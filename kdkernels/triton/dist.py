@@ -15,7 +15,14 @@ dr/da = b / D - S_ab sqrt(S_bb) / (sqrt(S_aa) D^2) a (second coefficient 0 when 
 
     g_s[n, c]    = grad_row[n] dr_n/dy_s[n, c] + grad_col[c] dr_c/dy_s[n, c]
     grad_s[n, c] = 1/T y_s[n, c] (g_s[n, c] - sum_j g_s[n, j] y_s[n, j])      (teacher symmetric)
+
+Precision: every kernel computes in float64 for every logits dtype, and the saved statistics (stats, row_moments,
+col_moments) are float64; only the Pearson vectors (accumulation dtype) and the gradients (the logits' dtypes) are
+rounded. Float32 arithmetic, however ordered, is only as accurate as DIST_KD's own fp32 code: where a column's spread
+is far below its values (a few rows, saturated softmaxes) or a correlation is close to +-1 (two rows, two classes),
+the centred values and the Pearson slopes cancel, and their error is set by the rounding of y itself.
 """
+import dataclasses
 
 import torch
 import triton
@@ -29,6 +36,26 @@ __all__ = ["dist_forward", "dist_backward"]
 
 _N_ROW_MOMENTS = 3  # (S_st, S_ss, S_tt)
 _N_COL_MOMENTS = 5  # (mean_s, mean_t, S_st, S_ss, S_tt)
+_FP64_MAX_BLOCK = 2048  # float64 tiles of the row kernels: 16 KiB per tensor, 4 warps (as softmax_kl's for fp64)
+
+
+def _float64_launch(temperature: float, student: torch.Tensor, teacher: torch.Tensor):
+    """The row launch of the logits with float64 arithmetic whatever their dtype (see the module docstring)."""
+    launch = _row_launch(temperature, student, teacher)
+    return dataclasses.replace(launch, block=min(launch.block, _FP64_MAX_BLOCK), num_warps=4,
+                               inv_t_ptr=torch.full((1,), 1.0 / temperature, dtype=torch.float64,
+                                                    device=student.device),
+                               dtypes={"ACC": tl.float64, "F64": True})
+
+
+@triton.jit
+def _narrow(x, ptr):
+    """float64 x in the dtype of ptr's elements: through float32 unless float64 (the interpreter casts float64 to
+    bfloat16 wrongly)."""
+    if ptr.dtype.element_ty == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32).to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -108,7 +135,7 @@ def _dist_row_kernel(
         s_ss += tl.sum(a * a, axis=0)
         s_tt += tl.sum(b * b, axis=0)
 
-    tl.store(row_pearson_ptr + row, _pearson(s_st, s_ss, s_tt, _eps(ACC)))
+    tl.store(row_pearson_ptr + row, _narrow(_pearson(s_st, s_ss, s_tt, _eps(ACC)), row_pearson_ptr))
     out = row_moments_ptr + _N_ROW_MOMENTS * row
     tl.store(out, s_st)
     tl.store(out + 1, s_ss)
@@ -182,7 +209,7 @@ def _dist_col_kernel(
         s_ss += tl.sum(a * a, axis=0)
         s_tt += tl.sum(b * b, axis=0)
 
-    tl.store(col_pearson_ptr + cols, _pearson(s_st, s_ss, s_tt, _eps(ACC)), mask=col_mask)
+    tl.store(col_pearson_ptr + cols, _narrow(_pearson(s_st, s_ss, s_tt, _eps(ACC)), col_pearson_ptr), mask=col_mask)
     out = col_moments_ptr + _N_COL_MOMENTS * cols
     tl.store(out, mean_s, mask=col_mask)
     tl.store(out + 1, mean_t, mask=col_mask)
@@ -277,10 +304,10 @@ def _dist_bwd_kernel(
         out_offs = row * V + cols
         if STUDENT_GRAD:
             grad_s = tl.where(y_s != 0.0, inv_t * y_s * (g_s - dot_s), 0.0)
-            tl.store(gs_ptr + out_offs, grad_s.to(gs_ptr.dtype.element_ty), mask=mask)
+            tl.store(gs_ptr + out_offs, _narrow(grad_s, gs_ptr), mask=mask)
         if TEACHER_GRAD:
             grad_t = tl.where(y_t != 0.0, inv_t * y_t * (g_t - dot_t), 0.0)
-            tl.store(gt_ptr + out_offs, grad_t.to(gt_ptr.dtype.element_ty), mask=mask)
+            tl.store(gt_ptr + out_offs, _narrow(grad_t, gt_ptr), mask=mask)
 
 
 def _column_blocks(V: int):
@@ -293,17 +320,17 @@ def _column_blocks(V: int):
 def dist_forward(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton forward: (row_pearson [N], col_pearson [V], row_moments [N, 3], col_moments [V, 5], stats_student
-    [N, 2], stats_teacher [N, 2]) in the accumulation dtype."""
+    """Triton forward: (row_pearson [N], col_pearson [V]) in the accumulation dtype, (row_moments [N, 3],
+    col_moments [V, 5], stats_student [N, 2], stats_teacher [N, 2]) in float64."""
     _check_inputs(student, teacher, temperature)
-    acc_dtype = _acc_dtype(student, teacher)
     N, V = student.shape
-    new = dict(dtype=acc_dtype, device=student.device)
+    new = dict(dtype=_acc_dtype(student, teacher), device=student.device)
+    saved = dict(dtype=torch.float64, device=student.device)
     row_pearson, col_pearson = torch.empty(N, **new), torch.empty(V, **new)
-    row_moments, col_moments = torch.empty((N, _N_ROW_MOMENTS), **new), torch.empty((V, _N_COL_MOMENTS), **new)
-    stats_s, stats_t = torch.empty((N, 2), **new), torch.empty((N, 2), **new)
+    row_moments, col_moments = torch.empty((N, _N_ROW_MOMENTS), **saved), torch.empty((V, _N_COL_MOMENTS), **saved)
+    stats_s, stats_t = torch.empty((N, 2), **saved), torch.empty((N, 2), **saved)
     outputs = (row_pearson, col_pearson, row_moments, col_moments, stats_s, stats_t)
-    launch = _row_launch(temperature, student, teacher)
+    launch = _float64_launch(temperature, student, teacher)
     student, teacher = launch.logits
     block_r, block_c = _column_blocks(V)
     with _launch_guard(student):
@@ -328,9 +355,8 @@ def _dist_forward_fake(student, teacher, temperature):
     acc_dtype = _acc_dtype(student, teacher)
     N, V = student.shape
     return (student.new_empty((N,), dtype=acc_dtype), student.new_empty((V,), dtype=acc_dtype),
-            student.new_empty((N, _N_ROW_MOMENTS), dtype=acc_dtype),
-            student.new_empty((V, _N_COL_MOMENTS), dtype=acc_dtype),
-            student.new_empty((N, 2), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype))
+            *(student.new_empty(shape, dtype=torch.float64)
+              for shape in ((N, _N_ROW_MOMENTS), (V, _N_COL_MOMENTS), (N, 2), (N, 2))))
 
 
 def _check_backward_inputs(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
@@ -365,7 +391,7 @@ def dist_backward(
     if not needed:
         return grad_s, grad_t
     N, V = student.shape
-    launch = _row_launch(temperature, student, teacher)
+    launch = _float64_launch(temperature, student, teacher)
     student, teacher = launch.logits
     # An output that is not requested is never written (constexpr flag); pass an input as its placeholder pointer.
     with _launch_guard(student):
