@@ -129,7 +129,7 @@ CASES = {
                                       r"shape \[3, 2\]"),
     "dist teacher dtype": ("dist_forward", lambda d: _dist(d, teacher=_int(d)), TypeError,
                            r"^dist_forward: teacher must be float32, float16, bfloat16 or float64, got Int"),
-    "dist moments shape": ("dist_backward", lambda d: _dist_backward(d, col_moments=torch.zeros(5, 4, device=d)),
+    "dist moments shape": ("dist_backward", lambda d: _dist_backward(d, col_moments=torch.zeros(5, 4, dtype=torch.float64, device=d)),
                            ValueError, r"^dist_backward: col_moments must be a contiguous tensor of shape \[5, 5\]"),
 }
 
