@@ -53,6 +53,18 @@ def test_temperatures_extreme_logits_and_sizes(backend, temperature, scale, clas
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e4], ids=["logits~1", "logits~1e3", "logits~1e4"])
+def test_saturated_softmax_gradients(backend, temperature, scale):
+    """Low T, from moderate to saturated rows (two tiles of the Triton kernels): the mixture KLs that the backward
+    subtracts from each log-ratio must be accurate to a few ulp (fp64 row sums, log1p to a few ulp below -0.3)."""
+    device = jsd_backend(backend)
+    student = logits((4, 5000), torch.float32, device, scale, 13)
+    teacher = logits((4, 5000), torch.float32, device, scale, 14)
+    check_jsd(backend, student, teacher, temperature, 0.5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_negative_infinity_entries(backend, dtype):
     device = jsd_backend(backend)

@@ -50,6 +50,23 @@ def test_temperatures_and_extreme_logits(backend, temperature, scale):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("scale", [1e3, 1e4], ids=["logits~1e3", "logits~1e4"])
+@pytest.mark.parametrize("classes", [257, 5000], ids=["V257", "V5000"])
+def test_saturated_softmax_gradients(backend, divergence, temperature, scale, classes):
+    """Low T and large logits (|x| / T ~ 1e3..1e5, rows nearly one-hot; V5000 spans several tiles / chunks): the loss
+    and both gradients within the criterion. Log-probabilities must be (x - max) / T - log_sum, exponentiated without
+    a rounded conversion to log2 units, and where the teacher is one-hot the teacher gradient's log-ratio minus the
+    loss must cancel exactly, as in the eager formula (forward and backward round the same value alike)."""
+    device = require_backend(backend)
+    student = logits((4, classes), torch.float32, device, scale, 11)
+    teacher = logits((4, classes), torch.float32, device, scale, 12)
+    check_against_reference(backend, student, teacher, temperature, "none", divergence=divergence)
+    check_against_reference(backend, student, teacher, temperature, "batchmean", divergence=divergence)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_negative_infinity_entries(backend, dtype):
     device = require_backend(backend)

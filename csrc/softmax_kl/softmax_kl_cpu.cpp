@@ -62,6 +62,18 @@ struct RowState {
   }
 };
 
+// The sum of a vector's lanes in double: the row state is double, and an acc_t horizontal reduction would round the
+// chunk's partial sum once per level (where the KL cancels, a loss far below its terms, that alone costs several times
+// the eager formula's error).
+template <typename acc_t>
+double lane_sum(const Vectorized<acc_t>& v) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double sum = 0.0;
+  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) sum += lanes[i];
+  return sum;
+}
+
 template <typename acc_t>
 void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
   using Vec = Vectorized<acc_t>;
@@ -79,10 +91,9 @@ void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n
     sum_t += e_t;
     acc += Vec::blendv(e_t * (t_hat - s_hat), zero, e_t == zero);
   }
-  auto add = [](Vec& p, Vec& q) { return p + q; };
-  state.sum_s += at::vec::vec_reduce_all<acc_t>(add, sum_s);
-  state.sum_t += at::vec::vec_reduce_all<acc_t>(add, sum_t);
-  state.acc += at::vec::vec_reduce_all<acc_t>(add, acc);
+  state.sum_s += lane_sum(sum_s);
+  state.sum_t += lane_sum(sum_t);
+  state.acc += lane_sum(acc);
 }
 
 template <typename S, typename T>
@@ -99,6 +110,16 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
       const S* s_row = student + row * student_row_stride;
       const T* t_row = teacher + row * teacher_row_stride;
       RowState state;
+      if (cols > kChunk) {
+        // Several chunks: the row maxima first, so that every chunk forms t^ - s^ against the final shifts, rounded
+        // as the backward rounds its log-ratios (a shift moved later would be applied in double to values rounded
+        // against the old one; where the teacher is one-hot, log-ratio minus loss would then not cancel exactly).
+        for (int64_t c = 0; c < cols; c += kChunk) {
+          const int64_t n = std::min(kChunk, cols - c);
+          state.max_s = std::max<double>(state.max_s, max_of(as_acc(s_row + c, s_buffer, n), n));
+          state.max_t = std::max<double>(state.max_t, max_of(as_acc(t_row + c, t_buffer, n), n));
+        }
+      }
       for (int64_t c = 0; c < cols; c += kChunk) {
         const int64_t n = std::min(kChunk, cols - c);
         accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t);
@@ -239,9 +260,8 @@ void jsd_forward_rows(const S* student, int64_t student_row_stride, const T* tea
             acc_t_side += Vec::blendv(p_t * l.ratio_t, zero, p_t == zero);
             acc_s_side += Vec::blendv(p_s * l.ratio_s, zero, p_s == zero);
           }
-          auto add = [](Vec& p, Vec& q) { return p + q; };
-          kl_t += at::vec::vec_reduce_all<acc_t>(add, acc_t_side);
-          kl_s += at::vec::vec_reduce_all<acc_t>(add, acc_s_side);
+          kl_t += lane_sum(acc_t_side);
+          kl_s += lane_sum(acc_s_side);
         }
       }
       mixture_kl[2 * row] = static_cast<acc_t>(kl_t);

@@ -44,18 +44,30 @@ TERM_NAMES = ("log_p_target_student", "log_p_rest_student", "log_p_target_teache
 
 
 def _side_terms(x: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor):
-    """(log p[y], log(1 - p[y]), log q, q empty) of one side's scaled logits ``x`` [N, V]."""
-    rest = torch.where(is_target, torch.full_like(x, float("-inf")), x)
+    """(log p[y], log(1 - p[y]), log q, q empty) of one side's scaled logits ``x`` [N, V].
+
+    Everything is measured from the non-target maximum m (a constant for autograd: no term depends on it), with
+    L = log sum exp(x - m) over the non-target columns (at most log V) and x^_y = x[y] - m::
+
+        log q = (x - m) - L,   log p[y] = -softplus(L - x^_y),   log(1 - p[y]) = -softplus(x^_y - L)
+
+    so a log-probability carries the rounding of its own size, not that of logsumexp(x) (a log near 0, such as
+    log(1 - p[y]) for a confident target, stays accurate to its last digits)."""
+    neg_inf = float("-inf")
+    rest = torch.where(is_target, torch.full_like(x, neg_inf), x)
     target = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    lse_rest = torch.logsumexp(rest, dim=-1)
-    lse_all = torch.logaddexp(target, lse_rest)
-    row_empty = torch.isneginf(lse_all)
-    safe_all = torch.where(row_empty, torch.zeros_like(lse_all), lse_all)
-    log_p_target = torch.where(row_empty, lse_all, target - safe_all)
-    log_p_rest = torch.where(row_empty, lse_all, lse_rest - safe_all)
-    rest_empty = torch.isneginf(lse_rest)
-    safe_lse_rest = torch.where(rest_empty, torch.zeros_like(lse_rest), lse_rest)
-    log_q = rest - safe_lse_rest.unsqueeze(-1)
+    top = rest.detach().amax(dim=-1)
+    below = rest - torch.where(torch.isneginf(top), torch.zeros_like(top), top).unsqueeze(-1)
+    target_gap = target - torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    log_sum = torch.logsumexp(below, dim=-1)
+    rest_empty = torch.isneginf(log_sum)
+    row_empty = rest_empty & torch.isneginf(target)
+    # safe operands where the row is empty (both -inf: the difference would be NaN, in the backward too)
+    zero = torch.zeros_like(log_sum)
+    gap = torch.where(row_empty, zero, target_gap) - torch.where(row_empty, zero, log_sum)
+    log_p_target = torch.where(row_empty, log_sum, -torch.logaddexp(-gap, zero))
+    log_p_rest = torch.where(row_empty, log_sum, -torch.logaddexp(gap, zero))
+    log_q = below - torch.where(rest_empty, zero, log_sum).unsqueeze(-1)
     return log_p_target, log_p_rest, log_q, rest_empty
 
 

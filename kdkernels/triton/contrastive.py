@@ -19,11 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.softmax_kl import _launch_guard
+from kdkernels.triton._launch import (_acc_dtype, _check_float_tensor, _check_temperature, _launch_guard,
+                                      _unit_last_stride)
 
 __all__ = ["crd_nce_forward"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OP = "triton_crd_nce_forward"
 _TILE_ELEMENTS = 8192  # BLOCK_K x BLOCK_D of the gathered tile held by one program
 
 
@@ -102,38 +103,35 @@ def _crd_nce_chunk_kernel(
 
 
 def _check_inputs(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps) -> None:
+    _check_float_tensor(_OP, "embed", embed)
+    _check_float_tensor(_OP, "memory", memory)
     if embed.dim() != 2 or embed.shape[0] < 1 or embed.shape[1] < 1:
-        raise ValueError(f"embed: expected a 2-D [B, d] tensor with B, d >= 1, got shape {tuple(embed.shape)}")
+        raise ValueError(f"{_OP}: embed must be a 2-D [B, d] tensor with B, d >= 1, got shape {tuple(embed.shape)}")
     if memory.dim() != 2 or memory.shape[0] < 1 or memory.shape[1] != embed.shape[1]:
-        raise ValueError(f"memory: expected a 2-D [N, {embed.shape[1]}] tensor with N >= 1, got shape "
+        raise ValueError(f"{_OP}: memory must be a 2-D [N, {embed.shape[1]}] tensor with N >= 1, got shape "
                          f"{tuple(memory.shape)}")
-    if contrast_indices.dim() != 2 or contrast_indices.shape[0] != embed.shape[0] or contrast_indices.shape[1] < 2:
-        raise ValueError(f"contrast_indices: expected shape [{embed.shape[0]}, K+1] with K+1 >= 2, got "
-                         f"{tuple(contrast_indices.shape)}")
-    if contrast_indices.dtype != torch.int64:
-        raise TypeError(f"contrast_indices: expected int64, got {contrast_indices.dtype}")
-    for name, x in (("embed", embed), ("memory", memory)):
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
     if (embed.dtype == torch.float64) != (memory.dtype == torch.float64):
-        raise TypeError(f"embed, memory: float64 must be used for both, got {embed.dtype} and {memory.dtype}")
+        raise TypeError(f"{_OP}: embed and memory must both be float64 or neither, got {embed.dtype} and "
+                        f"{memory.dtype}")
+    if contrast_indices.dtype != torch.int64:
+        raise TypeError(f"{_OP}: contrast_indices must be an int64 tensor, got {contrast_indices.dtype}")
+    if contrast_indices.dim() != 2 or contrast_indices.shape[0] != embed.shape[0] or contrast_indices.shape[1] < 2:
+        raise ValueError(f"{_OP}: contrast_indices must have shape [{embed.shape[0]}, K+1] with K+1 >= 2, got "
+                         f"{tuple(contrast_indices.shape)}")
     acc = _acc_dtype(embed)
-    if log_normalizer.dim() != 0 or log_normalizer.dtype != acc:
-        raise ValueError(f"log_normalizer: expected a 0-dim {acc} tensor, got shape {tuple(log_normalizer.shape)} "
-                         f"{log_normalizer.dtype}")
+    if log_normalizer.dtype != acc:
+        raise TypeError(f"{_OP}: log_normalizer must be a 0-dim {acc} tensor, got {log_normalizer.dtype}")
+    if log_normalizer.dim() != 0:
+        raise ValueError(f"{_OP}: log_normalizer must be a 0-dim {acc} tensor, got shape "
+                         f"{tuple(log_normalizer.shape)}")
     for name, x in (("memory", memory), ("contrast_indices", contrast_indices), ("log_normalizer", log_normalizer)):
         if x.device != embed.device:
-            raise ValueError(f"{name}: expected device {embed.device} (embed's), got {x.device}")
-    if not (temperature > 0.0 and temperature < float("inf")):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
+            raise ValueError(f"{_OP}: {name} must be on embed's device {embed.device}, got {x.device}")
+    _check_temperature(_OP, temperature)
     if not (noise_mass > 0.0 and noise_mass < float("inf")):
-        raise ValueError(f"noise_mass: expected a finite value > 0 (K / N), got {noise_mass}")
+        raise ValueError(f"{_OP}: noise_mass must be finite and > 0 (K / N), got {noise_mass}")
     if not (eps >= 0.0 and eps < float("inf")):
-        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
-
-
-def _acc_dtype(embed: torch.Tensor) -> torch.dtype:
-    return torch.float64 if embed.dtype == torch.float64 else torch.float32
+        raise ValueError(f"{_OP}: eps must be finite and >= 0, got {eps}")
 
 
 def _outputs(embed: torch.Tensor, embed_grad: bool):
@@ -142,10 +140,6 @@ def _outputs(embed: torch.Tensor, embed_grad: bool):
     grad = torch.empty(embed.shape if embed_grad else (0,), dtype=embed.dtype, device=embed.device)
     return (torch.empty(batch, dtype=acc, device=embed.device), torch.empty(batch, dtype=acc, device=embed.device),
             grad)
-
-
-def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
 def _blocks(features: int, contrasts: int):
@@ -185,7 +179,7 @@ def crd_nce_forward(
     grad_part = torch.empty((batch, chunks, features) if embed_grad else (1,), **new)
     log_c = math.log(noise_mass + eps)
     constants = torch.tensor([1.0 / temperature, log_c, log_c - math.log(noise_mass)], **new)
-    embed_rows, memory_rows = _unit_stride_rows(embed), _unit_stride_rows(memory)
+    embed_rows, memory_rows = _unit_last_stride(embed), _unit_last_stride(memory)
     with _launch_guard(embed):
         _crd_nce_chunk_kernel[(batch, chunks)](
             embed_rows, memory_rows, contrast_indices.contiguous(), log_normalizer, constants,

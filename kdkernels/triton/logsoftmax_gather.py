@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton._common import (NEG_INF, _check_index_tensor, _log_prob, _prob, _row_launch, _row_max_and_sum,
-                                      _scales, _store_stats)
-from kdkernels.triton.softmax_kl import (_acc_dtype, _check_logits, _check_row_tensors, _check_temperature,
-                                         _launch_guard, _log, _unit_last_stride)
+from kdkernels.triton._common import NEG_INF, _log_prob, _prob, _row_max_and_log_sum, _scales, _store_stats
+from kdkernels.triton._launch import (_acc_dtype, _check_index_tensor, _check_logits, _check_row_tensors,
+                                      _check_temperature, _launch_guard, _row_launch, _unit_last_stride)
 
 __all__ = ["logsoftmax_gather_forward", "logsoftmax_gather_backward"]
 
@@ -44,9 +43,8 @@ def _logsoftmax_gather_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    inv_t, k, _, unit = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
-    max_x, d = _row_max_and_sum(x_row, V, k, BLOCK, ACC, F64)
-    log_sum = _log(d, F64) * unit
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
+    max_x, log_sum = _row_max_and_log_sum(x_row, V, inv_t, BLOCK, ACC, F64)
     _store_stats(stats_ptr, row, max_x, log_sum)
 
     for start in range(0, K, BLOCK_K):
@@ -98,12 +96,12 @@ def _logsoftmax_gather_bwd_dense_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
-    inv_t, _, to_exp, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
     total, bad = _upstream_sum_and_bad_count(g_ptr, idx_ptr, row, V, K, stride_g, stride_idx, BLOCK_K, ACC)
     max_x = tl.load(stats_ptr + 2 * row).to(ACC)
     log_sum = tl.load(stats_ptr + 2 * row + 1).to(ACC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=NEG_INF).to(ACC)
-    p = _prob(x, max_x, log_sum, inv_t, to_exp, F64)
+    p = _prob(x, max_x, log_sum, inv_t, F64)
     # p last: only the final product can be subnormal (one rounding)
     grad = tl.where(p != 0.0, (-inv_t * total) * p, 0.0)
     grad = tl.where(bad == 0, grad, float("nan"))
@@ -131,7 +129,7 @@ def _logsoftmax_gather_bwd_indexed_kernel(
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     jmask = j < K
-    inv_t, _, to_exp, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
     g_row = g_ptr + row * stride_g
     idx_row = idx_ptr + row * stride_idx
     idx = tl.load(idx_row + j, mask=jmask, other=0)
@@ -155,7 +153,7 @@ def _logsoftmax_gather_bwd_indexed_kernel(
     # A row with a bad index keeps the NaN of the dense kernel (the bound also keeps bad indices from being addresses).
     store_mask = jmask & (idx >= 0) & (idx < tl.where(bad == 0, V, 0))
     x = tl.load(x_ptr + row * stride_x + idx, mask=store_mask, other=NEG_INF).to(ACC)
-    p = _prob(x, max_x, log_sum, inv_t, to_exp, F64)
+    p = _prob(x, max_x, log_sum, inv_t, F64)
     grad = inv_t * (scattered - tl.where(p != 0.0, total * p, 0.0))
     grad = tl.where(max_x == NEG_INF, 0.0, grad)
     # Equal indices store the same value.
@@ -167,12 +165,16 @@ def _index_block(K: int) -> int:
     return min(max(triton.next_power_of_2(max(K, 1)), 16), 64)
 
 
-def _check_forward_inputs(logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> None:
-    _check_logits("logits", logits)
+_FORWARD = "triton_logsoftmax_gather_forward"
+_BACKWARD = "triton_logsoftmax_gather_backward"
+
+
+def _check_forward_inputs(op: str, logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> None:
+    _check_logits(op, "logits", logits)
     if indices.dim() != 2:
-        raise ValueError(f"indices: expected a 2-D [N, k] tensor, got shape {tuple(indices.shape)}")
-    _check_index_tensor("indices", indices, (logits.shape[0], indices.shape[1]), logits.device)
-    _check_temperature(temperature)
+        raise ValueError(f"{op}: indices must be a 2-D [N, k] tensor, got shape {tuple(indices.shape)}")
+    _check_index_tensor(op, "indices", indices, (logits.shape[0], indices.shape[1]), logits.device)
+    _check_temperature(op, temperature)
 
 
 @torch.library.custom_op("kdkernels::triton_logsoftmax_gather_forward", mutates_args=())
@@ -181,8 +183,8 @@ def logsoftmax_gather_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: gathered log-probabilities [N, k] and (max, log_sum) statistics [N, 2], in the accumulation
     dtype."""
-    _check_forward_inputs(logits, indices, temperature)
-    acc_dtype = _acc_dtype(logits, logits)
+    _check_forward_inputs(_FORWARD, logits, indices, temperature)
+    acc_dtype = _acc_dtype(logits)
     N, V = logits.shape
     K = indices.shape[1]
     gathered = torch.empty((N, K), dtype=acc_dtype, device=logits.device)
@@ -203,16 +205,16 @@ def logsoftmax_gather_forward(
 
 @logsoftmax_gather_forward.register_fake
 def _logsoftmax_gather_forward_fake(logits, indices, temperature):
-    _check_forward_inputs(logits, indices, temperature)
-    acc_dtype = _acc_dtype(logits, logits)
+    _check_forward_inputs(_FORWARD, logits, indices, temperature)
+    acc_dtype = _acc_dtype(logits)
     N = logits.shape[0]
     return (logits.new_empty((N, indices.shape[1]), dtype=acc_dtype), logits.new_empty((N, 2), dtype=acc_dtype))
 
 
 def _check_backward_inputs(grad_gathered, logits, indices, stats, temperature) -> None:
-    _check_forward_inputs(logits, indices, temperature)
-    _check_row_tensors(logits, (("grad_gathered", grad_gathered, tuple(indices.shape)),
-                                ("stats", stats, (logits.shape[0], 2))))
+    _check_forward_inputs(_BACKWARD, logits, indices, temperature)
+    _check_row_tensors(_BACKWARD, logits, (("grad_gathered", grad_gathered, tuple(indices.shape)),
+                                           ("stats", stats, (logits.shape[0], 2))))
 
 
 @torch.library.custom_op("kdkernels::triton_logsoftmax_gather_backward", mutates_args=())

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.softmax_kl import _SUPPORTED_DTYPES, _acc_dtype, _launch_guard
+from kdkernels.triton._launch import _SUPPORTED_DTYPES, _acc_dtype, _launch_guard
 
 __all__ = ["pairwise_forward"]
 

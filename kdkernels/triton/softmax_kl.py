@@ -21,13 +21,20 @@ reference docstring and ``_softmax_kl_fwd_kernel``): per tile it takes the tile 
 maxima, then accumulates the tile. Two implementation details that do not change the state's meaning:
 
 * the maxima are tracked on the raw logits (``M_s = max s`` rather than ``max s / T``; ``T > 0`` so the arg-max is the
-  same) and a shifted exponent is formed as ``(s - M_s) * k``. The subtraction of two nearby logits is exact, so the
+  same) and a shifted exponent is formed as ``(s - M_s) / T``. The subtraction of two nearby logits is exact, so the
   loss of rows with large logits (|s / T| ~ 1e5) does not inherit the rounding of ``s / T``;
-* for fp32 accumulation ``k = log2(e) / T`` and the kernel works with ``exp2`` / ``log2`` (results are converted back
-  to natural units by ``ln 2`` at the end); for fp64 accumulation ``k = 1 / T`` with ``exp`` / ``log``.
+* everything is in natural units (``x^ = (x - M) / T``, exponentiated by ``_common._exp_natural``); the sums and
+  the KL moment ``acc = sum e_t (t^ - s^)`` accumulate in fp64 scalars, its log-ratios formed in fp64
+  (``_common._wide_log_ratio``), and the loss ``acc / d_t + log d_s - log d_t`` is rounded once.
+
+The backward's teacher gradient forms its log-ratio the same way and rounds it once before subtracting the loss: where
+the teacher is one-hot (log-ratio == loss) both round the same value and the gradient vanishes, as the eager one.
 
 Backward: grid ``(N, cdiv(V, BLOCK))``, elementwise from the saved per-row statistics, so small batches still fill
-the GPU. Rows with ``grad_loss == 0`` or an all ``-inf`` teacher skip their loads and write zeros.
+the GPU. Log-probabilities are formed as ``(x - max) / T - log_sum`` and exponentiated by ``_common._exp_natural``
+(a rounded conversion to log2 units would cost the teacher gradient a factor ~3 in accuracy against the eager formula
+at low T and large logits). Rows with ``grad_loss == 0`` or an all ``-inf`` teacher skip their loads and
+write zeros.
 
 ``triton_softmax_jsd_forward(student, teacher, T, beta)`` / ``triton_softmax_jsd_backward(...)`` are the twins of
 the C++ ``softmax_jsd_forward`` / ``softmax_jsd_backward`` (generalised JSD, 0 < beta < 1, spec
@@ -40,12 +47,14 @@ Triton passes Python floats to kernels as fp32, so for fp64 inputs ``1 / T`` is 
 Loads are upcast to the accumulation dtype immediately (the Triton interpreter computes bf16 arithmetic wrongly).
 """
 
-import contextlib
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from kdkernels.triton._common import (_exp_natural, _log1p_nonpositive, _rescaled_sum, _rescaled_teacher_moment,
+                                      _scales, _teacher_weighted_sum, _wide_log_ratio, _wide_sum)
+from kdkernels.triton._launch import (_acc_dtype, _block_and_warps, _check_logit_pair, _check_row_tensors,
+                                      _inv_t_args, _launch_guard, _pair_gradients, _unit_last_stride)
 
 __all__ = [
     "softmax_kl_forward",
@@ -54,62 +63,10 @@ __all__ = [
     "softmax_jsd_backward",
 ]
 
-_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
-_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _exp(x, F64: tl.constexpr):
-    # fp32: exponents are in log2 units (k = log2(e) / T); fp64: natural units (k = 1 / T).
-    if F64:
-        return tl.exp(x)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _log(x, F64: tl.constexpr):
-    if F64:
-        return tl.log(x)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _rescaled_sum(m, d, tile, k, F64: tl.constexpr):
-    """One side's online sum d = sum exp((x - m~) k) moved to the max of a new tile, with m~ = (m == -inf) ? 0 : m.
-
-    Returns (new max, its safe shift m~', d rescaled to it, delta = (m~' - m~) k, c = exp(-delta)). A side whose
-    old max was -inf is empty: its sum stays 0 (c, possibly inf, is discarded)."""
-    neg_inf = float("-inf")
-    m_new = tl.maximum(m, tl.max(tile, axis=0))
-    shift_old = tl.where(m == neg_inf, 0.0, m)
-    shift = tl.where(m_new == neg_inf, 0.0, m_new)
-    delta = (shift - shift_old) * k
-    c = _exp(-delta, F64)
-    return m_new, shift, tl.where(m == neg_inf, 0.0, c * d), delta, c
-
-
-@triton.jit
-def _rescaled_teacher_moment(acc, m_t, c_t, d_t, delta_t, delta_x):
-    """acc = sum e_t (t^ - x^) moved to new shifts (t^ -= delta_t, x^ -= delta_x, e_t *= c_t), d_t = the teacher's
-    sum before the move. A teacher whose old max was -inf is empty; c_t == 0 (the old teacher mass underflows) also
-    zeroes acc, which keeps an acc of +inf (a -inf x^ under a finite teacher) from becoming 0 * inf = NaN: the
-    underflowed terms have p_t == 0 and contribute 0."""
-    return tl.where((m_t == float("-inf")) | (c_t == 0.0), 0.0, c_t * (acc + (delta_x - delta_t) * d_t))
-
-
-@triton.jit
-def _teacher_weighted_sum(e_t, r):
-    # sum e_t r over a tile, a term := 0 where e_t == 0 (so r = +-inf there gives no NaN)
-    return tl.sum(tl.where(e_t == 0.0, 0.0, e_t * r), axis=0)
 
 
 @triton.jit
@@ -131,26 +88,21 @@ def _softmax_kl_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    if F64:
-        inv_t = tl.load(inv_t_ptr).to(ACC)
-        k = inv_t  # exponent scale: natural units
-        unit = 1.0  # natural-log units per exponent unit
-    else:
-        inv_t = tl.cast(inv_t_arg, ACC)
-        k = inv_t * _LOG2E  # exponent scale: log2 units
-        unit = _LN2
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
 
     neg_inf = float("-inf")
     offs = tl.arange(0, BLOCK)
 
-    # Online state. M_* are maxima of the raw logits; the safe shift is m~ = (M == -inf) ? 0 : M.
-    #   d_s = sum exp((s - m~_s) k),  d_t = sum exp((t - m~_t) k),
-    #   acc = sum e_t * ((t - m~_t) k - (s - m~_s) k)   with e_t = exp((t - m~_t) k), a term := 0 where e_t == 0.
+    # Online state. M_* are maxima of the raw logits (in ACC); the safe shift is m~ = (M == -inf) ? 0 : M, and
+    # x^ = (x - m~) / T. In fp64 (see _common._wide_sum):
+    #   d_s = sum exp(s^),  d_t = sum e_t with e_t = exp(t^),
+    #   acc = sum e_t (t^ - s^)  (the backward's log-ratios up to a row constant, formed in fp64: _wide_log_ratio),
+    #   a term := 0 where e_t == 0.
     m_s = tl.full([], neg_inf, ACC)
     m_t = tl.full([], neg_inf, ACC)
-    d_s = tl.full([], 0.0, ACC)
-    d_t = tl.full([], 0.0, ACC)
-    acc = tl.full([], 0.0, ACC)
+    d_s = tl.full([], 0.0, tl.float64)
+    d_t = tl.full([], 0.0, tl.float64)
+    acc = tl.full([], 0.0, tl.float64)
 
     for start in range(0, V, BLOCK):
         cols = start + offs
@@ -158,31 +110,30 @@ def _softmax_kl_fwd_kernel(
         s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
 
-        # 1-2. move the state to the tile's maxima. delta_* >= 0 when the old maximum was finite; a state whose old
-        #    maximum was -inf is empty (stays 0) and its factors (possibly inf) are discarded by tl.where.
-        m_s_new, sh_s, d_s, delta_s, _ = _rescaled_sum(m_s, d_s, s, k, F64)
-        m_t_new, sh_t, d_t_rescaled, delta_t, c_t = _rescaled_sum(m_t, d_t, t, k, F64)
-        acc = _rescaled_teacher_moment(acc, m_t, c_t, d_t, delta_t, delta_s)
+        # 1-2. move the state to the tile's maxima. A state whose old maximum was -inf is empty (stays 0) and its
+        #    factors (possibly inf) are discarded by tl.where.
+        m_s_new, sh_s, d_s, moved_s, _ = _rescaled_sum(m_s, d_s, s, inv_t)
+        m_t_new, sh_t, d_t_rescaled, moved_t, c_t = _rescaled_sum(m_t, d_t, t, inv_t)
+        acc = _rescaled_teacher_moment(acc, m_t, c_t, d_t, moved_t, moved_s, inv_t)
         d_t = d_t_rescaled
 
-        # 3. accumulate the tile (masked lanes and -inf logits give exponent -inf -> e == 0)
-        x_s = (s - sh_s) * k
-        x_t = (t - sh_t) * k
-        e_s = _exp(x_s, F64)
-        e_t = _exp(x_t, F64)
-        d_s += tl.sum(e_s, axis=0)
-        d_t += tl.sum(e_t, axis=0)
-        acc += _teacher_weighted_sum(e_t, x_t - x_s)
+        # 3. accumulate the tile (masked lanes and -inf logits give x^ = -inf -> e == 0)
+        e_t = _exp_natural((t - sh_t) * inv_t, F64)
+        d_s += _wide_sum(_exp_natural((s - sh_s) * inv_t, F64))
+        d_t += _wide_sum(e_t)
+        acc += _teacher_weighted_sum(e_t, _wide_log_ratio(t, sh_t, s, sh_s, inv_t))
 
         m_s = m_s_new
         m_t = m_t_new
 
     # Per-row statistics (max, log_sum) with log p = (x - max) / T - log_sum; an all -inf row has (-inf, -inf).
-    log_sum_s = _log(d_s, F64) * unit
-    log_sum_t = _log(d_t, F64) * unit
-    # loss = acc / d_t - log d_t + log d_s; +inf for a student row that is all -inf under a finite teacher (log 0);
-    # 0 for an all -inf teacher row.
-    loss = (acc / d_t - _log(d_t, F64) + _log(d_s, F64)) * unit
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    log_sum_s = log_d_s.to(ACC)
+    log_sum_t = log_d_t.to(ACC)
+    # loss = acc / d_t + log d_s - log d_t, rounded once; +inf for a student row that is all -inf under a finite
+    # teacher (log 0); 0 for an all -inf teacher row.
+    loss = (acc / d_t + (log_d_s - log_d_t)).to(ACC)
     loss = tl.where(m_s == neg_inf, float("inf"), loss)
     loss = tl.where(m_t == neg_inf, 0.0, loss)
 
@@ -218,12 +169,7 @@ def _softmax_kl_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
-    if F64:
-        inv_t = tl.load(inv_t_ptr).to(ACC)
-        to_exp = 1.0  # natural units -> exponent units
-    else:
-        inv_t = tl.cast(inv_t_arg, ACC)
-        to_exp = _LOG2E
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
     neg_inf = float("-inf")
 
     g = tl.load(g_ptr + row * stride_g).to(ACC)
@@ -245,15 +191,19 @@ def _softmax_kl_bwd_kernel(
     # NaN only on inactive rows, where tl.where discards it.
     log_p_t = (t - max_t) * inv_t - log_sum_t
     log_p_s = (s - max_s) * inv_t - log_sum_s
-    p_t = _exp(log_p_t * to_exp, F64)
+    p_t = _exp_natural(log_p_t, F64)
     out_offs = row * V + cols
     if STUDENT_GRAD:
-        p_s = tl.where(max_s == neg_inf, 0.0, _exp(log_p_s * to_exp, F64))
+        p_s = tl.where(max_s == neg_inf, 0.0, _exp_natural(log_p_s, F64))
         grad_s = tl.where(active, gi * (p_s - p_t), 0.0)
         tl.store(gs_ptr + out_offs, grad_s.to(gs_ptr.dtype.element_ty), mask=mask)
     if TEACHER_GRAD:
-        r = log_p_t - log_p_s - loss
-        grad_t = tl.where(active, tl.where(p_t != 0.0, gi * p_t * r, 0.0), 0.0)
+        # The log-ratio log p_t - log p_s in fp64, rounded once before the loss is subtracted: where the teacher is
+        # one-hot it rounds the same exact value as the forward's loss, so r = 0 there, as in the eager gradient.
+        log_ratio = _wide_log_ratio(t, max_t, s, max_s, inv_t) - (log_sum_t.to(tl.float64) - log_sum_s.to(tl.float64))
+        r = log_ratio.to(ACC) - loss
+        # p last: only the final product can be subnormal (one rounding), not an intermediate g p / T
+        grad_t = tl.where(active, tl.where(p_t != 0.0, (gi * r) * p_t, 0.0), 0.0)
         tl.store(gt_ptr + out_offs, grad_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -289,27 +239,6 @@ def _expm1_nonpositive(x, F64: tl.constexpr):
         for i in tl.static_range(1, 7):
             e = 1.0 + (x / (8 - i)) * e
     return tl.where(x > -0.35, x * e, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _log1p_nonpositive(y, F64: tl.constexpr):
-    # log1p(y) for -1 < y <= 0 (Triton has no log1p). For y >= -0.3: log1p(y) = 2 atanh(z), z = y / (2 + y), |z| <=
-    # 0.177, by its odd series through z^9/9 (fp32) or z^19/19 (fp64) (truncation < 3e-9 resp. 4e-17 relative);
-    # below, log(1 + y), where 1 + y is nearly exact and |result| > 0.35. NaN stays NaN.
-    # The coefficients 1 / (2k + 1) are formed by a division in the accumulation dtype (a float literal may be
-    # materialised as fp32, which would cost fp64 ~1e-9).
-    z = y / (2.0 + y)
-    z2 = z * z
-    one = tl.full([], 1.0, z.dtype)
-    if F64:
-        a = one / 19
-        for i in tl.static_range(1, 10):
-            a = one / (19 - 2 * i) + z2 * a
-    else:
-        a = one / 9
-        for i in tl.static_range(1, 5):
-            a = one / (9 - 2 * i) + z2 * a
-    return tl.where(y >= -0.3, 2.0 * z * a, tl.log(1.0 + y))
 
 
 @triton.jit
@@ -360,46 +289,39 @@ def _softmax_jsd_fwd_kernel(
     inv_t = _param(params_ptr, _P_INV_T, inv_t_arg, ACC, F64)
     beta = _param(params_ptr, _P_BETA, beta_arg, ACC, F64)
     one_m_beta = _param(params_ptr, _P_ONE_M_BETA, one_m_beta_arg, ACC, F64)
-    if F64:
-        k = inv_t  # pass-1 exponent scale: natural units
-        unit = 1.0  # natural-log units per exponent unit
-        to_exp = 1.0  # natural units -> exponent units
-    else:
-        k = inv_t * _LOG2E  # pass-1 exponent scale: log2 units
-        unit = _LN2
-        to_exp = _LOG2E
-
     neg_inf = float("-inf")
     offs = tl.arange(0, BLOCK)
 
     # Pass 1: online (max, sum) per side, as _softmax_kl_fwd_kernel without its acc term (the statistics are the
     # same, bit for bit). M_* are maxima of the raw logits; the safe shift is m~ = (M == -inf) ? 0 : M and
-    # d_* = sum exp((x - m~) k).
+    # d_* = sum exp((x - m~) / T) (fp64).
     m_s = tl.full([], neg_inf, ACC)
     m_t = tl.full([], neg_inf, ACC)
-    d_s = tl.full([], 0.0, ACC)
-    d_t = tl.full([], 0.0, ACC)
+    d_s = tl.full([], 0.0, tl.float64)
+    d_t = tl.full([], 0.0, tl.float64)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
         s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
 
-        m_s, sh_s, d_s, _, _ = _rescaled_sum(m_s, d_s, s, k, F64)
-        m_t, sh_t, d_t, _, _ = _rescaled_sum(m_t, d_t, t, k, F64)
-        d_s += tl.sum(_exp((s - sh_s) * k, F64), axis=0)
-        d_t += tl.sum(_exp((t - sh_t) * k, F64), axis=0)
+        m_s, sh_s, d_s, _, _ = _rescaled_sum(m_s, d_s, s, inv_t)
+        m_t, sh_t, d_t, _, _ = _rescaled_sum(m_t, d_t, t, inv_t)
+        d_s += _wide_sum(_exp_natural((s - sh_s) * inv_t, F64))
+        d_t += _wide_sum(_exp_natural((t - sh_t) * inv_t, F64))
 
-    log_sum_s = _log(d_s, F64) * unit
-    log_sum_t = _log(d_t, F64) * unit
-    log_sum_diff = _log(d_t / d_s, F64) * unit  # log_sum_t - log_sum_s, rounded once (as the CUDA kernel)
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    log_sum_s = log_d_s.to(ACC)
+    log_sum_t = log_d_t.to(ACC)
+    log_sum_diff = (log_d_t - log_d_s).to(ACC)  # log_sum_t - log_sum_s, rounded once
 
     # Pass 2: the mixture terms, in natural units (only the argument of exp is converted). A row in which either
     # side is all -inf is empty: its loads are skipped (NaN results are discarded below).
     empty = (m_s == neg_inf) | (m_t == neg_inf)
     bound = tl.where(empty, 0, V)
-    kl_t = tl.full([], 0.0, ACC)
-    kl_s = tl.full([], 0.0, ACC)
+    kl_t = tl.full([], 0.0, tl.float64)
+    kl_s = tl.full([], 0.0, tl.float64)
     for start in range(0, V, BLOCK):
         cols = start + offs
         lmask = cols < bound
@@ -407,15 +329,17 @@ def _softmax_jsd_fwd_kernel(
         t = tl.load(t_row + cols, mask=lmask, other=neg_inf).to(ACC)
         log_p_s, log_p_t, rt, rs = _jsd_terms(s, t, m_s, log_sum_s, m_t, log_sum_t, log_sum_diff, inv_t, beta,
                                               one_m_beta, F64)
-        p_s = _exp(log_p_s * to_exp, F64)
-        p_t = _exp(log_p_t * to_exp, F64)
+        p_s = _exp_natural(log_p_s, F64)
+        p_t = _exp_natural(log_p_t, F64)
         # A term with p > 0 is finite (its ratio is at most -log beta resp. -log(1 - beta)); others are exactly 0.
-        kl_t += tl.sum(tl.where(p_t > 0.0, p_t * rt, 0.0), axis=0)
-        kl_s += tl.sum(tl.where(p_s > 0.0, p_s * rs, 0.0), axis=0)
+        kl_t += _wide_sum(tl.where(p_t > 0.0, p_t * rt, 0.0))
+        kl_s += _wide_sum(tl.where(p_s > 0.0, p_s * rs, 0.0))
 
     kl_t = tl.where(empty, 0.0, kl_t)
     kl_s = tl.where(empty, 0.0, kl_s)
-    loss = beta * kl_t + one_m_beta * kl_s
+    loss = (beta.to(tl.float64) * kl_t + one_m_beta.to(tl.float64) * kl_s).to(ACC)
+    kl_t = kl_t.to(ACC)
+    kl_s = kl_s.to(ACC)
 
     tl.store(loss_ptr + row, loss)
     tl.store(stats_s_ptr + 2 * row, m_s)
@@ -458,10 +382,6 @@ def _softmax_jsd_bwd_kernel(
     inv_t = _param(params_ptr, _P_INV_T, inv_t_arg, ACC, F64)
     beta = _param(params_ptr, _P_BETA, beta_arg, ACC, F64)
     one_m_beta = _param(params_ptr, _P_ONE_M_BETA, one_m_beta_arg, ACC, F64)
-    if F64:
-        to_exp = 1.0
-    else:
-        to_exp = _LOG2E
     neg_inf = float("-inf")
 
     g = tl.load(g_ptr + row * stride_g).to(ACC)
@@ -484,89 +404,52 @@ def _softmax_jsd_bwd_kernel(
     out_offs = row * V + cols
     if STUDENT_GRAD:
         gc = g * _param(params_ptr, _P_COEF_S, coef_s_arg, ACC, F64)  # g (1 - beta) / T
-        p_s = _exp(log_p_s * to_exp, F64)
+        p_s = _exp_natural(log_p_s, F64)
         # p last: only the final product can be subnormal (one rounding), not an intermediate g coef p
         grad_s = tl.where(p_s != 0.0, (gc * (rs - kl_s)) * p_s, 0.0)
         grad_s = tl.where(active, grad_s, 0.0)
         tl.store(gs_ptr + out_offs, grad_s.to(gs_ptr.dtype.element_ty), mask=mask)
     if TEACHER_GRAD:
         gc = g * _param(params_ptr, _P_COEF_T, coef_t_arg, ACC, F64)  # g beta / T
-        p_t = _exp(log_p_t * to_exp, F64)
+        p_t = _exp_natural(log_p_t, F64)
         grad_t = tl.where(p_t != 0.0, (gc * (rt - kl_t)) * p_t, 0.0)
         grad_t = tl.where(active, grad_t, 0.0)
         tl.store(gt_ptr + out_offs, grad_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Launch configuration
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _block_and_warps(V: int, acc_dtype: torch.dtype, widest_input_bytes: int):
-    """BLOCK (tile width, a power of two) and num_warps for both kernels.
-
-    Heuristic: BLOCK = min(next_pow2(V), cap) with cap = 8192 for two 16-bit inputs, 4096 when an input is fp32 and
-    2048 for fp64, and num_warps = clamp(BLOCK / 512, 4, 16), i.e. 4 warps up to BLOCK 2048, 8 at 4096, 16 at 8192.
-    Each thread then holds at most 16 elements per tensor and tile (upcast to the accumulation dtype), which keeps
-    register pressure low (unlike Liger's JSD kernel, 4 warps for blocks up to 65536) while a tile still moves
-    16 KiB per tensor (8192 x 2 B, 4096 x 4 B, 2048 x 8 B). Not tuned on a GPU yet.
-    """
-    if acc_dtype == torch.float64:
-        cap = 2048
-    elif widest_input_bytes >= 4:
-        cap = 4096
-    else:
-        cap = 8192
-    block = min(max(triton.next_power_of_2(max(V, 1)), 16), cap)
-    num_warps = min(max(block // 512, 4), 16)
-    return block, num_warps
-
-
-def _acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    return torch.float64 if (student.dtype == torch.float64 or teacher.dtype == torch.float64) else torch.float32
-
-
-def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
-    _check_logits("student", student)
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher: expected shape {tuple(student.shape)} (the student's), got {tuple(teacher.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher: expected device {student.device} (the student's), got {teacher.device}")
-    _check_logits("teacher", teacher)
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        raise TypeError(f"student, teacher: float64 must be used for both inputs, got {student.dtype} and "
-                        f"{teacher.dtype}")
-    _check_temperature(temperature)
-
-
-def _check_logits(name: str, x: torch.Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [N, V] tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    # The kernels address x[row, col] as base + row * stride(0) + col.
-    return x if (x.size(1) <= 1 or x.stride(1) == 1) else x.contiguous()
-
-
-def _inv_t_args(temperature: float, acc_dtype: torch.dtype, dummy: torch.Tensor):
-    """(inv_t_ptr, inv_t_arg): fp64 needs 1/T in full precision, which a Triton scalar argument (fp32) cannot hold."""
-    inv_t = 1.0 / temperature
-    if acc_dtype == torch.float64:
-        return torch.full((1,), inv_t, dtype=torch.float64, device=dummy.device), inv_t
-    return dummy, inv_t
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # Ops
 # ------------------------------------------------------------------------------------------------------------------
+
+_KL_FORWARD = "triton_softmax_kl_forward"
+_KL_BACKWARD = "triton_softmax_kl_backward"
+_JSD_FORWARD = "triton_softmax_jsd_forward"
+_JSD_BACKWARD = "triton_softmax_jsd_backward"
+
+
+def _row_outputs(student: torch.Tensor, teacher: torch.Tensor, count: int):
+    """`count` empty outputs in the accumulation dtype: the loss [N], then [N, 2] tensors (statistics, mixture KLs)."""
+    acc_dtype = _acc_dtype(student, teacher)
+    N = student.shape[0]
+    return tuple(student.new_empty((N,) if i == 0 else (N, 2), dtype=acc_dtype) for i in range(count))
+
+
+def _launch_setup(student: torch.Tensor, teacher: torch.Tensor):
+    """(student, teacher with unit last stride, BLOCK, num_warps, ACC / F64 constexprs)."""
+    acc_dtype = _acc_dtype(student, teacher)
+    block, num_warps = _block_and_warps(student.shape[1], acc_dtype, max(student.element_size(),
+                                                                        teacher.element_size()))
+    f64 = acc_dtype == torch.float64
+    return (_unit_last_stride(student), _unit_last_stride(teacher), block, num_warps,
+            {"ACC": tl.float64 if f64 else tl.float32, "F64": f64})
+
+
+def _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature) -> None:
+    _check_logit_pair(_KL_BACKWARD, student, teacher, temperature)
+    N = student.shape[0]
+    _check_row_tensors(_KL_BACKWARD, student, (
+        ("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
+        ("stats_teacher", stats_teacher, (N, 2)), ("loss", loss, (N,))))
 
 
 @torch.library.custom_op("kdkernels::triton_softmax_kl_forward", mutates_args=())
@@ -574,37 +457,26 @@ def softmax_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: per-row loss [N] and (max, log_sum) statistics [N, 2] in the accumulation dtype."""
-    _check_inputs(student, teacher, temperature)
-    acc_dtype = _acc_dtype(student, teacher)
+    _check_logit_pair(_KL_FORWARD, student, teacher, temperature)
+    loss, stats_s, stats_t = _row_outputs(student, teacher, 3)
     N, V = student.shape
-    loss = torch.empty(N, dtype=acc_dtype, device=student.device)
-    stats_s = torch.empty((N, 2), dtype=acc_dtype, device=student.device)
-    stats_t = torch.empty((N, 2), dtype=acc_dtype, device=student.device)
     if N == 0:
         return loss, stats_s, stats_t
-    student = _unit_last_stride(student)
-    teacher = _unit_last_stride(teacher)
-    block, num_warps = _block_and_warps(V, acc_dtype, max(student.element_size(), teacher.element_size()))
-    inv_t_ptr, inv_t_arg = _inv_t_args(temperature, acc_dtype, student)
+    student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
+    inv_t_ptr, inv_t_arg = _inv_t_args(temperature, loss.dtype, student)
     with _launch_guard(student):
         _softmax_kl_fwd_kernel[(N,)](
             student, teacher, loss, stats_s, stats_t, inv_t_ptr, inv_t_arg,
             V, student.stride(0), teacher.stride(0),
-            BLOCK=block,
-            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            F64=acc_dtype == torch.float64,
-            num_warps=num_warps,
+            BLOCK=block, **dtypes, num_warps=num_warps,
         )
     return loss, stats_s, stats_t
 
 
 @softmax_kl_forward.register_fake
 def _softmax_kl_forward_fake(student, teacher, temperature):
-    _check_inputs(student, teacher, temperature)
-    acc_dtype = _acc_dtype(student, teacher)
-    N = student.shape[0]
-    return (student.new_empty((N,), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype),
-            student.new_empty((N, 2), dtype=acc_dtype))
+    _check_logit_pair(_KL_FORWARD, student, teacher, temperature)
+    return _row_outputs(student, teacher, 3)
 
 
 @torch.library.custom_op("kdkernels::triton_softmax_kl_backward", mutates_args=())
@@ -620,36 +492,22 @@ def softmax_kl_backward(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_loss * loss) w.r.t. student and teacher ([0]-shaped if not requested)."""
-    _check_inputs(student, teacher, temperature)
-    _check_row_stats(student, grad_loss, stats_student, stats_teacher, loss)
-    acc_dtype = _acc_dtype(student, teacher)
-    N, V = student.shape
-    device = student.device
-    grad_s = (torch.empty((N, V), dtype=student.dtype, device=device) if student_grad
-              else torch.empty(0, dtype=student.dtype, device=device))
-    grad_t = (torch.empty((N, V), dtype=teacher.dtype, device=device) if teacher_grad
-              else torch.empty(0, dtype=teacher.dtype, device=device))
-    if N == 0 or V == 0 or not (student_grad or teacher_grad):
+    _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
+    grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
+    if not needed:
         return grad_s, grad_t
-    student = _unit_last_stride(student)
-    teacher = _unit_last_stride(teacher)
-    stats_student = stats_student.contiguous()
-    stats_teacher = stats_teacher.contiguous()
-    loss = loss.contiguous()
-    block, num_warps = _block_and_warps(V, acc_dtype, max(student.element_size(), teacher.element_size()))
-    inv_t_ptr, inv_t_arg = _inv_t_args(temperature, acc_dtype, student)
+    N, V = student.shape
+    student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
+    inv_t_ptr, inv_t_arg = _inv_t_args(temperature, _acc_dtype(student, teacher), student)
     # An output that is not requested is never written (constexpr flag); pass an input as its placeholder pointer.
     with _launch_guard(student):
         _softmax_kl_bwd_kernel[(N, triton.cdiv(V, block))](
-            grad_loss, student, teacher, stats_student, stats_teacher, loss,
+            grad_loss, student, teacher, stats_student.contiguous(), stats_teacher.contiguous(), loss.contiguous(),
             grad_s if student_grad else student, grad_t if teacher_grad else teacher,
             inv_t_ptr, inv_t_arg,
             V, grad_loss.stride(0), student.stride(0), teacher.stride(0),
-            BLOCK=block,
-            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            F64=acc_dtype == torch.float64,
-            STUDENT_GRAD=bool(student_grad),
-            TEACHER_GRAD=bool(teacher_grad),
+            BLOCK=block, **dtypes,
+            STUDENT_GRAD=bool(student_grad), TEACHER_GRAD=bool(teacher_grad),
             num_warps=num_warps,
         )
     return grad_s, grad_t
@@ -658,22 +516,28 @@ def softmax_kl_backward(
 @softmax_kl_backward.register_fake
 def _softmax_kl_backward_fake(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature,
                               student_grad, teacher_grad):
-    _check_inputs(student, teacher, temperature)
-    _check_row_stats(student, grad_loss, stats_student, stats_teacher, loss)
-    N, V = student.shape
-    grad_s = student.new_empty((N, V)) if student_grad else student.new_empty((0,))
-    grad_t = teacher.new_empty((N, V)) if teacher_grad else teacher.new_empty((0,))
-    return grad_s, grad_t
+    _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
+    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]
 
 
-def _check_beta(beta: float) -> None:
+def _check_jsd_forward(op: str, student, teacher, temperature, beta) -> None:
+    _check_logit_pair(op, student, teacher, temperature)
     if not 0.0 < beta < 1.0:  # also rejects NaN
-        raise ValueError(f"beta: expected a value in (0, 1), got {beta}")
+        raise ValueError(f"{op}: beta must lie in (0, 1), got {beta}")
+
+
+def _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature,
+                        beta) -> None:
+    _check_jsd_forward(_JSD_BACKWARD, student, teacher, temperature, beta)
+    N = student.shape[0]
+    _check_row_tensors(_JSD_BACKWARD, student, (
+        ("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
+        ("stats_teacher", stats_teacher, (N, 2)), ("mixture_kl", mixture_kl, (N, 2))))
 
 
 def _jsd_params(temperature: float, beta: float, acc_dtype: torch.dtype, dummy: torch.Tensor):
     """(params_ptr, scalars): the JSD scalars in double precision, in the order of the _P_* slots; for fp64 also as an
-    fp64 tensor, which the kernels read instead (see _inv_t_args)."""
+    fp64 tensor, which the kernels read instead (see _launch._inv_t_args)."""
     inv_t = 1.0 / temperature
     scalars = (inv_t, beta, 1.0 - beta, beta * inv_t, (1.0 - beta) * inv_t)
     assert len(scalars) == _N_JSD_PARAMS
@@ -688,41 +552,27 @@ def softmax_jsd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: per-row loss [N], (max, log_sum) statistics [N, 2] per side and mixture_kl [N, 2] =
     (KL(p_t || m), KL(p_s || m)), all in the accumulation dtype."""
-    _check_inputs(student, teacher, temperature)
-    _check_beta(beta)
-    acc_dtype = _acc_dtype(student, teacher)
+    _check_jsd_forward(_JSD_FORWARD, student, teacher, temperature, beta)
+    loss, stats_s, stats_t, mixture_kl = _row_outputs(student, teacher, 4)
     N, V = student.shape
-    loss = torch.empty(N, dtype=acc_dtype, device=student.device)
-    stats_s = torch.empty((N, 2), dtype=acc_dtype, device=student.device)
-    stats_t = torch.empty((N, 2), dtype=acc_dtype, device=student.device)
-    mixture_kl = torch.empty((N, 2), dtype=acc_dtype, device=student.device)
     if N == 0:
         return loss, stats_s, stats_t, mixture_kl
-    student = _unit_last_stride(student)
-    teacher = _unit_last_stride(teacher)
-    block, num_warps = _block_and_warps(V, acc_dtype, max(student.element_size(), teacher.element_size()))
-    params_ptr, (inv_t, beta_, one_m_beta, _, _) = _jsd_params(temperature, beta, acc_dtype, student)
+    student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
+    params_ptr, (inv_t, beta_, one_m_beta, _, _) = _jsd_params(temperature, beta, loss.dtype, student)
     with _launch_guard(student):
         _softmax_jsd_fwd_kernel[(N,)](
             student, teacher, loss, stats_s, stats_t, mixture_kl, params_ptr,
             inv_t, beta_, one_m_beta,
             V, student.stride(0), teacher.stride(0),
-            BLOCK=block,
-            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            F64=acc_dtype == torch.float64,
-            num_warps=num_warps,
+            BLOCK=block, **dtypes, num_warps=num_warps,
         )
     return loss, stats_s, stats_t, mixture_kl
 
 
 @softmax_jsd_forward.register_fake
 def _softmax_jsd_forward_fake(student, teacher, temperature, beta):
-    _check_inputs(student, teacher, temperature)
-    _check_beta(beta)
-    acc_dtype = _acc_dtype(student, teacher)
-    N = student.shape[0]
-    return (student.new_empty((N,), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype),
-            student.new_empty((N, 2), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype))
+    _check_jsd_forward(_JSD_FORWARD, student, teacher, temperature, beta)
+    return _row_outputs(student, teacher, 4)
 
 
 @torch.library.custom_op("kdkernels::triton_softmax_jsd_backward", mutates_args=())
@@ -739,37 +589,24 @@ def softmax_jsd_backward(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_loss * loss) w.r.t. student and teacher ([0]-shaped if not requested)."""
-    _check_inputs(student, teacher, temperature)
-    _check_beta(beta)
-    _check_jsd_row_stats(student, grad_loss, stats_student, stats_teacher, mixture_kl)
-    acc_dtype = _acc_dtype(student, teacher)
-    N, V = student.shape
-    device = student.device
-    grad_s = (torch.empty((N, V), dtype=student.dtype, device=device) if student_grad
-              else torch.empty(0, dtype=student.dtype, device=device))
-    grad_t = (torch.empty((N, V), dtype=teacher.dtype, device=device) if teacher_grad
-              else torch.empty(0, dtype=teacher.dtype, device=device))
-    if N == 0 or V == 0 or not (student_grad or teacher_grad):
+    _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta)
+    grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
+    if not needed:
         return grad_s, grad_t
-    student = _unit_last_stride(student)
-    teacher = _unit_last_stride(teacher)
-    stats_student = stats_student.contiguous()
-    stats_teacher = stats_teacher.contiguous()
-    mixture_kl = mixture_kl.contiguous()
-    block, num_warps = _block_and_warps(V, acc_dtype, max(student.element_size(), teacher.element_size()))
-    params_ptr, (inv_t, beta_, one_m_beta, coef_t, coef_s) = _jsd_params(temperature, beta, acc_dtype, student)
+    N, V = student.shape
+    student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
+    params_ptr, (inv_t, beta_, one_m_beta, coef_t, coef_s) = _jsd_params(temperature, beta,
+                                                                        _acc_dtype(student, teacher), student)
     # An output that is not requested is never written (constexpr flag); pass an input as its placeholder pointer.
     with _launch_guard(student):
         _softmax_jsd_bwd_kernel[(N, triton.cdiv(V, block))](
-            grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl,
+            grad_loss, student, teacher, stats_student.contiguous(), stats_teacher.contiguous(),
+            mixture_kl.contiguous(),
             grad_s if student_grad else student, grad_t if teacher_grad else teacher,
             params_ptr, inv_t, beta_, one_m_beta, coef_t, coef_s,
             V, grad_loss.stride(0), student.stride(0), teacher.stride(0),
-            BLOCK=block,
-            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            F64=acc_dtype == torch.float64,
-            STUDENT_GRAD=bool(student_grad),
-            TEACHER_GRAD=bool(teacher_grad),
+            BLOCK=block, **dtypes,
+            STUDENT_GRAD=bool(student_grad), TEACHER_GRAD=bool(teacher_grad),
             num_warps=num_warps,
         )
     return grad_s, grad_t
@@ -778,48 +615,5 @@ def softmax_jsd_backward(
 @softmax_jsd_backward.register_fake
 def _softmax_jsd_backward_fake(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature,
                                beta, student_grad, teacher_grad):
-    _check_inputs(student, teacher, temperature)
-    _check_beta(beta)
-    _check_jsd_row_stats(student, grad_loss, stats_student, stats_teacher, mixture_kl)
-    N, V = student.shape
-    grad_s = student.new_empty((N, V)) if student_grad else student.new_empty((0,))
-    grad_t = teacher.new_empty((N, V)) if teacher_grad else teacher.new_empty((0,))
-    return grad_s, grad_t
-
-
-def _check_row_stats(student, grad_loss, stats_student, stats_teacher, loss) -> None:
-    N = student.shape[0]
-    _check_row_tensors(student, (("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
-                                 ("stats_teacher", stats_teacher, (N, 2)), ("loss", loss, (N,))))
-
-
-def _check_jsd_row_stats(student, grad_loss, stats_student, stats_teacher, mixture_kl) -> None:
-    N = student.shape[0]
-    _check_row_tensors(student, (("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
-                                 ("stats_teacher", stats_teacher, (N, 2)), ("mixture_kl", mixture_kl, (N, 2))))
-
-
-def _check_row_tensors(student, specs) -> None:
-    for name, x, shape in specs:
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
-        if x.device != student.device:
-            raise ValueError(f"{name}: expected device {student.device} (the student's), got {x.device}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-
-
-def _launch_guard(x: torch.Tensor):
-    """Context for a launch on x's device.
-
-    CUDA: Triton launches on the current device (and its current stream), so make it x's device. Interpreter
-    (TRITON_INTERPRET=1, numpy): the kernels form inf / NaN intermediates on purpose (exp overflow of a discarded
-    factor, -inf - -inf in masked lanes) and discard them with tl.where; silence numpy's floating-point warnings.
-    """
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    if type(_softmax_kl_fwd_kernel).__name__ == "InterpretedFunction":
-        import numpy
-
-        return numpy.errstate(all="ignore")
-    return contextlib.nullcontext()
+    _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta)
+    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]

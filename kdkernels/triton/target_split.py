@@ -9,8 +9,9 @@ For a row with label y and q = softmax(x / T) over its non-target columns (one s
 Custom ops ``kdkernels::triton_target_split_forward`` / ``_backward`` with the schemas of the C++ ops in
 csrc/kdkernels.cpp; autograd is registered by kdkernels/ops. Forward: one program per row, one online pass over the
 non-target columns (column y masked out) keeping both sides' (max, sum) and, as the KL kernel of softmax_kl.py,
-acc_kl = sum e_t (t^ - s^) and acc_h = sum e_t t^ rescaled with the teacher's sum; the target logits are loaded
-directly. Backward: elementwise over (row, column block) from the saved statistics and terms::
+acc_kl = sum e_t (t^ - s^) and acc_h = sum e_t t^ rescaled with the teacher's sum (in fp64: KL(q_t || q_s) is
+often far below its terms); the target logits are loaded directly. Backward: elementwise over (row, column block)
+from the saved statistics and terms::
 
     c != y:  d/ds = 1/T (q_s (g1 p_s[y] - g0 (1 - p_s[y]) + g4) - g4 q_t)
              d/dt = 1/T q_t (g3 p_t[y] - g2 (1 - p_t[y]) + g4 (log q_t - log q_s - KL) - g5 (log q_t + H))
@@ -25,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton._common import (NEG_INF, _check_index_tensor, _log_prob, _pair_gradients, _prob, _row_launch,
-                                      _scales, _store_stats)
-from kdkernels.triton.softmax_kl import (_acc_dtype, _check_inputs, _check_row_tensors, _exp, _launch_guard, _log,
-                                         _log1p_nonpositive, _rescaled_sum, _rescaled_teacher_moment,
-                                         _teacher_weighted_sum)
+from kdkernels.triton._common import (NEG_INF, _exp_natural, _log1p_nonpositive, _log_prob, _prob, _rescaled_sum,
+                                      _rescaled_teacher_moment, _scales, _store_stats, _teacher_weighted_sum,
+                                      _wide_sum)
+from kdkernels.triton._launch import (_acc_dtype, _check_index_tensor, _check_logit_pair, _check_row_tensors,
+                                      _launch_guard, _pair_gradients, _row_launch)
 
 __all__ = ["target_split_forward", "target_split_backward"]
 
@@ -79,50 +80,52 @@ def _target_split_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    inv_t, k, _, unit = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
     y = tl.load(labels_ptr + row * stride_labels)
     valid = (y >= 0) & (y < V)
     offs = tl.arange(0, BLOCK)
 
     # Online state over the non-target columns, as _softmax_kl_fwd_kernel (safe shifts m~ = (M == -inf) ? 0 : M,
-    # x^ = (x - m~) k, e_t = exp(t^)):  d_* = sum e_*,  acc_kl = sum e_t (t^ - s^),  acc_h = sum e_t t^,
-    # a term := 0 where e_t == 0.
+    # x^ = (x - m~) / T, e_t = exp(t^); sums and moments in fp64):  d_* = sum e_*,  acc_kl = sum e_t (t^ - s^),
+    # acc_h = sum e_t t^, a term := 0 where e_t == 0.
     m_s = tl.full([], NEG_INF, ACC)
     m_t = tl.full([], NEG_INF, ACC)
-    d_s = tl.full([], 0.0, ACC)
-    d_t = tl.full([], 0.0, ACC)
-    acc_kl = tl.full([], 0.0, ACC)
-    acc_h = tl.full([], 0.0, ACC)
+    d_s = tl.full([], 0.0, tl.float64)
+    d_t = tl.full([], 0.0, tl.float64)
+    acc_kl = tl.full([], 0.0, tl.float64)
+    acc_h = tl.full([], 0.0, tl.float64)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = (cols < V) & (cols != y)
         s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC)
 
-        m_s_new, sh_s, d_s, delta_s, _ = _rescaled_sum(m_s, d_s, s, k, F64)
-        m_t_new, sh_t, d_t_rescaled, delta_t, c_t = _rescaled_sum(m_t, d_t, t, k, F64)
-        acc_kl = _rescaled_teacher_moment(acc_kl, m_t, c_t, d_t, delta_t, delta_s)
-        acc_h = _rescaled_teacher_moment(acc_h, m_t, c_t, d_t, delta_t, 0.0)
+        m_s_new, sh_s, d_s, moved_s, _ = _rescaled_sum(m_s, d_s, s, inv_t)
+        m_t_new, sh_t, d_t_rescaled, moved_t, c_t = _rescaled_sum(m_t, d_t, t, inv_t)
+        acc_kl = _rescaled_teacher_moment(acc_kl, m_t, c_t, d_t, moved_t, moved_s, inv_t)
+        acc_h = _rescaled_teacher_moment(acc_h, m_t, c_t, d_t, moved_t, 0.0, inv_t)
         d_t = d_t_rescaled
 
-        x_s = (s - sh_s) * k
-        x_t = (t - sh_t) * k
-        e_t = _exp(x_t, F64)
-        d_s += tl.sum(_exp(x_s, F64), axis=0)
-        d_t += tl.sum(e_t, axis=0)
-        acc_kl += _teacher_weighted_sum(e_t, x_t - x_s)
-        acc_h += _teacher_weighted_sum(e_t, x_t)
+        s_hat = (s - sh_s) * inv_t
+        t_hat = (t - sh_t) * inv_t
+        e_t = _exp_natural(t_hat, F64)
+        d_s += _wide_sum(_exp_natural(s_hat, F64))
+        d_t += _wide_sum(e_t)
+        acc_kl += _teacher_weighted_sum(e_t, t_hat - s_hat)
+        acc_h += _teacher_weighted_sum(e_t, t_hat)
         m_s = m_s_new
         m_t = m_t_new
 
-    log_sum_s = _log(d_s, F64) * unit
-    log_sum_t = _log(d_t, F64) * unit
-    # KL = acc_kl / d_t - log d_t + log d_s: +inf when the student's non-target columns are all -inf under a finite
-    # teacher; KL = H = 0 when the teacher's are (empty q_t).
-    kl = (acc_kl / d_t - _log(d_t, F64) + _log(d_s, F64)) * unit
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    log_sum_s = log_d_s.to(ACC)
+    log_sum_t = log_d_t.to(ACC)
+    # KL = acc_kl / d_t + log d_s - log d_t and H = log d_t - acc_h / d_t, rounded once: KL = +inf when the student's
+    # non-target columns are all -inf under a finite teacher; KL = H = 0 when the teacher's are (empty q_t).
+    kl = (acc_kl / d_t + (log_d_s - log_d_t)).to(ACC)
     kl = tl.where(m_s == NEG_INF, float("inf"), kl)
     kl = tl.where(m_t == NEG_INF, 0.0, kl)
-    entropy = tl.where(m_t == NEG_INF, 0.0, (_log(d_t, F64) - acc_h / d_t) * unit)
+    entropy = tl.where(m_t == NEG_INF, 0.0, (log_d_t - acc_h / d_t).to(ACC))
 
     s_y = tl.load(s_row + y, mask=valid, other=NEG_INF).to(ACC)
     t_y = tl.load(t_row + y, mask=valid, other=NEG_INF).to(ACC)
@@ -167,7 +170,7 @@ def _target_split_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
-    inv_t, _, to_exp, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
+    inv_t, _, _, _ = _scales(inv_t_ptr, inv_t_arg, ACC, F64)
     y = tl.load(labels_ptr + row * stride_labels)
     valid = (y >= 0) & (y < V)
 
@@ -182,8 +185,8 @@ def _target_split_bwd_kernel(
 
     is_target = cols == y
     # q on the non-target columns (0 where that side's non-target set is empty); column y is overwritten below.
-    q_s = _prob(s, max_s, log_sum_s, inv_t, to_exp, F64)
-    q_t = _prob(t, max_t, log_sum_t, inv_t, to_exp, F64)
+    q_s = _prob(s, max_s, log_sum_s, inv_t, F64)
+    q_t = _prob(t, max_t, log_sum_t, inv_t, F64)
     kl = tl.load(terms_row + 4).to(ACC)
     # KL is a constant (0 or +inf) where the teacher's non-target set is empty or the student has a hole under it:
     # g4 then has no effect (as the reference, whose forward selects the constant there).
@@ -194,8 +197,8 @@ def _target_split_bwd_kernel(
     if STUDENT_GRAD:
         g0 = tl.load(g_row).to(ACC)
         g1 = tl.load(g_row + 1).to(ACC)
-        p_y = _exp(tl.load(terms_row).to(ACC) * to_exp, F64)
-        rest = _exp(tl.load(terms_row + 1).to(ACC) * to_exp, F64)
+        p_y = _exp_natural(tl.load(terms_row).to(ACC), F64)
+        rest = _exp_natural(tl.load(terms_row + 1).to(ACC), F64)
         grad_rest = q_s * (g1 * p_y - g0 * rest + g4) - g4 * q_t
         grad_s = inv_t * tl.where(is_target, g0 * rest - g1 * p_y, grad_rest)
         grad_s = tl.where(valid, grad_s, nan)
@@ -204,8 +207,8 @@ def _target_split_bwd_kernel(
         g2 = tl.load(g_row + 2).to(ACC)
         g3 = tl.load(g_row + 3).to(ACC)
         g5 = tl.load(g_row + 5).to(ACC)
-        p_y = _exp(tl.load(terms_row + 2).to(ACC) * to_exp, F64)
-        rest = _exp(tl.load(terms_row + 3).to(ACC) * to_exp, F64)
+        p_y = _exp_natural(tl.load(terms_row + 2).to(ACC), F64)
+        rest = _exp_natural(tl.load(terms_row + 3).to(ACC), F64)
         entropy = tl.load(terms_row + 5).to(ACC)
         log_q_t = _log_prob(t, max_t, log_sum_t, inv_t)
         log_q_s = _log_prob(s, max_s, log_sum_s, inv_t)
@@ -218,8 +221,13 @@ def _target_split_bwd_kernel(
         tl.store(gt_ptr + out_offs, grad_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_labels(student: torch.Tensor, labels: torch.Tensor) -> None:
-    _check_index_tensor("labels", labels, (student.shape[0],), student.device)
+_FORWARD = "triton_target_split_forward"
+_BACKWARD = "triton_target_split_backward"
+
+
+def _check_forward_inputs(op: str, student, teacher, labels, temperature) -> None:
+    _check_logit_pair(op, student, teacher, temperature)
+    _check_index_tensor(op, "labels", labels, (student.shape[0],), student.device)
 
 
 @torch.library.custom_op("kdkernels::triton_target_split_forward", mutates_args=())
@@ -228,8 +236,7 @@ def target_split_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: terms [N, 6] and the non-target (max, log_sum) statistics [N, 2] per side, in the
     accumulation dtype."""
-    _check_inputs(student, teacher, temperature)
-    _check_labels(student, labels)
+    _check_forward_inputs(_FORWARD, student, teacher, labels, temperature)
     acc_dtype = _acc_dtype(student, teacher)
     N, V = student.shape
     terms = torch.empty((N, _N_TERMS), dtype=acc_dtype, device=student.device)
@@ -250,8 +257,7 @@ def target_split_forward(
 
 @target_split_forward.register_fake
 def _target_split_forward_fake(student, teacher, labels, temperature):
-    _check_inputs(student, teacher, temperature)
-    _check_labels(student, labels)
+    _check_forward_inputs(_FORWARD, student, teacher, labels, temperature)
     acc_dtype = _acc_dtype(student, teacher)
     N = student.shape[0]
     return (student.new_empty((N, _N_TERMS), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype),
@@ -260,11 +266,11 @@ def _target_split_forward_fake(student, teacher, labels, temperature):
 
 def _check_backward_inputs(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
                            temperature) -> None:
-    _check_inputs(student, teacher, temperature)
-    _check_labels(student, labels)
+    _check_forward_inputs(_BACKWARD, student, teacher, labels, temperature)
     N = student.shape[0]
-    _check_row_tensors(student, (("grad_terms", grad_terms, (N, _N_TERMS)), ("stats_student", stats_student, (N, 2)),
-                                 ("stats_teacher", stats_teacher, (N, 2)), ("terms", terms, (N, _N_TERMS))))
+    _check_row_tensors(_BACKWARD, student, (("grad_terms", grad_terms, (N, _N_TERMS)),
+                                            ("stats_student", stats_student, (N, 2)),
+                                            ("stats_teacher", stats_teacher, (N, 2)), ("terms", terms, (N, _N_TERMS))))
 
 
 @torch.library.custom_op("kdkernels::triton_target_split_backward", mutates_args=())
