@@ -1,4 +1,4 @@
-"""The input checks shared by the Triton ops (kdkernels/triton/_launch.py): TypeError for a wrong type or dtype,
+"""The input checks of the ops (kdkernels/ops/_checks.py) as the Triton ops run them: TypeError for a wrong type or dtype,
 ValueError for a wrong shape or value, each message starting with the op and naming the argument, in the op and in
 its fake (meta) kernel alike."""
 import math

@@ -9,6 +9,7 @@ Triton twin, when triton is importable): the same fake and the same autograd for
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -34,9 +35,11 @@ def empty_gradient_like(logits: torch.Tensor, requested: bool) -> torch.Tensor:
 class OpSpec:
     """The Python side of one op.
 
-    ``make_backward(backward_op)`` returns the autograd backward; ``backward_op`` is that twin's
-    ``kdkernels::[triton_]<name>_backward`` when ``fake_backward`` is given (the backward is an op of its own), else
-    None (the forward already returned the gradients, which the backward scales).
+    The fakes take the op's name first (``fake_forward("softmax_kl_forward", *inputs)``): they check the inputs as
+    the kernels do (kdkernels/ops/_checks.py), naming the op that was called. ``make_backward(backward_op)`` returns
+    the autograd backward; ``backward_op`` is that twin's ``kdkernels::[triton_]<name>_backward`` when
+    ``fake_backward`` is given (the backward is an op of its own), else None (the forward already returned the
+    gradients, which the backward scales).
     """
 
     name: str
@@ -52,11 +55,11 @@ def register(spec: OpSpec) -> None:
         forward = f"{prefix}{spec.name}_forward"
         if not hasattr(torch.ops.kdkernels, forward):
             continue
-        torch.library.register_fake(f"kdkernels::{forward}")(spec.fake_forward)
+        torch.library.register_fake(f"kdkernels::{forward}")(functools.partial(spec.fake_forward, forward))
         backward_op = None
         if spec.fake_backward is not None:
             backward = f"{prefix}{spec.name}_backward"
-            torch.library.register_fake(f"kdkernels::{backward}")(spec.fake_backward)
+            torch.library.register_fake(f"kdkernels::{backward}")(functools.partial(spec.fake_backward, backward))
             backward_op = getattr(torch.ops.kdkernels, backward).default
         torch.library.register_autograd(f"kdkernels::{forward}", spec.make_backward(backward_op),
                                         setup_context=spec.setup_context)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from kdkernels.ops._checks import check_crd_nce_forward
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import contrastive as reference
 
 OP = "crd_nce"
 
 
-def _fake_forward(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps, embed_grad):
+def _fake_forward(op, embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps, embed_grad):
+    check_crd_nce_forward(op, embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps)
     acc = accumulation_dtype(embed)
     batch = embed.shape[0]
     return (embed.new_empty((batch,), dtype=acc), embed.new_empty((batch,), dtype=acc),

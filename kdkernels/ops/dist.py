@@ -9,21 +9,25 @@ from __future__ import annotations
 import torch
 
 from kdkernels._validation import promote_float64
+from kdkernels.ops._checks import check_dist_backward, check_logit_pair
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import dist as reference
 
 OP = "dist"
 
 
-def _fake_forward(student, teacher, temperature):
+def _fake_forward(op, student, teacher, temperature):
+    check_logit_pair(op, student, teacher, temperature)
     rows, cols = student.shape
     dtype = accumulation_dtype(student)
     return (student.new_empty((rows,), dtype=dtype), student.new_empty((cols,), dtype=dtype),
             *(student.new_empty(shape, dtype=torch.float64) for shape in ((rows, 3), (cols, 5), (rows, 2), (rows, 2))))
 
 
-def _fake_backward(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student, stats_teacher,
+def _fake_backward(op, grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student, stats_teacher,
                    temperature, student_grad, teacher_grad):
+    check_dist_backward(op, grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
+                        stats_teacher, temperature)
     return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from kdkernels.ops._checks import check_logsoftmax_gather_backward, check_logsoftmax_gather_forward
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import logsoftmax_gather as reference
 
 OP = "logsoftmax_gather"
 
 
-def _fake_forward(logits, indices, temperature):
+def _fake_forward(op, logits, indices, temperature):
+    check_logsoftmax_gather_forward(op, logits, indices, temperature)
     dtype = accumulation_dtype(logits)
     return logits.new_empty(tuple(indices.shape), dtype=dtype), logits.new_empty((logits.shape[0], 2), dtype=dtype)
 
 
-def _fake_backward(grad_gathered, logits, indices, stats, temperature):
+def _fake_backward(op, grad_gathered, logits, indices, stats, temperature):
+    check_logsoftmax_gather_backward(op, grad_gathered, logits, indices, stats, temperature)
     return empty_gradient_like(logits, True)
 
 

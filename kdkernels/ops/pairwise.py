@@ -16,7 +16,7 @@ from kdkernels.reference import pairwise as reference
 OP = "pairwise"
 
 
-def _fake_forward(student, teacher, relation, params, student_grad, teacher_grad):
+def _fake_forward(op, student, teacher, relation, params, student_grad, teacher_grad):
     loss = student.new_empty((), dtype=accumulation_dtype(student))
     return loss, empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 

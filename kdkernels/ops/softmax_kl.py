@@ -5,7 +5,8 @@ Ops (schemas in csrc/kdkernels.cpp; Triton twins in kdkernels/triton/softmax_kl.
 * ``softmax_kl_forward(student, teacher, T) -> (loss, stats_student, stats_teacher)``: per-row
   KL(softmax(teacher/T) || softmax(student/T)) of 2-D logits [N, V], plus per-row statistics [N, 2] =
   (max, log_sum) of each side, with log p = (x - max) / T - log_sum: what the backward needs.
-* ``softmax_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, T, student_grad, teacher_grad)``.
+* ``softmax_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, T, student_grad,
+  teacher_grad)``.
 
 The backward saves only the inputs and five fp32 numbers per row; it never keeps a probability tensor.
 Formulas and ``-inf`` conventions: kdkernels/reference/softmax_kl.py.
@@ -15,18 +16,21 @@ from __future__ import annotations
 import torch
 
 from kdkernels._validation import promote_float64
+from kdkernels.ops._checks import check_jsd_backward, check_jsd_forward, check_kl_backward, check_logit_pair
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import softmax_kl as reference
 
 
-def _fake_forward(student, teacher, temperature):
+def _fake_forward(op, student, teacher, temperature):
+    check_logit_pair(op, student, teacher, temperature)
     rows, dtype = student.shape[0], accumulation_dtype(student)
     return (student.new_empty((rows,), dtype=dtype), student.new_empty((rows, 2), dtype=dtype),
             student.new_empty((rows, 2), dtype=dtype))
 
 
-def _fake_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature, student_grad,
+def _fake_backward(op, grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature, student_grad,
                    teacher_grad):
+    check_kl_backward(op, grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
     return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 
@@ -49,14 +53,16 @@ def _make_backward(backward_op):
     return backward
 
 
-def _fake_jsd_forward(student, teacher, temperature, beta):
+def _fake_jsd_forward(op, student, teacher, temperature, beta):
+    check_jsd_forward(op, student, teacher, temperature, beta)
     rows, dtype = student.shape[0], accumulation_dtype(student)
     return (student.new_empty((rows,), dtype=dtype),) + tuple(student.new_empty((rows, 2), dtype=dtype)
                                                                for _ in range(3))
 
 
-def _fake_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta,
+def _fake_jsd_backward(op, grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta,
                        student_grad, teacher_grad):
+    check_jsd_backward(op, grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta)
     return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 

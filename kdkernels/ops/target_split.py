@@ -10,20 +10,24 @@ from __future__ import annotations
 import torch
 
 from kdkernels._validation import promote_float64
+from kdkernels.ops._checks import check_target_split_backward, check_target_split_forward
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import target_split as reference
 
 OP = "target_split"
 
 
-def _fake_forward(student, teacher, labels, temperature):
+def _fake_forward(op, student, teacher, labels, temperature):
+    check_target_split_forward(op, student, teacher, labels, temperature)
     rows, dtype = student.shape[0], accumulation_dtype(student)
     return (student.new_empty((rows, 6), dtype=dtype), student.new_empty((rows, 2), dtype=dtype),
             student.new_empty((rows, 2), dtype=dtype))
 
 
-def _fake_backward(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms, temperature,
+def _fake_backward(op, grad_terms, student, teacher, labels, stats_student, stats_teacher, terms, temperature,
                    student_grad, teacher_grad):
+    check_target_split_backward(op, grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
+                                temperature)
     return empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 
 

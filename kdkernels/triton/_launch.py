@@ -25,65 +25,6 @@ _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_float_tensor(op: str, name: str, x: torch.Tensor) -> None:
-    """x is a tensor of a supported floating dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {name} must be {_DTYPE_NAMES}, got {x.dtype}")
-
-
-def _check_logits(op: str, name: str, x: torch.Tensor) -> None:
-    """2-D [N, V] logits of a supported dtype."""
-    _check_float_tensor(op, name, x)
-    if x.dim() != 2:
-        raise ValueError(f"{op}: {name} must be a 2-D [N, V] tensor, got shape {tuple(x.shape)}")
-
-
-def _check_temperature(op: str, temperature: float) -> None:
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-
-
-def _check_logit_pair(op: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
-    """Student and teacher logits [N, V] of one shape on one device, fp64 for both or neither; temperature > 0."""
-    _check_logits(op, "student", student)
-    _check_logits(op, "teacher", teacher)
-    if teacher.shape != student.shape:
-        raise ValueError(f"{op}: teacher must have the student's shape {tuple(student.shape)}, got "
-                         f"{tuple(teacher.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"{op}: teacher must be on the student's device {student.device}, got {teacher.device}")
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        raise TypeError(f"{op}: student and teacher must both be float64 or neither, got {student.dtype} and "
-                        f"{teacher.dtype}")
-    _check_temperature(op, temperature)
-
-
-def _check_index_tensor(op: str, name: str, x: torch.Tensor, shape: tuple, device: torch.device) -> None:
-    """An int64 label / index tensor of the given shape on the logits' device."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
-        raise TypeError(f"{op}: {name} must be an int64 tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{op}: {name} must be on the logits' device {device}, got {x.device}")
-
-
-def _check_row_tensors(op: str, like: torch.Tensor, specs) -> None:
-    """Saved per-row tensors and upstream gradients: for each (name, x, shape) a floating tensor of that shape on
-    like's device."""
-    for name, x, shape in specs:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        if x.device != like.device:
-            raise ValueError(f"{op}: {name} must be on the inputs' device {like.device}, got {x.device}")
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Launch setup
 # ------------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton._launch import (_acc_dtype, _check_float_tensor, _check_temperature, _launch_guard,
-                                      _unit_last_stride)
+from kdkernels.ops._checks import check_crd_nce_forward
+from kdkernels.triton._launch import _acc_dtype, _launch_guard, _unit_last_stride
 
 __all__ = ["crd_nce_forward"]
 
@@ -102,38 +102,6 @@ def _crd_nce_chunk_kernel(
         tl.store(grad_ptr + out * D + ds, grad, mask=d_mask)
 
 
-def _check_inputs(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps) -> None:
-    _check_float_tensor(_OP, "embed", embed)
-    _check_float_tensor(_OP, "memory", memory)
-    if embed.dim() != 2 or embed.shape[0] < 1 or embed.shape[1] < 1:
-        raise ValueError(f"{_OP}: embed must be a 2-D [B, d] tensor with B, d >= 1, got shape {tuple(embed.shape)}")
-    if memory.dim() != 2 or memory.shape[0] < 1 or memory.shape[1] != embed.shape[1]:
-        raise ValueError(f"{_OP}: memory must be a 2-D [N, {embed.shape[1]}] tensor with N >= 1, got shape "
-                         f"{tuple(memory.shape)}")
-    if (embed.dtype == torch.float64) != (memory.dtype == torch.float64):
-        raise TypeError(f"{_OP}: embed and memory must both be float64 or neither, got {embed.dtype} and "
-                        f"{memory.dtype}")
-    if contrast_indices.dtype != torch.int64:
-        raise TypeError(f"{_OP}: contrast_indices must be an int64 tensor, got {contrast_indices.dtype}")
-    if contrast_indices.dim() != 2 or contrast_indices.shape[0] != embed.shape[0] or contrast_indices.shape[1] < 2:
-        raise ValueError(f"{_OP}: contrast_indices must have shape [{embed.shape[0]}, K+1] with K+1 >= 2, got "
-                         f"{tuple(contrast_indices.shape)}")
-    acc = _acc_dtype(embed)
-    if log_normalizer.dtype != acc:
-        raise TypeError(f"{_OP}: log_normalizer must be a 0-dim {acc} tensor, got {log_normalizer.dtype}")
-    if log_normalizer.dim() != 0:
-        raise ValueError(f"{_OP}: log_normalizer must be a 0-dim {acc} tensor, got shape "
-                         f"{tuple(log_normalizer.shape)}")
-    for name, x in (("memory", memory), ("contrast_indices", contrast_indices), ("log_normalizer", log_normalizer)):
-        if x.device != embed.device:
-            raise ValueError(f"{_OP}: {name} must be on embed's device {embed.device}, got {x.device}")
-    _check_temperature(_OP, temperature)
-    if not (noise_mass > 0.0 and noise_mass < float("inf")):
-        raise ValueError(f"{_OP}: noise_mass must be finite and > 0 (K / N), got {noise_mass}")
-    if not (eps >= 0.0 and eps < float("inf")):
-        raise ValueError(f"{_OP}: eps must be finite and >= 0, got {eps}")
-
-
 def _outputs(embed: torch.Tensor, embed_grad: bool):
     acc = _acc_dtype(embed)
     batch = embed.shape[0]
@@ -168,7 +136,7 @@ def crd_nce_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: (loss_rows [B], score_lse [B]) in the accumulation dtype and grad_embed (embed's dtype, or
     empty [0] when not requested)."""
-    _check_inputs(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps)
+    check_crd_nce_forward(_OP, embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps)
     acc = _acc_dtype(embed)
     batch, features = embed.shape
     contrasts = contrast_indices.shape[1]
@@ -194,7 +162,3 @@ def crd_nce_forward(
     return loss_part.sum(dim=1), _combine_logsumexp(max_part, sum_part), grad
 
 
-@crd_nce_forward.register_fake
-def _crd_nce_forward_fake(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps, embed_grad):
-    _check_inputs(embed, memory, contrast_indices, log_normalizer, temperature, noise_mass, eps)
-    return _outputs(embed, embed_grad)

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels.ops._checks import check_dist_backward, check_logit_pair
 from kdkernels.triton._common import NEG_INF, _eps, _exp, _log, _row_max_and_sum, _scales, _store_stats
-from kdkernels.triton._launch import (_acc_dtype, _check_logit_pair, _check_row_tensors, _launch_guard,
-                                      _pair_gradients, _row_launch)
+from kdkernels.triton._launch import _acc_dtype, _launch_guard, _pair_gradients, _row_launch
 
 __all__ = ["dist_forward", "dist_backward"]
 
@@ -322,7 +322,7 @@ def dist_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: (row_pearson [N], col_pearson [V]) in the accumulation dtype, (row_moments [N, 3],
     col_moments [V, 5], stats_student [N, 2], stats_teacher [N, 2]) in float64."""
-    _check_logit_pair("triton_dist_forward", student, teacher, temperature)
+    check_logit_pair("triton_dist_forward", student, teacher, temperature)
     N, V = student.shape
     new = dict(dtype=_acc_dtype(student, teacher), device=student.device)
     saved = dict(dtype=torch.float64, device=student.device)
@@ -349,26 +349,6 @@ def dist_forward(
     return outputs
 
 
-@dist_forward.register_fake
-def _dist_forward_fake(student, teacher, temperature):
-    _check_logit_pair("triton_dist_forward", student, teacher, temperature)
-    acc_dtype = _acc_dtype(student, teacher)
-    N, V = student.shape
-    return (student.new_empty((N,), dtype=acc_dtype), student.new_empty((V,), dtype=acc_dtype),
-            *(student.new_empty(shape, dtype=torch.float64)
-              for shape in ((N, _N_ROW_MOMENTS), (V, _N_COL_MOMENTS), (N, 2), (N, 2))))
-
-
-def _check_backward_inputs(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
-                           stats_teacher, temperature) -> None:
-    _check_logit_pair("triton_dist_backward", student, teacher, temperature)
-    N, V = student.shape
-    _check_row_tensors("triton_dist_backward", student, (
-        ("grad_row", grad_row, (N,)), ("grad_col", grad_col, (V,)), ("row_moments", row_moments, (N, _N_ROW_MOMENTS)),
-        ("col_moments", col_moments, (V, _N_COL_MOMENTS)), ("stats_student", stats_student, (N, 2)),
-        ("stats_teacher", stats_teacher, (N, 2))))
-
-
 @torch.library.custom_op("kdkernels::triton_dist_backward", mutates_args=())
 def dist_backward(
     grad_row: torch.Tensor,
@@ -385,8 +365,8 @@ def dist_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_row * row_pearson) + sum(grad_col * col_pearson) w.r.t. student and
     teacher ([0]-shaped if not requested)."""
-    _check_backward_inputs(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
-                           stats_teacher, temperature)
+    check_dist_backward("triton_dist_backward", grad_row, grad_col, student, teacher, row_moments, col_moments,
+                        stats_student, stats_teacher, temperature)
     grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
     if not needed:
         return grad_s, grad_t
@@ -408,9 +388,3 @@ def dist_backward(
     return grad_s, grad_t
 
 
-@dist_backward.register_fake
-def _dist_backward_fake(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
-                        stats_teacher, temperature, student_grad, teacher_grad):
-    _check_backward_inputs(grad_row, grad_col, student, teacher, row_moments, col_moments, stats_student,
-                           stats_teacher, temperature)
-    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]

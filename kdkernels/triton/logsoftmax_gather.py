@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels.ops._checks import check_logsoftmax_gather_backward, check_logsoftmax_gather_forward
 from kdkernels.triton._common import NEG_INF, _log_prob, _prob, _row_max_and_log_sum, _scales, _store_stats
-from kdkernels.triton._launch import (_acc_dtype, _check_index_tensor, _check_logits, _check_row_tensors,
-                                      _check_temperature, _launch_guard, _row_launch, _unit_last_stride)
+from kdkernels.triton._launch import _acc_dtype, _launch_guard, _row_launch, _unit_last_stride
 
 __all__ = ["logsoftmax_gather_forward", "logsoftmax_gather_backward"]
 
@@ -169,21 +169,13 @@ _FORWARD = "triton_logsoftmax_gather_forward"
 _BACKWARD = "triton_logsoftmax_gather_backward"
 
 
-def _check_forward_inputs(op: str, logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> None:
-    _check_logits(op, "logits", logits)
-    if indices.dim() != 2:
-        raise ValueError(f"{op}: indices must be a 2-D [N, k] tensor, got shape {tuple(indices.shape)}")
-    _check_index_tensor(op, "indices", indices, (logits.shape[0], indices.shape[1]), logits.device)
-    _check_temperature(op, temperature)
-
-
 @torch.library.custom_op("kdkernels::triton_logsoftmax_gather_forward", mutates_args=())
 def logsoftmax_gather_forward(
     logits: torch.Tensor, indices: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: gathered log-probabilities [N, k] and (max, log_sum) statistics [N, 2], in the accumulation
     dtype."""
-    _check_forward_inputs(_FORWARD, logits, indices, temperature)
+    check_logsoftmax_gather_forward(_FORWARD, logits, indices, temperature)
     acc_dtype = _acc_dtype(logits)
     N, V = logits.shape
     K = indices.shape[1]
@@ -203,26 +195,12 @@ def logsoftmax_gather_forward(
     return gathered, stats
 
 
-@logsoftmax_gather_forward.register_fake
-def _logsoftmax_gather_forward_fake(logits, indices, temperature):
-    _check_forward_inputs(_FORWARD, logits, indices, temperature)
-    acc_dtype = _acc_dtype(logits)
-    N = logits.shape[0]
-    return (logits.new_empty((N, indices.shape[1]), dtype=acc_dtype), logits.new_empty((N, 2), dtype=acc_dtype))
-
-
-def _check_backward_inputs(grad_gathered, logits, indices, stats, temperature) -> None:
-    _check_forward_inputs(_BACKWARD, logits, indices, temperature)
-    _check_row_tensors(_BACKWARD, logits, (("grad_gathered", grad_gathered, tuple(indices.shape)),
-                                           ("stats", stats, (logits.shape[0], 2))))
-
-
 @torch.library.custom_op("kdkernels::triton_logsoftmax_gather_backward", mutates_args=())
 def logsoftmax_gather_backward(
     grad_gathered: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor, stats: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Triton backward: the gradient [N, V] of sum(grad_gathered * gathered) w.r.t. the logits, in their dtype."""
-    _check_backward_inputs(grad_gathered, logits, indices, stats, temperature)
+    check_logsoftmax_gather_backward(_BACKWARD, grad_gathered, logits, indices, stats, temperature)
     N, V = logits.shape
     K = indices.shape[1]
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
@@ -246,7 +224,3 @@ def logsoftmax_gather_backward(
     return grad
 
 
-@logsoftmax_gather_backward.register_fake
-def _logsoftmax_gather_backward_fake(grad_gathered, logits, indices, stats, temperature):
-    _check_backward_inputs(grad_gathered, logits, indices, stats, temperature)
-    return logits.new_empty(tuple(logits.shape))

@@ -51,10 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels.ops._checks import check_jsd_backward, check_jsd_forward, check_kl_backward, check_logit_pair
 from kdkernels.triton._common import (_exp_natural, _log1p_nonpositive, _rescaled_sum, _rescaled_teacher_moment,
                                       _scales, _teacher_weighted_sum, _wide_log_ratio, _wide_sum)
-from kdkernels.triton._launch import (_acc_dtype, _block_and_warps, _check_logit_pair, _check_row_tensors,
-                                      _inv_t_args, _launch_guard, _pair_gradients, _unit_last_stride)
+from kdkernels.triton._launch import (_acc_dtype, _block_and_warps, _inv_t_args, _launch_guard, _pair_gradients,
+                                      _unit_last_stride)
 
 __all__ = [
     "softmax_kl_forward",
@@ -444,20 +445,12 @@ def _launch_setup(student: torch.Tensor, teacher: torch.Tensor):
             {"ACC": tl.float64 if f64 else tl.float32, "F64": f64})
 
 
-def _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature) -> None:
-    _check_logit_pair(_KL_BACKWARD, student, teacher, temperature)
-    N = student.shape[0]
-    _check_row_tensors(_KL_BACKWARD, student, (
-        ("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
-        ("stats_teacher", stats_teacher, (N, 2)), ("loss", loss, (N,))))
-
-
 @torch.library.custom_op("kdkernels::triton_softmax_kl_forward", mutates_args=())
 def softmax_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: per-row loss [N] and (max, log_sum) statistics [N, 2] in the accumulation dtype."""
-    _check_logit_pair(_KL_FORWARD, student, teacher, temperature)
+    check_logit_pair(_KL_FORWARD, student, teacher, temperature)
     loss, stats_s, stats_t = _row_outputs(student, teacher, 3)
     N, V = student.shape
     if N == 0:
@@ -473,12 +466,6 @@ def softmax_kl_forward(
     return loss, stats_s, stats_t
 
 
-@softmax_kl_forward.register_fake
-def _softmax_kl_forward_fake(student, teacher, temperature):
-    _check_logit_pair(_KL_FORWARD, student, teacher, temperature)
-    return _row_outputs(student, teacher, 3)
-
-
 @torch.library.custom_op("kdkernels::triton_softmax_kl_backward", mutates_args=())
 def softmax_kl_backward(
     grad_loss: torch.Tensor,
@@ -492,7 +479,7 @@ def softmax_kl_backward(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_loss * loss) w.r.t. student and teacher ([0]-shaped if not requested)."""
-    _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
+    check_kl_backward(_KL_BACKWARD, grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
     grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
     if not needed:
         return grad_s, grad_t
@@ -513,28 +500,6 @@ def softmax_kl_backward(
     return grad_s, grad_t
 
 
-@softmax_kl_backward.register_fake
-def _softmax_kl_backward_fake(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature,
-                              student_grad, teacher_grad):
-    _check_kl_backward(grad_loss, student, teacher, stats_student, stats_teacher, loss, temperature)
-    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]
-
-
-def _check_jsd_forward(op: str, student, teacher, temperature, beta) -> None:
-    _check_logit_pair(op, student, teacher, temperature)
-    if not 0.0 < beta < 1.0:  # also rejects NaN
-        raise ValueError(f"{op}: beta must lie in (0, 1), got {beta}")
-
-
-def _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature,
-                        beta) -> None:
-    _check_jsd_forward(_JSD_BACKWARD, student, teacher, temperature, beta)
-    N = student.shape[0]
-    _check_row_tensors(_JSD_BACKWARD, student, (
-        ("grad_loss", grad_loss, (N,)), ("stats_student", stats_student, (N, 2)),
-        ("stats_teacher", stats_teacher, (N, 2)), ("mixture_kl", mixture_kl, (N, 2))))
-
-
 def _jsd_params(temperature: float, beta: float, acc_dtype: torch.dtype, dummy: torch.Tensor):
     """(params_ptr, scalars): the JSD scalars in double precision, in the order of the _P_* slots; for fp64 also as an
     fp64 tensor, which the kernels read instead (see _launch._inv_t_args)."""
@@ -552,7 +517,7 @@ def softmax_jsd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: per-row loss [N], (max, log_sum) statistics [N, 2] per side and mixture_kl [N, 2] =
     (KL(p_t || m), KL(p_s || m)), all in the accumulation dtype."""
-    _check_jsd_forward(_JSD_FORWARD, student, teacher, temperature, beta)
+    check_jsd_forward(_JSD_FORWARD, student, teacher, temperature, beta)
     loss, stats_s, stats_t, mixture_kl = _row_outputs(student, teacher, 4)
     N, V = student.shape
     if N == 0:
@@ -569,12 +534,6 @@ def softmax_jsd_forward(
     return loss, stats_s, stats_t, mixture_kl
 
 
-@softmax_jsd_forward.register_fake
-def _softmax_jsd_forward_fake(student, teacher, temperature, beta):
-    _check_jsd_forward(_JSD_FORWARD, student, teacher, temperature, beta)
-    return _row_outputs(student, teacher, 4)
-
-
 @torch.library.custom_op("kdkernels::triton_softmax_jsd_backward", mutates_args=())
 def softmax_jsd_backward(
     grad_loss: torch.Tensor,
@@ -589,7 +548,8 @@ def softmax_jsd_backward(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_loss * loss) w.r.t. student and teacher ([0]-shaped if not requested)."""
-    _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta)
+    check_jsd_backward(_JSD_BACKWARD, grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl,
+                       temperature, beta)
     grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
     if not needed:
         return grad_s, grad_t
@@ -612,8 +572,3 @@ def softmax_jsd_backward(
     return grad_s, grad_t
 
 
-@softmax_jsd_backward.register_fake
-def _softmax_jsd_backward_fake(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature,
-                               beta, student_grad, teacher_grad):
-    _check_jsd_backward(grad_loss, student, teacher, stats_student, stats_teacher, mixture_kl, temperature, beta)
-    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]

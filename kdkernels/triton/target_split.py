@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels.ops._checks import check_target_split_backward, check_target_split_forward
 from kdkernels.triton._common import (NEG_INF, _exp_natural, _log1p_nonpositive, _log_prob, _prob, _rescaled_sum,
                                       _rescaled_teacher_moment, _scales, _store_stats, _teacher_weighted_sum,
                                       _wide_sum)
-from kdkernels.triton._launch import (_acc_dtype, _check_index_tensor, _check_logit_pair, _check_row_tensors,
-                                      _launch_guard, _pair_gradients, _row_launch)
+from kdkernels.triton._launch import _acc_dtype, _launch_guard, _pair_gradients, _row_launch
 
 __all__ = ["target_split_forward", "target_split_backward"]
 
@@ -225,18 +225,13 @@ _FORWARD = "triton_target_split_forward"
 _BACKWARD = "triton_target_split_backward"
 
 
-def _check_forward_inputs(op: str, student, teacher, labels, temperature) -> None:
-    _check_logit_pair(op, student, teacher, temperature)
-    _check_index_tensor(op, "labels", labels, (student.shape[0],), student.device)
-
-
 @torch.library.custom_op("kdkernels::triton_target_split_forward", mutates_args=())
 def target_split_forward(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: terms [N, 6] and the non-target (max, log_sum) statistics [N, 2] per side, in the
     accumulation dtype."""
-    _check_forward_inputs(_FORWARD, student, teacher, labels, temperature)
+    check_target_split_forward(_FORWARD, student, teacher, labels, temperature)
     acc_dtype = _acc_dtype(student, teacher)
     N, V = student.shape
     terms = torch.empty((N, _N_TERMS), dtype=acc_dtype, device=student.device)
@@ -255,24 +250,6 @@ def target_split_forward(
     return terms, stats_s, stats_t
 
 
-@target_split_forward.register_fake
-def _target_split_forward_fake(student, teacher, labels, temperature):
-    _check_forward_inputs(_FORWARD, student, teacher, labels, temperature)
-    acc_dtype = _acc_dtype(student, teacher)
-    N = student.shape[0]
-    return (student.new_empty((N, _N_TERMS), dtype=acc_dtype), student.new_empty((N, 2), dtype=acc_dtype),
-            student.new_empty((N, 2), dtype=acc_dtype))
-
-
-def _check_backward_inputs(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
-                           temperature) -> None:
-    _check_forward_inputs(_BACKWARD, student, teacher, labels, temperature)
-    N = student.shape[0]
-    _check_row_tensors(_BACKWARD, student, (("grad_terms", grad_terms, (N, _N_TERMS)),
-                                            ("stats_student", stats_student, (N, 2)),
-                                            ("stats_teacher", stats_teacher, (N, 2)), ("terms", terms, (N, _N_TERMS))))
-
-
 @torch.library.custom_op("kdkernels::triton_target_split_backward", mutates_args=())
 def target_split_backward(
     grad_terms: torch.Tensor,
@@ -288,7 +265,8 @@ def target_split_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad_terms * terms) w.r.t. student and teacher ([0]-shaped if not
     requested)."""
-    _check_backward_inputs(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms, temperature)
+    check_target_split_backward(_BACKWARD, grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
+                                temperature)
     grad_s, grad_t, needed = _pair_gradients(student, teacher, student_grad, teacher_grad)
     if not needed:
         return grad_s, grad_t
@@ -310,8 +288,3 @@ def target_split_backward(
     return grad_s, grad_t
 
 
-@target_split_backward.register_fake
-def _target_split_backward_fake(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms,
-                                temperature, student_grad, teacher_grad):
-    _check_backward_inputs(grad_terms, student, teacher, labels, stats_student, stats_teacher, terms, temperature)
-    return _pair_gradients(student, teacher, student_grad, teacher_grad)[:2]
