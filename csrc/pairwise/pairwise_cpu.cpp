@@ -328,24 +328,24 @@ std::vector<acc_t> inverse_distances(const Square<acc_t>& d2) {
   return r;
 }
 
-// N_abc = (P_b - P_a).(P_c - P_a) = ((hi_bc - hi_ac) - v_hi) + ((lo_bc - lo_ac) - v_lo) for one apex a and middle
-// b over blocks of c, with v = G_ab - G_aa split alike, from the fixed-point hi/lo Gram (pairwise_host.h): the hi
-// part is exact, so N is within a few eps(acc) of itself plus ~2^-20 eps(acc) max G_ii. From a float32 Gram its
-// error would be ~eps |G|, with |G| ~ |P|^2 far above |N| = |P_b - P_a| |P_c - P_a| for close samples.
+// N_abc = (P_b - P_a).(P_c - P_a) = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) for one apex a and
+// middle b over blocks of c, from the fixed-point hi/lo Gram rows b and a (pairwise_host.h): the two hi differences
+// are exact, so N is rounded once relative to itself, plus ~eps (q_a + q_b) from the lo parts. From a float32 Gram
+// its error would be ~eps |G|, with |G| ~ |P|^2 far above |N| = |P_b - P_a| |P_c - P_a| for close samples.
 template <typename acc_t>
 struct AngleNumerator {
   using Vec = Vectorized<acc_t>;
   const acc_t *hi_b, *hi_a, *lo_b, *lo_a;
-  Vec v_hi, v_lo;
+  Vec hi_ba, hi_aa, lo_ba, lo_aa;
 
   AngleNumerator(const HiLoGram<acc_t>& g, int64_t a, int64_t b)
       : hi_b(g.hi(b)), hi_a(g.hi(a)), lo_b(g.lo(b)), lo_a(g.lo(a)),
-        v_hi(g.hi(a)[b] - g.hi(a)[a]), v_lo(g.lo(a)[b] - g.lo(a)[a]) {}
+        hi_ba(g.hi(b)[a]), hi_aa(g.hi(a)[a]), lo_ba(g.lo(b)[a]), lo_aa(g.lo(a)[a]) {}
 
   template <bool kFull>
   Vec block(int64_t c, int64_t count) const {
-    const Vec high = (load<kFull>(hi_b + c, count) - load<kFull>(hi_a + c, count)) - v_hi;
-    return high + ((load<kFull>(lo_b + c, count) - load<kFull>(lo_a + c, count)) - v_lo);
+    const Vec high = (load<kFull>(hi_b + c, count) - hi_ba) - (load<kFull>(hi_a + c, count) - hi_aa);
+    return high + ((load<kFull>(lo_b + c, count) - lo_ba) - (load<kFull>(lo_a + c, count) - lo_aa));
   }
 };
 
@@ -831,9 +831,11 @@ void squared_distances_and_split(double* gram, int64_t n, bool split, acc_t* d2,
     d2[i * n + i] = acc_t(0);
   });
   if (!split) return;
-  const double q = split_quantum(*std::max_element(diagonal.begin(), diagonal.end()), c10::CppTypeToScalarType<acc_t>::value);
   parallel_rows(n, [&](int64_t i) {
     const std::vector<double> row(gram + i * n, gram + (i + 1) * n);
+    double row_max = 0.0;
+    for (const double value : row) row_max = std::max(row_max, std::abs(value));
+    const double q = split_quantum(row_max, c10::CppTypeToScalarType<acc_t>::value);
     acc_t* out = split_out + 2 * i * n;
     for (int64_t j = 0; j < n; ++j) {
       const double high = std::nearbyint(row[j] / q) * q;

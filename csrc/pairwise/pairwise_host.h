@@ -16,10 +16,12 @@
 // accumulate in float32), and growing without bound relative to D2 and N for samples close to each other compared
 // with their distance from the batch mean (angle gradients ~eps/rho^2 for samples a relative distance rho apart).
 // So P is centred in float64 and G = P P^T is a float64 GEMM (RkdGram); the kernel gets D2 rounded once to the
-// accumulation dtype and, with the angle, G as a fixed-point hi/lo pair in the accumulation dtype: [B, 2B] rows,
-// row i = hi(G_i.) then lo(G_i.), with hi a multiple of q = 2^(e - p + 4) (2^e > max G_ii, p the dtype's mantissa
-// digits) and lo = G - hi rounded, so that sums of four hi entries are exact (N's cancellation costs nothing) and
-// G = hi + lo to ~2^(3 - 2p) max G_ii.
+// accumulation dtype and, with the angle, G as fixed-point hi/lo pairs in the accumulation dtype: [B, 2B] rows,
+// row i = hi(G_i.) then lo(G_i.), with hi a multiple of the row's quantum q_i = 2^(e_i - p + 4) (2^e_i > max_j
+// |G_ij|, p the dtype's mantissa digits) and lo = G - hi rounded (G = hi + lo to ~2^(3 - p) eps q_i). Differences of
+// two hi entries of a row are exact, so N = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) is rounded once
+// relative to itself (its cancellation costs nothing) plus ~eps q_a, q_b: per-row quanta keep that small for rows
+// near the batch mean even when one sample lies far from it.
 // RKD kernels return dL/dG off the diagonal only, dL/dG_ij = -2 W_ij with W = dL/dD2. The host forms
 // S = dL/dG + dL/dG^T with its diagonal set to minus its off-diagonal row sums (InvariantSymmetrize), so that
 // dL/dP = S P = 2 sum_b (W_ab + W_ba) (P_a - P_b) holds for W as rounded: a diagonal summed separately (from other
@@ -40,7 +42,7 @@
 #include <ATen/ops/frexp.h>
 #include <ATen/ops/ldexp.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -267,11 +269,11 @@ inline at::Tensor symmetric_gram_with_aten(const at::Tensor& prepared) {
 // the float64 P. D2 is 0 on the diagonal and where D2 <= kCoincidentUlps eps(float64) (G_ii + G_jj).
 using RkdGram = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& prepared, at::ScalarType acc, bool split);
 
-// The quantum q of the hi/lo split of a Gram whose largest diagonal entry is `max_diagonal`.
-inline double split_quantum(double max_diagonal, at::ScalarType acc) {
+// The quantum of a hi/lo row whose largest magnitude is `row_max`.
+inline double split_quantum(double row_max, at::ScalarType acc) {
   const int digits = acc == at::kDouble ? std::numeric_limits<double>::digits : std::numeric_limits<float>::digits;
   int exponent = 0;
-  std::frexp(max_diagonal, &exponent);  // max_diagonal < 2^exponent
+  std::frexp(row_max, &exponent);  // row_max < 2^exponent
   return std::ldexp(1.0, exponent - digits + 4);
 }
 
@@ -285,10 +287,10 @@ inline std::tuple<at::Tensor, at::Tensor> rkd_gram_with_aten(const at::Tensor& p
   d2.masked_fill_(d2 <= sums * (kCoincidentUlps * std::numeric_limits<double>::epsilon()), 0.0);
   d2.diagonal().zero_();
   if (!split) return {at::Tensor(), d2.to(acc).contiguous()};
-  // q = split_quantum(max G_ii) without a host synchronisation.
+  // The rows' split_quantum without a host synchronisation.
   const int digits = acc == at::kDouble ? std::numeric_limits<double>::digits : std::numeric_limits<float>::digits;
-  const at::Tensor exponent = std::get<1>(at::frexp(diagonal.max()));
-  const at::Tensor q = at::ldexp(at::ones({}, gram.options()), exponent - (digits - 4));
+  const at::Tensor exponent = std::get<1>(at::frexp(gram.abs().amax(1, /*keepdim=*/true)));
+  const at::Tensor q = at::ldexp(at::ones_like(exponent, gram.options()), exponent - (digits - 4));
   const at::Tensor hi = (gram / q).round() * q;
   return {at::cat({hi.to(acc), (gram - hi).to(acc)}, 1).contiguous(), d2.to(acc).contiguous()};
 }

@@ -5,15 +5,15 @@
 // G = P P^T of the preprocessed features, symmetric, contiguous [B, B] in Acc = float or double; only dG + dG^T is
 // used, so a term of a symmetric entry may land on (i, j) or on (j, i). RKD reads the squared distances D2 [B, B]
 // (0 on the diagonal and for coincident points) and, for the angle, the float64 Gram as fixed-point hi/lo pairs
-// [B, 2B] in Acc (row i: hi(G_i.), lo(G_i.); sums of four hi entries are exact); RKD kernels write dG off the
-// diagonal only (the host derives the diagonal). With huber = smooth_l1 with beta 1:
+// [B, 2B] in Acc (row i: hi(G_i.), lo(G_i.); differences of two hi entries of a row are exact); RKD kernels write dG
+// off the diagonal only (the host derives the diagonal). With huber = smooth_l1 with beta 1:
 //   rkd_distance  d_ij = sqrt(max(D2_ij, 1e-12)) (i != j; zero gradient where clamped), d_ii = 0,
 //                 mu = sum_{i != j} d_ij / (B^2 - B), L = mean_{B x B} huber(d_s / mu_s - d_t / mu_t);
 //                 with g = huber'(u) / B^2: dL/dd_ij = g_ij / mu - (sum g d) / (mu^2 (B^2 - B)) (teacher: -g),
 //                 dG_ij = -2 dL/dD2_ij = -dL/dd_ij / d_ij. In double arithmetic (the loss sums terms of both signs,
 //                 which one rounded 1 / mu would scale alike).
 //   rkd_angle     r_ij = 1 / sqrt(D2_ij) (0 when i == j or coincident), psi_abc = N_abc r_ab r_ac with
-//                 N_abc = ((hi_bc - hi_ac) - (hi_ab - hi_aa)) + ((lo_bc - lo_ac) - (lo_ab - lo_aa)),
+//                 N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + ((lo_bc - lo_ba) - (lo_ac - lo_aa)) (rows b and a),
 //                 L = mean_{B^3} huber(psi_s - psi_t). With g = huber'(psi_s - psi_t) / B^3 (teacher: -g and its
 //                 own r), M_abc = g r_ab r_ac: W_ab = sum_c M_abc - r_ab^2 sum_c g psi_abc = r_ab sum_c g (r_ac -
 //                 r_ab psi_abc) is dL/dD2_ab (D2_ab's roles in psi = (D2_ab + D2_ac - D2_bc) r_ab r_ac / 2, and
@@ -278,24 +278,25 @@ __device__ __forceinline__ HiLo<Acc> hilo_at(const Acc* __restrict__ gram, int64
   return HiLo<Acc>{gram[2 * i * B + j], gram[2 * i * B + B + j]};
 }
 
-// One side's quantities of the apex a seen from the block's b: v = G_ab - G_aa (hi part exact) and r_ab.
+// One side's quantities of the apex a seen from the block's b: G_ba (row b), G_aa (row a), r_ab.
 template <typename Acc>
 struct Apex {
-  Acc v_hi, v_lo, r_ab, r_ab2;
+  HiLo<Acc> ba, aa;
+  Acc r_ab, r_ab2;
 };
 
 template <typename Acc>
 __device__ __forceinline__ Apex<Acc> load_apex(const Acc* __restrict__ gram, const Acc* __restrict__ inverse,
                                                int64_t B, int64_t a, int64_t b) {
-  const HiLo<Acc> ab = hilo_at(gram, B, b, a), aa = hilo_at(gram, B, a, a);
   const Acc r = inverse[b * B + a];
-  return Apex<Acc>{ab.hi - aa.hi, ab.lo - aa.lo, r, r * r};
+  return Apex<Acc>{hilo_at(gram, B, b, a), hilo_at(gram, B, a, a), r, r * r};
 }
 
-// psi_abc = N_abc r_ab r_ac, N's hi part exact.
+// psi_abc = N_abc r_ab r_ac, with N's two hi row differences exact.
 template <typename Acc>
 __device__ __forceinline__ Acc angle(const HiLo<Acc>& bc, const HiLo<Acc>& ac, Acc r_ac, const Apex<Acc>& apex) {
-  const Acc numerator = ((bc.hi - ac.hi) - apex.v_hi) + ((bc.lo - ac.lo) - apex.v_lo);
+  const Acc high = (bc.hi - apex.ba.hi) - (ac.hi - apex.aa.hi);
+  const Acc numerator = high + ((bc.lo - apex.ba.lo) - (ac.lo - apex.aa.lo));
   return numerator * apex.r_ab * r_ac;
 }
 

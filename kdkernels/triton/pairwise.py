@@ -6,7 +6,7 @@ the C++ twin is csrc/pairwise/pairwise_host.h, whose glue and numerics this modu
 
 Preprocessing is computed in float64 and rounded once. RKD centres the batch in float64 and takes its float64 Gram,
 from which the kernels get the squared distances D2 (0 on the diagonal and where D2 <= 64 eps64 (G_ii + G_jj):
-coincident points) and, for the angle, G as a fixed-point hi/lo pair (see _rkd_gram); they return dL/dG off the
+coincident points) and, for the angle, G as fixed-point hi/lo pairs (see _rkd_gram); they return dL/dG off the
 diagonal only, and the host completes it so that its rows sum to zero (_invariant_symmetrize). The Gram-level
 kernels:
 
@@ -15,7 +15,7 @@ kernels:
   (negated for the teacher), then dL/dG_ij = -2 dL/dD2_ij = -dL/dd_ij / d_ij where D2 >= 1e-12. Three row
   launches: the sums of d, the loss and sum(h d), dG.
 * rkd_angle: r_ab = 1 / sqrt(D2_ab) (0 when coincident), psi_abc = N_abc r_ab r_ac with
-  N_abc = (hi_bc - hi_ac - (hi_ab - hi_aa)) + (lo_bc - lo_ac - (lo_ab - lo_aa)) (the hi part exact),
+  N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) from rows b and a (the hi differences exact),
   L = mean_{B^3} huber(psi_s - psi_t). With g = huber' / B^3 and M = g r_ab r_ac, a program per middle index b owns
   P[a, b] = sum_c M, T[a, b] = -r_ab^2 sum_c g psi and, in the same pass, Q[b, c] = sum_a M; W = P + T is dL/dD2
   (both roles of D2_ab in psi), -Q/2 that of D2_bc, so dG = Q - 2 W off the diagonal (P and T stay transposed:
@@ -188,14 +188,14 @@ def _hilo(g_ptr, row, cols, mask, B):
 @triton.jit
 def _angle_tile(g_ptr, r_ptr, b, a, a_mask, c, c_mask, B):
     """(psi [a, c], r_ab [a], r_ac [a, c]) for the middle index b, 0 on masked lanes: psi_abc = N_abc r_ab r_ac with
-    N_abc = (hi_bc - hi_ac - v_hi) + (lo_bc - lo_ac - v_lo), v = G_ab - G_aa."""
+    N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo), rows b and a of the hi/lo Gram."""
     tile_mask = a_mask[:, None] & c_mask[None, :]
     hi_aa, lo_aa = _hilo(g_ptr, a, a, a_mask, B)
-    hi_ab, lo_ab = _hilo(g_ptr, b, a, a_mask, B)
+    hi_ba, lo_ba = _hilo(g_ptr, b, a, a_mask, B)
     hi_bc, lo_bc = _hilo(g_ptr, b, c, c_mask, B)
     hi_ac, lo_ac = _hilo(g_ptr, a[:, None], c[None, :], tile_mask, B)
-    high = (hi_bc[None, :] - hi_ac) - (hi_ab - hi_aa)[:, None]
-    numerator = high + ((lo_bc[None, :] - lo_ac) - (lo_ab - lo_aa)[:, None])
+    high = (hi_bc[None, :] - hi_ba[:, None]) - (hi_ac - hi_aa[:, None])
+    numerator = high + ((lo_bc[None, :] - lo_ba[:, None]) - (lo_ac - lo_aa[:, None]))
     r_ab = tl.load(r_ptr + b * B + a, mask=a_mask, other=0.0)
     r_ac = tl.load(r_ptr + a[:, None] * B + c[None, :], mask=tile_mask, other=0.0)
     return numerator * r_ab[:, None] * r_ac, r_ab, r_ac
@@ -538,8 +538,8 @@ def _symmetric_gram(prepared: torch.Tensor) -> torch.Tensor:
 def _rkd_gram(prepared: torch.Tensor, acc: torch.dtype, split: bool) -> tuple:
     """RKD's Gram inputs from the float64 centred P (pairwise_host.h): (the fixed-point hi/lo Gram [B, 2B] when
     `split`, else None; D2 [B, B]), in acc. D2 = G_ii + G_jj - 2 G_ij of the float64 Gram, 0 on the diagonal and at
-    or below 64 eps64 (G_ii + G_jj). hi is a multiple of q = 2^(e - p + 4) (2^e > max G_ii, p acc's mantissa
-    digits), so that the angle's sums of four hi entries are exact; lo = G - hi rounded."""
+    or below 64 eps64 (G_ii + G_jj). Row i's hi is a multiple of q_i = 2^(e_i - p + 4) (2^e_i > max_j |G_ij|, p
+    acc's mantissa digits), so that differences of two hi entries of a row are exact; lo = G - hi rounded."""
     gram = prepared @ prepared.t()
     gram = (gram + gram.t()) * 0.5
     diagonal = gram.diagonal()
@@ -549,9 +549,9 @@ def _rkd_gram(prepared: torch.Tensor, acc: torch.dtype, split: bool) -> tuple:
     d2.fill_diagonal_(0.0)
     if not split:
         return None, d2.to(acc).contiguous()
-    _, exponent = torch.frexp(diagonal.max())
+    _, exponent = torch.frexp(gram.abs().amax(1, keepdim=True))
     digits = 53 if acc == torch.float64 else 24
-    q = torch.ldexp(torch.ones((), dtype=torch.float64, device=gram.device), exponent - (digits - 4))
+    q = torch.ldexp(torch.ones_like(gram[:, :1]), exponent - (digits - 4))
     hi = torch.round(gram / q) * q
     return torch.cat([hi.to(acc), (gram - hi).to(acc)], dim=1).contiguous(), d2.to(acc).contiguous()
 
