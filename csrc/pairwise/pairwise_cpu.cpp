@@ -117,6 +117,17 @@ double reduce_sum(const Vectorized<acc_t>& v) {
       at::vec::vec_reduce_all<acc_t>([](const auto& x, const auto& y) { return x + y; }, v));
 }
 
+// The float64 lanes summed pairwise (at::vec's generic reduction, which float64 gets, reloads the whole vector for
+// every lane).
+inline double reduce_sum(const Vectorized<double>& v) {
+  alignas(64) double lanes[Vectorized<double>::size()];
+  v.store(lanes);
+  for (int width = Vectorized<double>::size() / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+  }
+  return lanes[0];
+}
+
 // ------------------------------------------------------------------------------------------------ float64 vectors
 // The RKD geometry, PKT's rows and the unit preprocessings compute in float64 from acc_t arrays.
 
@@ -161,14 +172,20 @@ void store_narrow(const Wide& v, T* dst, int64_t count) {
   }
 }
 
-// sum_i x_i y_i in float64.
+// sum_i x_i y_i (y = nullptr: sum_i x_i) in float64, over four accumulators (a fixed order).
 template <typename T>
 double wide_dot(const T* x, const T* y, int64_t n) {
-  Wide sum(0.0);
-  for_each_block<double>(n, [&](int64_t c, int64_t count) {
-    sum = at::vec::fmadd(load_wide(x + c, count), load_wide(y + c, count), sum);
-  });
-  return reduce_sum(sum);
+  constexpr int64_t kWidth = Wide::size();
+  Wide sum[4] = {Wide(0.0), Wide(0.0), Wide(0.0), Wide(0.0)};
+  const auto term = [&](int64_t c, int64_t count) {
+    return y == nullptr ? load_wide(x + c, count) : load_wide(x + c, count) * load_wide(y + c, count);
+  };
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= n; c += 4 * kWidth) {
+    for (int64_t k = 0; k < 4; ++k) sum[k] = sum[k] + term(c + k * kWidth, kWidth);
+  }
+  for (; c < n; c += kWidth) sum[0] = sum[0] + term(c, std::min(kWidth, n - c));
+  return reduce_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
 }
 
 // ------------------------------------------------------------------------------------------------------- RKD
@@ -465,9 +482,7 @@ void rkd_angle(const GramTerm& term, const GramProblem& problem) {
 // The sum of a row in float64, in a fixed order.
 template <typename acc_t>
 double row_sum(const acc_t* row, int64_t n) {
-  Wide sum(0.0);
-  for_each_block<double>(n, [&](int64_t c, int64_t count) { sum = sum + load_wide(row + c, count); });
-  return reduce_sum(sum);
+  return wide_dot<acc_t>(row, nullptr, n);
 }
 
 // SP row i, with Gn = G / max(|G_i.|, 1e-12) and diff = Gn_t - Gn_s: loss sum diff^2; through the row normalisation
@@ -528,13 +543,15 @@ void sp(const GramTerm& term, const GramProblem& problem) {
 }
 // PKT row i, with P = (G + 1) / (2 R), R the row sum of (G + 1) / 2, and r = log((P_t + eps) / (P_s + eps)):
 // loss sum P_t r; h_s = dL/dP_s = -P_t / (P_s + eps), h_t = dL/dP_t = r + P_t / (P_t + eps) (times weight / B^2);
-// through the row normalisation, dG = (h - sum(h P)) / (2 R). In float64 from the acc_t Gram, each output rounded
-// once: with P_t = P_s (1 + delta), the loss terms are ~delta / B of both signs summing to ~delta^2 (a KL
-// divergence), and h - sum(h P) cancels O(1) parts down to ~delta, so float32 terms (or a float32 1 / R, which
-// scales a whole row) would cost relative errors ~eps / delta^2 and ~eps / delta. Two passes per row: the sums, with
-// h kept in a float64 row buffer, then dG.
+// through the row normalisation, dG = (h - sum(h P)) / (2 R). With P_t = P_s (1 + delta), the loss terms are
+// ~delta / B of both signs summing to ~delta^2 (a KL divergence), and h - sum(h P) cancels O(1) parts down to
+// ~delta: float32 P (or a float32 1 / R, which scales a whole row) would cost relative errors ~eps / delta^2 and
+// ~eps / delta. So P, t = (P_t - P_s) / (P_s + eps), the sums and dG are float64, each output rounded once; only
+// r = log1p(t) runs in acc_t (its relative error costs eps |r| ~ eps delta per term). Three passes per row over
+// a row buffer: t, then r in place, then the sums with h kept in float64, then dG.
 template <typename acc_t>
 void pkt(const GramTerm& term, const GramProblem& problem) {
+  using Vec = Vectorized<acc_t>;
   const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
@@ -546,12 +563,25 @@ void pkt(const GramTerm& term, const GramProblem& problem) {
     const double half_sum_s = 0.5 * (row_sum(gs_row, n) + static_cast<double>(n));  // R
     const double half_sum_t = 0.5 * (row_sum(gt_row, n) + static_cast<double>(n));
     const Wide scale_s(0.5 / half_sum_s), scale_t(0.5 / half_sum_t);
+    const auto probabilities = [&](int64_t c, int64_t count, Wide& p_s, Wide& p_t) {
+      p_s = (load_wide(gs_row + c, count) + one) * scale_s;
+      p_t = (load_wide(gt_row + c, count) + one) * scale_t;
+    };
+    std::vector<acc_t> log_ratio(n);  // t, then r = log1p(t)
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      Wide p_s, p_t;
+      probabilities(c, count, p_s, p_t);
+      store_narrow((p_t - p_s) / (p_s + eps), log_ratio.data() + c, count);
+    });
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      Vec::loadu(log_ratio.data() + c, count).log1p().store(log_ratio.data() + c, count);
+    });
     std::vector<double> h_s(ds_row != nullptr ? n : 0), h_t(dt_row != nullptr ? n : 0);
     Wide sum(0.0), dot_s(0.0), dot_t(0.0);
     for_each_block<double>(n, [&](int64_t c, int64_t count) {
-      const Wide p_s = (load_wide(gs_row + c, count) + one) * scale_s;
-      const Wide p_t = (load_wide(gt_row + c, count) + one) * scale_t;
-      const Wide r = ((p_t + eps) / (p_s + eps)).log();
+      Wide p_s, p_t;
+      probabilities(c, count, p_s, p_t);
+      const Wide r = load_wide(log_ratio.data() + c, count);
       sum = sum + Wide::set(zero, p_t * r, count);
       if (ds_row != nullptr) {
         const Wide h = zero - p_t / (p_s + eps);
@@ -577,7 +607,6 @@ void pkt(const GramTerm& term, const GramProblem& problem) {
   });
   add_loss(problem, term.weight * loss * inv_count);
 }
-
 
 // K(G) and K'(G) of the CC kernel: the Taylor series of the Gaussian RBF by Horner's rule, or the identity.
 template <typename acc_t>
@@ -665,18 +694,23 @@ inline double unit_denominator(double norm, Preprocess preprocess, double eps) {
   return preprocess == Preprocess::kUnitPlusEps ? norm + eps : std::max(norm, eps);
 }
 
-// P = x / n' per row (rounded once to acc_t), and the float64 norms |x|.
+// P = x / n' per row and the float64 norms |x|: x (i_hi + i_lo) with the float64 1 / n' split into acc_t parts, by
+// one fused multiply-add (rounded once, as x / n' in float64 would be but for ties).
 template <typename acc_t>
 void unit_rows(const acc_t* x, acc_t* out, double* norms, int64_t rows, int64_t cols, Preprocess preprocess,
                double eps) {
+  using Vec = Vectorized<acc_t>;
   parallel_rows(rows, [&](int64_t i) {
     const acc_t* row = x + i * cols;
     acc_t* out_row = out + i * cols;
     const double norm = std::sqrt(wide_dot(row, row, cols));
     norms[i] = norm;
-    const Wide inverse(1.0 / unit_denominator(norm, preprocess, eps));
-    for_each_block<double>(cols, [&](int64_t c, int64_t count) {
-      store_narrow(load_wide(row + c, count) * inverse, out_row + c, count);
+    const double inverse = 1.0 / unit_denominator(norm, preprocess, eps);
+    const acc_t high = static_cast<acc_t>(inverse);
+    const Vec inverse_hi(high), inverse_lo(static_cast<acc_t>(inverse - static_cast<double>(high)));
+    for_each_block<acc_t>(cols, [&](int64_t c, int64_t count) {
+      const Vec v = Vec::loadu(row + c, count);
+      at::vec::fmadd(v, inverse_hi, v * inverse_lo).store(out_row + c, count);
     });
   }, cols);
 }
