@@ -282,14 +282,13 @@ __device__ __forceinline__ HiLo<Acc> hilo_at(const Acc* __restrict__ gram, int64
 template <typename Acc>
 struct Apex {
   HiLo<Acc> ba, aa;
-  Acc r_ab, r_ab2;
+  Acc r_ab;
 };
 
 template <typename Acc>
 __device__ __forceinline__ Apex<Acc> load_apex(const Acc* __restrict__ gram, const Acc* __restrict__ inverse,
                                                int64_t B, int64_t a, int64_t b) {
-  const Acc r = inverse[b * B + a];
-  return Apex<Acc>{hilo_at(gram, B, b, a), hilo_at(gram, B, a, a), r, r * r};
+  return Apex<Acc>{hilo_at(gram, B, b, a), hilo_at(gram, B, a, a), inverse[b * B + a]};
 }
 
 // psi_abc = N_abc r_ab r_ac, with N's two hi row differences exact.
