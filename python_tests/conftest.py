@@ -14,11 +14,7 @@ if not torch.cuda.is_available():
 # Kernels that miss the flash-attention criterion (kd_testing.assert_close_to_reference) on some machines, with the
 # fix in progress (issue 12). Temporary: each entry goes with the commit that fixes its kernel.
 KNOWN_INACCURATE = {
-    "test_ops_pairwise.py::test_batch_sizes[": "RKD from Gram matrices in fp32",
-    "test_ops_pairwise.py::test_rkd_large_mean_offset[rkd_distance-1000.0-fp32-cpu]": "RKD from Gram matrices",
-    "test_ops_pairwise.py::test_pkt_zero_rows[fp32-cpu]": "PKT zero-row gradient",
     "test_ops_softmax_jsd.py::test_matches_reference[0.1-fp32-cpu]": "JSD fp32 loss with the AVX2 CPU kernels",
-    "test_losses_relation.py::test_low_precision_inputs_compute_in_fp32[pkt-fp32-": "PKT loss terms",
     "test_ops_softmax_jsd.py::test_matches_reference[0.9-bf16-triton]": "JSD KLs biased ~1e-7 at beta 0.9",
 }
 

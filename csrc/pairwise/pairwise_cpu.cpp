@@ -1,10 +1,10 @@
 // CPU Gram-level kernels of the pairwise family: each turns the Gram matrices G = P P^T of the preprocessed student
-// and teacher features (pairwise_host.h) into the weighted loss and its gradient dL/dG. Spec:
-// kdkernels/reference/pairwise.py. With D2_ij = G_ii + G_jj - 2 G_ij (0 for coincident points) and huber the
-// smooth L1 with beta = 1:
+// and teacher features (for RKD: the squared distances D2 and the angle's hi/lo Grams; pairwise_host.h) into the
+// weighted loss and its gradient dL/dG. Spec: kdkernels/reference/pairwise.py. With huber the smooth L1 (beta = 1):
 //   rkd_distance  d = sqrt(max(D2, 1e-12)) off the diagonal, mu = mean off-diagonal d, L = mean huber(d_s/mu_s - d_t/mu_t)
 //   rkd_angle     r = 1/sqrt(D2) (0 on the diagonal and for coincident points),
-//                 psi_abc = ((G_bc - G_ab) - (G_ac - G_aa)) r_ab r_ac,  L = mean over B^3 huber(psi_s - psi_t)
+//                 psi_abc = N_abc r_ab r_ac with N_abc = (P_b - P_a).(P_c - P_a) = (G_bc - G_ac) - (G_ab - G_aa),
+//                 L = mean over B^3 huber(psi_s - psi_t)
 //   sp            Gn = G / max(|G_i.|, 1e-12) per row,  L = sum (Gn_t - Gn_s)^2 / B^2
 //   pkt           S = (G + 1) / 2 over its row sums,  L = mean S_t log((S_t + eps) / (S_s + eps))
 //   cc            K = sum_p exp(-2 gamma) (2 gamma)^p / p! G^p (or K = G),  L = mean (K_s - K_t)^2
@@ -24,9 +24,9 @@
 #include <cmath>
 #include <functional>
 #include <limits>
-#include <memory>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "pairwise_host.h"
@@ -36,6 +36,7 @@ namespace {
 
 using at::vec::Vectorized;
 using namespace kdkernels::pairwise;
+using Wide = Vectorized<double>;
 
 // Rows of a [B, B] matrix per parallel task: about 32K elements, so that the B^2 passes of B = 256 (tens of
 // microseconds each) run on two threads: the GEMM before them leaves the Gram spread over both cores' caches, and
@@ -44,17 +45,6 @@ using namespace kdkernels::pairwise;
 constexpr int64_t kElementsPerTask = 32768;
 inline int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_row));
-}
-
-template <typename acc_t>
-acc_t huber(acc_t x) {
-  const acc_t magnitude = std::abs(x);
-  return magnitude < acc_t(1) ? acc_t(0.5) * x * x : magnitude - acc_t(0.5);
-}
-
-template <typename acc_t>
-acc_t huber_grad(acc_t x) {
-  return std::min(acc_t(1), std::max(acc_t(-1), x));
 }
 
 // A [B, B] matrix of the acc dtype, read or written by row.
@@ -94,13 +84,30 @@ void add_loss(const GramProblem& problem, double value) {
   problem.loss.add_(value);
 }
 
-// ---------------------------------------------------------------------------------------------------- distance
-
 // Vectorised walk over the columns of one row: fn(c, count) for blocks of Vec::size() (count < size at the end).
 template <typename acc_t, typename Fn>
 void for_each_block(int64_t n, Fn&& fn) {
   for (int64_t c = 0; c < n; c += Vectorized<acc_t>::size()) {
     fn(c, std::min<int64_t>(Vectorized<acc_t>::size(), n - c));
+  }
+}
+
+// Vectorized<T>::loadu of a whole vector (kFull) or of its first `count` entries (the others 0), and the store.
+template <bool kFull, typename T>
+Vectorized<T> load(const T* src, int64_t count) {
+  if constexpr (kFull) {
+    return Vectorized<T>::loadu(src);
+  } else {
+    return Vectorized<T>::loadu(src, count);
+  }
+}
+
+template <bool kFull, typename T>
+void store(const Vectorized<T>& v, T* dst, int64_t count) {
+  if constexpr (kFull) {
+    v.store(dst);
+  } else {
+    v.store(dst, count);
   }
 }
 
@@ -110,322 +117,372 @@ double reduce_sum(const Vectorized<acc_t>& v) {
       at::vec::vec_reduce_all<acc_t>([](const auto& x, const auto& y) { return x + y; }, v));
 }
 
-template <typename acc_t>
-Vectorized<acc_t> huber_vec(const Vectorized<acc_t>& x) {
-  using Vec = Vectorized<acc_t>;
+// The float64 lanes summed pairwise (at::vec's generic reduction, which float64 gets, reloads the whole vector for
+// every lane).
+inline double reduce_sum(const Vectorized<double>& v) {
+  alignas(64) double lanes[Vectorized<double>::size()];
+  v.store(lanes);
+  for (int width = Vectorized<double>::size() / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+  }
+  return lanes[0];
+}
+
+// ------------------------------------------------------------------------------------------------ float64 vectors
+// The RKD geometry, PKT's rows and the unit preprocessings compute in float64 from acc_t arrays.
+
+// `count` (<= Wide::size()) entries of src widened to float64, the other lanes 0 (whole float vectors by one
+// conversion instruction where the ISA has it; the same values either way).
+template <typename T>
+Wide load_wide(const T* src, int64_t count) {
+  if constexpr (std::is_same_v<T, double>) {
+    return Wide::loadu(src, count);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (std::is_same_v<T, float> && count == Wide::size()) return Wide(_mm512_cvtps_pd(_mm256_loadu_ps(src)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (std::is_same_v<T, float> && count == Wide::size()) return Wide(_mm256_cvtps_pd(_mm_loadu_ps(src)));
+#endif
+    alignas(64) double wide[Wide::size()];
+    for (int k = 0; k < Wide::size(); ++k) wide[k] = k < count ? static_cast<double>(src[k]) : 0.0;
+    return Wide::loadu(wide);
+  }
+}
+
+// The first `count` lanes of v rounded to T, stored at dst.
+template <typename T>
+void store_narrow(const Wide& v, T* dst, int64_t count) {
+  if constexpr (std::is_same_v<T, double>) {
+    v.store(dst, count);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (std::is_same_v<T, float> && count == Wide::size()) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst), _mm512_cvtpd_ps(v));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (std::is_same_v<T, float> && count == Wide::size()) {
+      _mm_storeu_ps(reinterpret_cast<float*>(dst), _mm256_cvtpd_ps(v));
+      return;
+    }
+#endif
+    alignas(64) double wide[Wide::size()];
+    v.store(wide);
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(wide[k]);
+  }
+}
+
+// sum_i x_i y_i (y = nullptr: sum_i x_i) in float64, over four accumulators (a fixed order).
+template <typename T>
+double wide_dot(const T* x, const T* y, int64_t n) {
+  constexpr int64_t kWidth = Wide::size();
+  Wide sum[4] = {Wide(0.0), Wide(0.0), Wide(0.0), Wide(0.0)};
+  const auto term = [&](int64_t c, int64_t count) {
+    return y == nullptr ? load_wide(x + c, count) : load_wide(x + c, count) * load_wide(y + c, count);
+  };
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= n; c += 4 * kWidth) {
+    for (int64_t k = 0; k < 4; ++k) sum[k] = sum[k] + term(c + k * kWidth, kWidth);
+  }
+  for (; c < n; c += kWidth) sum[0] = sum[0] + term(c, std::min(kWidth, n - c));
+  return reduce_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
+}
+
+// ------------------------------------------------------------------------------------------------------- RKD
+// Kernels read the squared distances D2 [B, B] (and, for the angle, the [B, 2B] hi/lo Gram) of pairwise_host.h and
+// write dL/dG = -2 dL/dD2 off the diagonal.
+
+// ---------------------------------------------------------------------------------------------------- distance
+// The loss and gradient arithmetic is float64 (B^2 work next to B^2 D GEMMs): the loss sums smooth-L1 terms of both
+// signs, and a float32 1 / mu would scale all of them by one rounding error.
+
+template <typename T>
+Vectorized<T> huber_vec(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
   const Vec magnitude = x.abs(), half(0.5);
   return Vec::blendv(magnitude - half, half * x * x, magnitude < Vec(1));
 }
 
-template <typename acc_t>
-Vectorized<acc_t> huber_grad_vec(const Vectorized<acc_t>& x) {
-  using Vec = Vectorized<acc_t>;
+template <typename T>
+Vectorized<T> huber_grad_vec(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
   return at::vec::minimum(Vec(1), at::vec::maximum(Vec(-1), x));
 }
 
-template <typename acc_t>
-std::vector<acc_t> diagonal(const Square<acc_t>& g) {
-  std::vector<acc_t> result(g.n);
-  for (int64_t i = 0; i < g.n; ++i) result[i] = g.at(i, i);
-  return result;
-}
-
-// Squared distances of row i to a block of columns, with Gram rounding noise snapped to 0 (coincident points).
-template <typename acc_t>
-Vectorized<acc_t> squared_distances(const Square<acc_t>& g, const acc_t* diag, int64_t i, int64_t c, int64_t count) {
-  using Vec = Vectorized<acc_t>;
-  const Vec sums = Vec(g.at(i, i)) + Vec::loadu(diag + c, count);
-  const Vec d2 = sums - Vec(2) * Vec::loadu(g.row(i) + c, count);
-  const Vec noise = Vec(acc_t(kCoincidentUlps) * std::numeric_limits<acc_t>::epsilon()) * sums;
-  return Vec::blendv(d2, Vec(0), d2 <= noise);
-}
-
+// One side's distances d = sqrt(max(D2, 1e-12)) off the diagonal, stored with the sign of "the clamp passes the
+// gradient" (D2 >= 1e-12): negated where clamped, 0 on the diagonal; and their mean.
 template <typename acc_t>
 struct DistanceSide {
-  std::vector<acc_t> d;   // [B, B] clamped distances, 0 on the diagonal
-  std::vector<acc_t> passes;  // [B, B] 1 where the clamp passes the gradient (off the diagonal), else 0
-  double mean = 0.0;      // mean off-diagonal distance
+  std::vector<acc_t> d;
+  double mean = 0.0;
 };
 
 template <typename acc_t>
-DistanceSide<acc_t> distances(const Square<acc_t>& g) {
+DistanceSide<acc_t> distances(const Square<acc_t>& d2) {
   using Vec = Vectorized<acc_t>;
-  const int64_t n = g.n;
-  const std::vector<acc_t> diag = diagonal(g);
-  DistanceSide<acc_t> side{std::vector<acc_t>(n * n), std::vector<acc_t>(n * n), 0.0};
+  const int64_t n = d2.n;
+  DistanceSide<acc_t> side{std::vector<acc_t>(n * n), 0.0};
+  const Vec clamp(static_cast<acc_t>(kDistanceClamp));
   const double total = parallel_row_sum(n, [&](int64_t i) {
-    Vec sum(0);
     acc_t* d_row = side.d.data() + i * n;
-    acc_t* pass_row = side.passes.data() + i * n;
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec d2 = squared_distances(g, diag.data(), i, c, count);
-      const Vec d = at::vec::maximum(d2, Vec(acc_t(kDistanceClamp))).sqrt();
-      d.store(d_row + c, count);
-      Vec::blendv(Vec(0), Vec(1), d2 >= Vec(acc_t(kDistanceClamp))).store(pass_row + c, count);
-      sum = sum + Vec::set(Vec(0), d, count);
+      const Vec squared = Vec::loadu(d2.row(i) + c, count);
+      const Vec d = at::vec::maximum(squared, clamp).sqrt();
+      Vec::blendv(Vec(0) - d, d, squared >= clamp).store(d_row + c, count);
     });
-    const double diagonal_distance = d_row[i];
     d_row[i] = acc_t(0);
-    pass_row[i] = acc_t(0);
-    return reduce_sum(sum) - diagonal_distance;
+    Wide sum(0.0);
+    for_each_block<double>(n, [&](int64_t c, int64_t count) { sum = sum + load_wide(d_row + c, count).abs(); });
+    return reduce_sum(sum);
   });
   side.mean = total / static_cast<double>(n * n - n);
   return side;
 }
 
-// dL/dG of one side from g = dL/du (u = d / mu): dd = g / mu - (sum g d) / (mu^2 (B^2 - B)), dD2 = dd / (2 d) where
-// the clamp passes; D2 = G_ii + G_jj - 2 G_ij with dD2 symmetric, so row i collects 2 sum_j dD2_ij on its diagonal.
+// u = |d_s| / mu_s - |d_t| / mu_t on a block of row i, in float64.
 template <typename acc_t>
-void distance_gram_grad(const DistanceSide<acc_t>& side, const std::vector<acc_t>& grad_u, double weighted_sum,
+struct NormalizedDifference {
+  const DistanceSide<acc_t>& s;
+  const DistanceSide<acc_t>& t;
+  Wide inv_s, inv_t;
+  NormalizedDifference(const DistanceSide<acc_t>& s, const DistanceSide<acc_t>& t)
+      : s(s), t(t), inv_s(1.0 / s.mean), inv_t(1.0 / t.mean) {}
+  Wide operator()(int64_t offset, int64_t count, Wide& d_s, Wide& d_t) const {
+    d_s = load_wide(s.d.data() + offset, count);
+    d_t = load_wide(t.d.data() + offset, count);
+    return d_s.abs() * inv_s - d_t.abs() * inv_t;
+  }
+};
+
+// dL/dG of one side off the diagonal (times `sign`: +1 student, -1 teacher) with g = huber'(u):
+// dL/dd = sign (g / mu - moment / (mu^2 (B^2 - B))) with moment = sum g |d|, dL/dD2 = dL/dd / (2 d) where the clamp
+// passes, dG = -2 weight dL/dD2.
+template <typename acc_t>
+void distance_gram_grad(const NormalizedDifference<acc_t>& difference, bool student_side, double moment,
                         double weight, const Square<acc_t>& dgram) {
-  using Vec = Vectorized<acc_t>;
   const int64_t n = dgram.n;
-  const double inv_mean = 1.0 / side.mean;
-  const Vec through_mean(static_cast<acc_t>(weighted_sum * inv_mean * inv_mean / static_cast<double>(n * n - n)));
-  const Vec v_inv_mean(static_cast<acc_t>(inv_mean)), half_weight(static_cast<acc_t>(0.5 * weight)), two(2);
+  const DistanceSide<acc_t>& side = student_side ? difference.s : difference.t;
+  const double sign = student_side ? 1.0 : -1.0, inv_mean = 1.0 / side.mean;
+  const Wide shift(moment * inv_mean * inv_mean / static_cast<double>(n * n - n)), v_inv_mean(inv_mean);
+  const Wide minus_weight(-sign * weight), zero(0.0), one(1.0);
   parallel_rows(n, [&](int64_t i) {
-    Vec diagonal_sum(0);
-    const int64_t row = i * n;
-    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec dd = Vec::loadu(grad_u.data() + row + c, count) * v_inv_mean - through_mean;
-      const Vec passes = Vec::loadu(side.passes.data() + row + c, count);
-      const Vec d = Vec::blendv(Vec(1), Vec::loadu(side.d.data() + row + c, count), passes > Vec(0));
-      const Vec dd2 = half_weight * dd / d * passes;
-      (Vec::loadu(dgram.row(i) + c, count) - two * dd2).store(dgram.row(i) + c, count);
-      diagonal_sum = diagonal_sum + Vec::set(Vec(0), dd2, count);
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      Wide d_s, d_t;
+      const Wide g = huber_grad_vec(difference(i * n + c, count, d_s, d_t));
+      const Wide d = student_side ? d_s : d_t;
+      const Wide passes = d > zero;
+      const Wide step = minus_weight * (g * v_inv_mean - shift) / Wide::blendv(one, d, passes);
+      store_narrow(load_wide(dgram.row(i) + c, count) + (step & passes), dgram.row(i) + c, count);
     });
-    dgram.at(i, i) += static_cast<acc_t>(2.0 * reduce_sum(diagonal_sum));
   });
 }
 
 template <typename acc_t>
 void rkd_distance(const GramTerm& term, const GramProblem& problem) {
-  using Vec = Vectorized<acc_t>;
-  const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
-  const int64_t n = gs.n;
-  const DistanceSide<acc_t> s = distances(gs), t = distances(gt);
-  const Vec inv_s(static_cast<acc_t>(1.0 / s.mean)), inv_t(static_cast<acc_t>(1.0 / t.mean));
-  const bool student = problem.dgram_student.defined(), teacher = problem.dgram_teacher.defined();
-  std::vector<acc_t> grad_u(student || teacher ? n * n : 0);  // huber'(u), u = d_s / mu_s - d_t / mu_t
-  std::vector<double> weighted_s(n, 0.0), weighted_t(n, 0.0);  // per row: sum g d_s, sum g d_t
+  const Square<acc_t> d2_s = square<acc_t>(problem.sqdist_student), d2_t = square<acc_t>(problem.sqdist_teacher);
+  const int64_t n = d2_s.n;
+  const DistanceSide<acc_t> s = distances(d2_s), t = distances(d2_t);
+  const NormalizedDifference<acc_t> difference(s, t);
+  std::vector<double> moments_s(n, 0.0), moments_t(n, 0.0);  // per row: sum g |d_s|, sum g |d_t|
   const double loss = parallel_row_sum(n, [&](int64_t i) {
-    Vec sum(0), sum_s(0), sum_t(0);
-    const int64_t row = i * n;
-    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec d_s = Vec::loadu(s.d.data() + row + c, count), d_t = Vec::loadu(t.d.data() + row + c, count);
-      const Vec u = d_s * inv_s - d_t * inv_t;
-      sum = sum + huber_vec(u);
-      if (!grad_u.empty()) {
-        const Vec g = huber_grad_vec(u);
-        g.store(grad_u.data() + row + c, count);
-        sum_s = at::vec::fmadd(g, d_s, sum_s);
-        sum_t = at::vec::fmadd(g, d_t, sum_t);
-      }
+    Wide sum(0.0), moment_s(0.0), moment_t(0.0);
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      Wide d_s, d_t;
+      const Wide u = difference(i * n + c, count, d_s, d_t);
+      const Wide g = huber_grad_vec(u);
+      sum = sum + Wide::set(Wide(0.0), huber_vec(u), count);
+      moment_s = at::vec::fmadd(g, d_s.abs(), moment_s);
+      moment_t = at::vec::fmadd(g, d_t.abs(), moment_t);
     });
-    weighted_s[i] = reduce_sum(sum_s);
-    weighted_t[i] = reduce_sum(sum_t);
+    moments_s[i] = reduce_sum(moment_s);
+    moments_t[i] = reduce_sum(moment_t);
     return reduce_sum(sum);
   });
   const double inv_count = 1.0 / static_cast<double>(n * n);
   add_loss(problem, term.weight * loss * inv_count);
   const auto total = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0); };
-  if (student) {
-    distance_gram_grad(s, grad_u, total(weighted_s), term.weight * inv_count,
+  if (problem.dgram_student.defined()) {
+    distance_gram_grad(difference, true, total(moments_s), term.weight * inv_count,
                        square<acc_t>(problem.dgram_student));
   }
-  if (teacher) {
-    for (acc_t& g : grad_u) g = -g;
-    distance_gram_grad(t, grad_u, -total(weighted_t), term.weight * inv_count,
+  if (problem.dgram_teacher.defined()) {
+    distance_gram_grad(difference, false, total(moments_t), term.weight * inv_count,
                        square<acc_t>(problem.dgram_teacher));
   }
 }
 
 // ------------------------------------------------------------------------------------------------------- angle
+// The B^3 loop runs in acc_t on N_abc formed from the hi/lo Gram (AngleNumerator) and r from D2; its sums give
+// dL/dD2 (W below), which the host turns into dL/dP = 2 sum_b (W_ab + W_ba) (P_a - P_b) in float64.
 
-// r_ij = 1 / |x_i - x_j| (0 on the diagonal and for coincident points).
+// The angle's Gram: [B, 2B] rows of hi(G_i.) then lo(G_i.) in acc_t (pairwise_host.h).
 template <typename acc_t>
-std::vector<acc_t> inverse_distances(const Square<acc_t>& g) {
+struct HiLoGram {
+  const acc_t* data;
+  int64_t n;
+  const acc_t* hi(int64_t i) const { return data + 2 * i * n; }
+  const acc_t* lo(int64_t i) const { return data + 2 * i * n + n; }
+};
+
+template <typename acc_t>
+HiLoGram<acc_t> hilo_gram(const at::Tensor& t) {
+  return {static_cast<const acc_t*>(t.data_ptr()), t.size(0)};
+}
+
+// r_ij = 1 / sqrt(D2_ij), 0 where D2 is (0 on the diagonal and for coincident points).
+template <typename acc_t>
+std::vector<acc_t> inverse_distances(const Square<acc_t>& d2) {
   using Vec = Vectorized<acc_t>;
-  const int64_t n = g.n;
-  const std::vector<acc_t> diag = diagonal(g);
+  const int64_t n = d2.n;
   std::vector<acc_t> r(n * n);
   parallel_rows(n, [&](int64_t i) {
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec d2 = squared_distances(g, diag.data(), i, c, count);
-      Vec::blendv(Vec(0), d2.rsqrt(), d2 > Vec(0)).store(r.data() + i * n + c, count);
+      const Vec squared = Vec::loadu(d2.row(i) + c, count);
+      const Vec positive = squared > Vec(0);
+      (Vec(1) / Vec::blendv(Vec(1), squared, positive).sqrt() & positive).store(r.data() + i * n + c, count);
     });
-    r[i * n + i] = acc_t(0);
   });
   return r;
 }
 
-// Per-side sums of the angle backward, indexed as in the derivation (g_abc = huber'(psi_s - psi_t), negated for the
-// teacher; M_abc = g_abc r_ab r_ac):
-//   Q[b][c] = sum_a M_abc,  P[a][b] = sum_c M_abc,  S[a][b] = sum_c g_abc psi_abc.
+// N_abc = (P_b - P_a).(P_c - P_a) = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) for one apex a and
+// middle b over blocks of c, from the fixed-point hi/lo Gram rows b and a (pairwise_host.h): the two hi differences
+// are exact, so N is rounded once relative to itself, plus ~eps (q_a + q_b) from the lo parts. From a float32 Gram
+// its error would be ~eps |G|, with |G| ~ |P|^2 far above |N| = |P_b - P_a| |P_c - P_a| for close samples.
 template <typename acc_t>
-struct AngleSums {
-  std::vector<acc_t> q, p, s;
-  explicit AngleSums(int64_t n) : q(n * n, acc_t(0)), p(n * n, acc_t(0)), s(n * n, acc_t(0)) {}
+struct AngleNumerator {
+  using Vec = Vectorized<acc_t>;
+  const acc_t *hi_b, *hi_a, *lo_b, *lo_a;
+  Vec hi_ba, hi_aa, lo_ba, lo_aa;
+
+  AngleNumerator(const HiLoGram<acc_t>& g, int64_t a, int64_t b)
+      : hi_b(g.hi(b)), hi_a(g.hi(a)), lo_b(g.lo(b)), lo_a(g.lo(a)),
+        hi_ba(g.hi(b)[a]), hi_aa(g.hi(a)[a]), lo_ba(g.lo(b)[a]), lo_aa(g.lo(a)[a]) {}
+
+  template <bool kFull>
+  Vec block(int64_t c, int64_t count) const {
+    const Vec high = (load<kFull>(hi_b + c, count) - hi_ba) - (load<kFull>(hi_a + c, count) - hi_aa);
+    return high + ((load<kFull>(lo_b + c, count) - lo_ba) - (load<kFull>(lo_a + c, count) - lo_aa));
+  }
 };
 
+// One side of the angle loop. With g_abc = huber'(psi_s - psi_t) (negated for the teacher), M_abc = g r_ab r_ac:
+//   dL/dD2_ab += W_ab = sum_c M_abc - r_ab^2 sum_c g psi_abc  (D2_ab and D2_ac of psi = (D2_ab + D2_ac - D2_bc)
+//                                                              r_ab r_ac / 2, both roles summed, and r_ab),
+//   dL/dD2_bc -= Q_bc / 2 with Q_bc = sum_a M_abc;
+// so that dG (off the diagonal) = -2 dL/dD2 = Q - 2 W, all times scale = weight / B^3.
 template <typename acc_t>
 struct AngleSide {
-  Square<acc_t> g;
+  HiLoGram<acc_t> g;
   const acc_t* r;
-  AngleSums<acc_t>* sums;  // null when this side's gradient is not requested
+  acc_t* q;      // [B, B] Q (row b accumulated by the task that owns b), null when the gradient is not requested
+  acc_t* dgram;  // receives -2 scale W_ab at (a, b), null when the gradient is not requested
 };
 
-// One (anchor a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t). Not inlined,
+// One (apex a, middle b) row over every c, vectorised. Returns the row's sum of huber(psi_s - psi_t). Not inlined,
 // so that the serial and the parallel call sites of angle_rows run the same code (see parallel_row_sum).
 template <typename acc_t, bool kStudent, bool kTeacher>
-C10_NOINLINE double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b, acc_t* q_s,
-                 acc_t* q_t) {
+C10_NOINLINE double angle_row(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, int64_t a, int64_t b,
+                              double scale) {
   using Vec = Vectorized<acc_t>;
   const int64_t n = st.g.n;
   const acc_t rs_ab = st.r[a * n + b], rt_ab = te.r[a * n + b];
   if (rs_ab == acc_t(0) && rt_ab == acc_t(0)) return 0.0;  // both psi rows are 0: no loss, no gradient
-  const Vec gs_base(st.g.at(a, b) - st.g.at(a, a)), gt_base(te.g.at(a, b) - te.g.at(a, a));
+  const AngleNumerator<acc_t> numerator_s(st.g, a, b), numerator_t(te.g, a, b);
   const Vec vs_ab(rs_ab), vt_ab(rt_ab), one(1), minus_one(-1), half(0.5);
-  const acc_t *gs_b = st.g.row(b), *gs_a = st.g.row(a), *rs_a = st.r + a * n;
-  const acc_t *gt_b = te.g.row(b), *gt_a = te.g.row(a), *rt_a = te.r + a * n;
+  const acc_t *rs_a = st.r + a * n, *rt_a = te.r + a * n;
+  acc_t* q_s = kStudent ? st.q + b * n : nullptr;
+  acc_t* q_t = kTeacher ? te.q + b * n : nullptr;
   Vec loss(0), p_s(0), s_s(0), p_t(0), s_t(0);
-  for (int64_t c = 0; c < n; c += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), n - c);
-    // N_abc = (G_bc - G_ab) - (G_ac - G_aa), with the a-terms grouped so that N is exactly 0 for b == a or c == a.
-    const Vec ms = Vec::loadu(rs_a + c, count) * vs_ab;
-    const Vec mt = Vec::loadu(rt_a + c, count) * vt_ab;
-    const Vec psi_s = ((Vec::loadu(gs_b + c, count) - Vec::loadu(gs_a + c, count)) - gs_base) * ms;
-    const Vec psi_t = ((Vec::loadu(gt_b + c, count) - Vec::loadu(gt_a + c, count)) - gt_base) * mt;
+  const auto block = [&](auto full, int64_t c, int64_t count) {
+    constexpr bool kFull = decltype(full)::value;
+    const Vec ms = load<kFull>(rs_a + c, count) * vs_ab;
+    const Vec mt = load<kFull>(rt_a + c, count) * vt_ab;
+    const Vec psi_s = numerator_s.template block<kFull>(c, count) * ms;
+    const Vec psi_t = numerator_t.template block<kFull>(c, count) * mt;
     const Vec x = psi_s - psi_t;
-    const Vec magnitude = x.abs();
-    loss = loss + Vec::blendv(magnitude - half, half * x * x, magnitude < one);
-    const Vec grad = at::vec::minimum(one, at::vec::maximum(minus_one, x));
+    const Vec grad = at::vec::clamp(x, minus_one, one);
+    loss = at::vec::fmadd(grad, x - half * grad, loss);  // huber(x) = huber'(x) (x - huber'(x) / 2)
     if constexpr (kStudent) {
       const Vec m = grad * ms;
-      (Vec::loadu(q_s + c, count) + m).store(q_s + c, count);
+      store<kFull>(load<kFull>(q_s + c, count) + m, q_s + c, count);
       p_s = p_s + m;
       s_s = at::vec::fmadd(grad, psi_s, s_s);
     }
     if constexpr (kTeacher) {
       const Vec m = grad * mt;
-      (Vec::loadu(q_t + c, count) - m).store(q_t + c, count);
+      store<kFull>(load<kFull>(q_t + c, count) - m, q_t + c, count);
       p_t = p_t - m;
       s_t = s_t - grad * psi_t;
     }
-  }
-  const auto total = [](const Vec& v) {
-    return at::vec::vec_reduce_all<acc_t>([](const auto& x, const auto& y) { return x + y; }, v);
   };
-  if constexpr (kStudent) {
-    st.sums->p[a * n + b] = total(p_s);
-    st.sums->s[a * n + b] = total(s_s);
-  }
-  if constexpr (kTeacher) {
-    te.sums->p[a * n + b] = total(p_t);
-    te.sums->s[a * n + b] = total(s_t);
-  }
-  return static_cast<double>(total(loss));
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) block(std::true_type{}, c, Vec::size());
+  if (c < n) block(std::false_type{}, c, n - c);
+  const auto side_w = [](const Vec& p, const Vec& s, acc_t r) {
+    return reduce_sum(p) - static_cast<double>(r) * static_cast<double>(r) * reduce_sum(s);
+  };
+  if constexpr (kStudent) st.dgram[a * n + b] += static_cast<acc_t>(-2.0 * scale * side_w(p_s, s_s, rs_ab));
+  if constexpr (kTeacher) te.dgram[a * n + b] += static_cast<acc_t>(-2.0 * scale * side_w(p_t, s_t, rt_ab));
+  return reduce_sum(loss);
 }
 
-// Middle indices b in parallel: each task owns its rows Q[b][.] and the entries P[.][b], S[.][b], so that nothing
-// is shared between threads; a block of b rows shares every loaded anchor row a (it stays in cache).
+// Middle indices b in parallel: each task owns its rows Q[b][.] and the entries dG[.][b], so that nothing is shared
+// between threads; a block of b rows shares every loaded apex row a (it stays in cache).
 template <typename acc_t, bool kStudent, bool kTeacher>
-double angle_rows(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te) {
+double angle_rows(const AngleSide<acc_t>& st, const AngleSide<acc_t>& te, double scale) {
   const int64_t n = st.g.n;
   std::vector<double> partial(n, 0.0);
-  acc_t* q_s = kStudent ? st.sums->q.data() : nullptr;
-  acc_t* q_t = kTeacher ? te.sums->q.data() : nullptr;
   at::parallel_for(0, n, rows_per_task(n * n), [&](int64_t begin, int64_t end) {
     for (int64_t a = 0; a < n; ++a) {
-      for (int64_t b = begin; b < end; ++b) {
-        partial[b] += angle_row<acc_t, kStudent, kTeacher>(st, te, a, b, q_s ? q_s + b * n : nullptr,
-                                                           q_t ? q_t + b * n : nullptr);
-      }
+      for (int64_t b = begin; b < end; ++b) partial[b] += angle_row<acc_t, kStudent, kTeacher>(st, te, a, b, scale);
     }
   });
   return std::accumulate(partial.begin(), partial.end(), 0.0);
 }
 
-// dG from the sums: dG[b][c] += Q[b][c]; dG[a][b] -= 2 P[a][b]; dG[a][a] += sum_b P[a][b]; and through the
-// distances, dD2_ab = -r_ab^2 S[a][b]: dG[a][a] += dD2_ab, dG[b][b] += dD2_ab, dG[a][b] -= 2 dD2_ab.
+// dG += scale Q (the diagonal included: the host ignores it).
 template <typename acc_t>
-void angle_gram_grad(const AngleSide<acc_t>& side, double scale, const Square<acc_t>& dgram) {
-  const int64_t n = side.g.n;
-  const AngleSums<acc_t>& sums = *side.sums;
-  std::vector<acc_t> dd2(n * n);
-  parallel_rows(n, [&](int64_t a) {
-    for (int64_t b = 0; b < n; ++b) {
-      const acc_t r = side.r[a * n + b];
-      dd2[a * n + b] = -r * r * sums.s[a * n + b];
-    }
-  });
-  parallel_rows(n, [&](int64_t a) {
-    double diagonal = 0.0;
-    for (int64_t b = 0; b < n; ++b) {
-      const double p = sums.p[a * n + b], d = dd2[a * n + b];
-      diagonal += p + d + dd2[b * n + a];
-      dgram.at(a, b) += static_cast<acc_t>(scale * (static_cast<double>(sums.q[a * n + b]) - 2.0 * (p + d)));
-    }
-    dgram.at(a, a) += static_cast<acc_t>(scale * diagonal);
+void add_scaled(const std::vector<acc_t>& q, double scale, const Square<acc_t>& dgram) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t n = dgram.n;
+  const Vec v_scale(static_cast<acc_t>(scale));
+  parallel_rows(n, [&](int64_t i) {
+    acc_t* row = dgram.row(i);
+    for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
+      at::vec::fmadd(Vec::loadu(q.data() + i * n + c, count), v_scale, Vec::loadu(row + c, count))
+          .store(row + c, count);
+    });
   });
 }
 
 template <typename acc_t>
 void rkd_angle(const GramTerm& term, const GramProblem& problem) {
-  const Square<acc_t> gs = square<acc_t>(problem.gram_student), gt = square<acc_t>(problem.gram_teacher);
+  const HiLoGram<acc_t> gs = hilo_gram<acc_t>(problem.gram_student), gt = hilo_gram<acc_t>(problem.gram_teacher);
   const int64_t n = gs.n;
-  const std::vector<acc_t> rs = inverse_distances(gs), rt = inverse_distances(gt);
+  const std::vector<acc_t> rs = inverse_distances(square<acc_t>(problem.sqdist_student));
+  const std::vector<acc_t> rt = inverse_distances(square<acc_t>(problem.sqdist_teacher));
   const bool student = problem.dgram_student.defined(), teacher = problem.dgram_teacher.defined();
-  std::unique_ptr<AngleSums<acc_t>> sums_s(student ? new AngleSums<acc_t>(n) : nullptr);
-  std::unique_ptr<AngleSums<acc_t>> sums_t(teacher ? new AngleSums<acc_t>(n) : nullptr);
-  const AngleSide<acc_t> st{gs, rs.data(), sums_s.get()}, te{gt, rt.data(), sums_t.get()};
-  double loss;
-  if (student && teacher) loss = angle_rows<acc_t, true, true>(st, te);
-  else if (student) loss = angle_rows<acc_t, true, false>(st, te);
-  else if (teacher) loss = angle_rows<acc_t, false, true>(st, te);
-  else loss = angle_rows<acc_t, false, false>(st, te);
+  std::vector<acc_t> q_s(student ? n * n : 0, acc_t(0)), q_t(teacher ? n * n : 0, acc_t(0));
+  const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
+  const AngleSide<acc_t> st{gs, rs.data(), q_s.data(), dgs.data}, te{gt, rt.data(), q_t.data(), dgt.data};
   const double scale = term.weight / (static_cast<double>(n) * n * n);
+  double loss;
+  if (student && teacher) loss = angle_rows<acc_t, true, true>(st, te, scale);
+  else if (student) loss = angle_rows<acc_t, true, false>(st, te, scale);
+  else if (teacher) loss = angle_rows<acc_t, false, true>(st, te, scale);
+  else loss = angle_rows<acc_t, false, false>(st, te, scale);
   add_loss(problem, loss * scale);
-  if (student) angle_gram_grad(st, scale, square<acc_t>(problem.dgram_student));
-  if (teacher) angle_gram_grad(te, scale, square<acc_t>(problem.dgram_teacher));
+  if (student) add_scaled(q_s, scale, dgs);
+  if (teacher) add_scaled(q_t, scale, dgt);
 }
 
 // ------------------------------------------------------------------------------------------------- row-wise terms
 
-template <typename acc_t>
-double row_sum_of_squares(const acc_t* row, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec sum(0);
-  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-    const Vec x = Vec::loadu(row + c, count);
-    sum = at::vec::fmadd(x, x, sum);
-  });
-  return reduce_sum(sum);
-}
-
-// The sum of a row in double, in a fixed order: blocks widened to double vectors.
+// The sum of a row in float64, in a fixed order.
 template <typename acc_t>
 double row_sum(const acc_t* row, int64_t n) {
-  using Wide = Vectorized<double>;
-  constexpr int64_t kWidth = Wide::size();
-  alignas(64) double wide[kWidth];
-  Wide sum(0.0);
-  int64_t c = 0;
-  for (; c + kWidth <= n; c += kWidth) {
-    for (int64_t k = 0; k < kWidth; ++k) wide[k] = static_cast<double>(row[c + k]);
-    sum = sum + Wide::loadu(wide);
-  }
-  double tail = 0.0;
-  for (; c < n; ++c) tail += static_cast<double>(row[c]);
-  return reduce_sum(sum) + tail;
-}
-
-// row[0, n) += value.
-template <typename acc_t>
-void add_to_row(acc_t* row, int64_t n, acc_t value) {
-  using Vec = Vectorized<acc_t>;
-  const Vec v(value);
-  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) { (Vec::loadu(row + c, count) + v).store(row + c, count); });
+  return wide_dot<acc_t>(row, nullptr, n);
 }
 
 // SP row i, with Gn = G / max(|G_i.|, 1e-12) and diff = Gn_t - Gn_s: loss sum diff^2; through the row normalisation
@@ -484,13 +541,14 @@ void sp(const GramTerm& term, const GramProblem& problem) {
   });
   add_loss(problem, term.weight * loss * inv_count);
 }
-
 // PKT row i, with P = (G + 1) / (2 R), R the row sum of (G + 1) / 2, and r = log((P_t + eps) / (P_s + eps)):
-// loss sum P_t r; dP_s = -P_t / (P_s + eps) / B^2, dP_t = (r + P_t / (P_t + eps)) / B^2; through the row
-// normalisation, dG = (dP - sum(dP P)) / (2 R). Vectorised in acc_t with the row sums in double; r is formed as
-// log1p((P_t - P_s) / (P_s + eps)) with the difference from one fused multiply-add, so that it stays accurate when
-// the two rows agree (the loss is a KL-like sum of terms of both signs). One pass writes dP / (2 R B^2) and
-// accumulates sum(dP P); a cheap second one subtracts that row constant.
+// loss sum P_t r; h_s = dL/dP_s = -P_t / (P_s + eps), h_t = dL/dP_t = r + P_t / (P_t + eps) (times weight / B^2);
+// through the row normalisation, dG = (h - sum(h P)) / (2 R). With P_t = P_s (1 + delta), the loss terms are
+// ~delta / B of both signs summing to ~delta^2 (a KL divergence), and h - sum(h P) cancels O(1) parts down to
+// ~delta: float32 P (or a float32 1 / R, which scales a whole row) would cost relative errors ~eps / delta^2 and
+// ~eps / delta. So P, t = (P_t - P_s) / (P_s + eps), the sums and dG are float64, each output rounded once; only
+// r = log1p(t) runs in acc_t (its relative error costs eps |r| ~ eps delta per term). Three passes per row over
+// a row buffer: t, then r in place, then the sums with h kept in float64, then dG.
 template <typename acc_t>
 void pkt(const GramTerm& term, const GramProblem& problem) {
   using Vec = Vectorized<acc_t>;
@@ -498,37 +556,53 @@ void pkt(const GramTerm& term, const GramProblem& problem) {
   const Square<acc_t> dgs = square<acc_t>(problem.dgram_student), dgt = square<acc_t>(problem.dgram_teacher);
   const int64_t n = gs.n;
   const double inv_count = 1.0 / static_cast<double>(n * n);
-  const Vec eps(static_cast<acc_t>(term.eps)), one(1);
+  const Wide eps(term.eps), one(1.0), zero(0.0);
   const double loss = parallel_row_sum(n, [&](int64_t i) {
     const acc_t *gs_row = gs.row(i), *gt_row = gt.row(i);
     acc_t *ds_row = dgs.data != nullptr ? dgs.row(i) : nullptr, *dt_row = dgt.data != nullptr ? dgt.row(i) : nullptr;
     const double half_sum_s = 0.5 * (row_sum(gs_row, n) + static_cast<double>(n));  // R
     const double half_sum_t = 0.5 * (row_sum(gt_row, n) + static_cast<double>(n));
-    const Vec scale_s(static_cast<acc_t>(0.5 / half_sum_s)), scale_t(static_cast<acc_t>(0.5 / half_sum_t));
-    // dG = weight * (dP - sum(dP P)) / (2 R B^2), with dP here without its 1 / B^2
-    const double weight_s = term.weight * inv_count * 0.5 / half_sum_s;
-    const double weight_t = term.weight * inv_count * 0.5 / half_sum_t;
-    const Vec v_weight_s(static_cast<acc_t>(weight_s)), v_weight_t(static_cast<acc_t>(weight_t));
-    Vec sum(0), dot_s(0), dot_t(0);
+    const Wide scale_s(0.5 / half_sum_s), scale_t(0.5 / half_sum_t);
+    const auto probabilities = [&](int64_t c, int64_t count, Wide& p_s, Wide& p_t) {
+      p_s = (load_wide(gs_row + c, count) + one) * scale_s;
+      p_t = (load_wide(gt_row + c, count) + one) * scale_t;
+    };
+    std::vector<acc_t> log_ratio(n);  // t, then r = log1p(t)
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      Wide p_s, p_t;
+      probabilities(c, count, p_s, p_t);
+      store_narrow((p_t - p_s) / (p_s + eps), log_ratio.data() + c, count);
+    });
     for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-      const Vec x_s = Vec::loadu(gs_row + c, count) + one, x_t = Vec::loadu(gt_row + c, count) + one;
-      const Vec p_s = x_s * scale_s, p_t = x_t * scale_t;
-      const Vec inv_s = one / (p_s + eps);
-      const Vec r = (at::vec::fmadd(x_t, scale_t, Vec(0) - p_s) * inv_s).log1p();
-      sum = sum + Vec::set(Vec(0), p_t * r, count);
+      Vec::loadu(log_ratio.data() + c, count).log1p().store(log_ratio.data() + c, count);
+    });
+    std::vector<double> h_s(ds_row != nullptr ? n : 0), h_t(dt_row != nullptr ? n : 0);
+    Wide sum(0.0), dot_s(0.0), dot_t(0.0);
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      Wide p_s, p_t;
+      probabilities(c, count, p_s, p_t);
+      const Wide r = load_wide(log_ratio.data() + c, count);
+      sum = sum + Wide::set(zero, p_t * r, count);
       if (ds_row != nullptr) {
-        const Vec grad = Vec(0) - p_t * inv_s;
-        dot_s = dot_s + Vec::set(Vec(0), grad * p_s, count);
-        at::vec::fmadd(v_weight_s, grad, Vec::loadu(ds_row + c, count)).store(ds_row + c, count);
+        const Wide h = zero - p_t / (p_s + eps);
+        h.store(h_s.data() + c, count);
+        dot_s = dot_s + Wide::set(zero, h * p_s, count);
       }
       if (dt_row != nullptr) {
-        const Vec grad = r + p_t / (p_t + eps);
-        dot_t = dot_t + Vec::set(Vec(0), grad * p_t, count);
-        at::vec::fmadd(v_weight_t, grad, Vec::loadu(dt_row + c, count)).store(dt_row + c, count);
+        const Wide h = r + p_t / (p_t + eps);
+        h.store(h_t.data() + c, count);
+        dot_t = dot_t + Wide::set(zero, h * p_t, count);
       }
     });
-    if (ds_row != nullptr) add_to_row(ds_row, n, static_cast<acc_t>(-weight_s * reduce_sum(dot_s)));
-    if (dt_row != nullptr) add_to_row(dt_row, n, static_cast<acc_t>(-weight_t * reduce_sum(dot_t)));
+    const auto write = [&](acc_t* row, const std::vector<double>& h, const Wide& dot, double half_sum) {
+      const Wide shift(reduce_sum(dot)), weight(term.weight * inv_count * 0.5 / half_sum);
+      for_each_block<double>(n, [&](int64_t c, int64_t count) {
+        const Wide step = (Wide::loadu(h.data() + c, count) - shift) * weight;
+        store_narrow(load_wide(row + c, count) + step, row + c, count);
+      });
+    };
+    if (ds_row != nullptr) write(ds_row, h_s, dot_s, half_sum_s);
+    if (dt_row != nullptr) write(dt_row, h_t, dot_t, half_sum_t);
     return reduce_sum(sum);
   });
   add_loss(problem, term.weight * loss * inv_count);
@@ -596,40 +670,23 @@ void cc(const GramTerm& term, const GramProblem& problem) {
 
 // ------------------------------------------------------------------------------------------------- preprocessing
 // prepare_with_aten and preprocess_backward_with_aten of pairwise_host.h in one or two passes over the features
-// instead of 3 to 10 ATen ops (each costs about as much as the pass at B = 256); float16 and bfloat16 features are
-// widened by ATen first.
+// instead of 3 to 10 ATen ops (each costs about as much as the pass at B = 256), in float64 like them; float16 and
+// bfloat16 features are widened by ATen first.
 
-// Column means of a [rows, cols] matrix, summed in double over the rows in order.
-template <typename acc_t>
-std::vector<double> column_means(const acc_t* x, int64_t rows, int64_t cols) {
-  std::vector<double> sum(cols, 0.0);
+// out = x minus its column means, in float64.
+template <typename scalar_t>
+void centre_columns(const scalar_t* x, double* out, int64_t rows, int64_t cols) {
+  std::vector<double> means(cols, 0.0);
   for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* row = x + i * cols;
-    for (int64_t j = 0; j < cols; ++j) sum[j] += static_cast<double>(row[j]);
+    const scalar_t* row = x + i * cols;
+    for (int64_t j = 0; j < cols; ++j) means[j] += static_cast<double>(row[j]);
   }
-  for (double& value : sum) value /= static_cast<double>(rows);
-  return sum;
-}
-
-// out = x minus its column means; out may be x.
-template <typename acc_t>
-void subtract_column_means(const acc_t* x, acc_t* out, int64_t rows, int64_t cols) {
-  const std::vector<double> means = column_means(x, rows, cols);
+  for (double& value : means) value /= static_cast<double>(rows);
   parallel_rows(rows, [&](int64_t i) {
-    const acc_t* row = x + i * cols;
-    acc_t* out_row = out + i * cols;
-    for (int64_t j = 0; j < cols; ++j) out_row[j] = static_cast<acc_t>(static_cast<double>(row[j]) - means[j]);
+    const scalar_t* row = x + i * cols;
+    double* out_row = out + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out_row[j] = static_cast<double>(row[j]) - means[j];
   }, cols);
-}
-
-template <typename acc_t>
-double row_dot(const acc_t* x, const acc_t* y, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec sum(0);
-  for_each_block<acc_t>(n, [&](int64_t c, int64_t count) {
-    sum = at::vec::fmadd(Vec::loadu(x + c, count), Vec::loadu(y + c, count), sum);
-  });
-  return reduce_sum(sum);
 }
 
 // n' of a unit preprocessing: |x| + eps or max(|x|, eps).
@@ -637,38 +694,41 @@ inline double unit_denominator(double norm, Preprocess preprocess, double eps) {
   return preprocess == Preprocess::kUnitPlusEps ? norm + eps : std::max(norm, eps);
 }
 
-// P = x / n' per row, and the norms |x|.
+// P = x / n' per row and the float64 norms |x|: x (i_hi + i_lo) with the float64 1 / n' split into acc_t parts, by
+// one fused multiply-add (rounded once, as x / n' in float64 would be but for ties).
 template <typename acc_t>
-void unit_rows(const acc_t* x, acc_t* out, acc_t* norms, int64_t rows, int64_t cols, Preprocess preprocess,
+void unit_rows(const acc_t* x, acc_t* out, double* norms, int64_t rows, int64_t cols, Preprocess preprocess,
                double eps) {
   using Vec = Vectorized<acc_t>;
   parallel_rows(rows, [&](int64_t i) {
     const acc_t* row = x + i * cols;
     acc_t* out_row = out + i * cols;
-    const double norm = std::sqrt(row_sum_of_squares(row, cols));
-    norms[i] = static_cast<acc_t>(norm);
-    const Vec inverse(static_cast<acc_t>(1.0 / unit_denominator(norm, preprocess, eps)));
+    const double norm = std::sqrt(wide_dot(row, row, cols));
+    norms[i] = norm;
+    const double inverse = 1.0 / unit_denominator(norm, preprocess, eps);
+    const acc_t high = static_cast<acc_t>(inverse);
+    const Vec inverse_hi(high), inverse_lo(static_cast<acc_t>(inverse - static_cast<double>(high)));
     for_each_block<acc_t>(cols, [&](int64_t c, int64_t count) {
-      (Vec::loadu(row + c, count) * inverse).store(out_row + c, count);
+      const Vec v = Vec::loadu(row + c, count);
+      at::vec::fmadd(v, inverse_hi, v * inverse_lo).store(out_row + c, count);
     });
   }, cols);
 }
 
 // dL/dx = (dP - P (P.dP) n' / |x|) / n' in place of dP, the radial term only where the norm is differentiable.
 template <typename acc_t>
-void unit_rows_backward(acc_t* grad, const acc_t* unit, const acc_t* norms, int64_t rows, int64_t cols,
+void unit_rows_backward(acc_t* grad, const acc_t* unit, const double* norms, int64_t rows, int64_t cols,
                         Preprocess preprocess, double eps) {
-  using Vec = Vectorized<acc_t>;
   parallel_rows(rows, [&](int64_t i) {
     acc_t* grad_row = grad + i * cols;
     const acc_t* unit_row = unit + i * cols;
     const double norm = norms[i], denominator = unit_denominator(norm, preprocess, eps);
     const bool differentiable = preprocess == Preprocess::kUnitPlusEps ? norm > 0.0 : norm > eps;
-    const Vec radial(static_cast<acc_t>(differentiable ? row_dot(unit_row, grad_row, cols) * denominator / norm : 0.0));
-    const Vec inverse(static_cast<acc_t>(1.0 / denominator));
-    for_each_block<acc_t>(cols, [&](int64_t c, int64_t count) {
-      const Vec g = Vec::loadu(grad_row + c, count) - Vec::loadu(unit_row + c, count) * radial;
-      (g * inverse).store(grad_row + c, count);
+    const Wide radial(differentiable ? wide_dot(unit_row, grad_row, cols) * denominator / norm : 0.0);
+    const Wide inverse(1.0 / denominator);
+    for_each_block<double>(cols, [&](int64_t c, int64_t count) {
+      const Wide g = load_wide(grad_row + c, count) - load_wide(unit_row + c, count) * radial;
+      store_narrow(g * inverse, grad_row + c, count);
     });
   }, cols);
 }
@@ -677,15 +737,18 @@ Prepared cpu_prepare(const at::Tensor& features, Preprocess preprocess, double e
   at::Tensor x = features.to(accumulation_dtype(features)).contiguous();
   if (preprocess == Preprocess::kNone) return {x, at::Tensor()};
   const int64_t rows = x.size(0), cols = x.size(1);
+  if (preprocess == Preprocess::kCentre) {
+    at::Tensor out = at::empty({rows, cols}, x.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_centre", [&] {
+      centre_columns(x.data_ptr<scalar_t>(), out.data_ptr<double>(), rows, cols);
+    });
+    return {out, at::Tensor()};
+  }
   at::Tensor out = at::empty_like(x);
-  at::Tensor norms = is_unit(preprocess) ? at::empty({rows, 1}, x.options()) : at::Tensor();
+  at::Tensor norms = at::empty({rows, 1}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_prepare", [&] {
-    if (preprocess == Preprocess::kCentre) {
-      subtract_column_means(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, cols);
-    } else {
-      unit_rows(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), rows, cols,
-                preprocess, eps);
-    }
+    unit_rows(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), norms.data_ptr<double>(), rows, cols, preprocess,
+              eps);
   });
   return {out, norms};
 }
@@ -693,16 +756,12 @@ Prepared cpu_prepare(const at::Tensor& features, Preprocess preprocess, double e
 at::Tensor cpu_preprocess_backward(at::Tensor& grad_prepared, const Prepared& prepared, Preprocess preprocess,
                                    double eps, at::ScalarType dtype) {
   at::Tensor grad = grad_prepared.contiguous();
-  const int64_t rows = grad.size(0), cols = grad.size(1);
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "pairwise_preprocess_backward", [&] {
-    scalar_t* data = grad.data_ptr<scalar_t>();
-    if (preprocess == Preprocess::kCentre) {
-      subtract_column_means(data, data, rows, cols);
-    } else if (is_unit(preprocess)) {
-      unit_rows_backward(data, prepared.features.data_ptr<scalar_t>(), prepared.norms.data_ptr<scalar_t>(), rows,
-                         cols, preprocess, eps);
-    }
-  });
+  if (is_unit(preprocess)) {
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "pairwise_preprocess_backward", [&] {
+      unit_rows_backward(grad.data_ptr<scalar_t>(), prepared.features.data_ptr<scalar_t>(),
+                         prepared.norms.data_ptr<double>(), grad.size(0), grad.size(1), preprocess, eps);
+    });
+  }
   return grad.to(dtype);
 }
 
@@ -789,8 +848,71 @@ at::Tensor cpu_symmetric_gram(const at::Tensor& prepared) {
   return gram;
 }
 
+// RKD's Gram inputs (pairwise_host.h): the float64 G = P P^T made exactly symmetric, D2 from it, and, with the
+// angle, its fixed-point hi/lo rows. Below float64 the split is in place: row i of the float64 [B, B] buffer and
+// row i of the [B, 2B] float32 view are the same bytes (at B = 1024 a Gram is 8 MB).
+template <typename acc_t>
+void squared_distances_and_split(double* gram, int64_t n, bool split, acc_t* d2, acc_t* split_out) {
+  std::vector<double> diagonal(n);
+  for (int64_t i = 0; i < n; ++i) diagonal[i] = gram[i * n + i];
+  const Wide noise_ulps(kCoincidentUlps * std::numeric_limits<double>::epsilon()), zero(0.0), two(2.0);
+  parallel_rows(n, [&](int64_t i) {
+    for_each_block<double>(n, [&](int64_t c, int64_t count) {
+      const Wide sums = Wide(diagonal[i]) + Wide::loadu(diagonal.data() + c, count);
+      const Wide squared = sums - two * Wide::loadu(gram + i * n + c, count);
+      store_narrow(Wide::blendv(squared, zero, squared <= noise_ulps * sums), d2 + i * n + c, count);
+    });
+    d2[i * n + i] = acc_t(0);
+  });
+  if (!split) return;
+  parallel_rows(n, [&](int64_t i) {
+    const std::vector<double> row(gram + i * n, gram + (i + 1) * n);
+    double row_max = 0.0;
+    for (const double value : row) row_max = std::max(row_max, std::abs(value));
+    const double q = split_quantum(row_max, c10::CppTypeToScalarType<acc_t>::value);
+    acc_t* out = split_out + 2 * i * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const double high = std::nearbyint(row[j] / q) * q;
+      out[j] = static_cast<acc_t>(high);
+      out[n + j] = static_cast<acc_t>(row[j] - high);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_rkd_gram(const at::Tensor& prepared, at::ScalarType acc, bool split) {
+  at::Tensor gram = exact_mm(prepared, prepared.t()).contiguous();
+  const int64_t n = gram.size(0);
+  mirror_upper_square(gram.data_ptr<double>(), n);
+  at::Tensor d2 = at::empty({n, n}, gram.options().dtype(acc));
+  at::Tensor hilo;
+  if (split) hilo = acc == at::kDouble ? at::empty({n, 2 * n}, gram.options()) : gram.view(acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "pairwise_rkd_gram", [&] {
+    squared_distances_and_split(gram.data_ptr<double>(), n, split, d2.data_ptr<scalar_t>(),
+                                split ? hilo.data_ptr<scalar_t>() : nullptr);
+  });
+  return {hilo, d2};
+}
+
+// RKD's S = dG + dG^T in `dtype`, its diagonal minus its off-diagonal row sums (summed in float64).
+at::Tensor cpu_invariant_symmetrize(const at::Tensor& dgram, at::ScalarType dtype) {
+  at::Tensor s = dgram.to(dtype).contiguous();
+  const int64_t n = s.size(0);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "pairwise_invariant_symmetrize", [&] {
+    scalar_t* data = s.data_ptr<scalar_t>();
+    symmetrize_square(data, n, scalar_t(1));
+    parallel_rows(n, [&](int64_t i) {
+      scalar_t* row = data + i * n;
+      row[i] = scalar_t(0);
+      Wide sum(0.0);
+      for_each_block<double>(n, [&](int64_t c, int64_t count) { sum = sum + load_wide(row + c, count); });
+      row[i] = static_cast<scalar_t>(-reduce_sum(sum));
+    });
+  });
+  return s;
+}
+
 void cpu_gram_kernel(const GramTerm& term, const GramProblem& problem) {
-  if (problem.gram_student.scalar_type() == at::kDouble) {
+  if (problem.loss.scalar_type() == at::kDouble) {
     run_term<double>(term, problem);
   } else {
     run_term<float>(term, problem);
@@ -804,7 +926,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_cpu(const at::Te
                                                                     bool teacher_grad) {
   return relation_forward(student, teacher, relation, params, student_grad, teacher_grad, at::kCPU,
                           &cpu_gram_kernel,
-                          DeviceHooks{&cpu_symmetric_gram, &cpu_symmetrize, &cpu_prepare, &cpu_preprocess_backward});
+                          DeviceHooks{&cpu_symmetric_gram, &cpu_symmetrize, &cpu_prepare, &cpu_preprocess_backward,
+                                      &cpu_rkd_gram, &cpu_invariant_symmetrize});
 }
 
 }  // namespace

@@ -2,22 +2,48 @@
 // and Gram matrices (ATen, so one code path serves both devices), and the backward through them. The device files
 // supply only the Gram-level kernels. Spec: kdkernels/reference/pairwise.py; schema: csrc/kdkernels.cpp.
 //
-//   features [B, D] --preprocess--> P (acc dtype) --> G = P P^T (symmetrised) --gram kernel--> loss, dL/dG
+//   features [B, D] --preprocess--> P --> G = P P^T (symmetrised) --gram kernel--> loss, dL/dG
 //   dL/dP = (dL/dG + dL/dG^T) P --preprocess backward--> dL/dfeatures
 //
-// Preprocessing per relation: RKD centres the batch (distances and angles are translation invariant; the Gram of
-// centred features keeps fp32 accurate under large mean offsets); SP uses the raw features; PKT divides each row by
-// (|x| + eps); CC by max(|x|, 1e-12) (F.normalize). The gradients are computed in the forward (the Gram-level
-// backward is as cheap as its forward and shares its loop) and the autograd backward scales them by grad_loss.
+// Preprocessing per relation: RKD centres the batch (distances and angles are translation invariant); SP uses the
+// raw features; PKT divides each row by (|x| + eps); CC by max(|x|, 1e-12) (F.normalize). Below float64 the
+// preprocessing is computed in float64 and rounded once: a row scale rounded to float32 would shift every entry of
+// the row by the same relative error, which PKT's loss (a sum of terms of both signs) does not average out.
+//
+// RKD. The losses depend on the features only through the squared distances D2_ij = |x_i - x_j|^2 and, for the
+// angle, the numerators N_abc = (P_b - P_a).(P_c - P_a). From a float32 Gram, D2 = G_ii + G_jj - 2 G_ij and
+// N = (G_bc - G_ac) - (G_ab - G_aa) carry errors ~eps |G|: a few eps even for random features (float32 GEMMs
+// accumulate in float32), and growing without bound relative to D2 and N for samples close to each other compared
+// with their distance from the batch mean (angle gradients ~eps/rho^2 for samples a relative distance rho apart).
+// So P is centred in float64 and G = P P^T is a float64 GEMM (RkdGram); the kernel gets D2 rounded once to the
+// accumulation dtype and, with the angle, G as fixed-point hi/lo pairs in the accumulation dtype: [B, 2B] rows,
+// row i = hi(G_i.) then lo(G_i.), with hi a multiple of the row's quantum q_i = 2^(e_i - p + 4) (2^e_i > max_j
+// |G_ij|, p the dtype's mantissa digits) and lo = G - hi rounded (G = hi + lo to ~2^(3 - p) eps q_i). Differences of
+// two hi entries of a row are exact, so N = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) is rounded once
+// relative to itself (its cancellation costs nothing) plus ~eps q_a, q_b: per-row quanta keep that small for rows
+// near the batch mean even when one sample lies far from it.
+// RKD kernels return dL/dG off the diagonal only, dL/dG_ij = -2 W_ij with W = dL/dD2. The host forms
+// S = dL/dG + dL/dG^T with its diagonal set to minus its off-diagonal row sums (InvariantSymmetrize), so that
+// dL/dP = S P = 2 sum_b (W_ab + W_ba) (P_a - P_b) holds for W as rounded: a diagonal summed separately (from other
+// partial sums) would break the translation invariance by ~eps |W| |P|, and |W_ab| grows as 1/rho^2 for samples a
+// distance rho apart. With the angle that GEMM is float64 (W has terms ~B times larger than the gradient they sum
+// to); for the distance alone it is in the accumulation dtype, on P rounded once (as precise as the official code's
+// backward). It is dL/dx itself: the centring's backward subtracts the mean of dL/dP, 0 for a translation-invariant
+// loss.
+// The gradients are computed in the forward (the Gram-level backward is as cheap as its forward and shares its loop)
+// and the autograd backward scales them by grad_loss.
 #pragma once
 
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/frexp.h>
+#include <ATen/ops/ldexp.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -30,6 +56,7 @@
 namespace kdkernels::pairwise {
 
 enum class Relation { kRkdDistance, kRkdAngle, kSp, kPkt, kCc };
+// kCentre: P = x - mean(x) in float64 (RKD, see the top).
 enum class Preprocess { kCentre, kNone, kUnitPlusEps, kUnitClamped };
 
 // One loss term on the Gram matrices: loss += weight * L(G_s, G_t), dG += weight * dL/dG.
@@ -42,22 +69,27 @@ struct GramTerm {
   bool bilinear = false;   // cc: K = S instead of the Gaussian series
 };
 
-// What a Gram kernel reads and accumulates into. Grams [B, B] are contiguous, symmetric, in the accumulation dtype
-// (float32; float64 for float64 features). loss is a 0-dim tensor; the dgram tensors, when defined, are [B, B]; all
-// outputs start at zero and kernels add their weighted term. A kernel may split the gradient of a symmetric entry
-// between (i, j) and (j, i) as it likes: only dG + dG^T is used.
+// What a Gram kernel reads and accumulates into, all in the accumulation dtype (float32; float64 for float64
+// features). SP, PKT and CC: Grams [B, B], contiguous and symmetric. RKD: squared distances [B, B] (symmetric,
+// 0 on the diagonal and for coincident points) and, with the angle, the hi/lo Grams [B, 2B] (see the top). loss is
+// a 0-dim tensor; the dgram tensors, when defined, are [B, B]; all outputs start at zero and kernels add their
+// weighted term. A kernel may split the gradient of a symmetric entry between (i, j) and (j, i) as it likes: only
+// dG + dG^T is used. RKD kernels need not write the diagonal (the host derives it).
 struct GramProblem {
-  at::Tensor gram_student, gram_teacher;
+  at::Tensor gram_student, gram_teacher;      // undefined for rkd_distance alone
+  at::Tensor sqdist_student, sqdist_teacher;  // RKD only
   at::Tensor loss;
   at::Tensor dgram_student, dgram_teacher;  // undefined when that gradient is not requested
-  int64_t batch() const { return gram_student.size(0); }
+  int64_t batch_size = 0;
+  int64_t batch() const { return batch_size; }
 };
 
 using GramKernel = void (*)(const GramTerm& term, const GramProblem& problem);
 
 // Coincident points: a squared distance |x_i - x_j|^2 = G_ii + G_jj - 2 G_ij at or below
-// kCoincidentUlps * eps(acc) * (G_ii + G_jj) is rounding noise of the Gram formula and counts as exactly 0, the
-// official code's zero difference vector (distance: clamp to 1e-12 with zero gradient; angle: zero unit vector).
+// kCoincidentUlps * eps(float64) * (G_ii + G_jj) is rounding noise of the float64 Gram formula and counts as exactly
+// 0, the official code's zero difference vector (distance: clamp to 1e-12 with zero gradient; angle: zero unit
+// vector): samples closer than ~1.7e-7 of their distance to the batch mean, about the resolution of float32 features.
 constexpr double kCoincidentUlps = 64.0;
 constexpr double kDistanceClamp = 1e-12;    // lenscloth pdist's clamp of squared distances
 constexpr double kNormalizeEps = 1e-12;     // F.normalize
@@ -114,6 +146,13 @@ inline Preprocess preprocess_of(Relation relation) {
   return Preprocess::kNone;
 }
 
+inline bool has_angle(const std::vector<GramTerm>& terms) {
+  for (const GramTerm& term : terms) {
+    if (term.relation == Relation::kRkdAngle) return true;
+  }
+  return false;
+}
+
 inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
   return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -143,7 +182,7 @@ inline void check_features(const at::Tensor& student, const at::Tensor& teacher,
 // Preprocessed features in the accumulation dtype, and what the backward through the preprocessing needs.
 struct Prepared {
   at::Tensor features;  // P [B, D], contiguous: the Gram's input
-  at::Tensor norms;     // [B, 1] row norms of the raw features (unit preprocessings), else undefined
+  at::Tensor norms;     // [B, 1] float64 row norms of the raw features (unit preprocessings), else undefined
 };
 
 inline double unit_eps(Preprocess preprocess, const GramTerm& term) {
@@ -159,26 +198,22 @@ inline at::Tensor unit_denominators(const at::Tensor& norms, Preprocess preproce
   return preprocess == Preprocess::kUnitPlusEps ? norms + eps : norms.clamp_min(eps);
 }
 
-// features -> P. `eps` is the unit preprocessings' (unit_eps). Devices may fuse it into loops of their own.
+// features -> P: float64 for kCentre, else the accumulation dtype (computed in float64, see the top). `eps` is the
+// unit preprocessings' (unit_eps). Devices may fuse it into loops of their own.
 using Prepare = Prepared (*)(const at::Tensor& features, Preprocess preprocess, double eps);
 
 inline Prepared prepare_with_aten(const at::Tensor& features, Preprocess preprocess, double eps) {
-  at::Tensor x = features.to(accumulation_dtype(features));
-  switch (preprocess) {
-    case Preprocess::kCentre: return {x - x.mean(0, /*keepdim=*/true), at::Tensor()};
-    case Preprocess::kNone: return {x.contiguous(), at::Tensor()};
-    case Preprocess::kUnitPlusEps:
-    case Preprocess::kUnitClamped: {
-      at::Tensor norms = x.norm(2, {1}, /*keepdim=*/true);
-      return {(x / unit_denominators(norms, preprocess, eps)).contiguous(), norms};
-    }
-  }
-  return {x, at::Tensor()};
+  if (preprocess == Preprocess::kNone) return {features.to(accumulation_dtype(features)).contiguous(), at::Tensor()};
+  const at::Tensor x = features.to(at::kDouble);
+  if (preprocess == Preprocess::kCentre) return {(x - x.mean(0, /*keepdim=*/true)).contiguous(), at::Tensor()};
+  at::Tensor norms = x.norm(2, {1}, /*keepdim=*/true);
+  return {(x / unit_denominators(norms, preprocess, eps)).to(accumulation_dtype(features)).contiguous(), norms};
 }
 
-// dL/dx (in `dtype`, contiguous) from dL/dP. Centre: dP minus its batch mean. P = x / n' with n' = |x| + eps or
+// dL/dx (in `dtype`, contiguous) from dL/dP. Centre: dL/dP itself (see the top). P = x / n' with n' = |x| + eps or
 // max(|x|, eps): dL/dx = (dP - P (P.dP) n' / |x|) / n' where the norm is differentiable (|x| > 0, and |x| > eps when
-// clamped), else dP / n' (torch's norm backward is 0 at 0). The device version may overwrite grad_prepared.
+// clamped), else dP / n' (torch's norm backward is 0 at 0); in float64. The device version may overwrite
+// grad_prepared.
 using PreprocessBackward = at::Tensor (*)(at::Tensor& grad_prepared, const Prepared& prepared, Preprocess preprocess,
                                           double eps, at::ScalarType dtype);
 
@@ -186,19 +221,17 @@ inline at::Tensor preprocess_backward_with_aten(at::Tensor& grad_prepared, const
                                                 Preprocess preprocess, double eps, at::ScalarType dtype) {
   at::Tensor grad;
   switch (preprocess) {
-    case Preprocess::kCentre: grad = grad_prepared - grad_prepared.mean(0, /*keepdim=*/true); break;
+    case Preprocess::kCentre:
     case Preprocess::kNone: grad = grad_prepared; break;
     case Preprocess::kUnitPlusEps:
     case Preprocess::kUnitClamped: {
-      const at::Tensor& unit = prepared.features;
-      const at::Tensor denominators = unit_denominators(prepared.norms, preprocess, eps);
-      const at::Tensor differentiable = preprocess == Preprocess::kUnitPlusEps ? prepared.norms > 0
-                                                                              : prepared.norms > eps;
-      const double tiny = prepared.norms.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
-                                                                        : std::numeric_limits<float>::min();
-      const at::Tensor radial = (unit * grad_prepared).sum(1, /*keepdim=*/true) * denominators /
-                                prepared.norms.clamp_min(tiny);
-      grad = (grad_prepared - unit * radial * differentiable) / denominators;
+      const at::Tensor unit = prepared.features.to(at::kDouble), &norms = prepared.norms;
+      const at::Tensor dp = grad_prepared.to(at::kDouble);
+      const at::Tensor denominators = unit_denominators(norms, preprocess, eps);
+      const at::Tensor differentiable = preprocess == Preprocess::kUnitPlusEps ? norms > 0 : norms > eps;
+      const at::Tensor radial = (unit * dp).sum(1, /*keepdim=*/true) * denominators /
+                                norms.clamp_min(std::numeric_limits<double>::min());
+      grad = (dp - unit * radial * differentiable) / denominators;
       break;
     }
   }
@@ -232,12 +265,55 @@ inline at::Tensor symmetric_gram_with_aten(const at::Tensor& prepared) {
   return gram;
 }
 
+// RKD (see the top): (the fixed-point hi/lo Gram [B, 2B] in acc when `split`, else undefined; D2 [B, B] in acc) from
+// the float64 P. D2 is 0 on the diagonal and where D2 <= kCoincidentUlps eps(float64) (G_ii + G_jj).
+using RkdGram = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& prepared, at::ScalarType acc, bool split);
+
+// The quantum of a hi/lo row whose largest magnitude is `row_max`.
+inline double split_quantum(double row_max, at::ScalarType acc) {
+  const int digits = acc == at::kDouble ? std::numeric_limits<double>::digits : std::numeric_limits<float>::digits;
+  int exponent = 0;
+  std::frexp(row_max, &exponent);  // row_max < 2^exponent
+  return std::ldexp(1.0, exponent - digits + 4);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> rkd_gram_with_aten(const at::Tensor& prepared, at::ScalarType acc,
+                                                             bool split) {
+  at::Tensor gram = exact_mm(prepared, prepared.t());
+  gram = (gram + gram.t()) * 0.5;
+  const at::Tensor diagonal = gram.diagonal();
+  const at::Tensor sums = diagonal.unsqueeze(1) + diagonal.unsqueeze(0);
+  at::Tensor d2 = sums - 2.0 * gram;
+  d2.masked_fill_(d2 <= sums * (kCoincidentUlps * std::numeric_limits<double>::epsilon()), 0.0);
+  d2.diagonal().zero_();
+  if (!split) return {at::Tensor(), d2.to(acc).contiguous()};
+  // The rows' split_quantum without a host synchronisation.
+  const int digits = acc == at::kDouble ? std::numeric_limits<double>::digits : std::numeric_limits<float>::digits;
+  const at::Tensor exponent = std::get<1>(at::frexp(gram.abs().amax(1, /*keepdim=*/true)));
+  const at::Tensor q = at::ldexp(at::ones_like(exponent, gram.options()), exponent - (digits - 4));
+  const at::Tensor hi = (gram / q).round() * q;
+  return {at::cat({hi.to(acc), (gram - hi).to(acc)}, 1).contiguous(), d2.to(acc).contiguous()};
+}
+
+// RKD's S = dG + dG^T in `dtype` with its diagonal minus its off-diagonal row sums (summed in float64).
+using InvariantSymmetrize = at::Tensor (*)(const at::Tensor& dgram, at::ScalarType dtype);
+
+inline at::Tensor invariant_symmetrize_with_aten(const at::Tensor& dgram, at::ScalarType dtype) {
+  at::Tensor s = dgram.to(at::kDouble);
+  s = s + s.t();
+  s.diagonal().zero_();
+  s.diagonal().copy_(-s.sum(1));
+  return s.to(dtype);
+}
+
 // What a device may do its own way instead of with ATen ops.
 struct DeviceHooks {
   SymmetricGram symmetric_gram = &symmetric_gram_with_aten;
   Symmetrize symmetrize = &symmetrize_with_aten;
   Prepare prepare = &prepare_with_aten;
   PreprocessBackward preprocess_backward = &preprocess_backward_with_aten;
+  RkdGram rkd_gram = &rkd_gram_with_aten;
+  InvariantSymmetrize invariant_symmetrize = &invariant_symmetrize_with_aten;
 };
 
 // The whole op for one device: (loss [] acc dtype, grad_student, grad_teacher) with the gradients of the loss in
@@ -249,19 +325,37 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_forward(
   check_features(student, teacher, device_type);
   const std::vector<GramTerm> terms = parse_terms(relation, params);
   const Preprocess preprocess = preprocess_of(terms.front().relation);
+  const bool rkd = preprocess == Preprocess::kCentre, angle = has_angle(terms);
+  const at::ScalarType acc = accumulation_dtype(student);
   const double eps = unit_eps(preprocess, terms.front());
-  const Prepared prepared_student = hooks.prepare(student, preprocess, eps);
-  const Prepared prepared_teacher = hooks.prepare(teacher, preprocess, eps);
+  Prepared prepared_student = hooks.prepare(student, preprocess, eps);
+  Prepared prepared_teacher = hooks.prepare(teacher, preprocess, eps);
 
   GramProblem problem;
-  problem.gram_student = hooks.symmetric_gram(prepared_student.features);
-  problem.gram_teacher = hooks.symmetric_gram(prepared_teacher.features);
-  problem.loss = at::zeros({}, prepared_student.features.options());
-  if (student_grad) problem.dgram_student = at::zeros_like(problem.gram_student);
-  if (teacher_grad) problem.dgram_teacher = at::zeros_like(problem.gram_teacher);
+  problem.batch_size = student.size(0);
+  const auto inputs = [&](const Prepared& prepared, at::Tensor& gram, at::Tensor& sqdist) {
+    if (rkd) {
+      std::tie(gram, sqdist) = hooks.rkd_gram(prepared.features, acc, angle);
+    } else {
+      gram = hooks.symmetric_gram(prepared.features);
+    }
+  };
+  inputs(prepared_student, problem.gram_student, problem.sqdist_student);
+  inputs(prepared_teacher, problem.gram_teacher, problem.sqdist_teacher);
+  if (!student_grad) prepared_student = Prepared{};  // no backward: freed before the kernel (at B = 1024 the
+  if (!teacher_grad) prepared_teacher = Prepared{};  // float64 P is half a Gram)
+  const at::TensorOptions options = student.options().dtype(acc);
+  problem.loss = at::zeros({}, options);
+  if (student_grad) problem.dgram_student = at::zeros({problem.batch(), problem.batch()}, options);
+  if (teacher_grad) problem.dgram_teacher = at::zeros({problem.batch(), problem.batch()}, options);
   for (const GramTerm& term : terms) kernel(term, problem);
+  problem.gram_student = problem.gram_teacher = problem.sqdist_student = problem.sqdist_teacher = at::Tensor();
 
   const auto feature_grad = [&](at::Tensor& dgram, const Prepared& prepared, const at::Tensor& features) {
+    if (rkd) {
+      const at::Tensor s = hooks.invariant_symmetrize(dgram, angle ? at::kDouble : acc);
+      return exact_mm(s, prepared.features.to(s.scalar_type())).to(features.scalar_type());
+    }
     hooks.symmetrize(dgram, 1.0);  // dL/dP = (dG + dG^T) P
     at::Tensor grad_prepared = exact_mm(dgram, prepared.features);
     return hooks.preprocess_backward(grad_prepared, prepared, preprocess, eps, features.scalar_type());

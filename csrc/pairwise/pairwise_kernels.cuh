@@ -1,21 +1,26 @@
 // CUDA device code of the pairwise family: the Gram-level losses and their gradients dL/dG. Each launch adds
 // weight * L to *loss and weight * dL/dG_s, weight * dL/dG_t to the requested dG (nullptr = not requested).
 //
-// Spec: kdkernels/reference/pairwise.py, through the Gram contract of pairwise_host.h (G = P P^T of the preprocessed
-// features, symmetric, contiguous [B, B] in Acc = float or double; only dG + dG^T is used, so a term of a symmetric
-// entry may land on (i, j) or on (j, i)). With D2_ij = G_ii + G_jj - 2 G_ij, counted as 0 (coincident points) when
-// D2_ij <= 64 eps(Acc) (G_ii + G_jj), and huber = smooth_l1 with beta 1:
+// Spec: kdkernels/reference/pairwise.py, through the Gram contract of pairwise_host.h: SP, PKT and CC read
+// G = P P^T of the preprocessed features, symmetric, contiguous [B, B] in Acc = float or double; only dG + dG^T is
+// used, so a term of a symmetric entry may land on (i, j) or on (j, i). RKD reads the squared distances D2 [B, B]
+// (0 on the diagonal and for coincident points) and, for the angle, the float64 Gram as fixed-point hi/lo pairs
+// [B, 2B] in Acc (row i: hi(G_i.), lo(G_i.); differences of two hi entries of a row are exact); RKD kernels write dG
+// off the diagonal only (the host derives the diagonal). With huber = smooth_l1 with beta 1:
 //   rkd_distance  d_ij = sqrt(max(D2_ij, 1e-12)) (i != j; zero gradient where clamped), d_ii = 0,
 //                 mu = sum_{i != j} d_ij / (B^2 - B), L = mean_{B x B} huber(d_s / mu_s - d_t / mu_t);
 //                 with g = huber'(u) / B^2: dL/dd_ij = g_ij / mu - (sum g d) / (mu^2 (B^2 - B)) (teacher: -g),
-//                 dD2 = dd / (2 d): dG_ii += dD2, dG_jj += dD2, dG_ij -= 2 dD2.
-//   rkd_angle     r_ij = 1 / sqrt(D2_ij) (0 when i == j or coincident), psi_abc = ((G_bc - G_ab) - (G_ac - G_aa))
-//                 r_ab r_ac, L = mean_{B^3} huber(psi_s - psi_t). With g = huber'(psi_s - psi_t) / B^3 (teacher:
-//                 -g and its own r) and M_abc = g r_ab r_ac: dG_bc += sum_a M, dG_ab -= 2 sum_c M, dG_aa += sum_bc M,
-//                 dD2_ab = -r_ab^2 sum_c g psi (applied like the distance's). Writing W_ab = sum_c M_abc + dD2_ab =
-//                 r_ab sum_c g (r_ac - r_ab psi_abc): dG_ab -= 2 W_ab, dG_aa += sum_b W_ab, dG_bb += sum_a dD2_ab.
+//                 dG_ij = -2 dL/dD2_ij = -dL/dd_ij / d_ij. In double arithmetic (the loss sums terms of both signs,
+//                 which one rounded 1 / mu would scale alike).
+//   rkd_angle     r_ij = 1 / sqrt(D2_ij) (0 when i == j or coincident), psi_abc = N_abc r_ab r_ac with
+//                 N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + ((lo_bc - lo_ba) - (lo_ac - lo_aa)) (rows b and a),
+//                 L = mean_{B^3} huber(psi_s - psi_t). With g = huber'(psi_s - psi_t) / B^3 (teacher: -g and its
+//                 own r), M_abc = g r_ab r_ac: W_ab = sum_c M_abc - r_ab^2 sum_c g psi_abc = r_ab sum_c g (r_ac -
+//                 r_ab psi_abc) is dL/dD2_ab (D2_ab's roles in psi = (D2_ab + D2_ac - D2_bc) r_ab r_ac / 2, and
+//                 r_ab), Q_bc = sum_a M_abc gives dL/dD2_bc -= Q_bc / 2, so dG = Q - 2 W off the diagonal.
 //   sp            n_i = |G_i.|, Gn = G / max(n, 1e-12), L = sum (Gn_t - Gn_s)^2 / B^2.
-//   pkt           S = (G + 1) / 2, P = S / rowsum(S), L = mean P_t log((P_t + eps) / (P_s + eps)).
+//   pkt           S = (G + 1) / 2, P = S / rowsum(S), L = mean P_t log((P_t + eps) / (P_s + eps)); in double
+//                 arithmetic (the loss is a KL-like sum of terms of both signs, and dL/dS cancels O(1) parts).
 //   cc            K = sum_{p <= order} exp(-2 gamma) (2 gamma)^p / p! G^p (elementwise; bilinear: K = G),
 //                 L = mean (K_s - K_t)^2.
 //
@@ -39,8 +44,7 @@ namespace pairwise_cuda {
 
 using namespace cuda_rows;
 
-constexpr double kCoincidentUlps = 64.0;  // pairwise_host.h's constants (the launcher asserts they agree)
-constexpr double kDistanceClamp = 1e-12;
+constexpr double kDistanceClamp = 1e-12;  // pairwise_host.h's constants (the launcher asserts they agree)
 constexpr double kNormalizeEps = 1e-12;
 constexpr int kMaxRowThreads = 256;
 constexpr int kAngleColumnsPerThread = 4;  // a block covers kMaxRowThreads * 4 columns c per pass over the apexes
@@ -51,30 +55,21 @@ constexpr int kMaxCcOrder = 64;
 
 static_assert(2 * kAngleApexChunk == 32, "the apex chunk's two sides fill one warp");
 
-// The Gram matrices [B, B] of both sides and the gradients to accumulate into (nullptr: not requested).
+// The Gram-level inputs of both sides (pairwise_host.h's GramProblem) and the gradients to accumulate into (nullptr:
+// not requested).
 template <typename Acc>
 struct GramArgs {
-  const Acc* gram_student;
+  const Acc* gram_student;  // SP, PKT, CC: [B, B]; RKD angle: [B, 2B] hi/lo; RKD distance: unused
   const Acc* gram_teacher;
+  const Acc* sqdist_student;  // RKD: [B, B]
+  const Acc* sqdist_teacher;
   Acc* dgram_student;
   Acc* dgram_teacher;
   int64_t batch;
 };
 
-template <typename Acc>
-__host__ __device__ constexpr Acc machine_eps() {
-  return sizeof(Acc) == sizeof(float) ? static_cast<Acc>(FLT_EPSILON) : static_cast<Acc>(DBL_EPSILON);
-}
-
 // ----------------------------------------------------------------------------------------------------------------
 // Scalar math.
-
-// |x_i - x_j|^2 from the Gram, 0 for coincident points (the formula's rounding noise).
-template <typename Acc>
-__device__ __forceinline__ Acc squared_distance(Acc g_ii, Acc g_jj, Acc g_ij) {
-  const Acc d2 = g_ii + g_jj - Acc(2) * g_ij;
-  return d2 <= static_cast<Acc>(kCoincidentUlps) * machine_eps<Acc>() * (g_ii + g_jj) ? Acc(0) : d2;
-}
 
 template <typename Acc>
 __device__ __forceinline__ Acc huber(Acc x) {
@@ -115,58 +110,41 @@ __device__ __forceinline__ void for_each_column(int64_t B, Fn&& fn) {
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) fn(j);
 }
 
-// *loss += scale * sum(values[0:n]). One block.
-template <typename Acc>
+// *loss += scale * sum(values[0:n]), summed in Value. One block.
+template <typename Value, typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    add_scaled_sum_kernel(const Acc* __restrict__ values, int64_t n, Acc scale, Acc* __restrict__ loss) {
-  const SumState<Acc, 1> total = sum_components<Acc, 1>(values, n);
-  if (threadIdx.x == 0) *loss += scale * total.v[0];
-}
-
-// diagonals [2, B] = (diag G_s, diag G_t): contiguous for the distance passes.
-template <typename Acc>
-__global__ void __launch_bounds__(kMaxRowThreads) gram_diagonals_kernel(GramArgs<Acc> g, Acc* __restrict__ diagonals) {
-  const int64_t B = g.batch;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= B) return;
-  diagonals[i] = g.gram_student[i * B + i];
-  diagonals[B + i] = g.gram_teacher[i * B + i];
+    add_scaled_sum_kernel(const Value* __restrict__ values, int64_t n, double scale, Acc* __restrict__ loss) {
+  const SumState<Value, 1> total = sum_components<Value, 1>(values, n);
+  if (threadIdx.x == 0) *loss += static_cast<Acc>(scale * static_cast<double>(total.v[0]));
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// RKD distance: three row passes (one block per row i) and the loss.
+// RKD distance: three row passes (one block per row i) and the loss, in double.
 
-template <typename Acc>
 struct ClampedDistance {
-  Acc d;
-  bool clamped;  // D2 <= 1e-12: d is the constant sqrt(1e-12)
+  double d;
+  bool clamped;  // D2 < 1e-12: d is the constant sqrt(1e-12)
 };
 
-template <typename Acc>
-__device__ __forceinline__ ClampedDistance<Acc> clamped_distance(Acc g_ii, Acc g_jj, Acc g_ij) {
-  const Acc d2 = squared_distance(g_ii, g_jj, g_ij);
-  const Acc clamp = static_cast<Acc>(kDistanceClamp);
-  return d2 > clamp ? ClampedDistance<Acc>{kd_sqrt(d2), false} : ClampedDistance<Acc>{kd_sqrt(clamp), true};
+__device__ __forceinline__ ClampedDistance clamped_distance(double d2) {
+  return d2 >= kDistanceClamp ? ClampedDistance{sqrt(d2), false} : ClampedDistance{sqrt(kDistanceClamp), true};
 }
 
-template <typename Acc>
 struct DistancePair {
-  ClampedDistance<Acc> s, t;
+  ClampedDistance s, t;
 };
 
 template <typename Acc>
-__device__ __forceinline__ DistancePair<Acc> distance_pair(const GramArgs<Acc>& g, const Acc* __restrict__ diagonals,
-                                                           int64_t i, int64_t j) {
+__device__ __forceinline__ DistancePair distance_pair(const GramArgs<Acc>& g, int64_t i, int64_t j) {
   const int64_t B = g.batch;
-  return DistancePair<Acc>{clamped_distance(diagonals[i], diagonals[j], g.gram_student[i * B + j]),
-                           clamped_distance(diagonals[B + i], diagonals[B + j], g.gram_teacher[i * B + j])};
+  return DistancePair{clamped_distance(static_cast<double>(g.sqdist_student[i * B + j])),
+                      clamped_distance(static_cast<double>(g.sqdist_teacher[i * B + j]))};
 }
 
 // The normalisers (mu_s, mu_t) from the rows' distance sums [2, B].
-template <typename Acc>
-__device__ __forceinline__ SumState<Acc, 2> distance_means(const Acc* __restrict__ row_sums, int64_t B) {
-  SumState<Acc, 2> mu = sum_components<Acc, 2>(row_sums, B);
-  const Acc pairs = static_cast<Acc>(B) * static_cast<Acc>(B - 1);
+__device__ __forceinline__ SumState<double, 2> distance_means(const double* __restrict__ row_sums, int64_t B) {
+  SumState<double, 2> mu = sum_components<double, 2>(row_sums, B);
+  const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   mu.v[0] /= pairs;
   mu.v[1] /= pairs;
   return mu;
@@ -175,12 +153,12 @@ __device__ __forceinline__ SumState<Acc, 2> distance_means(const Acc* __restrict
 // Pass 1: row_sums [2, B] = per row sum_{j != i} (d_s, d_t).
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    rkd_distance_sums_kernel(GramArgs<Acc> g, const Acc* __restrict__ diagonals, Acc* __restrict__ row_sums) {
+    rkd_distance_sums_kernel(GramArgs<Acc> g, double* __restrict__ row_sums) {
   const int64_t B = g.batch, i = blockIdx.x;
-  SumState<Acc, 2> sums = empty_sum_state<Acc, 2>();
+  SumState<double, 2> sums = empty_sum_state<double, 2>();
   for_each_column(B, [&](int64_t j) {
     if (j == i) return;
-    const DistancePair<Acc> d = distance_pair(g, diagonals, i, j);
+    const DistancePair d = distance_pair(g, i, j);
     sums.v[0] += d.s.d;
     sums.v[1] += d.t.d;
   });
@@ -193,16 +171,15 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 // Pass 2: partials [3, B] = per row sum_j (huber(u), h d_s, h d_t), u = d_s / mu_s - d_t / mu_t, h = huber'(u).
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    rkd_distance_loss_kernel(GramArgs<Acc> g, const Acc* __restrict__ diagonals, const Acc* __restrict__ row_sums,
-                             Acc* __restrict__ partials) {
+    rkd_distance_loss_kernel(GramArgs<Acc> g, const double* __restrict__ row_sums, double* __restrict__ partials) {
   const int64_t B = g.batch, i = blockIdx.x;
-  const SumState<Acc, 2> mu = distance_means(row_sums, B);
-  SumState<Acc, 3> sums = empty_sum_state<Acc, 3>();
+  const SumState<double, 2> mu = distance_means(row_sums, B);
+  SumState<double, 3> sums = empty_sum_state<double, 3>();
   for_each_column(B, [&](int64_t j) {
     if (j == i) return;
-    const DistancePair<Acc> d = distance_pair(g, diagonals, i, j);
-    const Acc u = d.s.d / mu.v[0] - d.t.d / mu.v[1];
-    const Acc h = huber_grad(u);
+    const DistancePair d = distance_pair(g, i, j);
+    const double u = d.s.d / mu.v[0] - d.t.d / mu.v[1];
+    const double h = huber_grad(u);
     sums.v[0] += huber(u);
     sums.v[1] += h * d.s.d;
     sums.v[2] += h * d.t.d;
@@ -212,70 +189,58 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   for (int w = 0; w < 3; ++w) partials[w * B + i] = sums.v[w];
 }
 
-// dG's share of one side's dL/dd at (i, j): -2 dD2 (returned as dD2; zero where the clamp holds d constant).
-template <typename Acc>
-__device__ __forceinline__ Acc distance_d2_grad(const ClampedDistance<Acc>& d, Acc grad_d) {
-  return d.clamped ? Acc(0) : grad_d / (Acc(2) * d.d);
+// dG's share of one side's dL/dd at (i, j): -2 dL/dD2 = -dL/dd / d (zero where the clamp holds d constant).
+__device__ __forceinline__ double distance_gram_grad(const ClampedDistance& d, double grad_d) {
+  return d.clamped ? 0.0 : -grad_d / d.d;
 }
 
-// Pass 3: dG[i, j] += -2 dD2_ij (j != i), dG[i, i] += 2 sum_j dD2_ij (dD2 symmetric), both scaled by weight / B^2.
+// Pass 3: dG[i, j] += -dL/dd_ij / d_ij (j != i), scaled by weight / B^2.
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    rkd_distance_grad_kernel(GramArgs<Acc> g, const Acc* __restrict__ diagonals, const Acc* __restrict__ row_sums,
-                             const Acc* __restrict__ partials, Acc scale) {
+    rkd_distance_grad_kernel(GramArgs<Acc> g, const double* __restrict__ row_sums,
+                             const double* __restrict__ partials, double scale) {
   const int64_t B = g.batch, i = blockIdx.x;
-  const SumState<Acc, 2> mu = distance_means(row_sums, B);
-  const SumState<Acc, 3> totals = sum_components<Acc, 3>(partials, B);
-  const Acc pairs = static_cast<Acc>(B) * static_cast<Acc>(B - 1);
+  const SumState<double, 2> mu = distance_means(row_sums, B);
+  const SumState<double, 3> totals = sum_components<double, 3>(partials, B);
+  const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   // dL/dd = scale (+-h / mu -+ shift), shift = sum h d / (mu^2 (B^2 - B)).
-  const Acc shift_s = totals.v[1] / (mu.v[0] * mu.v[0] * pairs), shift_t = totals.v[2] / (mu.v[1] * mu.v[1] * pairs);
-  SumState<Acc, 2> diagonal = empty_sum_state<Acc, 2>();
+  const double shift_s = totals.v[1] / (mu.v[0] * mu.v[0] * pairs);
+  const double shift_t = totals.v[2] / (mu.v[1] * mu.v[1] * pairs);
   for_each_column(B, [&](int64_t j) {
     if (j == i) return;
-    const DistancePair<Acc> d = distance_pair(g, diagonals, i, j);
-    const Acc h = huber_grad(d.s.d / mu.v[0] - d.t.d / mu.v[1]);
+    const DistancePair d = distance_pair(g, i, j);
+    const double h = huber_grad(d.s.d / mu.v[0] - d.t.d / mu.v[1]);
     if (g.dgram_student != nullptr) {
-      const Acc dd2 = distance_d2_grad(d.s, scale * (h / mu.v[0] - shift_s));
-      g.dgram_student[i * B + j] -= Acc(2) * dd2;
-      diagonal.v[0] += dd2;
+      g.dgram_student[i * B + j] += static_cast<Acc>(distance_gram_grad(d.s, scale * (h / mu.v[0] - shift_s)));
     }
     if (g.dgram_teacher != nullptr) {
-      const Acc dd2 = distance_d2_grad(d.t, scale * (shift_t - h / mu.v[1]));
-      g.dgram_teacher[i * B + j] -= Acc(2) * dd2;
-      diagonal.v[1] += dd2;
+      g.dgram_teacher[i * B + j] += static_cast<Acc>(distance_gram_grad(d.t, scale * (shift_t - h / mu.v[1])));
     }
   });
-  diagonal = block_sum(diagonal);
-  if (threadIdx.x != 0) return;
-  if (g.dgram_student != nullptr) g.dgram_student[i * B + i] += Acc(2) * diagonal.v[0];
-  if (g.dgram_teacher != nullptr) g.dgram_teacher[i * B + i] += Acc(2) * diagonal.v[1];
 }
 
 // ----------------------------------------------------------------------------------------------------------------
 // RKD angle.
 
-// inverse_distances [2, B, B] = (r_s, r_t).
+// inverse_distances [2, B, B] = (r_s, r_t) from D2.
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    rkd_angle_inverse_distances_kernel(GramArgs<Acc> g, const Acc* __restrict__ diagonals,
-                                       Acc* __restrict__ inverse_distances) {
+    rkd_angle_inverse_distances_kernel(GramArgs<Acc> g, Acc* __restrict__ inverse_distances) {
   const int64_t B = g.batch, i = blockIdx.x;
   for_each_column(B, [&](int64_t j) {
-    const Acc d2_s = squared_distance(diagonals[i], diagonals[j], g.gram_student[i * B + j]);
-    const Acc d2_t = squared_distance(diagonals[B + i], diagonals[B + j], g.gram_teacher[i * B + j]);
-    inverse_distances[i * B + j] = d2_s > Acc(0) && j != i ? Acc(1) / kd_sqrt(d2_s) : Acc(0);
-    inverse_distances[B * B + i * B + j] = d2_t > Acc(0) && j != i ? Acc(1) / kd_sqrt(d2_t) : Acc(0);
+    const Acc d2_s = g.sqdist_student[i * B + j], d2_t = g.sqdist_teacher[i * B + j];
+    inverse_distances[i * B + j] = d2_s > Acc(0) ? Acc(1) / kd_sqrt(d2_s) : Acc(0);
+    inverse_distances[B * B + i * B + j] = d2_t > Acc(0) ? Acc(1) / kd_sqrt(d2_t) : Acc(0);
   });
 }
 
 template <typename Acc>
 struct AngleArgs {
   GramArgs<Acc> gram;
-  const Acc* diagonals;          // [2, B]
   const Acc* inverse_distances;  // [2, B, B]
   Acc* column_sums[2];           // Q_side[b, c] = sum_a M_abc (rows written by block b), when that side is requested
   Acc* apex_sums[2];             // W_side[a, b] (column b written by block b), when that side is requested
-  Acc* partials;                 // [3, B]: per b sum huber, sum_a dD2_ab (student), sum_a dD2_ab (teacher)
+  double* partials;              // [B]: per b sum huber
 };
 
 // One step of the warp transpose-reduction: lanes with bit HALF set keep the upper half of v[0, 2 HALF), the others
@@ -302,22 +267,36 @@ __device__ __forceinline__ Acc warp_transpose_sum(Acc (&v)[32]) {
   return v[0];
 }
 
-// One side's quantities of the apex a seen from the block's b.
+// One side's hi/lo Gram entry G[i, j] of the [B, 2B] layout.
 template <typename Acc>
-struct Apex {
-  Acc g_ab, g_aa, r_ab, r_ab2;
+struct HiLo {
+  Acc hi, lo;
 };
 
 template <typename Acc>
-__device__ __forceinline__ Apex<Acc> load_apex(const Acc* __restrict__ gram, const Acc* __restrict__ diagonal,
-                                               const Acc* __restrict__ inverse, int64_t B, int64_t a, int64_t b) {
-  const Acc r = inverse[b * B + a];
-  return Apex<Acc>{gram[b * B + a], diagonal[a], r, r * r};
+__device__ __forceinline__ HiLo<Acc> hilo_at(const Acc* __restrict__ gram, int64_t B, int64_t i, int64_t j) {
+  return HiLo<Acc>{gram[2 * i * B + j], gram[2 * i * B + B + j]};
 }
 
+// One side's quantities of the apex a seen from the block's b: G_ba (row b), G_aa (row a), r_ab.
 template <typename Acc>
-__device__ __forceinline__ Acc angle(Acc g_bc, Acc g_ac, Acc r_ac, const Apex<Acc>& apex) {
-  return ((g_bc - apex.g_ab) - (g_ac - apex.g_aa)) * apex.r_ab * r_ac;
+struct Apex {
+  HiLo<Acc> ba, aa;
+  Acc r_ab;
+};
+
+template <typename Acc>
+__device__ __forceinline__ Apex<Acc> load_apex(const Acc* __restrict__ gram, const Acc* __restrict__ inverse,
+                                               int64_t B, int64_t a, int64_t b) {
+  return Apex<Acc>{hilo_at(gram, B, b, a), hilo_at(gram, B, a, a), inverse[b * B + a]};
+}
+
+// psi_abc = N_abc r_ab r_ac, with N's two hi row differences exact.
+template <typename Acc>
+__device__ __forceinline__ Acc angle(const HiLo<Acc>& bc, const HiLo<Acc>& ac, Acc r_ac, const Apex<Acc>& apex) {
+  const Acc high = (bc.hi - apex.ba.hi) - (ac.hi - apex.aa.hi);
+  const Acc numerator = high + ((bc.lo - apex.ba.lo) - (ac.lo - apex.aa.lo));
+  return numerator * apex.r_ab * r_ac;
 }
 
 // The block's sums over c of a chunk of 16 apexes (index side * 16 + i): W_side[a0 + i, b] = r_ab * sum (tile 0
@@ -340,7 +319,8 @@ __device__ __forceinline__ void store_apex_chunk(const AngleArgs<Acc>& args, Acc
   *w = (first_tile ? Acc(0) : *w) + r_ab * total;
 }
 
-// One block per middle index b; thread tid covers columns c = tile + tid + k * blockDim.x (k < 4) of each tile.
+// One block per middle index b; thread tid covers columns c = tile + tid + k * blockDim.x (k < 4) of each tile. The
+// loss is summed in Acc over each chunk of apexes and in double across chunks.
 template <typename Acc, bool kStudentGrad, bool kTeacherGrad>
 __global__ void __launch_bounds__(kMaxRowThreads) rkd_angle_kernel(AngleArgs<Acc> args) {
   constexpr bool kGrad = kStudentGrad || kTeacherGrad;
@@ -350,51 +330,52 @@ __global__ void __launch_bounds__(kMaxRowThreads) rkd_angle_kernel(AngleArgs<Acc
   const int64_t B = g.batch, b = blockIdx.x, threads = blockDim.x;
   const Acc* r_s = args.inverse_distances;
   const Acc* r_t = args.inverse_distances + B * B;
-  Acc loss = Acc(0), col_s = Acc(0), col_t = Acc(0);  // col: sum over (a, c) of r_ab^2 g psi (= -sum_a dD2_ab)
+  double loss = 0.0;
   int parity = 0;
   for (int64_t tile = 0; tile < B; tile += threads * kCols) {
-    Acc g_bc_s[kCols], g_bc_t[kCols], q_s[kCols], q_t[kCols];
+    HiLo<Acc> bc_s[kCols], bc_t[kCols];
+    Acc q_s[kCols], q_t[kCols];
 #pragma unroll
     for (int k = 0; k < kCols; ++k) {
       const int64_t c = tile + threadIdx.x + k * threads;
-      g_bc_s[k] = c < B ? g.gram_student[b * B + c] : Acc(0);
-      g_bc_t[k] = c < B ? g.gram_teacher[b * B + c] : Acc(0);
+      bc_s[k] = c < B ? hilo_at(g.gram_student, B, b, c) : HiLo<Acc>{Acc(0), Acc(0)};
+      bc_t[k] = c < B ? hilo_at(g.gram_teacher, B, b, c) : HiLo<Acc>{Acc(0), Acc(0)};
       q_s[k] = q_t[k] = Acc(0);
     }
     for (int64_t a0 = 0; a0 < B; a0 += kAngleApexChunk) {
       Acc chunk[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) chunk[i] = Acc(0);
+      Acc chunk_loss = Acc(0);
 #pragma unroll
       for (int i = 0; i < kAngleApexChunk; ++i) {
         const int64_t a = a0 + i;
         if (a >= B) continue;
-        const Apex<Acc> as = load_apex(g.gram_student, args.diagonals, r_s, B, a, b);
-        const Apex<Acc> at = load_apex(g.gram_teacher, args.diagonals + B, r_t, B, a, b);
+        const Apex<Acc> as = load_apex(g.gram_student, r_s, B, a, b);
+        const Apex<Acc> at = load_apex(g.gram_teacher, r_t, B, a, b);
 #pragma unroll
         for (int k = 0; k < kCols; ++k) {
           const int64_t c = tile + threadIdx.x + k * threads;
           if (c >= B) continue;
           const Acc r_ac_s = r_s[a * B + c], r_ac_t = r_t[a * B + c];
-          const Acc psi_s = angle(g_bc_s[k], g.gram_student[a * B + c], r_ac_s, as);
-          const Acc psi_t = angle(g_bc_t[k], g.gram_teacher[a * B + c], r_ac_t, at);
+          const Acc psi_s = angle(bc_s[k], hilo_at(g.gram_student, B, a, c), r_ac_s, as);
+          const Acc psi_t = angle(bc_t[k], hilo_at(g.gram_teacher, B, a, c), r_ac_t, at);
           const Acc diff = psi_s - psi_t;
-          loss += huber(diff);
+          chunk_loss += huber(diff);
           if constexpr (kGrad) {
             const Acc h = huber_grad(diff);
             if constexpr (kStudentGrad) {
               q_s[k] += h * as.r_ab * r_ac_s;
               chunk[i] += h * (r_ac_s - as.r_ab * psi_s);
-              col_s += h * psi_s * as.r_ab2;
             }
             if constexpr (kTeacherGrad) {
               q_t[k] -= h * at.r_ab * r_ac_t;
               chunk[kAngleApexChunk + i] -= h * (r_ac_t - at.r_ab * psi_t);
-              col_t -= h * psi_t * at.r_ab2;
             }
           }
         }
       }
+      loss += static_cast<double>(chunk_loss);
       if constexpr (kGrad) {
         store_apex_chunk<Acc, kStudentGrad, kTeacherGrad>(args, chunk, a0, b, tile == 0, exchange, parity);
         parity ^= 1;
@@ -408,31 +389,22 @@ __global__ void __launch_bounds__(kMaxRowThreads) rkd_angle_kernel(AngleArgs<Acc
       if constexpr (kTeacherGrad) args.column_sums[1][b * B + c] = q_t[k];
     }
   }
-  const SumState<Acc, 3> sums = block_sum(SumState<Acc, 3>{{loss, -col_s, -col_t}});
-  if (threadIdx.x != 0) return;
-  for (int w = 0; w < 3; ++w) args.partials[w * B + b] = sums.v[w];
+  const SumState<double, 1> sums = block_sum(SumState<double, 1>{{loss}});
+  if (threadIdx.x == 0) args.partials[b] = sums.v[0];
 }
 
-// dG[a, c] += scale (Q[a, c] - 2 W[a, c]); dG[a, a] += scale (sum_c W[a, c] + sum_x dD2_xa). One block per row a.
+// dG[a, c] += scale (Q[a, c] - 2 W[a, c]) (the diagonal too: the host ignores it). One block per row a.
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads) rkd_angle_grad_kernel(AngleArgs<Acc> args, Acc scale) {
   const int64_t B = args.gram.batch, a = blockIdx.x;
   Acc* dgram[2] = {args.gram.dgram_student, args.gram.dgram_teacher};
-  SumState<Acc, 2> row = empty_sum_state<Acc, 2>();
   for_each_column(B, [&](int64_t c) {
 #pragma unroll
     for (int side = 0; side < 2; ++side) {
       if (dgram[side] == nullptr) continue;
-      const Acc w = args.apex_sums[side][a * B + c];
-      dgram[side][a * B + c] += scale * (args.column_sums[side][a * B + c] - Acc(2) * w);
-      row.v[side] += w;
+      dgram[side][a * B + c] += scale * (args.column_sums[side][a * B + c] - Acc(2) * args.apex_sums[side][a * B + c]);
     }
   });
-  row = block_sum(row);
-  if (threadIdx.x != 0) return;
-  for (int side = 0; side < 2; ++side) {
-    if (dgram[side] != nullptr) dgram[side][a * B + a] += scale * (row.v[side] + args.partials[(1 + side) * B + a]);
-  }
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -487,34 +459,35 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   if (threadIdx.x == 0) partials[i] = sums.v[0];
 }
 
-// One PKT entry: P_s, P_t, the loss term and the gradients h = dL/dP (unscaled by 1/B^2 and the weight).
-template <typename Acc>
+// One PKT entry in double: P_s, P_t, the loss term and the gradients h = dL/dP (unscaled by 1/B^2 and the weight).
 struct PktEntry {
-  Acc p_s, p_t, loss, h_s, h_t;
+  double p_s, p_t, loss, h_s, h_t;
 };
 
-template <typename Acc>
-__device__ __forceinline__ PktEntry<Acc> pkt_entry(Acc g_s, Acc g_t, Acc sum_s, Acc sum_t, Acc eps) {
-  const Acc p_s = (g_s + Acc(1)) / Acc(2) / sum_s, p_t = (g_t + Acc(1)) / Acc(2) / sum_t;
-  const Acc log_ratio = kd_log((p_t + eps) / (p_s + eps));
-  return PktEntry<Acc>{p_s, p_t, p_t * log_ratio, -p_t / (p_s + eps), log_ratio + p_t / (p_t + eps)};
+__device__ __forceinline__ PktEntry pkt_entry(double g_s, double g_t, double sum_s, double sum_t, double eps) {
+  const double p_s = (g_s + 1.0) / 2.0 / sum_s, p_t = (g_t + 1.0) / 2.0 / sum_t;
+  const double log_ratio = log((p_t + eps) / (p_s + eps));
+  return PktEntry{p_s, p_t, p_t * log_ratio, -p_t / (p_s + eps), log_ratio + p_t / (p_t + eps)};
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    pkt_kernel(GramArgs<Acc> g, Acc eps, Acc scale, Acc* __restrict__ partials) {
+    pkt_kernel(GramArgs<Acc> g, double eps, double scale, double* __restrict__ partials) {
   const int64_t B = g.batch, i = blockIdx.x;
-  SumState<Acc, 2> row = empty_sum_state<Acc, 2>();
+  const auto entry_at = [&](int64_t j, const SumState<double, 2>& row) {
+    return pkt_entry(static_cast<double>(gram_at(g.gram_student, B, i, j)),
+                     static_cast<double>(gram_at(g.gram_teacher, B, i, j)), row.v[0], row.v[1], eps);
+  };
+  SumState<double, 2> row = empty_sum_state<double, 2>();
   for_each_column(B, [&](int64_t j) {
-    row.v[0] += (gram_at(g.gram_student, B, i, j) + Acc(1)) / Acc(2);
-    row.v[1] += (gram_at(g.gram_teacher, B, i, j) + Acc(1)) / Acc(2);
+    row.v[0] += (static_cast<double>(gram_at(g.gram_student, B, i, j)) + 1.0) / 2.0;
+    row.v[1] += (static_cast<double>(gram_at(g.gram_teacher, B, i, j)) + 1.0) / 2.0;
   });
   row = block_sum(row);
   // sums: loss, h_s . P_s, h_t . P_t.
-  SumState<Acc, 3> sums = empty_sum_state<Acc, 3>();
+  SumState<double, 3> sums = empty_sum_state<double, 3>();
   for_each_column(B, [&](int64_t j) {
-    const PktEntry<Acc> e =
-        pkt_entry(gram_at(g.gram_student, B, i, j), gram_at(g.gram_teacher, B, i, j), row.v[0], row.v[1], eps);
+    const PktEntry e = entry_at(j, row);
     sums.v[0] += e.loss;
     sums.v[1] += e.h_s * e.p_s;
     sums.v[2] += e.h_t * e.p_t;
@@ -523,13 +496,12 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   // dL/dS_ij = (h_j - h . P_i) / rowsum; dS/dG = 1/2.
   if (g.dgram_student != nullptr || g.dgram_teacher != nullptr) {
     for_each_column(B, [&](int64_t j) {
-      const PktEntry<Acc> e =
-          pkt_entry(gram_at(g.gram_student, B, i, j), gram_at(g.gram_teacher, B, i, j), row.v[0], row.v[1], eps);
+      const PktEntry e = entry_at(j, row);
       if (g.dgram_student != nullptr) {
-        g.dgram_student[i * B + j] += scale * (e.h_s - sums.v[1]) / (Acc(2) * row.v[0]);
+        g.dgram_student[i * B + j] += static_cast<Acc>(scale * (e.h_s - sums.v[1]) / (2.0 * row.v[0]));
       }
       if (g.dgram_teacher != nullptr) {
-        g.dgram_teacher[i * B + j] += scale * (e.h_t - sums.v[2]) / (Acc(2) * row.v[1]);
+        g.dgram_teacher[i * B + j] += static_cast<Acc>(scale * (e.h_t - sums.v[2]) / (2.0 * row.v[1]));
       }
     });
   }
@@ -582,9 +554,10 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// Host-side launch helpers. Requirements (the launcher's host glue checks them): 2 <= B < 2^31, Grams contiguous
-// symmetric [B, B], dgram contiguous [B, B] or nullptr, loss a single Acc, workspace of *_workspace_elements Acc.
-// weight: the term's weight; each helper adds weight * L to *loss and weight * dL/dG to the dgram.
+// Host-side launch helpers. Requirements (the launcher's host glue checks them): 2 <= B < 2^31, inputs as in
+// GramArgs (contiguous), dgram contiguous [B, B] or nullptr, loss a single Acc; workspaces of *_workspace_elements
+// Acc and *_wide_workspace_elements double. weight: the term's weight; each helper adds weight * L to *loss and
+// weight * dL/dG to the dgram.
 
 // Threads of a row block: whole warps, at most kMaxRowThreads.
 inline int row_threads(int64_t B) { return static_cast<int>(clamp64((B + 31) / 32 * 32, 32, kMaxRowThreads)); }
@@ -595,53 +568,47 @@ inline int64_t cc_blocks(int64_t B) {
   return clamp64((B * B + kElementwiseThreads - 1) / kElementwiseThreads, 1, kElementwiseMaxBlocks);
 }
 
-inline int64_t rkd_distance_workspace_elements(int64_t B) { return 2 * B + 2 * B + 3 * B; }
+inline int64_t rkd_distance_wide_workspace_elements(int64_t B) { return 2 * B + 3 * B; }
 
 inline int64_t rkd_angle_workspace_elements(int64_t B, bool student_grad, bool teacher_grad) {
   const int64_t sides = (student_grad ? 1 : 0) + (teacher_grad ? 1 : 0);
-  return 2 * B + 3 * B + 2 * B * B + sides * 2 * B * B;
+  return 2 * B * B + sides * 2 * B * B;
 }
 
+inline int64_t rkd_angle_wide_workspace_elements(int64_t B) { return B; }
 inline int64_t sp_workspace_elements(int64_t B) { return B; }
-inline int64_t pkt_workspace_elements(int64_t B) { return B; }
+inline int64_t pkt_wide_workspace_elements(int64_t B) { return B; }
 inline int64_t cc_workspace_elements(int64_t B) { return cc_blocks(B); }
 
-template <typename Acc>
-void launch_add_scaled_sum(const Acc* values, int64_t n, double scale, Acc* loss, cudaStream_t stream) {
-  add_scaled_sum_kernel<Acc><<<1, kMaxRowThreads, 0, stream>>>(values, n, static_cast<Acc>(scale), loss);
+template <typename Value, typename Acc>
+void launch_add_scaled_sum(const Value* values, int64_t n, double scale, Acc* loss, cudaStream_t stream) {
+  add_scaled_sum_kernel<Value, Acc><<<1, kMaxRowThreads, 0, stream>>>(values, n, scale, loss);
 }
 
 template <typename Acc>
-void launch_gram_diagonals(const GramArgs<Acc>& g, Acc* diagonals, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((g.batch + kMaxRowThreads - 1) / kMaxRowThreads);
-  gram_diagonals_kernel<Acc><<<blocks, kMaxRowThreads, 0, stream>>>(g, diagonals);
-}
-
-template <typename Acc>
-void launch_rkd_distance(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace, cudaStream_t stream) {
+void launch_rkd_distance(const GramArgs<Acc>& g, double weight, Acc* loss, double* wide_workspace,
+                         cudaStream_t stream) {
   const int64_t B = g.batch;
-  Acc* diagonals = workspace;         // [2, B]
-  Acc* row_sums = workspace + 2 * B;  // [2, B]
-  Acc* partials = workspace + 4 * B;  // [3, B]
+  double* row_sums = wide_workspace;         // [2, B]
+  double* partials = wide_workspace + 2 * B;  // [3, B]
   const double scale = weight / (static_cast<double>(B) * static_cast<double>(B));
   const int threads = row_threads(B);
-  launch_gram_diagonals(g, diagonals, stream);
-  rkd_distance_sums_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, diagonals, row_sums);
-  rkd_distance_loss_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, diagonals, row_sums, partials);
+  rkd_distance_sums_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, row_sums);
+  rkd_distance_loss_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, row_sums, partials);
   if (g.dgram_student != nullptr || g.dgram_teacher != nullptr) {
-    rkd_distance_grad_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, diagonals, row_sums, partials,
-                                                                         static_cast<Acc>(scale));
+    rkd_distance_grad_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, row_sums, partials, scale);
   }
   launch_add_scaled_sum(partials, B, scale, loss, stream);
 }
 
 template <typename Acc>
-void launch_rkd_angle(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace, cudaStream_t stream) {
+void launch_rkd_angle(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace, double* wide_workspace,
+                      cudaStream_t stream) {
   const int64_t B = g.batch;
   const bool student_grad = g.dgram_student != nullptr, teacher_grad = g.dgram_teacher != nullptr;
-  Acc* inverse_distances = workspace + 5 * B;  // after diagonals [2, B] and partials [3, B]
-  AngleArgs<Acc> args{g, workspace, inverse_distances, {nullptr, nullptr}, {nullptr, nullptr}, workspace + 2 * B};
-  Acc* next = workspace + 5 * B + 2 * B * B;
+  Acc* inverse_distances = workspace;  // [2, B, B]
+  AngleArgs<Acc> args{g, inverse_distances, {nullptr, nullptr}, {nullptr, nullptr}, wide_workspace};
+  Acc* next = workspace + 2 * B * B;
   for (int side = 0; side < 2; ++side) {
     if (!(side == 0 ? student_grad : teacher_grad)) continue;
     args.column_sums[side] = next;
@@ -650,9 +617,7 @@ void launch_rkd_angle(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* wor
   }
   const double scale = weight / (static_cast<double>(B) * static_cast<double>(B) * static_cast<double>(B));
   const int threads = row_threads(B);
-  launch_gram_diagonals(g, workspace, stream);
-  rkd_angle_inverse_distances_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, args.diagonals,
-                                                                                 inverse_distances);
+  rkd_angle_inverse_distances_kernel<Acc><<<row_blocks(B), threads, 0, stream>>>(g, inverse_distances);
   if (student_grad && teacher_grad) {
     rkd_angle_kernel<Acc, true, true><<<row_blocks(B), threads, 0, stream>>>(args);
   } else if (student_grad) {
@@ -677,12 +642,12 @@ void launch_sp(const GramArgs<Acc>& g, double weight, Acc* loss, Acc* workspace,
 }
 
 template <typename Acc>
-void launch_pkt(const GramArgs<Acc>& g, double weight, double eps, Acc* loss, Acc* workspace, cudaStream_t stream) {
+void launch_pkt(const GramArgs<Acc>& g, double weight, double eps, Acc* loss, double* wide_workspace,
+                cudaStream_t stream) {
   const int64_t B = g.batch;
   const double scale = weight / (static_cast<double>(B) * static_cast<double>(B));
-  pkt_kernel<Acc><<<row_blocks(B), row_threads(B), 0, stream>>>(g, static_cast<Acc>(eps), static_cast<Acc>(scale),
-                                                               workspace);
-  launch_add_scaled_sum(workspace, B, scale, loss, stream);
+  pkt_kernel<Acc><<<row_blocks(B), row_threads(B), 0, stream>>>(g, eps, scale, wide_workspace);
+  launch_add_scaled_sum(wide_workspace, B, scale, loss, stream);
 }
 
 // The series' coefficients in double, rounded once to Acc. Requires 0 <= order <= kMaxCcOrder.
@@ -721,13 +686,13 @@ void launch_cc(const GramArgs<Acc>& g, double weight, double gamma, int64_t orde
 #ifdef KDKERNELS_STANDALONE_INSTANTIATE
 #define KDKERNELS_PAIRWISE_INSTANTIATE(ACC)                                                                          \
   template void kdkernels::pairwise_cuda::launch_rkd_distance<ACC>(const kdkernels::pairwise_cuda::GramArgs<ACC>&,   \
-                                                                   double, ACC*, ACC*, cudaStream_t);                \
+                                                                   double, ACC*, double*, cudaStream_t);             \
   template void kdkernels::pairwise_cuda::launch_rkd_angle<ACC>(const kdkernels::pairwise_cuda::GramArgs<ACC>&,      \
-                                                                double, ACC*, ACC*, cudaStream_t);                   \
+                                                                double, ACC*, ACC*, double*, cudaStream_t);          \
   template void kdkernels::pairwise_cuda::launch_sp<ACC>(const kdkernels::pairwise_cuda::GramArgs<ACC>&, double,     \
                                                          ACC*, ACC*, cudaStream_t);                                  \
   template void kdkernels::pairwise_cuda::launch_pkt<ACC>(const kdkernels::pairwise_cuda::GramArgs<ACC>&, double,    \
-                                                          double, ACC*, ACC*, cudaStream_t);                         \
+                                                          double, ACC*, double*, cudaStream_t);                      \
   template void kdkernels::pairwise_cuda::launch_cc<ACC>(const kdkernels::pairwise_cuda::GramArgs<ACC>&, double,     \
                                                          double, int64_t, bool, ACC*, ACC*, cudaStream_t);
 

@@ -176,3 +176,43 @@ def check_crd_nce_forward(op: str, embed, memory, contrast_indices, log_normaliz
         raise ValueError(f"{op}: noise_mass must be finite and > 0 (K / N), got {noise_mass}")
     if not (eps >= 0.0 and eps < float("inf")):
         raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pairwise
+# ------------------------------------------------------------------------------------------------------------------
+
+PAIRWISE_PARAMETERS = {"rkd_distance": 0, "rkd_angle": 0, "sp": 0, "rkd": 2, "pkt": 1, "cc": 3}
+
+
+def check_pairwise_forward(op: str, student, teacher, relation: str, params) -> None:
+    """Features [B, D_s], [B, D_t] (B >= 2) on one device, float64 with float64 only; a known relation with its
+    parameters: rkd (distance_weight, angle_weight), pkt (eps > 0), cc (finite gamma, integer order in [0, 64],
+    bilinear)."""
+    check_float_tensor(op, "student", student)
+    check_float_tensor(op, "teacher", teacher)
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.dim() != 2 or x.shape[1] < 1:
+            raise ValueError(f"{op}: {name} must be 2-D features [B, D] with D >= 1, got shape {tuple(x.shape)}")
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{op}: teacher must have the student's {student.shape[0]} samples, got {teacher.shape[0]}")
+    if student.shape[0] < 2:
+        raise ValueError(f"{op}: a batch relation needs at least 2 samples, got {student.shape[0]}")
+    if teacher.device != student.device:
+        raise ValueError(f"{op}: teacher must be on the student's device {student.device}, got {teacher.device}")
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        raise TypeError(f"{op}: student and teacher must both be float64 or neither, got {student.dtype} and "
+                        f"{teacher.dtype}")
+    if relation not in PAIRWISE_PARAMETERS:
+        raise ValueError(f"{op}: unknown relation {relation!r}; expected one of {', '.join(PAIRWISE_PARAMETERS)}")
+    if len(params) != PAIRWISE_PARAMETERS[relation]:
+        raise ValueError(f"{op}: relation '{relation}' takes {PAIRWISE_PARAMETERS[relation]} parameters, got "
+                         f"{len(params)}")
+    if relation == "pkt" and not (params[0] > 0 and math.isfinite(params[0])):
+        raise ValueError(f"{op}: pkt eps must be positive, got {params[0]}")
+    if relation == "cc":
+        gamma, order, _ = params
+        if not math.isfinite(gamma):
+            raise ValueError(f"{op}: cc gamma must be finite, got {gamma}")
+        if not (0 <= order <= 64 and order == math.floor(order)):
+            raise ValueError(f"{op}: cc order must be an integer in [0, 64], got {order}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._validation import promote_float64
+from kdkernels.ops._checks import check_pairwise_forward
 from kdkernels.ops._registration import OpSpec, accumulation_dtype, empty_gradient_like, forward_op, register
 from kdkernels.reference import pairwise as reference
 
@@ -17,6 +18,7 @@ OP = "pairwise"
 
 
 def _fake_forward(op, student, teacher, relation, params, student_grad, teacher_grad):
+    check_pairwise_forward(op, student, teacher, relation, params)
     loss = student.new_empty((), dtype=accumulation_dtype(student))
     return loss, empty_gradient_like(student, student_grad), empty_gradient_like(teacher, teacher_grad)
 

@@ -1,20 +1,28 @@
 """Triton backend of the ``pairwise`` op: batch-relation losses on Gram matrices (spec: kdkernels/reference/pairwise.py;
-the C++ twin is csrc/pairwise/pairwise_host.h, whose glue this module mirrors step by step)::
+the C++ twin is csrc/pairwise/pairwise_host.h, whose glue and numerics this module mirrors step by step)::
 
-    features [B, D] --preprocess--> P --> G = P P^T (fp32/fp64, no TF32, symmetrised) --Triton--> loss, dL/dG
+    features [B, D] --preprocess--> P --> G = P P^T (no TF32, symmetrised) --Triton--> loss, dL/dG
     dL/dP = (dL/dG + dL/dG^T) P --preprocess backward--> dL/dfeatures
 
-The Gram-level kernels (D2_ij = G_ii + G_jj - 2 G_ij, 0 when <= 64 eps (G_ii + G_jj): coincident points):
+Preprocessing is computed in float64 and rounded once. RKD centres the batch in float64 and takes its float64 Gram,
+from which the kernels get the squared distances D2 (0 on the diagonal and where D2 <= 64 eps64 (G_ii + G_jj):
+coincident points) and, for the angle, G as fixed-point hi/lo pairs (see _rkd_gram); they return dL/dG off the
+diagonal only, and the host completes it so that its rows sum to zero (_invariant_symmetrize). The Gram-level
+kernels:
 
-* rkd_distance: d = sqrt(max(D2, 1e-12)) off the diagonal, mu = sum d / (B^2 - B), L = mean huber(d_s/mu_s - d_t/mu_t);
-  dL/dd_ij = (h_ij - sum(h d) / (mu (B^2 - B))) / mu with h = huber' / B^2 (negated for the teacher), then
-  dL/dD2 = dL/dd / (2 d) where D2 > 1e-12. Three row launches: the sums of d, the loss and sum(h d), dG.
-* rkd_angle: r_ab = 1 / sqrt(D2_ab) (0 when coincident), psi_abc = ((G_bc - G_ab) - (G_ac - G_aa)) r_ab r_ac,
-  L = mean_{B^3} huber(psi_s - psi_t). With g = huber' / B^3 and W = g r_ab r_ac, a program per middle index b owns
-  P[a, b] = sum_c W, T[a, b] = -r_ab^2 sum_c g psi (= dL/dD2_ab) and, in the same pass, Q[b, c] = sum_a W; then
-  dG = Q - 2 P - 2 T + diag(rowsum P + rowsum T + colsum T) (only dG + dG^T is used, so P and T stay transposed).
+* rkd_distance (float64 arithmetic): d = sqrt(max(D2, 1e-12)) off the diagonal, mu = sum d / (B^2 - B),
+  L = mean huber(d_s/mu_s - d_t/mu_t); dL/dd_ij = (h_ij - sum(h d) / (mu (B^2 - B))) / mu with h = huber' / B^2
+  (negated for the teacher), then dL/dG_ij = -2 dL/dD2_ij = -dL/dd_ij / d_ij where D2 >= 1e-12. Three row
+  launches: the sums of d, the loss and sum(h d), dG.
+* rkd_angle: r_ab = 1 / sqrt(D2_ab) (0 when coincident), psi_abc = N_abc r_ab r_ac with
+  N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo) from rows b and a (the hi differences exact),
+  L = mean_{B^3} huber(psi_s - psi_t). With g = huber' / B^3 and M = g r_ab r_ac, a program per middle index b owns
+  P[a, b] = sum_c M, T[a, b] = -r_ab^2 sum_c g psi and, in the same pass, Q[b, c] = sum_a M; W = P + T is dL/dD2
+  (both roles of D2_ab in psi), -Q/2 that of D2_bc, so dG = Q - 2 W off the diagonal (P and T stay transposed:
+  only dG + dG^T is used).
 * sp: Gn = G / max(|G_i.|, 1e-12) row-wise, L = sum (Gn_t - Gn_s)^2 / B^2, F.normalize's backward per row.
-* pkt: S = (G + 1) / 2, P = S / rowsum(S), L = mean P_t log((P_t + eps) / (P_s + eps)), the row-stochastic backward.
+* pkt (float64 arithmetic): S = (G + 1) / 2, P = S / rowsum(S), L = mean P_t log((P_t + eps) / (P_s + eps)), the
+  row-stochastic backward.
 * cc: K = sum_p c_p G^p (c_p = exp(-2 gamma) (2 gamma)^p / p!; bilinear: c = (0, 1)), L = mean (K_s - K_t)^2.
 
 Each row kernel has one program per Gram row that owns that row of dG (load, add, store; no atomics). The loss is
@@ -29,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton._launch import _SUPPORTED_DTYPES, _acc_dtype, _launch_guard
+from kdkernels.ops._checks import check_pairwise_forward
+from kdkernels.triton._launch import _acc_dtype, _launch_guard
 
 __all__ = ["pairwise_forward"]
 
@@ -40,20 +49,6 @@ _NORMALIZE_EPS = 1e-12  # F.normalize
 # ------------------------------------------------------------------------------------------------------------------
 # Gram-level building blocks
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _squared_distance(g_ii, g_jj, g_ij, coincident):
-    """D2 = G_ii + G_jj - 2 G_ij, exactly 0 where it is rounding noise of the Gram formula."""
-    norms = g_ii + g_jj
-    d2 = norms - 2.0 * g_ij
-    return tl.where(d2 <= coincident * norms, 0.0, d2)
-
-
-@triton.jit
-def _inverse_distance(g_ii, g_jj, g_ij, coincident):
-    d2 = _squared_distance(g_ii, g_jj, g_ij, coincident)
-    return tl.where(d2 > 0.0, 1.0 / tl.sqrt(tl.where(d2 > 0.0, d2, 1.0)), 0.0)
 
 
 @triton.jit
@@ -84,23 +79,22 @@ def _add_to_row(dg_ptr, row, cols, mask, B, value):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# RKD distance
+# RKD distance (ACC = float64: the loss sums smooth-L1 terms of both signs, which one rounded 1 / mu would scale)
 # ------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _distance_row(g_ptr, i, cols, mask, B, coincident, ACC: tl.constexpr):
+def _distance_row(d2_ptr, i, cols, mask, B, ACC: tl.constexpr):
     """(d_ij, live_ij) of row i: the clamped distance (0 on the diagonal and masked lanes) and where it has a
-    gradient (D2 above the clamp)."""
+    gradient (D2 at or above the clamp)."""
     clamp = tl.full([], 1e-12, ACC)
-    g_ii = tl.load(g_ptr + i * (B + 1)).to(ACC)
-    d2 = _squared_distance(g_ii, _diagonal(g_ptr, cols, mask, B, ACC), _row(g_ptr, i, cols, mask, B, ACC), coincident)
+    d2 = _row(d2_ptr, i, cols, mask, B, ACC)
     off_diagonal = mask & (cols != i)
-    return tl.where(off_diagonal, tl.sqrt(tl.maximum(d2, clamp)), 0.0), off_diagonal & (d2 > clamp)
+    return tl.where(off_diagonal, tl.sqrt(tl.maximum(d2, clamp)), 0.0), off_diagonal & (d2 >= clamp)
 
 
 @triton.jit
-def _rkd_distance_sums_kernel(gs_ptr, gt_ptr, sums_ptr, B, coincident, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _rkd_distance_sums_kernel(ds_ptr, dt_ptr, sums_ptr, B, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """sums[0, i] = sum_j d_s[i, j], sums[1, i] = sum_j d_t[i, j]."""
     i = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -109,8 +103,8 @@ def _rkd_distance_sums_kernel(gs_ptr, gt_ptr, sums_ptr, B, coincident, BLOCK: tl
     for start in range(0, B, BLOCK):
         cols = start + offs
         mask = cols < B
-        d_s, _ = _distance_row(gs_ptr, i, cols, mask, B, coincident, ACC)
-        d_t, _ = _distance_row(gt_ptr, i, cols, mask, B, coincident, ACC)
+        d_s, _ = _distance_row(ds_ptr, i, cols, mask, B, ACC)
+        d_t, _ = _distance_row(dt_ptr, i, cols, mask, B, ACC)
         sum_s += d_s
         sum_t += d_t
     tl.store(sums_ptr + i, tl.sum(sum_s, axis=0))
@@ -118,16 +112,15 @@ def _rkd_distance_sums_kernel(gs_ptr, gt_ptr, sums_ptr, B, coincident, BLOCK: tl
 
 
 @triton.jit
-def _normalized_difference(gs_ptr, gt_ptr, i, cols, mask, B, mu_s, mu_t, coincident, ACC: tl.constexpr):
+def _normalized_difference(ds_ptr, dt_ptr, i, cols, mask, B, mu_s, mu_t, ACC: tl.constexpr):
     """(e = d_s / mu_s - d_t / mu_t, d_s, live_s, d_t, live_t) on a block of row i."""
-    d_s, live_s = _distance_row(gs_ptr, i, cols, mask, B, coincident, ACC)
-    d_t, live_t = _distance_row(gt_ptr, i, cols, mask, B, coincident, ACC)
+    d_s, live_s = _distance_row(ds_ptr, i, cols, mask, B, ACC)
+    d_t, live_t = _distance_row(dt_ptr, i, cols, mask, B, ACC)
     return d_s / mu_s - d_t / mu_t, d_s, live_s, d_t, live_t
 
 
 @triton.jit
-def _rkd_distance_loss_kernel(gs_ptr, gt_ptr, mu_ptr, partials_ptr, B, coincident, BLOCK: tl.constexpr,
-                              ACC: tl.constexpr):
+def _rkd_distance_loss_kernel(ds_ptr, dt_ptr, mu_ptr, partials_ptr, B, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """partials[:, i] = (sum_j huber(e_ij), sum_j huber'(e_ij) d_s[i, j], sum_j huber'(e_ij) d_t[i, j])."""
     i = tl.program_id(0)
     mu_s = tl.load(mu_ptr)
@@ -139,7 +132,7 @@ def _rkd_distance_loss_kernel(gs_ptr, gt_ptr, mu_ptr, partials_ptr, B, coinciden
     for start in range(0, B, BLOCK):
         cols = start + offs
         mask = cols < B
-        e, d_s, _, d_t, _ = _normalized_difference(gs_ptr, gt_ptr, i, cols, mask, B, mu_s, mu_t, coincident, ACC)
+        e, d_s, _, d_t, _ = _normalized_difference(ds_ptr, dt_ptr, i, cols, mask, B, mu_s, mu_t, ACC)
         loss += _huber(e)
         slope = _huber_slope(e)
         moment_s += slope * d_s
@@ -151,20 +144,18 @@ def _rkd_distance_loss_kernel(gs_ptr, gt_ptr, mu_ptr, partials_ptr, B, coinciden
 
 @triton.jit
 def _distance_grad_row(dg_ptr, i, cols, mask, B, slope, d, live, moment, mu, sign, scale):
-    """Adds dL/dG of one side to row i of dg off the diagonal; returns this block's share of the diagonal.
-    dL/dd = sign (h - moment / (mu (B^2 - B))) / mu with h = scale huber', and dL/dD2 = dL/dd / (2 d)."""
+    """Adds dL/dG of one side to row i of dg off the diagonal: dL/dd = sign (h - moment / (mu (B^2 - B))) / mu with
+    h = scale huber', and dL/dG = -2 dL/dD2 = -dL/dd / d."""
     pairs = B * B - B
     grad_d = sign * scale * (slope - moment / (mu * pairs)) / mu
-    grad_d2 = tl.where(live, grad_d * 0.5 / tl.where(live, d, 1.0), 0.0)
-    _add_to_row(dg_ptr, i, cols, mask & (cols != i), B, -2.0 * grad_d2)
-    return 2.0 * grad_d2
+    _add_to_row(dg_ptr, i, cols, mask & (cols != i), B, tl.where(live, -grad_d / tl.where(live, d, 1.0), 0.0))
 
 
 @triton.jit
-def _rkd_distance_grad_kernel(gs_ptr, gt_ptr, dgs_ptr, dgt_ptr, mu_ptr, moments_ptr, consts_ptr, B, coincident,
+def _rkd_distance_grad_kernel(ds_ptr, dt_ptr, dgs_ptr, dgt_ptr, mu_ptr, moments_ptr, consts_ptr, B,
                               BLOCK: tl.constexpr, ACC: tl.constexpr, STUDENT_GRAD: tl.constexpr,
                               TEACHER_GRAD: tl.constexpr):
-    """Row i of dL/dG (consts = (weight / B^2,)); the diagonal entry is written once, after the row."""
+    """Row i of dL/dG off the diagonal (consts = (weight / B^2,))."""
     i = tl.program_id(0)
     mu_s = tl.load(mu_ptr)
     mu_t = tl.load(mu_ptr + 1)
@@ -172,26 +163,15 @@ def _rkd_distance_grad_kernel(gs_ptr, gt_ptr, dgs_ptr, dgt_ptr, mu_ptr, moments_
     moment_t = tl.load(moments_ptr + 1)
     scale = tl.load(consts_ptr)
     offs = tl.arange(0, BLOCK)
-    diagonal_s = tl.zeros([BLOCK], ACC)
-    diagonal_t = tl.zeros([BLOCK], ACC)
     for start in range(0, B, BLOCK):
         cols = start + offs
         mask = cols < B
-        e, d_s, live_s, d_t, live_t = _normalized_difference(gs_ptr, gt_ptr, i, cols, mask, B, mu_s, mu_t,
-                                                             coincident, ACC)
+        e, d_s, live_s, d_t, live_t = _normalized_difference(ds_ptr, dt_ptr, i, cols, mask, B, mu_s, mu_t, ACC)
         slope = _huber_slope(e)
         if STUDENT_GRAD:
-            diagonal_s += _distance_grad_row(dgs_ptr, i, cols, mask, B, slope, d_s, live_s, moment_s, mu_s, 1.0,
-                                             scale)
+            _distance_grad_row(dgs_ptr, i, cols, mask, B, slope, d_s, live_s, moment_s, mu_s, 1.0, scale)
         if TEACHER_GRAD:
-            diagonal_t += _distance_grad_row(dgt_ptr, i, cols, mask, B, slope, d_t, live_t, moment_t, mu_t, -1.0,
-                                             scale)
-    if STUDENT_GRAD:
-        out = dgs_ptr + i * (B + 1)
-        tl.store(out, tl.load(out) + tl.sum(diagonal_s, axis=0))
-    if TEACHER_GRAD:
-        out = dgt_ptr + i * (B + 1)
-        tl.store(out, tl.load(out) + tl.sum(diagonal_t, axis=0))
+            _distance_grad_row(dgt_ptr, i, cols, mask, B, slope, d_t, live_t, moment_t, mu_t, -1.0, scale)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -200,33 +180,39 @@ def _rkd_distance_grad_kernel(gs_ptr, gt_ptr, dgs_ptr, dgt_ptr, mu_ptr, moments_
 
 
 @triton.jit
-def _angle_tile(g_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC: tl.constexpr):
-    """(psi [a, c], r_ab [a], r_ac [a, c]) for the middle index b: psi_abc = ((G_bc - G_ab) - (G_ac - G_aa)) r_ab
-    r_ac, 0 on masked lanes."""
-    g_aa = _diagonal(g_ptr, a, a_mask, B, ACC)
-    g_bb = tl.load(g_ptr + b * (B + 1)).to(ACC)
-    g_ab = _row(g_ptr, b, a, a_mask, B, ACC)
-    g_bc = _row(g_ptr, b, c, c_mask, B, ACC)
-    g_cc = _diagonal(g_ptr, c, c_mask, B, ACC)
-    tile_mask = a_mask[:, None] & c_mask[None, :]
-    g_ac = tl.load(g_ptr + a[:, None] * B + c[None, :], mask=tile_mask, other=0.0).to(ACC)
-    r_ab = tl.where(a_mask, _inverse_distance(g_aa, g_bb, g_ab, coincident), 0.0)
-    r_ac = tl.where(tile_mask, _inverse_distance(g_aa[:, None], g_cc[None, :], g_ac, coincident), 0.0)
-    psi = ((g_bc[None, :] - g_ab[:, None]) - (g_ac - g_aa[:, None])) * r_ab[:, None] * r_ac
-    return psi, r_ab, r_ac
+def _hilo(g_ptr, row, cols, mask, B):
+    """(hi, lo) of G[row, cols] from the [B, 2B] hi/lo Gram."""
+    return (tl.load(g_ptr + row * (2 * B) + cols, mask=mask, other=0.0),
+            tl.load(g_ptr + row * (2 * B) + B + cols, mask=mask, other=0.0))
 
 
 @triton.jit
-def _rkd_angle_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, qs_ptr, pt_ptr, tt_ptr, qt_ptr, consts_ptr, B,
-                      coincident, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+def _angle_tile(g_ptr, r_ptr, b, a, a_mask, c, c_mask, B):
+    """(psi [a, c], r_ab [a], r_ac [a, c]) for the middle index b, 0 on masked lanes: psi_abc = N_abc r_ab r_ac with
+    N_abc = ((hi_bc - hi_ba) - (hi_ac - hi_aa)) + (the same of lo), rows b and a of the hi/lo Gram."""
+    tile_mask = a_mask[:, None] & c_mask[None, :]
+    hi_aa, lo_aa = _hilo(g_ptr, a, a, a_mask, B)
+    hi_ba, lo_ba = _hilo(g_ptr, b, a, a_mask, B)
+    hi_bc, lo_bc = _hilo(g_ptr, b, c, c_mask, B)
+    hi_ac, lo_ac = _hilo(g_ptr, a[:, None], c[None, :], tile_mask, B)
+    high = (hi_bc[None, :] - hi_ba[:, None]) - (hi_ac - hi_aa[:, None])
+    numerator = high + ((lo_bc[None, :] - lo_ba[:, None]) - (lo_ac - lo_aa[:, None]))
+    r_ab = tl.load(r_ptr + b * B + a, mask=a_mask, other=0.0)
+    r_ac = tl.load(r_ptr + a[:, None] * B + c[None, :], mask=tile_mask, other=0.0)
+    return numerator * r_ab[:, None] * r_ac, r_ab, r_ac
+
+
+@triton.jit
+def _rkd_angle_kernel(gs_ptr, gt_ptr, rs_ptr, rt_ptr, partials_ptr, ps_ptr, ts_ptr, qs_ptr, pt_ptr, tt_ptr, qt_ptr,
+                      consts_ptr, B, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
                       STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
-    """Program b, in one pass over its B^2 triples: partials[b] = sum_{a,c} huber(psi_s - psi_t); per side (row b of
-    the transposed layout) P[b, a] = sum_c g r_ab r_ac and T[b, a] = -r_ab^2 sum_c g psi, and Q[b, c] =
+    """Program b, in one pass over its B^2 triples: partials[b] = sum_{a,c} huber(psi_s - psi_t) (float64); per side
+    (row b of the transposed layout) P[b, a] = sum_c g r_ab r_ac and T[b, a] = -r_ab^2 sum_c g psi, and Q[b, c] =
     sum_a g r_ab r_ac accumulated into the zeroed row b (owned by this program), with g = scale huber'
     (consts = (scale,)), the teacher's g negated."""
     b = tl.program_id(0)
     scale = tl.load(consts_ptr)
-    loss = tl.zeros([BLOCK_A], ACC)
+    loss = tl.zeros([BLOCK_A], tl.float64)  # tile sums (BLOCK_C terms) added in float64
     for a_start in range(0, B, BLOCK_A):
         a = a_start + tl.arange(0, BLOCK_A)
         a_mask = a < B
@@ -237,10 +223,10 @@ def _rkd_angle_kernel(gs_ptr, gt_ptr, partials_ptr, ps_ptr, ts_ptr, qs_ptr, pt_p
         for c_start in range(0, B, BLOCK_C):
             c = c_start + tl.arange(0, BLOCK_C)
             c_mask = c < B
-            psi_s, r_ab_s, r_ac_s = _angle_tile(gs_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC)
-            psi_t, r_ab_t, r_ac_t = _angle_tile(gt_ptr, b, a, a_mask, c, c_mask, B, coincident, ACC)
+            psi_s, r_ab_s, r_ac_s = _angle_tile(gs_ptr, rs_ptr, b, a, a_mask, c, c_mask, B)
+            psi_t, r_ab_t, r_ac_t = _angle_tile(gt_ptr, rt_ptr, b, a, a_mask, c, c_mask, B)
             difference = psi_s - psi_t
-            loss += tl.sum(_huber(difference), axis=1)
+            loss += tl.sum(_huber(difference), axis=1).to(tl.float64)
             g = scale * _huber_slope(difference)
             if STUDENT_GRAD:
                 weights_s += tl.sum(g * r_ac_s, axis=1) * r_ab_s
@@ -472,31 +458,10 @@ def _parse_terms(relation: str, params) -> list:
     raise ValueError(f"pairwise: unknown relation '{relation}'; expected rkd_distance, rkd_angle, rkd, sp, pkt or cc")
 
 
-def _check_features(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    if student.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(f"pairwise: expected 2-D features [B, D], got student {list(student.shape)} and teacher "
-                         f"{list(teacher.shape)}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"pairwise: student has {student.shape[0]} samples but teacher has {teacher.shape[0]}")
-    if student.shape[0] < 2:
-        raise ValueError(f"pairwise: a batch relation needs at least 2 samples, got {student.shape[0]}")
-    if student.shape[1] < 1 or teacher.shape[1] < 1:
-        raise ValueError(f"pairwise: features need at least one column, got {list(student.shape)} and "
-                         f"{list(teacher.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"pairwise: teacher is on {teacher.device} but student is on {student.device}")
-    for x in (student, teacher):
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"pairwise: features must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        raise ValueError(f"pairwise: float64 features must be paired with float64, got student {student.dtype} and "
-                         f"teacher {teacher.dtype}")
-
-
 @dataclasses.dataclass
 class _Prepared:
-    """Preprocessed features P in the accumulation dtype, the raw row norms (unit preprocessings) and the
-    denominators they were divided by."""
+    """Preprocessed features P (float64 for RKD, else in the accumulation dtype), and for the unit preprocessings
+    the float64 row norms and the denominators they were divided by."""
 
     features: torch.Tensor
     norms: torch.Tensor | None = None
@@ -509,24 +474,25 @@ def _preprocess_of(relation: str) -> str:
 
 
 def _prepare(features: torch.Tensor, preprocess: str, eps: float) -> _Prepared:
-    x = features.to(_acc_dtype(features, features))
-    if preprocess == "centre":
-        return _Prepared(x - x.mean(0, keepdim=True))
+    """P, computed in float64 and rounded once (a row scale rounded alone would shift a whole row of PKT's terms)."""
+    acc = _acc_dtype(features, features)
     if preprocess == "none":
-        return _Prepared(x.contiguous())
+        return _Prepared(features.to(acc).contiguous())
+    x = features.to(torch.float64)
+    if preprocess == "centre":
+        return _Prepared((x - x.mean(0, keepdim=True)).contiguous())
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     denominators = norms + eps if preprocess == "unit_plus_eps" else norms.clamp_min(eps)
-    return _Prepared((x / denominators).contiguous(), norms, denominators)
+    return _Prepared((x / denominators).to(acc).contiguous(), norms, denominators)
 
 
 def _preprocess_backward(grad: torch.Tensor, prepared: _Prepared, preprocess: str, eps: float) -> torch.Tensor:
-    """dL/dx from dL/dP. Centre: minus the batch mean. x / n': (dP - P (P.dP) n' / |x|) / n' where the norm is
-    differentiable (|x| > 0, and |x| > eps when clamped), else dP / n' (torch's norm backward is 0 at 0)."""
-    if preprocess == "centre":
-        return grad - grad.mean(0, keepdim=True)
+    """dL/dx from dL/dP, in float64. x / n': (dP - P (P.dP) n' / |x|) / n' where the norm is differentiable
+    (|x| > 0, and |x| > eps when clamped), else dP / n' (torch's norm backward is 0 at 0)."""
     if preprocess == "none":
         return grad
-    unit, norms, denominators = prepared.features, prepared.norms, prepared.denominators
+    unit, norms, denominators = prepared.features.double(), prepared.norms, prepared.denominators
+    grad = grad.double()
     differentiable = norms > 0 if preprocess == "unit_plus_eps" else norms > eps
     radial = (unit * grad).sum(1, keepdim=True) * denominators / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     return (grad - unit * radial * differentiable) / denominators
@@ -549,41 +515,75 @@ def _symmetric_gram(prepared: torch.Tensor) -> torch.Tensor:
     return ((gram + gram.t()) * 0.5).contiguous()
 
 
+def _rkd_gram(prepared: torch.Tensor, acc: torch.dtype, split: bool) -> tuple:
+    """RKD's Gram inputs from the float64 centred P (pairwise_host.h): (the fixed-point hi/lo Gram [B, 2B] when
+    `split`, else None; D2 [B, B]), in acc. D2 = G_ii + G_jj - 2 G_ij of the float64 Gram, 0 on the diagonal and at
+    or below 64 eps64 (G_ii + G_jj). Row i's hi is a multiple of q_i = 2^(e_i - p + 4) (2^e_i > max_j |G_ij|, p
+    acc's mantissa digits), so that differences of two hi entries of a row are exact; lo = G - hi rounded."""
+    gram = prepared @ prepared.t()
+    gram = (gram + gram.t()) * 0.5
+    diagonal = gram.diagonal()
+    sums = diagonal[:, None] + diagonal[None, :]
+    d2 = sums - 2.0 * gram
+    d2 = d2.masked_fill(d2 <= sums * (_COINCIDENT_ULPS * torch.finfo(torch.float64).eps), 0.0)
+    d2.fill_diagonal_(0.0)
+    if not split:
+        return None, d2.to(acc).contiguous()
+    _, exponent = torch.frexp(gram.abs().amax(1, keepdim=True))
+    digits = 53 if acc == torch.float64 else 24
+    q = torch.ldexp(torch.ones_like(gram[:, :1]), exponent - (digits - 4))
+    hi = torch.round(gram / q) * q
+    return torch.cat([hi.to(acc), (gram - hi).to(acc)], dim=1).contiguous(), d2.to(acc).contiguous()
+
+
+def _invariant_symmetrize(dgram: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """RKD: S = dG + dG^T in `dtype` with its diagonal minus its off-diagonal row sums (summed in float64), so that
+    S P = 2 sum_b (W_ab + W_ba) (P_a - P_b) for W = dL/dD2 as rounded (pairwise_host.h)."""
+    s = dgram.double()
+    s = s + s.t()
+    s.fill_diagonal_(0.0)
+    s = s - torch.diag(s.sum(1))
+    return s.to(dtype)
+
+
 @dataclasses.dataclass
 class _GramProblem:
-    """Grams [B, B] (contiguous, symmetric, accumulation dtype); the dgram buffers are None when not requested.
-    Kernels add their weighted term to dgram; the loss terms are collected and summed at the end."""
+    """The kernels' inputs (pairwise_host.h's GramProblem): Grams ([B, B]; RKD with the angle: the [B, 2B] hi/lo
+    Grams; the distance alone: None) and, for RKD, squared distances [B, B], in the accumulation dtype; the dgram
+    buffers are None when not requested. Kernels add their weighted term to dgram; the loss terms are collected and
+    summed at the end."""
 
-    gram_student: torch.Tensor
-    gram_teacher: torch.Tensor
+    gram_student: torch.Tensor | None
+    gram_teacher: torch.Tensor | None
+    sqdist_student: torch.Tensor | None
+    sqdist_teacher: torch.Tensor | None
     dgram_student: torch.Tensor | None
     dgram_teacher: torch.Tensor | None
     loss_terms: list
+    dtype: torch.dtype
+    batch: int
 
     @property
-    def batch(self) -> int:
-        return self.gram_student.shape[0]
+    def device(self) -> torch.device:
+        return (self.gram_student if self.gram_student is not None else self.sqdist_student).device
 
-    @property
-    def coincident(self) -> float:
-        return _COINCIDENT_ULPS * torch.finfo(self.gram_student.dtype).eps
+    def new(self, *shape, dtype=None) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
 
-    def new(self, *shape) -> torch.Tensor:
-        return torch.empty(shape, dtype=self.gram_student.dtype, device=self.gram_student.device)
+    def constants(self, *values: float, dtype=None) -> torch.Tensor:
+        """Kernel constants in the accumulation dtype or `dtype` (a Triton float argument would be fp32)."""
+        return torch.tensor(values, dtype=dtype or self.dtype, device=self.device)
 
-    def constants(self, *values: float) -> torch.Tensor:
-        """Kernel constants in the accumulation dtype (a Triton float argument would be fp32)."""
-        return torch.tensor(values, dtype=self.gram_student.dtype, device=self.gram_student.device)
-
-    def launch_flags(self) -> dict:
-        f64 = self.gram_student.dtype == torch.float64
-        return {"ACC": tl.float64 if f64 else tl.float32, "STUDENT_GRAD": self.dgram_student is not None,
-                "TEACHER_GRAD": self.dgram_teacher is not None}
+    def launch_flags(self, acc=None) -> dict:
+        acc = acc or self.dtype
+        return {"ACC": tl.float64 if acc == torch.float64 else tl.float32,
+                "STUDENT_GRAD": self.dgram_student is not None, "TEACHER_GRAD": self.dgram_teacher is not None}
 
     def grad_buffers(self) -> tuple:
-        """The dgram pointers to pass (a Gram stands in for one not requested: it is never written)."""
-        return (self.gram_student if self.dgram_student is None else self.dgram_student,
-                self.gram_teacher if self.dgram_teacher is None else self.dgram_teacher)
+        """The dgram pointers to pass (an input stands in for one not requested: it is never written)."""
+        stand_in = self.gram_student if self.gram_student is not None else self.sqdist_student
+        return (stand_in if self.dgram_student is None else self.dgram_student,
+                stand_in if self.dgram_teacher is None else self.dgram_teacher)
 
 
 def _row_block(batch: int) -> int:
@@ -602,56 +602,58 @@ def _angle_blocks(batch: int, device: torch.device) -> tuple:
 
 def _rkd_distance(term: _GramTerm, problem: _GramProblem) -> None:
     B = problem.batch
-    gs, gt = problem.gram_student, problem.gram_teacher
-    grid, block, flags = (B,), _row_block(B), problem.launch_flags()
-    sums = problem.new(2, B)
-    _rkd_distance_sums_kernel[grid](gs, gt, sums, B, problem.coincident, BLOCK=block, ACC=flags["ACC"])
+    ds, dt = problem.sqdist_student, problem.sqdist_teacher
+    grid, block = (B,), _row_block(B)
+    flags = problem.launch_flags(torch.float64)
+    sums = problem.new(2, B, dtype=torch.float64)
+    _rkd_distance_sums_kernel[grid](ds, dt, sums, B, BLOCK=block, ACC=flags["ACC"])
     mu = (sums.sum(1) / (B * B - B)).contiguous()
-    partials = problem.new(3, B)
-    _rkd_distance_loss_kernel[grid](gs, gt, mu, partials, B, problem.coincident, BLOCK=block, ACC=flags["ACC"])
+    partials = problem.new(3, B, dtype=torch.float64)
+    _rkd_distance_loss_kernel[grid](ds, dt, mu, partials, B, BLOCK=block, ACC=flags["ACC"])
     problem.loss_terms.append(partials[0].sum() * (term.weight / (B * B)))
     if flags["STUDENT_GRAD"] or flags["TEACHER_GRAD"]:
         moments = partials[1:].sum(1).contiguous()
-        _rkd_distance_grad_kernel[grid](gs, gt, *problem.grad_buffers(), mu, moments,
-                                        problem.constants(term.weight / (B * B)), B, problem.coincident,
+        _rkd_distance_grad_kernel[grid](ds, dt, *problem.grad_buffers(), mu, moments,
+                                        problem.constants(term.weight / (B * B), dtype=torch.float64), B,
                                         BLOCK=block, **flags)
 
 
-def _angle_gram_gradient(q: torch.Tensor, p_transposed: torch.Tensor, t_transposed: torch.Tensor) -> torch.Tensor:
-    """dG = Q - 2 P - 2 T + diag(rowsum P + rowsum T + colsum T), with P and T given transposed (only dG + dG^T is
-    used, so the transposed off-diagonal parts serve as well)."""
-    diagonal = p_transposed.sum(0) + t_transposed.sum(0) + t_transposed.sum(1)
-    return (q - 2.0 * (p_transposed + t_transposed)) + torch.diag(diagonal)
+def _inverse_distances(d2: torch.Tensor) -> torch.Tensor:
+    """r = 1 / sqrt(D2), 0 where D2 is (the diagonal and coincident points)."""
+    positive = d2 > 0
+    return torch.where(positive, torch.where(positive, d2, 1.0).rsqrt(), 0.0).contiguous()
 
 
 def _rkd_angle(term: _GramTerm, problem: _GramProblem) -> None:
     B = problem.batch
     gs, gt = problem.gram_student, problem.gram_teacher
+    rs, rt = _inverse_distances(problem.sqdist_student), _inverse_distances(problem.sqdist_teacher)
     block_a, block_c = _angle_blocks(B, gs.device)
     flags = problem.launch_flags()
     consts = problem.constants(term.weight / B ** 3)
     needed = [side for side, flag in (("student", "STUDENT_GRAD"), ("teacher", "TEACHER_GRAD")) if flags[flag]]
     # P^T, T^T, and Q (accumulated by the kernel: zeroed)
-    buffers = {side: (problem.new(B, B), problem.new(B, B), torch.zeros_like(gs)) for side in needed}
-    placeholder = (gs, gs, gs)
+    buffers = {side: (problem.new(B, B), problem.new(B, B), torch.zeros_like(rs)) for side in needed}
+    placeholder = (rs, rs, rs)
     p_s, t_s, q_s = buffers.get("student", placeholder)
     p_t, t_t, q_t = buffers.get("teacher", placeholder)
-    partials = problem.new(B)
-    _rkd_angle_kernel[(B,)](gs, gt, partials, p_s, t_s, q_s, p_t, t_t, q_t, consts, B, problem.coincident,
-                            BLOCK_A=block_a, BLOCK_C=block_c, **flags)
+    partials = problem.new(B, dtype=torch.float64)
+    _rkd_angle_kernel[(B,)](gs, gt, rs, rt, partials, p_s, t_s, q_s, p_t, t_t, q_t, consts, B, BLOCK_A=block_a,
+                            BLOCK_C=block_c, **flags)
     problem.loss_terms.append(partials.sum() * (term.weight / B ** 3))
+    # dG = Q - 2 W off the diagonal, W = P + T (transposed; only dG + dG^T is used)
     if "student" in buffers:
-        problem.dgram_student += _angle_gram_gradient(q_s, p_s, t_s)
+        problem.dgram_student += q_s - 2.0 * (p_s + t_s)
     if "teacher" in buffers:
-        problem.dgram_teacher += _angle_gram_gradient(q_t, p_t, t_t)
+        problem.dgram_teacher += q_t - 2.0 * (p_t + t_t)
 
 
-def _row_kernel_launch(kernel, problem: _GramProblem, *args) -> None:
-    """A kernel with one program per Gram row: (gs, gt, dgs, dgt, partials, *args, B)."""
+def _row_kernel_launch(kernel, problem: _GramProblem, *args, acc=None) -> None:
+    """A kernel with one program per Gram row: (gs, gt, dgs, dgt, partials, *args, B); partials in `acc`."""
     B = problem.batch
-    partials = problem.new(B)
+    partials = problem.new(B, dtype=acc)
     kernel[(B,)](problem.gram_student, problem.gram_teacher, *problem.grad_buffers(), partials, *args, B,
-                 BLOCK=_row_block(B), **problem.launch_flags())
+                 BLOCK=_row_block(B), **problem.launch_flags(acc))
     return partials
 
 
@@ -662,8 +664,10 @@ def _sp(term: _GramTerm, problem: _GramProblem) -> None:
 
 
 def _pkt(term: _GramTerm, problem: _GramProblem) -> None:
+    """In float64 arithmetic (the CPU kernel's comment: a loss of terms of both signs summing to ~delta^2)."""
     B = problem.batch
-    partials = _row_kernel_launch(_pkt_kernel, problem, problem.constants(term.weight / (B * B), term.eps))
+    consts = problem.constants(term.weight / (B * B), term.eps, dtype=torch.float64)
+    partials = _row_kernel_launch(_pkt_kernel, problem, consts, acc=torch.float64)
     problem.loss_terms.append(partials.sum() * (term.weight / (B * B)))
 
 
@@ -700,23 +704,35 @@ def pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, relation: str
                      student_grad: bool, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton pairwise op: (loss [] in the accumulation dtype, grad_student, grad_teacher), the gradients of the loss
     (unit upstream) in the features' dtypes and shapes, or empty [0] tensors when not requested."""
-    _check_features(student, teacher)
+    check_pairwise_forward("triton_pairwise_forward", student, teacher, relation, params)
     terms = _parse_terms(relation, params)
     preprocess = _preprocess_of(terms[0].relation)
+    rkd, angle = preprocess == "centre", any(term.relation == "rkd_angle" for term in terms)
+    acc = _acc_dtype(student, teacher)
     eps = _unit_eps(preprocess, terms[0])
     prepared_student, prepared_teacher = _prepare(student, preprocess, eps), _prepare(teacher, preprocess, eps)
     with _launch_guard(student):
-        gram_student = _symmetric_gram(prepared_student.features)
-        gram_teacher = _symmetric_gram(prepared_teacher.features)
-        problem = _GramProblem(gram_student, gram_teacher,
-                               torch.zeros_like(gram_student) if student_grad else None,
-                               torch.zeros_like(gram_teacher) if teacher_grad else None, [])
+        with _without_tf32():
+            if rkd:
+                gram_student, sqdist_student = _rkd_gram(prepared_student.features, acc, angle)
+                gram_teacher, sqdist_teacher = _rkd_gram(prepared_teacher.features, acc, angle)
+            else:
+                gram_student, gram_teacher = (_symmetric_gram(prepared_student.features),
+                                              _symmetric_gram(prepared_teacher.features))
+                sqdist_student = sqdist_teacher = None
+        B = student.shape[0]
+        dgram = lambda needed: torch.zeros((B, B), dtype=acc, device=student.device) if needed else None  # noqa: E731
+        problem = _GramProblem(gram_student, gram_teacher, sqdist_student, sqdist_teacher, dgram(student_grad),
+                               dgram(teacher_grad), [], acc, B)
         for term in terms:
             _GRAM_KERNELS[term.relation](term, problem)
-    loss = torch.stack(problem.loss_terms).sum()
+    loss = torch.stack([term.to(acc) for term in problem.loss_terms]).sum()
 
     def feature_grad(dgram: torch.Tensor, prepared: _Prepared, features: torch.Tensor) -> torch.Tensor:
         with _without_tf32():
+            if rkd:  # the float64 GEMM with the angle, see pairwise_host.h
+                s = _invariant_symmetrize(dgram, torch.float64 if angle else acc)
+                return torch.mm(s, prepared.features.to(s.dtype)).to(features.dtype).contiguous()
             grad_prepared = torch.mm(dgram + dgram.t(), prepared.features)
         return _preprocess_backward(grad_prepared, prepared, preprocess, eps).to(features.dtype).contiguous()
 
@@ -727,13 +743,3 @@ def pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, relation: str
     return loss, grad_student, grad_teacher
 
 
-@pairwise_forward.register_fake
-def _pairwise_forward_fake(student, teacher, relation, params, student_grad, teacher_grad):
-    _check_features(student, teacher)
-    _parse_terms(relation, params)
-    loss = student.new_empty((), dtype=_acc_dtype(student, teacher))
-    grad_student = torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad \
-        else _empty_gradient(student)
-    grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad \
-        else _empty_gradient(teacher)
-    return loss, grad_student, grad_teacher
