@@ -37,7 +37,7 @@ def test_every_layer_has_one_module_per_family():
 
 
 def test_a_family_module_imports_no_other_family():
-    for layer in ("ops", "reference"):
+    for layer in LAYERS:
         for path in (PACKAGE / layer).glob("[!_]*.py"):
             own = path.stem
             for name in imported_modules(path):
@@ -47,7 +47,8 @@ def test_a_family_module_imports_no_other_family():
 
 
 def test_shared_python_code_imports_no_family():
-    for path in [PACKAGE / "ops" / "_registration.py", PACKAGE / "_validation.py", *(PACKAGE / "losses").glob("_[!_]*.py")]:
+    for path in [PACKAGE / "ops" / "_registration.py", PACKAGE / "ops" / "_checks.py", PACKAGE / "_validation.py",
+                 *(PACKAGE / "triton").glob("_*.py"), *(PACKAGE / "losses").glob("_[!_]*.py")]:
         for name in imported_modules(path):
             match = re.fullmatch(r"kdkernels\.(ops|triton|reference|losses)\.([a-z_]+)(\..*)?", name)
             assert not match or match.group(2).startswith("_"), f"{path.relative_to(ROOT)} imports {name}"
@@ -65,3 +66,9 @@ def test_csrc_common_includes_no_family_and_no_family_includes_another():
                 assert included_folder == "common", f"{path.relative_to(ROOT)} includes {target}"
             elif path.parent != ROOT / "csrc":
                 assert included_folder in (folder, "common"), f"{path.relative_to(ROOT)} includes {target}"
+
+
+def test_triton_family_modules_register_no_fake_of_their_own():
+    """One fake per op, shared by the C++ op and its Triton twin (kdkernels/ops/_registration.py)."""
+    for path in (PACKAGE / "triton").glob("[!_]*.py"):
+        assert "register_fake" not in path.read_text(), path.name

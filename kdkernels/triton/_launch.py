@@ -1,28 +1,15 @@
-"""Host-side code shared by the Triton ops of kdkernels: input checks, dtypes, tile sizes, launch context.
+"""Host-side code shared by the Triton ops of kdkernels: dtypes, tile sizes, launch context.
 
-Checks follow one policy (ARCHITECTURE.md, issue 12): TypeError for a wrong type or dtype, ValueError for a wrong
-value, shape or device; every message starts with the op (``triton_<op>_forward``) and names the argument, what was
-expected and what came, e.g. "triton_dist_forward: student must be float32, float16, bfloat16 or float64, got
-torch.int32". The fake (meta) kernels run the same checks, so a traced call fails as an eager one does.
-
-Nothing here knows a family; the device-side numerics live in ``_common.py``.
+The ops check their inputs with kdkernels/ops/_checks.py, as their shared fakes do. Nothing here knows a family;
+the device-side numerics live in ``_common.py``.
 """
 
 import contextlib
 import dataclasses
-import math
 
 import torch
 import triton
 import triton.language as tl
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Input checks
-# ------------------------------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------------------------
