@@ -334,22 +334,24 @@ def test_rejects_bad_input(backend):
     device = require_backend(backend)
     op = pairwise_op(backend)
     student, teacher = features(4, 5, torch.float32, device, 21), features(4, 3, torch.float32, device, 22)
+    prefix = "triton_pairwise_forward: " if backend == "triton" else "pairwise_forward: "
     bad_calls = [
-        ((student[:1], teacher[:1], "sp", []), "at least 2 samples"),
-        ((student, teacher[:3], "sp", []), "teacher has 3"),
-        ((student.double(), teacher, "sp", []), "float64"),
-        ((student, teacher.double(), "sp", []), "float64"),
-        ((student, teacher, "rkd_cosine", []), "unknown relation"),
-        ((student, teacher, "rkd", [1.0]), "takes 2 parameters, got 1"),
-        ((student, teacher, "sp", [1.0]), "takes 0 parameters, got 1"),
-        ((student, teacher, "cc", [0.4, 2.0]), "takes 3 parameters, got 2"),
-        ((student, teacher, "cc", [0.4, 1.5, 0.0]), "order must be an integer"),
-        ((student, teacher, "cc", [0.4, -1.0, 0.0]), "order must be an integer"),
-        ((student, teacher, "pkt", [0.0]), "eps must be positive"),
-        ((student[0], teacher, "sp", []), "2-D"),
+        ((student[:1], teacher[:1], "sp", []), ValueError, "a batch relation needs at least 2 samples, got 1"),
+        ((student, teacher[:3], "sp", []), ValueError, "teacher must have the student's 4 samples, got 3"),
+        ((student.double(), teacher, "sp", []), TypeError, "float64"),
+        ((student, teacher.double(), "sp", []), TypeError, "float64"),
+        ((student, teacher.long(), "sp", []), TypeError, "teacher must be float32, float16, bfloat16 or float64"),
+        ((student, teacher, "rkd_cosine", []), ValueError, "unknown relation 'rkd_cosine'"),
+        ((student, teacher, "rkd", [1.0]), ValueError, "relation 'rkd' takes 2 parameters, got 1"),
+        ((student, teacher, "sp", [1.0]), ValueError, "relation 'sp' takes 0 parameters, got 1"),
+        ((student, teacher, "cc", [0.4, 2.0]), ValueError, "relation 'cc' takes 3 parameters, got 2"),
+        ((student, teacher, "cc", [0.4, 1.5, 0.0]), ValueError, r"cc order must be an integer in \[0, 64\]"),
+        ((student, teacher, "cc", [0.4, -1.0, 0.0]), ValueError, r"cc order must be an integer in \[0, 64\]"),
+        ((student, teacher, "pkt", [0.0]), ValueError, "pkt eps must be positive"),
+        ((student[0], teacher, "sp", []), ValueError, r"student must be 2-D features \[B, D\] with D >= 1"),
     ]
-    for args, message in bad_calls:
-        with pytest.raises((ValueError, RuntimeError), match=message):
+    for args, error, message in bad_calls:
+        with pytest.raises(error, match="^" + prefix + ".*" + message):
             op(*args, True, True)
 
 

@@ -53,6 +53,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/host.h"
+
 namespace kdkernels::pairwise {
 
 enum class Relation { kRkdDistance, kRkdAngle, kSp, kPkt, kCc };
@@ -95,9 +97,10 @@ constexpr double kDistanceClamp = 1e-12;    // lenscloth pdist's clamp of square
 constexpr double kNormalizeEps = 1e-12;     // F.normalize
 
 inline std::vector<GramTerm> parse_terms(c10::string_view relation, at::ArrayRef<double> params) {
+  constexpr const char* op = "pairwise_forward";
   const auto expect = [&](size_t count) {
-    TORCH_CHECK(params.size() == count, "pairwise: relation '", std::string(relation), "' takes ", count,
-                " parameters, got ", params.size());
+    TORCH_CHECK_VALUE(params.size() == count, op, ": relation '", std::string(relation), "' takes ", count,
+                      " parameters, got ", params.size());
   };
   if (relation == "rkd_distance" || relation == "rkd_angle" || relation == "sp") {
     expect(0);
@@ -115,24 +118,24 @@ inline std::vector<GramTerm> parse_terms(c10::string_view relation, at::ArrayRef
   }
   if (relation == "pkt") {  // (eps)
     expect(1);
-    TORCH_CHECK(params[0] > 0 && std::isfinite(params[0]), "pairwise: pkt eps must be positive, got ", params[0]);
+    TORCH_CHECK_VALUE(params[0] > 0 && std::isfinite(params[0]), op, ": pkt eps must be positive, got ", params[0]);
     GramTerm term{Relation::kPkt};
     term.eps = params[0];
     return {term};
   }
   if (relation == "cc") {  // (gamma, order, bilinear)
     expect(3);
-    TORCH_CHECK(std::isfinite(params[0]), "pairwise: cc gamma must be finite, got ", params[0]);
-    TORCH_CHECK(params[1] >= 0 && params[1] <= 64 && params[1] == std::floor(params[1]),
-                "pairwise: cc order must be an integer in [0, 64], got ", params[1]);
+    TORCH_CHECK_VALUE(std::isfinite(params[0]), op, ": cc gamma must be finite, got ", params[0]);
+    TORCH_CHECK_VALUE(params[1] >= 0 && params[1] <= 64 && params[1] == std::floor(params[1]), op,
+                      ": cc order must be an integer in [0, 64], got ", params[1]);
     GramTerm term{Relation::kCc};
     term.gamma = params[0];
     term.order = static_cast<int64_t>(params[1]);
     term.bilinear = params[2] != 0.0;
     return {term};
   }
-  TORCH_CHECK(false, "pairwise: unknown relation '", std::string(relation),
-              "'; expected rkd_distance, rkd_angle, rkd, sp, pkt or cc");
+  TORCH_CHECK_VALUE(false, op, ": unknown relation '", std::string(relation),
+                    "'; expected one of rkd_distance, rkd_angle, sp, rkd, pkt, cc");
 }
 
 inline Preprocess preprocess_of(Relation relation) {
@@ -153,30 +156,24 @@ inline bool has_angle(const std::vector<GramTerm>& terms) {
   return false;
 }
 
-inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using host::accumulation_dtype;
 
+// Features [B, D_s], [B, D_t] (B >= 2, D >= 1) on one device of the kernel's type; float64 only with float64.
+// The same checks as kdkernels/ops/_checks.py::check_pairwise_forward (the shared fake and the Triton twin).
 inline void check_features(const at::Tensor& student, const at::Tensor& teacher, at::DeviceType device_type) {
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "pairwise: expected 2-D features [B, D], got student ",
-              student.sizes(), " and teacher ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0), "pairwise: student has ", student.size(0),
-              " samples but teacher has ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 2, "pairwise: a batch relation needs at least 2 samples, got ", student.size(0));
-  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1, "pairwise: features need at least one column, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.device().type() == device_type, "pairwise: this kernel runs ", device_type,
-              " tensors, got ", student.device());
-  TORCH_CHECK(teacher.device() == student.device(), "pairwise: teacher is on ", teacher.device(),
-              " but student is on ", student.device());
-  for (const auto* x : {&student, &teacher}) {
-    const auto dtype = x->scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-                "pairwise: features must be float32, float16, bfloat16 or float64, got ", dtype);
-  }
-  TORCH_CHECK((student.scalar_type() == at::kDouble) == (teacher.scalar_type() == at::kDouble),
-              "pairwise: float64 features must be paired with float64, got student ", student.scalar_type(),
-              " and teacher ", teacher.scalar_type());
+  constexpr const char* op = "pairwise_forward";
+  host::check_float_pair(op, "student", student, "teacher", teacher);
+  const auto check_2d = [&](const char* name, const at::Tensor& x) {
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) >= 1, op, ": ", name,
+                      " must be 2-D features [B, D] with D >= 1, got shape ", x.sizes());
+  };
+  check_2d("student", student);
+  check_2d("teacher", teacher);
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0), op, ": teacher must have the student's ", student.size(0),
+                    " samples, got ", teacher.size(0));
+  TORCH_CHECK_VALUE(student.size(0) >= 2, op, ": a batch relation needs at least 2 samples, got ", student.size(0));
+  host::check_device_type(op, "student", student, device_type);
+  host::check_same_device(op, "teacher", teacher, "student", student);
 }
 
 // Preprocessed features in the accumulation dtype, and what the backward through the preprocessing needs.

@@ -24,9 +24,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     statistic of the batch: it needs at least two rows (pass ``gamma=0`` for the inter term alone) and, under data
     parallelism, it is computed on each process's local batch, as in DIST_KD. Leading dims of ``[..., C]`` logits are
     rows (for segmentation maps, move the class dim last first). Gradients reach the teacher too when it requires
-    grad. One fused op computes both terms in one pass over the logits (two for rows longer than 4096 classes), one
-    more for the gradient, and never stores a probability tensor. The loss is a statistic of the whole batch, so it
-    takes no ``reduction``.
+    grad. One fused op computes both terms in one pass over the logits and one more for the gradient, in float64 for
+    every input dtype (DIST's statistics are ill-conditioned with few rows or classes and saturated softmaxes), and
+    never stores a probability tensor. The loss is a statistic of the whole batch, so it takes no ``reduction``.
     """
     check = Checks("dist_loss")
     check.logits_pair(student_logits, teacher_logits)
