@@ -74,10 +74,13 @@ double lane_sum(const Vectorized<acc_t>& v) {
   return sum;
 }
 
+// `maxima_final`: the state already holds the row's maxima (taken first on multi-chunk rows), so no rebase.
 template <typename acc_t>
-void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
+void accumulate_chunk(RowState& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t, bool maxima_final) {
   using Vec = Vectorized<acc_t>;
-  state.rebase(std::max<double>(state.max_s, max_of(s, n)), std::max<double>(state.max_t, max_of(t, n)), inv_t);
+  if (!maxima_final) {
+    state.rebase(std::max<double>(state.max_s, max_of(s, n)), std::max<double>(state.max_t, max_of(t, n)), inv_t);
+  }
   const acc_t shift_s = static_cast<acc_t>(safe_shift(state.max_s));
   const acc_t shift_t = static_cast<acc_t>(safe_shift(state.max_t));
 
@@ -110,7 +113,8 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
       const S* s_row = student + row * student_row_stride;
       const T* t_row = teacher + row * teacher_row_stride;
       RowState state;
-      if (cols > kChunk) {
+      const bool maxima_first = cols > kChunk;
+      if (maxima_first) {
         // Several chunks: the row maxima first, so that every chunk forms t^ - s^ against the final shifts, rounded
         // as the backward rounds its log-ratios (a shift moved later would be applied in double to values rounded
         // against the old one; where the teacher is one-hot, log-ratio minus loss would then not cancel exactly).
@@ -122,7 +126,8 @@ void forward_rows(const S* student, int64_t student_row_stride, const T* teacher
       }
       for (int64_t c = 0; c < cols; c += kChunk) {
         const int64_t n = std::min(kChunk, cols - c);
-        accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t);
+        accumulate_chunk<acc_t>(state, as_acc(s_row + c, s_buffer, n), as_acc(t_row + c, t_buffer, n), n, inv_t,
+                                maxima_first);
       }
       const double log_sum_s = std::log(state.sum_s), log_sum_t = std::log(state.sum_t);
       loss[row] = static_cast<acc_t>(state.loss(log_sum_s, log_sum_t));
@@ -198,11 +203,33 @@ template <typename acc_t>
 struct JsdRow {
   acc_t max_s, log_sum_s, max_t, log_sum_t, beta, inv_t;
   acc_t log_sum_difference;  // log_sum_t - log_sum_s, rounded once
+  // beta and 1 - beta split into their acc_t rounding and the rest: the KLs cancel terms of both signs, and the
+  // rounding of beta alone would bias every row's KL by ~2 ulp (always the same way for a given beta).
+  acc_t one_minus_beta, beta_lo, one_minus_beta_lo;
+  double beta_exact, one_minus_beta_exact;
 
   JsdRow(double max_s_, double log_sum_s_, double max_t_, double log_sum_t_, double beta_, acc_t inv_t_)
       : max_s(static_cast<acc_t>(max_s_)), log_sum_s(static_cast<acc_t>(log_sum_s_)),
         max_t(static_cast<acc_t>(max_t_)), log_sum_t(static_cast<acc_t>(log_sum_t_)),
-        beta(static_cast<acc_t>(beta_)), inv_t(inv_t_), log_sum_difference(static_cast<acc_t>(log_sum_t_ - log_sum_s_)) {}
+        beta(static_cast<acc_t>(beta_)), inv_t(inv_t_), log_sum_difference(static_cast<acc_t>(log_sum_t_ - log_sum_s_)),
+        one_minus_beta(static_cast<acc_t>(1.0 - beta_)), beta_lo(static_cast<acc_t>(beta_ - static_cast<double>(beta))),
+        one_minus_beta_lo(static_cast<acc_t>((1.0 - beta_) - static_cast<double>(one_minus_beta))),
+        beta_exact(beta_), one_minus_beta_exact(1.0 - beta_) {}
+
+  // weight * w rounded once, weight = hi + lo (its acc_t rounding and the rest): an fma where the vector ISA has one;
+  // the generic vectors of the default ISA round hi * w first (which would lose lo), so there a double product.
+  Vectorized<acc_t> weigh(const Vectorized<acc_t>& w, acc_t hi, acc_t lo, double exact) const {
+#ifdef CPU_CAPABILITY_DEFAULT
+    (void)hi, (void)lo;
+    __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+    w.store(lanes);
+    for (int i = 0; i < Vectorized<acc_t>::size(); ++i) lanes[i] = static_cast<acc_t>(exact * lanes[i]);
+    return Vectorized<acc_t>::loadu(lanes);
+#else
+    (void)exact;
+    return at::vec::fmadd(Vectorized<acc_t>(hi), w, Vectorized<acc_t>(lo) * w);
+#endif
+  }
 
   MixtureLogs<acc_t> at(const acc_t* s, const acc_t* t, int64_t count) const {
     using Vec = Vectorized<acc_t>;
@@ -213,7 +240,10 @@ struct JsdRow {
     const Vec d = (below_max_s - below_max_t) * v_inv_t + Vec(log_sum_difference);
     const Vec d_non_positive = d <= Vec(acc_t(0));
     const Vec w = (-d.abs()).expm1();
-    const Vec l = Vec::blendv(Vec(beta) * w, Vec(acc_t(1) - beta) * w, d_non_positive).log1p();
+    const Vec weighted_w = Vec::blendv(weigh(w, beta, beta_lo, beta_exact),
+                                       weigh(w, one_minus_beta, one_minus_beta_lo, one_minus_beta_exact),
+                                       d_non_positive);
+    const Vec l = weighted_w.log1p();
     const Vec ratio_t = Vec::blendv(-d - l, -l, d_non_positive);
     const Vec ratio_s = Vec::blendv(-l, d - l, d_non_positive);
     return {log_p_s, log_p_t, ratio_t, ratio_s};
@@ -263,6 +293,10 @@ void jsd_forward_rows(const S* student, int64_t student_row_stride, const T* tea
           kl_t += lane_sum(acc_t_side);
           kl_s += lane_sum(acc_s_side);
         }
+        // p = exp(log p) against the rounded log_sum is the exact p times exp(log_sum - log d): undo that factor (a
+        // rounded log_sum ~ log V would otherwise scale each mixture KL by up to half an ulp of log V, several ulp).
+        kl_t *= std::exp(static_cast<double>(jsd.log_sum_t) - log_sum_t);
+        kl_s *= std::exp(static_cast<double>(jsd.log_sum_s) - log_sum_s);
       }
       mixture_kl[2 * row] = static_cast<acc_t>(kl_t);
       mixture_kl[2 * row + 1] = static_cast<acc_t>(kl_s);

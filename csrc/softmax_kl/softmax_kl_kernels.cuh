@@ -156,14 +156,18 @@ __global__ void __launch_bounds__(kBackwardThreads)
 // softmax_jsd: per-row beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s (see the header
 // comment). Per-row weights in Acc, computed on the host in double (jsd_weights).
 
+// beta and 1 - beta split into their Acc rounding and the rest (the expm1 factor is weighted by an fma of both): the
+// mixture KLs cancel terms of both signs, and the rounding of beta alone would bias every row's KL by ~2 ulp.
 template <typename Acc>
 struct JsdWeights {
-  Acc beta, one_minus_beta;
+  Acc beta, one_minus_beta, beta_lo, one_minus_beta_lo;
 };
 
 template <typename Acc>
 inline JsdWeights<Acc> jsd_weights(double beta) {
-  return JsdWeights<Acc>{static_cast<Acc>(beta), static_cast<Acc>(1.0 - beta)};
+  const Acc hi = static_cast<Acc>(beta), one_minus_hi = static_cast<Acc>(1.0 - beta);
+  return JsdWeights<Acc>{hi, one_minus_hi, static_cast<Acc>(beta - static_cast<double>(hi)),
+                         static_cast<Acc>((1.0 - beta) - static_cast<double>(one_minus_hi))};
 }
 
 template <typename Acc>
@@ -185,7 +189,9 @@ __device__ __forceinline__ void jsd_terms(Acc x_s, Acc x_t, const JsdRowStats<Ac
   lp_t = below_t * inv_t - r.log_sum_t;
   const Acc d = (below_s - below_t) * inv_t + r.log_sum_difference;
   const bool non_positive = d <= Acc(0);
-  const Acc l = kd_log1p((non_positive ? w.one_minus_beta : w.beta) * kd_expm1(-kd_abs(d)));
+  const Acc e = kd_expm1(-kd_abs(d));
+  const Acc l = kd_log1p(non_positive ? fma(w.one_minus_beta, e, w.one_minus_beta_lo * e)
+                                      : fma(w.beta, e, w.beta_lo * e));
   rt = non_positive ? -l : -d - l;
   rs = non_positive ? d - l : -l;
 }
@@ -283,7 +289,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads, ForwardMinBlocksPerSm<Acc>
   row_stats_t[1] = r.log_sum_t;
   mixture_kl[2 * row] = kl_t;  // both 0 for an empty row
   mixture_kl[2 * row + 1] = kl_s;
-  loss[row] = empty_row ? Acc(0) : w.beta * kl_t + w.one_minus_beta * kl_s;
+  const double beta = static_cast<double>(w.beta) + static_cast<double>(w.beta_lo);
+  const double one_minus_beta = static_cast<double>(w.one_minus_beta) + static_cast<double>(w.one_minus_beta_lo);
+  loss[row] = empty_row ? Acc(0) : static_cast<Acc>(beta * kl_t + one_minus_beta * kl_s);
 }
 
 // Backward, elementwise with the KL backward's layout: zeros when g == 0 or either side's max is -inf; else

@@ -215,7 +215,9 @@ _P_BETA = tl.constexpr(1)  # beta
 _P_ONE_M_BETA = tl.constexpr(2)  # 1 - beta
 _P_COEF_T = tl.constexpr(3)  # beta / T
 _P_COEF_S = tl.constexpr(4)  # (1 - beta) / T
-_N_JSD_PARAMS = 5
+_P_BETA_LO = tl.constexpr(5)  # beta - beta rounded to the accumulation dtype (0 for fp64)
+_P_ONE_M_BETA_LO = tl.constexpr(6)  # (1 - beta) - (1 - beta) rounded likewise
+_N_JSD_PARAMS = 7
 
 
 @triton.jit
@@ -243,15 +245,17 @@ def _expm1_nonpositive(x, F64: tl.constexpr):
 
 
 @triton.jit
-def _jsd_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, log_sum_diff, inv_t, beta, one_m_beta,
-               F64: tl.constexpr):
+def _jsd_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, log_sum_diff, inv_t, beta, one_m_beta, beta_lo,
+               one_m_beta_lo, F64: tl.constexpr):
     # log p_s, log p_t and the mixture log-ratios rt = log p_t - log m, rs = log p_s - log m (natural units), as the
     # CPU and CUDA kernels form them: with d = log p_s - log p_t = ((s - max_s) - (t - max_t)) / T + log_sum_diff
     # (log_sum_diff = log_sum_t - log_sum_s), each difference exact near the maxima,
     #   d <= 0:  rt = -log1p((1 - beta) expm1(d)),  rs = d + rt;    d > 0:  rs = -log1p(beta expm1(-d)),  rt = rs - d,
     # accurate to ~eps |d| however close the distributions are (log p - log m would cancel O(log V) terms).
     # Meaningful only where the matching p > 0 (d = +-inf gives the exact -log beta / -log(1 - beta) there); NaN
-    # where both logits are -inf (callers select such terms away).
+    # where both logits are -inf (callers select such terms away). The weight multiplying expm1 is beta (resp.
+    # 1 - beta) split into its rounded value and the rest: the KLs cancel terms of both signs, and the rounding of
+    # beta alone would bias every row's KL by ~2 ulp (always the same way for a given beta).
     below_s = s - max_s
     below_t = t - max_t
     log_p_s = below_s * inv_t - log_sum_s
@@ -259,7 +263,9 @@ def _jsd_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, log_sum_diff, inv_t, be
     d = (below_s - below_t) * inv_t + log_sum_diff
     non_positive = d <= 0.0
     w = _expm1_nonpositive(-tl.abs(d), F64)
-    l = _log1p_nonpositive(tl.where(non_positive, one_m_beta, beta) * w, F64)
+    weight = tl.where(non_positive, one_m_beta, beta)
+    weight_lo = tl.where(non_positive, one_m_beta_lo, beta_lo)
+    l = _log1p_nonpositive(tl.fma(weight, w, weight_lo * w), F64)
     rt = tl.where(non_positive, -l, -d - l)
     rs = tl.where(non_positive, d - l, -l)
     return log_p_s, log_p_t, rt, rs
@@ -277,6 +283,8 @@ def _softmax_jsd_fwd_kernel(
     inv_t_arg,  # fp32 scalars (used only when not F64)
     beta_arg,
     one_m_beta_arg,
+    beta_lo_arg,
+    one_m_beta_lo_arg,
     V,
     stride_s,
     stride_t,
@@ -290,6 +298,8 @@ def _softmax_jsd_fwd_kernel(
     inv_t = _param(params_ptr, _P_INV_T, inv_t_arg, ACC, F64)
     beta = _param(params_ptr, _P_BETA, beta_arg, ACC, F64)
     one_m_beta = _param(params_ptr, _P_ONE_M_BETA, one_m_beta_arg, ACC, F64)
+    beta_lo = _param(params_ptr, _P_BETA_LO, beta_lo_arg, ACC, F64)
+    one_m_beta_lo = _param(params_ptr, _P_ONE_M_BETA_LO, one_m_beta_lo_arg, ACC, F64)
     neg_inf = float("-inf")
     offs = tl.arange(0, BLOCK)
 
@@ -329,16 +339,22 @@ def _softmax_jsd_fwd_kernel(
         s = tl.load(s_row + cols, mask=lmask, other=neg_inf).to(ACC)
         t = tl.load(t_row + cols, mask=lmask, other=neg_inf).to(ACC)
         log_p_s, log_p_t, rt, rs = _jsd_terms(s, t, m_s, log_sum_s, m_t, log_sum_t, log_sum_diff, inv_t, beta,
-                                              one_m_beta, F64)
+                                              one_m_beta, beta_lo, one_m_beta_lo, F64)
         p_s = _exp_natural(log_p_s, F64)
         p_t = _exp_natural(log_p_t, F64)
         # A term with p > 0 is finite (its ratio is at most -log beta resp. -log(1 - beta)); others are exactly 0.
         kl_t += _wide_sum(tl.where(p_t > 0.0, p_t * rt, 0.0))
         kl_s += _wide_sum(tl.where(p_s > 0.0, p_s * rs, 0.0))
 
+    # p = exp(log p) against the rounded log_sum is the exact p times exp(log_sum - log d): undo that factor in fp64
+    # (a rounded log_sum ~ log V would otherwise scale each mixture KL by up to half an ulp of log V, several ulp).
+    kl_t *= tl.exp(log_sum_t.to(tl.float64) - log_d_t)
+    kl_s *= tl.exp(log_sum_s.to(tl.float64) - log_d_s)
     kl_t = tl.where(empty, 0.0, kl_t)
     kl_s = tl.where(empty, 0.0, kl_s)
-    loss = (beta.to(tl.float64) * kl_t + one_m_beta.to(tl.float64) * kl_s).to(ACC)
+    beta_64 = beta.to(tl.float64) + beta_lo.to(tl.float64)
+    one_m_beta_64 = one_m_beta.to(tl.float64) + one_m_beta_lo.to(tl.float64)
+    loss = (beta_64 * kl_t + one_m_beta_64 * kl_s).to(ACC)
     kl_t = kl_t.to(ACC)
     kl_s = kl_s.to(ACC)
 
@@ -367,6 +383,8 @@ def _softmax_jsd_bwd_kernel(
     one_m_beta_arg,
     coef_t_arg,
     coef_s_arg,
+    beta_lo_arg,
+    one_m_beta_lo_arg,
     V,
     stride_g,
     stride_s,
@@ -383,6 +401,8 @@ def _softmax_jsd_bwd_kernel(
     inv_t = _param(params_ptr, _P_INV_T, inv_t_arg, ACC, F64)
     beta = _param(params_ptr, _P_BETA, beta_arg, ACC, F64)
     one_m_beta = _param(params_ptr, _P_ONE_M_BETA, one_m_beta_arg, ACC, F64)
+    beta_lo = _param(params_ptr, _P_BETA_LO, beta_lo_arg, ACC, F64)
+    one_m_beta_lo = _param(params_ptr, _P_ONE_M_BETA_LO, one_m_beta_lo_arg, ACC, F64)
     neg_inf = float("-inf")
 
     g = tl.load(g_ptr + row * stride_g).to(ACC)
@@ -401,7 +421,7 @@ def _softmax_jsd_bwd_kernel(
 
     # NaN only on inactive rows, where tl.where discards it.
     log_p_s, log_p_t, rt, rs = _jsd_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, log_sum_t - log_sum_s, inv_t,
-                                          beta, one_m_beta, F64)
+                                          beta, one_m_beta, beta_lo, one_m_beta_lo, F64)
     out_offs = row * V + cols
     if STUDENT_GRAD:
         gc = g * _param(params_ptr, _P_COEF_S, coef_s_arg, ACC, F64)  # g (1 - beta) / T
@@ -504,7 +524,12 @@ def _jsd_params(temperature: float, beta: float, acc_dtype: torch.dtype, dummy: 
     """(params_ptr, scalars): the JSD scalars in double precision, in the order of the _P_* slots; for fp64 also as an
     fp64 tensor, which the kernels read instead (see _launch._inv_t_args)."""
     inv_t = 1.0 / temperature
-    scalars = (inv_t, beta, 1.0 - beta, beta * inv_t, (1.0 - beta) * inv_t)
+    if acc_dtype == torch.float64:
+        beta_lo = one_m_beta_lo = 0.0
+    else:
+        beta_lo = beta - float(torch.tensor(beta, dtype=acc_dtype))
+        one_m_beta_lo = (1.0 - beta) - float(torch.tensor(1.0 - beta, dtype=acc_dtype))
+    scalars = (inv_t, beta, 1.0 - beta, beta * inv_t, (1.0 - beta) * inv_t, beta_lo, one_m_beta_lo)
     assert len(scalars) == _N_JSD_PARAMS
     if acc_dtype == torch.float64:
         return torch.tensor(scalars, dtype=torch.float64, device=dummy.device), scalars
@@ -523,11 +548,12 @@ def softmax_jsd_forward(
     if N == 0:
         return loss, stats_s, stats_t, mixture_kl
     student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
-    params_ptr, (inv_t, beta_, one_m_beta, _, _) = _jsd_params(temperature, beta, loss.dtype, student)
+    params_ptr, (inv_t, beta_, one_m_beta, _, _, beta_lo, one_m_beta_lo) = _jsd_params(temperature, beta,
+                                                                                       loss.dtype, student)
     with _launch_guard(student):
         _softmax_jsd_fwd_kernel[(N,)](
             student, teacher, loss, stats_s, stats_t, mixture_kl, params_ptr,
-            inv_t, beta_, one_m_beta,
+            inv_t, beta_, one_m_beta, beta_lo, one_m_beta_lo,
             V, student.stride(0), teacher.stride(0),
             BLOCK=block, **dtypes, num_warps=num_warps,
         )
@@ -555,15 +581,15 @@ def softmax_jsd_backward(
         return grad_s, grad_t
     N, V = student.shape
     student, teacher, block, num_warps, dtypes = _launch_setup(student, teacher)
-    params_ptr, (inv_t, beta_, one_m_beta, coef_t, coef_s) = _jsd_params(temperature, beta,
-                                                                        _acc_dtype(student, teacher), student)
+    params_ptr, (inv_t, beta_, one_m_beta, coef_t, coef_s, beta_lo, one_m_beta_lo) = _jsd_params(
+        temperature, beta, _acc_dtype(student, teacher), student)
     # An output that is not requested is never written (constexpr flag); pass an input as its placeholder pointer.
     with _launch_guard(student):
         _softmax_jsd_bwd_kernel[(N, triton.cdiv(V, block))](
             grad_loss, student, teacher, stats_student.contiguous(), stats_teacher.contiguous(),
             mixture_kl.contiguous(),
             grad_s if student_grad else student, grad_t if teacher_grad else teacher,
-            params_ptr, inv_t, beta_, one_m_beta, coef_t, coef_s,
+            params_ptr, inv_t, beta_, one_m_beta, coef_t, coef_s, beta_lo, one_m_beta_lo,
             V, grad_loss.stride(0), student.stride(0), teacher.stride(0),
             BLOCK=block, **dtypes,
             STUDENT_GRAD=bool(student_grad), TEACHER_GRAD=bool(teacher_grad),
