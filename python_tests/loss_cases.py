@@ -73,7 +73,7 @@ INPUTS = {
     "byot_loss": lambda: {"final_logits": _randn(B, C, seed=1), "head_logits": [_randn(B, C, seed=2)],
                           "labels": _labels(), "final_features": _randn(B, 5, seed=3),
                           "head_features": [_randn(B, 5, seed=4)]},
-    "crd_loss": None,  # stateful: kdkernels.nn.CRDLoss, tested in test_losses_crd.py
+    "crd_loss": None,  # stateful: kdkernels.nn.CRDLoss, tested in test_losses_contrastive.py
 }
 
 # Public functions that are helpers of a loss rather than losses (no module, no reduction).

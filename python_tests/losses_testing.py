@@ -1,10 +1,12 @@
 """Helpers of the test_losses_<module>.py files: a public loss against the official formula transcribed in the test,
-in float64, value and gradients."""
+in float64, value and gradients; or, per backend, against that formula in float64 within the accuracy criterion."""
 from __future__ import annotations
 
 import torch
 
-from kd_testing import FLOAT64_RTOL, assert_close_to_reference
+from kd_testing import FLOAT64_RTOL, assert_close_to_reference, backend_params, require_backend
+
+ALL_BACKENDS = backend_params() + ["reference"]
 
 
 def randn(*shape, seed: int, scale: float = 1.0, offset: float = 0.0, grad: bool = False) -> torch.Tensor:
@@ -16,6 +18,16 @@ def randn(*shape, seed: int, scale: float = 1.0, offset: float = 0.0, grad: bool
 
 def class_labels(rows: int, classes: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, classes, (rows,), generator=torch.Generator().manual_seed(seed))
+
+
+def labels_for(rows: int, classes: int, device, seed: int = 0) -> torch.Tensor:
+    """``class_labels`` on ``device``."""
+    return class_labels(rows, classes, seed).to(device)
+
+
+def device_of(backend: str) -> str:
+    """The test device of a backend of ALL_BACKENDS (skips when it cannot run here); CPU for the reference."""
+    return require_backend(backend) if backend != "reference" else "cpu"
 
 
 def _leaves(args) -> list[torch.Tensor]:
@@ -52,3 +64,21 @@ def assert_equals_official(ours, official, *args, what: str, rtol: float = FLOAT
     for index, (grad, expected_grad) in enumerate(zip(grads, expected_grads)):
         assert_close_to_reference(grad, expected_grad, f"{what} grad {index}", rtol=rtol)
     return value
+
+
+def value_and_grad(fn, student, teacher):
+    """``fn(student, teacher)`` and its gradient with respect to (a fresh leaf copy of) the student."""
+    student = student.detach().clone().requires_grad_()
+    loss = fn(student, teacher)
+    return loss, torch.autograd.grad(loss, student)[0]
+
+
+def assert_matches_eager(backend, ours, eager, student, teacher, what):
+    """ours(student, teacher) on `backend` against eager(...) in float64 (and in the input precision for slack)."""
+    loss, grad = value_and_grad(ours, student, teacher)
+    ref_loss, ref_grad = value_and_grad(eager, student.cpu().double(), teacher.cpu().double())
+    # slack: twice the error of the eager formula itself evaluated in the inputs' precision
+    low_loss, low_grad = value_and_grad(eager, student.cpu(), teacher.cpu())
+    assert_close_to_reference(loss, ref_loss, f"{what} loss", eager=low_loss)
+    assert_close_to_reference(grad, ref_grad, f"{what} grad", eager=low_grad)
+    return loss, grad

@@ -1,6 +1,6 @@
 """Feature-based strategies: training steps on digits, their stages, presets, connectors and configuration errors,
 and each term equal to its weight times the public loss on the method's own values (the losses against the official
-formulas: test_losses_feature.py, test_losses_attention.py, test_losses_relation.py, test_losses_crd.py)."""
+formulas: test_losses_feature.py, test_losses_attention.py, test_losses_relation.py, test_losses_contrastive.py)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """Multi-teacher, teacher-assistant and teacher-preparation strategies (ensemble, CA-MKD, TAKD, DGKD, prune-kd,
 PrUE): training steps on digits, stages, guides, pruning and configuration errors, CA-MKD's adapters and PrUE's masks
 against the official code, and each term equal to its weight times the public loss on the method's own values (the
-losses against the official formulas: test_losses.py, test_losses_ensemble.py)."""
+losses against the official formulas: test_losses_kd.py, test_losses_ensemble.py)."""
 import copy
 
 import pytest

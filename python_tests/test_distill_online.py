@@ -1,6 +1,6 @@
 """Online methods (DML, DML + feature, SwitOKD, SOKD, BD-KD): training steps on digits, SwitOKD's switch against the
 official code, who receives which gradient, and each term equal to its weight times the public loss on the method's
-own values (the losses against the official formulas: test_losses.py, test_losses_response*.py)."""
+own values (the losses against the official formulas: test_losses_kd.py, test_losses_response.py)."""
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Response-based strategies: training steps on digits, presets, schedules, MixUp handling and configuration errors,
 and each term equal to its weight times the public loss on the method's own values (the losses against the official
-formulas: test_losses.py, test_losses_response*.py, test_losses_soft_label.py)."""
+formulas: test_losses_kd.py, test_losses_decoupled.py, test_losses_dist.py, test_losses_response.py,
+test_losses_soft_label.py)."""
 from __future__ import annotations
 
 import pytest

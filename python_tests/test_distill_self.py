@@ -1,7 +1,7 @@
 """Self-distillation strategies (BAKE, CS-KD, BYOT, BAN): training steps on digits, batching, heads, generations and
 configuration errors, and each term equal to its weight times the public loss on the method's own values (the
 losses against the official formulas: test_losses_bake.py, test_losses_self_distillation.py,
-test_losses_response_unfused.py)."""
+test_losses_response.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
