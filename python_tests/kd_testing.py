@@ -172,3 +172,24 @@ def check_op_against_reference(fn, backend, tensors, grad_flags, grad_atol=0.0, 
         assert grad.dtype == x.dtype and grad.shape == x.shape, f"{what} grad {index}: {grad.dtype} {grad.shape}"
         assert_close_to_reference(grad, ref, f"{what} grad {index}", eager=low, atol=grad_atol)
     return outputs, grads
+
+
+def op_pair(family: str, backend: str):
+    """The (forward, backward) custom ops of an op family on `backend` (its Triton twins are triton_<family>_*)."""
+    prefix = "triton_" if backend == "triton" else ""
+    return (getattr(torch.ops.kdkernels, f"{prefix}{family}_forward"),
+            getattr(torch.ops.kdkernels, f"{prefix}{family}_backward"))
+
+
+def assert_compiles_fullgraph(fn, *inputs, rtol, atol, grad_rtol, grad_atol):
+    """torch.compile(fn, fullgraph=True) gives fn's eager value and its gradients w.r.t. the inputs that require
+    grad (a graph break or a missing fake would raise)."""
+    torch._dynamo.reset()
+    differentiable = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    expected = fn(*inputs)
+    expected_grads = torch.autograd.grad(expected, differentiable)
+    actual = torch.compile(fn, fullgraph=True)(*inputs)
+    actual_grads = torch.autograd.grad(actual, differentiable)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    for actual_grad, expected_grad in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(actual_grad, expected_grad, rtol=grad_rtol, atol=grad_atol)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from kd_testing import backend_params, require_backend
+from kd_testing import assert_compiles_fullgraph, backend_params, require_backend
 from kdkernels import sample_contrast_indices
 from kdkernels.reference import contrastive as reference
 
@@ -193,14 +193,7 @@ def test_compile_fullgraph(backend):
         return kdkernels.crd_loss(s, t, indices, contrast, memory_student, memory_teacher, normalizers,
                                   backend=backend)
 
-    torch._dynamo.reset()
-    expected = distill(student, teacher)
-    expected_grads = torch.autograd.grad(expected, (student, teacher))
-    actual = torch.compile(distill, fullgraph=True)(student, teacher)
-    actual_grads = torch.autograd.grad(actual, (student, teacher))
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
-    for a, e in zip(actual_grads, expected_grads):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+    assert_compiles_fullgraph(distill, student, teacher, rtol=1e-6, atol=0, grad_rtol=1e-6, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("call,error,message", [

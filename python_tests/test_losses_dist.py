@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kdkernels
-from kd_testing import backend_params, logits, require_backend
+from kd_testing import assert_compiles_fullgraph, backend_params, logits, require_backend
 from kdkernels.reference.dist import eager_dist
 from losses_testing import ALL_BACKENDS, assert_matches_eager, device_of
 
@@ -56,13 +56,8 @@ def test_compile_fullgraph(backend):
     def distill(s, t):
         return kdkernels.dist_loss(s, t, backend=backend)
 
-    torch._dynamo.reset()
-    expected = distill(student, teacher)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = torch.compile(distill, fullgraph=True)(student, teacher)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert_compiles_fullgraph(distill, student, teacher, rtol=1e-5, atol=1e-6, grad_rtol=1e-5,
+                              grad_atol=1e-7)
 
 
 def test_nn_module_matches_the_function():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from kd_testing import backend_params, logits as scaled_logits, require_backend
+from kd_testing import assert_compiles_fullgraph, backend_params, logits as scaled_logits, require_backend
 from kdkernels.reference.softmax_kl import eager_hinton_kd
 from losses_testing import ALL_BACKENDS, assert_equals_official, assert_matches_eager, device_of, labels_for, randn
 
@@ -220,13 +220,8 @@ def test_topk_compile_fullgraph(backend):
     def distill(s):
         return kdkernels.kd_loss(s, teacher_topk_logprobs=log_probs, teacher_topk_indices=indices, backend=backend)
 
-    torch._dynamo.reset()
-    expected = distill(student)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = torch.compile(distill, fullgraph=True)(student)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert_compiles_fullgraph(distill, student, rtol=1e-5, atol=1e-6, grad_rtol=1e-5,
+                              grad_atol=1e-7)
 
 
 def test_softcap_module_matches_the_function():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kdkernels
-from kd_testing import FLOAT64_RTOL, assert_close_to_reference, backend_params, require_backend
+from kd_testing import FLOAT64_RTOL, assert_close_to_reference, assert_compiles_fullgraph, backend_params, \
+    require_backend
 from kdkernels.bench.memory import cpu_peak_supported, measure_peak_mb
 from kdkernels.reference import pairwise as reference
 
@@ -198,13 +199,8 @@ def test_compile_fullgraph(backend):
         return (kdkernels.rkd_loss(s, t, backend=backend) + kdkernels.sp_loss(s, t, backend=backend)
                 + kdkernels.pkt_loss(s, t, backend=backend) + kdkernels.cc_loss(s, t, backend=backend))
 
-    torch._dynamo.reset()
-    expected = distill(student, teacher)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = torch.compile(distill, fullgraph=True)(student, teacher)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert_compiles_fullgraph(distill, student, teacher, rtol=1e-6, atol=1e-7, grad_rtol=1e-5,
+                              grad_atol=1e-7)
 
 
 def test_no_gradient_is_computed_without_autograd():

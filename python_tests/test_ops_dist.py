@@ -4,7 +4,7 @@ high temperatures), identical rows, near-one-hot rows, -inf entries, dtypes, thr
 import pytest
 import torch
 
-from kd_testing import backend_params, check_op_against_reference, logits, require_backend
+from kd_testing import backend_params, check_op_against_reference, logits, op_pair, require_backend
 from kdkernels.ops.dist import dist_pearson
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -139,16 +139,10 @@ def test_mixed_dtypes_and_strides(backend):
     check(backend, student, teacher)
 
 
-def op_pair(backend):
-    prefix = "triton_" if backend == "triton" else ""
-    return (getattr(torch.ops.kdkernels, f"{prefix}dist_forward"),
-            getattr(torch.ops.kdkernels, f"{prefix}dist_backward"))
-
-
 @pytest.mark.parametrize("backend", backend_params())
 def test_opcheck(backend):
     device = require_backend(backend)
-    forward, backward = op_pair(backend)
+    forward, backward = op_pair("dist", backend)
     for requires_grad in (False, True):
         student = logits((4, 19), torch.float32, device, seed=11).requires_grad_(requires_grad)
         teacher = logits((4, 19), torch.bfloat16, device, seed=12).requires_grad_(requires_grad)

@@ -3,7 +3,7 @@ dense gradient, repeated indices, -inf rows, dtypes, strides, opcheck."""
 import pytest
 import torch
 
-from kd_testing import backend_params, check_op_against_reference, logits, require_backend
+from kd_testing import backend_params, check_op_against_reference, logits, op_pair, require_backend
 from kdkernels.ops.logsoftmax_gather import logsoftmax_gather
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -65,16 +65,10 @@ def test_negative_infinity_rows(backend):
     check(backend, x.detach()[[0, 2]], indices[[0, 2]][:, :1])
 
 
-def op_pair(backend):
-    prefix = "triton_" if backend == "triton" else ""
-    return (getattr(torch.ops.kdkernels, f"{prefix}logsoftmax_gather_forward"),
-            getattr(torch.ops.kdkernels, f"{prefix}logsoftmax_gather_backward"))
-
-
 @pytest.mark.parametrize("backend", backend_params())
 def test_opcheck(backend):
     device = require_backend(backend)
-    forward, backward = op_pair(backend)
+    forward, backward = op_pair("logsoftmax_gather", backend)
     indices = topk_indices(4, 19, 5, device, 3)
     for dtype in (torch.float32, torch.bfloat16):
         x = logits((4, 19), dtype, device, seed=5)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import kdkernels
-from kd_testing import backend_params, check_against_reference, logits, masked, require_backend
+from kd_testing import assert_compiles_fullgraph, backend_params, check_against_reference, logits, masked, \
+    require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
@@ -160,10 +161,5 @@ def test_compile_fullgraph(backend):
     def distill(s, t):
         return kdkernels.kd_loss(s, t, 2.0, divergence="jsd", beta=0.7, backend=backend)
 
-    torch._dynamo.reset()
-    expected = distill(student, teacher)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = torch.compile(distill, fullgraph=True)(student, teacher)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-8)
+    assert_compiles_fullgraph(distill, student, teacher, rtol=1e-5, atol=1e-7, grad_rtol=1e-5,
+                              grad_atol=1e-8)

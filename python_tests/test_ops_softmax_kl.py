@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kdkernels
-from kd_testing import backend_params, check_against_reference, logits, loss_and_grads, masked, require_backend
+from kd_testing import assert_compiles_fullgraph, backend_params, check_against_reference, logits, loss_and_grads, \
+    masked, op_pair, require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
@@ -170,17 +171,11 @@ def test_gradcheck_float64(backend, reduction):
         lambda s, t: kdkernels.kd_loss(s, t, 1.7, reduction=reduction, backend=backend), (student, teacher))
 
 
-def op_pair(backend):
-    if backend == "triton":
-        return torch.ops.kdkernels.triton_softmax_kl_forward, torch.ops.kdkernels.triton_softmax_kl_backward
-    return torch.ops.kdkernels.softmax_kl_forward, torch.ops.kdkernels.softmax_kl_backward
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_opcheck(backend, dtype):
     device = require_backend(backend)
-    forward, backward = op_pair(backend)
+    forward, backward = op_pair("softmax_kl", backend)
     for requires_grad in (False, True):
         student = logits((4, 19), dtype, device, seed=23).requires_grad_(requires_grad)
         teacher = logits((4, 19), dtype, device, seed=24).requires_grad_(requires_grad)
@@ -201,14 +196,8 @@ def test_compile_fullgraph(backend):
     def distill(s, t):
         return kdkernels.kd_loss(s, t, 4.0, labels=labels, backend=backend) + 0.1 * s.logsumexp(-1).mean()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(distill, fullgraph=True)
-    expected = distill(student, teacher)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = compiled(student, teacher)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert_compiles_fullgraph(distill, student, teacher, rtol=1e-5, atol=1e-6, grad_rtol=1e-5,
+                              grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd_testing import (assert_close_to_reference, backend_params, check_op_against_reference, logits,
-                        require_backend)
+                        op_pair, require_backend)
 from kdkernels.ops.target_split import target_split_terms
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -108,16 +108,10 @@ def test_identity_with_the_full_kl(backend):
     assert_close_to_reference(two_bin + log_b_t[:, 1].exp() * terms[:, 4], full, "identity")
 
 
-def op_pair(backend):
-    prefix = "triton_" if backend == "triton" else ""
-    return (getattr(torch.ops.kdkernels, f"{prefix}target_split_forward"),
-            getattr(torch.ops.kdkernels, f"{prefix}target_split_backward"))
-
-
 @pytest.mark.parametrize("backend", backend_params())
 def test_opcheck(backend):
     device = require_backend(backend)
-    forward, backward = op_pair(backend)
+    forward, backward = op_pair("target_split", backend)
     labels = labels_for(4, 19, device, 4)
     for requires_grad in (False, True):
         student = logits((4, 19), torch.float32, device, seed=13).requires_grad_(requires_grad)
