@@ -17,7 +17,13 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+TEST_PREFIX = "test_"
 ACCURACY_PREFIX = "test_acc_"
+
+
+def test_key(metric_key: str, model: str) -> str:
+    """The history key of a task metric's value for a model: ``test_<metric key>_<model>``."""
+    return f"{TEST_PREFIX}{metric_key}_{model}"
 
 
 def columns(rows: Sequence[dict]) -> list[str]:
