@@ -106,7 +106,10 @@ def _check_positive_int(name: str, value) -> None:
 class RunResult:
     """What :meth:`Trainer.fit` returns. Accuracies are in %, ``None`` without a test set. ``accuracies`` holds the
     last evaluation of each evaluated model of the last stage; ``accuracy`` is the exported model's. ``completed``
-    is False when ``stop_after_epochs`` ended the call early."""
+    is False when ``stop_after_epochs`` ended the call early. ``nll`` (mean cross-entropy, nats), ``ece`` (expected
+    calibration error, a fraction), ``teacher_agreement`` (% top-1 agreement with the teacher) and ``teacher_kl``
+    (mean KL(p_t ‖ p_s) at T = 1) are the exported model's at its last evaluation, ``None`` when not measured (no
+    test set, no teacher, other task metrics); ``evaluation`` holds every ``test_*`` value of that evaluation."""
 
     method: str
     accuracy: float | None
@@ -119,3 +122,8 @@ class RunResult:
     student: nn.Module
     paths: dict[str, Path]
     completed: bool = True
+    nll: float | None = None
+    ece: float | None = None
+    teacher_agreement: float | None = None
+    teacher_kl: float | None = None
+    evaluation: dict[str, float | None] = dataclasses.field(default_factory=dict)
