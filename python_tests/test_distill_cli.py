@@ -43,6 +43,9 @@ def test_distill_runs_every_listed_method(method, teacher_cache, tmp_path, capsy
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["method"] == method
     assert 0.0 <= result["accuracy"] <= 100.0
+    assert result["nll"] > 0.0 and 0.0 <= result["ece"] <= 1.0
+    assert result["teacher_agreement"] is None or 0.0 <= result["teacher_agreement"] <= 100.0
+    assert (result["teacher_kl"] is None) == (result["teacher_agreement"] is None)
     assert f"{method}: " in capsys.readouterr().out
 
 

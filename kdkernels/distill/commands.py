@@ -135,7 +135,8 @@ def distill_command(arguments) -> int:
           f"{result.train_seconds:.1f} s, {100 * result.loss_share:.1f}% of it in the loss")
     if arguments.json:
         summary = {"method": arguments.method, "preset": arguments.preset, "overrides": overrides,
-                   "accuracy": result.accuracy, "best_accuracy": result.best_accuracy,
+                   "accuracy": result.accuracy, "best_accuracy": result.best_accuracy, "nll": result.nll,
+                   "ece": result.ece, "teacher_agreement": result.teacher_agreement, "teacher_kl": result.teacher_kl,
                    "accuracies": result.accuracies, "train_seconds": result.train_seconds,
                    "loss_share": result.loss_share, "history": result.history,
                    "experiment": dataclasses.asdict(experiment)}

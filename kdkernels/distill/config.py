@@ -1,5 +1,5 @@
 """What a training run is asked to do and what it returns: :class:`TrainConfig` (checked when built, each bad
-option a ValueError naming it) and :class:`RunResult`."""
+option a ValueError naming it, a TypeError for ``metrics`` of the wrong type) and :class:`RunResult`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kdkernels.distill import task_metrics
 from kdkernels.distill.precision import AMP_DTYPES
 from kdkernels.distill.schedules import OPTIMIZERS, SCHEDULES
 
@@ -27,7 +28,10 @@ class TrainConfig:
     ``lam ~ Beta(alpha, alpha)``. device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"``. resume: False, True (``out_dir/last.pt`` when it exists) or a checkpoint path.
     stop_after_epochs: leave after this many epochs in this call (all stages counted), with a resumable
-    checkpoint: for time-limited jobs. eval_batch_size: batch size of the test-set evaluation.
+    checkpoint: for time-limited jobs. eval_batch_size: batch size of the test-set evaluation. metrics: the task
+    metrics of the test-set evaluation, by name (:mod:`kdkernels.distill.task_metrics`): ``"classification"``
+    (the default: accuracy, NLL, ECE and, with a teacher, agreement and KL), ``"miou"`` (dense prediction),
+    ``"language_model"`` (token accuracy, perplexity), or a name given to ``task_metrics.register``.
     """
 
     epochs: int = 20
@@ -56,8 +60,10 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 256
     stop_after_epochs: int | None = None
+    metrics: Sequence[str] = task_metrics.DEFAULT
 
     def __post_init__(self):
+        self.metrics = task_metrics.check_names(self.metrics)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("amp", self.amp, tuple(AMP_DTYPES))
@@ -100,7 +106,10 @@ def _check_positive_int(name: str, value) -> None:
 class RunResult:
     """What :meth:`Trainer.fit` returns. Accuracies are in %, ``None`` without a test set. ``accuracies`` holds the
     last evaluation of each evaluated model of the last stage; ``accuracy`` is the exported model's. ``completed``
-    is False when ``stop_after_epochs`` ended the call early."""
+    is False when ``stop_after_epochs`` ended the call early. ``nll`` (mean cross-entropy, nats), ``ece`` (expected
+    calibration error, a fraction), ``teacher_agreement`` (% top-1 agreement with the teacher) and ``teacher_kl``
+    (mean KL(p_t ‖ p_s) at T = 1) are the exported model's at its last evaluation, ``None`` when not measured (no
+    test set, no teacher, other task metrics); ``evaluation`` holds every ``test_*`` value of that evaluation."""
 
     method: str
     accuracy: float | None
@@ -113,3 +122,8 @@ class RunResult:
     student: nn.Module
     paths: dict[str, Path]
     completed: bool = True
+    nll: float | None = None
+    ece: float | None = None
+    teacher_agreement: float | None = None
+    teacher_kl: float | None = None
+    evaluation: dict[str, float | None] = dataclasses.field(default_factory=dict)

@@ -58,6 +58,16 @@ def all_reduce_sum(values: Sequence[float], device: torch.device, world_size: in
     return tensor.tolist()
 
 
+def all_reduce_tensors(tensors: Sequence[torch.Tensor], world_size: int) -> list[torch.Tensor]:
+    """Sums over the data-parallel ranks of float64 ``tensors`` (on the run's device; one all-reduce of their
+    concatenation), or the tensors themselves in one process. Every rank passes the same shapes in the same order."""
+    if world_size == 1 or not tensors:
+        return list(tensors)
+    flat = torch.cat([tensor.reshape(-1).to(torch.float64) for tensor in tensors])
+    dist.all_reduce(flat)
+    return [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def all_gather_objects(value, world_size: int) -> list:
     """``value`` of every rank, in rank order (``[value]`` in one process); a collective under DDP."""
     if world_size == 1:

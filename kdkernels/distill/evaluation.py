@@ -1,51 +1,117 @@
-"""Evaluation on the test set: top-1 accuracy (%) of each evaluated model of a stage, reported as
-``test_acc_<model>``. Each rank evaluates every ``world_size``-th sample; counts are summed over the ranks, so every
-rank reports the whole test set's accuracy."""
+"""Evaluation on the test set: the task metrics (:mod:`kdkernels.distill.task_metrics`, chosen by
+``TrainConfig.metrics``) of each evaluated model of a stage, reported as ``test_<key>_<model>``: by default
+``test_acc_<model>`` (top-1 %), ``test_nll_<model>``, ``test_ece_<model>`` and, with a teacher,
+``test_agreement_<model>`` and ``test_teacher_kl_<model>``.
+
+The teacher: the stage's model named ``"teacher"``, if there is one (multi-teacher stages name theirs
+``teacher1``, … and have none), unless it is a :class:`~kdkernels.distill.cache.CachedTeacher` (it serves the
+training set's rows by index, not the test samples). The teacher is compared with every other evaluated model, not
+with itself.
+
+One pass over the test set per evaluation, every model in eval mode under the run's autocast (the metrics compute in
+float64). Each rank evaluates every ``world_size``-th sample; the metrics' sums are all-reduced before they are
+computed, so every rank reports the whole test set's values exactly.
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdkernels.distill import metrics
-from kdkernels.distill.batches import rows_of, to_device
+from kdkernels.distill import task_metrics
+from kdkernels.distill.batches import to_device
+from kdkernels.distill.cache import CachedTeacher
 from kdkernels.distill.distiller import Distiller
-from kdkernels.distill.environment import Environment, all_reduce_sum
+from kdkernels.distill.environment import Environment, all_gather_objects, all_reduce_tensors
 from kdkernels.distill.hooks import as_tensor
 from kdkernels.distill.precision import autocast
 
+TEACHER = "teacher"
+
+
+def teacher_of(distiller: Distiller) -> str | None:
+    """The name of the model the teacher metrics compare with: ``"teacher"`` when the distiller has a model of that
+    name that is not a cached teacher, else None."""
+    model = distiller.models[TEACHER] if TEACHER in distiller.models else None
+    return TEACHER if model is not None and not isinstance(model, CachedTeacher) else None
+
+
+def reduce_metrics(states: Sequence[task_metrics.TaskMetric], env: Environment) -> None:
+    """Replaces every metric's sums by their sums over the data-parallel ranks (one all-reduce). A rank that never
+    saw a sum (no test samples, or a sum sized by the first batch) takes part with zeros of the other ranks' shape."""
+    if env.world_size == 1:
+        return
+    layouts = all_gather_objects([{key: tuple(value.shape) for key, value in metric.sums.items()}
+                                  for metric in states], env.world_size)
+    keys = []
+    for index, metric in enumerate(states):
+        shapes: dict[str, tuple] = {}
+        for layout in layouts:
+            for key, shape in layout[index].items():
+                if shapes.setdefault(key, shape) != shape:
+                    raise ValueError(f"task metric {metric.name!r}: the ranks' sums {key!r} differ in shape "
+                                     f"({shapes[key]} and {shape})")
+        for key in sorted(shapes):
+            if key not in metric.sums:
+                metric.sums[key] = torch.zeros(shapes[key], dtype=torch.float64, device=env.device)
+            keys.append((metric, key))
+    reduced = all_reduce_tensors([metric.sums[key].to(env.device) for metric, key in keys], env.world_size)
+    for (metric, key), value in zip(keys, reduced):
+        metric.sums[key] = value
+
 
 class Evaluator:
-    """Evaluates models on ``test_set`` in batches of ``batch_size``, under the run's autocast."""
+    """Evaluates models on ``test_set`` in batches of ``batch_size``, under the run's autocast, with the task
+    metrics named in ``metrics``."""
 
     def __init__(self, test_set: Dataset, env: Environment, *, batch_size: int, num_workers: int,
-                 amp_dtype: torch.dtype | None):
+                 amp_dtype: torch.dtype | None, metrics: Sequence[str] = task_metrics.DEFAULT):
         self.test_set, self.env = test_set, env
         self.batch_size, self.num_workers, self.amp_dtype = batch_size, num_workers, amp_dtype
+        self.metrics = task_metrics.check_names(metrics)
 
-    def __call__(self, distiller: Distiller) -> dict[str, float]:
-        """``test_acc_<model>`` of each of the distiller's evaluated models."""
-        return {f"{metrics.ACCURACY_PREFIX}{name}": self.accuracy(distiller.models[name])
-                for name in distiller.evaluate}
-
-    def accuracy(self, model: nn.Module) -> float:
-        """Top-1 accuracy (%) of ``model`` on the test set (each rank evaluates its share; counts are summed)."""
-        env = self.env
-        indices = list(range(env.rank, len(self.test_set), env.world_size))
-        size = self.batch_size
-        loader = DataLoader(self.test_set, batch_sampler=[indices[i:i + size] for i in range(0, len(indices), size)],
-                            num_workers=self.num_workers)
-        was_training = model.training
-        model.eval()
-        correct = seen = 0
+    def __call__(self, distiller: Distiller) -> dict[str, float | None]:
+        """``test_<key>_<model>`` of each of the distiller's evaluated models, model after model."""
+        names = list(distiller.evaluate)
+        states = {name: task_metrics.build(self.metrics) for name in names}
+        teacher = teacher_of(distiller)
+        if teacher is not None and not any(metric.uses_teacher for name in names if name != teacher
+                                           for metric in states[name]):
+            teacher = None
+        models = {name: distiller.models[name] for name in names + ([teacher] if teacher else [])}
+        modes = {name: model.training for name, model in models.items()}
+        for model in models.values():
+            model.eval()
         try:
-            with torch.no_grad(), autocast(env.device.type, self.amp_dtype):
-                for batch in loader:
-                    batch = to_device(batch, env.device)
-                    output = model(batch) if getattr(model, "takes_batch", False) else model(batch["input"])
-                    correct += int((as_tensor(output, "model").argmax(dim=1) == batch["target"]).sum())
-                    seen += rows_of(batch)
+            with torch.no_grad(), autocast(self.env.device.type, self.amp_dtype):
+                for batch in self._loader():
+                    batch = to_device(batch, self.env.device)
+                    if "target" not in batch:
+                        raise ValueError(f"the test set's samples have no 'target' (their keys are {list(batch)}): "
+                                         "the task metrics compare the models' outputs with it")
+                    outputs = {name: self._output(model, batch, name) for name, model in models.items()}
+                    for name in names:
+                        for metric in states[name]:
+                            given = outputs[teacher] if metric.uses_teacher and teacher and name != teacher else None
+                            metric.update(outputs[name], batch["target"], given)
         finally:
-            model.train(was_training)
-        correct, seen = all_reduce_sum([correct, seen], env.device, env.world_size)
-        return 100.0 * correct / max(seen, 1)
+            for name, model in models.items():
+                model.train(modes[name])
+        reduce_metrics([metric for name in names for metric in states[name]], self.env)
+        return {metrics.test_key(key, name): value for name in names for metric in states[name]
+                for key, value in metric.compute().items()}
+
+    def _loader(self) -> DataLoader:
+        """This rank's share of the test set: every ``world_size``-th sample from its rank."""
+        env, size = self.env, self.batch_size
+        indices = list(range(env.rank, len(self.test_set), env.world_size))
+        return DataLoader(self.test_set, batch_sampler=[indices[i:i + size] for i in range(0, len(indices), size)],
+                          num_workers=self.num_workers)
+
+    @staticmethod
+    def _output(model: nn.Module, batch: dict, name: str) -> torch.Tensor:
+        output = model(batch) if getattr(model, "takes_batch", False) else model(batch["input"])
+        return as_tensor(output, name)

@@ -49,7 +49,8 @@ class Run:
         self.labels = dataset_labels(self.train_set)
         self.test_set = as_sample_dataset(test_set) if test_set is not None else None
         self.evaluator = Evaluator(self.test_set, self.env, batch_size=config.eval_batch_size,
-                                   num_workers=config.num_workers, amp_dtype=self.amp_dtype) \
+                                   num_workers=config.num_workers, amp_dtype=self.amp_dtype,
+                                   metrics=config.metrics) \
             if self.test_set is not None else None
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.writes = self.env.is_main and self.out_dir is not None
@@ -137,7 +138,8 @@ class Run:
                 **sums.means(self.env), "seconds": seconds, "loss_seconds": sums.loss_seconds}
 
     def _evaluate(self, run: StageRun, epoch: int) -> dict:
-        """``test_acc_<model>`` of each evaluated model, every ``eval_every`` epochs and at the stage's end."""
+        """The task metrics (``test_<key>_<model>``) of each evaluated model, every ``eval_every`` epochs and at the
+        stage's end."""
         if self.evaluator is None or (epoch % self.config.eval_every and epoch != run.epochs):
             return {}
         return self.evaluator(run.distiller)

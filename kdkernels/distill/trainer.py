@@ -15,6 +15,10 @@ clipping, MixUp (any method: the mixed input goes to every model, so teachers se
 data-parallel training under ``torchrun`` (each rank takes every ``world_size``-th batch; the step's gradient is
 DDP's average over ranks).
 
+Evaluation (every ``eval_every`` epochs and at each stage's end, on the test set, exact under DDP): the task
+metrics ``TrainConfig.metrics`` names (:mod:`~kdkernels.distill.task_metrics`; by default accuracy, NLL, ECE and,
+with a model named ``"teacher"``, agreement and KL) of each evaluated model, as ``test_<key>_<model>``.
+
 Outputs (rank 0, when ``out_dir`` is set): ``metrics.csv`` and ``metrics.json`` (updated every epoch),
 ``curves.png``, ``last.pt`` (every ``checkpoint_every`` epochs and at the end of each stage), ``best.pt`` (best test
 accuracy of the exported model) and ``student.pt`` (the exported model's ``state_dict``). ``resume`` continues from
@@ -23,7 +27,8 @@ of processes: every rank's RNG states are saved).
 
 The trainer's modules, one job each: ``config`` (TrainConfig, RunResult), ``schedules`` (LR schedules, optimisers),
 ``precision`` (AMP), ``environment`` (device, DDP rank, reductions, seed streams), ``batches``, ``mixing`` (MixUp),
-``stage`` (setting up a stage), ``step`` (one optimiser step), ``evaluation`` (test metrics), ``checkpoint``
+``stage`` (setting up a stage), ``step`` (one optimiser step), ``task_metrics`` (streaming metrics of sums),
+``evaluation`` (test metrics), ``checkpoint``
 (checkpoints, resume, export), ``metrics`` (summary, CSV/JSON, curves), ``progress`` and ``loop`` (the stages and
 epochs of one :meth:`Trainer.fit`).
 """
