@@ -129,6 +129,8 @@ _SPECS = [
      "loss = ce + 2.5 * WSLLoss(temperature=2.0)(student(x), teacher(x).detach(), y)"),
     ("BDKDLoss", losses.bdkd_loss, ("learner_logits", "target_logits"),
      "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
+    ("SoftmaxMSELoss", losses.softmax_mse_loss, ("student_logits", "teacher_logits"),
+     "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
     ("LabelSmoothingLoss", losses.label_smoothing_loss, ("logits", "labels"),
      "loss = LabelSmoothingLoss(epsilon=0.1)(student(x), y)"),
     ("TfKDRegLoss", losses.tf_kd_reg_loss, ("student_logits", "labels"),

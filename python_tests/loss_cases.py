@@ -45,6 +45,7 @@ INPUTS = {
     "irg_loss": lambda: {"student": _irg_side(10), "teacher": _irg_side(20)},
     "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
     "soft_cross_entropy_loss": lambda: _logits_pair(),
+    "softmax_mse_loss": lambda: _logits_pair(),
     "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "bdkd_loss": lambda: {"learner_logits": _randn(B, C, seed=1), "target_logits": _randn(B, C, seed=2)},
     "label_smoothing_loss": lambda: {"logits": _randn(B, C, seed=1), "labels": _labels()},
