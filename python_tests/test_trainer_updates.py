@@ -285,6 +285,14 @@ def test_bad_updates_name_the_problem(make, error, message):
                           [FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"))], **options)
 
 
+def test_trainable_may_be_any_iterable_and_the_copy_is_a_model():
+    distiller = distill.Distiller({"student": nn.Linear(64, 10)}, [CrossEntropyTerm("student")],
+                                  trainable=(name for name in ["student"]), updates={"ema": EMA()})
+    assert distiller.trainable == ("student",) and list(distiller.models) == ["student", "ema"]
+    with pytest.raises(TypeError, match="model 'student' must be an nn.Module"):
+        distill.Distiller({"student": "not a model"}, [CrossEntropyTerm("student")], updates={"ema": EMA()})
+
+
 def ddp_updates_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

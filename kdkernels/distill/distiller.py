@@ -58,8 +58,8 @@ class Distiller(nn.Module):
         super().__init__()
         if not models:
             raise ValueError("a Distiller needs at least one model")
-        updates = {} if updates is None else updates
-        models = {**models, **updated_copies(updates, models, tuple(trainable))}
+        trainable, updates = tuple(trainable), {} if updates is None else updates
+        models = {**models, **updated_copies(updates, models, trainable)}
         for name, model in models.items():
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model {name!r} must be an nn.Module, got {type(model).__name__}")

@@ -243,7 +243,8 @@ def updated_copies(updates: Mapping[str, ModelUpdate], models: Mapping[str, nn.M
         if update.source not in trainable:
             raise ValueError(f"updates[{name!r}]: {kind} of the frozen model {update.source!r}: it never changes, so "
                              f"there is nothing to follow; the trainable models are {list(trainable)}")
-        copies[name] = copy_of(models[update.source])
+        source = models[update.source]
+        copies[name] = copy_of(source) if isinstance(source, nn.Module) else source   # the distiller names it
     return copies
 
 
