@@ -11,7 +11,8 @@ computes the same copy.
 
 * :class:`EMA`: ``target = m · target + (1 − m) · source`` for every parameter after each optimiser step, with a
   constant momentum, BYOL/DINO's cosine schedule from ``m`` to 1, and mean teacher's warm-up
-  ``min(1 − 1/(k + 1), m)``. Buffers (batch-norm statistics) are copied from the source by default.
+  ``min(1 − 1/(n + 1), m)`` (``n``: the update's number). Buffers (batch-norm statistics) are copied from the source
+  by default.
 * :class:`Snapshot`: ``target = source`` every ``every`` epochs or steps (snapshot distillation).
 
 Under fp16 the grad scaler skips an optimiser step whose gradients overflow: the source does not change, and EMAs
