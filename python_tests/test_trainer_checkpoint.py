@@ -7,7 +7,7 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Recipe, Setup
 from kdkernels.distill.registry import build_recipe
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, kd_recipe, parameters_of, small_split, without_timings
+from trainer_testing import QUIET, assert_same_run, assert_same_run_models, kd_recipe, run_in_pieces, small_split
 
 
 def two_stage_recipe(seed: int = 0) -> Recipe:
@@ -19,32 +19,6 @@ def two_stage_recipe(seed: int = 0) -> Recipe:
     teacher_stage.name, teacher_stage.epochs = "teacher", 2
     student_stage = build_recipe("kd", Setup(student=second, teacher=first, num_classes=10)).stages[0]
     return Recipe("two-stage", [teacher_stage, student_stage])
-
-
-def run_in_pieces(make_recipe, config: dict, pieces, out_dir):
-    """Trains a fresh recipe for each piece's epochs, resuming from out_dir/last.pt (a new process would build
-    the recipe again the same way); returns the last call's result and recipe."""
-    for index, piece in enumerate(pieces):
-        # The first call starts like the reference run; later calls start from other weights, which the
-        # checkpoint must replace.
-        recipe = make_recipe(seed=1 if index == 0 else 100 + index)
-        result = Trainer(TrainConfig(out_dir=out_dir, resume=index > 0, stop_after_epochs=piece, **config)).fit(
-            recipe, small_split().train, small_split().test)
-        assert result.completed == (index == len(pieces) - 1)
-    return result, recipe
-
-
-def assert_same_run(resumed, resumed_recipe, reference, reference_recipe):
-    for key, state in parameters_of_recipe(reference_recipe).items():
-        for name, value in state.items():
-            assert torch.equal(parameters_of_recipe(resumed_recipe)[key][name], value), f"{key}.{name}"
-    assert without_timings(resumed.history) == without_timings(reference.history)
-    assert resumed.accuracy == reference.accuracy and resumed.best_accuracy == reference.best_accuracy
-
-
-def parameters_of_recipe(recipe):
-    return {f"{i}/{name}": parameters_of(model) for i, stage in enumerate(recipe.stages)
-            for name, model in stage.distiller.models.items()}
 
 
 RESUME_CONFIG = dict(epochs=3, batch_size=16, lr=0.05, warmup_epochs=1, mixup_alpha=0.4, **QUIET)
@@ -90,12 +64,6 @@ def test_resume_with_a_pruned_teacher(tmp_path, method):
     resumed = pruning_recipe(method, seed=5)
     Trainer(TrainConfig(out_dir=tmp_path / "pieces", resume=True, **config)).fit(resumed, small_split().train)
     assert_same_run_models(resumed, reference)
-
-
-def assert_same_run_models(resumed: Recipe, reference: Recipe) -> None:
-    for key, state in parameters_of_recipe(reference).items():
-        for name, value in state.items():
-            assert torch.equal(parameters_of_recipe(resumed)[key][name], value), f"{key}.{name}"
 
 
 def test_resume_true_without_a_checkpoint_starts_fresh(tmp_path):

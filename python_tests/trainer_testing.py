@@ -1,5 +1,6 @@
 """Shared helpers of the trainer tests (test_trainer_*.py): tiny digits splits, KD between two MLPs, a term that
-records what it was given."""
+records what it was given, and a run trained in pieces (each a fresh recipe resumed from the last checkpoint)
+compared with the uninterrupted run."""
 import functools
 
 import torch
@@ -11,6 +12,7 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Recipe, Setup, Stage
 from kdkernels.distill.registry import build_recipe
 from kdkernels.distill.terms import CrossEntropyTerm, Term
+from kdkernels.distill.trainer import TrainConfig, Trainer
 
 
 QUIET = dict(progress=False, num_workers=0)
@@ -58,3 +60,35 @@ def recording_recipe(seed: int = 0) -> tuple[Recipe, RecordingTerm]:
     models = {"student": digits_model("student-mlp"), "teacher": digits_model("student-cnn")}
     distiller = Distiller(models, [CrossEntropyTerm("student", 0.5), term])
     return Recipe("recorded", [Stage("recorded", distiller)]), term
+
+
+def run_in_pieces(make_recipe, config: dict, pieces, out_dir):
+    """Trains a fresh recipe for each piece's epochs, resuming from out_dir/last.pt (a new process would build
+    the recipe again the same way); returns the last call's result and recipe."""
+    for index, piece in enumerate(pieces):
+        # The first call starts like the reference run; later calls start from other weights, which the
+        # checkpoint must replace.
+        recipe = make_recipe(seed=1 if index == 0 else 100 + index)
+        result = Trainer(TrainConfig(out_dir=out_dir, resume=index > 0, stop_after_epochs=piece, **config)).fit(
+            recipe, small_split().train, small_split().test)
+        assert result.completed == (index == len(pieces) - 1)
+    return result, recipe
+
+
+def assert_same_run(resumed, resumed_recipe, reference, reference_recipe):
+    for key, state in parameters_of_recipe(reference_recipe).items():
+        for name, value in state.items():
+            assert torch.equal(parameters_of_recipe(resumed_recipe)[key][name], value), f"{key}.{name}"
+    assert without_timings(resumed.history) == without_timings(reference.history)
+    assert resumed.accuracy == reference.accuracy and resumed.best_accuracy == reference.best_accuracy
+
+
+def parameters_of_recipe(recipe):
+    return {f"{i}/{name}": parameters_of(model) for i, stage in enumerate(recipe.stages)
+            for name, model in stage.distiller.models.items()}
+
+
+def assert_same_run_models(resumed: Recipe, reference: Recipe) -> None:
+    for key, state in parameters_of_recipe(reference).items():
+        for name, value in state.items():
+            assert torch.equal(parameters_of_recipe(resumed)[key][name], value), f"{key}.{name}"

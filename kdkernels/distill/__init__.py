@@ -19,9 +19,10 @@ from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext,
 from kdkernels.distill.config import RunResult, TrainConfig
 from kdkernels.distill.trainer import Trainer
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
+from kdkernels.distill.updates import EMA, Snapshot
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
            "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "list_methods",
            "get_method", "build_recipe", "load_digits", "TensorDictDataset", "IndexedDataset",
            "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
-           "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher"]
+           "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from kdkernels.distill.hooks import FeatureTaps, as_tensor
 from kdkernels.distill.terms import StepContext, Term, model_of, tap_of
+from kdkernels.distill.updates import ModelUpdate, ModelUpdates, updated_copies
 
 BATCH_KEYS = ("input", "target", "index")
 
@@ -47,14 +48,18 @@ class Distiller(nn.Module):
         frozen_train_mode: frozen models that stay in train mode while the distiller trains.
         evaluate: names of the models whose accuracy the trainer reports, first = the one exported
             (default: the first trainable model).
+        updates: name -> :class:`~kdkernels.distill.updates.EMA` or ``Snapshot``: frozen copies of a trainable
+            model, added as models under these names and updated after each optimiser step.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], terms: Sequence[Term], *,
                  trainable: Iterable[str] = ("student",), frozen_train_mode: Iterable[str] = (),
-                 evaluate: Sequence[str] | None = None):
+                 evaluate: Sequence[str] | None = None, updates: Mapping[str, ModelUpdate] | None = None):
         super().__init__()
         if not models:
             raise ValueError("a Distiller needs at least one model")
+        trainable, updates = tuple(trainable), {} if updates is None else updates
+        models = {**models, **updated_copies(updates, models, trainable)}
         for name, model in models.items():
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model {name!r} must be an nn.Module, got {type(model).__name__}")
@@ -62,6 +67,7 @@ class Distiller(nn.Module):
                 raise ValueError(f"model name {name!r} is not allowed: names must be non-empty, without ':' or '.', "
                                  f"and not one of the batch keys {BATCH_KEYS}")
         self.models = nn.ModuleDict(dict(models))
+        self.updates = ModelUpdates(updates)
         self.trainable = tuple(trainable)
         self.frozen_train_mode = tuple(frozen_train_mode)
         for label, names in (("trainable", self.trainable), ("frozen_train_mode", self.frozen_train_mode)):
@@ -131,10 +137,11 @@ class Distiller(nn.Module):
         return self.models[name or self.evaluate[0]]
 
     def activate(self) -> "Distiller":
-        """Sets ``requires_grad`` per role (call when a training stage starts: a model trained in one stage may be a
-        frozen teacher in the next)."""
+        """Sets ``requires_grad`` per role and sets the updated copies to their sources (call when a training stage
+        starts: a model trained in one stage may be a frozen teacher in the next)."""
         for name, model in self.models.items():
             model.requires_grad_(name in self.trainable)
+        self.updates.start(self.models)
         return self
 
     def train(self, mode: bool = True) -> "Distiller":

@@ -55,6 +55,7 @@ class FeatureTaps:
     def _store_output(self, tap: str):
         def hook(_module, _inputs, output):
             self.values[tap] = output
+        hook.feature_tap = True
         return hook
 
     def _store_input(self, tap: str):
@@ -62,6 +63,7 @@ class FeatureTaps:
             if not inputs:
                 raise ValueError(f"tap {tap!r}: the module was called without positional inputs")
             self.values[tap] = inputs[0]
+        hook.feature_tap = True
         return hook
 
     def pop(self) -> dict[str, object]:
@@ -73,6 +75,12 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def is_feature_tap(hook) -> bool:
+    """Whether a module hook is one of :class:`FeatureTaps`' (a deep copy of the model must not keep it: it would
+    store the copy's values in the original's taps)."""
+    return getattr(hook, "feature_tap", False) is True
 
 
 def as_tensor(value, key: str) -> torch.Tensor:

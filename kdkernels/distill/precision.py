@@ -14,3 +14,13 @@ def autocast(device_type: str, dtype: torch.dtype | None):
 def grad_scaler(amp: str, device_type: str) -> torch.amp.GradScaler:
     """The loss scaler of an ``amp`` setting (a pass-through unless ``amp == "fp16"``)."""
     return torch.amp.GradScaler(device_type, enabled=amp == "fp16")
+
+
+def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, *, report_skip: bool = False) -> bool:
+    """``scaler.step(optimizer)`` then ``scaler.update()``. Returns False when the scaler skipped the step (fp16
+    gradients with an inf or NaN), detected, when ``report_skip`` and the scaler is active, as ``update()`` backing
+    the scale off (one device synchronisation per step; it never lowers the scale otherwise)."""
+    before = scaler.get_scale() if report_skip and scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return before is None or scaler.get_scale() >= before

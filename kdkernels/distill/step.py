@@ -1,7 +1,8 @@
 """One optimiser step of a stage: ``grad_accum`` micro-batches, each forward with the models under autocast and the
 loss terms in fp32, each loss weighted by its share of the step's samples (``1/grad_accum`` for equal
 micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
-(scaled) optimiser step and the LR schedule's step. Also the epoch's sample-weighted loss sums."""
+(scaled) optimiser step, the LR schedule's step and the distiller's model updates (EMA and snapshot copies, skipped
+by an EMA when the fp16 scaler skipped the step). Also the epoch's sample-weighted loss sums."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ from kdkernels.distill.batches import rows_of, to_device
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.environment import Environment, all_reduce_sum
 from kdkernels.distill.mixing import mix_batch
-from kdkernels.distill.precision import autocast
+from kdkernels.distill.precision import autocast, scaler_step
 from kdkernels.distill.terms import StepContext
+from kdkernels.distill.updates import update_models
 
 if TYPE_CHECKING:
     from kdkernels.distill.config import TrainConfig
@@ -78,7 +80,7 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     if config.clip_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.parameters, config.clip_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    applied = scaler_step(run.scaler, run.optimizer, report_skip=len(run.distiller.updates) > 0)
     run.scheduler.step()
+    update_models(run, applied)   # EMA / snapshot copies (kdkernels.distill.updates)
     run.step += 1
