@@ -1,6 +1,5 @@
-"""soft_cross_entropy_loss, wsl_loss, bdkd_loss and softmax_mse_loss (kdkernels/losses/response.py, torch ops)
-against the official code transcribed here (BYOT / BAN, PaddleClas, CuriousAI/mean-teacher) or BD-KD's documented
-formula: float64 value and gradient; errors."""
+"""soft_cross_entropy_loss, wsl_loss and bdkd_loss (kdkernels/losses/response.py, torch ops) against the official
+code transcribed here (BYOT / BAN, PaddleClas) or BD-KD's documented formula: float64 value and gradient; errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,16 +40,6 @@ def balanced(learner, target, temperature=1.0):
     forward = (q.exp() * (q - p)).sum(1)
     reverse = (p.exp() * (p - q)).sum(1)
     return (w * forward + (1 - w) * reverse).mean() * temperature ** 2
-
-
-def mean_teacher_softmax_mse(input_logits, target_logits):
-    """CuriousAI/mean-teacher ``pytorch/mean_teacher/losses.py`` ``softmax_mse_loss`` (a sum over the batch; the
-    caller in ``pytorch/main.py`` divides it by the minibatch size)."""
-    assert input_logits.size() == target_logits.size()
-    input_softmax = F.softmax(input_logits, dim=1)
-    target_softmax = F.softmax(target_logits, dim=1)
-    num_classes = input_logits.size()[1]
-    return F.mse_loss(input_softmax, target_softmax, reduction="sum") / num_classes
 
 
 # ---------------------------------------------------------------------------------------------- soft cross-entropy
@@ -119,34 +108,6 @@ def test_bdkd_weights_mirror_each_other():
     torch.testing.assert_close(rows_ab, kdkernels.bdkd_loss(b, a, 2.0, reduction="none"), rtol=1e-12, atol=0)
 
 
-# ------------------------------------------------------------------------------------------ mean teacher's MSE
-
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_softmax_mse_is_the_mean_teachers_consistency_cost(shape):
-    student, teacher = randn(*shape, seed=20, scale=3.0, grad=True), randn(*shape, seed=21, scale=3.0, grad=True)
-    batch = shape[0]
-    assert_equals_official(lambda s, t: kdkernels.softmax_mse_loss(s, t),
-                           lambda s, t: mean_teacher_softmax_mse(s, t) / batch, student, teacher,
-                           what="softmax mse (batchmean)")
-    assert_equals_official(lambda s, t: kdkernels.softmax_mse_loss(s, t, reduction="sum"),
-                           mean_teacher_softmax_mse, student, teacher, what="softmax mse (sum)")
-
-
-def test_softmax_mse_reductions_relate_as_documented():
-    student, teacher = randn(5, 2, 7, seed=22, scale=2.0), randn(5, 2, 7, seed=23, scale=2.0)
-    rows = kdkernels.softmax_mse_loss(student, teacher, reduction="none")
-    assert rows.shape == (5, 2)
-    expected_rows = (F.softmax(student, -1) - F.softmax(teacher, -1)).pow(2).mean(-1)
-    torch.testing.assert_close(rows, expected_rows, rtol=1e-12, atol=0)
-    torch.testing.assert_close(kdkernels.softmax_mse_loss(student, teacher), rows.mean(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(kdkernels.softmax_mse_loss(student, teacher, reduction="mean"), rows.mean(),
-                               rtol=1e-12, atol=0)
-    torch.testing.assert_close(kdkernels.softmax_mse_loss(student, teacher, reduction="sum"), rows.sum(),
-                               rtol=1e-12, atol=0)
-    same = kdkernels.nn.SoftmaxMSELoss(reduction="sum")(student, teacher)
-    assert torch.equal(same, kdkernels.softmax_mse_loss(student, teacher, reduction="sum"))
-
-
 # ---------------------------------------------------------------------------------------------- argument errors
 
 LOGITS = torch.randn(4, 10)
@@ -166,10 +127,6 @@ LOGITS = torch.randn(4, 10)
      r"^wsl_loss: labels must be class indices in \[0, 10\), got 10$"),
     (lambda: kdkernels.wsl_loss(LOGITS, LOGITS, torch.zeros(3, dtype=torch.long)), ValueError,
      r"^wsl_loss: labels must have the logits' leading shape \(4,\), got shape \(3,\)$"),
-    (lambda: kdkernels.softmax_mse_loss(LOGITS, LOGITS[:, :5]), ValueError,
-     r"^softmax_mse_loss: teacher_logits must have the same shape as student_logits \(4, 10\), got shape \(4, 5\)$"),
-    (lambda: kdkernels.softmax_mse_loss(LOGITS, LOGITS, reduction="avg"), ValueError,
-     r"^softmax_mse_loss: reduction must be one of"),
     (lambda: kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 3), 0.0), ValueError,
      r"^bdkd_loss: temperature must be positive and finite, got 0.0$"),
     (lambda: kdkernels.bdkd_loss(torch.randn(4, 3), torch.randn(4, 5)), ValueError,

@@ -5,7 +5,8 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.relation` (RKD, SP, PKT, CC; and IRG), :mod:`~kdkernels.losses.contrastive` (CRD),
 :mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
-:mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`.
+:mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
+:mod:`~kdkernels.losses.self_supervised`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -15,7 +16,7 @@ from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_los
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
                                           sample_other_class_indices)
 from kdkernels.losses.bake import bake_loss, bake_targets
-from kdkernels.losses.response import bdkd_loss, soft_cross_entropy_loss, softmax_mse_loss, wsl_loss
+from kdkernels.losses.response import bdkd_loss, soft_cross_entropy_loss, wsl_loss
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
 from kdkernels.losses.feature import (ab_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss, ofd_loss, ofd_margins,
                                       vid_loss)
@@ -23,6 +24,7 @@ from kdkernels.losses.attention import at_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
+from kdkernels.losses.self_supervised import softmax_mse_loss
 
 __all__ = [
     # fused kernels
