@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
+from kdkernels import distill
 from distill_testing import digits_split, first_step
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
 from kdkernels.distill.models import digits_model
@@ -20,7 +21,7 @@ def test_cached_teacher_gives_the_live_teachers_kd_losses():
     torch.manual_seed(0)
     teacher = digits_model("assistant-cnn").eval()
     cached = cache_teacher(teacher, digits_split().train, batch_size=64)
-    assert isinstance(cached, CachedTeacher) and cached.takes_batch and len(cached) == len(digits_split().train)
+    assert isinstance(cached, CachedTeacher) and cached.distill_input == distill.BATCH and len(cached) == len(digits_split().train)
     losses = {}
     for name, model in (("live", teacher), ("cached", cached)):
         torch.manual_seed(1)

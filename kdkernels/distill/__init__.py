@@ -10,7 +10,7 @@ Strategies call only kdkernels' public losses. See ``kdkernels list`` for every 
 """
 from kdkernels.distill.data import (ClassAwareBatchSampler, IndexedDataset, PairBatchSampler, ShuffleBatchSampler,
                                     TensorDictDataset, load_digits)
-from kdkernels.distill.distiller import Distiller, DistillOutput
+from kdkernels.distill.distiller import BATCH, Distiller, DistillOutput
 from kdkernels.distill.hooks import FeatureTaps
 from kdkernels.distill.models import DigitsCNN, DigitsMLP, digits_model
 from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
@@ -20,9 +20,13 @@ from kdkernels.distill.config import RunResult, TrainConfig
 from kdkernels.distill.trainer import Trainer
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
 from kdkernels.distill.updates import EMA, Snapshot
+from kdkernels.distill.views import (CutMix, Downsample, GaussianNoise, HorizontalFlip, MixUp, RandomCrop, Rotate90,
+                                     Transform, View)
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
            "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "list_methods",
            "get_method", "build_recipe", "load_digits", "TensorDictDataset", "IndexedDataset",
            "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
-           "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot"]
+           "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot",
+           "BATCH", "View", "Transform", "Rotate90", "RandomCrop", "HorizontalFlip", "GaussianNoise", "Downsample",
+           "MixUp", "CutMix"]

@@ -3,8 +3,9 @@
     teacher = distill.cache_teacher(trained_teacher, split.train)            # one pass over the data
     setup = distill.Setup(student=..., teacher=teacher, num_classes=10)      # no teacher forward while training
 
-The cached module has ``takes_batch = True``: the distiller calls it with the batch and it returns the rows of
-``batch["index"]`` (the sample's position in the training set, see :mod:`kdkernels.distill.data`). The cache holds
+The cached module reads the whole batch (``distill_input = BATCH``, see :mod:`kdkernels.distill.distiller`): the
+distiller calls it with the batch and it returns the rows of ``batch["index"]`` (the sample's position in the
+training set, see :mod:`kdkernels.distill.data`). The cache holds
 the teacher's output for the *unaugmented* sample, so it matches a live teacher only when the training data are
 not augmented per step (the trainer refuses MixUp with a cached teacher).
 
@@ -23,7 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdkernels.distill.batches import to_device
 from kdkernels.distill.data import as_sample_dataset
+from kdkernels.distill.distiller import BATCH, default_input, model_input
 from kdkernels.distill.hooks import as_tensor
 
 
@@ -35,7 +38,7 @@ class CachedTeacher(nn.Module):
     (rebuild the cache before resuming).
     """
 
-    takes_batch = True
+    distill_input = BATCH
 
     def __init__(self, logits: torch.Tensor | None = None, *, topk_logprobs: torch.Tensor | None = None,
                  topk_indices: torch.Tensor | None = None, num_classes: int | None = None):
@@ -101,8 +104,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset, batch_size: int = 256,
     table = None
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            inputs = batch["input"].to(device)
-            output = teacher(batch) if getattr(teacher, "takes_batch", False) else teacher(inputs)
+            batch = to_device(batch, device)
+            output = teacher(model_input(batch, default_input(teacher), "teacher"))
             logits = as_tensor(output, "teacher").float()
             if table is None:
                 table = logits.new_full((len(dataset), logits.shape[1]), float("nan"))

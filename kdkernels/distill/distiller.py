@@ -5,6 +5,14 @@ self-distillation is one trainable model whose terms read its own outputs; multi
 teachers. Terms name the values they read (see :mod:`kdkernels.distill.terms`); the distiller runs each model that
 some term reads once per step, captures the hooked features, and sums the weighted terms.
 
+Each model reads one batch key, ``"input"`` unless the distiller's ``inputs`` names another (a teacher on one view
+or modality teaching a student on another: privileged and cross-modal KD), or :data:`BATCH`, the whole batch (the
+cached teacher of :mod:`kdkernels.distill.cache`, which looks its rows up by ``batch["index"]``). A model class may
+declare its own default in a ``distill_input`` attribute (``CachedTeacher.distill_input = BATCH``); ``inputs``
+overrides it. The distiller's ``views`` (:mod:`kdkernels.distill.views`) add the transformed inputs such keys name:
+the trainer applies them to every training batch (:meth:`Distiller.apply_views`) before the models run; evaluation
+runs them in evaluation mode (:meth:`Distiller.evaluation_input`).
+
 Frozen models run under ``no_grad`` with ``requires_grad`` off and stay in eval mode while the distiller trains,
 unless listed in ``frozen_train_mode`` (OFD and SSLD keep the teacher's batch norm in train mode, as the official
 code does). Trainable models and every term's parameters (connectors, embeddings, heads) are what
@@ -23,8 +31,27 @@ from torch import nn
 from kdkernels.distill.hooks import FeatureTaps, as_tensor
 from kdkernels.distill.terms import StepContext, Term, model_of, tap_of
 from kdkernels.distill.updates import ModelUpdate, ModelUpdates, updated_copies
+from kdkernels.distill.views import View, apply_views, check_views
 
 BATCH_KEYS = ("input", "target", "index")
+BATCH = "batch"      # a model input that is the whole batch (dict), not one of its keys
+DEFAULT_INPUT = "input"
+
+
+def model_input(batch: Mapping[str, object], key: str, model: str = "model") -> object:
+    """What a model reading ``key`` gets from ``batch``: ``batch[key]``, or the batch itself for :data:`BATCH`."""
+    if key == BATCH:
+        return batch
+    if key not in batch:
+        raise ValueError(f"model {model!r} reads batch key {key!r}, which the batch does not have; the batch's keys "
+                         f"are {sorted(batch)}")
+    return batch[key]
+
+
+def default_input(model: nn.Module) -> str:
+    """The batch key a model reads unless the distiller's ``inputs`` says otherwise: its ``distill_input``
+    attribute, else ``"input"``."""
+    return getattr(model, "distill_input", DEFAULT_INPUT)
 
 
 @dataclasses.dataclass
@@ -50,11 +77,17 @@ class Distiller(nn.Module):
             (default: the first trainable model).
         updates: name -> :class:`~kdkernels.distill.updates.EMA` or ``Snapshot``: frozen copies of a trainable
             model, added as models under these names and updated after each optimiser step.
+        inputs: model name -> the batch key it reads (or :data:`BATCH`, the whole batch); models not named read
+            their ``distill_input`` attribute, else ``"input"``.
+        views: :class:`~kdkernels.distill.views.View` s the trainer applies, in order, to every training batch
+            (keys drawn from the run's seed, epoch, step and each sample's index). :meth:`forward` and
+            :meth:`run_models` take the batch as given: outside the trainer call :meth:`apply_views` first.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], terms: Sequence[Term], *,
                  trainable: Iterable[str] = ("student",), frozen_train_mode: Iterable[str] = (),
-                 evaluate: Sequence[str] | None = None, updates: Mapping[str, ModelUpdate] | None = None):
+                 evaluate: Sequence[str] | None = None, updates: Mapping[str, ModelUpdate] | None = None,
+                 inputs: Mapping[str, str] | None = None, views: Sequence[View] = ()):
         super().__init__()
         if not models:
             raise ValueError("a Distiller needs at least one model")
@@ -82,10 +115,31 @@ class Distiller(nn.Module):
         if duplicates:
             raise ValueError(f"term names must be distinct; repeated: {duplicates}")
         self.terms = nn.ModuleList(terms)
+        self.inputs = self._check_inputs(inputs)
+        self.views = check_views(views, reserved=(*self.models, BATCH))
         self._taps = self._register_taps()
         self._built = False
 
     # ------------------------------------------------------------------------------------------------ structure
+
+    def _check_inputs(self, inputs: Mapping[str, str] | None) -> dict[str, str]:
+        """The batch key of every model: ``inputs``, else the model's ``distill_input``, else ``"input"``."""
+        if inputs is None:
+            inputs = {}
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"Distiller: inputs must be a mapping of model name -> batch key, got "
+                            f"{type(inputs).__name__}")
+        unknown = [name for name in inputs if name not in self.models]
+        if unknown:
+            raise ValueError(f"Distiller: inputs names unknown models {unknown}; the models are {list(self.models)}")
+        result = {}
+        for name, model in self.models.items():
+            key = inputs.get(name, default_input(model))
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"Distiller: the input of model {name!r} must be a batch key (a non-empty str) or "
+                                f"BATCH, got {key!r}")
+            result[name] = key
+        return result
 
     def _reads(self) -> list[str]:
         return [key for term in self.terms for key in term.reads]
@@ -153,16 +207,40 @@ class Distiller(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- running
 
+    def model_input(self, name: str, batch: Mapping[str, object]) -> object:
+        """What model ``name`` reads from ``batch`` (its key of ``inputs``; the whole batch for :data:`BATCH`)."""
+        key = self.inputs[name]
+        try:
+            return model_input(batch, key, name)
+        except ValueError as error:
+            if any(key in view.keys() for view in self.views):
+                raise ValueError(f"{error} ({key!r} is written by the distiller's views: apply them first with "
+                                 "Distiller.apply_views)") from None
+            raise
+
+    def apply_views(self, batch: Mapping[str, object], *, seed: int = 0, epoch: int = 0,
+                    step: int = 0) -> dict:
+        """``batch`` with the views' outputs added, drawn for (seed, epoch, step) and each sample's index (see
+        :mod:`kdkernels.distill.views`); the batch itself (copied) without views."""
+        return apply_views(self.views, batch, seed=seed, epoch=epoch, step=step) if self.views else dict(batch)
+
+    def evaluation_input(self, name: str, batch: Mapping[str, object]) -> object:
+        """What model ``name`` reads from a test batch: the views applied in evaluation mode (random ones are the
+        identity), then :meth:`model_input`."""
+        if self.views:
+            batch = apply_views(self.views, batch, training=False)
+        return self.model_input(name, batch)
+
     def run_models(self, batch: Mapping[str, object]) -> dict[str, object]:
-        """Runs every model read by some term on ``batch["input"]`` and returns the values the terms may read."""
-        if "input" not in batch:
-            raise ValueError(f"the batch has no 'input'; its keys are {list(batch)}")
+        """Runs every model read by some term on its input (:meth:`model_input`) and returns the values the terms
+        may read."""
         values: dict[str, object] = dict(batch)
         for name in self.models_read():
             model = self.models[name]
             grad = name in self.trainable
+            inputs = self.model_input(name, batch)
             with torch.no_grad() if not grad else contextlib.nullcontext():
-                output = model(batch) if getattr(model, "takes_batch", False) else model(batch["input"])
+                output = model(inputs)
             values[name] = output
             if name in self._taps:
                 for tap, value in self._taps[name].pop().items():
@@ -200,13 +278,14 @@ class Distiller(nn.Module):
         return self.compute_terms(self.run_models(batch), context)
 
     def build(self, batch: Mapping[str, object]) -> "Distiller":
-        """Sizes the terms' connectors from one example batch (models in eval mode, no gradients, no state change
-        of batch-norm statistics) and checks that every term's values exist."""
+        """Sizes the terms' connectors from one example batch as the data yields it (the views are applied, drawn for
+        seed, epoch and step 0; models in eval mode, no gradients, no state change of batch-norm statistics) and
+        checks that every model's input and every term's values exist."""
         modes = {name: module.training for name, module in self.named_modules()}
         self.eval()
         try:
             with torch.no_grad():
-                values = self.run_models(batch)
+                values = self.run_models(self.apply_views(batch))
             for term in self.terms:
                 term.build(self._resolve(values, term))
         finally:

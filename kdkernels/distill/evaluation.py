@@ -92,7 +92,8 @@ class Evaluator:
                     if "target" not in batch:
                         raise ValueError(f"the test set's samples have no 'target' (their keys are {list(batch)}): "
                                          "the task metrics compare the models' outputs with it")
-                    outputs = {name: self._output(model, batch, name) for name, model in models.items()}
+                    outputs = {name: self._output(model, distiller.evaluation_input(name, batch), name)
+                               for name, model in models.items()}
                     for name in names:
                         for metric in states[name]:
                             given = outputs[teacher] if metric.uses_teacher and teacher and name != teacher else None
@@ -112,6 +113,5 @@ class Evaluator:
                           num_workers=self.num_workers)
 
     @staticmethod
-    def _output(model: nn.Module, batch: dict, name: str) -> torch.Tensor:
-        output = model(batch) if getattr(model, "takes_batch", False) else model(batch["input"])
-        return as_tensor(output, name)
+    def _output(model: nn.Module, inputs, name: str) -> torch.Tensor:
+        return as_tensor(model(inputs), name)

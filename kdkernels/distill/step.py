@@ -67,7 +67,8 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     total_rows = sum(rows_of(batch) for batch in group)
     run.optimizer.zero_grad(set_to_none=True)
     for position, batch in enumerate(group):
-        batch = to_device(batch, env.device)
+        batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
+                                          step=run.step)
         mixup = None
         if mixing is not None:
             batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
