@@ -5,9 +5,9 @@
 
 The cached module reads the whole batch (``distill_input = BATCH``, see :mod:`kdkernels.distill.distiller`): the
 distiller calls it with the batch and it returns the rows of ``batch["index"]`` (the sample's position in the
-training set, see :mod:`kdkernels.distill.data`). The cache holds
-the teacher's output for the *unaugmented* sample, so it matches a live teacher only when the training data are
-not augmented per step (the trainer refuses MixUp with a cached teacher).
+training set, see :mod:`kdkernels.distill.data`). The cache holds the teacher's output for the *unaugmented*
+sample, so it matches a live teacher only when the training data are not augmented per step (the trainer refuses
+MixUp with a cached teacher; views change what the other models read, never what the cache serves).
 
 With ``topk=k`` only the k largest log-probabilities (temperature 1) and their class indices are kept, the form in
 which large-vocabulary teachers are stored. ``forward`` then rebuilds dense logits: the k log-probabilities at their

@@ -79,8 +79,8 @@ class Distiller(nn.Module):
             model, added as models under these names and updated after each optimiser step.
         inputs: model name -> the batch key it reads (or :data:`BATCH`, the whole batch); models not named read
             their ``distill_input`` attribute, else ``"input"``.
-        views: :class:`~kdkernels.distill.views.View` s the trainer applies, in order, to every training batch
-            (keys drawn from the run's seed, epoch, step and each sample's index). :meth:`forward` and
+        views: the :class:`~kdkernels.distill.views.View` list the trainer applies, in order, to every training
+            batch (their draws keyed by the run's seed, epoch, step and each sample's index). :meth:`forward` and
             :meth:`run_models` take the batch as given: outside the trainer call :meth:`apply_views` first.
     """
 

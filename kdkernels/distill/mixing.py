@@ -1,4 +1,6 @@
-"""MixUp for any method: the mixed input goes to every model, so teachers see what the student sees.
+"""MixUp for any method: the mixed input goes to every model that reads ``"input"`` (all, unless the distiller's
+``inputs`` say otherwise), so teachers see what the student sees. It runs after the distiller's views and mixes
+``"input"`` only; :class:`~kdkernels.distill.views.MixUp` mixes any view, with one ``lam`` per sample.
 
     input ← lam·input + (1 − lam)·input[perm],   lam ~ Beta(alpha, alpha)
 

@@ -5,7 +5,8 @@ A term names the values it reads (``reads``) and returns a scalar. Value names a
 * ``"<model>"``: the model's output (its logits; a tuple or dict output gives its first tensor / ``"logits"``);
 * ``"<model>:<path>"``: the output of the submodule at ``path``, captured by a forward hook;
 * ``"<model>:<path>/input"``: that submodule's first input (e.g. ``"student:fc/input"``, the pooled feature);
-* any key of the batch: ``"input"``, ``"target"``, ``"index"``, and whatever a sampler adds.
+* any key of the batch: ``"input"``, ``"target"``, ``"index"``, whatever a sampler adds, and the outputs and labels
+  of the distiller's views (``"input_rot"``, ``"rot_label"``, ``"mix_lam"``, …; see :mod:`kdkernels.distill.views`).
 
 Terms compute in float32 with autocast off (AMP runs the models, never the losses). Trainable pieces a method
 needs (regressors, embeddings, auxiliary heads) are submodules of its terms, so the distiller optimises and

@@ -11,7 +11,9 @@ epochs; batches come from the stage's sampler (``Stage.batching``), a determinis
 Options: AMP (``torch.autocast`` around the models only: the loss terms always run in fp32; fp16 adds a
 ``GradScaler``), gradient accumulation (``grad_accum`` micro-batches of ``batch_size`` per optimiser step, each
 loss weighted by its share of the step's samples, i.e. ``1/grad_accum`` for equal micro-batches), gradient-norm
-clipping, MixUp (any method: the mixed input goes to every model, so teachers see what the student sees), and
+clipping, the distiller's views (:mod:`kdkernels.distill.views`: per-sample transforms added to each batch on the
+device before the models run, drawn from (seed, epoch, step, sample index)), MixUp (any method: the mixed input goes
+to every model reading ``"input"``, so teachers see what the student sees; it runs after the views), and
 data-parallel training under ``torchrun`` (each rank takes every ``world_size``-th batch; the step's gradient is
 DDP's average over ranks).
 
