@@ -311,6 +311,29 @@ def test_resume_with_mixing_views_continues_identically(tmp_path):
     assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
 
 
+def mean_teacher_recipe(seed: int = 0) -> Recipe:
+    """Mean teacher on two views: the student reads one noisy, shifted view, its EMA another."""
+    torch.manual_seed(seed)
+    views = [View("input", "input_view1", GaussianNoise(0.2)), View("input_view1", "input_view1", RandomCrop(1)),
+             View("input", "input_view2", GaussianNoise(0.2)), View("input_view2", "input_view2", RandomCrop(1))]
+    distiller = Distiller({"student": digits_model("student-mlp")},
+                          [CrossEntropyTerm("student"), FunctionTerm("consistency", F.mse_loss, ("student", "teacher"))],
+                          updates={"teacher": distill.EMA("student", momentum=0.9)}, views=views,
+                          inputs={"student": "input_view1", "teacher": "input_view2"})
+    return Recipe("mean-teacher", [Stage("mean-teacher", distiller)])
+
+
+def test_views_with_a_moving_average_teacher_resume_identically(tmp_path):
+    config = dict(epochs=2, batch_size=16, lr=0.05, **QUIET)
+    reference_recipe = mean_teacher_recipe(seed=1)
+    assert reference_recipe.stages[0].distiller.inputs == {"student": "input_view1", "teacher": "input_view2"}
+    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(
+        reference_recipe, small_split().train, small_split().test)
+    assert reference.history[-1]["consistency"] > 0
+    resumed, resumed_recipe = run_in_pieces(mean_teacher_recipe, config, [1, 5], tmp_path / "pieces")
+    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+
+
 DDP_VIEWS_CONFIG = dict(epochs=2, lr=0.1, **QUIET)
 
 
