@@ -316,8 +316,8 @@ def mean_teacher_recipe(seed: int = 0) -> Recipe:
     torch.manual_seed(seed)
     views = [View("input", "input_view1", GaussianNoise(0.2)), View("input_view1", "input_view1", RandomCrop(1)),
              View("input", "input_view2", GaussianNoise(0.2)), View("input_view2", "input_view2", RandomCrop(1))]
-    distiller = Distiller({"student": digits_model("student-mlp")},
-                          [CrossEntropyTerm("student"), FunctionTerm("consistency", F.mse_loss, ("student", "teacher"))],
+    terms = [CrossEntropyTerm("student"), FunctionTerm("consistency", F.mse_loss, ("student", "teacher"))]
+    distiller = Distiller({"student": digits_model("student-mlp")}, terms,
                           updates={"teacher": distill.EMA("student", momentum=0.9)}, views=views,
                           inputs={"student": "input_view1", "teacher": "input_view2"})
     return Recipe("mean-teacher", [Stage("mean-teacher", distiller)])
