@@ -64,7 +64,8 @@ def add_parsers(commands) -> None:
 
     demo = commands.add_parser("demo", help="the main job: teacher, baseline and distilled students on digits")
     demo.add_argument("--quick", action="store_true", help="a short run (3 methods, 1 seed, 2 epochs) for CI")
-    demo.add_argument("--methods", help="comma-separated methods (default: a representative set)")
+    demo.add_argument("--methods", help="comma-separated methods, each NAME or NAME:PRESET (default: a representative "
+                      "set)")
     demo.add_argument("--seeds", type=int, help="number of seeds")
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>/; a temporary "
@@ -146,13 +147,14 @@ def distill_command(arguments) -> int:
 
 
 def demo_command(arguments) -> int:
-    from kdkernels.distill.demo import DemoSettings, default_output_dir, markdown_table, run_demo, write_outputs
+    from kdkernels.distill.demo import (DemoSettings, default_output_dir, markdown_table, method_and_preset, run_demo,
+                                        write_outputs)
 
     settings = DemoSettings.quick() if arguments.quick else DemoSettings()
     if arguments.methods:
         settings.methods = tuple(name.strip() for name in arguments.methods.split(",") if name.strip())
-    for name in settings.methods:
-        _checked_method(name, "default", {})
+    for entry in settings.methods:
+        _checked_method(*method_and_preset(entry), {})
     if arguments.seeds:
         settings.seeds = tuple(range(arguments.seeds))
     if arguments.epochs:

@@ -51,10 +51,18 @@ def _config(settings: DemoSettings) -> TrainConfig:
                        schedule="cosine", progress=False, device="cpu")
 
 
+def method_and_preset(entry: str) -> tuple[str, str]:
+    """A demo entry ``"name"`` or ``"name:preset"`` (e.g. ``"mean-teacher:digits"``) as (method, preset)."""
+    name, _, preset = entry.partition(":")
+    return name, preset or "default"
+
+
 def run_demo(settings: DemoSettings, log=print) -> dict:
-    """Runs the demo and returns its JSON-ready summary."""
-    for method in settings.methods:
-        get_method(method)  # unknown names fail before any training
+    """Runs the demo and returns its JSON-ready summary. ``settings.methods`` entries are method names, or
+    ``"name:preset"`` to run a preset other than the official default."""
+    for entry in settings.methods:
+        name, preset = method_and_preset(entry)
+        get_method(name).hyperparameters(preset)  # unknown names and presets fail before any training
     config = _config(settings)
     started = time.perf_counter()
     teacher, teacher_accuracy = train_teacher(settings.experiment, config, seed=0)
@@ -62,9 +70,10 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
         f"({time.perf_counter() - started:.1f} s)")
     results = {}
     for method in settings.methods:
+        name, preset = method_and_preset(method)
         runs = []
         for seed in settings.seeds:
-            result = distil_digits(method, settings.experiment, config, [teacher], seed=seed)
+            result = distil_digits(name, settings.experiment, config, [teacher], seed=seed, preset=preset)
             runs.append({"seed": seed, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
                          "loss_share": result.loss_share})
         results[method] = _summarise(method, runs)
@@ -84,7 +93,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
 
 def _summarise(method: str, runs: list[dict]) -> dict:
     accuracies = [run["accuracy"] for run in runs]
-    info = get_method(method)
+    info = get_method(method_and_preset(method)[0])
     return {
         "category": info.category,
         "runs": runs,
