@@ -84,3 +84,13 @@ def test_demo_quick_writes_per_seed_accuracies(tmp_path, capsys):
     table = (tmp_path / "demo.md").read_text()
     assert "| kd | response |" in table
     assert "| kd | response |" in capsys.readouterr().out
+
+
+def test_demo_entries_may_name_a_preset(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--methods", "ce,mean-teacher:digits", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert list(report["methods"]) == ["ce", "mean-teacher:digits"]
+    assert report["methods"]["mean-teacher:digits"]["category"] == "self-supervised"
+    assert "| mean-teacher:digits | self-supervised |" in (tmp_path / "demo.md").read_text()
+    assert cli.main(["demo", "--quick", "--methods", "mean-teacher:nope"]) == 2
+    assert "no preset 'nope'" in capsys.readouterr().err
