@@ -349,3 +349,64 @@ def test_registered_metrics_are_selectable():
         assert task_metrics.build(["miou-void0"])[0].ignore_index == 0
     finally:
         del task_metrics.METRICS["miou-void0"]
+
+
+# ------------------------------------------------------------------------------------------ representation metrics
+
+def test_knn_is_dinos_weighted_vote():
+    """facebookresearch/dino eval_knn.py knn_classifier, written out for one query."""
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.2], [0.2, 0.9]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    queries = torch.tensor([[1.0, 0.05], [0.1, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 2, 2])
+    metric = task_metrics.KNN(k=3, temperature=0.5)
+    metric.fit(bank, labels)
+    metric.update(queries, targets)
+    normalised_bank = bank / bank.norm(dim=1, keepdim=True)
+    expected_correct = 0
+    for query, target in zip(queries, targets):
+        similarity = normalised_bank @ (query / query.norm())
+        top = similarity.topk(3)
+        votes = torch.zeros(3, dtype=torch.float64)
+        for s, i in zip(top.values, top.indices):
+            votes[labels[i]] += math.exp(s / 0.5)
+        expected_correct += int(votes.argmax() == target)
+    assert metric.compute() == {"knn_acc": 100.0 * expected_correct / 3}
+    assert 0 < expected_correct < 3, "the example should have a right and a wrong vote"
+
+
+def test_linear_probe_reaches_the_regularised_optimum_and_separates_separable_data():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 5, generator=generator, dtype=torch.float64) * 4
+    labels = torch.arange(3).repeat_interleave(20)
+    features = centres[labels] + torch.randn(60, 5, generator=generator, dtype=torch.float64) * 0.3
+    metric = task_metrics.LinearProbe(weight_decay=1e-2)
+    metric.fit(features, labels)
+    x = (features - metric.mean) / metric.scale
+    weight, bias = metric.weight.clone().requires_grad_(), metric.bias.clone().requires_grad_()
+    gradients = torch.autograd.grad(metric.objective(x, labels, weight, bias), (weight, bias))
+    assert max(float(g.abs().max()) for g in gradients) < 1e-7, "first-order optimality of mean CE + λ/2 |W|²"
+    metric.update(features.float(), labels)
+    assert metric.compute() == {"probe_acc": 100.0}
+
+
+def test_a_run_reports_knn_and_linear_probe_accuracies():
+    recipe = kd_recipe(student="student-cnn", teacher="student-cnn")
+    result = Trainer(TrainConfig(epochs=1, batch_size=16, metrics=("classification", "knn", "linear_probe"),
+                                 **QUIET)).fit(recipe, small_split().train, small_split().test)
+    last = result.history[-1]
+    assert 0.0 <= last["test_knn_acc_student"] <= 100.0 and 0.0 <= last["test_probe_acc_student"] <= 100.0
+    assert result.evaluation["test_knn_acc_student"] == last["test_knn_acc_student"]
+
+
+def test_representation_metrics_need_an_embedding_and_a_training_set():
+    env = set_up_environment("cpu")
+    distiller = Distiller({"student": torch.nn.Linear(64, 10)}, [CrossEntropyTerm("student")])
+    split = small_split()
+    with pytest.raises(ValueError, match="representation metrics of model 'student': cannot tell where the features"):
+        Evaluator(split.test, env, batch_size=16, num_workers=0, amp_dtype=None, metrics=("knn",),
+                  train_set=split.train)(distiller)
+    with pytest.raises(ValueError, match="need the training set"):
+        Evaluator(split.test, env, batch_size=16, num_workers=0, amp_dtype=None, metrics=("knn",))(distiller)
+    with pytest.raises(ValueError, match="task metric 'knn': k must be"):
+        task_metrics.KNN(k=0)

@@ -24,6 +24,10 @@ The metrics (``TrainConfig.metrics`` selects them by name; default ``("classific
 * ``"language_model"``: outputs [N, L, V], targets [N, L] aligned with the outputs (already shifted), tokens equal
   to ``ignore_index`` = -100 are skipped. ``token_acc`` token top-1 accuracy (%); ``ppl`` perplexity,
   exp(mean token cross-entropy).
+* ``"knn"`` and ``"linear_probe"``: representation learning, on the model's embedding (its
+  ``feature_points(model).embedding`` tap) against the whole training set's embeddings: ``knn_acc`` weighted k-NN
+  accuracy (%, DINO's ``eval_knn.py``: k = 20, T = 0.07), ``probe_acc`` the test accuracy (%) of a logistic
+  regression fitted by full-batch L-BFGS on the standardised training embeddings (:class:`RepresentationMetric`).
 
 A new metric subclasses :class:`TaskMetric` and is made selectable with :func:`register` (a name and a factory
 taking no argument, e.g. ``register("miou-void0", lambda: MeanIoU(ignore_index=0))``).
@@ -43,10 +47,13 @@ ECE_BINS = 15
 
 
 class TaskMetric:
-    """A streaming metric: :meth:`update` per batch, :meth:`merge` / all-reduce of :attr:`sums`, :meth:`compute`."""
+    """A streaming metric: :meth:`update` per batch, :meth:`merge` / all-reduce of :attr:`sums`, :meth:`compute`.
+    ``reads``: what :meth:`update` gets as ``output``: the model's output (``"logits"``) or its embedding
+    (``"embedding"``, :class:`RepresentationMetric`)."""
 
     name = "metric"
     uses_teacher = False
+    reads = "logits"
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -210,10 +217,122 @@ class LanguageModel(TaskMetric):
         return {"token_acc": 100.0 * self.total("correct") / tokens, "ppl": math.exp(self.total("nll") / tokens)}
 
 
+# ----------------------------------------------------------------------------------------------- representations
+
+class RepresentationMetric(TaskMetric):
+    """A metric of a model's embedding rather than its output: the evaluator taps the model's
+    ``feature_points(model).embedding`` (the pooled feature entering the classifier, e.g. ``"fc/input"``), hands
+    :meth:`fit` the embeddings and labels of the whole training set once per evaluation (every rank gets all of
+    them), then :meth:`update` the test batches' embeddings as ``output``."""
+
+    reads = "embedding"
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def embeddings(self, output) -> torch.Tensor:
+        """[N, ...] features flattened per sample, as float64."""
+        output = self.check.tensor("embeddings", output)
+        if not output.dtype.is_floating_point or output.dim() < 2 or output.shape[0] == 0 and output.numel():
+            self.check.value_error("embeddings", "must be float features [N, D, ...]", f"{output.dtype} shape "
+                                   f"{tuple(output.shape)}")
+        return output.detach().to(torch.float64).flatten(1)
+
+
+class KNN(RepresentationMetric):
+    """Weighted k-NN accuracy (%) of the embeddings, as facebookresearch/dino ``eval_knn.py`` ``knn_classifier``:
+    cosine similarities of L2-normalised features, the k most similar training samples vote for their class with
+    weight ``exp(similarity / T)``, the class with the largest vote wins (k = 20, T = 0.07 there)."""
+
+    name = "knn"
+
+    def __init__(self, k: int = 20, temperature: float = 0.07):
+        super().__init__()
+        self.k = self.check.integer("k", k, minimum=1)
+        self.temperature = self.check.real("temperature", temperature, positive=True)
+        self.bank: torch.Tensor | None = None
+        self.bank_labels: torch.Tensor | None = None
+
+    def fit(self, features, labels) -> None:
+        self.bank = F.normalize(self.embeddings(features), dim=1)
+        self.bank_labels = labels.long().to(self.bank.device)
+
+    def update(self, output, target, teacher=None) -> None:
+        if self.bank is None:
+            raise RuntimeError("task metric 'knn': fit() the training embeddings before update()")
+        queries = F.normalize(self.embeddings(output), dim=1)
+        target = target.long().to(queries.device)
+        classes = int(max(self.bank_labels.max().item(), target.max().item())) + 1
+        similarity, neighbours = (queries @ self.bank.to(queries.device).T).topk(min(self.k, self.bank.shape[0]),
+                                                                                 dim=1)
+        votes = queries.new_zeros(queries.shape[0], classes).scatter_add_(
+            1, self.bank_labels.to(queries.device)[neighbours], (similarity / self.temperature).exp())
+        self.add("count", torch.tensor(float(queries.shape[0]), dtype=torch.float64))
+        self.add("correct", (votes.argmax(dim=1) == target).sum())
+
+    def compute(self) -> dict[str, float | None]:
+        n = self.total("count")
+        return {"knn_acc": 100.0 * self.total("correct") / n if n else None}
+
+
+class LinearProbe(RepresentationMetric):
+    """Linear-probe accuracy (%): a multinomial logistic regression on the frozen training embeddings, fitted to
+    convergence by L-BFGS in float64 (full batch, deterministic), objective ``mean CE + λ/2 ‖W‖²`` on features
+    standardised with the training set's mean and standard deviation; then its test accuracy. The linear-evaluation
+    protocol of SimCLR / BYOL (there an SGD-trained linear layer on ImageNet); here the full-batch form, as CLIP's
+    linear probes (scikit-learn's L-BFGS logistic regression)."""
+
+    name = "linear_probe"
+
+    def __init__(self, weight_decay: float = 1e-4, max_iter: int = 500):
+        super().__init__()
+        self.weight_decay = self.check.real("weight_decay", weight_decay, nonnegative=True)
+        self.max_iter = self.check.integer("max_iter", max_iter, minimum=1)
+        self.weight = self.bias = self.mean = self.scale = None
+
+    def fit(self, features, labels) -> None:
+        x = self.embeddings(features)
+        y = labels.long().to(x.device)
+        self.mean, self.scale = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(1e-12)
+        x = (x - self.mean) / self.scale
+        classes = int(y.max().item()) + 1
+        weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, device=x.device, requires_grad=True)
+        bias = torch.zeros(classes, dtype=torch.float64, device=x.device, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-10,
+                                      tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = self.objective(x, y, weight, bias)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        self.weight, self.bias = weight.detach(), bias.detach()
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``mean CE(x W + b, y) + λ/2 ‖W‖²`` on standardised features."""
+        return F.cross_entropy(x @ weight + bias, y) + 0.5 * self.weight_decay * weight.pow(2).sum()
+
+    def update(self, output, target, teacher=None) -> None:
+        if self.weight is None:
+            raise RuntimeError("task metric 'linear_probe': fit() the training embeddings before update()")
+        x = (self.embeddings(output) - self.mean) / self.scale
+        prediction = (x @ self.weight + self.bias).argmax(dim=1)
+        self.add("count", torch.tensor(float(x.shape[0]), dtype=torch.float64))
+        self.add("correct", (prediction == target.long().to(x.device)).sum())
+
+    def compute(self) -> dict[str, float | None]:
+        n = self.total("count")
+        return {"probe_acc": 100.0 * self.total("correct") / n if n else None}
+
+
 # ------------------------------------------------------------------------------------------------------ registry
 
 METRICS: dict[str, Callable[[], TaskMetric]] = {"classification": Classification, "miou": MeanIoU,
-                                                "language_model": LanguageModel}
+                                                "language_model": LanguageModel, "knn": KNN,
+                                                "linear_probe": LinearProbe}
 DEFAULT = ("classification",)
 
 
