@@ -83,7 +83,8 @@ def test_the_gate_in_a_distiller_step_weights_kd_by_the_gradient_cosine(gate):
     gated = tg.GradientSimilarityGate(
         distill.FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), weight=0.9, temperature=T),
         reference=distill.CrossEntropyTerm("student"), gate=gate)
-    distiller = distill.Distiller({"student": student, "teacher": teacher}, [distill.CrossEntropyTerm("student"), gated])
+    distiller = distill.Distiller({"student": student, "teacher": teacher},
+                                  [distill.CrossEntropyTerm("student"), gated])
     distiller.build(batch)
     distiller.train()
     calls.clear()
