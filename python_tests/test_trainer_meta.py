@@ -326,3 +326,32 @@ def test_reaches_walks_the_graph():
     c = a.exp()
     assert meta.reaches(c * 3, a) and meta.reaches(c * 3, c) and not meta.reaches(c * 3, b)
     assert meta.reaches([c, b * 2], b) and not meta.reaches(c, torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------- README
+
+
+def readme_example(paragraph: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(paragraph):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_meta_step_example_runs():
+    """The README's learnable temperature, run as written: log_t moves, the student does not."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(3):
+            x = torch.randn(16, 8, generator=g)
+            out.append({"input": x, "target": torch.randint(0, 3, (16,), generator=g), "teacher": teacher(x).detach()})
+        return out
+
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    namespace = {"student": student, "train_batches": batches(0), "held_out_batches": batches(1)}
+    exec(readme_example("**Meta-steps.**"), namespace)
+    assert namespace["log_t"].item() != 0.0 and namespace["log_t"].grad is not None
+    assert all(torch.equal(p, before[name]) and p.grad is None for name, p in student.named_parameters())

@@ -139,3 +139,18 @@ def test_errors_name_the_argument():
         tg.GradientSimilarityGate(ce, ce, gate=0.5)
     with pytest.raises(TypeError, match=r"graph_leaves: tensor must be a torch.Tensor"):
         tg.graph_leaves([a])
+
+
+def test_readme_gate_example_builds_and_steps():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Per-term gradients.**"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    student, teacher, batch = setup()
+    namespace = {"student": student, "teacher": teacher, "distill": distill, "kdkernels": kdkernels}
+    exec(example, namespace)
+    distiller = namespace["distiller"].build(batch)
+    out = distiller(batch)
+    assert set(out.terms) == {"ce_student", "kd"} and namespace["gated_kd"].last_cosine is not None
