@@ -51,14 +51,19 @@ def kd_inner(outputs, batch, hyper):
 # ----------------------------------------------------------------------------------------------- the inner steps
 
 
-@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.01)])
+SGD_SETTINGS = [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, weight_decay=0.01),
+                dict(momentum=0.8, dampening=0.3), dict(momentum=0.9, nesterov=True, weight_decay=0.01)]
+
+
+@pytest.mark.parametrize("settings", SGD_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("factory", [linear_model, bn_mlp])
-def test_unroll_equals_torch_sgd_steps(factory, momentum, weight_decay):
+def test_unroll_equals_torch_sgd_steps(factory, settings):
     model = factory()
     reference = copy.deepcopy(model)
     batches = [make_batch(seed) for seed in range(3)]
-    fast = meta.unroll(model, ce_loss, batches=batches, lr=0.3, momentum=momentum, weight_decay=weight_decay)
-    optimiser = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=momentum, weight_decay=weight_decay)
+    momentum = settings["momentum"]
+    fast = meta.unroll(model, ce_loss, batches=batches, lr=0.3, **settings)
+    optimiser = torch.optim.SGD(reference.parameters(), lr=0.3, **settings)
     reference.train()
     for batch in batches:
         optimiser.zero_grad()
@@ -246,6 +251,12 @@ def test_errors_name_the_argument():
         (dict(lr=-1.0), ValueError, r"unroll: lr must be positive"),
         (dict(lr="0.1"), TypeError, r"unroll: lr must be a real number"),
         (dict(momentum=-0.5), ValueError, r"unroll: momentum must be >= 0"),
+        (dict(nesterov=True), ValueError, r"unroll: nesterov needs momentum > 0 and dampening 0"),
+        (dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError, r"nesterov needs momentum > 0 and dampening"),
+        (dict(lr=torch.tensor([0.1, 0.2])), ValueError, r"unroll: lr must have one element, got shape \(2,\)"),
+        (dict(lr=torch.tensor(-0.1)), ValueError, r"unroll: lr must be positive and finite"),
+        (dict(lr=torch.tensor(1)), TypeError, r"unroll: lr must be a real number or a floating tensor"),
+        (dict(input_key=0), TypeError, r"unroll: input_key must be a str or None"),
         (dict(first_order=1), TypeError, r"unroll: first_order must be a bool"),
         (dict(params={"weights": model.weight}), ValueError, r"unroll: params must name parameters of the model, "
                                                              r"got unknown names \['weights'\]"),
@@ -284,7 +295,8 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match=r"inner_loss must return a tensor, got float"):
         meta.unroll(model, lambda out, b, h: 1.0, batch=batch, lr=0.1)
     weight = torch.tensor(0.5, dtype=DTYPE, requires_grad=True)
-    with pytest.raises(ValueError, match=r"the inner losses do not depend on hyper \['weight'\]"):
+    with pytest.raises(ValueError, match=r"neither the inner losses nor the fast parameters depend on hyper "
+                                         r"\['weight'\]"):
         meta.unroll(model, lambda out, b, h: kd(out, b["teacher"], h["log_t"].exp()), batch=batch, lr=0.1,
                     hyper={"log_t": log_t, "weight": weight})
 
@@ -355,3 +367,47 @@ def test_readme_meta_step_example_runs():
     exec(readme_example("**Meta-steps.**"), namespace)
     assert namespace["log_t"].item() != 0.0 and namespace["log_t"].grad is not None
     assert all(torch.equal(p, before[name]) and p.grad is None for name, p in student.named_parameters())
+
+
+def test_a_learned_inner_learning_rate_gets_the_finite_difference_gradient():
+    """lr as a tensor that requires grad (Meta-SGD style), second- and first-order: the fast parameters depend on it
+    in both modes."""
+    model = bn_mlp()
+    held_out = make_batch(100)
+
+    def outer(lr, first_order):
+        fast = meta.unroll(model, kd_inner, batches=[make_batch(s) for s in range(3)], lr=lr, momentum=0.9,
+                           hyper={"lr": lr}, first_order=first_order)
+        return F.cross_entropy(fast(held_out["input"], train=True), held_out["target"])
+
+    for first_order in (False, True):
+        lr = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+        grad = meta.meta_gradient(outer(lr, first_order), {"lr": lr})["lr"]
+        if first_order:     # θ_k = θ_0 − lr·Σ v_i with the v_i detached: d outer / d lr = ∇outer(θ_k)·(θ_k − θ_0)/lr
+            fast = meta.unroll(model, kd_inner, batches=[make_batch(s) for s in range(3)], lr=0.3, momentum=0.9)
+            at_k = {name: p.detach().requires_grad_(True) for name, p in fast.params.items()}
+            outer_k = F.cross_entropy(meta.Unrolled(model, at_k, fast.buffers, [], {})(held_out["input"], train=True),
+                                      held_out["target"])
+            grads_k = torch.autograd.grad(outer_k, list(at_k.values()))
+            expected = sum((g * (at_k[name].detach() - p0.detach())).sum() / 0.3
+                           for g, (name, p0) in zip(grads_k, model.named_parameters()))
+        else:
+            expected = finite_difference(lambda x: outer(x, False), torch.tensor(0.3, dtype=DTYPE))
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+        assert grad.abs() > 1e-4
+
+
+def test_the_whole_batch_as_input_and_unrolling_under_no_grad():
+    class Reads(nn.Module):             # a model that reads the whole batch (input_key=None)
+        def __init__(self):
+            super().__init__()
+            self.fc = linear_model()
+
+        def forward(self, batch):
+            return self.fc(batch["input"])
+
+    model, batch = Reads(), make_batch(0)
+    with torch.no_grad():               # unroll turns gradients on for its own steps
+        whole = meta.unroll(model, ce_loss, batch=batch, steps=2, lr=0.3, input_key=None)
+    keyed = meta.unroll(model.fc, ce_loss, batch=batch, steps=2, lr=0.3)
+    torch.testing.assert_close(whole.params["fc.weight"], keyed.params["weight"], rtol=0, atol=0)

@@ -17,16 +17,18 @@ temperature and their backward kernels have no autograd formula (differentiable 
 backward in the inner gradients' graph and raises ValueError rather than return silently zero second derivatives
 (``first_order=True`` needs only first derivatives and accepts them).
 
-**The inner steps** are those of ``torch.optim.SGD`` (dampening 0, not Nesterov), written out so that every step
-stays in the autograd graph::
+**The inner steps** are those of ``torch.optim.SGD``, written out so that every step stays in the autograd graph::
 
     g_i = ∇_θ inner_loss(model(θ_i; x_i), batch_i, hyper) + weight_decay·θ_i
-    v_{i+1} = momentum·v_i + g_i           (v_0 = 0, so v_1 = g_0 as torch's first step)
-    θ_{i+1} = θ_i − lr·v_{i+1}             (θ_{i+1} = θ_i − lr·g_i when momentum = 0)
+    v_1 = g_0,  v_{i+1} = momentum·v_i + (1 − dampening)·g_i      (torch's momentum buffer)
+    θ_{i+1} = θ_i − lr·v_{i+1}     (θ_i − lr·(g_i + momentum·v_{i+1}) with nesterov; θ_i − lr·g_i without momentum)
+
+``lr`` may be a tensor that requires grad (a learned inner learning rate, Meta-SGD style): name it in ``hyper`` too.
 
 The gradients ``g_i`` are taken with ``create_graph=True``, so the outer loss's gradient flows through every step
 (second derivatives: Hessian-vector products). ``first_order=True`` detaches them (no second derivatives): the fast
-parameters then depend on ``θ_0`` with the identity Jacobian and not at all on the hyperparameters, which is
+parameters then depend on ``θ_0`` with the identity Jacobian (and on a tensor ``lr``) but not on the inner loss's
+hyperparameters, which is
 first-order MAML (d outer / d θ_0 = ∇ outer(θ_k)); a hyperparameter that acts only through the inner loss gets no
 gradient in that mode, and :func:`meta_gradient` says so.
 
@@ -107,9 +109,9 @@ def _mode(model: nn.Module, train: bool | None):
 
 
 def _model_input(batch, input_key, check: Checks):
-    """The model's input in one batch: the batch itself (a tensor), its first element (a tuple or list) or
-    ``batch[input_key]`` (a mapping)."""
-    if isinstance(batch, torch.Tensor):
+    """The model's input in one batch: the batch itself (a tensor, or any batch when ``input_key`` is None), its
+    first element (a tuple or list) or ``batch[input_key]`` (a mapping)."""
+    if isinstance(batch, torch.Tensor) or input_key is None:
         return batch
     if isinstance(batch, (tuple, list)):
         if not batch:
@@ -120,6 +122,19 @@ def _model_input(batch, input_key, check: Checks):
             check.value_error("batch", f"must have the input key {input_key!r}", f"keys {sorted(map(str, batch))}")
         return batch[input_key]
     check.type_error("batch", "a tensor, a tuple/list (input first) or a mapping", batch)
+
+
+def _check_lr(check: Checks, lr):
+    if not isinstance(lr, torch.Tensor):
+        return check.real("lr", lr, positive=True)
+    if not lr.is_floating_point():
+        check.type_error("lr", "a real number or a floating tensor", lr)
+    if lr.numel() != 1:
+        check.value_error("lr", "must have one element", f"shape {tuple(lr.shape)}")
+    value = float(lr.detach())
+    if not (value > 0 and value != float("inf")):
+        check.value_error("lr", "must be positive and finite", value)
+    return lr.reshape(())
 
 
 def _check_hyper(check: Checks, hyper) -> dict[str, torch.Tensor]:
@@ -186,9 +201,10 @@ def _batches(check: Checks, batch, batches, steps) -> list:
 
 
 def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequence | None = None,
-           steps: int | None = None, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-           hyper: Mapping[str, torch.Tensor] | None = None, params: Mapping[str, torch.Tensor] | None = None,
-           first_order: bool = False, train: bool | None = True, input_key: str = "input") -> Unrolled:
+           steps: int | None = None, lr: float | torch.Tensor, momentum: float = 0.0, dampening: float = 0.0,
+           nesterov: bool = False, weight_decay: float = 0.0, hyper: Mapping[str, torch.Tensor] | None = None,
+           params: Mapping[str, torch.Tensor] | None = None, first_order: bool = False, train: bool | None = True,
+           input_key: str | None = "input") -> Unrolled:
     """Take ``steps`` differentiable SGD steps of ``model`` on ``inner_loss`` and return the fast parameters.
 
     Args:
@@ -197,9 +213,12 @@ def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequ
             batch's input (see ``input_key``) with the current fast parameters, ``hyper`` the ``hyper`` mapping.
         batch: one batch, used for every step (``steps`` times, default 1); or
         batches: one batch per step (``steps``, if given, must equal their number).
-            A batch is a tensor (the input), a tuple/list (input first) or a mapping (``batch[input_key]``).
+            A batch is a tensor (the input), a tuple/list (input first) or a mapping (``batch[input_key]``);
+            with ``input_key=None`` the model gets the whole batch.
             Synthetic data to learn is a tensor in the batch that requires grad (name it in ``hyper`` too).
-        lr, momentum, weight_decay: as ``torch.optim.SGD`` (``lr > 0``; momentum and weight decay >= 0).
+        lr, momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD`` (``lr > 0``, a float or a
+            one-element tensor, which may require grad; momentum, dampening and weight decay >= 0; nesterov needs
+            momentum > 0 and dampening 0).
         hyper: name -> tensor requiring grad: the hyperparameters or data the outer loss will be differentiated
             by. Each must be reached by the inner losses' graph, else ValueError naming it.
         params: the starting parameters (see the module docstring); default the model's, detached.
@@ -214,14 +233,19 @@ def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequ
         check.type_error("model", "an nn.Module", model)
     if not callable(inner_loss):
         check.type_error("inner_loss", "a callable (outputs, batch, hyper) -> scalar tensor", inner_loss)
-    lr = check.real("lr", lr, positive=True)
+    lr = _check_lr(check, lr)
     momentum = check.real("momentum", momentum, nonnegative=True)
+    dampening = check.real("dampening", dampening, nonnegative=True)
+    nesterov = check.flag("nesterov", nesterov)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        check.value_error("nesterov", "needs momentum > 0 and dampening 0 (as torch.optim.SGD)",
+                          f"momentum {momentum:g}, dampening {dampening:g}")
     weight_decay = check.real("weight_decay", weight_decay, nonnegative=True)
     first_order = check.flag("first_order", first_order)
     if train is not None:
         check.flag("train", train)
-    if not isinstance(input_key, str):
-        check.type_error("input_key", "a str", input_key)
+    if input_key is not None and not isinstance(input_key, str):
+        check.type_error("input_key", "a str or None", input_key)
     hyper = _check_hyper(check, hyper)
     schedule = _batches(check, batch, batches, steps)
     params = _check_params(check, model, params)
@@ -232,7 +256,7 @@ def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequ
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     velocity: dict[str, torch.Tensor] = {}
     losses = []
-    with _mode(model, train):
+    with _mode(model, train), torch.enable_grad():
         for step, current in enumerate(schedule):
             outputs = functional_call(model, (params, buffers), (_model_input(current, input_key, check),))
             loss = inner_loss(outputs, current, hyper)
@@ -260,15 +284,17 @@ def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequ
                 if weight_decay:
                     grad = grad + weight_decay * params[name]
                 if momentum:
-                    grad = momentum * velocity[name] + grad if name in velocity else grad
-                    velocity[name] = grad
+                    buffer = momentum * velocity[name] + (1 - dampening) * grad if name in velocity else grad
+                    velocity[name] = buffer
+                    grad = grad + momentum * buffer if nesterov else buffer
                 params[name] = params[name] - lr * grad
             losses.append(loss.reshape(()))
     if hyper:
-        missing = [name for name, value in hyper.items() if not reaches(losses, value)]
+        missing = [name for name, value in hyper.items()
+                   if not reaches(losses, value) and not reaches(list(params.values()), value)]
         if missing:
-            raise ValueError(f"unroll: the inner losses do not depend on hyper {missing}: no meta-gradient can reach "
-                             f"{'it' if len(missing) == 1 else 'them'}")
+            raise ValueError(f"unroll: neither the inner losses nor the fast parameters depend on hyper {missing}: no "
+                             f"meta-gradient can reach {'it' if len(missing) == 1 else 'them'}")
     return Unrolled(model, params, buffers, losses, velocity)
 
 
