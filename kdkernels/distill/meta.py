@@ -27,10 +27,10 @@ backward in the inner gradients' graph and raises ValueError rather than return 
 
 The gradients ``g_i`` are taken with ``create_graph=True``, so the outer loss's gradient flows through every step
 (second derivatives: Hessian-vector products). ``first_order=True`` detaches them (no second derivatives): the fast
-parameters then depend on ``θ_0`` with the identity Jacobian (and on a tensor ``lr``) but not on the inner loss's
-hyperparameters, which is
-first-order MAML (d outer / d θ_0 = ∇ outer(θ_k)); a hyperparameter that acts only through the inner loss gets no
-gradient in that mode, and :func:`meta_gradient` says so.
+parameters then depend on ``θ_0`` with the identity Jacobian (``(1 − lr·weight_decay)`` per step with weight decay,
+whose term is not an inner gradient and stays in the graph) and on a tensor ``lr``, but not on the inner loss's
+hyperparameters. That is first-order MAML (d outer / d θ_0 = ∇ outer(θ_k)); a hyperparameter that acts only through
+the inner loss gets no gradient in that mode, and :func:`meta_gradient` says so.
 
 **Parameters.** By default the model's trainable parameters are the starting point, as detached leaves sharing
 their storage (nothing is written to them, and an outer ``backward()`` does not reach the model: its parameters'
@@ -220,7 +220,8 @@ def unroll(model: nn.Module, inner_loss: InnerLoss, *, batch=None, batches: Sequ
             one-element tensor, which may require grad; momentum, dampening and weight decay >= 0; nesterov needs
             momentum > 0 and dampening 0).
         hyper: name -> tensor requiring grad: the hyperparameters or data the outer loss will be differentiated
-            by. Each must be reached by the inner losses' graph, else ValueError naming it.
+            by. Each must be reached by the inner losses' graph or the fast parameters' (a tensor ``lr``), else
+            ValueError naming it.
         params: the starting parameters (see the module docstring); default the model's, detached.
         first_order: detach the inner gradients (no second derivatives; see the module docstring).
         train: the mode of the inner steps (True: train mode, batch statistics; False: eval; None: as it is).
