@@ -30,3 +30,7 @@ __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTe
            "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot",
            "BATCH", "View", "Transform", "Rotate90", "RandomCrop", "HorizontalFlip", "GaussianNoise", "Downsample",
            "MixUp", "CutMix"]
+
+from kdkernels.distill import meta, term_gradients      # noqa: E402  meta-steps and per-term gradients (modules)
+
+__all__ += ["meta", "term_gradients"]
