@@ -2,9 +2,14 @@
 others' parameters alone, simultaneous steps equal a hand computation, per-optimiser LR schedules, exact resume,
 AMP scalers per optimiser, the gradient-reversal layer, and configuration errors naming the problem."""
 import copy
+import importlib
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -334,3 +339,43 @@ def test_a_stage_without_optimisers_keeps_one_optimiser_and_its_checkpoint_layou
     state = load_checkpoint(tmp_path / "last.pt")["run"]
     assert set(state) == {"distiller", "optimizer", "scheduler", "scaler", "step"}
     assert len(state["optimizer"]["param_groups"]) == 1 and state["step"] == 2
+
+
+DDP_PLANS = ("alternate", "simultaneous")
+DDP_CONFIG = dict(epochs=1, lr=0.1, **QUIET)   # 64 samples, 32 per turn: 2 turns
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One torchrun-like rank training the adversarial stage with each plan (16 samples per rank per turn)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        for plan in DDP_PLANS:
+            recipe = adversarial_recipe(step_plan=plan)
+            Trainer(TrainConfig(batch_size=16, **DDP_CONFIG)).fit(recipe, small_split().train)
+            torch.save(parameters_of(recipe.stages[0].distiller), os.path.join(out_dir, f"{plan}{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """Several optimisers are not DDP-wrapped: each turn's gradients are averaged over the ranks by hand, which
+    equals one process taking both ranks' 32 samples."""
+    importlib.import_module("torch._dynamo")  # what an optimiser's constructor imports lazily: once, before forking
+    mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for plan in DDP_PLANS:
+        single = adversarial_recipe(step_plan=plan)
+        Trainer(TrainConfig(batch_size=32, **DDP_CONFIG)).fit(single, small_split().train)
+        expected = parameters_of(single.stages[0].distiller)
+        for rank in range(2):
+            state = torch.load(tmp_path / f"{plan}{rank}.pt")
+            for name, value in expected.items():
+                torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"{plan} {rank} {name}")
