@@ -379,3 +379,23 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path)
             state = torch.load(tmp_path / f"{plan}{rank}.pt")
             for name, value in expected.items():
                 torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"{plan} {rank} {name}")
+
+
+def test_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    from kdkernels import distill
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Several optimisers.**"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"distill": distill, "kdkernels": kdkernels, "torch": torch,
+                 "student": digits_model("student-mlp"), "teacher": digits_model("student-mlp")}
+    exec(example, namespace)
+    recipe = Recipe("adv", [namespace["stage"]])
+    discriminator = namespace["disc"]
+    before = parameters_of(discriminator)
+    result = Trainer(TrainConfig(epochs=1, batch_size=32, **QUIET)).fit(recipe, small_split().train)
+    assert set(result.history[-1]) >= {"ce_student", "kd", "adv_g", "adv_d"}
+    assert not same(parameters_of(discriminator), before)
