@@ -399,3 +399,67 @@ def test_readme_example_runs():
     result = Trainer(TrainConfig(epochs=1, batch_size=32, **QUIET)).fit(recipe, small_split().train)
     assert set(result.history[-1]) >= {"ce_student", "kd", "adv_g", "adv_d"}
     assert not same(parameters_of(discriminator), before)
+
+
+class GameTerm(Term):
+    """The discriminator's loss L_D = BCE(D(t), 1) + BCE(D(s'), 0), with s' = grad_reverse(s) (``reverse``), s
+    detached (``"detach"``) or s itself; ``sign`` −1 gives the student's side of the saturating min–max game. Owns D
+    unless ``owns`` is False (then D is only referenced)."""
+
+    def __init__(self, name, discriminator, student_input, sign=1.0, owns=True):
+        super().__init__(name, ("student", "teacher"))
+        if owns:
+            self.discriminator = discriminator
+        else:
+            self._discriminator = [discriminator]
+        self.student_input, self.sign = student_input, sign
+
+    def loss(self, student, teacher, *, context):
+        discriminator = getattr(self, "discriminator", None) or self._discriminator[0]
+        student = {"reverse": grad_reverse, "detach": lambda s: s.detach(), "plain": lambda s: s}[
+            self.student_input](student)
+        real, fake = discriminator(teacher), discriminator(student)
+        return self.sign * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+
+def test_one_backward_through_gradient_reversal_equals_two_optimisers_stepping_simultaneously():
+    """The saturating min–max game min_s max_D −L_D: one optimiser over both sides with L_D read through
+    grad_reverse (one backward) takes the same steps as the student minimising −L_D and D minimising L_D with
+    step_plan="simultaneous" (separate backward passes)."""
+    config = dict(epochs=1, batch_size=16, lr=0.1, **QUIET)
+
+    def models():
+        torch.manual_seed(0)
+        student, teacher = digits_model("student-mlp"), digits_model("student-mlp")
+        return {"student": student, "teacher": teacher}, torch.nn.Sequential(torch.nn.Linear(10, 8),
+                                                                             torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    pair, discriminator = models()
+    reversal = Distiller(pair, [CrossEntropyTerm("student"), GameTerm("game", discriminator, "reverse")])
+    Trainer(TrainConfig(**config)).fit(Recipe("grl", [Stage("grl", reversal)]), small_split().train)
+    pair, discriminator = models()
+    two = Distiller(pair, [CrossEntropyTerm("student"), GameTerm("adv_s", discriminator, "plain", -1.0, owns=False),
+                           GameTerm("adv_d", discriminator, "detach")])
+    optimisers = {"student": Optimiser(models=("student",), terms=("ce_student", "adv_s")),
+                  "discriminator": Optimiser(terms_params=("adv_d",), terms=("adv_d",))}
+    Trainer(TrainConfig(**config)).fit(Recipe("two", [Stage("two", two, optimisers=optimisers,
+                                                            step_plan="simultaneous")]), small_split().train)
+    expected = parameters_of(reversal.models["student"])
+    for name, value in parameters_of(two.models["student"]).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    expected = parameters_of(reversal.terms[1].discriminator)
+    for name, value in parameters_of(two.terms[2].discriminator).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_optimiser_whose_terms_do_not_reach_its_parameters_does_not_step():
+    """Its gradients stay None, so it skips its step (also under fp16, where the scaler would refuse a step without
+    gradients) and its parameters do not change."""
+    amp = "fp16" if torch.amp.autocast_mode.is_autocast_available("cpu") else "off"
+    optimisers = {"student": Optimiser(models=("student",), terms=("ce_student", "kd", "adv_g", "adv_d")),
+                  "discriminator": Optimiser(terms_params=("adv_d",), terms=("kd",))}
+    recipe = adversarial_recipe(optimisers=optimisers, step_plan="simultaneous")
+    before = parameters_of(discriminator_of(recipe))
+    Trainer(TrainConfig(epochs=1, batch_size=32, amp=amp, **QUIET)).fit(recipe, small_split().train)
+    assert same(parameters_of(discriminator_of(recipe)), before)

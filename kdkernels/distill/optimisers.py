@@ -28,7 +28,8 @@ Every term is computed in every turn (the epoch's logged term means stay compara
 terms are back-propagated. The learning rate of optimiser ``o`` at the stage's step ``s`` is
 ``lr · stage.lr_scale · o.lr_scale · factor(s)`` with the run's schedule (:mod:`kdkernels.distill.schedules`): every
 optimiser's scheduler advances on every turn, stepped or not, so the curve is the stage's, whatever the plan.
-Clipping (``clip_grad_norm``) applies per optimiser to its own parameters.
+Clipping (``clip_grad_norm``) applies per optimiser to its own parameters. The epoch's ``lr`` column in the metrics is
+the first optimiser's.
 
 AMP: each optimiser has its own ``GradScaler`` (active for fp16 alone) that scales only its own loss and unscales
 only its own gradients: an overflow in the discriminator's backward skips the discriminator's step and backs off

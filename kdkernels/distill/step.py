@@ -124,6 +124,8 @@ def plan_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig,
         sums.add(output, rows_of(batch))
     applied = True
     for optimiser in active:
+        if all(parameter.grad is None for parameter in optimiser.parameters):
+            continue   # its terms reached none of its parameters (the same on every rank): nothing to step
         average_gradients(optimiser.parameters, env.world_size)
         if config.clip_grad_norm is not None:
             optimiser.scaler.unscale_(optimiser.optimizer)
