@@ -115,7 +115,8 @@ def adv_feature(setup: Setup, ce_weight: float = 1.0, kd_weight: float = 1.0, te
     terms = [CrossEntropyTerm("student", ce_weight),
              FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), kd_weight, temperature=temperature),
              adversarial, DiscriminatorTerm(adversarial, hidden, layers, 1.0)]
-    optimisers = {"student": Optimiser(models=("student",), terms_params=("adv",), terms=("ce_student", "kd", "adv")),
+    optimisers = {"student": Optimiser(models=("student",), terms_params=("adv",),
+                                       terms=("ce_student", "kd", "adv")),
                   "discriminator": Optimiser(terms_params=("adv_d",), terms=("adv_d",),
                                              lr_scale=discriminator_lr_scale)}
     return offline("adv-feature", setup, terms, optimisers=optimisers, step_plan=step_plan)
