@@ -56,13 +56,15 @@ def default_input(model: nn.Module) -> str:
 
 @dataclasses.dataclass
 class DistillOutput:
-    """One step: the total loss, each term's weighted value (detached), the values read, and the seconds spent in
-    the terms' forward."""
+    """One step: the total loss, each term's weighted value (detached), the values read, the seconds spent in the
+    terms' forward, and each term's weighted value in the graph (what a stage with several optimisers
+    back-propagates per optimiser)."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     values: dict[str, object]
     loss_seconds: float = 0.0
+    term_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)   # not detached
 
 
 class Distiller(nn.Module):
@@ -259,7 +261,7 @@ class Distiller(nn.Module):
         return resolved
 
     def compute_terms(self, values: dict[str, object], context: StepContext) -> DistillOutput:
-        losses, total = {}, None
+        losses, live, total = {}, {}, None
         start = time.perf_counter()
         for term in self.terms:
             loss = term(self._resolve(values, term), context)
@@ -267,8 +269,9 @@ class Distiller(nn.Module):
                 raise ValueError(f"term {term.name!r} must return a scalar tensor, got "
                                  f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
             losses[term.name] = loss.detach()
+            live[term.name] = loss
             total = loss if total is None else total + loss
-        return DistillOutput(total, losses, values, time.perf_counter() - start)
+        return DistillOutput(total, losses, values, time.perf_counter() - start, live)
 
     def forward(self, batch: Mapping[str, object], context: StepContext | None = None) -> DistillOutput:
         if not self._built:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.optimisers import check_optimisers
 
 BATCHING = ("shuffle", "class_aware", "pairs")
 
@@ -33,6 +34,11 @@ class Stage:
         lr_scale: this stage's learning rate relative to the run's.
         model_lr_scales: per trainable model, a further factor on its learning rate (SwitOKD trains its online
             teacher at 10× the student's rate, as the official code does).
+        optimisers: name -> :class:`~kdkernels.distill.optimisers.Optimiser`: several optimisers, each owning some
+            models' and terms' parameters and minimising some terms (min–max training); ``None``: one optimiser over
+            every trainable parameter minimising the sum of every term. See :mod:`kdkernels.distill.optimisers`.
+        step_plan: with ``optimisers``: ``"alternate"`` (the default), ``"simultaneous"``, or a mapping of
+            optimiser name -> turns in a row (``{"discriminator": 1, "student": 5}``).
     """
 
     name: str
@@ -43,8 +49,14 @@ class Stage:
     batching_options: dict = dataclasses.field(default_factory=dict)
     lr_scale: float = 1.0
     model_lr_scales: dict = dataclasses.field(default_factory=dict)
+    optimisers: dict | None = None
+    step_plan: str | dict | None = None
 
     def __post_init__(self):
+        check_optimisers(self.name, self.distiller, self.optimisers, self.step_plan)
+        if self.optimisers is not None and self.model_lr_scales:
+            raise ValueError(f"stage {self.name!r}: model_lr_scales does not combine with optimisers; give each "
+                             "Optimiser its lr_scale")
         not_trained = sorted(set(self.model_lr_scales) - set(self.distiller.trainable))
         if not_trained:
             raise ValueError(f"stage {self.name!r}: model_lr_scales names models that do not train here: "

@@ -1,6 +1,9 @@
 """A stage being trained: what :func:`prepare_stage` sets up when a stage starts (its batches, the built and activated
 distiller, the optimiser at ``lr · lr_scale`` with per-model scales, the per-step LR schedule, the AMP grad scaler,
-the forward module, DDP-wrapped when data-parallel) and the position and state a checkpoint holds."""
+the forward module, DDP-wrapped when data-parallel) and the position and state a checkpoint holds. A stage with
+several optimisers (``Stage.optimisers``, :mod:`kdkernels.distill.optimisers`) has one :class:`OptimiserRun` each
+(optimiser, schedule, grad scaler) and its step plan's turns; it is not DDP-wrapped (its gradients are averaged by
+hand after each turn)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +20,31 @@ from kdkernels.distill.config import TrainConfig
 from kdkernels.distill.data import batch_sampler_for
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.environment import Environment
+from kdkernels.distill.optimisers import Optimiser, optimiser_parameters, plan_turns
 from kdkernels.distill.precision import grad_scaler
 from kdkernels.distill.recipe import Stage
 from kdkernels.distill.schedules import make_optimizer, make_scheduler
 from kdkernels.distill.step import DistillStep
+
+
+@dataclasses.dataclass
+class OptimiserRun:
+    """One of a stage's several optimisers: its spec, parameters, optimiser, LR schedule and grad scaler."""
+
+    spec: Optimiser
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
 @dataclasses.dataclass
@@ -40,17 +64,27 @@ class StageRun:
     model: nn.Module             # DistillStep, wrapped in DDP when data-parallel
     steps_per_epoch: int
     step: int = 0
+    optimisers: dict[str, OptimiserRun] = dataclasses.field(default_factory=dict)   # several: name -> run
+    turns: list[tuple[str, ...]] = dataclasses.field(default_factory=list)          # their step plan's cycle
 
     @property
     def distiller(self) -> Distiller:
         return self.stage.distiller
 
     def state_dict(self) -> dict:
+        if self.optimisers:
+            return {"distiller": self.distiller.state_dict(), "step": self.step,
+                    "optimisers": {name: run.state_dict() for name, run in self.optimisers.items()}}
         return {"distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.distiller.load_state_dict(state["distiller"])
+        if self.optimisers:
+            for name, run in self.optimisers.items():
+                run.load_state_dict(state["optimisers"][name])
+            self.step = int(state["step"])
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -77,11 +111,23 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
     distiller.build(to_device(first, env.device)).activate().to(env.device)
     parameters = distiller.trainable_parameters()
     lr = config.lr * stage.lr_scale
-    optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
     steps_per_epoch = max(1, math.ceil(len(sampler) / config.grad_accum))
+    model = DistillStep(distiller, amp_dtype, env.device.type)
+    if stage.optimisers is not None:
+        optimisers = {}
+        for name, params in optimiser_parameters(stage.name, distiller, stage.optimisers).items():
+            spec = stage.optimisers[name]
+            optimizer = make_optimizer(config, params, lr * spec.lr_scale)
+            optimisers[name] = OptimiserRun(spec, params, optimizer,
+                                            make_scheduler(config, optimizer, epochs, steps_per_epoch),
+                                            grad_scaler(config.amp, env.device.type))
+        first = next(iter(optimisers.values()))
+        return StageRun(index, stage, epochs, offset, loader, sampler, parameters, first.optimizer,
+                        first.scheduler, first.scaler, model, steps_per_epoch, optimisers=optimisers,
+                        turns=plan_turns(stage.name, list(optimisers), stage.step_plan))
+    optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
     scheduler = make_scheduler(config, optimizer, epochs, steps_per_epoch)
     scaler = grad_scaler(config.amp, env.device.type)
-    model = DistillStep(distiller, amp_dtype, env.device.type)
     if env.world_size > 1:
         # Unused parameters are normal here: a hint stage trains only the layers below its tap, a term may read
         # one of several peers' features, and a model's classifier gets no gradient from feature-only terms.

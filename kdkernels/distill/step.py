@@ -2,10 +2,12 @@
 loss terms in fp32, each loss weighted by its share of the step's samples (``1/grad_accum`` for equal
 micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
 (scaled) optimiser step, the LR schedule's step and the distiller's model updates (EMA and snapshot copies, skipped
-by an EMA when the fp16 scaler skipped the step). Also the epoch's sample-weighted loss sums."""
+by an EMA when the fp16 scaler skipped the step). A stage with several optimisers takes its step plan's turn instead
+(:func:`plan_step`). Also the epoch's sample-weighted loss sums."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +18,7 @@ from kdkernels.distill.batches import rows_of, to_device
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.environment import Environment, all_reduce_sum
 from kdkernels.distill.mixing import mix_batch
+from kdkernels.distill.optimisers import average_gradients, broadcast_buffers
 from kdkernels.distill.precision import autocast, scaler_step
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.updates import update_models
@@ -64,6 +67,8 @@ class EpochSums:
 def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig, env: Environment,
                    mixing: np.random.Generator | None, sums: EpochSums) -> None:
     """Trains ``run`` on the micro-batches of ``group`` for one optimiser step; adds their losses to ``sums``."""
+    if run.optimisers:
+        return plan_step(run, group, epoch, config, env, mixing, sums)
     total_rows = sum(rows_of(batch) for batch in group)
     run.optimizer.zero_grad(set_to_none=True)
     for position, batch in enumerate(group):
@@ -84,4 +89,51 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     applied = scaler_step(run.scaler, run.optimizer, report_skip=len(run.distiller.updates) > 0)
     run.scheduler.step()
     update_models(run, applied)   # EMA / snapshot copies (kdkernels.distill.updates)
+    run.step += 1
+
+
+def plan_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig, env: Environment,
+              mixing: np.random.Generator | None, sums: EpochSums) -> None:
+    """One turn of a stage with several optimisers (:mod:`kdkernels.distill.optimisers`): the turn's optimisers
+    each get the gradient of their own terms' sum (a separate backward over the same forward, with respect to their
+    own parameters, scaled by their own grad scaler), averaged over the ranks; then they step, every optimiser's
+    schedule steps, and the model updates run."""
+    active = [run.optimisers[name] for name in run.turns[run.step % len(run.turns)]]
+    total_rows = sum(rows_of(batch) for batch in group)
+    for optimiser in active:
+        optimiser.optimizer.zero_grad(set_to_none=True)
+    for batch in group:
+        batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
+                                          step=run.step)
+        mixup = None
+        if mixing is not None:
+            batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
+        context = StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch, mixup=mixup)
+        broadcast_buffers(run.distiller, env.world_size)
+        output = run.model(batch, context)
+        share = rows_of(batch) / total_rows
+        for position, optimiser in enumerate(active):
+            loss = sum(output.term_losses[name] for name in optimiser.spec.terms)
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                continue   # nothing this optimiser owns is in its terms' graph in this micro-batch
+            grads = torch.autograd.grad(optimiser.scaler.scale(loss * share), optimiser.parameters,
+                                        retain_graph=position < len(active) - 1, allow_unused=True)
+            for parameter, grad in zip(optimiser.parameters, grads):
+                if grad is not None:
+                    parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+        sums.add(output, rows_of(batch))
+    applied = True
+    for optimiser in active:
+        if all(parameter.grad is None for parameter in optimiser.parameters):
+            continue   # its terms reached none of its parameters (the same on every rank): nothing to step
+        average_gradients(optimiser.parameters, env.world_size)
+        if config.clip_grad_norm is not None:
+            optimiser.scaler.unscale_(optimiser.optimizer)
+            torch.nn.utils.clip_grad_norm_(optimiser.parameters, config.clip_grad_norm)
+        applied &= scaler_step(optimiser.scaler, optimiser.optimizer, report_skip=len(run.distiller.updates) > 0)
+    with warnings.catch_warnings():   # an optimiser that has not stepped yet follows the stage's schedule too
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for optimiser in run.optimisers.values():
+            optimiser.scheduler.step()
+    update_models(run, applied)
     run.step += 1

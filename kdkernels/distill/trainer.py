@@ -29,7 +29,8 @@ of processes: every rank's RNG states are saved).
 
 The trainer's modules, one job each: ``config`` (TrainConfig, RunResult), ``schedules`` (LR schedules, optimisers),
 ``precision`` (AMP), ``environment`` (device, DDP rank, reductions, seed streams), ``batches``, ``mixing`` (MixUp),
-``stage`` (setting up a stage), ``step`` (one optimiser step), ``task_metrics`` (streaming metrics of sums),
+``stage`` (setting up a stage), ``step`` (one optimiser step), ``optimisers`` (several optimisers per stage,
+step plans, gradient reversal), ``task_metrics`` (streaming metrics of sums),
 ``evaluation`` (test metrics), ``checkpoint``
 (checkpoints, resume, export), ``metrics`` (summary, CSV/JSON, curves), ``progress`` and ``loop`` (the stages and
 epochs of one :meth:`Trainer.fit`).
