@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
 from kdkernels import distill
+from kdkernels.distill.data import long_tailed_counts
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,3 +77,46 @@ def test_stop_at_accuracy_needs_a_test_set():
     recipe = distill.build_recipe("ce", distill.Setup(student=distill.digits_model("student-cnn"), num_classes=10))
     with pytest.raises(ValueError, match="stop_at_accuracy needs a test set"):
         distill.Trainer(distill.TrainConfig(stop_at_accuracy=50, progress=False)).fit(recipe, small_split().train)
+
+
+# ------------------------------------------------------------------------------------- long-tailed digits
+
+
+@pytest.mark.parametrize("train_size, ratio", [(None, 10.0), (300, 10.0), (300, 3.0), (200, 1.0)])
+def test_long_tailed_class_counts_follow_the_exponential_profile(train_size, ratio):
+    balanced = distill.load_digits(train_size=train_size, seed=2)
+    tailed = distill.load_digits(train_size=train_size, seed=2, imbalance_ratio=ratio)
+    n_max = int(np.bincount(balanced.train.labels).min())
+    expected = [int(np.floor(n_max * ratio ** (-c / 9) + 1e-9)) for c in range(10)]
+    assert np.bincount(tailed.train.labels, minlength=10).tolist() == expected
+    assert expected[0] == n_max and expected[-1] == int(n_max / ratio + 1e-9)
+    # a subset of the balanced set of the same seed, with its standardisation: the test split is untouched
+    kept = {tuple(x.flatten().tolist()) for x in balanced.train.inputs}
+    assert all(tuple(x.flatten().tolist()) in kept for x in tailed.train.inputs)
+    torch.testing.assert_close(tailed.test.inputs, balanced.test.inputs, rtol=0, atol=0)
+    torch.testing.assert_close(tailed.test.targets, balanced.test.targets, rtol=0, atol=0)
+
+
+def test_long_tailed_counts_match_the_ldam_formula():
+    assert long_tailed_counts(5000, 100, 10) == [int(5000 * 0.01 ** (c / 9)) for c in range(10)]
+    assert long_tailed_counts(30, 3, 10)[-1] == 10          # 30·3^-1 is 9.999… in floating point
+    assert long_tailed_counts(30, 1, 10) == [30] * 10
+
+
+def test_long_tailed_digits_are_deterministic_given_the_seed():
+    first, again = (distill.load_digits(train_size=300, seed=5, imbalance_ratio=5) for _ in range(2))
+    torch.testing.assert_close(first.train.inputs, again.train.inputs, rtol=0, atol=0)
+    other = distill.load_digits(train_size=300, seed=6, imbalance_ratio=5)
+    assert not torch.equal(first.train.targets, other.train.targets) or \
+        not torch.equal(first.train.inputs, other.train.inputs)
+
+
+@pytest.mark.parametrize("ratio, error, message", [
+    (0.5, ValueError, "imbalance_ratio must be >= 1"),
+    (float("inf"), ValueError, "imbalance_ratio must be >= 1 and finite"),
+    ("10", TypeError, "imbalance_ratio must be a real number"),
+    (40, ValueError, "imbalance_ratio 40 leaves the last class no image"),
+])
+def test_bad_imbalance_ratios_name_the_argument(ratio, error, message):
+    with pytest.raises(error, match=message):
+        distill.load_digits(train_size=100, imbalance_ratio=ratio)
