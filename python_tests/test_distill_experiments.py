@@ -4,13 +4,19 @@ label-smoothed teacher and reversed KD, through the Python API and ``kdkernels d
 from __future__ import annotations
 
 import functools
+import json
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from kdkernels import distill
+from distill_testing import first_step
+from kdkernels import cli, distill
+from kdkernels.distill import experiment as experiment_module
 from kdkernels.distill.data import long_tailed_counts
+from kdkernels.distill.experiment import DigitsExperiment, digits_setup, fit_teacher, teacher_recipe
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,3 +126,145 @@ def test_long_tailed_digits_are_deterministic_given_the_seed():
 def test_bad_imbalance_ratios_name_the_argument(ratio, error, message):
     with pytest.raises(error, match=message):
         distill.load_digits(train_size=100, imbalance_ratio=ratio)
+
+
+# -------------------------------------------------------------------------------------- the digits runner
+
+
+def tiny_config(**config):
+    return distill.TrainConfig(**{"epochs": 1, "batch_size": 64, "progress": False, "device": "cpu", **config})
+
+
+def test_a_poor_teacher_stops_at_its_step_budget_and_reports_the_accuracy_reached():
+    experiment = DigitsExperiment(teacher="student-cnn", teacher_epochs=2, teacher_steps=3)
+    trained = fit_teacher(experiment, tiny_config(), seed=0)
+    assert (trained.steps, trained.stopped) == (3, "step")
+    assert 0.0 <= trained.accuracy <= 100.0
+    assert trained.describe(experiment).endswith("after 3 steps (the step budget)")
+
+
+def test_a_poor_teacher_stops_at_its_target_accuracy():
+    experiment = DigitsExperiment(teacher="student-cnn", teacher_epochs=3, teacher_target_accuracy=25.0)
+    trained = fit_teacher(experiment, tiny_config(lr=0.1), seed=0)
+    assert trained.stopped == "accuracy" and trained.accuracy >= 25.0 and trained.steps < 60
+    assert "reached the 25% target" in trained.describe(experiment)
+
+
+def test_a_step_budget_the_whole_training_never_reaches_is_an_error():
+    experiment = DigitsExperiment(teacher="student-cnn", teacher_epochs=1, teacher_steps=21)   # 20 steps an epoch
+    with pytest.raises(ValueError, match=r"teacher_steps \(21\) exceeds the teacher's whole training \(1 epochs "
+                                         r"of 20 steps = 20\)"):
+        fit_teacher(experiment, tiny_config(), seed=0)
+
+
+def test_the_teacher_settings_reach_its_trainer_and_its_cache_key(monkeypatch, tmp_path):
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, config):
+            self.config = config
+
+        def fit(self, recipe, train, test):
+            seen.append((self.config, recipe, len(train)))
+            return SimpleNamespace(accuracy=50.0, steps=7, stopped="accuracy")
+
+    monkeypatch.setattr(experiment_module, "Trainer", FakeTrainer)
+    experiment = DigitsExperiment(teacher="student-cnn", teacher_epochs=2, teacher_steps=9,
+                                  teacher_target_accuracy=80.0, teacher_label_smoothing=0.2, imbalance_ratio=10,
+                                  cache_dir=str(tmp_path))
+    trained = fit_teacher(experiment, tiny_config(stop_after_epochs=1, resume=False), seed=3)
+    config, recipe, train_size = seen[0]
+    assert (config.epochs, config.seed, config.stop_at_step, config.stop_at_accuracy) == (2, 3, 9, 80.0)
+    assert config.stop_after_epochs is None and config.mixup_alpha == 0.0
+    assert recipe.stages[0].distiller.terms[0].label_smoothing == 0.2
+    assert train_size == len(distill.load_digits().train)        # the teacher's split stays full and balanced
+    assert (trained.accuracy, trained.steps, trained.stopped) == (50.0, 7, "accuracy")
+    cached = fit_teacher(experiment, tiny_config(), seed=3)      # from the cache: no second training
+    assert len(seen) == 1 and (cached.steps, cached.stopped) == (7, "accuracy")
+    plain = experiment_module._teacher_cache_path(DigitsExperiment(cache_dir=str(tmp_path)), tiny_config(), 3)
+    assert plain != experiment_module._teacher_cache_path(experiment, tiny_config(), 3)
+
+
+def test_the_label_smoothed_teacher_minimises_the_smoothed_cross_entropy():
+    """(1 − ε)·CE + ε·mean_c(−log p_c), i.e. CE against (1 − ε)·onehot + ε/C, by hand on one batch."""
+    epsilon = 0.2
+    experiment = DigitsExperiment(teacher_label_smoothing=epsilon)
+    _, batch, values, output = first_step(teacher_recipe(experiment, distill.digits_model("teacher-cnn")))
+    log_p = torch.log_softmax(values["student"].double(), dim=-1)
+    targets = torch.full_like(log_p, epsilon / 10).scatter_(1, batch["target"][:, None], 1 - epsilon + epsilon / 10)
+    expected = -(targets * log_p).sum(-1).mean()
+    torch.testing.assert_close(output.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    plain = first_step(teacher_recipe(DigitsExperiment(), distill.digits_model("teacher-cnn")))
+    assert plain[0].terms[0].label_smoothing == 0.0
+
+
+def test_reversed_kd_swaps_the_teacher_and_student_models():
+    experiment = DigitsExperiment(train_size=100).reversed()
+    assert (experiment.student, experiment.teacher) == ("teacher-cnn", "student-cnn")
+    assert experiment.reversed() == DigitsExperiment(train_size=100)
+    setup = digits_setup(experiment, [distill.digits_model(experiment.teacher)], seed=0)
+    widths = lambda model: [model.stage1[0].out_channels, model.stage2[0].out_channels, model.stage3[0].out_channels]
+    assert widths(setup.student) == [32, 64, 128] and widths(setup.teachers[0]) == [4, 8, 16]
+    assert len(setup.train_labels) == 100
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    ({"teacher_steps": 0}, ValueError, "DigitsExperiment: teacher_steps must be an int >= 1, got 0"),
+    ({"teacher_steps": 2.5}, TypeError, "teacher_steps must be an int"),
+    ({"teacher_target_accuracy": 0}, ValueError, r"teacher_target_accuracy must be in \(0, 100\]"),
+    ({"teacher_target_accuracy": 100.5}, ValueError, r"teacher_target_accuracy must be in \(0, 100\]"),
+    ({"teacher_label_smoothing": 1.0}, ValueError, r"teacher_label_smoothing must be in \[0, 1\)"),
+    ({"teacher_label_smoothing": -0.1}, ValueError, r"teacher_label_smoothing must be in \[0, 1\)"),
+    ({"imbalance_ratio": 0.5}, ValueError, "imbalance_ratio must be >= 1"),
+])
+def test_bad_experiment_settings_name_the_setting(settings, error, message):
+    with pytest.raises(error, match=message):
+        DigitsExperiment(**settings)
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def test_the_command_line_settings_reach_the_experiment(tmp_path, capsys):
+    assert cli.main(["distill", "--method", "kd", "--student", "student-mlp", "--teacher", "student-cnn",
+                     "--epochs", "1", "--teacher-epochs", "1", "--train-size", "100", "--batch-size", "32",
+                     "--teacher-steps", "4", "--teacher-target-accuracy", "99", "--teacher-label-smoothing", "0.1",
+                     "--imbalance-ratio", "3", "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {key: result["experiment"][key] for key in ("teacher_steps", "teacher_target_accuracy",
+                                                       "teacher_label_smoothing", "imbalance_ratio")} == {
+        "teacher_steps": 4, "teacher_target_accuracy": 99.0, "teacher_label_smoothing": 0.1, "imbalance_ratio": 3.0}
+    assert result["teachers"][0]["steps"] == 4 and result["teachers"][0]["stopped"] == "step"
+    assert result["reversed"] is False
+    assert "teacher 0 (student-cnn): " in capsys.readouterr().out
+
+
+def test_reversed_on_the_command_line(tmp_path, capsys):
+    assert cli.main(["distill", "--method", "kd", "--reversed", "--epochs", "1", "--teacher-epochs", "1",
+                     "--teacher-steps", "2", "--train-size", "40", "--batch-size", "20", "--no-progress",
+                     "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reversed"] is True
+    assert (result["experiment"]["student"], result["experiment"]["teacher"]) == ("teacher-cnn", "student-cnn")
+    assert result["teachers"][0]["model"] == "student-cnn"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--teacher-steps", "0"], "--teacher-steps must be an int >= 1, got 0"),
+    (["--teacher-target-accuracy", "0"], r"--teacher-target-accuracy must be in \(0, 100\]"),
+    (["--teacher-target-accuracy", "120"], r"--teacher-target-accuracy must be in \(0, 100\]"),
+    (["--teacher-label-smoothing", "1"], r"--teacher-label-smoothing must be in \[0, 1\)"),
+    (["--imbalance-ratio", "0.5"], "--imbalance-ratio must be >= 1"),
+    (["--teacher-steps", "500", "--teacher-epochs", "2"], r"--teacher-steps \(500\) exceeds .* --teacher-epochs"),
+    (["--method", "ce", "--teacher-steps", "3"], "--teacher-steps: method 'ce' trains no teacher"),
+    (["--method", "ce", "--teacher-label-smoothing", "0.1"], "--teacher-label-smoothing: method 'ce' trains no"),
+    (["--method", "tfkd-self", "--reversed"], "--reversed swaps .* method 'tfkd-self'"),
+    (["--method", "fsp", "--reversed"], "--reversed swaps .* method 'fsp'"),
+])
+def test_bad_experiment_settings_on_the_command_line(arguments, message, capsys):
+    if "--method" not in arguments:
+        arguments = ["--method", "kd", *arguments]
+    assert cli.main(["distill", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(message, error), error
