@@ -268,3 +268,21 @@ def test_bad_experiment_settings_on_the_command_line(arguments, message, capsys)
     error = capsys.readouterr().err
     assert "Traceback" not in error
     assert re.search(message, error), error
+
+
+def test_the_readme_s_experiment_settings_commands_parse():
+    import argparse
+    from pathlib import Path
+
+    from kdkernels.distill import commands
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Experiment settings.**"):readme.index("**The metrics.**")]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    parser = argparse.ArgumentParser()
+    commands.add_parsers(parser.add_subparsers(dest="command"))
+    lines = [line.split("#")[0].split()[1:] for line in block.splitlines() if line.strip()]
+    assert len(lines) == 5
+    for words in lines:
+        parsed = parser.parse_args(words)
+        assert parsed.command == "distill" and parsed.method == "kd"
