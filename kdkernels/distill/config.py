@@ -34,10 +34,10 @@ class TrainConfig:
     ``"language_model"`` (token accuracy, perplexity), or a name given to ``task_metrics.register``.
     stop_at_step: end the run for good after this many optimiser steps (all stages counted). stop_at_accuracy: end
     it as soon as the exported model's test accuracy (%) reaches this, checked after every optimiser step of the
-    last stage (one test-set evaluation per step). The LR schedule still spans ``epochs``, so the model is the
-    early-stopped state of the full run (a "defective" teacher); the run evaluates the model where it stopped and
-    says why in ``RunResult.stopped``. Neither combines with ``resume`` or ``stop_after_epochs`` (a stopped run is
-    not continued).
+    last stage (one test-set evaluation per step, not counted in the train time). The LR schedule still spans
+    ``epochs``, so the model is the early-stopped state of the full run (a "defective" teacher); the run evaluates
+    the model where it stopped and says why in ``RunResult.stopped``. Neither combines with ``resume`` or
+    ``stop_after_epochs`` (a stopped run is not continued).
     """
 
     epochs: int = 20

@@ -66,6 +66,7 @@ class Run:
         self.steps = 0                        # optimiser steps in this call, all stages
         self.stopped: str | None = None       # "step" / "accuracy" once stop_at_step / stop_at_accuracy ended the run
         self.stop_evaluation: dict | None = None
+        self.stop_check_seconds = 0.0         # per-step evaluations of stop_at_accuracy: not counted as training
         if config.stop_at_accuracy is not None and self.test_set is None:
             raise ValueError("stop_at_accuracy needs a test set: the run stops when the test accuracy reaches it")
 
@@ -134,7 +135,7 @@ class Run:
         sums = EpochSums()
         lr = run.optimizer.param_groups[0]["lr"]
         bar = progress_bar(run.steps_per_epoch, f"{run.stage.name} {epoch}/{run.epochs}", self.show_progress)
-        start = time.perf_counter()
+        start, checks_before = time.perf_counter(), self.stop_check_seconds
         try:
             for group in grouped(run.loader, config.grad_accum):
                 optimizer_step(run, group, epoch, config, self.env, mixing, sums)
@@ -145,7 +146,7 @@ class Run:
                     break
         finally:
             bar.close()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - (self.stop_check_seconds - checks_before)
         return {"stage_index": run.index, "stage": run.stage.name, "epoch": epoch, "lr": lr,
                 **sums.means(self.env), "seconds": seconds, "loss_seconds": sums.loss_seconds}
 
@@ -156,7 +157,9 @@ class Run:
         if config.stop_at_step is not None and self.steps >= config.stop_at_step:
             self.stopped = "step"
         elif config.stop_at_accuracy is not None and run.index == len(self.recipe.stages) - 1:
+            start = time.perf_counter()
             evaluation = self.evaluator(run.distiller)
+            self.stop_check_seconds += time.perf_counter() - start
             key = self._exported_key()
             if key not in evaluation:
                 raise ValueError(f"stop_at_accuracy needs the exported model's test accuracy ({key!r}); the "
