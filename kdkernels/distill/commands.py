@@ -55,6 +55,19 @@ def add_parsers(commands) -> None:
     run.add_argument("--teacher-epochs", type=int, default=30)
     run.add_argument("--teachers", type=int, help="teachers to train (default: 3 for multi-teacher methods, else 1)")
     run.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
+    settings = run.add_argument_group("experiment settings", "the settings the seed studies vary (see the README's "
+                                      "'Experiment settings')")
+    settings.add_argument("--teacher-steps", type=int, metavar="N",
+                          help="a poor teacher: stop its training after N optimiser steps (defective KD)")
+    settings.add_argument("--teacher-target-accuracy", type=float, metavar="P",
+                          help="a poor teacher: stop its training once its test accuracy reaches P %%")
+    settings.add_argument("--teacher-label-smoothing", type=float, default=0.0, metavar="EPS",
+                          help="train the teacher with label-smoothed cross-entropy (targets (1-EPS)*onehot + EPS/C)")
+    settings.add_argument("--reversed", action="store_true",
+                          help="reversed KD: the --student model (trained on the full split) teaches the --teacher "
+                          "model (trained on the subset)")
+    settings.add_argument("--imbalance-ratio", type=float, metavar="RHO",
+                          help="a long-tailed student subset: class c keeps n_max*RHO^(-c/9) images")
     run.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     run.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp-KD with Beta(ALPHA, ALPHA)")
     run.add_argument("--out", type=Path, help="directory for checkpoints, metrics and curves")
@@ -105,18 +118,49 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return overrides
 
 
+SETTING_FLAGS = {"teacher_steps": "--teacher-steps", "teacher_target_accuracy": "--teacher-target-accuracy",
+                 "teacher_label_smoothing": "--teacher-label-smoothing", "imbalance_ratio": "--imbalance-ratio"}
+
+
+def _experiment(arguments, method):
+    """The DigitsExperiment of a ``distill`` command line; bad settings and combinations are usage errors."""
+    from kdkernels.distill.experiment import DigitsExperiment, check_settings, teacher_model_for
+
+    settings = {name: getattr(arguments, name) for name in SETTING_FLAGS}
+    try:
+        check_settings(settings, "kdkernels distill", SETTING_FLAGS)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error).removeprefix("kdkernels distill: ")) from None
+    teacher_flags = [SETTING_FLAGS[name] for name in ("teacher_steps", "teacher_target_accuracy",
+                                                      "teacher_label_smoothing") if settings[name]]
+    if teacher_flags and not method.needs_teacher:
+        raise UsageError(f"{', '.join(teacher_flags)}: method {method.name!r} trains no teacher")
+    if arguments.reversed and method.needs_teacher and method.teacher_architecture != "any":
+        raise UsageError(f"--reversed swaps the teacher and student models, but method {method.name!r} defines its "
+                         f"teacher's architecture from the student's ({method.teacher_architecture!r})")
+    experiment = DigitsExperiment(student=arguments.student, train_size=arguments.train_size,
+                                  teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache,
+                                  **settings)
+    try:
+        experiment.teacher = arguments.teacher or teacher_model_for(arguments.method, experiment)
+        if arguments.teacher_steps is not None and method.needs_teacher:
+            from kdkernels.distill.config import TrainConfig
+            from kdkernels.distill.experiment import teacher_config
+
+            teacher_config(experiment, TrainConfig(batch_size=arguments.batch_size), 0)   # a reachable budget
+    except ValueError as error:
+        raise UsageError(str(error).replace("teacher_steps", "--teacher-steps")
+                         .replace("teacher_epochs", "--teacher-epochs")) from None
+    return experiment.reversed() if arguments.reversed else experiment
+
+
 def distill_command(arguments) -> int:
     overrides = parse_overrides(arguments.overrides)
     method = _checked_method(arguments.method, arguments.preset, overrides)
-    from kdkernels.distill.experiment import DigitsExperiment, distil_digits, teacher_model_for, train_teacher
+    from kdkernels.distill.experiment import distil_digits, fit_teacher
     from kdkernels.distill.config import TrainConfig
 
-    experiment = DigitsExperiment(student=arguments.student, train_size=arguments.train_size,
-                                  teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache)
-    try:
-        experiment.teacher = arguments.teacher or teacher_model_for(arguments.method, experiment)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    experiment = _experiment(arguments, method)
     config = TrainConfig(epochs=arguments.epochs, batch_size=arguments.batch_size, lr=arguments.lr,
                          amp=arguments.amp, mixup_alpha=arguments.mixup, out_dir=arguments.out,
                          resume=arguments.resume, progress=not arguments.no_progress, seed=arguments.seed)
@@ -124,11 +168,11 @@ def distill_command(arguments) -> int:
     if method.needs_teacher:
         count = arguments.teachers or (3 if method.category == "multi-teacher" else 1)
         for index in range(count):
-            teacher, accuracy = train_teacher(experiment, config, seed=arguments.seed + index)
+            trained = fit_teacher(experiment, config, seed=arguments.seed + index)
             if is_main_process():
-                print(f"teacher {index}: {accuracy:.2f}% test accuracy")
-            teachers.append(teacher)
-    result = distil_digits(arguments.method, experiment, config, teachers, seed=arguments.seed,
+                print(f"teacher {index} ({experiment.teacher}): {trained.describe(experiment)}")
+            teachers.append(trained)
+    result = distil_digits(arguments.method, experiment, config, [t.model for t in teachers], seed=arguments.seed,
                            preset=arguments.preset, overrides=overrides)
     if not is_main_process():
         return 0
@@ -140,7 +184,9 @@ def distill_command(arguments) -> int:
                    "ece": result.ece, "teacher_agreement": result.teacher_agreement, "teacher_kl": result.teacher_kl,
                    "accuracies": result.accuracies, "train_seconds": result.train_seconds,
                    "loss_share": result.loss_share, "history": result.history,
-                   "experiment": dataclasses.asdict(experiment)}
+                   "experiment": dataclasses.asdict(experiment), "reversed": arguments.reversed,
+                   "teachers": [{"model": experiment.teacher, "accuracy": t.accuracy, "steps": t.steps,
+                                 "stopped": t.stopped} for t in teachers]}
         arguments.json.parent.mkdir(parents=True, exist_ok=True)
         arguments.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0

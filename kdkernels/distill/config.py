@@ -32,6 +32,12 @@ class TrainConfig:
     metrics of the test-set evaluation, by name (:mod:`kdkernels.distill.task_metrics`): ``"classification"``
     (the default: accuracy, NLL, ECE and, with a teacher, agreement and KL), ``"miou"`` (dense prediction),
     ``"language_model"`` (token accuracy, perplexity), or a name given to ``task_metrics.register``.
+    stop_at_step: end the run for good after this many optimiser steps (all stages counted). stop_at_accuracy: end
+    it as soon as the exported model's test accuracy (%) reaches this, checked after every optimiser step of the
+    last stage (one test-set evaluation per step, not counted in the train time). The LR schedule still spans
+    ``epochs``, so the model is the early-stopped state of the full run (a "defective" teacher); the run evaluates
+    the model where it stopped and says why in ``RunResult.stopped``. Neither combines with ``resume`` or
+    ``stop_after_epochs`` (a stopped run is not continued).
     """
 
     epochs: int = 20
@@ -61,6 +67,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     stop_after_epochs: int | None = None
     metrics: Sequence[str] = task_metrics.DEFAULT
+    stop_at_step: int | None = None
+    stop_at_accuracy: float | None = None
 
     def __post_init__(self):
         self.metrics = task_metrics.check_names(self.metrics)
@@ -69,7 +77,7 @@ class TrainConfig:
         _check_choice("amp", self.amp, tuple(AMP_DTYPES))
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "eval_batch_size"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("step_size", "stop_after_epochs"):
+        for name in ("step_size", "stop_after_epochs", "stop_at_step"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         if self.num_workers < 0:
@@ -81,6 +89,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {self.clip_grad_norm}")
+        if self.stop_at_accuracy is not None:
+            if isinstance(self.stop_at_accuracy, bool) or not isinstance(self.stop_at_accuracy, (int, float)):
+                raise TypeError(f"stop_at_accuracy must be a number (a test accuracy in %) or None, got "
+                                f"{type(self.stop_at_accuracy).__name__}")
+            if not 0.0 < self.stop_at_accuracy <= 100.0:
+                raise ValueError(f"stop_at_accuracy must be in (0, 100] (a test accuracy in %), got "
+                                 f"{self.stop_at_accuracy}")
+        stopping = [name for name in ("stop_at_step", "stop_at_accuracy") if getattr(self, name) is not None]
+        if stopping and (self.resume is not False or self.stop_after_epochs is not None):
+            raise ValueError(f"{stopping[0]} ends a run for good: it cannot be combined with "
+                             f"{'resume' if self.resume is not False else 'stop_after_epochs'} (a stopped run is not "
+                             "continued)")
         self.milestones = tuple(int(m) for m in self.milestones)
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones (the epochs at which the LR is multiplied by "
@@ -109,7 +129,9 @@ class RunResult:
     is False when ``stop_after_epochs`` ended the call early. ``nll`` (mean cross-entropy, nats), ``ece`` (expected
     calibration error, a fraction), ``teacher_agreement`` (% top-1 agreement with the teacher) and ``teacher_kl``
     (mean KL(p_t ‖ p_s) at T = 1) are the exported model's at its last evaluation, ``None`` when not measured (no
-    test set, no teacher, other task metrics); ``evaluation`` holds every ``test_*`` value of that evaluation."""
+    test set, no teacher, other task metrics); ``evaluation`` holds every ``test_*`` value of that evaluation.
+    ``steps``: the optimiser steps taken in this call (all stages); ``stopped``: ``"step"`` or ``"accuracy"`` when
+    ``TrainConfig.stop_at_step`` or ``stop_at_accuracy`` ended the run, else None."""
 
     method: str
     accuracy: float | None
@@ -127,3 +149,5 @@ class RunResult:
     teacher_agreement: float | None = None
     teacher_kl: float | None = None
     evaluation: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    steps: int = 0
+    stopped: str | None = None

@@ -10,10 +10,13 @@ run and a data-parallel run see the same batches as an uninterrupted single-proc
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from kdkernels._validation import Checks
 
 
 class TensorDictDataset(Dataset):
@@ -92,12 +95,30 @@ class DigitsSplit:
     num_classes: int = 10
 
 
-def load_digits(train_size: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
+def long_tailed_counts(n_max: int, imbalance_ratio: float, num_classes: int) -> list[int]:
+    """Class sizes decaying exponentially from ``n_max`` (class 0) to ``n_max / imbalance_ratio`` (the last class):
+    ``n_c = ⌊n_max · ρ^(−c/(C−1))⌋``, the long-tailed CIFAR profile of Cui et al. 2019 and Cao et al. 2019 (LDAM-DRW
+    ``imbalance_cifar.py``: ``int(img_max · imb_factor^(c/(C−1)))`` with ``imb_factor = 1/ρ``). The floor allows
+    1e-9 of rounding error, so that an exact value such as 30/3 = 10 is not lost to floating point."""
+    if num_classes < 2:
+        return [int(n_max)] * num_classes
+    return [int(math.floor(n_max * imbalance_ratio ** (-c / (num_classes - 1)) + 1e-9)) for c in range(num_classes)]
+
+
+def load_digits(train_size: int | None = None, test_fraction: float = 0.3, seed: int = 0,
+                imbalance_ratio: float | None = None) -> DigitsSplit:
     """The 8×8 handwritten digits bundled with scikit-learn (1797 images, no download), as 1×8×8 float tensors
     standardised with the training set's mean and std, split per class (stratified) into train and test.
 
     ``train_size`` keeps only that many training images (stratified, chosen by ``seed``): distillation pays most
     when labelled data is scarce. The test split does not depend on ``train_size``.
+
+    ``imbalance_ratio`` (ρ ≥ 1) then makes the training set long-tailed: class ``c`` keeps
+    :func:`long_tailed_counts` ``(n_max, ρ, 10)[c]`` of its images (chosen by ``seed``), ``n_max`` being the
+    smallest class size of the balanced training set, so class 0 keeps ``n_max`` and class 9 ``⌊n_max/ρ⌋``
+    (ρ = 1: every class cut to ``n_max``). The long-tailed set is a subset of the balanced one for the same seed,
+    and it is standardised with the balanced set's mean and std, so the test split is exactly the same tensors as
+    without ``imbalance_ratio``.
     """
     try:
         from sklearn.datasets import load_digits as sklearn_digits
@@ -105,6 +126,8 @@ def load_digits(train_size: int | None = None, test_fraction: float = 0.3, seed:
         raise ImportError("the digits dataset comes with scikit-learn: pip install scikit-learn") from error
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if imbalance_ratio is not None:
+        imbalance_ratio = Checks("load_digits").real("imbalance_ratio", imbalance_ratio, minimum=1.0)
     digits = sklearn_digits()
     images = digits.images.astype(np.float32) / 16.0
     labels = digits.target.astype(np.int64)
@@ -126,10 +149,25 @@ def load_digits(train_size: int | None = None, test_fraction: float = 0.3, seed:
             keep += members[:count].tolist()
         train_idx = np.array(sorted(keep))
     mean, std = images[train_idx].mean(), images[train_idx].std()
+    if imbalance_ratio is not None:
+        train_idx = _long_tailed(train_idx, labels, imbalance_ratio, rng)
     tensor = torch.from_numpy((images - mean) / std).unsqueeze(1)
     targets = torch.from_numpy(labels)
     return DigitsSplit(TensorDictDataset(tensor[train_idx], targets[train_idx]),
                        TensorDictDataset(tensor[test_idx], targets[test_idx]))
+
+
+def _long_tailed(train_idx: np.ndarray, labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    classes, counts = np.unique(labels[train_idx], return_counts=True)
+    sizes = long_tailed_counts(int(counts.min()), ratio, len(classes))
+    if sizes[-1] < 1:
+        raise ValueError(f"load_digits: imbalance_ratio {ratio:g} leaves the last class no image (n_max = "
+                         f"{counts.min()}, n_max/imbalance_ratio < 1): use a ratio <= {counts.min()} or a larger "
+                         "train_size")
+    keep = []
+    for label, size in zip(classes, sizes):
+        keep += rng.permutation(train_idx[labels[train_idx] == label])[:size].tolist()
+    return np.array(sorted(keep))
 
 
 def _stratified_counts(labels: np.ndarray, total: int) -> dict[int, int]:

@@ -19,7 +19,7 @@ import torch
 
 import kdkernels
 from kdkernels._results import default_results_root, device_name, sanitize
-from kdkernels.distill.experiment import DigitsExperiment, distil_digits, train_teacher
+from kdkernels.distill.experiment import DigitsExperiment, distil_digits, fit_teacher
 from kdkernels.distill.registry import get_method
 from kdkernels.distill.config import TrainConfig
 
@@ -65,8 +65,9 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
         get_method(name).hyperparameters(preset)  # unknown names and presets fail before any training
     config = _config(settings)
     started = time.perf_counter()
-    teacher, teacher_accuracy = train_teacher(settings.experiment, config, seed=0)
-    log(f"teacher {settings.experiment.teacher}: {teacher_accuracy:.2f}% test accuracy "
+    trained = fit_teacher(settings.experiment, config, seed=0)
+    teacher, teacher_accuracy = trained.model, trained.accuracy
+    log(f"teacher {settings.experiment.teacher}: {trained.describe(settings.experiment)} "
         f"({time.perf_counter() - started:.1f} s)")
     results = {}
     for method in settings.methods:
@@ -80,7 +81,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
         log(f"{method:<16} {_accuracy_text(results[method])}")
     return {
         "setting": {**dataclasses.asdict(settings), "methods": list(settings.methods), "seeds": list(settings.seeds)},
-        "teacher": {"model": settings.experiment.teacher, "accuracy": teacher_accuracy},
+        "teacher": {"model": settings.experiment.teacher, "accuracy": teacher_accuracy, "steps": trained.steps,
+                    "stopped": trained.stopped},
         "methods": results,
         "device": device_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),

@@ -2,6 +2,13 @@
 
 Shared by ``kdkernels distill`` and ``kdkernels demo``. Teachers are trained with the ``ce`` baseline on the full
 training split; students train on a stratified subset of it (``train_size``), where distillation has room to help.
+
+The settings the seed studies vary (:class:`DigitsExperiment`): a poor teacher, stopped at a step budget
+(``teacher_steps``) or at a target test accuracy (``teacher_target_accuracy``): "defective KD" (Yuan et al., CVPR
+2020, "Revisiting knowledge distillation via label smoothing regularization", De-KD); reversed KD, a small teacher
+for a large student (:meth:`DigitsExperiment.reversed`, Re-KD of the same paper); a label-smoothed teacher
+(``teacher_label_smoothing``: Müller et al., NeurIPS 2019, "When does label smoothing help?"); and a long-tailed
+student subset (``imbalance_ratio``: Cui et al. 2019, Cao et al. 2019).
 """
 from __future__ import annotations
 
@@ -10,10 +17,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import math
+
 import torch
 
+from kdkernels._validation import Checks
 from kdkernels.distill.config import RunResult, TrainConfig
-from kdkernels.distill.data import DigitsSplit, load_digits
+from kdkernels.distill.data import DigitsSplit, ShuffleBatchSampler, load_digits
 from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Setup
 from kdkernels.distill.registry import build_recipe, get_method
@@ -23,7 +33,16 @@ from kdkernels.distributed import rank_and_world_size
 
 @dataclasses.dataclass
 class DigitsExperiment:
-    """The digits setting: which zoo models, how much labelled data the student gets, how teachers are trained."""
+    """The digits setting: which zoo models, how much labelled data the student gets, how teachers are trained.
+
+    teacher_steps: stop each teacher's training after this many optimiser steps; teacher_target_accuracy: stop it
+    as soon as its test accuracy reaches this (%, checked after every step), whichever comes first; the LR schedule
+    still spans ``teacher_epochs``, so the teacher is an early-stopped checkpoint of the full run (defective KD).
+    teacher_label_smoothing: ε of the teacher's label-smoothed cross-entropy, ``(1 − ε)·CE + ε·mean_c(−log p_c)``
+    (targets ``(1 − ε)·onehot + ε/C``; 0: plain CE). imbalance_ratio: ρ ≥ 1 makes the student's training subset
+    long-tailed (:func:`~kdkernels.distill.data.load_digits`); the teacher still trains on the full balanced
+    split, and the test split is unchanged. :meth:`reversed` swaps the two models (reversed KD).
+    """
 
     student: str = "student-cnn"
     teacher: str = "teacher-cnn"
@@ -33,9 +52,50 @@ class DigitsExperiment:
     teachers: int = 1                 # teachers trained (multi-teacher methods use them all)
     split_seed: int = 0
     cache_dir: str | None = None      # trained teachers are stored here and reused
+    teacher_steps: int | None = None
+    teacher_target_accuracy: float | None = None
+    teacher_label_smoothing: float = 0.0
+    imbalance_ratio: float | None = None
+
+    def __post_init__(self):
+        check_settings(dataclasses.asdict(self))
 
     def split(self, train_size: int | None = ...) -> DigitsSplit:
-        return load_digits(train_size=self.train_size if train_size is ... else train_size, seed=self.split_seed)
+        """The student's split (``train_size``, ``imbalance_ratio``); ``split(train_size=None)`` is the teachers'
+        (the full, balanced training split)."""
+        if train_size is ...:
+            return load_digits(train_size=self.train_size, seed=self.split_seed, imbalance_ratio=self.imbalance_ratio)
+        return load_digits(train_size=train_size, seed=self.split_seed)
+
+    def reversed(self) -> "DigitsExperiment":
+        """Reversed KD (Re-KD, Yuan et al. 2020): the same experiment with the two models' roles swapped, so the
+        small model (the student's, trained on the full split) teaches the large one (on the student's subset).
+        It asks whether a teacher weaker than its student still helps: if it does, KD acts at least in part as a
+        learned label smoothing rather than as a transfer of the teacher's superior knowledge."""
+        return dataclasses.replace(self, student=self.teacher, teacher=self.student)
+
+    @property
+    def teacher_settings(self) -> dict:
+        """The teacher settings that differ from a plain, fully trained CE teacher (their names and values)."""
+        values = {"teacher_steps": self.teacher_steps, "teacher_target_accuracy": self.teacher_target_accuracy,
+                  "teacher_label_smoothing": self.teacher_label_smoothing or None}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+def check_settings(values: dict, function: str = "DigitsExperiment", names: dict | None = None) -> None:
+    """Checks the experiment settings in ``values`` (a TypeError or a ValueError naming the setting, as ``names``
+    spells it: the command line passes its flags)."""
+    check, names = Checks(function), names or {}
+    if values.get("teacher_steps") is not None:
+        check.integer(names.get("teacher_steps", "teacher_steps"), values["teacher_steps"], minimum=1)
+    if values.get("teacher_target_accuracy") is not None:
+        check.real(names.get("teacher_target_accuracy", "teacher_target_accuracy"),
+                   values["teacher_target_accuracy"], positive=True, maximum=100.0)
+    if values.get("teacher_label_smoothing") is not None:
+        check.probability(names.get("teacher_label_smoothing", "teacher_label_smoothing"),
+                          values["teacher_label_smoothing"], upper_open=True)
+    if values.get("imbalance_ratio") is not None:
+        check.real(names.get("imbalance_ratio", "imbalance_ratio"), values["imbalance_ratio"], minimum=1.0)
 
 
 SAME_WIDTH_TEACHERS = {"student-cnn": "student-cnn-deep"}
@@ -58,31 +118,86 @@ def teacher_model_for(method: str, experiment: DigitsExperiment) -> str:
 def _teacher_cache_path(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> Path | None:
     if experiment.cache_dir is None:
         return None
-    key = json.dumps([experiment.teacher, experiment.teacher_epochs, experiment.split_seed, seed, config.lr,
-                      config.batch_size, config.optimizer, torch.__version__], sort_keys=True)
+    key = [experiment.teacher, experiment.teacher_epochs, experiment.split_seed, seed, config.lr, config.batch_size,
+           config.optimizer, torch.__version__]
+    if experiment.teacher_settings:   # a plain teacher keeps the key it had before these settings existed
+        key.append(experiment.teacher_settings)
+    key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(experiment.cache_dir) / f"teacher-{experiment.teacher}-{digest}.pt"
 
 
-def train_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int = 0) -> tuple[torch.nn.Module, float]:
-    """A zoo teacher trained with cross-entropy on the full training split; returns (model, test accuracy %).
+@dataclasses.dataclass
+class TrainedTeacher:
+    """A trained zoo teacher: the model, its test accuracy (%) where its training ended, the optimiser steps it took
+    and why it stopped early (``"step"``: ``teacher_steps``; ``"accuracy"``: ``teacher_target_accuracy``; None: it
+    trained all ``teacher_epochs``)."""
+
+    model: torch.nn.Module
+    accuracy: float
+    steps: int
+    stopped: str | None = None
+
+    def describe(self, experiment: DigitsExperiment) -> str:
+        """One line for the command line: the accuracy reached, and where and why the training stopped."""
+        text = f"{self.accuracy:.2f}% test accuracy after {self.steps} steps"
+        if self.stopped == "step":
+            return text + " (the step budget)"
+        if self.stopped == "accuracy":
+            return text + f" (reached the {experiment.teacher_target_accuracy:g}% target)"
+        if experiment.teacher_target_accuracy is not None:
+            return text + f" (the {experiment.teacher_target_accuracy:g}% target was not reached)"
+        return text
+
+
+def teacher_recipe(experiment: DigitsExperiment, teacher: torch.nn.Module):
+    """How the digits teachers are trained: the ``ce`` baseline, with ``teacher_label_smoothing`` when set."""
+    overrides = {"label_smoothing": experiment.teacher_label_smoothing} if experiment.teacher_label_smoothing else {}
+    return build_recipe("ce", Setup(student=teacher, num_classes=10), **overrides)
+
+
+def teacher_config(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> TrainConfig:
+    """The teachers' training configuration: ``config`` for ``teacher_epochs``, no MixUp, no checkpoints, stopped at
+    ``teacher_steps`` / ``teacher_target_accuracy``. A step budget the whole training never reaches is an error."""
+    if experiment.teacher_steps is not None:
+        rank, world_size = rank_and_world_size()
+        sampler = ShuffleBatchSampler(len(experiment.split(train_size=None).train), config.batch_size,
+                                      drop_last=config.drop_last, world_size=world_size, rank=rank)
+        total = max(1, math.ceil(len(sampler) / config.grad_accum)) * experiment.teacher_epochs
+        if experiment.teacher_steps > total:
+            raise ValueError(f"teacher_steps ({experiment.teacher_steps}) exceeds the teacher's whole training "
+                             f"({experiment.teacher_epochs} epochs of {total // experiment.teacher_epochs} steps "
+                             f"= {total}): lower teacher_steps or raise teacher_epochs")
+    return dataclasses.replace(config, epochs=experiment.teacher_epochs, seed=seed, out_dir=None, resume=False,
+                               stop_after_epochs=None, mixup_alpha=0.0, stop_at_step=experiment.teacher_steps,
+                               stop_at_accuracy=experiment.teacher_target_accuracy)
+
+
+def fit_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int = 0) -> TrainedTeacher:
+    """A zoo teacher trained on the full training split (:func:`teacher_recipe`, :func:`teacher_config`).
     Reuses a cached one when ``experiment.cache_dir`` holds it."""
     split = experiment.split(train_size=None)
     path = _teacher_cache_path(experiment, config, seed)
+    settings = teacher_config(experiment, config, seed)
     torch.manual_seed(seed)
     teacher = digits_model(experiment.teacher)
     if path is not None and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         teacher.load_state_dict(saved["state_dict"])
-        return teacher.eval(), float(saved["accuracy"])
-    teacher_config = dataclasses.replace(config, epochs=experiment.teacher_epochs, seed=seed, out_dir=None,
-                                         resume=False, mixup_alpha=0.0)
-    result = Trainer(teacher_config).fit(build_recipe("ce", Setup(student=teacher, num_classes=10)),
-                                         split.train, split.test)
+        return TrainedTeacher(teacher.eval(), float(saved["accuracy"]), int(saved.get("steps", 0)),
+                              saved.get("stopped"))
+    result = Trainer(settings).fit(teacher_recipe(experiment, teacher), split.train, split.test)
     if path is not None and rank_and_world_size()[0] == 0:  # every rank trained the same teacher; one writes it
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": teacher.state_dict(), "accuracy": result.accuracy}, path)
-    return teacher.eval(), result.accuracy
+        torch.save({"state_dict": teacher.state_dict(), "accuracy": result.accuracy, "steps": result.steps,
+                    "stopped": result.stopped}, path)
+    return TrainedTeacher(teacher.eval(), result.accuracy, result.steps, result.stopped)
+
+
+def train_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int = 0) -> tuple[torch.nn.Module, float]:
+    """:func:`fit_teacher` as (model, test accuracy %)."""
+    trained = fit_teacher(experiment, config, seed)
+    return trained.model, trained.accuracy
 
 
 def digits_setup(experiment: DigitsExperiment, teachers: list[torch.nn.Module], seed: int) -> Setup:

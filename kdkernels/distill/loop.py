@@ -6,6 +6,8 @@ loader's generator are reseeded from (seed, epoch) (epochs count across stages),
 (:func:`~kdkernels.distill.step.optimizer_step`), the evaluated models are tested every ``eval_every`` epochs and at
 the stage's end, and rank 0 writes ``last.pt`` (every ``checkpoint_every`` epochs, at the stage's end, and when
 ``stop_after_epochs`` ends the call), ``best.pt`` (when the exported model's accuracy improves) and the metrics.
+``stop_at_step`` and ``stop_at_accuracy`` end the run after an optimiser step (mid-epoch): that epoch's row holds
+its steps so far and the evaluation where the run stopped, and the later stages do not run.
 A resumed run skips the finished stages (running their ``before`` again while loading), loads the stage's own
 state and restores the RNG states where training continues, so it repeats the uninterrupted run bit for bit.
 """
@@ -61,6 +63,12 @@ class Run:
         self.resume_payload: dict | None = None
         self.pending_rng: dict | None = None
         self.epochs_this_call = 0
+        self.steps = 0                        # optimiser steps in this call, all stages
+        self.stopped: str | None = None       # "step" / "accuracy" once stop_at_step / stop_at_accuracy ended the run
+        self.stop_evaluation: dict | None = None
+        self.stop_check_seconds = 0.0         # per-step evaluations of stop_at_accuracy: not counted as training
+        if config.stop_at_accuracy is not None and self.test_set is None:
+            raise ValueError("stop_at_accuracy needs a test set: the run stops when the test accuracy reaches it")
 
     # --------------------------------------------------------------------------------------------------- flow
 
@@ -72,7 +80,7 @@ class Run:
         completed = True
         for index, stage in enumerate(self.recipe.stages):
             if not self._run_stage(index, stage):
-                completed = False
+                completed = self.stopped is not None   # stopped for good, not paused to be resumed
                 break
         return self._finish(completed)
 
@@ -107,8 +115,10 @@ class Run:
             last_of_run = index == len(self.recipe.stages) - 1 and epoch == epochs
             stopping = not last_of_run and self.config.stop_after_epochs is not None \
                 and self.epochs_this_call >= self.config.stop_after_epochs
-            self._after_epoch(run, epoch, row, force_checkpoint=stopping)
-            if stopping:
+            if self.stopped is not None:
+                row["stopped_at_step"] = self.steps
+            self._after_epoch(run, epoch, row, force_checkpoint=stopping or self.stopped is not None)
+            if stopping or self.stopped is not None:
                 return False
         return True
 
@@ -125,21 +135,44 @@ class Run:
         sums = EpochSums()
         lr = run.optimizer.param_groups[0]["lr"]
         bar = progress_bar(run.steps_per_epoch, f"{run.stage.name} {epoch}/{run.epochs}", self.show_progress)
-        start = time.perf_counter()
+        start, checks_before = time.perf_counter(), self.stop_check_seconds
         try:
             for group in grouped(run.loader, config.grad_accum):
                 optimizer_step(run, group, epoch, config, self.env, mixing, sums)
+                self.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums.loss / max(sums.rows, 1):.4f}")
+                if self._stops_here(run):
+                    break
         finally:
             bar.close()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - (self.stop_check_seconds - checks_before)
         return {"stage_index": run.index, "stage": run.stage.name, "epoch": epoch, "lr": lr,
                 **sums.means(self.env), "seconds": seconds, "loss_seconds": sums.loss_seconds}
 
+    def _stops_here(self, run: StageRun) -> bool:
+        """Whether ``stop_at_step`` or ``stop_at_accuracy`` ends the run after the step just taken (the accuracy is
+        the exported model's, evaluated after every step of the last stage)."""
+        config = self.config
+        if config.stop_at_step is not None and self.steps >= config.stop_at_step:
+            self.stopped = "step"
+        elif config.stop_at_accuracy is not None and run.index == len(self.recipe.stages) - 1:
+            start = time.perf_counter()
+            evaluation = self.evaluator(run.distiller)
+            self.stop_check_seconds += time.perf_counter() - start
+            key = self._exported_key()
+            if key not in evaluation:
+                raise ValueError(f"stop_at_accuracy needs the exported model's test accuracy ({key!r}); the "
+                                 f"evaluation with metrics {list(config.metrics)} has {sorted(evaluation)}")
+            if evaluation[key] >= config.stop_at_accuracy:
+                self.stopped, self.stop_evaluation = "accuracy", evaluation
+        return self.stopped is not None
+
     def _evaluate(self, run: StageRun, epoch: int) -> dict:
-        """The task metrics (``test_<key>_<model>``) of each evaluated model, every ``eval_every`` epochs and at the
-        stage's end."""
+        """The task metrics (``test_<key>_<model>``) of each evaluated model, every ``eval_every`` epochs, at the
+        stage's end and where the run stopped."""
+        if self.stopped is not None and self.evaluator is not None:
+            return self.stop_evaluation or self.evaluator(run.distiller)
         if self.evaluator is None or (epoch % self.config.eval_every and epoch != run.epochs):
             return {}
         return self.evaluator(run.distiller)
@@ -193,7 +226,7 @@ class Run:
             paths.update({name: self.out_dir / f"{name}.pt" for name in ("last", "best")
                           if (self.out_dir / f"{name}.pt").is_file()})
         return RunResult(history=list(self.history), student=student, paths=paths, completed=completed,
-                         **self._summary())
+                         steps=self.steps, stopped=self.stopped, **self._summary())
 
     # -------------------------------------------------------------------------------------------------- resume
 
