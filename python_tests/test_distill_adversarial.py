@@ -32,10 +32,15 @@ def test_registered_as_an_adversarial_approximation():
     assert "no official code" in method.approximation
 
 
+def unit(features):
+    """Rows scaled to unit L2 norm (the discriminator's input)."""
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 @pytest.mark.parametrize("student", ["student-cnn", "student-mlp"])
 def test_terms_are_the_formulas(student):
-    """CE + T²·KL(p_t ‖ p_s) (batchmean) + 0.1·mean −log σ(D(φ(f_s))) for the student; mean −log σ(D(f_t)) +
-    mean −log(1 − σ(D(φ(f_s)))) for the discriminator."""
+    """CE + T²·KL(p_t ‖ p_s) (batchmean) + 0.1·mean −log σ(D(u(φ(f_s)))) for the student; mean −log σ(D(u(f_t))) +
+    mean −log(1 − σ(D(u(φ(f_s))))) for the discriminator (u: unit L2 norm per row)."""
     recipe, stage, batch = built(student)
     distiller = stage.distiller
     output = distiller(batch, StepContext(batch=batch))
@@ -46,8 +51,9 @@ def test_terms_are_the_formulas(student):
     assert isinstance(connector, torch.nn.Linear) and connector.in_features == fs.shape[1]
     kd = F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
     expected = {"ce_student": F.cross_entropy(s, batch["target"]), "kd": kd,
-                "adv": 0.1 * -F.logsigmoid(discriminator(connector(fs))).mean(),
-                "adv_d": -F.logsigmoid(discriminator(ft)).mean() - F.logsigmoid(-discriminator(connector(fs))).mean()}
+                "adv": 0.1 * -F.logsigmoid(discriminator(unit(connector(fs)))).mean(),
+                "adv_d": -F.logsigmoid(discriminator(unit(ft))).mean()
+                - F.logsigmoid(-discriminator(unit(connector(fs)))).mean()}
     for name, value in expected.items():
         torch.testing.assert_close(output.terms[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
 

@@ -19,8 +19,8 @@ ADV_FEATURE_PAPER = ("Wang, Xu, Xu, Tao. Adversarial Learning of Portable Studen
 ADV_FEATURE_APPROXIMATION = (
     "approximation of Wang et al. (AAAI 2018): no official code could be confirmed; the loss structure (CE + KD + a "
     "GAN loss of a feature discriminator on the pooled features) follows the paper, while the discriminator's MLP, "
-    "the non-saturating student loss, the linear connector for unequal widths, the weights and the one-forward "
-    "simultaneous updates are this implementation's choices")
+    "its L2-normalised inputs, the non-saturating student loss, the linear connector for unequal widths, the "
+    "weights and the one-forward simultaneous updates are this implementation's choices")
 
 
 def feature_discriminator(width: int, hidden: int, layers: int) -> nn.Sequential:
@@ -36,7 +36,8 @@ def feature_discriminator(width: int, hidden: int, layers: int) -> nn.Sequential
 
 
 class StudentAdversarialTerm(Term):
-    """The student's adversarial loss ``weight · mean_b −log D(φ(f_s))`` (non-saturating). Owns the connector ``φ``
+    """The student's adversarial loss ``weight · mean_b −log D(u(φ(f_s)))`` (non-saturating; u scales rows to unit
+    L2 norm). Owns the connector ``φ``
     (``Identity`` when the widths match, else ``Linear(d_s, d_t)``), trained with the student; reads the
     discriminator, which :class:`DiscriminatorTerm` owns."""
 
@@ -54,12 +55,12 @@ class StudentAdversarialTerm(Term):
             self.connector = nn.Linear(student.shape[1], teacher.shape[1])
 
     def loss(self, student, teacher, *, context):
-        logit = self._discriminator[0](self.connector(student))
+        logit = self._discriminator[0](F.normalize(self.connector(student), dim=1))
         return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
 
 
 class DiscriminatorTerm(Term):
-    """The discriminator's loss ``weight · (mean_b −log D(f_t) + mean_b −log(1 − D(φ(f_s))))`` with ``φ(f_s)``
+    """The discriminator's loss ``weight · (mean_b −log D(u(f_t)) + mean_b −log(1 − D(u(φ(f_s)))))`` with ``φ(f_s)``
     detached: teacher features are real, the student's fake. Owns the discriminator (sized on the teacher's width
     when the distiller builds)."""
 
@@ -76,8 +77,8 @@ class DiscriminatorTerm(Term):
         self._student_term[0]._discriminator[:] = [self.discriminator]
 
     def loss(self, student, teacher, *, context):
-        real = self.discriminator(teacher)
-        fake = self.discriminator(self._student_term[0].connector(student).detach())
+        real = self.discriminator(F.normalize(teacher, dim=1))
+        fake = self.discriminator(F.normalize(self._student_term[0].connector(student), dim=1).detach())
         return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                 + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 
@@ -87,8 +88,9 @@ def adv_feature(setup: Setup, ce_weight: float = 1.0, kd_weight: float = 1.0, te
                 adv_weight: float = 0.1, hidden: int = 128, layers: int = 2, discriminator_lr_scale: float = 1.0,
                 step_plan: str = "simultaneous", student_layer: str | None = None,
                 teacher_layer: str | None = None) -> Recipe:
-    """Adversarial feature KD: ``ce·CE + kd·T²·KL(p_t ‖ p_s) + adv·mean −log D(φ(f_s))`` for the student, and
-    ``mean −log D(f_t) + mean −log(1 − D(φ(f_s)))`` for the feature discriminator D, trained by its own optimiser.
+    """Adversarial feature KD: ``ce·CE + kd·T²·KL(p_t ‖ p_s) + adv·mean −log D(u(φ(f_s)))`` for the student, and
+    ``mean −log D(u(f_t)) + mean −log(1 − D(u(φ(f_s))))`` for the feature discriminator D, trained by its own
+    optimiser; u scales each feature row to unit L2 norm.
 
     Wang, Xu, Xu and Tao (AAAI 2018) train a discriminator on the features before the classifier to tell the
     teacher's from the student's, and the student with its classification loss, a KD term and the adversarial loss
@@ -96,11 +98,12 @@ def adv_feature(setup: Setup, ce_weight: float = 1.0, kd_weight: float = 1.0, te
     approximation (see ``approximation``) with our choices: f = the pooled embeddings (``kd_points.embedding``,
     ``fc/input``), φ a ``Linear(d_s, d_t)`` connector trained with the student when the widths differ (identity
     otherwise), D an MLP of ``layers`` linear layers of width ``hidden`` with LeakyReLU(0.2), binary cross-entropy on
-    logits (means over the batch), the non-saturating student loss ``−log D(φ(f_s))``, KD as Hinton's (batchmean,
+    logits (means over the batch), the non-saturating student loss ``−log D(u(φ(f_s)))``, KD as Hinton's (batchmean,
     T²); defaults ce 1, kd 1 (T = 4), adv 0.1. Two optimisers (``Stage.optimisers``): ``"student"`` (the student and
     φ: CE, KD, adv) and ``"discriminator"`` (D: adv_d, at ``discriminator_lr_scale`` × the stage's rate), both
     stepping on every batch from one forward (``step_plan="simultaneous"``; ``"alternate"`` or a mapping give the
-    other plans).
+    other plans). The discriminator reads unit-norm features: on raw (unbounded, post-ReLU) features the game
+    diverged on the digits demo (the student inflated its features to fool D; the losses reached NaN by epoch 25).
     """
     check = Checks("adv-feature")
     ce_weight = check.real("ce_weight", ce_weight, minimum=0.0)
