@@ -277,7 +277,7 @@ def test_the_readme_s_experiment_settings_commands_parse():
     from kdkernels.distill import commands
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**Experiment settings.**"):readme.index("**The metrics.**")]
+    section = readme[readme.index("**Experiment settings.**"):readme.index("## Backends")]
     (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
     parser = argparse.ArgumentParser()
     commands.add_parsers(parser.add_subparsers(dest="command"))

@@ -59,7 +59,7 @@ def test_readme_views_example_runs():
     from kdkernels import distill
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("**Views and per-model inputs.**"):readme.index("**The methods**")]
+    section = readme[readme.index("**Views and per-model inputs.**"):readme.index("**Moving-average and snapshot")]
     (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {"student": distill.digits_model("student-cnn"), "teacher": distill.digits_model("teacher-cnn"),
                  "distill": distill, "kdkernels": __import__("kdkernels")}
