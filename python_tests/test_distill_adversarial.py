@@ -10,7 +10,7 @@ from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.optimisers import optimiser_parameters
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, assert_same_run, parameters_of, run_in_pieces, small_split
+from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
 
 
 def light_setup(seed=0):
@@ -97,11 +97,7 @@ def make(seed=0):
 def test_resume_is_bit_exact(tmp_path):
     """A 1:2 plan over 2-turn epochs (the cycle crosses the epoch boundary), momentum SGD."""
     config = dict(epochs=2, batch_size=32, lr=0.05, **QUIET)
-    reference_recipe = make(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(make, config, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    _, _, reference_recipe, resumed_recipe = assert_resume_is_exact(make, config, tmp_path)
     for name, value in parameters_of(reference_recipe.stages[0].distiller).items():
         assert torch.equal(parameters_of(resumed_recipe.stages[0].distiller)[name], value), name
 

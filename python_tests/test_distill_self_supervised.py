@@ -13,7 +13,7 @@ from distill_testing import batches_for, digits_setup
 from kdkernels.distill import build_recipe
 from kdkernels.distill.methods.self_supervised import sigmoid_rampup
 from kdkernels.distill.terms import StepContext
-from trainer_testing import QUIET, assert_same_run, run_in_pieces, small_split
+from trainer_testing import QUIET, assert_resume_is_exact, small_split
 from kdkernels.distill.trainer import TrainConfig, Trainer
 
 
@@ -100,12 +100,7 @@ def test_resume_is_exact(tmp_path):
         return build_recipe("mean-teacher", digits_setup(student="student-mlp", teacher=None, seed=seed),
                             preset="digits", rampup=1.0)
 
-    config = dict(epochs=3, batch_size=16, lr=0.05, **QUIET)
-    reference_recipe = make(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(reference_recipe, small_split().train,
-                                                                               small_split().test)
-    resumed, resumed_recipe = run_in_pieces(make, config, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
 
 
 def test_defaults_are_the_official_cifar_configuration():

@@ -7,7 +7,8 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Recipe, Setup
 from kdkernels.distill.registry import build_recipe
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, assert_same_run, assert_same_run_models, kd_recipe, run_in_pieces, small_split
+from trainer_testing import (QUIET, assert_resume_is_exact, assert_same_run, assert_same_run_models, kd_recipe,
+                             run_in_pieces, small_split)
 
 
 def two_stage_recipe(seed: int = 0) -> Recipe:
@@ -25,11 +26,7 @@ RESUME_CONFIG = dict(epochs=3, batch_size=16, lr=0.05, warmup_epochs=1, mixup_al
 
 
 def test_resume_continues_a_one_stage_run_identically(tmp_path):
-    reference_recipe = kd_recipe(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **RESUME_CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(kd_recipe, RESUME_CONFIG, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    _, resumed, _, _ = assert_resume_is_exact(kd_recipe, RESUME_CONFIG, tmp_path)
     assert len(resumed.history) == 3
 
 

@@ -22,7 +22,7 @@ from kdkernels.distill.recipe import Recipe, Stage
 from kdkernels.distill.schedules import lr_lambda
 from kdkernels.distill.terms import CrossEntropyTerm, Term
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, assert_same_run, parameters_of, run_in_pieces, small_split
+from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
 
 
 class KDTerm(Term):
@@ -206,11 +206,7 @@ def test_resume_with_two_optimisers_is_bit_exact(tmp_path):
     def make(seed=0):
         return adversarial_recipe(seed=seed, step_plan={"discriminator": 1, "student": 2})
 
-    reference_recipe = make(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **RESUME_CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(make, RESUME_CONFIG, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    _, _, reference_recipe, resumed_recipe = assert_resume_is_exact(make, RESUME_CONFIG, tmp_path)
     for name, value in parameters_of(reference_recipe.stages[0].distiller).items():
         assert torch.equal(parameters_of(resumed_recipe.stages[0].distiller)[name], value), name
     state = load_checkpoint(tmp_path / "pieces" / "last.pt")["run"]

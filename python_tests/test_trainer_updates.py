@@ -3,7 +3,6 @@ buffer policy, mean teacher's warm-up, BYOL/DINO's cosine momentum), snapshots r
 no gradient and no optimiser, skip the steps the fp16 scaler skipped, resume bit for bit, agree on every DDP rank, and
 bad configurations name the problem."""
 import importlib
-import math
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,6 @@ from torch import nn
 import kdkernels
 from kdkernels import distill
 from kdkernels.distill.checkpoint import load_checkpoint
-from kdkernels.distill.hooks import FeatureTaps
 from kdkernels.distill.models import digits_model
 from kdkernels.distill.precision import scaler_step
 from kdkernels.distill.recipe import Recipe, Stage

@@ -22,7 +22,8 @@ from kdkernels.distill.trainer import TrainConfig, Trainer
 from kdkernels.distill.views import (CutMix, Downsample, Draws, GaussianNoise, HorizontalFlip, MixUp, RandomCrop,
                                      Rotate90, View, apply_views)
 from test_trainer_distributed import free_port
-from trainer_testing import QUIET, assert_same_run, run_in_pieces, small_split, without_timings
+from trainer_testing import (QUIET, assert_resume_is_exact, assert_same_run, run_in_pieces, small_split,
+                             without_timings)
 
 KEY = dict(seed=3, epoch=2, step=5)
 
@@ -288,11 +289,7 @@ VIEWS_RESUME_CONFIG = dict(epochs=3, batch_size=16, lr=0.05, warmup_epochs=1, mi
 
 
 def test_resume_with_views_continues_identically(tmp_path):
-    reference_recipe = rotation_recipe(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **VIEWS_RESUME_CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(rotation_recipe, VIEWS_RESUME_CONFIG, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(rotation_recipe, VIEWS_RESUME_CONFIG, tmp_path)
 
 
 def mixing_recipe(seed: int = 0) -> Recipe:
@@ -304,11 +301,7 @@ def mixing_recipe(seed: int = 0) -> Recipe:
 
 def test_resume_with_mixing_views_continues_identically(tmp_path):
     config = dict(epochs=2, batch_size=16, lr=0.05, **QUIET)
-    reference_recipe = mixing_recipe(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(mixing_recipe, config, [1, 5], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(mixing_recipe, config, tmp_path)
 
 
 def mean_teacher_recipe(seed: int = 0) -> Recipe:

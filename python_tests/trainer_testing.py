@@ -62,6 +62,18 @@ def recording_recipe(seed: int = 0) -> tuple[Recipe, RecordingTerm]:
     return Recipe("recorded", [Stage("recorded", distiller)]), term
 
 
+def assert_resume_is_exact(make_recipe, config: dict, tmp_path, pieces=(1, 5)):
+    """Trains ``make_recipe(seed=1)`` in one call and a fresh recipe in ``pieces`` of epochs (each resuming from the
+    last checkpoint); asserts that both end with the same parameters, history and accuracies. Returns
+    (reference, resumed, reference_recipe, resumed_recipe)."""
+    reference_recipe = make_recipe(seed=1)
+    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(
+        reference_recipe, small_split().train, small_split().test)
+    resumed, resumed_recipe = run_in_pieces(make_recipe, config, list(pieces), tmp_path / "pieces")
+    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    return reference, resumed, reference_recipe, resumed_recipe
+
+
 def run_in_pieces(make_recipe, config: dict, pieces, out_dir):
     """Trains a fresh recipe for each piece's epochs, resuming from out_dir/last.pt (a new process would build
     the recipe again the same way); returns the last call's result and recipe."""
