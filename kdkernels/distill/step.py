@@ -64,6 +64,18 @@ class EpochSums:
         return {"train_loss": totals[1] / rows, **{name: total / rows for name, total in zip(names, totals[2:])}}
 
 
+def prepare_batch(run: StageRun, batch: dict, epoch: int, config: TrainConfig, env: Environment,
+                  mixing: np.random.Generator | None) -> tuple[dict, StepContext]:
+    """A micro-batch on the device with the distiller's views applied and the trainer's MixUp (if any), and the
+    step's context for the terms."""
+    batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
+                                      step=run.step)
+    mixup = None
+    if mixing is not None:
+        batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
+    return batch, StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch, mixup=mixup)
+
+
 def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig, env: Environment,
                    mixing: np.random.Generator | None, sums: EpochSums) -> None:
     """Trains ``run`` on the micro-batches of ``group`` for one optimiser step; adds their losses to ``sums``."""
@@ -72,12 +84,7 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     total_rows = sum(rows_of(batch) for batch in group)
     run.optimizer.zero_grad(set_to_none=True)
     for position, batch in enumerate(group):
-        batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
-                                          step=run.step)
-        mixup = None
-        if mixing is not None:
-            batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
-        context = StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch, mixup=mixup)
+        batch, context = prepare_batch(run, batch, epoch, config, env, mixing)
         last = position == len(group) - 1
         with run.model.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext():
             output = run.model(batch, context)
@@ -103,12 +110,7 @@ def plan_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig,
     for optimiser in active:
         optimiser.optimizer.zero_grad(set_to_none=True)
     for batch in group:
-        batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
-                                          step=run.step)
-        mixup = None
-        if mixing is not None:
-            batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
-        context = StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch, mixup=mixup)
+        batch, context = prepare_batch(run, batch, epoch, config, env, mixing)
         broadcast_buffers(run.distiller, env.world_size)
         output = run.model(batch, context)
         share = rows_of(batch) / total_rows
