@@ -64,3 +64,24 @@ def test_clip_grad_norm_bounds_the_update():
         moves[clip] = float((after - before).norm())
     assert moves[1e-3] == pytest.approx(1e-3, rel=1e-4)
     assert moves[None] > 10 * moves[1e-3]
+
+
+def test_a_diverged_loss_is_an_error_naming_the_step():
+    from kdkernels.distill.distiller import Distiller
+    from kdkernels.distill.models import digits_model
+    from kdkernels.distill.recipe import Recipe, Stage
+    from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm
+
+    def blows_up(logits, *, context):
+        return logits.sum() * (float("nan") if context.step == 2 else 0.0)
+
+    class StepTerm(FunctionTerm):
+        def loss(self, *values, context):
+            return self.fn(*values, context=context)
+
+    distiller = Distiller({"student": digits_model("student-mlp")},
+                          [CrossEntropyTerm("student"), StepTerm("unstable", blows_up, ("student",))])
+    recipe = Recipe("unstable", [Stage("unstable", distiller)])
+    with pytest.raises(FloatingPointError, match=r"stage 'unstable', epoch 1, step 2: the loss is nan \(terms: "
+                                                 r"ce_student .*, unstable nan\); training has diverged"):
+        Trainer(TrainConfig(epochs=1, batch_size=16, **QUIET)).fit(recipe, small_split().train, small_split().test)

@@ -7,6 +7,7 @@ by an EMA when the fp16 scaler skipped the step). A stage with several optimiser
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -49,12 +50,15 @@ class EpochSums:
         self.rows, self.loss, self.loss_seconds = 0, 0.0, 0.0
         self.terms: dict[str, float] = {}
 
-    def add(self, output: DistillOutput, rows: int) -> None:
+    def add(self, output: DistillOutput, rows: int) -> float:
+        """Adds a micro-batch's losses, weighted by its rows; returns its loss as a float."""
+        value = float(output.loss.detach())
         self.rows += rows
-        self.loss += float(output.loss.detach()) * rows
+        self.loss += value * rows
         self.loss_seconds += output.loss_seconds
-        for name, value in output.terms.items():
-            self.terms[name] = self.terms.get(name, 0.0) + float(value) * rows
+        for name, term in output.terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + float(term) * rows
+        return value
 
     def means(self, environment: Environment) -> dict[str, float]:
         names = list(self.terms)
@@ -62,6 +66,16 @@ class EpochSums:
                                 environment.world_size)
         rows = max(totals[0], 1.0)
         return {"train_loss": totals[1] / rows, **{name: total / rows for name, total in zip(names, totals[2:])}}
+
+
+def check_finite_loss(value: float, output: DistillOutput, run: StageRun, epoch: int, config: TrainConfig) -> None:
+    """A FloatingPointError naming the stage, epoch, step and terms when a micro-batch's loss is NaN or infinite
+    (training has diverged: an error, not a silently NaN run). Under fp16 the grad scaler skips such steps itself."""
+    if math.isfinite(value) or config.amp == "fp16":
+        return
+    terms = ", ".join(f"{name} {float(term):.4g}" for name, term in output.terms.items())
+    raise FloatingPointError(f"stage {run.stage.name!r}, epoch {epoch}, step {run.step}: the loss is {value} "
+                             f"(terms: {terms}); training has diverged (lower the learning rate or a term's weight)")
 
 
 def prepare_batch(run: StageRun, batch: dict, epoch: int, config: TrainConfig, env: Environment,
@@ -89,7 +103,7 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
         with run.model.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext():
             output = run.model(batch, context)
             run.scaler.scale(output.loss * (rows_of(batch) / total_rows)).backward()
-        sums.add(output, rows_of(batch))
+        check_finite_loss(sums.add(output, rows_of(batch)), output, run, epoch, config)
     if config.clip_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.parameters, config.clip_grad_norm)
@@ -123,7 +137,7 @@ def plan_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig,
             for parameter, grad in zip(optimiser.parameters, grads):
                 if grad is not None:
                     parameter.grad = grad if parameter.grad is None else parameter.grad + grad
-        sums.add(output, rows_of(batch))
+        check_finite_loss(sums.add(output, rows_of(batch)), output, run, epoch, config)
     applied = True
     for optimiser in active:
         if all(parameter.grad is None for parameter in optimiser.parameters):
