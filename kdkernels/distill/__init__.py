@@ -21,6 +21,7 @@ from kdkernels.distill.trainer import Trainer
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
 from kdkernels.distill.updates import EMA, Snapshot
 from kdkernels.distill.optimisers import GradientReversal, Optimiser, grad_reverse
+from kdkernels.distill.sources import GeneratorSource, Source, SyntheticData, TensorSource
 from kdkernels.distill.views import (CutMix, Downsample, GaussianNoise, HorizontalFlip, MixUp, RandomCrop, Rotate90,
                                      Transform, View)
 
@@ -30,7 +31,8 @@ __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTe
            "ShuffleBatchSampler", "ClassAwareBatchSampler", "PairBatchSampler", "DigitsCNN", "DigitsMLP",
            "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot",
            "BATCH", "View", "Transform", "Rotate90", "RandomCrop", "HorizontalFlip", "GaussianNoise", "Downsample",
-           "MixUp", "CutMix", "Optimiser", "GradientReversal", "grad_reverse"]
+           "MixUp", "CutMix", "Optimiser", "GradientReversal", "grad_reverse", "GeneratorSource", "Source",
+           "TensorSource", "SyntheticData"]
 
 from kdkernels.distill import meta, term_gradients      # noqa: E402  meta-steps and per-term gradients (modules)
 

@@ -14,7 +14,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def rows_of(batch: dict) -> int:
-    return int(batch["input"].shape[0])
+    """The batch's samples: rows of its ``"input"`` (of its ``"noise"`` or ``"index"`` for a source's request, before
+    the inputs are generated)."""
+    return int(batch[next(key for key in ("input", "noise", "index") if key in batch)].shape[0])
 
 
 def grouped(items: Iterable, size: int):

@@ -13,7 +13,8 @@ overrides it. The distiller's ``views`` (:mod:`kdkernels.distill.views`) add the
 the trainer applies them to every training batch (:meth:`Distiller.apply_views`) before the models run; evaluation
 runs them in evaluation mode (:meth:`Distiller.evaluation_input`).
 
-Frozen models run under ``no_grad`` with ``requires_grad`` off and stay in eval mode while the distiller trains,
+Frozen models run under ``no_grad`` (unless their input requires grad: generated inputs of
+:mod:`kdkernels.distill.sources`) with ``requires_grad`` off and stay in eval mode while the distiller trains,
 unless listed in ``frozen_train_mode`` (OFD and SSLD keep the teacher's batch norm in train mode, as the official
 code does). Trainable models and every term's parameters (connectors, embeddings, heads) are what
 :meth:`trainable_parameters` returns and what the state dict holds.
@@ -239,8 +240,10 @@ class Distiller(nn.Module):
         values: dict[str, object] = dict(batch)
         for name in self.models_read():
             model = self.models[name]
-            grad = name in self.trainable
             inputs = self.model_input(name, batch)
+            # A frozen model runs without gradients, unless its input is in a graph (generated inputs: a term may
+            # back-propagate through the frozen model into the generator; its own parameters stay frozen).
+            grad = name in self.trainable or (isinstance(inputs, torch.Tensor) and inputs.requires_grad)
             with torch.no_grad() if not grad else contextlib.nullcontext():
                 output = model(inputs)
             values[name] = output

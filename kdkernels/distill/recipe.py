@@ -15,6 +15,7 @@ from torch import nn
 
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.optimisers import check_optimisers
+from kdkernels.distill.sources import Source, check_source
 
 BATCHING = ("shuffle", "class_aware", "pairs")
 
@@ -39,6 +40,9 @@ class Stage:
             every trainable parameter minimising the sum of every term. See :mod:`kdkernels.distill.optimisers`.
         step_plan: with ``optimisers``: ``"alternate"`` (the default), ``"simultaneous"``, or a mapping of
             optimiser name -> turns in a row (``{"discriminator": 1, "student": 5}``).
+        source: where the stage's training inputs come from instead of the dataset, e.g. a
+            :class:`~kdkernels.distill.sources.GeneratorSource` (data-free KD: a generator model of the distiller,
+            trained in the stage); ``None``: the run's training set. See :mod:`kdkernels.distill.sources`.
     """
 
     name: str
@@ -51,9 +55,11 @@ class Stage:
     model_lr_scales: dict = dataclasses.field(default_factory=dict)
     optimisers: dict | None = None
     step_plan: str | dict | None = None
+    source: Source | None = None
 
     def __post_init__(self):
         check_optimisers(self.name, self.distiller, self.optimisers, self.step_plan)
+        check_source(self.name, self.distiller, self.source)
         if self.optimisers is not None and self.model_lr_scales:
             raise ValueError(f"stage {self.name!r}: model_lr_scales does not combine with optimisers; give each "
                              "Optimiser its lr_scale")

@@ -15,10 +15,10 @@ from typing import Callable, Mapping
 from kdkernels.distill.recipe import Recipe, Setup
 
 CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "self-supervised", "adversarial",
-              "multi-teacher", "teacher-prep")
+              "data-free", "multi-teacher", "teacher-prep")
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "self_supervised",
-                   "adversarial", "multi_teacher", "teacher_prep")
+                   "adversarial", "data_free", "multi_teacher", "teacher_prep")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@ distiller, the optimiser at ``lr · lr_scale`` with per-model scales, the per-st
 the forward module, DDP-wrapped when data-parallel) and the position and state a checkpoint holds. A stage with
 several optimisers (``Stage.optimisers``, :mod:`kdkernels.distill.optimisers`) has one :class:`OptimiserRun` each
 (optimiser, schedule, grad scaler) and its step plan's turns; it is not DDP-wrapped (its gradients are averaged by
-hand after each turn)."""
+hand after each turn). A stage with a source (``Stage.source``, :mod:`kdkernels.distill.sources`) iterates over
+the source's micro-batch requests instead of the training set; its models run on what the source generates."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ from kdkernels.distill.optimisers import Optimiser, optimiser_parameters, plan_t
 from kdkernels.distill.precision import grad_scaler
 from kdkernels.distill.recipe import Stage
 from kdkernels.distill.schedules import make_optimizer, make_scheduler
+from kdkernels.distill.sources import Source, SourceLoader
 from kdkernels.distill.step import DistillStep
 
 
@@ -55,7 +57,7 @@ class StageRun:
     stage: Stage
     epochs: int
     offset: int                  # epochs of the earlier stages (the samplers' epoch numbers continue across stages)
-    loader: DataLoader
+    loader: DataLoader           # a SourceLoader (also the sampler) in a stage with a source
     sampler: object
     parameters: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -66,6 +68,7 @@ class StageRun:
     step: int = 0
     optimisers: dict[str, OptimiserRun] = dataclasses.field(default_factory=dict)   # several: name -> run
     turns: list[tuple[str, ...]] = dataclasses.field(default_factory=list)          # their step plan's cycle
+    source: Source | None = None    # the stage's source with the run's batch size and epoch length filled in
 
     @property
     def distiller(self) -> Distiller:
@@ -95,24 +98,45 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
                   train_set: Dataset, labels: np.ndarray | None, amp_dtype: torch.dtype | None) -> StageRun:
     """Sets up stage ``index`` (``epochs`` epochs, after ``offset`` epochs of the earlier stages). The distiller is
     built on the stage's first batch (terms size their connectors) before the optimiser exists."""
-    sampler = batch_sampler_for(stage.batching, labels, config.batch_size, num_samples=len(train_set),
-                                options=stage.batching_options, seed=config.seed, rank=env.rank,
-                                world_size=env.world_size, drop_last=config.drop_last)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
-                        generator=torch.Generator().manual_seed(config.seed),
-                        pin_memory=env.device.type == "cuda")
-    sampler.set_epoch(offset + 1)
-    first = next(iter(loader), None)
-    if first is None:
-        raise ValueError(f"stage {stage.name!r} gets no batch: {len(train_set)} training samples, "
-                         f"batch_size {config.batch_size}, drop_last {config.drop_last}, "
-                         f"{env.world_size} process(es)")
     distiller = stage.distiller
+    if stage.source is not None:
+        if config.mixup_alpha > 0:
+            raise ValueError(f"stage {stage.name!r}: the trainer's MixUp (mixup_alpha > 0) does not combine with a "
+                             "source (it mixes the dataset's inputs and labels)")
+        data_steps = len(batch_sampler_for("shuffle", None, config.batch_size, num_samples=len(train_set),
+                                           rank=env.rank, world_size=env.world_size, drop_last=config.drop_last))
+        source = stage.source.resolved(config.batch_size, max(1, math.ceil(data_steps / config.grad_accum)))
+        loader = sampler = SourceLoader(source, config.grad_accum)
+        distiller.to(env.device)
+        training = distiller.training
+        distiller.eval()   # an example batch for build(): the generator's output on step 0's noise, no state change
+        try:
+            with torch.no_grad():
+                first = source.generate(distiller, source.request(
+                    seed=config.seed, epoch=offset + 1, step=0, grad_accum=config.grad_accum, rank=env.rank,
+                    world_size=env.world_size, device=env.device))
+        finally:
+            distiller.train(training)
+        first = {key: value.detach() for key, value in first.items()}
+    else:
+        source = None
+        sampler = batch_sampler_for(stage.batching, labels, config.batch_size, num_samples=len(train_set),
+                                    options=stage.batching_options, seed=config.seed, rank=env.rank,
+                                    world_size=env.world_size, drop_last=config.drop_last)
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
+                            generator=torch.Generator().manual_seed(config.seed),
+                            pin_memory=env.device.type == "cuda")
+        sampler.set_epoch(offset + 1)
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError(f"stage {stage.name!r} gets no batch: {len(train_set)} training samples, "
+                             f"batch_size {config.batch_size}, drop_last {config.drop_last}, "
+                             f"{env.world_size} process(es)")
     distiller.build(to_device(first, env.device)).activate().to(env.device)
     parameters = distiller.trainable_parameters()
     lr = config.lr * stage.lr_scale
     steps_per_epoch = max(1, math.ceil(len(sampler) / config.grad_accum))
-    model = DistillStep(distiller, amp_dtype, env.device.type)
+    model = DistillStep(distiller, amp_dtype, env.device.type, source)
     if stage.optimisers is not None:
         optimisers = {}
         for name, params in optimiser_parameters(stage.name, distiller, stage.optimisers).items():
@@ -124,7 +148,7 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         first = next(iter(optimisers.values()))
         return StageRun(index, stage, epochs, offset, loader, sampler, parameters, first.optimizer,
                         first.scheduler, first.scaler, model, steps_per_epoch, optimisers=optimisers,
-                        turns=plan_turns(stage.name, list(optimisers), stage.step_plan))
+                        turns=plan_turns(stage.name, list(optimisers), stage.step_plan), source=source)
     optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
     scheduler = make_scheduler(config, optimizer, epochs, steps_per_epoch)
     scaler = grad_scaler(config.amp, env.device.type)
@@ -134,4 +158,4 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
                                         else None, find_unused_parameters=True)
     return StageRun(index, stage, epochs, offset, loader, sampler, parameters, optimizer, scheduler, scaler,
-                    model, steps_per_epoch)
+                    model, steps_per_epoch, source=source)

@@ -3,10 +3,12 @@ loss terms in fp32, each loss weighted by its share of the step's samples (``1/g
 micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
 (scaled) optimiser step, the LR schedule's step and the distiller's model updates (EMA and snapshot copies, skipped
 by an EMA when the fp16 scaler skipped the step). A stage with several optimisers takes its step plan's turn instead
-(:func:`plan_step`). Also the epoch's sample-weighted loss sums."""
+(:func:`plan_step`). A stage with a source (:mod:`kdkernels.distill.sources`) draws each micro-batch's request in
+the step and generates its inputs inside the forward. Also the epoch's sample-weighted loss sums."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ from kdkernels.distill.environment import Environment, all_reduce_sum
 from kdkernels.distill.mixing import mix_batch
 from kdkernels.distill.optimisers import average_gradients, broadcast_buffers
 from kdkernels.distill.precision import autocast, scaler_step
+from kdkernels.distill.sources import Source
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.updates import update_models
 
@@ -28,19 +31,40 @@ if TYPE_CHECKING:
     from kdkernels.distill.config import TrainConfig
     from kdkernels.distill.stage import StageRun
 
+VIEW_KEY = "_view_key"   # in a source's request: the (seed, epoch, step) its views draw from, applied in the forward
+
 
 class DistillStep(nn.Module):
     """One forward of a distiller with the models under autocast and the terms in fp32 (DDP wraps this)."""
 
-    def __init__(self, distiller: Distiller, amp_dtype: torch.dtype | None, device_type: str):
+    def __init__(self, distiller: Distiller, amp_dtype: torch.dtype | None, device_type: str,
+                 source: Source | None = None):
         super().__init__()
         self.distiller = distiller
         self.amp_dtype, self.device_type = amp_dtype, device_type
+        self.source = source
 
     def forward(self, batch: dict, context: StepContext) -> DistillOutput:
         with autocast(self.device_type, self.amp_dtype):
+            if self.source is not None:   # the source's models (a generator) run in the forward, graph kept
+                batch = dict(batch)
+                view_key = batch.pop(VIEW_KEY)
+                batch = self.distiller.apply_views(self.source.generate(self.distiller, batch), **view_key)
+                context = dataclasses.replace(context, batch=batch)
             values = self.distiller.run_models(batch)
         return self.distiller.compute_terms(values, context)
+
+
+def training_batch(run: StageRun, batch: dict, epoch: int, config: TrainConfig, env: Environment) -> dict:
+    """A micro-batch as the forward takes it: the dataset's batch on the device with the views applied, or, in a
+    stage with a source, the source's request for this micro-batch (drawn from seed, epoch, step, rank)."""
+    if run.source is not None:   # the views apply in the forward, after the generation
+        request = run.source.request(seed=config.seed, epoch=run.offset + epoch, step=run.step,
+                                     micro=int(batch["micro"]), grad_accum=config.grad_accum, rank=env.rank,
+                                     world_size=env.world_size, device=env.device)
+        return {**request, VIEW_KEY: {"seed": config.seed, "epoch": run.offset + epoch, "step": run.step}}
+    return run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
+                                     step=run.step)
 
 
 class EpochSums:
@@ -82,8 +106,7 @@ def prepare_batch(run: StageRun, batch: dict, epoch: int, config: TrainConfig, e
                   mixing: np.random.Generator | None) -> tuple[dict, StepContext]:
     """A micro-batch on the device with the distiller's views applied and the trainer's MixUp (if any), and the
     step's context for the terms."""
-    batch = run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
-                                      step=run.step)
+    batch = training_batch(run, batch, epoch, config, env)
     mixup = None
     if mixing is not None:
         batch, mixup = mix_batch(batch, config.mixup_alpha, mixing)
@@ -95,7 +118,8 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     """Trains ``run`` on the micro-batches of ``group`` for one optimiser step; adds their losses to ``sums``."""
     if run.optimisers:
         return plan_step(run, group, epoch, config, env, mixing, sums)
-    total_rows = sum(rows_of(batch) for batch in group)
+    total_rows = sum(rows_of(batch) for batch in group) if run.source is None \
+        else len(group) * run.source.batch_size
     run.optimizer.zero_grad(set_to_none=True)
     for position, batch in enumerate(group):
         batch, context = prepare_batch(run, batch, epoch, config, env, mixing)
@@ -120,7 +144,8 @@ def plan_step(run: StageRun, group: list[dict], epoch: int, config: TrainConfig,
     own parameters, scaled by their own grad scaler), averaged over the ranks; then they step, every optimiser's
     schedule steps, and the model updates run."""
     active = [run.optimisers[name] for name in run.turns[run.step % len(run.turns)]]
-    total_rows = sum(rows_of(batch) for batch in group)
+    total_rows = sum(rows_of(batch) for batch in group) if run.source is None \
+        else len(group) * run.source.batch_size
     for optimiser in active:
         optimiser.optimizer.zero_grad(set_to_none=True)
     for batch in group:

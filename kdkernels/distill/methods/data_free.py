@@ -1,0 +1,130 @@
+"""Data-free distillation: the student never sees the training data; a generator, trained in the same stage against the
+frozen teacher, makes its inputs (a stage with a :class:`~kdkernels.distill.sources.GeneratorSource` and two
+optimisers). The run's test split still evaluates the student."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels._validation import Checks
+from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.optimisers import Optimiser
+from kdkernels.distill.recipe import Recipe, Setup, feature_points
+from kdkernels.distill.registry import register
+from kdkernels.distill.sources import GeneratorSource
+from kdkernels.distill.terms import FunctionTerm
+
+DAFL_PAPER = "Chen, Wang, Xu, Yang, Liu, Shi, Xu, Xu, Tian. Data-Free Learning of Student Networks. ICCV 2019"
+
+
+class DAFLGenerator(nn.Module):
+    """The DAFL generator (huawei-noah/Efficient-Computing ``Data-Efficient-Model-Compression/DAFL/DAFL-train.py``,
+    ``Generator``): ``Linear(latent, 128·(s/4)²)`` → BN(128) → ×2 nearest → Conv3×3(128→128), BN(128, eps=0.8),
+    LeakyReLU(0.2) → ×2 → Conv3×3(128→64), BN(64, eps=0.8), LeakyReLU(0.2), Conv3×3(64→channels), Tanh,
+    BN(channels, affine=False); images ``[B, channels, s, s]`` (``s`` a multiple of 4)."""
+
+    def __init__(self, latent_dim: int = 100, channels: int = 1, image_size: int = 32):
+        super().__init__()
+        self.init_size = image_size // 4
+        self.l1 = nn.Sequential(nn.Linear(latent_dim, 128 * self.init_size ** 2))
+        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
+        self.conv_blocks1 = nn.Sequential(nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.BatchNorm2d(128, 0.8),
+                                          nn.LeakyReLU(0.2, inplace=True))
+        self.conv_blocks2 = nn.Sequential(nn.Conv2d(128, 64, 3, stride=1, padding=1), nn.BatchNorm2d(64, 0.8),
+                                          nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(64, channels, 3, stride=1,
+                                                                                     padding=1),
+                                          nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z).view(z.shape[0], 128, self.init_size, self.init_size)
+        img = F.interpolate(self.conv_blocks0(out), scale_factor=2)
+        img = F.interpolate(self.conv_blocks1(img), scale_factor=2)
+        return self.conv_blocks2(img)
+
+
+def one_hot_loss(teacher: torch.Tensor) -> torch.Tensor:
+    """``CE(z_t, argmax z_t)``: the teacher should be confident on generated images."""
+    return F.cross_entropy(teacher, teacher.argmax(dim=1))
+
+
+def information_entropy_loss(teacher: torch.Tensor) -> torch.Tensor:
+    """``Σ_c p̄_c · log10 p̄_c`` with ``p̄ = mean_b softmax(z_t)``: minus the entropy (base 10, as coded) of the
+    batch's mean prediction, so minimising it balances the classes of the generated images."""
+    mean = F.softmax(teacher.float(), dim=1).mean(dim=0)
+    return (mean * torch.log10(mean)).sum()
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """``−mean |f_t|``: the teacher's features should respond strongly."""
+    return -features.abs().mean()
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return kdkernels.kd_loss(student, teacher.detach(), 1.0)
+
+
+@register("dafl", category="data-free", paper=DAFL_PAPER, presets={
+    "mnist": {"image_shape": (1, 32, 32), "batch_size": 512, "steps_per_epoch": 120, "generator_lr_scale": 100.0},
+    "cifar10": {"image_shape": (3, 32, 32), "batch_size": 1024, "steps_per_epoch": 120, "latent_dim": 1000,
+                "generator_lr_scale": 0.2, "one_hot_weight": 0.05, "information_entropy_weight": 5.0,
+                "activation_weight": 0.01},
+    "cifar100": {"image_shape": (3, 32, 32), "batch_size": 1024, "steps_per_epoch": 120, "latent_dim": 1000,
+                 "generator_lr_scale": 0.2, "one_hot_weight": 0.5, "information_entropy_weight": 20.0,
+                 "activation_weight": 0.1}})
+def dafl(setup: Setup, one_hot_weight: float = 1.0, information_entropy_weight: float = 5.0,
+         activation_weight: float = 0.1, kd_weight: float = 1.0, latent_dim: int = 100,
+         image_shape: tuple = (1, 8, 8), batch_size: int | None = None, steps_per_epoch: int | None = None,
+         generator_lr_scale: float = 1.0, teacher_layer: str | None = None) -> Recipe:
+    """DAFL, data-free KD: a generator G minimises ``oh·CE(z_t, argmax z_t) + ie·Σ_c p̄_c log10 p̄_c − a·mean|f_t|``
+    (z_t = teacher(G(z)), p̄ = mean_b softmax(z_t), f_t the teacher's features), while the student minimises
+    ``kd·KL(p_t ‖ p_s)`` (T = 1, batchmean) on the same generated images; z ~ N(0, I).
+
+    Chen et al. (ICCV 2019); official code huawei-noah/Efficient-Computing
+    ``Data-Efficient-Model-Compression/DAFL/DAFL-train.py``: per iteration one noise batch, ``loss_one_hot·oh +
+    loss_information_entropy·ie + loss_activation·a`` for G (teacher in eval mode, gradients through it into G),
+    ``kdloss(net(gen_imgs.detach()), outputs_T.detach())`` (KL summed / B) for the student, one backward of the sum
+    and both optimisers stepping: here a stage with a :class:`~kdkernels.distill.sources.GeneratorSource` and the
+    optimisers ``"generator"`` (G: one_hot, information_entropy, activation, at ``generator_lr_scale`` × the
+    stage's rate) and ``"student"`` (kd), ``step_plan="simultaneous"`` (each optimiser the gradient of its own
+    terms: the same as the official single backward, since the student's loss reads detached images and teacher
+    outputs). G is :class:`DAFLGenerator`. Defaults are the official MNIST ones (``--oh 1 --ie 5 --a 0.1``,
+    latent 100); f_t is the teacher's classifier input (``kd_points.embedding``; the official ResNet returns the pooled
+    feature, its LeNet-5 the conv3 output before the hidden fc1). Deviations of the default preset, for the bundled
+    8×8 digits: ``image_shape (1, 8, 8)``, the run's batch size and epoch length (``batch_size``/``steps_per_epoch``
+    ``None``) and one learning rate for both (the trainer has one optimiser type; officially Adam with lr_G 0.2,
+    lr_S 2e-3 on MNIST, ratio 100). Presets ``mnist``, ``cifar10``, ``cifar100`` hold the official README values
+    (batch 512 / 1024, 120 iterations per epoch, latent 1000 and ``--oh/--ie/--a`` on CIFAR, lr ratio lr_G/lr_S).
+    """
+    check = Checks("dafl")
+    weights = {name: check.real(name, value, minimum=0.0) for name, value in (
+        ("one_hot_weight", one_hot_weight), ("information_entropy_weight", information_entropy_weight),
+        ("activation_weight", activation_weight), ("kd_weight", kd_weight))}
+    latent_dim = check.integer("latent_dim", latent_dim, minimum=1)
+    if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3:
+        check.type_error("image_shape", "a (channels, height, width) tuple", image_shape)
+    channels, height, width = (check.integer("image_shape", size, minimum=1) for size in image_shape)
+    if height != width or height % 4:
+        check.value_error("image_shape", "must be square with a side that is a multiple of 4 (the generator "
+                                         "up-samples twice by 2)", repr(tuple(image_shape)))
+    generator_lr_scale = check.real("generator_lr_scale", generator_lr_scale, positive=True)
+    teacher = setup.require_teacher("dafl")
+    if teacher_layer is None:
+        teacher_layer = feature_points(teacher).embedding
+    terms = [FunctionTerm("one_hot", one_hot_loss, ("teacher",), weights["one_hot_weight"]),
+             FunctionTerm("information_entropy", information_entropy_loss, ("teacher",),
+                          weights["information_entropy_weight"]),
+             FunctionTerm("activation", activation_loss, (f"teacher:{teacher_layer}",), weights["activation_weight"]),
+             FunctionTerm("kd", _kd, ("student", "teacher"), weights["kd_weight"])]
+    models = {"student": setup.student, "teacher": teacher,
+              "generator": DAFLGenerator(latent_dim, channels, height)}
+    distiller = Distiller(models, terms, trainable=("student", "generator"))
+    optimisers = {"generator": Optimiser(models=("generator",), terms=("one_hot", "information_entropy",
+                                                                        "activation"),
+                                         lr_scale=generator_lr_scale),
+                  "student": Optimiser(models=("student",), terms=("kd",))}
+    source = GeneratorSource("generator", batch_size=batch_size, noise_dim=latent_dim,
+                             steps_per_epoch=steps_per_epoch)
+    return single_stage("dafl", distiller, source=source, optimisers=optimisers, step_plan="simultaneous")
