@@ -10,7 +10,7 @@ from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.methods.data_free import DAFLGenerator
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, assert_same_run, parameters_of, run_in_pieces, small_split
+from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
 
 
 def setup(seed=0):
@@ -82,11 +82,7 @@ def test_trains_generator_and_student_and_evaluates_on_the_test_split(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    reference_recipe = make(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(make, CONFIG, [1, 1], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(make, CONFIG, tmp_path, pieces=(1, 1))
 
 
 def test_configuration_errors_name_the_problem():

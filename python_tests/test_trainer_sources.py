@@ -14,7 +14,7 @@ from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Recipe, Stage
 from kdkernels.distill.terms import CrossEntropyTerm, Term
 from kdkernels.distill.trainer import TrainConfig, Trainer
-from trainer_testing import QUIET, assert_same_run, parameters_of, run_in_pieces, small_split
+from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
 
 NOISE = 8
 
@@ -162,11 +162,7 @@ def test_a_source_stage_with_one_optimiser_grad_accum_and_the_run_s_batch_size_r
 
 
 def test_resume_of_a_data_free_stage_is_bit_exact(tmp_path):
-    reference_recipe = data_free_recipe(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(data_free_recipe, CONFIG, [1, 1], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(data_free_recipe, CONFIG, tmp_path, pieces=(1, 1))
 
 
 def test_generator_source_errors_name_the_problem():
@@ -270,11 +266,7 @@ def test_tensor_source_trains_the_synthetic_images_not_their_labels_and_resumes_
     result = Trainer(TrainConfig(**CONFIG)).fit(recipe, small_split().train, small_split().test)
     assert not torch.equal(data.images.detach(), images) and torch.equal(data.labels, labels)
     assert result.steps == 6 and "test_acc_student" in result.history[-1]
-    reference_recipe = synthetic_recipe(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(synthetic_recipe, CONFIG, [1, 1], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(synthetic_recipe, CONFIG, tmp_path, pieces=(1, 1))
 
 
 def test_tensor_source_errors_name_the_problem():
@@ -403,8 +395,4 @@ def test_views_apply_to_the_generated_batch_in_the_generator_s_graph(tmp_path):
     Trainer(TrainConfig(**CONFIG)).fit(recipe, small_split().train, small_split().test)
     assert not torch.equal(parameters_of(recipe.stages[0].distiller.models["generator"])["fc.weight"],
                            generator["fc.weight"])
-    reference_recipe = make(seed=1)
-    reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **CONFIG)).fit(
-        reference_recipe, small_split().train, small_split().test)
-    resumed, resumed_recipe = run_in_pieces(make, CONFIG, [1, 1], tmp_path / "pieces")
-    assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+    assert_resume_is_exact(make, CONFIG, tmp_path, pieces=(1, 1))

@@ -60,6 +60,19 @@ if TYPE_CHECKING:
 SOURCE_KEYS = ("input", "noise", "index")
 
 
+
+def check_trained_model(where: str, role: str, name: str, distiller: Distiller, why: str) -> None:
+    """The source's model ``name`` exists, is trainable (``why`` says why it must be) and is not evaluated; else a
+    ValueError naming the stage, the role and the model."""
+    if name not in distiller.models:
+        raise ValueError(f"{where} names unknown {role} model {name!r}; the models are {list(distiller.models)}")
+    if name not in distiller.trainable:
+        raise ValueError(f"{where}: the {role} {name!r} is frozen (not in the distiller's trainable "
+                         f"{list(distiller.trainable)}); {why}")
+    if name in distiller.evaluate:
+        raise ValueError(f"{where}: the {role} {name!r} is among the evaluated models {list(distiller.evaluate)}; "
+                         "list the student first in trainable or set evaluate")
+
 class Source:
     """Where a stage's training inputs come from instead of the dataset (see the module doc)."""
 
@@ -130,15 +143,7 @@ class GeneratorSource(Source):
 
     def check(self, stage: str, distiller: Distiller) -> None:
         where = f"stage {stage!r}: source"
-        if self.generator not in distiller.models:
-            raise ValueError(f"{where} names unknown generator model {self.generator!r}; the models are "
-                             f"{list(distiller.models)}")
-        if self.generator not in distiller.trainable:
-            raise ValueError(f"{where}: the generator {self.generator!r} is frozen (not in the distiller's "
-                             f"trainable {list(distiller.trainable)}); a generator source trains its generator")
-        if self.generator in distiller.evaluate:
-            raise ValueError(f"{where}: the generator {self.generator!r} is among the evaluated models "
-                             f"{list(distiller.evaluate)}; list the student first in trainable or set evaluate")
+        check_trained_model(where, "generator", self.generator, distiller, "a generator source trains its generator")
         readers = [term.name for term in distiller.terms if "target" in term.reads]
         if readers:
             raise ValueError(f"{where}: terms {readers} read 'target', but generated inputs have no labels (a "
@@ -225,19 +230,11 @@ class TensorSource(Source):
 
     def check(self, stage: str, distiller: Distiller) -> None:
         where = f"stage {stage!r}: source"
-        if self.data not in distiller.models:
-            raise ValueError(f"{where} names unknown data model {self.data!r}; the models are "
-                             f"{list(distiller.models)}")
+        check_trained_model(where, "data", self.data, distiller, "a tensor source trains its synthetic images")
         model = distiller.models[self.data]
         if not isinstance(model, SyntheticData):
             raise TypeError(f"{where}: the data model {self.data!r} must be a SyntheticData, got "
                             f"{type(model).__name__}")
-        if self.data not in distiller.trainable:
-            raise ValueError(f"{where}: the data model {self.data!r} is frozen (not in the distiller's trainable "
-                             f"{list(distiller.trainable)}); a tensor source trains its synthetic images")
-        if self.data in distiller.evaluate:
-            raise ValueError(f"{where}: the data model {self.data!r} is among the evaluated models "
-                             f"{list(distiller.evaluate)}; list the student first in trainable or set evaluate")
         if self.batch_size is not None and self.batch_size > len(model):
             raise ValueError(f"{where}: batch_size {self.batch_size} is larger than the synthetic set ({len(model)} "
                              "samples; a batch holds distinct samples)")
