@@ -123,6 +123,15 @@ class Checks:
             self.value_error(name, f"must be an int {bounds}", value)
         return value
 
+    def name(self, name: str, value, what: str, type_text: str | None = None) -> str:
+        """A non-empty str naming something (``what``: "model name", "batch key"); ``type_text`` is what the
+        TypeError says it must be (default ``"a <what> (str)"``)."""
+        if not isinstance(value, str):
+            self.type_error(name, type_text or f"a {what} (str)", value)
+        if not value:
+            self.value_error(name, f"must be a non-empty {what}", repr(value))
+        return value
+
     def flag(self, name: str, value) -> bool:
         if not isinstance(value, bool):
             self.type_error(name, "a bool", value)

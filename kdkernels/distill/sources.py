@@ -114,11 +114,7 @@ class GeneratorSource(Source):
     def __init__(self, generator: str = "generator", batch_size: int | None = None,
                  noise_dim: int | Sequence[int] = 100, steps_per_epoch: int | None = None):
         check = Checks("GeneratorSource")
-        if not isinstance(generator, str):
-            check.type_error("generator", "a model name (str)", generator)
-        if not generator:
-            check.value_error("generator", "must be a non-empty model name", repr(generator))
-        self.generator = generator
+        self.generator = check.name("generator", generator, "model name")
         self.batch_size = None if batch_size is None else _positive_int(check, "batch_size", batch_size)
         if isinstance(noise_dim, numbers.Integral) and not isinstance(noise_dim, bool):
             shape = (noise_dim,)
@@ -208,11 +204,7 @@ class TensorSource(Source):
 
     def __init__(self, data: str = "synthetic", batch_size: int | None = None, steps_per_epoch: int | None = None):
         check = Checks("TensorSource")
-        if not isinstance(data, str):
-            check.type_error("data", "a model name (str)", data)
-        if not data:
-            check.value_error("data", "must be a non-empty model name", repr(data))
-        self.data = data
+        self.data = check.name("data", data, "model name")
         self.batch_size = None if batch_size is None else _positive_int(check, "batch_size", batch_size)
         self.steps_per_epoch = None if steps_per_epoch is None \
             else _positive_int(check, "steps_per_epoch", steps_per_epoch)

@@ -169,10 +169,7 @@ class Draws:
 # ------------------------------------------------------------------------------------------------ transforms
 
 def _check_key(check: Checks, name: str, value) -> str:
-    if not isinstance(value, str):
-        check.type_error(name, "a str (a batch key)", value)
-    if not value:
-        check.value_error(name, "must be a non-empty batch key", repr(value))
+    check.name(name, value, "batch key", "a str (a batch key)")
     if value in RESERVED_KEYS:
         check.value_error(name, f"must not be one of {RESERVED_KEYS} (views draw from 'index' and never rewrite "
                                 "'target')", repr(value))
@@ -438,11 +435,7 @@ class View:
 
     def __init__(self, source: str, output: str, transform: Transform | None = None):
         check = Checks("View")
-        if not isinstance(source, str):
-            check.type_error("source", "a str (a batch key)", source)
-        if not source:
-            check.value_error("source", "must be a non-empty batch key", repr(source))
-        self.source = source
+        self.source = check.name("source", source, "batch key", "a str (a batch key)")
         self.output = _check_key(check, "output", output)
         if transform is not None and not isinstance(transform, Transform):
             check.type_error("transform", "a kdkernels.distill.views.Transform or None", transform)

@@ -6,7 +6,7 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
 :mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
-:mod:`~kdkernels.losses.self_supervised`.
+:mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -25,6 +25,7 @@ from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
 from kdkernels.losses.self_supervised import softmax_mse_loss
+from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
 
 __all__ = [
     # fused kernels
@@ -32,7 +33,8 @@ __all__ = [
     "pkt_loss", "cc_loss", "crd_loss", "crd_normalizers", "crd_update_memory_", "sample_contrast_indices",
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
-    "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "softmax_mse_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "softmax_mse_loss", "gan_generator_loss",
+    "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights", "camkd_loss",
     "camkd_feature_loss", "byot_loss",

@@ -2,7 +2,6 @@
 trained to fool it (a stage with two optimisers, :mod:`kdkernels.distill.optimisers`)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,8 +54,7 @@ class StudentAdversarialTerm(Term):
             self.connector = nn.Linear(student.shape[1], teacher.shape[1])
 
     def loss(self, student, teacher, *, context):
-        logit = self._discriminator[0](F.normalize(self.connector(student), dim=1))
-        return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        return kdkernels.gan_generator_loss(self._discriminator[0](F.normalize(self.connector(student), dim=1)))
 
 
 class DiscriminatorTerm(Term):
@@ -79,8 +77,7 @@ class DiscriminatorTerm(Term):
     def loss(self, student, teacher, *, context):
         real = self.discriminator(F.normalize(teacher, dim=1))
         fake = self.discriminator(F.normalize(self._student_term[0].connector(student), dim=1).detach())
-        return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        return kdkernels.gan_discriminator_loss(real, fake)
 
 
 @register("adv-feature", category="adversarial", paper=ADV_FEATURE_PAPER, approximation=ADV_FEATURE_APPROXIMATION)

@@ -45,21 +45,10 @@ class DAFLGenerator(nn.Module):
         return self.conv_blocks2(img)
 
 
-def one_hot_loss(teacher: torch.Tensor) -> torch.Tensor:
-    """``CE(z_t, argmax z_t)``: the teacher should be confident on generated images."""
-    return F.cross_entropy(teacher, teacher.argmax(dim=1))
-
-
-def information_entropy_loss(teacher: torch.Tensor) -> torch.Tensor:
-    """``Σ_c p̄_c · log10 p̄_c`` with ``p̄ = mean_b softmax(z_t)``: minus the entropy (base 10, as coded) of the
-    batch's mean prediction, so minimising it balances the classes of the generated images."""
-    mean = F.softmax(teacher.float(), dim=1).mean(dim=0)
-    return (mean * torch.log10(mean)).sum()
-
-
-def activation_loss(features: torch.Tensor) -> torch.Tensor:
-    """``−mean |f_t|``: the teacher's features should respond strongly."""
-    return -features.abs().mean()
+def dafl_part(teacher: torch.Tensor, features: torch.Tensor, *, part: int) -> torch.Tensor:
+    """One unweighted part of :func:`kdkernels.dafl_generator_loss` (0: one-hot, 1: information entropy,
+    2: activation), so that each is its own term (weighted and logged separately)."""
+    return kdkernels.dafl_generator_loss(teacher, features, return_parts=True)[part]
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -113,10 +102,11 @@ def dafl(setup: Setup, one_hot_weight: float = 1.0, information_entropy_weight: 
     teacher = setup.require_teacher("dafl")
     if teacher_layer is None:
         teacher_layer = feature_points(teacher).embedding
-    terms = [FunctionTerm("one_hot", one_hot_loss, ("teacher",), weights["one_hot_weight"]),
-             FunctionTerm("information_entropy", information_entropy_loss, ("teacher",),
-                          weights["information_entropy_weight"]),
-             FunctionTerm("activation", activation_loss, (f"teacher:{teacher_layer}",), weights["activation_weight"]),
+    generator_reads = ("teacher", f"teacher:{teacher_layer}")
+    terms = [FunctionTerm("one_hot", dafl_part, generator_reads, weights["one_hot_weight"], part=0),
+             FunctionTerm("information_entropy", dafl_part, generator_reads, weights["information_entropy_weight"],
+                          part=1),
+             FunctionTerm("activation", dafl_part, generator_reads, weights["activation_weight"], part=2),
              FunctionTerm("kd", _kd, ("student", "teacher"), weights["kd_weight"])]
     models = {"student": setup.student, "teacher": teacher,
               "generator": DAFLGenerator(latent_dim, channels, height)}
