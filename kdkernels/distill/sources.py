@@ -1,5 +1,6 @@
-"""Input sources other than the dataset: a stage whose training inputs come from a generator model (data-free KD)
-or from a learnable tensor dataset (dataset distillation: :class:`TensorSource` over :class:`SyntheticData`).
+"""Input sources other than the dataset: a stage whose training inputs come from a generator model (data-free KD),
+from a learnable tensor dataset (dataset distillation: :class:`TensorSource` over :class:`SyntheticData`), or from
+either of them trained by an earlier stage and frozen in this one (model inversion, then distillation).
 
     generator = MyGenerator(noise_dim=32)                  # noise [B, 32] -> images [B, 1, 8, 8]
     distiller = Distiller({"student": student, "teacher": teacher, "generator": generator},
@@ -21,10 +22,24 @@ A :class:`GeneratorSource` replaces the dataset of its stage: each micro-batch i
 
 and no ``"target"``: a term that reads labels is refused when the stage is made (as label-free data would fail).
 
-The generator is one of the distiller's trainable models (it is checkpointed and resumed with them, and an
-:class:`~kdkernels.distill.optimisers.Optimiser` may own it); it runs inside the step's forward (under autocast and,
-when data-parallel, inside DDP, so its gradients are averaged). The evaluated models are tested on the run's real
-test split as in any stage; list the student first in ``trainable`` (or set ``evaluate``) so the generator is not.
+The generator is one of the distiller's models (checkpointed and resumed with them); it runs inside the step's
+forward (under autocast and, when data-parallel, inside DDP, so its gradients are averaged). When it is trainable,
+the stage trains it (an :class:`~kdkernels.distill.optimisers.Optimiser` may own it); when it is frozen, it is a
+fixed sampler: it runs under ``no_grad`` in eval mode (as every frozen model) and its images carry no graph. The
+evaluated models are tested on the run's real test split as in any stage; list the student first in ``trainable``
+(or set ``evaluate``) so the generator is not.
+
+**Data synthesised by an earlier stage.** Stages share model objects, so a :class:`SyntheticData` (or a generator)
+trained by one stage is the frozen source of the next: model inversion optimises the images against a frozen
+teacher in a first stage, then a second stage distils the student on them and never reads the training set::
+
+    images = SyntheticData(torch.randn(500, 1, 8, 8), torch.arange(500) % 10)
+    invert = Stage("invert", Distiller({"teacher": teacher, "synthetic": images}, inversion_terms,
+                                       trainable=("synthetic",), evaluate=("teacher",)),
+                   source=TensorSource("synthetic"))
+    distil = Stage("distil", Distiller({"student": student, "teacher": teacher, "synthetic": images}, kd_terms),
+                   source=TensorSource("synthetic"))              # frozen here: the images stay as stage 1 left them
+    recipe = Recipe("inversion", [invert, distil])
 
 **Randomness.** Sample ``b``'s noise is a counter-based hash of (seed, epoch, step, ``index[b]``) (standard normal
 by Box–Muller: :class:`~kdkernels.distill.views.Draws` keyed by ``stream_seed(seed, SOURCE_STREAM, epoch, step)``,
@@ -43,6 +58,7 @@ trainer's MixUp does not combine with a source.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import TYPE_CHECKING, Sequence
@@ -61,17 +77,15 @@ SOURCE_KEYS = ("input", "noise", "index")
 
 
 
-def check_trained_model(where: str, role: str, name: str, distiller: Distiller, why: str) -> None:
-    """The source's model ``name`` exists, is trainable (``why`` says why it must be) and is not evaluated; else a
-    ValueError naming the stage, the role and the model."""
+def check_source_model(where: str, role: str, name: str, distiller: Distiller) -> None:
+    """The source's model ``name`` exists and is not evaluated (trainable: the stage trains it; frozen: an earlier
+    stage did); else a ValueError naming the stage, the role and the model."""
     if name not in distiller.models:
         raise ValueError(f"{where} names unknown {role} model {name!r}; the models are {list(distiller.models)}")
-    if name not in distiller.trainable:
-        raise ValueError(f"{where}: the {role} {name!r} is frozen (not in the distiller's trainable "
-                         f"{list(distiller.trainable)}); {why}")
     if name in distiller.evaluate:
         raise ValueError(f"{where}: the {role} {name!r} is among the evaluated models {list(distiller.evaluate)}; "
                          "list the student first in trainable or set evaluate")
+
 
 class Source:
     """Where a stage's training inputs come from instead of the dataset (see the module doc)."""
@@ -104,7 +118,7 @@ class GeneratorSource(Source):
     """Inputs from a generator model of the distiller: ``batch["input"] = generator(noise)``.
 
     Args:
-        generator: the name of the distiller's (trainable) generator model.
+        generator: the name of the distiller's generator model (trained in the stage when trainable, else fixed).
         batch_size: noise vectors per micro-batch (per rank under DDP); ``None``: the run's ``batch_size``.
         noise_dim: the noise's shape per sample: an int (``[B, noise_dim]``) or a tuple (``[B, *noise_dim]``).
         steps_per_epoch: optimiser steps in one epoch of the stage; ``None``: as many as an epoch of the run's
@@ -139,7 +153,7 @@ class GeneratorSource(Source):
 
     def check(self, stage: str, distiller: Distiller) -> None:
         where = f"stage {stage!r}: source"
-        check_trained_model(where, "generator", self.generator, distiller, "a generator source trains its generator")
+        check_source_model(where, "generator", self.generator, distiller)
         readers = [term.name for term in distiller.terms if "target" in term.reads]
         if readers:
             raise ValueError(f"{where}: terms {readers} read 'target', but generated inputs have no labels (a "
@@ -157,7 +171,9 @@ class GeneratorSource(Source):
         return {"noise": self.noise(seed=seed, epoch=epoch, step=step, index=index), "index": index}
 
     def generate(self, distiller: Distiller, request: dict) -> dict:
-        images = distiller.models[self.generator](request["noise"])
+        frozen = self.generator not in distiller.trainable
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            images = distiller.models[self.generator](request["noise"])
         if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] != request["noise"].shape[0]:
             raise ValueError(f"the generator {self.generator!r} must return a tensor [B, ...] with one row per noise "
                              f"vector (B = {request['noise'].shape[0]}), got "
@@ -166,8 +182,9 @@ class GeneratorSource(Source):
 
 
 class SyntheticData(nn.Module):
-    """A learnable tensor dataset (dataset distillation): ``images`` an ``nn.Parameter`` ``[N, ...]`` (trained by
-    the stage's optimisers when this module is a trainable model of the distiller) and fixed integer ``labels``
+    """A learnable tensor dataset (dataset distillation, model inversion): ``images`` an ``nn.Parameter`` ``[N, ...]``
+    (trained by the stage's optimisers when this module is a trainable model of the distiller, fixed when it is
+    frozen) and fixed integer ``labels``
     ``[N]`` (a buffer: checkpointed, never trained). ``forward()`` returns the images."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -193,11 +210,13 @@ class TensorSource(Source):
     """Inputs from a learnable tensor dataset: a :class:`SyntheticData` model of the distiller. Each micro-batch
     is ``batch_size`` distinct samples drawn at random (``torch.randperm(N)[:batch_size]`` from a generator seeded
     with ``stream_seed(seed, SOURCE_STREAM, epoch, step, micro, rank)``); the batch is ``"input"`` (the rows of the
-    images parameter, in its graph: a term back-propagates into the synthetic images), ``"target"`` (their fixed
+    images parameter, in its graph when the data model is trainable: a term back-propagates into the synthetic
+    images), ``"target"`` (their fixed
     labels) and ``"index"`` (their positions in the synthetic set, as a dataset's index).
 
     Args:
-        data: the name of the distiller's (trainable) :class:`SyntheticData` model.
+        data: the name of the distiller's :class:`SyntheticData` model (its images trained in the stage when it is
+            trainable, fixed when it is frozen: a set synthesised by an earlier stage).
         batch_size: samples per micro-batch (at most N); ``None``: the run's ``batch_size`` (capped at N).
         steps_per_epoch: optimiser steps per epoch; ``None``: an epoch of the run's training set.
     """
@@ -222,7 +241,7 @@ class TensorSource(Source):
 
     def check(self, stage: str, distiller: Distiller) -> None:
         where = f"stage {stage!r}: source"
-        check_trained_model(where, "data", self.data, distiller, "a tensor source trains its synthetic images")
+        check_source_model(where, "data", self.data, distiller)
         model = distiller.models[self.data]
         if not isinstance(model, SyntheticData):
             raise TypeError(f"{where}: the data model {self.data!r} must be a SyntheticData, got "
@@ -242,7 +261,8 @@ class TensorSource(Source):
     def generate(self, distiller: Distiller, request: dict) -> dict:
         model = distiller.models[self.data]
         index = request["index"]
-        return {**request, "input": model.images[index], "target": model.labels[index]}
+        images = model.images[index] if self.data in distiller.trainable else model.images.detach()[index]
+        return {**request, "input": images, "target": model.labels[index]}
 
 
 class SourceLoader:
