@@ -159,6 +159,37 @@ RANDOM_VIEWS = [View("input", "input_clean"),
                 View("input_rot", "input_noisy", GaussianNoise(0.3))]
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_mixed_by_a_view_mixes_each_samples_targets_with_its_weight(label_smoothing):
+    """``mean_b lam_b·CE(z_b, y_b) + (1 − lam_b)·CE(z_b, y_perm_b)`` with the view's own lam and partners (MixUp's
+    criterion per sample); in evaluation mode (lam = 1, every sample its own partner) it is the plain CE."""
+    batch = dict(images(), target=torch.arange(16) % 5)
+    term = CrossEntropyTerm("student", mixed_by=("mix_lam", "mix_perm"), label_smoothing=label_smoothing)
+    assert term.reads == ("student", "target", "mix_lam", "mix_perm")
+    logits = torch.randn(16, 5, dtype=torch.float64)
+    for training in (True, False):
+        out = apply_views([View("input", "input_mix", MixUp(alpha=0.4))], batch, **KEY, training=training)
+        lam, perm, y = out["mix_lam"].double(), out["mix_perm"], out["target"]
+        expected = torch.stack([
+            lam[b] * F.cross_entropy(logits[b:b + 1], y[b:b + 1], label_smoothing=label_smoothing)
+            + (1 - lam[b]) * F.cross_entropy(logits[b:b + 1], y[perm[b]:perm[b] + 1], label_smoothing=label_smoothing)
+            for b in range(16)]).mean()
+        values = {"student": logits, **out}
+        value = term({key: values[key] for key in term.reads}, distill.StepContext(batch=out))
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+        if training:
+            assert 0 < float(lam.min()) < 1 and not torch.equal(perm, torch.arange(16))
+        else:
+            torch.testing.assert_close(value, F.cross_entropy(logits, y, label_smoothing=label_smoothing))
+
+
+def test_cross_entropy_mixed_by_errors_name_the_problem():
+    with pytest.raises(TypeError, match="mixed_by must be a pair of batch keys"):
+        CrossEntropyTerm("student", mixed_by="mix_lam")
+    with pytest.raises(ValueError, match="mixed_by does not combine with rows"):
+        CrossEntropyTerm("student", mixed_by=("mix_lam", "mix_perm"), rows=4)
+
+
 def test_views_compose_in_order_and_a_view_without_transform_copies():
     batch = images()
     out = apply_views(RANDOM_VIEWS, batch, **KEY)
@@ -295,7 +326,8 @@ def test_resume_with_views_continues_identically(tmp_path):
 def mixing_recipe(seed: int = 0) -> Recipe:
     torch.manual_seed(seed)
     views = [View("input", "input", CutMix(alpha=1.0)), View("input", "input", MixUp(alpha=0.4, lam="l", perm="p"))]
-    distiller = Distiller({"student": digits_model("student-mlp")}, [CrossEntropyTerm("student")], views=views)
+    distiller = Distiller({"student": digits_model("student-mlp")}, [CrossEntropyTerm("student", mixed_by=("l", "p"))],
+                          views=views)
     return Recipe("mixing", [Stage("mixing", distiller)])
 
 

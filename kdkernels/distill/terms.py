@@ -102,17 +102,38 @@ class CrossEntropyTerm(Term):
     """``CE(logits, target)`` with optional label smoothing; under MixUp ``lam·CE(y) + (1 − lam)·CE(y[perm])``.
 
     ``rows`` limits the loss to the first rows of the batch (samplers that append partner samples, e.g. CS-KD).
+    ``mixed_by=(lam_key, perm_key)`` reads a mixing view's per-sample weights and partners
+    (:class:`~kdkernels.distill.views.MixUp`, :class:`~kdkernels.distill.views.CutMix`: ``("mix_lam", "mix_perm")``)
+    and mixes the targets per sample, ``mean_b lam_b·CE(z_b, y_b) + (1 − lam_b)·CE(z_b, y_perm_b)``; the logits
+    must be those of the mixed view (``Distiller(inputs={"student": "input_mix"})``).
     """
 
     def __init__(self, logits: str = "student", weight: float = 1.0, *, name: str | None = None,
-                 target: str = "target", label_smoothing: float = 0.0, rows: int | None = None):
-        super().__init__(name or f"ce_{logits}", (logits, target), weight)
+                 target: str = "target", label_smoothing: float = 0.0, rows: int | None = None,
+                 mixed_by: tuple[str, str] | None = None):
+        name = name or f"ce_{logits}"
+        if mixed_by is not None and (not isinstance(mixed_by, (tuple, list)) or len(mixed_by) != 2
+                                     or not all(isinstance(key, str) and key for key in mixed_by)):
+            raise TypeError(f"term {name!r}: mixed_by must be a pair of batch keys (lam, perm), such as "
+                            f"('mix_lam', 'mix_perm'), got {mixed_by!r}")
+        if mixed_by is not None and rows is not None:
+            raise ValueError(f"term {name!r}: mixed_by does not combine with rows (the partners index the whole "
+                             "batch)")
+        super().__init__(name, (logits, target, *(mixed_by or ())), weight)
         self.label_smoothing = float(label_smoothing)
         self.rows = rows
+        self.mixed_by = tuple(mixed_by) if mixed_by is not None else None
 
-    def loss(self, logits, target, *, context):
+    def loss(self, logits, target, *mixing, context):
         if self.rows is not None:
             logits, target = logits[: self.rows], target[: self.rows]
+        if mixing:
+            lam, permutation = mixing
+            own = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
+            partner = F.cross_entropy(logits, target[permutation], label_smoothing=self.label_smoothing,
+                                      reduction="none")
+            lam = lam.to(own.dtype)
+            return (lam * own + (1.0 - lam) * partner).mean()
         return mixup_average(lambda y: F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), target,
                              context)
 

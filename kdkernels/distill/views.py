@@ -38,7 +38,7 @@ The epoch counts across stages (as the samplers'), the step is the stage's optim
 **Mixing.** :class:`MixUp` and :class:`CutMix` mix each sample ``b`` with a partner ``perm[b]`` of the same
 (micro-)batch and weight ``lam[b]`` (drawn per sample: ``lam ~ Beta(alpha, alpha)``), and store both in the batch
 (default keys ``"mix_lam"``, float32 ``[B]``, and ``"mix_perm"``, int64 ``[B]``): a label term computes
-``lam·loss(y) + (1 − lam)·loss(y[perm])`` per sample. The partners are the batch's samples in the order of a hash
+``lam·loss(y) + (1 − lam)·loss(y[perm])`` per sample (``CrossEntropyTerm(mixed_by=("mix_lam", "mix_perm"))``). The partners are the batch's samples in the order of a hash
 of their index, each taking the next (a cycle: no sample is its own partner in a batch of two or more). Unlike the
 other draws, the partner depends on which samples share the batch, so under DDP each rank mixes within its share
 and the run differs from one process with the whole batch; resume stays exact. The trainer's own MixUp
