@@ -13,6 +13,7 @@ import json
 import sys
 
 from kdkernels.distill import commands as distill_commands
+from kdkernels.distill.run_config import ConfigError, parse_with_config
 
 
 def _info(_arguments) -> int:
@@ -29,23 +30,29 @@ def _info(_arguments) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``kdkernels`` parser and its subcommands' parsers (``commands.choices[name]``)."""
     parser = argparse.ArgumentParser(prog="kdkernels", description="Fused knowledge-distillation kernels and a distillation toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="build information and available backends")
     distill_commands.add_parsers(commands)
     commands.add_parser("bench", help="benchmark the losses (run `kdkernels bench --help` for options)",
                         add_help=False)
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, commands = build_parser()
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         from kdkernels import bench
 
         return bench.main(argv[1:])
-    arguments = parser.parse_args(argv)
     try:
+        arguments = parse_with_config(parser, commands.choices.get(argv[0]) if argv else None, argv)
         return {"info": _info, **distill_commands.COMMANDS}[arguments.command](arguments)
-    except distill_commands.UsageError as error:
-        print(f"kdkernels {arguments.command}: error: {error}", file=sys.stderr)
+    except (distill_commands.UsageError, ConfigError) as error:
+        print(f"kdkernels {argv[0]}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from kdkernels.distill.run_config import write_config
+
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job (or a plain process): the one that prints and writes summaries."""
@@ -39,7 +41,8 @@ def add_parsers(commands) -> None:
     listing.add_argument("--json", type=Path, help="also write the list as JSON here")
 
     run = commands.add_parser("distill", help="distil a digits student with any method (see `kdkernels list`)")
-    run.add_argument("--method", required=True, help="a name from `kdkernels list`")
+    run.add_argument("--config", type=Path, help="a YAML file of these options (flags given here override it)")
+    run.add_argument("--method", help="a name from `kdkernels list` (required, here or in --config)")
     run.add_argument("--preset", default="default", help="a preset of the method (default: official values)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                      help="override one hyperparameter (repeatable), e.g. --set temperature=2")
@@ -155,6 +158,8 @@ def _experiment(arguments, method):
 
 
 def distill_command(arguments) -> int:
+    if not arguments.method:
+        raise UsageError("--method is required (on the command line or in --config)")
     overrides = parse_overrides(arguments.overrides)
     method = _checked_method(arguments.method, arguments.preset, overrides)
     from kdkernels.distill.experiment import distil_digits, fit_teacher
@@ -172,6 +177,8 @@ def distill_command(arguments) -> int:
             if is_main_process():
                 print(f"teacher {index} ({experiment.teacher}): {trained.describe(experiment)}")
             teachers.append(trained)
+    if arguments.out is not None and is_main_process():
+        write_config(arguments, Path(arguments.out) / "config.yaml")
     result = distil_digits(arguments.method, experiment, config, [t.model for t in teachers], seed=arguments.seed,
                            preset=arguments.preset, overrides=overrides)
     if not is_main_process():
