@@ -35,31 +35,24 @@ def _checked_method(name: str, preset: str, overrides: dict):
     return method
 
 
-def add_parsers(commands) -> None:
-    listing = commands.add_parser("list", help="every distillation method with its category and paper")
-    listing.add_argument("--category", help="only this category")
-    listing.add_argument("--json", type=Path, help="also write the list as JSON here")
-
-    run = commands.add_parser("distill", help="distil a digits student with any method (see `kdkernels list`)")
-    run.add_argument("--config", type=Path, help="a YAML file of these options (flags given here override it)")
-    run.add_argument("--method", help="a name from `kdkernels list` (required, here or in --config)")
-    run.add_argument("--preset", default="default", help="a preset of the method (default: official values)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                     help="override one hyperparameter (repeatable), e.g. --set temperature=2")
-    run.add_argument("--dataset", default="digits", choices=["digits"], help="built-in data (digits)")
-    run.add_argument("--epochs", type=int, default=30)
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--lr", type=float, default=0.05)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--train-size", type=int, default=300, help="labelled training images for the student")
-    run.add_argument("--student", default="student-cnn", help="digits zoo model of the student")
-    run.add_argument("--teacher", help="digits zoo model of the teacher(s) (default: teacher-cnn, or what the method "
-                     "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
-    run.add_argument("--teacher-epochs", type=int, default=30)
-    run.add_argument("--teachers", type=int, help="teachers to train (default: 3 for multi-teacher methods, else 1)")
-    run.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
-    settings = run.add_argument_group("experiment settings", "the settings the seed studies vary (see the README's "
-                                      "'Experiment settings')")
+def add_run_options(parser) -> None:
+    """The options of one distillation run, shared by ``distill`` and ``sweep``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one hyperparameter (repeatable), e.g. --set temperature=2")
+    parser.add_argument("--dataset", default="digits", choices=["digits"], help="built-in data (digits)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--train-size", type=int, default=300, help="labelled training images for the student")
+    parser.add_argument("--student", default="student-cnn", help="digits zoo model of the student")
+    parser.add_argument("--teacher", help="digits zoo model of the teacher(s) (default: teacher-cnn, or what the "
+                        "method is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--teachers", type=int,
+                        help="teachers to train (default: 3 for multi-teacher methods, else 1)")
+    parser.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
+    settings = parser.add_argument_group("experiment settings", "the settings the seed studies vary (see the README's "
+                                         "'Experiment settings')")
     settings.add_argument("--teacher-steps", type=int, metavar="N",
                           help="a poor teacher: stop its training after N optimiser steps (defective KD)")
     settings.add_argument("--teacher-target-accuracy", type=float, metavar="P",
@@ -71,12 +64,39 @@ def add_parsers(commands) -> None:
                           "model (trained on the subset)")
     settings.add_argument("--imbalance-ratio", type=float, metavar="RHO",
                           help="a long-tailed student subset: class c keeps n_max*RHO^(-c/9) images")
-    run.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    run.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp-KD with Beta(ALPHA, ALPHA)")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp-KD with Beta(ALPHA, ALPHA)")
+    parser.add_argument("--stop-after-epochs", type=int, metavar="N",
+                        help="leave after N epochs with a resumable checkpoint (time-limited jobs; rerun with "
+                        "--resume, or rerun the sweep, to continue)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_parsers(commands) -> None:
+    listing = commands.add_parser("list", help="every distillation method with its category and paper")
+    listing.add_argument("--category", help="only this category")
+    listing.add_argument("--json", type=Path, help="also write the list as JSON here")
+
+    run = commands.add_parser("distill", help="distil a digits student with any method (see `kdkernels list`)")
+    run.add_argument("--config", type=Path, help="a YAML file of these options (flags given here override it)")
+    run.add_argument("--method", help="a name from `kdkernels list` (required, here or in --config)")
+    run.add_argument("--preset", default="default", help="a preset of the method (default: official values)")
+    add_run_options(run)
+    run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, help="directory for checkpoints, metrics and curves")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     run.add_argument("--json", type=Path, help="write the result summary here")
-    run.add_argument("--no-progress", action="store_true")
+
+    sweep = commands.add_parser("sweep", help="several methods and seeds, one folder each (resumable), and their "
+                                "comparison table")
+    sweep.add_argument("--config", type=Path, help="a YAML file of these options (flags given here override it)")
+    sweep.add_argument("--methods", help="comma-separated methods, each NAME or NAME:PRESET (required, here or in "
+                       "--config)")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per method: --seed, --seed + 1, …")
+    sweep.add_argument("--seed", type=int, default=0, help="the first seed")
+    add_run_options(sweep)
+    sweep.add_argument("--out", type=Path, default=Path("runs/sweep"),
+                       help="the sweep's folder: OUT/<method>/seed-<k>/ per run, OUT/sweep.{md,json,png}")
 
     demo = commands.add_parser("demo", help="the main job: teacher, baseline and distilled students on digits")
     demo.add_argument("--quick", action="store_true", help="a short run (3 methods, 1 seed, 2 epochs) for CI")
@@ -168,7 +188,8 @@ def distill_command(arguments) -> int:
     experiment = _experiment(arguments, method)
     config = TrainConfig(epochs=arguments.epochs, batch_size=arguments.batch_size, lr=arguments.lr,
                          amp=arguments.amp, mixup_alpha=arguments.mixup, out_dir=arguments.out,
-                         resume=arguments.resume, progress=not arguments.no_progress, seed=arguments.seed)
+                         resume=arguments.resume, progress=not arguments.no_progress, seed=arguments.seed,
+                         stop_after_epochs=arguments.stop_after_epochs)
     teachers = []
     if method.needs_teacher:
         count = arguments.teachers or (3 if method.category == "multi-teacher" else 1)
@@ -183,6 +204,10 @@ def distill_command(arguments) -> int:
                            preset=arguments.preset, overrides=overrides)
     if not is_main_process():
         return 0
+    if not result.completed:
+        print(f"{arguments.method}: paused after {len(result.history)} epoch(s) (--stop-after-epochs); continue "
+              f"with --resume --out {arguments.out}")
+        return 0
     print(f"{arguments.method}: {result.accuracy:.2f}% test accuracy (best {result.best_accuracy:.2f}%), "
           f"{result.train_seconds:.1f} s, {100 * result.loss_share:.1f}% of it in the loss")
     if arguments.json:
@@ -196,6 +221,33 @@ def distill_command(arguments) -> int:
                                  "stopped": t.stopped} for t in teachers]}
         arguments.json.parent.mkdir(parents=True, exist_ok=True)
         arguments.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0
+
+
+def sweep_command(arguments) -> int:
+    from kdkernels.distill.demo import markdown_table, method_and_preset
+    from kdkernels.distill.sweep import run_sweep, sweep_entries, write_sweep
+
+    entries = sweep_entries(arguments)
+    if not entries:
+        raise UsageError("--methods is required (on the command line or in --config): e.g. --methods ce,kd,dkd")
+    if arguments.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {arguments.seeds}")
+    overrides = parse_overrides(arguments.overrides)
+    for entry in entries:
+        _checked_method(*method_and_preset(entry), overrides)
+    if is_main_process():
+        write_config(arguments, Path(arguments.out) / "config.yaml")
+    report = run_sweep(arguments, distill_command, log=print if is_main_process() else (lambda *_: None))
+    if not is_main_process():
+        return 0
+    if report is None:
+        print(f"sweep paused (--stop-after-epochs); rerun the same command to continue ({arguments.out})")
+        return 0
+    paths = write_sweep(report, arguments.out)
+    print()
+    print(markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -222,4 +274,4 @@ def demo_command(arguments) -> int:
     return 0
 
 
-COMMANDS = {"list": list_command, "distill": distill_command, "demo": demo_command}
+COMMANDS = {"list": list_command, "distill": distill_command, "sweep": sweep_command, "demo": demo_command}

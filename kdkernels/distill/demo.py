@@ -77,7 +77,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
             result = distil_digits(name, settings.experiment, config, [teacher], seed=seed, preset=preset)
             runs.append({"seed": seed, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
                          "loss_share": result.loss_share})
-        results[method] = _summarise(method, runs)
+        results[method] = summarise(method, runs)
         log(f"{method:<16} {_accuracy_text(results[method])}")
     return {
         "setting": {**dataclasses.asdict(settings), "methods": list(settings.methods), "seeds": list(settings.seeds)},
@@ -93,7 +93,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     }
 
 
-def _summarise(method: str, runs: list[dict]) -> dict:
+def summarise(method: str, runs: list[dict]) -> dict:
+    """Mean ± std test accuracy of one method's runs (one per seed), its mean train time and loss share."""
     accuracies = [run["accuracy"] for run in runs]
     info = get_method(method_and_preset(method)[0])
     return {
@@ -114,12 +115,15 @@ def _accuracy_text(summary: dict) -> str:
 def markdown_table(report: dict) -> str:
     baseline = report["methods"].get("ce")
     seeds = len(report["setting"]["seeds"])
+    teacher = report["teacher"]
+    teacher_text = (f"Teacher {teacher['model']}: {teacher['accuracy']:.2f}% test accuracy"
+                    + (" (mean over the seeds' teachers)" if "title" in report else "")
+                    if teacher.get("accuracy") is not None else "No teacher")
     lines = [
-        f"# kdkernels demo: digits, {report['device']}",
+        f"# {report.get('title', 'kdkernels demo: digits')}, {report['device']}",
         "",
         f"torch {report['torch_version']}, kdkernels {report['kdkernels_version']}, {report['threads']} threads, "
-        f"{report['date']}. Teacher {report['teacher']['model']}: {report['teacher']['accuracy']:.2f}% test "
-        f"accuracy. Students: {report['setting']['experiment']['student']} on "
+        f"{report['date']}. {teacher_text}. Students: {report['setting']['experiment']['student']} on "
         f"{report['setting']['experiment']['train_size']} training images, {report['setting']['epochs']} epochs, "
         f"{seeds} seed(s). Loss share: the share of training time spent in the loss terms' forward.",
         "",
@@ -155,7 +159,8 @@ def plot(report: dict, path: Path) -> None:
     low = min(min(report["methods"][n]["accuracies"]) for n in names)
     ax.set_ylim(max(0.0, low - 5.0), 100.0)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"digits: {report['setting']['experiment']['student']} students, mean ± std over "
+    ax.set_title(f"{report['setting'].get('dataset', 'digits')}: {report['setting']['experiment']['student']} "
+                 f"students, mean ± std over "
                  f"{len(report['setting']['seeds'])} seed(s); dots: seeds\n{report['device']}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
