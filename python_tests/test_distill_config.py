@@ -6,6 +6,7 @@ import json
 import pytest
 
 from kdkernels.cli import build_parser, main
+from kdkernels.distill.commands import resolve_training
 from kdkernels.distill.run_config import ConfigError, parse_with_config, read_config
 
 
@@ -23,7 +24,7 @@ def test_a_config_file_fills_the_options_and_flags_override_it(tmp_path):
     assert arguments.lr == 0.01                                          # the flag wins
     assert arguments.no_progress is True and str(arguments.teacher_cache) == "cache/teachers"
     assert arguments.overrides == ["beta=2", "warmup=5", "beta=3"]      # later --set wins when parsed
-    assert arguments.epochs == 30                                        # not in the file: the default
+    assert arguments.epochs is None and arguments.recipe == "digits"     # not in the file: the recipe's, later
 
 
 def test_the_resolved_configuration_repeats_the_run(tmp_path):
@@ -38,6 +39,7 @@ def test_the_resolved_configuration_repeats_the_run(tmp_path):
     assert len(json.loads((tmp_path / "r.json").read_text())["history"]) == 1
     first = parse(["distill", "--config", str(config), "--epochs", "1", "--json", str(tmp_path / "r.json")])
     again = parse(["distill", "--config", str(out / "config.yaml")])
+    resolve_training(first)
     assert {k: v for k, v in vars(again).items() if k != "config"} == \
         {k: v for k, v in vars(first).items() if k != "config"}
 
@@ -65,3 +67,30 @@ def test_a_missing_config_file_and_a_missing_method_are_usage_errors(tmp_path, c
     assert "absent.yaml: no such file" in capsys.readouterr().err
     assert main(["distill", "--epochs", "1"]) == 2
     assert "--method is required (on the command line or in --config)" in capsys.readouterr().err
+
+
+def test_a_training_recipe_fills_the_options_not_given(tmp_path):
+    """``--recipe cifar`` is mdistiller's CIFAR-100 protocol; explicit options override it; the resolved file holds
+    the values used and reads back to them (milestones as a YAML list)."""
+    from kdkernels.distill.commands import train_config
+
+    arguments = parse(["distill", "--method", "kd", "--recipe", "cifar", "--lr", "0.02"])
+    resolve_training(arguments)
+    config = train_config(arguments)
+    assert (config.epochs, config.batch_size, config.lr, config.momentum, config.weight_decay) == \
+        (240, 64, 0.02, 0.9, 5e-4)
+    assert config.schedule == "multistep" and tuple(config.milestones) == (150, 180, 210) and config.gamma == 0.1
+    assert arguments.teacher_epochs == 240
+    small = parse(["distill", "--method", "kd", "--recipe", "cifar", "--student", "ShuffleV2"])
+    resolve_training(small)
+    assert small.lr == 0.01                                 # RepDistiller's rate for MobileNetV2 / ShuffleNet students
+    imagenet = parse(["distill", "--method", "kd", "--recipe", "imagenet"])
+    resolve_training(imagenet)
+    assert (imagenet.epochs, imagenet.batch_size, imagenet.lr, imagenet.weight_decay, tuple(imagenet.milestones)) \
+        == (100, 256, 0.1, 1e-4, (30, 60, 90))
+    from kdkernels.distill.run_config import write_config
+    write_config(arguments, tmp_path / "config.yaml")
+    again = parse(["distill", "--config", str(tmp_path / "config.yaml")])
+    resolve_training(again)
+    assert tuple(again.milestones) == (150, 180, 210) and again.lr == 0.02 and again.epochs == 240
+    assert parse(["distill", "--milestones", "5,9"]).milestones == (5, 9)

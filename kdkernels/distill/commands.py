@@ -1,6 +1,7 @@
 """The trainer layer's commands: ``kdkernels list``, ``kdkernels distill`` and ``kdkernels demo``."""
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -9,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 from kdkernels.distill.run_config import write_config
+from kdkernels.distill.schedules import OPTIMIZERS, SCHEDULES
+from kdkernels.distill.training_recipes import TRAINING_RECIPES
 
 
 def is_main_process() -> bool:
@@ -35,19 +38,71 @@ def _checked_method(name: str, preset: str, overrides: dict):
     return method
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """``"150,180,210"`` -> ``(150, 180, 210)`` (an empty string is no milestone)."""
+    try:
+        return tuple(int(item) for item in str(text).split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def resolve_training(arguments) -> None:
+    """Fills the training options the command line and the config file left unset from ``--recipe`` (in place, so
+    the resolved configuration written beside the results holds the values used)."""
+    from kdkernels.distill.training_recipes import training_recipe
+
+    for name, value in training_recipe(arguments.recipe, arguments.student).items():
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, value)
+
+
+def train_config(arguments):
+    """The TrainConfig of a resolved ``distill`` command line; bad values are usage errors naming the option."""
+    from kdkernels.distill.config import TrainConfig
+
+    try:
+        return TrainConfig(epochs=arguments.epochs, batch_size=arguments.batch_size, optimizer=arguments.optimizer,
+                           lr=arguments.lr, momentum=arguments.momentum, weight_decay=arguments.weight_decay,
+                           schedule=arguments.schedule, milestones=tuple(arguments.milestones),
+                           gamma=arguments.gamma, warmup_epochs=arguments.warmup_epochs,
+                           grad_accum=arguments.grad_accum, clip_grad_norm=arguments.clip_grad_norm,
+                           device=arguments.device, num_workers=arguments.workers, amp=arguments.amp,
+                           mixup_alpha=arguments.mixup, out_dir=arguments.out, resume=arguments.resume,
+                           progress=not arguments.no_progress, seed=arguments.seed,
+                           stop_after_epochs=arguments.stop_after_epochs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
 def add_run_options(parser) -> None:
     """The options of one distillation run, shared by ``distill`` and ``sweep``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override one hyperparameter (repeatable), e.g. --set temperature=2")
     parser.add_argument("--dataset", default="digits", choices=["digits"], help="built-in data (digits)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    training = parser.add_argument_group("training", "the recipe's values unless given (see --recipe)")
+    training.add_argument("--recipe", default="digits", choices=sorted(TRAINING_RECIPES),
+                          help="optimiser and schedule of a protocol: digits (the demo's), cifar (mdistiller / "
+                          "RepDistiller CIFAR-100: 240 epochs, ×0.1 at 150/180/210), imagenet (100 epochs, ×0.1 at "
+                          "30/60/90)")
+    training.add_argument("--epochs", type=int)
+    training.add_argument("--batch-size", type=int)
+    training.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    training.add_argument("--lr", type=float)
+    training.add_argument("--momentum", type=float)
+    training.add_argument("--weight-decay", type=float)
+    training.add_argument("--schedule", choices=list(SCHEDULES))
+    training.add_argument("--milestones", type=int_list, metavar="E1,E2,…", help="epochs of the multistep decays")
+    training.add_argument("--gamma", type=float, help="the step and multistep decay factor")
+    training.add_argument("--warmup-epochs", type=float, default=0.0)
+    training.add_argument("--grad-accum", type=int, default=1)
+    training.add_argument("--clip-grad-norm", type=float)
+    training.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    training.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--train-size", type=int, default=300, help="labelled training images for the student")
     parser.add_argument("--student", default="student-cnn", help="digits zoo model of the student")
     parser.add_argument("--teacher", help="digits zoo model of the teacher(s) (default: teacher-cnn, or what the "
                         "method is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--teacher-epochs", type=int, help="the teachers' epochs (default: the recipe's)")
     parser.add_argument("--teachers", type=int,
                         help="teachers to train (default: 3 for multi-teacher methods, else 1)")
     parser.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
@@ -183,13 +238,10 @@ def distill_command(arguments) -> int:
     overrides = parse_overrides(arguments.overrides)
     method = _checked_method(arguments.method, arguments.preset, overrides)
     from kdkernels.distill.experiment import distil_digits, fit_teacher
-    from kdkernels.distill.config import TrainConfig
 
+    resolve_training(arguments)
+    config = train_config(arguments)
     experiment = _experiment(arguments, method)
-    config = TrainConfig(epochs=arguments.epochs, batch_size=arguments.batch_size, lr=arguments.lr,
-                         amp=arguments.amp, mixup_alpha=arguments.mixup, out_dir=arguments.out,
-                         resume=arguments.resume, progress=not arguments.no_progress, seed=arguments.seed,
-                         stop_after_epochs=arguments.stop_after_epochs)
     teachers = []
     if method.needs_teacher:
         count = arguments.teachers or (3 if method.category == "multi-teacher" else 1)
@@ -236,6 +288,8 @@ def sweep_command(arguments) -> int:
     overrides = parse_overrides(arguments.overrides)
     for entry in entries:
         _checked_method(*method_and_preset(entry), overrides)
+    resolve_training(arguments)
+    train_config(arguments)   # bad values fail before the first run
     if is_main_process():
         write_config(arguments, Path(arguments.out) / "config.yaml")
     report = run_sweep(arguments, distill_command, log=print if is_main_process() else (lambda *_: None))

@@ -75,6 +75,8 @@ def _convert(path: Path, action: argparse.Action, value):
 def _convert_one(path: Path, action: argparse.Action, name: str, value):
     if value is None:
         return None
+    if isinstance(value, list) and all(isinstance(item, (int, float, str)) for item in value):
+        value = ",".join(str(item) for item in value)   # a list option spelt as a YAML list (milestones)
     if action.type is not None:
         if isinstance(value, (dict, list)) or (isinstance(value, bool) and action.type is not bool):
             raise ConfigError(f"config {path}: {name} expects one value, got {value!r}")
