@@ -5,6 +5,7 @@ methods (CRD, BAKE, CS-KD), resumed exactly."""
 import math
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kdkernels import distill
 from kdkernels.distill import loop as loop_module
 from kdkernels.distill import transforms as T
 from kdkernels.distill.data import ShuffleBatchSampler, as_sample_dataset, dataset_labels
@@ -149,7 +151,7 @@ def test_cifar100_reads_the_fine_labels_and_names_also_from_the_folder_itself(tm
         np.testing.assert_array_equal(split.train.labels, fine)
         np.testing.assert_array_equal(split.test.labels, test_fine)
         assert split.train.image(3)[1, 2, 3] == data[3, 1024 + 64 + 3]
-    content = read_cifar_pickle(tmp_path / "cifar-100-python" / "train", "layout")
+    content = read_cifar_pickle(tmp_path / "cifar-100-python" / "train")
     assert content["coarse_labels"] == [f // 5 for f in fine]
 
 
@@ -501,20 +503,39 @@ def test_index_and_class_aware_methods_train_on_cifar_and_image_folders(tmp_path
         assert result.steps >= 1 and math.isfinite(result.history[0]["train_loss"]) and 0 <= result.accuracy <= 100
 
 
-def test_resume_is_exact_with_the_augmented_dataset(tmp_path, epochs_reach_the_dataset, monkeypatch):
+def test_resume_is_exact_with_the_augmented_dataset_and_any_number_of_workers(tmp_path, epochs_reach_the_dataset,
+                                                                              monkeypatch):
+    """Two epochs of CRD in one call without workers equal two one-epoch calls (resumed) with two workers."""
     monkeypatch.setattr(loop_module.metrics, "plot_run", lambda *args: {})     # curves are not under test here
     write_cifar10(tmp_path / "cifar")
     split = load_dataset("cifar10", tmp_path / "cifar", seed=1)
-    config = dict(epochs=2, **QUICK)
+    config = dict(QUICK, epochs=2)
     reference_recipe = recipe_for("crd", split)
     reference = Trainer(TrainConfig(out_dir=tmp_path / "whole", **config)).fit(reference_recipe, split.train,
                                                                                split.test)
+    config["num_workers"] = 2
     for piece in range(2):
         resumed_recipe = recipe_for("crd", split, seed=1 if piece == 0 else 50 + piece)
         resumed = Trainer(TrainConfig(out_dir=tmp_path / "pieces", resume=piece > 0, stop_after_epochs=1,
                                       **config)).fit(resumed_recipe, split.train, split.test)
     assert resumed.completed
     assert_same_run(resumed, resumed_recipe, reference, reference_recipe)
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Your own data.**"):readme.index("**The methods**")]
+    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    write_cifar100(tmp_path / "data")
+    write_image_folder(tmp_path / "imagenet")
+    (tmp_path / "my_project").mkdir()
+    (tmp_path / "my_project" / "__init__.py").write_text("")
+    (tmp_path / "my_project" / "data.py").write_text(FACTORY_MODULE + "\nmake_datasets = pairs\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace = {"distill": distill}
+    exec(example.replace("image_size=224", "image_size=8"), namespace)
+    assert namespace["split"].num_classes == 4 and len(namespace["split"].train) == 12
 
 
 def test_set_dataset_epoch_reaches_a_wrapped_dataset(tmp_path):

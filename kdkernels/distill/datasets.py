@@ -165,7 +165,7 @@ def _text(value) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
-def read_cifar_pickle(path: Path, layout: str) -> dict:
+def read_cifar_pickle(path: Path, layout: str = "a CIFAR python-version file") -> dict:
     """A CIFAR pickle as a dict with str keys. The files were written by Python 2's cPickle: loaded as torchvision
     does (``encoding="latin1"``) their keys are str; a Python 3 rewrite keyed by bytes works too."""
     if not path.is_file():
@@ -337,7 +337,8 @@ def load_image_folder(data_dir, *, image_size: int = 224, seed: int = 0, augment
         if not (data_dir / split).is_dir():
             found = sorted(entry.name for entry in data_dir.iterdir())[:8]
             what = f"it holds {', '.join(found)}" if found else "it is empty"
-            raise DatasetError(f"imagefolder: {data_dir} has no {split}/ folder ({what}); expected {IMAGEFOLDER_LAYOUT}")
+            raise DatasetError(f"imagefolder: {data_dir} has no {split}/ folder ({what}); expected "
+                               f"{IMAGEFOLDER_LAYOUT}")
     classes, train_samples = find_images(data_dir / "train")
     _, val_samples = find_images(data_dir / "val", classes)
     train_transform = T.imagenet_train_transform(image_size) if augment else T.imagenet_eval_transform(image_size)

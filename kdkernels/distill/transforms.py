@@ -183,7 +183,8 @@ class RandomResizedCrop(Transform):
 
 
 class Resize(Transform):
-    """Resizes the shorter side to ``size``, the longer to ``⌊size · long / short⌋`` (torchvision's ``Resize(int)``)."""
+    """Resizes the shorter side to ``size`` and the longer to ``⌊size · long / short⌋`` (torchvision's
+    ``Resize(int)``)."""
 
     def __init__(self, size: int):
         self.size = Checks("Resize").integer("size", size, minimum=1)
