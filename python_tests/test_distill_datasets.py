@@ -259,6 +259,12 @@ def test_bilinear_resize_matches_a_hand_computation():
     assert down.tolist() == pytest.approx([(3 * a + 3 * b + c) / 7, (b + 3 * c + 3 * d) / 7])
     flat = T.resize(torch.full((3, 12, 16), 77, dtype=torch.uint8), (5, 7))
     assert flat.dtype == torch.float32 and torch.allclose(flat, torch.full((3, 5, 7), 77.0))
+    # Pillow's antialiased bilinear resize (uint8, rounded) agrees to within one grey level
+    pixels = np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for height, width in [(16, 20), (9, 9), (60, 80)]:
+        pillow = np.array(PIL.fromarray(pixels).resize((width, height), PIL.BILINEAR)).astype(np.float32)
+        ours = T.resize(torch.from_numpy(pixels).permute(2, 0, 1), (height, width)).permute(1, 2, 0).numpy()
+        assert np.abs(ours - pillow).max() <= 1.0
 
 
 def test_resize_shorter_side_and_centre_crop():

@@ -56,6 +56,10 @@ class DatasetSplit:
     name: str = ""
 
 
+def _absent(path: Path) -> str:
+    return "is a file, not a directory" if path.exists() else "does not exist"
+
+
 def set_dataset_epoch(dataset: Dataset, epoch: int) -> bool:
     """Calls ``set_epoch(epoch)`` on the dataset or on the first dataset it wraps (``.dataset``) that has one;
     returns whether one had it (datasets without random transforms need no epoch)."""
@@ -215,7 +219,7 @@ def _cifar_folder(name: str, data_dir: Path) -> Path:
     spec = CIFAR[name]
     layout = cifar_layout(name)
     if not data_dir.is_dir():
-        raise DatasetError(f"{name}: the data directory {data_dir} does not exist; expected {layout}")
+        raise DatasetError(f"{name}: the data directory {data_dir} {_absent(data_dir)}; expected {layout}")
     if (data_dir / spec.folder).is_dir():
         return data_dir / spec.folder
     if (data_dir / spec.train_files[0]).is_file() or data_dir.name == spec.folder:
@@ -260,7 +264,7 @@ def load_cifar(name: str, data_dir, *, seed: int = 0, augment: bool = True) -> D
 
 # ----------------------------------------------------------------------------------------------------- ImageFolder
 
-IMAGEFOLDER_LAYOUT = ("an ImageNet-style folder, one sub-folder per class (the same class names in both splits), "
+IMAGEFOLDER_LAYOUT = ("an ImageNet-style folder, one sub-folder per class (val's classes among train's), "
                       f"images with extension {', '.join(IMAGE_EXTENSIONS)}:\n"
                       "  DIR/train/<class>/<image>\n"
                       "  DIR/val/<class>/<image>")
@@ -283,7 +287,7 @@ def find_images(root: Path, classes: Sequence[str] | None = None) -> tuple[list[
     order when given), each walked in sorted order (sub-folders included, links followed), files with an image
     extension in sorted order. Returns (classes, [(path, class index)])."""
     if not root.is_dir():
-        raise DatasetError(f"imagefolder: {root} does not exist or is not a directory; expected {IMAGEFOLDER_LAYOUT}")
+        raise DatasetError(f"imagefolder: {root} {_absent(root)}; expected {IMAGEFOLDER_LAYOUT}")
     found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not found:
         raise DatasetError(f"imagefolder: {root} has no class folder; expected {IMAGEFOLDER_LAYOUT}")
@@ -332,7 +336,8 @@ def load_image_folder(data_dir, *, image_size: int = 224, seed: int = 0, augment
     _pillow()
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DatasetError(f"imagefolder: the data directory {data_dir} does not exist; expected {IMAGEFOLDER_LAYOUT}")
+        raise DatasetError(f"imagefolder: the data directory {data_dir} {_absent(data_dir)}; expected "
+                           f"{IMAGEFOLDER_LAYOUT}")
     for split in ("train", "val"):
         if not (data_dir / split).is_dir():
             found = sorted(entry.name for entry in data_dir.iterdir())[:8]
