@@ -37,3 +37,8 @@ __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTe
 from kdkernels.distill import meta, term_gradients      # noqa: E402  meta-steps and per-term gradients (modules)
 
 __all__ += ["meta", "term_gradients"]
+
+from kdkernels.distill.datasets import (DatasetError, DatasetSplit, load_dataset,  # noqa: E402
+                                        set_dataset_epoch)
+
+__all__ += ["load_dataset", "DatasetSplit", "DatasetError", "set_dataset_epoch"]
