@@ -478,29 +478,11 @@ def recipe_for(method: str, split, seed: int = 1):
     return build_recipe(method, setup)
 
 
-@pytest.fixture
-def epochs_reach_the_dataset(monkeypatch):
-    """What the loop does for datasets with random transforms: the epoch reaches the training set before each
-    epoch's batches (and before a stage's first batch, which builds the distiller)."""
-    train_epoch, prepare = loop_module.Run._train_epoch, loop_module.prepare_stage
-
-    def _train_epoch(self, run, epoch):
-        set_dataset_epoch(self.train_set, run.offset + epoch)
-        return train_epoch(self, run, epoch)
-
-    def prepare_stage(index, stage, epochs, offset, config, env, train_set, *rest):
-        set_dataset_epoch(train_set, offset + 1)
-        return prepare(index, stage, epochs, offset, config, env, train_set, *rest)
-
-    monkeypatch.setattr(loop_module.Run, "_train_epoch", _train_epoch)
-    monkeypatch.setattr(loop_module, "prepare_stage", prepare_stage)
-
-
 QUICK = dict(progress=False, num_workers=0, batch_size=8, lr=0.05, eval_batch_size=16)
 
 
 @pytest.mark.parametrize("method", ["crd", "bake", "cs-kd"])
-def test_index_and_class_aware_methods_train_on_cifar_and_image_folders(tmp_path, method, epochs_reach_the_dataset):
+def test_index_and_class_aware_methods_train_on_cifar_and_image_folders(tmp_path, method):
     write_cifar10(tmp_path / "cifar")
     write_image_folder(tmp_path / "images", train_per_class=6)
     for split in (load_dataset("cifar10", tmp_path / "cifar"), load_dataset("imagefolder", tmp_path / "images",
@@ -509,8 +491,19 @@ def test_index_and_class_aware_methods_train_on_cifar_and_image_folders(tmp_path
         assert result.steps >= 1 and math.isfinite(result.history[0]["train_loss"]) and 0 <= result.accuracy <= 100
 
 
-def test_resume_is_exact_with_the_augmented_dataset_and_any_number_of_workers(tmp_path, epochs_reach_the_dataset,
-                                                                              monkeypatch):
+def test_the_trainer_gives_the_dataset_each_epoch_before_its_batches(tmp_path, monkeypatch):
+    """The loop calls the training set's ``set_epoch`` with the epoch (counted across stages) before the stage's
+    first batch and before each epoch, so the augmentation differs between epochs and repeats on resume."""
+    write_cifar10(tmp_path / "cifar")
+    split = load_dataset("cifar10", tmp_path / "cifar", seed=1)
+    epochs, set_epoch = [], type(split.train).set_epoch
+    monkeypatch.setattr(type(split.train), "set_epoch", lambda self, epoch: (epochs.append(epoch),
+                                                                           set_epoch(self, epoch)))
+    Trainer(TrainConfig(epochs=2, **QUICK)).fit(recipe_for("kd", split), split.train, split.test)
+    assert epochs == [1, 1, 2]
+
+
+def test_resume_is_exact_with_the_augmented_dataset_and_any_number_of_workers(tmp_path, monkeypatch):
     """Two epochs of CRD in one call without workers equal two one-epoch calls (resumed) with two workers."""
     monkeypatch.setattr(loop_module.metrics, "plot_run", lambda *args: {})     # curves are not under test here
     write_cifar10(tmp_path / "cifar")

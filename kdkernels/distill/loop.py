@@ -25,6 +25,7 @@ from kdkernels.distill import metrics
 from kdkernels.distill.batches import grouped
 from kdkernels.distill.config import RunResult, TrainConfig
 from kdkernels.distill.data import as_sample_dataset, dataset_labels
+from kdkernels.distill.datasets import set_dataset_epoch
 from kdkernels.distill.environment import LOADER_STREAM, barrier, set_up_environment, stream_seed
 from kdkernels.distill.evaluation import Evaluator
 from kdkernels.distill.mixing import check_mixup, mixup_generator
@@ -127,6 +128,7 @@ class Run:
     def _train_epoch(self, run: StageRun, epoch: int) -> dict:
         config = self.config
         run.sampler.set_epoch(run.offset + epoch)
+        set_dataset_epoch(getattr(run.loader, "dataset", None), run.offset + epoch)
         run.loader.generator.manual_seed(stream_seed(config.seed, LOADER_STREAM, run.offset + epoch))
         run.distiller.train()
         mixing = None

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdkernels.distill.batches import to_device
 from kdkernels.distill.config import TrainConfig
+from kdkernels.distill.datasets import set_dataset_epoch
 from kdkernels.distill.data import batch_sampler_for
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.environment import Environment
@@ -127,6 +128,7 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
                             generator=torch.Generator().manual_seed(config.seed),
                             pin_memory=env.device.type == "cuda")
         sampler.set_epoch(offset + 1)
+        set_dataset_epoch(train_set, offset + 1)   # a dataset's own augmentation draws per (seed, epoch, index)
         first = next(iter(loader), None)
         if first is None:
             raise ValueError(f"stage {stage.name!r} gets no batch: {len(train_set)} training samples, "
