@@ -66,6 +66,43 @@ class IndexedDataset(Dataset):
         return np.asarray([int(target) for target in targets])
 
 
+class SubsetSamples(Dataset):
+    """Samples ``positions`` of a sample dataset, re-indexed ``0..len−1`` (a memory bank or a cache sized by the
+    subset is indexed by it); ``labels`` follow, and ``set_epoch`` reaches the wrapped dataset (``.dataset``)."""
+
+    def __init__(self, dataset: Dataset, positions):
+        self.dataset = dataset
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[int(self.positions[index])], "index": torch.tensor(index)}
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = dataset_labels(self.dataset)
+        return None if labels is None else labels[self.positions]
+
+
+def stratified_subset(dataset: Dataset, size: int, seed: int = 0) -> SubsetSamples:
+    """``size`` samples of a labelled sample dataset, each class keeping its share (largest remainders), chosen by
+    ``seed``, in dataset order and re-indexed (:class:`SubsetSamples`)."""
+    labels = dataset_labels(dataset)
+    check = Checks("stratified_subset")
+    if labels is None:
+        check.value_error("dataset", "must be labelled (samples with a 'target') to be subsampled per class",
+                          type(dataset).__name__)
+    classes = len(np.unique(labels))
+    size = check.integer("size", size, minimum=classes, maximum=len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label, count in _stratified_counts(labels, size).items():
+        keep += rng.permutation(np.flatnonzero(labels == label))[:count].tolist()
+    return SubsetSamples(dataset, sorted(keep))
+
+
 def as_sample_dataset(dataset: Dataset) -> Dataset:
     """The dataset itself when it yields sample dicts with an index, else wrapped in :class:`IndexedDataset`.
     Samples without ``"target"`` are unlabelled data (label-free methods such as SSLD train on them)."""
