@@ -78,7 +78,15 @@ def add_run_options(parser) -> None:
     """The options of one distillation run, shared by ``distill`` and ``sweep``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override one hyperparameter (repeatable), e.g. --set temperature=2")
-    parser.add_argument("--dataset", default="digits", choices=["digits"], help="built-in data (digits)")
+    data = parser.add_argument_group("data and models")
+    data.add_argument("--dataset", default="digits",
+                      help="digits (bundled), cifar10, cifar100, imagefolder (DIR/train/<class>/*, DIR/val/<class>/*) "
+                      "or module:function (a Python factory of (train, test) datasets)")
+    data.add_argument("--data-dir", type=Path, help="where the dataset's files are (cifar10, cifar100, imagefolder)")
+    data.add_argument("--image-size", type=int, help="imagefolder: the training crop and test centre crop (default "
+                      "224)")
+    data.add_argument("--teacher-weights", type=Path, help="a trained teacher's checkpoint (a state dict, or one "
+                      "under 'model'/'state_dict' as RepDistiller and mdistiller save them): loaded, not trained")
     training = parser.add_argument_group("training", "the recipe's values unless given (see --recipe)")
     training.add_argument("--recipe", default="digits", choices=sorted(TRAINING_RECIPES),
                           help="optimiser and schedule of a protocol: digits (the demo's), cifar (mdistiller / "
@@ -98,10 +106,11 @@ def add_run_options(parser) -> None:
     training.add_argument("--clip-grad-norm", type=float)
     training.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     training.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--train-size", type=int, default=300, help="labelled training images for the student")
-    parser.add_argument("--student", default="student-cnn", help="digits zoo model of the student")
-    parser.add_argument("--teacher", help="digits zoo model of the teacher(s) (default: teacher-cnn, or what the "
-                        "method is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
+    parser.add_argument("--train-size", type=int, help="labelled training images for the student, a per-class "
+                        "subset (default: 300 of digits, all of the other datasets)")
+    parser.add_argument("--student", help="the student's model (default on digits: student-cnn)")
+    parser.add_argument("--teacher", help="the teacher's model (default on digits: teacher-cnn, or what the method "
+                        "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
     parser.add_argument("--teacher-epochs", type=int, help="the teachers' epochs (default: the recipe's)")
     parser.add_argument("--teachers", type=int,
                         help="teachers to train (default: 3 for multi-teacher methods, else 1)")
@@ -216,9 +225,26 @@ def _experiment(arguments, method):
     if arguments.reversed and method.needs_teacher and method.teacher_architecture != "any":
         raise UsageError(f"--reversed swaps the teacher and student models, but method {method.name!r} defines its "
                          f"teacher's architecture from the student's ({method.teacher_architecture!r})")
-    experiment = DigitsExperiment(student=arguments.student, train_size=arguments.train_size,
-                                  teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache,
-                                  **settings)
+    digits = arguments.dataset == "digits"
+    if not digits and not arguments.student:
+        raise UsageError(f"--student is required with --dataset {arguments.dataset} (a model name, e.g. resnet8x4)")
+    if not digits and method.needs_teacher and not arguments.teacher and method.teacher_architecture == "any":
+        raise UsageError(f"--teacher is required with --dataset {arguments.dataset} for method {method.name!r} "
+                         "(a model name, e.g. resnet32x4, and --teacher-weights to load it)")
+    if arguments.teacher_weights is not None and not method.needs_teacher:
+        raise UsageError(f"--teacher-weights: method {method.name!r} has no teacher")
+    if arguments.teacher_weights is not None and arguments.reversed:
+        raise UsageError("--teacher-weights does not combine with --reversed (which trains the swapped teacher)")
+    try:
+        experiment = DigitsExperiment(
+            student=arguments.student or "student-cnn",
+            train_size=arguments.train_size if arguments.train_size is not None or not digits else 300,
+            teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache, dataset=arguments.dataset,
+            data_dir=arguments.data_dir, image_size=arguments.image_size,
+            teacher_weights=arguments.teacher_weights, **settings)
+        experiment.split()   # a bad dataset or directory fails here, before any training
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
     try:
         experiment.teacher = arguments.teacher or teacher_model_for(arguments.method, experiment)
         if arguments.teacher_steps is not None and method.needs_teacher:
@@ -226,6 +252,10 @@ def _experiment(arguments, method):
             from kdkernels.distill.experiment import teacher_config
 
             teacher_config(experiment, TrainConfig(batch_size=arguments.batch_size), 0)   # a reachable budget
+        if experiment.teacher_weights is not None:   # a file that does not fit fails now, not after the set-up
+            from kdkernels.distill.weights import load_weights
+
+            load_weights(experiment.model(experiment.teacher), experiment.teacher_weights, allow_pickle=True)
     except ValueError as error:
         raise UsageError(str(error).replace("teacher_steps", "--teacher-steps")
                          .replace("teacher_epochs", "--teacher-epochs")) from None

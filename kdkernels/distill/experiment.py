@@ -13,6 +13,7 @@ student subset (``imbalance_ratio``: Cui et al. 2019, Cao et al. 2019).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -23,8 +24,16 @@ import torch
 
 from kdkernels._validation import Checks
 from kdkernels.distill.config import RunResult, TrainConfig
-from kdkernels.distill.data import DigitsSplit, ShuffleBatchSampler, load_digits
-from kdkernels.distill.models import digits_model
+from kdkernels.distill.data import (DigitsSplit, ShuffleBatchSampler, as_sample_dataset, dataset_labels,
+                                    load_digits, stratified_subset)
+from kdkernels.distill.datasets import DatasetSplit, load_dataset
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.environment import set_up_environment
+from kdkernels.distill.evaluation import Evaluator
+from kdkernels.distill.models import create
+from kdkernels.distill.precision import AMP_DTYPES
+from kdkernels.distill.terms import CrossEntropyTerm
+from kdkernels.distill.weights import load_weights
 from kdkernels.distill.recipe import Setup
 from kdkernels.distill.registry import build_recipe, get_method
 from kdkernels.distill.trainer import Trainer
@@ -56,16 +65,40 @@ class DigitsExperiment:
     teacher_target_accuracy: float | None = None
     teacher_label_smoothing: float = 0.0
     imbalance_ratio: float | None = None
+    dataset: str = "digits"           # "digits", or a name of kdkernels.distill.datasets.load_dataset
+    data_dir: str | None = None
+    image_size: int | None = None
+    teacher_weights: str | None = None   # a published teacher checkpoint: loaded, not trained
 
     def __post_init__(self):
         check_settings(dataclasses.asdict(self))
+        if self.dataset != "digits" and self.imbalance_ratio is not None:
+            raise ValueError(f"imbalance_ratio applies to the digits data, not to dataset {self.dataset!r}")
+        if self.teacher_weights is not None and self.teacher_settings:
+            raise ValueError(f"teacher_weights loads a trained teacher; {sorted(self.teacher_settings)} set how a "
+                             "teacher is trained")
 
-    def split(self, train_size: int | None = ...) -> DigitsSplit:
+    def split(self, train_size: int | None = ...) -> DigitsSplit | DatasetSplit:
         """The student's split (``train_size``, ``imbalance_ratio``); ``split(train_size=None)`` is the teachers'
-        (the full, balanced training split)."""
-        if train_size is ...:
-            return load_digits(train_size=self.train_size, seed=self.split_seed, imbalance_ratio=self.imbalance_ratio)
-        return load_digits(train_size=train_size, seed=self.split_seed)
+        (the full, balanced training split). Other datasets than digits are read once per process
+        (:func:`~kdkernels.distill.datasets.load_dataset`, augmentation keyed by ``split_seed``) and subsampled per
+        class (:func:`~kdkernels.distill.data.stratified_subset`) when ``train_size`` is set."""
+        size = self.train_size if train_size is ... else train_size
+        if self.dataset == "digits":
+            ratio = self.imbalance_ratio if train_size is ... else None
+            return load_digits(train_size=size, seed=self.split_seed, imbalance_ratio=ratio)
+        full = _loaded_dataset(self.dataset, self.data_dir, self.image_size, self.split_seed)
+        if size is None:
+            return full
+        return dataclasses.replace(full, train=stratified_subset(full.train, size, seed=self.split_seed))
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.dataset == "digits" else self.split(train_size=None).num_classes
+
+    def model(self, name: str) -> torch.nn.Module:
+        """A fresh model ``name`` for this experiment's classes (:func:`~kdkernels.distill.models.create`)."""
+        return create(name, self.num_classes)
 
     def reversed(self) -> "DigitsExperiment":
         """Reversed KD (Re-KD, Yuan et al. 2020): the same experiment with the two models' roles swapped, so the
@@ -122,9 +155,17 @@ def _teacher_cache_path(experiment: DigitsExperiment, config: TrainConfig, seed:
            config.optimizer, torch.__version__]
     if experiment.teacher_settings:   # a plain teacher keeps the key it had before these settings existed
         key.append(experiment.teacher_settings)
+    if experiment.dataset != "digits":
+        key.append([experiment.dataset, str(Path(experiment.data_dir).resolve()) if experiment.data_dir else None,
+                    experiment.image_size, config.schedule, list(config.milestones), config.weight_decay])
     key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(experiment.cache_dir) / f"teacher-{experiment.teacher}-{digest}.pt"
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_dataset(name: str, data_dir: str | None, image_size: int | None, seed: int) -> DatasetSplit:
+    return load_dataset(name, data_dir, image_size=image_size, seed=seed)
 
 
 @dataclasses.dataclass
@@ -140,6 +181,8 @@ class TrainedTeacher:
 
     def describe(self, experiment: DigitsExperiment) -> str:
         """One line for the command line: the accuracy reached, and where and why the training stopped."""
+        if self.stopped == "loaded":
+            return f"{self.accuracy:.2f}% test accuracy, loaded from {experiment.teacher_weights}"
         text = f"{self.accuracy:.2f}% test accuracy after {self.steps} steps"
         if self.stopped == "step":
             return text + " (the step budget)"
@@ -153,7 +196,7 @@ class TrainedTeacher:
 def teacher_recipe(experiment: DigitsExperiment, teacher: torch.nn.Module):
     """How the digits teachers are trained: the ``ce`` baseline, with ``teacher_label_smoothing`` when set."""
     overrides = {"label_smoothing": experiment.teacher_label_smoothing} if experiment.teacher_label_smoothing else {}
-    return build_recipe("ce", Setup(student=teacher, num_classes=10), **overrides)
+    return build_recipe("ce", Setup(student=teacher, num_classes=experiment.num_classes), **overrides)
 
 
 def teacher_config(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> TrainConfig:
@@ -177,10 +220,13 @@ def fit_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int = 0
     """A zoo teacher trained on the full training split (:func:`teacher_recipe`, :func:`teacher_config`).
     Reuses a cached one when ``experiment.cache_dir`` holds it."""
     split = experiment.split(train_size=None)
+    torch.manual_seed(seed)
+    teacher = experiment.model(experiment.teacher)
+    if experiment.teacher_weights is not None:
+        load_weights(teacher, experiment.teacher_weights, allow_pickle=True)
+        return TrainedTeacher(teacher.eval(), test_accuracy(teacher, split.test, config), 0, "loaded")
     path = _teacher_cache_path(experiment, config, seed)
     settings = teacher_config(experiment, config, seed)
-    torch.manual_seed(seed)
-    teacher = digits_model(experiment.teacher)
     if path is not None and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         teacher.load_state_dict(saved["state_dict"])
@@ -203,10 +249,20 @@ def train_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int =
 def digits_setup(experiment: DigitsExperiment, teachers: list[torch.nn.Module], seed: int) -> Setup:
     torch.manual_seed(seed)
     train = experiment.split().train
-    return Setup(student=digits_model(experiment.student), num_classes=10, teachers=list(teachers),
-                 num_train=len(train), train_labels=train.targets,
-                 new_student=lambda: digits_model(experiment.student),
-                 new_assistant=lambda: digits_model(experiment.assistant))
+    return Setup(student=experiment.model(experiment.student), num_classes=experiment.num_classes,
+                 teachers=list(teachers), num_train=len(train),
+                 train_labels=torch.as_tensor(dataset_labels(train)),
+                 new_student=lambda: experiment.model(experiment.student),
+                 new_assistant=lambda: experiment.model(experiment.assistant))
+
+
+def test_accuracy(model: torch.nn.Module, test_set, config: TrainConfig) -> float:
+    """The top-1 test accuracy (%) of ``model`` alone, evaluated as the trainer evaluates (a loaded teacher)."""
+    env = set_up_environment(config.device)
+    distiller = Distiller({"model": model}, [CrossEntropyTerm("model")], trainable=("model",)).to(env.device)
+    evaluator = Evaluator(as_sample_dataset(test_set), env, batch_size=config.eval_batch_size,
+                          num_workers=config.num_workers, amp_dtype=AMP_DTYPES[config.amp])
+    return evaluator(distiller)["test_acc_model"]
 
 
 def distil_digits(method: str, experiment: DigitsExperiment, config: TrainConfig, teachers: list[torch.nn.Module],

@@ -87,3 +87,12 @@ def digits_model(name: str) -> nn.Module:
     if name not in MODEL_ZOO:
         raise ValueError(f"unknown digits model {name!r}; the zoo has {sorted(MODEL_ZOO)}")
     return MODEL_ZOO[name]()
+
+
+def create(name: str, num_classes: int) -> nn.Module:
+    """A fresh model by name: a digits zoo model (``MODEL_ZOO``, 10 classes, 1×8×8 inputs)."""
+    if name in MODEL_ZOO:
+        if num_classes != NUM_CLASSES:
+            raise ValueError(f"the digits model {name!r} has {NUM_CLASSES} classes, but the data has {num_classes}")
+        return MODEL_ZOO[name]()
+    raise ValueError(f"unknown model {name!r}; the digits zoo has {sorted(MODEL_ZOO)}")
