@@ -131,6 +131,8 @@ _SPECS = [
      "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
     ("SoftmaxMSELoss", losses.softmax_mse_loss, ("student_logits", "teacher_logits"),
      "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
+    ("BYOLLoss", losses.byol_loss, ("prediction", "target"),
+     "loss = BYOLLoss()(predictor(projector(f(x1))), target_projector(target_f(x2)).detach()) + (views swapped)"),
     ("GANGeneratorLoss", losses.gan_generator_loss, ("fake_logits",),
      "loss = ce + kd + 0.1 * GANGeneratorLoss()(discriminator(f_s))"),
     ("GANDiscriminatorLoss", losses.gan_discriminator_loss, ("real_logits", "fake_logits"),

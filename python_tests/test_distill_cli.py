@@ -47,6 +47,8 @@ def test_distill_runs_every_listed_method(method, teacher_cache, tmp_path, capsy
     assert result["teacher_agreement"] is None or 0.0 <= result["teacher_agreement"] <= 100.0
     assert (result["teacher_kl"] is None) == (result["teacher_agreement"] is None)
     assert f"{method}: " in capsys.readouterr().out
+    if method == "byol":
+        assert 0.0 <= result["evaluation"]["test_probe_acc_student"] <= 100.0, "byol's evaluation is a linear probe"
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -55,6 +57,8 @@ def test_distill_runs_every_listed_method(method, teacher_cache, tmp_path, capsy
     (["distill", "--method", "kd", "--set", "temp=2"], r"no hyperparameter\(s\) \['temp'\]"),
     (["distill", "--method", "kd", "--set", "temperature"], "NAME=VALUE"),
     (["demo", "--methods", "ce,kdd"], "unknown method 'kdd'"),
+    (["distill", "--method", "kd", "--metrics", "classification,probe"], r"--metrics: unknown task metric 'probe'"),
+    (["distill", "--method", "kd", "--metrics", ","], "--metrics must name at least one task metric"),
 ])
 def test_bad_command_lines_fail_with_a_clear_message(arguments, message, capsys):
     assert cli.main(arguments) == 2

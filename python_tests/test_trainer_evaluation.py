@@ -22,7 +22,7 @@ from kdkernels.distill.environment import Environment, set_up_environment
 from kdkernels.distill.evaluation import Evaluator, teacher_of
 from kdkernels.distill.metrics import plot_curves
 from kdkernels.distill.models import digits_model
-from kdkernels.distill.recipe import Setup
+from kdkernels.distill.recipe import Recipe, Setup
 from kdkernels.distill.registry import build_recipe
 from kdkernels.distill.task_metrics import Classification, LanguageModel, MeanIoU
 from kdkernels.distill.terms import CrossEntropyTerm
@@ -397,6 +397,26 @@ def test_a_run_reports_knn_and_linear_probe_accuracies():
     last = result.history[-1]
     assert 0.0 <= last["test_knn_acc_student"] <= 100.0 and 0.0 <= last["test_probe_acc_student"] <= 100.0
     assert result.evaluation["test_knn_acc_student"] == last["test_knn_acc_student"]
+
+
+def test_a_recipes_own_metrics_join_the_runs():
+    recipe = kd_recipe(student="student-cnn", teacher="student-cnn")
+    recipe.metrics = ("knn", "classification")
+    assert recipe.evaluation_metrics(("classification",)) == ("classification", "knn")
+    result = Trainer(TrainConfig(epochs=1, batch_size=16, **QUIET)).fit(recipe, small_split().train,
+                                                                       small_split().test)
+    assert 0.0 <= result.evaluation["test_knn_acc_student"] <= 100.0 and "test_acc_student" in result.evaluation
+    with pytest.raises(ValueError, match=r"metrics: unknown task metric 'probe'"):
+        Recipe("kd", recipe.stages, metrics=("probe",))
+    with pytest.raises(TypeError, match="metrics must be a list or tuple"):
+        Recipe("kd", recipe.stages, metrics="knn")
+
+
+def test_the_cli_metrics_option_reaches_the_json_summary(tmp_path):
+    assert cli.main(["distill", "--method", "ce", "--epochs", "1", "--train-size", "60", "--no-progress",
+                     "--metrics", "classification,knn", "--json", str(tmp_path / "ce.json")]) == 0
+    summary = json.loads((tmp_path / "ce.json").read_text())
+    assert 0.0 <= summary["evaluation"]["test_knn_acc_student"] <= 100.0 and summary["nll"] > 0
 
 
 def test_representation_metrics_need_an_embedding_and_a_training_set():

@@ -69,7 +69,7 @@ def train_config(arguments):
                            device=arguments.device, num_workers=arguments.workers, amp=arguments.amp,
                            mixup_alpha=arguments.mixup, out_dir=arguments.out, resume=arguments.resume,
                            progress=not arguments.no_progress, seed=arguments.seed,
-                           stop_after_epochs=arguments.stop_after_epochs)
+                           stop_after_epochs=arguments.stop_after_epochs, metrics=parse_metrics(arguments.metrics))
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
 
@@ -130,6 +130,9 @@ def add_run_options(parser) -> None:
                           help="a long-tailed student subset: class c keeps n_max*RHO^(-c/9) images")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp-KD with Beta(ALPHA, ALPHA)")
+    parser.add_argument("--metrics", default="classification", metavar="NAME,NAME",
+                        help="task metrics of the test-set evaluation, comma-separated (default: classification; e.g. "
+                        "classification,linear_probe,knn); a method adds the ones its evaluation needs")
     parser.add_argument("--stop-after-epochs", type=int, metavar="N",
                         help="leave after N epochs with a resumable checkpoint (time-limited jobs; rerun with "
                         "--resume, or rerun the sweep, to continue)")
@@ -262,6 +265,16 @@ def _experiment(arguments, method):
     return experiment.reversed() if arguments.reversed else experiment
 
 
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """``"classification,linear_probe"`` -> the checked task metric names (a usage error naming ``--metrics``)."""
+    from kdkernels.distill import task_metrics
+
+    try:
+        return task_metrics.check_names(tuple(name.strip() for name in text.split(",") if name.strip()))
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--{error}") from None
+
+
 def distill_command(arguments) -> int:
     if not arguments.method:
         raise UsageError("--method is required (on the command line or in --config)")
@@ -290,13 +303,18 @@ def distill_command(arguments) -> int:
         print(f"{arguments.method}: paused after {len(result.history)} epoch(s) (--stop-after-epochs); continue "
               f"with --resume --out {arguments.out}")
         return 0
-    print(f"{arguments.method}: {result.accuracy:.2f}% test accuracy (best {result.best_accuracy:.2f}%), "
+    accuracy = "no" if result.accuracy is None else f"{result.accuracy:.2f}%"
+    best = "" if result.best_accuracy is None else f" (best {result.best_accuracy:.2f}%)"
+    representation = "".join(f", {key} {value:.2f}%" for key, value in result.evaluation.items()
+                             if value is not None and key.startswith(("test_probe_acc", "test_knn_acc")))
+    print(f"{arguments.method}: {accuracy} test accuracy{best}{representation}, "
           f"{result.train_seconds:.1f} s, {100 * result.loss_share:.1f}% of it in the loss")
     if arguments.json:
         summary = {"method": arguments.method, "preset": arguments.preset, "overrides": overrides,
                    "accuracy": result.accuracy, "best_accuracy": result.best_accuracy, "nll": result.nll,
                    "ece": result.ece, "teacher_agreement": result.teacher_agreement, "teacher_kl": result.teacher_kl,
-                   "accuracies": result.accuracies, "train_seconds": result.train_seconds,
+                   "accuracies": result.accuracies, "evaluation": result.evaluation,
+                   "train_seconds": result.train_seconds,
                    "loss_share": result.loss_share, "history": result.history,
                    "experiment": dataclasses.asdict(experiment), "reversed": arguments.reversed,
                    "teachers": [{"model": experiment.teacher, "accuracy": t.accuracy, "steps": t.steps,

@@ -53,7 +53,7 @@ class Run:
         self.test_set = as_sample_dataset(test_set) if test_set is not None else None
         self.evaluator = Evaluator(self.test_set, self.env, batch_size=config.eval_batch_size,
                                    num_workers=config.num_workers, amp_dtype=self.amp_dtype,
-                                   metrics=config.metrics, train_set=self.train_set) \
+                                   metrics=recipe.evaluation_metrics(config.metrics), train_set=self.train_set) \
             if self.test_set is not None else None
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.writes = self.env.is_main and self.out_dir is not None

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdkernels.distill import task_metrics
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.optimisers import check_optimisers
 from kdkernels.distill.sources import Source, check_source
@@ -82,11 +83,24 @@ class Stage:
 
 @dataclasses.dataclass
 class Recipe:
-    """A method's stages; ``student`` is the model the run exports (the last stage's first evaluated model)."""
+    """A method's stages; ``student`` is the model the run exports (the last stage's first evaluated model).
+
+    ``metrics``: task metrics (:mod:`kdkernels.distill.task_metrics` names) that belong to the method's evaluation,
+    e.g. ``("linear_probe",)`` for a self-supervised method judged by a linear probe of its representation; the run
+    evaluates them besides the ones its ``TrainConfig.metrics`` asks for (:meth:`evaluation_metrics`)."""
 
     method: str
     stages: list[Stage]
     hyperparameters: dict = dataclasses.field(default_factory=dict)
+    metrics: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.metrics = task_metrics.check_names(self.metrics) if self.metrics else ()
+
+    def evaluation_metrics(self, requested) -> tuple[str, ...]:
+        """The run's metrics ``requested`` followed by the method's own that are not among them."""
+        requested = tuple(requested)
+        return requested + tuple(name for name in self.metrics if name not in requested)
 
     @property
     def student(self) -> nn.Module:

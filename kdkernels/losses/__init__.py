@@ -24,7 +24,7 @@ from kdkernels.losses.attention import at_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
-from kdkernels.losses.self_supervised import softmax_mse_loss
+from kdkernels.losses.self_supervised import byol_loss, softmax_mse_loss
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "pkt_loss", "cc_loss", "crd_loss", "crd_normalizers", "crd_update_memory_", "sample_contrast_indices",
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
-    "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "softmax_mse_loss", "gan_generator_loss",
+    "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "softmax_mse_loss", "byol_loss", "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights", "camkd_loss",

@@ -1,19 +1,24 @@
 """Self-supervised and consistency distillation: a model taught by another view of the data and by its own moving
-average (mean teacher)."""
+average (mean teacher, BYOL)."""
 from __future__ import annotations
 
 import math
 
+import torch
+from torch import nn
+
 import kdkernels
 from kdkernels._validation import Checks
-from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.methods._common import single_stage
-from kdkernels.distill.recipe import Recipe, Setup
+from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
-from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
 from kdkernels.distill.updates import EMA
-from kdkernels.distill.views import HorizontalFlip, RandomCrop, View
+from kdkernels.distill.views import GaussianNoise, HorizontalFlip, RandomCrop, View
 
+BYOL_PAPER = ("Grill, Strub, Altché, Tallec, Richemond, Buchatskaya, Doersch, Pires, Guo, Azar, Piot, Kavukcuoglu, "
+              "Munos, Valko. Bootstrap your own latent: A new approach to self-supervised learning. NeurIPS 2020")
 MEAN_TEACHER_PAPER = ("Tarvainen, Valpola. Mean teachers are better role models: Weight-averaged consistency targets "
                       "improve semi-supervised deep learning results. NeurIPS 2017")
 
@@ -89,3 +94,167 @@ def mean_teacher(setup: Setup, consistency: float = 100.0, rampup: float = 5.0, 
                           evaluate=("student", "teacher"), inputs={"teacher": "input_teacher"}, views=views,
                           updates={"teacher": EMA("student", ema_decay, warmup=True, buffers="own")})
     return single_stage("mean-teacher", distiller)
+
+
+# ---------------------------------------------------------------------------------------------------------- BYOL
+
+BYOL_VIEWS = ("input", "input_view2")
+
+
+class ProjectionMLP(nn.Sequential):
+    """BYOL's projector and predictor (deepmind-research ``byol/utils/networks.py`` ``MLP``): ``Linear(hidden)`` →
+    ``BatchNorm`` → ``ReLU`` → ``Linear(output, no bias)``. The official batch norm (decay 0.9, ε 1e-5) is torch's
+    default (momentum 0.1, eps 1e-5)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_features, bias=False))
+
+
+class BYOLNetwork(nn.Module):
+    """BYOL's network around a classifier ``encoder`` (``byol_experiment.py`` ``_forward``): for each view of the
+    batch, ``embedding → projector → predictor``, and the encoder's own classifier on the embedding with the gradient
+    stopped (``classifier(stop_gradient(embedding))``: the labels train the classifier only, never the encoder).
+
+    It reads the whole batch (the two views ``views``), runs them one at a time (each view's batch-norm statistics
+    are its own, as ``apply_once_fn``), returns view 1's logits and passes the stacked ``[2, B, D]`` projections and
+    predictions through the identity modules ``projections`` and ``predictions``, so that terms read them as taps
+    (``"online:predictions"``, ``"target_network:projections"``). The embedding is the input of the encoder's
+    classifier (``feature_points(encoder)``: ``embedding`` must be ``"<classifier>/input"``)."""
+
+    distill_input = BATCH
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module, predictor: nn.Module,
+                 views: tuple[str, str] = BYOL_VIEWS):
+        super().__init__()
+        self.encoder, self.projector, self.predictor = encoder, projector, predictor
+        self.classifier_path = classifier_path(encoder)
+        self.views = tuple(views)
+        self.projections, self.predictions = nn.Identity(), nn.Identity()
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, logits of the classifier on the detached embedding) of one view."""
+        captured = []
+
+        def stop_gradient(_module, inputs):
+            captured.append(inputs[0])
+            return (inputs[0].detach(), *inputs[1:])
+
+        handle = self.encoder.get_submodule(self.classifier_path).register_forward_pre_hook(stop_gradient)
+        try:
+            logits = self.encoder(images)
+        finally:
+            handle.remove()
+        return captured[-1].flatten(1), logits
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        projections, predictions, logits = [], [], []
+        for key in self.views:
+            embedding, view_logits = self.encode(batch[key])
+            projection = self.projector(embedding)
+            projections.append(projection)
+            predictions.append(self.predictor(projection))
+            logits.append(view_logits)
+        self.projections(torch.stack(projections))
+        self.predictions(torch.stack(predictions))
+        return logits[0]
+
+
+def classifier_path(encoder: nn.Module) -> str:
+    """The path of ``encoder``'s final linear layer, whose input must be its embedding (``feature_points``)."""
+    points = feature_points(encoder)
+    if points.embedding != f"{points.classifier}/input":
+        raise ValueError(f"byol: the student's embedding {points.embedding!r} must be the input of its classifier "
+                         f"{points.classifier!r} (the classifier trains on the stop-gradient embedding)")
+    return points.classifier
+
+
+def embedding_width(encoder: nn.Module) -> int:
+    """The embedding's width: the ``in_features`` of the encoder's linear classifier."""
+    classifier = encoder.get_submodule(classifier_path(encoder))
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(f"byol: the student's classifier must be an nn.Linear (its in_features size the projector), "
+                         f"got {type(classifier).__name__}")
+    return classifier.in_features
+
+
+class BYOLTerm(Term):
+    """``byol_loss(q₁, stop_gradient(z'₂)) + byol_loss(q₂, stop_gradient(z'₁))``, each a batch mean: the
+    symmetrised regression loss of ``byol_experiment.py`` ``loss_fn`` (q: online predictions, z': target
+    projections, both stacked per view)."""
+
+    def __init__(self, weight: float = 1.0, *, online: str = "online", target: str = "target_network"):
+        super().__init__("byol", (f"{online}:predictions", f"{target}:projections"), weight)
+
+    def loss(self, predictions, projections, *, context):
+        projections = projections.detach()
+        return kdkernels.byol_loss(predictions[0], projections[1]) + kdkernels.byol_loss(predictions[1], projections[0])
+
+
+def byol_views(translate: int, flip: bool, noise: float) -> list[View]:
+    """Two independent augmentations of ``"input"``: ``"input_view2"`` and ``"input"`` itself, each a random
+    translation by up to ``translate`` pixels, a horizontal flip (``flip``) and Gaussian noise of std ``noise``."""
+    views = []
+    for output in ("input_view2", "input"):
+        views += augmentation("input", output, translate, flip)
+        if noise > 0:
+            views.append(View(output, output, GaussianNoise(noise)))
+    return views
+
+
+@register("byol", category="self-supervised", needs_teacher=False, paper=BYOL_PAPER,
+          presets={"digits": {"projector_hidden": 64, "projection": 32, "predictor_hidden": 64, "base_ema": 0.97,
+                              "translate": 1, "flip": False, "noise": 0.1}},
+          approximation="the run's optimiser and schedule instead of LARS with warm-up; random translation, flip and "
+                        "noise views instead of random-resized crops, colour jitter, blur and solarisation; the target "
+                        "starts as a copy of the online network")
+def byol(setup: Setup, projector_hidden: int = 4096, projection: int = 256, predictor_hidden: int = 4096,
+         base_ema: float = 0.996, translate: int = 4, flip: bool = True, noise: float = 0.0) -> Recipe:
+    """BYOL self-distillation: ``Σ_views (2 − 2·cos(q_θ(z_θ(v)), z_ξ(v')))`` + ``CE(classifier(sg(y_θ(v₁))), y)``,
+    ξ the EMA of θ; evaluated by a linear probe of the student's embedding.
+
+    As deepmind-research ``byol/byol_experiment.py`` trains (``configs/byol.py``: projector and predictor hidden
+    4096, output 256, ``base_target_ema`` 0.996 for the 1000-epoch schedule):
+
+    * the online network is the student's encoder (embedding y = its ``feature_points(student).embedding``, the
+      classifier's input), the projector z and the predictor q, each ``Linear → BatchNorm → ReLU → Linear``
+      (``utils/networks.py`` ``MLP``; :class:`ProjectionMLP`), applied to each view separately (:class:`BYOLNetwork`);
+    * the target network ξ (``target_network``) is the exponential moving average of the whole online network
+      (encoder, projector and predictor, as ``_update_fn`` averages every online parameter), updated after each
+      optimiser step k with ``τ = 1 − (1 − base_ema)(cos(πk/K) + 1)/2`` (``utils/schedules.py`` ``target_ema``;
+      :func:`kdkernels.distill.updates.cosine_momentum`). It runs in train mode (``is_training=True``): its batch
+      norm keeps its own statistics, only parameters are averaged (``EMA(buffers="own")``), and gets no gradient;
+    * the loss is :func:`kdkernels.byol_loss` of the online prediction of one view and the target projection of the
+      other, symmetrised over the two views, each a batch mean (``loss_fn``'s ``repr_loss``);
+    * the online classifier (here the student's own) trains on the stop-gradient embedding of view 1 with the batch
+      mean CE, added to the loss with weight 1 (``classif_loss``): the labels never reach the encoder, and the
+      exported student's test accuracy is that online linear classifier's. The method's evaluation adds the
+      ``linear_probe`` metric (``probe_acc``: a logistic regression fitted on the frozen training embeddings).
+
+    Differences, flagged as an approximation: the run's optimiser and learning-rate schedule are used (the official
+    one is LARS with weight decay 1.5e-6 excluding biases and batch norm, lr 0.2·B/256, 10 warm-up epochs, cosine);
+    the views are a random translation by up to ``translate`` pixels (zero padding), a horizontal flip and Gaussian
+    noise (``utils/augmentations.py``: random-resized crops, flips, colour jitter, grayscale, blur and solarisation,
+    not available as views); the target starts as a copy of the online network (the official one is initialised
+    from another random key; its comment reports no significant difference with the same one); the heads use
+    torch's default initialisation. Preset ``digits``: heads of hidden width 64 and output 32 for the digits
+    models' 16-wide embeddings, ``base_ema`` 0.97 (``configs/byol.py``'s value for its shortest, 40-epoch
+    schedule), and 1-pixel shifts with noise of std 0.1 and no flip (8×8 digits are not mirror-symmetric).
+    """
+    check = Checks("byol")
+    projector_hidden = check.integer("projector_hidden", projector_hidden, minimum=1)
+    projection = check.integer("projection", projection, minimum=1)
+    predictor_hidden = check.integer("predictor_hidden", predictor_hidden, minimum=1)
+    base_ema = check.probability("base_ema", base_ema)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    width = embedding_width(setup.student)
+    online = BYOLNetwork(setup.student, ProjectionMLP(width, projector_hidden, projection),
+                         ProjectionMLP(projection, predictor_hidden, projection))
+    terms = [BYOLTerm(), CrossEntropyTerm("online", name="ce_classifier")]
+    distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
+                          frozen_train_mode=("target_network",), evaluate=("student",),
+                          views=byol_views(translate, flip, noise),
+                          updates={"target_network": EMA("online", base_ema, schedule="cosine", buffers="own")})
+    return Recipe("byol", [Stage("byol", distiller)], metrics=("linear_probe",))
