@@ -53,9 +53,10 @@ def test_published_teacher_weights_are_loaded_evaluated_and_not_trained(tmp_path
 
 def test_index_keyed_methods_run_on_a_subset_of_a_factory_dataset(factory, tmp_path):
     """CRD's memory bank has one row per training sample: the per-class subset is re-indexed 0..N-1."""
+    torch.save(digits_model("teacher-cnn").state_dict(), tmp_path / "teacher.pt")     # no teacher training here
     assert main(["distill", "--method", "crd", "--dataset", factory, "--student", "student-cnn", "--teacher",
-                 "teacher-cnn", "--teacher-epochs", "1", "--train-size", "40", "--json", str(tmp_path / "c.json"),
-                 *QUICK]) == 0
+                 "teacher-cnn", "--teacher-weights", str(tmp_path / "teacher.pt"), "--train-size", "40", "--json",
+                 str(tmp_path / "c.json"), *QUICK]) == 0
     assert len(json.loads((tmp_path / "c.json").read_text())["history"]) == 1
 
 
