@@ -238,7 +238,7 @@ def test_a_package_that_cannot_load_is_named(monkeypatch):
 
 @pytest.mark.parametrize("spec, message", [
     ("torchvision:resnet81", "torchvision has no classification model 'resnet81'; close matches: resnet18"),
-    ("timm:vit_tiny_patch16", "timm has no classification model 'vit_tiny_patch16'; close matches: vit_tiny_patch16_224"),
+    ("timm:vit_tiny_patch16", "timm has no classification model 'vit_tiny_patch16'; close matches: vit_tiny_patch16_"),
     ("timm:nothing_like_it", "timm has no classification model 'nothing_like_it'$"),
     ("keras:resnet50", "unknown model hub in 'keras:resnet50': expected 'torchvision:NAME' or 'timm:NAME'"),
     ("resnet50", "unknown model hub in 'resnet50'"),
@@ -257,7 +257,7 @@ def test_num_classes_must_be_a_positive_int(fake_hubs, num_classes):
 # ------------------------------------------------------------------------------------ feature methods train
 
 def one_step(recipe, num_classes):
-    """One SGD step of the recipe's last stage on random 8×3×32×32 data; asserts a finite loss and a moved student."""
+    """One SGD step of the recipe's last stage on random 8×3×32×32 data: a finite loss, and the student moves."""
     torch.manual_seed(0)
     batch = {"input": torch.randn(8, 3, 32, 32), "target": torch.randint(0, num_classes, (8,)),
              "index": torch.arange(8)}

@@ -20,12 +20,15 @@ when the model refuses the smaller size), with forward hooks recording, in call 
 
 The trunk's spatial part is its children's outputs up to the first that is not an N×C×H×W map (a 4-D tensor with
 H = W: the probe is square, so a channels-last output such as Swin's N×H×W×C is not one) or that is an adaptive
-pooling layer (the global pool). The stages are the last child before each downsampling (the spatial size falls
-to at most 2/3: a stride of 2 or more, not an unpadded convolution's trim) and the last child of that part (ResNet-like trunks give one stage per resolution; VGG the ReLU before each max-pool). When no
-child gives a map, or a child with parameters that is not on the classifier's path runs after the spatial part
-(ViT's encoder works on tokens), the model has no spatial stages: ``stages = []``, and a method that needs stages
-asks for explicit taps. The classifier is the last ``nn.Linear`` the forward called (the last 1×1 ``nn.Conv2d`` with
-``num_classes`` outputs when there is none, as SqueezeNet's), the embedding its input.
+pooling layer (the global pool). The stages are the last child before each downsampling (the spatial size falls to
+at most 2/3: a stride of 2 or more, not an unpadded convolution's trim) and the last child of that part, as the
+trunk outputs them (MobileNetV2: ``features.1``, ``.3``, ``.6``, ``.13``, ``.18``; VGG: the ReLU before each
+max-pool, then the last max-pool; DenseNet's last is ``norm5``, before the model's final ReLU). A child called more
+than once is never a stage. When no child gives a map, or a child with parameters that is not on the classifier's
+path runs after the spatial part (ViT's encoder works on tokens), the model has no spatial stages: ``stages = []``,
+and a method that needs stages asks for explicit taps. The classifier is the last ``nn.Linear`` the forward called
+(else the last called ``nn.Conv2d`` with ``num_classes`` outputs: SqueezeNet's, whose input is a map, not a pooled
+vector), the embedding its input.
 
 **timm.** The stages are the modules of ``model.feature_info`` (timm's own feature pyramid: module paths, channels
 and reductions), the last one of each reduction, so a ViT's twelve blocks at reduction 16 give one candidate. A probe
@@ -36,6 +39,7 @@ where that path is missing the module ``get_classifier()`` returns; the embeddin
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import importlib
@@ -188,21 +192,27 @@ def torchvision_points(model: nn.Module, num_classes: int) -> FeaturePoints:
     heads = [path for path, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     calls = probe(model, sorted(set(children) | set(heads)), TORCHVISION_PROBE_SIZES)
     classifier = classifier_of(model, calls, num_classes)
-    child_paths = set(children)
-    trunk_calls = [call for call in calls if call.path in child_paths]
-    repeated = {call.path for call in trunk_calls if sum(c.path == call.path for c in trunk_calls) > 1}
+    trunk_calls = [call for call in calls if call.path in set(children)]
+    return FeaturePoints(stages=stages_of(trunk_calls, classifier), embedding=f"{classifier}/input",
+                         classifier=classifier)
+
+
+def stages_of(trunk_calls: Sequence[Call], classifier: str) -> list[str]:
+    """The stage paths of the trunk's calls, or ``[]`` when its spatial part does not feed the classifier."""
     spatial = []
     for call in trunk_calls:
         if not is_map(call.shape) or isinstance(call.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             break
         spatial.append(call)
     after = trunk_calls[len(spatial):]
-    feeds_head = all(on_path(call.path, classifier) or not any(True for _ in call.module.parameters())
-                     for call in after)
-    stages = []
-    if spatial and feeds_head:
-        stages = [path for path in last_per_resolution(spatial) if path not in repeated]
-    return FeaturePoints(stages=stages, embedding=f"{classifier}/input", classifier=classifier)
+    if not spatial or any(has_parameters(call.module) and not on_path(call.path, classifier) for call in after):
+        return []
+    calls_per_path = collections.Counter(call.path for call in trunk_calls)
+    return [path for path in last_per_resolution(spatial) if calls_per_path[path] == 1]   # a reused child is no tap
+
+
+def has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def classifier_of(model: nn.Module, calls: Sequence[Call], num_classes: int) -> str:
