@@ -70,6 +70,55 @@ class TinyViT(nn.Module):
         return self.heads(self.encoder(tokens)[:, 0])
 
 
+class TinyGoogLeNet(nn.Module):
+    """GoogLeNet's layout: no trunk child, the model's own children, then a global pool, dropout and ``fc``."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1, self.maxpool1 = conv(3, 4, 2), nn.MaxPool2d(2)
+        self.conv2, self.conv3 = conv(4, 8, 1), conv(8, 16, 2)
+        self.avgpool, self.dropout = nn.AdaptiveAvgPool2d(1), nn.Dropout(0.2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.conv3(self.conv2(self.maxpool1(self.conv1(x))))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+
+    def forward(self, x):   # N×H×W×C in and out, as Swin's stages
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class TinySwin(nn.Module):
+    """Swin's layout: ``features`` whose children give N×H×W×C maps, then ``head``."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.features = nn.Sequential(ChannelsLast(3, 8, 4), ChannelsLast(8, 16, 2))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x.permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+class TinySqueezeNet(nn.Module):
+    """SqueezeNet's layout: ``features``, then a 1×1 convolution classifier and a global pool (no nn.Linear)."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.features = nn.Sequential(conv(3, 8, 2), conv(8, 16, 2))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, num_classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
 class TimmNet(nn.Module):
     """timm's layout: a stem, ``stages``, ``head.fc``, ``feature_info`` and ``pretrained_cfg``."""
 
@@ -108,7 +157,8 @@ class TimmTokenNet(nn.Module):
 
 
 TORCHVISION_MODELS = {"resnet18": TinyResNet, "resnet50": lambda num_classes: TinyResNet(8, num_classes),
-                      "mobilenet_v2": TinyFeaturesNet, "vit_b_16": TinyViT}
+                      "mobilenet_v2": TinyFeaturesNet, "vit_b_16": TinyViT, "googlenet": TinyGoogLeNet,
+                      "swin_t": TinySwin, "squeezenet1_0": TinySqueezeNet}
 TIMM_MODELS = {"resnet18": TimmNet, "vit_tiny_patch16_224": TimmTokenNet,
                "resnet26": lambda num_classes: TimmNet(num_classes, classifier="fc")}
 
@@ -172,6 +222,24 @@ def test_a_features_net_takes_the_last_child_before_each_downsampling(fake_hubs)
     assert points.stages == ["features.1", "features.3", "features.4"]
     assert (points.embedding, points.classifier) == ("classifier.1/input", "classifier.1")
     assert tapped_shapes(model) == ([(2, 4, 32, 32), (2, 8, 16, 16), (2, 16, 8, 8)], (2, 16), (2, 5))
+
+
+def test_a_net_without_a_trunk_child_uses_its_own_children_up_to_the_global_pool(fake_hubs):
+    model = hub_model("torchvision:googlenet", 5)
+    points = model.kd_points
+    assert (points.stages, points.classifier) == (["conv1", "conv2", "conv3"], "fc")
+    assert tapped_shapes(model) == ([(2, 4, 32, 32), (2, 8, 16, 16), (2, 16, 8, 8)], (2, 16), (2, 5))
+
+
+def test_channels_last_stages_are_not_maps(fake_hubs):
+    points = hub_model("torchvision:swin_t", 5).kd_points
+    assert (points.stages, points.embedding, points.classifier) == ([], "head/input", "head")
+
+
+def test_a_convolution_classifier_without_a_linear_layer(fake_hubs):
+    points = hub_model("torchvision:squeezenet1_0", 5).kd_points
+    assert (points.stages, points.embedding, points.classifier) == (["features.0", "features.1"],
+                                                                     "classifier.1/input", "classifier.1")
 
 
 def test_the_probe_leaves_the_model_in_train_mode_with_its_weights(fake_hubs):
