@@ -17,7 +17,7 @@ from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translato
                                           ofd_connector, output_channels)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import offline
+from kdkernels.distill.methods._common import offline, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
@@ -154,8 +154,8 @@ def fitnet(setup: Setup, hint_weight: float = 100.0, ce_weight: float = 1.0, kd_
     alone for that many epochs (a float: share of the run), then trains with ``ce·CE + kd·KD`` (no hint).
     """
     teacher = setup.require_teacher("fitnet")
-    student_tap = student_layer or stage_taps(setup.student, None)[1]
-    teacher_tap = teacher_layer or stage_taps(teacher, None)[1]
+    student_tap = student_layer or stage_tap("fitnet", setup.student, 1, "student_layer")
+    teacher_tap = teacher_layer or stage_tap("fitnet", teacher, 1, "teacher_layer")
     hint = HintTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", hint_weight, regressor)
     if hint_stage_epochs is None:
         return offline("fitnet", setup, [*response_terms(ce_weight, kd_weight, temperature), hint])
@@ -490,8 +490,8 @@ def ft(setup: Setup, beta: float = 500.0, rate: float = 0.5, paraphraser_epochs:
     ``normalize(mean_c F²)``, an AT-like map, β = 200, MSE reconstruction): not this method.
     ``teacher_channels`` is read from the teacher's last conv/BN at the tap unless given."""
     teacher = setup.require_teacher("ft")
-    student_tap = student_layer or stage_taps(setup.student, None)[-1]
-    teacher_tap = teacher_layer or stage_taps(teacher, None)[-1]
+    student_tap = student_layer or stage_tap("ft", setup.student, -1, "student_layer")
+    teacher_tap = teacher_layer or stage_tap("ft", teacher, -1, "teacher_layer")
     channels = teacher_channels or output_channels(find_module(teacher, teacher_tap, "teacher"))
     if not channels:
         raise ValueError(f"ft cannot tell the channel count of teacher tap {teacher_tap!r}: pass teacher_channels")

@@ -12,7 +12,7 @@ from torch import nn
 import kdkernels
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods._common import single_stage, stage_tap
 from kdkernels.distill.methods.self_distillation import positive_int
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
@@ -131,8 +131,8 @@ def ca_mkd(setup: Setup, temperature: float = 4.0, gamma: float = 1.0, alpha: fl
     """
     teachers = require_teachers(setup, "ca-mkd", minimum=2)
     names = teacher_names(len(teachers))
-    s_layer = student_layer or feature_points(setup.student).stages[-1]
-    t_layers = [teacher_layer or feature_points(t).stages[-1] for t in teachers]
+    s_layer = student_layer or stage_tap("ca-mkd", setup.student, -1, "student_layer")
+    t_layers = [teacher_layer or stage_tap("ca-mkd", t, -1, "teacher_layer") for t in teachers]
     classifiers = [find_module(t, teacher_classifier or feature_points(t).classifier, name)
                    for name, t in zip(names, teachers)]
     terms = [CrossEntropyTerm("student", gamma),

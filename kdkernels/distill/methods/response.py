@@ -14,7 +14,7 @@ from torch import nn
 import kdkernels
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import offline, single_stage
+from kdkernels.distill.methods._common import offline, single_stage, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term, mixup_average
@@ -284,10 +284,8 @@ def zipf_ls(setup: Setup, loss_lambda: float = 0.1, power: float = 1.0, mask: bo
     last stage map (default: the student's last ``kd_points`` stage) and ``classifier`` the linear head applied at
     each of its locations (default: ``kd_points.classifier``).
     """
-    if feature_layer is None or classifier is None:
-        points = feature_points(setup.student)
-        feature_layer = feature_layer or points.stages[-1]
-        classifier = classifier or points.classifier
+    feature_layer = feature_layer or stage_tap("zipf-ls", setup.student, -1, "feature_layer")
+    classifier = classifier or feature_points(setup.student).classifier
     head = find_module(setup.student, classifier, "student")
     terms = [CrossEntropyTerm("student", 1.0),
              ZipfTerm(f"student:{feature_layer}", head, loss_lambda, power=power, mask=mask, upsample=upsample)]
