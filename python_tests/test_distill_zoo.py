@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,20 @@ def test_create_gives_the_asked_classes_and_keeps_the_digits_zoo():
     assert create("student-cnn").fc.out_features == 10 and create("student-cnn", 5).fc.out_features == 5
     assert [p.shape for p in digits_model("teacher-cnn").parameters()] == \
         [p.shape for p in create("teacher-cnn").parameters()]
+
+
+def test_readme_zoo_example_loads_a_checkpoint_of_the_official_keys_strictly(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**The CIFAR model zoo.**"):readme.index("**The methods**")]
+    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    checkpoint = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": official_rule_state(create("resnet32x4").state_dict())}, checkpoint)
+    path = "resnet32x4_vanilla/ckpt_epoch_240.pth"
+    assert path in example
+    namespace = {}
+    exec(example.replace(path, str(checkpoint)), namespace)
+    assert [f.shape[1] for f in namespace["features"]] == [32, 64, 128, 256, 256]
+    assert namespace["logits"].shape == (8, 100)
 
 
 # ------------------------------------------------------------------------------------- state dicts (facts)
