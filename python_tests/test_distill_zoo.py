@@ -4,8 +4,9 @@ The facts in data/cifar_zoo.json were recorded by running RepDistiller's own mod
 (https://github.com/HobbitLong/RepDistiller, commit b84f547c5db6a35318d4671d7d5c4de74c822403: models/__init__.py's
 ``model_dict`` and models/resnet.py, resnetv2.py, wrn.py, vgg.py, mobilenetv2.py, ShuffleNetv1.py, ShuffleNetv2.py)
 with num_classes=100: each model's state-dict keys and shapes in order, its parameter count, the features of
-``model(x, is_feat=True[, preact=True])`` (shape, mean, mean |value|) and its logits, with every state-dict entry
-set by the rule in the file's provenance (reproduced by :func:`official_rule_state`) on a seeded input.
+``model(x, is_feat=True[, preact=True])`` (shape, mean, mean |value|), the module paths of ``get_feat_modules()`` and
+``get_bn_before_relu()``, and its logits on a seeded input, with every state-dict entry set by the rule in the
+file's provenance (reproduced by :func:`official_rule_state`).
 mdistiller's ``mdistiller/models/cifar/`` has the same state dicts for the names both zoos share.
 """
 from __future__ import annotations
@@ -179,6 +180,18 @@ def test_where_the_official_models_pool_and_return_pre_activations():
     # VGG skips pool3 on 32×32 inputs: its last two stages are both 4×4
     assert MODELS["vgg8"]["features"][3]["shape"][2:] == MODELS["vgg8"]["features"][4]["shape"][2:] == [4, 4]
     assert MODELS["ResNet50"]["preact_return_type"] == "list"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_get_feat_modules_and_get_bn_before_relu_are_the_official_modules(name):
+    model = evaluated(name)[0]
+    paths = {id(module): path for path, module in model.named_modules()}
+    assert [paths[id(module)] for module in model.get_feat_modules()] == MODELS[name]["get_feat_modules"]
+    if MODELS[name]["get_bn_before_relu"] is None:
+        with pytest.raises(NotImplementedError, match="OFD teacher"):
+            model.get_bn_before_relu()
+    else:
+        assert [paths[id(module)] for module in model.get_bn_before_relu()] == MODELS[name]["get_bn_before_relu"]
 
 
 # ------------------------------------------------------------------------------------------------- taps

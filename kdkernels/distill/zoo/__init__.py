@@ -1,11 +1,12 @@
 """The CIFAR model zoo of RepDistiller's ``models/`` package (the zoo behind mdistiller's CIFAR results), under its
 ``model_dict`` names: the same parameter names, shapes and forward, so that the teachers those projects publish load
-with ``strict=True`` and give the same logits.
+with ``strict=True`` and, under the same parameters, give the official models' logits.
 
 ``model(x)`` returns the logits; ``model(x, is_feat=True, preact=False)`` returns ``(features, logits)`` with
 features ``[stem, stage outputs…, pooled embedding]`` (``preact=True``: the stage outputs before their last ReLU,
-where the official model has them). Every model carries ``kd_points`` (:class:`~kdkernels.distill.FeaturePoints`):
-its stage outputs, pre-activation stage outputs, pooled embedding and classifier as tap paths.
+where the official model has them); ``get_feat_modules()`` and ``get_bn_before_relu()`` return the official modules.
+Every model carries ``kd_points`` (:class:`~kdkernels.distill.FeaturePoints`): its stage outputs, pre-activation
+stage outputs, pooled embedding and classifier as tap paths.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
+from kdkernels.distill.zoo._features import RepDistillerModel
 
 # (expansion, output channels before width, blocks, first stride) per group; expansion None is the model's
 GROUPS = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1), (None, 160, 3, 2),
@@ -44,7 +45,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-class CifarMobileNetV2(nn.Module):
+class CifarMobileNetV2(RepDistillerModel):
     """MobileNetV2 with ``expansion`` and ``width`` multipliers for ``input_size``² inputs (a multiple of 32)."""
 
     def __init__(self, expansion: int, width: float, num_classes: int = 100, input_size: int = 32):
@@ -67,6 +68,9 @@ class CifarMobileNetV2(nn.Module):
         stages = [f"blocks.{g}" for g in STAGE_GROUPS]
         self.kd_points = FeaturePoints(stages=stages, embedding="classifier.0/input", classifier="classifier.0",
                                        pre_activation=list(stages))
+        self.feat_module_paths = ["conv1", "blocks"]
+        # the projection BN of each stage's last block (before the residual sum)
+        self.bn_before_relu_paths = [f"blocks.{g}.{len(self.blocks[g]) - 1}.conv.7" for g in STAGE_GROUPS]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
-from kdkernels.distill.zoo._features import feature_forward
+from kdkernels.distill.zoo._features import RepDistillerModel, feature_forward
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -42,7 +42,7 @@ class BasicBlock(nn.Module):
         return F.relu(self.preact(out + shortcut))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(RepDistillerModel):
     """``depth = 6n + 2``: ``n`` basic blocks per stage; ``widths`` = (stem, stage 1, stage 2, stage 3) channels."""
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100):
@@ -61,6 +61,8 @@ class CifarResNet(nn.Module):
         stages = ["layer1", "layer2", "layer3"]
         self.kd_points = FeaturePoints(stages=stages, embedding="fc/input", classifier="fc",
                                        pre_activation=[f"{stage}.{blocks - 1}.preact" for stage in stages])
+        self.feat_module_paths = ["conv1", "bn1", "relu", *stages]
+        self.bn_before_relu_paths = [f"{stage}.{blocks - 1}.bn2" for stage in stages]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

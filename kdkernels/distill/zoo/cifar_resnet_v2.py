@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
-from kdkernels.distill.zoo._features import feature_forward
+from kdkernels.distill.zoo._features import RepDistillerModel, feature_forward
 
 EXPANSION = 4
 
@@ -44,7 +44,7 @@ class Bottleneck(nn.Module):
         return F.relu(self.preact(out + self.shortcut(x)))
 
 
-class CifarResNetV2(nn.Module):
+class CifarResNetV2(RepDistillerModel):
     """A bottleneck ResNet of ``blocks`` per stage for 32×32 inputs."""
 
     def __init__(self, blocks: tuple[int, int, int, int], num_classes: int = 100):
@@ -64,6 +64,8 @@ class CifarResNetV2(nn.Module):
         self.kd_points = FeaturePoints(stages=stages, embedding="linear/input", classifier="linear",
                                        pre_activation=[f"{stage}.{count - 1}.preact"
                                                        for stage, count in zip(stages, blocks)])
+        self.feat_module_paths = ["conv1", "bn1", *stages]
+        self.bn_before_relu_paths = [f"{stage}.{count - 1}.bn3" for stage, count in zip(stages, blocks)]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
-from kdkernels.distill.zoo._features import feature_forward
+from kdkernels.distill.zoo._features import RepDistillerModel, feature_forward
 
 
 class ChannelShuffle(nn.Module):
@@ -56,7 +56,7 @@ class ShuffleV1Block(nn.Module):
         return F.relu(self.preact(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut))
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(RepDistillerModel):
     def __init__(self, widths: tuple[int, int, int], blocks: tuple[int, int, int], groups: int,
                  num_classes: int = 100):
         super().__init__()
@@ -73,6 +73,8 @@ class ShuffleNetV1(nn.Module):
         stages = ["layer1", "layer2", "layer3"]
         self.kd_points = FeaturePoints(stages=stages, embedding="linear/input", classifier="linear",
                                        pre_activation=[f"{s}.{n - 1}.preact" for s, n in zip(stages, blocks)])
+        self.feat_module_paths = ["conv1", "bn1", *stages]
+        self.bn_before_relu_paths = None
 
     def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         features = [F.relu(self.bn1(self.conv1(x)))]
@@ -134,7 +136,7 @@ class ShuffleV2DownBlock(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(RepDistillerModel):
     def __init__(self, widths: tuple[int, int, int, int], blocks: tuple[int, int, int], num_classes: int = 100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -151,6 +153,8 @@ class ShuffleNetV2(nn.Module):
         # a stage is a down block then ``count`` basic blocks
         self.kd_points = FeaturePoints(stages=stages, embedding="linear/input", classifier="linear",
                                        pre_activation=[f"{s}.{n}.preact" for s, n in zip(stages, blocks)])
+        self.feat_module_paths = ["conv1", "bn1", *stages]
+        self.bn_before_relu_paths = None
 
     def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         features = [F.relu(self.bn1(self.conv1(x)))]

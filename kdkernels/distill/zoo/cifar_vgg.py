@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
+from kdkernels.distill.zoo._features import RepDistillerModel
 
 CONFIGS = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -34,7 +35,7 @@ def conv_group(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(RepDistillerModel):
     """A VGG of five conv groups of ``config`` widths for 32×32 (or 64×64) inputs."""
 
     def __init__(self, config: tuple[tuple[int, ...], ...], num_classes: int = 100):
@@ -52,6 +53,8 @@ class CifarVGG(nn.Module):
         last_bn = [f"block{i}.{len(config[i]) * 3 - 2}" for i in range(1, 5)]
         self.kd_points = FeaturePoints(stages=[f"relu{i}" for i in range(1, 5)], embedding="classifier/input",
                                        classifier="classifier", pre_activation=last_bn)
+        self.feat_module_paths = [path for i in range(5) for path in (f"block{i}", f"pool{i}")]
+        self.bn_before_relu_paths = list(last_bn)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels

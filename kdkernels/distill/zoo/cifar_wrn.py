@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkernels.distill.recipe import FeaturePoints
+from kdkernels.distill.zoo._features import RepDistillerModel
 
 
 class PreActBlock(nn.Module):
@@ -53,7 +54,7 @@ class BlockGroup(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(RepDistillerModel):
     """WRN-``depth``-``widen``: groups of 16·widen, 32·widen and 64·widen channels after a 16-channel stem."""
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
@@ -72,6 +73,8 @@ class WideResNet(nn.Module):
         self.channels = widths[3]
         self.kd_points = FeaturePoints(stages=["block1", "block2", "block3"], embedding="fc/input", classifier="fc",
                                        pre_activation=["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"])
+        self.feat_module_paths = ["conv1", "block1", "block2", "block3"]
+        self.bn_before_relu_paths = list(self.kd_points.pre_activation)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
