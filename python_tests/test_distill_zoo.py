@@ -33,6 +33,16 @@ NAMES = list(MODELS)
 NUM_CLASSES = FACTS["provenance"]["num_classes"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Batches of 2 to 4 small images: a second intra-op thread saves nothing and, on a busy 2-core machine, costs
+    several times the work in thread-pool waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def recorded_state(name: str) -> list[tuple[str, tuple[int, ...]]]:
     """The official state dict's (key, shape) pairs, in order."""
     entries = []
