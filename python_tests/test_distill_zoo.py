@@ -6,7 +6,8 @@ The facts in data/cifar_zoo.json were recorded by running RepDistiller's own mod
 with num_classes=100: each model's state-dict keys and shapes in order, its parameter count, the features of
 ``model(x, is_feat=True[, preact=True])`` (shape, mean, mean |value|), the module paths of ``get_feat_modules()`` and
 ``get_bn_before_relu()``, and its logits on a seeded input, with every state-dict entry set by the rule in the
-file's provenance (reproduced by :func:`official_rule_state`).
+file's provenance (reproduced by :func:`official_rule_state`); then a training-mode forward's outputs and running
+statistics.
 mdistiller's ``mdistiller/models/cifar/`` has the same state dicts for the names both zoos share.
 """
 from __future__ import annotations
@@ -178,6 +179,23 @@ def test_is_feat_and_preact_return_the_official_features(name):
         features, result_logits = result
         assert torch.equal(result_logits, logits)
         assert_recorded_features(features, fact[key], f"{name} {key}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_training_mode_forward_matches_the_official_one_running_statistics_included(name):
+    """Batch statistics, and the BN updates of the forward (the WRNs run three BNs twice with preact=True)."""
+    model = create(name, NUM_CLASSES)
+    model.load_state_dict(official_rule_state(model.state_dict()), strict=True)
+    model.train()
+    with torch.no_grad():
+        features, logits = model(recorded_input(), is_feat=True, preact=True)
+    fact = MODELS[name]["train_mode"]
+    assert logits.mean().item() == pytest.approx(fact["logits_mean"], rel=1e-4, abs=1e-6)
+    assert logits.abs().mean().item() == pytest.approx(fact["logits_abs_mean"], rel=1e-4)
+    assert [f.abs().mean().item() for f in features] == pytest.approx(fact["preact_features_abs_mean"], rel=1e-4)
+    running = sum(value.double().sum().item() for key, value in model.state_dict().items()
+                  if key.endswith(("running_mean", "running_var")))
+    assert running == pytest.approx(fact["running_stats_sum"], rel=1e-7)
 
 
 def test_where_the_official_models_pool_and_return_pre_activations():
