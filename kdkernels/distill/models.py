@@ -1,4 +1,7 @@
-"""A small model zoo for the built-in ``digits`` data (1×8×8 images, 10 classes): teacher, assistant and student
+"""The model zoos by name: :func:`create` builds a model of the CIFAR zoo (RepDistiller's names, parameter names and
+forward: :mod:`kdkernels.distill.zoo`) or of the digits zoo below; :func:`names` lists both.
+
+The digits zoo is small, for the built-in ``digits`` data (1×8×8 images, 10 classes): teacher, assistant and student
 CNNs, and an MLP student. Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know
 where to hook; nothing in the distillation code depends on these classes.
 
@@ -13,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdkernels.distill import zoo
 from kdkernels.distill.recipe import FeaturePoints
 
 NUM_CLASSES = 10
@@ -73,12 +77,13 @@ class DigitsMLP(nn.Module):
         return self.fc(x)
 
 
-MODEL_ZOO: dict[str, Callable[[], nn.Module]] = {
-    "teacher-cnn": lambda: DigitsCNN(widths=(32, 64, 128), depth=2),
-    "assistant-cnn": lambda: DigitsCNN(widths=(16, 32, 64), depth=1),
-    "student-cnn": lambda: DigitsCNN(widths=(4, 8, 16), depth=1),
-    "student-cnn-deep": lambda: DigitsCNN(widths=(4, 8, 16), depth=2),  # the student's widths, twice the depth
-    "student-mlp": lambda: DigitsMLP(hidden=(32,)),
+MODEL_ZOO: dict[str, Callable[..., nn.Module]] = {   # name -> builder(num_classes=10)
+    "teacher-cnn": lambda num_classes=NUM_CLASSES: DigitsCNN((32, 64, 128), depth=2, num_classes=num_classes),
+    "assistant-cnn": lambda num_classes=NUM_CLASSES: DigitsCNN((16, 32, 64), depth=1, num_classes=num_classes),
+    "student-cnn": lambda num_classes=NUM_CLASSES: DigitsCNN((4, 8, 16), depth=1, num_classes=num_classes),
+    # the student's widths, twice the depth
+    "student-cnn-deep": lambda num_classes=NUM_CLASSES: DigitsCNN((4, 8, 16), depth=2, num_classes=num_classes),
+    "student-mlp": lambda num_classes=NUM_CLASSES: DigitsMLP(hidden=(32,), num_classes=num_classes),
 }
 
 
@@ -89,10 +94,24 @@ def digits_model(name: str) -> nn.Module:
     return MODEL_ZOO[name]()
 
 
-def create(name: str, num_classes: int) -> nn.Module:
-    """A fresh model by name: a digits zoo model (``MODEL_ZOO``, 10 classes, 1×8×8 inputs)."""
+def names() -> list[str]:
+    """Every name :func:`create` knows: the CIFAR zoo's (RepDistiller's ``model_dict`` order), then the digits
+    zoo's."""
+    return [*zoo.names(), *MODEL_ZOO]
+
+
+def create(name: str, num_classes: int | None = None) -> nn.Module:
+    """A fresh, untrained model by name: a CIFAR zoo model (``num_classes`` defaults to 100; a checkpoint published
+    for it loads with ``load_state_dict(..., strict=True)``), a digits zoo model (``num_classes`` defaults to 10),
+    or ``"torchvision:NAME"`` / ``"timm:NAME"`` (:func:`~kdkernels.distill.hub_models.hub_model`, no pretrained
+    weights; ``num_classes`` defaults to 1000). An unknown name raises a ValueError listing the close matches and
+    every name."""
+    if ":" in name:
+        from kdkernels.distill.hub_models import hub_model
+
+        return hub_model(name, 1000 if num_classes is None else num_classes)
     if name in MODEL_ZOO:
-        if num_classes != NUM_CLASSES:
-            raise ValueError(f"the digits model {name!r} has {NUM_CLASSES} classes, but the data has {num_classes}")
-        return MODEL_ZOO[name]()
-    raise ValueError(f"unknown model {name!r}; the digits zoo has {sorted(MODEL_ZOO)}")
+        return MODEL_ZOO[name](NUM_CLASSES if num_classes is None else num_classes)
+    if name not in zoo.CIFAR_MODELS:
+        raise zoo.unknown_name(name, names(), "model zoos (CIFAR and digits)")
+    return zoo.create(name, zoo.CIFAR_NUM_CLASSES if num_classes is None else num_classes)
