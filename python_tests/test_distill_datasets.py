@@ -523,7 +523,7 @@ def test_resume_is_exact_with_the_augmented_dataset_and_any_number_of_workers(tm
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**Your own data.**"):readme.index("**The methods**")]
+    section = readme[readme.index("**Your own data.**"):readme.index("**ImageNet-scale models.**")]
     (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
     write_cifar100(tmp_path / "data")
     write_image_folder(tmp_path / "imagenet")

@@ -95,3 +95,29 @@ def test_weights_that_do_not_fit_the_teacher_are_a_clear_error(tmp_path, capsys)
     torch.save({"model": digits_model("student-cnn").state_dict()}, tmp_path / "small.pth")
     assert main(["distill", "--method", "kd", "--teacher-weights", str(tmp_path / "small.pth"), *QUICK]) == 2
     assert "small.pth do not fit DigitsCNN: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "imagefolder"])
+def test_a_zoo_pair_distils_on_cifar_pickles_and_an_image_folder_from_the_command_line(tmp_path, dataset):
+    """The CIFAR zoo on tiny on-disk data: a published-format teacher checkpoint (RepDistiller's {"model": ...})
+    is loaded, the student is distilled one epoch and evaluated on the test split."""
+    from test_distill_datasets import write_cifar10, write_image_folder
+
+    from kdkernels.distill.models import create
+
+    if dataset == "cifar10":
+        write_cifar10(tmp_path / "data")
+        options = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data")]
+        classes = 10
+    else:
+        write_image_folder(tmp_path / "data", train_per_class=4)
+        options = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--image-size", "32"]
+        classes = 3
+    torch.save({"epoch": 240, "model": create("resnet14", classes).state_dict()}, tmp_path / "teacher.pth")
+    summary = tmp_path / "run.json"
+    assert main(["distill", "--method", "kd", *options, "--student", "resnet8", "--teacher", "resnet14",
+                 "--teacher-weights", str(tmp_path / "teacher.pth"), "--epochs", "1", "--batch-size", "4",
+                 "--no-progress", "--json", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["teachers"][0]["stopped"] == "loaded" and len(result["history"]) == 1
+    assert 0.0 <= result["accuracy"] <= 100.0 and result["experiment"]["dataset"] == dataset

@@ -125,7 +125,7 @@ def test_create_gives_the_asked_classes_and_keeps_the_digits_zoo():
 
 def test_readme_zoo_example_loads_a_checkpoint_of_the_official_keys_strictly(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**The CIFAR model zoo.**"):readme.index("**The methods**")]
+    section = readme[readme.index("**The CIFAR model zoo.**"):readme.index("**Your own data.**")]
     (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
     checkpoint = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": official_rule_state(create("resnet32x4").state_dict())}, checkpoint)
