@@ -280,17 +280,30 @@ def test_feature_methods_train_a_zoo_pair_through_its_taps(method, term):
     assert term in one_training_step(method, "resnet8x4", "resnet32x4")
 
 
-@pytest.mark.parametrize("student, teacher", [("wrn_16_2", "wrn_40_2"), ("vgg8", "vgg13"), ("resnet8x4", "wrn_40_2")])
-def test_ofd_trains_with_the_teachers_whose_pre_activations_are_batch_norms(student, teacher):
-    """OFD's margins come from the teacher's pre-activation BN: WRN and VGG (as RepDistiller's get_bn_before_relu)."""
+@pytest.mark.parametrize("student, teacher", [("wrn_16_2", "wrn_40_2"), ("vgg8", "vgg13"), ("resnet8x4", "wrn_40_2"),
+                                              ("resnet8x4", "resnet32x4"), ("wrn_16_2", "resnet32x4")])
+def test_ofd_trains_with_every_teacher_that_has_batch_norms_before_its_relus(student, teacher):
+    """OFD's margins come from the teacher's BN before ReLU: the pre-activation taps themselves (WRN, VGG) or, where
+    the pre-activation value is the residual sum after that BN (the ResNets), its ``margin_norms`` (mdistiller's
+    ``get_bn_before_relu``)."""
     assert "ofd" in one_training_step("ofd", student, teacher)
 
 
-@pytest.mark.parametrize("teacher", ["resnet32x4", "ResNet50", "MobileNetV2", "ShuffleV1"])
-def test_ofd_refuses_teachers_whose_pre_activation_is_a_residual_sum(teacher):
-    """Their pre-activation feature adds the shortcut to the BN output, so no BN module outputs it."""
-    with pytest.raises(ValueError, match=r"ofd takes its margins from the teacher's BN before ReLU, but teacher tap "
-                                         r"'(layer1|blocks)\.\d+\.?\w*' is a (Identity|Sequential)"):
+def test_ofd_margins_of_a_resnet_teacher_are_those_of_its_bn_before_relu():
+    import kdkernels
+    from kdkernels.distill import Setup, build_recipe
+
+    teacher = create("resnet32x4")
+    recipe = build_recipe("ofd", Setup(student=create("resnet8x4"), teacher=teacher, num_classes=100))
+    (term,) = [term for term in recipe.stages[0].distiller.terms if term.name == "ofd"]
+    for index, bn in enumerate(teacher.get_bn_before_relu()):
+        torch.testing.assert_close(getattr(term, f"margin{index}"), kdkernels.ofd_margins(bn.weight, bn.bias))
+
+
+@pytest.mark.parametrize("teacher", ["ShuffleV1", "ShuffleV2"])
+def test_ofd_refuses_teachers_without_batch_norms_before_their_relus(teacher):
+    """As the official models (get_bn_before_relu raises NotImplementedError), the ShuffleNets give no margins."""
+    with pytest.raises(ValueError, match=r"ofd takes its margins from the teacher's BN before ReLU, but teacher tap "):
         one_training_step("ofd", "resnet8x4", teacher)
 
 

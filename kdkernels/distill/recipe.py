@@ -115,12 +115,16 @@ class FeaturePoints:
     embedding: the pooled penultimate feature, usually the classifier's input (``"fc/input"``).
     classifier: the path of the final linear layer.
     pre_activation: the stage outputs before their last ReLU (OFD, AB), when the model exposes them.
+    margin_norms: the batch norms before the stage ReLUs, one per ``pre_activation`` tap, whose (γ, β) give OFD's
+        margins where the pre-activation value is not that batch norm's output (a residual sum after it, as in the
+        CIFAR ResNets: mdistiller's ``get_bn_before_relu``); empty when the ``pre_activation`` taps are the norms.
     """
 
     stages: list[str]
     embedding: str
     classifier: str
     pre_activation: list[str] = dataclasses.field(default_factory=list)
+    margin_norms: list[str] = dataclasses.field(default_factory=list)
 
 
 def feature_points(model: nn.Module) -> FeaturePoints:

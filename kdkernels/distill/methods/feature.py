@@ -280,13 +280,15 @@ def ofd(setup: Setup, normalizer: float = 1000.0, ce_weight: float = 1.0,
         student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
     """OFD: ``CE + Σ_i partialL2(conn(s_i), max(t_i, m))/2^(n−i−1)/B/1000``, clovaai/overhaul-distillation.
 
-    Pre-ReLU features of both nets (the ``pre_activation`` taps: the BNs before ReLU), margins from the teacher's BN
-    (γ, β), connectors conv1×1 + BN with the official init, the teacher frozen but in train mode (BN batch statistics,
+    Pre-ReLU features of both nets (the ``pre_activation`` taps: the BNs before ReLU, or the residual sums after them),
+    margins from the teacher's BN before ReLU (γ, β: the taps themselves, or the ``margin_norms`` of its feature
+    points, as mdistiller's ``get_bn_before_relu`` for the CIFAR ResNets and MobileNetV2), connectors conv1×1 + BN with the official init, the teacher frozen but in train mode (BN batch statistics,
     as the official code). ``normalizer`` 1000 (CIFAR) or 10000 (preset ``imagenet``)."""
     teacher = setup.require_teacher("ofd")
     teacher_taps = stage_taps(teacher, teacher_layers, "pre_activation")
+    norms = feature_points(teacher).margin_norms if teacher_layers is None else []
     term = OFDTerm(tapped("student", stage_taps(setup.student, student_layers, "pre_activation")),
-                   tapped("teacher", teacher_taps), 1.0 / normalizer, bn_margins(teacher, teacher_taps))
+                   tapped("teacher", teacher_taps), 1.0 / normalizer, bn_margins(teacher, norms or teacher_taps))
     return offline("ofd", setup, [*response_terms(ce_weight), term], frozen_train_mode=True)
 
 

@@ -71,6 +71,7 @@ class CifarMobileNetV2(RepDistillerModel):
         self.feat_module_paths = ["conv1", "blocks"]
         # the projection BN of each stage's last block (before the residual sum)
         self.bn_before_relu_paths = [f"blocks.{g}.{len(self.blocks[g]) - 1}.conv.7" for g in STAGE_GROUPS]
+        self.kd_points.margin_norms = list(self.bn_before_relu_paths)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels

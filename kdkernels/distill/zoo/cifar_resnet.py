@@ -63,6 +63,7 @@ class CifarResNet(RepDistillerModel):
                                        pre_activation=[f"{stage}.{blocks - 1}.preact" for stage in stages])
         self.feat_module_paths = ["conv1", "bn1", "relu", *stages]
         self.bn_before_relu_paths = [f"{stage}.{blocks - 1}.bn2" for stage in stages]
+        self.kd_points.margin_norms = list(self.bn_before_relu_paths)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

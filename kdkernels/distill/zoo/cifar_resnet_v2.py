@@ -66,6 +66,7 @@ class CifarResNetV2(RepDistillerModel):
                                                        for stage, count in zip(stages, blocks)])
         self.feat_module_paths = ["conv1", "bn1", *stages]
         self.bn_before_relu_paths = [f"{stage}.{count - 1}.bn3" for stage, count in zip(stages, blocks)]
+        self.kd_points.margin_norms = list(self.bn_before_relu_paths)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
