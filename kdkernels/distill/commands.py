@@ -112,6 +112,8 @@ def add_run_options(parser) -> None:
     parser.add_argument("--teacher", help="the teacher's model (default on digits: teacher-cnn, or what the method "
                         "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
     parser.add_argument("--teacher-epochs", type=int, help="the teachers' epochs (default: the recipe's)")
+    parser.add_argument("--teacher-seed", type=int, help="the first teacher's seed (default: the run's --seed; "
+                        "teacher k gets it + k)")
     parser.add_argument("--teachers", type=int,
                         help="teachers to train (default: 3 for multi-teacher methods, else 1)")
     parser.add_argument("--teacher-cache", type=Path, help="store trained teachers here and reuse them")
@@ -174,6 +176,8 @@ def add_parsers(commands) -> None:
     demo.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>/; a temporary "
                       "directory with --quick)")
     demo.add_argument("--json", type=Path, help="where to write the JSON (default: OUT/demo.json)")
+    demo.add_argument("--runs", type=Path, help="keep each run's folder here (a rerun resumes; default: a temporary "
+                      "directory)")
 
 
 def list_command(arguments) -> int:
@@ -289,7 +293,8 @@ def distill_command(arguments) -> int:
     if method.needs_teacher:
         count = arguments.teachers or (3 if method.category == "multi-teacher" else 1)
         for index in range(count):
-            trained = fit_teacher(experiment, config, seed=arguments.seed + index)
+            first = arguments.seed if arguments.teacher_seed is None else arguments.teacher_seed
+            trained = fit_teacher(experiment, config, seed=first + index)
             if is_main_process():
                 print(f"teacher {index} ({experiment.teacher}): {trained.describe(experiment)}")
             teachers.append(trained)
@@ -366,7 +371,7 @@ def demo_command(arguments) -> int:
         settings.seeds = tuple(range(arguments.seeds))
     if arguments.epochs:
         settings.epochs = arguments.epochs
-    report = run_demo(settings)
+    report = run_demo(settings, runs=arguments.runs)
     out_dir = arguments.out or (Path(tempfile.mkdtemp(prefix="kdkernels-demo-")) if arguments.quick
                                 else default_output_dir())
     paths = write_outputs(report, out_dir, arguments.json)

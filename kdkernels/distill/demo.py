@@ -1,6 +1,7 @@
-"""``kdkernels demo``: the project's main job. Trains a teacher on digits, then a baseline student and students
-distilled with a representative set of methods, over several seeds, and reports mean ± std test accuracy, train
-time and the share of training time spent in the loss terms, as a markdown table, a JSON file and a plot.
+"""``kdkernels demo``: the project's main job, a ``kdkernels sweep`` over digits. Trains a teacher on digits, then a
+baseline student and students distilled with a representative set of methods, over several seeds, and reports mean
+± std test accuracy, train time and the share of training time spent in the loss terms, as a markdown table, a JSON
+file and a plot.
 
 The setting (a 4-8-16-channel CNN student on a 300-image subset; a 32-64-128 two-block teacher on the full
 1258-image training split) leaves the student short of data, where a teacher's soft targets carry information the
@@ -8,20 +9,19 @@ labels do not. Whatever the numbers show is what the table says.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import datetime
+import io
 import json
 import statistics
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 
-import kdkernels
 from kdkernels._results import default_results_root, device_name, sanitize
-from kdkernels.distill.experiment import DigitsExperiment, distil_digits, fit_teacher
+from kdkernels.distill.experiment import DigitsExperiment
 from kdkernels.distill.registry import get_method
-from kdkernels.distill.config import TrainConfig
 
 # Official hyperparameters throughout. AT is left out: its weight of 1000 is calibrated for CIFAR's 32x32 maps, and on
 # digits' 8x8..2x2 maps the term outweighs the cross-entropy by two orders of magnitude (students fall below 50%).
@@ -46,51 +46,49 @@ class DemoSettings:
                    experiment=DigitsExperiment(teacher_epochs=2, train_size=200))
 
 
-def _config(settings: DemoSettings) -> TrainConfig:
-    return TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, optimizer="sgd",
-                       schedule="cosine", progress=False, device="cpu")
-
-
 def method_and_preset(entry: str) -> tuple[str, str]:
     """A demo entry ``"name"`` or ``"name:preset"`` (e.g. ``"mean-teacher:digits"``) as (method, preset)."""
     name, _, preset = entry.partition(":")
     return name, preset or "default"
 
 
-def run_demo(settings: DemoSettings, log=print) -> dict:
-    """Runs the demo and returns its JSON-ready summary. ``settings.methods`` entries are method names, or
-    ``"name:preset"`` to run a preset other than the official default."""
+def sweep_argv(settings: DemoSettings, runs: Path) -> list[str]:
+    """The ``kdkernels sweep`` command line of the demo: its methods and seeds on digits, one teacher (seed 0)
+    shared by every run, on the CPU, each run in ``runs``."""
+    seeds = list(settings.seeds)
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"the demo's seeds must be consecutive, got {seeds}")
+    experiment = settings.experiment
+    return ["sweep", "--methods", ",".join(settings.methods), "--seed", str(seeds[0]), "--seeds", str(len(seeds)),
+            "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
+            "--student", experiment.student, "--train-size", str(experiment.train_size),
+            "--teacher-epochs", str(experiment.teacher_epochs), "--teacher-seed", "0", "--device", "cpu",
+            "--no-progress", "--out", str(runs)]
+
+
+def run_demo(settings: DemoSettings, log=print, runs: Path | None = None) -> dict:
+    """Runs the demo as a sweep over digits (:mod:`kdkernels.distill.sweep`) and returns its JSON-ready report.
+    ``settings.methods`` entries are method names, or ``"name:preset"`` to run a preset other than the official
+    default. Each run's folder is in ``runs`` (kept, so a rerun resumes), or in a temporary directory."""
+    from kdkernels.cli import build_parser
+    from kdkernels.distill.commands import distill_command, resolve_training
+    from kdkernels.distill.sweep import run_sweep
+
     for entry in settings.methods:
         name, preset = method_and_preset(entry)
         get_method(name).hyperparameters(preset)  # unknown names and presets fail before any training
-    config = _config(settings)
-    started = time.perf_counter()
-    trained = fit_teacher(settings.experiment, config, seed=0)
-    teacher, teacher_accuracy = trained.model, trained.accuracy
-    log(f"teacher {settings.experiment.teacher}: {trained.describe(settings.experiment)} "
-        f"({time.perf_counter() - started:.1f} s)")
-    results = {}
-    for method in settings.methods:
-        name, preset = method_and_preset(method)
-        runs = []
-        for seed in settings.seeds:
-            result = distil_digits(name, settings.experiment, config, [teacher], seed=seed, preset=preset)
-            runs.append({"seed": seed, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
-                         "loss_share": result.loss_share})
-        results[method] = summarise(method, runs)
-        log(f"{method:<16} {_accuracy_text(results[method])}")
-    return {
-        "setting": {**dataclasses.asdict(settings), "methods": list(settings.methods), "seeds": list(settings.seeds)},
-        "teacher": {"model": settings.experiment.teacher, "accuracy": teacher_accuracy, "steps": trained.steps,
-                    "stopped": trained.stopped},
-        "methods": results,
-        "device": device_name(torch.device("cpu")),
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "kdkernels_version": kdkernels.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "total_seconds": time.perf_counter() - started,
-    }
+    with tempfile.TemporaryDirectory(prefix="kdkernels-demo-runs-") as scratch:
+        parser, _ = build_parser()
+        arguments = parser.parse_args(sweep_argv(settings, Path(runs) if runs is not None else Path(scratch)))
+        resolve_training(arguments)
+        quiet = contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            report = run_sweep(arguments, distill_command, log=lambda *_: None)
+    report["title"] = "kdkernels demo: digits"
+    report["setting"]["experiment"] = dataclasses.asdict(settings.experiment)
+    for entry, summary in report["methods"].items():
+        log(f"{entry:<16} {_accuracy_text(summary)}")
+    return report
 
 
 def summarise(method: str, runs: list[dict]) -> dict:
@@ -117,7 +115,7 @@ def markdown_table(report: dict) -> str:
     seeds = len(report["setting"]["seeds"])
     teacher = report["teacher"]
     teacher_text = (f"Teacher {teacher['model']}: {teacher['accuracy']:.2f}% test accuracy"
-                    + (" (mean over the seeds' teachers)" if "title" in report else "")
+                    + (f" (mean over {teacher['distinct']} teachers)" if teacher.get("distinct", 1) > 1 else "")
                     if teacher.get("accuracy") is not None else "No teacher")
     lines = [
         f"# {report.get('title', 'kdkernels demo: digits')}, {report['device']}",
