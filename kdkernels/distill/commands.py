@@ -331,7 +331,7 @@ def distill_command(arguments) -> int:
 
 def sweep_command(arguments) -> int:
     from kdkernels.distill.demo import markdown_table, method_and_preset
-    from kdkernels.distill.sweep import run_sweep, sweep_entries, write_sweep
+    from kdkernels.distill.sweep import run_arguments, run_sweep, sweep_entries, write_sweep
 
     entries = sweep_entries(arguments)
     if not entries:
@@ -342,7 +342,7 @@ def sweep_command(arguments) -> int:
     for entry in entries:
         _checked_method(*method_and_preset(entry), overrides)
     resolve_training(arguments)
-    train_config(arguments)   # bad values fail before the first run
+    train_config(run_arguments(arguments, entries[0], arguments.seed))   # bad values fail before the first run
     if is_main_process():
         write_config(arguments, Path(arguments.out) / "config.yaml")
     report = run_sweep(arguments, distill_command, log=print if is_main_process() else (lambda *_: None))
