@@ -1,13 +1,13 @@
-"""The meta-learned method mkd (kdkernels.distill.methods.meta): its KD at learnable temperatures follows the formula,
-equals kdkernels.kd_loss at equal temperatures, is twice differentiable, and the recipe learns and logs T_s, T_t."""
+"""The meta-learned method mkd (kdkernels.distill.methods.meta): its KD at learnable temperatures
+(kdkernels.two_temperature_kd_loss, tested against the formula in test_losses_response.py) is twice differentiable in
+the logits and the temperature tensors, and the recipe learns and logs T_s, T_t."""
 import inspect
 
-import numpy as np
 import pytest
 import torch
 
 import kdkernels
-from kdkernels.distill.methods.meta import LearnedTemperatureKDTerm, learned_temperature_kd
+from kdkernels.distill.methods.meta import LearnedTemperatureKDTerm
 from kdkernels.distill.models import digits_model
 from kdkernels.distill.recipe import Setup
 from kdkernels.distill.registry import build_recipe, get_method
@@ -19,31 +19,13 @@ def logits(seed: int, shape=(6, 5), dtype=torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3
 
 
-def test_learned_temperature_kd_follows_the_formula():
-    s, t = logits(0), logits(1)
-    t_s, t_t = 2.5, 1.5
-    p_t = np.exp(t.numpy() / t_t) / np.exp(t.numpy() / t_t).sum(-1, keepdims=True)
-    log_p_s = s.numpy() / t_s - np.log(np.exp(s.numpy() / t_s).sum(-1, keepdims=True))
-    expected = t_s * t_t * (p_t * (np.log(p_t) - log_p_s)).sum() / s.shape[0]
-    value = learned_temperature_kd(s, t, torch.tensor(t_s, dtype=torch.float64), torch.tensor(t_t, dtype=torch.float64))
-    assert float(value) == pytest.approx(expected, rel=1e-12)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 4.0])
-def test_it_is_kd_loss_at_equal_temperatures(temperature):
-    s, t = logits(2, dtype=torch.float32), logits(3, dtype=torch.float32)
-    same = torch.tensor(temperature)
-    torch.testing.assert_close(learned_temperature_kd(s, t, same, same), kdkernels.kd_loss(s, t, temperature),
-                               rtol=1e-5, atol=1e-6)
-
-
 def test_it_is_twice_differentiable_in_the_logits_and_the_temperatures():
     s = logits(4, (3, 4)).requires_grad_(True)
     t = logits(5, (3, 4))
     temperatures = torch.tensor([0.7, 0.3], dtype=torch.float64, requires_grad=True)
 
     def loss(s, log_t):
-        return learned_temperature_kd(s, t, log_t[0].exp(), log_t[1].exp())
+        return kdkernels.two_temperature_kd_loss(s, t, log_t[0].exp(), log_t[1].exp())
 
     assert torch.autograd.gradgradcheck(loss, (s, temperatures))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import kdkernels
 
 from kdkernels.distill.meta_steps import MetaStep
 from kdkernels.distill.methods._common import offline
@@ -15,19 +16,9 @@ from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, StepContext, Term
 
 
-def learned_temperature_kd(student: torch.Tensor, teacher: torch.Tensor, temperature_student: torch.Tensor,
-                           temperature_teacher: torch.Tensor) -> torch.Tensor:
-    """``T_s·T_t · KL(softmax(z_t/T_t) ‖ softmax(z_s/T_s))`` (batchmean) with tensor temperatures, in torch ops
-    (twice differentiable, also in the temperatures); ``kdkernels.kd_loss(z_s, z_t, T)`` when ``T_s = T_t = T``."""
-    log_p_s = F.log_softmax(student / temperature_student, dim=-1)
-    log_p_t = F.log_softmax(teacher / temperature_teacher, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-    return temperature_student * temperature_teacher * kl
-
-
 class LearnedTemperatureKDTerm(Term):
     """KD at learnable temperatures ``T_s = exp(log_temperature_student)``, ``T_t = exp(log_temperature_teacher)``
-    (:func:`learned_temperature_kd`); the log-temperatures are the term's parameters, learned by a meta-step."""
+    (:func:`kdkernels.two_temperature_kd_loss`, torch ops: twice differentiable); the log-temperatures are the term's parameters, learned by a meta-step."""
 
     def __init__(self, name: str = "kd", reads=("student", "teacher"), weight: float = 1.0, *,
                  temperature: float = 4.0):
@@ -43,7 +34,7 @@ class LearnedTemperatureKDTerm(Term):
 
     def loss(self, student, teacher, *, context: StepContext):
         t_s, t_t = self.temperatures()
-        return learned_temperature_kd(student, teacher.detach(), t_s, t_t)
+        return kdkernels.two_temperature_kd_loss(student, teacher.detach(), t_s, t_t)
 
     def logged_values(self) -> dict[str, float]:
         t_s, t_t = self.temperatures()
