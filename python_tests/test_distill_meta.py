@@ -54,3 +54,17 @@ def test_the_method_is_registered_as_an_approximation_with_provenance():
     assert "approximation:" in doc and "T_s·T_t" in doc
     assert method.hyperparameters() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "held_out": 0.1,
                                         "meta_lr": 0.01, "first_order": False}
+
+
+@pytest.mark.slow
+def test_the_demo_reports_the_learned_temperatures():
+    from kdkernels.distill.demo import DemoSettings, markdown_table, run_demo
+    from kdkernels.distill.experiment import DigitsExperiment
+
+    settings = DemoSettings(methods=("ce", "mkd"), seeds=(0,), epochs=1,
+                            experiment=DigitsExperiment(teacher_epochs=1, train_size=100))
+    report = run_demo(settings, log=lambda _: None)
+    learned = report["methods"]["mkd"]["learned"]
+    assert set(learned) == {"temperature_student", "temperature_teacher"}
+    assert report["methods"]["mkd"]["runs"][0]["learned"] == learned and "learned" not in report["methods"]["ce"]
+    assert f"mkd: temperature_student {learned['temperature_student']:.3f}" in markdown_table(report)

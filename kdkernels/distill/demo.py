@@ -28,6 +28,9 @@ from kdkernels.distill.config import TrainConfig
 DEMO_METHODS = ("ce", "kd", "dkd", "nkd", "dist", "fitnet", "pkt", "rkd", "sp", "dml", "bake", "cs-kd",
                 "label-smoothing")
 QUICK_METHODS = ("ce", "kd", "dkd")
+# Learned hyperparameters a method logs in its metrics rows (mkd's meta-learned temperatures): the demo reports their
+# values after the last epoch.
+LEARNED_COLUMNS = ("temperature_student", "temperature_teacher")
 
 
 @dataclasses.dataclass
@@ -75,8 +78,9 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
         runs = []
         for seed in settings.seeds:
             result = distil_digits(name, settings.experiment, config, [teacher], seed=seed, preset=preset)
+            learned = {key: result.history[-1][key] for key in LEARNED_COLUMNS if key in result.history[-1]}
             runs.append({"seed": seed, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
-                         "loss_share": result.loss_share})
+                         "loss_share": result.loss_share, **({"learned": learned} if learned else {})})
         results[method] = _summarise(method, runs)
         log(f"{method:<16} {_accuracy_text(results[method])}")
     return {
@@ -104,6 +108,8 @@ def _summarise(method: str, runs: list[dict]) -> dict:
         "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "train_seconds": statistics.fmean(run["train_seconds"] for run in runs),
         "loss_share": statistics.fmean(run["loss_share"] for run in runs),
+        **({"learned": {key: statistics.fmean(run["learned"][key] for run in runs) for key in runs[0]["learned"]}}
+           if "learned" in runs[0] else {}),
     }
 
 
@@ -130,6 +136,10 @@ def markdown_table(report: dict) -> str:
         delta = f"{summary['mean'] - baseline['mean']:+.2f}" if baseline and name != "ce" else "-"
         lines.append(f"| {name} | {summary['category']} | {_accuracy_text(summary)} | {delta} | "
                      f"{summary['train_seconds']:.2f} | {100 * summary['loss_share']:.1f}% |")
+    learned = [f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in summary["learned"].items())
+               for name, summary in report["methods"].items() if "learned" in summary]
+    if learned:
+        lines += ["", "Learned hyperparameters after the last epoch (mean over the seeds): " + "; ".join(learned) + "."]
     lines.append("")
     lines.append(f"Total time {report['total_seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

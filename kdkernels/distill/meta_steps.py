@@ -242,8 +242,10 @@ class MetaStepRun:
 
     def training_batch(self, run: StageRun, group: list[dict], epoch: int, seed: int, env: Environment) -> dict:
         """The step's micro-batches of every rank, in rank order, on the device, with the views applied."""
-        local = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in group]
-        batches = [b for rank_batches in all_gather_objects(local, env.world_size) for b in rank_batches]
+        batches = list(group)
+        if env.world_size > 1:
+            local = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in group]
+            batches = [b for rank_batches in all_gather_objects(local, env.world_size) for b in rank_batches]
         whole = {key: torch.cat([b[key] for b in batches]) for key in batches[0]
                  if isinstance(batches[0][key], torch.Tensor)}
         return run.distiller.apply_views(to_device(whole, env.device), seed=seed, epoch=run.offset + epoch,
