@@ -10,8 +10,8 @@ Before the model's own optimiser step ``s``, the meta-step
 1. takes the step's training batch ``x`` (every micro-batch of the step, on every rank: the global batch, with the
    distiller's views applied) and looks the model ahead by one plain SGD step on the inner loss, the weighted sum of
    the ``terms`` (default: every term of the distiller) at the current hyperparameters ``φ``:
-   ``θ'(φ) = θ − η·∇_θ L_inner(θ, φ; x)``, ``η`` the model's current learning rate (:func:`kdkernels.distill.meta.unroll`,
-   second order unless ``first_order``);
+   ``θ'(φ) = θ − η·∇_θ L_inner(θ, φ; x)``, ``η`` the model's current learning rate
+   (:func:`kdkernels.distill.meta.unroll`, second order unless ``first_order``);
 2. computes the outer loss ``L_outer = CE(f(x_h; θ'(φ)), y_h)`` on a held-out batch ``(x_h, y_h)``, the model in
    eval mode (running statistics: a sample's output does not depend on its batch);
 3. steps the hyperparameters' own optimiser (Adam by default, ``lr``, no schedule) on ``∂L_outer/∂φ``.
@@ -21,8 +21,8 @@ distiller's terms (``"<term name>.<parameter name>"``): the checkpoint holds the
 of the stage's optimiser (and of gradient clipping), and only the meta-step changes them.
 
 **The held-out split.** ``held_out`` (a share in (0, 1) or a number of samples) of the training set is kept out of
-the stage's training batches: drawn once from the run's seed, per class when the data has labels (each class gives
-its share, the remainder going to the classes with the largest fractions). Each meta-step's held-out batch is
+the stage's training batches: drawn once from the run's seed, per class (each class gives its share, the remainder
+going to the classes with the largest fractions; the outer loss needs the labels). Each meta-step's held-out batch is
 ``batch_size × world_size`` samples (at most the split's size) drawn without replacement from (seed, epoch, step), so
 a resumed run and every rank draw the same; each rank takes its equal share of it.
 
@@ -75,7 +75,8 @@ class MetaStep:
     """A stage's meta-step (see the module doc).
 
     Args:
-        hyperparameters: the learned tensors, ``"<term name>.<parameter name>"`` (parameters of the distiller's terms).
+        hyperparameters: the learned tensors, ``"<term name>.<parameter name>"`` (parameters of the distiller's terms
+            that exist when the stage is made).
         held_out: the held-out split: a share of the training set in (0, 1), or a number of samples (an int >= 1).
         lr: the hyperparameters' optimiser's learning rate (constant).
         optimiser: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (plain ``torch.optim.SGD``).

@@ -3,8 +3,9 @@ loss terms in fp32, each loss weighted by its share of the step's samples (``1/g
 micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
 (scaled) optimiser step, the LR schedule's step and the distiller's model updates (EMA and snapshot copies, skipped
 by an EMA when the fp16 scaler skipped the step). A stage with several optimisers takes its step plan's turn instead
-(:func:`plan_step`); a stage with a meta-step updates its hyperparameters before the step. A stage with a source (:mod:`kdkernels.distill.sources`) draws each micro-batch's request in
-the step and generates its inputs inside the forward. Also the epoch's sample-weighted loss sums."""
+(:func:`plan_step`); a stage with a meta-step (:mod:`kdkernels.distill.meta_steps`) updates its hyperparameters
+before the step. A stage with a source (:mod:`kdkernels.distill.sources`) draws each micro-batch's request in the
+step and generates its inputs inside the forward. Also the epoch's sample-weighted loss sums."""
 from __future__ import annotations
 
 import contextlib

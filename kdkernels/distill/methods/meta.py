@@ -18,7 +18,8 @@ from kdkernels.distill.terms import CrossEntropyTerm, StepContext, Term
 
 class LearnedTemperatureKDTerm(Term):
     """KD at learnable temperatures ``T_s = exp(log_temperature_student)``, ``T_t = exp(log_temperature_teacher)``
-    (:func:`kdkernels.two_temperature_kd_loss`, torch ops: twice differentiable); the log-temperatures are the term's parameters, learned by a meta-step."""
+    (:func:`kdkernels.two_temperature_kd_loss`, torch ops: twice differentiable); the log-temperatures are the term's
+    parameters, learned by a meta-step."""
 
     def __init__(self, name: str = "kd", reads=("student", "teacher"), weight: float = 1.0, *,
                  temperature: float = 4.0):
