@@ -129,6 +129,8 @@ _SPECS = [
      "loss = ce + 2.5 * WSLLoss(temperature=2.0)(student(x), teacher(x).detach(), y)"),
     ("BDKDLoss", losses.bdkd_loss, ("learner_logits", "target_logits"),
      "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
+    ("TwoTemperatureKDLoss", losses.two_temperature_kd_loss, ("student_logits", "teacher_logits"),
+     "loss = ce + TwoTemperatureKDLoss(2.0, 4.0)(student(x), teacher(x).detach())"),
     ("SoftmaxMSELoss", losses.softmax_mse_loss, ("student_logits", "teacher_logits"),
      "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
     ("BYOLLoss", losses.byol_loss, ("prediction", "target"),

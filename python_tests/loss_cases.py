@@ -45,6 +45,7 @@ INPUTS = {
     "irg_loss": lambda: {"student": _irg_side(10), "teacher": _irg_side(20)},
     "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
     "soft_cross_entropy_loss": lambda: _logits_pair(),
+    "two_temperature_kd_loss": lambda: _logits_pair(),
     "softmax_mse_loss": lambda: _logits_pair(),
     "byol_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
     "gan_generator_loss": lambda: {"fake_logits": _randn(B, 1, seed=1)},

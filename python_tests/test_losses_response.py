@@ -1,5 +1,6 @@
-"""soft_cross_entropy_loss, wsl_loss and bdkd_loss (kdkernels/losses/response.py, torch ops) against the official
-code transcribed here (BYOT / BAN, PaddleClas) or BD-KD's documented formula: float64 value and gradient; errors."""
+"""soft_cross_entropy_loss, wsl_loss, bdkd_loss and two_temperature_kd_loss (kdkernels/losses/response.py, torch ops)
+against the official code transcribed here (BYOT / BAN, PaddleClas) or the documented formula (BD-KD, MKD's KD at two
+temperatures): float64 value and gradient; errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +136,41 @@ LOGITS = torch.randn(4, 10)
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------------------- KD at two temperatures
+
+def two_temperature_kd(student, teacher, t_s, t_t):
+    """The documented formula: T_s·T_t · Σ_b Σ_c p_t (log p_t − log p_s) / B, p_t = softmax(z_t/T_t), p_s at T_s."""
+    log_p_s, log_p_t = F.log_softmax(student / t_s, 1), F.log_softmax(teacher / t_t, 1)
+    return t_s * t_t * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+
+
+@pytest.mark.parametrize("t_s, t_t", [(4.0, 4.0), (2.0, 5.0), (0.7, 1.3)])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_two_temperature_kd_is_the_formula(shape, t_s, t_t):
+    student, teacher = randn(*shape, seed=1, scale=3.0, grad=True), randn(*shape, seed=2, scale=3.0, grad=True)
+    assert_equals_official(lambda s, t: kdkernels.two_temperature_kd_loss(s, t, t_s, t_t),
+                           lambda s, t: two_temperature_kd(s, t, t_s, t_t), student, teacher, what="two-temperature KD")
+
+
+def test_two_temperature_kd_is_kd_loss_at_equal_temperatures_and_learns_tensor_temperatures():
+    student, teacher = randn(6, 7, seed=3, scale=3.0), randn(6, 7, seed=4, scale=3.0)
+    torch.testing.assert_close(kdkernels.two_temperature_kd_loss(student, teacher, 3.0, 3.0),
+                               kdkernels.kd_loss(student, teacher, 3.0), rtol=1e-10, atol=1e-12)
+    temperatures = torch.tensor([2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    value = kdkernels.two_temperature_kd_loss(student, teacher, temperatures[0], temperatures[1])
+    torch.testing.assert_close(value, two_temperature_kd(student, teacher, 2.0, 5.0), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: kdkernels.two_temperature_kd_loss(student, teacher, t[0], t[1]),
+                                    (temperatures,))
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (torch.tensor([1.0, 2.0]), ValueError, "student_temperature must have one element"),
+    (torch.tensor(-1.0), ValueError, "student_temperature must be positive and finite"),
+    (torch.tensor(2), TypeError, "student_temperature must be a real number or a floating tensor"),
+    (0.0, ValueError, "student_temperature must be"),
+])
+def test_two_temperature_kd_checks_its_temperatures(value, error, message):
+    with pytest.raises(error, match=f"^two_temperature_kd_loss: {message}"):
+        kdkernels.two_temperature_kd_loss(randn(2, 3, seed=1), randn(2, 3, seed=2), value, 1.0)

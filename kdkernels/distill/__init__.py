@@ -21,6 +21,7 @@ from kdkernels.distill.trainer import Trainer
 from kdkernels.distill.cache import CachedTeacher, cache_teacher
 from kdkernels.distill.updates import EMA, Snapshot
 from kdkernels.distill.optimisers import GradientReversal, Optimiser, grad_reverse
+from kdkernels.distill.meta_steps import MetaStep
 from kdkernels.distill.sources import GeneratorSource, Source, SyntheticData, TensorSource
 from kdkernels.distill.views import (CutMix, Downsample, GaussianNoise, HorizontalFlip, MixUp, RandomCrop, Rotate90,
                                      Transform, View)
@@ -32,7 +33,7 @@ __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTe
            "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot",
            "BATCH", "View", "Transform", "Rotate90", "RandomCrop", "HorizontalFlip", "GaussianNoise", "Downsample",
            "MixUp", "CutMix", "Optimiser", "GradientReversal", "grad_reverse", "GeneratorSource", "Source",
-           "TensorSource", "SyntheticData"]
+           "TensorSource", "SyntheticData", "MetaStep"]
 
 from kdkernels.distill import meta, term_gradients      # noqa: E402  meta-steps and per-term gradients (modules)
 

@@ -28,6 +28,9 @@ from kdkernels.distill.registry import get_method
 DEMO_METHODS = ("ce", "kd", "dkd", "nkd", "dist", "fitnet", "pkt", "rkd", "sp", "dml", "bake", "cs-kd",
                 "label-smoothing")
 QUICK_METHODS = ("ce", "kd", "dkd")
+# Learned hyperparameters a method logs in its metrics rows (mkd's meta-learned temperatures): the demo reports their
+# values after the last epoch.
+LEARNED_COLUMNS = ("temperature_student", "temperature_teacher")
 
 
 @dataclasses.dataclass
@@ -103,6 +106,8 @@ def summarise(method: str, runs: list[dict]) -> dict:
         "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "train_seconds": statistics.fmean(run["train_seconds"] for run in runs),
         "loss_share": statistics.fmean(run["loss_share"] for run in runs),
+        **({"learned": {key: statistics.fmean(run["learned"][key] for run in runs) for key in runs[0]["learned"]}}
+           if "learned" in runs[0] else {}),
     }
 
 
@@ -132,6 +137,10 @@ def markdown_table(report: dict) -> str:
         delta = f"{summary['mean'] - baseline['mean']:+.2f}" if baseline and name != "ce" else "-"
         lines.append(f"| {name} | {summary['category']} | {_accuracy_text(summary)} | {delta} | "
                      f"{summary['train_seconds']:.2f} | {100 * summary['loss_share']:.1f}% |")
+    learned = [f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in summary["learned"].items())
+               for name, summary in report["methods"].items() if "learned" in summary]
+    if learned:
+        lines += ["", "Learned hyperparameters after the last epoch (mean over the seeds): " + "; ".join(learned) + "."]
     lines.append("")
     lines.append(f"Total time {report['total_seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from kdkernels.distributed import rank_and_world_size
 
-MIXUP_STREAM, LOADER_STREAM, VIEW_STREAM, SOURCE_STREAM = 1, 2, 3, 4  # keep these draws apart from the samplers' (seed, epoch) streams
+MIXUP_STREAM, LOADER_STREAM, VIEW_STREAM, SOURCE_STREAM, META_STREAM = 1, 2, 3, 4, 5  # keep these draws apart from the samplers' (seed, epoch) streams
 
 
 @dataclasses.dataclass

@@ -150,7 +150,8 @@ class Run:
             bar.close()
         seconds = time.perf_counter() - start - (self.stop_check_seconds - checks_before)
         return {"stage_index": run.index, "stage": run.stage.name, "epoch": epoch, "lr": lr,
-                **sums.means(self.env), "seconds": seconds, "loss_seconds": sums.loss_seconds}
+                **sums.means(self.env), **(run.meta.logged() if run.meta is not None else {}),
+                "seconds": seconds, "loss_seconds": sums.loss_seconds}
 
     def _stops_here(self, run: StageRun) -> bool:
         """Whether ``stop_at_step`` or ``stop_at_accuracy`` ends the run after the step just taken (the accuracy is

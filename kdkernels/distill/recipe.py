@@ -15,6 +15,7 @@ from torch import nn
 
 from kdkernels.distill import task_metrics
 from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.meta_steps import MetaStep, check_meta_step
 from kdkernels.distill.optimisers import check_optimisers
 from kdkernels.distill.sources import Source, check_source
 
@@ -44,6 +45,10 @@ class Stage:
         source: where the stage's training inputs come from instead of the dataset, e.g. a
             :class:`~kdkernels.distill.sources.GeneratorSource` (data-free KD: a generator model of the distiller,
             trained in the stage); ``None``: the run's training set. See :mod:`kdkernels.distill.sources`.
+        meta_step: a :class:`~kdkernels.distill.meta_steps.MetaStep`: hyperparameters of the terms (a learnable
+            temperature) updated before each optimiser step by the gradient of a held-out loss through a one-step
+            look-ahead of the model, on a split of the training set kept out of the stage's batches. See
+            :mod:`kdkernels.distill.meta_steps`.
     """
 
     name: str
@@ -57,10 +62,12 @@ class Stage:
     optimisers: dict | None = None
     step_plan: str | dict | None = None
     source: Source | None = None
+    meta_step: MetaStep | None = None
 
     def __post_init__(self):
         check_optimisers(self.name, self.distiller, self.optimisers, self.step_plan)
         check_source(self.name, self.distiller, self.source)
+        check_meta_step(self.name, self.distiller, self.meta_step, optimisers=self.optimisers, source=self.source)
         if self.optimisers is not None and self.model_lr_scales:
             raise ValueError(f"stage {self.name!r}: model_lr_scales does not combine with optimisers; give each "
                              "Optimiser its lr_scale")

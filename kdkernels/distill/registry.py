@@ -15,10 +15,10 @@ from typing import Callable, Mapping
 from kdkernels.distill.recipe import Recipe, Setup
 
 CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "self-supervised", "adversarial",
-              "data-free", "multi-teacher", "teacher-prep")
+              "data-free", "multi-teacher", "teacher-prep", "meta")
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "self_supervised",
-                   "adversarial", "data_free", "multi_teacher", "teacher_prep")
+                   "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta")
 
 
 @dataclasses.dataclass(frozen=True)

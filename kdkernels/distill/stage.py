@@ -4,7 +4,9 @@ the forward module, DDP-wrapped when data-parallel) and the position and state a
 several optimisers (``Stage.optimisers``, :mod:`kdkernels.distill.optimisers`) has one :class:`OptimiserRun` each
 (optimiser, schedule, grad scaler) and its step plan's turns; it is not DDP-wrapped (its gradients are averaged by
 hand after each turn). A stage with a source (``Stage.source``, :mod:`kdkernels.distill.sources`) iterates over
-the source's micro-batch requests instead of the training set; its models run on what the source generates."""
+the source's micro-batch requests instead of the training set; its models run on what the source generates. A stage
+with a meta-step (``Stage.meta_step``, :mod:`kdkernels.distill.meta_steps`) trains without its held-out split and
+has a :class:`MetaStepRun` (the hyperparameters' optimiser, left out of the stage's)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +24,7 @@ from kdkernels.distill.datasets import set_dataset_epoch
 from kdkernels.distill.data import batch_sampler_for
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.environment import Environment
+from kdkernels.distill.meta_steps import MetaStepRun, split_training_set
 from kdkernels.distill.optimisers import Optimiser, optimiser_parameters, plan_turns
 from kdkernels.distill.precision import grad_scaler
 from kdkernels.distill.recipe import Stage
@@ -70,6 +73,7 @@ class StageRun:
     optimisers: dict[str, OptimiserRun] = dataclasses.field(default_factory=dict)   # several: name -> run
     turns: list[tuple[str, ...]] = dataclasses.field(default_factory=list)          # their step plan's cycle
     source: Source | None = None    # the stage's source with the run's batch size and epoch length filled in
+    meta: MetaStepRun | None = None   # the stage's meta-step (kdkernels.distill.meta_steps)
 
     @property
     def distiller(self) -> Distiller:
@@ -79,11 +83,16 @@ class StageRun:
         if self.optimisers:
             return {"distiller": self.distiller.state_dict(), "step": self.step,
                     "optimisers": {name: run.state_dict() for name, run in self.optimisers.items()}}
-        return {"distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+        state = {"distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+        if self.meta is not None:
+            state["meta_step"] = self.meta.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.distiller.load_state_dict(state["distiller"])
+        if self.meta is not None:
+            self.meta.load_state_dict(state["meta_step"])
         if self.optimisers:
             for name, run in self.optimisers.items():
                 run.load_state_dict(state["optimisers"][name])
@@ -121,6 +130,7 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         first = {key: value.detach() for key, value in first.items()}
     else:
         source = None
+        train_set, labels, held_out_set = split_training_set(stage.meta_step, train_set, labels, config.seed)
         sampler = batch_sampler_for(stage.batching, labels, config.batch_size, num_samples=len(train_set),
                                     options=stage.batching_options, seed=config.seed, rank=env.rank,
                                     world_size=env.world_size, drop_last=config.drop_last)
@@ -151,7 +161,12 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         return StageRun(index, stage, epochs, offset, loader, sampler, parameters, first.optimizer,
                         first.scheduler, first.scaler, model, steps_per_epoch, optimisers=optimisers,
                         turns=plan_turns(stage.name, list(optimisers), stage.step_plan), source=source)
-    optimizer = make_optimizer(config, distiller.parameter_groups(lr, stage.model_lr_scales), lr)
+    groups = distiller.parameter_groups(lr, stage.model_lr_scales)
+    meta = None
+    if stage.meta_step is not None:   # its hyperparameters have their own optimiser
+        meta = MetaStepRun(stage.name, stage.meta_step, distiller, held_out_set)
+        parameters, groups = meta.without_hyperparameters(parameters), meta.groups_without_hyperparameters(groups)
+    optimizer = make_optimizer(config, groups, lr)
     scheduler = make_scheduler(config, optimizer, epochs, steps_per_epoch)
     scaler = grad_scaler(config.amp, env.device.type)
     if env.world_size > 1:
@@ -160,4 +175,4 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
                                         else None, find_unused_parameters=True)
     return StageRun(index, stage, epochs, offset, loader, sampler, parameters, optimizer, scheduler, scaler,
-                    model, steps_per_epoch, source=source)
+                    model, steps_per_epoch, source=source, meta=meta)

@@ -3,8 +3,9 @@ loss terms in fp32, each loss weighted by its share of the step's samples (``1/g
 micro-batches), DDP's gradient all-reduce only on the last micro-batch, optional gradient-norm clipping, then the
 (scaled) optimiser step, the LR schedule's step and the distiller's model updates (EMA and snapshot copies, skipped
 by an EMA when the fp16 scaler skipped the step). A stage with several optimisers takes its step plan's turn instead
-(:func:`plan_step`). A stage with a source (:mod:`kdkernels.distill.sources`) draws each micro-batch's request in
-the step and generates its inputs inside the forward. Also the epoch's sample-weighted loss sums."""
+(:func:`plan_step`); a stage with a meta-step (:mod:`kdkernels.distill.meta_steps`) updates its hyperparameters
+before the step. A stage with a source (:mod:`kdkernels.distill.sources`) draws each micro-batch's request in the
+step and generates its inputs inside the forward. Also the epoch's sample-weighted loss sums."""
 from __future__ import annotations
 
 import contextlib
@@ -118,6 +119,8 @@ def optimizer_step(run: StageRun, group: list[dict], epoch: int, config: TrainCo
     """Trains ``run`` on the micro-batches of ``group`` for one optimiser step; adds their losses to ``sums``."""
     if run.optimisers:
         return plan_step(run, group, epoch, config, env, mixing, sums)
+    if run.meta is not None:
+        run.meta.step(run, group, epoch, config, env)   # the hyperparameters first (kdkernels.distill.meta_steps)
     total_rows = sum(rows_of(batch) for batch in group) if run.source is None \
         else len(group) * run.source.batch_size
     run.optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ import torch
 
 import kdkernels
 from kdkernels._results import device_name
-from kdkernels.distill.demo import markdown_table, method_and_preset, plot, summarise
+from kdkernels.distill.demo import LEARNED_COLUMNS, markdown_table, method_and_preset, plot, summarise
 
 SUMMARY = "summary.json"
 
@@ -85,7 +85,8 @@ def report_of(arguments: argparse.Namespace, entries: list[str], seeds: list[int
     for entry in entries:
         runs = [{"seed": seed, "accuracy": summary["accuracy"], "best_accuracy": summary["best_accuracy"],
                  "train_seconds": summary["train_seconds"], "loss_share": summary["loss_share"],
-                 "teachers": summary["teachers"]} for seed, summary in zip(seeds, summaries[entry])]
+                 "teachers": summary["teachers"], **learned_values(summary)}
+                for seed, summary in zip(seeds, summaries[entry])]
         methods[entry] = summarise(entry, runs)
     teachers = [teacher for runs in summaries.values() for summary in runs for teacher in summary["teachers"]]
     experiment = next(iter(summaries.values()))[0]["experiment"] if summaries else {}
@@ -105,6 +106,14 @@ def report_of(arguments: argparse.Namespace, entries: list[str], seeds: list[int
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": seconds,
     }
+
+
+def learned_values(summary: dict) -> dict:
+    """``{"learned": {column: value}}`` of the learned hyperparameters a run logged in its last metrics row
+    (:data:`~kdkernels.distill.demo.LEARNED_COLUMNS`: mkd's temperatures), or nothing."""
+    last = summary["history"][-1] if summary["history"] else {}
+    learned = {key: last[key] for key in LEARNED_COLUMNS if key in last}
+    return {"learned": learned} if learned else {}
 
 
 def write_sweep(report: dict, out: Path) -> dict[str, Path]:

@@ -1,10 +1,13 @@
 """Response-based losses that compose torch ops (no fused kernel of their own): the soft-target cross-entropy of
-BAN and BYOT, weighted soft labels (WSL) and the balanced divergences of BD-KD.
+BAN and BYOT, weighted soft labels (WSL), the balanced divergences of BD-KD and KD at separate (learnable) student
+and teacher temperatures (MKD).
 
 Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may replace it later
 behind the same signature), transcribed from the official code named in its docstring.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,48 @@ def soft_cross_entropy_loss(student_logits: torch.Tensor, teacher_logits: torch.
     rows = soft_cross_entropy_rows(targets, torch.log_softmax(student / temperature, dim=-1))
     return reduce_rows(rows.reshape(-1), reduction, leading_shape=student_logits.shape[:-1],
                        elements=student_logits.shape[-1])
+
+
+def _temperature_of(check: Checks, name: str, value) -> float | torch.Tensor:
+    """A positive finite temperature: a real number, or a one-element floating tensor (which may require grad)."""
+    if not isinstance(value, torch.Tensor):
+        return check.temperature(value, name)
+    if not value.is_floating_point():
+        check.type_error(name, "a real number or a floating tensor", value)
+    if value.numel() != 1:
+        check.value_error(name, "must have one element", f"shape {tuple(value.shape)}")
+    number = float(value.detach())
+    if not (math.isfinite(number) and number > 0):
+        check.value_error(name, "must be positive and finite", number)
+    return value.reshape(())
+
+
+def two_temperature_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            student_temperature: float = 4.0, teacher_temperature: float = 4.0, *,
+                            reduction: Reduction = "batchmean") -> torch.Tensor:
+    """``T_s·T_t · KL(softmax(z_t/T_t) ‖ softmax(z_s/T_s))``: KD with the student's and the teacher's softmax at their
+    own temperatures (MKD, Liu et al., "Meta Knowledge Distillation", arXiv:2202.07940, 2022, meta-learns both);
+    ``kd_loss(z_s, z_t, T)`` when ``T_s = T_t = T``. The scale ``T_s·T_t`` (Hinton's T² at equal temperatures) is
+    our reading: the paper's scaling was not available to us.
+
+    Torch ops, twice differentiable, also in the temperatures: each may be a real number or a one-element floating
+    tensor that requires grad (a learned temperature; the ``mkd`` method passes ``exp(log T)``). The gradient reaches
+    both logits; detach the teacher for offline distillation. ``reduction`` over rows: ``"batchmean"`` (above),
+    ``"sum"``, ``"mean"`` (over rows · C) or ``"none"``.
+    """
+    check = Checks("two_temperature_kd_loss")
+    check.logits_pair(student_logits, teacher_logits)
+    t_s = _temperature_of(check, "student_temperature", student_temperature)
+    t_t = _temperature_of(check, "teacher_temperature", teacher_temperature)
+    reduction = check.reduction(reduction)
+    student = accumulate(student_logits)
+    teacher = accumulate(teacher_logits).to(student.dtype)
+    log_p_s = torch.log_softmax(student / t_s, dim=-1)
+    log_p_t = torch.log_softmax(teacher / t_t, dim=-1)
+    rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    loss = reduce_rows(rows.reshape(-1), reduction, leading_shape=student_logits.shape[:-1],
+                       elements=student_logits.shape[-1])
+    return t_s * t_t * loss
 
 
 def wsl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
