@@ -1,12 +1,14 @@
 """One optimiser step (kdkernels.distill.step, kdkernels.distill.precision): AMP runs the models in low precision
 and the losses in fp32 (fp16 with a checkpointed GradScaler), gradient accumulation equals one large batch, and
-clipping bounds the update."""
+clipping bounds the update, and the channels-last memory format changes the layout, not the run."""
 import math
 
 import pytest
 import torch
 
 from kdkernels.distill.checkpoint import load_checkpoint
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.terms import CrossEntropyTerm
 from kdkernels.distill.trainer import TrainConfig, Trainer
 from trainer_testing import QUIET, kd_recipe, parameters_of, recording_recipe, small_split
 
@@ -85,3 +87,34 @@ def test_a_diverged_loss_is_an_error_naming_the_step():
     with pytest.raises(FloatingPointError, match=r"stage 'unstable', epoch 1, step 2: the loss is nan \(terms: "
                                                  r"ce_student .*, unstable nan\); training has diverged"):
         Trainer(TrainConfig(epochs=1, batch_size=16, **QUIET)).fit(recipe, small_split().train, small_split().test)
+
+
+def test_channels_last_keeps_the_run_and_converts_the_weights_and_inputs():
+    """``channels_last=True`` trains the same model as the default memory format (the same math in another layout);
+    the 4-D weights of the stage's models end channels-last; "auto" leaves a CPU run alone; bad values fail."""
+    from kdkernels.distill.batches import to_device, uses_channels_last
+    from kdkernels.distill.models import digits_model
+    from kdkernels.distill.recipe import Recipe, Stage
+
+    def run(channels_last):
+        torch.manual_seed(0)
+        model = digits_model("student-cnn")
+        recipe = Recipe("ce", [Stage("ce", Distiller({"student": model}, [CrossEntropyTerm("student")]))])
+        result = Trainer(TrainConfig(epochs=1, batch_size=32, channels_last=channels_last, **QUIET)).fit(
+            recipe, small_split().train, small_split().test)
+        return model, result
+
+    plain, plain_result = run(False)
+    converted, converted_result = run(True)
+    conv = next(p for p in converted.parameters() if p.dim() == 4 and p.shape[1] > 1)   # C = 1: both layouts
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for a, b in zip(plain.parameters(), converted.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert converted_result.history[0]["train_loss"] == pytest.approx(plain_result.history[0]["train_loss"], rel=1e-5)
+    batch = to_device({"input": torch.randn(2, 3, 4, 4), "target": torch.arange(2)}, torch.device("cpu"), True)
+    assert batch["input"].is_contiguous(memory_format=torch.channels_last) and batch["target"].dim() == 1
+    assert not uses_channels_last(TrainConfig(amp="bf16"), torch.device("cpu"))
+    assert uses_channels_last(TrainConfig(amp="bf16"), torch.device("cuda"))
+    assert not uses_channels_last(TrainConfig(), torch.device("cuda"))
+    with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
+        TrainConfig(channels_last="yes")

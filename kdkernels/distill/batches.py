@@ -3,14 +3,31 @@ optimiser step."""
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+if TYPE_CHECKING:
+    from kdkernels.distill.config import TrainConfig
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """The batch's tensors on ``device`` (4-D floating ones in the channels-last memory format if asked)."""
+    def moved(value):
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.dim() == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
+
+    return {key: moved(value) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """Whether a run uses the channels-last memory format (``TrainConfig.channels_last``; ``"auto"``: on CUDA under
+    AMP)."""
+    if config.channels_last == "auto":
+        return device.type == "cuda" and config.amp != "off"
+    return bool(config.channels_last)
 
 
 def rows_of(batch: dict) -> int:

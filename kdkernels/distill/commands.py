@@ -67,6 +67,7 @@ def train_config(arguments):
                            gamma=arguments.gamma, warmup_epochs=arguments.warmup_epochs,
                            grad_accum=arguments.grad_accum, clip_grad_norm=arguments.clip_grad_norm,
                            device=arguments.device, num_workers=arguments.workers, amp=arguments.amp,
+                           channels_last={"on": True, "off": False}.get(arguments.channels_last, "auto"),
                            mixup_alpha=arguments.mixup, out_dir=arguments.out, resume=arguments.resume,
                            progress=not arguments.no_progress, seed=arguments.seed,
                            stop_after_epochs=arguments.stop_after_epochs, metrics=parse_metrics(arguments.metrics))
@@ -106,6 +107,8 @@ def add_run_options(parser) -> None:
     training.add_argument("--clip-grad-norm", type=float)
     training.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     training.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    training.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                          help="the channels-last memory format for 4-D weights and inputs (auto: on CUDA under AMP)")
     parser.add_argument("--train-size", type=int, help="labelled training images for the student, a per-class "
                         "subset (default: 300 of digits, all of the other datasets)")
     parser.add_argument("--student", help="the student's model (default on digits: student-cnn)")

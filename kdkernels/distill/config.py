@@ -36,7 +36,9 @@ class TrainConfig:
     it as soon as the exported model's test accuracy (%) reaches this, checked after every optimiser step of the
     last stage (one test-set evaluation per step, not counted in the train time). The LR schedule still spans
     ``epochs``, so the model is the early-stopped state of the full run (a "defective" teacher); the run evaluates
-    the model where it stopped and says why in ``RunResult.stopped``. Neither combines with ``resume`` or
+    the model where it stopped and says why in ``RunResult.stopped``. channels_last: the models' 4-D weights and
+    the training batches' 4-D inputs in the channels-last memory format (convolutions on tensor cores run in it
+    without transposes); ``"auto"``: on CUDA under AMP, where it pays; True or False: always or never. Neither combines with ``resume`` or
     ``stop_after_epochs`` (a stopped run is not continued).
     """
 
@@ -69,9 +71,12 @@ class TrainConfig:
     metrics: Sequence[str] = task_metrics.DEFAULT
     stop_at_step: int | None = None
     stop_at_accuracy: float | None = None
+    channels_last: bool | str = "auto"
 
     def __post_init__(self):
         self.metrics = task_metrics.check_names(self.metrics)
+        if self.channels_last not in ("auto", True, False):
+            raise ValueError(f"channels_last must be 'auto', True or False, got {self.channels_last!r}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("amp", self.amp, tuple(AMP_DTYPES))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from kdkernels.distill.batches import to_device
+from kdkernels.distill.batches import to_device, uses_channels_last
 from kdkernels.distill.config import TrainConfig
 from kdkernels.distill.datasets import set_dataset_epoch
 from kdkernels.distill.data import batch_sampler_for
@@ -145,6 +145,8 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
                              f"batch_size {config.batch_size}, drop_last {config.drop_last}, "
                              f"{env.world_size} process(es)")
     distiller.build(to_device(first, env.device)).activate().to(env.device)
+    if uses_channels_last(config, env.device):   # every model and connector of the stage, built above
+        distiller.to(memory_format=torch.channels_last)
     parameters = distiller.trainable_parameters()
     lr = config.lr * stage.lr_scale
     steps_per_epoch = max(1, math.ceil(len(sampler) / config.grad_accum))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdkernels.distill.batches import rows_of, to_device
+from kdkernels.distill.batches import rows_of, to_device, uses_channels_last
 from kdkernels.distill.distiller import Distiller, DistillOutput
 from kdkernels.distill.environment import Environment, all_reduce_sum
 from kdkernels.distill.mixing import mix_batch
@@ -64,8 +64,8 @@ def training_batch(run: StageRun, batch: dict, epoch: int, config: TrainConfig, 
                                      micro=int(batch["micro"]), grad_accum=config.grad_accum, rank=env.rank,
                                      world_size=env.world_size, device=env.device)
         return {**request, VIEW_KEY: {"seed": config.seed, "epoch": run.offset + epoch, "step": run.step}}
-    return run.distiller.apply_views(to_device(batch, env.device), seed=config.seed, epoch=run.offset + epoch,
-                                     step=run.step)
+    batch = to_device(batch, env.device, channels_last=uses_channels_last(config, env.device))
+    return run.distiller.apply_views(batch, seed=config.seed, epoch=run.offset + epoch, step=run.step)
 
 
 class EpochSums:
