@@ -2,7 +2,8 @@
 
     kdkernels demo     the main job: a teacher, a baseline and distilled students on digits, over seeds
     kdkernels list     every distillation method with its category and paper
-    kdkernels distill  distil a digits student with any method
+    kdkernels distill  distil a student with any method, on digits or your own data and models
+    kdkernels sweep    several methods over several seeds, and their comparison table
     kdkernels info     how kdkernels was built, which CPU kernels are loaded, which backends can run here (and why not)
     kdkernels bench    forward+backward benchmarks of the losses vs eager and torch.compile (see kdkernels.bench)
 """

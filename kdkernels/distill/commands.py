@@ -1,4 +1,5 @@
-"""The trainer layer's commands: ``kdkernels list``, ``kdkernels distill`` and ``kdkernels demo``."""
+"""The trainer layer's commands: ``kdkernels list``, ``kdkernels distill``, ``kdkernels sweep`` and
+``kdkernels demo``."""
 from __future__ import annotations
 
 import argparse
@@ -149,7 +150,8 @@ def add_parsers(commands) -> None:
     listing.add_argument("--category", help="only this category")
     listing.add_argument("--json", type=Path, help="also write the list as JSON here")
 
-    run = commands.add_parser("distill", help="distil a digits student with any method (see `kdkernels list`)")
+    run = commands.add_parser("distill", help="distil a student with any method (see `kdkernels list`), on digits "
+                              "or your own data")
     run.add_argument("--config", type=Path, help="a YAML file of these options (flags given here override it)")
     run.add_argument("--method", help="a name from `kdkernels list` (required, here or in --config)")
     run.add_argument("--preset", default="default", help="a preset of the method (default: official values)")
