@@ -56,12 +56,44 @@ class ShuffleV1Block(nn.Module):
         return F.relu(self.preact(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut))
 
 
-class ShuffleNetV1(RepDistillerModel):
-    def __init__(self, widths: tuple[int, int, int], blocks: tuple[int, int, int], groups: int,
-                 num_classes: int = 100):
+class ShuffleNet(RepDistillerModel):
+    """What both ShuffleNets share: the 24-channel 1×1 stem (``conv1``, ``bn1``), three stages ``layer1..3`` (built
+    by the subclass, in order, so the state dict keeps the official key order), an optional ``head`` before the 4×4
+    average pooling, and ``linear``."""
+
+    STAGES = ["layer1", "layer2", "layer3"]
+
+    def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+
+    def declare_points(self, pre_activation: list[str]) -> None:
+        """The feature taps (stage outputs, the last block's ``preact`` of each stage) and RepDistiller's accessors
+        (no BN before the stage ReLUs: not an OFD teacher, as officially)."""
+        self.kd_points = FeaturePoints(stages=list(self.STAGES), embedding="linear/input", classifier="linear",
+                                       pre_activation=pre_activation)
+        self.feat_module_paths = ["conv1", "bn1", *self.STAGES]
+        self.bn_before_relu_paths = None
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        features = [F.relu(self.bn1(self.conv1(x)))]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            features.append(stage(features[-1]))
+        features.append(torch.flatten(F.avg_pool2d(self.head(features[-1]), 4), 1))
+        return features, self.linear(features[-1])
+
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        return feature_forward(self, self._run, x, is_feat, preact)
+
+
+class ShuffleNetV1(ShuffleNet):
+    def __init__(self, widths: tuple[int, int, int], blocks: tuple[int, int, int], groups: int,
+                 num_classes: int = 100):
+        super().__init__()
         in_channels = 24
         for index, (width, count) in enumerate(zip(widths, blocks), start=1):
             # the first block concatenates its input, so it computes only the missing channels
@@ -70,21 +102,7 @@ class ShuffleNetV1(RepDistillerModel):
             setattr(self, f"layer{index}", nn.Sequential(*layers))
             in_channels = width
         self.linear = nn.Linear(widths[-1], num_classes)
-        stages = ["layer1", "layer2", "layer3"]
-        self.kd_points = FeaturePoints(stages=stages, embedding="linear/input", classifier="linear",
-                                       pre_activation=[f"{s}.{n - 1}.preact" for s, n in zip(stages, blocks)])
-        self.feat_module_paths = ["conv1", "bn1", *stages]
-        self.bn_before_relu_paths = None
-
-    def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        features = [F.relu(self.bn1(self.conv1(x)))]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            features.append(stage(features[-1]))
-        features.append(torch.flatten(F.avg_pool2d(features[-1], 4), 1))
-        return features, self.linear(features[-1])
-
-    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
-        return feature_forward(self, self._run, x, is_feat, preact)
+        self.declare_points([f"{s}.{n - 1}.preact" for s, n in zip(self.STAGES, blocks)])
 
 
 class ShuffleV2Block(nn.Module):
@@ -136,11 +154,9 @@ class ShuffleV2DownBlock(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(RepDistillerModel):
+class ShuffleNetV2(ShuffleNet):
     def __init__(self, widths: tuple[int, int, int, int], blocks: tuple[int, int, int], num_classes: int = 100):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
         in_channels = 24
         for index, (width, count) in enumerate(zip(widths, blocks), start=1):
             layers = [ShuffleV2DownBlock(in_channels, width), *(ShuffleV2Block(width) for _ in range(count))]
@@ -149,23 +165,11 @@ class ShuffleNetV2(RepDistillerModel):
         self.conv2 = nn.Conv2d(widths[2], widths[3], 1, stride=1, padding=0, bias=False)
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.linear = nn.Linear(widths[3], num_classes)
-        stages = ["layer1", "layer2", "layer3"]
         # a stage is a down block then ``count`` basic blocks
-        self.kd_points = FeaturePoints(stages=stages, embedding="linear/input", classifier="linear",
-                                       pre_activation=[f"{s}.{n}.preact" for s, n in zip(stages, blocks)])
-        self.feat_module_paths = ["conv1", "bn1", *stages]
-        self.bn_before_relu_paths = None
+        self.declare_points([f"{s}.{n}.preact" for s, n in zip(self.STAGES, blocks)])
 
-    def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        features = [F.relu(self.bn1(self.conv1(x)))]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            features.append(stage(features[-1]))
-        out = F.relu(self.bn2(self.conv2(features[-1])))
-        features.append(torch.flatten(F.avg_pool2d(out, 4), 1))
-        return features, self.linear(features[-1])
-
-    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
-        return feature_forward(self, self._run, x, is_feat, preact)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(x)))
 
 
 MODELS = {
