@@ -105,6 +105,11 @@ _SPECS = [
     ("KDLoss", losses.kd_loss,
      ("student_logits", "teacher_logits", "labels", "teacher_topk_logprobs", "teacher_topk_indices"),
      "loss = KDLoss(temperature=4.0)(student(x), teacher(x).detach())"),
+    ("LinearKDLoss", losses.linear_kd_loss,
+     ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias", "teacher_bias",
+      "teacher_topk_logprobs", "teacher_topk_indices", "labels", "num_items"),
+     "loss = LinearKDLoss(divergence='jsd')(h_s, student.lm_head.weight, h_t.detach(), teacher.lm_head.weight, "
+     "labels=y)"),
     ("DKDLoss", losses.dkd_loss, ("student_logits", "teacher_logits", "labels"),
      "loss = ce + min(epoch / 20, 1.0) * DKDLoss(4.0, 1.0, 8.0)(student(x), teacher(x).detach(), y)"),
     ("NKDLoss", losses.nkd_loss, ("student_logits", "teacher_logits", "labels"),

@@ -33,6 +33,8 @@ def _irg_side(seed):
 # function name -> builder of its inputs {parameter: value}
 INPUTS = {
     "kd_loss": lambda: _logits_pair(),
+    "linear_kd_loss": lambda: {"student_hidden": _randn(B, 5, seed=1), "student_weight": _randn(C, 5, seed=2),
+                               "teacher_hidden": _randn(B, 4, seed=3), "teacher_weight": _randn(C + 2, 4, seed=4)},
     "dkd_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "nkd_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "dist_loss": lambda: _logits_pair(),

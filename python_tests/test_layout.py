@@ -9,8 +9,9 @@ from kdkernels.ops import FAMILIES
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kdkernels"
 LAYERS = ("ops", "triton", "reference")
-# reference modules that are official formulas of losses composed of other families' ops, not op families
-REFERENCE_EXTRAS = {"bake"}
+# reference modules that are official formulas of losses composed of other families' ops, not op families; and
+# linear_kd, a specification that lands before its kernels make it a family (then it moves into ops.FAMILIES)
+REFERENCE_EXTRAS = {"bake", "linear_kd"}
 
 
 def modules(layer: str) -> set[str]:

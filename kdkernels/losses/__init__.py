@@ -1,6 +1,7 @@
 """The public functional losses, one module per fused op family and one per category of unfused losses.
 
 Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-k teachers),
+:mod:`~kdkernels.losses.linear_kd` (LLM distillation from hidden states and lm_head weights; reference slice),
 :mod:`~kdkernels.losses.decoupled` (DKD, NKD), :mod:`~kdkernels.losses.dist` (DIST),
 :mod:`~kdkernels.losses.relation` (RKD, SP, PKT, CC; and IRG), :mod:`~kdkernels.losses.contrastive` (CRD),
 :mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
@@ -10,6 +11,7 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
+from kdkernels.losses.linear_kd import linear_kd_loss
 from kdkernels.losses.decoupled import dkd_loss, nkd_loss
 from kdkernels.losses.dist import dist_loss
 from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
@@ -29,7 +31,7 @@ from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_l
 
 __all__ = [
     # fused kernels
-    "kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss",
+    "kd_loss", "linear_kd_loss", "dkd_loss", "nkd_loss", "dist_loss", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss",
     "pkt_loss", "cc_loss", "crd_loss", "crd_normalizers", "crd_update_memory_", "sample_contrast_indices",
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
