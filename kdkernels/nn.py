@@ -131,6 +131,8 @@ _SPECS = [
      "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
     ("TwoTemperatureKDLoss", losses.two_temperature_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + TwoTemperatureKDLoss(2.0, 4.0)(student(x), teacher(x).detach())"),
+    ("LogitStandardizedKDLoss", losses.logit_standardized_kd_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = 0.1 * ce + 9.0 * LogitStandardizedKDLoss(temperature=2.0)(student(x), teacher(x).detach())"),
     ("SoftmaxMSELoss", losses.softmax_mse_loss, ("student_logits", "teacher_logits"),
      "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
     ("BYOLLoss", losses.byol_loss, ("prediction", "target"),

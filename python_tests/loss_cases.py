@@ -46,6 +46,7 @@ INPUTS = {
     "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
     "soft_cross_entropy_loss": lambda: _logits_pair(),
     "two_temperature_kd_loss": lambda: _logits_pair(),
+    "logit_standardized_kd_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "softmax_mse_loss": lambda: _logits_pair(),
     "byol_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
     "gan_generator_loss": lambda: {"fake_logits": _randn(B, 1, seed=1)},
