@@ -163,6 +163,8 @@ _SPECS = [
     ("ABLoss", losses.ab_loss, ("student", "teacher"), "loss = ABLoss(margin=1.0)(connector(f_s), f_t.detach())"),
     ("FTLoss", losses.ft_loss, ("student_factor", "teacher_factor"),
      "loss = ce + 200.0 * FTLoss()(translator(f_s), paraphraser(f_t).detach())"),
+    ("CWDLoss", losses.cwd_loss, ("student_map", "teacher_map"),
+     "loss = ce + 3.0 * CWDLoss(temperature=4.0)(connector(f_s), f_t.detach())"),
     ("DarkRankLoss", losses.darkrank_loss, ("student", "teacher"), "loss = DarkRankLoss()(e_s, e_t.detach())"),
     ("EnsembleKDLoss", losses.ensemble_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + EnsembleKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers])"),

@@ -68,6 +68,7 @@ INPUTS = {
     "vid_loss": lambda: {"mean": _maps(seed=1), "teacher": _maps(seed=2), "log_scale": _randn(3, seed=3)},
     "ab_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(seed=2)},
     "ft_loss": lambda: {"student_factor": _maps(seed=1), "teacher_factor": _maps(seed=2)},
+    "cwd_loss": lambda: {"student_map": _maps(seed=1), "teacher_map": _maps(seed=2)},
     "darkrank_loss": lambda: _features_pair(),
     "ensemble_kd_loss": lambda: {"student_logits": _randn(B, C, seed=1),
                                  "teacher_logits": [_randn(B, C, seed=2), _randn(B, C, seed=3)]},
