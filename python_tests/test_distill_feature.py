@@ -15,6 +15,7 @@ from kdkernels.distill import build_recipe
 from kdkernels.distill.connectors import ConvReg
 from kdkernels.distill.terms import StepContext
 from kdkernels.losses._common import pool_to_smaller
+from trainer_testing import QUIET, assert_resume_is_exact
 
 
 def close(actual, expected):
@@ -298,3 +299,56 @@ def test_ft_paraphraser_stage_then_factor_transfer():
     assert factor_t.shape[1] == 64, "paraphrase rate 0.5 of the teacher's 128 channels"
 
     close(output.terms["ft"], 500 * kdkernels.ft_loss(factor_s, factor_t))
+
+
+# ------------------------------------------------------------------------------------------------------------ CWD
+
+def official_cwd(student_map, teacher_map, temperature):
+    """TorchDistiller ``CriterionCWD('channel', 'kl', τ)`` written out in float64: Σ KL(p_t ‖ p_s) / (n·c) · τ²."""
+    n, c = student_map.shape[:2]
+    p_s = (student_map.double() / temperature).reshape(n, c, -1).softmax(-1)
+    p_t = (teacher_map.double() / temperature).reshape(n, c, -1).softmax(-1)
+    return (p_t * (p_t.log() - p_s.log())).sum() / (n * c) * temperature ** 2
+
+
+def test_cwd_step_is_the_official_loss_on_the_connected_last_stage():
+    run_steps(build_recipe("cwd", digits_setup()))
+    distiller, batch, values, output = first_step(build_recipe("cwd", digits_setup()))
+    cwd = term(distiller, "cwd")
+    assert cwd.reads == ("student:stage3", "teacher:stage3")
+    connector = cwd.connectors[0]
+    assert isinstance(connector[0], torch.nn.Conv2d) and connector[0].kernel_size == (1, 1)
+    assert connector[0].out_channels == values["teacher:stage3"].shape[1]
+    with torch.no_grad():
+        connected = connector(values["student:stage3"])
+    expected = 3.0 * official_cwd(connected, values["teacher:stage3"], 4.0)
+    torch.testing.assert_close(output.terms["cwd"].double(), expected, rtol=1e-5, atol=1e-8)
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+    assert set(output.terms) == {"ce_student", "cwd"}
+
+
+def test_cwd_needs_no_connector_for_equal_channels_and_takes_the_mmrazor_preset():
+    setup = digits_setup("assistant-cnn", "assistant-cnn")
+    distiller, _, values, output = first_step(build_recipe("cwd", setup, "mmrazor", kd_weight=0.5))
+    assert isinstance(term(distiller, "cwd").connectors[0], torch.nn.Identity)
+    close(output.terms["cwd"], 5.0 * kdkernels.cwd_loss(values["student:stage3"], values["teacher:stage3"], 1.0))
+    close(output.terms["kd"], 0.5 * kdkernels.kd_loss(values["student"], values["teacher"], 4.0))
+
+
+def make_cwd(seed=0):
+    return build_recipe("cwd", digits_setup(seed=seed))
+
+
+def test_cwd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_cwd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_cwd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match=r"term 'cwd' compares .*one spatial size.*student_layer / teacher_layer"):
+        first_step(build_recipe("cwd", digits_setup(), student_layer="stage2"))
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("cwd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        first_step(build_recipe("cwd", digits_setup(), temperature=-1.0))
+    with pytest.raises(ValueError, match=r"compares \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
+        first_step(build_recipe("cwd", digits_setup(student="student-mlp")))

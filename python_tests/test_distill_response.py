@@ -12,6 +12,7 @@ import kdkernels
 from distill_testing import digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.terms import MixupBatch, StepContext
+from trainer_testing import QUIET, assert_resume_is_exact
 
 
 def close(actual, expected):
@@ -70,6 +71,71 @@ def test_dkd_presets_and_bad_warmup():
         build_recipe("dkd", digits_setup(), warmup=0)
     with pytest.raises(ValueError, match="pass a trained teacher"):
         build_recipe("dkd", digits_setup(teacher=None))
+
+
+# --------------------------------------------------------------------------------------------------------- ATKD
+
+def z_score(logits):
+    """The official ``normalize``: (z − mean) / (1e-7 + unbiased std), per sample."""
+    return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
+
+
+def test_atkd_step_is_the_official_logit_standardized_kd():
+    """The default: 0.1·CE + 9·T²·KL at T = 2 on the z-scored logits, written out here in float64."""
+    run_steps(build_recipe("atkd", digits_setup()))
+    _, batch, values, output = first_step(build_recipe("atkd", digits_setup()))
+    student, teacher, labels = (v.double() if v.is_floating_point() else v for v in logits_of(values, batch))
+    log_p_s = F.log_softmax(z_score(student) / 2.0, 1)
+    p_t = F.softmax(z_score(teacher) / 2.0, 1)
+    official = 9.0 * 4.0 * (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    torch.testing.assert_close(output.terms["atkd"].double(), official.detach(), rtol=1e-5, atol=1e-7)
+    close(output.terms["ce_student"], 0.1 * ce(*logits_of(values, batch)[::2]))
+
+
+def test_atkd_dkd_preset_standardizes_dkd_with_the_scaled_weights():
+    recipe = build_recipe("atkd", digits_setup(), "dkd", warmup=1)
+    run_steps(recipe)
+    _, batch, values, output = first_step(build_recipe("atkd", digits_setup(), "dkd", warmup=1))
+    student, teacher, labels = logits_of(values, batch)
+    expected = kdkernels.dkd_loss(z_score(student.double()), z_score(teacher.double()), labels, 2.0, 9.0, 72.0)
+    torch.testing.assert_close(output.terms["atkd"].double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    close(output.terms["ce_student"], ce(student, labels))
+    _, batch, values, output = first_step(build_recipe("atkd", digits_setup(), "dkd"), epoch=5)
+    student, teacher, labels = logits_of(values, batch)
+    close(output.terms["atkd"], 5 / 20 * 9.0 * kdkernels.logit_standardized_kd_loss(
+        student, teacher, labels, 2.0, "dkd"))
+
+
+def test_atkd_presets():
+    method = get_method("atkd")
+    assert method.hyperparameters("default") == {"base": "kd", "temperature": 2.0, "kd_weight": 9.0,
+                                                  "ce_weight": 0.1, "alpha": 1.0, "beta": 8.0, "warmup": 20}
+    assert method.hyperparameters("dkd-imagenet-r34-r18")["beta"] == 0.5
+    assert method.hyperparameters("cifar-vgg13-vgg8")["temperature"] == 3.0
+
+
+def make_atkd(seed=0):
+    return build_recipe("atkd", digits_setup(seed=seed), "dkd", warmup=2)
+
+
+def test_atkd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_atkd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"base": "dist"}, r"^atkd: base must be one of \('kd', 'dkd'\), got 'dist'$"),
+    ({"base": "dkd", "warmup": 0}, "warmup must be a positive number"),
+])
+def test_atkd_bad_configuration(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_recipe("atkd", digits_setup(), **overrides)
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("atkd", digits_setup(teacher=None))
+
+
+def test_atkd_bad_temperature_names_the_argument():
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        first_step(build_recipe("atkd", digits_setup(), temperature=0.0))
 
 
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD

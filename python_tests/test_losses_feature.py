@@ -1,5 +1,6 @@
-"""fitnet_loss, nst_loss, fsp_loss, ofd_margins / ofd_loss, vid_loss, ab_loss and ft_loss against the official code
-transcribed here in eager PyTorch (RepDistiller, overhaul-distillation, AB_distillation, Factor-Transfer), value and
+"""fitnet_loss, nst_loss, fsp_loss, ofd_margins / ofd_loss, vid_loss, ab_loss, ft_loss and cwd_loss against the official
+code transcribed here in eager PyTorch (RepDistiller, overhaul-distillation, AB_distillation, Factor-Transfer,
+TorchDistiller and mmrazor for CWD), value and
 gradients in float64, including maps of different sizes and channel counts, and their argument errors."""
 import math
 
@@ -221,5 +222,68 @@ X = torch.randn(2, 3, 4, 4)
      r"^ft_loss: student_factor must have the same shape as teacher_factor \(2, 2, 4, 4\)"),
 ])
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------- CWD
+
+def torchdistiller_cwd(preds_s, preds_t, temperature):
+    """irfanICMLL/TorchDistiller ``SemSeg-distill/utils/criterion.py`` ``CriterionCWD('channel', 'kl', τ)``:
+    ``ChannelNorm`` (softmax over H·W), ``KLDivLoss(reduction='sum')`` of the log of the student's softmax,
+    / (n·c), · τ²; the teacher detached."""
+    n, c, h, w = preds_s.shape
+    norm_s = (preds_s / temperature).reshape(n, c, -1).softmax(dim=-1)
+    norm_t = (preds_t.detach() / temperature).reshape(n, c, -1).softmax(dim=-1)
+    loss = torch.nn.KLDivLoss(reduction="sum")(norm_s.log(), norm_t)
+    return loss / (n * c) * temperature ** 2
+
+
+def mmrazor_cwd(preds_s, preds_t, tau):
+    """open-mmlab/mmrazor ``mmrazor/models/losses/cwd.py`` ``ChannelWiseDivergence(tau, loss_weight=1)``."""
+    n, c, h, w = preds_s.shape
+    softmax_t = F.softmax(preds_t.reshape(-1, w * h) / tau, dim=1)
+    log_softmax = torch.nn.LogSoftmax(dim=1)
+    loss = torch.sum(softmax_t * log_softmax(preds_t.reshape(-1, w * h) / tau)
+                     - softmax_t * log_softmax(preds_s.reshape(-1, w * h) / tau)) * tau ** 2
+    return loss / (c * n)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (2, 6, 5, 3)], ids=["4x3x4x4", "2x6x5x3"])
+def test_cwd_is_the_official_channel_wise_divergence(shape, temperature):
+    """Both official codes; the teacher as a constant (the official code detaches it)."""
+    student, teacher = randn(*shape, seed=1, scale=2.0, grad=True), randn(*shape, seed=2, scale=3.0)
+    for official in (torchdistiller_cwd, mmrazor_cwd):
+        assert_equals_official(lambda s: kdkernels.cwd_loss(s, teacher, temperature),
+                               lambda s: official(s, teacher, temperature), student, what=official.__name__)
+
+
+def test_cwd_reductions_and_teacher_gradient():
+    student, teacher = randn(3, 4, 2, 2, seed=3, grad=True), randn(3, 4, 2, 2, seed=4, grad=True)
+    channels = kdkernels.cwd_loss(student, teacher, 2.0, reduction="none")
+    assert channels.shape == (3,) and bool((channels >= 0).all())
+    torch.testing.assert_close(kdkernels.cwd_loss(student, teacher, 2.0), channels.sum() / 12, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.cwd_loss(student, teacher, 2.0, reduction="batchmean"),
+                               channels.sum() / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.cwd_loss(student, teacher, 2.0, reduction="sum"), channels.sum(),
+                               rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda s, t: kdkernels.cwd_loss(s, t, 2.0), (student, teacher))
+    assert float(kdkernels.cwd_loss(teacher.detach(), teacher.detach())) == 0.0
+
+
+CWD_MAP = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.cwd_loss(CWD_MAP, torch.randn(2, 5, 4, 4)), ValueError,
+     r"^cwd_loss: student_map must have the same shape as teacher_map \(2, 5, 4, 4\) \(use a connector"),
+    (lambda: kdkernels.cwd_loss(CWD_MAP, CWD_MAP, 0.0), ValueError,
+     r"^cwd_loss: temperature must be positive and finite, got 0.0$"),
+    (lambda: kdkernels.cwd_loss(torch.randn(2, 3), torch.randn(2, 3)), ValueError,
+     r"^cwd_loss: student_map must have 3 or 4 dims, got shape \(2, 3\)$"),
+    (lambda: kdkernels.cwd_loss(CWD_MAP, CWD_MAP, reduction="avg"), ValueError, r"^cwd_loss: reduction must be one of"),
+])
+def test_cwd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -1,6 +1,7 @@
-"""soft_cross_entropy_loss, wsl_loss, bdkd_loss and two_temperature_kd_loss (kdkernels/losses/response.py, torch ops)
-against the official code transcribed here (BYOT / BAN, PaddleClas) or the documented formula (BD-KD, MKD's KD at two
-temperatures): float64 value and gradient; errors."""
+"""soft_cross_entropy_loss, wsl_loss, bdkd_loss, two_temperature_kd_loss and logit_standardized_kd_loss
+(kdkernels/losses/response.py, torch ops) against the official code transcribed here (BYOT / BAN, PaddleClas,
+logit-standardization-KD) or the documented formula (BD-KD, MKD's KD at two temperatures): float64 value and
+gradient; errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,3 +175,76 @@ def test_two_temperature_kd_is_kd_loss_at_equal_temperatures_and_learns_tensor_t
 def test_two_temperature_kd_checks_its_temperatures(value, error, message):
     with pytest.raises(error, match=f"^two_temperature_kd_loss: {message}"):
         kdkernels.two_temperature_kd_loss(randn(2, 3, seed=1), randn(2, 3, seed=2), value, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ logit standardisation
+
+def official_normalize(logit):
+    """sunshangquan/logit-standardization-KD ``normalize`` (KD.py, DKD.py): z-score with the unbiased std + 1e-7."""
+    return (logit - logit.mean(dim=-1, keepdim=True)) / (1e-7 + logit.std(dim=-1, keepdim=True))
+
+
+def official_standardized_kd(student, teacher, temperature):
+    """Its ``KD.py::kd_loss`` with ``logit_stand=True``."""
+    log_p_s = F.log_softmax(official_normalize(student) / temperature, dim=1)
+    p_t = F.softmax(official_normalize(teacher) / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="none").sum(1).mean() * temperature ** 2
+
+
+def official_standardized_dkd(student, teacher, target, alpha, beta, temperature):
+    """Its ``DKD.py::dkd_loss`` with ``logit_stand=True`` (the target / other masks and the 1000·gt_mask trick)."""
+    student, teacher = official_normalize(student), official_normalize(teacher)
+    gt = torch.zeros_like(student).scatter_(1, target.unsqueeze(1), 1).bool()
+    two_bins = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * ~gt).sum(1, keepdim=True)], 1)  # noqa: E731
+    b_s = two_bins(F.softmax(student / temperature, dim=1))
+    b_t = two_bins(F.softmax(teacher / temperature, dim=1))
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * temperature ** 2 / target.shape[0]
+    p_t2 = F.softmax(teacher / temperature - 1000.0 * gt, dim=1)
+    log_p_s2 = F.log_softmax(student / temperature - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * temperature ** 2 / target.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+@pytest.mark.parametrize("temperature", [2.0, 3.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_logit_standardized_kd_is_the_official_kd(shape, temperature):
+    student, teacher = randn(*shape, seed=1, scale=3.0, grad=True), randn(*shape, seed=2, scale=5.0, grad=True)
+    assert_equals_official(lambda s, t: kdkernels.logit_standardized_kd_loss(s, t, temperature=temperature),
+                           lambda s, t: official_standardized_kd(s, t, temperature), student, teacher,
+                           what="logit-standardised KD")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_logit_standardized_dkd_is_the_official_dkd(shape):
+    """The student's gradient (the official 1000·gt_mask softmax gives the teacher NaN gradients; DKD detaches it)."""
+    student, teacher = randn(*shape, seed=3, scale=3.0, grad=True), randn(*shape, seed=4, scale=5.0)
+    labels = class_labels(shape[0], shape[1], seed=5)
+    assert_equals_official(
+        lambda s, t: kdkernels.logit_standardized_kd_loss(s, t, labels, 2.0, "dkd", alpha=9.0, beta=72.0),
+        lambda s, t: official_standardized_dkd(s, t, labels, 9.0, 72.0, 2.0), student, teacher,
+        what="logit-standardised DKD")
+
+
+def test_logit_standardization_ignores_the_logits_scale_and_shift():
+    """Z(a·z + b) = Z(z) for a > 0 (at eps = 0): only the relations between the logits are distilled."""
+    student, teacher = randn(4, 9, seed=6, scale=2.0), randn(4, 9, seed=7, scale=2.0)
+    torch.testing.assert_close(kdkernels.logit_standardized_kd_loss(student, teacher, eps=0.0),
+                               kdkernels.logit_standardized_kd_loss(student, 7.0 * teacher + 3.0, eps=0.0),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.logit_standardized_kd_loss(LOGITS, LOGITS, base="dist"), ValueError,
+     r"^logit_standardized_kd_loss: base must be one of 'kd', 'dkd', got 'dist'$"),
+    (lambda: kdkernels.logit_standardized_kd_loss(LOGITS, LOGITS, base="dkd"), ValueError,
+     r"^logit_standardized_kd_loss: labels are needed when base is 'dkd'"),
+    (lambda: kdkernels.logit_standardized_kd_loss(LOGITS, LOGITS, temperature=-1.0), ValueError,
+     r"^logit_standardized_kd_loss: temperature must be positive and finite, got -1.0$"),
+    (lambda: kdkernels.logit_standardized_kd_loss(torch.randn(4, 1), torch.randn(4, 1)), ValueError,
+     r"^logit_standardized_kd_loss: student_logits must have at least 2 classes"),
+    (lambda: kdkernels.logit_standardized_kd_loss(LOGITS, LOGITS[:, :5]), ValueError,
+     r"^logit_standardized_kd_loss: teacher_logits must have the same shape as student_logits"),
+])
+def test_logit_standardized_kd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -64,6 +64,16 @@ def ofd_connector(student_channels: int, teacher_channels: int) -> nn.Sequential
     return nn.Sequential(conv, bn)
 
 
+def cwd_connector(student_channels: int, teacher_channels: int) -> nn.Module:
+    """TorchDistiller ``SemSeg-distill/networks/kd_model.py`` (``--cwd-feat``): conv 1×1 (no bias) then batch norm and
+    ReLU (its ``InPlaceABNSync`` leaky ReLU followed by a ReLU is a ReLU), default init; identity when the channel
+    counts agree (the logits-map setting, where both maps have one channel per class)."""
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False),
+                         nn.BatchNorm2d(teacher_channels), nn.ReLU())
+
+
 class VIDRegressor(nn.Module):
     """VID's mean regressor and learned variance (RepDistiller ``VIDLoss``): conv1×1–ReLU–conv1×1–ReLU–conv1×1 (no
     bias, mid = teacher channels) and ``log_scale`` [C_t], a registered parameter initialised so that

@@ -11,7 +11,7 @@ defaulting to the official one.
 * :func:`fitnet_loss` — FitNet hint MSE;            * :func:`nst_loss` — NST polynomial-kernel MMD;
 * :func:`fsp_loss` — FSP (flow) matrices;            * :func:`ofd_margins` / :func:`ofd_loss` — OFD;
 * :func:`vid_loss` — VID Gaussian NLL;               * :func:`ab_loss` — AB alternative L2;
-* :func:`ft_loss` — factor transfer L1.
+* :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes.
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
-from kdkernels.losses._common import pool_to_smaller, reduce_rows
+from kdkernels.losses._common import accumulate, pool_to_smaller, reduce_rows
 
 _CONNECTOR_HINT = " (use a connector/regressor to map the student feature)"
 
@@ -196,3 +196,28 @@ def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, *, reduc
     if reduction == "mean":
         return F.l1_loss(student, teacher)
     return reduce_elements((student - teacher).abs(), reduction)
+
+
+def cwd_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, temperature: float = 4.0, *,
+             reduction: Reduction = "mean") -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021),
+    as irfanICMLL/TorchDistiller ``SemSeg-distill/utils/criterion.py`` (``CriterionCWD``, ``norm_type='channel'``,
+    ``divergence='kl'``; = mmrazor ``ChannelWiseDivergence``). Each channel's map becomes a distribution over the
+    H·W positions::
+
+        p_nc = softmax(f_nc / τ) over H·W,    loss = τ² · Σ_{n,c} KL(p^t_nc ‖ p^s_nc) / (N·C)
+
+    ``reduction`` over the N·C channel terms: ``"mean"`` (the official / (N·C)), ``"batchmean"`` (/ N), ``"sum"`` or
+    ``"none"`` (per sample, the sum over its channels [N]). Both maps ``[N, C, H, W]`` (or ``[N, C, L]``) of one shape: map the student's channels with a
+    connector first. The teacher is used as given (the official code detaches it).
+    """
+    check = Checks("cwd_loss")
+    _check_pair(check, "student_map", student_map, "teacher_map", teacher_map, dims=(3, 4), same_shape=True)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction)
+    student = accumulate(student_map).flatten(2)
+    teacher = accumulate(teacher_map).to(student.dtype).flatten(2)
+    log_p_s = F.log_softmax(student / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=-1)
+    channel_terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temperature ** 2
+    return reduce_rows(channel_terms.sum(dim=1), reduction, elements=channel_terms.shape[1])

@@ -1,6 +1,6 @@
 """Response-based losses that compose torch ops (no fused kernel of their own): the soft-target cross-entropy of
-BAN and BYOT, weighted soft labels (WSL), the balanced divergences of BD-KD and KD at separate (learnable) student
-and teacher temperatures (MKD).
+BAN and BYOT, weighted soft labels (WSL), the balanced divergences of BD-KD, KD at separate (learnable) student
+and teacher temperatures (MKD) and KD / DKD on z-scored logits (logit standardisation).
 
 Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may replace it later
 behind the same signature), transcribed from the official code named in its docstring.
@@ -8,12 +8,14 @@ behind the same signature), transcribed from the official code named in its docs
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from kdkernels._validation import Checks, Reduction
 from kdkernels.losses._common import accumulate, reduce_rows, soft_cross_entropy_rows
+from kdkernels.losses.decoupled import dkd_loss
 from kdkernels.losses.kd import kd_loss
 
 _WEIGHT_EPS = 1e-12
@@ -152,3 +154,50 @@ def bdkd_loss(learner_logits: torch.Tensor, target_logits: torch.Tensor, tempera
     rows = forward_weight * forward + (1.0 - forward_weight) * reverse
     return reduce_rows(rows.reshape(-1), reduction, leading_shape=learner_logits.shape[:-1],
                        elements=learner_logits.shape[-1])
+
+
+StandardizedBase = Literal["kd", "dkd"]
+STANDARDIZED_BASES = get_args(StandardizedBase)
+
+
+def standardized(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(z − mean(z)) / (std(z) + eps)`` over the classes, the std unbiased (torch's default, as the official code)."""
+    logits = accumulate(logits)
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+def logit_standardized_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                               labels: torch.Tensor | None = None, temperature: float = 2.0,
+                               base: StandardizedBase = "kd", alpha: float = 1.0, beta: float = 8.0,
+                               eps: float = 1e-7, *, reduction: Reduction = "batchmean",
+                               backend: str = "auto") -> torch.Tensor:
+    """KD (or DKD) on z-scored logits: logit standardisation (Sun et al., "Logit Standardization in Knowledge
+    Distillation", CVPR 2024), as sunshangquan/logit-standardization-KD ``mdistiller/distillers/KD.py`` and
+    ``DKD.py`` (``normalize`` then ``kd_loss`` / ``dkd_loss`` with ``logit_stand=True``)::
+
+        Z(z)  = (z − mean_c z) / (std_c z + eps)             # unbiased std, eps = 1e-7 added to the std
+        "kd":  loss = T² · KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T))
+        "dkd": loss = alpha · TCKD + beta · NCKD  of Z(z_s), Z(z_t)   (see :func:`kdkernels.dkd_loss`)
+
+    Each sample's temperature is in effect ``T·std(z)``: the student matches the teacher's logit relations, not
+    their magnitude. The official base temperature is 2 (``--base-temp 2``). ``labels`` are needed for ``"dkd"``
+    only. ``reduction`` over samples: ``"batchmean"`` (the official sum / B), ``"sum"``, ``"mean"`` (over samples ·
+    C) or ``"none"``. The gradient reaches both inputs through the standardisation; detach the teacher for offline
+    distillation.
+    """
+    check = Checks("logit_standardized_kd_loss")
+    check.logits_pair(student_logits, teacher_logits)
+    temperature = check.temperature(temperature)
+    base = check.choice("base", base, STANDARDIZED_BASES)
+    eps = check.real("eps", eps, nonnegative=True)
+    reduction = check.reduction(reduction)
+    if student_logits.shape[-1] < 2:
+        check.value_error("student_logits", "must have at least 2 classes to standardise",
+                          f"shape {tuple(student_logits.shape)}")
+    student, teacher = standardized(student_logits, eps), standardized(teacher_logits, eps)
+    if base == "kd":
+        return kd_loss(student, teacher.to(student.dtype), temperature, reduction=reduction, backend=backend)
+    if labels is None:
+        check.value_error("labels", "are needed when base is 'dkd'", None)
+    return dkd_loss(student, teacher.to(student.dtype), labels, temperature, alpha, beta, reduction,
+                    backend=backend)

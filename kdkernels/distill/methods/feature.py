@@ -14,7 +14,7 @@ from torch import nn
 
 import kdkernels
 from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
-                                          ofd_connector, output_channels)
+                                          cwd_connector, ofd_connector, output_channels)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, stage_tap
@@ -206,6 +206,50 @@ def pkt(setup: Setup, weight: float = 30000.0, ce_weight: float = 1.0, student_l
     teacher_tap = teacher_layer or feature_points(teacher).embedding
     term = FunctionTerm("pkt", kdkernels.pkt_loss, (f"student:{student_tap}", f"teacher:{teacher_tap}"), weight)
     return offline("pkt", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ CWD
+
+class ChannelWiseTerm(StageTerm):
+    """CWD on one pair of maps: ``cwd_loss(connector(f_s), f_t, τ)``, the connector a conv 1×1 + BN + ReLU when the
+    channel counts differ (:func:`~kdkernels.distill.connectors.cwd_connector`)."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, temperature: float):
+        super().__init__("cwd", [student_key], [teacher_key], weight)
+        self.temperature = temperature
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"term 'cwd' compares [B, C, H, W] maps of one spatial size, got "
+                             f"{self.reads[0]} {tuple(student.shape)} and {self.reads[1]} {tuple(teacher.shape)}: "
+                             f"pass student_layer / teacher_layer naming such maps")
+        return cwd_connector(student.shape[1], teacher.shape[1])
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.cwd_loss(student, teacher, self.temperature)
+
+
+@register("cwd", category="feature",
+          paper="Shu, Liu, Gao, Yan, Shen. Channel-wise Knowledge Distillation for Dense Prediction. ICCV 2021",
+          approximation="the paper's dense-prediction loss applied to a classifier's last stage map: the paper and "
+                        "its code have no classification setting, so the tap, and CE + 3·CWD there, are our choice",
+          presets={"mmrazor": {"temperature": 1.0, "weight": 5.0}})
+def cwd(setup: Setup, weight: float = 3.0, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
+        kd_temperature: float = 4.0, student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """CWD: ``ce·CE (+ kd·KD) + weight·τ²·Σ_{n,c} KL(softmax_HW(f_t/τ) ‖ softmax_HW(conn(f_s)/τ)) / (N·C)`` on the
+    last stage maps (:func:`kdkernels.cwd_loss`).
+
+    Provenance: irfanICMLL/TorchDistiller @78bac7c, ``SemSeg-distill/utils/criterion.py`` (``CriterionCWD``) and its
+    README command ``exp_cwd.sh channel kl 3 4`` (weight 3, τ 4, on the segmentation logits map); the connector is
+    its ``--cwd-feat`` conv 1×1 + BN + ReLU, used here when the channel counts differ. Preset ``mmrazor``: τ 1,
+    weight 5 (open-mmlab/mmrazor @90c7af1 ``configs/distill/mmseg/cwd``; the same loss, ``models/losses/cwd.py``).
+    On classification the taps default to the student's and the teacher's deepest ``kd_points`` stage.
+    """
+    teacher = setup.require_teacher("cwd")
+    student_tap = student_layer or stage_tap("cwd", setup.student, -1, "student_layer")
+    teacher_tap = teacher_layer or stage_tap("cwd", teacher, -1, "teacher_layer")
+    term = ChannelWiseTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, temperature)
+    return offline("cwd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
 
 
 # ------------------------------------------------------------------------------------------------------------ VID

@@ -110,6 +110,47 @@ def dkd(setup: Setup, temperature: float = 4.0, alpha: float = 1.0, beta: float 
     return offline("dkd", setup, terms)
 
 
+# --------------------------------------------------------------------------------------------------------- ATKD
+
+ATKD_PRESETS = {
+    "dkd": {"base": "dkd", "ce_weight": 1.0},
+    "imagenet": {"ce_weight": 1.0},
+    "dkd-imagenet-r34-r18": {"base": "dkd", "ce_weight": 1.0, "beta": 0.5, "warmup": 1},
+    "cifar-vgg13-vgg8": {"temperature": 3.0},
+    "cifar-res110-res20": {"temperature": 4.0, "kd_weight": 12.0},
+    "cifar-res50-mv2": {"temperature": 3.0, "kd_weight": 1.0},
+}
+STANDARDIZED_BASES = ("kd", "dkd")
+
+
+@register("atkd", category="response",
+          paper="Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation. CVPR 2024",
+          presets=ATKD_PRESETS)
+def atkd(setup: Setup, base: str = "kd", temperature: float = 2.0, kd_weight: float = 9.0, ce_weight: float = 0.1,
+         alpha: float = 1.0, beta: float = 8.0, warmup: float = 20) -> Recipe:
+    """Logit-standardised KD: ``ce_weight·CE + kd_weight·T²·KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T))`` with
+    ``Z(z) = (z − mean z)/(std z + 1e-7)`` per sample (unbiased std), :func:`kdkernels.logit_standardized_kd_loss`.
+
+    Provenance: sunshangquan/logit-standardization-KD @f6e5aa5, ``mdistiller/distillers/KD.py`` / ``DKD.py``
+    (``normalize``) and ``tools/train.py`` (``--logit-stand --base-temp 2 --kd-weight 9``: T = 2 and weight 9 replace
+    the config's; the CE weight stays the config's, 0.1 in ``mdistiller/engine/cfg.py``). ``base="dkd"`` (preset
+    ``dkd``) standardises DKD instead: ``CE + min(epoch/warmup, 1)·kd_weight·(alpha·TCKD + beta·NCKD)`` (train.py
+    multiplies alpha and beta by the weight; T = 2; alpha 1, beta 8, warmup 20 from cfg.py). Presets ``imagenet``
+    (``r34_r18/kd.yaml``: CE weight 1) and ``dkd-imagenet-r34-r18`` (``r34_r18/dkd.yaml``: beta 0.5, warm-up 1);
+    the ``cifar-*`` presets take (T, weight) from the names of the repository's KD logs
+    (``KD_TYPE,TEACHER,STUDENT,BASE_TEMPERATURE,KD_WEIGHT``), not from a config file.
+    """
+    if base not in STANDARDIZED_BASES:
+        raise ValueError(f"atkd: base must be one of {STANDARDIZED_BASES}, got {base!r}")
+    if base == "kd":
+        distill = FunctionTerm("atkd", kdkernels.logit_standardized_kd_loss, ("student", "teacher"), kd_weight,
+                               temperature=temperature)
+    else:
+        distill = WarmupTerm("atkd", kdkernels.logit_standardized_kd_loss, ("student", "teacher", "target"),
+                             kd_weight, warmup=warmup, temperature=temperature, base="dkd", alpha=alpha, beta=beta)
+    return offline("atkd", setup, [CrossEntropyTerm("student", ce_weight), distill])
+
+
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD
 
 @register("nkd", category="response",
