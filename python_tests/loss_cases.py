@@ -49,6 +49,7 @@ INPUTS = {
     "soft_cross_entropy_loss": lambda: _logits_pair(),
     "two_temperature_kd_loss": lambda: _logits_pair(),
     "logit_standardized_kd_loss": lambda: {**_logits_pair(), "labels": _labels()},
+    "feature_normalized_kd_loss": lambda: {**_logits_pair(), "student_features": _randn(B, 6, seed=3)},
     "softmax_mse_loss": lambda: _logits_pair(),
     "byol_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
     "gan_generator_loss": lambda: {"fake_logits": _randn(B, 1, seed=1)},

@@ -138,6 +138,46 @@ def test_atkd_bad_temperature_names_the_argument():
         first_step(build_recipe("atkd", digits_setup(), temperature=0.0))
 
 
+# -------------------------------------------------------------------------------------------------------- FN-KD
+
+def test_fn_kd_step_is_the_paper_formula_on_the_student_embedding():
+    """CE + KL at T_i = ‖f_i‖₂ (τ 1), f the student's classifier input, written out here in float64."""
+    run_steps(build_recipe("fn-kd", digits_setup()))
+    _, batch, values, output = first_step(build_recipe("fn-kd", digits_setup()))
+    student, teacher, labels = logits_of(values, batch)
+    temperatures = values["student:fc/input"].double().norm(dim=1, keepdim=True)
+    p_t = F.softmax(teacher.double() / temperatures, 1)
+    log_p_s = F.log_softmax(student.double() / temperatures, 1)
+    official = (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    torch.testing.assert_close(output.terms["fn-kd"].double(), official.detach(), rtol=1e-5, atol=1e-8)
+    close(output.terms["ce_student"], ce(student, labels))
+    assert set(output.terms) == {"ce_student", "fn-kd"}
+
+
+def test_fn_kd_takes_tau_weights_and_layer():
+    _, batch, values, output = first_step(build_recipe("fn-kd", digits_setup(), tau=3.0, kd_weight=2.0,
+                                                       ce_weight=0.5, student_layer="stage3"))
+    student, teacher, labels = logits_of(values, batch)
+    close(output.terms["fn-kd"], 2.0 * kdkernels.feature_normalized_kd_loss(student, teacher,
+                                                                           values["student:stage3"], 3.0))
+    close(output.terms["ce_student"], 0.5 * ce(student, labels))
+
+
+def make_fn_kd(seed=0):
+    return build_recipe("fn-kd", digits_setup(seed=seed))
+
+
+def test_fn_kd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_fn_kd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_fn_kd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("fn-kd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match="tau must be positive"):
+        first_step(build_recipe("fn-kd", digits_setup(), tau=0.0))
+
+
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD
 
 def test_nkd_trains_with_the_cls_kd_settings():

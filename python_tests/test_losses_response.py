@@ -248,3 +248,58 @@ def test_logit_standardization_ignores_the_logits_scale_and_shift():
 def test_logit_standardized_kd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# -------------------------------------------------------------------------------------------------------- FN-KD
+
+def paper_feature_normalized_kd(student, teacher, features, tau):
+    """Xu et al. (ECCV 2020), written out: T_i = ‖f_i‖₂ / τ, mean_i KL(softmax(z_t/T_i) ‖ softmax(z_s/T_i)); the norm
+    a constant (a temperature)."""
+    temperatures = features.detach().reshape(len(features), -1).norm(dim=1, keepdim=True) / tau
+    p_t = F.softmax(teacher / temperatures, dim=1)
+    p_s = F.softmax(student / temperatures, dim=1)
+    return (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+@pytest.mark.parametrize("feature_shape", [(6, 5), (6, 3, 2, 2)], ids=["pooled", "map"])
+def test_feature_normalized_kd_is_the_paper_formula(feature_shape, tau):
+    student, teacher = randn(6, 7, seed=1, scale=2.0, grad=True), randn(6, 7, seed=2, scale=3.0, grad=True)
+    features = randn(*feature_shape, seed=3, scale=2.0, grad=True)
+    assert_equals_official(lambda s, t, f: kdkernels.feature_normalized_kd_loss(s, t, f, tau),
+                           lambda s, t, f: paper_feature_normalized_kd(s, t, f, tau),
+                           student, teacher, features, what="fn-kd")
+
+
+def test_feature_normalized_kd_reductions_and_temperature():
+    student, teacher, features = randn(4, 5, seed=4), randn(4, 5, seed=5), randn(4, 8, seed=6)
+    rows = kdkernels.feature_normalized_kd_loss(student, teacher, features, reduction="none")
+    assert rows.shape == (4,) and bool((rows >= 0).all())
+    torch.testing.assert_close(kdkernels.feature_normalized_kd_loss(student, teacher, features), rows.mean())
+    torch.testing.assert_close(kdkernels.feature_normalized_kd_loss(student, teacher, features, reduction="mean"),
+                               rows.sum() / 20)
+    # each sample is KD at its own temperature T_i = ‖f_i‖ / τ, without the T² factor
+    norms = features.norm(dim=1)
+    for i in range(4):
+        torch.testing.assert_close(rows[i], kdkernels.kd_loss(student[i:i + 1], teacher[i:i + 1], float(norms[i]),
+                                                              scale_by_t2=False))
+    doubled = kdkernels.feature_normalized_kd_loss(student, teacher, 2 * features, 2.0, reduction="none")
+    torch.testing.assert_close(doubled, rows)
+
+
+FN_LOGITS = torch.randn(4, 5)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.feature_normalized_kd_loss(FN_LOGITS, FN_LOGITS, torch.randn(3, 8)), ValueError,
+     r"^feature_normalized_kd_loss: student_features must have the same batch size as student_logits \(4, 5\)"),
+    (lambda: kdkernels.feature_normalized_kd_loss(FN_LOGITS, FN_LOGITS, torch.randn(4, 8), 0.0), ValueError,
+     r"^feature_normalized_kd_loss: tau must be positive"),
+    (lambda: kdkernels.feature_normalized_kd_loss(FN_LOGITS, FN_LOGITS[:, :3], torch.randn(4, 8)), ValueError,
+     r"^feature_normalized_kd_loss: teacher_logits must have the same shape as student_logits"),
+    (lambda: kdkernels.feature_normalized_kd_loss(FN_LOGITS, FN_LOGITS, torch.randn(4, 0)), ValueError,
+     r"^feature_normalized_kd_loss: student_features must have shape \[B, \.\.\.\] with at least one feature"),
+])
+def test_feature_normalized_kd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

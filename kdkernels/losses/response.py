@@ -1,6 +1,7 @@
 """Response-based losses that compose torch ops (no fused kernel of their own): the soft-target cross-entropy of
 BAN and BYOT, weighted soft labels (WSL), the balanced divergences of BD-KD, KD at separate (learnable) student
-and teacher temperatures (MKD) and KD / DKD on z-scored logits (logit standardisation).
+and teacher temperatures (MKD), KD / DKD on z-scored logits (logit standardisation) and KD at a per-sample
+temperature from the student's feature norm (FN-KD).
 
 Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may replace it later
 behind the same signature), transcribed from the official code named in its docstring.
@@ -201,3 +202,34 @@ def logit_standardized_kd_loss(student_logits: torch.Tensor, teacher_logits: tor
         check.value_error("labels", "are needed when base is 'dkd'", None)
     return dkd_loss(student, teacher.to(student.dtype), labels, temperature, alpha, beta, reduction,
                     backend=backend)
+
+
+def feature_normalized_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                               student_features: torch.Tensor, tau: float = 1.0, *,
+                               reduction: Reduction = "batchmean") -> torch.Tensor:
+    """Feature-normalised KD (Xu, Rui, Li, Gu, "Feature Normalized Knowledge Distillation for Image Classification",
+    ECCV 2020): KD whose temperature is per sample, the L2 norm of the student's penultimate feature::
+
+        T_i = ‖f_i‖₂ / τ,    loss = Σ_i KL(softmax(z^t_i / T_i) ‖ softmax(z^s_i / T_i)) / N
+
+    No T² factor. The norm acts as a temperature: it is detached (no gradient through it). ``reduction`` over the
+    samples: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (/ (N·C)) or ``"none"`` [N]. ``student_features``
+    ``[N, ...]`` (flattened per sample). The teacher is used as given (detach it for offline distillation).
+    """
+    check = Checks("feature_normalized_kd_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    check.features("student_features", student_features)
+    if student_features.shape[0] != student_logits.shape[0]:
+        check.value_error("student_features", f"must have the same batch size as student_logits "
+                          f"{tuple(student_logits.shape)}", f"shape {tuple(student_features.shape)}")
+    check.same_device("student_features", student_features, "student_logits", student_logits)
+    tau = check.real("tau", tau, positive=True)
+    reduction = check.reduction(reduction)
+    student = accumulate(student_logits)
+    teacher = accumulate(teacher_logits).to(student.dtype)
+    norms = student_features.detach().to(student.dtype).flatten(1).norm(dim=1, keepdim=True)
+    scale = tau / norms.clamp_min(torch.finfo(student.dtype).tiny)
+    log_p_s = F.log_softmax(student * scale, dim=-1)
+    log_p_t = F.log_softmax(teacher * scale, dim=-1)
+    rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return reduce_rows(rows, reduction, elements=student.shape[-1])

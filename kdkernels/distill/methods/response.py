@@ -151,6 +151,29 @@ def atkd(setup: Setup, base: str = "kd", temperature: float = 2.0, kd_weight: fl
     return offline("atkd", setup, [CrossEntropyTerm("student", ce_weight), distill])
 
 
+# -------------------------------------------------------------------------------------------------------- FN-KD
+
+@register("fn-kd", category="response",
+          paper="Xu, Rui, Li, Gu. Feature Normalized Knowledge Distillation for Image Classification. ECCV 2020",
+          approximation="no official code found: the per-sample temperature ‖f_s‖₂/τ, the KL without T², the "
+                        "detached norm and the defaults (τ 1, weights 1) are our reading of the paper, unconfirmed")
+def fn_kd(setup: Setup, tau: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 1.0,
+          student_layer: str | None = None) -> Recipe:
+    """FN-KD: ``ce·CE + kd·mean_i KL(softmax(z^t_i/T_i) ‖ softmax(z^s_i/T_i))`` with ``T_i = ‖f_i‖₂/τ``, f_i the
+    student's penultimate feature (``kd_points.embedding``, the classifier's input),
+    :func:`kdkernels.feature_normalized_kd_loss`.
+
+    Provenance: the paper (Xu et al., ECCV 2020) replaces KD's one temperature by a sample-specific factor, the L2
+    norm of the penultimate feature; no official code was found, so the exact scaling τ, the absence of T² and the
+    weights are our choices (flagged as an approximation).
+    """
+    setup.require_teacher("fn-kd")
+    feature_tap = student_layer or feature_points(setup.student).embedding
+    distill = FunctionTerm("fn-kd", kdkernels.feature_normalized_kd_loss,
+                           ("student", "teacher", f"student:{feature_tap}"), kd_weight, tau=tau)
+    return offline("fn-kd", setup, [CrossEntropyTerm("student", ce_weight), distill])
+
+
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD
 
 @register("nkd", category="response",
