@@ -72,6 +72,7 @@ INPUTS = {
     "ab_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(seed=2)},
     "ft_loss": lambda: {"student_factor": _maps(seed=1), "teacher_factor": _maps(seed=2)},
     "cwd_loss": lambda: {"student_map": _maps(seed=1), "teacher_map": _maps(seed=2)},
+    "cd_loss": lambda: {"student_features": _maps(seed=1), "teacher_features": _maps(seed=2)},
     "darkrank_loss": lambda: _features_pair(),
     "ensemble_kd_loss": lambda: {"student_logits": _randn(B, C, seed=1),
                                  "teacher_logits": [_randn(B, C, seed=2), _randn(B, C, seed=3)]},

@@ -352,3 +352,67 @@ def test_cwd_bad_configuration_names_the_argument():
         first_step(build_recipe("cwd", digits_setup(), temperature=-1.0))
     with pytest.raises(ValueError, match=r"compares \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
         first_step(build_recipe("cwd", digits_setup(student="student-mlp")))
+
+
+# ------------------------------------------------------------------------------------------------------------- CD
+
+def official_cd_step(values, connectors, batch, epoch, epochs):
+    """cifar_config.py with adjust_loss_alpha (lrdv2) on the run's length, written out in float64: CE and GKD off
+    while epoch ≤ 0.3·epochs; CD (6·0.9^k, k milestones 0.3 and 0.8 reached) = Σ_stages MSE of the pooled channels."""
+    keys = ("stage1", "stage2", "stage3")
+    with torch.no_grad():
+        students = [connector(values[f"student:{key}"]).double() for connector, key in zip(connectors, keys)]
+    teachers = [values[f"teacher:{key}"].double() for key in keys]
+    cd = sum(((s.mean((2, 3)) - t.mean((2, 3))) ** 2).mean() for s, t in zip(students, teachers))
+    exponent = (epoch >= 0.3 * epochs) + (epoch >= 0.8 * epochs)
+    delayed = 0.0 if epoch <= 0.3 * epochs else 1.0
+    student, teacher, labels = values["student"].double(), values["teacher"].double(), batch["target"]
+    mask = teacher.argmax(1) == labels
+    p_t, log_p_s = F.softmax(teacher, 1), F.log_softmax(student, 1)
+    gkd = (p_t * (p_t.log() - log_p_s))[mask].sum() / mask.sum()
+    return {"cd": 6.0 * 0.9 ** exponent * cd, "gkd": delayed * 0.1 * gkd,
+            "ce_student": delayed * F.cross_entropy(student, labels)}
+
+
+@pytest.mark.parametrize("epoch", [1, 3, 8, 24], ids=["edt-off-phase", "edt-ce-on", "edt-decay-1", "edt-decay-2"])
+def test_cd_step_is_the_official_cd_gkd_edt(epoch):
+    distiller, batch, values, _ = first_step(build_recipe("cd", digits_setup()))
+    output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=30, batch=batch))
+    cd = term(distiller, "cd")
+    assert cd.reads == ("student:stage1", "student:stage2", "student:stage3",
+                        "teacher:stage1", "teacher:stage2", "teacher:stage3")
+    assert all(isinstance(c[0], torch.nn.Conv2d) and isinstance(c[2], torch.nn.ReLU) for c in cd.connectors)
+    expected = official_cd_step(values, cd.connectors, batch, epoch, 30)
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value, rtol=1e-5, atol=1e-8)
+
+
+def test_cd_trains_and_takes_the_imagenet_preset_and_no_edt():
+    run_steps(build_recipe("cd", digits_setup()))
+    distiller, batch, values, _ = first_step(build_recipe("cd", digits_setup(), "imagenet", edt=False))
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=30, batch=batch))
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+    guided = torch.where(values["teacher"].argmax(1) == batch["target"], batch["target"], -100)
+    close(output.terms["gkd"], kdkernels.kd_loss(values["student"], values["teacher"], 1.0, labels=guided))
+    connected = [c(values[f"student:stage{i}"]) for i, c in enumerate(term(distiller, "cd").connectors, 1)]
+    close(output.terms["cd"], 6.0 * kdkernels.cd_loss(connected, [values[f"teacher:stage{i}"] for i in (1, 2, 3)]))
+
+
+def make_cd(seed=0):
+    return build_recipe("cd", digits_setup(seed=seed))
+
+
+def test_cd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_cd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_cd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("cd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"cd pairs the stages one to one, got 1 student and 3 teacher"):
+        build_recipe("cd", digits_setup(), student_layers="stage3")
+    with pytest.raises(ValueError, match=r"cd: edt_milestones must be increasing fractions"):
+        build_recipe("cd", digits_setup(), edt_milestones=(0.8, 0.3))
+    with pytest.raises(ValueError, match=r"term 'cd' pools \[B, C, H, W\] maps.*student:hidden1"):
+        first_step(build_recipe("cd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))

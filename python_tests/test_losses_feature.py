@@ -287,3 +287,54 @@ CWD_MAP = torch.randn(2, 3, 4, 4)
 def test_cwd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------------ CD
+
+def official_cd(stu_features, tea_features):
+    """zhouzaida/channel-distillation ``losses/cd_loss.py`` ``CDLoss``: per stage the MSE of the spatial means."""
+    loss = 0.
+    for s, t in zip(stu_features, tea_features):
+        s = s.mean(dim=(2, 3), keepdim=False)
+        t = t.mean(dim=(2, 3), keepdim=False)
+        loss += torch.mean(torch.pow(s - t, 2))
+    return loss
+
+
+def test_cd_is_the_official_channel_distillation_loss_over_stages():
+    students = [randn(4, 3, 8, 8, seed=1, grad=True), randn(4, 6, 4, 4, seed=2, scale=2.0, grad=True)]
+    teachers = [randn(4, 3, 4, 4, seed=3, grad=True), randn(4, 6, 2, 2, seed=4, scale=3.0, grad=True)]
+    assert_equals_official(lambda *maps: kdkernels.cd_loss(list(maps[:2]), list(maps[2:])),
+                           lambda *maps: official_cd(maps[:2], maps[2:]), *students, *teachers, what="cd")
+    assert_equals_official(lambda s, t: kdkernels.cd_loss(s, t), lambda s, t: official_cd([s], [t]),
+                           students[1], teachers[1], what="cd one stage")
+
+
+def test_cd_reductions():
+    student, teacher = randn(3, 4, 2, 2, seed=5), randn(3, 4, 3, 3, seed=6)
+    rows = kdkernels.cd_loss(student, teacher, reduction="none")
+    assert rows.shape == (3,)
+    torch.testing.assert_close(kdkernels.cd_loss(student, teacher), rows.sum() / 12, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.cd_loss(student, teacher, reduction="batchmean"), rows.sum() / 3,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.cd_loss([student, student], [teacher, teacher], reduction="sum"),
+                               2 * rows.sum(), rtol=1e-12, atol=0)
+
+
+CD_MAP = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.cd_loss(CD_MAP, torch.randn(2, 5, 4, 4)), ValueError,
+     r"^cd_loss: student_features must have the channels of teacher_features \(2, 5, 4, 4\) \(use a connector"),
+    (lambda: kdkernels.cd_loss([CD_MAP, CD_MAP], [CD_MAP]), ValueError,
+     r"^cd_loss: teacher_features must hold one map per student map \(2\)"),
+    (lambda: kdkernels.cd_loss([CD_MAP], [torch.randn(3, 3, 4, 4)]), ValueError,
+     r"^cd_loss: teacher_features\[0\] must have the same batch size as student_features\[0\]"),
+    (lambda: kdkernels.cd_loss(torch.randn(2, 3), torch.randn(2, 3)), ValueError,
+     r"^cd_loss: student_features must have 4 dims"),
+    (lambda: kdkernels.cd_loss(CD_MAP, CD_MAP, reduction="avg"), ValueError, r"^cd_loss: reduction must be one of"),
+])
+def test_cd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -74,6 +74,13 @@ def cwd_connector(student_channels: int, teacher_channels: int) -> nn.Module:
                          nn.BatchNorm2d(teacher_channels), nn.ReLU())
 
 
+def cd_connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    """zhouzaida/channel-distillation ``models/channel_distillation.py`` (``conv1x1_bn``): conv 1×1 (no bias), batch
+    norm, ReLU, default init; applied to every student stage, equal channel counts included (as the official code)."""
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False),
+                         nn.BatchNorm2d(teacher_channels), nn.ReLU())
+
+
 class VIDRegressor(nn.Module):
     """VID's mean regressor and learned variance (RepDistiller ``VIDLoss``): conv1×1–ReLU–conv1×1–ReLU–conv1×1 (no
     bias, mid = teacher channels) and ``log_scale`` [C_t], a registered parameter initialised so that

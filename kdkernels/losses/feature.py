@@ -11,7 +11,8 @@ defaulting to the official one.
 * :func:`fitnet_loss` — FitNet hint MSE;            * :func:`nst_loss` — NST polynomial-kernel MMD;
 * :func:`fsp_loss` — FSP (flow) matrices;            * :func:`ofd_margins` / :func:`ofd_loss` — OFD;
 * :func:`vid_loss` — VID Gaussian NLL;               * :func:`ab_loss` — AB alternative L2;
-* :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes.
+* :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes;
+* :func:`cd_loss` — channel distillation (MSE of pooled channels).
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -221,3 +222,38 @@ def cwd_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, temperature: 
     log_p_t = F.log_softmax(teacher / temperature, dim=-1)
     channel_terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temperature ** 2
     return reduce_rows(channel_terms.sum(dim=1), reduction, elements=channel_terms.shape[1])
+
+
+def cd_loss(student_features, teacher_features, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Channel distillation (Zhou, Zhou, Zheng, "Channel Distillation: Channel-Wise Attention for Knowledge
+    Distillation", 2020), as zhouzaida/channel-distillation ``losses/cd_loss.py`` (``CDLoss``): each map's channel
+    attention is its global average pool, and the squared distances are summed over the stages::
+
+        a_c = mean_{h,w} f_{c,h,w},    loss = Σ_stages Σ_{n,c} (a^s_nc − a^t_nc)² / (N·C_stage)
+
+    ``student_features`` / ``teacher_features``: one map ``[N, C, H, W]`` or a list of them, stage by stage, each
+    student map with its teacher's channel count (map the student's channels with a connector first); the spatial
+    sizes may differ. ``reduction`` per stage over the N·C terms: ``"mean"`` (the official), ``"batchmean"`` (/ N),
+    ``"sum"`` or ``"none"`` (per sample [N], summed over channels and stages). The teacher is used as given.
+    """
+    check = Checks("cd_loss")
+    single = isinstance(student_features, torch.Tensor) and isinstance(teacher_features, torch.Tensor)
+    students = [student_features] if single else check.tensor_list("student_features", student_features)
+    teachers = [teacher_features] if single else check.tensor_list("teacher_features", teacher_features)
+    if len(students) != len(teachers):
+        check.value_error("teacher_features", f"must hold one map per student map ({len(students)})",
+                          f"{len(teachers)} maps")
+    reduction = check.reduction(reduction)
+    total = None
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        suffix = "" if single else f"[{index}]"
+        _check_pair(check, f"student_features{suffix}", student, f"teacher_features{suffix}", teacher)
+        if student.shape[1] != teacher.shape[1]:
+            check.value_error(f"student_features{suffix}", f"must have the channels of teacher_features{suffix} "
+                              f"{tuple(teacher.shape)}{_CONNECTOR_HINT}", f"shape {tuple(student.shape)}")
+        attention_s = accumulate(student).mean(dim=(2, 3))
+        attention_t = accumulate(teacher).to(attention_s.dtype).mean(dim=(2, 3))
+        rows = (attention_s - attention_t).pow(2).sum(dim=1)
+        stage = reduce_rows(rows, reduction, elements=attention_s.shape[1])
+        total = stage if total is None else total + stage
+    return total

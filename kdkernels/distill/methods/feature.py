@@ -14,13 +14,13 @@ from torch import nn
 
 import kdkernels
 from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
-                                          cwd_connector, ofd_connector, output_channels)
+                                          cd_connector, cwd_connector, ofd_connector, output_channels)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
-from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
 from kdkernels.losses._common import pool_to_smaller
 from kdkernels.losses.contrastive import sample_other_class_indices
 from kdkernels.nn import CRDLoss
@@ -250,6 +250,113 @@ def cwd(setup: Setup, weight: float = 3.0, temperature: float = 4.0, ce_weight: 
     teacher_tap = teacher_layer or stage_tap("cwd", teacher, -1, "teacher_layer")
     term = ChannelWiseTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, temperature)
     return offline("cwd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
+
+
+# ------------------------------------------------------------------------------------------------------------- CD
+
+class EarlyDecayTeacher:
+    """The official "early decay teacher" (``utils/util.py`` ``adjust_loss_alpha``, ``lrdv2``) on the run's length:
+    a factor ``decay^k``, k the number of ``milestones`` (fractions of the epochs) reached (``epoch ≥ m·epochs``);
+    ``delayed`` terms (CE and guided KD in the official code) are 0 while ``epoch ≤ milestones[0]·epochs``."""
+
+    def __init__(self, milestones: Sequence[float], decay: float, delayed: bool):
+        milestones = [float(m) for m in milestones]
+        if not milestones or any(not 0 < m <= 1 for m in milestones) or milestones != sorted(milestones):
+            raise ValueError(f"cd: edt_milestones must be increasing fractions of the epochs in (0, 1], got "
+                             f"{milestones!r}")
+        self.milestones, self.decay, self.delayed = milestones, float(decay), delayed
+
+    def __call__(self, context: StepContext) -> float:
+        if self.delayed and context.epoch <= self.milestones[0] * context.epochs:
+            return 0.0
+        return self.decay ** sum(context.epoch >= m * context.epochs for m in self.milestones)
+
+
+class ScheduledCrossEntropyTerm(CrossEntropyTerm):
+    """CE on the student's logits, its weight times an :class:`EarlyDecayTeacher` factor (when given)."""
+
+    def __init__(self, weight: float, schedule: EarlyDecayTeacher | None):
+        super().__init__("student", weight)
+        self.schedule = schedule
+
+    def weight_at(self, context):
+        return self.weight * (self.schedule(context) if self.schedule else 1.0)
+
+
+class GuidedKDTerm(Term):
+    """Guided KD (official ``KDLossv2``): KD at T only on the samples whose teacher argmax is the label,
+    ``T²·Σ_{i correct} KL(p_t,i ‖ p_s,i) / #correct`` (0 when none), through ``kd_loss(labels=…)``."""
+
+    def __init__(self, weight: float, temperature: float, schedule: EarlyDecayTeacher | None):
+        super().__init__("gkd", ("student", "teacher", "target"), weight)
+        self.temperature, self.schedule = temperature, schedule
+
+    def loss(self, student, teacher, target, context):
+        guided = torch.where(teacher.argmax(dim=1) == target, target, torch.full_like(target, -100))
+        return kdkernels.kd_loss(student, teacher, self.temperature, labels=guided, ignore_index=-100)
+
+    def weight_at(self, context):
+        return self.weight * (self.schedule(context) if self.schedule else 1.0)
+
+
+class ChannelDistillationTerm(StageTerm):
+    """CD over the stage pairs: ``cd_loss([conn_i(s_i)], [t_i])``, every student stage through the official
+    conv 1×1 + BN + ReLU connector (:func:`~kdkernels.distill.connectors.cd_connector`)."""
+
+    def __init__(self, student_keys, teacher_keys, weight: float, schedule: EarlyDecayTeacher | None):
+        super().__init__("cd", student_keys, teacher_keys, weight)
+        self.schedule = schedule
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4:
+            raise ValueError(f"term 'cd' pools [B, C, H, W] maps, got {self.reads[index]} {tuple(student.shape)} "
+                             f"and {self.reads[self.num_stages + index]} {tuple(teacher.shape)}: pass "
+                             f"student_layers / teacher_layers naming such maps")
+        return cd_connector(student.shape[1], teacher.shape[1])
+
+    def stage_loss(self, index, student, teacher):
+        return kdkernels.cd_loss(student, teacher)
+
+    def weight_at(self, context):
+        return self.weight * (self.schedule(context) if self.schedule else 1.0)
+
+
+CD_PRESETS = {"imagenet": {"gkd_weight": 1.0, "edt_milestones": (0.3, 0.6, 0.9)}}
+
+
+@register("cd", category="feature",
+          paper="Zhou, Zhou, Zheng. Channel Distillation: Channel-Wise Attention for Knowledge Distillation. 2020",
+          approximation="the early-decay-teacher milestones are the official epochs (CIFAR 60/160 of 200) taken as "
+                        "fractions of the run, so that a short run keeps the schedule's shape",
+          presets=CD_PRESETS)
+def cd(setup: Setup, weight: float = 6.0, gkd_weight: float = 0.1, gkd_temperature: float = 1.0,
+       ce_weight: float = 1.0, edt: bool = True, edt_decay: float = 0.9,
+       edt_milestones: Sequence[float] = (0.3, 0.8), student_layers: Sequence[str] | None = None,
+       teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """CD + GKD + EDT: ``ce·δ·CE + gkd·δ·GKD_T + weight·decay^k·Σ_stages mean_{n,c}(GAP(conn(f_s)) − GAP(f_t))²``
+    (:func:`kdkernels.cd_loss`), GKD the KD (T 1) of the samples the teacher classifies right; with ``edt`` δ is 0
+    until the first milestone and k counts the milestones reached (fractions of the epochs), else δ 1, k 0.
+
+    Provenance: zhouzaida/channel-distillation @2464d30: ``losses/cd_loss.py`` (``CDLoss``), ``losses/kd_loss.py``
+    (``KDLossv2``), ``models/channel_distillation.py`` (``conv1x1_bn`` on every student stage), ``utils/util.py``
+    (``adjust_loss_alpha``) and ``cifar_config.py`` (CE 1, GKD 0.1 at T 1, CD 6 with factor 0.9, ``lrdv2``: CE and
+    GKD off for epochs ≤ 60, CD ×0.9 from epoch 60 and ×0.81 from 160, of 200). Preset ``imagenet``
+    (``imagenet_config.py``: GKD 1; milestones every 30 of 100 epochs). Taps: every ``kd_points`` stage.
+    """
+    teacher = setup.require_teacher("cd")
+    student_taps = stage_taps(setup.student, student_layers)
+    teacher_taps = stage_taps(teacher, teacher_layers)
+    if len(student_taps) != len(teacher_taps):
+        raise ValueError(f"cd pairs the stages one to one, got {len(student_taps)} student and {len(teacher_taps)} "
+                         f"teacher stages: pass student_layers / teacher_layers of one length")
+    delayed = EarlyDecayTeacher(edt_milestones, 1.0, delayed=True) if edt else None
+    decayed = EarlyDecayTeacher(edt_milestones, edt_decay, delayed=False) if edt else None
+    terms: list[Term] = [ScheduledCrossEntropyTerm(ce_weight, delayed),
+                         ChannelDistillationTerm(tapped("student", student_taps), tapped("teacher", teacher_taps),
+                                                 weight, decayed)]
+    if gkd_weight > 0:
+        terms.insert(1, GuidedKDTerm(gkd_weight, gkd_temperature, delayed))
+    return offline("cd", setup, terms)
 
 
 # ------------------------------------------------------------------------------------------------------------ VID
