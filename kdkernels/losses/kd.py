@@ -27,7 +27,7 @@ import torch
 from kdkernels import backends
 from kdkernels._validation import Checks, Reduction
 from kdkernels.losses._common import as_rows, reduce_rows
-from kdkernels.losses._log_space import kl_from_log_probs
+from kdkernels.losses._log_space import kl_from_log_probs, topk_teacher_kl
 from kdkernels.ops.logsoftmax_gather import logsoftmax_gather
 from kdkernels.ops.softmax_kl import softmax_jsd_rows, softmax_kl_rows
 
@@ -57,27 +57,11 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
-def _log_tail(log_probs: torch.Tensor, floor: float) -> torch.Tensor:
-    """log(1 - sum exp(log_probs)) over the last dim, with the mass clamped below at ``floor`` (0 allowed)."""
-    mass = -torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp_max(0.0))
-    return mass.clamp_min(floor).log()
-
-
 def topk_kl_rows(student: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor,
                  temperature: float, convention: str, backend: str) -> torch.Tensor:
     """Per-row KL of 2-D student logits [N, V] against a top-k teacher [N, k] -> [N] (see the module docstring)."""
     log_p_student = logsoftmax_gather(student, topk_indices, temperature, backend)
-    teacher = topk_logprobs.to(log_p_student.dtype)
-    if convention == "renormalize":
-        scaled = teacher / temperature
-        empty = torch.isneginf(scaled).all(dim=-1, keepdim=True)
-        scaled = torch.where(empty, torch.zeros_like(scaled), scaled)
-        log_q = torch.where(empty, torch.full_like(scaled, float("-inf")), torch.log_softmax(scaled, dim=-1))
-        return kl_from_log_probs(log_q, log_p_student)
-    log_q = torch.cat((teacher, _log_tail(teacher, 0.0).unsqueeze(-1)), dim=-1)
-    tiny = torch.finfo(log_p_student.dtype).tiny
-    log_p = torch.cat((log_p_student, _log_tail(log_p_student, tiny).unsqueeze(-1)), dim=-1)
-    return kl_from_log_probs(log_q, log_p)
+    return topk_teacher_kl(log_p_student, topk_logprobs, temperature, convention)
 
 
 def _check_topk_teacher(check: Checks, student_logits: torch.Tensor, teacher_logits, logprobs, indices) -> None:

@@ -39,6 +39,7 @@ import math
 import torch
 
 from kdkernels._validation import accumulation_dtype
+from kdkernels.losses._log_space import kl_from_log_probs, topk_teacher_kl
 
 
 def soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -61,15 +62,6 @@ def log_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
 
 
-def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``sum p (log p - log q)`` over the last dim; a term whose ``p`` is 0 (or underflows) is exactly 0, backward too."""
-    p = log_p.exp()
-    present = p > 0
-    zero = torch.zeros_like(p)
-    ratio = torch.where(present, log_p, zero) - torch.where(present, log_q, zero)
-    return torch.where(present, p * ratio, zero).sum(dim=-1)
-
-
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
     """``log(weight p + (1 - weight) q)`` by ``logaddexp``, for 0 < weight < 1; where both are 0 the result is an
     (unused) 0 with a NaN-free backward."""
@@ -85,8 +77,8 @@ def kl_to_mixture_rows(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) 
     if weight == 1.0:
         return torch.zeros(log_p.shape[:-1], dtype=log_p.dtype, device=log_p.device)
     if weight == 0.0:
-        return kl_rows(log_p, log_q)
-    return kl_rows(log_p, log_mixture(log_p, log_q, weight))
+        return kl_from_log_probs(log_p, log_q)
+    return kl_from_log_probs(log_p, log_mixture(log_p, log_q, weight))
 
 
 def divergence_rows(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, divergence: str, beta: float,
@@ -94,12 +86,12 @@ def divergence_rows(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, di
     """Per-row divergence between two [N, V] log-probability tensors (see the module docstring)."""
     student, teacher = log_p_student, log_p_teacher
     if divergence == "forward" or (divergence == "jsd" and beta == 0.0):
-        return kl_rows(teacher, student)
+        return kl_from_log_probs(teacher, student)
     if divergence == "reverse" or (divergence == "jsd" and beta == 1.0):
-        return kl_rows(student, teacher)
+        return kl_from_log_probs(student, teacher)
     if divergence == "jsd":
         log_m = log_mixture(teacher, student, beta)
-        return beta * kl_rows(teacher, log_m) + (1.0 - beta) * kl_rows(student, log_m)
+        return beta * kl_from_log_probs(teacher, log_m) + (1.0 - beta) * kl_from_log_probs(student, log_m)
     if divergence == "skew_forward":
         return kl_to_mixture_rows(teacher, student, skew_alpha)
     if divergence == "skew_reverse":
@@ -107,31 +99,14 @@ def divergence_rows(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, di
     if divergence == "tvd":
         return 0.5 * (teacher.exp() - student.exp()).abs().sum(dim=-1)
     if divergence == "symmetric":
-        return 0.5 * (kl_rows(teacher, student) + kl_rows(student, teacher))
+        return 0.5 * (kl_from_log_probs(teacher, student) + kl_from_log_probs(student, teacher))
     raise ValueError(f"unknown divergence {divergence!r}")
-
-
-def _log_tail(log_probs: torch.Tensor, floor: float) -> torch.Tensor:
-    """``log(1 - sum exp(log_probs))`` over the last dim, the mass clamped below at ``floor``."""
-    mass = -torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp_max(0.0))
-    return mass.clamp_min(floor).log()
 
 
 def topk_forward_kl_rows(log_p_student: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor,
                          temperature: float, convention: str) -> torch.Tensor:
     """Forward KL of the student's full-row log-probabilities [N, V] against a top-k teacher [N, k] -> [N]."""
-    gathered = log_p_student.gather(-1, topk_indices.long())
-    teacher = topk_logprobs.to(gathered.dtype)
-    if convention == "renormalize":
-        scaled = teacher / temperature
-        empty = torch.isneginf(scaled).all(dim=-1, keepdim=True)
-        scaled = torch.where(empty, torch.zeros_like(scaled), scaled)
-        log_q = torch.where(empty, torch.full_like(scaled, float("-inf")), torch.log_softmax(scaled, dim=-1))
-        return kl_rows(log_q, gathered)
-    log_q = torch.cat((teacher, _log_tail(teacher, 0.0).unsqueeze(-1)), dim=-1)
-    tiny = torch.finfo(gathered.dtype).tiny
-    log_p = torch.cat((gathered, _log_tail(gathered, tiny).unsqueeze(-1)), dim=-1)
-    return kl_rows(log_q, log_p)
+    return topk_teacher_kl(log_p_student.gather(-1, topk_indices.long()), topk_logprobs, temperature, convention)
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
