@@ -1,14 +1,17 @@
-"""linear_kd_loss (kdkernels/losses/linear_kd.py, on the reference kdkernels/reference/linear_kd.py) against the
-formula transcribed here with torch ops on materialised logits, in float64, value and every gradient; against
-kd_loss on the same logits; gradcheck; the flash-attention criterion for bf16 inputs; argument validation."""
+"""linear_kd_loss (kdkernels/losses/linear_kd.py) against the formula transcribed here with torch ops on materialised
+logits, in float64, value and every gradient; against kd_loss on the same logits; gradcheck; the flash-attention
+criterion for bf16 inputs; argument validation. Every test runs both algorithms: the token-chunked one (with tiles of
+two rows, so that every input spans several tiles) and the materialising reference."""
 import itertools
 import random
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kdkernels
+from kdkernels.losses import linear_kd_chunked
 from kd_testing import assert_close_to_reference
 
 TOKENS, H_STUDENT, H_TEACHER, VOCAB, PADDING, TOPK = 6, 5, 4, 11, 3, 4
@@ -123,8 +126,20 @@ def transcribed(inputs, *, temperature=1.0, divergence="forward", beta=0.5, skew
     return total if reduction == "sum" else total / (count if num_items is None else num_items)
 
 
+BACKEND = "auto"
+
+
+@pytest.fixture(autouse=True, params=["chunked", "reference"])
+def algorithm(request, monkeypatch):
+    """Runs the test with the token-chunked algorithm on tiles of two rows, then with the reference."""
+    global BACKEND
+    monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 2 * (VOCAB + PADDING))
+    monkeypatch.setattr(sys.modules[__name__], "BACKEND", "auto" if request.param == "chunked" else "reference")
+    return request.param
+
+
 def linear_kd(inputs, **options):
-    return kdkernels.linear_kd_loss(**inputs, **options)
+    return kdkernels.linear_kd_loss(**inputs, **{"backend": BACKEND, **options})
 
 
 def value_and_grads(fn, inputs, grad_names, **options):
@@ -346,7 +361,7 @@ def test_gradcheck():
         def function(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
             return kdkernels.linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
-                                            divergence=divergence, **options)
+                                            divergence=divergence, backend=BACKEND, **options)
         return function
 
     tensors = (randn(3, 3, seed=1), randn(5, 3, seed=2), randn(5, seed=3), randn(3, 2, seed=4),
@@ -360,7 +375,8 @@ def test_gradcheck():
 
     def topk(student_hidden, student_weight):
         return kdkernels.linear_kd_loss(student_hidden, student_weight, teacher_topk_logprobs=logprobs,
-                                        teacher_topk_indices=indices, temperature=2.0, labels=labels, hard_weight=1.0)
+                                        teacher_topk_indices=indices, temperature=2.0, labels=labels, hard_weight=1.0,
+                                        backend=BACKEND)
 
     logprobs, indices = F.log_softmax(randn(3, 5, seed=8), dim=-1).topk(2, dim=-1)
     assert torch.autograd.gradcheck(topk, tensors[:2])
@@ -447,10 +463,8 @@ BAD_INPUTS = [
     (_with(labels=None, hard_weight=0.5), ValueError, r"labels must be given when hard_weight > 0"),
     (_with(divergence="kl"), ValueError, r"divergence must be one of 'forward'"),
     (_with(reduction="mean"), ValueError, r"reduction must be one of 'batchmean', 'sum', 'none'"),
-    (_with(backend="fast"), ValueError, r"backend must be one of 'auto', 'reference', got 'fast'"),
-    (_with(backend="cpu"), ValueError, r"backend must be 'auto' or 'reference': the fused linear_kd kernels "
-                                       r"\(cpu, triton\) are not built yet.*got 'cpu'"),
-    (_with(backend="triton"), ValueError, r"backend must be 'auto' or 'reference': .*not built yet.*got 'triton'"),
+    (_with(backend="fast"), ValueError, r"backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference', got "
+                                        r"'fast'"),
     (_with(temperature=0.0), ValueError, r"temperature must be positive and finite, got 0.0"),
     (_with(temperature=-1.0), ValueError, r"temperature must be positive"),
     (_with(beta=1.5), ValueError, r"beta must be in \[0, 1\], got 1.5"),
@@ -483,3 +497,56 @@ def test_bad_input_raises_naming_the_argument(build, error, message):
     arguments = build(dense_inputs())
     with pytest.raises(error, match=rf"^linear_kd_loss: {message}"):
         kdkernels.linear_kd_loss(**arguments)
+
+
+# ------------------------------------------------------------------------------- the token-chunked algorithm itself
+
+def test_tiles_hold_few_rows_and_ignored_tokens_never_reach_a_gemm(monkeypatch, algorithm):
+    """Every logits tile has at most two rows (never the [N, V] logits) and only the counted tokens are projected,
+    in the forward and in the recomputing backward of reduction='none'. backend='reference' never tiles."""
+    projected = []
+    original = linear_kd_chunked._Side.logits
+
+    def recording(side, tile):
+        logits = original(side, tile)
+        projected.append(logits.shape[0])
+        return logits
+
+    monkeypatch.setattr(linear_kd_chunked._Side, "logits", recording)
+    inputs = dense_inputs(ignore="some", leading=(2, 5))
+    counted = int((inputs["labels"] != -100).sum())
+    for reduction, passes in (("batchmean", 1), ("none", 2)):
+        projected.clear()
+        value_and_grads(linear_kd, inputs, ["student_hidden", "teacher_weight"], reduction=reduction)
+        if algorithm == "reference":
+            assert projected == []
+        else:
+            assert max(projected) <= 2 and sum(projected) == 2 * passes * counted, (reduction, projected)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients(reduction):
+    """The chunked forward forms the gradients and the first backward scales them in place: a second backward
+    (retain_graph) must recompute them, not reuse the scaled buffers."""
+    inputs = dense_inputs(ignore="some")
+    leaves = {k: v.clone().requires_grad_(k in ("student_hidden", "teacher_weight")) if v.dtype.is_floating_point
+              else v for k, v in inputs.items()}
+    loss = linear_kd(leaves, reduction=reduction, divergence="jsd", beta=0.3)
+    upstream = torch.full_like(loss, 0.7)
+    first = torch.autograd.grad(loss, [leaves["student_hidden"], leaves["teacher_weight"]], upstream,
+                                retain_graph=True)
+    second = torch.autograd.grad(loss, [leaves["student_hidden"], leaves["teacher_weight"]], 2 * upstream)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(2 * a, b, rtol=1e-12, atol=0)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    inputs = {k: v.float() if v.dtype.is_floating_point else v for k, v in dense_inputs(ignore="some").items()}
+    names = ["student_hidden", "student_weight", "teacher_hidden"]
+    options = dict(divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.5, backend=BACKEND)
+    compiled = torch.compile(lambda leaves, **o: linear_kd(leaves, **o), fullgraph=True, dynamic=False)
+    eager, eager_grads = value_and_grads(linear_kd, inputs, names, **options)
+    ours, our_grads = value_and_grads(compiled, inputs, names, **options)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+    for name in names:
+        torch.testing.assert_close(our_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6)

@@ -2,30 +2,26 @@
 divergence LLM distillation uses, a dense or top-k teacher, an optional hard-label cross-entropy, token masking and
 gradient-accumulation-correct normalisation.
 
-This is the reference slice: the loss runs on ``kdkernels.reference.linear_kd``, which materialises the ``[N, V]``
-logits. The fused kernels (``cpu``, ``triton``), which never hold them, come next under the same signature.
+Two algorithms: the token-chunked one (:mod:`kdkernels.losses.linear_kd_chunked`), which never holds the ``[N, V]``
+logits, only a ``[chunk, V]`` tile per side, with the row math on the fused kernels of the chosen backend; and the
+reference (``backend="reference"``, :mod:`kdkernels.reference.linear_kd`), which materialises the logits and is the
+specification the other is tested against.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, get_args
 
 import torch
 
-from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, SampleReduction
+from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, SampleReduction, accumulation_dtype
+from kdkernels.losses import linear_kd_chunked as chunked
 from kdkernels.losses.kd import TOPK_CONVENTIONS, TopkConvention
 from kdkernels.reference import linear_kd as reference
 
 LinearDivergence = Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd", "symmetric"]
 LINEAR_DIVERGENCES = get_args(LinearDivergence)
-BACKENDS = ("auto", "reference")
-FUSED_BACKENDS = ("cpu", "cuda", "triton")
-
-
-def _check_backend(check: Checks, backend) -> str:
-    if isinstance(backend, str) and backend in FUSED_BACKENDS:
-        check.value_error("backend", "must be 'auto' or 'reference': the fused linear_kd kernels (cpu, triton) are "
-                          "not built yet, so 'auto' runs the reference", repr(backend))
-    return check.choice("backend", backend, BACKENDS)
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 def _check_projection(check: Checks, side: str, hidden, weight, bias, device: torch.device,
@@ -112,8 +108,11 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     ``z = hidden @ weight.T + bias``.
 
     The logits are formed in float32 (float64 when an input is float64), so bf16/fp16 inputs are never rounded
-    before the softmax; ``kdkernels.reference.linear_kd`` is the formula. In this release the loss runs on that
-    reference, which holds the ``[N, V]`` logits; the fused kernels that never do come under this signature.
+    before the softmax; ``kdkernels.reference.linear_kd`` is the formula. Every backend but ``"reference"`` runs
+    the token-chunked algorithm (:mod:`kdkernels.losses.linear_kd_chunked`): tokens labelled ``ignore_index`` are
+    dropped before the GEMMs (one host synchronisation to count them), and only ``[chunk, V]`` logits tiles exist,
+    never the ``[N, V]`` logits. Under ``torch.compile`` the reference formula is traced instead (the chunked
+    algorithm's data-dependent row count and per-tile autograd do not trace), so a compiled call holds the logits.
 
     Args:
         student_hidden: ``[N, H_s]`` or ``[B, T, H_s]`` final hidden states (flattened to tokens).
@@ -143,7 +142,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             before the temperature and the cross-entropy.
         num_items: the batchmean divisor (an int >= 1 or a 0-dim tensor): the counted tokens of the whole
             gradient-accumulation step, so that summing the micro-batches' losses gives the full batch's.
-        backend: ``"auto"`` or ``"reference"`` (the same in this release).
+        backend: the row kernels of the token-chunked algorithm, ``"auto"`` (the device's best), ``"cpu"``,
+            ``"cuda"`` or ``"triton"``; or ``"reference"``: the materialising reference.
 
     Gradients reach every input that requires grad (the teacher's too), in its dtype. The result is float32
     (float64 when an input is float64).
@@ -206,11 +206,19 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if bool(bad.any()):
             check.value_error("labels", f"must be in [0, {vocabulary}) or ignore_index ({ignore_index}) when "
                               "hard_weight > 0", f"{labels[bad][0].item()}")
-    _check_backend(check, backend)
+    backend = check.choice("backend", backend, BACKENDS)
 
     def tokens(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
 
+    if backend != "reference" and not torch.compiler.is_compiling():
+        options = chunked.Options(temperature, divergence, beta, skew_alpha, hard_weight, soft_weight, scale_by_t2,
+                                  logit_softcap, topk_convention, backend)
+        loss = _token_chunked(tokens(student_hidden), student_weight, student_bias, tokens(teacher_hidden),
+                              teacher_weight, teacher_bias, tokens(teacher_topk_logprobs),
+                              tokens(teacher_topk_indices), None if labels is None else labels.reshape(-1),
+                              ignore_index, options, reduction, num_items)
+        return loss.reshape(leading_shape) if reduction == "none" else loss
     rows, keep = reference.linear_kd_rows(
         tokens(student_hidden), student_weight, tokens(teacher_hidden), teacher_weight, student_bias=student_bias,
         teacher_bias=teacher_bias, teacher_topk_logprobs=tokens(teacher_topk_logprobs),
@@ -220,3 +228,41 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         scale_by_t2=scale_by_t2, logit_softcap=logit_softcap)
     loss = reference.reduce_tokens(rows, keep, reduction, num_items)
     return loss.reshape(leading_shape) if reduction == "none" else loss
+
+
+def _token_chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   topk_logprobs, topk_indices, labels, ignore_index: int, options, reduction: str, num_items):
+    """The token-chunked loss of 2-D inputs: ignored tokens dropped (a differentiable row gather), then
+    :class:`~kdkernels.losses.linear_kd_chunked.TokenChunkedLinearKD`; ``"none"`` scatters the rows back."""
+    floats = [t for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                          topk_logprobs) if t is not None]
+    dtype = accumulation_dtype(*floats)
+    probe = student_hidden.new_empty((0, student_weight.shape[0]), dtype=dtype)
+    options = dataclasses.replace(options, backend=chunked.row_backend(
+        options.backend, options.divergence, options.beta, topk_logprobs is not None, probe))
+    tokens = student_hidden.shape[0]
+    kept = None
+    if labels is not None:
+        kept = (labels != ignore_index).nonzero().squeeze(1)
+        if kept.numel() == tokens:
+            kept = None
+
+    def rows_of(tensor):
+        return tensor if tensor is None or kept is None else tensor.index_select(0, kept)
+
+    counted = tokens if kept is None else kept.numel()
+    if reduction == "none":
+        row_weight = None
+    elif reduction == "sum":
+        row_weight = torch.ones((), dtype=dtype, device=student_hidden.device)
+    elif num_items is not None:
+        row_weight = torch.as_tensor(num_items, device=student_hidden.device).to(dtype).reciprocal()
+    else:
+        row_weight = torch.full((), 1.0 / max(counted, 1), dtype=dtype, device=student_hidden.device)
+    result = chunked.TokenChunkedLinearKD.apply(
+        row_weight, options, student_weight.shape[0], dtype, rows_of(student_hidden), student_weight, student_bias,
+        rows_of(teacher_hidden), teacher_weight, teacher_bias, rows_of(topk_logprobs), rows_of(topk_indices),
+        rows_of(labels))
+    if reduction == "none" and kept is not None:
+        result = result.new_zeros(tokens).index_copy(0, kept, result)
+    return result
