@@ -397,6 +397,7 @@ def test_cd_trains_and_takes_the_imagenet_preset_and_no_edt():
     close(output.terms["gkd"], kdkernels.kd_loss(values["student"], values["teacher"], 1.0, labels=guided))
     connected = [c(values[f"student:stage{i}"]) for i, c in enumerate(term(distiller, "cd").connectors, 1)]
     close(output.terms["cd"], 6.0 * kdkernels.cd_loss(connected, [values[f"teacher:stage{i}"] for i in (1, 2, 3)]))
+    assert build_recipe("cd", digits_setup(), "no-edt").hyperparameters["edt"] is False
 
 
 def make_cd(seed=0):

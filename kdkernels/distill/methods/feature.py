@@ -321,7 +321,8 @@ class ChannelDistillationTerm(StageTerm):
         return self.weight * (self.schedule(context) if self.schedule else 1.0)
 
 
-CD_PRESETS = {"imagenet": {"gkd_weight": 1.0, "edt_milestones": (0.3, 0.6, 0.9)}}
+CD_PRESETS = {"imagenet": {"gkd_weight": 1.0, "edt_milestones": (0.3, 0.6, 0.9)},
+              "no-edt": {"edt": False}}   # the ablation: CE and GKD from the first epoch, CD undecayed
 
 
 @register("cd", category="feature",
@@ -341,7 +342,8 @@ def cd(setup: Setup, weight: float = 6.0, gkd_weight: float = 0.1, gkd_temperatu
     (``KDLossv2``), ``models/channel_distillation.py`` (``conv1x1_bn`` on every student stage), ``utils/util.py``
     (``adjust_loss_alpha``) and ``cifar_config.py`` (CE 1, GKD 0.1 at T 1, CD 6 with factor 0.9, ``lrdv2``: CE and
     GKD off for epochs ≤ 60, CD ×0.9 from epoch 60 and ×0.81 from 160, of 200). Preset ``imagenet``
-    (``imagenet_config.py``: GKD 1; milestones every 30 of 100 epochs). Taps: every ``kd_points`` stage.
+    (``imagenet_config.py``: GKD 1; milestones every 30 of 100 epochs); preset ``no-edt``: the ablation without the
+    early decay teacher. Taps: every ``kd_points`` stage.
     """
     teacher = setup.require_teacher("cd")
     student_taps = stage_taps(setup.student, student_layers)
