@@ -5,7 +5,7 @@ ContrastLoss) and torch.compile of it.
 Each test first runs once outside the timer and checks the loss and both embedding gradients against the eager
 formula in float64, then times ``loss.backward()`` with the normalisers already set (the steady state of training;
 the bank update is not timed: it is the same index_select / index_copy_ in both). ``extra_info`` records the peak
-extra memory of one step (kdkernels.bench.memory: RSS delta on CPU, max_memory_allocated on CUDA). Cases: the
+extra memory of one step (kdkernels._memory: RSS delta on CPU, max_memory_allocated on CUDA). Cases: the
 small case of every impl (B=64, K=4096, d=128, N=50000) and RepDistiller's CIFAR setting B=64, K=16384 (kdkernels
 and eager only: a cold torch.compile of it costs minutes on a 2-core CPU).
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import kdkernels
 from bench_testing import first_call
-from kdkernels.bench.memory import measure_peak_mb
+from kdkernels._memory import measure_peak_mb
 from kdkernels.reference.contrastive import eager_crd
 
 FEATURES, NUM_DATA = 128, 50000

@@ -6,6 +6,7 @@
     kdkernels sweep    several methods over several seeds, and their comparison table
     kdkernels info     how kdkernels was built, which CPU kernels are loaded, which backends can run here (and why not)
     kdkernels bench    forward+backward benchmarks of the losses vs eager and torch.compile (see kdkernels.bench)
+    kdkernels lm-demo  language-model distillation from hidden states (linear_kd_loss) on a tiny byte-level LM
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     distill_commands.add_parsers(commands)
     commands.add_parser("bench", help="benchmark the losses (run `kdkernels bench --help` for options)",
                         add_help=False)
+    commands.add_parser("lm-demo", help="LM distillation from hidden states on a tiny byte-level model (run "
+                        "`kdkernels lm-demo --help` for options)", add_help=False)
     return parser, commands
 
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from kdkernels import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["lm-demo"]:
+        from kdkernels.distill import lm_demo
+
+        return lm_demo.main(argv[1:])
     try:
         arguments = parse_with_config(parser, commands.choices.get(argv[0]) if argv else None, argv)
         return {"info": _info, **distill_commands.COMMANDS}[arguments.command](arguments)

@@ -8,7 +8,7 @@ import torch
 import kdkernels
 from kd_testing import FLOAT64_RTOL, assert_close_to_reference, assert_compiles_fullgraph, backend_params, \
     require_backend
-from kdkernels.bench.memory import cpu_peak_supported, measure_peak_mb
+from kdkernels._memory import cpu_peak_supported, measure_peak_mb
 from kdkernels.reference import pairwise as reference
 
 ALL_BACKENDS = backend_params() + ["reference"]

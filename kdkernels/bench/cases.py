@@ -12,7 +12,7 @@ import torch
 
 from kdkernels.bench.impls import (DTYPES, benched_loss, kdkernels_impls, make_inputs, make_loss_fn, resolved_backend,
                                    with_state)
-from kdkernels.bench.memory import measure_peak_mb
+from kdkernels._memory import measure_peak_mb
 from kdkernels.bench.report import fmt, short_error
 from kdkernels.bench.timing import QUANTILES, TIMING_ROUNDS, quantile, time_cpu, time_cuda
 

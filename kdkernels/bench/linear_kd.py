@@ -12,7 +12,7 @@ Implementations, run alternately in rounds so that a slowdown of a shared machin
   student's hidden-state and weight gradients), the time floor.
 
 Every implementation's loss and gradients are checked against the eager ones. Memory is the peak RSS growth of one
-call (``kdkernels.bench.memory``), reported with and without the returned gradients.
+call (``kdkernels._memory``), reported with and without the returned gradients.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import kdkernels
 from kdkernels._results import default_results_root, device_name, sanitize
-from kdkernels.bench.memory import CPU_MEMORY_METHOD, measure_peak_mb
+from kdkernels._memory import CPU_MEMORY_METHOD, measure_peak_mb
 
 IGNORED_SHARE = 0.1
 

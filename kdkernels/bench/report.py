@@ -14,7 +14,7 @@ import torch
 import kdkernels
 from kdkernels._results import cpu_model, device_name, sanitize, usable_cores
 from kdkernels.bench.impls import benched_loss
-from kdkernels.bench.memory import CUDA_MEMORY_METHOD, cpu_peak_supported
+from kdkernels._memory import CUDA_MEMORY_METHOD, cpu_peak_supported
 from kdkernels.bench.timing import QUANTILES, TIMING_ROUNDS
 
 SCHEMA_VERSION = 1
