@@ -423,7 +423,8 @@ class PADHintTerm(PADEmbeddingTerm):
 class PADTerm(PADEmbeddingTerm):
     """PAD's second stage: ``pad_l2_loss(conn(e_s), e_t, v(e_s))``, ``v`` the variance branch (torchdistill
     ``VarianceBranch4PAD.var_estimator``: ``Linear(D_s, D_t)`` + ``BatchNorm1d(D_t)`` on the student's embedding,
-    whose gradient reaches the student too), a submodule of the term."""
+    whose gradient reaches the student too), a submodule of the term. As there, the batch norm needs batches of at
+    least two samples in training (drop a last batch of one: ``drop_last``)."""
 
     def __init__(self, student_key, teacher_key, weight, connector, eps: float):
         super().__init__("pad", student_key, teacher_key, weight, connector)
