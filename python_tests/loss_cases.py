@@ -73,6 +73,8 @@ INPUTS = {
     "ft_loss": lambda: {"student_factor": _maps(seed=1), "teacher_factor": _maps(seed=2)},
     "cwd_loss": lambda: {"student_map": _maps(seed=1), "teacher_map": _maps(seed=2)},
     "cd_loss": lambda: {"student_features": _maps(seed=1), "teacher_features": _maps(seed=2)},
+    "pad_l2_loss": lambda: {"student_feature": _randn(B, 5, seed=1), "teacher_feature": _randn(B, 5, seed=2),
+                            "log_variance": _randn(B, 5, seed=3)},
     "darkrank_loss": lambda: _features_pair(),
     "ensemble_kd_loss": lambda: {"student_logits": _randn(B, C, seed=1),
                                  "teacher_logits": [_randn(B, C, seed=2), _randn(B, C, seed=3)]},

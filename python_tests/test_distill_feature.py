@@ -417,3 +417,91 @@ def test_cd_bad_configuration_names_the_argument():
         build_recipe("cd", digits_setup(), edt_milestones=(0.8, 0.3))
     with pytest.raises(ValueError, match=r"term 'cd' pools \[B, C, H, W\] maps.*student:hidden1"):
         first_step(build_recipe("cd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))
+
+
+# ------------------------------------------------------------------------------------------------------------ PAD
+
+def official_pad_stage2(e_s, e_t, linear_weight, linear_bias, bn_weight, bn_bias, connector=None, eps=1e-6):
+    """torchdistill ``VarianceBranch4PAD.var_estimator`` (Linear + BatchNorm1d in train mode: batch statistics, biased
+    variance, BN eps 1e-5) on the student's embedding, then ``PADL2Loss`` (mean), in float64; ``connector`` (W, b)
+    maps the student's embedding to the teacher's width when they differ (ours)."""
+    x = e_s @ linear_weight.T + linear_bias
+    log_variances = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5) * bn_weight + bn_bias
+    student = e_s if connector is None else e_s @ connector[0].T + connector[1]
+    return torch.mean(torch.mean((e_t - student) ** 2 / (eps + torch.exp(log_variances)) + log_variances, dim=1))
+
+
+def float64_leaf(tensor):
+    return tensor.detach().double().requires_grad_()
+
+
+def test_pad_first_stage_is_ce_plus_the_official_l2_of_the_embeddings():
+    recipe = build_recipe("pad", digits_setup())
+    assert [stage.name for stage in recipe.stages] == ["pad-l2", "pad"]
+    assert [stage.epochs_of(30) for stage in recipe.stages] == [15, 15]
+    distiller, batch, values, output = first_step(recipe, stage_index=0)
+    linear = distiller.models["pad_connector"].linear
+    assert (linear.in_features, linear.out_features) == (16, 128)
+    e_s, e_t = values["student:fc/input"].double(), values["teacher:fc/input"].double()
+    l2 = torch.nn.MSELoss()(e_s @ linear.weight.double().T + linear.bias.double(), e_t)
+    assert set(output.terms) == {"ce_student", "l2"}
+    torch.testing.assert_close(output.terms["l2"].double(), l2, rtol=1e-5, atol=1e-8)
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+
+
+@pytest.mark.parametrize("teacher", ["teacher-cnn", "student-cnn"], ids=["connector", "equal-widths"])
+def test_pad_second_stage_is_the_official_padl2_with_the_variance_branch(teacher):
+    recipe = build_recipe("pad", digits_setup(teacher=teacher), pad_weight=2.0)
+    distiller, batch, values, output = first_step(recipe, stage_index=-1)
+    assert distiller is recipe.stages[1].distiller
+    connector = distiller.models["pad_connector"]
+    assert (connector.linear is None) == (teacher == "student-cnn")
+    assert connector is recipe.stages[0].distiller.models["pad_connector"]
+    pad = term(distiller, "pad")
+    linear, bn = pad.variance_branch
+    assert (linear.in_features, linear.out_features) == (16, values["teacher:fc/input"].shape[1])
+    torch.nn.init.normal_(bn.weight)     # non-trivial BN affine parameters
+    torch.nn.init.normal_(bn.bias)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=1, batch=batch))
+    e_s = float64_leaf(values["student:fc/input"])
+    params = [p.double() for p in (linear.weight, linear.bias, bn.weight, bn.bias)]
+    mapped = None if connector.linear is None else (connector.linear.weight.double(), connector.linear.bias.double())
+    expected = 2.0 * official_pad_stage2(e_s, values["teacher:fc/input"].double(), *params, connector=mapped)
+    torch.testing.assert_close(output.terms["pad"].double(), expected.detach(), rtol=1e-5, atol=1e-8)
+    # the variance branch reads the student's embedding in the graph: the gradient takes both paths, as torchdistill
+    grad = torch.autograd.grad(output.term_losses["pad"], values["student:fc/input"])[0]
+    expected_grad = torch.autograd.grad(expected, e_s)[0]
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()))
+    assert set(output.terms) == {"ce_student", "pad"}
+
+
+def test_pad_trains_both_stages_and_can_skip_the_first():
+    history = run_steps(build_recipe("pad", digits_setup(), first_stage_share=0.25))
+    assert [set(row) for row in history] == [{"ce_student", "l2"}] * 3 + [{"ce_student", "pad"}] * 3
+    recipe = build_recipe("pad", digits_setup(), first_stage_share=0.25)
+    assert [stage.epochs_of(20) for stage in recipe.stages] == [5, 15]
+    single = build_recipe("pad", digits_setup(), first_stage_share=0.0)
+    assert [stage.name for stage in single.stages] == ["pad"] and single.stages[0].epochs_of(20) == 20
+    run_steps(single)
+
+
+def make_pad(seed=0):
+    return build_recipe("pad", digits_setup(seed=seed))
+
+
+def test_pad_resume_is_bit_exact_across_the_stage_boundary(tmp_path):
+    # 4 epochs: 2 of stage 1, 2 of stage 2; resumed at the stage boundary (the connector must come back from the
+    # checkpoint) and in the middle of stage 2 (the variance branch too)
+    assert_resume_is_exact(make_pad, dict(epochs=4, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(2, 1, 1))
+
+
+def test_pad_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("pad", digits_setup(teacher=None))
+    for share in (1.0, -0.1, "half"):
+        with pytest.raises(ValueError, match=r"pad: first_stage_share must be a share of the epochs in \[0, 1\)"):
+            build_recipe("pad", digits_setup(), first_stage_share=share)
+    with pytest.raises(ValueError, match=r"pad: eps must be a number ≥ 0, got -1.0"):
+        build_recipe("pad", digits_setup(), eps=-1.0)
+    with pytest.raises(ValueError, match=r"teacher \(DigitsCNN\) has no submodule 'nope'"):
+        build_recipe("pad", digits_setup(), teacher_layer="nope")

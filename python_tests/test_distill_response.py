@@ -4,6 +4,8 @@ formulas: test_losses_kd.py, test_losses_decoupled.py, test_losses_dist.py, test
 test_losses_soft_label.py)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,68 @@ def test_fn_kd_bad_configuration_names_the_argument():
         build_recipe("fn-kd", digits_setup(teacher=None))
     with pytest.raises(ValueError, match="tau must be positive"):
         first_step(build_recipe("fn-kd", digits_setup(), tau=0.0))
+
+
+# --------------------------------------------------------------------------------------------------------- SCKD
+
+def sckd_gradient_cosine(student_model, batch, teacher_logits, temperature=4.0):
+    """The paper's similarity, written out in float64 on a copy of the student: the cosine of the flattened gradients
+    of KD (T²·KL(p_t ‖ p_s), batchmean) and of CE with respect to every parameter of the student."""
+    model = copy.deepcopy(student_model).double().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(batch["input"].double())
+    p_t = F.softmax(teacher_logits.double() / temperature, dim=1)
+    kd = temperature ** 2 * (p_t * (p_t.log() - F.log_softmax(logits / temperature, dim=1))).sum(1).mean()
+    ce_loss = F.cross_entropy(logits, batch["target"])
+    g_kd = torch.cat([g.flatten() for g in torch.autograd.grad(kd, params, retain_graph=True)])
+    g_ce = torch.cat([g.flatten() for g in torch.autograd.grad(ce_loss, params)])
+    return (g_kd @ g_ce) / (g_kd.norm() * g_ce.norm())
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, 1.0], ids=["paper-phi-0", "always-on", "always-off"])
+def test_sckd_keeps_kd_only_when_its_gradient_agrees_with_ce(threshold):
+    recipe = build_recipe("sckd", digits_setup(), threshold=threshold)
+    distiller, batch, values, output = first_step(recipe)
+    student, teacher, labels = logits_of(values, batch)
+    gate = distiller.terms[1]
+    cosine = sckd_gradient_cosine(distiller.models["student"], batch, teacher)
+    torch.testing.assert_close(gate.last_cosine, cosine, rtol=1e-4, atol=1e-6)
+    assert -1.0 < float(cosine) < 1.0
+    kept = float(cosine) >= threshold
+    if threshold != 0.0:
+        assert kept == (threshold == -1.0)
+    close(output.terms["kd"], (0.9 if kept else 0.0) * kdkernels.kd_loss(student, teacher, 4.0))
+    close(output.terms["ce_student"], 0.1 * ce(student, labels))
+    params = [p for p in distiller.models["student"].parameters()]
+    grads = torch.autograd.grad(output.term_losses["kd"], params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads) == kept
+
+
+def test_sckd_trains_and_takes_the_imagenet_preset():
+    run_steps(build_recipe("sckd", digits_setup()))
+    distiller, batch, values, output = first_step(build_recipe("sckd", digits_setup(), "imagenet", threshold=-1.0))
+    student, teacher, labels = logits_of(values, batch)
+    close(output.terms["kd"], 0.5 * kdkernels.kd_loss(student, teacher, 1.0))
+    close(output.terms["ce_student"], 0.5 * ce(student, labels))
+    assert get_method("sckd").approximation.startswith("no official code found")
+
+
+def make_sckd(seed=0):
+    return build_recipe("sckd", digits_setup(seed=seed))
+
+
+def test_sckd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_sckd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_sckd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("sckd", digits_setup(teacher=None))
+    for threshold in (1.5, -2.0, "0"):
+        with pytest.raises(ValueError, match=r"sckd: threshold must be a cosine in \[-1, 1\]"):
+            build_recipe("sckd", digits_setup(), threshold=threshold)
+    with pytest.raises(ValueError, match="kd_loss: temperature must be positive"):
+        first_step(build_recipe("sckd", digits_setup(), temperature=-1.0))
 
 
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD

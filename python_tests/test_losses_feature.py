@@ -338,3 +338,68 @@ CD_MAP = torch.randn(2, 3, 4, 4)
 def test_cd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------------------------------------- PAD
+
+def official_pad_l2(student_embed_outputs, teacher_embed_outputs, log_variances, eps=1e-6, reduction="mean"):
+    """torchdistill ``losses/mid_level.py`` ``PADL2Loss.forward`` on the flattened embeddings."""
+    student_embed_outputs, teacher_embed_outputs = student_embed_outputs.flatten(1), teacher_embed_outputs.flatten(1)
+    squared_losses = torch.mean(
+        (teacher_embed_outputs - student_embed_outputs) ** 2 / (eps + torch.exp(log_variances.flatten(1)))
+        + log_variances.flatten(1), dim=1)
+    return squared_losses.mean() if reduction == "mean" else squared_losses.sum()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 1, 1)], ids=["embedding", "pooled-map"])
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_pad_l2_is_torchdistill_padl2loss(shape, eps):
+    student, teacher = pair(shape, shape, seed=40)
+    log_variance = randn(*shape, seed=42, scale=1.5, grad=True)
+    assert_equals_official(lambda s, t, v: kdkernels.pad_l2_loss(s, t, v, eps),
+                           lambda s, t, v: official_pad_l2(s, t, v, eps), student, teacher, log_variance, what="pad")
+    # torchdistill's reduction='sum' sums the per-sample means: our "mean" times B
+    torch.testing.assert_close(kdkernels.pad_l2_loss(student, teacher, log_variance, eps) * shape[0],
+                               official_pad_l2(student, teacher, log_variance, eps, reduction="sum"),
+                               rtol=1e-12, atol=0)
+
+
+def test_pad_l2_reductions_and_dtypes():
+    student, teacher, log_variance = randn(3, 4, seed=43), randn(3, 4, seed=44), randn(3, 4, seed=45)
+    rows = kdkernels.pad_l2_loss(student, teacher, log_variance, reduction="none")
+    expected_rows = ((teacher - student) ** 2 / (1e-6 + log_variance.exp()) + log_variance).sum(1)
+    torch.testing.assert_close(rows, expected_rows, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.pad_l2_loss(student, teacher, log_variance, reduction="batchmean"),
+                               rows.sum() / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.pad_l2_loss(student, teacher, log_variance, reduction="sum"), rows.sum(),
+                               rtol=1e-12, atol=0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.pad_l2_loss(student.to(dtype), teacher.to(dtype), log_variance.to(dtype))
+        assert low.dtype == torch.float32
+        exact = official_pad_l2(student.to(dtype).double(), teacher.to(dtype).double(),
+                                log_variance.to(dtype).double())
+        torch.testing.assert_close(low.double(), exact, rtol=1e-5, atol=1e-6)
+    mixed = kdkernels.pad_l2_loss(student.float(), teacher, log_variance.float())
+    assert mixed.dtype == torch.float64
+
+
+PAD_E = torch.randn(2, 3)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.pad_l2_loss(PAD_E, torch.randn(2, 4), PAD_E), ValueError,
+     r"^pad_l2_loss: student_feature must have the same shape as teacher_feature \(2, 4\) \(use a connector"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, PAD_E, torch.randn(2, 4)), ValueError,
+     r"^pad_l2_loss: log_variance must have the same shape as student_feature \(2, 3\)"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, torch.randn(3, 3), PAD_E), ValueError,
+     r"^pad_l2_loss: teacher_feature must have the same batch size as student_feature"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, PAD_E, PAD_E.long()), TypeError, r"^pad_l2_loss: log_variance must be"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, PAD_E, [1.0]), TypeError,
+     r"^pad_l2_loss: log_variance must be a torch.Tensor"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, PAD_E, PAD_E, eps=-1.0), ValueError, r"^pad_l2_loss: eps must be"),
+    (lambda: kdkernels.pad_l2_loss(PAD_E, PAD_E, PAD_E, reduction="avg"), ValueError,
+     r"^pad_l2_loss: reduction must be one of"),
+])
+def test_pad_l2_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

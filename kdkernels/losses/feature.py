@@ -12,7 +12,8 @@ defaulting to the official one.
 * :func:`fsp_loss` — FSP (flow) matrices;            * :func:`ofd_margins` / :func:`ofd_loss` — OFD;
 * :func:`vid_loss` — VID Gaussian NLL;               * :func:`ab_loss` — AB alternative L2;
 * :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes;
-* :func:`cd_loss` — channel distillation (MSE of pooled channels).
+* :func:`cd_loss` — channel distillation (MSE of pooled channels);
+* :func:`pad_l2_loss` — prime-aware adaptive distillation (L2 weighted by a predicted per-dimension variance).
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -257,3 +258,35 @@ def cd_loss(student_features, teacher_features, *, reduction: Reduction = "mean"
         stage = reduce_rows(rows, reduction, elements=attention_s.shape[1])
         total = stage if total is None else total + stage
     return total
+
+
+def pad_l2_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, log_variance: torch.Tensor,
+                eps: float = 1e-6, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Prime-aware adaptive distillation (Zhang, Lan, Dai, Zeng, Bai, Chang, Wei, "Prime-Aware Adaptive
+    Distillation", ECCV 2020) with the L2 loss, as torchdistill ``torchdistill/losses/mid_level.py`` (``PADL2Loss``):
+    the squared feature distance of each dimension is divided by a variance the student predicts for that sample and
+    dimension (its variance branch), and the predicted log-variance is added as a penalty::
+
+        loss = mean_{b,d} ( (t_bd − s_bd)² / (eps + exp(v_bd)) + v_bd ),    v = log_variance
+
+    Samples whose features the student cannot match ("non-prime" ones) learn a large variance and weigh less; the
+    penalty keeps the variances from growing without bound. ``student_feature`` / ``teacher_feature`` ``[B, ...]``
+    (flattened per sample, as the official ``.flatten(1)`` of the pooled embeddings) and ``log_variance`` of the
+    same shape; the gradient reaches the student feature and the log-variance (the teacher is used as given: detach
+    it). ``reduction`` over the B·D terms: ``"mean"`` (the official ``reduction='mean'``), ``"batchmean"`` (sum / B),
+    ``"sum"`` or ``"none"`` (per-sample sums [B]; torchdistill's ``reduction='sum'`` is ``"mean"`` times B).
+    """
+    check = Checks("pad_l2_loss")
+    _check_pair(check, "student_feature", student_feature, "teacher_feature", teacher_feature, dims=None,
+                same_shape=True)
+    check.features("log_variance", log_variance)
+    check.same_shape("log_variance", log_variance, "student_feature", student_feature)
+    check.same_device("log_variance", log_variance, "student_feature", student_feature)
+    eps = check.real("eps", eps, nonnegative=True)
+    reduction = check.reduction(reduction)
+    rows = [accumulate(value.reshape(value.shape[0], -1))
+            for value in (student_feature, teacher_feature, log_variance)]
+    dtype = torch.float64 if any(row.dtype == torch.float64 for row in rows) else torch.float32
+    student, teacher, log_var = (row.to(dtype) for row in rows)
+    terms = (teacher - student).pow(2) / (eps + log_var.exp()) + log_var
+    return reduce_elements(terms, reduction)

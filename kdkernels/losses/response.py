@@ -135,8 +135,12 @@ def bdkd_loss(learner_logits: torch.Tensor, target_logits: torch.Tensor, tempera
         loss = T² · mean_b ( w_b · KL(q ‖ p) + (1 − w_b) · KL(p ‖ q) )
 
     An over-confident learner (``H_p < H_q``) leans on the mode-covering forward KL, an under-confident one on the
-    mode-seeking reverse KL. The paper weights the two KLs per sample from the teacher/student entropy gap for both
-    networks; its exact rule could not be taken from a public source, so this weight is ours. Gradients reach the
+    mode-seeking reverse KL. The paper weights the two KLs per sample ("sample-wise weighting of forward and reverse
+    Kullback-Leibler divergence" on "both the student and teacher losses", arXiv v2 abstract; v1: "at the level of
+    the student distillation loss"), but its weighting rule could not be read: the page store returns the
+    beginning of the arXiv pages only (abstract, introduction), and no code was found (repository names with
+    bd-kd / bdkd, code, issue and page searches for the title, the authors and the balancing of forward and reverse
+    KL). So this weight is ours, not the paper's. Gradients reach the
     target too when it requires grad: detach it for the usual online-KD update. ``reduction`` over samples:
     ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over samples · C) or ``"none"``.
     """

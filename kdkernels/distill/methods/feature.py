@@ -361,6 +361,133 @@ def cd(setup: Setup, weight: float = 6.0, gkd_weight: float = 0.1, gkd_temperatu
     return offline("cd", setup, terms)
 
 
+# ------------------------------------------------------------------------------------------------------------ PAD
+
+class PADConnector(nn.Module):
+    """PAD's map of the student's embedding onto the teacher's width: none when the widths are equal (the official
+    ResNet-18 from ResNet-34 pair: 512 and 512), else a linear layer (ours). A model of both PAD stages (trained
+    with the student, checkpointed as a model so that it crosses the stage boundary); sized from the first
+    features (:meth:`size`), or from a checkpoint's weights when one is loaded first (a resumed run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear: nn.Linear | None = None
+
+    def size(self, student: torch.Tensor, teacher: torch.Tensor, term: str) -> None:
+        widths = (student.shape[1], teacher.shape[1])
+        if self.linear is None and widths[0] != widths[1]:
+            self.linear = nn.Linear(*widths).to(student.device)
+        elif self.linear is not None and (self.linear.in_features, self.linear.out_features) != widths:
+            raise ValueError(f"term {term!r}: the connector maps {self.linear.in_features} to "
+                             f"{self.linear.out_features} features, but the embeddings have {widths[0]} and "
+                             f"{widths[1]}")
+
+    def forward(self, student: torch.Tensor) -> torch.Tensor:
+        return student if self.linear is None else self.linear(student)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        weight = state_dict.get(prefix + "linear.weight")
+        if self.linear is None and weight is not None:
+            self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PADEmbeddingTerm(Term):
+    """A term on the flattened embeddings ``e_s`` [B, D_s] (through the shared :class:`PADConnector`) and ``e_t``
+    [B, D_t]; the connector is held by reference (it is a model of the distiller, not a submodule of the term)."""
+
+    def __init__(self, name: str, student_key: str, teacher_key: str, weight: float, connector: PADConnector):
+        super().__init__(name, (student_key, teacher_key), weight)
+        self._connector = [connector]
+
+    @property
+    def connector(self) -> PADConnector:
+        return self._connector[0]
+
+    def build(self, example):
+        student, teacher = (example[key].flatten(1) for key in self.reads)
+        self.connector.size(student, teacher, self.name)
+        self.build_own(student, teacher)
+        check_term(self, example, lambda: self.loss(*(example[key] for key in self.reads), context=None))
+
+    def build_own(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Creates the term's own modules (none here)."""
+
+
+class PADHintTerm(PADEmbeddingTerm):
+    """PAD's first stage (torchdistill ``pad/resnet18_from_resnet34.yaml`` ``stage1``, ``l2based``):
+    ``MSE(conn(e_s), e_t)``, the mean over B·D (:func:`kdkernels.fitnet_loss`)."""
+
+    def loss(self, student, teacher, *, context):
+        return kdkernels.fitnet_loss(self.connector(student.flatten(1)), teacher.flatten(1))
+
+
+class PADTerm(PADEmbeddingTerm):
+    """PAD's second stage: ``pad_l2_loss(conn(e_s), e_t, v(e_s))``, ``v`` the variance branch (torchdistill
+    ``VarianceBranch4PAD.var_estimator``: ``Linear(D_s, D_t)`` + ``BatchNorm1d(D_t)`` on the student's embedding,
+    whose gradient reaches the student too), a submodule of the term. As there, the batch norm needs batches of at
+    least two samples in training (drop a last batch of one: ``drop_last``)."""
+
+    def __init__(self, student_key, teacher_key, weight, connector, eps: float):
+        super().__init__("pad", student_key, teacher_key, weight, connector)
+        self.eps = eps
+        self.variance_branch: nn.Sequential | None = None
+
+    def build_own(self, student, teacher):
+        if self.variance_branch is None:
+            self.variance_branch = nn.Sequential(nn.Linear(student.shape[1], teacher.shape[1]),
+                                                 nn.BatchNorm1d(teacher.shape[1])).to(student.device)
+
+    def loss(self, student, teacher, *, context):
+        student = student.flatten(1)
+        return kdkernels.pad_l2_loss(self.connector(student), teacher.flatten(1), self.variance_branch(student),
+                                     self.eps)
+
+
+@register("pad", category="feature",
+          paper="Zhang, Lan, Dai, Zeng, Bai, Chang, Wei. Prime-Aware Adaptive Distillation. ECCV 2020",
+          approximation="a linear connector maps the student's embedding to the teacher's width when they differ "
+                        "(the official ResNet-18/34 pair has 512 and 512, and no connector)")
+def pad(setup: Setup, first_stage_share: float = 0.5, ce_weight: float = 1.0, l2_weight: float = 1.0,
+        pad_weight: float = 1.0, eps: float = 1e-6, student_layer: str | None = None,
+        teacher_layer: str | None = None) -> Recipe:
+    """PAD (L2): a first stage ``ce·CE + l2·MSE(conn(e_s), e_t)``, then ``ce·CE + pad·pad_l2_loss(conn(e_s), e_t,
+    v(e_s))`` with ``v`` the variance branch (``Linear`` + ``BatchNorm1d`` on the student's embedding, trained with
+    the student) predicting each sample's per-dimension log-variance (:func:`kdkernels.pad_l2_loss`); ``e`` the
+    pooled embeddings (``kd_points.embedding``, the classifier's input).
+
+    Provenance: yoshitomo-matsubara/torchdistill @3e4373c, ``torchdistill/losses/mid_level.py`` (``PADL2Loss``),
+    ``torchdistill/models/wrapper.py`` (``VarianceBranch4PAD``) and ``configs/sample/ilsvrc2012/pad/
+    resnet18_from_resnet34.yaml``: stage 1 (10 epochs) CE 1 + ``MSELoss`` 1 on the ``avgpool`` outputs, stage 2
+    (10 epochs) CE 1 + ``PADL2Loss`` 1 (eps 1e-6, mean) with a fresh variance branch; the official
+    ``rrpr2020/pad_l2-resnet18_from_resnet34.yaml`` starts stage 2 from such a first-stage (``ce_l2``) student.
+    ``first_stage_share`` is the first stage's share of the run's epochs (the sample config's 10 of 20: 0.5; each
+    stage at least one epoch); 0 skips it (a student already trained by a first stage: the rrpr2020 setup). The
+    connector (ours, only when the widths differ) is shared by both stages.
+    """
+    teacher = setup.require_teacher("pad")
+    if isinstance(first_stage_share, bool) or not isinstance(first_stage_share, (int, float)) \
+            or not 0.0 <= first_stage_share < 1.0:
+        raise ValueError(f"pad: first_stage_share must be a share of the epochs in [0, 1), got "
+                         f"{first_stage_share!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"pad: eps must be a number ≥ 0, got {eps!r}")
+    student_key = f"student:{student_layer or feature_points(setup.student).embedding}"
+    teacher_key = f"teacher:{teacher_layer or feature_points(teacher).embedding}"
+    connector = PADConnector()
+    models = {"student": setup.student, "teacher": teacher, "pad_connector": connector}
+    trainable = ("student", "pad_connector")
+    second = Distiller(models, [*response_terms(ce_weight),
+                                PADTerm(student_key, teacher_key, pad_weight, connector, float(eps))],
+                       trainable=trainable)
+    if first_stage_share == 0:
+        return Recipe("pad", [Stage("pad", second)])
+    first = Distiller(models, [*response_terms(ce_weight),
+                               PADHintTerm("l2", student_key, teacher_key, l2_weight, connector)], trainable=trainable)
+    return Recipe("pad", [Stage("pad-l2", first, epochs=float(first_stage_share)),
+                          Stage("pad", second, epochs=1.0 - float(first_stage_share))])
+
+
 # ------------------------------------------------------------------------------------------------------------ VID
 
 class VIDTerm(StageTerm):

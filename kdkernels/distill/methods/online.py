@@ -283,8 +283,9 @@ def sokd(setup: Setup, temperature: float = 4.0, ce_weight: float = 1.0, kd_weig
 # ---------------------------------------------------------------------------------------------------------- BD-KD
 
 BDKD_APPROXIMATION = ("approximation of Amara et al., BD-KD (arXiv:2212.12965): the paper's per-sample weighting "
-                      "rule is not public; each network mixes forward and reverse KL towards the other with the "
-                      "entropy weight w = H_target / (H_target + H_learner) (kdkernels.bdkd_loss)")
+                      "rule could not be read (no code found; only the beginning of the paper, abstract and "
+                      "introduction, was retrievable); each network mixes forward and reverse KL towards the other "
+                      "with the entropy weight w = H_target / (H_target + H_learner) (kdkernels.bdkd_loss)")
 
 
 @register("bd-kd", category="online",
@@ -297,10 +298,14 @@ def bd_kd(setup: Setup, temperature: float = 1.0, kd_weight: float = 1.0, ce_wei
     ``kdkernels.bdkd_loss`` is a per-sample entropy-weighted mix of forward and reverse KL.
 
     Approximation of arXiv:2212.12965: the paper balances forward and reverse KL per sample for both networks (the
-    student-centred weighting comes from the teacher/student entropy gap); its exact rule could not be pinned down
-    from public sources, so the weight ``H_target / (H_target + H_learner)`` is ours. The teacher is an untrained
-    ``setup.new_assistant`` network trained alongside. The two weights mirror each other, so both terms have the same
-    value; their gradients reach different networks.
+    student-centred weighting comes from the teacher/student entropy gap); its exact rule could not be pinned down,
+    so the weight ``H_target / (H_target + H_learner)`` is ours. What was looked for: an official repository
+    (repository names with bd-kd / bdkd, code search for the title, the authors and per-sample forward/reverse-KL
+    balancing, GitHub issues): none found; the paper itself: the page store returns the beginning of the arXiv
+    v1/v2 pages only (abstract and introduction), not the loss equations (v2's abstract: sample-wise weighting of
+    forward and reverse KL on both the student's and the teacher's losses; v1's: the balancing at the level of the
+    student's distillation loss). The teacher is an untrained ``setup.new_assistant`` network trained alongside.
+    The two weights mirror each other, so both terms have the same value; their gradients reach different networks.
     """
     terms = [TowardsTerm("bdkd_student", kdkernels.bdkd_loss, "student", ["teacher"], kd_weight,
                          temperature=temperature),

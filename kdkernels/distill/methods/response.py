@@ -17,6 +17,7 @@ from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, single_stage, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
+from kdkernels.distill.term_gradients import GradientSimilarityGate
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term, mixup_average
 from kdkernels.losses.soft_label import LABEL_SMOOTHING_CONVENTIONS
 
@@ -172,6 +173,56 @@ def fn_kd(setup: Setup, tau: float = 1.0, kd_weight: float = 1.0, ce_weight: flo
     distill = FunctionTerm("fn-kd", kdkernels.feature_normalized_kd_loss,
                            ("student", "teacher", f"student:{feature_tap}"), kd_weight, tau=tau)
     return offline("fn-kd", setup, [CrossEntropyTerm("student", ce_weight), distill])
+
+
+# --------------------------------------------------------------------------------------------------------- SCKD
+
+class CosineThreshold:
+    """SCKD's switch γ on the detached gradient cosine: 1 when ``cos ≥ threshold``, else 0 (the KD term is left out
+    of that step)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
+        return (cosine >= self.threshold).to(cosine.dtype)
+
+    def __repr__(self) -> str:
+        return f"CosineThreshold({self.threshold:g})"
+
+
+SCKD_APPROXIMATION = ("no official code found, and the paper's text was not available here: the rule (per step, "
+                      "KD kept iff cos(∇_θ KD, ∇_θ CE) ≥ φ over all of the student's parameters, φ = 0) is taken from "
+                      "a summary of the paper; the base KD's T and weights are the kd method's (ours)")
+
+
+@register("sckd", category="response",
+          paper="Zhu, Wang. Student Customized Knowledge Distillation: Bridging the Gap Between Student and Teacher. "
+                "ICCV 2021",
+          presets={"imagenet": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}},
+          approximation=SCKD_APPROXIMATION)
+def sckd(setup: Setup, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
+         threshold: float = 0.0) -> Recipe:
+    """SCKD: ``ce_weight·CE + γ·kd_weight·T²·KL(p_t ‖ p_s)`` with, at every step, ``γ = 1[cos(∇_θ KD, ∇_θ CE) ≥
+    threshold]``: the distillation task is kept only while its gradient agrees with the task's (KD as multi-task
+    learning: the teacher teaches only what the student can benefit from), through
+    :class:`~kdkernels.distill.term_gradients.GradientSimilarityGate` (θ: every trainable parameter of the student,
+    the parameters both tasks share; the cosine of the flattened gradients from the step's own graph, no second
+    forward; the gate's last cosine is in ``gate.last_cosine``). The loss is plain KD (:func:`kdkernels.kd_loss`):
+    SCKD adds no loss of its own, only the switch.
+
+    Provenance: Zhu & Wang, ICCV 2021; no official code was found (searches of the code, page and issue stores for
+    the title, "SCKD" and gradient-similarity KD). The rule — a binary switch γ ∈ {0, 1} per KD loss and iteration,
+    off when the cosine similarity of the KD loss's and the student loss's gradients falls below φ, φ = 0 the
+    paper's best setting — comes from a summary of the paper, not its text; the base KD's temperature and weights
+    are those of the ``kd`` method (mdistiller defaults; preset ``imagenet`` as kd's), our choice (approximation flag).
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"sckd: threshold must be a cosine in [-1, 1], got {threshold!r}")
+    distill = FunctionTerm("kd", kdkernels.kd_loss, ("student", "teacher"), kd_weight, temperature=temperature)
+    gated = GradientSimilarityGate(distill, reference=CrossEntropyTerm("student"), of="student",
+                                   gate=CosineThreshold(float(threshold)))
+    return offline("sckd", setup, [CrossEntropyTerm("student", ce_weight), gated])
 
 
 # ------------------------------------------------------------------------------------------------ NKD and tf-NKD
