@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.methods._common import offline
 from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
@@ -137,6 +142,73 @@ def irg(setup: Setup, vertex_weight: float = 0.1, edge_weight: float = 5.0, tran
     term = IRGTerm(reads, weight, vertex_weight=vertex_weight, edge_weight=edge_weight,
                    transform_weight=transform_weight)
     return relation_recipe("irg", setup, term, ce_weight, kd_weight, temperature)
+
+
+class CategoryStructureTerm(Term):
+    """``kdkernels.category_structure_loss`` on (connector(student map), teacher map, labels, logits); the connector
+    is CSKD's bias-free 1×1 convolution (a bias-free linear layer for [B, D] features) to the teacher's width."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, **options):
+        super().__init__("category_structure", (student_key, teacher_key, "target", "student", "teacher"), weight)
+        self.options = options
+        self.connector: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if self.connector is None:
+            if student.dim() == 4 and teacher.dim() == 4 and student.shape[2:] == teacher.shape[2:]:
+                self.connector = nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False)
+            elif student.dim() == 2 and teacher.dim() == 2:
+                self.connector = nn.Linear(student.shape[1], teacher.shape[1], bias=False)
+            else:
+                raise ValueError(f"term 'category_structure' needs [B, C, H, W] maps of one spatial size or [B, D] "
+                                 f"features on both sides: {self.reads[0]} {tuple(student.shape)}, {self.reads[1]} "
+                                 f"{tuple(teacher.shape)}")
+        try:
+            with torch.no_grad():
+                self.loss(*(example[key] for key in self.reads), context=None)
+        except ValueError as error:
+            raise ValueError(f"term 'category_structure' cannot compare {list(self.reads)}: {error}") from error
+
+    def loss(self, student, teacher, target, student_logits, teacher_logits, *, context):
+        return kdkernels.category_structure_loss(self.connector(student), teacher, target, student_logits,
+                                                 teacher_logits, **self.options)
+
+
+@register("category-structure", category="relation",
+          paper="Chen, Zheng, Shen, Zeng, Zhou, Zhao. Improving Knowledge Distillation via Category Structure. "
+                "ECCV 2020",
+          approximation="the teacher's feature is its last stage map as it is; the official teacher reads it "
+                        "through a 1×1 convolution saved with its checkpoint, whose training is not published")
+def category_structure(setup: Setup, intra_weight: float = 0.002, inter_weight: float = 0.04,
+                       center_weight: float = 0.1, filter_correct: bool = True, weight: float = 1.0,
+                       ce_weight: float = 0.9, mse_weight: float = 1e-6, student_layer: str | None = None,
+                       teacher_layer: str | None = None) -> Recipe:
+    """CSKD: ``0.9·CE + category_structure + 1e-6·mse(z_s, z_t)`` (xeanzheng/CSKD ``train_cifar.py``, a309f0f).
+
+    ``category_structure`` is :func:`kdkernels.category_structure_loss` (intra-category residuals to the class
+    centres, inter-category cosine structure of the class centres in the batch, a centre term on the student's
+    logits; weights 0.002 / 0.04 / 0.1, centres of correctly classified samples for the intra term) on the last stage
+    maps, the student's mapped to the teacher's width by a learnt bias-free 1×1 convolution (the official
+    ``branch4``), and on the logits. The official total is ``α·CE + category + (1 − α)·1e-5·mse(z_s, z_t)`` with
+    α 0.9, hence ``ce_weight`` 0.9 and ``mse_weight`` 1e-6. ``weight`` scales the category term (1 officially).
+    Approximation: the official teacher feature passes through the teacher checkpoint's own 1×1 convolution (not
+    published); here it is the teacher's last stage map."""
+    teacher = setup.require_teacher("category-structure")
+    student_tap = tap(setup.student, student_layer, last_stage)
+    teacher_tap = tap(teacher, teacher_layer, last_stage)
+    check = Checks("category-structure")
+    check.real("mse_weight", mse_weight, nonnegative=True)
+    check.real("ce_weight", ce_weight, nonnegative=True)
+    term = CategoryStructureTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight,
+                                 intra_weight=check.real("intra_weight", intra_weight),
+                                 inter_weight=check.real("inter_weight", inter_weight),
+                                 center_weight=check.real("center_weight", center_weight),
+                                 filter_correct=check.flag("filter_correct", filter_correct))
+    terms = [CrossEntropyTerm("student", ce_weight), term]
+    if mse_weight:
+        terms.append(FunctionTerm("logit_mse", F.mse_loss, ("student", "teacher"), mse_weight))
+    return offline("category-structure", setup, terms)
 
 
 @register("darkrank", category="relation",
