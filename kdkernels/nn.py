@@ -129,6 +129,8 @@ _SPECS = [
     ("CategoryStructureLoss", losses.category_structure_loss,
      ("student_features", "teacher_features", "labels", "student_logits", "teacher_logits"),
      "loss = 0.9 * ce + CategoryStructureLoss()(connector(f_s), f_t.detach(), y, student(x), teacher(x).detach())"),
+    ("MHGDLoss", losses.mhgd_loss, ("student_attention", "teacher_attention"),
+     "loss = ce + MHGDLoss()(attention(e_s_back, e_s_front), attention(e_t_back, e_t_front).detach())"),
     ("BAKELoss", losses.bake_loss, ("logits", "features"),
      "loss = F.cross_entropy(logits, y) + BAKELoss(temperature=4.0, omega=0.5)(logits, features)"),
     ("SoftCrossEntropyLoss", losses.soft_cross_entropy_loss, ("student_logits", "teacher_logits"),

@@ -47,6 +47,7 @@ INPUTS = {
     "irg_loss": lambda: {"student": _irg_side(10), "teacher": _irg_side(20)},
     "category_structure_loss": lambda: {"student_features": _maps(seed=8), "teacher_features": _maps(seed=9),
                                         "labels": _labels(), **_logits_pair()},
+    "mhgd_loss": lambda: {"student_attention": _randn(3, B, B, seed=1), "teacher_attention": _randn(3, B, B, seed=2)},
     "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
     "soft_cross_entropy_loss": lambda: _logits_pair(),
     "two_temperature_kd_loss": lambda: _logits_pair(),

@@ -483,3 +483,46 @@ def test_category_structure_bad_input_raises_naming_the_argument():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+# ---- MHGD graph loss against KD_methods_with_TF nets/Relation.py kld_loss (after tanh), float64 ----------------------
+
+def mhgd_official(G_S, G_T):
+    """KD_methods_with_TF ``nets/Relation.py`` (9fb5414): ``G_T = tf.tanh(G_T)``, ``G_S = tf.tanh(G_S)``,
+    ``kld_loss(G_S, G_T) = reduce_sum(softmax(X) * (log_softmax(X) - log_softmax(Y)))`` (last axis)."""
+    X, Y = torch.tanh(G_S), torch.tanh(G_T)
+    return torch.sum(torch.softmax(X, -1) * (torch.log_softmax(X, -1) - torch.log_softmax(Y, -1)))
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 6), (2, 3, 5, 5), (4,)], ids=["heads-batch-batch", "4d", "one-row"])
+def test_mhgd_loss_is_the_official_kld_of_tanh_graphs(shape):
+    student, teacher = randn(*shape, seed=1, scale=2.0, grad=True), randn(*shape, seed=2, scale=2.0, grad=True)
+    value = assert_equals_official(kdkernels.mhgd_loss, mhgd_official, student, teacher, what="mhgd")
+    assert value > 0
+    same = kdkernels.mhgd_loss(student, student)
+    torch.testing.assert_close(same, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_mhgd_loss_low_precision_computes_in_fp32():
+    student, teacher = randn(8, 6, 6, seed=1), randn(8, 6, 6, seed=2)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        value = kdkernels.mhgd_loss(student.to(dtype), teacher.to(dtype))
+        assert value.dtype == torch.float32
+        expected = mhgd_official(student.to(dtype).double(), teacher.to(dtype).double())
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    assert kdkernels.mhgd_loss(student.float(), teacher).dtype == torch.float64
+
+
+def test_mhgd_loss_bad_input_raises_naming_the_argument():
+    student, teacher = randn(8, 6, 6, seed=1), randn(8, 6, 6, seed=2)
+    cases = [
+        (lambda: kdkernels.mhgd_loss(student, teacher[:, :, :5]), ValueError,
+         r"^mhgd_loss: teacher_attention must have the same shape as student_attention \(8, 6, 6\)"),
+        (lambda: kdkernels.mhgd_loss(student.long(), teacher), TypeError, r"^mhgd_loss: student_attention must be"),
+        (lambda: kdkernels.mhgd_loss(student, None), TypeError, r"^mhgd_loss: teacher_attention must be a torch"),
+        (lambda: kdkernels.mhgd_loss(torch.zeros(()), torch.zeros(())), ValueError,
+         r"^mhgd_loss: student_attention must have at least 1 dimension"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

@@ -1,5 +1,5 @@
 """Relation-based distillation losses: RKD (distance, angle), SP, PKT and CC on the fused ``pairwise`` op, and the
-instance relationship graph (IRG) and category structure (CSKD), plain PyTorch.
+instance relationship graph (IRG), category structure (CSKD) and the multi-head graph loss (MHGD), plain PyTorch.
 
 Each compares a relation among the samples of a batch of student features with the same relation of teacher
 features. Features of any shape ``[B, ...]`` are flattened per sample; student and teacher widths may differ; fp32,
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kdkernels import backends
 from kdkernels._validation import Checks
-from kdkernels.losses._common import DISTANCE_CLAMP, pairwise_distances
+from kdkernels.losses._common import DISTANCE_CLAMP, accumulate, pairwise_distances
 from kdkernels.ops.pairwise import relation_loss
 
 CCKernel = Literal["gaussian", "bilinear"]
@@ -266,3 +266,24 @@ def category_structure_loss(student_features: torch.Tensor, teacher_features: to
     inter = weights[1] * (_centre_structure_distance(centres_fs, centres_ft, present, num_present)
                           + _centre_structure_distance(centres_zs, centres_zt, present, num_present))
     return intra + inter
+
+
+def mhgd_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """Multi-head graph distillation's graph loss (Lee & Song, "Graph-based Knowledge Distillation by Multi-head
+    Attention Network", BMVC 2019), as the official ``sseung0703/KD_methods_with_TF`` ``nets/Relation.py``
+    (``MHGD`` with ``kld_loss``, commit 9fb5414)::
+
+        G_s, G_t = tanh(student_attention), tanh(teacher_attention)
+        loss     = Σ_rows Σ_j softmax(G_s)_j · (log_softmax(G_s)_j − log_softmax(G_t)_j)
+
+    the KL divergence ``KL(softmax(G_s) ‖ softmax(G_t))`` of every row over the last dim (the attention of one
+    sample to the batch), summed over all rows (heads × samples), not averaged: the official reduction. Inputs are
+    attention scores of one shape ``[..., N]`` (MHGD's ``[heads, B, B]``); fp32/fp16/bf16 are computed in fp32 (fp64
+    in fp64). Gradients reach the student, and the teacher when it requires grad."""
+    check = Checks("mhgd_loss")
+    check.logits_pair(student_attention, teacher_attention, "student_attention", "teacher_attention")
+    student, teacher = torch.tanh(accumulate(student_attention)), torch.tanh(accumulate(teacher_attention))
+    if student.dtype != teacher.dtype:
+        student, teacher = student.double(), teacher.double()
+    log_student = F.log_softmax(student, dim=-1)
+    return (log_student.exp() * (log_student - F.log_softmax(teacher, dim=-1))).sum()
