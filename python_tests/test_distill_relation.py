@@ -1,6 +1,6 @@
-"""Relation-based methods (RKD, SP, CC, IRG, DarkRank): training steps on digits, taps, presets and configuration
-errors, and each term equal to its weight times the public loss on the method's own values (the losses against the
-official formulas: test_losses_relation.py, test_losses_ranking.py)."""
+"""Relation-based methods (RKD, SP, CC, IRG, DarkRank, category structure, MHGD): training steps on digits, taps,
+presets and configuration errors, and each term equal to its weight times the public loss on the method's own values
+(the losses against the official formulas: test_losses_relation.py, test_losses_ranking.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import digits_setup, first_step, run_steps
+from distill_testing import batches_for, digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
+from trainer_testing import QUIET, assert_resume_is_exact
 
 
 def close(actual, expected):
@@ -65,3 +66,218 @@ def test_relation_explicit_taps_on_mlp_student():
     recipe = build_recipe("rkd", digits_setup(student="student-mlp"), student_layer="hidden1")
     _, _, values, output = first_step(recipe)
     close(output.terms["rkd"], kdkernels.rkd_loss(values["student:hidden1"], values["teacher:fc/input"]))
+
+
+# ------------------------------------------------------------------------------------------- category structure
+
+def test_category_structure_step_is_the_official_total():
+    """``0.9·CE + category_structure(branch(f_s), f_t, y, z_s, z_t) + 1e-6·mse(z_s, z_t)`` (CSKD train_cifar.py), the
+    student's last stage through a bias-free 1×1 convolution to the teacher's width."""
+    history = run_steps(build_recipe("category-structure", digits_setup()))
+    assert set(history[0]) == {"ce_student", "category_structure", "logit_mse"}
+    distiller, batch, values, output = first_step(build_recipe("category-structure", digits_setup()))
+    term = next(t for t in distiller.terms if t.name == "category_structure")
+    assert isinstance(term.connector, torch.nn.Conv2d) and term.connector.bias is None
+    assert term.connector.kernel_size == (1, 1) and term.connector.out_channels == 128
+    mapped = term.connector(values["student:stage3"])
+    close(output.terms["category_structure"], kdkernels.category_structure_loss(
+        mapped, values["teacher:stage3"], batch["target"], values["student"], values["teacher"], 0.002, 0.04, 0.1))
+    close(output.terms["ce_student"], 0.9 * F.cross_entropy(values["student"], batch["target"]))
+    close(output.terms["logit_mse"], 1e-6 * F.mse_loss(values["student"], values["teacher"]))
+    assert output.terms["category_structure"] > 0
+
+
+def test_category_structure_options_and_mlp_student():
+    recipe = build_recipe("category-structure", digits_setup(student="student-mlp"), student_layer="hidden1",
+                          teacher_layer="fc/input", mse_weight=0.0, filter_correct=False, weight=2.0)
+    distiller, batch, values, output = first_step(recipe)
+    assert "logit_mse" not in output.terms
+    term = next(t for t in distiller.terms if t.name == "category_structure")
+    assert isinstance(term.connector, torch.nn.Linear) and term.connector.bias is None
+    close(output.terms["category_structure"], 2.0 * kdkernels.category_structure_loss(
+        term.connector(values["student:hidden1"]), values["teacher:fc/input"], batch["target"], values["student"],
+        values["teacher"], filter_correct=False))
+
+
+def test_category_structure_bad_configuration():
+    with pytest.raises(ValueError, match="mse_weight must be >= 0"):
+        build_recipe("category-structure", digits_setup(), mse_weight=-1.0)
+    with pytest.raises(ValueError, match="intra_weight must be finite"):
+        build_recipe("category-structure", digits_setup(), intra_weight=float("inf"))
+    with pytest.raises(TypeError, match="filter_correct must be a bool"):
+        build_recipe("category-structure", digits_setup(), filter_correct="yes")
+    with pytest.raises(ValueError, match="term 'category_structure' needs"):
+        first_step(build_recipe("category-structure", digits_setup(), student_layer="stage2"))
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("category-structure", digits_setup(teacher=None))
+
+
+def make_category_structure(seed=0):
+    return build_recipe("category-structure", digits_setup(seed=seed))
+
+
+def test_category_structure_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_category_structure, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path,
+                           pieces=(1, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------ MHGD
+
+def official_bn(x, bn, training):
+    """tf.contrib.layers.batch_norm (scale, center, eps 1e-5) on [B, F]: batch statistics in training, else the
+    moving ones."""
+    if training:
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    return (x - mean) / torch.sqrt(var + 1e-5) * bn.weight + bn.bias
+
+
+def official_attention_head(K, Q, net, num_head, training):
+    """KD_methods_with_TF ``Attention_head(K, Q, D, num_head)``: bias-free fully connected + batch norm on sender K
+    and receiver Q, reshaped [B, D, num_head], transposed to [H, B, D] and [H, D, B], multiplied."""
+    B = K.shape[0]
+    X_sender = official_bn(K @ net.sender[0].weight.t(), net.sender[1], training).reshape(B, -1, num_head)
+    X_receiver = official_bn(Q @ net.receiver[0].weight.t(), net.receiver[1], training).reshape(B, -1, num_head)
+    return torch.matmul(X_sender.permute(2, 0, 1), X_receiver.permute(2, 1, 0))
+
+
+def official_estimator(X, G, net, num_head, noise):
+    """KD_methods_with_TF ``Estimator(X, G, Dy, num_head)`` with ``drop_head``'s normal noise given."""
+    B = G.shape[1]
+    G = torch.softmax(G, -1)
+    G = G * torch.where(noise - noise.mean(0, keepdim=True) > 0, torch.ones_like(noise), torch.zeros_like(noise))
+    G = G.reshape(num_head * B, B)
+    X = torch.relu(official_bn(X @ net.hidden[0].weight.t(), net.hidden[1], True))
+    D = X.shape[1]
+    X = torch.matmul(G, X).reshape(num_head, B, D).permute(1, 0, 2).reshape(B, D * num_head)
+    X = X @ net.output.weight.t() + net.output.bias
+    return F.normalize(X, dim=-1)
+
+
+def mhgd_parts(distiller, name):
+    term = next(t for t in distiller.terms if t.name == name)
+    return term, term.graphs
+
+
+def embed(x):
+    return F.normalize(x.mean(dim=(2, 3)), dim=-1)
+
+
+def test_mhgd_stages_train_the_attention_on_the_teacher_then_freeze_it():
+    recipe = build_recipe("mhgd", digits_setup())
+    assert [s.name for s in recipe.stages] == ["mhgd-attention", "mhgd"]
+    assert recipe.stages[0].epochs == 0.4
+    _, graphs = mhgd_parts(recipe.stages[0].distiller, "mhgd_attention")
+    assert len(graphs.pairs) == 2 and graphs.widths == [32, 64, 128]
+    assert graphs.pairs[0].attention_width == 48 and graphs.pairs[0].num_heads == 8
+    teacher = recipe.stages[0].distiller.models["teacher"]
+    before = [p.detach().clone() for p in graphs.parameters()]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    history = run_steps(recipe, steps=2)
+    assert set(history[0]) == {"mhgd_attention"} and set(history[-1]) == {"ce_student", "mhgd"}
+    assert any(not torch.equal(b, p) for b, p in zip(before, graphs.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(teacher_before, teacher.parameters()))
+    trainable = {id(p) for p in recipe.stages[1].distiller.trainable_parameters()}
+    assert not any(id(p) in trainable for p in graphs.parameters()), "the attention networks are frozen in stage 2"
+    assert not graphs.training
+
+
+def test_mhgd_attention_stage_is_the_official_reconstruction():
+    """Stage 1: ``Σ_pairs mean(1 − <Estimator(V_Tb, Attention_head(V_T, V_Tb)), V_T>)`` (``MHA_loss``), the same
+    head-drop noise drawn."""
+    recipe = build_recipe("mhgd", digits_setup())
+    distiller = recipe.stages[0].distiller
+    batch = next(iter(batches_for(recipe.stages[0])))
+    distiller.build(batch).activate().train()
+    values = distiller.run_models(batch)
+    term, graphs = mhgd_parts(distiller, "mhgd_attention")
+    torch.manual_seed(5)
+    ours = term.loss(*(values[k] for k in term.reads), context=None)
+    torch.manual_seed(5)
+    V = [embed(values[f"teacher:stage{i}"]) for i in (1, 2, 3)]
+    expected = 0.0
+    for index, net in enumerate(graphs.pairs):
+        V_Tb, V_T = V[index], V[index + 1]
+        G_T = official_attention_head(V_T, V_Tb, net, 8, training=True)
+        noise = torch.randn(8, V_T.shape[0], 1)
+        V_T_ = official_estimator(V_Tb, G_T, net, 8, noise)
+        expected = expected + torch.mean(1 - torch.sum(V_T_ * V_T, -1))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mhgd_graph_term_is_the_official_kld_with_clipped_student_gradients():
+    """Stage 2: ``Σ_pairs kld_loss(tanh G_S, tanh G_T)`` with the attention's batch norms on moving statistics, and
+    each student parameter's graph gradient clipped to ``sigmoid(0)·‖∇ CE‖`` in the stage's first epoch."""
+    recipe = build_recipe("mhgd", digits_setup())
+    distiller, batch, values, output = first_step(recipe)
+    term, graphs = mhgd_parts(distiller, "mhgd")
+    assert [type(c).__name__ for c in term.connectors] == ["Linear", "Linear", "Linear"]
+    V_T = [embed(values[f"teacher:stage{i}"]) for i in (1, 2, 3)]
+    V_S = [F.normalize(c(values[f"student:stage{i}"].mean(dim=(2, 3))), dim=-1)
+           for c, i in zip(term.connectors, (1, 2, 3))]
+    expected = 0.0
+    for index, net in enumerate(graphs.pairs):
+        G_T = torch.tanh(official_attention_head(V_T[index + 1], V_T[index], net, 8, training=False))
+        G_S = torch.tanh(official_attention_head(V_S[index + 1], V_S[index], net, 8, training=False))
+        expected = expected + torch.sum(torch.softmax(G_S, -1) * (torch.log_softmax(G_S, -1) -
+                                                                  torch.log_softmax(G_T, -1)))
+    close(output.terms["mhgd"], expected)
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+
+    student = distiller.models["student"]
+    params = [p for p in student.parameters()]
+    graph_grads = torch.autograd.grad(expected, params, retain_graph=True, allow_unused=True)
+    ce_grads = torch.autograd.grad(F.cross_entropy(values["student"], batch["target"]), params, retain_graph=True,
+                                   allow_unused=True)
+    totals = torch.autograd.grad(output.loss, params, retain_graph=True, allow_unused=True)   # CE + graph term
+    clipped_any = False
+    for graph_grad, ce_grad, total in zip(graph_grads, ce_grads, totals):
+        if graph_grad is None:
+            torch.testing.assert_close(total, ce_grad)
+            continue
+        norm = 0.5 * ce_grad.norm()
+        want = graph_grad * norm / torch.maximum(graph_grad.norm(), norm)   # tf.clip_by_norm
+        slack = 1e-5 * float(ce_grad.abs().max())   # float32 rounding of the CE part of the total
+        torch.testing.assert_close(total, ce_grad + want, rtol=1e-5, atol=slack)
+        clipped_any |= bool((graph_grad - want).abs().max() > 100 * slack)
+    assert clipped_any, "some student gradient is clipped by far more than the tolerance"
+    connector_grad = torch.autograd.grad(output.loss, term.connectors[2].weight, retain_graph=True)[0]
+    torch.testing.assert_close(connector_grad, torch.autograd.grad(expected, term.connectors[2].weight)[0])
+
+
+def test_mhgd_equal_widths_need_no_connector_and_clipping_can_be_off():
+    setup = digits_setup("assistant-cnn", "assistant-cnn")
+    distiller, _, values, output = first_step(build_recipe("mhgd", setup, clip_gradients=False, weight=2.0))
+    term, _ = mhgd_parts(distiller, "mhgd")
+    assert all(isinstance(c, torch.nn.Identity) for c in term.connectors)
+    graph = term.graph_loss([values[f"student:stage{i}"] for i in (1, 2, 3)],
+                            [values[f"teacher:stage{i}"] for i in (1, 2, 3)])
+    close(output.terms["mhgd"], 2.0 * graph)
+    first = next(distiller.models["student"].parameters())
+    ce = F.cross_entropy(values["student"], next(iter(batches_for(build_recipe("mhgd", setup).stages[1])))["target"])
+    torch.testing.assert_close(torch.autograd.grad(output.loss, first, retain_graph=True)[0],
+                               torch.autograd.grad(ce + 2.0 * graph, first)[0])
+
+
+def test_mhgd_bad_configuration():
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+        build_recipe("mhgd", digits_setup(), num_heads=0)
+    with pytest.raises(TypeError, match="clip_gradients must be a bool"):
+        build_recipe("mhgd", digits_setup(), clip_gradients=1)
+    with pytest.raises(ValueError, match="at least two consecutive stages"):
+        build_recipe("mhgd", digits_setup(), student_layers=["stage3"], teacher_layers=["stage3"])
+    with pytest.raises(ValueError, match="teacher_widths must give one width per teacher stage"):
+        build_recipe("mhgd", digits_setup(), teacher_widths=[32, 64])
+    with pytest.raises(ValueError, match=r"the attention networks were sized for \[32, 64, 100\]"):
+        first_step(build_recipe("mhgd", digits_setup(), teacher_widths=[32, 64, 100]), stage_index=0)
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("mhgd", digits_setup(teacher=None))
+
+
+def make_mhgd(seed=0):
+    return build_recipe("mhgd", digits_setup(seed=seed), attention_epochs=1)
+
+
+def test_mhgd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_mhgd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1, 1))

@@ -347,3 +347,182 @@ def test_irg_bad_input_raises_naming_the_argument():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+# ---- category structure (plain PyTorch) against xeanzheng/CSKD train_cifar.py, value and gradients in float64 -------
+
+def cskd_official(sf4, tf4, label, s_out, t_out, intra_weight=0.002, inter_weight=0.04, center_weight=0.1,
+                  use_filter=True):
+    """xeanzheng/CSKD ``train_cifar.py`` (a309f0f): ``cluster``, ``cluster_filter``, ``correlation`` and the
+    ``intra_cor`` / ``inter_cor`` lines of the training loop, transcribed with loops as there (any [B, ...] feature:
+    the official's ``TF4.size(1) * size(2) * size(3)`` is the per-sample size)."""
+    num_classes = s_out.size(1)
+
+    def cluster(feature, label):
+        lists = [[] for _ in range(num_classes)]
+        for i in range(feature.size(0)):
+            lists[label[i]].append(feature[i])
+        centres, valid = [None] * num_classes, []
+        for c in range(num_classes):
+            if lists[c]:
+                centres[c] = sum(lists[c]) / len(lists[c])
+                valid.append(centres[c])
+        return torch.stack([centres[label[i]] for i in range(feature.size(0))]), torch.stack(valid)
+
+    def cluster_filter(feature, pred, label):
+        lists = [[] for _ in range(num_classes)]
+        for i in range(feature.size(0)):
+            if pred[i] == label[i]:
+                lists[label[i]].append(feature[i])
+        centres = [sum(x) / len(x) if x else None for x in lists]
+        return torch.stack([centres[label[i]] if lists[label[i]] else feature[i] for i in range(feature.size(0))])
+
+    def correlation(feature):
+        feature = feature.reshape(feature.size(0), -1)
+        rows = []
+        for i in range(feature.size(0)):
+            tmp = feature[i].unsqueeze(0).expand(feature.size(0), -1)
+            rows.append((tmp * feature).sum(-1) / (tmp ** 2).sum(-1).sqrt() / (feature ** 2).sum(-1).sqrt())
+        return torch.stack(rows)
+
+    mse = F.mse_loss
+    _, t_pred = torch.max(t_out, 1)
+    _, s_pred = torch.max(s_out, 1)
+    if use_filter:
+        TF4, SF4 = cluster_filter(tf4, t_pred, label), cluster_filter(sf4, s_pred, label)
+    else:
+        TF4, SF4 = cluster(tf4, label)[0], cluster(sf4, label)[0]
+    _, T_center_list = cluster(tf4, label)
+    _, S_center_list = cluster(sf4, label)
+    T_OUT, T_logits = cluster(t_out, label)
+    S_OUT, S_logits = cluster(s_out, label)
+    center, _ = cluster(s_out, label)
+    size = tf4[0].numel()
+    intra_cor = intra_weight * (mse((tf4 - TF4).detach(), sf4 - SF4.detach()) / size
+                                + mse((t_out - T_OUT).detach(), s_out - S_OUT.detach()) / T_OUT.size(1)) \
+        + center_weight * mse(s_out, center.detach())
+    T_cor, S_cor = correlation(T_center_list), correlation(S_center_list)
+    T_cor_logits, S_cor_logits = correlation(T_logits), correlation(S_logits)
+    inter_cor = inter_weight * (mse(T_cor.detach(), S_cor) / T_cor.size(1)
+                                + mse(T_cor_logits.detach(), S_cor_logits) / T_cor_logits.size(1))
+    return intra_cor + inter_cor
+
+
+def cskd_inputs(shape=(12, 3, 2, 2), classes=5, seed=0):
+    """Student and teacher (features, logits), float64 leaves that require grad, and labels where some classes are
+    absent, some teacher and student predictions are right (the teacher logits favour the label) and some wrong."""
+    batch = shape[0]
+    labels = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3, 1, 0, 3][:batch])
+    t_logits = randn(batch, classes, seed=seed + 3)
+    t_logits = (t_logits + 2.5 * F.one_hot(labels, classes) * (torch.arange(batch) % 3 != 0).unsqueeze(1))
+    s_logits = randn(batch, classes, seed=seed + 4) + 1.5 * F.one_hot(labels, classes) * (torch.arange(batch) % 2 == 0
+                                                                                          ).unsqueeze(1)
+    return (randn(*shape, seed=seed + 1, grad=True), randn(*shape, seed=seed + 2, grad=True), labels,
+            s_logits.detach().requires_grad_(), t_logits.detach().requires_grad_())
+
+
+@pytest.mark.parametrize("options", [{}, {"use_filter": False}, {"intra_weight": 0.5, "inter_weight": 2.0,
+                                                                  "center_weight": 0.3}],
+                         ids=["official", "no-filter", "other-weights"])
+@pytest.mark.parametrize("shape", [(12, 3, 2, 2), (12, 6)], ids=["maps", "vectors"])
+def test_category_structure_is_cskd(shape, options):
+    """Value and gradients (student features and logits; the teacher gets none, as the official detaches it)."""
+    student, teacher, labels, s_logits, t_logits = cskd_inputs(shape)
+    assert bool((s_logits.argmax(1) == labels).any()) and bool((s_logits.argmax(1) != labels).any())
+    assert bool((t_logits.argmax(1) == labels).any()) and bool((t_logits.argmax(1) != labels).any())
+    ours = dict(options)
+    if "use_filter" in ours:
+        ours["filter_correct"] = ours.pop("use_filter")
+    value = assert_equals_official(
+        lambda s, t, y, zs, zt: kdkernels.category_structure_loss(s, t, y, zs, zt, **ours),
+        lambda s, t, y, zs, zt: cskd_official(s, t, y, zs, zt, **options), student, teacher, labels, s_logits,
+        t_logits, what="category_structure")
+    assert value > 0
+    grads = torch.autograd.grad(kdkernels.category_structure_loss(student, teacher, labels, s_logits, t_logits),
+                                (student, s_logits, teacher, t_logits), allow_unused=True)
+    assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0 and grads[2] is None and grads[3] is None
+
+
+def test_category_structure_filter_changes_the_intra_term_and_low_precision_runs_in_fp32():
+    student, teacher, labels, s_logits, t_logits = cskd_inputs()
+    filtered = kdkernels.category_structure_loss(student, teacher, labels, s_logits, t_logits)
+    plain = kdkernels.category_structure_loss(student, teacher, labels, s_logits, t_logits, filter_correct=False)
+    assert not torch.allclose(filtered, plain)
+    same = kdkernels.category_structure_loss(student, student, labels, s_logits, s_logits, center_weight=0.0)
+    torch.testing.assert_close(same, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-15)
+    for dtype in (torch.float16, torch.bfloat16):
+        value = kdkernels.category_structure_loss(*(x.detach().to(dtype) if x.is_floating_point() else x
+                                                    for x in (student, teacher, labels, s_logits, t_logits)))
+        assert value.dtype == torch.float32
+        expected = cskd_official(*(x.detach().to(dtype).double() if x.is_floating_point() else x
+                                   for x in (student, teacher, labels, s_logits, t_logits)))
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_category_structure_bad_input_raises_naming_the_argument():
+    student, teacher, labels, s_logits, t_logits = cskd_inputs()
+    loss = kdkernels.category_structure_loss
+    cases = [
+        (lambda: loss(student, teacher[:, :2], labels, s_logits, t_logits), ValueError,
+         r"^category_structure_loss: student_features must have the same shape as teacher_features"),
+        (lambda: loss(student, teacher, labels, s_logits, t_logits[:, :3]), ValueError,
+         r"^category_structure_loss: teacher_logits must have the same shape as student_logits"),
+        (lambda: loss(student, teacher, labels, s_logits[:5], t_logits[:5]), ValueError,
+         r"^category_structure_loss: student_logits must have the features' batch size 12"),
+        (lambda: loss(student, teacher, labels.float(), s_logits, t_logits), TypeError,
+         r"^category_structure_loss: labels must be an integer tensor"),
+        (lambda: loss(student, teacher, labels + 5, s_logits, t_logits), ValueError,
+         r"^category_structure_loss: labels must be class indices in \[0, 5\)"),
+        (lambda: loss(student, teacher, labels, s_logits, t_logits, inter_weight=float("nan")), ValueError,
+         r"^category_structure_loss: inter_weight must be finite"),
+        (lambda: loss(student, teacher, labels, s_logits, t_logits, filter_correct=1), TypeError,
+         r"^category_structure_loss: filter_correct must be a bool"),
+        (lambda: loss(student.int(), teacher, labels, s_logits, t_logits), TypeError,
+         r"^category_structure_loss: student_features must be"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+# ---- MHGD graph loss against KD_methods_with_TF nets/Relation.py kld_loss (after tanh), float64 ----------------------
+
+def mhgd_official(G_S, G_T):
+    """KD_methods_with_TF ``nets/Relation.py`` (9fb5414): ``G_T = tf.tanh(G_T)``, ``G_S = tf.tanh(G_S)``,
+    ``kld_loss(G_S, G_T) = reduce_sum(softmax(X) * (log_softmax(X) - log_softmax(Y)))`` (last axis)."""
+    X, Y = torch.tanh(G_S), torch.tanh(G_T)
+    return torch.sum(torch.softmax(X, -1) * (torch.log_softmax(X, -1) - torch.log_softmax(Y, -1)))
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 6), (2, 3, 5, 5), (4,)], ids=["heads-batch-batch", "4d", "one-row"])
+def test_mhgd_loss_is_the_official_kld_of_tanh_graphs(shape):
+    student, teacher = randn(*shape, seed=1, scale=2.0, grad=True), randn(*shape, seed=2, scale=2.0, grad=True)
+    value = assert_equals_official(kdkernels.mhgd_loss, mhgd_official, student, teacher, what="mhgd")
+    assert value > 0
+    same = kdkernels.mhgd_loss(student, student)
+    torch.testing.assert_close(same, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_mhgd_loss_low_precision_computes_in_fp32():
+    student, teacher = randn(8, 6, 6, seed=1), randn(8, 6, 6, seed=2)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        value = kdkernels.mhgd_loss(student.to(dtype), teacher.to(dtype))
+        assert value.dtype == torch.float32
+        expected = mhgd_official(student.to(dtype).double(), teacher.to(dtype).double())
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    assert kdkernels.mhgd_loss(student.float(), teacher).dtype == torch.float64
+
+
+def test_mhgd_loss_bad_input_raises_naming_the_argument():
+    student, teacher = randn(8, 6, 6, seed=1), randn(8, 6, 6, seed=2)
+    cases = [
+        (lambda: kdkernels.mhgd_loss(student, teacher[:, :, :5]), ValueError,
+         r"^mhgd_loss: teacher_attention must have the same shape as student_attention \(8, 6, 6\)"),
+        (lambda: kdkernels.mhgd_loss(student.long(), teacher), TypeError, r"^mhgd_loss: student_attention must be"),
+        (lambda: kdkernels.mhgd_loss(student, None), TypeError, r"^mhgd_loss: teacher_attention must be a torch"),
+        (lambda: kdkernels.mhgd_loss(torch.zeros(()), torch.zeros(())), ValueError,
+         r"^mhgd_loss: student_attention must have at least 1 dimension"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

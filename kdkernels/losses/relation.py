@@ -1,5 +1,5 @@
 """Relation-based distillation losses: RKD (distance, angle), SP, PKT and CC on the fused ``pairwise`` op, and the
-instance relationship graph (IRG, plain PyTorch).
+instance relationship graph (IRG), category structure (CSKD) and the multi-head graph loss (MHGD), plain PyTorch.
 
 Each compares a relation among the samples of a batch of student features with the same relation of teacher
 features. Features of any shape ``[B, ...]`` are flattened per sample; student and teacher widths may differ; fp32,
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kdkernels import backends
 from kdkernels._validation import Checks
-from kdkernels.losses._common import DISTANCE_CLAMP, pairwise_distances
+from kdkernels.losses._common import DISTANCE_CLAMP, accumulate, pairwise_distances
 from kdkernels.ops.pairwise import relation_loss
 
 CCKernel = Literal["gaussian", "bilinear"]
@@ -170,3 +170,120 @@ def irg_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], v
     transform = F.mse_loss(_irg_transform(check, student[0], student[1], "student"),
                            _irg_transform(check, teacher[0], teacher[1], "teacher"))
     return weights[0] * vertex + weights[1] * edge + weights[2] * transform
+
+
+def _class_means(x: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means [K, D] of the rows of ``x`` [B, D] weighted by ``members`` [B, K] (0/1), and the counts [K]
+    (a class without members has mean 0)."""
+    counts = members.sum(dim=0)
+    return (members.t() @ x) / counts.clamp(min=1.0).unsqueeze(1), counts
+
+
+def _category_centres(x: torch.Tensor, labels: torch.Tensor, members: torch.Tensor,
+                      correct: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample centre [B, D], class centres [K, D], class counts [K]) of the flattened ``x``.
+
+    The class centres average every sample of the class (CSKD ``cluster``). The per-sample centre is its class
+    centre, or with ``correct`` [B] (bool) the centre of the class's correctly predicted samples, the sample itself
+    where its class has none (CSKD ``cluster_filter``)."""
+    centres, counts = _class_means(x, members)
+    if correct is None:
+        return centres[labels], centres, counts
+    kept, kept_counts = _class_means(x, members * correct.unsqueeze(1).to(x.dtype))
+    return torch.where((kept_counts[labels] > 0).unsqueeze(1), kept[labels], x), centres, counts
+
+
+def _centre_structure_distance(student: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor,
+                               num_present: torch.Tensor) -> torch.Tensor:
+    """``Σ_{present i, j} (cos_t(i, j) − cos_s(i, j))² / n³``: the mean squared difference of the cosine
+    similarities among the present class centres (CSKD ``correlation``), divided once more by ``n`` (as CSKD's
+    ``MSE(T_cor, S_cor) / T_cor.size(1)``)."""
+    cos_s = F.normalize(student, dim=1, eps=1e-12) @ F.normalize(student, dim=1, eps=1e-12).t()
+    cos_t = F.normalize(teacher, dim=1, eps=1e-12) @ F.normalize(teacher, dim=1, eps=1e-12).t()
+    pairs = present.unsqueeze(1) & present.unsqueeze(0)
+    squared = torch.where(pairs, (cos_t - cos_s).pow(2), torch.zeros((), dtype=cos_s.dtype, device=cos_s.device))
+    return squared.sum() / num_present.pow(3)
+
+
+def category_structure_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, labels: torch.Tensor,
+                            student_logits: torch.Tensor, teacher_logits: torch.Tensor, intra_weight: float = 0.002,
+                            inter_weight: float = 0.04, center_weight: float = 0.1,
+                            filter_correct: bool = True) -> torch.Tensor:
+    """Category structure KD (Chen, Zheng, Shen, Zeng, Zhou, Zhao, "Improving Knowledge Distillation via Category
+    Structure", ECCV 2020), as the official ``xeanzheng/CSKD`` ``train_cifar.py`` (commit a309f0f).
+
+    ``student_features`` and ``teacher_features`` ``[B, ...]`` have one shape (the official student maps its last
+    stage through a 1×1 convolution to the teacher's width); ``labels`` ``[B]`` index the ``K`` classes of the
+    logits ``[B, K]``. Per class ``c`` present in the batch, ``μ_c`` is the mean of its samples; ``μ̃(i)`` is the
+    mean of the samples of ``y_i``'s class that the network itself classifies correctly (argmax of its own logits),
+    or ``x_i`` where there are none (``filter_correct=False``: ``μ_{y_i}``). With ``sg`` stop-gradient, ``n`` the
+    number of classes present, ``N`` the per-sample size of the features and ``cos`` the cosine-similarity matrix of
+    the present class centres (flattened)::
+
+        intra = intra_weight·( mse(f_t − μ̃_t(f_t), f_s − sg(μ̃_s(f_s))) / N
+                               + mse(z_t − μ_t(z_t), z_s − sg(μ_s(z_s))) / K )
+                + center_weight·mse(z_s, sg(μ_s(z_s)))
+        inter = inter_weight·( mse(cos(μ(f_t)), cos(μ(f_s))) / n + mse(cos(μ(z_t)), cos(μ(z_s))) / n )
+        loss  = intra + inter
+
+    The teacher side is detached, as in the official code; the student's class centres carry gradients in the inter
+    term only. Defaults 0.002 / 0.04 / 0.1 are the official ones. Norms in ``cos`` are clamped at 1e-12 (the
+    official code divides unclamped: an all-zero class centre gives it NaN). Computed in float32 (float64 stays).
+    Labels are range-checked on the host (one synchronisation on a GPU); the rest runs without one.
+    """
+    check = Checks("category_structure_loss")
+    weights = [check.real(name, value) for name, value in (("intra_weight", intra_weight),
+                                                          ("inter_weight", inter_weight),
+                                                          ("center_weight", center_weight))]
+    check.flag("filter_correct", filter_correct)
+    check.feature_pair("student_features", student_features, "teacher_features", teacher_features, same_shape=True,
+                       hint=" (map the student's features to the teacher's shape first)")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    if student_logits.shape[0] != student_features.shape[0]:
+        check.value_error("student_logits", f"must have the features' batch size {student_features.shape[0]}",
+                          f"shape {tuple(student_logits.shape)}")
+    check.same_device("student_logits", student_logits, "student_features", student_features)
+    labels = check.class_labels(labels, student_logits)
+    dtype = torch.float64 if torch.float64 in (student_features.dtype, teacher_features.dtype, student_logits.dtype,
+                                               teacher_logits.dtype) else torch.float32
+    batch = student_features.shape[0]
+    f_s, f_t = student_features.reshape(batch, -1).to(dtype), teacher_features.detach().reshape(batch, -1).to(dtype)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.detach().to(dtype)
+    members = F.one_hot(labels, z_s.shape[1]).to(dtype)
+    correct_s = z_s.detach().argmax(dim=1) == labels if filter_correct else None
+    correct_t = z_t.argmax(dim=1) == labels if filter_correct else None
+
+    own_s, centres_fs, counts = _category_centres(f_s, labels, members, correct_s)
+    own_t, centres_ft, _ = _category_centres(f_t, labels, members, correct_t)
+    logit_own_s, centres_zs, _ = _category_centres(z_s, labels, members, None)
+    logit_own_t, centres_zt, _ = _category_centres(z_t, labels, members, None)
+
+    intra = weights[0] * (F.mse_loss(f_s - own_s.detach(), f_t - own_t) / f_t.shape[1]
+                          + F.mse_loss(z_s - logit_own_s.detach(), z_t - logit_own_t) / z_t.shape[1]) \
+        + weights[2] * F.mse_loss(z_s, logit_own_s.detach())
+    present = counts > 0
+    num_present = present.sum().to(dtype)
+    inter = weights[1] * (_centre_structure_distance(centres_fs, centres_ft, present, num_present)
+                          + _centre_structure_distance(centres_zs, centres_zt, present, num_present))
+    return intra + inter
+
+
+def mhgd_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """Multi-head graph distillation's graph loss (Lee & Song, "Graph-based Knowledge Distillation by Multi-head
+    Attention Network", BMVC 2019), as the official ``sseung0703/KD_methods_with_TF`` ``nets/Relation.py``
+    (``MHGD`` with ``kld_loss``, commit 9fb5414)::
+
+        G_s, G_t = tanh(student_attention), tanh(teacher_attention)
+        loss     = Σ_rows Σ_j softmax(G_s)_j · (log_softmax(G_s)_j − log_softmax(G_t)_j)
+
+    the KL divergence ``KL(softmax(G_s) ‖ softmax(G_t))`` of every row over the last dim (the attention of one
+    sample to the batch), summed over all rows (heads × samples), not averaged: the official reduction. Inputs are
+    attention scores of one shape ``[..., N]`` (MHGD's ``[heads, B, B]``); fp32/fp16/bf16 are computed in fp32 (fp64
+    in fp64). Gradients reach the student, and the teacher when it requires grad."""
+    check = Checks("mhgd_loss")
+    check.logits_pair(student_attention, teacher_attention, "student_attention", "teacher_attention")
+    student, teacher = torch.tanh(accumulate(student_attention)), torch.tanh(accumulate(teacher_attention))
+    if student.dtype != teacher.dtype:
+        student, teacher = student.double(), teacher.double()
+    log_student = F.log_softmax(student, dim=-1)
+    return (log_student.exp() * (log_student - F.log_softmax(teacher, dim=-1))).sum()

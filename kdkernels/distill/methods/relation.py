@@ -3,12 +3,22 @@
 reads hooked features (by default the model's ``feature_points``; every builder accepts explicit tap paths)."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
+from kdkernels.distill.connectors import output_channels
+from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline
-from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, feature_points
+from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
+from kdkernels.distill.term_gradients import graph_leaves
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
 
 
@@ -137,6 +147,294 @@ def irg(setup: Setup, vertex_weight: float = 0.1, edge_weight: float = 5.0, tran
     term = IRGTerm(reads, weight, vertex_weight=vertex_weight, edge_weight=edge_weight,
                    transform_weight=transform_weight)
     return relation_recipe("irg", setup, term, ce_weight, kd_weight, temperature)
+
+
+class CategoryStructureTerm(Term):
+    """``kdkernels.category_structure_loss`` on (connector(student map), teacher map, labels, logits); the connector
+    is CSKD's bias-free 1×1 convolution (a bias-free linear layer for [B, D] features) to the teacher's width."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, **options):
+        super().__init__("category_structure", (student_key, teacher_key, "target", "student", "teacher"), weight)
+        self.options = options
+        self.connector: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if self.connector is None:
+            if student.dim() == 4 and teacher.dim() == 4 and student.shape[2:] == teacher.shape[2:]:
+                self.connector = nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False)
+            elif student.dim() == 2 and teacher.dim() == 2:
+                self.connector = nn.Linear(student.shape[1], teacher.shape[1], bias=False)
+            else:
+                raise ValueError(f"term 'category_structure' needs [B, C, H, W] maps of one spatial size or [B, D] "
+                                 f"features on both sides: {self.reads[0]} {tuple(student.shape)}, {self.reads[1]} "
+                                 f"{tuple(teacher.shape)}")
+        try:
+            with torch.no_grad():
+                self.loss(*(example[key] for key in self.reads), context=None)
+        except ValueError as error:
+            raise ValueError(f"term 'category_structure' cannot compare {list(self.reads)}: {error}") from error
+
+    def loss(self, student, teacher, target, student_logits, teacher_logits, *, context):
+        return kdkernels.category_structure_loss(self.connector(student), teacher, target, student_logits,
+                                                 teacher_logits, **self.options)
+
+
+@register("category-structure", category="relation",
+          paper="Chen, Zheng, Shen, Zeng, Zhou, Zhao. Improving Knowledge Distillation via Category Structure. "
+                "ECCV 2020",
+          approximation="the teacher's feature is its last stage map as it is; the official teacher reads it "
+                        "through a 1×1 convolution saved with its checkpoint, whose training is not published")
+def category_structure(setup: Setup, intra_weight: float = 0.002, inter_weight: float = 0.04,
+                       center_weight: float = 0.1, filter_correct: bool = True, weight: float = 1.0,
+                       ce_weight: float = 0.9, mse_weight: float = 1e-6, student_layer: str | None = None,
+                       teacher_layer: str | None = None) -> Recipe:
+    """CSKD: ``0.9·CE + category_structure + 1e-6·mse(z_s, z_t)`` (xeanzheng/CSKD ``train_cifar.py``, a309f0f).
+
+    ``category_structure`` is :func:`kdkernels.category_structure_loss` (intra-category residuals to the class
+    centres, inter-category cosine structure of the class centres in the batch, a centre term on the student's
+    logits; weights 0.002 / 0.04 / 0.1, centres of correctly classified samples for the intra term) on the last stage
+    maps, the student's mapped to the teacher's width by a learnt bias-free 1×1 convolution (the official
+    ``branch4``), and on the logits. The official total is ``α·CE + category + (1 − α)·1e-5·mse(z_s, z_t)`` with
+    α 0.9, hence ``ce_weight`` 0.9 and ``mse_weight`` 1e-6. ``weight`` scales the category term (1 officially).
+    Approximation: the official teacher feature passes through the teacher checkpoint's own 1×1 convolution (not
+    published); here it is the teacher's last stage map."""
+    teacher = setup.require_teacher("category-structure")
+    student_tap = tap(setup.student, student_layer, last_stage)
+    teacher_tap = tap(teacher, teacher_layer, last_stage)
+    check = Checks("category-structure")
+    check.real("mse_weight", mse_weight, nonnegative=True)
+    check.real("ce_weight", ce_weight, nonnegative=True)
+    term = CategoryStructureTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight,
+                                 intra_weight=check.real("intra_weight", intra_weight),
+                                 inter_weight=check.real("inter_weight", inter_weight),
+                                 center_weight=check.real("center_weight", center_weight),
+                                 filter_correct=check.flag("filter_correct", filter_correct))
+    terms = [CrossEntropyTerm("student", ce_weight), term]
+    if mse_weight:
+        terms.append(FunctionTerm("logit_mse", F.mse_loss, ("student", "teacher"), mse_weight))
+    return offline("category-structure", setup, terms)
+
+
+MHGD_ATTENTION_SHARE = 40 / 100   # KD_methods_with_TF: 40 epochs of attention training before the 100-epoch run
+
+
+def pooled_embedding(feature: torch.Tensor) -> torch.Tensor:
+    """A stage map's global average pool ([B, C, H, W] -> [B, C]); other features flattened per sample."""
+    return feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature.reshape(feature.shape[0], -1)
+
+
+class MultiHeadGraph(nn.Module):
+    """MHGD's multi-head attention network between a front and a back embedding (KD_methods_with_TF
+    ``Attention_head`` and ``Estimator``).
+
+    ``attention(back, front)`` ``[B, D_b], [B, D_f] -> [H, B, B]``: ``G_h[i, j] = <s_h(back_i), r_h(front_j)>`` with
+    sender and receiver a bias-free linear layer to ``(D_b + D_f)//2 · H`` features then batch norm, split into H
+    heads (the head index fastest, as the official reshape ``[B, D, H]``). ``estimate(front, graph)``
+    reconstructs the back embedding: ``softmax`` of each row of G, each (head, sample) row kept where
+    ``ε_h − mean_h ε > 0`` (ε standard normal: the official ``drop_head``, in training), the heads' graphs
+    applied to ``relu(bn(W₀ front))`` (width ``(D_f + D_b)//2``), concatenated over heads, a linear layer (zero-
+    initialised bias) to ``D_b`` and L2 normalisation."""
+
+    def __init__(self, front: int, back: int, num_heads: int = 8):
+        super().__init__()
+        self.num_heads = num_heads
+        width = (front + back) // 2
+        self.attention_width = width
+        self.sender = nn.Sequential(nn.Linear(back, width * num_heads, bias=False),
+                                    nn.BatchNorm1d(width * num_heads, eps=1e-5, momentum=0.1))
+        self.receiver = nn.Sequential(nn.Linear(front, width * num_heads, bias=False),
+                                      nn.BatchNorm1d(width * num_heads, eps=1e-5, momentum=0.1))
+        self.hidden = nn.Sequential(nn.Linear(front, width, bias=False), nn.BatchNorm1d(width, eps=1e-5, momentum=0.1),
+                                    nn.ReLU())
+        self.output = nn.Linear(width * num_heads, back)
+        nn.init.zeros_(self.output.bias)
+
+    def attention(self, back: torch.Tensor, front: torch.Tensor) -> torch.Tensor:
+        batch = back.shape[0]
+        sender = self.sender(back).reshape(batch, -1, self.num_heads).permute(2, 0, 1)      # [H, B, D]
+        receiver = self.receiver(front).reshape(batch, -1, self.num_heads).permute(2, 1, 0)  # [H, D, B]
+        return sender @ receiver
+
+    def estimate(self, front: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
+        heads, batch = graph.shape[0], graph.shape[1]
+        graph = graph.softmax(dim=-1)
+        if self.training:
+            noise = torch.randn(heads, batch, 1, dtype=graph.dtype, device=graph.device)
+            graph = graph * (noise - noise.mean(dim=0, keepdim=True) > 0).to(graph.dtype)
+        mixed = graph @ self.hidden(front)                                                  # [H, B, D]
+        return F.normalize(self.output(mixed.transpose(0, 1).reshape(batch, -1)), dim=-1, eps=1e-12)
+
+    def reconstruction_loss(self, back: torch.Tensor, front: torch.Tensor) -> torch.Tensor:
+        """Stage 1: ``mean_i (1 − <estimate(front, attention(back, front))_i, back_i>)`` (``MHA_loss``)."""
+        return (1.0 - (self.estimate(front, self.attention(back, front)) * back).sum(dim=-1)).mean()
+
+
+class MultiHeadGraphs(nn.Module):
+    """The attention networks of the consecutive pairs of teacher stages of ``widths``, shared by MHGD's two
+    stages."""
+
+    def __init__(self, widths: Sequence[int], num_heads: int):
+        super().__init__()
+        self.widths = [int(width) for width in widths]
+        self.pairs = nn.ModuleList(MultiHeadGraph(front, back, num_heads)
+                                   for front, back in zip(self.widths[:-1], self.widths[1:]))
+
+    def check(self, term: str, keys: Sequence[str], embeddings: list[torch.Tensor]) -> None:
+        widths = [e.shape[1] for e in embeddings]
+        if widths != self.widths:
+            raise ValueError(f"term {term!r}: the pooled teacher features {list(keys)} have widths {widths}, the "
+                             f"attention networks were sized for {self.widths} (pass teacher_widths)")
+
+
+def stage_width(model: nn.Module, path: str) -> int | None:
+    """The width a stage tap produces: its last conv's or BN's channels, else its last linear layer's features."""
+    module = find_module(model, path, "teacher")
+    width = output_channels(module)
+    if width is None:
+        width = next((sub.out_features for sub in reversed(list(module.modules())) if isinstance(sub, nn.Linear)),
+                     None)
+    return width
+
+
+def mhgd_embeddings(features) -> list[torch.Tensor]:
+    """L2-normalised pooled embeddings of the stage features (the official compresses them by KD-SVD)."""
+    return [F.normalize(pooled_embedding(feature), dim=-1, eps=1e-12) for feature in features]
+
+
+class MHGDAttentionTerm(Term):
+    """MHGD stage 1: ``Σ_pairs reconstruction_loss`` of the attention networks on the teacher's stage embeddings."""
+
+    def __init__(self, teacher_keys, graphs: MultiHeadGraphs):
+        super().__init__("mhgd_attention", teacher_keys, 1.0)
+        self.graphs = graphs
+
+    def build(self, example):
+        self.graphs.check(self.name, self.reads, mhgd_embeddings(example[key] for key in self.reads))
+
+    def loss(self, *features, context):
+        embeddings = mhgd_embeddings(features)
+        return torch.stack([graph.reconstruction_loss(back, front) for graph, front, back
+                            in zip(self.graphs.pairs, embeddings[:-1], embeddings[1:])]).sum()
+
+
+def clipped_by_reference(loss: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
+    """``loss`` whose gradient on each parameter behind ``reference`` is clipped to ``scale·‖∇ reference‖`` of that
+    parameter (``tf.clip_by_norm``, KD_methods_with_TF ``Optimizer_w_MHGD``); the value and the gradient on other
+    parameters (connectors) are unchanged."""
+    if not (torch.is_grad_enabled() and loss.requires_grad and reference.requires_grad):
+        return loss
+    params = [p for p in graph_leaves(reference) if p.requires_grad]
+    reference_grads = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True)
+    loss_grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    correction = loss.new_zeros(())
+    for param, ref_grad, grad in zip(params, reference_grads, loss_grads):
+        if grad is None or ref_grad is None:
+            continue
+        limit = scale * ref_grad.norm()
+        clipped = grad * (limit / torch.maximum(grad.norm(), limit)).nan_to_num(0.0)
+        correction = correction + ((clipped - grad).detach() * (param - param.detach())).sum()
+    return loss + correction
+
+
+class MHGDTerm(Term):
+    """MHGD stage 2: ``Σ_pairs mhgd_loss(A(e_s), A(e_t))`` with the stage-1 attention networks frozen (eval mode),
+    student embeddings through a bias-free linear connector where their width differs from the teacher's, and the
+    official clipping of the term's student gradients by the CE gradients' norms."""
+
+    def __init__(self, student_keys, teacher_keys, weight: float, graphs: MultiHeadGraphs, clip: bool):
+        if len(student_keys) != len(teacher_keys) or len(student_keys) < 2:
+            raise ValueError(f"term 'mhgd' needs the same number (>= 2) of student and teacher stages, got "
+                             f"{list(student_keys)} and {list(teacher_keys)}")
+        super().__init__("mhgd", [*student_keys, *teacher_keys, "student", "target"], weight)
+        self.num_stages = len(student_keys)
+        self.graphs, self.clip = graphs, clip
+        self.connectors = nn.ModuleList()
+
+    def build(self, example):
+        values = [example[key] for key in self.reads]
+        students = [pooled_embedding(v) for v in values[: self.num_stages]]
+        teachers = mhgd_embeddings(values[self.num_stages: 2 * self.num_stages])
+        self.graphs.check(self.name, self.reads[self.num_stages: 2 * self.num_stages], teachers)
+        if not len(self.connectors):
+            self.connectors.extend(nn.Identity() if s.shape[1] == t.shape[1] else nn.Linear(s.shape[1], t.shape[1],
+                                                                                             bias=False)
+                                   for s, t in zip(students, teachers))
+
+    def graph_loss(self, students, teachers) -> torch.Tensor:
+        students = [F.normalize(connector(pooled_embedding(s)), dim=-1, eps=1e-12)
+                    for connector, s in zip(self.connectors, students)]
+        teachers = mhgd_embeddings(teachers)
+        losses = []
+        for index, graph in enumerate(self.graphs.pairs):
+            with torch.no_grad():
+                teacher_graph = graph.attention(teachers[index + 1], teachers[index])
+            losses.append(kdkernels.mhgd_loss(graph.attention(students[index + 1], students[index]), teacher_graph))
+        return torch.stack(losses).sum()
+
+    def loss(self, *values, context):
+        n = self.num_stages
+        loss = self.graph_loss(values[:n], values[n: 2 * n])
+        if not self.clip or context is None:
+            return loss
+        ce = F.cross_entropy(values[2 * n], values[2 * n + 1])
+        return clipped_by_reference(loss, ce, 1.0 / (1.0 + math.exp(-(context.epoch - 1))))
+
+
+@register("mhgd", category="relation",
+          paper="Lee, Song. Graph-based Knowledge Distillation by Multi-head Attention Network. BMVC 2019",
+          approximation="stage embeddings are the L2-normalised pooled stage maps, not KD-SVD's singular vectors; "
+                        "student stages narrower than the teacher's go through a learnt bias-free linear map")
+def mhgd(setup: Setup, num_heads: int = 8, weight: float = 1.0, attention_epochs: int | float = MHGD_ATTENTION_SHARE,
+         clip_gradients: bool = True, ce_weight: float = 1.0, student_layers: Sequence[str] | None = None,
+         teacher_layers: Sequence[str] | None = None, teacher_widths: Sequence[int] | None = None) -> Recipe:
+    """MHGD: attention training on the teacher, then ``CE + Σ_pairs Σ_{h,i} KL(softmax(tanh G_s) ‖ softmax(tanh G_t))``
+    (sseung0703/KD_methods_with_TF @9fb5414 ``nets/Relation.py`` ``MHGD``, ``op_util.py`` ``Optimizer_w_MHGD``).
+
+    Embeddings ``e`` of every stage (the last block of each, post-ReLU); for each consecutive pair (front, back) a
+    :class:`MultiHeadGraph` of 8 heads. Stage ``mhgd-attention`` (``attention_epochs``, a float: share of the run;
+    the official 40 epochs before its 100) trains only the attention networks on the frozen teacher to reconstruct
+    the back embedding from the front one through the attention, ``mean_i (1 − cos(ê_back, e_back))``. Stage
+    ``mhgd`` freezes them (batch norms on their running statistics) and trains the student on
+    ``ce·CE + weight·Σ_pairs mhgd_loss(A(e_s,back, e_s,front), A(e_t,back, e_t,front))`` (weight 1, summed KL);
+    ``clip_gradients`` clips the graph term's gradient on each student parameter to ``σ(epoch − 1)`` times the
+    norm of the CE gradient on it (the official schedule, epochs counted from the stage's first).
+
+    Approximations: the official compresses each map by KD-SVD (the teacher's top right-singular vector, the
+    student's top 4 aligned to it); here the embedding is the L2-normalised global-average-pooled map. The official
+    student has the teacher's widths; where they differ the student's pooled embedding passes through a learnt
+    bias-free linear map to the teacher's width. The attention networks are sized from the teacher stages' widths
+    (their last conv / BN / linear layer), or ``teacher_widths``; they start from PyTorch's default initialisation
+    (the official: fan-out variance scaling) and train with the run's optimiser settings (the official: 5e-4
+    weight decay on them)."""
+    teacher = setup.require_teacher("mhgd")
+    check = Checks("mhgd")
+    heads = check.integer("num_heads", num_heads, minimum=1)
+    check.flag("clip_gradients", clip_gradients)
+    student_keys = [f"student:{path}" for path in (student_layers or feature_points(setup.student).stages)]
+    teacher_keys = [f"teacher:{path}" for path in (teacher_layers or feature_points(teacher).stages)]
+    if len(student_keys) != len(teacher_keys) or len(teacher_keys) < 2:
+        raise ValueError(f"mhgd pairs at least two consecutive stages of the student and of the teacher, got "
+                         f"{student_keys} and {teacher_keys}: pass student_layers and teacher_layers")
+    teacher_paths = [key.split(":", 1)[1] for key in teacher_keys]
+    if teacher_widths is None:
+        teacher_widths = [stage_width(teacher, path) for path in teacher_paths]
+        if None in teacher_widths:
+            raise ValueError(f"mhgd cannot tell the widths of the teacher stages {teacher_paths} ({teacher_widths}): "
+                             "pass teacher_widths")
+    elif len(teacher_widths) != len(teacher_keys):
+        raise ValueError(f"mhgd: teacher_widths must give one width per teacher stage {teacher_paths}, got "
+                         f"{list(teacher_widths)}")
+    widths = [check.integer(f"teacher_widths[{i}]", width, minimum=1) for i, width in enumerate(teacher_widths)]
+    # The attention networks are a model of both stages (trained in the first, frozen and in eval mode in the
+    # second), so that checkpoints carry them across the stage boundary; no term reads them as a model's output.
+    graphs = MultiHeadGraphs(widths, heads)
+    attention = Distiller({"teacher": teacher, "mhgd_graphs": graphs}, [MHGDAttentionTerm(teacher_keys, graphs)],
+                          trainable=("mhgd_graphs",), evaluate=("teacher",))
+    term = MHGDTerm(student_keys, teacher_keys, weight, graphs, clip_gradients)
+    main = Distiller({"student": setup.student, "teacher": teacher, "mhgd_graphs": graphs},
+                     [CrossEntropyTerm("student", ce_weight), term])
+    return Recipe("mhgd", [Stage("mhgd-attention", attention, epochs=attention_epochs), Stage("mhgd", main)])
 
 
 @register("darkrank", category="relation",
