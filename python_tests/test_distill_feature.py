@@ -505,3 +505,13 @@ def test_pad_bad_configuration_names_the_argument():
         build_recipe("pad", digits_setup(), eps=-1.0)
     with pytest.raises(ValueError, match=r"teacher \(DigitsCNN\) has no submodule 'nope'"):
         build_recipe("pad", digits_setup(), teacher_layer="nope")
+
+
+@pytest.mark.parametrize("pieces", [(1, 3), (2, 2)], ids=["at-the-stage-boundary", "inside-stage-2"])
+def test_ft_resume_is_exact_at_and_after_the_stage_boundary(tmp_path, pieces):
+    """The paraphraser is a term's module trained in stage 1 and used in stage 2: a run resumed right after
+    stage 1 must rebuild it from the checkpoint, not start stage 2 from a fresh one."""
+    def make(seed=0):
+        return build_recipe("ft", digits_setup(seed=seed), paraphraser_epochs=1)
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=pieces)

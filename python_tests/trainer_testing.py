@@ -96,8 +96,11 @@ def assert_same_run(resumed, resumed_recipe, reference, reference_recipe):
 
 
 def parameters_of_recipe(recipe):
-    return {f"{i}/{name}": parameters_of(model) for i, stage in enumerate(recipe.stages)
-            for name, model in stage.distiller.models.items()}
+    """Every model's and every stage's terms' state (a connector or paraphraser a later stage uses)."""
+    models = {f"{i}/{name}": parameters_of(model) for i, stage in enumerate(recipe.stages)
+              for name, model in stage.distiller.models.items()}
+    terms = {f"{i}/terms": parameters_of(stage.distiller.terms) for i, stage in enumerate(recipe.stages)}
+    return {**models, **terms}
 
 
 def assert_same_run_models(resumed: Recipe, reference: Recipe) -> None:

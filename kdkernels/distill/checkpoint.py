@@ -76,6 +76,12 @@ def models_state(recipe: Recipe) -> dict[str, dict]:
     return {key: model.state_dict() for key, model in recipe_models(recipe).items()}
 
 
+def terms_state(recipe: Recipe, stage: int) -> dict[str, dict]:
+    """The state of the modules the terms own (connectors, a paraphraser...) of every stage up to ``stage``, keyed by
+    stage index: a later stage may use what an earlier one trained."""
+    return {str(index): recipe.stages[index].distiller.terms.state_dict() for index in range(stage + 1)}
+
+
 def load_models_state(recipe: Recipe, states: Mapping[str, Mapping]) -> None:
     """Loads :func:`models_state` into the recipe's models; the recipe must have the same stages and models.
     Pruned weights (``torch.nn.utils.prune``'s ``<name>_orig`` and ``<name>_mask``) load into models that are not
@@ -123,7 +129,7 @@ def run_checkpoint(recipe: Recipe, *, stage: int, epoch: int, run_state: dict, r
     """The payload of a checkpoint after ``epoch`` epochs of stage ``stage`` (``run_state``: the stage's own state,
     ``rng_per_rank``: from :func:`rng_per_rank`, ``config``: the TrainConfig as a dict)."""
     return {"method": recipe.method, "stages": [s.name for s in recipe.stages], "stage": stage, "epoch": epoch,
-            "models": models_state(recipe), "run": run_state, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
+            "models": models_state(recipe), "terms": terms_state(recipe, stage), "run": run_state, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
             "history": list(history), "best_accuracy": best_accuracy, "student": recipe.student.state_dict(),
             "config": config}
 

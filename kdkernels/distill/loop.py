@@ -8,8 +8,9 @@ the stage's end, and rank 0 writes ``last.pt`` (every ``checkpoint_every`` epoch
 ``stop_after_epochs`` ends the call), ``best.pt`` (when the exported model's accuracy improves) and the metrics.
 ``stop_at_step`` and ``stop_at_accuracy`` end the run after an optimiser step (mid-epoch): that epoch's row holds
 its steps so far and the evaluation where the run stopped, and the later stages do not run.
-A resumed run skips the finished stages (running their ``before`` again while loading), loads the stage's own
-state and restores the RNG states where training continues, so it repeats the uninterrupted run bit for bit.
+A resumed run skips the finished stages (running their ``before`` again while loading, and rebuilding the modules
+their terms own from the checkpoint), loads the stage's own state and restores the RNG states where training
+continues, so it repeats the uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from kdkernels.distill.mixing import check_mixup, mixup_generator
 from kdkernels.distill.precision import AMP_DTYPES
 from kdkernels.distill.progress import progress_bar
 from kdkernels.distill.recipe import Recipe, Stage
-from kdkernels.distill.stage import StageRun, prepare_stage
+from kdkernels.distill.stage import StageRun, prepare_stage, rebuild_finished_stage
 from kdkernels.distill.step import EpochSums, optimizer_step
 
 
@@ -94,6 +95,7 @@ class Run:
         done = self.resume_epoch if index == self.resume_stage else 0
         if index < self.resume_stage or (index == self.resume_stage and self.resume_payload is not None
                                          and done >= epochs):
+            self._restore_finished_stage(index, stage, epochs)
             return True
         continuing = index == self.resume_stage and self.resume_payload is not None and done > 0
         if not continuing:
@@ -244,6 +246,17 @@ class Run:
         self.history = list(payload["history"])
         self.best = payload["best_accuracy"]
         self.resume_payload = payload
+
+    def _restore_finished_stage(self, index: int, stage: Stage, epochs: int) -> None:
+        """A stage finished before the checkpoint: the modules its terms own (a connector, FT's paraphraser, MHGD's
+        attention networks) may serve a later stage, so they are built (on the stage's first batch, as when it ran)
+        and loaded from the checkpoint. The RNG draws this takes are undone when the next stage restores its RNG."""
+        state = self.resume_payload.get("terms", {}).get(str(index)) if self.resume_payload else None
+        if not state or epochs == 0:
+            return
+        offset = sum(self._stage_epochs(i) for i in range(index))
+        rebuild_finished_stage(stage, offset, self.config, self.env, self.train_set, self.labels)
+        stage.distiller.terms.load_state_dict(state)
 
     def _restore_pending_rng(self) -> None:
         if self.pending_rng is not None:

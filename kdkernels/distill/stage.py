@@ -104,10 +104,9 @@ class StageRun:
         self.step = int(state["step"])
 
 
-def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: TrainConfig, env: Environment,
-                  train_set: Dataset, labels: np.ndarray | None, amp_dtype: torch.dtype | None) -> StageRun:
-    """Sets up stage ``index`` (``epochs`` epochs, after ``offset`` epochs of the earlier stages). The distiller is
-    built on the stage's first batch (terms size their connectors) before the optimiser exists."""
+def _stage_data(stage: Stage, offset: int, config: TrainConfig, env: Environment, train_set: Dataset,
+                labels: np.ndarray | None):
+    """The stage's loader, sampler, source (or None), held-out split (or None) and first batch (for build)."""
     distiller = stage.distiller
     if stage.source is not None:
         if config.mixup_alpha > 0:
@@ -128,6 +127,7 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
         finally:
             distiller.train(training)
         first = {key: value.detach() for key, value in first.items()}
+        held_out_set = None
     else:
         source = None
         train_set, labels, held_out_set = split_training_set(stage.meta_step, train_set, labels, config.seed)
@@ -144,6 +144,15 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
             raise ValueError(f"stage {stage.name!r} gets no batch: {len(train_set)} training samples, "
                              f"batch_size {config.batch_size}, drop_last {config.drop_last}, "
                              f"{env.world_size} process(es)")
+    return loader, sampler, source, held_out_set, first
+
+
+def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: TrainConfig, env: Environment,
+                  train_set: Dataset, labels: np.ndarray | None, amp_dtype: torch.dtype | None) -> StageRun:
+    """Sets up stage ``index`` (``epochs`` epochs, after ``offset`` epochs of the earlier stages). The distiller is
+    built on the stage's first batch (terms size their connectors) before the optimiser exists."""
+    distiller = stage.distiller
+    loader, sampler, source, held_out_set, first = _stage_data(stage, offset, config, env, train_set, labels)
     distiller.build(to_device(first, env.device)).activate().to(env.device)
     if uses_channels_last(config, env.device):   # every model and connector of the stage, built above
         distiller.to(memory_format=torch.channels_last)
@@ -178,3 +187,13 @@ def prepare_stage(index: int, stage: Stage, epochs: int, offset: int, config: Tr
                                         else None, find_unused_parameters=True)
     return StageRun(index, stage, epochs, offset, loader, sampler, parameters, optimizer, scheduler, scaler,
                     model, steps_per_epoch, source=source, meta=meta)
+
+
+def rebuild_finished_stage(stage: Stage, offset: int, config: TrainConfig, env: Environment,
+                           train_set: Dataset, labels: np.ndarray | None) -> None:
+    """Builds the distiller of a stage that finished before a checkpoint (its terms size their connectors on the
+    stage's first batch, as when it ran), without activating it: a resumed run then loads the terms' state."""
+    *_, first = _stage_data(stage, offset, config, env, train_set, labels)
+    stage.distiller.build(to_device(first, env.device)).to(env.device)
+    if uses_channels_last(config, env.device):
+        stage.distiller.to(memory_format=torch.channels_last)
