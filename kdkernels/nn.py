@@ -161,6 +161,8 @@ _SPECS = [
     ("FitNetLoss", losses.fitnet_loss, ("student_hint", "teacher_hint"),
      "loss = FitNetLoss()(regressor(f_s), f_t.detach())"),
     ("ATLoss", losses.at_loss, ("student", "teacher"), "loss = ce + 1000.0 * ATLoss(p=2.0)(f_s, f_t.detach())"),
+    ("TTKDLoss", losses.ttkd_loss, ("student_query", "student_value", "teacher_map", "teacher_key"),
+     "loss = 0.1 * ce + 0.2 * TTKDLoss()(query_embed(f_s), value_embed(f_s), f_t.detach())"),
     ("NSTLoss", losses.nst_loss, ("student", "teacher"), "loss = ce + 50.0 * NSTLoss()(f_s, f_t.detach())"),
     ("FSPLoss", losses.fsp_loss, ("student_features", "teacher_features"),
      "loss = FSPLoss()([g1_s, g2_s, g3_s], [g1_t, g2_t, g3_t])"),

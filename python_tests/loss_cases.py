@@ -64,6 +64,8 @@ INPUTS = {
                              "labels": _labels()},
     "fitnet_loss": lambda: {"student_hint": _maps(seed=1), "teacher_hint": _maps(seed=2)},
     "at_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(channels=5, seed=2)},
+    "ttkd_loss": lambda: {"student_query": _maps(seed=1), "student_value": _maps(seed=2),
+                          "teacher_map": _maps(seed=3)},
     "nst_loss": lambda: {"student": _maps(seed=1), "teacher": _maps(channels=5, seed=2)},
     "fsp_loss": lambda: {"student_features": [_maps(seed=1), _maps(seed=2)],
                          "teacher_features": [_maps(seed=3), _maps(seed=4)]},

@@ -416,3 +416,65 @@ def test_cd_bad_configuration_names_the_argument():
         build_recipe("cd", digits_setup(), edt_milestones=(0.8, 0.3))
     with pytest.raises(ValueError, match=r"term 'cd' pools \[B, C, H, W\] maps.*student:hidden1"):
         first_step(build_recipe("cd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))
+
+
+# ----------------------------------------------------------------------------------------------------------- TTKD
+
+def official_tat_step(values, term_, batch):
+    """The TaT ImageNet config in float64: 0.1·CE (KDLoss alpha 0.1, beta 0) + 0.2·MaskedFM, MaskedFM with heads 1:
+    out = softmax_j(q_i·t_j) v, MSE(out, t), q and v the conv 3×3 + BN embeddings of the student's layer4."""
+    with torch.no_grad():
+        q = term_.query(values["student:stage3"]).double()
+        v = term_.value(values["student:stage3"]).double()
+    t = values["teacher:stage3"].double()
+    b, c, h, w = t.shape
+    q, v, k = (x.reshape(b, c, h * w).transpose(1, 2) for x in (q, v, t))
+    out = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    tat = ((out.transpose(1, 2).reshape(b, c, h, w) - t) ** 2).mean()
+    return {"ttkd": 0.2 * tat, "ce_student": 0.1 * F.cross_entropy(values["student"].double(), batch["target"])}
+
+
+def test_ttkd_step_is_the_official_target_aware_transformer():
+    distiller, batch, values, output = first_step(build_recipe("ttkd", digits_setup()))
+    tat = term(distiller, "ttkd")
+    assert tat.reads == ("student:stage3", "teacher:stage3")
+    for embed in (tat.query, tat.value):
+        assert isinstance(embed[0], torch.nn.Conv2d) and embed[0].kernel_size == (3, 3) and embed[0].bias is None
+        assert isinstance(embed[1], torch.nn.BatchNorm2d) and embed[0].out_channels == 128
+    expected = official_tat_step(values, tat, batch)
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value, rtol=1e-5, atol=1e-8)
+
+
+def test_ttkd_trains_its_embeddings_and_takes_heads_and_kd():
+    history = run_steps(build_recipe("ttkd", digits_setup()))
+    assert all(step["ttkd"] > 0 for step in history)
+    distiller, batch, values, output = first_step(build_recipe("ttkd", digits_setup(), heads=4, kd_weight=0.9))
+    tat = term(distiller, "ttkd")
+    assert any(p is tat.query[0].weight for p in distiller.trainable_parameters())
+    s = values["student:stage3"]
+    close(output.terms["ttkd"], 0.2 * kdkernels.ttkd_loss(tat.query(s), tat.value(s), values["teacher:stage3"], heads=4))
+    close(output.terms["kd"], 0.9 * kdkernels.kd_loss(values["student"], values["teacher"], 1.0))
+
+
+def make_ttkd(seed=0):
+    return build_recipe("ttkd", digits_setup(seed=seed))
+
+
+def test_ttkd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_ttkd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_ttkd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("ttkd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"ttkd: heads must be an int >= 1, got 0"):
+        build_recipe("ttkd", digits_setup(), heads=0)
+    with pytest.raises(ValueError, match=r"ttkd: heads must divide the teacher's channels \(128 at teacher:stage3\)"):
+        first_step(build_recipe("ttkd", digits_setup(), heads=3))
+    with pytest.raises(ValueError, match=r"term 'ttkd' attends between \[B, C, H, W\] maps of one spatial size.*"
+                                         r"student:stage2 \(32, 8, 4, 4\)"):
+        first_step(build_recipe("ttkd", digits_setup(), student_layer="stage2"))
+    with pytest.raises(ValueError, match=r"term 'ttkd' attends between .*student:hidden1 \(32, 32\)"):
+        first_step(build_recipe("ttkd", digits_setup(student="student-mlp")))

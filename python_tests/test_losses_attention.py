@@ -66,3 +66,70 @@ X = torch.randn(2, 3, 4, 4)
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------------------------------------- TTKD
+
+def tat_masked_fm(s, q, v, t, k, heads):
+    """sihaoevery/TaT ``torchdistill/losses/single.py`` ``MaskedFM.batch_loss`` with the einops rearranges written as
+    view/permute: ``'b (h d) x y -> b h (x y) d'``, similarity q·kᵀ, softmax over the teacher positions, out = A v,
+    back to ``'b (h d) x y'``, ``nn.MSELoss()(out, t)``. ``s`` (the raw student map) is unused, as in the official."""
+    b, c, h, w = v.shape
+
+    def to_tokens(x):
+        return x.reshape(b, heads, c // heads, h * w).permute(0, 1, 3, 2)
+
+    q, k, v = to_tokens(q), to_tokens(k), to_tokens(v)
+    sim = torch.einsum("bhid,bhjd->bhij", q, k).softmax(dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", sim, v)
+    out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
+    return torch.nn.MSELoss()(out, t)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_ttkd_is_the_official_masked_fm(heads):
+    q = randn(3, 8, 3, 2, seed=11, grad=True)
+    v = randn(3, 8, 3, 2, seed=12, grad=True)
+    t = randn(3, 8, 3, 2, seed=13, scale=2.0, grad=True)
+    assert_equals_official(lambda q, v, t: kdkernels.ttkd_loss(q, v, t, heads=heads),
+                           lambda q, v, t: tat_masked_fm(None, q, v, t, t, heads), q, v, t, what=f"ttkd heads={heads}")
+
+
+def test_ttkd_with_a_separate_key_and_the_reductions():
+    q, v, t, k = (randn(2, 4, 2, 3, seed=seed, grad=True) for seed in (21, 22, 23, 24))
+    assert_equals_official(lambda q, v, t, k: kdkernels.ttkd_loss(q, v, t, k),
+                           lambda q, v, t, k: tat_masked_fm(None, q, v, t, k, 1), q, v, t, k, what="ttkd key")
+    rows = kdkernels.ttkd_loss(q, v, t, reduction="none")
+    assert rows.shape == (2,)
+    torch.testing.assert_close(rows.sum() / (2 * 4 * 6), tat_masked_fm(None, q, v, t, t, 1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.ttkd_loss(q, v, t, reduction="batchmean"), rows.sum() / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.ttkd_loss(q, v, t, reduction="sum"), rows.sum(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_ttkd_low_precision_inputs_compute_in_float32(dtype):
+    q, v, t = (randn(2, 4, 2, 2, seed=seed) for seed in (31, 32, 33))
+    value = kdkernels.ttkd_loss(q.to(dtype), v.to(dtype), t.to(dtype))
+    assert value.dtype == torch.float32
+    expected = tat_masked_fm(None, *(x.to(dtype).double() for x in (q, v, t, t)), 1)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.ttkd_loss(X, X, torch.randn(2, 5, 4, 4)), ValueError,
+     r"^ttkd_loss: teacher_map must have the same shape as student_query \(2, 3, 4, 4\) \(map the student"),
+    (lambda: kdkernels.ttkd_loss(X, torch.randn(2, 3, 2, 2), X), ValueError,
+     r"^ttkd_loss: student_value must have the same shape as student_query"),
+    (lambda: kdkernels.ttkd_loss(X, X, X, torch.randn(2, 3, 2, 2)), ValueError,
+     r"^ttkd_loss: teacher_key must have the same shape as student_query"),
+    (lambda: kdkernels.ttkd_loss(X, X, X, heads=2), ValueError, r"^ttkd_loss: heads must divide the channels \(3\), "
+                                                                 r"got 2$"),
+    (lambda: kdkernels.ttkd_loss(X, X, X, heads=0), ValueError, r"^ttkd_loss: heads must be an int >= 1, got 0$"),
+    (lambda: kdkernels.ttkd_loss(X, X, X, heads=1.0), TypeError, r"^ttkd_loss: heads must be an int"),
+    (lambda: kdkernels.ttkd_loss([1.0], X, X), TypeError, r"^ttkd_loss: student_query must be a torch.Tensor"),
+    (lambda: kdkernels.ttkd_loss(X, X, torch.randn(2, 48)), ValueError, r"^ttkd_loss: teacher_map must have 4 dims"),
+    (lambda: kdkernels.ttkd_loss(X, X, X, reduction="avg"), ValueError, r"^ttkd_loss: reduction must be one of"),
+])
+def test_ttkd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

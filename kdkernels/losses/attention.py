@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._validation import Checks, Reduction
-from kdkernels.losses._common import pool_to_smaller
+from kdkernels.losses._common import accumulate, pool_to_smaller
 from kdkernels.losses.feature import reduce_elements
 
 
@@ -29,3 +29,49 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0, *, red
     reduction = check.reduction(reduction)
     student, teacher = pool_to_smaller(student, teacher)
     return reduce_elements((attention_map(student, p) - attention_map(teacher, p)).pow(2), reduction)
+
+
+def ttkd_loss(student_query: torch.Tensor, student_value: torch.Tensor, teacher_map: torch.Tensor,
+              teacher_key: torch.Tensor | None = None, *, heads: int = 1,
+              reduction: Reduction = "mean") -> torch.Tensor:
+    """Target-aware transformer KD (Lin et al., "Knowledge Distillation via the Target-aware Transformer", CVPR 2022),
+    as sihaoevery/TaT @a6cc329 ``torchdistill/losses/single.py`` (``MaskedFM.batch_loss``): every student position i
+    aggregates the student's value map by its similarity to the teacher's positions, and the reconfigured map is
+    regressed on the teacher's::
+
+        A_h = softmax_j(q_{h,i} · k_{h,j})  [HW × HW, no scaling],   out_h = A_h v_h,   loss = mean (out − t)²
+
+    with q, v, k, t read as ``[N, heads, H·W, C/heads]`` (channels split into heads, head-major, as ``einops``
+    ``'b (h d) x y -> b h (x y) d'``). ``student_query`` / ``student_value`` are the student map through the query and
+    value embeddings (the official conv 3×3 + BN each, C_s → C_t), ``teacher_map`` the teacher's map t, and
+    ``teacher_key`` the key map (default: the teacher map itself, the official identity key embedding); all
+    ``[N, C, H, W]`` of one shape. ``reduction`` over the N·C·H·W squared errors: ``"mean"`` (official
+    ``nn.MSELoss``), ``"batchmean"``, ``"sum"`` or ``"none"`` (per sample). The teacher is used as given (the
+    official teacher runs under ``no_grad``). The official classification code has no patch-group / anchor-point
+    variants (those are in the segmentation code).
+    """
+    check = Checks("ttkd_loss")
+    for name, value in (("student_value", student_value), ("teacher_map", teacher_map)):
+        check.feature_pair("student_query", student_query, name, value, dims=(4,))
+        check.same_shape(name, value, "student_query", student_query,
+                         " (map the student with query/value embeddings to the teacher's channels and size)")
+    if teacher_key is not None:
+        check.feature_pair("student_query", student_query, "teacher_key", teacher_key, dims=(4,))
+        check.same_shape("teacher_key", teacher_key, "student_query", student_query)
+    heads = check.integer("heads", heads, minimum=1)
+    channels = student_query.shape[1]
+    if channels % heads:
+        check.value_error("heads", f"must divide the channels ({channels})", heads)
+    reduction = check.reduction(reduction)
+    query = accumulate(student_query)
+    value = accumulate(student_value).to(query.dtype)
+    target = accumulate(teacher_map).to(query.dtype)
+    key = target if teacher_key is None else accumulate(teacher_key).to(query.dtype)
+    batch, _, height, width = query.shape
+
+    def split(x):  # [N, (h d), H, W] -> [N, h, H·W, d]
+        return x.reshape(batch, heads, channels // heads, height * width).transpose(2, 3)
+
+    attention = torch.softmax(split(query) @ split(key).transpose(2, 3), dim=-1)
+    out = (attention @ split(value)).transpose(2, 3).reshape(batch, channels, height, width)
+    return reduce_elements((out - target).pow(2), reduction)

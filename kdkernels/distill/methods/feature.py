@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
-                                          cd_connector, cwd_connector, ofd_connector, output_channels)
+                                          cd_connector, cwd_connector, ofd_connector, output_channels,
+                                          ttkd_embedding)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, stage_tap
@@ -357,6 +359,61 @@ def cd(setup: Setup, weight: float = 6.0, gkd_weight: float = 0.1, gkd_temperatu
     if gkd_weight > 0:
         terms.insert(1, GuidedKDTerm(gkd_weight, gkd_temperature, delayed))
     return offline("cd", setup, terms)
+
+
+# ----------------------------------------------------------------------------------------------------------- TTKD
+
+class TargetAwareTerm(Term):
+    """TaT on one pair of maps: ``ttkd_loss(query(f_s), value(f_s), f_t, heads=heads)``, query and value the
+    official conv 3×3 + BN embeddings of the student map (:func:`~kdkernels.distill.connectors.ttkd_embedding`),
+    the key the teacher map itself."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, heads: int):
+        super().__init__("ttkd", (student_key, teacher_key), weight)
+        self.heads = heads
+        self.query: nn.Module | None = None
+        self.value: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"term 'ttkd' attends between [B, C, H, W] maps of one spatial size, got "
+                             f"{self.reads[0]} {tuple(student.shape)} and {self.reads[1]} {tuple(teacher.shape)}: "
+                             f"pass student_layer / teacher_layer naming such maps")
+        if teacher.shape[1] % self.heads:
+            raise ValueError(f"ttkd: heads must divide the teacher's channels ({teacher.shape[1]} at "
+                             f"{self.reads[1]}), got {self.heads}")
+        if self.query is None:
+            self.query = ttkd_embedding(student.shape[1], teacher.shape[1])
+            self.value = ttkd_embedding(student.shape[1], teacher.shape[1])
+        check_term(self, example, lambda: self.loss(student, teacher, context=None))
+
+    def loss(self, student, teacher, context):
+        return kdkernels.ttkd_loss(self.query(student), self.value(student), teacher, heads=self.heads)
+
+
+@register("ttkd", category="feature",
+          paper="Lin, Xie, Wang, Yao, Chen, Wang, Qin, Liu. Knowledge Distillation via the Target-aware Transformer. "
+                "CVPR 2022")
+def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0.1, kd_weight: float = 0.0,
+         kd_temperature: float = 1.0, student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+    """TaT: ``ce·CE (+ kd·KD) + weight·mean(softmax_j(q_i·t_j) v − t)²`` on the deepest stage maps
+    (:func:`kdkernels.ttkd_loss`), q = conv3×3+BN(f_s), v = conv3×3+BN(f_s) (C_s → C_t), the key the teacher map t.
+
+    Provenance: sihaoevery/TaT @a6cc329 (the authors' ImageNet code): ``torchdistill/losses/single.py``
+    (``MaskedFM``, heads 1, ``nn.MSELoss``), ``torchdistill/models/special.py`` (``AttnEmbed``: student query and value
+    ``Embed`` conv 3×3 + BN, teacher key ``nn.Identity``), ``configs/sample/ilsvrc2012/single_stage/tat/
+    resnet18_from_resnet34_attn.yaml`` (taps ``layer4`` of both; ``MaskedFM`` factor 0.2; ``KDLoss`` T 1, alpha 0.1,
+    beta 0.0: 0.1·CE and no KD term). The patch-group and anchor-point variants of the paper are only in the
+    segmentation code (TaT-seg) and are not implemented. Taps: the student's and the teacher's deepest ``kd_points``
+    stage (one spatial size).
+    """
+    teacher = setup.require_teacher("ttkd")
+    Checks("ttkd").integer("heads", heads, minimum=1)
+    student_tap = student_layer or stage_tap("ttkd", setup.student, -1, "student_layer")
+    teacher_tap = teacher_layer or stage_tap("ttkd", teacher, -1, "teacher_layer")
+    term = TargetAwareTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, heads)
+    return offline("ttkd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
 
 
 # ------------------------------------------------------------------------------------------------------------ VID
