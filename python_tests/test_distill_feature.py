@@ -478,3 +478,81 @@ def test_ttkd_bad_configuration_names_the_argument():
         first_step(build_recipe("ttkd", digits_setup(), student_layer="stage2"))
     with pytest.raises(ValueError, match=r"term 'ttkd' attends between .*student:hidden1 \(32, 32\)"):
         first_step(build_recipe("ttkd", digits_setup(student="student-mlp")))
+
+
+# -------------------------------------------------------------------------------------------------------- KD-SVD
+
+def official_kd_svd_gradients(distiller, batch, epoch):
+    """KD_methods_with_TF ``op_util.Optimizer_w_Distillation`` for KD-SVD, on this step: per student variable
+    ``g_ce + clip_by_norm(g_dist, ‖g_ce‖·sigmoid(epoch − 1, 0))`` (``tf.clip_by_norm``: t·c / max(‖t‖, c)), g_dist of
+    the transcribed ``KD_SVD`` (test_losses_feature.official_kd_svd) on the connected student maps."""
+    from test_losses_feature import official_kd_svd
+    values = distiller.run_models(batch)
+    svd = term(distiller, "kd_svd")
+    students = [c(values[f"student:{key}"]) for c, key in zip(svd.connectors, STAGES)]
+    dist = official_kd_svd(students, [values[f"teacher:{key}"] for key in STAGES])
+    ce = F.cross_entropy(values["student"], batch["target"])
+    params = list(distiller.models["student"].parameters())
+    g_dist = torch.autograd.grad(dist, params, retain_graph=True, allow_unused=True)
+    dist = dist.detach()
+    g_ce = torch.autograd.grad(ce, params, allow_unused=True)
+    scale = 1 / (1 + math.exp(-(epoch - 1)))
+    expected = []
+    for gd, gc in zip(g_dist, g_ce):
+        gc = torch.zeros_like(gd) if gc is None else gc
+        if gd is None or not gd.any():
+            expected.append(gc)
+            continue
+        clip = gc.norm() * scale
+        expected.append(gc + gd * clip / torch.maximum(gd.norm(), clip))
+    return dist, expected, [0.0 if gd is None else gd.norm() for gd in g_dist]
+
+
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_kd_svd_step_is_the_official_loss_and_clipped_gradients(epoch):
+    distiller, batch, values, _ = first_step(build_recipe("kd-svd", digits_setup()))
+    svd = term(distiller, "kd_svd")
+    assert svd.reads == ("student:stage1", "student:stage2", "student:stage3",
+                         "teacher:stage1", "teacher:stage2", "teacher:stage3", "student", "target")
+    assert all(isinstance(c[0], torch.nn.Conv2d) and c[0].kernel_size == (1, 1) for c in svd.connectors)
+    distiller.eval().double()   # eval: both forwards below see the same batch-norm statistics; float64 SVDs
+    batch = {**batch, "input": batch["input"].double()}
+    dist, expected, unclipped = official_kd_svd_gradients(distiller, batch, epoch)
+    output = distiller.compute_terms(distiller.run_models(batch), StepContext(epoch=epoch, epochs=30, batch=batch))
+    torch.testing.assert_close(output.terms["kd_svd"], dist, rtol=1e-10, atol=0)
+    params = list(distiller.models["student"].parameters())
+    grads = torch.autograd.grad(output.loss, params, retain_graph=True)
+    for index, (grad, want) in enumerate(zip(grads, expected)):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-12, msg=lambda m: f"parameter {index}: {m}")
+    clipped = [g.norm() for g in torch.autograd.grad(output.term_losses["kd_svd"], params, materialize_grads=True)]
+    assert any(c < 0.99 * u for c, u in zip(clipped, unclipped)), "the clipping must shrink some gradient"
+
+
+def test_kd_svd_trains_and_without_clipping_is_ce_plus_the_loss():
+    run_steps(build_recipe("kd-svd", digits_setup()))
+    distiller, batch, values, output = first_step(build_recipe("kd-svd", digits_setup(), clip_gradients=False, k=2))
+    svd = term(distiller, "kd_svd")
+    assert svd.reads[-1] == "teacher:stage3"
+    connected = [c(values[f"student:{key}"]) for c, key in zip(svd.connectors, STAGES)]
+    close(output.terms["kd_svd"], kdkernels.kd_svd_loss(connected, [values[f"teacher:{k}"] for k in STAGES], k=2))
+
+
+def make_kd_svd(seed=0):
+    return build_recipe("kd-svd", digits_setup(seed=seed))
+
+
+def test_kd_svd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_kd_svd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_kd_svd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("kd-svd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"kd-svd pairs at least two stages one to one, got 1 student and 3 teacher"):
+        build_recipe("kd-svd", digits_setup(), student_layers="stage3")
+    with pytest.raises(ValueError, match=r"kd-svd: k must be an int >= 1, got 0"):
+        build_recipe("kd-svd", digits_setup(), k=0)
+    with pytest.raises(TypeError, match=r"kd-svd: clip_gradients must be a bool"):
+        build_recipe("kd-svd", digits_setup(), clip_gradients="yes")
+    with pytest.raises(ValueError, match=r"term 'kd_svd' decomposes \[B, C, H, W\] maps.*student:hidden1"):
+        first_step(build_recipe("kd-svd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))

@@ -6,6 +6,7 @@ with the official stage weights; connectors (regressors, embeddings) are built f
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
+from kdkernels.distill.term_gradients import graph_leaves, term_gradients
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
 from kdkernels.losses._common import pool_to_smaller
 from kdkernels.losses.contrastive import sample_other_class_indices
@@ -414,6 +416,99 @@ def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0
     teacher_tap = teacher_layer or stage_tap("ttkd", teacher, -1, "teacher_layer")
     term = TargetAwareTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, heads)
     return offline("ttkd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
+
+
+# --------------------------------------------------------------------------------------------------------- KD-SVD
+
+def clip_gradient_by(loss: torch.Tensor, reference: torch.Tensor, params: Sequence[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    """``loss`` with the same value and, for each tensor of ``params``, the gradient ``clip_by_norm(∇_p loss,
+    scale·‖∇_p reference‖)`` (TensorFlow's ``t·c / max(‖t‖, c)``; a tensor ``loss`` does not reach keeps its zero
+    gradient), through a detached linear correction: one extra backward per loss, no second forward."""
+    grads = term_gradients({"loss": loss, "reference": reference}, params)
+    correction = loss.new_zeros(())
+    for param, grad, ref in zip(params, grads["loss"], grads["reference"]):
+        norm, clip = grad.norm(), scale * ref.norm()
+        factor = torch.where(norm > 0, clip / torch.maximum(norm, clip).clamp_min(1e-30), torch.ones_like(norm))
+        correction = correction + (((factor - 1.0) * grad).detach() * param).sum()
+    return loss + (correction - correction.detach())
+
+
+class KDSVDTerm(StageTerm):
+    """KD-SVD over the stage maps: ``kd_svd_loss([conn_i(s_i)], [t_i], k=k)``, conn_i a conv 1×1 + BN + ReLU when the
+    channel counts differ (identity otherwise); with ``clip`` the distillation gradient of every student parameter
+    tensor is clipped to ``σ(epoch − 1)·‖∇ CE‖`` of that tensor (the official ``Optimizer_w_Distillation``)."""
+
+    def __init__(self, student_keys, teacher_keys, weight: float, k: int, clip: bool):
+        super().__init__("kd_svd", student_keys, teacher_keys, weight)
+        self.k, self.clip = k, clip
+        if clip:
+            self.reads = (*self.reads, "student", "target")
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4:
+            raise ValueError(f"term 'kd_svd' decomposes [B, C, H, W] maps, got {self.reads[index]} "
+                             f"{tuple(student.shape)} and {self.reads[self.num_stages + index]} "
+                             f"{tuple(teacher.shape)}: pass student_layers / teacher_layers naming such maps")
+        return cwd_connector(student.shape[1], teacher.shape[1])
+
+    def build(self, example):
+        stage_values = [example[key] for key in self.reads[: 2 * self.num_stages]]
+        if not len(self.connectors):
+            self.connectors = nn.ModuleList(self.make_connector(i, s, t)
+                                            for i, (s, t) in enumerate(self.pairs(stage_values)))
+        check_term(self, example, lambda: self.distillation(stage_values))
+
+    def distillation(self, stage_values):
+        pairs = self.pairs(stage_values)
+        return kdkernels.kd_svd_loss([c(s) for c, (s, _) in zip(self.connectors, pairs)], [t for _, t in pairs],
+                                     k=self.k)
+
+    def loss(self, *values, context):
+        loss = self.distillation(values[: 2 * self.num_stages])
+        if not self.clip or context is None or not torch.is_grad_enabled() or not loss.requires_grad:
+            return loss
+        logits, target = values[2 * self.num_stages:]
+        params = [p for p in graph_leaves(logits) if p.requires_grad]
+        if not params:
+            return loss
+        scale = 1.0 / (1.0 + math.exp(-(context.epoch - 1)))      # op_util.sigmoid(epoch, 0), epoch from 0
+        weight = self.weight_at(context)
+        if weight == 0:
+            return loss
+        clipped = clip_gradient_by(weight * loss, F.cross_entropy(logits, target), params, scale)
+        return clipped / weight
+
+
+@register("kd-svd", category="feature",
+          paper="Lee, Kim, Song. Self-supervised Knowledge Distillation Using Singular Value Decomposition. ECCV 2018",
+          approximation="the official networks have the teacher's widths; here a conv 1x1 + BN + ReLU connector maps "
+                        "each student stage to the teacher's channels when they differ, and the gradient-clip factor "
+                        "sigmoid(epoch) uses the whole epochs done (the official feeds the fractional epoch)")
+def kd_svd(setup: Setup, weight: float = 1.0, k: int = 1, ce_weight: float = 1.0, clip_gradients: bool = True,
+           student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """KD-SVD: ``ce·CE + weight·Σ_{consecutive stages} Σ (G_s − G_t)²`` (:func:`kdkernels.kd_svd_loss`): per stage the
+    teacher's first k right singular vectors of the map ``[H·W, C]``, the student's best-aligned of its first k + 3
+    (sign-flipped), both scaled by the teacher's normalised singular values, G the RBF ``exp(−(v_a − v_b)²/8)`` of the
+    entries of consecutive stages' vectors. With ``clip_gradients`` (the official) the distillation gradient of each
+    student parameter tensor is clipped to ``σ(epoch)·‖∇ CE‖`` of that tensor, σ the logistic function, epoch from 0.
+
+    Provenance: sseung0703/KD_methods_with_TF @9fb5414: ``nets/Shared.py`` (``KD_SVD``: K 1, student K + 3, RBF / 8,
+    ``reduce_sum``), ``nets/SVP.py`` (``SVD``, ``Align_rsv``), ``nets/ResNet.py`` (the last block output of every
+    stage, after ReLU; ``Distillation='KD-SVD'``), ``op_util.py`` (``Optimizer_w_Distillation``: CE + dist, the dist
+    gradients clipped by norm per variable to the CE gradient's norm × ``sigmoid(epoch, 0)``). Taps: every ``kd_points``
+    stage of both models; connectors where widths differ (approximation flag, the official widths agree).
+    """
+    teacher = setup.require_teacher("kd-svd")
+    Checks("kd-svd").integer("k", k, minimum=1)
+    Checks("kd-svd").flag("clip_gradients", clip_gradients)
+    student_taps = stage_taps(setup.student, student_layers)
+    teacher_taps = stage_taps(teacher, teacher_layers)
+    if len(student_taps) != len(teacher_taps) or len(student_taps) < 2:
+        raise ValueError(f"kd-svd pairs at least two stages one to one, got {len(student_taps)} student and "
+                         f"{len(teacher_taps)} teacher taps: pass student_layers / teacher_layers")
+    term = KDSVDTerm(tapped("student", student_taps), tapped("teacher", teacher_taps), weight, k, clip_gradients)
+    return offline("kd-svd", setup, [*response_terms(ce_weight), term])
 
 
 # ------------------------------------------------------------------------------------------------------------ VID
