@@ -179,6 +179,8 @@ _SPECS = [
      "loss = ce + 6.0 * CDLoss()([c(f) for c, f in zip(connectors, fs_s)], [f.detach() for f in fs_t])"),
     ("KDSVDLoss", losses.kd_svd_loss, ("student_features", "teacher_features"),
      "loss = ce + KDSVDLoss()([c(f) for c, f in zip(connectors, fs_s)], [f.detach() for f in fs_t])"),
+    ("JacobianMatchingLoss", losses.jacobian_matching_loss, ("student_jacobian", "teacher_jacobian"),
+     "loss = ce + kd + 20.0 * JacobianMatchingLoss()(grad(z_s[y].sum(), x, create_graph=True)[0], j_t.detach())"),
     ("DarkRankLoss", losses.darkrank_loss, ("student", "teacher"), "loss = DarkRankLoss()(e_s, e_t.detach())"),
     ("EnsembleKDLoss", losses.ensemble_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + EnsembleKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers])"),

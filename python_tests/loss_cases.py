@@ -75,6 +75,7 @@ INPUTS = {
     "ft_loss": lambda: {"student_factor": _maps(seed=1), "teacher_factor": _maps(seed=2)},
     "cwd_loss": lambda: {"student_map": _maps(seed=1), "teacher_map": _maps(seed=2)},
     "cd_loss": lambda: {"student_features": _maps(seed=1), "teacher_features": _maps(seed=2)},
+    "jacobian_matching_loss": lambda: {"student_jacobian": _maps(seed=1), "teacher_jacobian": _maps(seed=2)},
     "kd_svd_loss": lambda: {"student_features": [_maps(seed=1), _maps(channels=5, size=2, seed=2)],
                             "teacher_features": [_maps(seed=3), _maps(channels=5, size=2, seed=4)]},
     "darkrank_loss": lambda: _features_pair(),

@@ -556,3 +556,82 @@ def test_kd_svd_bad_configuration_names_the_argument():
         build_recipe("kd-svd", digits_setup(), clip_gradients="yes")
     with pytest.raises(ValueError, match=r"term 'kd_svd' decomposes \[B, C, H, W\] maps.*student:hidden1"):
         first_step(build_recipe("kd-svd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))
+
+
+# ------------------------------------------------------------------------------------------------------ Jacobian
+
+def viewed_step(recipe, batch_size=32):
+    """first_step with the distiller's views applied (the trainer applies them; run_models takes the batch as given)."""
+    stage = recipe.stages[-1]
+    distiller = stage.distiller
+    batch = next(iter(batches_for(stage, batch_size)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=0)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=1, batch=viewed))
+    return distiller, viewed, values, output
+
+
+def kdzoo_sobolev(out_s, out_t, img, target):
+    """AberHu/Knowledge-Distillation-Zoo ``kd_losses/sobolev.py`` ``Sobolev.forward``, transcribed."""
+    target_out_s = torch.gather(out_s, 1, target.view(-1, 1))
+    grad_s = torch.autograd.grad(outputs=target_out_s, inputs=img, grad_outputs=torch.ones_like(target_out_s),
+                                 create_graph=True, retain_graph=True, only_inputs=True)[0]
+    norm_grad_s = F.normalize(grad_s.view(grad_s.size(0), -1), p=2, dim=1)
+    target_out_t = torch.gather(out_t, 1, target.view(-1, 1))
+    grad_t = torch.autograd.grad(outputs=target_out_t, inputs=img, grad_outputs=torch.ones_like(target_out_t),
+                                 create_graph=True, retain_graph=True, only_inputs=True)[0]
+    norm_grad_t = F.normalize(grad_t.view(grad_t.size(0), -1), p=2, dim=1)
+    return F.mse_loss(norm_grad_s, norm_grad_t.detach())
+
+
+def test_jacobian_step_is_ce_kd_and_the_reference_sobolev_with_its_double_backward():
+    distiller, batch, values, output = viewed_step(build_recipe("jacobian", digits_setup()))
+    image, labels = batch["input"], batch["target"]
+    assert image.requires_grad and image.is_leaf
+    student, teacher = values["student"], values["teacher"]
+    sobolev = kdzoo_sobolev(student, teacher, image, labels)
+    p_t = F.softmax(teacher.detach().double() / 4, 1)
+    kd = 16 * (p_t * (p_t.log() - F.log_softmax(student.double() / 4, 1))).sum(1).mean()
+    expected = {"jacobian": 20.0 * sobolev, "kd": 0.9 * kd,
+                "ce_student": 0.1 * F.cross_entropy(student.double(), labels)}
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value.double(), rtol=1e-5, atol=1e-8)
+    params = [p for p in distiller.models["student"].parameters()]
+    ours = torch.autograd.grad(output.term_losses["jacobian"], params, retain_graph=True, allow_unused=True)
+    reference = torch.autograd.grad(20.0 * sobolev, params, retain_graph=True, allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in ours if g is not None) > 0
+    for index, (a, b) in enumerate(zip(ours, reference)):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda m: f"parameter {index}: {m}")
+    assert all(not p.requires_grad for p in distiller.models["teacher"].parameters())
+
+
+def test_jacobian_takes_the_teacher_class_and_no_kd():
+    distiller, batch, values, output = viewed_step(build_recipe("jacobian", digits_setup(), classes="teacher",
+                                                                kd_weight=0.0, ce_weight=1.0, weight=5.0))
+    assert set(output.terms) == {"ce_student", "jacobian"}
+    image, student, teacher = batch["input"], values["student"], values["teacher"]
+    top = teacher.detach().argmax(1)
+    assert not torch.equal(top, batch["target"])  # untrained teacher: the choice matters
+    close(output.terms["jacobian"], 5.0 * kdzoo_sobolev(student, teacher, image, top))
+
+
+def test_jacobian_trains_through_the_trainer_and_resumes_exactly(tmp_path):
+    assert_resume_is_exact(lambda seed=0: build_recipe("jacobian", digits_setup(seed=seed)),
+                           dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_jacobian_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("jacobian", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"jacobian: classes must be one of 'target', 'teacher', got 'top'"):
+        build_recipe("jacobian", digits_setup(), classes="top")
+    with pytest.raises(ValueError, match=r"jacobian: temperature must be positive"):
+        build_recipe("jacobian", digits_setup(), temperature=0.0)
+    with pytest.raises(ValueError, match=r"term 'jacobian' differentiates the outputs with respect to 'input', which "
+                                         r"does not require grad here: the method's RequiresGrad view"):
+        first_step(build_recipe("jacobian", digits_setup()))   # run_models without the views

@@ -454,3 +454,84 @@ SVD_MAP = torch.randn(2, 3, 4, 4)
 def test_kd_svd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------ Jacobian
+
+def kdzoo_sobolev_on_gradients(grad_s, grad_t):
+    """AberHu/Knowledge-Distillation-Zoo ``kd_losses/sobolev.py`` after its two ``grad`` calls: ``F.normalize`` of
+    the flattened gradients (p 2, dim 1), ``F.mse_loss(norm_grad_s, norm_grad_t.detach())``."""
+    norm_grad_s = F.normalize(grad_s.view(grad_s.size(0), -1), p=2, dim=1)
+    norm_grad_t = F.normalize(grad_t.view(grad_t.size(0), -1), p=2, dim=1)
+    return F.mse_loss(norm_grad_s, norm_grad_t.detach())
+
+
+def paper_jacobian_matching(j_s, j_t):
+    """Srinivas & Fleuret: per sample ‖J_s/‖J_s‖₂ − J_t/‖J_t‖₂‖₂², averaged over the batch."""
+    j_s, j_t = j_s.flatten(1), j_t.flatten(1)
+    diff = j_s / j_s.norm(dim=1, keepdim=True) - j_t / j_t.norm(dim=1, keepdim=True)
+    return (diff ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 8, 8), (3, 3, 4, 5), (5, 7)], ids=["digits", "rgb", "vector"])
+def test_jacobian_matching_is_the_reference_and_the_paper_formula(shape):
+    j_s, j_t = randn(*shape, seed=100, grad=True), randn(*shape, seed=101, scale=3.0)
+    assert_equals_official(kdkernels.jacobian_matching_loss, kdzoo_sobolev_on_gradients, j_s, j_t, what="jacobian")
+    assert_equals_official(lambda s, t: kdkernels.jacobian_matching_loss(s, t, reduction="batchmean"),
+                           paper_jacobian_matching, j_s, j_t, what="jacobian batchmean")
+    rows = kdkernels.jacobian_matching_loss(j_s, j_t, reduction="none")
+    assert rows.shape == (shape[0],)
+    torch.testing.assert_close(kdkernels.jacobian_matching_loss(j_s, j_t, reduction="sum"), rows.sum(), rtol=1e-12,
+                               atol=0)
+    # scale-invariant per sample: only the directions are matched
+    scaled = j_s.detach() * torch.arange(1, shape[0] + 1, dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
+    torch.testing.assert_close(kdkernels.jacobian_matching_loss(scaled, j_t), kdzoo_sobolev_on_gradients(j_s, j_t),
+                               rtol=1e-12, atol=0)
+
+
+def test_jacobian_matching_of_real_input_gradients_with_double_backward():
+    """The loss on ``autograd.grad(..., create_graph=True)`` gradients trains the student's weights: the reference's
+    whole ``Sobolev.forward`` (gather the target logit, grad w.r.t. the image) through a small net, in float64."""
+    x = randn(4, 6, seed=102).requires_grad_()
+    w_s, w_t = randn(6, 5, seed=103, grad=True), randn(6, 5, seed=104)
+    target = torch.tensor([0, 3, 4, 1])
+
+    def grads(w, create_graph):
+        out = torch.tanh(x @ w) * 2
+        chosen = torch.gather(out, 1, target.view(-1, 1))
+        return torch.autograd.grad(chosen, x, torch.ones_like(chosen), create_graph=create_graph)[0]
+
+    ours = kdkernels.jacobian_matching_loss(grads(w_s, True), grads(w_t, False))
+    expected = kdzoo_sobolev_on_gradients(grads(w_s, True), grads(w_t, False))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, w_s)[0], torch.autograd.grad(expected, w_s)[0], rtol=1e-10,
+                               atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jacobian_matching_low_precision_computes_in_float32(dtype):
+    j_s, j_t = randn(3, 10, seed=105), randn(3, 10, seed=106)
+    value = kdkernels.jacobian_matching_loss(j_s.to(dtype), j_t.to(dtype))
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), kdzoo_sobolev_on_gradients(j_s.to(dtype).double(),
+                                                                          j_t.to(dtype).double()), rtol=1e-5, atol=1e-8)
+
+
+JAC = torch.randn(2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.jacobian_matching_loss(JAC, torch.randn(2, 1, 4, 5)), ValueError,
+     r"^jacobian_matching_loss: student_jacobian must have the same shape as teacher_jacobian \(2, 1, 4, 5\)"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, torch.randn(3, 1, 4, 4)), ValueError,
+     r"^jacobian_matching_loss: teacher_jacobian must have the same batch size as student_jacobian"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, JAC.long()), TypeError,
+     r"^jacobian_matching_loss: teacher_jacobian must be"),
+    (lambda: kdkernels.jacobian_matching_loss(None, JAC), TypeError,
+     r"^jacobian_matching_loss: student_jacobian must be a torch.Tensor, got NoneType$"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, JAC, reduction="avg"), ValueError,
+     r"^jacobian_matching_loss: reduction must be one of"),
+])
+def test_jacobian_matching_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

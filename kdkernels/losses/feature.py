@@ -13,7 +13,8 @@ defaulting to the official one.
 * :func:`vid_loss` — VID Gaussian NLL;               * :func:`ab_loss` — AB alternative L2;
 * :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes;
 * :func:`cd_loss` — channel distillation (MSE of pooled channels);
-* :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors).
+* :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors);
+* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching.
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -334,3 +335,25 @@ def kd_svd_loss(student_features, teacher_features, *, k: int = 1, student_k: in
             rows = stage if rows is None else rows + stage
         previous = (vectors_s, vectors_t)
     return reduce_rows(rows, reduction)
+
+
+def jacobian_matching_loss(student_jacobian: torch.Tensor, teacher_jacobian: torch.Tensor, *,
+                           reduction: Reduction = "mean") -> torch.Tensor:
+    """Jacobian matching (Srinivas & Fleuret, "Knowledge Transfer with Jacobian Matching", ICML 2018): the squared
+    distance of the L2-normalised input gradients of one output of each network::
+
+        loss_n = ‖ J_s,n / ‖J_s,n‖₂ − J_t,n / ‖J_t,n‖₂ ‖₂²,    J_n = ∂ z_{n,c} / ∂ x_n  (flattened per sample)
+
+    ``student_jacobian`` / ``teacher_jacobian``: the gradients ``[N, ...]`` of one shape (the input's); compute the
+    student's with ``create_graph=True`` so that the loss trains the student (double back-propagation). The
+    normalisation is ``F.normalize`` (norms clamped at 1e-12: a zero gradient stays zero). ``reduction``:
+    ``"mean"`` over the N·D elements (AberHu/Knowledge-Distillation-Zoo @65470c8 ``kd_losses/sobolev.py``,
+    ``F.mse_loss``), ``"batchmean"`` (the paper's per-sample squared norm averaged over the batch), ``"sum"`` or
+    ``"none"`` (per sample [N]). The teacher is used as given (the reference detaches it).
+    """
+    check = Checks("jacobian_matching_loss")
+    check.feature_pair("student_jacobian", student_jacobian, "teacher_jacobian", teacher_jacobian, same_shape=True)
+    reduction = check.reduction(reduction)
+    student = F.normalize(accumulate(student_jacobian).flatten(1), dim=1)
+    teacher = F.normalize(accumulate(teacher_jacobian).to(student.dtype).flatten(1), dim=1)
+    return reduce_elements((student - teacher).pow(2), reduction)

@@ -20,11 +20,12 @@ from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translato
                                           ttkd_embedding)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import offline, stage_tap
+from kdkernels.distill.methods._common import offline, single_stage, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.term_gradients import graph_leaves, term_gradients
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+from kdkernels.distill.views import Transform, View
 from kdkernels.losses._common import pool_to_smaller
 from kdkernels.losses.contrastive import sample_other_class_indices
 from kdkernels.nn import CRDLoss
@@ -509,6 +510,74 @@ def kd_svd(setup: Setup, weight: float = 1.0, k: int = 1, ce_weight: float = 1.0
                          f"{len(teacher_taps)} teacher taps: pass student_layers / teacher_layers")
     term = KDSVDTerm(tapped("student", student_taps), tapped("teacher", teacher_taps), weight, k, clip_gradients)
     return offline("kd-svd", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------- Jacobian
+
+class RequiresGrad(Transform):
+    """The input as a fresh leaf that requires grad (``x.detach().requires_grad_()``), so that the models' outputs
+    can be differentiated with respect to it; evaluation: the input unchanged."""
+
+    def __call__(self, x, draws):
+        return x.detach().requires_grad_(), {}
+
+
+def _kd_on_detached_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD with the teacher's logits detached (with a grad-requiring input they carry a graph)."""
+    return kdkernels.kd_loss(student, teacher.detach(), temperature)
+
+
+class JacobianMatchingTerm(Term):
+    """``jacobian_matching_loss(∂z_s[c]/∂x, ∂z_t[c]/∂x)``, c the label (``classes="target"``) or the teacher's top
+    class (``"teacher"``); the student's gradient with ``create_graph=True`` (double back-propagation), the
+    teacher's detached. Reads the input, which the method's :class:`RequiresGrad` view makes require grad."""
+
+    def __init__(self, input_key: str, weight: float, classes: str):
+        super().__init__("jacobian", (input_key, "student", "teacher", "target"), weight)
+        self.classes = classes
+
+    def loss(self, inputs, student, teacher, target, context):
+        if not (torch.is_grad_enabled() and inputs.requires_grad and student.requires_grad):
+            raise ValueError(f"term 'jacobian' differentiates the outputs with respect to {self.reads[0]!r}, which "
+                             f"does not require grad here: the method's RequiresGrad view makes it require grad "
+                             f"before the models run (Distiller.apply_views; the trainer applies it)")
+        chosen = (target if self.classes == "target" else teacher.detach().argmax(dim=1)).unsqueeze(1)
+        student_jacobian, = torch.autograd.grad(student.gather(1, chosen).sum(), inputs, create_graph=True)
+        teacher_jacobian, = torch.autograd.grad(teacher.gather(1, chosen).sum(), inputs, retain_graph=True)
+        return kdkernels.jacobian_matching_loss(student_jacobian, teacher_jacobian.detach())
+
+
+@register("jacobian", category="feature",
+          paper="Srinivas, Fleuret. Knowledge Transfer with Jacobian Matching. ICML 2018",
+          approximation="no official code: the normalised-gradient loss of the output of the label's class, mean "
+                        "over the N*D elements with weight 20, is AberHu/Knowledge-Distillation-Zoo sobolev.py; the "
+                        "paper's class choice, weight and KD settings are not confirmed; KD takes the kd method's "
+                        "defaults (0.1 CE + 0.9 KD at T 4)")
+def jacobian(setup: Setup, weight: float = 20.0, classes: str = "target", ce_weight: float = 0.1,
+             kd_weight: float = 0.9, temperature: float = 4.0) -> Recipe:
+    """Jacobian matching with KD: ``ce·CE + kd·T²·KL(p_t ‖ p_s) + weight·mean_{n,d}(Ĵ_s − Ĵ_t)²``, Ĵ the L2-normalised
+    gradient of the logit of class c with respect to the input (:func:`kdkernels.jacobian_matching_loss`), c the label
+    (``classes="target"``) or the teacher's top class (``"teacher"``).
+
+    Provenance: the paper (Srinivas & Fleuret, ICML 2018, arXiv:1803.00443: the normalised Jacobian difference, the
+    equivalence with distillation under input noise; Jacobian matching added to KD) has no released code; the loss
+    transcribes AberHu/Knowledge-Distillation-Zoo @65470c8 ``kd_losses/sobolev.py`` (``Sobolev``: the target class's
+    logit, ``F.normalize`` of the flattened input gradients, ``F.mse_loss`` with the teacher's detached) and its
+    ``example_train_script.sh`` (``--kd_mode sobolev --lambda_kd 20``), ``train_kd.py`` (``img.requires_grad =
+    True`` before both forwards). KD with the ``kd`` method's defaults (the reference runs Sobolev without KD, the
+    paper with it): approximation flag. Each step costs a teacher backward and a student double backward to the input.
+    """
+    check = Checks("jacobian")
+    classes = check.choice("classes", classes, ("target", "teacher"))
+    terms: list[Term] = [CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else []
+    if kd_weight > 0:
+        terms.append(FunctionTerm("kd", _kd_on_detached_teacher, ("student", "teacher"), kd_weight,
+                                  temperature=check.temperature(temperature)))
+    terms.append(JacobianMatchingTerm("input", weight, classes))
+    teacher = setup.require_teacher("jacobian")
+    distiller = Distiller({"student": setup.student, "teacher": teacher}, terms, trainable=("student",),
+                          views=[View("input", "input", RequiresGrad())])
+    return single_stage("jacobian", distiller)
 
 
 # ------------------------------------------------------------------------------------------------------------ VID
