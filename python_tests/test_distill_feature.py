@@ -635,3 +635,21 @@ def test_jacobian_bad_configuration_names_the_argument():
     with pytest.raises(ValueError, match=r"term 'jacobian' differentiates the outputs with respect to 'input', which "
                                          r"does not require grad here: the method's RequiresGrad view"):
         first_step(build_recipe("jacobian", digits_setup()))   # run_models without the views
+
+
+def test_ttkd_patch_group_and_anchor_point_options():
+    from test_losses_attention import tat_seg_anchorpoint, tat_seg_patchgroup
+    recipe = build_recipe("ttkd", digits_setup(), student_layer="stage2", teacher_layer="stage2", patches=(2, 2),
+                          heads=4, anchors=(2, 1), anchor_weight=0.4)
+    distiller, batch, values, output = first_step(recipe)
+    tat = term(distiller, "ttkd")
+    with torch.no_grad():
+        s = values["student:stage2"]
+        q, v = tat.query(s).double(), tat.value(s).double()
+    t = values["teacher:stage2"].double()
+    expected = 0.2 * tat_seg_patchgroup(q, t, v, t, 2, 2, 4) + 0.4 * tat_seg_anchorpoint(q, t, v, t, 2, 1)
+    torch.testing.assert_close(output.terms["ttkd"].double(), expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"ttkd: anchors must be a pair \(rows, columns\) when anchor_weight > 0"):
+        build_recipe("ttkd", digits_setup(), anchor_weight=0.4)
+    with pytest.raises(ValueError, match=r"term 'ttkd' cannot compare .*patches\[0\] must be an int in \[1, 2\], got 3"):
+        first_step(build_recipe("ttkd", digits_setup(), patches=(3, 1)))

@@ -367,13 +367,16 @@ def cd(setup: Setup, weight: float = 6.0, gkd_weight: float = 0.1, gkd_temperatu
 # ----------------------------------------------------------------------------------------------------------- TTKD
 
 class TargetAwareTerm(Term):
-    """TaT on one pair of maps: ``ttkd_loss(query(f_s), value(f_s), f_t, heads=heads)``, query and value the
+    """TaT on one pair of maps: ``weight·ttkd_loss(query(f_s), value(f_s), f_t, heads=heads, patches=patches)``
+    plus, when ``anchor_weight > 0``, ``anchor_weight·ttkd_loss(…, anchors=anchors)`` (1 head), query and value the
     official conv 3×3 + BN embeddings of the student map (:func:`~kdkernels.distill.connectors.ttkd_embedding`),
     the key the teacher map itself."""
 
-    def __init__(self, student_key: str, teacher_key: str, weight: float, heads: int):
-        super().__init__("ttkd", (student_key, teacher_key), weight)
-        self.heads = heads
+    def __init__(self, student_key: str, teacher_key: str, weight: float, heads: int, patches, anchors,
+                 anchor_weight: float):
+        super().__init__("ttkd", (student_key, teacher_key), 1.0)
+        self.main_weight, self.anchor_weight = float(weight), float(anchor_weight)
+        self.heads, self.patches, self.anchors = heads, patches, anchors
         self.query: nn.Module | None = None
         self.value: nn.Module | None = None
 
@@ -383,23 +386,31 @@ class TargetAwareTerm(Term):
             raise ValueError(f"term 'ttkd' attends between [B, C, H, W] maps of one spatial size, got "
                              f"{self.reads[0]} {tuple(student.shape)} and {self.reads[1]} {tuple(teacher.shape)}: "
                              f"pass student_layer / teacher_layer naming such maps")
-        if teacher.shape[1] % self.heads:
+        groups = self.patches[0] * self.patches[1] if self.patches else 1
+        if (groups * teacher.shape[1]) % self.heads:
             raise ValueError(f"ttkd: heads must divide the teacher's channels ({teacher.shape[1]} at "
-                             f"{self.reads[1]}), got {self.heads}")
+                             f"{self.reads[1]}{f', times {groups} patches' if self.patches else ''}), got "
+                             f"{self.heads}")
         if self.query is None:
             self.query = ttkd_embedding(student.shape[1], teacher.shape[1])
             self.value = ttkd_embedding(student.shape[1], teacher.shape[1])
         check_term(self, example, lambda: self.loss(student, teacher, context=None))
 
     def loss(self, student, teacher, context):
-        return kdkernels.ttkd_loss(self.query(student), self.value(student), teacher, heads=self.heads)
+        query, value = self.query(student), self.value(student)
+        loss = self.main_weight * kdkernels.ttkd_loss(query, value, teacher, heads=self.heads, patches=self.patches)
+        if self.anchor_weight > 0:
+            loss = loss + self.anchor_weight * kdkernels.ttkd_loss(query, value, teacher, anchors=self.anchors)
+        return loss
 
 
 @register("ttkd", category="feature",
           paper="Lin, Xie, Wang, Yao, Chen, Wang, Qin, Liu. Knowledge Distillation via the Target-aware Transformer. "
                 "CVPR 2022")
 def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0.1, kd_weight: float = 0.0,
-         kd_temperature: float = 1.0, student_layer: str | None = None, teacher_layer: str | None = None) -> Recipe:
+         kd_temperature: float = 1.0, patches: Sequence[int] | None = None, anchors: Sequence[int] | None = None,
+         anchor_weight: float = 0.0, student_layer: str | None = None,
+         teacher_layer: str | None = None) -> Recipe:
     """TaT: ``ce·CE (+ kd·KD) + weight·mean(softmax_j(q_i·t_j) v − t)²`` on the deepest stage maps
     (:func:`kdkernels.ttkd_loss`), q = conv3×3+BN(f_s), v = conv3×3+BN(f_s) (C_s → C_t), the key the teacher map t.
 
@@ -407,15 +418,27 @@ def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0
     (``MaskedFM``, heads 1, ``nn.MSELoss``), ``torchdistill/models/special.py`` (``AttnEmbed``: student query and value
     ``Embed`` conv 3×3 + BN, teacher key ``nn.Identity``), ``configs/sample/ilsvrc2012/single_stage/tat/
     resnet18_from_resnet34_attn.yaml`` (taps ``layer4`` of both; ``MaskedFM`` factor 0.2; ``KDLoss`` T 1, alpha 0.1,
-    beta 0.0: 0.1·CE and no KD term). The patch-group and anchor-point variants of the paper are only in the
-    segmentation code (TaT-seg) and are not implemented. Taps: the student's and the teacher's deepest ``kd_points``
-    stage (one spatial size).
+    beta 0.0: 0.1·CE and no KD term; the official student starts from ImageNet weights). Taps: the student's and the
+    teacher's deepest ``kd_points`` stage (one spatial size).
+
+    The segmentation code's variants (sihaoevery/TaT-seg @9e34e0e ``distiller_tat.py``), off by default:
+    ``patches=(n, m)`` replaces the global loss by the patch-group loss (attention within each of n × m patches,
+    stacked along the channels, ``heads`` heads); ``anchor_weight > 0`` adds ``anchor_weight·`` the anchor-point loss
+    (the maps average-pooled to ``anchors=(a, b)``, 1 head). TaT-seg uses β 1, γ 0.4, 16 × 16 patches, 64 heads and
+    32 × 32 anchors, with conv 1×1 + BN query / key / value embeddings and the distillation loss ×0.1; here they
+    combine with the classification code's embeddings and weights (not an official combination).
     """
     teacher = setup.require_teacher("ttkd")
-    Checks("ttkd").integer("heads", heads, minimum=1)
+    check = Checks("ttkd")
+    check.integer("heads", heads, minimum=1)
+    anchor_weight = check.real("anchor_weight", anchor_weight, nonnegative=True)
+    if anchor_weight > 0 and anchors is None:
+        check.value_error("anchors", "must be a pair (rows, columns) when anchor_weight > 0", "None")
     student_tap = student_layer or stage_tap("ttkd", setup.student, -1, "student_layer")
     teacher_tap = teacher_layer or stage_tap("ttkd", teacher, -1, "teacher_layer")
-    term = TargetAwareTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, heads)
+    term = TargetAwareTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, heads,
+                           tuple(patches) if patches is not None else None,
+                           tuple(anchors) if anchors is not None else None, anchor_weight)
     return offline("ttkd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
 
 
