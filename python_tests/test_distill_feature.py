@@ -651,5 +651,9 @@ def test_ttkd_patch_group_and_anchor_point_options():
     torch.testing.assert_close(output.terms["ttkd"].double(), expected, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match=r"ttkd: anchors must be a pair \(rows, columns\) when anchor_weight > 0"):
         build_recipe("ttkd", digits_setup(), anchor_weight=0.4)
+    with pytest.raises(TypeError, match=r"ttkd: patches must be a pair of ints \(rows, columns\) or None, got 4"):
+        build_recipe("ttkd", digits_setup(), patches=4)
+    with pytest.raises(ValueError, match=r"ttkd: anchors\[1\] must be an int >= 1, got 0"):
+        build_recipe("ttkd", digits_setup(), anchors=(2, 0))
     with pytest.raises(ValueError, match=r"term 'ttkd' cannot compare .*patches\[0\] must be an int in \[1, 2\], got 3"):
         first_step(build_recipe("ttkd", digits_setup(), patches=(3, 1)))

@@ -432,6 +432,12 @@ def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0
     check = Checks("ttkd")
     check.integer("heads", heads, minimum=1)
     anchor_weight = check.real("anchor_weight", anchor_weight, nonnegative=True)
+    for name, grid in (("patches", patches), ("anchors", anchors)):
+        if grid is not None:
+            if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2:
+                check.type_error(name, "a pair of ints (rows, columns) or None", grid)
+            for index, count in enumerate(grid):
+                check.integer(f"{name}[{index}]", count, minimum=1)
     if anchor_weight > 0 and anchors is None:
         check.value_error("anchors", "must be a pair (rows, columns) when anchor_weight > 0", "None")
     student_tap = student_layer or stage_tap("ttkd", setup.student, -1, "student_layer")
