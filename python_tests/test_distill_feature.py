@@ -515,3 +515,244 @@ def test_ft_resume_is_exact_at_and_after_the_stage_boundary(tmp_path, pieces):
         return build_recipe("ft", digits_setup(seed=seed), paraphraser_epochs=1)
 
     assert_resume_is_exact(make, dict(epochs=3, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=pieces)
+
+
+# ----------------------------------------------------------------------------------------------------------- TTKD
+
+def official_tat_step(values, term_, batch):
+    """The TaT ImageNet config in float64: 0.1·CE (KDLoss alpha 0.1, beta 0) + 0.2·MaskedFM, MaskedFM with heads 1:
+    out = softmax_j(q_i·t_j) v, MSE(out, t), q and v the conv 3×3 + BN embeddings of the student's layer4."""
+    with torch.no_grad():
+        q = term_.query(values["student:stage3"]).double()
+        v = term_.value(values["student:stage3"]).double()
+    t = values["teacher:stage3"].double()
+    b, c, h, w = t.shape
+    q, v, k = (x.reshape(b, c, h * w).transpose(1, 2) for x in (q, v, t))
+    out = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    tat = ((out.transpose(1, 2).reshape(b, c, h, w) - t) ** 2).mean()
+    return {"ttkd": 0.2 * tat, "ce_student": 0.1 * F.cross_entropy(values["student"].double(), batch["target"])}
+
+
+def test_ttkd_step_is_the_official_target_aware_transformer():
+    distiller, batch, values, output = first_step(build_recipe("ttkd", digits_setup()))
+    tat = term(distiller, "ttkd")
+    assert tat.reads == ("student:stage3", "teacher:stage3")
+    for embed in (tat.query, tat.value):
+        assert isinstance(embed[0], torch.nn.Conv2d) and embed[0].kernel_size == (3, 3) and embed[0].bias is None
+        assert isinstance(embed[1], torch.nn.BatchNorm2d) and embed[0].out_channels == 128
+    expected = official_tat_step(values, tat, batch)
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value, rtol=1e-5, atol=1e-8)
+
+
+def test_ttkd_trains_its_embeddings_and_takes_heads_and_kd():
+    history = run_steps(build_recipe("ttkd", digits_setup()))
+    assert all(step["ttkd"] > 0 for step in history)
+    distiller, batch, values, output = first_step(build_recipe("ttkd", digits_setup(), heads=4, kd_weight=0.9))
+    tat = term(distiller, "ttkd")
+    assert any(p is tat.query[0].weight for p in distiller.trainable_parameters())
+    s = values["student:stage3"]
+    close(output.terms["ttkd"], 0.2 * kdkernels.ttkd_loss(tat.query(s), tat.value(s), values["teacher:stage3"], heads=4))
+    close(output.terms["kd"], 0.9 * kdkernels.kd_loss(values["student"], values["teacher"], 1.0))
+
+
+def make_ttkd(seed=0):
+    return build_recipe("ttkd", digits_setup(seed=seed))
+
+
+def test_ttkd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_ttkd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_ttkd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("ttkd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"ttkd: heads must be an int >= 1, got 0"):
+        build_recipe("ttkd", digits_setup(), heads=0)
+    with pytest.raises(ValueError, match=r"ttkd: heads must divide the teacher's channels \(128 at teacher:stage3\)"):
+        first_step(build_recipe("ttkd", digits_setup(), heads=3))
+    with pytest.raises(ValueError, match=r"term 'ttkd' attends between \[B, C, H, W\] maps of one spatial size.*"
+                                         r"student:stage2 \(32, 8, 4, 4\)"):
+        first_step(build_recipe("ttkd", digits_setup(), student_layer="stage2"))
+    with pytest.raises(ValueError, match=r"term 'ttkd' attends between .*student:hidden1 \(32, 32\)"):
+        first_step(build_recipe("ttkd", digits_setup(student="student-mlp")))
+
+
+# -------------------------------------------------------------------------------------------------------- KD-SVD
+
+def official_kd_svd_gradients(distiller, batch, epoch):
+    """KD_methods_with_TF ``op_util.Optimizer_w_Distillation`` for KD-SVD, on this step: per student variable
+    ``g_ce + clip_by_norm(g_dist, ‖g_ce‖·sigmoid(epoch − 1, 0))`` (``tf.clip_by_norm``: t·c / max(‖t‖, c)), g_dist of
+    the transcribed ``KD_SVD`` (test_losses_feature.official_kd_svd) on the connected student maps."""
+    from test_losses_feature import official_kd_svd
+    values = distiller.run_models(batch)
+    svd = term(distiller, "kd_svd")
+    students = [c(values[f"student:{key}"]) for c, key in zip(svd.connectors, STAGES)]
+    dist = official_kd_svd(students, [values[f"teacher:{key}"] for key in STAGES])
+    ce = F.cross_entropy(values["student"], batch["target"])
+    params = list(distiller.models["student"].parameters())
+    g_dist = torch.autograd.grad(dist, params, retain_graph=True, allow_unused=True)
+    dist = dist.detach()
+    g_ce = torch.autograd.grad(ce, params, allow_unused=True)
+    scale = 1 / (1 + math.exp(-(epoch - 1)))
+    expected = []
+    for gd, gc in zip(g_dist, g_ce):
+        gc = torch.zeros_like(gd) if gc is None else gc
+        if gd is None or not gd.any():
+            expected.append(gc)
+            continue
+        clip = gc.norm() * scale
+        expected.append(gc + gd * clip / torch.maximum(gd.norm(), clip))
+    return dist, expected, [0.0 if gd is None else gd.norm() for gd in g_dist]
+
+
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_kd_svd_step_is_the_official_loss_and_clipped_gradients(epoch):
+    distiller, batch, values, _ = first_step(build_recipe("kd-svd", digits_setup()))
+    svd = term(distiller, "kd_svd")
+    assert svd.reads == ("student:stage1", "student:stage2", "student:stage3",
+                         "teacher:stage1", "teacher:stage2", "teacher:stage3", "student", "target")
+    assert all(isinstance(c[0], torch.nn.Conv2d) and c[0].kernel_size == (1, 1) for c in svd.connectors)
+    distiller.eval().double()   # eval: both forwards below see the same batch-norm statistics; float64 SVDs
+    batch = {**batch, "input": batch["input"].double()}
+    dist, expected, unclipped = official_kd_svd_gradients(distiller, batch, epoch)
+    output = distiller.compute_terms(distiller.run_models(batch), StepContext(epoch=epoch, epochs=30, batch=batch))
+    torch.testing.assert_close(output.terms["kd_svd"], dist, rtol=1e-10, atol=0)
+    params = list(distiller.models["student"].parameters())
+    grads = torch.autograd.grad(output.loss, params, retain_graph=True)
+    for index, (grad, want) in enumerate(zip(grads, expected)):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-12, msg=lambda m: f"parameter {index}: {m}")
+    clipped = [g.norm() for g in torch.autograd.grad(output.term_losses["kd_svd"], params, materialize_grads=True)]
+    assert any(c < 0.99 * u for c, u in zip(clipped, unclipped)), "the clipping must shrink some gradient"
+
+
+def test_kd_svd_trains_and_without_clipping_is_ce_plus_the_loss():
+    run_steps(build_recipe("kd-svd", digits_setup()))
+    distiller, batch, values, output = first_step(build_recipe("kd-svd", digits_setup(), clip_gradients=False, k=2))
+    svd = term(distiller, "kd_svd")
+    assert svd.reads[-1] == "teacher:stage3"
+    connected = [c(values[f"student:{key}"]) for c, key in zip(svd.connectors, STAGES)]
+    close(output.terms["kd_svd"], kdkernels.kd_svd_loss(connected, [values[f"teacher:{k}"] for k in STAGES], k=2))
+
+
+def make_kd_svd(seed=0):
+    return build_recipe("kd-svd", digits_setup(seed=seed))
+
+
+def test_kd_svd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_kd_svd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_kd_svd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("kd-svd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"kd-svd pairs at least two stages one to one, got 1 student and 3 teacher"):
+        build_recipe("kd-svd", digits_setup(), student_layers="stage3")
+    with pytest.raises(ValueError, match=r"kd-svd: k must be an int >= 1, got 0"):
+        build_recipe("kd-svd", digits_setup(), k=0)
+    with pytest.raises(TypeError, match=r"kd-svd: clip_gradients must be a bool"):
+        build_recipe("kd-svd", digits_setup(), clip_gradients="yes")
+    with pytest.raises(ValueError, match=r"term 'kd_svd' decomposes \[B, C, H, W\] maps.*student:hidden1"):
+        first_step(build_recipe("kd-svd", digits_setup(student="student-mlp"), student_layers=["hidden1"] * 3))
+
+
+# ------------------------------------------------------------------------------------------------------ Jacobian
+
+def viewed_step(recipe, batch_size=32):
+    """first_step with the distiller's views applied (the trainer applies them; run_models takes the batch as given)."""
+    stage = recipe.stages[-1]
+    distiller = stage.distiller
+    batch = next(iter(batches_for(stage, batch_size)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=0)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=1, batch=viewed))
+    return distiller, viewed, values, output
+
+
+def kdzoo_sobolev(out_s, out_t, img, target):
+    """AberHu/Knowledge-Distillation-Zoo ``kd_losses/sobolev.py`` ``Sobolev.forward``, transcribed."""
+    target_out_s = torch.gather(out_s, 1, target.view(-1, 1))
+    grad_s = torch.autograd.grad(outputs=target_out_s, inputs=img, grad_outputs=torch.ones_like(target_out_s),
+                                 create_graph=True, retain_graph=True, only_inputs=True)[0]
+    norm_grad_s = F.normalize(grad_s.view(grad_s.size(0), -1), p=2, dim=1)
+    target_out_t = torch.gather(out_t, 1, target.view(-1, 1))
+    grad_t = torch.autograd.grad(outputs=target_out_t, inputs=img, grad_outputs=torch.ones_like(target_out_t),
+                                 create_graph=True, retain_graph=True, only_inputs=True)[0]
+    norm_grad_t = F.normalize(grad_t.view(grad_t.size(0), -1), p=2, dim=1)
+    return F.mse_loss(norm_grad_s, norm_grad_t.detach())
+
+
+def test_jacobian_step_is_ce_kd_and_the_reference_sobolev_with_its_double_backward():
+    distiller, batch, values, output = viewed_step(build_recipe("jacobian", digits_setup()))
+    image, labels = batch["input"], batch["target"]
+    assert image.requires_grad and image.is_leaf
+    student, teacher = values["student"], values["teacher"]
+    sobolev = kdzoo_sobolev(student, teacher, image, labels)
+    p_t = F.softmax(teacher.detach().double() / 4, 1)
+    kd = 16 * (p_t * (p_t.log() - F.log_softmax(student.double() / 4, 1))).sum(1).mean()
+    expected = {"jacobian": 20.0 * sobolev, "kd": 0.9 * kd,
+                "ce_student": 0.1 * F.cross_entropy(student.double(), labels)}
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value.double(), rtol=1e-5, atol=1e-8)
+    params = [p for p in distiller.models["student"].parameters()]
+    ours = torch.autograd.grad(output.term_losses["jacobian"], params, retain_graph=True, allow_unused=True)
+    reference = torch.autograd.grad(20.0 * sobolev, params, retain_graph=True, allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in ours if g is not None) > 0
+    for index, (a, b) in enumerate(zip(ours, reference)):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda m: f"parameter {index}: {m}")
+    assert all(not p.requires_grad for p in distiller.models["teacher"].parameters())
+
+
+def test_jacobian_takes_the_teacher_class_and_no_kd():
+    distiller, batch, values, output = viewed_step(build_recipe("jacobian", digits_setup(), classes="teacher",
+                                                                kd_weight=0.0, ce_weight=1.0, weight=5.0))
+    assert set(output.terms) == {"ce_student", "jacobian"}
+    image, student, teacher = batch["input"], values["student"], values["teacher"]
+    top = teacher.detach().argmax(1)
+    assert not torch.equal(top, batch["target"])  # untrained teacher: the choice matters
+    close(output.terms["jacobian"], 5.0 * kdzoo_sobolev(student, teacher, image, top))
+
+
+def test_jacobian_trains_through_the_trainer_and_resumes_exactly(tmp_path):
+    assert_resume_is_exact(lambda seed=0: build_recipe("jacobian", digits_setup(seed=seed)),
+                           dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_jacobian_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("jacobian", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"jacobian: classes must be one of 'target', 'teacher', got 'top'"):
+        build_recipe("jacobian", digits_setup(), classes="top")
+    with pytest.raises(ValueError, match=r"jacobian: temperature must be positive"):
+        build_recipe("jacobian", digits_setup(), temperature=0.0)
+    with pytest.raises(ValueError, match=r"term 'jacobian' differentiates the outputs with respect to 'input', which "
+                                         r"does not require grad here: the method's RequiresGrad view"):
+        first_step(build_recipe("jacobian", digits_setup()))   # run_models without the views
+
+
+def test_ttkd_patch_group_and_anchor_point_options():
+    from test_losses_attention import tat_seg_anchorpoint, tat_seg_patchgroup
+    recipe = build_recipe("ttkd", digits_setup(), student_layer="stage2", teacher_layer="stage2", patches=(2, 2),
+                          heads=4, anchors=(2, 1), anchor_weight=0.4)
+    distiller, batch, values, output = first_step(recipe)
+    tat = term(distiller, "ttkd")
+    with torch.no_grad():
+        s = values["student:stage2"]
+        q, v = tat.query(s).double(), tat.value(s).double()
+    t = values["teacher:stage2"].double()
+    expected = 0.2 * tat_seg_patchgroup(q, t, v, t, 2, 2, 4) + 0.4 * tat_seg_anchorpoint(q, t, v, t, 2, 1)
+    torch.testing.assert_close(output.terms["ttkd"].double(), expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"ttkd: anchors must be a pair \(rows, columns\) when anchor_weight > 0"):
+        build_recipe("ttkd", digits_setup(), anchor_weight=0.4)
+    with pytest.raises(TypeError, match=r"ttkd: patches must be a pair of ints \(rows, columns\) or None, got 4"):
+        build_recipe("ttkd", digits_setup(), patches=4)
+    with pytest.raises(ValueError, match=r"ttkd: anchors\[1\] must be an int >= 1, got 0"):
+        build_recipe("ttkd", digits_setup(), anchors=(2, 0))
+    with pytest.raises(ValueError, match=r"term 'ttkd' cannot compare .*patches\[0\] must be an int in \[1, 2\], got 3"):
+        first_step(build_recipe("ttkd", digits_setup(), patches=(3, 1)))

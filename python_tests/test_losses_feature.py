@@ -403,3 +403,200 @@ PAD_E = torch.randn(2, 3)
 def test_pad_l2_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# -------------------------------------------------------------------------------------------------------- KD-SVD
+
+def tf_svd(X, n):
+    """KD_methods_with_TF ``nets/SVP.py`` ``SVD``: NHWC map -> [B, HW, D], ``tf.svd`` (s, u, v with v not
+    transposed), the first n of s, u, v each ``tf.nn.l2_normalize``d along axis 1."""
+    x = X.reshape(X.shape[0], -1, X.shape[-1])
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    v = vh.transpose(1, 2)
+    return F.normalize(s[:, :n], dim=1), F.normalize(u[:, :, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
+
+
+def tf_align_rsv(x, y):
+    """``Align_rsv``: cosine = xᵀy; mask = sign(cosine) where |cosine| is the max over axis 1, else 0; x @ mask."""
+    cosine = x.transpose(1, 2) @ y
+    mask = torch.where(cosine.abs().amax(1, keepdim=True) == cosine.abs(), torch.sign(cosine),
+                       torch.zeros_like(cosine))
+    return x @ mask.detach(), y   # tf.sign / tf.where carry no gradient
+
+
+def official_kd_svd(student_feature_maps, teacher_feature_maps, K=1):
+    """``nets/Shared.py`` ``KD_SVD`` (dist_type 'SVD'); the maps given NCHW are turned NHWC as the TF code reads."""
+    losses, v_tb, v_sb = [], None, None
+    for i, (sfm, tfm) in enumerate(zip(student_feature_maps, teacher_feature_maps)):
+        sfm, tfm = sfm.permute(0, 2, 3, 1), tfm.permute(0, 2, 3, 1)
+        sigma_t, _, v_t = tf_svd(tfm, K)
+        _, _, v_s = tf_svd(sfm, K + 3)
+        v_s, v_t = tf_align_rsv(v_s, v_t)
+        sigma_t = sigma_t.unsqueeze(1)
+        v_t = v_t * sigma_t
+        v_s = v_s * sigma_t
+        if i > 0:
+            s_rbf = torch.exp(-(v_s.unsqueeze(2) - v_sb.unsqueeze(1)) ** 2 / 8)
+            t_rbf = torch.exp(-(v_t.unsqueeze(2) - v_tb.unsqueeze(1)) ** 2 / 8)
+            l2loss = (s_rbf - t_rbf.detach()) ** 2
+            losses.append(l2loss.sum())
+        v_tb, v_sb = v_t, v_s
+    return sum(losses)
+
+
+def svd_stages(seed, channels=(3, 5, 4), sizes=(6, 4, 2)):
+    return [randn(4, c, h, h, seed=seed + i, grad=True) for i, (c, h) in enumerate(zip(channels, sizes))]
+
+
+def test_kd_svd_is_the_official_kd_svd():
+    """The teacher is a frozen network in the official code (its σ_t scales the student's vectors too, which would
+    send it a gradient): compared with constant teacher maps, and ours sends the teacher none."""
+    students, teachers = svd_stages(40), svd_stages(50)
+    constants = [t.detach() for t in teachers]
+    value = assert_equals_official(lambda *m: kdkernels.kd_svd_loss(list(m[:3]), list(m[3:])),
+                                   lambda *m: official_kd_svd(m[:3], m[3:]), *students, *constants, what="kd-svd")
+    assert value > 0
+    grads = torch.autograd.grad(kdkernels.kd_svd_loss(students, teachers), [*students, *teachers], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads[3:]), "the teacher side must get no gradient"
+    assert all(g.abs().sum() > 0 for g in grads[:3])
+
+
+def test_kd_svd_more_vectors_reductions_and_two_stages():
+    students, teachers = svd_stages(60, (4, 6), (4, 3)), [t.detach() for t in svd_stages(70, (4, 6), (4, 3))]
+    assert_equals_official(lambda *m: kdkernels.kd_svd_loss(list(m[:2]), list(m[2:]), k=2),
+                           lambda *m: official_kd_svd(m[:2], m[2:], K=2), *students, *teachers, what="kd-svd k=2")
+    rows = kdkernels.kd_svd_loss(students, teachers, reduction="none")
+    assert rows.shape == (4,)
+    torch.testing.assert_close(kdkernels.kd_svd_loss(students, teachers), rows.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.kd_svd_loss(students, teachers, reduction="batchmean"), rows.sum() / 4,
+                               rtol=1e-12, atol=0)
+    wider = kdkernels.kd_svd_loss(students, teachers, rbf_scale=2.0)
+    assert not torch.allclose(wider, rows.sum())
+
+
+def test_kd_svd_aligns_the_student_sign():
+    """A student equal to the teacher up to a sign flip of a stage has the teacher's vectors: loss 0."""
+    teachers = svd_stages(80)
+    students = [teachers[0].detach(), -teachers[1].detach(), teachers[2].detach()]
+    torch.testing.assert_close(kdkernels.kd_svd_loss(students, teachers), torch.zeros((), dtype=torch.float64),
+                               rtol=0, atol=1e-20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kd_svd_low_precision_computes_in_float32(dtype):
+    students, teachers = svd_stages(90), svd_stages(95)
+    value = kdkernels.kd_svd_loss([s.detach().to(dtype) for s in students], [t.detach().to(dtype) for t in teachers])
+    assert value.dtype == torch.float32
+    # in float32: the teacher's singular-vector signs are the float32 SVD's (float64's may differ, and the target too)
+    expected = official_kd_svd([s.detach().to(dtype).float() for s in students],
+                               [t.detach().to(dtype).float() for t in teachers])
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+
+
+SVD_MAP = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP], [SVD_MAP]), ValueError,
+     r"^kd_svd_loss: student_features must hold at least 2 tensor\(s\), got 1$"),
+    (lambda: kdkernels.kd_svd_loss(SVD_MAP, SVD_MAP), TypeError,
+     r"^kd_svd_loss: student_features must be a list or tuple of tensors"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, SVD_MAP, SVD_MAP]), ValueError,
+     r"^kd_svd_loss: teacher_features must hold one map per student map \(2\)"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, torch.randn(2, 5, 4, 4)]), ValueError,
+     r"^kd_svd_loss: student_features\[1\] must have the channels of teacher_features\[1\] \(2, 5, 4, 4\) \(use a"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, torch.randn(2, 3)], [SVD_MAP, SVD_MAP]), ValueError,
+     r"^kd_svd_loss: student_features\[1\] must have 4 dims"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, SVD_MAP], k=0), ValueError,
+     r"^kd_svd_loss: k must be an int >= 1, got 0$"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, SVD_MAP], k=2, student_k=1), ValueError,
+     r"^kd_svd_loss: student_k must be an int >= 2, got 1$"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, SVD_MAP], rbf_scale=0.0), ValueError,
+     r"^kd_svd_loss: rbf_scale must be positive and finite, got 0.0$"),
+    (lambda: kdkernels.kd_svd_loss([SVD_MAP, SVD_MAP], [SVD_MAP, SVD_MAP], reduction="mean"), ValueError,
+     r"^kd_svd_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+])
+def test_kd_svd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------------ Jacobian
+
+def kdzoo_sobolev_on_gradients(grad_s, grad_t):
+    """AberHu/Knowledge-Distillation-Zoo ``kd_losses/sobolev.py`` after its two ``grad`` calls: ``F.normalize`` of
+    the flattened gradients (p 2, dim 1), ``F.mse_loss(norm_grad_s, norm_grad_t.detach())``."""
+    norm_grad_s = F.normalize(grad_s.view(grad_s.size(0), -1), p=2, dim=1)
+    norm_grad_t = F.normalize(grad_t.view(grad_t.size(0), -1), p=2, dim=1)
+    return F.mse_loss(norm_grad_s, norm_grad_t.detach())
+
+
+def paper_jacobian_matching(j_s, j_t):
+    """Srinivas & Fleuret: per sample ‖J_s/‖J_s‖₂ − J_t/‖J_t‖₂‖₂², averaged over the batch."""
+    j_s, j_t = j_s.flatten(1), j_t.flatten(1)
+    diff = j_s / j_s.norm(dim=1, keepdim=True) - j_t / j_t.norm(dim=1, keepdim=True)
+    return (diff ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 8, 8), (3, 3, 4, 5), (5, 7)], ids=["digits", "rgb", "vector"])
+def test_jacobian_matching_is_the_reference_and_the_paper_formula(shape):
+    j_s, j_t = randn(*shape, seed=100, grad=True), randn(*shape, seed=101, scale=3.0)
+    assert_equals_official(kdkernels.jacobian_matching_loss, kdzoo_sobolev_on_gradients, j_s, j_t, what="jacobian")
+    assert_equals_official(lambda s, t: kdkernels.jacobian_matching_loss(s, t, reduction="batchmean"),
+                           paper_jacobian_matching, j_s, j_t, what="jacobian batchmean")
+    rows = kdkernels.jacobian_matching_loss(j_s, j_t, reduction="none")
+    assert rows.shape == (shape[0],)
+    torch.testing.assert_close(kdkernels.jacobian_matching_loss(j_s, j_t, reduction="sum"), rows.sum(), rtol=1e-12,
+                               atol=0)
+    # scale-invariant per sample: only the directions are matched
+    scaled = j_s.detach() * torch.arange(1, shape[0] + 1, dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
+    torch.testing.assert_close(kdkernels.jacobian_matching_loss(scaled, j_t), kdzoo_sobolev_on_gradients(j_s, j_t),
+                               rtol=1e-12, atol=0)
+
+
+def test_jacobian_matching_of_real_input_gradients_with_double_backward():
+    """The loss on ``autograd.grad(..., create_graph=True)`` gradients trains the student's weights: the reference's
+    whole ``Sobolev.forward`` (gather the target logit, grad w.r.t. the image) through a small net, in float64."""
+    x = randn(4, 6, seed=102).requires_grad_()
+    w_s, w_t = randn(6, 5, seed=103, grad=True), randn(6, 5, seed=104)
+    target = torch.tensor([0, 3, 4, 1])
+
+    def grads(w, create_graph):
+        out = torch.tanh(x @ w) * 2
+        chosen = torch.gather(out, 1, target.view(-1, 1))
+        return torch.autograd.grad(chosen, x, torch.ones_like(chosen), create_graph=create_graph)[0]
+
+    ours = kdkernels.jacobian_matching_loss(grads(w_s, True), grads(w_t, False))
+    expected = kdzoo_sobolev_on_gradients(grads(w_s, True), grads(w_t, False))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, w_s)[0], torch.autograd.grad(expected, w_s)[0], rtol=1e-10,
+                               atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jacobian_matching_low_precision_computes_in_float32(dtype):
+    j_s, j_t = randn(3, 10, seed=105), randn(3, 10, seed=106)
+    value = kdkernels.jacobian_matching_loss(j_s.to(dtype), j_t.to(dtype))
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), kdzoo_sobolev_on_gradients(j_s.to(dtype).double(),
+                                                                          j_t.to(dtype).double()), rtol=1e-5, atol=1e-8)
+
+
+JAC = torch.randn(2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.jacobian_matching_loss(JAC, torch.randn(2, 1, 4, 5)), ValueError,
+     r"^jacobian_matching_loss: student_jacobian must have the same shape as teacher_jacobian \(2, 1, 4, 5\)"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, torch.randn(3, 1, 4, 4)), ValueError,
+     r"^jacobian_matching_loss: teacher_jacobian must have the same batch size as student_jacobian"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, JAC.long()), TypeError,
+     r"^jacobian_matching_loss: teacher_jacobian must be"),
+    (lambda: kdkernels.jacobian_matching_loss(None, JAC), TypeError,
+     r"^jacobian_matching_loss: student_jacobian must be a torch.Tensor, got NoneType$"),
+    (lambda: kdkernels.jacobian_matching_loss(JAC, JAC, reduction="avg"), ValueError,
+     r"^jacobian_matching_loss: reduction must be one of"),
+])
+def test_jacobian_matching_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -81,6 +81,14 @@ def cd_connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(teacher_channels), nn.ReLU())
 
 
+def ttkd_embedding(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    """sihaoevery/TaT ``torchdistill/models/special.py`` (``Embed``, the student's query and value embeddings of
+    ``AttnEmbed``): conv 3×3 (stride 1, padding 1, no bias) then batch norm, default init, C_s → C_t; used for equal
+    channel counts too (the official ResNet-18 ← ResNet-34 setting has 512 → 512)."""
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1, bias=False),
+                         nn.BatchNorm2d(teacher_channels))
+
+
 class VIDRegressor(nn.Module):
     """VID's mean regressor and learned variance (RepDistiller ``VIDLoss``): conv1×1–ReLU–conv1×1–ReLU–conv1×1 (no
     bias, mid = teacher channels) and ``log_scale`` [C_t], a registered parameter initialised so that

@@ -22,10 +22,10 @@ from kdkernels.losses.bake import bake_loss, bake_targets
 from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
                                       soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
-from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss,
-                                      ofd_loss, ofd_margins, vid_loss)
-from kdkernels.losses.feature import pad_l2_loss
-from kdkernels.losses.attention import at_loss
+from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss,
+                                      jacobian_matching_loss, kd_svd_loss, nst_loss, ofd_loss, ofd_margins,
+                                      pad_l2_loss, vid_loss)
+from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
@@ -44,8 +44,7 @@ __all__ = [
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
-    "ft_loss", "cwd_loss", "cd_loss", "at_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights",
-    "camkd_loss", "camkd_feature_loss", "byot_loss",
-    "pad_l2_loss",
+    "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss",
+    "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "darkrank_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]

@@ -14,6 +14,8 @@ defaulting to the official one.
 * :func:`ft_loss` — factor transfer L1;               * :func:`cwd_loss` — channel-wise KL of spatial softmaxes;
 * :func:`cd_loss` — channel distillation (MSE of pooled channels);
 * :func:`pad_l2_loss` — prime-aware adaptive distillation (L2 weighted by a predicted per-dimension variance).
+* :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors);
+* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching.
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -290,3 +292,99 @@ def pad_l2_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, lo
     student, teacher, log_var = (row.to(dtype) for row in rows)
     terms = (teacher - student).pow(2) / (eps + log_var.exp()) + log_var
     return reduce_elements(terms, reduction)
+def _svd_basis(features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KD_methods_with_TF ``nets/SVP.py`` ``SVD``: the map as ``[N, H·W, C]`` (positions × channels), its thin SVD,
+    the first ``count`` singular values L2-normalised [N, n] and right singular vectors [N, C, n] (n = ``count``, or
+    min(H·W, C) when smaller), each vector unit-norm."""
+    matrix = features.flatten(2).transpose(1, 2)
+    _, values, vectors_h = torch.linalg.svd(matrix, full_matrices=False)
+    count = min(count, values.shape[1])
+    return F.normalize(values[:, :count], dim=1), F.normalize(vectors_h[:, :count, :].transpose(1, 2), dim=1)
+
+
+def kd_svd_loss(student_features, teacher_features, *, k: int = 1, student_k: int | None = None,
+                rbf_scale: float = 8.0, reduction: SampleReduction = "sum") -> torch.Tensor:
+    """KD-SVD (Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition", ECCV
+    2018), as sseung0703/KD_methods_with_TF @9fb5414 ``nets/Shared.py`` (``KD_SVD``, ``dist_type='SVD'``) with
+    ``nets/SVP.py`` (``SVD``, ``Align_rsv``). Per stage, the map read as the matrix ``[H·W, C]`` is decomposed by a
+    thin SVD; the teacher keeps its first ``k`` right singular vectors V_t [N, C, k] (unit norm) and its first ``k``
+    singular values σ_t L2-normalised; the student's first ``student_k`` (default k + 3) right singular vectors are
+    searched, and each teacher vector takes the student vector of largest |cosine| with it, sign-flipped to a positive
+    cosine (the selection is a constant, as ``tf.sign`` / ``tf.where``). Both are scaled by σ_t. Between
+    consecutive stages l−1, l the radial-basis-function correlations of the vectors' entries are compared::
+
+        G_{n,a,b,j} = exp(−(V_{l}[n,a,j] − V_{l−1}[n,b,j])² / rbf_scale)        [C_l × C_{l−1} per vector j]
+        loss = Σ_{l ≥ 1} Σ_{n,a,b,j} (G^s − stopgrad(G^t))²
+
+    ``student_features`` / ``teacher_features``: lists of at least two maps ``[N, C_l, H, W]``, stage by stage, each
+    student map with its teacher's channel count (map the student with a connector first; the spatial sizes may
+    differ). The teacher side gets no gradient (the official ``tf.stop_gradient``). ``reduction``: ``"sum"`` (the
+    official ``reduce_sum``, the batch included), ``"batchmean"`` (/ N) or ``"none"`` (per sample [N]).
+
+    Numerics: the SVD runs in float32 (float64 stays float64); ``torch.linalg.svd``'s backward needs distinct
+    singular values among those it differentiates: a map with repeated singular values (e.g. constant or rank-
+    deficient maps) gives an undefined (inf/NaN) gradient, where the official code zeroes non-finite SVD outputs and
+    losses (``removenan``). The sign of the teacher's singular vectors is the SVD routine's convention, as in the
+    official code (it changes the RBF target; LAPACK and cuSOLVER may differ).
+    """
+    check = Checks("kd_svd_loss")
+    students = check.tensor_list("student_features", student_features, minimum=2)
+    teachers = check.tensor_list("teacher_features", teacher_features, minimum=2)
+    if len(students) != len(teachers):
+        check.value_error("teacher_features", f"must hold one map per student map ({len(students)})",
+                          f"{len(teachers)} maps")
+    k = check.integer("k", k, minimum=1)
+    student_k = k + 3 if student_k is None else check.integer("student_k", student_k, minimum=k)
+    rbf_scale = check.real("rbf_scale", rbf_scale, positive=True)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        _check_pair(check, f"student_features[{index}]", student, f"teacher_features[{index}]", teacher)
+        if student.shape[1] != teacher.shape[1]:
+            check.value_error(f"student_features[{index}]", f"must have the channels of teacher_features[{index}] "
+                              f"{tuple(teacher.shape)}{_CONNECTOR_HINT}", f"shape {tuple(student.shape)}")
+        if student.shape[0] != students[0].shape[0]:
+            check.value_error(f"student_features[{index}]", f"must have the batch size of student_features[0] "
+                              f"({students[0].shape[0]})", f"shape {tuple(student.shape)}")
+    rows, previous = None, None
+    for student, teacher in zip(students, teachers):
+        student = accumulate(student)
+        sigma_t, vectors_t = _svd_basis(accumulate(teacher.detach()).to(student.dtype), k)
+        _, vectors_s = _svd_basis(student, student_k)
+        cosine = (vectors_s.transpose(1, 2) @ vectors_t).detach()          # [N, student_k, k]
+        largest = cosine.abs() == cosine.abs().amax(dim=1, keepdim=True)
+        selection = torch.where(largest, torch.sign(cosine), torch.zeros_like(cosine))
+        vectors_s = (vectors_s @ selection) * sigma_t.unsqueeze(1)
+        vectors_t = vectors_t * sigma_t.unsqueeze(1)
+        if previous is not None:
+            previous_s, previous_t = previous
+            if previous_t.shape[2] != vectors_t.shape[2]:
+                check.value_error("teacher_features", f"must give every stage {previous_t.shape[2]} singular "
+                                  f"vector(s) (min(H·W, C) >= k)", f"{vectors_t.shape[2]}")
+            rbf_s = torch.exp(-(vectors_s.unsqueeze(2) - previous_s.unsqueeze(1)).pow(2) / rbf_scale)
+            rbf_t = torch.exp(-(vectors_t.unsqueeze(2) - previous_t.unsqueeze(1)).pow(2) / rbf_scale)
+            stage = (rbf_s - rbf_t).pow(2).sum(dim=(1, 2, 3))
+            rows = stage if rows is None else rows + stage
+        previous = (vectors_s, vectors_t)
+    return reduce_rows(rows, reduction)
+
+
+def jacobian_matching_loss(student_jacobian: torch.Tensor, teacher_jacobian: torch.Tensor, *,
+                           reduction: Reduction = "mean") -> torch.Tensor:
+    """Jacobian matching (Srinivas & Fleuret, "Knowledge Transfer with Jacobian Matching", ICML 2018): the squared
+    distance of the L2-normalised input gradients of one output of each network::
+
+        loss_n = ‖ J_s,n / ‖J_s,n‖₂ − J_t,n / ‖J_t,n‖₂ ‖₂²,    J_n = ∂ z_{n,c} / ∂ x_n  (flattened per sample)
+
+    ``student_jacobian`` / ``teacher_jacobian``: the gradients ``[N, ...]`` of one shape (the input's); compute the
+    student's with ``create_graph=True`` so that the loss trains the student (double back-propagation). The
+    normalisation is ``F.normalize`` (norms clamped at 1e-12: a zero gradient stays zero). ``reduction``:
+    ``"mean"`` over the N·D elements (AberHu/Knowledge-Distillation-Zoo @65470c8 ``kd_losses/sobolev.py``,
+    ``F.mse_loss``), ``"batchmean"`` (the paper's per-sample squared norm averaged over the batch), ``"sum"`` or
+    ``"none"`` (per sample [N]). The teacher is used as given (the reference detaches it).
+    """
+    check = Checks("jacobian_matching_loss")
+    check.feature_pair("student_jacobian", student_jacobian, "teacher_jacobian", teacher_jacobian, same_shape=True)
+    reduction = check.reduction(reduction)
+    student = F.normalize(accumulate(student_jacobian).flatten(1), dim=1)
+    teacher = F.normalize(accumulate(teacher_jacobian).to(student.dtype).flatten(1), dim=1)
+    return reduce_elements((student - teacher).pow(2), reduction)

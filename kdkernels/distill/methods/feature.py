@@ -6,6 +6,7 @@ with the official stage weights; connectors (regressors, embeddings) are built f
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -13,14 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.connectors import (ConvReg, Embed, Paraphraser, Translator, VIDRegressor, ab_connector,
-                                          cd_connector, cwd_connector, ofd_connector, output_channels)
+                                          cd_connector, cwd_connector, ofd_connector, output_channels,
+                                          ttkd_embedding)
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import offline, stage_tap
+from kdkernels.distill.methods._common import offline, single_stage, stage_tap
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
+from kdkernels.distill.term_gradients import graph_leaves, term_gradients
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
+from kdkernels.distill.views import Transform, View
 from kdkernels.losses._common import pool_to_smaller
 from kdkernels.losses.contrastive import sample_other_class_indices
 from kdkernels.nn import CRDLoss
@@ -486,6 +491,251 @@ def pad(setup: Setup, first_stage_share: float = 0.5, ce_weight: float = 1.0, l2
                                PADHintTerm("l2", student_key, teacher_key, l2_weight, connector)], trainable=trainable)
     return Recipe("pad", [Stage("pad-l2", first, epochs=float(first_stage_share)),
                           Stage("pad", second, epochs=1.0 - float(first_stage_share))])
+
+
+# ----------------------------------------------------------------------------------------------------------- TTKD
+
+class TargetAwareTerm(Term):
+    """TaT on one pair of maps: ``weight·ttkd_loss(query(f_s), value(f_s), f_t, heads=heads, patches=patches)``
+    plus, when ``anchor_weight > 0``, ``anchor_weight·ttkd_loss(…, anchors=anchors)`` (1 head), query and value the
+    official conv 3×3 + BN embeddings of the student map (:func:`~kdkernels.distill.connectors.ttkd_embedding`),
+    the key the teacher map itself."""
+
+    def __init__(self, student_key: str, teacher_key: str, weight: float, heads: int, patches, anchors,
+                 anchor_weight: float):
+        super().__init__("ttkd", (student_key, teacher_key), 1.0)
+        self.main_weight, self.anchor_weight = float(weight), float(anchor_weight)
+        self.heads, self.patches, self.anchors = heads, patches, anchors
+        self.query: nn.Module | None = None
+        self.value: nn.Module | None = None
+
+    def build(self, example):
+        student, teacher = example[self.reads[0]], example[self.reads[1]]
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"term 'ttkd' attends between [B, C, H, W] maps of one spatial size, got "
+                             f"{self.reads[0]} {tuple(student.shape)} and {self.reads[1]} {tuple(teacher.shape)}: "
+                             f"pass student_layer / teacher_layer naming such maps")
+        groups = self.patches[0] * self.patches[1] if self.patches else 1
+        if (groups * teacher.shape[1]) % self.heads:
+            raise ValueError(f"ttkd: heads must divide the teacher's channels ({teacher.shape[1]} at "
+                             f"{self.reads[1]}{f', times {groups} patches' if self.patches else ''}), got "
+                             f"{self.heads}")
+        if self.query is None:
+            self.query = ttkd_embedding(student.shape[1], teacher.shape[1])
+            self.value = ttkd_embedding(student.shape[1], teacher.shape[1])
+        check_term(self, example, lambda: self.loss(student, teacher, context=None))
+
+    def loss(self, student, teacher, context):
+        query, value = self.query(student), self.value(student)
+        loss = self.main_weight * kdkernels.ttkd_loss(query, value, teacher, heads=self.heads, patches=self.patches)
+        if self.anchor_weight > 0:
+            loss = loss + self.anchor_weight * kdkernels.ttkd_loss(query, value, teacher, anchors=self.anchors)
+        return loss
+
+
+@register("ttkd", category="feature",
+          paper="Lin, Xie, Wang, Yao, Chen, Wang, Qin, Liu. Knowledge Distillation via the Target-aware Transformer. "
+                "CVPR 2022")
+def ttkd(setup: Setup, weight: float = 0.2, heads: int = 1, ce_weight: float = 0.1, kd_weight: float = 0.0,
+         kd_temperature: float = 1.0, patches: Sequence[int] | None = None, anchors: Sequence[int] | None = None,
+         anchor_weight: float = 0.0, student_layer: str | None = None,
+         teacher_layer: str | None = None) -> Recipe:
+    """TaT: ``ce·CE (+ kd·KD) + weight·mean(softmax_j(q_i·t_j) v − t)²`` on the deepest stage maps
+    (:func:`kdkernels.ttkd_loss`), q = conv3×3+BN(f_s), v = conv3×3+BN(f_s) (C_s → C_t), the key the teacher map t.
+
+    Provenance: sihaoevery/TaT @a6cc329 (the authors' ImageNet code): ``torchdistill/losses/single.py``
+    (``MaskedFM``, heads 1, ``nn.MSELoss``), ``torchdistill/models/special.py`` (``AttnEmbed``: student query and value
+    ``Embed`` conv 3×3 + BN, teacher key ``nn.Identity``), ``configs/sample/ilsvrc2012/single_stage/tat/
+    resnet18_from_resnet34_attn.yaml`` (taps ``layer4`` of both; ``MaskedFM`` factor 0.2; ``KDLoss`` T 1, alpha 0.1,
+    beta 0.0: 0.1·CE and no KD term; the official student starts from ImageNet weights). Taps: the student's and the
+    teacher's deepest ``kd_points`` stage (one spatial size).
+
+    The segmentation code's variants (sihaoevery/TaT-seg @9e34e0e ``distiller_tat.py``), off by default:
+    ``patches=(n, m)`` replaces the global loss by the patch-group loss (attention within each of n × m patches,
+    stacked along the channels, ``heads`` heads); ``anchor_weight > 0`` adds ``anchor_weight·`` the anchor-point loss
+    (the maps average-pooled to ``anchors=(a, b)``, 1 head). TaT-seg uses β 1, γ 0.4, 16 × 16 patches, 64 heads and
+    32 × 32 anchors, with conv 1×1 + BN query / key / value embeddings and the distillation loss ×0.1; here they
+    combine with the classification code's embeddings and weights (not an official combination).
+    """
+    teacher = setup.require_teacher("ttkd")
+    check = Checks("ttkd")
+    check.integer("heads", heads, minimum=1)
+    anchor_weight = check.real("anchor_weight", anchor_weight, nonnegative=True)
+    for name, grid in (("patches", patches), ("anchors", anchors)):
+        if grid is not None:
+            if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2:
+                check.type_error(name, "a pair of ints (rows, columns) or None", grid)
+            for index, count in enumerate(grid):
+                check.integer(f"{name}[{index}]", count, minimum=1)
+    if anchor_weight > 0 and anchors is None:
+        check.value_error("anchors", "must be a pair (rows, columns) when anchor_weight > 0", "None")
+    student_tap = student_layer or stage_tap("ttkd", setup.student, -1, "student_layer")
+    teacher_tap = teacher_layer or stage_tap("ttkd", teacher, -1, "teacher_layer")
+    term = TargetAwareTerm(f"student:{student_tap}", f"teacher:{teacher_tap}", weight, heads,
+                           tuple(patches) if patches is not None else None,
+                           tuple(anchors) if anchors is not None else None, anchor_weight)
+    return offline("ttkd", setup, [*response_terms(ce_weight, kd_weight, kd_temperature), term])
+
+
+# --------------------------------------------------------------------------------------------------------- KD-SVD
+
+def clip_gradient_by(loss: torch.Tensor, reference: torch.Tensor, params: Sequence[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    """``loss`` with the same value and, for each tensor of ``params``, the gradient ``clip_by_norm(∇_p loss,
+    scale·‖∇_p reference‖)`` (TensorFlow's ``t·c / max(‖t‖, c)``; a tensor ``loss`` does not reach keeps its zero
+    gradient), through a detached linear correction: one extra backward per loss, no second forward."""
+    grads = term_gradients({"loss": loss, "reference": reference}, params)
+    correction = loss.new_zeros(())
+    for param, grad, ref in zip(params, grads["loss"], grads["reference"]):
+        norm, clip = grad.norm(), scale * ref.norm()
+        factor = torch.where(norm > 0, clip / torch.maximum(norm, clip).clamp_min(1e-30), torch.ones_like(norm))
+        correction = correction + (((factor - 1.0) * grad).detach() * param).sum()
+    return loss + (correction - correction.detach())
+
+
+class KDSVDTerm(StageTerm):
+    """KD-SVD over the stage maps: ``kd_svd_loss([conn_i(s_i)], [t_i], k=k)``, conn_i a conv 1×1 + BN + ReLU when the
+    channel counts differ (identity otherwise); with ``clip`` the distillation gradient of every student parameter
+    tensor is clipped to ``σ(epoch − 1)·‖∇ CE‖`` of that tensor (the official ``Optimizer_w_Distillation``)."""
+
+    def __init__(self, student_keys, teacher_keys, weight: float, k: int, clip: bool):
+        super().__init__("kd_svd", student_keys, teacher_keys, weight)
+        self.k, self.clip = k, clip
+        if clip:
+            self.reads = (*self.reads, "student", "target")
+
+    def make_connector(self, index, student, teacher):
+        if student.dim() != 4 or teacher.dim() != 4:
+            raise ValueError(f"term 'kd_svd' decomposes [B, C, H, W] maps, got {self.reads[index]} "
+                             f"{tuple(student.shape)} and {self.reads[self.num_stages + index]} "
+                             f"{tuple(teacher.shape)}: pass student_layers / teacher_layers naming such maps")
+        return cwd_connector(student.shape[1], teacher.shape[1])
+
+    def build(self, example):
+        stage_values = [example[key] for key in self.reads[: 2 * self.num_stages]]
+        if not len(self.connectors):
+            self.connectors = nn.ModuleList(self.make_connector(i, s, t)
+                                            for i, (s, t) in enumerate(self.pairs(stage_values)))
+        check_term(self, example, lambda: self.distillation(stage_values))
+
+    def distillation(self, stage_values):
+        pairs = self.pairs(stage_values)
+        return kdkernels.kd_svd_loss([c(s) for c, (s, _) in zip(self.connectors, pairs)], [t for _, t in pairs],
+                                     k=self.k)
+
+    def loss(self, *values, context):
+        loss = self.distillation(values[: 2 * self.num_stages])
+        if not self.clip or context is None or not torch.is_grad_enabled() or not loss.requires_grad:
+            return loss
+        logits, target = values[2 * self.num_stages:]
+        params = [p for p in graph_leaves(logits) if p.requires_grad]
+        if not params:
+            return loss
+        scale = 1.0 / (1.0 + math.exp(-(context.epoch - 1)))      # op_util.sigmoid(epoch, 0), epoch from 0
+        weight = self.weight_at(context)
+        if weight == 0:
+            return loss
+        clipped = clip_gradient_by(weight * loss, F.cross_entropy(logits, target), params, scale)
+        return clipped / weight
+
+
+@register("kd-svd", category="feature",
+          paper="Lee, Kim, Song. Self-supervised Knowledge Distillation Using Singular Value Decomposition. ECCV 2018",
+          approximation="the official networks have the teacher's widths; here a conv 1x1 + BN + ReLU connector maps "
+                        "each student stage to the teacher's channels when they differ, and the gradient-clip factor "
+                        "sigmoid(epoch) uses the whole epochs done (the official feeds the fractional epoch)")
+def kd_svd(setup: Setup, weight: float = 1.0, k: int = 1, ce_weight: float = 1.0, clip_gradients: bool = True,
+           student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """KD-SVD: ``ce·CE + weight·Σ_{consecutive stages} Σ (G_s − G_t)²`` (:func:`kdkernels.kd_svd_loss`): per stage the
+    teacher's first k right singular vectors of the map ``[H·W, C]``, the student's best-aligned of its first k + 3
+    (sign-flipped), both scaled by the teacher's normalised singular values, G the RBF ``exp(−(v_a − v_b)²/8)`` of the
+    entries of consecutive stages' vectors. With ``clip_gradients`` (the official) the distillation gradient of each
+    student parameter tensor is clipped to ``σ(epoch)·‖∇ CE‖`` of that tensor, σ the logistic function, epoch from 0.
+
+    Provenance: sseung0703/KD_methods_with_TF @9fb5414: ``nets/Shared.py`` (``KD_SVD``: K 1, student K + 3, RBF / 8,
+    ``reduce_sum``), ``nets/SVP.py`` (``SVD``, ``Align_rsv``), ``nets/ResNet.py`` (the last block output of every
+    stage, after ReLU; ``Distillation='KD-SVD'``), ``op_util.py`` (``Optimizer_w_Distillation``: CE + dist, the dist
+    gradients clipped by norm per variable to the CE gradient's norm × ``sigmoid(epoch, 0)``). Taps: every ``kd_points``
+    stage of both models; connectors where widths differ (approximation flag, the official widths agree).
+    """
+    teacher = setup.require_teacher("kd-svd")
+    Checks("kd-svd").integer("k", k, minimum=1)
+    Checks("kd-svd").flag("clip_gradients", clip_gradients)
+    student_taps = stage_taps(setup.student, student_layers)
+    teacher_taps = stage_taps(teacher, teacher_layers)
+    if len(student_taps) != len(teacher_taps) or len(student_taps) < 2:
+        raise ValueError(f"kd-svd pairs at least two stages one to one, got {len(student_taps)} student and "
+                         f"{len(teacher_taps)} teacher taps: pass student_layers / teacher_layers")
+    term = KDSVDTerm(tapped("student", student_taps), tapped("teacher", teacher_taps), weight, k, clip_gradients)
+    return offline("kd-svd", setup, [*response_terms(ce_weight), term])
+
+
+# ------------------------------------------------------------------------------------------------------- Jacobian
+
+class RequiresGrad(Transform):
+    """The input as a fresh leaf that requires grad (``x.detach().requires_grad_()``), so that the models' outputs
+    can be differentiated with respect to it; evaluation: the input unchanged."""
+
+    def __call__(self, x, draws):
+        return x.detach().requires_grad_(), {}
+
+
+def _kd_on_detached_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD with the teacher's logits detached (with a grad-requiring input they carry a graph)."""
+    return kdkernels.kd_loss(student, teacher.detach(), temperature)
+
+
+class JacobianMatchingTerm(Term):
+    """``jacobian_matching_loss(∂z_s[c]/∂x, ∂z_t[c]/∂x)``, c the label (``classes="target"``) or the teacher's top
+    class (``"teacher"``); the student's gradient with ``create_graph=True`` (double back-propagation), the
+    teacher's detached. Reads the input, which the method's :class:`RequiresGrad` view makes require grad."""
+
+    def __init__(self, input_key: str, weight: float, classes: str):
+        super().__init__("jacobian", (input_key, "student", "teacher", "target"), weight)
+        self.classes = classes
+
+    def loss(self, inputs, student, teacher, target, context):
+        if not (torch.is_grad_enabled() and inputs.requires_grad and student.requires_grad):
+            raise ValueError(f"term 'jacobian' differentiates the outputs with respect to {self.reads[0]!r}, which "
+                             f"does not require grad here: the method's RequiresGrad view makes it require grad "
+                             f"before the models run (Distiller.apply_views; the trainer applies it)")
+        chosen = (target if self.classes == "target" else teacher.detach().argmax(dim=1)).unsqueeze(1)
+        student_jacobian, = torch.autograd.grad(student.gather(1, chosen).sum(), inputs, create_graph=True)
+        teacher_jacobian, = torch.autograd.grad(teacher.gather(1, chosen).sum(), inputs, retain_graph=True)
+        return kdkernels.jacobian_matching_loss(student_jacobian, teacher_jacobian.detach())
+
+
+@register("jacobian", category="feature",
+          paper="Srinivas, Fleuret. Knowledge Transfer with Jacobian Matching. ICML 2018",
+          approximation="no official code: the normalised-gradient loss of the output of the label's class, mean "
+                        "over the N*D elements with weight 20, is AberHu/Knowledge-Distillation-Zoo sobolev.py; the "
+                        "paper's class choice, weight and KD settings are not confirmed; KD takes the kd method's "
+                        "defaults (0.1 CE + 0.9 KD at T 4)")
+def jacobian(setup: Setup, weight: float = 20.0, classes: str = "target", ce_weight: float = 0.1,
+             kd_weight: float = 0.9, temperature: float = 4.0) -> Recipe:
+    """Jacobian matching with KD: ``ce·CE + kd·T²·KL(p_t ‖ p_s) + weight·mean_{n,d}(Ĵ_s − Ĵ_t)²``, Ĵ the L2-normalised
+    gradient of the logit of class c with respect to the input (:func:`kdkernels.jacobian_matching_loss`), c the label
+    (``classes="target"``) or the teacher's top class (``"teacher"``).
+
+    Provenance: the paper (Srinivas & Fleuret, ICML 2018, arXiv:1803.00443: the normalised Jacobian difference, the
+    equivalence with distillation under input noise; Jacobian matching added to KD) has no released code; the loss
+    transcribes AberHu/Knowledge-Distillation-Zoo @65470c8 ``kd_losses/sobolev.py`` (``Sobolev``: the target class's
+    logit, ``F.normalize`` of the flattened input gradients, ``F.mse_loss`` with the teacher's detached) and its
+    ``example_train_script.sh`` (``--kd_mode sobolev --lambda_kd 20``), ``train_kd.py`` (``img.requires_grad =
+    True`` before both forwards). KD with the ``kd`` method's defaults (the reference runs Sobolev without KD, the
+    paper with it): approximation flag. Each step costs a teacher backward and a student double backward to the input.
+    """
+    check = Checks("jacobian")
+    classes = check.choice("classes", classes, ("target", "teacher"))
+    terms: list[Term] = [CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else []
+    if kd_weight > 0:
+        terms.append(FunctionTerm("kd", _kd_on_detached_teacher, ("student", "teacher"), kd_weight,
+                                  temperature=check.temperature(temperature)))
+    terms.append(JacobianMatchingTerm("input", weight, classes))
+    teacher = setup.require_teacher("jacobian")
+    distiller = Distiller({"student": setup.student, "teacher": teacher}, terms, trainable=("student",),
+                          views=[View("input", "input", RequiresGrad())])
+    return single_stage("jacobian", distiller)
 
 
 # ------------------------------------------------------------------------------------------------------------ VID
