@@ -1,0 +1,152 @@
+"""Layer-assignment methods (issue 16): which teacher layer teaches which student layer, learned by attention over
+every (student layer, teacher layer) pair (SemCKD, AFD) or by meta-networks updated by a meta-step (L2T-ww).
+
+Every method taps all of the models' ``feature_points`` stages by default (``student_layers`` / ``teacher_layers``
+name other taps); the learned parts (embeddings, projections, meta-networks) are modules of the methods' terms, built
+from the first batch's shapes, so the distiller optimises and checkpoints them. The losses are the public
+:mod:`kdkernels.losses.layer_assignment` functions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.distill.methods._common import offline
+from kdkernels.distill.methods.feature import check_term, response_terms, stage_taps, tapped
+from kdkernels.distill.recipe import Recipe, Setup
+from kdkernels.distill.registry import register
+from kdkernels.distill.terms import Term
+from kdkernels.losses._common import pool_to_smaller
+
+
+def _check_maps(term: Term, example: dict) -> None:
+    """Every tapped value is a [B, C, H, W] map (a ValueError naming the term and the values otherwise)."""
+    bad = [f"{key} {tuple(example[key].shape)}" for key in term.reads
+           if not isinstance(example[key], torch.Tensor) or example[key].dim() != 4]
+    if bad:
+        raise ValueError(f"term {term.name!r} reads [B, C, H, W] maps, got {', '.join(bad)}: pass student_layers / "
+                         f"teacher_layers naming such maps")
+
+
+# --------------------------------------------------------------------------------------------------------- SemCKD
+
+class MLPEmbed(nn.Module):
+    """SemCKD ``models/util.py`` ``MLPEmbed``: flatten, Linear(d_in, 2·d_out), ReLU, Linear(2·d_out, d_out), L2
+    normalisation of each row (``x / ‖x‖₂``, no epsilon, as the official ``Normalize``)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim_in, 2 * dim_out)
+        self.linear2 = nn.Linear(2 * dim_out, dim_out)
+
+    def forward(self, x):
+        x = self.linear2(F.relu(self.linear1(x.reshape(x.shape[0], -1))))
+        return x / x.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def aa_embed(in_channels: int, out_channels: int) -> nn.Sequential:
+    """SemCKD ``models/util.py`` ``AAEmbed``: conv 1×1 → BN → ReLU → conv 3×3 (padding 1) → BN → ReLU → conv 1×1,
+    no conv bias, mid channels ``2·out_channels``, default init."""
+    mid = 2 * out_channels
+    return nn.Sequential(nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                         nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                         nn.Conv2d(mid, out_channels, 1, bias=False))
+
+
+class SemCKDTerm(Term):
+    """SemCKD's cross-layer attention (official ``SelfA``) and loss (:func:`kdkernels.semckd_loss`).
+
+    Per layer the batch's similarity matrix ``G = f fᵀ`` [B, B] (each sample's flattened map); queries
+    ``q_i = MLPEmbed_i(G^s_i)`` and keys ``k_j = MLPEmbed_j(G^t_j)`` (input B, output B // factor, L2-normalised);
+    attention ``α_b = softmax_j(q_bi · k_bj)`` [B, S, T]; for every pair the larger map is average-pooled to the
+    smaller one's size and the student map projected by ``AAEmbed_ij`` to the teacher's channels. The embeddings are
+    sized by the first batch (``batch_size``); a batch of another size (the last, short one) gives 0 (the official
+    code skips that step).
+    """
+
+    def __init__(self, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float, factor: int):
+        super().__init__("semckd", [*student_keys, *teacher_keys], weight)
+        self.num_student, self.num_teacher = len(student_keys), len(teacher_keys)
+        self.factor = factor
+        self.queries, self.keys, self.regressors = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+
+    def build(self, example):
+        _check_maps(self, example)
+        values = [example[key] for key in self.reads]
+        students, teachers = values[: self.num_student], values[self.num_student:]
+        batch = students[0].shape[0]
+        if batch // self.factor < 1:
+            raise ValueError(f"term 'semckd' embeds the batch similarity matrices into batch_size // factor "
+                             f"dimensions: a batch of {batch} with factor {self.factor} leaves none")
+        if not len(self.regressors):
+            dim = batch // self.factor
+            self.keys = nn.ModuleList(MLPEmbed(batch, dim) for _ in teachers)
+            self.queries = nn.ModuleList(MLPEmbed(batch, dim) for _ in students)
+            self.regressors = nn.ModuleList(aa_embed(s.shape[1], t.shape[1]) for s in students for t in teachers)
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size the embeddings take (their input width), None before :meth:`build`."""
+        return self.keys[0].linear1.in_features if len(self.keys) else None
+
+    def attention(self, students, teachers):
+        """[B, S, T]: softmax over the teacher layers of the query·key products."""
+        def similarity(f):
+            f = f.reshape(f.shape[0], -1)
+            return f @ f.t()
+        queries = torch.stack([q(similarity(f)) for q, f in zip(self.queries, students)], dim=1)   # B × S × d
+        keys = torch.stack([k(similarity(f)) for k, f in zip(self.keys, teachers)], dim=2)         # B × d × T
+        return F.softmax(torch.bmm(queries, keys), dim=-1)
+
+    def loss(self, *values, context):
+        students, teachers = values[: self.num_student], values[self.num_student:]
+        if students[0].shape[0] != self.batch_size:
+            return students[0].new_zeros(())
+        projected, targets = [], []
+        for i, student in enumerate(students):
+            projected.append([])
+            targets.append([])
+            for j, teacher in enumerate(teachers):
+                s, t = pool_to_smaller(student, teacher)
+                projected[i].append(self.regressors[i * self.num_teacher + j](s))
+                targets[i].append(t)
+        return kdkernels.semckd_loss(projected, targets, self.attention(students, teachers))
+
+
+@register("semckd", category="feature",
+          paper="Chen, Mei, Zhang, Wang, Wang, Feng, Chen. Cross-Layer Distillation with Semantic Calibration. "
+                "AAAI 2021",
+          approximation="the official code skips the whole training step of a batch smaller than --batch_size (its "
+                        "query/key embeddings take the B×B similarity matrix); here that short batch still trains "
+                        "on CE + KD and the SemCKD term is 0 (enable drop_last to skip such batches entirely)")
+def semckd(setup: Setup, weight: float = 400.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
+           temperature: float = 4.0, factor: int = 4, student_layers: Sequence[str] | None = None,
+           teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """SemCKD: ``ce·CE + kd·KD_T + 400·Σ_{b,i,j} α_bij·mean((AAEmbed_ij(s_i) − t_j)²_b) / (B·S)`` over every
+    (student stage i, teacher stage j) pair (:func:`kdkernels.semckd_loss`), ``α_b = softmax_j(q_bi·k_bj)``.
+
+    Queries and keys: each layer's batch similarity matrix ``f fᵀ`` [B, B] through its own ``MLPEmbed`` (Linear
+    B→2B/f, ReLU, Linear 2B/f→B/f, L2 normalisation; f = ``factor`` 4); per pair the larger map is adaptive-average
+    pooled to the smaller's size (student pooled when larger, else the teacher) and the student map goes through
+    ``AAEmbed`` (conv1×1–BN–ReLU–conv3×3–BN–ReLU–conv1×1, mid 2·C_t) to the teacher's channels. The attention
+    module's gradients reach the student through its similarity matrices (not detached, as the official code).
+
+    Provenance: DefangChen/SemCKD @ebe5db1: ``models/util.py`` (``SelfA``, ``MLPEmbed``, ``AAEmbed``,
+    ``Normalize``), ``distiller_zoo/SemCKD.py`` (``SemCKDLoss``), ``helper/loops.py`` (``loss = γ·CE + α·KD + β·
+    SemCKD`` on ``feat[1:-1]``, the stage outputs), ``train_student.py`` (``SelfA(..., opt.batch_size, ...)``, KD T 4)
+    and ``scripts/run_cifar_distill.sh`` (``-r 1 -a 1 -b 400``). The official pools to ``(H, H)`` (square maps);
+    here to the smaller map's (H, W), the same on square maps. Taps: every ``kd_points`` stage of both models.
+    """
+    teacher = setup.require_teacher("semckd")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"semckd: factor must be an int >= 1 (embedding size batch_size // factor), got {factor!r}")
+    if not weight >= 0:
+        raise ValueError(f"semckd: weight must be >= 0, got {weight!r}")
+    term = SemCKDTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                      tapped("teacher", stage_taps(teacher, teacher_layers)), weight, factor)
+    return offline("semckd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
