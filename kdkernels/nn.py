@@ -177,6 +177,8 @@ _SPECS = [
      "loss = ce + 6.0 * CDLoss()([c(f) for c, f in zip(connectors, fs_s)], [f.detach() for f in fs_t])"),
     ("SemCKDLoss", losses.semckd_loss, ("student_features", "teacher_features", "attention"),
      "loss = ce + kd + 400.0 * SemCKDLoss()(projected_s, [[t.detach() for t in row] for row in pooled_t], attention)"),
+    ("AFDLoss", losses.afd_loss, ("student_features", "teacher_features", "attention"),
+     "loss = ce + 0.9 * kd + 200.0 * AFDLoss()(fs_s, [f.detach() for f in fs_t], attention)"),
     ("DarkRankLoss", losses.darkrank_loss, ("student", "teacher"), "loss = DarkRankLoss()(e_s, e_t.detach())"),
     ("EnsembleKDLoss", losses.ensemble_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + EnsembleKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers])"),

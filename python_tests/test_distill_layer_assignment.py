@@ -117,3 +117,77 @@ def test_semckd_bad_configuration_names_the_argument():
         first_step(build_recipe("semckd", digits_setup(), factor=64))
     with pytest.raises(ValueError, match=r"term 'semckd' reads \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
         first_step(build_recipe("semckd", digits_setup(student="student-mlp")))
+
+
+# ----------------------------------------------------------------------------------------------------------- AFD
+
+def official_nn_bn_relu(x, layer, relu):
+    """AFD ``nn_bn_relu.forward``: linear, BatchNorm1d (train mode), ReLU when ``relu``."""
+    linear, bn = layer
+    x = batch_norm(F.linear(x, linear.weight.double(), linear.bias.double()), bn)
+    return F.relu(x) if relu else x
+
+
+def official_afd_step(values, afd):
+    """AFD ``Attention.forward`` (with ``LinearTransformTeacher``/``Student``, ``Sample``) + ``utils.train_kl``
+    (``CE + 0.9·KL + 200·AFD``, KL T 4), float64, the teacher layers' shapes all distinct here."""
+    g_s, g_t = maps(values, "student"), maps(values, "teacher")
+    bs, qk_dim = g_s[0].size(0), afd.qk_dim
+    query = torch.stack([official_nn_bn_relu(f_t.mean(3).mean(2), layer, relu=False)
+                         for f_t, layer in zip(g_t, afd.query_layers)], dim=1)
+    h_t_all = [F.normalize(f_t.pow(2).mean(1).view(bs, -1), dim=1) for f_t in g_t]
+    key = torch.stack([official_nn_bn_relu(f_s.mean(3).mean(2), layer, relu=True)
+                       for layer, f_s in zip(afd.key_layers, g_s)], dim=1).view(bs * len(g_s), -1)
+    bilinear_key = official_nn_bn_relu(key, afd.bilinear, relu=False).view(bs, len(g_s), len(g_t), -1)
+    h_hat_s_all = [F.normalize(torch.stack([F.adaptive_avg_pool2d(f_s.pow(2).mean(1, keepdim=True), f_t.shape[2:])
+                                            .view(bs, -1) for f_s in g_s], dim=1), dim=2) for f_t in g_t]
+    p_logit = torch.matmul(afd.p_t.double(), afd.p_s.double().t())
+    logit = torch.add(torch.einsum('bstq,btq->bts', bilinear_key, query), p_logit) / qk_dim ** 0.5
+    atts = F.softmax(logit, dim=2)
+    loss = 0
+    for i, (h_hat_s, h_t) in enumerate(zip(h_hat_s_all, h_t_all)):
+        diff = (h_hat_s - h_t.unsqueeze(1)).pow(2).mean(2)
+        loss = loss + torch.mul(diff, atts[:, i]).sum(1).mean()
+    student, teacher = values["student"].double(), values["teacher"].double()
+    kl = F.kl_div(F.log_softmax(student / 4, 1), F.softmax(teacher / 4, 1), reduction="sum") * 16 / bs
+    return {"afd": 200 * loss, "kd": 0.9 * kl}, atts
+
+
+def test_afd_step_is_the_official_attention_and_loss():
+    distiller, batch, values, output = first_step(build_recipe("afd", digits_setup()))
+    afd = term(distiller, "afd")
+    assert afd.reads == tuple(f"{m}:{s}" for m in ("student", "teacher") for s in STAGES)
+    assert afd.p_t.shape == (3, 128) and afd.bilinear[0].out_features == 3 * 128
+    expected, attention = official_afd_step(values, afd)
+    assert set(output.terms) == {"ce_student", "kd", "afd"}
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name].double(), value, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+    assert not torch.allclose(attention, torch.full_like(attention, 1 / 3), atol=1e-3)
+
+
+def test_afd_trains_its_meta_network():
+    recipe = build_recipe("afd", digits_setup(), qk_dim=16)
+    afd = term(recipe.stages[0].distiller, "afd")
+    before = afd.p_s.detach().clone()
+    run_steps(recipe)
+    assert not torch.equal(before, afd.p_s.detach())
+
+
+def make_afd(seed=0):
+    return build_recipe("afd", digits_setup(seed=seed), qk_dim=16)
+
+
+def test_afd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_afd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_afd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("afd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"afd: qk_dim must be an int >= 1"):
+        build_recipe("afd", digits_setup(), qk_dim=0)
+    with pytest.raises(ValueError, match=r"afd: weight must be >= 0"):
+        build_recipe("afd", digits_setup(), weight=float("nan"))
+    with pytest.raises(ValueError, match=r"term 'afd' reads \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
+        first_step(build_recipe("afd", digits_setup(student="student-mlp")))

@@ -1,7 +1,10 @@
-"""semckd_loss against the official code transcribed here in eager PyTorch (DefangChen/SemCKD), value and gradients in
-float64, its reductions, dtypes and argument errors."""
+"""semckd_loss and afd_loss against the official code transcribed here in eager PyTorch (DefangChen/SemCKD,
+clovaai/attention-feature-distillation), value and gradients in float64, their reductions, dtypes and argument
+errors."""
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import kdkernels
 from losses_testing import assert_equals_official, randn
@@ -75,5 +78,90 @@ A = torch.rand(2, 1, 1)
     (lambda: kdkernels.semckd_loss(S, S, A, reduction="avg"), ValueError, r"^semckd_loss: reduction must be one of"),
 ])
 def test_semckd_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------- AFD
+
+def official_afd(g_s, g_t, atts):
+    """clovaai/attention-feature-distillation ``distill/AFD.py``: the values of ``LinearTransformTeacher`` and
+    ``LinearTransformStudent`` (``Sample`` per unique teacher shape, ``unique_shape`` of ``utils.py``), then
+    ``Attention.forward``'s loop over the teacher layers with ``cal_diff``, summed as ``AFD.forward``."""
+    bs = g_t[0].size(0)
+    t_shapes = [f.size() for f in g_t]
+    n_t, unique_t_shapes = [], []
+    n = -1
+    for t_shape in t_shapes:
+        if t_shape not in unique_t_shapes:
+            unique_t_shapes.append(t_shape)
+            n += 1
+        n_t.append(n)
+    spatial_mean_t = [f_t.pow(2).mean(1).view(bs, -1) for f_t in g_t]
+    h_t_all = [F.normalize(f_s, dim=1) for f_s in spatial_mean_t]
+    spatial_mean_s = []
+    for t_shape in unique_t_shapes:
+        sample = nn.AdaptiveAvgPool2d((t_shape[2], t_shape[3]))
+        spatial_mean_s.append(torch.stack([sample(f_s.pow(2).mean(1, keepdim=True)).view(bs, -1) for f_s in g_s],
+                                          dim=1))
+    h_hat_s_all = [F.normalize(s_m, dim=2) for s_m in spatial_mean_s]
+
+    def cal_diff(v_s, v_t, att):
+        diff = (v_s - v_t.unsqueeze(1)).pow(2).mean(2)
+        diff = torch.mul(diff, att).sum(1).mean()
+        return diff
+
+    loss = []
+    for i, (n, h_t) in enumerate(zip(n_t, h_t_all)):
+        loss.append(cal_diff(h_hat_s_all[n], h_t, atts[:, i]))
+    return sum(loss)
+
+
+def afd_inputs(batch=4, seed=0):
+    """Three student layers, three teacher layers (two of one shape, as the official's repeated block shapes)."""
+    students = [randn(batch, *shape, seed=seed + i, grad=True) for i, shape in
+                enumerate([(3, 8, 8), (5, 4, 4), (6, 2, 2)])]
+    teachers = [randn(batch, *shape, seed=seed + 10 + i, scale=2.0, grad=True) for i, shape in
+                enumerate([(4, 4, 4), (4, 4, 4), (7, 2, 2)])]
+    attention = randn(batch, 3, 3, seed=seed + 20).softmax(-1).requires_grad_()
+    return students, teachers, attention
+
+
+def test_afd_is_the_official_attention_weighted_energy_map_distance():
+    students, teachers, attention = afd_inputs()
+    assert_equals_official(kdkernels.afd_loss, official_afd, students, teachers, attention, what="afd")
+
+
+def test_afd_reductions_and_dtypes():
+    students, teachers, attention = afd_inputs(batch=3, seed=1)
+    rows = kdkernels.afd_loss(students, teachers, attention, reduction="none")
+    assert rows.shape == (3,)
+    batchmean = kdkernels.afd_loss(students, teachers, attention)
+    torch.testing.assert_close(batchmean, rows.mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.afd_loss(students, teachers, attention, reduction="sum"), rows.sum(),
+                               rtol=1e-12, atol=0)
+    half = kdkernels.afd_loss([t.detach().bfloat16() for t in students], [t.detach().half() for t in teachers],
+                              attention.detach().half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), batchmean.detach(), rtol=3e-2, atol=1e-4)
+
+
+M = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.afd_loss([M, M], [M], torch.rand(2, 2, 1)), ValueError,
+     r"^afd_loss: attention must have shape \[B, 1, 2\] \(teacher layers, student layers\), got shape \(2, 2, 1\)"),
+    (lambda: kdkernels.afd_loss([M], [torch.randn(3, 3, 4, 4)], torch.rand(2, 1, 1)), ValueError,
+     r"^afd_loss: teacher_features\[0\] must have the batch size of attention \(2, 1, 1\)"),
+    (lambda: kdkernels.afd_loss([torch.randn(2, 3)], [M], torch.rand(2, 1, 1)), ValueError,
+     r"^afd_loss: student_features\[0\] must have 4 dims"),
+    (lambda: kdkernels.afd_loss(M, [M], torch.rand(2, 1, 1)), TypeError,
+     r"^afd_loss: student_features must be a list or tuple of tensors"),
+    (lambda: kdkernels.afd_loss([M], [M], torch.rand(2, 1)), ValueError, r"^afd_loss: attention must have 3 dims"),
+    (lambda: kdkernels.afd_loss([M], [M], torch.rand(2, 1, 1), reduction="mean"), ValueError,
+     r"^afd_loss: reduction must be one of"),
+])
+def test_afd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -2,6 +2,8 @@
 learned attention or meta-learned weights (issue 16, "which teacher layer teaches which student layer").
 
 * :func:`semckd_loss` — SemCKD: per-pair MSE weighted by the student-to-teacher layer attention;
+* :func:`afd_loss` — AFD: per-pair distance of normalised spatial energy maps, weighted by the teacher-to-student
+  layer attention;
 
 The learned parts (query/key embeddings, projections, meta-networks) are the methods' modules
 (:mod:`kdkernels.distill.methods.layer_assignment`); these functions take their outputs.
@@ -12,7 +14,9 @@ from typing import Sequence
 
 import torch
 
-from kdkernels._validation import Checks, Reduction
+import torch.nn.functional as F
+
+from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
 from kdkernels.losses._common import accumulate, reduce_rows
 
 
@@ -69,3 +73,55 @@ def semckd_loss(student_features, teacher_features, attention: torch.Tensor, *,
     distances = torch.stack(distances, dim=1).reshape(batch, num_student, num_teacher)
     rows = (accumulate(attention).to(distances.dtype) * distances).sum(dim=(1, 2))
     return reduce_rows(rows, reduction, elements=num_student)
+
+
+def _energy(feature: torch.Tensor, size=None) -> torch.Tensor:
+    """AFD's spatial map of a feature: ``mean_c f²`` [B, 1, H, W], average-pooled to ``size``, flattened and L2
+    normalised over the positions (``F.normalize``, eps 1e-12) -> [B, H·W]."""
+    energy = accumulate(feature).pow(2).mean(dim=1, keepdim=True)
+    if size is not None:
+        energy = F.adaptive_avg_pool2d(energy, size)
+    return F.normalize(energy.reshape(energy.shape[0], -1), dim=1)
+
+
+def afd_loss(student_features, teacher_features, attention: torch.Tensor, *,
+             reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """Attention-based feature distillation (Ji, Heo, Park, "Show, Attend and Distill: Knowledge Distillation via
+    Attention-based Feature Matching", AAAI 2021), as clovaai/attention-feature-distillation ``distill/AFD.py``
+    (``Attention.forward``/``cal_diff`` with the values of ``LinearTransformTeacher``/``LinearTransformStudent``
+    and ``Sample``): every teacher layer t compares its spatial energy map with every student layer's, pooled to the
+    teacher's size, weighted by the attention of teacher layer t on student layer s::
+
+        v_t = normalize(mean_c f_t²),   v_st = normalize(avgpool_{H_t×W_t}(mean_c f_s²)),
+        loss = Σ_t mean_b Σ_s α_bts · mean_hw (v_st − v_t)²
+
+    ``student_features`` / ``teacher_features``: lists of [B, C, H, W] maps (any channel counts and sizes);
+    ``attention`` [B, T, S] (the meta-network's softmax over the student layers; rows summing to 1 are not
+    required). ``reduction``: ``"batchmean"`` (the official), ``"sum"``, or ``"none"`` (per sample [B], summed over
+    the pairs). The teacher maps are used as given (detach them to keep gradients off the teacher).
+    """
+    check = Checks("afd_loss")
+    students = check.tensor_list("student_features", student_features)
+    teachers = check.tensor_list("teacher_features", teacher_features)
+    check.floating("attention", attention, dims=(3,))
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    batch = attention.shape[0]
+    if tuple(attention.shape[1:]) != (len(teachers), len(students)):
+        check.value_error("attention", f"must have shape [B, {len(teachers)}, {len(students)}] (teacher layers, "
+                          "student layers)", f"shape {tuple(attention.shape)}")
+    for name, maps in (("student_features", students), ("teacher_features", teachers)):
+        for index, feature in enumerate(maps):
+            check.features(f"{name}[{index}]", feature, dims=(4,))
+            if feature.shape[0] != batch:
+                check.value_error(f"{name}[{index}]", f"must have the batch size of attention "
+                                  f"{tuple(attention.shape)}", f"shape {tuple(feature.shape)}")
+            check.same_device(f"{name}[{index}]", feature, "attention", attention)
+    rows = None
+    for t, teacher in enumerate(teachers):
+        size = tuple(teacher.shape[2:])
+        target = _energy(teacher)
+        values = torch.stack([_energy(student, size) for student in students], dim=1)      # B × S × HW_t
+        distances = (values - target.to(values.dtype).unsqueeze(1)).pow(2).mean(dim=2)       # B × S
+        pair_rows = (accumulate(attention[:, t]).to(distances.dtype) * distances).sum(dim=1)
+        rows = pair_rows if rows is None else rows + pair_rows
+    return reduce_rows(rows, reduction)

@@ -150,3 +150,87 @@ def semckd(setup: Setup, weight: float = 400.0, ce_weight: float = 1.0, kd_weigh
     term = SemCKDTerm(tapped("student", stage_taps(setup.student, student_layers)),
                       tapped("teacher", stage_taps(teacher, teacher_layers)), weight, factor)
     return offline("semckd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
+
+
+# ------------------------------------------------------------------------------------------------------------ AFD
+
+def linear_bn(dim_in: int, dim_out: int) -> nn.Sequential:
+    """AFD ``distill/AFD.py`` ``nn_bn_relu`` without its ReLU: Linear(dim_in, dim_out) then BatchNorm1d(dim_out)
+    (the ReLU is applied by the caller where the official passes ``relu=True``)."""
+    return nn.Sequential(nn.Linear(dim_in, dim_out), nn.BatchNorm1d(dim_out))
+
+
+class AFDTerm(Term):
+    """AFD's attention meta-network (official ``Attention``, ``LinearTransformTeacher``, ``LinearTransformStudent``)
+    and loss (:func:`kdkernels.afd_loss`).
+
+    Queries from the teacher: ``q_t = BN(W_t·GAP(f_t))`` [B, T, d]; keys from the student:
+    ``k_s = ReLU(BN(W_s·GAP(f_s)))``, then the bilinear map ``BN(W_b·k_s)`` viewed [B, S, T, d]; positional
+    encodings ``p_t`` [T, d], ``p_s`` [S, d] (Xavier-normal init); attention
+    ``α_bts = softmax_s((bilinear_bst·q_bt + p_t·p_s) / √d)`` [B, T, S].
+    """
+
+    def __init__(self, student_keys: Sequence[str], teacher_keys: Sequence[str], weight: float, qk_dim: int):
+        super().__init__("afd", [*student_keys, *teacher_keys], weight)
+        self.num_student, self.num_teacher = len(student_keys), len(teacher_keys)
+        self.qk_dim = qk_dim
+        self.p_t = nn.Parameter(torch.empty(self.num_teacher, qk_dim))
+        self.p_s = nn.Parameter(torch.empty(self.num_student, qk_dim))
+        nn.init.xavier_normal_(self.p_t)
+        nn.init.xavier_normal_(self.p_s)
+        self.query_layers, self.key_layers = nn.ModuleList(), nn.ModuleList()
+        self.bilinear = nn.Identity()
+
+    def build(self, example):
+        _check_maps(self, example)
+        values = [example[key] for key in self.reads]
+        if not len(self.key_layers):
+            self.query_layers = nn.ModuleList(linear_bn(t.shape[1], self.qk_dim) for t in values[self.num_student:])
+            self.key_layers = nn.ModuleList(linear_bn(s.shape[1], self.qk_dim) for s in values[: self.num_student])
+            self.bilinear = linear_bn(self.qk_dim, self.qk_dim * self.num_teacher)
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def attention(self, students, teachers):
+        """[B, T, S]: each teacher layer's softmax over the student layers."""
+        batch = students[0].shape[0]
+        query = torch.stack([layer(t.mean(dim=(2, 3))) for layer, t in zip(self.query_layers, teachers)], dim=1)
+        key = torch.stack([F.relu(layer(s.mean(dim=(2, 3)))) for layer, s in zip(self.key_layers, students)], dim=1)
+        bilinear = self.bilinear(key.reshape(batch * self.num_student, -1)).reshape(
+            batch, self.num_student, self.num_teacher, -1)
+        logits = (torch.einsum("bstq,btq->bts", bilinear, query) + self.p_t @ self.p_s.t()) / self.qk_dim ** 0.5
+        return F.softmax(logits, dim=2)
+
+    def loss(self, *values, context):
+        students, teachers = list(values[: self.num_student]), list(values[self.num_student:])
+        return kdkernels.afd_loss(students, teachers, self.attention(students, teachers))
+
+
+@register("afd", category="feature",
+          paper="Ji, Heo, Park. Show, Attend and Distill: Knowledge Distillation via Attention-based Feature "
+                "Matching. AAAI 2021",
+          approximation="the official code matches the output of every residual block (utils.py LAYER: e.g. 18 "
+                        "teacher and 6 student blocks for WRN-40-2 → WRN-16-2); the default taps here are the "
+                        "models' stage outputs (pass every block's path as student_layers / teacher_layers for the "
+                        "official pairing)")
+def afd(setup: Setup, weight: float = 200.0, ce_weight: float = 1.0, kd_weight: float = 0.9,
+        temperature: float = 4.0, qk_dim: int = 128, student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """AFD: ``ce·CE + 0.9·KD_4 + 200·Σ_t mean_b Σ_s α_bts·mean_hw(v_st − v_t)²`` (:func:`kdkernels.afd_loss`),
+    ``v = normalize(mean_c f²)`` (the student's pooled to the teacher layer's size), ``α`` the attention of
+    :class:`AFDTerm` (queries from the teacher's channel means, bilinear keys from the student's, positional
+    encodings ``p_t``, ``p_s``, ``qk_dim`` 128, softmax over the student layers).
+
+    Provenance: clovaai/attention-feature-distillation @dd990d0: ``distill/AFD.py`` (``AFD``, ``Attention``,
+    ``LinearTransformTeacher``, ``LinearTransformStudent``, ``Sample``, ``nn_bn_relu``), ``utils.py``
+    (``train_kl``: ``loss = CE + α·KL + β·AFD``), ``main.py`` (``--alpha 0.9 --temperature 4 --beta 200 --qk_dim
+    128``), ``distill/KD.py`` (``DistillKL``: batchmean·T²). The meta-network trains with the student (train-mode
+    batch norms). Taps: every ``kd_points`` stage of both models (approximation flag: the official taps every block).
+    """
+    teacher = setup.require_teacher("afd")
+    if isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 1:
+        raise ValueError(f"afd: qk_dim must be an int >= 1, got {qk_dim!r}")
+    if not weight >= 0:
+        raise ValueError(f"afd: weight must be >= 0, got {weight!r}")
+    term = AFDTerm(tapped("student", stage_taps(setup.student, student_layers)),
+                   tapped("teacher", stage_taps(teacher, teacher_layers)), weight, qk_dim)
+    return offline("afd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
