@@ -179,6 +179,8 @@ _SPECS = [
      "loss = ce + kd + 400.0 * SemCKDLoss()(projected_s, [[t.detach() for t in row] for row in pooled_t], attention)"),
     ("AFDLoss", losses.afd_loss, ("student_features", "teacher_features", "attention"),
      "loss = ce + 0.9 * kd + 200.0 * AFDLoss()(fs_s, [f.detach() for f in fs_t], attention)"),
+    ("L2TWWLoss", losses.l2t_ww_loss, ("student_features", "teacher_features", "channel_weights", "pair_weights"),
+     "loss = ce + 0.5 * L2TWWLoss()([c(f) for c, f in zip(convs, fs_s)], [f.detach() for f in fs_t], w, lw)"),
     ("DarkRankLoss", losses.darkrank_loss, ("student", "teacher"), "loss = DarkRankLoss()(e_s, e_t.detach())"),
     ("EnsembleKDLoss", losses.ensemble_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + EnsembleKDLoss(temperature=4.0)(student(x), [t(x).detach() for t in teachers])"),

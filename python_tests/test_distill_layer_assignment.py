@@ -191,3 +191,154 @@ def test_afd_bad_configuration_names_the_argument():
         build_recipe("afd", digits_setup(), weight=float("nan"))
     with pytest.raises(ValueError, match=r"term 'afd' reads \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
         first_step(build_recipe("afd", digits_setup(student="student-mlp")))
+
+
+# -------------------------------------------------------------------------------------------------------- L2T-ww
+
+def official_feature_matching(convs, pairs, source_features, target_features, weight, beta, loss_weight):
+    """alinlab/L2T-ww ``train_l2t_ww.py`` ``FeatureMatching.forward`` with both meta-networks' outputs given."""
+    matching_loss = 0.0
+    for i, (src_idx, tgt_idx) in enumerate(pairs):
+        sw = source_features[src_idx].size(3)
+        tw = target_features[tgt_idx].size(3)
+        if sw == tw:
+            diff = source_features[src_idx] - convs[i](target_features[tgt_idx])
+        else:
+            diff = F.interpolate(source_features[src_idx], scale_factor=tw / sw, mode='bilinear') \
+                - convs[i](target_features[tgt_idx])
+        diff = diff.pow(2).mean(3).mean(2)
+        diff = (diff.mul(weight[i]).sum(1) * (loss_weight[i].squeeze())).mean(0).mul(beta[i])
+        matching_loss = matching_loss + diff
+    return matching_loss
+
+
+def official_meta_networks(term, source_features):
+    """``WeightNetwork.forward`` (softmax of a linear map of the pooled source map) and ``LossWeightNetwork.forward``
+    (``relu6``), with the term's parameters."""
+    weights, loss_weights = [], []
+    for i, (idx, _) in enumerate(term.pairs):
+        f = source_features[idx]
+        f = F.avg_pool2d(f, f.size(2)).view(-1, f.size(1))
+        weights.append(F.softmax(term.channel_weights[i](f), 1))
+        loss_weights.append(F.relu6(term.pair_weights[i](f)))
+    return weights, loss_weights
+
+
+def stage_features(model, params, buffers, x, train):
+    """(output, [stage maps]) of ``functional_call(model, params)`` captured by hooks of the test's own."""
+    captured = {}
+    handles = [getattr(model, key).register_forward_hook(lambda _m, _i, out, key=key: captured.__setitem__(key, out))
+               for key in STAGES]
+    mode = model.training
+    model.train(train)
+    try:
+        out = torch.func.functional_call(model, {**params, **buffers}, (x,))
+    finally:
+        model.train(mode)
+        for handle in handles:
+            handle.remove()
+    return out, [captured[key] for key in STAGES]
+
+
+def test_l2t_ww_step_is_ce_plus_the_official_feature_matching():
+    distiller, batch, values, output = first_step(build_recipe("l2t-ww", digits_setup()))
+    l2t = term(distiller, "l2t_ww")
+    assert l2t.pairs == [(i, j) for i in range(3) for j in range(3)]
+    source, target = maps(values, "teacher"), maps(values, "student")
+    l2t.double()
+    weights, loss_weights = official_meta_networks(l2t, source)
+    assert all(torch.allclose(w, torch.full_like(w, 1 / w.shape[1])) for w in weights)   # zero init: uniform
+    expected = official_feature_matching(list(l2t.connectors), l2t.pairs, source, target, weights, [0.5] * 9,
+                                         loss_weights)
+    torch.testing.assert_close(output.terms["l2t_ww"].double(), expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+
+
+def test_l2t_ww_meta_step_is_the_held_out_gradient_through_the_matching_look_ahead():
+    """One meta-step (plain SGD, lr 1, float64): Δφ = −∂CE(f(x_h; θ − η∇_θ L_match(θ, φ; x)), y_h)/∂φ for the
+    meta-networks' parameters φ, computed here by hand with hooks of the test's own."""
+    import types
+    from torch.utils.data import Subset
+    from distill_testing import digits_split
+    from kdkernels.distill.data import TensorDictDataset
+    from kdkernels.distill.environment import Environment
+    from kdkernels.distill.meta_steps import MetaStep, MetaStepRun
+
+    recipe = build_recipe("l2t-ww", digits_setup(), pairs=[(0, 0), (1, 2), (2, 1)])
+    stage = recipe.stages[0]
+    distiller = stage.distiller
+    split = digits_split()
+    batch = {"input": split.train.inputs[:12], "target": split.train.targets[:12], "index": torch.arange(12)}
+    distiller.build(batch).double().activate().train()     # the connectors exist after build
+    batch["input"] = batch["input"].double()
+    held_out_set = Subset(TensorDictDataset(split.train.inputs.double(), split.train.targets), list(range(40, 64)))
+    spec = MetaStep(hyperparameters=stage.meta_step.hyperparameters, terms=stage.meta_step.terms, optimiser="sgd",
+                    lr=1.0)
+    assert stage.meta_step.terms == ("l2t_ww",) and stage.meta_step.lr == 1e-4 and stage.meta_step.optimiser == "adam"
+    meta_run = MetaStepRun("l2t-ww", spec, distiller, held_out_set)
+    assert len(meta_run.parameters) == 12          # 3 pairs × (W, b of the channel weights, W, b of the pair weights)
+    eta = 0.3
+    run = types.SimpleNamespace(distiller=distiller, offset=0, step=0, epochs=1, optimizer=torch.optim.SGD(
+        meta_run.without_hyperparameters(distiller.trainable_parameters()), lr=eta))
+    env, config = Environment(torch.device("cpu"), 0, 1), types.SimpleNamespace(seed=0, batch_size=8)
+    held = meta_run.held_out_batch(0, 1, 0, 8, env)
+    student, teacher, l2t = distiller.models["student"], distiller.models["teacher"], term(distiller, "l2t_ww")
+    phi = list(meta_run.parameters.values())
+    before = [p.detach().clone() for p in phi]
+
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in student.named_parameters()}
+    buffers = {name: b.clone() for name, b in student.named_buffers()}
+    with torch.no_grad():
+        _, source = stage_features(teacher, dict(teacher.named_parameters()), dict(teacher.named_buffers()),
+                                   batch["input"], train=False)
+    _, target = stage_features(student, params, buffers, batch["input"], train=True)
+    weights, loss_weights = official_meta_networks(l2t, source)
+    inner = official_feature_matching(list(l2t.connectors), l2t.pairs, source, target, weights, [0.5] * 3,
+                                      loss_weights)
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+    fast = {name: p if g is None else p - eta * g for (name, p), g in zip(params.items(), grads)}   # fc: unused
+    out, _ = stage_features(student, fast, buffers, held["input"], train=False)
+    expected = torch.autograd.grad(F.cross_entropy(out, held["target"]), phi)
+
+    meta_run.step(run, [batch], epoch=1, config=config, env=env)
+    for name, b, p, e in zip(meta_run.parameters, before, phi, expected):
+        torch.testing.assert_close(b - p.detach(), e, rtol=1e-6, atol=1e-6 * e.abs().max().item(), msg=name)
+    assert sum(e.abs().sum() for e in expected) > 0
+
+
+def test_l2t_ww_trains_with_its_meta_step():
+    from distill_testing import digits_split
+    from kdkernels.distill.trainer import TrainConfig, Trainer
+    recipe = build_recipe("l2t-ww", digits_setup(), pairs=[(0, 0), (2, 2)], meta_lr=1e-2)
+    l2t = term(recipe.stages[0].distiller, "l2t_ww")
+    before = l2t.channel_weights[0].weight.detach().clone()
+    split = digits_split(64)
+    Trainer(TrainConfig(epochs=1, batch_size=16, lr=0.05, **QUIET)).fit(recipe, split.train, split.test)
+    assert not torch.equal(before, l2t.channel_weights[0].weight.detach())   # the meta-step moved the meta-network
+
+
+def make_l2t_ww(seed=0):
+    return build_recipe("l2t-ww", digits_setup(seed=seed), pairs=[(0, 0), (1, 1), (2, 2)])
+
+
+def test_l2t_ww_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_l2t_ww, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_l2t_ww_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("l2t-ww", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"l2t-ww: beta must be >= 0"):
+        build_recipe("l2t-ww", digits_setup(), beta=-0.5)
+    with pytest.raises(ValueError, match=r"l2t-ww: pairs must be \(teacher index < 3, student index < 3\) pairs, "
+                                         r"got \[\(3, 0\)\]"):
+        build_recipe("l2t-ww", digits_setup(), pairs=[(0, 0), (3, 0)])
+    with pytest.raises(ValueError, match=r"l2t-ww: teacher_channels must give one count per teacher tap \(3\)"):
+        build_recipe("l2t-ww", digits_setup(), teacher_channels=[8])
+    with pytest.raises(ValueError, match=r"term 'l2t_ww': teacher:stage1 has \d+ channels, but its meta-networks "
+                                         r"were sized for 5: pass teacher_channels"):
+        first_step(build_recipe("l2t-ww", digits_setup(), teacher_channels=[5, 5, 5]))
+    with pytest.raises(ValueError, match=r"MetaStep: held_out as a share must be in \(0, 1\)"):
+        build_recipe("l2t-ww", digits_setup(), held_out=1.5)
+    with pytest.raises(ValueError, match=r"term 'l2t_ww' reads \[B, C, H, W\] maps.*student:hidden1 \(32, \d+\)"):
+        first_step(build_recipe("l2t-ww", digits_setup(student="student-mlp"), teacher_layers=["stage3"]))

@@ -165,3 +165,106 @@ M = torch.randn(2, 3, 4, 4)
 def test_afd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# -------------------------------------------------------------------------------------------------------- L2T-ww
+
+def official_feature_matching(convs, pairs, source_features, target_features, weight, beta, loss_weight):
+    """alinlab/L2T-ww ``train_l2t_ww.py`` ``FeatureMatching.forward`` (``self[i]`` = ``convs[i]``, the 1×1 conv
+    from the target's channels to the source's)."""
+    matching_loss = 0.0
+    for i, (src_idx, tgt_idx) in enumerate(pairs):
+        sw = source_features[src_idx].size(3)
+        tw = target_features[tgt_idx].size(3)
+        if sw == tw:
+            diff = source_features[src_idx] - convs[i](target_features[tgt_idx])
+        else:
+            diff = F.interpolate(
+                source_features[src_idx],
+                scale_factor=tw / sw,
+                mode='bilinear'
+            ) - convs[i](target_features[tgt_idx])
+        diff = diff.pow(2).mean(3).mean(2)
+        if loss_weight is None and weight is None:
+            diff = diff.mean(1).mean(0).mul(beta[i])
+        elif loss_weight is None:
+            diff = diff.mul(weight[i]).sum(1).mean(0).mul(beta[i])
+        elif weight is None:
+            diff = (diff.sum(1)*(loss_weight[i].squeeze())).mean(0).mul(beta[i])
+        else:
+            diff = (diff.mul(weight[i]).sum(1)*(loss_weight[i].squeeze())).mean(0).mul(beta[i])
+        matching_loss = matching_loss + diff
+    return matching_loss
+
+
+# source (teacher) maps: 4×4 and 2×2 (6 and 5 channels); target (student): 8×8, 4×4 and 2×2 (3, 4, 7 channels)
+L2T_PAIRS = [(0, 0), (0, 1), (1, 1), (1, 2), (0, 2)]     # upsampling ×2, equal size, downsampling ×0.5
+
+
+@pytest.mark.parametrize("weighted, loss_weighted", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["what-and-where", "what", "where", "neither"])
+def test_l2t_ww_is_the_official_feature_matching(weighted, loss_weighted):
+    batch = 4
+    sources = [randn(batch, 6, 4, 4, seed=1, grad=True), randn(batch, 5, 2, 2, seed=2, grad=True)]
+    targets = [randn(batch, 3, 8, 8, seed=3, grad=True), randn(batch, 4, 4, 4, seed=4, grad=True),
+               randn(batch, 7, 2, 2, seed=5, grad=True)]
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(targets[t].shape[1], sources[s].shape[1], 1).double() for s, t in L2T_PAIRS]
+    weights = [randn(batch, sources[s].shape[1], seed=10 + i).softmax(1).requires_grad_() if weighted else None
+               for i, (s, _) in enumerate(L2T_PAIRS)]
+    loss_weights = [randn(batch, 1, seed=20 + i).relu().requires_grad_() if loss_weighted else None
+                    for i in range(len(L2T_PAIRS))]
+
+    def ours(sources, targets, weights, loss_weights):
+        return 0.5 * kdkernels.l2t_ww_loss([conv(targets[t]) for conv, (_, t) in zip(convs, L2T_PAIRS)],
+                                           [sources[s] for s, _ in L2T_PAIRS], weights if weighted else None,
+                                           loss_weights if loss_weighted else None)
+
+    def official(sources, targets, weights, loss_weights):
+        return official_feature_matching(convs, L2T_PAIRS, sources, targets, weights if weighted else None,
+                                         [0.5] * len(L2T_PAIRS), loss_weights if loss_weighted else None)
+
+    assert_equals_official(ours, official, sources, targets, weights, loss_weights, what="l2t_ww")
+
+
+def test_l2t_ww_reductions_dtypes_and_second_derivatives():
+    student, teacher = randn(3, 4, 4, 4, seed=1, grad=True), randn(3, 4, 2, 2, seed=2)
+    weight, pair = randn(3, 4, seed=3).softmax(1).requires_grad_(), randn(1, 1, seed=4).abs()
+    rows = kdkernels.l2t_ww_loss([student], [teacher], [weight], [pair], reduction="none")
+    assert rows.shape == (3,)
+    torch.testing.assert_close(kdkernels.l2t_ww_loss([student], [teacher], [weight], [pair]), rows.mean(),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.l2t_ww_loss([student], [teacher], [weight], [pair], reduction="sum"),
+                               rows.sum(), rtol=1e-12, atol=0)
+    half = kdkernels.l2t_ww_loss([student.detach().half()], [teacher.bfloat16()], [weight.detach().half()])
+    assert half.dtype == torch.float32
+    # the meta-gradient needs d²loss / (d student · d weight): not zero
+    (grad,) = torch.autograd.grad(kdkernels.l2t_ww_loss([student], [teacher], [weight]), student, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), weight)
+    assert second.abs().sum() > 0
+
+
+L = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.l2t_ww_loss([L], [torch.randn(2, 5, 4, 4)]), ValueError,
+     r"^l2t_ww_loss: student_features\[0\] must have the channels of teacher_features\[0\] \(2, 5, 4, 4\)"),
+    (lambda: kdkernels.l2t_ww_loss([L, L], [L]), ValueError,
+     r"^l2t_ww_loss: teacher_features must hold one map per student map \(2\)"),
+    (lambda: kdkernels.l2t_ww_loss([L], [L], [torch.rand(2, 4)]), ValueError,
+     r"^l2t_ww_loss: channel_weights\[0\] must have shape \[2, 3\]"),
+    (lambda: kdkernels.l2t_ww_loss([L], [L], None, [torch.rand(3)]), ValueError,
+     r"^l2t_ww_loss: pair_weights\[0\] must hold 1 or B = 2 elements"),
+    (lambda: kdkernels.l2t_ww_loss([L], [L], [torch.rand(2, 3)] * 2), ValueError,
+     r"^l2t_ww_loss: channel_weights must hold one tensor per pair \(1\)"),
+    (lambda: kdkernels.l2t_ww_loss([L], [torch.randn(2, 3, 3, 5)]), ValueError,
+     r"^l2t_ww_loss: teacher_features\[0\] must resize to the spatial size of student_features\[0\]"),
+    (lambda: kdkernels.l2t_ww_loss(L, [L]), TypeError, r"^l2t_ww_loss: student_features must be a list"),
+    (lambda: kdkernels.l2t_ww_loss([L], [L], [torch.ones(2, 3, dtype=torch.long)]), TypeError,
+     r"^l2t_ww_loss: channel_weights\[0\] must be float32"),
+    (lambda: kdkernels.l2t_ww_loss([L], [L], reduction="mean"), ValueError, r"^l2t_ww_loss: reduction must be one of"),
+])
+def test_l2t_ww_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -25,7 +25,7 @@ from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf
 from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss, nst_loss,
                                       ofd_loss, ofd_margins, vid_loss)
 from kdkernels.losses.attention import at_loss
-from kdkernels.losses.layer_assignment import afd_loss, semckd_loss
+from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
@@ -44,6 +44,6 @@ __all__ = [
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
-    "ft_loss", "cwd_loss", "cd_loss", "semckd_loss", "afd_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights",
+    "ft_loss", "cwd_loss", "cd_loss", "semckd_loss", "afd_loss", "l2t_ww_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights",
     "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]

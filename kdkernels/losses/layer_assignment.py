@@ -4,6 +4,7 @@ learned attention or meta-learned weights (issue 16, "which teacher layer teache
 * :func:`semckd_loss` — SemCKD: per-pair MSE weighted by the student-to-teacher layer attention;
 * :func:`afd_loss` — AFD: per-pair distance of normalised spatial energy maps, weighted by the teacher-to-student
   layer attention;
+* :func:`l2t_ww_loss` — L2T-ww: per-pair channel-weighted feature matching, scaled by per-sample pair weights.
 
 The learned parts (query/key embeddings, projections, meta-networks) are the methods' modules
 (:mod:`kdkernels.distill.methods.layer_assignment`); these functions take their outputs.
@@ -123,5 +124,78 @@ def afd_loss(student_features, teacher_features, attention: torch.Tensor, *,
         values = torch.stack([_energy(student, size) for student in students], dim=1)      # B × S × HW_t
         distances = (values - target.to(values.dtype).unsqueeze(1)).pow(2).mean(dim=2)       # B × S
         pair_rows = (accumulate(attention[:, t]).to(distances.dtype) * distances).sum(dim=1)
+        rows = pair_rows if rows is None else rows + pair_rows
+    return reduce_rows(rows, reduction)
+
+
+def _weights(check: Checks, name: str, value, pairs: int):
+    """None, or a list of ``pairs`` float tensors."""
+    if value is None:
+        return None
+    weights = check.tensor_list(name, value)
+    if len(weights) != pairs:
+        check.value_error(name, f"must hold one tensor per pair ({pairs})", f"{len(weights)}")
+    for index, weight in enumerate(weights):
+        check.floating(f"{name}[{index}]", weight)
+    return weights
+
+
+def l2t_ww_loss(student_features, teacher_features, channel_weights=None, pair_weights=None, *,
+                reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """Learning what and where to transfer (Jang, Lee, Hwang, Shin, ICML 2019), as alinlab/L2T-ww
+    ``train_l2t_ww.py`` (``FeatureMatching.forward``, β left to the caller): for every (teacher layer, student
+    layer) pair p the teacher map, bilinearly resized to the student map's width when they differ
+    (``F.interpolate(scale_factor=W_s / W_t, mode="bilinear")``), against the student map already mapped to the
+    teacher's channels (the official 1×1 conv)::
+
+        d_pbc = mean_hw (resize(t_p) − s_p)²_bc,    loss = Σ_p mean_b λ_pb · Σ_c w_pbc · d_pbc
+
+    ``student_features`` / ``teacher_features``: one [B, C_p, H, W] map per pair, with the same channels;
+    ``channel_weights``: None (then ``Σ_c w·d`` is ``mean_c d`` without ``pair_weights`` and ``Σ_c d`` with them,
+    as the official branches ``weight is None``) or per pair
+    [B, C_p] (what to transfer: the official ``WeightNetwork``'s softmax); ``pair_weights``: None (λ 1) or per pair
+    a tensor of B (or 1) elements (where: the official ``LossWeightNetwork``'s [B, 1] output). ``reduction``:
+    ``"batchmean"`` (the official), ``"sum"`` or ``"none"`` (per sample [B], summed over the pairs). The teacher
+    maps are used as given (detach them to keep gradients off the teacher). Twice differentiable (torch ops).
+    """
+    check = Checks("l2t_ww_loss")
+    students = check.tensor_list("student_features", student_features)
+    teachers = check.tensor_list("teacher_features", teacher_features)
+    if len(teachers) != len(students):
+        check.value_error("teacher_features", f"must hold one map per student map ({len(students)})",
+                          f"{len(teachers)} maps")
+    channel_weights = _weights(check, "channel_weights", channel_weights, len(students))
+    pair_weights = _weights(check, "pair_weights", pair_weights, len(students))
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    rows = None
+    for p, (student, teacher) in enumerate(zip(students, teachers)):
+        s_name, t_name = f"student_features[{p}]", f"teacher_features[{p}]"
+        check.feature_pair(s_name, student, t_name, teacher, dims=(4,))
+        batch, channels = student.shape[:2]
+        if teacher.shape[1] != channels:
+            check.value_error(s_name, f"must have the channels of {t_name} {tuple(teacher.shape)} (map the student "
+                              "with the 1×1 conv first)", f"shape {tuple(student.shape)}")
+        student = accumulate(student)
+        teacher = accumulate(teacher).to(student.dtype)
+        if teacher.shape[3] != student.shape[3]:
+            teacher = F.interpolate(teacher, scale_factor=student.shape[3] / teacher.shape[3], mode="bilinear")
+        if teacher.shape[2:] != student.shape[2:]:
+            check.value_error(t_name, f"must resize to the spatial size of {s_name} {tuple(student.shape)} by the "
+                              "factor of their widths", f"shape {tuple(teacher.shape)} after resizing")
+        distances = (teacher - student).pow(2).mean(dim=(2, 3))                                   # B × C
+        if channel_weights is None:     # the official: mean over channels without any weights, else their sum
+            pair_rows = distances.mean(dim=1) if pair_weights is None else distances.sum(dim=1)
+        else:
+            weight = channel_weights[p]
+            check.shape(f"channel_weights[{p}]", weight, (batch, channels))
+            check.same_device(f"channel_weights[{p}]", weight, s_name, student)
+            pair_rows = (distances * accumulate(weight).to(distances.dtype)).sum(dim=1)
+        if pair_weights is not None:
+            weight = pair_weights[p]
+            if weight.numel() not in (1, batch):
+                check.value_error(f"pair_weights[{p}]", f"must hold 1 or B = {batch} elements",
+                                  f"shape {tuple(weight.shape)}")
+            check.same_device(f"pair_weights[{p}]", weight, s_name, student)
+            pair_rows = pair_rows * accumulate(weight).to(pair_rows.dtype).reshape(-1)
         rows = pair_rows if rows is None else rows + pair_rows
     return reduce_rows(rows, reduction)

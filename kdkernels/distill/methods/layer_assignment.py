@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels.distill.connectors import output_channels
+from kdkernels.distill.hooks import find_module, split_tap
+from kdkernels.distill.meta_steps import MetaStep
 from kdkernels.distill.methods._common import offline
 from kdkernels.distill.methods.feature import check_term, response_terms, stage_taps, tapped
 from kdkernels.distill.recipe import Recipe, Setup
 from kdkernels.distill.registry import register
-from kdkernels.distill.terms import Term
+from kdkernels.distill.terms import CrossEntropyTerm, Term
 from kdkernels.losses._common import pool_to_smaller
 
 
@@ -234,3 +237,134 @@ def afd(setup: Setup, weight: float = 200.0, ce_weight: float = 1.0, kd_weight: 
     term = AFDTerm(tapped("student", stage_taps(setup.student, student_layers)),
                    tapped("teacher", stage_taps(teacher, teacher_layers)), weight, qk_dim)
     return offline("afd", setup, [*response_terms(ce_weight, kd_weight, temperature), term])
+
+
+# --------------------------------------------------------------------------------------------------------- L2T-ww
+
+class L2TWWTerm(Term):
+    """L2T-ww's feature matching (official ``FeatureMatching``) with its meta-networks (``WeightNetwork``,
+    ``LossWeightNetwork``), :func:`kdkernels.l2t_ww_loss`.
+
+    For every pair p = (teacher tap i, student tap j): ``connectors[p]`` a 1×1 conv (with bias) from the student's
+    channels to the teacher's (built from the first batch); ``channel_weights[p]`` Linear(C_i, C_i), zero init,
+    ``w = softmax(Linear(GAP(t_i)))`` (what); ``pair_weights[p]`` Linear(C_i, 1), bias ``pair_weight_init``,
+    ``λ = relu6(Linear(GAP(t_i)))`` (where). The meta-networks' parameters are the meta-step's hyperparameters
+    (:meth:`meta_parameters`); they exist from the start (sized by the teacher's channel counts).
+    """
+
+    def __init__(self, student_keys: Sequence[str], teacher_keys: Sequence[str], teacher_channels: Sequence[int],
+                 pairs: Sequence[tuple[int, int]], weight: float, pair_weight_init: float):
+        super().__init__("l2t_ww", [*student_keys, *teacher_keys], weight)
+        self.num_student = len(student_keys)
+        self.pairs = [tuple(pair) for pair in pairs]
+        self.channel_weights = nn.ModuleList()
+        self.pair_weights = nn.ModuleList()
+        for i, _ in self.pairs:
+            what = nn.Linear(teacher_channels[i], teacher_channels[i])
+            nn.init.zeros_(what.weight)
+            nn.init.zeros_(what.bias)
+            where = nn.Linear(teacher_channels[i], 1)
+            nn.init.constant_(where.bias, pair_weight_init)
+            self.channel_weights.append(what)
+            self.pair_weights.append(where)
+        self.connectors = nn.ModuleList()
+
+    def meta_parameters(self) -> tuple[str, ...]:
+        """The meta-networks' parameters as ``MetaStep`` hyperparameter names (``"l2t_ww.<parameter>"``)."""
+        return tuple(f"{self.name}.{name}" for name, _ in self.named_parameters()
+                     if name.startswith(("channel_weights.", "pair_weights.")))
+
+    def build(self, example):
+        _check_maps(self, example)
+        values = [example[key] for key in self.reads]
+        students, teachers = values[: self.num_student], values[self.num_student:]
+        for p, (i, _) in enumerate(self.pairs):
+            if teachers[i].shape[1] != self.channel_weights[p].in_features:
+                raise ValueError(f"term 'l2t_ww': {self.reads[self.num_student + i]} has {teachers[i].shape[1]} "
+                                 f"channels, but its meta-networks were sized for "
+                                 f"{self.channel_weights[p].in_features}: pass teacher_channels")
+        if not len(self.connectors):
+            self.connectors = nn.ModuleList(nn.Conv2d(students[j].shape[1], teachers[i].shape[1], 1)
+                                            for i, j in self.pairs)
+        check_term(self, example, lambda: self.loss(*values, context=None))
+
+    def loss(self, *values, context):
+        students, teachers = values[: self.num_student], values[self.num_student:]
+        pooled = [t.mean(dim=(2, 3)) for t in teachers]
+        what = [F.softmax(net(pooled[i]), dim=1) for net, (i, _) in zip(self.channel_weights, self.pairs)]
+        where = [F.relu6(net(pooled[i])) for net, (i, _) in zip(self.pair_weights, self.pairs)]
+        return kdkernels.l2t_ww_loss([conv(students[j]) for conv, (_, j) in zip(self.connectors, self.pairs)],
+                                     [teachers[i] for i, _ in self.pairs], what, where)
+
+
+def _tap_channels(model: nn.Module, taps: Sequence[str], method: str) -> list[int]:
+    """The channel count each tapped module produces (its last conv or batch norm)."""
+    channels = []
+    for tap in taps:
+        path, wants_input = split_tap(tap)
+        count = None if wants_input else output_channels(find_module(model, path, "teacher"))
+        if count is None:
+            raise ValueError(f"{method}: cannot tell the channels of teacher tap {tap!r} (no conv or batch norm "
+                             f"in it): pass teacher_channels")
+        channels.append(count)
+    return channels
+
+
+L2T_WW_APPROXIMATION = (
+    "the official bilevel update (train_l2t_ww.py with train/meta_optimizers.py MetaSGD) is mapped onto the trainer's "
+    "MetaStep: before each student step one plain-SGD look-ahead (the model's current lr, no momentum or weight decay) "
+    "on the matching loss, then the cross-entropy on a held-out batch (10 % of the training set kept out, eval-mode "
+    "batch norm) drives the meta-networks through Adam (lr 1e-4, no weight decay); the official takes the real "
+    "CE + matching step first, then T = 2 matching-only steps and one CE step of its momentum SGD, the CE on the same "
+    "training batch after them (train mode) drives Adam (lr 1e-4, weight decay 1e-4), and rolls the look-ahead back")
+
+
+@register("l2t-ww", category="feature",
+          paper="Jang, Lee, Hwang, Shin. Learning What and Where to Transfer. ICML 2019",
+          approximation=L2T_WW_APPROXIMATION)
+def l2t_ww(setup: Setup, beta: float = 0.5, ce_weight: float = 1.0, meta_lr: float = 1e-4, held_out: float = 0.1,
+           pair_weight_init: float = 1.0, pairs: Sequence[tuple[int, int]] | None = None,
+           student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None,
+           teacher_channels: Sequence[int] | None = None) -> Recipe:
+    """L2T-ww: ``ce·CE + β·Σ_p mean_b λ_pb·Σ_c w_pbc·mean_hw(resize(t_i) − conv_p(s_j))²_bc`` over the pairs
+    p = (teacher tap i, student tap j) (:func:`kdkernels.l2t_ww_loss`), β = 0.5, the teacher map bilinearly resized
+    to the student's size, ``w = softmax(W_p·GAP(t_i))`` (what, zero init), ``λ = relu6(V_p·GAP(t_i))`` (where,
+    bias 1); the meta-networks W, V are learned by a meta-step (:class:`~kdkernels.distill.meta_steps.MetaStep`):
+    the student looked ahead one SGD step on the matching loss, ``θ' = θ − η·∇_θ L_match(θ; W, V)``, and
+    ``CE(f(x_h; θ'), y_h)`` on a held-out batch differentiated through it (second order), Adam at ``meta_lr``.
+
+    ``pairs``: (teacher index, student index) into the taps; default every teacher tap with every student tap (the
+    official default ``--pairs`` of ResNet-34 → ResNet-18: all 4 × 4 stage outputs). ``teacher_channels``: the
+    teacher taps' channel counts when they cannot be read from the tapped modules (the meta-networks must exist
+    before the first batch, as the meta-step's hyperparameters).
+
+    Provenance: alinlab/L2T-ww @f4dde04 ``train_l2t_ww.py`` (``FeatureMatching``, ``WeightNetwork``,
+    ``LossWeightNetwork`` with ``--loss-weight-type relu6 --loss-weight-init 1.0``, ``--beta 0.5``, ``--meta-lr
+    1e-4``, ``--optimizer adam``, ``--T 2``, the loop ``inner_objective``/``outer_objective``) and
+    ``train/meta_optimizers.py`` (``MetaSGD``). Approximation: see ``L2T_WW_APPROXIMATION`` (the bilevel schedule as
+    the trainer's one-step meta-step).
+    """
+    teacher = setup.require_teacher("l2t-ww")
+    if not beta >= 0:
+        raise ValueError(f"l2t-ww: beta must be >= 0, got {beta!r}")
+    student_taps = stage_taps(setup.student, student_layers)
+    teacher_taps = stage_taps(teacher, teacher_layers)
+    if pairs is None:
+        pairs = [(i, j) for i in range(len(teacher_taps)) for j in range(len(student_taps))]
+    pairs = [tuple(pair) for pair in pairs]
+    bad = [pair for pair in pairs if len(pair) != 2 or not all(isinstance(k, int) for k in pair)
+           or not (0 <= pair[0] < len(teacher_taps) and 0 <= pair[1] < len(student_taps))]
+    if not pairs or bad:
+        raise ValueError(f"l2t-ww: pairs must be (teacher index < {len(teacher_taps)}, student index < "
+                         f"{len(student_taps)}) pairs, got {bad or pairs}")
+    if teacher_channels is None:
+        teacher_channels = _tap_channels(teacher, teacher_taps, "l2t-ww")
+    elif len(teacher_channels) != len(teacher_taps):
+        raise ValueError(f"l2t-ww: teacher_channels must give one count per teacher tap ({len(teacher_taps)}), got "
+                         f"{list(teacher_channels)}")
+    term = L2TWWTerm(tapped("student", student_taps), tapped("teacher", teacher_taps), teacher_channels, pairs, beta,
+                     pair_weight_init)
+    terms = [CrossEntropyTerm("student", ce_weight), term] if ce_weight > 0 else [term]
+    meta_step = MetaStep(hyperparameters=term.meta_parameters(), held_out=held_out, lr=meta_lr,
+                         terms=(term.name,))
+    return offline("l2t-ww", setup, terms, meta_step=meta_step)
