@@ -98,7 +98,7 @@ def test_semckd_trains_its_attention_and_a_short_batch_gives_zero():
 
 
 def make_semckd(seed=0):
-    return build_recipe("semckd", digits_setup(seed=seed))
+    return build_recipe("semckd", digits_setup(seed=seed, teacher="student-cnn"))
 
 
 def test_semckd_resume_is_bit_exact(tmp_path):
@@ -166,6 +166,14 @@ def test_afd_step_is_the_official_attention_and_loss():
     assert not torch.allclose(attention, torch.full_like(attention, 1 / 3), atol=1e-3)
 
 
+def test_afd_digits_preset_scales_beta_down():
+    distiller, _, values, output = first_step(build_recipe("afd", digits_setup(), "digits"))
+    afd = term(distiller, "afd")
+    assert afd.weight == 20.0
+    torch.testing.assert_close(output.terms["afd"].double(), official_afd_step(values, afd)[0]["afd"] / 10,
+                               rtol=1e-5, atol=1e-8)
+
+
 def test_afd_trains_its_meta_network():
     recipe = build_recipe("afd", digits_setup(), qk_dim=16)
     afd = term(recipe.stages[0].distiller, "afd")
@@ -175,7 +183,7 @@ def test_afd_trains_its_meta_network():
 
 
 def make_afd(seed=0):
-    return build_recipe("afd", digits_setup(seed=seed), qk_dim=16)
+    return build_recipe("afd", digits_setup(seed=seed, teacher="student-cnn"), qk_dim=16)
 
 
 def test_afd_resume_is_bit_exact(tmp_path):
@@ -318,7 +326,7 @@ def test_l2t_ww_trains_with_its_meta_step():
 
 
 def make_l2t_ww(seed=0):
-    return build_recipe("l2t-ww", digits_setup(seed=seed), pairs=[(0, 0), (1, 1), (2, 2)])
+    return build_recipe("l2t-ww", digits_setup(seed=seed, teacher="student-cnn"), pairs=[(0, 0), (1, 1), (2, 2)])
 
 
 def test_l2t_ww_resume_is_bit_exact(tmp_path):

@@ -214,7 +214,8 @@ class AFDTerm(Term):
           approximation="the official code matches the output of every residual block (utils.py LAYER: e.g. 18 "
                         "teacher and 6 student blocks for WRN-40-2 → WRN-16-2); the default taps here are the "
                         "models' stage outputs (pass every block's path as student_layers / teacher_layers for the "
-                        "official pairing)")
+                        "official pairing)",
+          presets={"digits": {"weight": 20.0}})
 def afd(setup: Setup, weight: float = 200.0, ce_weight: float = 1.0, kd_weight: float = 0.9,
         temperature: float = 4.0, qk_dim: int = 128, student_layers: Sequence[str] | None = None,
         teacher_layers: Sequence[str] | None = None) -> Recipe:
@@ -228,6 +229,10 @@ def afd(setup: Setup, weight: float = 200.0, ce_weight: float = 1.0, kd_weight: 
     (``train_kl``: ``loss = CE + α·KL + β·AFD``), ``main.py`` (``--alpha 0.9 --temperature 4 --beta 200 --qk_dim
     128``), ``distill/KD.py`` (``DistillKL``: batchmean·T²). The meta-network trains with the student (train-mode
     batch norms). Taps: every ``kd_points`` stage of both models (approximation flag: the official taps every block).
+
+    Preset ``digits`` (our choice, not official): β 20. The normalised maps have H·W entries, so their mean squared
+    distance scales as 1/(H·W): β 200 is tuned for CIFAR's 32×32…8×8 maps, and on the digits models' 8×8…2×2 stage
+    maps it dominates CE (the student reached 75.5 % at β 200 and 95.4 % at β 20 on digits, 1 seed, 30 epochs).
     """
     teacher = setup.require_teacher("afd")
     if isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 1:
