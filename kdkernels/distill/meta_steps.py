@@ -9,7 +9,8 @@ Before the model's own optimiser step ``s``, the meta-step
 
 1. takes the step's training batch ``x`` (every micro-batch of the step, on every rank: the global batch, with the
    distiller's views applied) and looks the model ahead by one plain SGD step on the inner loss, the weighted sum of
-   the ``terms`` (default: every term of the distiller) at the current hyperparameters ``φ``:
+   the ``terms`` (default: every term of the distiller; they may read tapped features, the looked-ahead model's
+   captured by the distiller's hooks in its forward with the fast parameters) at the current hyperparameters ``φ``:
    ``θ'(φ) = θ − η·∇_θ L_inner(θ, φ; x)``, ``η`` the model's current learning rate
    (:func:`kdkernels.distill.meta.unroll`, second order unless ``first_order``);
 2. computes the outer loss ``L_outer = CE(f(x_h; θ'(φ)), y_h)`` on a held-out batch ``(x_h, y_h)``, the model in
