@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kdkernels
 from distill_testing import digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
 from trainer_testing import QUIET, assert_resume_is_exact
