@@ -9,7 +9,8 @@ Before the model's own optimiser step ``s``, the meta-step
 
 1. takes the step's training batch ``x`` (every micro-batch of the step, on every rank: the global batch, with the
    distiller's views applied) and looks the model ahead by one plain SGD step on the inner loss, the weighted sum of
-   the ``terms`` (default: every term of the distiller) at the current hyperparameters ``φ``:
+   the ``terms`` (default: every term of the distiller; they may read tapped features, the looked-ahead model's
+   captured by the distiller's hooks in its forward with the fast parameters) at the current hyperparameters ``φ``:
    ``θ'(φ) = θ − η·∇_θ L_inner(θ, φ; x)``, ``η`` the model's current learning rate
    (:func:`kdkernels.distill.meta.unroll`, second order unless ``first_order``);
 2. computes the outer loss ``L_outer = CE(f(x_h; θ'(φ)), y_h)`` on a held-out batch ``(x_h, y_h)``, the model in
@@ -61,7 +62,7 @@ from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.environment import META_STREAM, Environment, all_gather_objects, stream_seed
 from kdkernels.distill.hooks import as_tensor
 from kdkernels.distill.optimisers import average_gradients
-from kdkernels.distill.terms import StepContext, model_of, tap_of
+from kdkernels.distill.terms import StepContext, model_of
 
 if TYPE_CHECKING:
     from kdkernels.distill.config import TrainConfig
@@ -81,8 +82,9 @@ class MetaStep:
         lr: the hyperparameters' optimiser's learning rate (constant).
         optimiser: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (plain ``torch.optim.SGD``).
         model: the trainable model looked ahead.
-        terms: the terms of the inner loss (default: every term of the distiller); they must read only the model's
-            output, frozen models' outputs and batch keys.
+        terms: the terms of the inner loss (default: every term of the distiller); they read the models' outputs,
+            their tapped features (``"student:layer3"``: the looked-ahead model's are those of its functional forward
+            with the fast parameters, the other models' are computed once without gradients) and batch keys.
         first_order: detach the inner gradient (no second derivatives; see :func:`kdkernels.distill.meta.unroll`).
     """
 
@@ -143,12 +145,16 @@ def check_meta_step(stage: str, distiller: Distiller, meta_step, *, optimisers, 
     for name in meta_step.terms or ():
         if name not in terms:
             raise ValueError(f"{where}: the meta_step's terms name unknown term {name!r}; the terms are {list(terms)}")
-    for term in inner_terms(distiller, meta_step):
-        taps = [key for key in term.reads if tap_of(key) is not None]
-        if taps:
-            raise ValueError(f"{where}: the meta_step's inner term {term.name!r} reads features {taps}; its terms may "
-                             "read models' outputs and batch keys only")
     hyperparameters(stage, distiller, meta_step)
+
+
+def tapped_features(distiller: Distiller, name: str) -> dict[str, torch.Tensor]:
+    """The features the distiller's forward hooks captured in model ``name``'s latest forward (a functional call with
+    fast parameters included), as ``"<model>:<tap>"`` values; the hooks' store is cleared."""
+    taps = getattr(distiller, "_taps", {}).get(name)
+    if taps is None:
+        return {}
+    return {f"{name}:{tap}": as_tensor(value, f"{name}:{tap}") for tap, value in taps.pop().items()}
 
 
 def inner_terms(distiller: Distiller, meta_step: MetaStep) -> list:
@@ -285,18 +291,20 @@ class MetaStepRun:
         read = {model_of(key) for term in self.terms for key in term.reads} & set(distiller.models)
         frozen = {}
         with torch.no_grad():
-            for other in read - {name}:
+            for other in sorted(read - {name}):
                 frozen[other] = as_tensor(distiller.models[other](distiller.model_input(other, batch)), other)
+                frozen.update(tapped_features(distiller, other))
         context = StepContext(epoch=epoch, epochs=run.epochs, step=run.step, batch=batch)
 
-        def inner_loss(outputs, _batch, _hyper):
-            values = {**batch, **frozen, name: as_tensor(outputs, name)}
+        def inner_loss(outputs, _batch, _hyper):   # right after the fast model's forward: its hooks hold its features
+            values = {**batch, **frozen, name: as_tensor(outputs, name), **tapped_features(distiller, name)}
             return sum(term({key: values[key] for key in term.reads}, context) for term in self.terms)
 
         input_key = distiller.inputs[name]
         fast = meta.unroll(model, inner_loss, batch=batch, lr=self.inner_lr(run), hyper=self.parameters,
                            first_order=self.spec.first_order, input_key=None if input_key == BATCH else input_key)
         outputs = fast(held if input_key == BATCH else held[input_key], train=False)
+        tapped_features(distiller, name)     # drops the held-out forward's features
         outer = F.cross_entropy(as_tensor(outputs, name).float(), held["target"])
         grads = meta.meta_gradient(outer, self.parameters)
         for parameter, grad in zip(self.parameters.values(), grads.values()):

@@ -18,7 +18,8 @@ CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "
               "data-free", "multi-teacher", "teacher-prep", "meta")
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "self_supervised",
-                   "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta")
+                   "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta",
+                   "layer_assignment")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
 :mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
-:mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`.
+:mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`,
+:mod:`~kdkernels.losses.layer_assignment`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -26,6 +27,7 @@ from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, f
                                       jacobian_matching_loss, kd_svd_loss, nst_loss, ofd_loss, ofd_margins,
                                       pad_l2_loss, vid_loss)
 from kdkernels.losses.attention import at_loss, ttkd_loss
+from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
 from kdkernels.losses.self_distillation import byot_loss
@@ -45,6 +47,7 @@ __all__ = [
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss",
+    "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "darkrank_loss",
     "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]
