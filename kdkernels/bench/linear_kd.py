@@ -186,6 +186,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """Two bar panels: median time (with the GEMM floor) and peak extra memory beyond the gradients, per
+    implementation; matplotlib (Agg), imported only here."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["results"])
+    records = [result["results"][name] for name in names]
+    fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    time_axis.bar(names, [r["median_s"] for r in records], color="tab:blue")
+    time_axis.set_ylabel("forward + backward, median s")
+    memory_names = [n for n, r in zip(names, records) if r.get("peak_beyond_gradients_mb") is not None]
+    memory_axis.bar(memory_names, [result["results"][n]["peak_beyond_gradients_mb"] for n in memory_names],
+                    color="tab:orange")
+    memory_axis.axhline(result["one_logits_tensor_mb"], color="grey", linestyle="--", label="one [N, V] fp32")
+    memory_axis.set_ylabel("peak extra MiB beyond the gradients")
+    memory_axis.legend()
+    for axis in (time_axis, memory_axis):
+        axis.tick_params(axis="x", rotation=30)
+    shape = result["shape"]
+    fig.suptitle(f"linear_kd_loss, N {shape['tokens']}, H {shape['student_hidden']}/{shape['teacher_hidden']}, "
+                 f"V {shape['vocabulary']}, fp32 — {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdkernels.bench.linear_kd", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -194,14 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocabulary", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="do not write linear_kd_loss.png")
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder for linear_kd_loss.{json,md} (default: benchmarks/results/<device>/)")
+                        help="folder for linear_kd_loss.{json,md,png} (default: benchmarks/results/<device>/)")
     args = parser.parse_args(argv)
     result = run(args)
     out = args.out or default_results_root() / sanitize(result["device"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_kd_loss.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "linear_kd_loss.md").write_text(markdown(result))
+    if not args.no_plot:
+        plot(result, out / "linear_kd_loss.png")
     sys.stdout.write(markdown(result))
     return 0
 
