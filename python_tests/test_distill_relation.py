@@ -65,3 +65,61 @@ def test_relation_explicit_taps_on_mlp_student():
     recipe = build_recipe("rkd", digits_setup(student="student-mlp"), student_layer="hidden1")
     _, _, values, output = first_step(recipe)
     close(output.terms["rkd"], kdkernels.rkd_loss(values["student:hidden1"], values["teacher:fc/input"]))
+
+
+# ------------------------------------------------------------------------------------------------------- REFILLED
+
+from test_losses_relation import official_refilled_stage1, official_refilled_stage2  # noqa: E402
+from trainer_testing import QUIET, assert_resume_is_exact  # noqa: E402
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_refilled_embedding_stage_then_local_classifier_stage_are_the_official_steps():
+    recipe = build_recipe("refilled", digits_setup())
+    assert [s.name for s in recipe.stages] == ["refilled-embedding", "refilled"]
+    assert [s.epochs_of(30) for s in recipe.stages] == [15, 15]
+    history = run_steps(build_recipe("refilled", digits_setup()))
+    assert set(history[0]) == {"refilled_triplet"} and set(history[-1]) == {"ce_student", "refilled_classifier"}
+    _, batch, values, output = first_step(build_recipe("refilled", digits_setup()), stage_index=0)
+    assert set(output.terms) == {"refilled_triplet"}
+    expected = 1000.0 * official_refilled_stage1(values["student:fc/input"].double(),
+                                                 values["teacher:fc/input"].double(), batch["target"], 4.0)
+    assert expected > 0
+    torch.testing.assert_close(output.terms["refilled_triplet"].double(), expected.detach(), rtol=1e-4, atol=1e-7)
+    _, batch, values, output = first_step(build_recipe("refilled", digits_setup()), stage_index=1)
+    expected = 1000.0 * official_refilled_stage2(values["student"].double(), values["teacher:fc/input"].double(),
+                                                 batch["target"], 10, 2.0)
+    torch.testing.assert_close(output.terms["refilled_classifier"].double(), expected.detach(), rtol=1e-4,
+                               atol=1e-7)
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+
+
+def test_refilled_hyperparameters_and_epoch_count():
+    recipe = build_recipe("refilled", digits_setup(), triplet_weight=2.0, triplet_temperature=1.0,
+                          classifier_weight=3.0, classifier_temperature=4.0, embedding_epochs=2)
+    assert [s.epochs_of(30) for s in recipe.stages] == [2, 30]
+    _, batch, values, output = first_step(recipe, stage_index=0)
+    close(output.terms["refilled_triplet"], 2.0 * kdkernels.refilled_triplet_loss(
+        values["student:fc/input"], values["teacher:fc/input"], batch["target"], 1.0))
+    _, batch, values, output = first_step(recipe, stage_index=1)
+    close(output.terms["refilled_classifier"], 3.0 * kdkernels.refilled_classifier_loss(
+        values["student"], values["teacher:fc/input"], batch["target"], 4.0))
+
+
+def make_refilled(seed=0):
+    return build_recipe("refilled", digits_setup(seed=seed))
+
+
+def test_refilled_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_refilled, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_refilled_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("refilled", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"refilled: embedding_epochs must be a share of the run in \(0, 1\)"):
+        build_recipe("refilled", digits_setup(), embedding_epochs=1.0)
+    with pytest.raises(TypeError, match=r"refilled: embedding_epochs must be"):
+        build_recipe("refilled", digits_setup(), embedding_epochs="half")
+    with pytest.raises(ValueError, match=r"refilled_triplet_loss: temperature"):
+        first_step(build_recipe("refilled", digits_setup(), triplet_temperature=0.0), stage_index=0)

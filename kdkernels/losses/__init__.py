@@ -15,6 +15,7 @@ from kdkernels.losses.linear_kd import linear_kd_loss
 from kdkernels.losses.decoupled import dkd_loss, nkd_loss
 from kdkernels.losses.dist import dist_loss
 from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
+from kdkernels.losses.relation import refilled_classifier_loss, refilled_triplet_loss
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
                                           sample_other_class_indices)
 from kdkernels.losses.bake import bake_loss, bake_targets
@@ -42,6 +43,7 @@ __all__ = [
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
-    "ft_loss", "cwd_loss", "cd_loss", "at_loss", "irg_loss", "darkrank_loss", "ensemble_kd_loss", "camkd_weights",
+    "ft_loss", "cwd_loss", "cd_loss", "at_loss", "irg_loss", "refilled_triplet_loss", "refilled_classifier_loss",
+    "darkrank_loss", "ensemble_kd_loss", "camkd_weights",
     "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 import kdkernels
+from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.methods._common import offline
-from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, feature_points
+from kdkernels.distill.recipe import FeaturePoints, Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
 
@@ -154,3 +155,56 @@ def darkrank(setup: Setup, alpha: float = 3.0, beta: float = 3.0, list_length: i
     term = FunctionTerm("darkrank", kdkernels.darkrank_loss, (student, teacher), weight, alpha=alpha, beta=beta,
                         list_length=list_length)
     return relation_recipe("darkrank", setup, term, ce_weight, kd_weight, temperature)
+
+
+# ------------------------------------------------------------------------------------------------------- REFILLED
+
+REFILLED_APPROXIMATION = (
+    "stage 2 starts from the student at the end of stage 1 (the official code reloads the stage-1 checkpoint with "
+    "the best validation NCM accuracy), and both stages use the run's optimiser and schedule (officially SGD "
+    "Nesterov with cosine decay to 0.1·lr in stage 1, step decay in stage 2); the official 200 + 200 epochs become "
+    "two halves of the run (embedding_epochs = 0.5)")
+
+
+@register("refilled", category="relation",
+          paper="Ye, Lu, Zhan. Distilling Cross-Task Knowledge via Relationship Matching. CVPR 2020",
+          approximation=REFILLED_APPROXIMATION)
+def refilled(setup: Setup, triplet_weight: float = 1000.0, triplet_temperature: float = 4.0,
+             classifier_weight: float = 1000.0, classifier_temperature: float = 2.0, ce_weight: float = 1.0,
+             embedding_epochs: int | float = 0.5, student_layer: str | None = None,
+             teacher_layer: str | None = None) -> Recipe:
+    """REFILLED, two stages on the pooled embeddings (njulus/ReFilled @c5e077f, the CVPR 2020 code: ``Train.py``,
+    ``utils/Triplet.py``, ``main.py``):
+
+    1. ``refilled-embedding`` (``embedding_epochs``: a share of the run, the rest going to stage 2, or an epoch count
+       before a stage 2 of the run's epochs): only
+       ``1000·refilled_triplet_loss(e_s, e_t, y, τ1 = 4)`` — on the semi-hard triplets the student's normalised
+       embedding picks, the binary KL between the teacher's and the student's ``sigmoid((d_an − d_ap)/τ1)``;
+    2. ``refilled``: ``CE + 1000·refilled_classifier_loss(z_s, e_t, y, τ = 2)`` — the KL (no T², an element mean
+       over B×K) from the teacher's local classifier (inner products of its embedding with the normalised mean
+       teacher embeddings of the K classes in the batch) to the student's logits of those classes.
+
+    Weights and temperatures: ``main.py`` @c5e077f (``beta`` 1000, ``tau1`` 4, ``tau3`` 2) and the factor 1000 of
+    stage 1 in ``Train.py``; two stages of equal length (half the run each) as the later code's 200 + 200 epochs
+    (``main.py`` @HEAD).
+    The repository's later revision (@be649aa, "important improvements") instead keeps all (a, p) negatives of
+    ``pytorch_metric_learning``'s semi-hard miner (margin 0.2) and global class centres computed over the whole
+    training set, with ``λ = 100`` and a batch mean; this method is the published version. The student trains
+    alone in stage 1 (its classifier gets no gradient there); the teacher's embedding is its ``fc`` input."""
+    student, teacher = embedding_pair(setup, "refilled", student_layer, teacher_layer)
+    teacher_model = setup.require_teacher("refilled")
+    models = {"student": setup.student, "teacher": teacher_model}
+    triplet = FunctionTerm("refilled_triplet", kdkernels.refilled_triplet_loss, (student, teacher, "target"),
+                           triplet_weight, temperature=triplet_temperature)
+    classifier = FunctionTerm("refilled_classifier", kdkernels.refilled_classifier_loss,
+                              ("student", teacher, "target"), classifier_weight, temperature=classifier_temperature)
+    terms = ([CrossEntropyTerm("student", ce_weight)] if ce_weight else []) + [classifier]
+    if isinstance(embedding_epochs, bool) or not isinstance(embedding_epochs, (int, float)):
+        raise TypeError(f"refilled: embedding_epochs must be a share of the run in (0, 1) or an epoch count, got "
+                        f"{embedding_epochs!r}")
+    if isinstance(embedding_epochs, float) and not 0.0 < embedding_epochs < 1.0 or embedding_epochs <= 0:
+        raise ValueError(f"refilled: embedding_epochs must be a share of the run in (0, 1) or a positive epoch "
+                         f"count, got {embedding_epochs!r}")
+    classifier_epochs = 1.0 - embedding_epochs if isinstance(embedding_epochs, float) else None
+    return Recipe("refilled", [Stage("refilled-embedding", Distiller(models, [triplet]), epochs=embedding_epochs),
+                               Stage("refilled", Distiller(models, terms), epochs=classifier_epochs)])
