@@ -18,6 +18,7 @@ from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_los
 from kdkernels.losses.relation import refilled_classifier_loss, refilled_triplet_loss
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
                                           sample_other_class_indices)
+from kdkernels.losses.contrastive import crcd_loss, crcd_normalizers
 from kdkernels.losses.bake import bake_loss, bake_targets
 from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
                                       soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
@@ -42,6 +43,7 @@ __all__ = [
     "softmax_mse_loss", "byol_loss",
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "at_loss", "irg_loss", "refilled_triplet_loss", "refilled_classifier_loss",
     "darkrank_loss", "ensemble_kd_loss", "camkd_weights",
