@@ -358,7 +358,9 @@ def crcd_head(method: str, model: nn.Module, tap: str, argument: str) -> nn.Modu
           approximation="the authors' reference repository (Lechatelia/CRCD) is a self-declared unchecked "
                         "reimplementation: its loops.py adds the gradient relation as α·KD·L_grad (a product with "
                         "the KD loss), here it is added as grad_weight·L_grad under the same mimic schedule as the "
-                        "other distillation terms; the schedule's 24/25 switch is counted in epochs, not iterations")
+                        "other distillation terms; the loop also leaves the teacher in train mode (batch-statistics "
+                        "BN; its eval() line is commented out), here it stays frozen in eval mode as in RepDistiller; "
+                        "the schedule's 24/25 switch is counted in epochs, not iterations")
 def crcd(setup: Setup, weight: float = 1.0, grad_weight: float = 1.0, kd_weight: float = 0.9,
          temperature: float = 4.0, ce_weight: float = 1.0, gradient: bool = True, feat_dim: int = 128,
          num_negatives: int = 500, nce_temperature: float = 0.05, momentum: float = 0.5,
