@@ -293,9 +293,11 @@ def trainer_arguments(tmp_path, **overrides):
 
 def test_trainer_step_is_the_whole_batch_gradient_with_accumulation(tmp_path):
     """One SGD step (lr 1) over 2 accumulated micro-batches of unequal token counts moves the student by exactly
-    minus the gradient of the loss on the whole batch: the micro-batches are normalised by num_items_in_batch."""
+    minus the gradient of the loss on the whole batch: the micro-batches are normalised by num_items_in_batch, which
+    counts the scored tokens (the labels give the token after the left padding, which is not scored)."""
     student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
-    input_ids, attention_mask, labels = batch(rows=4)
+    input_ids, attention_mask, _ = batch(rows=4)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
     options = {"divergence": "jsd", "beta": 0.5, "hard_weight": 0.5}
     expected = student_gradients(student, causal_lm_kd_loss(student, teacher, input_ids, attention_mask, labels,
                                                             **options))
@@ -394,7 +396,28 @@ def case_dtensor(rank):
             torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-10, atol=1e-14)
 
 
-CASES = {"ddp": case_ddp, "dtensor": case_dtensor}
+def case_trainer(rank, tmp_path):
+    """DistillationTrainer on 2 processes (per-device batch 1, 2 accumulated micro-batches, the 4 rows split by the
+    distributed sampler): one SGD step of lr 1 is minus the whole batch's gradient in one process."""
+    options = {"divergence": "reverse", "hard_weight": 0.5}
+    student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
+    input_ids, attention_mask, _ = batch(rows=4)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    expected = student_gradients(student, causal_lm_kd_loss(student, teacher, input_ids, attention_mask, labels,
+                                                            **options))
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE="2")
+    arguments = trainer_arguments(tmp_path, max_steps=1, per_device_train_batch_size=1, ddp_backend="gloo")
+    assert arguments.world_size == WORLD_SIZE
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, kd_options=options, args=arguments,
+                                  train_dataset=Rows(input_ids, attention_mask, labels))
+    trainer.train()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] - expected[name], rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+CASES = {"ddp": case_ddp, "dtensor": case_dtensor, "trainer": case_trainer}
 
 
 def worker(rank, init_file, out_dir):
@@ -404,7 +427,7 @@ def worker(rank, init_file, out_dir):
     results = {}
     for name, case in CASES.items():
         try:
-            case(rank)
+            case(rank, os.path.join(out_dir, name)) if name == "trainer" else case(rank)
             results[name] = "ok"
         except Exception:  # recorded per case; the cases are symmetric, so both ranks stay in step
             results[name] = traceback.format_exc()
