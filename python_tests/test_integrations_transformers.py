@@ -7,7 +7,9 @@ import datetime
 import json
 import math
 import os
+import re
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +240,7 @@ def generalized_jsd_transcribed(student_logits, teacher_logits, labels, beta, te
 
 
 def trl_generalized_jsd():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         from trl.experimental.gkd import GKDTrainer
     except ImportError:
@@ -262,6 +265,31 @@ def test_gkd_generalized_jsd_is_jsd_with_the_same_beta(source, beta):
         grads = student_gradients(student, loss)
         expected = reference(logits(student, input_ids, attention_mask)[:, :-1], teacher_logits[:, :-1],
                              labels[:, 1:], beta=beta, num_items_in_batch=num_items)
+        expected_grads = student_gradients(student, expected)
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-13)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-9, atol=1e-13)
+
+
+def test_readme_gkd_drop_in_matches_gkd_trainer_compute_loss():
+    """The README's FusedGKDTrainer.compute_loss against GKDTrainer.compute_loss's own (non-Liger) path, values and
+    gradients, with and without num_items_in_batch."""
+    trl_generalized_jsd()
+    from trl.experimental.gkd import GKDTrainer
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "FusedGKDTrainer" in block]
+    namespace = {"causal_lm_kd_loss": causal_lm_kd_loss}
+    exec(snippet, namespace)
+    student, teacher = tiny(tie=True), tiny(hidden=32, seed=5)
+    trainer = object.__new__(namespace["FusedGKDTrainer"])
+    trainer.teacher_model, trainer.beta, trainer.use_liger_gkd_loss = teacher, 0.3, False
+    input_ids, attention_mask, labels = batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for num_items in (None, torch.tensor(17)):
+        loss = trainer.compute_loss(student, inputs, num_items_in_batch=num_items)
+        grads = student_gradients(student, loss)
+        expected = GKDTrainer.compute_loss(trainer, student, inputs, num_items_in_batch=num_items)
         expected_grads = student_gradients(student, expected)
         torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-13)
         for name, grad in grads.items():
@@ -325,6 +353,21 @@ def test_trainer_trains_the_student(tmp_path):
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0]
     assert trainer.evaluate(Rows(input_ids, attention_mask, labels))["eval_loss"] < losses[0]
+
+
+def test_trainer_mixed_precision_runs_the_decoders_under_autocast(tmp_path):
+    student, teacher = tiny(tie=True).float(), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5).float()
+    dtypes = []
+    for model in (student, teacher):
+        model.get_decoder().layers[0].mlp.down_proj.register_forward_hook(
+            lambda module, args, output: dtypes.append(output.dtype))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=trainer_arguments(
+                                      tmp_path, max_steps=1, learning_rate=0.01, bf16=True),
+                                  train_dataset=Rows(*batch(rows=4)))
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * 4, dtypes  # student and teacher, 2 micro-batches
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    assert student.get_output_embeddings().weight.dtype == torch.float32
 
 
 def test_trainer_rejects_a_missing_teacher_and_unknown_options(tmp_path):

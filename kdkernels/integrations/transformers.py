@@ -304,9 +304,11 @@ class DistillationTrainer(transformers.Trainer):
         device = student.get_output_embeddings().weight.device
         if self.teacher_model.get_output_embeddings().weight.device != device:
             self.teacher_model.to(device)
-        loss, outputs = _distill("DistillationTrainer.compute_loss", model, self.teacher_model, inputs["input_ids"],
-                                 inputs.get("attention_mask"), inputs.get("labels"), inputs.get("position_ids"),
-                                 num_items_in_batch, -100, self.kd_options)
+        # The decoders are called directly, not through the forward accelerate wraps in its mixed-precision autocast.
+        with self.accelerator.autocast():
+            loss, outputs = _distill("DistillationTrainer.compute_loss", model, self.teacher_model,
+                                     inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
+                                     inputs.get("position_ids"), num_items_in_batch, -100, self.kd_options)
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
