@@ -409,6 +409,31 @@ def case_ddp(rank):
     assert "forward" not in student.__dict__
 
 
+def case_fsdp2(rank):
+    """The student under FSDP2 (fully_shard on each layer and the root), each rank its half of the batch: the
+    reduce-scattered gradients are the whole batch's in one process (the lm_head is read while the root forward
+    holds it unsharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    options = {"divergence": "jsd", "beta": 0.3, "hard_weight": 0.5}
+    _, expected = whole_batch_gradients(options)
+    student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for layer in student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    input_ids, attention_mask, labels = batch(rows=4)
+    num_items = (labels[:, 1:] != -100).sum()
+    rows = slice(2 * rank, 2 * rank + 2)
+    loss = causal_lm_kd_loss(student, teacher, input_ids[rows], attention_mask[rows], labels[rows],
+                             num_items_in_batch=num_items, **options) * WORLD_SIZE
+    loss.backward()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), expected[name], rtol=1e-9, atol=1e-13,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def case_dtensor(rank):
     """A Shard(0) DTensor lm_head weight is gathered once per call, with the loss and gradients of the plain one."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -460,7 +485,7 @@ def case_trainer(rank, tmp_path):
                                    msg=lambda m: f"{name}: {m}")
 
 
-CASES = {"ddp": case_ddp, "dtensor": case_dtensor, "trainer": case_trainer}
+CASES = {"ddp": case_ddp, "fsdp2": case_fsdp2, "dtensor": case_dtensor, "trainer": case_trainer}
 
 
 def worker(rank, init_file, out_dir):

@@ -17,9 +17,11 @@ in eval mode under ``torch.no_grad()``; nothing reaches its parameters.
 ``DistillationTrainer`` is a ``transformers.Trainer`` whose loss is this one, normalised by ``num_items_in_batch``
 under gradient accumulation and data parallelism.
 
-A student wrapped in ``DistributedDataParallel`` (or another wrapper exposing ``.module``) is run through the
-wrapper's forward, so that its gradient synchronisation is armed; a ``DTensor`` lm_head weight (FSDP2, tensor
-parallel) is gathered once per call with ``full_tensor()``, before the op's tiles.
+The student's decoder and the op run inside the forward of the student (or of the ``DistributedDataParallel`` /
+FSDP wrapper around it, anything exposing ``.module``), so that its hooks fire: DDP synchronises the gradients,
+FSDP2 (``fully_shard``) unshards the root's parameters. The output embeddings are read there; a ``DTensor`` weight
+still sharded then (tensor parallel, a sharded lm_head outside FSDP's forward) is gathered once per call with
+``full_tensor()``, before the op's tiles.
 """
 from __future__ import annotations
 
@@ -101,15 +103,16 @@ def _distill(function: str, student, teacher, input_ids, attention_mask, labels,
         check.integers("labels", labels)
     ignore_index = check.integer("ignore_index", ignore_index)
 
-    student_head, teacher_head = _head(check, "student", student_model), _head(check, "teacher", teacher_model)
-    for side, (weight, _) in (("student", student_head), ("teacher", teacher_head)):
+    for side, model in (("student", student_model), ("teacher", teacher_model)):
+        weight = _head(check, side, model)[0]
         if weight.device != input_ids.device:
             check.value_error(side, f"must be on input_ids's device {input_ids.device}",
                               f"an output embedding on {weight.device}")
-    if teacher_head[0].shape[0] < student_head[0].shape[0]:
-        check.value_error("teacher", f"must have at least the student's {student_head[0].shape[0]} output "
-                          "embedding rows (a vocabulary padded beyond the student's, not shorter)",
-                          f"{teacher_head[0].shape[0]} rows")
+    student_rows, teacher_rows = (_head(check, side, model)[0].shape[0]
+                                  for side, model in (("student", student_model), ("teacher", teacher_model)))
+    if teacher_rows < student_rows:
+        check.value_error("teacher", f"must have at least the student's {student_rows} output embedding rows (a "
+                          "vocabulary padded beyond the student's, not shorter)", f"{teacher_rows} rows")
     student_cap, teacher_cap = _softcap(student_model), _softcap(teacher_model)
     if student_cap != teacher_cap:
         check.value_error("teacher", "must have the student's config.final_logit_softcapping (linear_kd_loss "
@@ -122,7 +125,9 @@ def _distill(function: str, student, teacher, input_ids, attention_mask, labels,
         student_hidden, student_outputs = _last_hidden_state(student_model, decoder_inputs)
         with torch.no_grad(), _eval_mode(teacher_model):
             teacher_hidden, _ = _last_hidden_state(teacher_model, decoder_inputs)
-        (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
+        # Read here, inside the wrapper's forward: FSDP unshards its parameters for the forward.
+        student_weight, student_bias = _unsharded_head(check, "student", student_model)
+        teacher_weight, teacher_bias = _unsharded_head(check, "teacher", teacher_model)
         student_scale, teacher_scale = _logit_scale(student_model), _logit_scale(teacher_model)
         with _no_autocast(input_ids.device):
             loss = linear_kd_loss(
@@ -168,19 +173,19 @@ def _kd_options(check: Checks, options: dict) -> dict:
 
 
 def _head(check: Checks, side: str, model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding's weight [V, H] and bias, gathered when they are DTensors."""
+    """The output embedding's weight [V, H] and bias, as the model holds them."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         check.value_error(side, "must have an output embedding with a [V, H] weight (get_output_embeddings())",
                           type(head).__name__)
-    return _unsharded(weight), _unsharded(getattr(head, "bias", None))
+    return weight, getattr(head, "bias", None)
 
 
-def _unsharded(tensor):
-    if DTensor is not None and isinstance(tensor, DTensor):
-        return tensor.full_tensor()
-    return tensor
+def _unsharded_head(check: Checks, side: str, model):
+    """The output embedding's weight and bias as plain tensors: a DTensor is gathered, once."""
+    return tuple(tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+                 for tensor in _head(check, side, model))
 
 
 def _softcap(model) -> float | None:
@@ -247,9 +252,10 @@ def _no_autocast(device: torch.device):
 
 
 def _through_wrapper(wrapper, model, compute):
-    """Run ``compute()`` as the forward of ``wrapper`` (DistributedDataParallel, FSDP, ...) around ``model``, so that
-    its forward hooks fire (DDP arms its gradient reduction in its forward); directly when there is no wrapper."""
-    if wrapper is model or getattr(wrapper, "module", None) is None:
+    """Run ``compute()`` as the forward of ``wrapper`` (``model`` itself, or DistributedDataParallel / FSDP around
+    it), so that its forward hooks fire: DDP arms its gradient reduction in its forward, FSDP2 unshards the root's
+    parameters (embeddings, final norm, lm_head) in its pre-forward hook. Directly for other wrappers."""
+    if wrapper is not model and getattr(wrapper, "module", None) is None:
         return compute()
     result, own = [], model.__dict__.get("forward")  # an instance forward (accelerate's wrappers) is kept
 
