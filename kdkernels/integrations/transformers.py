@@ -11,8 +11,7 @@ models must agree), ``logit_scale`` (Cohere: ``s``) and ``logits_scaling`` (Gran
 applied by scaling ``h`` and ``b``; tied embeddings need nothing (the lm_head weight is the embedding parameter, and
 its gradient accumulates from both uses). Causal shift: the hidden state at position ``t`` is scored against the
 token at ``t + 1``; labels default to ``input_ids``, and padding (``attention_mask == 0``) and the tokens right after
-it are never scored. The teacher runs
-in eval mode under ``torch.no_grad()``; nothing reaches its parameters.
+it are never scored. The teacher runs in eval mode under ``torch.no_grad()``; nothing reaches its parameters.
 
 ``DistillationTrainer`` is a ``transformers.Trainer`` whose loss is this one, normalised by ``num_items_in_batch``
 under gradient accumulation and data parallelism.
@@ -155,7 +154,8 @@ def _pretrained(check: Checks, name: str, model) -> transformers.PreTrainedModel
     """The PreTrainedModel inside DistributedDataParallel / torch.compile / accelerate wrappers."""
     inner = model
     while not isinstance(inner, transformers.PreTrainedModel):
-        nested = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        nested = getattr(inner, "module", None)
+        nested = getattr(inner, "_orig_mod", None) if nested is None else nested
         if not isinstance(nested, torch.nn.Module):
             check.type_error(name, "a transformers.PreTrainedModel causal LM (or a wrapper of one with .module)",
                              model)
