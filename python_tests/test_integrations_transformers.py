@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import kdkernels  # noqa: E402
 from kdkernels.integrations import transformers as hf  # noqa: E402
 from kdkernels.integrations.transformers import DistillationTrainer, causal_lm_kd_loss  # noqa: E402
 
@@ -345,9 +344,9 @@ def test_trainer_step_is_the_whole_batch_gradient_with_accumulation(tmp_path):
 def test_trainer_trains_the_student(tmp_path):
     student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
     input_ids, attention_mask, labels = batch(rows=4)
+    arguments = trainer_arguments(tmp_path, max_steps=6, learning_rate=0.02, optim="adamw_torch")
     trainer = DistillationTrainer(model=student, teacher_model=teacher, kd_options={"temperature": 2.0},
-                                  args=trainer_arguments(tmp_path, max_steps=6, learning_rate=0.02, optim="adamw_torch"),
-                                  train_dataset=Rows(input_ids, attention_mask, labels))
+                                  args=arguments, train_dataset=Rows(input_ids, attention_mask, labels))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)

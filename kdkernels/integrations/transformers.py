@@ -24,6 +24,7 @@ still sharded then (tensor parallel, a sharded lm_head outside FSDP's forward) i
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import inspect
 
@@ -299,10 +300,9 @@ class DistillationTrainer(transformers.Trainer):
         self.kd_options = _kd_options(check, dict(kd_options or {}))
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher.requires_grad_(False).eval()
-        # This loss takes num_items_in_batch and shifts labels: have the Trainer count the step's shifted labels
-        # and not divide the loss by the accumulation steps again.
+        # This loss takes num_items_in_batch: have the Trainer count the step's labels and not divide the loss by
+        # the accumulation steps again.
         self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
         self.data_collator = _UnscoredLabelsIgnored(self.data_collator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -321,14 +321,18 @@ class DistillationTrainer(transformers.Trainer):
 
 
 class _UnscoredLabelsIgnored:
-    """A data collator whose batches' labels ignore what the loss does not score (padding and the tokens after it),
-    so that the Trainer's ``num_items_in_batch`` counts the scored tokens."""
+    """A data collator whose batches' labels ignore what the loss does not score: the first token (nothing predicts
+    it), padding and the tokens after it. The Trainer's ``num_items_in_batch`` then counts the scored tokens,
+    whether it counts ``labels`` or ``labels[:, 1:]`` (transformers versions differ)."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, features):
         batch = self.collator(features)
-        if "labels" in batch and batch.get("attention_mask") is not None:
-            batch["labels"] = _labels_after_tokens(batch["labels"], batch["attention_mask"], -100)
+        labels = batch.get("labels") if isinstance(batch, collections.abc.MutableMapping) else None  # BatchEncoding too
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            labels = _labels_after_tokens(labels, batch.get("attention_mask"), -100).clone()
+            labels[:, 0] = -100
+            batch["labels"] = labels
         return batch
