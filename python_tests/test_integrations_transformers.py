@@ -474,7 +474,8 @@ def case_trainer(rank, tmp_path):
                                                             **options))
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE="2")
-    arguments = trainer_arguments(tmp_path, max_steps=1, per_device_train_batch_size=1, ddp_backend="gloo")
+    arguments = trainer_arguments(tmp_path, max_steps=1, per_device_train_batch_size=1, ddp_backend="gloo",
+                                  average_tokens_across_devices=True)  # the default now; False in 4.46
     assert arguments.world_size == WORLD_SIZE
     trainer = DistillationTrainer(model=student, teacher_model=teacher, kd_options=options, args=arguments,
                                   train_dataset=Rows(input_ids, attention_mask, labels))
