@@ -156,6 +156,37 @@ def test_a_scaled_teacher_for_a_plain_student():
     assert_same_loss_and_gradients(student, teacher, *batch())
 
 
+def test_position_ids_reach_both_decoders():
+    student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
+    input_ids, _, labels = batch()
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    loss = causal_lm_kd_loss(student, teacher, input_ids, labels=labels, position_ids=positions)
+    torch.testing.assert_close(loss, causal_lm_kd_loss(student, teacher, input_ids, labels=labels), rtol=0, atol=0)
+    packed = positions - (positions >= 3) * 3  # two sequences per row, as packing collators give them
+    other = causal_lm_kd_loss(student, teacher, input_ids, labels=labels, position_ids=packed)
+    with torch.no_grad():  # the decoders run without a cache, as in training
+        teacher_logits = teacher(input_ids=input_ids, position_ids=packed, use_cache=False).logits
+    expected = eager_loss(student(input_ids=input_ids, position_ids=packed, use_cache=False).logits, teacher_logits,
+                          labels)
+    torch.testing.assert_close(other, expected, rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(other, loss)
+
+
+def test_low_precision_models():
+    """A float32 student and a bfloat16 teacher: each side's logits are formed in float32 from its own dtype."""
+    student, teacher = tiny(tie=True).float(), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5).bfloat16()
+    input_ids, attention_mask, labels = batch()
+    loss = causal_lm_kd_loss(student, teacher, input_ids, attention_mask, labels, divergence="jsd", hard_weight=0.5)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert student.get_output_embeddings().weight.grad.dtype == torch.float32
+    with torch.no_grad():
+        teacher_logits = logits(teacher, input_ids, attention_mask).double()
+        expected = eager_loss(logits(student, input_ids, attention_mask).double(), teacher_logits, labels,
+                              divergence="jsd", hard_weight=0.5)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-2, atol=1e-3)
+
+
 def test_the_full_model_fallback_gives_the_decoder_s_hidden_states(monkeypatch):
     student, teacher = tiny(tie=True), tiny(hidden=32, vocab=TEACHER_VOCAB, seed=5)
     inputs = batch()

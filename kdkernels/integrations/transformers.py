@@ -63,7 +63,7 @@ def causal_lm_kd_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
             ``DistributedDataParallel``), with the same tokenizer; the teacher's vocabulary may be padded beyond the
             student's (its extra rows are dropped), not shorter. Both on ``input_ids``'s device.
         input_ids: ``[B, T]`` token ids, ``T >= 2``; ``attention_mask``, ``position_ids``: ``[B, T]``, passed to
-            both decoders.
+            both decoders (run with ``use_cache=False``, as in training).
         labels: ``[B, T]``, aligned with ``input_ids`` as Hugging Face causal LMs take them (shifted here);
             ``ignore_index`` marks tokens to skip. Default: ``input_ids``. Either way a token that is padding
             (``attention_mask == 0``) or follows padding (nothing attended predicts it) is not scored.
@@ -287,8 +287,9 @@ class DistillationTrainer(transformers.Trainer):
     ignored, aligned with ``input_ids``) and ``position_ids``. The teacher is frozen (``requires_grad_(False)``,
     eval mode) and moved to the student's device at the first step.
 
-    Gradient accumulation: the Trainer counts the step's shifted labels into ``num_items_in_batch``, which this
-    loss divides by, so the micro-batches' losses add up to the whole step's ``batchmean`` (without labels in the
+    Gradient accumulation: the Trainer counts the step's labels into ``num_items_in_batch`` (its collator is
+    wrapped so that the labels the loss does not score are ``-100``: each row's first, padding and the token after
+    it), which this loss divides by, so the micro-batches' losses add up to the whole step's ``batchmean`` (without labels in the
     batch, each micro-batch is a mean and the Trainer averages them). Under data parallelism with
     ``average_tokens_across_devices`` the count is global and the loss is multiplied by the number of processes,
     which DDP's gradient averaging divides again, as the Trainer does for its own losses.
