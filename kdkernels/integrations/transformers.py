@@ -168,8 +168,9 @@ def _kd_options(check: Checks, options: dict) -> dict:
     for key in options:
         if key not in KD_OPTIONS:
             managed = key in ("labels", "num_items", "logit_softcap", "student_bias", "teacher_bias")
-            check.type_error(key, "not passed: it is taken from the models and the inputs" if managed else
-                             f"unknown: the linear_kd_loss options here are {', '.join(KD_OPTIONS)}", options[key])
+            check.type_error(key, "left out (it is taken from the models and the inputs)" if managed else
+                             f"one of the linear_kd_loss options {', '.join(KD_OPTIONS)} (an unknown option)",
+                             options[key])
     return dict(options)
 
 
