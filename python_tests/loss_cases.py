@@ -9,6 +9,10 @@ def _randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def _unit(*shape, seed):
+    return torch.nn.functional.normalize(_randn(*shape, seed=seed), dim=-1)
+
+
 def _labels(seed=0):
     return torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed))
 
@@ -48,6 +52,10 @@ INPUTS = {
     "category_structure_loss": lambda: {"student_features": _maps(seed=8), "teacher_features": _maps(seed=9),
                                         "labels": _labels(), **_logits_pair()},
     "mhgd_loss": lambda: {"student_attention": _randn(3, B, B, seed=1), "teacher_attention": _randn(3, B, B, seed=2)},
+    "refilled_triplet_loss": lambda: {"student_embed": _randn(B, 5, seed=3), "teacher_embed": _randn(B, 4, seed=4),
+                                      "labels": torch.tensor([0, 1, 0, 1, 2, 0])},
+    "refilled_classifier_loss": lambda: {"student_logits": _randn(B, C, seed=1), "teacher_embed": _randn(B, 4, seed=4),
+                                         "labels": _labels()},
     "bake_loss": lambda: {"logits": _randn(B, C, seed=6), "features": _randn(B, 5, seed=7)},
     "soft_cross_entropy_loss": lambda: _logits_pair(),
     "two_temperature_kd_loss": lambda: _logits_pair(),
@@ -105,9 +113,13 @@ INPUTS = {
     "byot_loss": lambda: {"final_logits": _randn(B, C, seed=1), "head_logits": [_randn(B, C, seed=2)],
                           "labels": _labels(), "final_features": _randn(B, 5, seed=3),
                           "head_features": [_randn(B, 5, seed=4)]},
+    "crcd_loss": lambda: {"student_embed": _unit(B, 5, seed=1), "teacher_embed": _unit(B, 5, seed=2),
+                          "indices": torch.arange(B), "contrast_indices": torch.arange(4 * B).view(B, 4) % 10,
+                          "memory_student": _unit(10, 5, seed=3), "memory_teacher": _unit(10, 5, seed=4),
+                          "normalizers": torch.tensor([3.0, 4.0], dtype=torch.float64)},
     "crd_loss": None,  # stateful: kdkernels.nn.CRDLoss, tested in test_losses_contrastive.py
 }
 
 # Public functions that are helpers of a loss rather than losses (no module, no reduction).
 HELPERS = ("bake_targets", "camkd_weights", "ofd_margins", "crd_normalizers", "crd_update_memory_",
-           "sample_contrast_indices", "sample_other_class_indices")
+           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers")

@@ -555,6 +555,8 @@ def test_ttkd_trains_its_embeddings_and_takes_heads_and_kd():
     s = values["student:stage3"]
     close(output.terms["ttkd"], 0.2 * kdkernels.ttkd_loss(tat.query(s), tat.value(s), values["teacher:stage3"], heads=4))
     close(output.terms["kd"], 0.9 * kdkernels.kd_loss(values["student"], values["teacher"], 1.0))
+    _, batch, values, output = first_step(build_recipe("ttkd", digits_setup(), "scratch"))
+    close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
 
 
 def make_ttkd(seed=0):

@@ -259,3 +259,107 @@ def test_no_gathered_memory_tensor():
     assert gathered not in shapes and peak < gathered_bytes / 10, (peak, gathered_bytes)
     eager_peak, eager_shapes = _allocations_and_shapes(eager)
     assert gathered in eager_shapes and eager_peak >= gathered_bytes
+
+
+# ----------------------------------------------------------------------------------------------------------- CRCD
+
+def official_crcd_out(v1, v2, y, idx, memory_v1, memory_v2, T, Z_v1=None, Z_v2=None):
+    """Lechatelia/CRCD @f9176f6 crcd/memory.py ContrastMemory.forward, written out (the score part; memory_v1 the
+    student bank, memory_v2 the teacher bank; Z set from the scores when not given)."""
+    batchSize, inputSize = v1.shape
+    K = idx.shape[1] - 1
+    outs = []
+    for v, memory in ((v1, memory_v2), (v2, memory_v1)):
+        anchor = torch.index_select(memory, 0, y.view(-1)).detach()
+        weight = torch.index_select(memory, 0, idx.view(-1)).detach().view(batchSize, K + 1, inputSize)
+        anchor_relation = v.unsqueeze(1) - anchor.unsqueeze(0) + 1e-6
+        anchor_relation = F.normalize(anchor_relation.view(batchSize * batchSize, inputSize), p=2, dim=1)
+        weight_relation = weight.unsqueeze(1) - anchor.unsqueeze(1).unsqueeze(0) + 1e-6
+        weight_relation = F.normalize(weight_relation.view(batchSize * batchSize, K + 1, inputSize), p=2, dim=2)
+        out = torch.bmm(weight_relation, anchor_relation.view(batchSize * batchSize, inputSize, 1))
+        outs.append(torch.exp(torch.div(out, T)))
+    n = memory_v1.shape[0]
+    Z_v1 = (outs[0].mean() * n).item() if Z_v1 is None else Z_v1      # the official .item(): no gradient
+    Z_v2 = (outs[1].mean() * n).item() if Z_v2 is None else Z_v2
+    return outs[0] / Z_v1, outs[1] / Z_v2, torch.tensor([float(Z_v1), float(Z_v2)], dtype=torch.float64)
+
+
+def official_contrast_loss(x, n_data, eps=1e-7):
+    """Lechatelia/CRCD crcd/criterion.py ContrastLoss ('loss old')."""
+    bsz = x.shape[0]
+    m = x.size(1) - 1
+    Pn = 1 / float(n_data)
+    P_pos = x.select(1, 0)
+    log_D1 = torch.div(P_pos, P_pos.add(m * Pn + eps)).log_()
+    P_neg = x.narrow(1, 1, m)
+    log_D0 = torch.div(P_neg.clone().fill_(m * Pn), P_neg.add(m * Pn + eps)).log_()
+    return (- (log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz)[0]
+
+
+def crcd_batch(size=5, negatives=7, features=6, num_data=12, seed=0):
+    """Embeddings, CRCD's normalised banks, and contrast rows that also hit other samples' indices."""
+    student, teacher, indices, contrast, memory_student, memory_teacher = batch(size, negatives, features, num_data,
+                                                                                seed=seed)
+    contrast[:, 1] = indices.roll(1)          # a negative that is another sample's anchor (the relation eps·1)
+    return (student, teacher, indices, contrast, F.normalize(memory_student, dim=1), F.normalize(memory_teacher, dim=1))
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_crcd_matches_the_official_relation_contrast_in_float64(temperature):
+    student, teacher, indices, contrast, memory_s, memory_t = crcd_batch()
+    student.requires_grad_(), teacher.requires_grad_()
+    z = kdkernels.crcd_normalizers(student, teacher, indices, contrast, memory_s, memory_t, temperature)
+    out_s, out_t, z_official = official_crcd_out(student, teacher, indices, contrast, memory_s, memory_t,
+                                                 temperature)
+    torch.testing.assert_close(z, z_official.detach(), rtol=1e-10, atol=0)
+    ours = kdkernels.crcd_loss(student, teacher, indices, contrast, memory_s, memory_t, z, temperature)
+    official = official_contrast_loss(out_s, 12) + official_contrast_loss(out_t, 12)
+    torch.testing.assert_close(ours, official, rtol=1e-9, atol=0)
+    grads = torch.autograd.grad(ours, (student, teacher))
+    expected = torch.autograd.grad(official, (student, teacher))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    assert ours.dtype == torch.float64
+
+
+def test_crcd_float32_and_fixed_normalizers():
+    student, teacher, indices, contrast, memory_s, memory_t = crcd_batch(size=8, negatives=30, features=16,
+                                                                         num_data=40, seed=3)
+    z = torch.tensor([2.5, 40.0], dtype=torch.float64)
+    out_s, out_t, _ = official_crcd_out(student, teacher, indices, contrast, memory_s, memory_t, 0.05, *z)
+    official = official_contrast_loss(out_s, 40) + official_contrast_loss(out_t, 40)
+    low = kdkernels.crcd_loss(student.float(), teacher.half(), indices, contrast, memory_s.float(), memory_t.float(),
+                              z.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), official, rtol=1e-4, atol=0)
+    sampled = kdkernels.crcd_loss(student, teacher, indices, None, memory_s, memory_t, z, num_negatives=5,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(sampled)
+
+
+CRCD_ARGS = crcd_batch()
+
+
+def crcd_call(**changes):
+    names = ("student_embed", "teacher_embed", "indices", "contrast_indices", "memory_student", "memory_teacher")
+    arguments = dict(zip(names, CRCD_ARGS), normalizers=torch.tensor([1.0, 1.0], dtype=torch.float64))
+    arguments.update(changes)
+    return lambda: kdkernels.crcd_loss(**arguments)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (crcd_call(teacher_embed=torch.randn(5, 4, dtype=torch.float64)), ValueError,
+     r"^crcd_loss: teacher_embed must have the same shape as student_embed \(5, 6\)"),
+    (crcd_call(memory_teacher=torch.randn(12, 4, dtype=torch.float64)), ValueError,
+     r"^crcd_loss: memory_teacher must be a 2-D \[N, 6\] bank"),
+    (crcd_call(normalizers=torch.ones(3, dtype=torch.float64)), ValueError, r"^crcd_loss: normalizers must"),
+    (crcd_call(contrast_indices=torch.zeros(5, 1, dtype=torch.long)), ValueError,
+     r"^crcd_loss: contrast_indices needs K\+1 >= 2 columns"),
+    (crcd_call(indices=torch.zeros(5)), TypeError, r"^crcd_loss: indices"),
+    (crcd_call(temperature=0.0), ValueError, r"^crcd_loss: temperature"),
+    (lambda: kdkernels.crcd_normalizers(*CRCD_ARGS[:3], None, *CRCD_ARGS[4:]), TypeError,
+     r"^crcd_normalizers: contrast_indices"),
+])
+def test_crcd_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -550,3 +550,21 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
     for name in names:
         torch.testing.assert_close(our_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_does_not_round_the_logits():
+    """Under bf16 autocast the GEMMs would run in bf16; the loss turns autocast off and forms float32 logits (the
+    backward runs outside the autocast region, as PyTorch recommends)."""
+    inputs = {k: v.float() if v.dtype.is_floating_point else v for k, v in dense_inputs(ignore="some").items()}
+    names = ["student_hidden", "student_weight", "teacher_hidden"]
+
+    def autocast_loss(leaves, **options):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_kd(leaves, **options)
+
+    plain, plain_grads = value_and_grads(linear_kd, inputs, names, divergence="jsd", hard_weight=0.5)
+    autocast, autocast_grads = value_and_grads(autocast_loss, inputs, names, divergence="jsd", hard_weight=0.5)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-7)
+    for name in names:
+        torch.testing.assert_close(autocast_grads[name], plain_grads[name], rtol=1e-6, atol=1e-7)

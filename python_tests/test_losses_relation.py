@@ -526,3 +526,146 @@ def test_mhgd_loss_bad_input_raises_naming_the_argument():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+# ------------------------------------------------------------------------------------------------------- REFILLED
+
+from losses_testing import randn as seeded_randn  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+def official_semi_hard_triplets(embeddings, labels):
+    """njulus/ReFilled @c5e077f utils/Triplet.py generate_semi_hard_triplets, written out pair by pair: squared
+    distances (clamped, zero diagonal); for each (a, p) with y_a = y_p, a != p, in row-major order, the nearest
+    negative with D_an > D_ap, else the farthest negative (first index on ties)."""
+    b = embeddings.shape[0]
+    sq = (embeddings ** 2).sum(1, keepdim=True)
+    d = torch.clamp(sq + sq.t() - 2.0 * embeddings @ embeddings.t(), min=0) * (1 - torch.eye(b, dtype=sq.dtype))
+    anchors, positives, negatives = [], [], []
+    for a in range(b):
+        for p in range(b):
+            if a == p or labels[a] != labels[p]:
+                continue
+            outside = [n for n in range(b) if labels[n] != labels[a] and d[a, n] > d[a, p]]
+            inside = [n for n in range(b) if labels[n] != labels[a]]
+            n = min(outside, key=lambda j: (d[a, j], j)) if outside else max(inside, key=lambda j: (d[a, j], -j))
+            anchors.append(a), positives.append(p), negatives.append(n)
+    return torch.tensor(anchors), torch.tensor(positives), torch.tensor(negatives)
+
+
+def official_refilled_stage1(student_embedding, teacher_embedding, fine_label, tau1=4.0):
+    """njulus/ReFilled @c5e077f Train.py stage 1 (without the factor 1000)."""
+    teacher_embedding = F.normalize(teacher_embedding, p=2, dim=1)
+    student_embedding = F.normalize(student_embedding, p=2, dim=1)
+    with torch.no_grad():
+        a, p, n = official_semi_hard_triplets(student_embedding, fine_label)
+    teacher_ap = torch.norm(teacher_embedding[a] - teacher_embedding[p], p=2, dim=1)
+    teacher_an = torch.norm(teacher_embedding[a] - teacher_embedding[n], p=2, dim=1)
+    student_ap = torch.norm(student_embedding[a] - student_embedding[p], p=2, dim=1)
+    student_an = torch.norm(student_embedding[a] - student_embedding[n], p=2, dim=1)
+    teacher_output = torch.sigmoid((teacher_an - teacher_ap) / tau1)
+    student_output = torch.sigmoid((student_an - student_ap) / tau1)
+    teacher_aug = torch.cat([teacher_output.unsqueeze(1), 1 - teacher_output.unsqueeze(1)], dim=1)
+    student_aug = torch.cat([student_output.unsqueeze(1), 1 - student_output.unsqueeze(1)], dim=1)
+    return nn.KLDivLoss(reduction="mean")(torch.log(student_aug), teacher_aug)   # the 2020 default: element mean
+
+
+def official_refilled_stage2(model_output, teacher_embedding, fine_label, number_of_classes, tau3=2.0):
+    """njulus/ReFilled @c5e077f Train.py stage 2 (without beta = 1000)."""
+    means = torch.zeros((number_of_classes, teacher_embedding.shape[1]), dtype=teacher_embedding.dtype)
+    counts = torch.zeros(number_of_classes, dtype=teacher_embedding.dtype)
+    for i in range(teacher_embedding.shape[0]):
+        counts[fine_label[i]] += 1
+        means[fine_label[i], :] = means[fine_label[i], :] + teacher_embedding[i, :]
+    exists = torch.tensor([i for i in range(number_of_classes) if counts[i] != 0]).long()
+    means = (means[exists].t() / counts[exists]).t()
+    means = (means.t() / torch.norm(means, dim=1)).t()
+    teacher_output = torch.mm(teacher_embedding, means.t())
+    local = model_output[:, exists]
+    return nn.KLDivLoss(reduction="mean")(F.log_softmax(local / tau3, dim=1), F.softmax(teacher_output / tau3, dim=1))
+
+
+REFILLED_LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 1, 4])   # class 4 and 3 single: anchors without positives
+
+
+def test_refilled_triplets_are_the_official_semi_hard_triplets():
+    from kdkernels.losses.relation import _refilled_semi_hard_triplets
+    for seed in range(4):
+        embed = F.normalize(seeded_randn(10, 6, seed=seed), dim=1)
+        negative, keep = _refilled_semi_hard_triplets(embed, REFILLED_LABELS)
+        a, p, n = official_semi_hard_triplets(embed, REFILLED_LABELS)
+        assert keep.sum() == len(a) and bool(keep[a, p].all())
+        assert torch.equal(negative[a, p], n)
+
+
+@pytest.mark.parametrize("temperature", [4.0, 0.5])
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_refilled_triplet_loss_is_the_official_stage1(temperature):
+    student, teacher = seeded_randn(10, 6, seed=1, grad=True), seeded_randn(10, 5, seed=2, scale=3.0, grad=True)
+    value = assert_equals_official(
+        lambda s, t: kdkernels.refilled_triplet_loss(s, t, REFILLED_LABELS, temperature),
+        lambda s, t: official_refilled_stage1(s, t, REFILLED_LABELS, temperature), student, teacher,
+        what="refilled_triplet")
+    assert value > 0
+
+
+def test_refilled_triplet_loss_reductions_fp32_and_no_triplet():
+    student, teacher = seeded_randn(10, 6, seed=3), seeded_randn(10, 5, seed=4)
+    mean = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS)
+    total = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, reduction="sum")
+    batchmean = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, reduction="batchmean")
+    triplets = 2 * 3 + 2 * 3 + 2 * 1        # classes 0 and 1 (3 samples each), class 2 (2 samples)
+    torch.testing.assert_close(mean, total / (2 * triplets), rtol=1e-12, atol=0)
+    torch.testing.assert_close(batchmean, total / triplets, rtol=1e-12, atol=0)
+    low = kdkernels.refilled_triplet_loss(student.float(), teacher.half(), REFILLED_LABELS)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), mean, rtol=2e-3, atol=1e-6)
+    single = kdkernels.refilled_triplet_loss(student.requires_grad_(), teacher, torch.arange(10))
+    assert single == 0
+    single.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_refilled_classifier_loss_is_the_official_stage2():
+    labels = torch.tensor([0, 2, 2, 5, 0, 5, 2, 1])        # classes 3, 4, 6 absent
+    logits, embed = seeded_randn(8, 7, seed=5, scale=2.0, grad=True), seeded_randn(8, 6, seed=6, grad=True)
+    for temperature in (2.0, 1.0):
+        assert_equals_official(
+            lambda z, t: kdkernels.refilled_classifier_loss(z, t, labels, temperature),
+            lambda z, t: official_refilled_stage2(z, t, labels, 7, temperature), logits, embed,
+            what="refilled_classifier")
+    rows = kdkernels.refilled_classifier_loss(logits, embed, labels, reduction="none")
+    assert rows.shape == (8,)
+    torch.testing.assert_close(kdkernels.refilled_classifier_loss(logits, embed, labels), rows.sum() / (8 * 4),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.refilled_classifier_loss(logits, embed, labels, reduction="batchmean"),
+                               rows.mean(), rtol=1e-12, atol=0)
+    low = kdkernels.refilled_classifier_loss(logits.detach().half(), embed.detach().bfloat16(), labels)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+
+
+REFILLED_EMBED = torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, torch.randn(5, 3), torch.zeros(4, dtype=torch.long)),
+     ValueError, r"^refilled_triplet_loss: teacher_embed must have the same batch size"),
+    (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(3, dtype=torch.long)),
+     ValueError, r"^refilled_triplet_loss: labels must hold one label per sample \(4\)"),
+    (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4)), TypeError,
+     r"^refilled_triplet_loss: labels"),
+    (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4, dtype=torch.long), 0.0),
+     ValueError, r"^refilled_triplet_loss: temperature"),
+    (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4, dtype=torch.long),
+                                             reduction="none"), ValueError, r"^refilled_triplet_loss: reduction"),
+    (lambda: kdkernels.refilled_classifier_loss(REFILLED_EMBED, torch.randn(3, 2), torch.zeros(4, dtype=torch.long)),
+     ValueError, r"^refilled_classifier_loss: teacher_embed must have the batch size of student_logits"),
+    (lambda: kdkernels.refilled_classifier_loss(REFILLED_EMBED, REFILLED_EMBED, torch.full((4,), 3)),
+     ValueError, r"^refilled_classifier_loss: labels"),
+    (lambda: kdkernels.refilled_classifier_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4, dtype=torch.long),
+                                                -1.0), ValueError, r"^refilled_classifier_loss: temperature"),
+])
+def test_refilled_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

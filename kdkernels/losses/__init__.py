@@ -16,9 +16,11 @@ from kdkernels.losses.linear_kd import linear_kd_loss
 from kdkernels.losses.decoupled import dkd_loss, nkd_loss
 from kdkernels.losses.dist import dist_loss
 from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
-from kdkernels.losses.relation import category_structure_loss, mhgd_loss
+from kdkernels.losses.relation import (category_structure_loss, mhgd_loss, refilled_classifier_loss,
+                                       refilled_triplet_loss)
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
                                           sample_other_class_indices)
+from kdkernels.losses.contrastive import crcd_loss, crcd_normalizers
 from kdkernels.losses.bake import bake_loss, bake_targets
 from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
                                       soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
@@ -45,9 +47,11 @@ __all__ = [
     "softmax_mse_loss", "byol_loss",
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss",
     "semckd_loss", "afd_loss", "l2t_ww_loss",
-    "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "darkrank_loss",
+    "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
+    "refilled_classifier_loss", "darkrank_loss",
     "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "byot_loss",
 ]

@@ -7,11 +7,15 @@ are explicit, caller-owned state (:class:`kdkernels.nn.CRDLoss` holds them as bu
 * :func:`crd_loss` — the loss for given banks and normalisers;
 * :func:`crd_normalizers` — RepDistiller's Z (set on its first call) for both sides;
 * :func:`crd_update_memory_` — the momentum update of a bank after the step;
-* :func:`sample_contrast_indices` — RepDistiller's fallback sampler of negatives.
+* :func:`sample_contrast_indices` — RepDistiller's fallback sampler of negatives;
+* :func:`crcd_loss`, :func:`crcd_normalizers` — CRCD's relation contrastive loss on the same banks (torch ops).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from kdkernels import backends
 from kdkernels._validation import Checks, accumulation_dtype, promote_float64
@@ -182,3 +186,106 @@ def crd_update_memory_(memory: torch.Tensor, embed: torch.Tensor, indices: torch
         last = torch.searchsorted(sorted_indices, sorted_indices, right=True) - 1  # a duplicate run's last entry
         memory.index_copy_(0, sorted_indices, updated[order[last]].to(memory.dtype))
     return memory
+
+
+# ----------------------------------------------------------------------------------------------------------- CRCD
+
+def _crcd_scores(embed: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, contrast_indices: torch.Tensor,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """CRCD's relation scores [B (sample i), B (anchor a), K+1] of one side (Lechatelia/CRCD ``crcd/memory.py``
+    ``ContrastMemory.forward``): the anchors are the other side's bank rows of the batch, A_a = M[y_a]; the sample's
+    relation to anchor a, normalize(v_i − A_a + eps), is scored against the bank's relations of the contrast rows,
+    normalize(M[idx_ik] − A_a + eps), by their inner product. Formed without the B×B×(K+1)×d relation tensor: the
+    bank relation's dot product and norm are expanded, except where idx_ik = y_a (the two rows are one: the bank
+    relation is eps·1, scored exactly), in the accumulation dtype."""
+    acc = accumulation_dtype(embed, memory)
+    bank = memory.detach().to(acc)
+    anchors = bank[indices]                                                            # [B, d]
+    rows = bank[contrast_indices]                                                      # [B, K+1, d]
+    width = embed.shape[1]
+    relation = F.normalize(embed.to(acc).unsqueeze(1) - anchors.unsqueeze(0) + eps, p=2, dim=2)   # [i, a, d]
+    relation_sum = relation.sum(dim=2)                                                 # [i, a]
+    rows_dot = torch.bmm(rows, relation.transpose(1, 2)).transpose(1, 2)               # [i, a, k]
+    anchors_dot = torch.einsum("ad,iad->ia", anchors, relation)                        # [i, a]
+    numerator = rows_dot - anchors_dot.unsqueeze(2) + eps * relation_sum.unsqueeze(2)
+    with torch.no_grad():
+        rows_sq, anchors_sq = rows.pow(2).sum(dim=2), anchors.pow(2).sum(dim=1)        # [i, k], [a]
+        cross = torch.einsum("ikd,ad->iak", rows, anchors)
+        sums = rows.sum(dim=2).unsqueeze(1) - anchors.sum(dim=1).view(1, -1, 1)
+        norm_sq = rows_sq.unsqueeze(1) - 2.0 * cross + anchors_sq.view(1, -1, 1) + 2.0 * eps * sums + width * eps ** 2
+        same = contrast_indices.unsqueeze(1) == indices.view(1, -1, 1)                 # [i, a, k]
+        norm = torch.where(same, torch.full_like(norm_sq, eps * width ** 0.5),
+                           norm_sq.clamp_min(width * eps ** 2).sqrt()).clamp_min(1e-12)
+    numerator = torch.where(same, (eps * relation_sum).unsqueeze(2).expand_as(numerator), numerator)
+    return numerator / norm
+
+
+def _crcd_inputs(check: Checks, student_embed, teacher_embed, indices, contrast_indices, memory_student,
+                 memory_teacher, num_negatives, generator):
+    _check_embeddings(check, student_embed, teacher_embed)
+    _check_banks(check, memory_student, memory_teacher, student_embed)
+    return _resolve_contrast_indices(check, indices, contrast_indices, student_embed, memory_student.shape[0],
+                                     num_negatives, generator)
+
+
+def crcd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: torch.Tensor,
+              contrast_indices: torch.Tensor | None, memory_student: torch.Tensor, memory_teacher: torch.Tensor,
+              normalizers: torch.Tensor, temperature: float = 0.05, eps: float = 1e-7, *, num_negatives: int = 500,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """CRCD's relation contrastive loss (Zhu, Tang, Chen, Yu, Liu, Yang, Rong, Wang, "Complementary Relation
+    Contrastive Distillation", CVPR 2021), as Lechatelia/CRCD ``crcd/criterion.py::CRCDLoss`` (``ContrastMemory``
+    of ``crcd/memory.py`` + two ``ContrastLoss``), for given state. The inputs are CRD's (:func:`crd_loss`): the
+    L2-normalised embeddings [B, d], CRD-style memory banks [N, d] (updated after the step by
+    :func:`crd_update_memory_`), ``indices`` [B], ``contrast_indices`` [B, K+1] (column 0 the positive) and
+    ``normalizers`` [2] (Z_v1, Z_v2, set once by :func:`crcd_normalizers`). The batch's bank rows of the other
+    side are the anchors; every (sample i, anchor a) pair is one NCE row::
+
+        r_ia  = normalize(v_i − A_a + 1e-6),    A = M_other[indices]
+        s_iak = normalize(M_other[idx_ik] − A_a + 1e-6) · r_ia / temperature,   x = exp(s) / Z
+        rows  = −log(x_ia0 / (x_ia0 + c)) − Σ_{k≥1} log((K/N) / (x_iak + c)),  c = K/N + eps
+        loss  = Σ_{i,a} rows(student_embed, memory_teacher, Z_v1) / B² + Σ_{i,a} rows(teacher_embed, memory_student,
+                Z_v2) / B²
+
+    A 0-dim tensor in the accumulation dtype (float32, or float64 for float64 inputs), every NCE term in log space.
+    Memory O(B²(K+1) + B(K+1)d) (the official code builds B²(K+1)d relation tensors); ``contrast_indices=None``
+    draws ``num_negatives`` uniformly (:func:`sample_contrast_indices`).
+    """
+    check = Checks("crcd_loss")
+    contrast_indices = _crcd_inputs(check, student_embed, teacher_embed, indices, contrast_indices, memory_student,
+                                    memory_teacher, num_negatives, generator)
+    temperature = check.temperature(temperature)
+    eps = check.real("eps", eps, nonnegative=True)
+    check.floating("normalizers", normalizers)
+    check.shape("normalizers", normalizers, (2,), "[2] (Z_v1, Z_v2)")
+    check.same_device("normalizers", normalizers, "student_embed", student_embed)
+    num_data, negatives = memory_student.shape[0], contrast_indices.shape[1] - 1
+    noise_mass = negatives / num_data
+    log_c = math.log(noise_mass + eps)
+    log_normalizers = normalizers.detach().to(accumulation_dtype(student_embed, memory_student)).log()
+    total = None
+    for side, (embed, bank) in enumerate(((student_embed, memory_teacher), (teacher_embed, memory_student))):
+        u = _crcd_scores(embed, bank, indices, contrast_indices) / temperature - log_normalizers[side]
+        rows = F.softplus(log_c - u[..., 0]).sum() + \
+            (F.softplus(u[..., 1:] - log_c) + (log_c - math.log(noise_mass))).sum()
+        total = rows if total is None else total + rows
+    return total / (student_embed.shape[0] ** 2)
+
+
+def crcd_normalizers(student_embed: torch.Tensor, teacher_embed: torch.Tensor, indices: torch.Tensor,
+                     contrast_indices: torch.Tensor, memory_student: torch.Tensor, memory_teacher: torch.Tensor,
+                     temperature: float = 0.05) -> torch.Tensor:
+    """CRCD's normalisation constants (Z_v1, Z_v2) [2], set on its first call (``crcd/memory.py``): ``Z = mean(exp(s))
+    N`` over the B·B·(K+1) relation scores of each side (:func:`crcd_loss`), from a logsumexp. No gradient."""
+    check = Checks("crcd_normalizers")
+    _check_embeddings(check, student_embed, teacher_embed)
+    _check_banks(check, memory_student, memory_teacher, student_embed)
+    check.index_tensor("indices", indices, (student_embed.shape[0],), student_embed.device, "[B]")
+    _check_contrast_indices(check, contrast_indices, student_embed)
+    temperature = check.temperature(temperature)
+    num_data = memory_student.shape[0]
+    values = []
+    with torch.no_grad():
+        for embed, bank in ((student_embed, memory_teacher), (teacher_embed, memory_student)):
+            scores = _crcd_scores(embed.detach(), bank, indices, contrast_indices) / temperature
+            values.append(torch.exp(torch.logsumexp(scores.reshape(-1), dim=0) - math.log(scores.numel())) * num_data)
+    return torch.stack(values)

@@ -9,6 +9,7 @@ specification the other is tested against.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Literal, get_args
 
@@ -146,7 +147,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             ``"cuda"`` or ``"triton"``; or ``"reference"``: the materialising reference.
 
     Gradients reach every input that requires grad (the teacher's too), in its dtype. The result is float32
-    (float64 when an input is float64).
+    (float64 when an input is float64), under ``torch.autocast`` too (the loss turns it off for its GEMMs).
     """
     check = Checks("linear_kd_loss")
     check.floating("student_hidden", student_hidden, dims=(2, 3))
@@ -211,22 +212,28 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     def tokens(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
 
-    if backend != "reference" and not torch.compiler.is_compiling():
-        options = chunked.Options(temperature, divergence, beta, skew_alpha, hard_weight, soft_weight, scale_by_t2,
-                                  logit_softcap, topk_convention, backend)
-        loss = _token_chunked(tokens(student_hidden), student_weight, student_bias, tokens(teacher_hidden),
-                              teacher_weight, teacher_bias, tokens(teacher_topk_logprobs),
-                              tokens(teacher_topk_indices), None if labels is None else labels.reshape(-1),
-                              ignore_index, options, reduction, num_items)
-        return loss.reshape(leading_shape) if reduction == "none" else loss
-    rows, keep = reference.linear_kd_rows(
-        tokens(student_hidden), student_weight, tokens(teacher_hidden), teacher_weight, student_bias=student_bias,
-        teacher_bias=teacher_bias, teacher_topk_logprobs=tokens(teacher_topk_logprobs),
-        teacher_topk_indices=tokens(teacher_topk_indices), topk_convention=topk_convention,
-        labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index, temperature=temperature,
-        divergence=divergence, beta=beta, skew_alpha=skew_alpha, hard_weight=hard_weight, soft_weight=soft_weight,
-        scale_by_t2=scale_by_t2, logit_softcap=logit_softcap)
-    loss = reference.reduce_tokens(rows, keep, reduction, num_items)
+    # autocast would round the GEMMs (the logits) to bf16/fp16: the loss forms them in float32 whatever the context
+    no_autocast = (torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type)
+                   else contextlib.nullcontext())
+    with no_autocast:
+        if backend != "reference" and not torch.compiler.is_compiling():
+            options = chunked.Options(temperature, divergence, beta, skew_alpha, hard_weight, soft_weight,
+                                      scale_by_t2, logit_softcap, topk_convention, backend)
+            loss = _token_chunked(tokens(student_hidden), student_weight, student_bias, tokens(teacher_hidden),
+                                  teacher_weight, teacher_bias, tokens(teacher_topk_logprobs),
+                                  tokens(teacher_topk_indices), None if labels is None else labels.reshape(-1),
+                                  ignore_index, options, reduction, num_items)
+        else:
+            rows, keep = reference.linear_kd_rows(
+                tokens(student_hidden), student_weight, tokens(teacher_hidden), teacher_weight,
+                student_bias=student_bias, teacher_bias=teacher_bias,
+                teacher_topk_logprobs=tokens(teacher_topk_logprobs),
+                teacher_topk_indices=tokens(teacher_topk_indices), topk_convention=topk_convention,
+                labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
+                temperature=temperature, divergence=divergence, beta=beta, skew_alpha=skew_alpha,
+                hard_weight=hard_weight, soft_weight=soft_weight, scale_by_t2=scale_by_t2,
+                logit_softcap=logit_softcap)
+            loss = reference.reduce_tokens(rows, keep, reduction, num_items)
     return loss.reshape(leading_shape) if reduction == "none" else loss
 
 

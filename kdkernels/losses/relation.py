@@ -287,3 +287,122 @@ def mhgd_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor) 
         student, teacher = student.double(), teacher.double()
     log_student = F.log_softmax(student, dim=-1)
     return (log_student.exp() * (log_student - F.log_softmax(teacher, dim=-1))).sum()
+# ------------------------------------------------------------------------------------------------------- REFILLED
+
+def _refilled_labels(check: Checks, labels, batch: int, device: torch.device) -> torch.Tensor:
+    check.integers("labels", labels, dims=(1,))
+    if labels.shape[0] != batch:
+        check.value_error("labels", f"must hold one label per sample ({batch})", f"shape {tuple(labels.shape)}")
+    if labels.device != device:
+        check.value_error("labels", f"must be on the embeddings' device {device}", f"a tensor on {labels.device}")
+    return labels.long()
+
+
+def _refilled_semi_hard_triplets(embed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REFILLED's triplet miner (njulus/ReFilled @c5e077f ``utils/Triplet.py::generate_semi_hard_triplets``, FaceNet's
+    semi-hard rule) on the rows of ``embed`` [B, d] (used as given, no grad): for every positive pair (a, p) (same
+    label, a ≠ p) the negative n* is the nearest negative farther than p, ``argmin_{n: y_n≠y_a, D_an > D_ap} D_an``,
+    else the farthest negative ``argmax_{n: y_n≠y_a} D_an`` (D the clamped squared distances). Returns
+    (negative [B, B] int64, keep [B, B] bool: (a, p) is a positive pair and a has a negative). No host sync."""
+    with torch.no_grad():
+        x = embed.detach()
+        squared = x.pow(2).sum(dim=1)
+        distances = (squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * x @ x.t()).clamp_min(0.0)
+        distances = distances * (1.0 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device))
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        different = ~same
+        eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        outside = different.unsqueeze(1) & (distances.unsqueeze(1) > distances.unsqueeze(2))   # [a, p, n]
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        nearest_outside = torch.where(outside, distances.unsqueeze(1), inf).argmin(dim=2)      # [a, p]
+        farthest = torch.where(different, distances, -inf).argmax(dim=1)                       # [a]
+        negative = torch.where(outside.any(dim=2), nearest_outside, farthest.unsqueeze(1))
+        keep = same & ~eye & different.any(dim=1, keepdim=True)
+    return negative, keep
+
+
+def refilled_triplet_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, labels: torch.Tensor,
+                          temperature: float = 4.0, *, reduction: str = "mean") -> torch.Tensor:
+    """REFILLED stage 1 (Ye, Lu, Zhan, "Distilling Cross-Task Knowledge via Relationship Matching", CVPR 2020), as
+    njulus/ReFilled @c5e077f ``Train.py`` (stage 1) with ``utils/Triplet.py``: both embeddings are L2-normalised,
+    the semi-hard triplets (a, p, n) are mined on the student's (:func:`_refilled_semi_hard_triplets`), and each
+    triplet's probability that a is nearer to p than to n is matched to the teacher's by a binary KL::
+
+        z = (‖e_a − e_n‖ − ‖e_a − e_p‖) / temperature,   p = sigmoid(z)   (teacher: q from t, student: p from s)
+        loss = Σ_triplets [q log(q/p) + (1 − q) log((1 − q)/(1 − p))] / (2·#triplets)
+
+    (``nn.KLDivLoss()`` of the [T, 2] (p, 1 − p) pairs, an element mean, hence the 2; the official multiplies by
+    1000, the method's weight). ``reduction``: ``"mean"`` (the official), ``"batchmean"`` (/ #triplets) or
+    ``"sum"``; no triplet (no class with two samples) gives 0. ``student_embed`` [B, d_s], ``teacher_embed``
+    [B, d_t] (any widths), ``labels`` [B] integer. Computed in fp32 (fp64 for fp64), log-sigmoids in log space.
+    """
+    check = Checks("refilled_triplet_loss")
+    check.feature_pair("student_embed", student_embed, "teacher_embed", teacher_embed, dims=(2,))
+    labels = _refilled_labels(check, labels, student_embed.shape[0], student_embed.device)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction, ("mean", "batchmean", "sum"))
+    dtype = torch.float64 if torch.float64 in (student_embed.dtype, teacher_embed.dtype) else torch.float32
+    student = F.normalize(student_embed.to(dtype), p=2, dim=1)
+    teacher = F.normalize(teacher_embed.to(dtype), p=2, dim=1)
+    negative, keep = _refilled_semi_hard_triplets(student, labels)
+
+    def logit(x: torch.Tensor) -> torch.Tensor:
+        distances = torch.linalg.vector_norm(x.unsqueeze(1) - x.unsqueeze(0), dim=2)           # [a, b]
+        return (distances.gather(1, negative) - distances) / temperature                       # [a, p]
+
+    z_s, z_t = logit(student), logit(teacher)
+    q, log_q, log_1mq = torch.sigmoid(z_t), F.logsigmoid(z_t), F.logsigmoid(-z_t)
+    kl = q * (log_q - F.logsigmoid(z_s)) + (1.0 - q) * (log_1mq - F.logsigmoid(-z_s))
+    total = torch.where(keep, kl, torch.zeros((), dtype=dtype, device=kl.device)).sum()
+    if reduction == "sum":
+        return total
+    count = keep.sum().clamp_min(1).to(dtype)
+    return total / (2.0 * count if reduction == "mean" else count)
+
+
+def refilled_classifier_loss(student_logits: torch.Tensor, teacher_embed: torch.Tensor, labels: torch.Tensor,
+                             temperature: float = 2.0, *, reduction: str = "mean") -> torch.Tensor:
+    """REFILLED stage 2, the teacher's local embedding classifier distilled into the student's logits, as
+    njulus/ReFilled @c5e077f ``Train.py`` (stage 2): over the K classes present in the batch, the teacher's centres
+    are its mean embeddings of the batch's samples of each class, L2-normalised; the teacher scores every sample
+    by the inner products of its (unnormalised) embedding with them, and the student's logits of those classes are
+    matched by a KL at ``temperature`` (no T²)::
+
+        c_k = normalize(mean_{i: y_i = k} t_i),   q_i = softmax_K(t_i · c / τ),   p_i = softmax_K(z_i[present] / τ)
+        loss = Σ_i KL(q_i ‖ p_i) / (B·K)
+
+    (``nn.KLDivLoss()``: an element mean over the B×K terms; the official multiplies by 1000, the method's weight).
+    ``reduction``: ``"mean"`` (the official), ``"batchmean"`` (/ B), ``"sum"`` or ``"none"`` ([B]).
+    ``student_logits`` [B, C], ``teacher_embed`` [B, d], ``labels`` [B] in [0, C). No host synchronisation.
+    """
+    check = Checks("refilled_classifier_loss")
+    check.logits("student_logits", student_logits, dims=(2,))
+    check.features("teacher_embed", teacher_embed, dims=(2,))
+    if teacher_embed.shape[0] != student_logits.shape[0]:
+        check.value_error("teacher_embed", f"must have the batch size of student_logits "
+                          f"{tuple(student_logits.shape)}", f"shape {tuple(teacher_embed.shape)}")
+    check.same_device("teacher_embed", teacher_embed, "student_logits", student_logits)
+    labels = check.class_labels(labels, student_logits).long()
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction, ("mean", "batchmean", "sum", "none"))
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_embed.dtype) else torch.float32
+    student, teacher = student_logits.to(dtype), teacher_embed.to(dtype)
+    classes = student.shape[1]
+    counts = torch.zeros(classes, dtype=dtype, device=student.device).index_add_(
+        0, labels, torch.ones_like(labels, dtype=dtype))
+    present = counts > 0
+    sums = torch.zeros(classes, teacher.shape[1], dtype=dtype, device=teacher.device).index_add_(0, labels, teacher)
+    centres = F.normalize(sums / counts.clamp_min(1).unsqueeze(1), p=2, dim=1)
+    minus_inf = torch.tensor(float("-inf"), dtype=dtype, device=student.device)
+    log_q = F.log_softmax(torch.where(present, teacher @ centres.t() / temperature, minus_inf), dim=1)
+    log_p = F.log_softmax(torch.where(present, student / temperature, minus_inf), dim=1)
+    zero = torch.zeros((), dtype=dtype, device=student.device)
+    rows = torch.where(present, log_q.exp() * (torch.where(present, log_q, zero) - torch.where(present, log_p, zero)),
+                       zero).sum(dim=1)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.mean()
+    return rows.sum() / (rows.shape[0] * present.sum().to(dtype))
