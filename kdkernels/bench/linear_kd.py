@@ -1,5 +1,6 @@
-"""``python -m kdkernels.bench.linear_kd``: time and peak memory of one forward + backward of LM distillation from
-hidden states (forward KL, some tokens ignored, gradients of the student's hidden states and lm_head weight).
+"""``kdkernels bench linear_kd`` (or ``python -m kdkernels.bench.linear_kd``): time and peak memory of one forward +
+backward of LM distillation from hidden states (forward KL, some tokens ignored, gradients of the student's hidden
+states and lm_head weight).
 
 Implementations, run alternately in rounds so that a slowdown of a shared machine falls on all of them:
 
@@ -215,7 +216,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdkernels.bench.linear_kd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="kdkernels bench linear_kd", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--student-hidden", type=int, default=512)
     parser.add_argument("--teacher-hidden", type=int, default=1024)

@@ -34,6 +34,10 @@ from kdkernels.bench.report import markdown_table, metadata, short_error, to_jso
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["linear_kd"]:   # hidden states + lm_head weights, not [N, V] logits: its own options
+        from kdkernels.bench import linear_kd
+
+        return linear_kd.main(argv[1:])
     cfg = build_parser().parse_args(argv)
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
