@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from distill_testing import digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
+from test_losses_layer_assignment import official_feature_matching
 from trainer_testing import QUIET, assert_resume_is_exact
 
 STAGES = ["stage1", "stage2", "stage3"]
@@ -201,23 +202,6 @@ def test_afd_bad_configuration_names_the_argument():
 
 
 # -------------------------------------------------------------------------------------------------------- L2T-ww
-
-def official_feature_matching(convs, pairs, source_features, target_features, weight, beta, loss_weight):
-    """alinlab/L2T-ww ``train_l2t_ww.py`` ``FeatureMatching.forward`` with both meta-networks' outputs given."""
-    matching_loss = 0.0
-    for i, (src_idx, tgt_idx) in enumerate(pairs):
-        sw = source_features[src_idx].size(3)
-        tw = target_features[tgt_idx].size(3)
-        if sw == tw:
-            diff = source_features[src_idx] - convs[i](target_features[tgt_idx])
-        else:
-            diff = F.interpolate(source_features[src_idx], scale_factor=tw / sw, mode='bilinear') \
-                - convs[i](target_features[tgt_idx])
-        diff = diff.pow(2).mean(3).mean(2)
-        diff = (diff.mul(weight[i]).sum(1) * (loss_weight[i].squeeze())).mean(0).mul(beta[i])
-        matching_loss = matching_loss + diff
-    return matching_loss
-
 
 def official_meta_networks(term, source_features):
     """``WeightNetwork.forward`` (softmax of a linear map of the pooled source map) and ``LossWeightNetwork.forward``

@@ -8,20 +8,15 @@ One spawn of 2 processes runs every case; each rank writes its results to a JSON
 tests below read them.
 """
 import datetime
-import json
-import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kdkernels
 from kdkernels.distributed import all_gather_batch
 from kdkernels.reference.bake import eager_bake_targets
+from distributed_testing import WORLD_SIZE, assert_case, run_cases
 
-WORLD_SIZE = 2
 ROWS = 4  # per rank
 RELATION_LOSSES = ("rkd_loss", "rkd_distance_loss", "rkd_angle_loss", "sp_loss", "pkt_loss", "cc_loss")
 TIMEOUT = datetime.timedelta(seconds=30)
@@ -119,38 +114,9 @@ CASES = {"all_gather": case_all_gather, "compiled": case_compiled, "bake_targets
          **{name: relation_case(name) for name in RELATION_LOSSES}}
 
 
-def worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=TIMEOUT)
-    results = {}
-    for name, case in CASES.items():
-        if name in RELATION_LOSSES and not hasattr(kdkernels, name):
-            results[name] = "missing"
-        else:
-            try:
-                case(rank)
-                results[name] = "ok"
-            except Exception:  # recorded per case; the cases are symmetric, so both ranks stay in step
-                results[name] = traceback.format_exc()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(results, handle)
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    by_rank = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
-    return {name: [ranks.get(name, "not run") for ranks in by_rank] for name in CASES}
-
-
-def assert_case(results, name):
-    failures = [f"rank {rank}:\n{outcome}" for rank, outcome in enumerate(results[name]) if outcome != "ok"]
-    assert not failures, "\n".join(failures)
+    return run_cases(__name__, tmp_path_factory.mktemp("distributed"), timeout_s=TIMEOUT.total_seconds())
 
 
 @pytest.mark.parametrize("name", ["all_gather", "compiled", "bake_targets", "bake_loss"])
@@ -160,7 +126,4 @@ def test_gathered(results, name):
 
 @pytest.mark.parametrize("name", RELATION_LOSSES)
 def test_relation_loss_gathered(results, name):
-    if not hasattr(kdkernels, name):
-        pytest.skip(f"kdkernels.{name} does not exist in this checkout yet (the relation losses land separately; "
-                    "this case runs once they are merged)")
     assert_case(results, name)

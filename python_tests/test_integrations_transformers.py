@@ -4,23 +4,21 @@ float64), what the configs say about the logits (tied embeddings, soft-capping, 
 TRL's generalized_jsd_loss, DistillationTrainer with gradient accumulation, and DDP / DTensor with 2 gloo processes.
 """
 import datetime
-import json
 import math
 import os
 import re
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 from kdkernels.integrations import transformers as hf  # noqa: E402
 from kdkernels.integrations.transformers import DistillationTrainer, causal_lm_kd_loss  # noqa: E402
+from distributed_testing import WORLD_SIZE, assert_case, run_cases  # noqa: E402
 
 STUDENT_VOCAB, TEACHER_VOCAB = 64, 80  # the teacher's vocabulary padded beyond the student's
 ARCHITECTURES = {"llama": "LlamaConfig", "gemma2": "Gemma2Config", "cohere": "CohereConfig",
@@ -410,7 +408,6 @@ def test_trainer_rejects_a_missing_teacher_and_unknown_options(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- 2 gloo processes
 
-WORLD_SIZE = 2
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
@@ -519,34 +516,11 @@ def case_trainer(rank, tmp_path):
 CASES = {"ddp": case_ddp, "fsdp2": case_fsdp2, "dtensor": case_dtensor, "trainer": case_trainer}
 
 
-def worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=TIMEOUT)
-    results = {}
-    for name, case in CASES.items():
-        try:
-            case(rank, os.path.join(out_dir, name)) if name == "trainer" else case(rank)
-            results[name] = "ok"
-        except Exception:  # recorded per case; the cases are symmetric, so both ranks stay in step
-            results[name] = traceback.format_exc()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(results, handle)
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    by_rank = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
-    return {name: [ranks.get(name, "not run") for ranks in by_rank] for name in CASES}
+    return run_cases(__name__, tmp_path_factory.mktemp("distributed"), timeout_s=TIMEOUT.total_seconds())
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_gloo_processes(distributed_results, name):
-    failures = [f"rank {rank}:\n{outcome}" for rank, outcome in enumerate(distributed_results[name])
-                if outcome != "ok"]
-    assert not failures, "\n".join(failures)
+    assert_case(distributed_results, name)
