@@ -212,6 +212,8 @@ _SPECS = [
      "loss = 50.0 * CAMKDFeatureLoss()(adapted_s, features_t, logits_t_on_s, y)"),
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
+    ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),
+
 ]
 
 LOSS_MODULES: dict[str, type] = {}

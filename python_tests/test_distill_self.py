@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kdkernels
 from distill_testing import digits_setup, first_step, run_steps
+from trainer_testing import QUIET, assert_resume_is_exact
 from kdkernels.distill import build_recipe
 from kdkernels.distill.methods.self_distillation import AnchorCrossEntropyTerm, class_consistency_loss
 from kdkernels.distill.terms import StepContext
@@ -118,4 +119,57 @@ def test_ban_with_labels_preset_and_bad_configuration():
         build_recipe("ban", setup)
     with pytest.raises(ValueError, match="teacher"):
         build_recipe("ban", digits_setup(teacher=None))
+
+
+
+# ------------------------------------------------------------------------------------------------------------- SAD
+
+def official_sad_step(values, batch, weight):
+    """CE + weight · Σ at_gen(stage_m, stage_{m+1}) (ENet-SAD_Pytorch), the deeper map detached."""
+    maps = [values[f"student:stage{i}"].double() for i in (1, 2, 3)]
+    total = 0.0
+    for x1, x2 in zip(maps[:-1], maps[1:]):
+        a1 = torch.softmax(x1.pow(2).sum(1).flatten(1), dim=-1)
+        a2 = F.interpolate(x2.detach().pow(2).sum(1, keepdim=True), size=x1.shape[-2:], mode="bilinear",
+                           align_corners=False)
+        total = total + F.mse_loss(a1, torch.softmax(a2.flatten(1), dim=-1))
+    return F.cross_entropy(values["student"], batch["target"]), weight * total
+
+
+def test_sad_step_is_the_official_formula_after_the_start():
+    run_steps(build_recipe("sad", digits_setup()))
+    recipe = build_recipe("sad", digits_setup(), sad_weight=0.5, start=0.5)
+    distiller, batch, values, output = first_step(recipe, epoch=2)
+    ce, distill = official_sad_step(values, batch, 0.5)
+    close(output.terms["ce_student"], ce)
+    torch.testing.assert_close(output.terms["sad"].double(), distill.detach(), rtol=1e-5, atol=1e-9)
+    assert distill > 0
+    _, _, _, early = first_step(build_recipe("sad", digits_setup(), start=0.5), epoch=1)
+    assert early.terms["sad"] == 0, "SAD is off before the share `start` of the epochs"
+    context = StepContext(epoch=21, epochs=30)
+    assert recipe.stages[0].distiller.terms[1].weight_at(StepContext(epoch=15, epochs=30)) == 0.0
+    assert build_recipe("sad", digits_setup()).stages[0].distiller.terms[1].weight_at(context) == 0.1
+
+
+def make_sad(seed=0):
+    return build_recipe("sad", digits_setup(seed=seed), start=0.5)
+
+
+def test_sad_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_sad, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_sad_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="sad: start"):
+        build_recipe("sad", digits_setup(), start=1.0)
+    with pytest.raises(ValueError, match="sad: sad_weight"):
+        build_recipe("sad", digits_setup(), sad_weight=-1.0)
+    with pytest.raises(ValueError, match="sad: p must"):
+        build_recipe("sad", digits_setup(), p=0)
+    with pytest.raises(TypeError, match="sad: detach_target"):
+        build_recipe("sad", digits_setup(), detach_target="yes")
+    with pytest.raises(ValueError, match="at least two stages"):
+        build_recipe("sad", digits_setup(), stages=["stage3"])
+    with pytest.raises(ValueError, match="sad.*convolutional stage maps"):
+        run_steps(build_recipe("sad", digits_setup(student="student-mlp"), stages=["hidden1", "fc"]))
 

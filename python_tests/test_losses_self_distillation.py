@@ -1,5 +1,6 @@
-"""byot_loss against BYOT's total loss transcribed here in eager PyTorch (luanyunteng/pytorch-be-your-own-teacher),
-value and gradients in float64 for one to three heads, and its argument errors."""
+"""byot_loss and sad_loss against their official losses transcribed here in eager PyTorch (BYOT:
+luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen), value and gradients in
+float64, and their argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,5 +72,66 @@ Z, Y, F6 = torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), torch.randn(4, 6)
      r"^byot_loss: head_logits must be a list or tuple of tensors, got a torch.float32 tensor"),
 ])
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------------------- SAD
+
+def official_at_gen(x1, x2, detach_target):
+    """InhwanBae/ENet-SAD_Pytorch ``model_ENET_SAD.py`` ``at_gen``: x1 the previous (shallower) map, x2 the current
+    one, upsampled to x1's size when they differ (here with ``size=`` for any ratio), SpatialSoftmax at T = 1, MSE."""
+    if detach_target:
+        x2 = x2.detach()
+
+    def sps(x):
+        x = x.view(x.shape[0], -1, x.shape[1] * x.shape[2])
+        return F.softmax(x / 1.0, dim=-1)
+
+    if x1.size() != x2.size():
+        a1 = sps(x1.pow(2).sum(dim=1))
+        a2 = x2.pow(2).sum(dim=1, keepdim=True)
+        a2 = sps(torch.squeeze(F.interpolate(a2, size=x1.shape[-2:], mode="bilinear", align_corners=False), dim=1))
+    else:
+        a1, a2 = sps(x1.pow(2).sum(dim=1)), sps(x2.pow(2).sum(dim=1))
+    return F.mse_loss(a1, a2, reduction="mean")
+
+
+def sad_maps(shapes):
+    return [randn(B, *shape, seed=30 + k, scale=2.0, grad=True) for k, shape in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("shapes", [[(3, 8, 8), (5, 4, 4)], [(4, 8, 8), (6, 4, 4), (7, 2, 2)],
+                                    [(3, 4, 4), (5, 4, 4)], [(2, 6, 6), (3, 4, 4)]])
+@pytest.mark.parametrize("detach_target", [True, False])
+def test_sad_is_the_official_at_gen_sum(shapes, detach_target):
+    maps = sad_maps(shapes)
+    assert_equals_official(
+        lambda m: kdkernels.sad_loss(m, 2.0, detach_target),
+        lambda m: sum(official_at_gen(a, b, detach_target) for a, b in zip(m[:-1], m[1:])),
+        maps, what="sad")
+
+
+def test_sad_target_is_detached_and_p_is_used():
+    maps = sad_maps([(3, 4, 4), (5, 2, 2)])
+    kdkernels.sad_loss(maps).backward()
+    assert maps[1].grad is None and maps[0].grad.abs().sum() > 0
+    a, b = sad_maps([(3, 4, 4), (5, 2, 2)])
+    assert not torch.allclose(kdkernels.sad_loss([a, b], p=1.0), kdkernels.sad_loss([a, b], p=2.0))
+
+
+S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.sad_loss([S4]), ValueError, r"^sad_loss: stage_maps must hold at least 2 tensor\(s\), got 1$"),
+    (lambda: kdkernels.sad_loss([S4, torch.randn(4, 5)]), ValueError, r"^sad_loss: stage_maps\[1\]"),
+    (lambda: kdkernels.sad_loss([S4, torch.randn(3, 5, 2, 2)]), ValueError,
+     r"^sad_loss: stage_maps\[1\] must have stage_maps\[0\]'s batch size 4, got shape \(3, 5, 2, 2\)$"),
+    (lambda: kdkernels.sad_loss([S4, S2], p=0.0), ValueError, r"^sad_loss: p must be"),
+    (lambda: kdkernels.sad_loss([S4, S2], detach_target=1), TypeError, r"^sad_loss: detach_target"),
+    (lambda: kdkernels.sad_loss(S4), TypeError, r"^sad_loss: stage_maps must be a list or tuple of tensors"),
+])
+def test_sad_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -58,3 +58,45 @@ def byot_loss(final_logits: torch.Tensor, head_logits: Sequence[torch.Tensor], l
                               "features per sample", f"{feature.shape[1]}")
         features.append(_byot_feature_term(feature, final_feature))
     return (1.0 - alpha) * ce + alpha * soft + beta * sum(features)
+
+
+def _sad_attention(feature_map: torch.Tensor, size: tuple[int, int] | None, p: float) -> torch.Tensor:
+    """``at_gen``'s map: ``softmax_hw(resize(Σ_c |A_c|^p))`` as [B, H·W] (resize: bilinear, align_corners False)."""
+    summed = feature_map.abs().pow(p).sum(dim=1, keepdim=True)
+    if size is not None and tuple(summed.shape[-2:]) != tuple(size):
+        summed = F.interpolate(summed, size=size, mode="bilinear", align_corners=False)
+    return torch.softmax(summed.flatten(1), dim=1)
+
+
+def sad_loss(stage_maps: Sequence[torch.Tensor], p: float = 2.0, detach_target: bool = True) -> torch.Tensor:
+    """Self-attention distillation (Hou, Ma, Liu, Loy, "Learning Lightweight Lane Detection CNNs by Self Attention
+    Distillation", ICCV 2019; ``at_gen`` of InhwanBae/ENet-SAD_Pytorch ``model_ENET_SAD.py``, the PyTorch port the
+    official cardwing/Codes-for-Lane-Detection README points to)::
+
+        Σ_m MSE( Ψ(A_m), Ψ(A_{m+1}) ),   Ψ(A) = softmax_{h,w}( B(Σ_c |A_c|^p) )
+
+    over consecutive stage maps ``stage_maps`` [B, C_m, H_m, W_m] (shallow to deep, at least two). ``B`` resizes
+    the deeper map's channel sum bilinearly (align_corners False) to the shallower map's size before the spatial
+    softmax, as ``at_gen`` upsamples E2's map to E1's; the MSE is the mean over the B·H_m·W_m positions
+    (``nn.MSELoss(reduction='mean')``). The deeper map is the distillation target: ``detach_target=True`` stops its
+    gradient (the paper's "Ψ(A_{m+1}) is the target"; the PyTorch port does not detach, ``detach_target=False``).
+    """
+    check = Checks("sad_loss")
+    maps = check.tensor_list("stage_maps", stage_maps, minimum=2)
+    for index, feature_map in enumerate(maps):
+        check.floating(f"stage_maps[{index}]", feature_map, dims=(4,))
+        if feature_map.shape[0] != maps[0].shape[0]:
+            check.value_error(f"stage_maps[{index}]", f"must have stage_maps[0]'s batch size {maps[0].shape[0]}",
+                              f"shape {tuple(feature_map.shape)}")
+        check.same_device(f"stage_maps[{index}]", feature_map, "stage_maps[0]", maps[0])
+    p = check.real("p", p, positive=True)
+    detach_target = check.flag("detach_target", detach_target)
+    total = None
+    for shallow, deep in zip(maps[:-1], maps[1:]):
+        shallow = accumulate(shallow)
+        deep = accumulate(deep.detach() if detach_target else deep)
+        size = tuple(shallow.shape[-2:])
+        term = F.mse_loss(_sad_attention(shallow, None, p), _sad_attention(deep, size, p))
+        total = term if total is None else total + term
+    return total
+

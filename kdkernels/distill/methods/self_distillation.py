@@ -1,4 +1,4 @@
-"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT) or its own reborn copies (BAN)
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD) or its own reborn copies (BAN)
 (../shared/reference/methods.md §1.14–1.15)."""
 from __future__ import annotations
 
@@ -169,6 +169,70 @@ def byot(setup: Setup, temperature: float = 3.0, alpha: float = 0.1, beta: float
                               stages=[f"student:{tap}" for tap in stage_taps[:-1]],
                               temperature=temperature, alpha=alpha, beta=beta)
     return single_stage("byot", Distiller({"student": setup.student}, [term]))
+
+
+# ------------------------------------------------------------------------------------------------------------- SAD
+
+SAD_APPROXIMATION = ("the official schedule switches SAD on after 40k of 60k iterations (ENet-SAD_Pytorch "
+                     "experiments/exp1/cfg.json sad_start_iter); here after a share `start` of the epochs (2/3); the "
+                     "lane-detection losses (segmentation CE, IoU, lane existence) become the classification CE; the "
+                     "deeper map is detached as the paper's distillation target, the PyTorch port does not detach it; "
+                     "the official Lua release carries SAD only in commented-out code with MSE weights set to 0 "
+                     "(0.1 when enabled, as the port's scale_sad_distill)")
+
+
+class SelfAttentionTerm(Term):
+    """SAD's ``Σ_m MSE(Ψ(A_m), Ψ(A_{m+1}))`` over consecutive stages (``kdkernels.sad_loss``), weight 0 before
+    the share ``start`` of the stage's epochs has passed."""
+
+    def __init__(self, stages: list[str], weight: float, start: float, p: float, detach_target: bool):
+        super().__init__("sad", stages, weight)
+        self.start, self.p, self.detach_target = start, p, detach_target
+
+    def build(self, example):
+        for key in self.reads:
+            if example[key].dim() != 4:
+                raise ValueError(f"term {self.name!r}: SAD's attention maps need convolutional stage maps "
+                                 f"[B, C, H, W]; {key!r} has shape {tuple(example[key].shape)}")
+
+    def weight_at(self, context):
+        return self.weight if context.epoch - 1 >= self.start * context.epochs else 0.0
+
+    def loss(self, *maps, context):
+        return kdkernels.sad_loss(list(maps), self.p, self.detach_target)
+
+
+@register("sad", category="self", needs_teacher=False,
+          paper="Hou, Ma, Liu, Loy. Learning Lightweight Lane Detection CNNs by Self Attention Distillation. "
+                "ICCV 2019",
+          approximation=SAD_APPROXIMATION)
+def sad(setup: Setup, sad_weight: float = 0.1, start: float = 2.0 / 3.0, p: float = 2.0, detach_target: bool = True,
+        stages: list[str] | None = None) -> Recipe:
+    """SAD: ``CE + λ·Σ_m MSE(Ψ(A_m), Ψ(A_{m+1}).detach())`` with ``Ψ(A) = softmax_hw(B(Σ_c |A_c|^p))``, λ = 0.1.
+
+    Each stage's attention map learns the next (deeper) stage's map of the network itself; ``B`` resizes the deeper
+    map bilinearly to the shallower one's size (``at_gen`` of InhwanBae/ENet-SAD_Pytorch ``model_ENET_SAD.py`` @
+    d612a957, the PyTorch port the official cardwing/Codes-for-Lane-Detection points to; ``kdkernels.sad_loss``).
+    λ = 0.1 is the port's ``scale_sad_distill`` (and the official Lua ``init.lua`` comment). SAD is off for the
+    first share ``start`` of the epochs (official: from iteration 40k of 60k, 2/3). ``stages`` (shallow to deep,
+    convolutional) override the model's kd_points. Approximation: see ``SAD_APPROXIMATION``.
+    """
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start < 1.0:
+        raise ValueError(f"sad: start must be a share of the run in [0, 1), got {start!r}")
+    if isinstance(sad_weight, bool) or not isinstance(sad_weight, (int, float)) or not sad_weight >= 0:
+        raise ValueError(f"sad: sad_weight must be a number >= 0, got {sad_weight!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"sad: p must be a number > 0, got {p!r}")
+    if not isinstance(detach_target, bool):
+        raise TypeError(f"sad: detach_target must be a bool, got {detach_target!r}")
+    stage_taps = list(stages) if stages is not None else list(feature_points(setup.student).stages)
+    if len(stage_taps) < 2:
+        raise ValueError(f"sad: stages must hold at least two stages (each learns the next one's attention), got "
+                         f"{stage_taps}")
+    terms = [CrossEntropyTerm("student", 1.0),
+             SelfAttentionTerm([f"student:{tap}" for tap in stage_taps], sad_weight, float(start), float(p),
+                               detach_target)]
+    return single_stage("sad", Distiller({"student": setup.student}, terms))
 
 
 # ------------------------------------------------------------------------------------------------------------- BAN
