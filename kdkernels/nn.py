@@ -213,7 +213,7 @@ _SPECS = [
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
     ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),
-
+    ("DKSLoss", losses.dks_loss, ("logits", "labels"), "loss = DKSLoss()([z_branch1, z_branch2, z], y)"),
 ]
 
 LOSS_MODULES: dict[str, type] = {}

@@ -114,6 +114,7 @@ INPUTS = {
                           "labels": _labels(), "final_features": _randn(B, 5, seed=3),
                           "head_features": [_randn(B, 5, seed=4)]},
     "sad_loss": lambda: {"stage_maps": [_randn(B, 3, 4, 4, seed=1), _randn(B, 5, 2, 2, seed=2)]},
+    "dks_loss": lambda: {"logits": [_randn(B, C, seed=1), _randn(B, C, seed=2)], "labels": _labels()},
     "crcd_loss": lambda: {"student_embed": _unit(B, 5, seed=1), "teacher_embed": _unit(B, 5, seed=2),
                           "indices": torch.arange(B), "contrast_indices": torch.arange(4 * B).view(B, 4) % 10,
                           "memory_student": _unit(10, 5, seed=3), "memory_teacher": _unit(10, 5, seed=4),

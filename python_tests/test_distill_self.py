@@ -173,3 +173,49 @@ def test_sad_bad_configuration_names_the_argument():
     with pytest.raises(ValueError, match="sad.*convolutional stage maps"):
         run_steps(build_recipe("sad", digits_setup(student="student-mlp"), stages=["hidden1", "fc"]))
 
+
+# ------------------------------------------------------------------------------------------------------------- DKS
+
+def official_dks(outputs, targets):
+    """sundw2014/DKS ``wrn_DKS/main.py`` ``h``: CE on every output, KL_divergence(o2.detach(), o) for every pair."""
+
+    def kl_divergence(logits_p, logits_q):
+        p, q = F.softmax(logits_p, dim=1), F.softmax(logits_q, dim=1)
+        _p, _q = (p + 1e-8) / (1.0 + p.shape[1] * 1e-8), (q + 1e-8) / (1.0 + q.shape[1] * 1e-8)
+        return torch.mean(torch.sum(_p * torch.log(_p / _q), 1))
+
+    return sum(F.cross_entropy(o, targets) + sum(kl_divergence(o2.detach(), o) for o2 in outputs if o2 is not o)
+               for o in outputs)
+
+
+def test_dks_step_is_the_official_loss_over_its_branches():
+    recipe = build_recipe("dks", digits_setup())
+    run_steps(recipe)
+    distiller, batch, values, output = first_step(build_recipe("dks", digits_setup()))
+    heads = distiller.terms[0].heads
+    assert len(heads) == 2, "branches on stage1 and stage2 (stage3 feeds the network's own classifier)"
+    assert heads[0].bottleneck[3].stride == (4, 4) and heads[1].bottleneck[3].stride == (2, 2)
+    branches = [head(values[f"student:stage{i}"])[1] for i, head in zip((1, 2), heads)]
+    outputs = [z.double() for z in (*branches, values["student"])]
+    torch.testing.assert_close(output.terms["dks"].double(), official_dks(outputs, batch["target"]).detach(),
+                               rtol=1e-5, atol=1e-7)
+    trained = recipe.stages[0].distiller
+    assert {id(p) for p in trained.terms[0].heads.parameters()} <= {id(p) for p in trained.trainable_parameters()}
+    assert recipe.student is trained.models["student"], "the evaluated model is the main classifier"
+
+
+def make_dks(seed=0):
+    return build_recipe("dks", digits_setup(seed=seed))
+
+
+def test_dks_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_dks, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_dks_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="dks: epsilon"):
+        build_recipe("dks", digits_setup(), epsilon=-1.0)
+    with pytest.raises(ValueError, match="dks: stages must hold at least two"):
+        build_recipe("dks", digits_setup(), stages=["stage3"])
+    with pytest.raises(ValueError, match="dks.*convolutional stage maps"):
+        run_steps(build_recipe("dks", digits_setup(student="student-mlp"), stages=["hidden1", "fc"]))

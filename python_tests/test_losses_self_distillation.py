@@ -1,5 +1,5 @@
-"""byot_loss and sad_loss against their official losses transcribed here in eager PyTorch (BYOT:
-luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen), value and gradients in
+"""byot_loss, sad_loss and dks_loss against their official losses transcribed here in eager PyTorch (BYOT:
+luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS), value and gradients in
 float64, and their argument errors."""
 import pytest
 import torch
@@ -120,6 +120,46 @@ def test_sad_target_is_detached_and_p_is_used():
     assert not torch.allclose(kdkernels.sad_loss([a, b], p=1.0), kdkernels.sad_loss([a, b], p=2.0))
 
 
+# ------------------------------------------------------------------------------------------------------------- DKS
+
+def official_dks(outputs, targets):
+    """sundw2014/DKS ``wrn_DKS/main.py`` ``h`` with ``KL_divergence.py`` (the ones tensor on the CPU here)."""
+
+    def kl_divergence(logits_p, logits_q):
+        p, q = F.softmax(logits_p, dim=1), F.softmax(logits_q, dim=1)
+        num_classes, epsilon = p.shape[1], 1e-8
+        _p = (p + epsilon * torch.ones(*p.shape, dtype=p.dtype)) / (1.0 + num_classes * epsilon)
+        _q = (q + epsilon * torch.ones(*q.shape, dtype=q.dtype)) / (1.0 + num_classes * epsilon)
+        return torch.mean(torch.sum(_p * torch.log(_p / _q), 1))
+
+    loss = []
+    for o in outputs:
+        loss.append(F.cross_entropy(o, targets))
+        for o2 in outputs:
+            if o is not o2:
+                loss.append(kl_divergence(o2.detach(), o))
+    return sum(loss)
+
+
+@pytest.mark.parametrize("branches", [2, 3, 4])
+def test_dks_is_the_official_loss(branches):
+    logits = [randn(B, C, seed=40 + k, scale=3.0, grad=True) for k in range(branches)]
+    labels = class_labels(B, C, seed=5)
+    assert_equals_official(lambda z: kdkernels.dks_loss(z, labels), lambda z: official_dks(z, labels), logits,
+                           what="dks")
+
+
+def test_dks_each_branch_learns_only_through_its_own_terms():
+    """With ε = 0, branch i's gradient is that of CE(z_i) + KL(softmax(z_j).detach() ‖ softmax(z_i)) alone."""
+    z = [randn(B, C, seed=50 + k, grad=True) for k in range(2)]
+    labels = class_labels(B, C, seed=6)
+    kdkernels.dks_loss(z, labels, epsilon=0.0).backward()
+    for x, y in ((z[0], z[1]), (z[1], z[0])):
+        own = F.cross_entropy(x, labels) + F.kl_div(F.log_softmax(x, 1), F.softmax(y.detach(), 1),
+                                                    reduction="batchmean")
+        torch.testing.assert_close(x.grad, torch.autograd.grad(own, x)[0], rtol=1e-10, atol=1e-12)
+
+
 S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
 
 
@@ -131,7 +171,12 @@ S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
     (lambda: kdkernels.sad_loss([S4, S2], p=0.0), ValueError, r"^sad_loss: p must be"),
     (lambda: kdkernels.sad_loss([S4, S2], detach_target=1), TypeError, r"^sad_loss: detach_target"),
     (lambda: kdkernels.sad_loss(S4), TypeError, r"^sad_loss: stage_maps must be a list or tuple of tensors"),
+    (lambda: kdkernels.dks_loss([Z], Y), ValueError, r"^dks_loss: logits must hold at least 2 tensor\(s\), got 1$"),
+    (lambda: kdkernels.dks_loss([Z, torch.randn(4, 9)], Y), ValueError,
+     r"^dks_loss: logits\[1\] must have the same shape as logits\[0\] \(4, 10\), got shape \(4, 9\)$"),
+    (lambda: kdkernels.dks_loss([Z, Z], Y[:3]), ValueError, r"^dks_loss: labels must have the logits' leading shape"),
+    (lambda: kdkernels.dks_loss([Z, Z], Y, epsilon=-1.0), ValueError, r"^dks_loss: epsilon must be >= 0"),
 ])
-def test_sad_bad_arguments_raise_naming_the_argument(call, error, match):
+def test_sad_and_dks_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

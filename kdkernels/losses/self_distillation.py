@@ -100,3 +100,33 @@ def sad_loss(stage_maps: Sequence[torch.Tensor], p: float = 2.0, detach_target: 
         total = term if total is None else total + term
     return total
 
+
+def _smoothed_softmax(logits: torch.Tensor, epsilon: float) -> torch.Tensor:
+    classes = logits.shape[1]
+    return (torch.softmax(logits, dim=1) + epsilon) / (1.0 + classes * epsilon)
+
+
+def dks_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
+    """Deeply-supervised knowledge synergy (Sun, Yao, Zhou, Wang, CVPR 2019; sundw2014/DKS ``wrn_DKS/main.py``
+    and ``wrn_DKS/KL_divergence.py``)::
+
+        Σ_i CE(z_i, y) + Σ_i Σ_{j≠i} KL( p̂_j.detach() ‖ p̂_i ),   p̂ = (softmax(z) + ε) / (1 + C·ε)
+
+    over every classifier ``logits`` [B, C] (the auxiliary branches and the main classifier, at least two), each
+    branch learning from every other branch's detached output (all ordered pairs, weight 1, temperature 1). The
+    KL is the batch mean of the per-sample sum over classes, on the ε-smoothed softmaxes (ε = 1e-8) as coded.
+    """
+    check = Checks("dks_loss")
+    outputs = check_logits_list(check, "logits", logits, minimum=2)
+    check.labels(labels, outputs[0].shape[:1], outputs[0].device)
+    epsilon = check.real("epsilon", epsilon, nonnegative=True)
+    outputs = [accumulate(z) for z in outputs]
+    probabilities = [_smoothed_softmax(z, epsilon) for z in outputs]
+    total = sum(F.cross_entropy(z, labels) for z in outputs)
+    for i, learner in enumerate(probabilities):
+        log_learner = torch.log(learner)
+        for j, target in enumerate(probabilities):
+            if i != j:
+                target = target.detach()
+                total = total + (target * (torch.log(target) - log_learner)).sum(dim=1).mean()
+    return total

@@ -1,4 +1,4 @@
-"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD) or its own reborn copies (BAN)
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS) or its own reborn copies (BAN)
 (../shared/reference/methods.md §1.14–1.15)."""
 from __future__ import annotations
 
@@ -233,6 +233,69 @@ def sad(setup: Setup, sad_weight: float = 0.1, start: float = 2.0 / 3.0, p: floa
              SelfAttentionTerm([f"student:{tap}" for tap in stage_taps], sad_weight, float(start), float(p),
                                detach_target)]
     return single_stage("sad", Distiller({"student": setup.student}, terms))
+
+
+# ------------------------------------------------------------------------------------------------------------- DKS
+
+DKS_APPROXIMATION = ("the official branches are copies of the network's later stages (wrn_DKS/resnet.py: from "
+                     "group0 a new group1 and half a group2, from group1 a group2 of twice the width, each with BN, "
+                     "ReLU, pooling and fc); here every shallow stage gets BYOT's bottleneck head (1×1 conv, k×k "
+                     "stride-k conv to the deepest stage's size, 1×1 conv to its width, pooling, fc), which fits "
+                     "any zoo model")
+
+
+class KnowledgeSynergyTerm(Term):
+    """DKS's ``Σ_i CE(z_i) + Σ_{i≠j} KL(p_j.detach() ‖ p_i)`` (``kdkernels.dks_loss``) over one
+    :class:`BottleneckHead` per shallow stage and the network's own classifier.
+
+    Reads the logits, the labels, the deepest stage map (for the heads' output size and width) and the shallow
+    stage maps; the heads are built from their shapes."""
+
+    def __init__(self, name: str, *, logits: str, target: str, final_stage: str, stages: list[str],
+                 epsilon: float):
+        super().__init__(name, (logits, target, final_stage, *stages))
+        self.epsilon = epsilon
+        self.heads = nn.ModuleList()
+
+    def build(self, example):
+        logits, final_map = example[self.reads[0]], example[self.reads[2]]
+        maps = [example[key] for key in self.reads[3:]]
+        for key, value in zip(self.reads[2:], [final_map, *maps]):
+            if value.dim() != 4:
+                raise ValueError(f"term {self.name!r}: DKS's auxiliary branches need convolutional stage maps "
+                                 f"[B, C, H, W]; {key!r} has shape {tuple(value.shape)}")
+        width, final_size = final_map.shape[1], final_map.shape[-1]
+        self.heads = nn.ModuleList(
+            BottleneckHead(m.shape[1], width, max(1, m.shape[-1] // final_size), logits.shape[1]) for m in maps
+        ).to(logits.device)
+
+    def loss(self, logits, target, final_map, *maps, context):
+        branches = [head(feature_map)[1] for head, feature_map in zip(self.heads, maps)]
+        return kdkernels.dks_loss([*branches, logits], target, self.epsilon)
+
+
+@register("dks", category="self", needs_teacher=False,
+          paper="Sun, Yao, Zhou, Wang. Deeply-supervised Knowledge Synergy. CVPR 2019",
+          approximation=DKS_APPROXIMATION)
+def dks(setup: Setup, epsilon: float = 1e-8, stages: list[str] | None = None) -> Recipe:
+    """DKS: ``Σ_i CE(z_i, y) + Σ_i Σ_{j≠i} KL(p̂_j.detach() ‖ p̂_i)`` over the auxiliary branches and the main
+    classifier, every ordered pair, weights 1, T = 1, ``p̂ = (softmax(z) + ε)/(1 + Cε)`` (sundw2014/DKS @ 285354171
+    ``wrn_DKS/main.py`` ``h`` and ``wrn_DKS/KL_divergence.py``; ``kdkernels.dks_loss``).
+
+    One auxiliary branch (a term submodule, BYOT's bottleneck head) sits on every stage but the deepest, as the
+    official branches leave from the outputs of the first two of three WRN groups; the deepest feeds the network's
+    own classifier, the evaluated model. ``stages`` (shallow to deep, the last being the deepest) override the
+    model's kd_points. Approximation: see ``DKS_APPROXIMATION``.
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise ValueError(f"dks: epsilon must be a number >= 0, got {epsilon!r}")
+    stage_taps = list(stages) if stages is not None else list(feature_points(setup.student).stages)
+    if len(stage_taps) < 2:
+        raise ValueError(f"dks: stages must hold at least two stages (branches on all but the deepest), got "
+                         f"{stage_taps}")
+    term = KnowledgeSynergyTerm("dks", logits="student", target="target", final_stage=f"student:{stage_taps[-1]}",
+                                stages=[f"student:{tap}" for tap in stage_taps[:-1]], epsilon=float(epsilon))
+    return single_stage("dks", Distiller({"student": setup.student}, [term]))
 
 
 # ------------------------------------------------------------------------------------------------------------- BAN
