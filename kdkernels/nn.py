@@ -214,6 +214,8 @@ _SPECS = [
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
     ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),
     ("DKSLoss", losses.dks_loss, ("logits", "labels"), "loss = DKSLoss()([z_branch1, z_branch2, z], y)"),
+    ("DDGSDLoss", losses.ddgsd_loss, ("logits_a", "logits_b", "labels", "features_a", "features_b"),
+     "loss = DDGSDLoss()(model(x_a), model(x_b), y, f_a, f_b)"),
 ]
 
 LOSS_MODULES: dict[str, type] = {}

@@ -115,6 +115,8 @@ INPUTS = {
                           "head_features": [_randn(B, 5, seed=4)]},
     "sad_loss": lambda: {"stage_maps": [_randn(B, 3, 4, 4, seed=1), _randn(B, 5, 2, 2, seed=2)]},
     "dks_loss": lambda: {"logits": [_randn(B, C, seed=1), _randn(B, C, seed=2)], "labels": _labels()},
+    "ddgsd_loss": lambda: {"logits_a": _randn(B, C, seed=1), "logits_b": _randn(B, C, seed=2), "labels": _labels(),
+                           "features_a": _randn(B, 5, seed=3), "features_b": _randn(B, 5, seed=4)},
     "crcd_loss": lambda: {"student_embed": _unit(B, 5, seed=1), "teacher_embed": _unit(B, 5, seed=2),
                           "indices": torch.arange(B), "contrast_indices": torch.arange(4 * B).view(B, 4) % 10,
                           "memory_student": _unit(10, 5, seed=3), "memory_teacher": _unit(10, 5, seed=4),

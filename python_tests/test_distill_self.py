@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import digits_setup, first_step, run_steps
+from distill_testing import batches_for, digits_setup, first_step, run_steps
 from trainer_testing import QUIET, assert_resume_is_exact
 from kdkernels.distill import build_recipe
 from kdkernels.distill.methods.self_distillation import AnchorCrossEntropyTerm, class_consistency_loss
@@ -219,3 +219,61 @@ def test_dks_bad_configuration_names_the_argument():
         build_recipe("dks", digits_setup(), stages=["stage3"])
     with pytest.raises(ValueError, match="dks.*convolutional stage maps"):
         run_steps(build_recipe("dks", digits_setup(student="student-mlp"), stages=["hidden1", "fc"]))
+
+
+# ----------------------------------------------------------------------------------------------------------- DDGSD
+
+def ddgsd_step(step=2, **overrides):
+    recipe = build_recipe("ddgsd", digits_setup(teacher=None), **overrides)
+    distiller = recipe.stages[0].distiller
+    batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=step)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=10, step=step, batch=viewed))
+    return recipe, viewed, output
+
+
+def test_ddgsd_step_is_the_paper_loss_on_two_distorted_views():
+    recipe, viewed, output = ddgsd_step(kl_weight=0.5, mmd_weight=2.0)
+    assert not torch.equal(viewed["input"], viewed["input_view2"]), "two independent distortions"
+    student = recipe.stages[0].distiller.models["student"]
+    assert recipe.stages[0].distiller.models["ddgsd"].network is student
+    features = {}
+    handle = student.fc.register_forward_pre_hook(lambda _m, inputs: features.setdefault(len(features), inputs[0]))
+    with torch.no_grad():
+        za, zb = student(viewed["input"]).double(), student(viewed["input_view2"]).double()
+    handle.remove()
+    fa, fb = features[0].double(), features[1].double()
+    pa, pb = F.softmax(za, 1), F.softmax(zb, 1)
+    kl = (pa * torch.log(pa / pb)).sum(1).mean() + (pb * torch.log(pb / pa)).sum(1).mean()
+    expected = (F.cross_entropy(za, viewed["target"]) + F.cross_entropy(zb, viewed["target"]) + 0.5 * kl
+                + 2.0 * ((fa.mean(0) - fb.mean(0)) ** 2).sum())
+    torch.testing.assert_close(output.terms["ddgsd"].double(), expected, rtol=1e-5, atol=1e-7)
+    assert kl > 0
+
+
+def make_ddgsd(seed=0):
+    return build_recipe("ddgsd", digits_setup(seed=seed, teacher=None))
+
+
+def test_ddgsd_resume_is_bit_exact_and_evaluates_the_network(tmp_path):
+    assert_resume_is_exact(make_ddgsd, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+    assert recipe_evaluates_student(make_ddgsd())
+
+
+def recipe_evaluates_student(recipe):
+    distiller = recipe.stages[0].distiller
+    return distiller.evaluate == ("student",) and recipe.student is distiller.models["student"]
+
+
+def test_ddgsd_presets_and_bad_configuration():
+    assert build_recipe("ddgsd", digits_setup(), preset="cifar").hyperparameters["translate"] == 4
+    with pytest.raises(ValueError, match="ddgsd: kl_weight"):
+        build_recipe("ddgsd", digits_setup(), kl_weight=-1.0)
+    with pytest.raises(ValueError, match="ddgsd: translate"):
+        build_recipe("ddgsd", digits_setup(), translate=-1)
+    with pytest.raises(TypeError, match="ddgsd: flip"):
+        build_recipe("ddgsd", digits_setup(), flip="no")
+    with pytest.raises(ValueError, match="ddgsd's network.*no submodule 'head9'"):
+        build_recipe("ddgsd", digits_setup(), embedding="head9/input")

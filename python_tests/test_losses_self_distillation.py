@@ -1,6 +1,6 @@
-"""byot_loss, sad_loss and dks_loss against their official losses transcribed here in eager PyTorch (BYOT:
-luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS), value and gradients in
-float64, and their argument errors."""
+"""byot_loss, sad_loss, dks_loss and ddgsd_loss against their official losses transcribed here in eager PyTorch
+(BYOT: luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS; DDGSD: the paper,
+no code), value and gradients in float64, and their argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,29 @@ def test_dks_each_branch_learns_only_through_its_own_terms():
         torch.testing.assert_close(x.grad, torch.autograd.grad(own, x)[0], rtol=1e-10, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------------------------------------- DDGSD
+
+def paper_ddgsd(za, zb, labels, fa, fb, kl_weight, mmd_weight):
+    """Xu & Liu (AAAI 2019), as read from the paper: CE on both views, KL both ways, linear-kernel MMD."""
+    pa, pb = F.softmax(za, dim=1), F.softmax(zb, dim=1)
+    kl_ab = torch.sum(pa * torch.log(pa / pb), dim=1).mean()
+    kl_ba = torch.sum(pb * torch.log(pb / pa), dim=1).mean()
+    mmd = torch.sum((fa.reshape(len(fa), -1).mean(0) - fb.reshape(len(fb), -1).mean(0)) ** 2)
+    return F.cross_entropy(za, labels) + F.cross_entropy(zb, labels) + kl_weight * (kl_ab + kl_ba) + mmd_weight * mmd
+
+
+@pytest.mark.parametrize("kl_weight, mmd_weight", [(1.0, 1.0), (0.5, 3.0), (0.0, 0.0)])
+@pytest.mark.parametrize("feature_shape", [(D,), (2, 3)])
+def test_ddgsd_is_the_paper_loss(kl_weight, mmd_weight, feature_shape):
+    za, zb = randn(B, C, seed=60, scale=3.0, grad=True), randn(B, C, seed=61, scale=3.0, grad=True)
+    fa, fb = randn(B, *feature_shape, seed=62, grad=True), randn(B, *feature_shape, seed=63, offset=0.5, grad=True)
+    labels = class_labels(B, C, seed=7)
+    assert_equals_official(
+        lambda a, b, f, g: kdkernels.ddgsd_loss(a, b, labels, f, g, kl_weight, mmd_weight),
+        lambda a, b, f, g: paper_ddgsd(a, b, labels, f, g, kl_weight, mmd_weight),
+        za, zb, fa, fb, what="ddgsd")
+
+
 S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
 
 
@@ -177,6 +200,6 @@ S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
     (lambda: kdkernels.dks_loss([Z, Z], Y[:3]), ValueError, r"^dks_loss: labels must have the logits' leading shape"),
     (lambda: kdkernels.dks_loss([Z, Z], Y, epsilon=-1.0), ValueError, r"^dks_loss: epsilon must be >= 0"),
 ])
-def test_sad_and_dks_bad_arguments_raise_naming_the_argument(call, error, match):
+def test_self_distillation_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

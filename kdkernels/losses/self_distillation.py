@@ -130,3 +130,38 @@ def dks_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, epsilon: floa
                 target = target.detach()
                 total = total + (target * (torch.log(target) - log_learner)).sum(dim=1).mean()
     return total
+
+
+def ddgsd_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor, features_a: torch.Tensor,
+               features_b: torch.Tensor, kl_weight: float = 1.0, mmd_weight: float = 1.0) -> torch.Tensor:
+    """Data-distortion guided self-distillation (Xu, Liu, "Data-Distortion Guided Self-Distillation for Deep Neural
+    Networks", AAAI 2019; no official code, transcribed from the paper's description)::
+
+        CE(z_a, y) + CE(z_b, y) + λ_kl · [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)] + λ_mmd · ‖mean_b f_a − mean_b f_b‖²
+
+    on the logits ``z`` [B, C] and pooled features ``f`` [B, ...] (flattened per sample) of two distorted views of
+    the same images through the same network, p = softmax(z) (T = 1). The KL terms are batch means of per-sample
+    sums over classes, symmetric and undetached (each view's posterior learns from the other's); the MMD has the
+    linear kernel (the squared distance between the views' mean features). Approximation: the paper's weights,
+    kernel and gradient flow are not confirmed by code.
+    """
+    check = Checks("ddgsd_loss")
+    check.logits_pair(logits_a, logits_b, "logits_a", "logits_b", dims=(2,))
+    check.labels(labels, logits_a.shape[:1], logits_a.device)
+    check.feature_pair("features_a", features_a, "features_b", features_b)
+    if features_a.shape[0] != logits_a.shape[0]:
+        check.value_error("features_a", f"must have the logits' batch size {logits_a.shape[0]}",
+                          f"shape {tuple(features_a.shape)}")
+    check.same_device("features_a", features_a, "logits_a", logits_a)
+    if features_a.shape[1:].numel() != features_b.shape[1:].numel():
+        check.value_error("features_b", f"must have features_a's {features_a.shape[1:].numel()} features per sample",
+                          f"shape {tuple(features_b.shape)}")
+    kl_weight = check.real("kl_weight", kl_weight, nonnegative=True)
+    mmd_weight = check.real("mmd_weight", mmd_weight, nonnegative=True)
+    a, b = accumulate(logits_a), accumulate(logits_b)
+    log_a, log_b = torch.log_softmax(a, dim=1), torch.log_softmax(b, dim=1)
+    kl = ((log_a.exp() * (log_a - log_b)).sum(dim=1) + (log_b.exp() * (log_b - log_a)).sum(dim=1)).mean()
+    mean_a = accumulate(features_a).flatten(1).mean(dim=0)
+    mean_b = accumulate(features_b).flatten(1).mean(dim=0)
+    mmd = (mean_a - mean_b).pow(2).sum()
+    return F.cross_entropy(a, labels) + F.cross_entropy(b, labels) + kl_weight * kl + mmd_weight * mmd

@@ -1,4 +1,4 @@
-"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS) or its own reborn copies (BAN)
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS, DDGSD) or its own reborn copies (BAN)
 (../shared/reference/methods.md §1.14–1.15)."""
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
-from kdkernels.distill.distiller import Distiller
+from kdkernels._validation import Checks
+from kdkernels.distill.distiller import BATCH, Distiller
+from kdkernels.distill.hooks import find_module, split_tap
 from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods.self_supervised import byol_views
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
@@ -296,6 +299,94 @@ def dks(setup: Setup, epsilon: float = 1e-8, stages: list[str] | None = None) ->
     term = KnowledgeSynergyTerm("dks", logits="student", target="target", final_stage=f"student:{stage_taps[-1]}",
                                 stages=[f"student:{tap}" for tap in stage_taps[:-1]], epsilon=float(epsilon))
     return single_stage("dks", Distiller({"student": setup.student}, [term]))
+
+
+# ----------------------------------------------------------------------------------------------------------- DDGSD
+
+DDGSD_VIEWS = ("input", "input_view2")
+DDGSD_APPROXIMATION = ("no official code: the loss is transcribed from the paper's description (CE on both "
+                       "views, symmetric KL between their posteriors without stopping gradients, linear-kernel MMD "
+                       "between their mean pooled features, weights 1); the distortions for 8×8 digits are a "
+                       "random shift by up to 1 pixel and Gaussian noise (std 0.1) instead of the paper's image "
+                       "distortions; each view runs through the network in its own forward (own batch-norm "
+                       "statistics)")
+
+
+class DistortedPair(nn.Module):
+    """The network on two distorted views of the batch (``views``), one forward each: returns view 1's logits and
+    passes the stacked ``[2, B, C]`` logits and ``[2, B, D]`` pooled features (the ``embedding`` tap of
+    ``network``, flattened per sample) through the identity modules ``logits`` and ``embeddings``, so that terms
+    read them as taps (``"ddgsd:logits"``, ``"ddgsd:embeddings"``)."""
+
+    distill_input = BATCH
+
+    def __init__(self, network: nn.Module, embedding: str, views: tuple[str, str] = DDGSD_VIEWS):
+        super().__init__()
+        self.network, self.views = network, tuple(views)
+        self.embedding_path, self.embedding_is_input = split_tap(embedding)
+        find_module(network, self.embedding_path, "ddgsd's network")
+        self.logits, self.embeddings = nn.Identity(), nn.Identity()
+
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled feature [B, D], logits) of one view."""
+        captured = []
+        module = self.network.get_submodule(self.embedding_path)
+        if self.embedding_is_input:
+            handle = module.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+        else:
+            handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
+        try:
+            logits = self.network(images)
+        finally:
+            handle.remove()
+        return captured[-1].flatten(1), logits
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        embeddings, logits = zip(*(self.run(batch[key]) for key in self.views))
+        self.logits(torch.stack(logits))
+        self.embeddings(torch.stack(embeddings))
+        return logits[0]
+
+
+class DistortionTerm(Term):
+    """The whole DDGSD loss (``kdkernels.ddgsd_loss``) on the two views' stacked logits and pooled features."""
+
+    def __init__(self, kl_weight: float, mmd_weight: float, *, model: str = "ddgsd", target: str = "target"):
+        super().__init__("ddgsd", (f"{model}:logits", target, f"{model}:embeddings"))
+        self.kl_weight, self.mmd_weight = kl_weight, mmd_weight
+
+    def loss(self, logits, target, embeddings, *, context):
+        return kdkernels.ddgsd_loss(logits[0], logits[1], target, embeddings[0], embeddings[1], self.kl_weight,
+                                    self.mmd_weight)
+
+
+@register("ddgsd", category="self", needs_teacher=False,
+          paper="Xu, Liu. Data-Distortion Guided Self-Distillation for Deep Neural Networks. AAAI 2019",
+          presets={"cifar": {"translate": 4, "flip": True, "noise": 0.0}},
+          approximation=DDGSD_APPROXIMATION)
+def ddgsd(setup: Setup, kl_weight: float = 1.0, mmd_weight: float = 1.0, translate: int = 1, flip: bool = False,
+          noise: float = 0.1, embedding: str | None = None) -> Recipe:
+    """DDGSD: ``CE(z_a) + CE(z_b) + λ_kl·[KL(p_a ‖ p_b) + KL(p_b ‖ p_a)] + λ_mmd·‖mean f_a − mean f_b‖²``.
+
+    Two independently distorted views of each image run through the same network (``kdkernels.ddgsd_loss``; z the
+    logits, p their softmax, f the pooled features at the model's embedding tap or ``embedding``). No official
+    code: transcribed from the paper (Xu & Liu, AAAI 2019). The views (``kdkernels.distill.views``) are a random
+    shift by up to ``translate`` pixels (zero padding), a horizontal flip (``flip``) and Gaussian noise of std
+    ``noise``: 1 pixel and noise 0.1 for 8×8 digits (not mirror-symmetric); preset ``cifar``: 4 pixels and a flip.
+    The evaluated model is the network on clean inputs. Approximation: see ``DDGSD_APPROXIMATION``.
+    """
+    check = Checks("ddgsd")
+    kl_weight = check.real("kl_weight", kl_weight, nonnegative=True)
+    mmd_weight = check.real("mmd_weight", mmd_weight, nonnegative=True)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    tap = embedding if embedding is not None else feature_points(setup.student).embedding
+    pair = DistortedPair(setup.student, tap)
+    distiller = Distiller({"student": setup.student, "ddgsd": pair}, [DistortionTerm(kl_weight, mmd_weight)],
+                          trainable=("student", "ddgsd"), evaluate=("student",),
+                          views=byol_views(translate, flip, noise))
+    return single_stage("ddgsd", distiller)
 
 
 # ------------------------------------------------------------------------------------------------------------- BAN
