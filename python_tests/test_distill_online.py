@@ -1,4 +1,4 @@
-"""Online methods (DML, DML + feature, SwitOKD, SOKD, BD-KD): training steps on digits, SwitOKD's switch against the
+"""Online methods (DML, DML + feature, SwitOKD, SOKD, BD-KD, MMT): training steps on digits, SwitOKD's switch against the
 official code, who receives which gradient, and each term equal to its weight times the public loss on the method's
 own values (the losses against the official formulas: test_losses_kd.py, test_losses_response.py)."""
 from __future__ import annotations
@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import digits_setup, first_step, run_steps
+from distill_testing import batches_for, digits_setup, first_step, run_steps
 from kdkernels.distill import Setup, build_recipe, digits_model
-from kdkernels.distill.methods.online import switokd_expert_mode
+from kdkernels.distill.methods.online import GlobalStepEMA, switokd_expert_mode
+from kdkernels.distill.terms import StepContext
+from kdkernels.distill.trainer import TrainConfig, Trainer
+from kdkernels.distill.updates import StepClock
+from trainer_testing import QUIET, assert_resume_is_exact, small_split
 
 
 def close(actual, expected):
@@ -231,3 +235,107 @@ def test_switokd_ranks_switch_alike_from_the_global_batch(tmp_path):
     local = [switokd_expert_mode(student[r], teacher[r], target[r]) for r in (slice(0, 4), slice(4, 8))]
     assert local == [True, False], "the two halves alone would switch differently"
     assert ranks[0] == ranks[1] == switokd_expert_mode(student, teacher, target)
+
+
+# ---- MMT ---------------------------------------------------------------------------------------------------------
+
+def mmt_official_loss(z1, z2, e1, e2, targets, ce_soft_weight=0.5, epsilon=0.1):
+    """yxgeee/MMT ``MMTTrainer.train`` without the triplet terms (``CrossEntropyLabelSmooth``, ``SoftEntropy``)."""
+    def label_smooth(inputs):
+        log_probs = F.log_softmax(inputs, dim=1)
+        one_hot = (1 - epsilon) * torch.zeros_like(log_probs).scatter_(1, targets.unsqueeze(1), 1)
+        return (-(one_hot + epsilon / inputs.shape[1]) * log_probs).mean(0).sum()
+
+    def soft_entropy(inputs, target_logits):
+        return (-F.softmax(target_logits, dim=1).detach() * F.log_softmax(inputs, dim=1)).mean(0).sum()
+
+    return ((label_smooth(z1) + label_smooth(z2)) * (1 - ce_soft_weight)
+            + (soft_entropy(z1, e2) + soft_entropy(z2, e1)) * ce_soft_weight)
+
+
+def test_mmt_step_is_the_official_loss_with_each_peer_taught_by_the_other_ema():
+    recipe = build_recipe("mmt", digits_setup(teacher=None), preset="digits")
+    distiller = recipe.stages[0].distiller
+    assert distiller.evaluate == ("student_ema", "peer_ema", "student", "peer")
+    assert recipe.student is distiller.models["student_ema"], "the temporal average is the exported model"
+    batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=0)
+    assert not torch.equal(viewed["input"], viewed["input_peer"]), "each peer reads its own augmentation"
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=2, step=0, batch=viewed))
+    models = distiller.models
+    assert models["student_ema"].training and models["peer_ema"].training, "MMT's model_*_ema.train()"
+    with torch.no_grad():   # each EMA reads its own peer's view
+        torch.testing.assert_close(values["peer_ema"], models["peer_ema"](viewed["input_peer"]), rtol=0, atol=0)
+    z1, z2, e1, e2 = (values[name] for name in ("student", "peer", "student_ema", "peer_ema"))
+    expected = mmt_official_loss(z1, z2, e1, e2, viewed["target"])
+    close(output.terms["mmt"], expected)
+    # who teaches whom: the student's gradient comes from the PEER's EMA (swapping the EMAs changes it)
+    own = gradients(output.loss, models["student"])
+    official = gradients(mmt_official_loss(z1, z2, e1, e2, viewed["target"]), models["student"])
+    swapped = gradients(mmt_official_loss(z1, z2, e2, e1, viewed["target"]), models["student"])
+    for a, b in zip(own, official):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(own, swapped))
+    assert all(not p.requires_grad for name in ("student_ema", "peer_ema") for p in models[name].parameters())
+
+
+def official_update_ema_variables(model, ema_model, alpha, global_step):
+    """yxgeee/MMT ``MMTTrainer._update_ema_variables`` (``add_(1 - alpha, param.data)`` in today's signature)."""
+    alpha = min(1 - 1 / (global_step + 1), alpha)
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.data.mul_(alpha).add_(param.data, alpha=1 - alpha)
+
+
+def test_mmt_ema_is_the_official_update():
+    source, ours = digits_model("student-mlp"), digits_model("student-mlp")
+    ours.load_state_dict(source.state_dict())
+    official = digits_model("student-mlp")
+    official.load_state_dict(source.state_dict())
+    update = GlobalStepEMA("student", 0.6)
+    generator = torch.Generator().manual_seed(0)
+    for global_step in range(5):
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        update.after_step(ours, source, StepClock(global_step, 10, 10))
+        official_update_ema_variables(source, official, 0.6, global_step)
+        for a, b in zip(ours.parameters(), official.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        if global_step == 0:   # alpha = 0: the first update copies the peer
+            assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), source.parameters()))
+    assert update.count == 5 and update.buffers == "own"
+
+
+def test_mmt_trains_both_peers_and_averages_them():
+    recipe = build_recipe("mmt", digits_setup(teacher=None), preset="digits", ema_decay=0.9)
+    distiller = recipe.stages[0].distiller
+    initial = {name: [p.detach().clone() for p in distiller.models[name].parameters()] for name in ("student", "peer")}
+    result = Trainer(TrainConfig(epochs=2, batch_size=16, lr=0.05, **QUIET)).fit(recipe, small_split().train,
+                                                                                 small_split().test)
+    assert set(result.accuracies) == {"student_ema", "peer_ema", "student", "peer"}
+    for name in ("student", "peer"):
+        ema, model = distiller.models[f"{name}_ema"], distiller.models[name]
+        for e, p, p0 in zip(ema.parameters(), model.parameters(), initial[name]):
+            assert e.grad is None and not torch.equal(p.detach(), p0) and not torch.equal(e, p.detach())
+
+
+def test_mmt_resume_is_exact(tmp_path):
+    def make(seed):
+        return build_recipe("mmt", digits_setup(student="student-cnn", teacher=None, seed=seed), preset="digits",
+                            ema_decay=0.9)
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"soft_ce_weight": 1.5}, ValueError, r"mmt: soft_ce_weight must be in \[0, 1\], got 1.5"),
+    ({"ema_decay": -0.1}, ValueError, r"mmt: ema_decay must be in \[0, 1\], got -0.1"),
+    ({"label_smoothing": 1.0}, ValueError, r"mmt: label_smoothing must be in \[0, 1\), got 1.0"),
+    ({"translate": -1}, ValueError, r"mmt: translate must be an int >= 0, got -1"),
+    ({"flip": "yes"}, TypeError, r"mmt: flip must be a bool"),
+])
+def test_mmt_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("mmt", digits_setup(teacher=None), **overrides)

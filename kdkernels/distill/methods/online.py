@@ -1,5 +1,6 @@
 """Online methods: networks that learn from each other while they train (../shared/reference/methods.md §1.9–1.11,
-§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD and BD-KD.
+§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD, BD-KD and MMT (mutual
+mean-teaching).
 
 All trainable networks share one optimiser. Where the official code gives each network its own loss and optimiser
 with the other networks' outputs detached, the distiller sums those losses: a network's parameters then appear only
@@ -17,12 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods.self_supervised import augmentation
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.distill.updates import EMA
 
 
 class TowardsTerm(Term):
@@ -313,3 +317,79 @@ def bd_kd(setup: Setup, temperature: float = 1.0, kd_weight: float = 1.0, ce_wei
                          temperature=temperature)]
     return online_recipe("bd-kd", student_and_online_teacher(setup, "bd-kd"), terms, ce_weight)
 
+
+
+# ------------------------------------------------------------------------------------------------------------ MMT
+
+MMT_APPROXIMATION = ("classification adaptation of MMT (Ge, Chen, Li, ICLR 2020): the re-ID terms, the hard triplet "
+                     "loss and the soft triplet loss on features of pseudo-label clusters (soft_tri_weight 0.8), are "
+                     "omitted; the peers learn from the dataset's labels (not re-clustered pseudo-labels); the "
+                     "second peer is a fresh student instead of a second pre-trained model")
+
+
+class GlobalStepEMA(EMA):
+    """MMT's ``_update_ema_variables`` (yxgeee/MMT ``mmt/trainers.py``): ``α = min(1 − 1/(global_step + 1), α₀)`` with
+    the 0-based ``global_step`` of the step just taken, so the n-th update (1-based) uses ``min(1 − 1/n, α₀)``: the
+    first update copies the peer, and until ``1/(1 − α₀)`` updates the copy is the plain mean of the peer's states.
+    (Mean teacher's warm-up, :class:`EMA` ``warmup=True``, uses ``min(1 − 1/(n + 1), α₀)``.) Only parameters are
+    averaged (``buffers="own"``): the copy runs in train mode and its batch norm keeps its own statistics, as
+    MMT's ``model_*_ema.train()``."""
+
+    def __init__(self, source: str, momentum: float):
+        super().__init__(source, momentum, buffers="own")
+
+    def momentum_at(self, step: int, total_steps: int, update: int) -> float:
+        return min(1.0 - 1.0 / update, self.momentum)
+
+
+class MMTTerm(FunctionTerm):
+    """:func:`kdkernels.mmt_loss` on the two peers, their EMA models and the labels."""
+
+    def __init__(self, soft_ce_weight: float, label_smoothing: float):
+        super().__init__("mmt", kdkernels.mmt_loss, ("student", "peer", "student_ema", "peer_ema", "target"),
+                         soft_ce_weight=soft_ce_weight, epsilon=label_smoothing)
+
+
+@register("mmt", category="online",
+          paper="Ge, Chen, Li. Mutual Mean-Teaching: Pseudo Label Refinery for Unsupervised Domain Adaptation on "
+                "Person Re-identification. ICLR 2020",
+          presets={"digits": {"translate": 1, "flip": False}}, approximation=MMT_APPROXIMATION, needs_teacher=False)
+def mmt(setup: Setup, soft_ce_weight: float = 0.5, ema_decay: float = 0.999, label_smoothing: float = 0.1,
+        translate: int = 4, flip: bool = True) -> Recipe:
+    """MMT: ``(1 − w)(CE_ε(z₁) + CE_ε(z₂)) + w(SCE(z₁, ẑ₂) + SCE(z₂, ẑ₁))``, ẑ the EMA of the other peer.
+
+    yxgeee/MMT (commit 057e1ea) ``mmt/trainers.py`` ``MMTTrainer`` with ``examples/mmt_train_kmeans.py``'s defaults:
+
+    * two peers, ``student`` (z₁) and ``peer`` (z₂, a fresh student), each with a temporal-average copy
+      ``student_ema`` (ẑ₁) and ``peer_ema`` (ẑ₂): ``θ_ema = α θ_ema + (1 − α) θ`` after every step with
+      ``α = min(1 − 1/(global_step + 1), ema_decay)`` (:class:`GlobalStepEMA`, ``--alpha`` 0.999); the EMA models
+      run in train mode (batch norm on batch statistics, their own running statistics), get no gradient;
+    * each peer learns from the OTHER peer's EMA: ``SoftEntropy(p_out_t1, p_out_t2_ema) +
+      SoftEntropy(p_out_t2, p_out_t1_ema)`` (soft cross-entropy, T 1), weight ``soft_ce_weight`` w (0.5), and from
+      the labels with ``CrossEntropyLabelSmooth`` (ε 0.1) at weight ``1 − w`` (:func:`kdkernels.mmt_loss`);
+    * each peer and its EMA read their own random augmentation of the batch (MMT's ``Preprocessor(mutual=True)``
+      gives ``inputs_1``, ``inputs_2``): here independent translations by up to ``translate`` pixels (zero padding)
+      and horizontal flips, ``"input"`` for the student pair, ``"input_peer"`` for the other.
+
+    The exported model is ``student_ema``: MMT evaluates and saves the temporal-average models (the paper tests
+    with one of them); ``test_acc_peer_ema``, ``test_acc_student`` and ``test_acc_peer`` report the others.
+    Approximation (flagged): MMT is a re-ID method; its hard and soft triplet terms (features of pseudo-label
+    clusters) are omitted for classification, the labels are the dataset's (no k-means pseudo-labels, so no
+    classifier re-initialisation from cluster centres), and the second peer is a fresh student rather than a
+    second pre-trained network. Preset ``digits``: a 1-pixel translation and no flip for 8×8 digits.
+    """
+    check = Checks("mmt")
+    soft_ce_weight = check.probability("soft_ce_weight", soft_ce_weight)
+    ema_decay = check.probability("ema_decay", ema_decay)
+    label_smoothing = check.probability("label_smoothing", label_smoothing, upper_open=True)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    views = augmentation("input", "input_peer", translate, flip) + augmentation("input", "input", translate, flip)
+    models = {"student": setup.student, "peer": setup.fresh_student("mmt")}
+    distiller = Distiller(models, [MMTTerm(soft_ce_weight, label_smoothing)], trainable=("student", "peer"),
+                          frozen_train_mode=("student_ema", "peer_ema"),
+                          evaluate=("student_ema", "peer_ema", "student", "peer"),
+                          updates={"student_ema": GlobalStepEMA("student", ema_decay),
+                                   "peer_ema": GlobalStepEMA("peer", ema_decay)},
+                          inputs={"peer": "input_peer", "peer_ema": "input_peer"}, views=views)
+    return single_stage("mmt", distiller)
