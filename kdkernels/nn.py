@@ -212,6 +212,8 @@ _SPECS = [
     ("CAMKDFeatureLoss", losses.camkd_feature_loss,
      ("student_features", "teacher_features", "teacher_logits_on_student", "labels"),
      "loss = 50.0 * CAMKDFeatureLoss()(adapted_s, features_t, logits_t_on_s, y)"),
+    ("ONELoss", losses.one_loss, ("branch_logits", "gate_weights", "labels"),
+     "loss = ONELoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], gate(shared), y)"),
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
 ]

@@ -113,6 +113,8 @@ INPUTS = {
                                    "teacher_features": [_randn(B, 5, seed=3), _randn(B, 5, seed=4)],
                                    "teacher_logits_on_student": [_randn(B, C, seed=5), _randn(B, C, seed=6)],
                                    "labels": _labels()},
+    "one_loss": lambda: {"branch_logits": [_randn(B, C, seed=1), _randn(B, C, seed=2), _randn(B, C, seed=3)],
+                         "gate_weights": _randn(B, 3, seed=4).softmax(-1), "labels": _labels()},
     "byot_loss": lambda: {"final_logits": _randn(B, C, seed=1), "head_logits": [_randn(B, C, seed=2)],
                           "labels": _labels(), "final_features": _randn(B, 5, seed=3),
                           "head_features": [_randn(B, 5, seed=4)]},

@@ -31,7 +31,7 @@ from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, f
 from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
-from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
+from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss, one_loss
 from kdkernels.losses.self_distillation import byot_loss
 from kdkernels.losses.self_supervised import byol_loss, softmax_mse_loss
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
@@ -53,5 +53,5 @@ __all__ = [
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "byot_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "byot_loss",
 ]
