@@ -519,8 +519,8 @@ class MultiBranchNetwork(nn.Module):
         problem = None
         try:
             trunk(x[:2])
-            feature, trunk_shared = None, [m for m in trunk.modules() if isinstance(m, SharedFeature)][0]
-            feature, trunk_shared.value = trunk_shared.value, None
+            shared = next(m for m in trunk.modules() if isinstance(m, SharedFeature))
+            feature, shared.value = shared.value, None
             ours, expected = branch(feature), original(x[:2])
             if ours.shape != expected.shape or not torch.allclose(ours, expected, rtol=1e-4, atol=1e-5):
                 problem = "the shared layers and one branch do not reproduce its outputs"
