@@ -140,3 +140,70 @@ Z, Y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------------ ONE
+
+def one_official(z1, z2, z3, gate, targets, consistency_weight=1.0, eps=1e-7):
+    """Lan1991Xu/ONE_NeurIPS2018: ``ONE_ResNet.forward``'s ``x_m`` (``models/cifar/resnet.py``), ``cifar_one.py``
+    ``train``'s loss and ``loss/kl_loss.py`` ``KLLoss`` (T = 3, its ``+ 10**(-7)`` as ``eps``)."""
+    def kl_loss(pred, label, T=3):
+        predict = F.log_softmax(pred / T, dim=1)
+        target = (F.softmax(label / T, dim=1) + eps).detach()
+        return T * T * ((target * (target.log() - predict)).sum(1).sum() / target.size()[0])
+
+    x_m = (gate[:, 0].repeat(z1.size()[1], 1).transpose(0, 1) * z1 + gate[:, 1].repeat(z1.size()[1], 1).transpose(0, 1)
+           * z2 + gate[:, 2].repeat(z1.size()[1], 1).transpose(0, 1) * z3)
+    loss_cross = (F.cross_entropy(z1, targets) + F.cross_entropy(z2, targets) + F.cross_entropy(z3, targets)
+                  + F.cross_entropy(x_m, targets))
+    loss_kl = consistency_weight * (kl_loss(z1, x_m) + kl_loss(z2, x_m) + kl_loss(z3, x_m))
+    return loss_cross + loss_kl
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3, 0.0])
+def test_one_loss_is_the_official_objective(weight):
+    """Exact (no epsilon) against the official formula without its 1e-7; value and gradients of the three branches
+    and the gate (through the ensemble's CE only)."""
+    z1, z2, z3 = teacher_logits(3, seed=40, grad=True)
+    gate = torch.softmax(randn(B, 3, seed=50, scale=2.0), dim=1).requires_grad_()
+    y = class_labels(B, C, seed=4)
+    assert_equals_official(lambda a, b, c, g: kdkernels.one_loss([a, b, c], g, y, 3.0, weight),
+                           lambda a, b, c, g: one_official(a, b, c, g, y, weight, eps=0.0), z1, z2, z3, gate,
+                           what="one")
+    # with KLLoss's 1e-7 the official value moves by less than 1e-5 relative
+    ours = kdkernels.one_loss([z1, z2, z3], gate, y, 3.0, weight)
+    torch.testing.assert_close(ours, one_official(z1, z2, z3, gate, y, weight), rtol=1e-5, atol=0)
+
+
+def test_one_loss_target_is_detached_and_reductions_agree():
+    z1, z2, z3 = teacher_logits(3, seed=40, grad=True)
+    gate = torch.softmax(randn(B, 3, seed=50), dim=1).requires_grad_()
+    y = class_labels(B, C, seed=4)
+    kl_only = kdkernels.one_loss([z1, z2, z3], gate, y, 3.0, 1.0) - kdkernels.one_loss([z1, z2, z3], gate, y, 3.0, 0.0)
+    assert kl_only > 0
+    assert torch.autograd.grad(kl_only, gate)[0].abs().max() < 1e-12, "the KL's ensemble target carries no gradient"
+    rows = kdkernels.one_loss([z1, z2, z3], gate, y, reduction="none")
+    torch.testing.assert_close(rows.sum(), kdkernels.one_loss([z1, z2, z3], gate, y, reduction="sum"))
+    torch.testing.assert_close(rows.mean(), kdkernels.one_loss([z1, z2, z3], gate, y))
+    low = kdkernels.one_loss([z.to(torch.bfloat16) for z in (z1, z2, z3)], gate.to(torch.bfloat16), y)
+    assert low.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.one_loss([torch.randn(4, 10)] * 3, torch.ones(4, 2) / 2, torch.zeros(4, dtype=torch.long)),
+     ValueError, r"^one_loss: gate_weights must have shape \[B, m\] = \[4, 3\], got shape \(4, 2\)$"),
+    (lambda: kdkernels.one_loss([torch.randn(4, 10), torch.randn(4, 9)], torch.ones(4, 2),
+                                torch.zeros(4, dtype=torch.long)),
+     ValueError, r"^one_loss: branch_logits\[1\] must have the same shape as branch_logits\[0\]"),
+    (lambda: kdkernels.one_loss(torch.randn(4, 10), torch.ones(4, 1), torch.zeros(4, dtype=torch.long)),
+     TypeError, r"^one_loss: branch_logits must be a list or tuple of tensors"),
+    (lambda: kdkernels.one_loss([torch.randn(4, 10)], torch.ones(4, 1), torch.zeros(4, dtype=torch.long), 0.0),
+     ValueError, r"^one_loss: temperature must be positive and finite, got 0.0$"),
+    (lambda: kdkernels.one_loss([torch.randn(4, 10)], torch.ones(4, 1), torch.zeros(4, dtype=torch.long), 3.0, -1.0),
+     ValueError, r"^one_loss: kl_weight must be >= 0 and finite, got -1.0$"),
+    (lambda: kdkernels.one_loss([torch.randn(4, 10)], torch.ones(4, 1, dtype=torch.long),
+                                torch.zeros(4, dtype=torch.long)), TypeError, r"^one_loss: gate_weights must be"),
+])
+def test_one_loss_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -303,3 +303,64 @@ FN_LOGITS = torch.randn(4, 5)
 def test_feature_normalized_kd_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------------ MMT
+
+def mmt_official(z1, z2, e1, e2, targets, ce_soft_weight=0.5, epsilon=0.1):
+    """yxgeee/MMT ``mmt/trainers.py`` ``MMTTrainer.train`` (triplet terms left out) with ``mmt/loss/crossentropy.py``
+    ``CrossEntropyLabelSmooth`` and ``SoftEntropy``."""
+    def label_smooth(inputs, labels):
+        log_probs = F.log_softmax(inputs, dim=1)
+        one_hot = torch.zeros_like(log_probs).scatter_(1, labels.unsqueeze(1), 1)
+        one_hot = (1 - epsilon) * one_hot + epsilon / inputs.shape[1]
+        return (-one_hot * log_probs).mean(0).sum()
+
+    def soft_entropy(inputs, target_logits):
+        return (-F.softmax(target_logits, dim=1).detach() * F.log_softmax(inputs, dim=1)).mean(0).sum()
+
+    loss_ce_soft = soft_entropy(z1, e2) + soft_entropy(z2, e1)
+    return (label_smooth(z1, targets) + label_smooth(z2, targets)) * (1 - ce_soft_weight) + \
+        loss_ce_soft * ce_soft_weight
+
+
+@pytest.mark.parametrize("weight, epsilon", [(0.5, 0.1), (0.8, 0.0), (0.0, 0.3)])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_mmt_is_the_official_classification_loss(shape, weight, epsilon):
+    """Value and gradients of both peers; the EMA logits get none (SoftEntropy detaches them)."""
+    rows, classes = shape
+    z1, z2, e1, e2 = (randn(*shape, seed=20 + k, scale=3.0, grad=True) for k in range(4))
+    y = class_labels(rows, classes, seed=3)
+    assert_equals_official(lambda *a: kdkernels.mmt_loss(*a, y, weight, epsilon),
+                           lambda *a: mmt_official(*a, y, weight, epsilon), z1, z2, e1, e2, what="mmt")
+    loss = kdkernels.mmt_loss(z1, z2, e1, e2, y, weight, epsilon)
+    assert torch.autograd.grad(loss, [e1, e2], allow_unused=True) == (None, None)
+    rows_value = kdkernels.mmt_loss(z1, z2, e1, e2, y, weight, epsilon, reduction="none")
+    torch.testing.assert_close(rows_value.mean(), loss, rtol=1e-12, atol=0)
+
+
+def test_mmt_low_precision_computes_in_float32():
+    z1, z2, e1, e2 = (randn(8, 10, seed=30 + k) for k in range(4))
+    y = class_labels(8, 10)
+    reference = kdkernels.mmt_loss(z1, z2, e1, e2, y)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        value = kdkernels.mmt_loss(*(t.to(dtype) for t in (z1, z2, e1, e2)), y)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), reference, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.mmt_loss(LOGITS, LOGITS[:, :5], LOGITS, LOGITS, torch.zeros(4, dtype=torch.long)), ValueError,
+     r"^mmt_loss: logits_2 must have the same shape as logits_1 \(4, 10\), got shape \(4, 5\)$"),
+    (lambda: kdkernels.mmt_loss(LOGITS, LOGITS, LOGITS, LOGITS, torch.zeros(4, dtype=torch.long), 1.5), ValueError,
+     r"^mmt_loss: soft_ce_weight must be in \[0, 1\], got 1.5$"),
+    (lambda: kdkernels.mmt_loss(LOGITS, LOGITS, LOGITS, LOGITS, torch.zeros(4, dtype=torch.long), 0.5, 1.0),
+     ValueError, r"^mmt_loss: epsilon must be in \[0, 1\), got 1.0$"),
+    (lambda: kdkernels.mmt_loss(LOGITS, LOGITS, LOGITS, LOGITS, torch.zeros(4)), TypeError,
+     r"^mmt_loss: labels must be an integer tensor"),
+    (lambda: kdkernels.mmt_loss(LOGITS, LOGITS, LOGITS, "x", torch.zeros(4, dtype=torch.long)), TypeError,
+     r"^mmt_loss: ema_logits_2 must be a torch.Tensor"),
+])
+def test_mmt_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

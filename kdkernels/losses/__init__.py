@@ -22,7 +22,7 @@ from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_
                                           sample_other_class_indices)
 from kdkernels.losses.contrastive import crcd_loss, crcd_normalizers
 from kdkernels.losses.bake import bake_loss, bake_targets
-from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
+from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss, mmt_loss,
                                       soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
 from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss,
@@ -31,7 +31,7 @@ from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, f
 from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
-from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss
+from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss, one_loss
 from kdkernels.losses.self_distillation import byot_loss, ddgsd_loss, dks_loss, sad_loss
 from kdkernels.losses.self_supervised import byol_loss, softmax_mse_loss
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
@@ -43,7 +43,7 @@ __all__ = [
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
     "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "two_temperature_kd_loss", "logit_standardized_kd_loss",
-    "feature_normalized_kd_loss",
+    "feature_normalized_kd_loss", "mmt_loss",
     "softmax_mse_loss", "byol_loss",
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
@@ -53,5 +53,6 @@ __all__ = [
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "byot_loss", "sad_loss",
+    "dks_loss", "ddgsd_loss",
 ]

@@ -1,4 +1,5 @@
-"""Multi-teacher losses: the averaged-ensemble KD, CA-MKD's confidence weights and its two weighted terms.
+"""Multi-teacher losses: the averaged-ensemble KD, CA-MKD's confidence weights and its two weighted terms; ONE's
+gated branch ensemble.
 
 Plain PyTorch: each function IS the reference of its formula (../shared/reference/methods.md §1.15); the
 averaged-ensemble KD runs on the fused ``kd_loss``. All results are float32 (float64 for float64 inputs).
@@ -112,3 +113,41 @@ def camkd_feature_loss(student_features: Sequence[torch.Tensor], teacher_feature
         errors.append(squared.reshape(squared.shape[0], -1).mean(-1))
     rows = (weights * torch.stack(errors)).sum(dim=0) / len(errors)
     return reduce_rows(rows, reduction)
+
+
+def one_loss(branch_logits: Sequence[torch.Tensor], gate_weights: torch.Tensor, labels: torch.Tensor,
+             temperature: float = 3.0, kl_weight: float = 1.0, *,
+             reduction: Reduction = "batchmean") -> torch.Tensor:
+    """ONE, On-the-fly Native Ensemble (Lan, Zhu, Gong, NeurIPS 2018): m branches and their gated ensemble::
+
+        z_e  = Σ_i g_i · z_i                                   (g: the gate's per-sample weights, [B, m])
+        loss = Σ_i CE(z_i, y) + CE(z_e, y) + w · Σ_i T² · KL(softmax(z_e/T).detach() ‖ softmax(z_i/T))
+
+    Lan1991Xu/ONE_NeurIPS2018 ``cifar_one.py`` ``train`` (``loss_cross + consistency_weight · Σ criterion_kl``) with
+    ``loss/kl_loss.py`` ``KLLoss`` (T 3, T², sum over the batch / B, the ensemble target detached) and
+    ``models/cifar/resnet.py`` ``ONE_ResNet.forward`` (``x_m = Σ x_c_i · x_3_i``, logits weighted per sample).
+    ``kl_weight`` is the official ``consistency_weight`` (a sigmoid ramp-up over epochs, applied by the caller).
+    KLLoss adds 1e-7 to the ensemble's probabilities before its logarithm; this is the exact KL (no epsilon).
+    Gradients reach every branch and, through ``CE(z_e, y)``, the gate; not through the KL's target.
+    ``reduction`` of the per-sample sum: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over B · C) or ``"none"``.
+    """
+    check = Checks("one_loss")
+    branches = check_logits_list(check, "branch_logits", branch_logits, minimum=1)
+    check.floating("gate_weights", gate_weights, dims=(2,))
+    batch, m = branches[0].shape[0], len(branches)
+    check.shape("gate_weights", gate_weights, (batch, m), f"[B, m] = [{batch}, {m}]")
+    check.same_device("gate_weights", gate_weights, "branch_logits[0]", branches[0])
+    temperature = check.temperature(temperature)
+    kl_weight = check.real("kl_weight", kl_weight, nonnegative=True)
+    reduction = check.reduction(reduction)
+    targets = check.class_labels(labels, branches[0])
+    acc = accumulate(branches[0]).dtype
+    stacked = torch.stack([z.to(acc) for z in branches])                        # [m, B, C]
+    ensemble = torch.einsum("bm,mbc->bc", gate_weights.to(acc), stacked)
+    rows = F.cross_entropy(ensemble, targets, reduction="none")
+    detached = ensemble.detach()
+    for z in stacked:
+        rows = rows + F.cross_entropy(z, targets, reduction="none")
+        if kl_weight:
+            rows = rows + kl_weight * kd_loss(z, detached, temperature, reduction="none")
+    return reduce_rows(rows, reduction, elements=branches[0].shape[1])

@@ -161,6 +161,45 @@ def bdkd_loss(learner_logits: torch.Tensor, target_logits: torch.Tensor, tempera
                        elements=learner_logits.shape[-1])
 
 
+def mmt_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ema_logits_1: torch.Tensor,
+             ema_logits_2: torch.Tensor, labels: torch.Tensor, soft_ce_weight: float = 0.5, epsilon: float = 0.1, *,
+             reduction: Reduction = "batchmean") -> torch.Tensor:
+    """Mutual mean-teaching (Ge, Chen, Li, ICLR 2020), classification part: two peers, each taught by the OTHER
+    peer's temporal-average (EMA) model::
+
+        loss = (1 − w) · (CE_ε(z₁, y) + CE_ε(z₂, y)) + w · (SCE(z₁, ẑ₂) + SCE(z₂, ẑ₁))
+        CE_ε(z, y) = −mean_b Σ_c q_bc log softmax(z)_bc,   q = (1 − ε)·onehot(y) + ε/C
+        SCE(z, ẑ)  = −mean_b Σ_c softmax(ẑ)_bc log softmax(z)_bc
+
+    ``z₁``, ``z₂``: the peers' logits; ``ẑ₁``, ``ẑ₂``: their EMA models' logits (detached here, as ``SoftEntropy``).
+    yxgeee/MMT ``mmt/trainers.py`` ``MMTTrainer.train`` (``ce_soft_weight`` 0.5) with ``mmt/loss/crossentropy.py``
+    ``CrossEntropyLabelSmooth`` (ε 0.1) and ``SoftEntropy`` (T 1); the re-ID triplet and soft-triplet terms are not
+    part of this loss. ``reduction`` over samples: ``"batchmean"`` (above), ``"sum"``, ``"mean"`` (over samples · C)
+    or ``"none"`` ([B]).
+    """
+    check = Checks("mmt_loss")
+    check.logits("logits_1", logits_1, dims=(2,))
+    for name, value in (("logits_2", logits_2), ("ema_logits_1", ema_logits_1), ("ema_logits_2", ema_logits_2)):
+        check.logits(name, value, dims=(2,))
+        check.same_shape(name, value, "logits_1", logits_1)
+        check.same_device(name, value, "logits_1", logits_1)
+    weight = check.probability("soft_ce_weight", soft_ce_weight)
+    epsilon = check.probability("epsilon", epsilon, upper_open=True)
+    reduction = check.reduction(reduction)
+    classes = logits_1.shape[1]
+    targets = check.class_labels(labels, logits_1)
+    z1, z2 = accumulate(logits_1), accumulate(logits_2).to(accumulate(logits_1).dtype)
+    log_p1, log_p2 = F.log_softmax(z1, dim=1), F.log_softmax(z2, dim=1)
+    smoothed = torch.full_like(log_p1, epsilon / classes).scatter_(1, targets.unsqueeze(1),
+                                                                   1.0 - epsilon + epsilon / classes)
+    with torch.no_grad():
+        soft_1 = F.softmax(accumulate(ema_logits_1).to(z1.dtype), dim=1)
+        soft_2 = F.softmax(accumulate(ema_logits_2).to(z1.dtype), dim=1)
+    hard = soft_cross_entropy_rows(smoothed, log_p1) + soft_cross_entropy_rows(smoothed, log_p2)
+    soft = soft_cross_entropy_rows(soft_2, log_p1) + soft_cross_entropy_rows(soft_1, log_p2)
+    return reduce_rows((1.0 - weight) * hard + weight * soft, reduction, elements=classes)
+
+
 StandardizedBase = Literal["kd", "dkd"]
 STANDARDIZED_BASES = get_args(StandardizedBase)
 

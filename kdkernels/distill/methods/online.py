@@ -1,5 +1,7 @@
 """Online methods: networks that learn from each other while they train (../shared/reference/methods.md §1.9–1.11,
-§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD and BD-KD.
+§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD, BD-KD, MMT (mutual
+mean-teaching) and ONE (on-the-fly native ensemble, with :class:`MultiBranchNetwork`, a multi-branch model built
+from any zoo backbone).
 
 All trainable networks share one optimiser. Where the official code gives each network its own loss and optimiser
 with the other networks' outputs detached, the distiller sums those losses: a network's parameters then appear only
@@ -17,12 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods.self_supervised import augmentation, sigmoid_rampup
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.distill.updates import EMA
 
 
 class TowardsTerm(Term):
@@ -313,3 +318,296 @@ def bd_kd(setup: Setup, temperature: float = 1.0, kd_weight: float = 1.0, ce_wei
                          temperature=temperature)]
     return online_recipe("bd-kd", student_and_online_teacher(setup, "bd-kd"), terms, ce_weight)
 
+
+
+# ------------------------------------------------------------------------------------------------------------ MMT
+
+MMT_APPROXIMATION = ("classification adaptation of MMT (Ge, Chen, Li, ICLR 2020): the re-ID terms, the hard triplet "
+                     "loss and the soft triplet loss on features of pseudo-label clusters (soft_tri_weight 0.8), are "
+                     "omitted; the peers learn from the dataset's labels (not re-clustered pseudo-labels); the "
+                     "second peer is a fresh student instead of a second pre-trained model")
+
+
+class GlobalStepEMA(EMA):
+    """MMT's ``_update_ema_variables`` (yxgeee/MMT ``mmt/trainers.py``): ``α = min(1 − 1/(global_step + 1), α₀)`` with
+    the 0-based ``global_step`` of the step just taken, so the n-th update (1-based) uses ``min(1 − 1/n, α₀)``: the
+    first update copies the peer, and until ``1/(1 − α₀)`` updates the copy is the plain mean of the peer's states.
+    (Mean teacher's warm-up, :class:`EMA` ``warmup=True``, uses ``min(1 − 1/(n + 1), α₀)``.) Only parameters are
+    averaged (``buffers="own"``): the copy runs in train mode and its batch norm keeps its own statistics, as
+    MMT's ``model_*_ema.train()``."""
+
+    def __init__(self, source: str, momentum: float):
+        super().__init__(source, momentum, buffers="own")
+
+    def momentum_at(self, step: int, total_steps: int, update: int) -> float:
+        return min(1.0 - 1.0 / update, self.momentum)
+
+
+class MMTTerm(FunctionTerm):
+    """:func:`kdkernels.mmt_loss` on the two peers, their EMA models and the labels."""
+
+    def __init__(self, soft_ce_weight: float, label_smoothing: float):
+        super().__init__("mmt", kdkernels.mmt_loss, ("student", "peer", "student_ema", "peer_ema", "target"),
+                         soft_ce_weight=soft_ce_weight, epsilon=label_smoothing)
+
+
+@register("mmt", category="online",
+          paper="Ge, Chen, Li. Mutual Mean-Teaching: Pseudo Label Refinery for Unsupervised Domain Adaptation on "
+                "Person Re-identification. ICLR 2020",
+          presets={"digits": {"translate": 1, "flip": False, "ema_decay": 0.9}}, approximation=MMT_APPROXIMATION,
+          needs_teacher=False)
+def mmt(setup: Setup, soft_ce_weight: float = 0.5, ema_decay: float = 0.999, label_smoothing: float = 0.1,
+        translate: int = 4, flip: bool = True) -> Recipe:
+    """MMT: ``(1 − w)(CE_ε(z₁) + CE_ε(z₂)) + w(SCE(z₁, ẑ₂) + SCE(z₂, ẑ₁))``, ẑ the EMA of the other peer.
+
+    yxgeee/MMT (commit 057e1ea) ``mmt/trainers.py`` ``MMTTrainer`` with ``examples/mmt_train_kmeans.py``'s defaults:
+
+    * two peers, ``student`` (z₁) and ``peer`` (z₂, a fresh student), each with a temporal-average copy
+      ``student_ema`` (ẑ₁) and ``peer_ema`` (ẑ₂): ``θ_ema = α θ_ema + (1 − α) θ`` after every step with
+      ``α = min(1 − 1/(global_step + 1), ema_decay)`` (:class:`GlobalStepEMA`, ``--alpha`` 0.999); the EMA models
+      run in train mode (batch norm on batch statistics, their own running statistics), get no gradient;
+    * each peer learns from the OTHER peer's EMA: ``SoftEntropy(p_out_t1, p_out_t2_ema) +
+      SoftEntropy(p_out_t2, p_out_t1_ema)`` (soft cross-entropy, T 1), weight ``soft_ce_weight`` w (0.5), and from
+      the labels with ``CrossEntropyLabelSmooth`` (ε 0.1) at weight ``1 − w`` (:func:`kdkernels.mmt_loss`);
+    * each peer and its EMA read their own random augmentation of the batch (MMT's ``Preprocessor(mutual=True)``
+      gives ``inputs_1``, ``inputs_2``): here independent translations by up to ``translate`` pixels (zero padding)
+      and horizontal flips, ``"input"`` for the student pair, ``"input_peer"`` for the other.
+
+    The exported model is ``student_ema``: MMT evaluates and saves the temporal-average models (the paper tests
+    with one of them); ``test_acc_peer_ema``, ``test_acc_student`` and ``test_acc_peer`` report the others.
+    Approximation (flagged): MMT is a re-ID method; its hard and soft triplet terms (features of pseudo-label
+    clusters) are omitted for classification, the labels are the dataset's (no k-means pseudo-labels, so no
+    classifier re-initialisation from cluster centres), and the second peer is a fresh student rather than a
+    second pre-trained network. Preset ``digits``: a 1-pixel translation and no flip for 8×8 digits, and
+    ``ema_decay`` 0.9: the demo's runs take ~150 steps from scratch, where 0.999 (MMT: ~1000-step horizon in 32000
+    steps from pre-trained peers) would average in the untrained start.
+    """
+    check = Checks("mmt")
+    soft_ce_weight = check.probability("soft_ce_weight", soft_ce_weight)
+    ema_decay = check.probability("ema_decay", ema_decay)
+    label_smoothing = check.probability("label_smoothing", label_smoothing, upper_open=True)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    views = augmentation("input", "input_peer", translate, flip) + augmentation("input", "input", translate, flip)
+    models = {"student": setup.student, "peer": setup.fresh_student("mmt")}
+    distiller = Distiller(models, [MMTTerm(soft_ce_weight, label_smoothing)], trainable=("student", "peer"),
+                          frozen_train_mode=("student_ema", "peer_ema"),
+                          evaluate=("student_ema", "peer_ema", "student", "peer"),
+                          updates={"student_ema": GlobalStepEMA("student", ema_decay),
+                                   "peer_ema": GlobalStepEMA("peer", ema_decay)},
+                          inputs={"peer": "input_peer", "peer_ema": "input_peer"}, views=views)
+    return single_stage("mmt", distiller)
+
+
+# ------------------------------------------------------------------------------------------------------------ ONE
+
+DEPLOY = ("branch", "ensemble")
+
+
+class SharedFeature(nn.Module):
+    """Stands in the trunk for the first branched stage: passes its input (the shared feature) through and keeps it
+    for :class:`MultiBranchNetwork` until that forward takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.value = x
+        return x
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Puts ``module`` at ``path`` (dotted) inside ``model``."""
+    parent, _, name = path.rpartition(".")
+    owner = find_module(model, parent, "backbone") if parent else model
+    owner._modules[name] = module
+
+
+def input_width(module: nn.Module, what: str) -> int:
+    """The input channels / features of the first convolution or linear layer inside ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return layer.in_channels
+        if isinstance(layer, nn.Linear):
+            return layer.in_features
+    raise ValueError(f"cannot tell the width of the shared feature from {what}: it holds no convolution or linear "
+                     "layer; pass gate_channels=...")
+
+
+class MultiBranchNetwork(nn.Module):
+    """ONE's multi-branch network built from a backbone (Lan1991Xu/ONE_NeurIPS2018 ``models/cifar/resnet.py``
+    ``ONE_ResNet``): the backbone's layers up to ``split`` are shared, its stages after ``split`` and its classifier
+    are repeated in ``branches`` branches, and a gate ``softmax(relu(BN(Linear(GAP(shared)))))`` gives each sample's
+    branch weights (``control_v1``, ``bn_v1``; ``avgpool_c`` is the global average pooling of the shared map).
+
+    ``backbone`` must carry feature points (:func:`~kdkernels.distill.feature_points`: the zoo models and ResNets)
+    and run, after ``split``, its later stages, global average pooling and its classifier (true of the digits zoo,
+    the CIFAR ResNets and ShuffleNets; as SOKD's branch): the first forward checks it (:meth:`check_layout`) and
+    raises a ValueError otherwise (WRN, MobileNetV2 and VGG have more layers after their last stage). The trunk is ``backbone`` itself with the branched stages
+    and classifier replaced (in a copy: ``backbone`` is not changed; the first by :class:`SharedFeature`, which keeps the shared map; the others by
+    identities), so its forward stops being useful after the split and costs only a pooling. Branch 0 takes the
+    backbone's own stages and classifier; branch k ≥ 1 those of ``new_backbone()`` (an untrained model of the same
+    architecture, so that every branch has the architecture's own initialisation, each drawn independently, as the
+    official ``layer3_1..3`` are), or, without a factory, re-initialised copies (``reset_parameters``).
+
+    The forward computes every branch; it passes the stacked branch logits ``[m, B, C]`` through the identity
+    ``branch_logits`` and the gate ``[B, m]`` through ``gate_weights`` (taps ``"<model>:branch_logits"``,
+    ``"<model>:gate_weights"``) and returns branch 0's logits (``deploy="branch"``) or the gated ensemble
+    ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single branch, without the other branches and the gate,
+    is :meth:`single_branch`: the backbone's own class with branch 0's weights (same outputs).
+    """
+
+    def __init__(self, backbone: nn.Module, branches: int = 3, *, split: str | None = None,
+                 new_backbone: Callable[[], nn.Module] | None = None, deploy: str = "branch",
+                 gate_channels: int | None = None):
+        super().__init__()
+        check = Checks("MultiBranchNetwork")
+        self.branch_count = check.integer("branches", branches, minimum=2)
+        self.deploy = check.choice("deploy", deploy, DEPLOY)
+        original, backbone = copy.deepcopy(backbone), copy.deepcopy(backbone)     # the caller's is left as it is
+        points = feature_points(backbone)
+        if split is None:
+            if len(points.stages) < 2:
+                check.value_error("backbone", "must list at least two stages in its feature points (the branches "
+                                  "repeat the last one), or pass split=...", f"stages {points.stages}")
+            split = points.stages[-2]
+        if split not in points.stages or split == points.stages[-1]:
+            check.value_error("split", f"must be one of the backbone's stages before the last {points.stages[:-1]}",
+                              repr(split))
+        self.split = split
+        self.stage_paths = points.stages[points.stages.index(split) + 1:]
+        self.classifier_path = points.classifier
+        paths = [*self.stage_paths, self.classifier_path]
+        sources = [backbone] + [new_backbone() if new_backbone is not None else None
+                                for _ in range(self.branch_count - 1)]
+        branch_list = []
+        for index, source in enumerate(sources):
+            modules = [copy.deepcopy(find_module(source if source is not None else backbone, path, "backbone"))
+                       for path in paths]
+            branch = nn.Sequential(*modules[:-1], GlobalPool(), modules[-1])
+            if source is None:
+                for module in branch.modules():
+                    if module is not branch and hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+            branch_list.append(branch)
+        self.branches = nn.ModuleList(branch_list)
+        width = gate_channels if gate_channels is not None else input_width(self.branches[0][0], "the first "
+                                                                            f"branched stage {self.stage_paths[0]!r}")
+        width = check.integer("gate_channels", width, minimum=1)
+        self.gate = nn.Sequential(GlobalPool(), nn.Linear(width, self.branch_count),
+                                  nn.BatchNorm1d(self.branch_count), nn.ReLU(), nn.Softmax(dim=1))
+        self.shared = SharedFeature()
+        replace_module(backbone, self.stage_paths[0], self.shared)
+        for path in paths[1:]:
+            replace_module(backbone, path, nn.Identity())
+        self.trunk = backbone
+        self.branch_logits = nn.Identity()
+        self.gate_weights = nn.Identity()
+        # (the original, the trunk, branch 0) as built, outside the module tree: the first forward checks the layout
+        self._layout_check = [original, copy.deepcopy(self.trunk), copy.deepcopy(self.branches[0])]
+
+    @torch.no_grad()
+    def check_layout(self, x: torch.Tensor) -> None:
+        """That the backbone's forward after the split is its later stages, global pooling and classifier: the
+        shared layers and branch 0, as built, must give the backbone's outputs on (two samples of) ``x`` in eval
+        mode. Runs once, at the first forward, on the copies made when the network was built."""
+        original, trunk, branch = self._layout_check
+        self._layout_check = []
+        for model in (original, trunk, branch):
+            model.eval()
+        problem = None
+        try:
+            trunk(x[:2])
+            shared = next(m for m in trunk.modules() if isinstance(m, SharedFeature))
+            feature, shared.value = shared.value, None
+            ours, expected = branch(feature), original(x[:2])
+            if ours.shape != expected.shape or not torch.allclose(ours, expected, rtol=1e-4, atol=1e-5):
+                problem = "the shared layers and one branch do not reproduce its outputs"
+        except RuntimeError as error:
+            problem = f"running the shared layers and one branch fails ({error})"
+        if problem:
+            raise ValueError(f"MultiBranchNetwork: {type(original).__name__}'s forward after {self.split!r} is not "
+                             f"its stages {self.stage_paths}, global average pooling and {self.classifier_path!r}: "
+                             f"{problem}; pass split=... (a stage after which it is)")
+
+    def shared_feature(self, x: torch.Tensor) -> torch.Tensor:
+        self.trunk(x)
+        feature, self.shared.value = self.shared.value, None
+        return feature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._layout_check:
+            self.check_layout(x)
+        feature = self.shared_feature(x)
+        logits = self.branch_logits(torch.stack([branch(feature) for branch in self.branches]))
+        gate = self.gate_weights(self.gate(feature))
+        if self.deploy == "ensemble":
+            return torch.einsum("bm,mbc->bc", gate, logits)
+        return logits[0]
+
+    def single_branch(self, index: int = 0) -> nn.Module:
+        """A copy of the backbone (its own architecture and forward) whose later stages and classifier are branch
+        ``index``'s: what ONE deploys."""
+        index = Checks("MultiBranchNetwork.single_branch").integer("index", index, minimum=0,
+                                                                    maximum=self.branch_count - 1)
+        model = copy.deepcopy(self.trunk)
+        branch = self.branches[index]
+        stages = [module for module in branch if not isinstance(module, GlobalPool)]
+        for path, module in zip([*self.stage_paths, self.classifier_path], stages):
+            replace_module(model, path, copy.deepcopy(module))
+        return model
+
+
+class ONETerm(Term):
+    """:func:`kdkernels.one_loss` on the branches and the gate, with ``kl_weight`` ramped by epoch."""
+
+    def __init__(self, temperature: float, consistency: float, rampup: float):
+        super().__init__("one", ("student:branch_logits", "student:gate_weights", "target"))
+        self.temperature, self.consistency, self.rampup = temperature, consistency, rampup
+
+    def loss(self, branch_logits, gate_weights, target, *, context):
+        kl_weight = self.consistency * sigmoid_rampup(context.epoch - 1, self.rampup)
+        return kdkernels.one_loss(list(branch_logits.unbind(0)), gate_weights, target, self.temperature, kl_weight)
+
+
+@register("one", category="online",
+          paper="Lan, Zhu, Gong. Knowledge Distillation by On-the-Fly Native Ensemble. NeurIPS 2018",
+          presets={"digits": {"rampup": 8.0}}, needs_teacher=False)
+def one(setup: Setup, branches: int = 3, temperature: float = 3.0, consistency: float = 1.0, rampup: float = 80.0,
+        branch_from: str | None = None, deploy: str = "branch") -> Recipe:
+    """ONE: ``Σ_i CE(z_i) + CE(z_e) + w(e) Σ_i T² KL(p_e.detach() ‖ p_i)``, ``z_e = Σ_i g_i z_i`` (gated branches).
+
+    Lan1991Xu/ONE_NeurIPS2018 (commit 54afde3): the student becomes a :class:`MultiBranchNetwork` (``m`` =
+    ``branches`` 3 copies of its stages after ``branch_from``, by default its last stage, and of its classifier,
+    sharing the layers before; the gate ``softmax(relu(BN(Linear(GAP(shared)))))`` of ``ONE_ResNet``), trained with
+    :func:`kdkernels.one_loss` as ``cifar_one.py`` ``train``: CE on every branch and on the gated ensemble, plus the
+    ``KLLoss`` (T 3, T², batchmean) of every branch towards the ensemble's detached softened output, weighted by
+    ``w(e) = consistency · sigmoid_rampup(e, rampup)`` (``get_current_consistency_weight``: ``exp(−5(1 − e/R)²)``,
+    e the 0-based epoch, R = ``--consistency_rampup`` 80 of its 300 epochs). The gate gets its gradient through the
+    ensemble's CE only.
+
+    Deployment: the paper's main results deploy one branch (the ensemble-free model, the backbone's own size); so
+    does ``deploy="branch"`` (default): the evaluated and exported model outputs branch 0's logits
+    (:meth:`MultiBranchNetwork.single_branch` gives that network alone, as the backbone's class). ``deploy="ensemble"`` evaluates
+    the gated ensemble of all branches (the paper's ONE-E). The exported state dict is the whole multi-branch
+    network's. Branches 1..m−1 are initialised from fresh students (``setup.new_student``) when it exists. KLLoss
+    adds 1e-7 to the target probabilities; the loss is the exact KL. Preset ``digits``: ``rampup`` 8 epochs (80/300
+    of a 30-epoch run).
+    """
+    check = Checks("one")
+    temperature = check.temperature(temperature)
+    consistency = check.real("consistency", consistency, minimum=0.0)
+    rampup = check.real("rampup", rampup, minimum=0.0)
+    branches = check.integer("branches", branches, minimum=2)
+    deploy = check.choice("deploy", deploy, DEPLOY)
+    if branch_from is not None:
+        check.name("branch_from", branch_from, "stage path")
+        stages = feature_points(setup.student).stages
+        if branch_from not in stages[:-1]:
+            check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
+                              repr(branch_from))
+    network = MultiBranchNetwork(setup.student, branches, split=branch_from, new_backbone=setup.new_student,
+                                 deploy=deploy)
+    distiller = Distiller({"student": network}, [ONETerm(temperature, consistency, rampup)])
+    return single_stage("one", distiller)
