@@ -10,7 +10,8 @@ from torch import nn
 from distill_testing import batches_for, digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
 from kdkernels.distill.methods.self_supervised_kd import Rotations
-from test_losses_self_supervised import official_sskd, official_sskd_head, official_sskd_similarity
+from test_losses_self_supervised import (official_hsakd_student, official_hsakd_teacher, official_sskd,
+                                         official_sskd_head, official_sskd_similarity)
 from trainer_testing import QUIET, assert_resume_is_exact
 
 
@@ -103,7 +104,7 @@ def make_sskd(seed=0):
 
 
 def test_sskd_resume_is_bit_exact(tmp_path):
-    assert_resume_is_exact(make_sskd, dict(epochs=1, batch_size=64, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+    assert_resume_is_exact(make_sskd, dict(epochs=1, batch_size=128, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
 
 
 def test_sskd_bad_configuration_names_the_argument():
@@ -119,3 +120,76 @@ def test_sskd_bad_configuration_names_the_argument():
         build_recipe("sskd", digits_setup(), head_epochs=1.5)
     with pytest.raises(TypeError, match=r"^sskd: head_epochs must be an int"):
         build_recipe("sskd", digits_setup(), head_epochs="1")
+
+
+# --------------------------------------------------------------------------------------------------------- HSAKD
+
+def rotations_of(x):
+    return torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], 1).flatten(0, 1)
+
+
+def test_hsakd_aux_stage_is_the_official_frozen_teacher_objective():
+    distiller, batch, values, output = first_step(build_recipe("hsakd", digits_setup()), stage_index=0)
+    teacher, aux = distiller.models["teacher"], distiller.models["teacher_aux"]
+    assert not teacher.training and aux.training and distiller.trainable == ("teacher_aux",)
+    assert len(aux) == 3 and all(head[-1].out_features == 40 for head in aux)
+    with torch.no_grad():
+        torch.testing.assert_close(values["teacher_rot"], teacher(rotations_of(batch["input"])))
+        ss_logits = [head(values[f"teacher_rot:model.stage{i}"]).double() for i, head in enumerate(aux, 1)]
+    torch.testing.assert_close(output.terms["hsakd_aux"].double(), official_hsakd_teacher(ss_logits, batch["target"]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_hsakd_step_is_the_official_student_loss():
+    distiller, batch, values, output = first_step(build_recipe("hsakd", digits_setup()))
+    hsakd = term(distiller, "hsakd")
+    assert hsakd.reads == ("student_rot", "teacher_rot", "student_rot:model.stage1", "student_rot:model.stage2",
+                           "student_rot:model.stage3", "teacher_rot:model.stage1", "teacher_rot:model.stage2",
+                           "teacher_rot:model.stage3", "target")
+    teacher_aux, student_aux = distiller.models["teacher_aux"], distiller.models["student_aux"]
+    assert not teacher_aux.training and student_aux.training
+    with torch.no_grad():
+        ss = [head(values[f"student_rot:model.stage{i}"]).double() for i, head in enumerate(student_aux, 1)]
+        t_ss = [head(values[f"teacher_rot:model.stage{i}"]).double() for i, head in enumerate(teacher_aux, 1)]
+    expected = official_hsakd_student(values["student_rot"].double(), values["teacher_rot"].double(), ss, t_ss,
+                                      batch["target"], T=3.0)
+    torch.testing.assert_close(output.terms["hsakd"].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_hsakd_stages_train_the_teacher_classifiers_then_the_student_and_its_classifiers():
+    recipe = build_recipe("hsakd", digits_setup(), aux_epochs=2)
+    assert [s.name for s in recipe.stages] == ["hsakd-aux", "hsakd"] and recipe.stages[0].epochs_of(240) == 2
+    assert build_recipe("hsakd", digits_setup()).stages[0].epochs_of(240) == 100
+    main = recipe.stages[1].distiller
+    teacher, teacher_aux = main.models["teacher"], main.models["teacher_aux"]
+    assert teacher_aux is recipe.stages[0].distiller.models["teacher_aux"]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    aux_before = [p.detach().clone() for p in teacher_aux.parameters()]
+    history = run_steps(recipe, steps=2, lr=0.5)
+    assert [set(h) for h in history] == [{"hsakd_aux"}] * 2 + [{"hsakd"}] * 2
+    assert all(torch.equal(b, p) for b, p in zip(teacher_before, teacher.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(aux_before, teacher_aux.parameters()))
+    trained = {id(p) for p in main.trainable_parameters()}
+    assert {id(p) for p in main.models["student_aux"].parameters()} <= trained
+    assert not {id(p) for p in teacher_aux.parameters()} & trained
+
+
+def make_hsakd(seed=0):
+    return build_recipe("hsakd", digits_setup(seed=seed), aux_epochs=1)
+
+
+def test_hsakd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_hsakd, dict(epochs=1, batch_size=128, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_hsakd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("hsakd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"^hsakd: temperature must be"):
+        build_recipe("hsakd", digits_setup(), temperature=-3.0)
+    with pytest.raises(ValueError, match=r"^hsakd: aux_epochs must be"):
+        build_recipe("hsakd", digits_setup(), aux_epochs=0)
+    with pytest.raises(TypeError, match=r"^hsakd: aux_epochs must be an int"):
+        build_recipe("hsakd", digits_setup(), aux_epochs=None)
+    with pytest.raises(ValueError, match=r"hsakd pairs the stages one to one, got 1 student and 3 teacher"):
+        build_recipe("hsakd", digits_setup(), student_layers="stage3")

@@ -256,3 +256,93 @@ LOGITS12, FEAT12, LABELS3 = torch.randn(12, 5), torch.randn(12, 4), torch.tensor
 def test_sskd_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --------------------------------------------------------------------------------------------------------- HSAKD
+
+def official_distill_kl(y_s, y_t, T):
+    """winycg/HSAKD ``train_student_cifar.py`` ``DistillKL``."""
+    p_s = F.log_softmax(y_s / T, dim=1)
+    p_t = F.softmax(y_t / T, dim=1)
+    return F.kl_div(p_s, p_t, reduction="batchmean") * (T ** 2)
+
+
+def official_hsakd_labels(target):
+    return torch.stack([target * 4 + i for i in range(4)], 1).view(-1)
+
+
+def official_hsakd_teacher(ss_logits, target):
+    """HSAKD ``train_teacher_cifar.py`` (frozen backbone): the auxiliary heads' CE on the joint labels."""
+    labels = official_hsakd_labels(target)
+    loss_cls = torch.tensor(0.0, dtype=torch.float64)
+    for i in range(len(ss_logits)):
+        loss_cls = loss_cls + F.cross_entropy(ss_logits[i], labels)
+    return loss_cls
+
+
+def official_hsakd_student(logits, t_logits, ss_logits, t_ss_logits, target, T=3.0):
+    """HSAKD ``train_student_cifar.py``: ``loss_cls + loss_div``."""
+    loss_cls = F.cross_entropy(logits[0::4], target)
+    loss_div = 0.0
+    for i in range(len(ss_logits)):
+        loss_div = loss_div + official_distill_kl(ss_logits[i], t_ss_logits[i].detach(), T)
+    loss_div = loss_div + official_distill_kl(logits, t_logits.detach(), T)
+    return loss_cls + loss_div
+
+
+def test_hsakd_joint_labels_are_class_major():
+    target = torch.tensor([2, 0, 1])
+    assert torch.equal(kdkernels.hsakd_joint_labels(target), official_hsakd_labels(target))
+    assert kdkernels.hsakd_joint_labels(target, copies=2).tolist() == [4, 5, 0, 1, 2, 3]
+
+
+def test_hsakd_head_loss_is_the_official_teacher_objective():
+    target = torch.tensor([3, 0, 4, 1])
+    heads = [randn(16, 20, seed=60 + i, scale=2.0, grad=True) for i in range(3)]
+    assert_equals_official(lambda *h: kdkernels.hsakd_head_loss(list(h), target),
+                           lambda *h: official_hsakd_teacher(list(h), target), *heads, what="hsakd head")
+
+
+def test_hsakd_loss_is_the_official_student_loss():
+    target = torch.tensor([3, 0, 4, 1, 2])
+    logits, t_logits = randn(20, 5, seed=70, grad=True), randn(20, 5, seed=71, scale=3.0, grad=True)
+    ss = [randn(20, 20, seed=72 + i, grad=True) for i in range(2)]
+    t_ss = [randn(20, 20, seed=74 + i, scale=2.0) for i in range(2)]
+    assert_equals_official(lambda s, t, *h: kdkernels.hsakd_loss(s, t.detach(), list(h), t_ss, target),
+                           lambda s, t, *h: official_hsakd_student(s, t, list(h), t_ss, target), logits, t_logits,
+                           *ss, what="hsakd")
+    one = kdkernels.hsakd_loss(logits, t_logits, ss[0], t_ss[0], target, temperature=2.0, ce_weight=0.0)
+    torch.testing.assert_close(one, official_hsakd_student(logits, t_logits, ss[:1], t_ss[:1], target, 2.0)
+                               - F.cross_entropy(logits[0::4], target), rtol=1e-10, atol=1e-12)
+    half = kdkernels.hsakd_loss(logits.half(), t_logits.half(), [h.half() for h in ss], t_ss, target)
+    assert half.dtype == torch.float32
+
+
+HSAKD_Z, HSAKD_A, HSAKD_Y = torch.randn(12, 5), torch.randn(12, 20), torch.tensor([0, 1, 2])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A], [HSAKD_A, HSAKD_A], HSAKD_Y), ValueError,
+     r"^hsakd_loss: teacher_aux_logits must hold one head per student head \(1\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A], [HSAKD_A[:, :16]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: teacher_aux_logits must have the same shape as student_aux_logits"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A[:8]], [HSAKD_A[:8]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: student_aux_logits must have one row per logits row \(12\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z[:10], HSAKD_Z[:10], [HSAKD_A[:10]], [HSAKD_A[:10]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: student_logits must hold 4 rows per image"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, HSAKD_A, HSAKD_A, HSAKD_Y[:2]), ValueError,
+     r"^hsakd_loss: labels must have the logits' leading shape \(3,\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, HSAKD_A, HSAKD_A, HSAKD_Y, temperature=0.0), ValueError,
+     r"^hsakd_loss: temperature must be"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, "a", HSAKD_A, HSAKD_Y), TypeError,
+     r"^hsakd_loss: student_aux_logits\[0\] must be a torch.Tensor"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A[:, :18]], HSAKD_Y), ValueError,
+     r"^hsakd_head_loss: aux_logits must hold 4 rows per label and 4·C columns"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A], HSAKD_Y.float()), TypeError,
+     r"^hsakd_head_loss: labels must be an integer tensor"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A], torch.tensor([0, 1, 5])), ValueError,
+     r"^hsakd_head_loss: labels must be class indices in \[0, 20\)"),
+])
+def test_hsakd_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -10,6 +10,7 @@ import torch
 
 from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
 from kdkernels.losses._common import accumulate, reduce_rows
+from kdkernels.losses.kd import kd_loss
 
 
 def softmax_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -203,3 +204,94 @@ def sskd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, studen
     ss = _masked_kl(s_similarity, t_similarity, ss_t, _sskd_keep(_rank_of(t_similarity, own), ss_ratio))
     return (weights["ce_weight"] * ce + weights["kd_weight"] * kd + weights["tf_weight"] * tf
             + weights["ss_weight"] * ss)
+
+
+# --------------------------------------------------------------------------------------------------------- HSAKD
+
+def hsakd_joint_labels(labels: torch.Tensor, copies: int = 4) -> torch.Tensor:
+    """HSAKD's self-supervised augmented labels for rows grouped per image (row ``n·copies + k``: image n's k-th
+    transformed copy): ``copies·y_n + k`` (winycg/HSAKD ``train_*_cifar.py``: ``target*4 + i``), int64 [N·copies]."""
+    check = Checks("hsakd_joint_labels")
+    check.integers("labels", labels, dims=(1,))
+    copies = check.integer("copies", copies, minimum=1)
+    return (labels.long()[:, None] * copies + torch.arange(copies, device=labels.device)).reshape(-1)
+
+
+def _hsakd_logits_list(check: Checks, name: str, value) -> list[torch.Tensor]:
+    items = [value] if isinstance(value, torch.Tensor) else check.tensor_list(name, value)
+    for index, item in enumerate(items):
+        check.logits(f"{name}[{index}]" if not isinstance(value, torch.Tensor) else name, item, dims=(2,))
+    return items
+
+
+def hsakd_head_loss(aux_logits, labels: torch.Tensor, *, copies: int = 4) -> torch.Tensor:
+    """HSAKD's auxiliary-classifier objective: ``Σ_heads CE(a_h, copies·y + k)`` (each a mean over the N·copies
+    rows), the joint class × transformation classification of every transformed copy.
+
+    As winycg/HSAKD ``train_teacher_cifar.py`` (``loss_cls += criterion_cls(ss_logits[i], labels)`` with ``labels =
+    target*4 + i`` over the stacked rotations ``torch.rot90(input, k, (2, 3))``, k = 0..3). ``aux_logits``: one
+    tensor [N·copies, copies·C] or a list of them (one per auxiliary head), rows grouped per image (row ``n·copies +
+    k``: image n's copy k); ``labels`` [N] class indices. Returns a float32 scalar (float64 for float64 input).
+    """
+    check = Checks("hsakd_head_loss")
+    heads = _hsakd_logits_list(check, "aux_logits", aux_logits)
+    copies = check.integer("copies", copies, minimum=1)
+    check.integers("labels", labels, dims=(1,))
+    total = None
+    for index, head in enumerate(heads):
+        if head.shape[0] != labels.shape[0] * copies or head.shape[1] % copies:
+            check.value_error("aux_logits", f"must hold {copies} rows per label and {copies}·C columns (the "
+                              f"joint class × transformation classes; labels {tuple(labels.shape)})",
+                              f"shape {tuple(head.shape)} at head {index}")
+        joint = check.class_labels(hsakd_joint_labels(labels.to(head.device), copies), head)
+        loss = torch.nn.functional.cross_entropy(accumulate(head), joint)
+        total = loss if total is None else total + loss
+    return total
+
+
+def hsakd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_aux_logits,
+               teacher_aux_logits, labels: torch.Tensor, *, temperature: float = 3.0, ce_weight: float = 1.0,
+               copies: int = 4) -> torch.Tensor:
+    """HSAKD's student loss (Yang, An, Xu, Xu, "Hierarchical Self-supervised Augmented Knowledge Distillation",
+    IJCAI 2021)::
+
+        ce·CE(z_s[normal rows], y) + Σ_heads KD_T(a_s,h, a_t,h) + KD_T(z_s, z_t)
+
+    As winycg/HSAKD ``train_student_cifar.py`` (``--kd_T 3``): ``loss_cls = CE(logits[0::4], target)``, ``loss_div
+    = Σ_i DistillKL(ss_logits[i], t_ss_logits[i]) + DistillKL(logits, t_logits)``, ``DistillKL`` =
+    ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` batchmean (:func:`kdkernels.kd_loss`), over all N·copies rows. The rows are
+    grouped per image (row ``n·copies + k``: image n's k-th rotation, copy 0 the normal image). ``student_logits``
+    / ``teacher_logits`` [N·copies, C]; ``student_aux_logits`` / ``teacher_aux_logits``: one tensor or a list, one
+    [N·copies, copies·C] per head (the joint class × rotation distributions, paired head by head); ``labels`` [N].
+    Returns a float32 scalar. The teacher is used as given (the official code runs it under ``torch.no_grad``).
+    """
+    check = Checks("hsakd_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    students = _hsakd_logits_list(check, "student_aux_logits", student_aux_logits)
+    teachers = _hsakd_logits_list(check, "teacher_aux_logits", teacher_aux_logits)
+    if len(students) != len(teachers):
+        check.value_error("teacher_aux_logits", f"must hold one head per student head ({len(students)})",
+                          f"{len(teachers)} heads")
+    copies = check.integer("copies", copies, minimum=1)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    rows = student_logits.shape[0]
+    if rows % copies:
+        check.value_error("student_logits", f"must hold {copies} rows per image", f"shape {tuple(student_logits.shape)}")
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        if student.shape[0] != rows:
+            check.value_error("student_aux_logits", f"must have one row per logits row ({rows})",
+                              f"shape {tuple(student.shape)} at head {index}")
+        check.same_shape("teacher_aux_logits", teacher, "student_aux_logits", student, f" (head {index})")
+        check.same_device("teacher_aux_logits", teacher, "student_logits", student_logits)
+    labels = check.class_labels(labels, student_logits[::copies])
+    total = ce_weight * torch.nn.functional.cross_entropy(accumulate(student_logits[::copies]), labels)
+    for student, teacher in zip(students, teachers):
+        total = total + _hsakd_kd(student, teacher, temperature)
+    return total + _hsakd_kd(student_logits, teacher_logits, temperature)
+
+
+def _hsakd_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T²·KL(softmax(t/T) ‖ softmax(s/T))`` batchmean (the fused :func:`kdkernels.kd_loss`), in float32/64."""
+    return kd_loss(student, teacher, temperature).to(torch.float64 if student.dtype == torch.float64 else
+                                                     torch.float32)
