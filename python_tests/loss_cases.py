@@ -63,6 +63,15 @@ INPUTS = {
     "feature_normalized_kd_loss": lambda: {**_logits_pair(), "student_features": _randn(B, 6, seed=3)},
     "softmax_mse_loss": lambda: _logits_pair(),
     "byol_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
+    "sskd_head_loss": lambda: {"features": _randn(4 * 3, 5, seed=1)},
+    "sskd_loss": lambda: {"student_logits": _randn(4 * 3, C, seed=1), "teacher_logits": _randn(4 * 3, C, seed=2) * 2,
+                          "student_features": _randn(4 * 3, 5, seed=3), "teacher_features": _randn(4 * 3, 6, seed=4),
+                          "labels": _labels()[:3]},
+    "hsakd_head_loss": lambda: {"aux_logits": [_randn(4 * 3, 4 * C, seed=1), _randn(4 * 3, 4 * C, seed=2)],
+                                "labels": _labels()[:3]},
+    "hsakd_loss": lambda: {"student_logits": _randn(4 * 3, C, seed=1), "teacher_logits": _randn(4 * 3, C, seed=2),
+                           "student_aux_logits": [_randn(4 * 3, 4 * C, seed=3)],
+                           "teacher_aux_logits": [_randn(4 * 3, 4 * C, seed=4) * 2], "labels": _labels()[:3]},
     "gan_generator_loss": lambda: {"fake_logits": _randn(B, 1, seed=1)},
     "gan_discriminator_loss": lambda: {"real_logits": _randn(B, 1, seed=1), "fake_logits": _randn(B, 1, seed=2)},
     "dafl_generator_loss": lambda: {"teacher_logits": _randn(B, C, seed=1), "teacher_features": _randn(B, 5, seed=2)},
@@ -131,4 +140,4 @@ INPUTS = {
 
 # Public functions that are helpers of a loss rather than losses (no module, no reduction).
 HELPERS = ("bake_targets", "camkd_weights", "ofd_margins", "crd_normalizers", "crd_update_memory_",
-           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers")
+           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers", "hsakd_joint_labels")

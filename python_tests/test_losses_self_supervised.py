@@ -118,3 +118,231 @@ FEATURES = torch.randn(4, 6)
 def test_byol_loss_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------------- SSKD
+
+def official_sskd_similarity(feat, batch):
+    """xuguodong03/SSKD ``student.py``: cosine similarity of every rotated row to every normal row, [3B, B]."""
+    nor_index = torch.arange(4 * batch) % 4 == 0
+    aug_index = torch.arange(4 * batch) % 4 != 0
+    nor_feat = feat[nor_index].unsqueeze(2).expand(-1, -1, 3 * batch).transpose(0, 2)
+    aug_feat = feat[aug_index].unsqueeze(2).expand(-1, -1, 1 * batch)
+    return F.cosine_similarity(aug_feat, nor_feat, dim=1)
+
+
+def official_sskd_head(rep):
+    """SSKD ``student.py`` ``# train ssp_head``: CE of each rotated copy's similarities against its image index."""
+    batch = rep.shape[0] // 4
+    simi = official_sskd_similarity(rep, batch)
+    target = torch.arange(batch).unsqueeze(1).expand(-1, 3).contiguous().view(-1).long()
+    return F.cross_entropy(simi, target)
+
+
+def official_selection(scores, target, ratio, batch):
+    """SSKD ``student.py``'s error-level ranking (``torch.argsort(rank)`` made stable: the official order of tied
+    ranks is unspecified)."""
+    rank = torch.argsort(scores, dim=1, descending=True)
+    rank = torch.argmax(torch.eq(rank, target.unsqueeze(1)).long(), dim=1)
+    index = torch.argsort(rank, stable=True)
+    wrong_num = torch.nonzero(rank, as_tuple=True)[0].numel()
+    correct_num = 3 * batch - wrong_num
+    index = index[:correct_num + int(wrong_num * ratio)]
+    return torch.sort(index)[0]
+
+
+def official_sskd(output, knowledge, s_feat, t_feat, target, ce_weight=0.1, kd_weight=0.9, tf_weight=2.7,
+                  ss_weight=10.0, kd_T=4.0, tf_T=4.0, ss_T=0.5, ratio_tf=1.0, ratio_ss=0.75):
+    """SSKD ``student.py``'s student loss (loss1 … loss4), transcribed."""
+    batch = output.shape[0] // 4
+    nor_index = torch.arange(4 * batch) % 4 == 0
+    aug_index = torch.arange(4 * batch) % 4 != 0
+    log_nor_output = F.log_softmax(output[nor_index] / kd_T, dim=1)
+    log_aug_output = F.log_softmax(output[aug_index] / tf_T, dim=1)
+    nor_knowledge = F.softmax(knowledge[nor_index] / kd_T, dim=1)
+    aug_knowledge = F.softmax(knowledge[aug_index] / tf_T, dim=1)
+    aug_target = target.unsqueeze(1).expand(-1, 3).contiguous().view(-1).long()
+    distill_index_tf = official_selection(aug_knowledge, aug_target, ratio_tf, batch)
+    s_simi = official_sskd_similarity(s_feat, batch)
+    t_simi = official_sskd_similarity(t_feat, batch).detach()
+    own = torch.arange(batch).unsqueeze(1).expand(-1, 3).contiguous().view(-1).long()
+    distill_index_ss = official_selection(t_simi, own, ratio_ss, batch)
+    log_simi = F.log_softmax(s_simi / ss_T, dim=1)
+    simi_knowledge = F.softmax(t_simi / ss_T, dim=1)
+    loss1 = F.cross_entropy(output[nor_index], target)
+    loss2 = F.kl_div(log_nor_output, nor_knowledge, reduction="batchmean") * kd_T * kd_T
+    loss3 = F.kl_div(log_aug_output[distill_index_tf], aug_knowledge[distill_index_tf],
+                     reduction="batchmean") * tf_T * tf_T
+    loss4 = F.kl_div(log_simi[distill_index_ss], simi_knowledge[distill_index_ss], reduction="batchmean") * ss_T * ss_T
+    return ce_weight * loss1 + kd_weight * loss2 + tf_weight * loss3 + ss_weight * loss4
+
+
+def sskd_inputs(batch=6, classes=5, seed=40):
+    return (randn(4 * batch, classes, seed=seed, scale=2.0, grad=True), randn(4 * batch, classes, seed=seed + 1,
+                                                                            scale=3.0),
+            randn(4 * batch, 7, seed=seed + 2, grad=True), randn(4 * batch, 9, seed=seed + 3),
+            torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed)))
+
+
+def test_sskd_head_loss_is_the_official_ssp_head_objective():
+    rep = randn(4 * 5, 6, seed=39, grad=True)
+    assert_equals_official(kdkernels.sskd_head_loss, official_sskd_head, rep, what="sskd head")
+
+
+@pytest.mark.parametrize("options", [{}, {"ratio_tf": 0.5, "ratio_ss": 0.0}, {"ratio_tf": 0.0, "ratio_ss": 1.0}],
+                         ids=["official", "half-tf-no-ss-wrong", "no-tf-wrong-all-ss"])
+def test_sskd_loss_is_the_official_student_loss(options):
+    student, teacher, s_feat, t_feat, labels = sskd_inputs()
+    ours = {"tf_ratio": options.get("ratio_tf", 1.0), "ss_ratio": options.get("ratio_ss", 0.75)}
+    # the teacher agrees with the labels on some rotated rows, so that both kinds of rows exist
+    teacher = teacher.detach().clone()
+    teacher[1::4].scatter_(1, labels[:, None], 20.0)
+    assert_equals_official(lambda s, f: kdkernels.sskd_loss(s, teacher, f, t_feat, labels, **ours),
+                           lambda s, f: official_sskd(s, teacher, f, t_feat, labels, **options), student, s_feat,
+                           what=f"sskd {options}")
+
+
+def test_sskd_loss_selection_drops_the_wrong_rows():
+    student, teacher, s_feat, t_feat, labels = sskd_inputs(batch=4, seed=50)
+    off = dict(ce_weight=0.0, kd_weight=0.0, ss_weight=0.0, tf_weight=1.0)
+    teacher = teacher.detach().clone()
+    teacher[1::4].scatter_(1, labels[:, None], 20.0)     # right on the 90° copies only
+    teacher[2::4].scatter_(1, labels[:, None], -20.0)
+    teacher[3::4].scatter_(1, labels[:, None], -20.0)
+    kept_only_right = kdkernels.sskd_loss(student, teacher, s_feat, t_feat, labels, tf_ratio=0.0, **off)
+    right_rows = kdkernels.kd_loss(student[1::4], teacher[1::4], 4.0)
+    torch.testing.assert_close(kept_only_right, right_rows, rtol=1e-12, atol=1e-12)
+    everything = kdkernels.sskd_loss(student, teacher, s_feat, t_feat, labels, tf_ratio=1.0, **off)
+    aug = torch.arange(16) % 4 != 0
+    torch.testing.assert_close(everything, kdkernels.kd_loss(student[aug], teacher[aug], 4.0), rtol=1e-12, atol=1e-12)
+
+
+def test_sskd_loss_precisions_and_module():
+    student, teacher, s_feat, t_feat, labels = (t.detach() if t.is_floating_point() else t for t in sskd_inputs())
+    reference = kdkernels.sskd_loss(student, teacher, s_feat, t_feat, labels)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        value = kdkernels.sskd_loss(student.to(dtype), teacher.to(dtype), s_feat.to(dtype), t_feat.to(dtype), labels)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), reference, rtol=0.05, atol=0.05)
+    module = kdkernels.nn.SSKDLoss(ss_ratio=0.5)
+    assert torch.equal(module(student, teacher, s_feat, t_feat, labels),
+                       kdkernels.sskd_loss(student, teacher, s_feat, t_feat, labels, ss_ratio=0.5))
+
+
+LOGITS12, FEAT12, LABELS3 = torch.randn(12, 5), torch.randn(12, 4), torch.tensor([0, 1, 2])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.sskd_loss(LOGITS12[:10], LOGITS12[:10], FEAT12[:10], FEAT12[:10], LABELS3), ValueError,
+     r"^sskd_loss: student_logits must hold 4 rows per image"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12[:, :4], FEAT12, FEAT12, LABELS3), ValueError,
+     r"^sskd_loss: teacher_logits must have the same shape as student_logits"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12, FEAT12, FEAT12[:8], LABELS3), ValueError,
+     r"^sskd_loss: teacher_features must have the same batch size as student_features"),
+    (lambda: kdkernels.sskd_loss(LOGITS12[:8], LOGITS12[:8], FEAT12[:8], FEAT12[:8], LABELS3), ValueError,
+     r"^sskd_loss: labels must have the logits' leading shape \(2,\)"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12, FEAT12, FEAT12, LABELS3.float()), TypeError,
+     r"^sskd_loss: labels must be an integer tensor"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12, FEAT12, FEAT12, LABELS3, ss_ratio=1.5), ValueError,
+     r"^sskd_loss: ss_ratio must be"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12, FEAT12, FEAT12, LABELS3, ss_temperature=0.0), ValueError,
+     r"^sskd_loss: ss_temperature must be"),
+    (lambda: kdkernels.sskd_loss(LOGITS12, LOGITS12, FEAT12, FEAT12, LABELS3, tf_weight=-1.0), ValueError,
+     r"^sskd_loss: tf_weight must be"),
+    (lambda: kdkernels.sskd_head_loss(FEAT12[:10]), ValueError, r"^sskd_head_loss: features must hold 4 rows per"),
+    (lambda: kdkernels.sskd_head_loss(FEAT12, copies=1), ValueError, r"^sskd_head_loss: copies must be"),
+    (lambda: kdkernels.sskd_head_loss(FEAT12.long()), TypeError, r"^sskd_head_loss: features must be float32"),
+])
+def test_sskd_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------------------- HSAKD
+
+def official_distill_kl(y_s, y_t, T):
+    """winycg/HSAKD ``train_student_cifar.py`` ``DistillKL``."""
+    p_s = F.log_softmax(y_s / T, dim=1)
+    p_t = F.softmax(y_t / T, dim=1)
+    return F.kl_div(p_s, p_t, reduction="batchmean") * (T ** 2)
+
+
+def official_hsakd_labels(target):
+    return torch.stack([target * 4 + i for i in range(4)], 1).view(-1)
+
+
+def official_hsakd_teacher(ss_logits, target):
+    """HSAKD ``train_teacher_cifar.py`` (frozen backbone): the auxiliary heads' CE on the joint labels."""
+    labels = official_hsakd_labels(target)
+    loss_cls = torch.tensor(0.0, dtype=torch.float64)
+    for i in range(len(ss_logits)):
+        loss_cls = loss_cls + F.cross_entropy(ss_logits[i], labels)
+    return loss_cls
+
+
+def official_hsakd_student(logits, t_logits, ss_logits, t_ss_logits, target, T=3.0):
+    """HSAKD ``train_student_cifar.py``: ``loss_cls + loss_div``."""
+    loss_cls = F.cross_entropy(logits[0::4], target)
+    loss_div = 0.0
+    for i in range(len(ss_logits)):
+        loss_div = loss_div + official_distill_kl(ss_logits[i], t_ss_logits[i].detach(), T)
+    loss_div = loss_div + official_distill_kl(logits, t_logits.detach(), T)
+    return loss_cls + loss_div
+
+
+def test_hsakd_joint_labels_are_class_major():
+    target = torch.tensor([2, 0, 1])
+    assert torch.equal(kdkernels.hsakd_joint_labels(target), official_hsakd_labels(target))
+    assert kdkernels.hsakd_joint_labels(target, copies=2).tolist() == [4, 5, 0, 1, 2, 3]
+
+
+def test_hsakd_head_loss_is_the_official_teacher_objective():
+    target = torch.tensor([3, 0, 4, 1])
+    heads = [randn(16, 20, seed=60 + i, scale=2.0, grad=True) for i in range(3)]
+    assert_equals_official(lambda *h: kdkernels.hsakd_head_loss(list(h), target),
+                           lambda *h: official_hsakd_teacher(list(h), target), *heads, what="hsakd head")
+
+
+def test_hsakd_loss_is_the_official_student_loss():
+    target = torch.tensor([3, 0, 4, 1, 2])
+    logits, t_logits = randn(20, 5, seed=70, grad=True), randn(20, 5, seed=71, scale=3.0, grad=True)
+    ss = [randn(20, 20, seed=72 + i, grad=True) for i in range(2)]
+    t_ss = [randn(20, 20, seed=74 + i, scale=2.0) for i in range(2)]
+    assert_equals_official(lambda s, t, *h: kdkernels.hsakd_loss(s, t.detach(), list(h), t_ss, target),
+                           lambda s, t, *h: official_hsakd_student(s, t, list(h), t_ss, target), logits, t_logits,
+                           *ss, what="hsakd")
+    one = kdkernels.hsakd_loss(logits, t_logits, ss[0], t_ss[0], target, temperature=2.0, ce_weight=0.0)
+    torch.testing.assert_close(one, official_hsakd_student(logits, t_logits, ss[:1], t_ss[:1], target, 2.0)
+                               - F.cross_entropy(logits[0::4], target), rtol=1e-10, atol=1e-12)
+    half = kdkernels.hsakd_loss(logits.half(), t_logits.half(), [h.half() for h in ss], t_ss, target)
+    assert half.dtype == torch.float32
+
+
+HSAKD_Z, HSAKD_A, HSAKD_Y = torch.randn(12, 5), torch.randn(12, 20), torch.tensor([0, 1, 2])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A], [HSAKD_A, HSAKD_A], HSAKD_Y), ValueError,
+     r"^hsakd_loss: teacher_aux_logits must hold one head per student head \(1\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A], [HSAKD_A[:, :16]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: teacher_aux_logits must have the same shape as student_aux_logits"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, [HSAKD_A[:8]], [HSAKD_A[:8]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: student_aux_logits must have one row per logits row \(12\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z[:10], HSAKD_Z[:10], [HSAKD_A[:10]], [HSAKD_A[:10]], HSAKD_Y), ValueError,
+     r"^hsakd_loss: student_logits must hold 4 rows per image"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, HSAKD_A, HSAKD_A, HSAKD_Y[:2]), ValueError,
+     r"^hsakd_loss: labels must have the logits' leading shape \(3,\)"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, HSAKD_A, HSAKD_A, HSAKD_Y, temperature=0.0), ValueError,
+     r"^hsakd_loss: temperature must be"),
+    (lambda: kdkernels.hsakd_loss(HSAKD_Z, HSAKD_Z, "a", HSAKD_A, HSAKD_Y), TypeError,
+     r"^hsakd_loss: student_aux_logits\[0\] must be a torch.Tensor"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A[:, :18]], HSAKD_Y), ValueError,
+     r"^hsakd_head_loss: aux_logits must hold 4 rows per label and 4·C columns"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A], HSAKD_Y.float()), TypeError,
+     r"^hsakd_head_loss: labels must be an integer tensor"),
+    (lambda: kdkernels.hsakd_head_loss([HSAKD_A], torch.tensor([0, 1, 5])), ValueError,
+     r"^hsakd_head_loss: labels must be class indices in \[0, 20\)"),
+])
+def test_hsakd_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

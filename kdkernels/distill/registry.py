@@ -19,7 +19,7 @@ CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "self_supervised",
                    "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta",
-                   "layer_assignment")
+                   "layer_assignment", "self_supervised_kd")
 
 
 @dataclasses.dataclass(frozen=True)

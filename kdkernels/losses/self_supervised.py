@@ -10,6 +10,7 @@ import torch
 
 from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
 from kdkernels.losses._common import accumulate, reduce_rows
+from kdkernels.losses.kd import kd_loss
 
 
 def softmax_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -61,3 +62,236 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor, *,
     target = accumulate(target).to(online.dtype)
     rows = (_l2_normalize(online) - _l2_normalize(target)).pow(2).sum(dim=-1)
     return reduce_rows(rows, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------- SSKD
+
+SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it
+
+
+def _sskd_groups(check: Checks, name: str, value: torch.Tensor, copies: int) -> torch.Tensor:
+    """``value`` [N·copies, D] (rows grouped per image: row n·copies + k is image n's k-th copy) as [N, copies, D]."""
+    if value.shape[0] % copies or value.shape[0] == 0:
+        check.value_error(name, f"must hold {copies} rows per image (image n's copy k at row n·{copies} + k)",
+                          f"shape {tuple(value.shape)}")
+    return value.reshape(value.shape[0] // copies, copies, *value.shape[1:])
+
+
+def _sskd_similarity(features: torch.Tensor, copies: int) -> torch.Tensor:
+    """Cosine similarity of every transformed copy (copies 1..) to every normal image (copy 0): [N·(copies−1), N],
+    row n·(copies−1) + k − 1 for image n's copy k."""
+    grouped = features.reshape(-1, copies, features.shape[-1])
+    unit = features / features.norm(dim=-1, keepdim=True).clamp_min(SSKD_COSINE_EPSILON)
+    unit = unit.reshape(grouped.shape)
+    normal, transformed = unit[:, 0], unit[:, 1:].reshape(-1, unit.shape[-1])
+    return transformed @ normal.T
+
+
+def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Rank of each row's target column in the row sorted descending: how many entries score above it (0: the
+    target is the row's maximum)."""
+    return (scores > scores.gather(1, target[:, None])).sum(dim=1)
+
+
+def _sskd_keep(rank: torch.Tensor, ratio: float) -> torch.Tensor:
+    """SSKD's error-level selection (``student.py``): every row whose target ranks first, plus the ``⌊ratio·#wrong⌋``
+    wrong rows of the smallest rank (ties kept in row order), as a bool mask; on the device, no host sync."""
+    wrong = (rank > 0).sum()
+    keep = rank.shape[0] - wrong + torch.floor(wrong.double() * ratio).long()
+    order = torch.argsort(rank, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.shape[0], device=order.device)
+    return position < keep
+
+
+def _masked_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, keep: torch.Tensor) -> torch.Tensor:
+    """``T² · Σ_{kept rows} KL(softmax(t/T) ‖ softmax(s/T)) / #kept`` (``F.kl_div(..., reduction='batchmean')`` on
+    the kept rows); 0 when no row is kept."""
+    log_p_s = torch.log_softmax(student / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher / temperature, dim=-1)
+    rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    return rows.sum() / keep.sum().clamp_min(1) * temperature ** 2
+
+
+def sskd_head_loss(features: torch.Tensor, *, copies: int = 4) -> torch.Tensor:
+    """SSKD's first stage (the teacher's self-supervision head): ``CE(cos(z_{n,k}, z_{m,0})_m, n)`` averaged over the
+    transformed copies ``k ≥ 1`` of every image ``n`` — each transformed copy must find its own normal image among the
+    batch's by cosine similarity (no temperature).
+
+    As xuguodong03/SSKD ``student.py`` (the ``# train ssp_head`` loop): ``rep`` the projection-head outputs of the
+    batch of 4 rotations (0°, 90°, 180°, 270°) per image, rows grouped per image (row ``n·copies + k``: image n's copy
+    k; copy 0 the normal image), ``simi = F.cosine_similarity(aug_rep, nor_rep)`` [N·(copies−1), N], target the
+    image index, ``F.cross_entropy`` (mean). ``features`` [N·copies, D], float; returns a float32 scalar (float64
+    for float64 input). The gradient reaches ``features``.
+    """
+    check = Checks("sskd_head_loss")
+    check.floating("features", features, dims=(2,))
+    copies = check.integer("copies", copies, minimum=2)
+    _sskd_groups(check, "features", features, copies)
+    x = accumulate(features)
+    similarity = _sskd_similarity(x, copies)
+    images = similarity.shape[1]
+    target = torch.arange(images, device=x.device).repeat_interleave(copies - 1)
+    return torch.nn.functional.cross_entropy(similarity, target)
+
+
+def sskd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_features: torch.Tensor,
+              teacher_features: torch.Tensor, labels: torch.Tensor, *, ce_weight: float = 0.1,
+              kd_weight: float = 0.9, tf_weight: float = 2.7, ss_weight: float = 10.0, kd_temperature: float = 4.0,
+              tf_temperature: float = 4.0, ss_temperature: float = 0.5, tf_ratio: float = 1.0,
+              ss_ratio: float = 0.75, copies: int = 4) -> torch.Tensor:
+    """SSKD's student loss (Xu, Liu, Li, Loy, "Knowledge Distillation Meets Self-Supervision", ECCV 2020)::
+
+        ce·CE(s_nor, y) + kd·KD_T(s_nor, t_nor) + tf·KD_Ttf(s_aug, t_aug | kept_tf) + ss·KD_Tss(S_s, S_t | kept_ss)
+
+    As xuguodong03/SSKD ``student.py`` (defaults: ``--ce-weight 0.1 --kd-weight 0.9 --tf-weight 2.7 --ss-weight 10``,
+    ``--kd-T 4 --tf-T 4 --ss-T 0.5``, ``--ratio-tf 1.0 --ratio-ss 0.75``). The rows are grouped per image (row
+    ``n·copies + k``: image n's k-th transformed copy, copy 0 the normal image; SSKD's copies are the rotations by
+    0°, 90°, 180°, 270°):
+
+    * ``CE`` (mean) and ``KD_T = T²·KL(softmax(t/T) ‖ softmax(s/T))`` (batchmean) on the normal rows;
+    * the transformation term: the same KD at ``tf_temperature`` on the transformed rows, kept by the error-level
+      ranking: a row is "wrong" when the teacher's probability of the image's label is not its maximum; all right
+      rows are kept, plus the ``⌊tf_ratio·#wrong⌋`` wrong rows whose label ranks best; batchmean over the kept rows;
+    * the self-supervision term: ``S[i, m] = cos(f_i, f_m)`` of each transformed row's embedding with each image's
+      normal embedding ([N·(copies−1), N], per side: the projection-head outputs), the KD at ``ss_temperature`` of
+      the student's rows to the teacher's, kept by the same ranking with the image's own index as the label
+      (``ss_ratio``), batchmean over the kept rows (0 when none is kept; the official code would give NaN).
+
+    The ranks count the entries strictly above the label's (the official ``argsort`` position; they differ only on
+    exact ties) and ties at the cut are kept in row order (the official ``argsort`` leaves their order unspecified).
+    ``student_logits``/``teacher_logits`` [N·copies, C], ``student_features``/``teacher_features`` [N·copies, D_s] /
+    [N·copies, D_t], ``labels`` [N] (one per image); float inputs of any precision (computed in float32, float64
+    kept). Returns a float32 scalar. The teacher is used as given (the official code stops its gradient: pass it
+    detached, or from a frozen model).
+    """
+    check = Checks("sskd_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    check.feature_pair("student_features", student_features, "teacher_features", teacher_features, dims=(2,))
+    copies = check.integer("copies", copies, minimum=2)
+    _sskd_groups(check, "student_logits", student_logits, copies)
+    if student_features.shape[0] != student_logits.shape[0]:
+        check.value_error("student_features", f"must have one row per logits row ({student_logits.shape[0]})",
+                          f"shape {tuple(student_features.shape)}")
+    check.same_device("student_features", student_features, "student_logits", student_logits)
+    images = student_logits.shape[0] // copies
+    labels = check.class_labels(labels, student_logits[::copies])
+    weights = {name: check.real(name, value, nonnegative=True) for name, value in
+               (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("tf_weight", tf_weight),
+                ("ss_weight", ss_weight))}
+    kd_t = check.temperature(kd_temperature, "kd_temperature")
+    tf_t = check.temperature(tf_temperature, "tf_temperature")
+    ss_t = check.temperature(ss_temperature, "ss_temperature")
+    tf_ratio = check.probability("tf_ratio", tf_ratio)
+    ss_ratio = check.probability("ss_ratio", ss_ratio)
+
+    s_logits = accumulate(student_logits)
+    t_logits = accumulate(teacher_logits).to(s_logits.dtype)
+    s_grouped, t_grouped = s_logits.reshape(images, copies, -1), t_logits.reshape(images, copies, -1)
+    s_nor, t_nor = s_grouped[:, 0], t_grouped[:, 0]
+    s_aug, t_aug = s_grouped[:, 1:].reshape(-1, s_logits.shape[-1]), t_grouped[:, 1:].reshape(-1, s_logits.shape[-1])
+
+    ce = torch.nn.functional.cross_entropy(s_nor, labels)
+    everything = torch.ones(images, dtype=torch.bool, device=s_logits.device)
+    kd = _masked_kl(s_nor, t_nor, kd_t, everything)
+    aug_labels = labels.repeat_interleave(copies - 1)
+    tf = _masked_kl(s_aug, t_aug, tf_t, _sskd_keep(_rank_of(t_aug, aug_labels), tf_ratio))
+
+    s_similarity = _sskd_similarity(accumulate(student_features).to(s_logits.dtype), copies)
+    t_similarity = _sskd_similarity(accumulate(teacher_features).to(s_logits.dtype), copies)
+    own = torch.arange(images, device=s_logits.device).repeat_interleave(copies - 1)
+    ss = _masked_kl(s_similarity, t_similarity, ss_t, _sskd_keep(_rank_of(t_similarity, own), ss_ratio))
+    return (weights["ce_weight"] * ce + weights["kd_weight"] * kd + weights["tf_weight"] * tf
+            + weights["ss_weight"] * ss)
+
+
+# --------------------------------------------------------------------------------------------------------- HSAKD
+
+def hsakd_joint_labels(labels: torch.Tensor, copies: int = 4) -> torch.Tensor:
+    """HSAKD's self-supervised augmented labels for rows grouped per image (row ``n·copies + k``: image n's k-th
+    transformed copy): ``copies·y_n + k`` (winycg/HSAKD ``train_*_cifar.py``: ``target*4 + i``), int64 [N·copies]."""
+    check = Checks("hsakd_joint_labels")
+    check.integers("labels", labels, dims=(1,))
+    copies = check.integer("copies", copies, minimum=1)
+    return (labels.long()[:, None] * copies + torch.arange(copies, device=labels.device)).reshape(-1)
+
+
+def _hsakd_logits_list(check: Checks, name: str, value) -> list[torch.Tensor]:
+    items = [value] if isinstance(value, torch.Tensor) else check.tensor_list(name, value)
+    for index, item in enumerate(items):
+        check.logits(f"{name}[{index}]" if not isinstance(value, torch.Tensor) else name, item, dims=(2,))
+    return items
+
+
+def hsakd_head_loss(aux_logits, labels: torch.Tensor, *, copies: int = 4) -> torch.Tensor:
+    """HSAKD's auxiliary-classifier objective: ``Σ_heads CE(a_h, copies·y + k)`` (each a mean over the N·copies
+    rows), the joint class × transformation classification of every transformed copy.
+
+    As winycg/HSAKD ``train_teacher_cifar.py`` (``loss_cls += criterion_cls(ss_logits[i], labels)`` with ``labels =
+    target*4 + i`` over the stacked rotations ``torch.rot90(input, k, (2, 3))``, k = 0..3). ``aux_logits``: one
+    tensor [N·copies, copies·C] or a list of them (one per auxiliary head), rows grouped per image (row ``n·copies +
+    k``: image n's copy k); ``labels`` [N] class indices. Returns a float32 scalar (float64 for float64 input).
+    """
+    check = Checks("hsakd_head_loss")
+    heads = _hsakd_logits_list(check, "aux_logits", aux_logits)
+    copies = check.integer("copies", copies, minimum=1)
+    check.integers("labels", labels, dims=(1,))
+    total = None
+    for index, head in enumerate(heads):
+        if head.shape[0] != labels.shape[0] * copies or head.shape[1] % copies:
+            check.value_error("aux_logits", f"must hold {copies} rows per label and {copies}·C columns (the "
+                              f"joint class × transformation classes; labels {tuple(labels.shape)})",
+                              f"shape {tuple(head.shape)} at head {index}")
+        joint = check.class_labels(hsakd_joint_labels(labels.to(head.device), copies), head)
+        loss = torch.nn.functional.cross_entropy(accumulate(head), joint)
+        total = loss if total is None else total + loss
+    return total
+
+
+def hsakd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_aux_logits,
+               teacher_aux_logits, labels: torch.Tensor, *, temperature: float = 3.0, ce_weight: float = 1.0,
+               copies: int = 4) -> torch.Tensor:
+    """HSAKD's student loss (Yang, An, Xu, Xu, "Hierarchical Self-supervised Augmented Knowledge Distillation",
+    IJCAI 2021)::
+
+        ce·CE(z_s[normal rows], y) + Σ_heads KD_T(a_s,h, a_t,h) + KD_T(z_s, z_t)
+
+    As winycg/HSAKD ``train_student_cifar.py`` (``--kd_T 3``): ``loss_cls = CE(logits[0::4], target)``, ``loss_div
+    = Σ_i DistillKL(ss_logits[i], t_ss_logits[i]) + DistillKL(logits, t_logits)``, ``DistillKL`` =
+    ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` batchmean (:func:`kdkernels.kd_loss`), over all N·copies rows. The rows are
+    grouped per image (row ``n·copies + k``: image n's k-th rotation, copy 0 the normal image). ``student_logits``
+    / ``teacher_logits`` [N·copies, C]; ``student_aux_logits`` / ``teacher_aux_logits``: one tensor or a list, one
+    [N·copies, copies·C] per head (the joint class × rotation distributions, paired head by head); ``labels`` [N].
+    Returns a float32 scalar. The teacher is used as given (the official code runs it under ``torch.no_grad``).
+    """
+    check = Checks("hsakd_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    students = _hsakd_logits_list(check, "student_aux_logits", student_aux_logits)
+    teachers = _hsakd_logits_list(check, "teacher_aux_logits", teacher_aux_logits)
+    if len(students) != len(teachers):
+        check.value_error("teacher_aux_logits", f"must hold one head per student head ({len(students)})",
+                          f"{len(teachers)} heads")
+    copies = check.integer("copies", copies, minimum=1)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    rows = student_logits.shape[0]
+    if rows % copies:
+        check.value_error("student_logits", f"must hold {copies} rows per image", f"shape {tuple(student_logits.shape)}")
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        if student.shape[0] != rows:
+            check.value_error("student_aux_logits", f"must have one row per logits row ({rows})",
+                              f"shape {tuple(student.shape)} at head {index}")
+        check.same_shape("teacher_aux_logits", teacher, "student_aux_logits", student, f" (head {index})")
+        check.same_device("teacher_aux_logits", teacher, "student_logits", student_logits)
+    labels = check.class_labels(labels, student_logits[::copies])
+    total = ce_weight * torch.nn.functional.cross_entropy(accumulate(student_logits[::copies]), labels)
+    for student, teacher in zip(students, teachers):
+        total = total + _hsakd_kd(student, teacher, temperature)
+    return total + _hsakd_kd(student_logits, teacher_logits, temperature)
+
+
+def _hsakd_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T²·KL(softmax(t/T) ‖ softmax(s/T))`` batchmean (the fused :func:`kdkernels.kd_loss`), in float32/64."""
+    return kd_loss(student, teacher, temperature).to(torch.float64 if student.dtype == torch.float64 else
+                                                     torch.float32)
