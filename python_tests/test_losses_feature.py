@@ -600,3 +600,22 @@ JAC = torch.randn(2, 1, 4, 4)
 def test_jacobian_matching_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_kd_svd_gradient_is_finite_for_rank_deficient_student_maps():
+    """Repeated singular values (here a map of rank 1: every position the same vector, and two all-zero samples'
+    stages) make the plain SVD gradient inf/NaN; the student's basis comes with a backward that leaves those pairs
+    out, as the official code's removenan, so the gradient is finite and nonzero."""
+    generator = torch.Generator().manual_seed(0)
+    column = torch.randn(2, 6, 1, 1, generator=generator, dtype=torch.float64)
+    students = [column.expand(2, 6, 3, 3).clone().requires_grad_(),
+                torch.zeros(2, 6, 2, 2, dtype=torch.float64).requires_grad_()]
+    teachers = [torch.randn(2, 6, 3, 3, generator=generator, dtype=torch.float64),
+                torch.randn(2, 6, 2, 2, generator=generator, dtype=torch.float64)]
+    matrix = students[0].detach().flatten(2).transpose(1, 2).requires_grad_()
+    plain = torch.linalg.svd(matrix, full_matrices=False)[2][:, :4].sum()
+    assert not torch.isfinite(torch.autograd.grad(plain, matrix)[0]).all()   # what the plain SVD gives
+    loss = kdkernels.kd_svd_loss(students, teachers)
+    grads = torch.autograd.grad(loss, students)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0

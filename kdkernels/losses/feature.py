@@ -295,11 +295,47 @@ def pad_l2_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, lo
 def _svd_basis(features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KD_methods_with_TF ``nets/SVP.py`` ``SVD``: the map as ``[N, H·W, C]`` (positions × channels), its thin SVD,
     the first ``count`` singular values L2-normalised [N, n] and right singular vectors [N, C, n] (n = ``count``, or
-    min(H·W, C) when smaller), each vector unit-norm."""
+    min(H·W, C) when smaller), each vector unit-norm. For the teacher (no gradient): the signs are LAPACK's."""
     matrix = features.flatten(2).transpose(1, 2)
     _, values, vectors_h = torch.linalg.svd(matrix, full_matrices=False)
     count = min(count, values.shape[1])
     return F.normalize(values[:, :count], dim=1), F.normalize(vectors_h[:, :count, :].transpose(1, 2), dim=1)
+
+
+class _GapSafeEigh(torch.autograd.Function):
+    """``torch.linalg.eigh`` of symmetric matrices whose backward drops the pairs of (nearly) equal eigenvalues: the
+    coefficient 1/(λ_j − λ_i) is set to 0 where |λ_j − λ_i| ≤ 1e-6·max|λ|, as the official KD-SVD gradient zeroes
+    its non-finite entries (``removenan``), instead of giving inf/NaN for a rank-deficient map."""
+
+    @staticmethod
+    def forward(ctx, gram):
+        values, vectors = torch.linalg.eigh(gram)
+        ctx.save_for_backward(values, vectors)
+        return values, vectors
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_vectors):
+        values, vectors = ctx.saved_tensors
+        gap = values.unsqueeze(-2) - values.unsqueeze(-1)                      # [i, j] = λ_j − λ_i
+        tolerance = 1e-6 * values.abs().amax(dim=-1, keepdim=True).unsqueeze(-1)
+        kept = gap.abs() > tolerance
+        inner = torch.zeros_like(gap)
+        if grad_vectors is not None:
+            inner = torch.where(kept, gap, torch.ones_like(gap)).reciprocal() * kept * (vectors.mT @ grad_vectors)
+        if grad_values is not None:
+            inner = inner + torch.diag_embed(grad_values)
+        grad = vectors @ inner @ vectors.mT
+        return 0.5 * (grad + grad.mT)
+
+
+def _right_singular_vectors(features: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` right singular vectors [N, C, n] of the map read as ``[N, H·W, C]``, unit-norm, from the
+    eigenvectors of its Gram matrix ``[C, C]`` (largest first) with :class:`_GapSafeEigh`'s backward; their signs are
+    arbitrary (the caller aligns them to the teacher's)."""
+    matrix = features.flatten(2).transpose(1, 2)
+    count = min(count, *matrix.shape[1:])
+    _, vectors = _GapSafeEigh.apply(matrix.mT @ matrix)
+    return F.normalize(vectors[..., -count:].flip(-1), dim=1)
 
 
 def kd_svd_loss(student_features, teacher_features, *, k: int = 1, student_k: int | None = None,
@@ -321,10 +357,10 @@ def kd_svd_loss(student_features, teacher_features, *, k: int = 1, student_k: in
     differ). The teacher side gets no gradient (the official ``tf.stop_gradient``). ``reduction``: ``"sum"`` (the
     official ``reduce_sum``, the batch included), ``"batchmean"`` (/ N) or ``"none"`` (per sample [N]).
 
-    Numerics: the SVD runs in float32 (float64 stays float64); ``torch.linalg.svd``'s backward needs distinct
-    singular values among those it differentiates: a map with repeated singular values (e.g. constant or rank-
-    deficient maps) gives an undefined (inf/NaN) gradient, where the official code zeroes non-finite SVD outputs and
-    losses (``removenan``). The sign of the teacher's singular vectors is the SVD routine's convention, as in the
+    Numerics: the decompositions run in float32 (float64 stays float64). The student's singular vectors come from
+    the eigenvectors of its Gram matrix with a backward that leaves out the pairs of (nearly) equal singular values,
+    where the plain SVD gradient is inf/NaN (a rank-deficient or constant map): the official code zeroes those
+    non-finite entries (``removenan``). The sign of the teacher's singular vectors is the SVD routine's convention, as in the
     official code (it changes the RBF target; LAPACK and cuSOLVER may differ).
     """
     check = Checks("kd_svd_loss")
@@ -349,7 +385,7 @@ def kd_svd_loss(student_features, teacher_features, *, k: int = 1, student_k: in
     for student, teacher in zip(students, teachers):
         student = accumulate(student)
         sigma_t, vectors_t = _svd_basis(accumulate(teacher.detach()).to(student.dtype), k)
-        _, vectors_s = _svd_basis(student, student_k)
+        vectors_s = _right_singular_vectors(student, student_k)
         cosine = (vectors_s.transpose(1, 2) @ vectors_t).detach()          # [N, student_k, k]
         largest = cosine.abs() == cosine.abs().amax(dim=1, keepdim=True)
         selection = torch.where(largest, torch.sign(cosine), torch.zeros_like(cosine))
