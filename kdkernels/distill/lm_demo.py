@@ -149,6 +149,7 @@ def run(args) -> dict:
     teacher = TinyCausalLM(args.teacher_width, args.teacher_layers, 4, args.context)
     teacher_step_s = train(teacher, train_data, args.teacher_steps, args, seed=0)
     teacher.eval().requires_grad_(False)
+    print(f"lm-demo: teacher trained ({args.teacher_steps} steps, {teacher_step_s:.2f} s/step)", file=sys.stderr)
     result = {"title": "kdkernels lm-demo: byte-level LM distillation from hidden states",
               "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": sys.version.split()[0], "kdkernels": kdkernels.__version__,
@@ -172,6 +173,7 @@ def run(args) -> dict:
             "perplexity_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "step_s": statistics.median(r["step_s"] for r in runs),
             "loss_peak_mb": loss_peak_mb(student, teacher, train_data, args, METHODS[name])}
+        print(f"lm-demo: {name}: perplexity {result['methods'][name]['perplexity_mean']:.3f}", file=sys.stderr)
     return result
 
 
@@ -205,15 +207,15 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdkernels lm-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=None, help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400, help="student steps")
-    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=250, help="student steps")
+    parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--teacher-width", type=int, default=128)
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--student-width", type=int, default=48)
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--hard-weight", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
