@@ -612,8 +612,8 @@ def test_refilled_triplet_loss_is_the_official_stage1(temperature):
 def test_refilled_triplet_loss_reductions_fp32_and_no_triplet():
     student, teacher = seeded_randn(10, 6, seed=3), seeded_randn(10, 5, seed=4)
     mean = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS)
-    total = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, reduction="sum")
-    batchmean = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, reduction="batchmean")
+    total = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, normalization="sum")
+    batchmean = kdkernels.refilled_triplet_loss(student, teacher, REFILLED_LABELS, normalization="triplets")
     triplets = 2 * 3 + 2 * 3 + 2 * 1        # classes 0 and 1 (3 samples each), class 2 (2 samples)
     torch.testing.assert_close(mean, total / (2 * triplets), rtol=1e-12, atol=0)
     torch.testing.assert_close(batchmean, total / triplets, rtol=1e-12, atol=0)
@@ -658,7 +658,8 @@ REFILLED_EMBED = torch.randn(4, 3)
     (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4, dtype=torch.long), 0.0),
      ValueError, r"^refilled_triplet_loss: temperature"),
     (lambda: kdkernels.refilled_triplet_loss(REFILLED_EMBED, REFILLED_EMBED, torch.zeros(4, dtype=torch.long),
-                                             reduction="none"), ValueError, r"^refilled_triplet_loss: reduction"),
+                                             normalization="none"), ValueError,
+     r"^refilled_triplet_loss: normalization must be one of 'pairs', 'triplets', 'sum'"),
     (lambda: kdkernels.refilled_classifier_loss(REFILLED_EMBED, torch.randn(3, 2), torch.zeros(4, dtype=torch.long)),
      ValueError, r"^refilled_classifier_loss: teacher_embed must have the batch size of student_logits"),
     (lambda: kdkernels.refilled_classifier_loss(REFILLED_EMBED, REFILLED_EMBED, torch.full((4,), 3)),

@@ -28,9 +28,12 @@ def test_a_non_tensor_input_is_a_type_error_naming_function_and_argument(name):
 @pytest.mark.parametrize("name", CASES)
 def test_an_integer_tensor_is_a_type_error(name):
     first, value = next(iter(INPUTS[name]().items()))
-    bad = [v.long() for v in value] if isinstance(value, list) else value.long()
-    with pytest.raises(TypeError, match=rf"^{name}: {first}(\[0\])? must be"):
-        call(name, **{first: bad})
+
+    def as_long(value):   # a tensor, a list of tensors (per stage), or a list of lists (semckd's pairs)
+        return [as_long(v) for v in value] if isinstance(value, list) else value.long()
+
+    with pytest.raises(TypeError, match=rf"^{name}: {first}(\[0\])* must be"):
+        call(name, **{first: as_long(value)})
 
 
 TEMPERATURE_CASES = [name for name in CASES if "temperature" in inspect.signature(getattr(kdkernels, name)).parameters]

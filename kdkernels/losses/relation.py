@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels import backends
-from kdkernels._validation import Checks
+from kdkernels._validation import Checks, Reduction
 from kdkernels.losses._common import DISTANCE_CLAMP, accumulate, pairwise_distances
 from kdkernels.ops.pairwise import relation_loss
 
 CCKernel = Literal["gaussian", "bilinear"]
 CC_KERNELS = get_args(CCKernel)
+TripletNormalization = Literal["pairs", "triplets", "sum"]
+TRIPLET_NORMALIZATIONS = get_args(TripletNormalization)
 
 
 def _feature_rows(check: Checks, student, teacher, gather) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +324,8 @@ def _refilled_semi_hard_triplets(embed: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def refilled_triplet_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, labels: torch.Tensor,
-                          temperature: float = 4.0, *, reduction: str = "mean") -> torch.Tensor:
+                          temperature: float = 4.0, *,
+                          normalization: TripletNormalization = "pairs") -> torch.Tensor:
     """REFILLED stage 1 (Ye, Lu, Zhan, "Distilling Cross-Task Knowledge via Relationship Matching", CVPR 2020), as
     njulus/ReFilled @c5e077f ``Train.py`` (stage 1) with ``utils/Triplet.py``: both embeddings are L2-normalised,
     the semi-hard triplets (a, p, n) are mined on the student's (:func:`_refilled_semi_hard_triplets`), and each
@@ -332,15 +335,16 @@ def refilled_triplet_loss(student_embed: torch.Tensor, teacher_embed: torch.Tens
         loss = Σ_triplets [q log(q/p) + (1 − q) log((1 − q)/(1 − p))] / (2·#triplets)
 
     (``nn.KLDivLoss()`` of the [T, 2] (p, 1 − p) pairs, an element mean, hence the 2; the official multiplies by
-    1000, the method's weight). ``reduction``: ``"mean"`` (the official), ``"batchmean"`` (/ #triplets) or
-    ``"sum"``; no triplet (no class with two samples) gives 0. ``student_embed`` [B, d_s], ``teacher_embed``
+    1000, the method's weight). ``normalization`` (the sum runs over triplets, not samples, so this is not the
+    ``reduction`` vocabulary): ``"pairs"`` (the official / (2·#triplets)), ``"triplets"`` (/ #triplets) or ``"sum"``;
+    no triplet (no class with two samples) gives 0. ``student_embed`` [B, d_s], ``teacher_embed``
     [B, d_t] (any widths), ``labels`` [B] integer. Computed in fp32 (fp64 for fp64), log-sigmoids in log space.
     """
     check = Checks("refilled_triplet_loss")
     check.feature_pair("student_embed", student_embed, "teacher_embed", teacher_embed, dims=(2,))
     labels = _refilled_labels(check, labels, student_embed.shape[0], student_embed.device)
     temperature = check.temperature(temperature)
-    reduction = check.reduction(reduction, ("mean", "batchmean", "sum"))
+    normalization = check.choice("normalization", normalization, TRIPLET_NORMALIZATIONS)
     dtype = torch.float64 if torch.float64 in (student_embed.dtype, teacher_embed.dtype) else torch.float32
     student = F.normalize(student_embed.to(dtype), p=2, dim=1)
     teacher = F.normalize(teacher_embed.to(dtype), p=2, dim=1)
@@ -354,14 +358,14 @@ def refilled_triplet_loss(student_embed: torch.Tensor, teacher_embed: torch.Tens
     q, log_q, log_1mq = torch.sigmoid(z_t), F.logsigmoid(z_t), F.logsigmoid(-z_t)
     kl = q * (log_q - F.logsigmoid(z_s)) + (1.0 - q) * (log_1mq - F.logsigmoid(-z_s))
     total = torch.where(keep, kl, torch.zeros((), dtype=dtype, device=kl.device)).sum()
-    if reduction == "sum":
+    if normalization == "sum":
         return total
     count = keep.sum().clamp_min(1).to(dtype)
-    return total / (2.0 * count if reduction == "mean" else count)
+    return total / (2.0 * count if normalization == "pairs" else count)
 
 
 def refilled_classifier_loss(student_logits: torch.Tensor, teacher_embed: torch.Tensor, labels: torch.Tensor,
-                             temperature: float = 2.0, *, reduction: str = "mean") -> torch.Tensor:
+                             temperature: float = 2.0, *, reduction: Reduction = "mean") -> torch.Tensor:
     """REFILLED stage 2, the teacher's local embedding classifier distilled into the student's logits, as
     njulus/ReFilled @c5e077f ``Train.py`` (stage 2): over the K classes present in the batch, the teacher's centres
     are its mean embeddings of the batch's samples of each class, L2-normalised; the teacher scores every sample
