@@ -98,3 +98,20 @@ def test_demo_entries_may_name_a_preset(tmp_path, capsys):
     assert "| mean-teacher:digits | self-supervised |" in (tmp_path / "demo.md").read_text()
     assert cli.main(["demo", "--quick", "--methods", "mean-teacher:nope"]) == 2
     assert "no preset 'nope'" in capsys.readouterr().err
+
+
+def test_demo_metrics_add_linear_probe_and_knn_columns(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--methods", "ce,byol:digits", "--metrics", "classification,linear_probe,knn",
+                     "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    for summary in report["methods"].values():
+        run = summary["runs"][0]
+        assert set(run["representation"]) == {"probe_acc", "knn_acc"}
+        assert 0.0 <= run["representation"]["probe_acc"] <= 100.0
+        assert summary["representation"]["probe_acc"] == [run["representation"]["probe_acc"], 0.0]
+    table = (tmp_path / "demo.md").read_text()
+    assert "| vs ce | linear probe (mean ± std) | k-NN (mean ± std) | train s |" in table
+    probe = report["methods"]["byol:digits"]["representation"]["probe_acc"][0]
+    assert "| byol:digits | self-supervised | " in table and f"{probe:.2f} ± 0.00 %" in table
+    assert cli.main(["demo", "--quick", "--metrics", "linear_prob"]) == 2
+    assert "linear_prob" in capsys.readouterr().err

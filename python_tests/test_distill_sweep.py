@@ -5,7 +5,6 @@ import json
 import pytest
 
 from kdkernels.cli import main
-from kdkernels.distill.checkpoint import load_checkpoint
 
 QUICK = ["--epochs", "2", "--train-size", "50", "--batch-size", "16", "--teacher-epochs", "1", "--no-progress"]
 
@@ -65,4 +64,43 @@ def test_a_paused_sweep_continues_where_it_stopped_and_equals_an_uninterrupted_o
 ])
 def test_sweep_usage_errors(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "s")]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_a_teacher_grid_distils_from_each_batch_size_and_epoch_count(tmp_path, capsys):
+    """The sweet-spot study: one sweep per (teacher batch size, teacher epochs), teachers trained with exactly those
+    settings (their optimiser steps show it), and the grid table with each method's best setting in bold."""
+    out = tmp_path / "grid"
+    argv = ["sweep", "--methods", "kd", "--out", str(out), "--teacher-grid-batch-sizes", "32,128",
+            "--teacher-grid-epochs", "1,2", *QUICK]
+    assert main(argv) == 0
+    grid = json.loads((out / "teacher-grid.json").read_text())
+    pairs = [(s["teacher_batch_size"], s["teacher_epochs"]) for s in grid["settings"]]
+    assert pairs == [(32, 1), (32, 2), (128, 1), (128, 2)]
+    teacher_images = 1258                                  # digits' full training split, where teachers train
+    for setting, (batch_size, epochs) in zip(grid["settings"], pairs):
+        folder = out / f"teacher-b{batch_size}-e{epochs}"
+        summary = json.loads((folder / "kd" / "seed-0" / "summary.json").read_text())
+        assert summary["teachers"][0]["steps"] == -(-teacher_images // batch_size) * epochs
+        assert setting["teacher_accuracy"] == summary["teachers"][0]["accuracy"]
+        assert setting["report"]["methods"]["kd"]["accuracies"] == [summary["accuracy"]]
+        assert (folder / "sweep.md").is_file()
+    table = (out / "teacher-grid.md").read_text()
+    means = [s["report"]["methods"]["kd"]["mean"] for s in grid["settings"]]
+    assert table.count("**") == 2 * means.count(max(means)) and f"**{max(means):.2f} ± 0.00**" in table
+    assert "| 128 | 2 |" in table
+    capsys.readouterr()
+    assert main(argv) == 0                                 # a rerun reads every run back
+    assert capsys.readouterr().out.count(": done, read from") == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--methods", "ce,kd", "--teacher-grid-epochs", "1,2"], r"\['ce'\] train no teacher"),
+    (["sweep", "--methods", "kd", "--teacher-grid-epochs", "2,2"], "--teacher-grid-epochs repeats a value"),
+    (["sweep", "--methods", "kd", "--teacher-grid-batch-sizes", "0,8"], "--teacher-grid-batch-sizes must be positive"),
+    (["sweep", "--methods", "kd", "--teacher-batch-size", "0"], "--teacher-batch-size must be"),
+    (["distill", "--method", "ce", "--teacher-batch-size", "8"], "--teacher-batch-size: method 'ce' trains no teacher"),
+])
+def test_teacher_grid_usage_errors(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "s"), *QUICK]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)

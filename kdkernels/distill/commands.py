@@ -129,6 +129,8 @@ def add_run_options(parser) -> None:
                           help="a poor teacher: stop its training once its test accuracy reaches P %%")
     settings.add_argument("--teacher-label-smoothing", type=float, default=0.0, metavar="EPS",
                           help="train the teacher with label-smoothed cross-entropy (targets (1-EPS)*onehot + EPS/C)")
+    settings.add_argument("--teacher-batch-size", type=int, metavar="B",
+                          help="the teachers' minibatch size (default: --batch-size)")
     settings.add_argument("--reversed", action="store_true",
                           help="reversed KD: the --student model (trained on the full split) teaches the --teacher "
                           "model (trained on the subset)")
@@ -169,6 +171,11 @@ def add_parsers(commands) -> None:
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per method: --seed, --seed + 1, …")
     sweep.add_argument("--seed", type=int, default=0, help="the first seed")
     add_run_options(sweep)
+    sweep.add_argument("--teacher-grid-batch-sizes", type=int_list, metavar="B1,B2,…",
+                       help="the teacher sweet-spot study: train teachers with each of these batch sizes (and each "
+                       "of --teacher-grid-epochs), distil every method from each, tabulate in OUT/teacher-grid.md")
+    sweep.add_argument("--teacher-grid-epochs", type=int_list, metavar="E1,E2,…",
+                       help="the teacher sweet-spot study: the teachers' epoch counts (see --teacher-grid-batch-sizes)")
     sweep.add_argument("--out", type=Path, default=Path("runs/sweep"),
                        help="the sweep's folder: OUT/<method>/seed-<k>/ per run, OUT/sweep.{md,json,png}")
 
@@ -183,6 +190,9 @@ def add_parsers(commands) -> None:
     demo.add_argument("--json", type=Path, help="where to write the JSON (default: OUT/demo.json)")
     demo.add_argument("--runs", type=Path, help="keep each run's folder here (a rerun resumes; default: a temporary "
                       "directory)")
+    demo.add_argument("--metrics", metavar="NAME,NAME",
+                      help="task metrics of every run (default: classification; e.g. classification,linear_probe,knn "
+                      "adds linear-probe and k-NN columns, for comparing self-supervised methods with ce)")
 
 
 def list_command(arguments) -> int:
@@ -218,7 +228,8 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 
 SETTING_FLAGS = {"teacher_steps": "--teacher-steps", "teacher_target_accuracy": "--teacher-target-accuracy",
-                 "teacher_label_smoothing": "--teacher-label-smoothing", "imbalance_ratio": "--imbalance-ratio"}
+                 "teacher_label_smoothing": "--teacher-label-smoothing", "teacher_batch_size": "--teacher-batch-size",
+                 "imbalance_ratio": "--imbalance-ratio"}
 
 
 def _experiment(arguments, method):
@@ -231,7 +242,8 @@ def _experiment(arguments, method):
     except (TypeError, ValueError) as error:
         raise UsageError(str(error).removeprefix("kdkernels distill: ")) from None
     teacher_flags = [SETTING_FLAGS[name] for name in ("teacher_steps", "teacher_target_accuracy",
-                                                      "teacher_label_smoothing") if settings[name]]
+                                                      "teacher_label_smoothing", "teacher_batch_size")
+                     if settings[name]]
     if teacher_flags and not method.needs_teacher:
         raise UsageError(f"{', '.join(teacher_flags)}: method {method.name!r} trains no teacher")
     if arguments.reversed and method.needs_teacher and method.teacher_architecture != "any":
@@ -335,7 +347,9 @@ def distill_command(arguments) -> int:
 
 
 def sweep_command(arguments) -> int:
+    from kdkernels.distill import teacher_grid
     from kdkernels.distill.demo import markdown_table, method_and_preset
+    from kdkernels.distill.registry import get_method
     from kdkernels.distill.sweep import run_arguments, run_sweep, sweep_entries, write_sweep
 
     entries = sweep_entries(arguments)
@@ -348,9 +362,21 @@ def sweep_command(arguments) -> int:
         _checked_method(*method_and_preset(entry), overrides)
     resolve_training(arguments)
     train_config(run_arguments(arguments, entries[0], arguments.seed))   # bad values fail before the first run
+    if teacher_grid.grid_requested(arguments):
+        try:
+            teacher_grid.teacher_settings(arguments)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        teacherless = [entry for entry in entries if not get_method(method_and_preset(entry)[0]).needs_teacher]
+        if teacherless:
+            raise UsageError(f"--teacher-grid-batch-sizes/--teacher-grid-epochs vary the teacher, but {teacherless} "
+                             "train no teacher: sweep them without the grid")
     if is_main_process():
         write_config(arguments, Path(arguments.out) / "config.yaml")
-    report = run_sweep(arguments, distill_command, log=print if is_main_process() else (lambda *_: None))
+    log = print if is_main_process() else (lambda *_: None)
+    if teacher_grid.grid_requested(arguments):
+        return _teacher_grid_command(arguments, log)
+    report = run_sweep(arguments, distill_command, log=log)
     if not is_main_process():
         return 0
     if report is None:
@@ -359,6 +385,30 @@ def sweep_command(arguments) -> int:
     paths = write_sweep(report, arguments.out)
     print()
     print(markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _teacher_grid_command(arguments, log) -> int:
+    """``kdkernels sweep`` with a teacher grid: one sweep per teacher setting, then the grid's table."""
+    from kdkernels.distill import teacher_grid
+    from kdkernels.distill.sweep import run_sweep, write_sweep
+
+    def sweep(run_arguments_of_setting):
+        report = run_sweep(run_arguments_of_setting, distill_command, log=log)
+        if report is not None and is_main_process():
+            write_sweep(report, run_arguments_of_setting.out)
+        return report
+
+    grid = teacher_grid.run_teacher_grid(arguments, sweep, log=log)
+    if not is_main_process():
+        return 0
+    if grid is None:
+        print(f"sweep paused (--stop-after-epochs); rerun the same command to continue ({arguments.out})")
+        return 0
+    paths = teacher_grid.write_grid(grid, arguments.out)
+    print()
+    print(teacher_grid.markdown_grid(grid))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -376,6 +426,9 @@ def demo_command(arguments) -> int:
         settings.seeds = tuple(range(arguments.seeds))
     if arguments.epochs:
         settings.epochs = arguments.epochs
+    if arguments.metrics:
+        parse_metrics(arguments.metrics)
+        settings.metrics = arguments.metrics
     report = run_demo(settings, runs=arguments.runs)
     out_dir = arguments.out or (Path(tempfile.mkdtemp(prefix="kdkernels-demo-")) if arguments.quick
                                 else default_output_dir())

@@ -31,6 +31,10 @@ QUICK_METHODS = ("ce", "kd", "dkd")
 # Learned hyperparameters a method logs in its metrics rows (mkd's meta-learned temperatures): the demo reports their
 # values after the last epoch.
 LEARNED_COLUMNS = ("temperature_student", "temperature_teacher")
+# Representation metrics (``--metrics linear_probe,knn``; self-supervised methods add the probe themselves): the table
+# gains a column for each that a run measured.
+REPRESENTATION_COLUMNS = ("probe_acc", "knn_acc")
+REPRESENTATION_TITLES = {"probe_acc": "linear probe", "knn_acc": "k-NN"}
 
 
 @dataclasses.dataclass
@@ -40,6 +44,7 @@ class DemoSettings:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
+    metrics: str = "classification"
     experiment: DigitsExperiment = dataclasses.field(default_factory=DigitsExperiment)
 
     @classmethod
@@ -66,7 +71,7 @@ def sweep_argv(settings: DemoSettings, runs: Path) -> list[str]:
             "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
             "--student", experiment.student, "--train-size", str(experiment.train_size),
             "--teacher-epochs", str(experiment.teacher_epochs), "--teacher-seed", "0", "--device", "cpu",
-            "--no-progress", "--out", str(runs)]
+            "--metrics", settings.metrics, "--no-progress", "--out", str(runs)]
 
 
 def run_demo(settings: DemoSettings, log=print, runs: Path | None = None) -> dict:
@@ -108,7 +113,18 @@ def summarise(method: str, runs: list[dict]) -> dict:
         "loss_share": statistics.fmean(run["loss_share"] for run in runs),
         **({"learned": {key: statistics.fmean(run["learned"][key] for run in runs) for key in runs[0]["learned"]}}
            if "learned" in runs[0] else {}),
+        **representation_summary(runs),
     }
+
+
+def representation_summary(runs: list[dict]) -> dict:
+    """``{"representation": {metric: (mean, std)}}`` over the runs that measured each representation metric."""
+    found = {}
+    for metric in REPRESENTATION_COLUMNS:
+        values = [run["representation"][metric] for run in runs if metric in run.get("representation", {})]
+        if values:
+            found[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return {"representation": found} if found else {}
 
 
 def _accuracy_text(summary: dict) -> str:
@@ -130,12 +146,19 @@ def markdown_table(report: dict) -> str:
         f"{report['setting']['experiment']['train_size']} training images, {report['setting']['epochs']} epochs, "
         f"{seeds} seed(s). Loss share: the share of training time spent in the loss terms' forward.",
         "",
-        "| method | category | test accuracy (mean ± std) | vs ce | train s | loss share |",
-        "|---|---|---:|---:|---:|---:|",
     ]
+    columns = [metric for metric in REPRESENTATION_COLUMNS
+               if any(metric in summary.get("representation", {}) for summary in report["methods"].values())]
+    lines += ["| method | category | test accuracy (mean ± std) | vs ce | "
+              + "".join(f"{REPRESENTATION_TITLES[metric]} (mean ± std) | " for metric in columns)
+              + "train s | loss share |",
+              "|---|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|"]
     for name, summary in report["methods"].items():
         delta = f"{summary['mean'] - baseline['mean']:+.2f}" if baseline and name != "ce" else "-"
-        lines.append(f"| {name} | {summary['category']} | {_accuracy_text(summary)} | {delta} | "
+        measured = summary.get("representation", {})
+        cells = "".join(f"{measured[metric][0]:.2f} ± {measured[metric][1]:.2f} % | " if metric in measured else "- | "
+                        for metric in columns)
+        lines.append(f"| {name} | {summary['category']} | {_accuracy_text(summary)} | {delta} | {cells}"
                      f"{summary['train_seconds']:.2f} | {100 * summary['loss_share']:.1f}% |")
     learned = [f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in summary["learned"].items())
                for name, summary in report["methods"].items() if "learned" in summary]

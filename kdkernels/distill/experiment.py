@@ -48,7 +48,8 @@ class DigitsExperiment:
     as soon as its test accuracy reaches this (%, checked after every step), whichever comes first; the LR schedule
     still spans ``teacher_epochs``, so the teacher is an early-stopped checkpoint of the full run (defective KD).
     teacher_label_smoothing: ε of the teacher's label-smoothed cross-entropy, ``(1 − ε)·CE + ε·mean_c(−log p_c)``
-    (targets ``(1 − ε)·onehot + ε/C``; 0: plain CE). imbalance_ratio: ρ ≥ 1 makes the student's training subset
+    (targets ``(1 − ε)·onehot + ε/C``; 0: plain CE). teacher_batch_size: the teachers' minibatch size (default: the run's; the
+    teacher "sweet spot" grid of ``kdkernels sweep`` varies it with ``teacher_epochs``). imbalance_ratio: ρ ≥ 1 makes the student's training subset
     long-tailed (:func:`~kdkernels.distill.data.load_digits`); the teacher still trains on the full balanced
     split, and the test split is unchanged. :meth:`reversed` swaps the two models (reversed KD).
     """
@@ -64,6 +65,7 @@ class DigitsExperiment:
     teacher_steps: int | None = None
     teacher_target_accuracy: float | None = None
     teacher_label_smoothing: float = 0.0
+    teacher_batch_size: int | None = None
     imbalance_ratio: float | None = None
     dataset: str = "digits"           # "digits", or a name of kdkernels.distill.datasets.load_dataset
     data_dir: str | None = None
@@ -111,7 +113,8 @@ class DigitsExperiment:
     def teacher_settings(self) -> dict:
         """The teacher settings that differ from a plain, fully trained CE teacher (their names and values)."""
         values = {"teacher_steps": self.teacher_steps, "teacher_target_accuracy": self.teacher_target_accuracy,
-                  "teacher_label_smoothing": self.teacher_label_smoothing or None}
+                  "teacher_label_smoothing": self.teacher_label_smoothing or None,
+                  "teacher_batch_size": self.teacher_batch_size}
         return {name: value for name, value in values.items() if value is not None}
 
 
@@ -127,6 +130,8 @@ def check_settings(values: dict, function: str = "DigitsExperiment", names: dict
     if values.get("teacher_label_smoothing") is not None:
         check.probability(names.get("teacher_label_smoothing", "teacher_label_smoothing"),
                           values["teacher_label_smoothing"], upper_open=True)
+    if values.get("teacher_batch_size") is not None:
+        check.integer(names.get("teacher_batch_size", "teacher_batch_size"), values["teacher_batch_size"], minimum=1)
     if values.get("imbalance_ratio") is not None:
         check.real(names.get("imbalance_ratio", "imbalance_ratio"), values["imbalance_ratio"], minimum=1.0)
 
@@ -201,7 +206,10 @@ def teacher_recipe(experiment: DigitsExperiment, teacher: torch.nn.Module):
 
 def teacher_config(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> TrainConfig:
     """The teachers' training configuration: ``config`` for ``teacher_epochs``, no MixUp, no checkpoints, stopped at
-    ``teacher_steps`` / ``teacher_target_accuracy``. A step budget the whole training never reaches is an error."""
+    ``teacher_steps`` / ``teacher_target_accuracy``, with ``teacher_batch_size`` when set. A step budget the whole
+    training never reaches is an error."""
+    if experiment.teacher_batch_size is not None:
+        config = dataclasses.replace(config, batch_size=experiment.teacher_batch_size)
     if experiment.teacher_steps is not None:
         rank, world_size = rank_and_world_size()
         sampler = ShuffleBatchSampler(len(experiment.split(train_size=None).train), config.batch_size,

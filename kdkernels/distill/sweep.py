@@ -24,7 +24,8 @@ import torch
 
 import kdkernels
 from kdkernels._results import device_name
-from kdkernels.distill.demo import LEARNED_COLUMNS, markdown_table, method_and_preset, plot, summarise
+from kdkernels.distill.demo import (LEARNED_COLUMNS, REPRESENTATION_COLUMNS, markdown_table, method_and_preset, plot,
+                                   summarise)
 
 SUMMARY = "summary.json"
 
@@ -85,7 +86,7 @@ def report_of(arguments: argparse.Namespace, entries: list[str], seeds: list[int
     for entry in entries:
         runs = [{"seed": seed, "accuracy": summary["accuracy"], "best_accuracy": summary["best_accuracy"],
                  "train_seconds": summary["train_seconds"], "loss_share": summary["loss_share"],
-                 "teachers": summary["teachers"], **learned_values(summary)}
+                 "teachers": summary["teachers"], **learned_values(summary), **representation_values(summary)}
                 for seed, summary in zip(seeds, summaries[entry])]
         methods[entry] = summarise(entry, runs)
     teachers = [teacher for runs in summaries.values() for summary in runs for teacher in summary["teachers"]]
@@ -114,6 +115,18 @@ def learned_values(summary: dict) -> dict:
     last = summary["history"][-1] if summary["history"] else {}
     learned = {key: last[key] for key in LEARNED_COLUMNS if key in last}
     return {"learned": learned} if learned else {}
+
+
+def representation_values(summary: dict) -> dict:
+    """``{"representation": {"probe_acc": ..., "knn_acc": ...}}``: the run's linear-probe and k-NN test accuracies
+    (:mod:`~kdkernels.distill.task_metrics`, of its evaluated model) when it measured them, or nothing."""
+    found = {}
+    for metric in REPRESENTATION_COLUMNS:
+        values = [value for key, value in summary.get("evaluation", {}).items()
+                  if key.startswith(f"test_{metric}") and value is not None]
+        if values:
+            found[metric] = values[0]
+    return {"representation": found} if found else {}
 
 
 def write_sweep(report: dict, out: Path) -> dict[str, Path]:
