@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from kdkernels.losses import linear_kd_chunked
+from kdkernels.losses import linear_kd_chunked, linear_kd_streaming
 from kd_testing import assert_close_to_reference
 
 TOKENS, H_STUDENT, H_TEACHER, VOCAB, PADDING, TOPK = 6, 5, 4, 11, 3, 4
@@ -127,19 +127,27 @@ def transcribed(inputs, *, temperature=1.0, divergence="forward", beta=0.5, skew
 
 
 BACKEND = "auto"
+ALGORITHM = "auto"
 
 
-@pytest.fixture(autouse=True, params=["chunked", "reference"])
+@pytest.fixture(autouse=True, params=["chunked", "streaming", "reference"])
 def algorithm(request, monkeypatch):
-    """Runs the test with the token-chunked algorithm on tiles of two rows, then with the reference."""
-    global BACKEND
-    monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 2 * (VOCAB + PADDING))
-    monkeypatch.setattr(sys.modules[__name__], "BACKEND", "auto" if request.param == "chunked" else "reference")
+    """Runs the test with the token-chunked algorithm on tiles of two rows, with the vocabulary-streaming one on
+    blocks of three rows and vocabulary tiles of five columns (several of each, a ragged last one), and with the
+    reference."""
+    if request.param == "streaming":
+        monkeypatch.setattr(linear_kd_streaming, "STREAM_ROWS", 3)
+        monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 3 * 5)
+    else:
+        monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 2 * (VOCAB + PADDING))
+    monkeypatch.setattr(sys.modules[__name__], "BACKEND", "reference" if request.param == "reference" else "auto")
+    monkeypatch.setattr(sys.modules[__name__], "ALGORITHM",
+                        "vocab-streaming" if request.param == "streaming" else "token-chunked")
     return request.param
 
 
 def linear_kd(inputs, **options):
-    return kdkernels.linear_kd_loss(**inputs, **{"backend": BACKEND, **options})
+    return kdkernels.linear_kd_loss(**inputs, **{"backend": BACKEND, "algorithm": ALGORITHM, **options})
 
 
 def value_and_grads(fn, inputs, grad_names, **options):
@@ -502,26 +510,39 @@ def test_bad_input_raises_naming_the_argument(build, error, message):
 # ------------------------------------------------------------------------------- the token-chunked algorithm itself
 
 def test_tiles_hold_few_rows_and_ignored_tokens_never_reach_a_gemm(monkeypatch, algorithm):
-    """Every logits tile has at most two rows (never the [N, V] logits) and only the counted tokens are projected,
-    in the forward and in the recomputing backward of reduction='none'. backend='reference' never tiles."""
-    projected = []
-    original = linear_kd_chunked._Side.logits
+    """Every logits tile is small (never the [N, V] logits: token-chunked tiles of at most two rows, streaming
+    tiles of at most 3 rows × 5 vocabulary columns) and only the counted tokens are projected, in the forward and in
+    the recomputing backward of reduction='none'. Token-chunked projects each side once per pass, streaming three
+    times (log-sum-exp, divergence, gradient; the forward of 'none' needs only the first two).
+    backend='reference' never tiles."""
+    tiles = []
+    if algorithm == "streaming":
+        original = linear_kd_streaming._StreamSide.tile_logits
+        method = "tile_logits"
+    else:
+        original = linear_kd_chunked._Side.logits
+        method = "logits"
 
-    def recording(side, tile):
-        logits = original(side, tile)
-        projected.append(logits.shape[0])
+    def recording(side, *where):
+        logits = original(side, *where)
+        tiles.append(tuple(logits.shape))
         return logits
 
-    monkeypatch.setattr(linear_kd_chunked._Side, "logits", recording)
+    monkeypatch.setattr(linear_kd_streaming._StreamSide if algorithm == "streaming" else linear_kd_chunked._Side,
+                        method, recording)
     inputs = dense_inputs(ignore="some", leading=(2, 5))
     counted = int((inputs["labels"] != -100).sum())
-    for reduction, passes in (("batchmean", 1), ("none", 2)):
-        projected.clear()
+    passes = {"chunked": {"batchmean": 1, "none": 2}, "streaming": {"batchmean": 3, "none": 5}}.get(algorithm)
+    for reduction in ("batchmean", "none"):
+        tiles.clear()
         value_and_grads(linear_kd, inputs, ["student_hidden", "teacher_weight"], reduction=reduction)
         if algorithm == "reference":
-            assert projected == []
-        else:
-            assert max(projected) <= 2 and sum(projected) == 2 * passes * counted, (reduction, projected)
+            assert tiles == []
+            continue
+        rows, columns = (2, VOCAB) if algorithm == "chunked" else (3, 5)
+        assert max(r for r, _ in tiles) <= rows and max(c for _, c in tiles) <= columns, (reduction, tiles)
+        projected = sum(r * c for r, c in tiles)
+        assert projected == 2 * passes[reduction] * counted * VOCAB, (reduction, tiles)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])

@@ -7,7 +7,8 @@ Implementations, run alternately in rounds so that a slowdown of a shared machin
 * ``eager``: what a training script writes: both logits materialised, ``F.kl_div`` of the log-softmaxes, masked;
 * ``compile``: ``torch.compile`` of that eager function;
 * ``kdkernels-reference``: ``linear_kd_loss(backend="reference")`` (materialises the logits);
-* ``kdkernels``: ``linear_kd_loss`` (the token-chunked algorithm);
+* ``kdkernels``: ``linear_kd_loss`` (``algorithm="auto"``, the token-chunked algorithm at these shapes);
+* ``kdkernels-streaming``: ``linear_kd_loss(algorithm="vocab-streaming")``, memory independent of V;
 * ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` at ``beta=0`` (its forward KL), when installed;
 * ``gemm-floor``: the four GEMMs the work cannot avoid on the counted tokens (student and teacher logits, the
   student's hidden-state and weight gradients), the time floor.
@@ -62,10 +63,10 @@ def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, l
 
 
 def implementations(include_compile: bool) -> dict:
-    def kdkernels_loss(backend):
+    def kdkernels_loss(backend, algorithm="auto"):
         def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
             return kdkernels.linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                            labels=labels, backend=backend)
+                                            labels=labels, backend=backend, algorithm=algorithm)
         return loss
 
     impls = {"eager": eager_loss}
@@ -73,6 +74,7 @@ def implementations(include_compile: bool) -> dict:
         impls["compile"] = torch.compile(eager_loss, dynamic=False)
     impls["kdkernels-reference"] = kdkernels_loss("reference")
     impls["kdkernels"] = kdkernels_loss("auto")
+    impls["kdkernels-streaming"] = kdkernels_loss("auto", "vocab-streaming")
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError:

@@ -17,12 +17,16 @@ import torch
 
 from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, SampleReduction, accumulation_dtype
 from kdkernels.losses import linear_kd_chunked as chunked
+from kdkernels.losses import linear_kd_streaming as streaming
 from kdkernels.losses.kd import TOPK_CONVENTIONS, TopkConvention
 from kdkernels.reference import linear_kd as reference
 
 LinearDivergence = Literal["forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd", "symmetric"]
 LINEAR_DIVERGENCES = get_args(LinearDivergence)
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+ALGORITHMS = ("auto", "token-chunked", "vocab-streaming")
+# algorithm="auto" streams the vocabulary when a token-chunked tile (TILE_ELEMENTS elements) would hold fewer rows
+STREAMING_BELOW_ROWS = 8
 
 
 def _check_projection(check: Checks, side: str, hidden, weight, bias, device: torch.device,
@@ -103,17 +107,21 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                    divergence: LinearDivergence = "forward", beta: float = 0.5, skew_alpha: float = 0.1,
                    hard_weight: float = 0.0, soft_weight: float = 1.0, reduction: SampleReduction = "batchmean",
                    scale_by_t2: bool = False, logit_softcap: float | None = None,
-                   num_items: int | torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                   num_items: int | torch.Tensor | None = None, backend: str = "auto",
+                   algorithm: str = "auto") -> torch.Tensor:
     """Distillation loss of a language model from hidden states and lm_head weights:
     ``soft_weight · D(p_t, p_s) (· T²) + hard_weight · CE(z_s, labels)`` per token, ``p = softmax(z / T)``,
     ``z = hidden @ weight.T + bias``.
 
     The logits are formed in float32 (float64 when an input is float64), so bf16/fp16 inputs are never rounded
     before the softmax; ``kdkernels.reference.linear_kd`` is the formula. Every backend but ``"reference"`` runs
-    the token-chunked algorithm (:mod:`kdkernels.losses.linear_kd_chunked`): tokens labelled ``ignore_index`` are
-    dropped before the GEMMs (one host synchronisation to count them), and only ``[chunk, V]`` logits tiles exist,
-    never the ``[N, V]`` logits. Under ``torch.compile`` the reference formula is traced instead (the chunked
-    algorithm's data-dependent row count and per-tile autograd do not trace), so a compiled call holds the logits.
+    one of two algorithms that never hold the ``[N, V]`` logits; both drop tokens labelled ``ignore_index`` before
+    the GEMMs (one host synchronisation to count them). The token-chunked one
+    (:mod:`kdkernels.losses.linear_kd_chunked`) holds a ``[chunk, V]`` tile per side and runs one forward GEMM per
+    side; the vocabulary-streaming one (:mod:`kdkernels.losses.linear_kd_streaming`) holds ``[rows, V_tile]`` tiles,
+    memory independent of V, at three forward GEMMs per side. Under ``torch.compile`` the reference formula is traced
+    instead (the algorithms' data-dependent row count and per-tile autograd do not trace), so a compiled call holds
+    the logits.
 
     Args:
         student_hidden: ``[N, H_s]`` or ``[B, T, H_s]`` final hidden states (flattened to tokens).
@@ -145,6 +153,10 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             gradient-accumulation step, so that summing the micro-batches' losses gives the full batch's.
         backend: the row kernels of the token-chunked algorithm, ``"auto"`` (the device's best), ``"cpu"``,
             ``"cuda"`` or ``"triton"``; or ``"reference"``: the materialising reference.
+        algorithm: ``"token-chunked"``, ``"vocab-streaming"``, or ``"auto"``: token-chunked unless a
+            ``[chunk, V]`` tile would hold fewer than ``STREAMING_BELOW_ROWS`` rows (V beyond 2^21 / that).
+            The streaming algorithm runs the divergences as torch ops (``backend`` picks the token-chunked
+            algorithm's row kernels). Ignored with ``backend="reference"``.
 
     Gradients reach every input that requires grad (the teacher's too), in its dtype. The result is float32
     (float64 when an input is float64), under ``torch.autocast`` too (the loss turns it off for its GEMMs).
@@ -208,6 +220,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             check.value_error("labels", f"must be in [0, {vocabulary}) or ignore_index ({ignore_index}) when "
                               "hard_weight > 0", f"{labels[bad][0].item()}")
     backend = check.choice("backend", backend, BACKENDS)
+    algorithm = check.choice("algorithm", algorithm, ALGORITHMS)
 
     def tokens(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
@@ -222,7 +235,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             loss = _token_chunked(tokens(student_hidden), student_weight, student_bias, tokens(teacher_hidden),
                                   teacher_weight, teacher_bias, tokens(teacher_topk_logprobs),
                                   tokens(teacher_topk_indices), None if labels is None else labels.reshape(-1),
-                                  ignore_index, options, reduction, num_items)
+                                  ignore_index, options, reduction, num_items, algorithm)
         else:
             rows, keep = reference.linear_kd_rows(
                 tokens(student_hidden), student_weight, tokens(teacher_hidden), teacher_weight,
@@ -238,9 +251,11 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
 
 
 def _token_chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   topk_logprobs, topk_indices, labels, ignore_index: int, options, reduction: str, num_items):
-    """The token-chunked loss of 2-D inputs: ignored tokens dropped (a differentiable row gather), then
-    :class:`~kdkernels.losses.linear_kd_chunked.TokenChunkedLinearKD`; ``"none"`` scatters the rows back."""
+                   topk_logprobs, topk_indices, labels, ignore_index: int, options, reduction: str, num_items,
+                   algorithm: str):
+    """The loss of 2-D inputs without the logits: ignored tokens dropped (a differentiable row gather), then
+    :class:`~kdkernels.losses.linear_kd_chunked.TokenChunkedLinearKD` with the algorithm's pass; ``"none"``
+    scatters the rows back."""
     floats = [t for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                           topk_logprobs) if t is not None]
     dtype = accumulation_dtype(*floats)
@@ -266,8 +281,12 @@ def _token_chunked(student_hidden, student_weight, student_bias, teacher_hidden,
         row_weight = torch.as_tensor(num_items, device=student_hidden.device).to(dtype).reciprocal()
     else:
         row_weight = torch.full((), 1.0 / max(counted, 1), dtype=dtype, device=student_hidden.device)
+    if algorithm == "auto":
+        streams = chunked.chunk_rows(student_weight.shape[0]) < STREAMING_BELOW_ROWS
+        algorithm = "vocab-streaming" if streams else "token-chunked"
+    run_pass = streaming.streaming_pass if algorithm == "vocab-streaming" else chunked.chunked_pass
     result = chunked.TokenChunkedLinearKD.apply(
-        row_weight, options, student_weight.shape[0], dtype, rows_of(student_hidden), student_weight, student_bias,
+        row_weight, run_pass, options, student_weight.shape[0], dtype, rows_of(student_hidden), student_weight, student_bias,
         rows_of(teacher_hidden), teacher_weight, teacher_bias, rows_of(topk_logprobs), rows_of(topk_indices),
         rows_of(labels))
     if reduction == "none" and kept is not None:

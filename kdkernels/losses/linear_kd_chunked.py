@@ -185,24 +185,24 @@ GRADIENT_INPUTS = ("student_hidden", "student_weight", "student_bias", "teacher_
 
 
 class TokenChunkedLinearKD(torch.autograd.Function):
-    """``Σ w · rows`` (``row_weight`` a 0-dim tensor: the scalar reductions) or the rows (``row_weight`` None)."""
+    """``Σ w · rows`` (``row_weight`` a 0-dim tensor: the scalar reductions) or the rows (``row_weight`` None), by
+    ``run_pass``: :func:`chunked_pass`, or the vocabulary-streaming algorithm's pass with the same contract."""
 
     @staticmethod
-    def forward(ctx, row_weight, options, vocabulary, dtype, student_hidden, student_weight, student_bias,
+    def forward(ctx, row_weight, run_pass, options, vocabulary, dtype, student_hidden, student_weight, student_bias,
                 teacher_hidden, teacher_weight, teacher_bias, topk_logprobs, topk_indices, labels):
         tensors = dict(zip(GRADIENT_INPUTS, (student_hidden, student_weight, student_bias, teacher_hidden,
                                              teacher_weight, teacher_bias)),
                        topk_logprobs=topk_logprobs, topk_indices=topk_indices, labels=labels)
-        ctx.options, ctx.vocabulary, ctx.dtype = options, vocabulary, dtype
+        ctx.run_pass, ctx.options, ctx.vocabulary, ctx.dtype = run_pass, options, vocabulary, dtype
         ctx.requires = [t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias,
                                                                     teacher_hidden, teacher_weight, teacher_bias)]
         wants_grads = any(ctx.requires)
         ctx.tensors, ctx.row_weight, ctx.gradients = (tensors if wants_grads else None), row_weight, None
         if row_weight is None:
-            rows, _ = chunked_pass(tensors, options, vocabulary, dtype, None)
+            rows, _ = run_pass(tensors, options, vocabulary, dtype, None)
             return rows
-        rows, ctx.gradients = chunked_pass(tensors, options, vocabulary, dtype,
-                                           row_weight if wants_grads else None)
+        rows, ctx.gradients = run_pass(tensors, options, vocabulary, dtype, row_weight if wants_grads else None)
         return (rows * row_weight).sum()
 
     @staticmethod
@@ -214,6 +214,6 @@ class TokenChunkedLinearKD(torch.autograd.Function):
             ctx.gradients = None
         else:
             weights = grad_output if ctx.row_weight is None else ctx.row_weight * grad_output
-            _, gradients = chunked_pass(ctx.tensors, ctx.options, ctx.vocabulary, ctx.dtype, weights)
+            _, gradients = ctx.run_pass(ctx.tensors, ctx.options, ctx.vocabulary, ctx.dtype, weights)
         gradients = tuple(g if wanted else None for g, wanted in zip(gradients, ctx.requires))
-        return (None, None, None, None) + gradients + (None, None, None)
+        return (None, None, None, None, None) + gradients + (None, None, None)
