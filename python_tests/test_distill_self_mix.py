@@ -59,11 +59,21 @@ def test_mixskd_step_is_the_official_loss_on_the_clean_and_mixup_batch():
     torch.testing.assert_close(output.terms["mixskd"].double(), expected, rtol=1e-5, atol=1e-6)
     assert len(term.heads) == 2 and len(term.discriminators) == 3
     assert all(f.shape[1:] == maps["stage3"].shape[1:] for f in features), "branches reach the deepest map's shape"
-    # every module of the method learns: the network, the branches, the self-teacher, the discriminators
+    # the network, the branches and the self-teacher learn; the discriminators stay as initialised (as coded)
     output.loss.backward()
-    for name, module in (("student", student), ("heads", term.heads), ("teacher", term.teacher),
-                         ("discriminators", term.discriminators)):
+    for name, module in (("student", student), ("heads", term.heads), ("teacher", term.teacher)):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+    assert all(p.grad is None and not p.requires_grad for p in term.discriminators.parameters())
+    trained = {id(p) for p in distiller.trainable_parameters()}
+    assert not any(id(p) in trained for p in term.discriminators.parameters())
+    assert all(id(p) in trained for p in term.teacher.parameters())
+
+
+def test_mixskd_can_train_its_discriminators():
+    recipe, _, output = mixskd_step(train_discriminators=True)
+    discriminators = recipe.stages[0].distiller.terms[0].discriminators
+    output.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in discriminators.parameters())
 
 
 def test_batch_mixup_draws_one_lam_per_batch_and_evaluates_as_the_identity():
@@ -98,6 +108,8 @@ def test_mixskd_presets_and_bad_configuration():
         build_recipe("mixskd", digits_setup(), alpha=0.0)
     with pytest.raises(TypeError, match="mixskd: temperature"):
         build_recipe("mixskd", digits_setup(), temperature="3")
+    with pytest.raises(TypeError, match="mixskd: train_discriminators"):
+        build_recipe("mixskd", digits_setup(), train_discriminators=1)
     with pytest.raises(ValueError, match="mixskd's network.*no submodule 'stage9'"):
         build_recipe("mixskd", digits_setup(), stages=["stage1", "stage9"])
     recipe = build_recipe("mixskd", digits_setup(student="student-mlp"))

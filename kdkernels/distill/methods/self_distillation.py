@@ -491,16 +491,17 @@ def feature_discriminator(width: int) -> nn.Module:
 
 class MixupDistillationTerm(Term):
     """The whole MixSKD loss (``kdkernels.mixskd_loss``) with its modules: one :class:`BranchHead` per shallow
-    stage, the :class:`SelfTeacher` and one discriminator per feature map (K = the stages), built from the shapes.
+    stage, the :class:`SelfTeacher` and one discriminator per feature map (K = the stages), built from the shapes;
+    the discriminators stay at their random initialisation unless ``train_discriminators``.
 
     Reads the 2B logits and stage maps of :class:`MixupPair` (clean rows first, then the mixup rows), the labels
     and the mixing view's ``lam`` and partners."""
 
     def __init__(self, temperature: float, *, model: str = "mixskd", stages: int, target: str = "target",
-                 lam: str = "mix_lam", perm: str = "mix_perm"):
+                 lam: str = "mix_lam", perm: str = "mix_perm", train_discriminators: bool = False):
         super().__init__("mixskd", (f"{model}:logits", target, lam, perm,
                                     *(f"{model}:maps.{k}" for k in range(stages))))
-        self.temperature = temperature
+        self.temperature, self.train_discriminators = temperature, train_discriminators
         self.heads, self.discriminators = nn.ModuleList(), nn.ModuleList()
         self.teacher = nn.Identity()
 
@@ -523,6 +524,7 @@ class MixupDistillationTerm(Term):
         self.heads = nn.ModuleList(heads).to(device)
         self.teacher = SelfTeacher(len(maps), width, logits.shape[1]).to(device)
         self.discriminators = nn.ModuleList(feature_discriminator(width) for _ in maps).to(device)
+        self.discriminators.requires_grad_(self.train_discriminators)
 
     def loss(self, logits, target, lam, perm, *maps, context):
         rows = target.shape[0]
@@ -543,7 +545,8 @@ class MixupDistillationTerm(Term):
                 "Recognition. ECCV 2022",
           presets={"imagenet": {"alpha": 0.2}},
           approximation=MIXSKD_APPROXIMATION)
-def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, stages: list[str] | None = None) -> Recipe:
+def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, train_discriminators: bool = False,
+           stages: list[str] | None = None) -> Recipe:
     """MixSKD: each image and its mixup image teach each other, with auxiliary branches and a self-teacher.
 
     ``x̃ = lam·x + (1 − lam)·x[perm]`` (``lam ~ Beta(α, α)``, one per batch, α = 0.4; preset ``imagenet``: 0.2) runs
@@ -556,8 +559,10 @@ def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, stages: l
     mixup logits and on the mixup maps its interpolated logits (KL at T = 3); CE on every clean classifier and
     mixup CE on every mixup classifier and both self-teacher outputs; weights 1 (``kdkernels.mixskd_loss``;
     winycg/Self-KD-Lib @ ede3062 ``main_mixskd_imagenet.py``, ``models/resnet_mixskd.py``,
-    ``methods/adversarial.py``). As coded, one SGD optimiser minimises the discriminators' BCE together with the
-    network (no min–max). The CIFAR script computes but drops the mixup CE terms; this follows the ImageNet script,
+    ``methods/adversarial.py``). As coded, the network minimises the discriminators' BCE (no min–max) and the
+    discriminators themselves never learn: ``discriminatorLoss`` keeps them in a Python list, so they are in no
+    optimiser and stay at their random initialisation; ``train_discriminators=True`` puts them in the optimiser
+    (minimising the same BCE). The CIFAR script computes but drops the mixup CE terms; this follows the ImageNet script,
     which adds them. The evaluated model is the network's own classifier on clean inputs (the official test reports
     the best of all classifiers). ``stages`` (shallow to deep, convolutional) override the model's kd_points.
     Approximation: see ``MIXSKD_APPROXIMATION``.
@@ -565,12 +570,13 @@ def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, stages: l
     check = Checks("mixskd")
     alpha = check.real("alpha", alpha, positive=True)
     temperature = check.temperature(temperature)
+    train_discriminators = check.flag("train_discriminators", train_discriminators)
     stage_taps = list(stages) if stages is not None else list(feature_points(setup.student).stages)
     if len(stage_taps) < 1:
         raise ValueError(f"mixskd: stages must hold at least one stage, got {stage_taps}")
     pair = MixupPair(setup.student, stage_taps)
-    distiller = Distiller({"student": setup.student, "mixskd": pair},
-                          [MixupDistillationTerm(temperature, stages=len(stage_taps))],
+    term = MixupDistillationTerm(temperature, stages=len(stage_taps), train_discriminators=train_discriminators)
+    distiller = Distiller({"student": setup.student, "mixskd": pair}, [term],
                           trainable=("student", "mixskd"), evaluate=("student",),
                           views=[View("input", "input_mix", BatchMixUp(alpha))])
     return single_stage("mixskd", distiller)
