@@ -234,6 +234,8 @@ _SPECS = [
      ("logits", "mixup_logits", "features", "mixup_features", "teacher_logits", "teacher_mixup_logits",
       "discriminator_logits", "discriminator_mixup_logits", "labels", "lam", "permutation"),
      "loss = MixSKDLoss(temperature=3.0)(z, z_mix, f, f_mix, t, t_mix, d, d_mix, y, lam, perm)"),
+    ("SnapshotDistillationLoss", losses.snapshot_distillation_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = SnapshotDistillationLoss(temperature=3.0)(model(x), snapshot(x), y)"),
 ]
 
 LOSS_MODULES: dict[str, type] = {}

@@ -139,6 +139,7 @@ INPUTS = {
                             "discriminator_logits": [_randn(B, 2, seed=11), _randn(B, 2, seed=12)],
                             "discriminator_mixup_logits": [_randn(B, 2, seed=13), _randn(B, 2, seed=14)],
                             "labels": _labels(), "lam": 0.3, "permutation": torch.arange(B).roll(1)},
+    "snapshot_distillation_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "crcd_loss": lambda: {"student_embed": _unit(B, 5, seed=1), "teacher_embed": _unit(B, 5, seed=2),
                           "indices": torch.arange(B), "contrast_indices": torch.arange(4 * B).view(B, 4) % 10,
                           "memory_student": _unit(10, 5, seed=3), "memory_teacher": _unit(10, 5, seed=4),

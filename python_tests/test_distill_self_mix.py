@@ -1,12 +1,15 @@
-"""Self-distillation from mixing (MixSKD): one training step equals the official formula on that step's tensors,
-exact resume, and configuration errors."""
+"""Self-distillation from mixing (MixSKD) and from earlier snapshots (snapshot distillation): one training step
+equals the official (or paper's) formula on that step's tensors, exact resume, and configuration errors."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from distill_testing import batches_for, digits_setup
+from distill_testing import batches_for, digits_setup, first_step
 from test_losses_self_distillation import official_mixskd
-from trainer_testing import QUIET, assert_resume_is_exact
-from kdkernels.distill import build_recipe
+from trainer_testing import QUIET, assert_resume_is_exact, small_split
+from kdkernels.distill import TrainConfig, Trainer, build_recipe
 from kdkernels.distill.methods.self_distillation import BatchMixUp
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.views import Draws, View, apply_views
@@ -129,3 +132,81 @@ def test_mixskd_mixed_inputs_change_the_loss():
     viewed = dict(viewed, input_mix=viewed["input"], mix_lam=torch.ones_like(viewed["mix_lam"]))
     same = distiller.compute_terms(distiller.run_models(viewed), StepContext(epoch=1, epochs=10, step=2, batch=viewed))
     assert not torch.allclose(same.terms["mixskd"], output.terms["mixskd"])
+
+
+# -------------------------------------------------------------------------------------------- snapshot distillation
+
+def make_snapshot(seed=0, **overrides):
+    return build_recipe("snapshot-distillation", digits_setup(seed=seed, teacher=None), **overrides)
+
+
+def test_snapshot_cycles_split_the_run_and_share_one_frozen_teacher():
+    recipe = make_snapshot(cycles=3)
+    assert [stage.name for stage in recipe.stages] == ["cycle-1", "cycle-2", "cycle-3"]
+    assert [stage.epochs_of(10) for stage in recipe.stages] == [3, 3, 4]
+    assert [stage.epochs_of(2) for stage in recipe.stages] == [0, 1, 1]
+    first, second, third = (stage.distiller for stage in recipe.stages)
+    student = first.models["student"]
+    assert list(first.models) == ["student"] and [t.name for t in first.terms] == ["ce_student"]
+    assert second.models["student"] is student and third.models["student"] is student
+    assert second.models["teacher"] is third.models["teacher"] and second.models["teacher"] is not student
+    assert second.trainable == ("student",) and recipe.student is student
+    # the teacher becomes the student's snapshot when a cycle starts, and only then
+    with torch.no_grad():
+        student.fc.bias.add_(1.0)
+    recipe.stages[1].before()
+    teacher = second.models["teacher"]
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+    with torch.no_grad():
+        student.fc.bias.add_(1.0)
+    assert not torch.equal(teacher.fc.bias, student.fc.bias)
+
+
+def test_snapshot_step_is_ce_plus_kd_from_the_previous_cycle():
+    recipe = make_snapshot(temperature=2.0, ce_weight=0.5, kd_weight=3.0)
+    student, teacher = recipe.stages[1].distiller.models["student"], recipe.stages[1].distiller.models["teacher"]
+    with torch.no_grad():   # the snapshot of an earlier cycle differs from the network it teaches
+        for parameter in student.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    distiller, batch, values, output = first_step(recipe, stage_index=1)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        z_s, z_t = student(batch["input"]).double(), teacher(batch["input"]).double()
+    kd = F.kl_div(F.log_softmax(z_s / 2.0, 1), F.softmax(z_t / 2.0, 1), reduction="batchmean") * 4.0
+    expected = 0.5 * F.cross_entropy(z_s, batch["target"]) + 3.0 * kd
+    torch.testing.assert_close(output.terms["snapshot"].double(), expected, rtol=1e-5, atol=1e-7)
+    assert kd > 0
+    _, _, _, plain = first_step(recipe, stage_index=0)
+    assert set(plain.terms) == {"ce_student"}
+
+
+def test_snapshot_teacher_is_the_last_snapshot_of_the_previous_cycle_and_the_lr_restarts(tmp_path):
+    config = dict(epochs=4, batch_size=32, lr=0.05, **QUIET)
+    reference = Trainer(TrainConfig(out_dir=tmp_path / "first", stop_after_epochs=2, **config))
+    recipe = make_snapshot(seed=1, cycles=2)
+    reference.fit(recipe, small_split().train, small_split().test)
+    end_of_cycle_1 = copy.deepcopy(recipe.student.state_dict())
+    resumed = make_snapshot(seed=5, cycles=2)
+    result = Trainer(TrainConfig(out_dir=tmp_path / "first", resume=True, **config)).fit(
+        resumed, small_split().train, small_split().test)
+    teacher = resumed.stages[1].distiller.models["teacher"]
+    assert all(torch.equal(teacher.state_dict()[key], value) for key, value in end_of_cycle_1.items())
+    assert not torch.equal(resumed.student.fc.weight, end_of_cycle_1["fc.weight"]), "the student trained on"
+    rates = [row["lr"] for row in result.history]
+    assert rates[0] == rates[2] == 0.05 and rates[1] < 0.05 and rates[3] < 0.05, rates
+
+
+def test_snapshot_resume_is_bit_exact_across_the_cycle_boundary(tmp_path):
+    assert_resume_is_exact(lambda seed: make_snapshot(seed=seed, cycles=2),
+                           dict(epochs=4, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1, 1, 1))
+
+
+def test_snapshot_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="snapshot-distillation: cycles must be an int >= 2"):
+        make_snapshot(cycles=1)
+    with pytest.raises(TypeError, match="snapshot-distillation: cycles"):
+        make_snapshot(cycles=2.0)
+    with pytest.raises(ValueError, match="snapshot-distillation: temperature"):
+        make_snapshot(temperature=0.0)
+    with pytest.raises(ValueError, match="snapshot-distillation: kd_weight"):
+        make_snapshot(kd_weight=-1.0)

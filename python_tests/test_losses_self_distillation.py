@@ -1,7 +1,7 @@
 """byot_loss, sad_loss, dks_loss, ddgsd_loss and mixskd_loss against their official losses transcribed here in eager
 PyTorch (BYOT: luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS; DDGSD: the
-paper, no code; MixSKD: winycg/Self-KD-Lib main_mixskd_imagenet.py), value and gradients in float64, and their
-argument errors."""
+paper, no code; MixSKD: winycg/Self-KD-Lib main_mixskd_imagenet.py; snapshot distillation: the paper, no code), value
+and gradients in float64, and their argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,6 +270,27 @@ def test_mixskd_per_sample_weights_mix_each_row_with_its_partner():
                            z, m, f, g, t, t_m, d, d_m, what="mixskd per sample")
 
 
+def paper_snapshot_distillation(student, teacher, labels, temperature, ce_weight, kd_weight):
+    """Snapshot distillation (Yang et al., CVPR 2019) as read from the paper: CE plus Hinton KD from the snapshot."""
+    p_t = torch.softmax(teacher.detach() / temperature, dim=1)
+    log_p_s = torch.log_softmax(student / temperature, dim=1)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(dim=1).mean()
+    return ce_weight * F.cross_entropy(student, labels) + kd_weight * temperature ** 2 * kl
+
+
+@pytest.mark.parametrize("temperature, ce_weight, kd_weight", [(3.0, 1.0, 1.0), (1.0, 0.5, 2.0), (4.0, 0.0, 1.0)])
+def test_snapshot_distillation_is_the_paper_loss(temperature, ce_weight, kd_weight):
+    """The snapshot is detached: its gradient is zero."""
+    student, teacher = randn(B, C, seed=170, scale=3.0, grad=True), randn(B, C, seed=171, scale=3.0, grad=True)
+    labels = class_labels(B, C, seed=9)
+    assert_equals_official(
+        lambda s, t: kdkernels.snapshot_distillation_loss(s, t, labels, temperature, ce_weight, kd_weight),
+        lambda s, t: paper_snapshot_distillation(s, t, labels, temperature, ce_weight, kd_weight),
+        student, teacher, what="snapshot distillation")
+    assert torch.autograd.grad(kdkernels.snapshot_distillation_loss(student, teacher, labels), teacher,
+                               allow_unused=True)[0] is None
+
+
 S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
 
 
@@ -309,6 +330,14 @@ def mixskd(**changes):
     (lambda: mixskd(permutation=torch.arange(3)), ValueError, r"^mixskd_loss: permutation must have shape \[4\]"),
     (lambda: mixskd(labels=Y[:3]), ValueError, r"^mixskd_loss: labels must have the logits' leading shape"),
     (lambda: mixskd(temperature=0.0), ValueError, r"^mixskd_loss: temperature must be"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, torch.randn(4, 9), Y), ValueError,
+     r"^snapshot_distillation_loss: teacher_logits must have the same shape as student_logits"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y[:2]), ValueError,
+     r"^snapshot_distillation_loss: labels must have the logits' leading shape"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y, ce_weight=-1.0), ValueError,
+     r"^snapshot_distillation_loss: ce_weight must be >= 0"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y, kd_weight="1"), TypeError,
+     r"^snapshot_distillation_loss: kd_weight must be a real number"),
 ])
 def test_self_distillation_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):

@@ -1,5 +1,6 @@
 """Self-distillation losses: a network teaches itself (BYOT's deepest classifier teaches its shallow heads; MixSKD's
-mixup images and interpolated clean outputs teach each other).
+mixup images and interpolated clean outputs teach each other; snapshot distillation's earlier snapshot teaches the
+next cycle).
 
 Plain PyTorch: each function IS the reference of its formula, transcribed from the code named in its docstring
 (../shared/reference/methods.md §1.12).
@@ -282,3 +283,26 @@ def mixskd_loss(logits: Sequence[torch.Tensor], mixup_logits: Sequence[torch.Ten
         target[rows:, 1] = 1.0
         adversarial = adversarial + F.binary_cross_entropy_with_logits(both, target)
     return task + divergence + feature + adversarial
+
+
+def snapshot_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                               temperature: float = 3.0, ce_weight: float = 1.0,
+                               kd_weight: float = 1.0) -> torch.Tensor:
+    """Snapshot distillation's loss in a cycle after the first (Yang, Xie, Su, Yuille, "Snapshot Distillation:
+    Teacher-Student Optimization in One Generation", CVPR 2019; no official code, from the paper's description)::
+
+        ce_weight · CE(z_s, y) + kd_weight · T² · KL( softmax(z_t / T) ‖ softmax(z_s / T) )
+
+    with ``z_t`` the logits [B, C] of the network's snapshot at the end of the previous cycle (detached) and the KL
+    the batch mean of per-sample sums (``kdkernels.kd_loss``). Approximation: the paper's temperature, weights and
+    whether it softens the student's output too are not confirmed by code; the defaults are unconfirmed choices.
+    """
+    check = Checks("snapshot_distillation_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    check.labels(labels, student_logits.shape[:1], student_logits.device)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    kd_weight = check.real("kd_weight", kd_weight, nonnegative=True)
+    student = accumulate(student_logits)
+    distillation = kd_loss(student, accumulate(teacher_logits).detach(), temperature)
+    return ce_weight * F.cross_entropy(student, labels) + kd_weight * distillation

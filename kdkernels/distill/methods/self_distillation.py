@@ -1,6 +1,10 @@
-"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS, DDGSD, MixSKD) or its own reborn
-copies (BAN) (../shared/reference/methods.md §1.14–1.15)."""
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS, DDGSD, MixSKD), its own earlier
+snapshots (snapshot distillation) or its own reborn copies (BAN) (../shared/reference/methods.md §1.14–1.15)."""
 from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +15,7 @@ from kdkernels._validation import Checks
 from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.hooks import find_module, split_tap
 from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods.response import HardLabelTerm
 from kdkernels.distill.methods.self_supervised import byol_views
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
@@ -580,6 +585,69 @@ def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, train_dis
                           trainable=("student", "mixskd"), evaluate=("student",),
                           views=[View("input", "input_mix", BatchMixUp(alpha))])
     return single_stage("mixskd", distiller)
+
+
+# ------------------------------------------------------------------------------------------- Snapshot distillation
+
+SNAPSHOT_APPROXIMATION = ("no official code (the authors' project page links none): built from the paper's "
+                          "description (a cyclic learning rate: with the run's default cosine schedule, from the "
+                          "run's LR to 0 in every cycle; the last snapshot of each cycle, frozen, teaches every "
+                          "iteration of the next; the first cycle CE only). The paper's text was not available here "
+                          "to confirm its numbers: the defaults (4 equal cycles, Hinton KD at T = 3, CE and KD "
+                          "weights 1) are not the paper's confirmed values, nor is it confirmed whether the paper "
+                          "softens the student's output too (here both, as in Hinton KD); each cycle is a stage with "
+                          "a fresh optimiser (SGD momentum restarts with the learning rate)")
+
+
+@dataclasses.dataclass
+class CycleStage(Stage):
+    """A stage that is cycle ``cycle`` (0-based) of ``cycles`` equal shares of the run: cycle k trains
+    ``⌊(k+1)·E/N⌋ − ⌊k·E/N⌋`` of the run's E epochs, so that the N cycles add up to E exactly."""
+
+    cycle: int = 0
+    cycles: int = 1
+
+    def epochs_of(self, run_epochs: int) -> int:
+        return (self.cycle + 1) * run_epochs // self.cycles - self.cycle * run_epochs // self.cycles
+
+
+def take_snapshot(teacher: nn.Module, student: nn.Module) -> None:
+    """``teacher ← student`` (parameters and buffers): the snapshot that teaches the next cycle."""
+    teacher.load_state_dict(student.state_dict())
+
+
+@register("snapshot-distillation", category="self", needs_teacher=False,
+          paper="Yang, Xie, Su, Yuille. Snapshot Distillation: Teacher-Student Optimization in One Generation. "
+                "CVPR 2019",
+          approximation=SNAPSHOT_APPROXIMATION)
+def snapshot_distillation(setup: Setup, cycles: int = 4, temperature: float = 3.0, ce_weight: float = 1.0,
+                          kd_weight: float = 1.0) -> Recipe:
+    """Snapshot distillation: one training run in ``cycles`` cycles; the snapshot at the end of each teaches the next.
+
+    Cycle 1: ``CE``. Cycle k ≥ 2: ``ce_weight·CE + kd_weight·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batchmean,
+    ``kdkernels.snapshot_distillation_loss``; under the trainer's MixUp the mixup criterion over both labels) with
+    ``z_t`` the network frozen as it was at the end of cycle k − 1 (one teacher model ``"teacher"``, set to the student's parameters and buffers when each cycle starts; checkpoints hold it, so a run
+    resumed inside a cycle keeps its teacher). Each cycle is a stage of an equal share of the run's epochs with its
+    own optimiser and learning-rate schedule: with the default cosine schedule the LR restarts at the run's LR and
+    decays to 0 in every cycle (the paper's cyclic learning rate). No official code: see
+    ``SNAPSHOT_APPROXIMATION`` for what is not confirmed.
+    """
+    check = Checks("snapshot-distillation")
+    cycles = check.integer("cycles", cycles, minimum=2)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    kd_weight = check.real("kd_weight", kd_weight, nonnegative=True)
+    student = setup.student
+    teacher = copy.deepcopy(student)
+    stages = [CycleStage("cycle-1", Distiller({"student": student}, [CrossEntropyTerm("student", 1.0)]),
+                         cycle=0, cycles=cycles)]
+    for cycle in range(1, cycles):
+        terms = [HardLabelTerm("snapshot", kdkernels.snapshot_distillation_loss, ("student", "teacher", "target"),
+                               1.0, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)]
+        stages.append(CycleStage(f"cycle-{cycle + 1}", Distiller({"student": student, "teacher": teacher}, terms),
+                                 before=functools.partial(take_snapshot, teacher, student), cycle=cycle,
+                                 cycles=cycles))
+    return Recipe("snapshot-distillation", stages)
 
 
 # ------------------------------------------------------------------------------------------------------------- BAN
