@@ -230,6 +230,12 @@ _SPECS = [
     ("DKSLoss", losses.dks_loss, ("logits", "labels"), "loss = DKSLoss()([z_branch1, z_branch2, z], y)"),
     ("DDGSDLoss", losses.ddgsd_loss, ("logits_a", "logits_b", "labels", "features_a", "features_b"),
      "loss = DDGSDLoss()(model(x_a), model(x_b), y, f_a, f_b)"),
+    ("MixSKDLoss", losses.mixskd_loss,
+     ("logits", "mixup_logits", "features", "mixup_features", "teacher_logits", "teacher_mixup_logits",
+      "discriminator_logits", "discriminator_mixup_logits", "labels", "lam", "permutation"),
+     "loss = MixSKDLoss(temperature=3.0)(z, z_mix, f, f_mix, t, t_mix, d, d_mix, y, lam, perm)"),
+    ("SnapshotDistillationLoss", losses.snapshot_distillation_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = SnapshotDistillationLoss(temperature=3.0)(model(x), snapshot(x), y)"),
 ]
 
 LOSS_MODULES: dict[str, type] = {}

@@ -1,6 +1,7 @@
-"""byot_loss, sad_loss, dks_loss and ddgsd_loss against their official losses transcribed here in eager PyTorch
-(BYOT: luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS; DDGSD: the paper,
-no code), value and gradients in float64, and their argument errors."""
+"""byot_loss, sad_loss, dks_loss, ddgsd_loss and mixskd_loss against their official losses transcribed here in eager
+PyTorch (BYOT: luanyunteng/pytorch-be-your-own-teacher; SAD: ENet-SAD_Pytorch at_gen; DKS: sundw2014/DKS; DDGSD: the
+paper, no code; MixSKD: winycg/Self-KD-Lib main_mixskd_imagenet.py; snapshot distillation: the paper, no code), value
+and gradients in float64, and their argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,123 @@ def test_ddgsd_is_the_paper_loss(kl_weight, mmd_weight, feature_shape):
         za, zb, fa, fb, what="ddgsd")
 
 
+def official_mixskd(logits, features, ensemble_logits, ensemble_mixup_logits, judged, judged_mixup, targets, lam,
+                    index, kd_t):
+    """winycg/Self-KD-Lib @ ede3062 ``main_mixskd_imagenet.py`` ``train`` on the network's outputs for
+    ``cat([inputs, mix_inputs])``: ``logits``/``features`` [2B, ...] per classifier, the self-teacher's outputs, and
+    the discriminators' outputs on the (pooled) interpolated and mixup features (``discriminatorLoss``)."""
+    bs = targets.shape[0]
+    targets_a, targets_b = targets, targets[index]
+
+    def criterion_div(y_s, y_t):   # utils.py DistillKL
+        p_s = F.log_softmax(y_s / kd_t, dim=1)
+        p_t = F.softmax(y_t / kd_t, dim=1)
+        return F.kl_div(p_s, p_t, reduction="batchmean") * (kd_t ** 2)
+
+    def mixup_criterion(pred):
+        return lam * F.cross_entropy(pred, targets_a) + (1 - lam) * F.cross_entropy(pred, targets_b)
+
+    mix_logits = [lam * logit[:bs] + (1 - lam) * logit[index] for logit in logits]
+    ensemble_features = [lam * (fea[:bs]) + (1 - lam) * (fea[index]) for fea in features]
+    mixup_logits = [logit[bs:] for logit in logits]
+    mixup_features = [fea[bs:] for fea in features]
+    loss_cls = sum(F.cross_entropy(logit[:bs], targets) for logit in logits)
+    loss_cls = loss_cls + sum(mixup_criterion(mixup_logit) for mixup_logit in mixup_logits)
+    loss_cls = loss_cls + mixup_criterion(ensemble_logits) + mixup_criterion(ensemble_mixup_logits)
+    loss_div = criterion_div(mix_logits[-1], ensemble_mixup_logits.detach())
+    loss_div = loss_div + criterion_div(mixup_logits[-1], ensemble_logits.detach())
+    for i in range(len(mix_logits) - 1):
+        loss_div = loss_div + criterion_div(mix_logits[i], mixup_logits[i].detach())
+        loss_div = loss_div + criterion_div(mixup_logits[i], mix_logits[i].detach())
+    loss_fea = sum(F.mse_loss(ensemble_features[fi], mixup_features[fi]) for fi in range(len(features)))
+    target = torch.tensor([[1, 0] for _ in range(bs)] + [[0, 1] for _ in range(bs)], dtype=torch.float64)
+    loss_gan = sum(F.binary_cross_entropy_with_logits(torch.cat((d, d_mix), 0), target)
+                   for d, d_mix in zip(judged, judged_mixup))
+    return loss_cls + loss_div + loss_fea + loss_gan
+
+
+def mixskd_inputs(classifiers, feature_shape):
+    """float64 leaves: clean and mixup logits/features per classifier, self-teacher and discriminator outputs."""
+    def many(seed, *shape):
+        return [randn(B, *shape, seed=seed + k, scale=2.0, grad=True) for k in range(classifiers)]
+    return (many(100, C), many(110, C), many(120, *feature_shape), many(130, *feature_shape),
+            randn(B, C, seed=140, scale=2.0, grad=True), randn(B, C, seed=141, scale=2.0, grad=True),
+            many(150, 2), many(160, 2))
+
+
+@pytest.mark.parametrize("temperature, lam", [(3.0, 0.3), (1.0, 0.9), (4.0, 0.0)])
+@pytest.mark.parametrize("classifiers, feature_shape", [(4, (3, 2, 2)), (1, (5,)), (2, (3, 2, 2))])
+def test_mixskd_is_the_official_loss(classifiers, feature_shape, temperature, lam):
+    labels, index = class_labels(B, C, seed=8), torch.randperm(B, generator=torch.Generator().manual_seed(3))
+    inputs = mixskd_inputs(classifiers, feature_shape)
+
+    def official(z, m, f, g, t, t_m, d, d_m):
+        return official_mixskd([torch.cat([a, b]) for a, b in zip(z, m)], [torch.cat([a, b]) for a, b in zip(f, g)],
+                               t, t_m, d, d_m, labels, lam, index, temperature)
+
+    for weight in (lam, torch.full((B,), lam, dtype=torch.float64)):   # a number, or one weight per sample
+        value = assert_equals_official(
+            lambda *args: kdkernels.mixskd_loss(*args, labels, weight, index, temperature), official, *inputs,
+            what="mixskd")
+        assert value > 0
+
+
+def test_mixskd_per_sample_weights_mix_each_row_with_its_partner():
+    """With one lam per sample the interpolation and the mixup CE weigh each row by its own lam."""
+    labels, index = class_labels(B, C, seed=8), torch.arange(B).roll(1)
+    z, m, f, g, t, t_m, d, d_m = mixskd_inputs(1, (4,))
+    lam = torch.linspace(0.1, 0.9, B, dtype=torch.float64)
+    column = lam[:, None]
+
+    def mix_ce(logits):
+        return (lam * F.cross_entropy(logits, labels, reduction="none")
+                + (1 - lam) * F.cross_entropy(logits, labels[index], reduction="none")).mean()
+
+    def kd(student, teacher):
+        return kdkernels.kd_loss(student, teacher.detach(), 3.0)
+
+    def expected(z, m, f, g, t, t_m, d, d_m):
+        z_hat, f_hat = column * z[0] + (1 - column) * z[0][index], column * f[0] + (1 - column) * f[0][index]
+        target = torch.cat([torch.tensor([[1.0, 0.0]] * B), torch.tensor([[0.0, 1.0]] * B)]).double()
+        return (F.cross_entropy(z[0], labels) + mix_ce(m[0]) + mix_ce(t) + mix_ce(t_m) + kd(z_hat, t_m) + kd(m[0], t)
+                + ((f_hat - g[0]) ** 2).mean()
+                + F.binary_cross_entropy_with_logits(torch.cat([d[0], d_m[0]]), target))
+
+    assert_equals_official(lambda *args: kdkernels.mixskd_loss(*args, labels, lam, index), expected,
+                           z, m, f, g, t, t_m, d, d_m, what="mixskd per sample")
+
+
+def paper_snapshot_distillation(student, teacher, labels, temperature, ce_weight, kd_weight):
+    """Snapshot distillation (Yang et al., CVPR 2019) as read from the paper: CE plus Hinton KD from the snapshot."""
+    p_t = torch.softmax(teacher.detach() / temperature, dim=1)
+    log_p_s = torch.log_softmax(student / temperature, dim=1)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(dim=1).mean()
+    return ce_weight * F.cross_entropy(student, labels) + kd_weight * temperature ** 2 * kl
+
+
+@pytest.mark.parametrize("temperature, ce_weight, kd_weight", [(3.0, 1.0, 1.0), (1.0, 0.5, 2.0), (4.0, 0.0, 1.0)])
+def test_snapshot_distillation_is_the_paper_loss(temperature, ce_weight, kd_weight):
+    """The snapshot is detached: its gradient is zero."""
+    student, teacher = randn(B, C, seed=170, scale=3.0, grad=True), randn(B, C, seed=171, scale=3.0, grad=True)
+    labels = class_labels(B, C, seed=9)
+    assert_equals_official(
+        lambda s, t: kdkernels.snapshot_distillation_loss(s, t, labels, temperature, ce_weight, kd_weight),
+        lambda s, t: paper_snapshot_distillation(s, t, labels, temperature, ce_weight, kd_weight),
+        student, teacher, what="snapshot distillation")
+    assert torch.autograd.grad(kdkernels.snapshot_distillation_loss(student, teacher, labels), teacher,
+                               allow_unused=True)[0] is None
+
+
 S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
+
+
+def mixskd(**changes):
+    maps = [torch.randn(4, 3, 2, 2)] * 2
+    arguments = dict(logits=[Z, Z], mixup_logits=[Z, Z], features=maps, mixup_features=maps, teacher_logits=Z,
+                     teacher_mixup_logits=Z, discriminator_logits=[torch.randn(4, 2)] * 2,
+                     discriminator_mixup_logits=[torch.randn(4, 2)] * 2, labels=Y, lam=0.5,
+                     permutation=torch.arange(4))
+    return kdkernels.mixskd_loss(**{**arguments, **changes})
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -199,6 +316,28 @@ S4, S2 = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 2, 2)
      r"^dks_loss: logits\[1\] must have the same shape as logits\[0\] \(4, 10\), got shape \(4, 9\)$"),
     (lambda: kdkernels.dks_loss([Z, Z], Y[:3]), ValueError, r"^dks_loss: labels must have the logits' leading shape"),
     (lambda: kdkernels.dks_loss([Z, Z], Y, epsilon=-1.0), ValueError, r"^dks_loss: epsilon must be >= 0"),
+    (lambda: mixskd(mixup_logits=[Z]), ValueError, r"^mixskd_loss: mixup_logits must hold one logits per "
+                                                       r"classifier \(2\), got 1$"),
+    (lambda: mixskd(features=[torch.randn(4, 3)] * 2), ValueError,
+     r"^mixskd_loss: features\[0\] must have the same shape as mixup_features\[0\] \(4, 3, 2, 2\)"),
+    (lambda: mixskd(discriminator_logits=[torch.randn(4, 3)] * 2, discriminator_mixup_logits=[torch.randn(4, 3)] * 2),
+     ValueError, r"^mixskd_loss: discriminator_logits\[0\] must have shape \[4, 2\]"),
+    (lambda: mixskd(teacher_logits=torch.randn(4, 9)), ValueError, r"^mixskd_loss: teacher_mixup_logits must have"),
+    (lambda: mixskd(lam=1.5), ValueError, r"^mixskd_loss: lam must be in \[0, 1\], got 1.5$"),
+    (lambda: mixskd(lam=torch.ones(3)), ValueError, r"^mixskd_loss: lam must be a number or hold one weight per"),
+    (lambda: mixskd(lam=torch.ones(4, dtype=torch.int64)), TypeError, r"^mixskd_loss: lam must be float32"),
+    (lambda: mixskd(permutation=torch.arange(4).int()), TypeError, r"^mixskd_loss: permutation must be int64"),
+    (lambda: mixskd(permutation=torch.arange(3)), ValueError, r"^mixskd_loss: permutation must have shape \[4\]"),
+    (lambda: mixskd(labels=Y[:3]), ValueError, r"^mixskd_loss: labels must have the logits' leading shape"),
+    (lambda: mixskd(temperature=0.0), ValueError, r"^mixskd_loss: temperature must be"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, torch.randn(4, 9), Y), ValueError,
+     r"^snapshot_distillation_loss: teacher_logits must have the same shape as student_logits"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y[:2]), ValueError,
+     r"^snapshot_distillation_loss: labels must have the logits' leading shape"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y, ce_weight=-1.0), ValueError,
+     r"^snapshot_distillation_loss: ce_weight must be >= 0"),
+    (lambda: kdkernels.snapshot_distillation_loss(Z, Z, Y, kd_weight="1"), TypeError,
+     r"^snapshot_distillation_loss: kd_weight must be a real number"),
 ])
 def test_self_distillation_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):

@@ -1,4 +1,6 @@
-"""Self-distillation losses: a network teaches itself (BYOT's deepest classifier teaches its shallow heads).
+"""Self-distillation losses: a network teaches itself (BYOT's deepest classifier teaches its shallow heads; MixSKD's
+mixup images and interpolated clean outputs teach each other; snapshot distillation's earlier snapshot teaches the
+next cycle).
 
 Plain PyTorch: each function IS the reference of its formula, transcribed from the code named in its docstring
 (../shared/reference/methods.md §1.12).
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from kdkernels._validation import Checks
 from kdkernels.losses._common import accumulate
 from kdkernels.losses.ensemble import check_logits_list
+from kdkernels.losses.kd import kd_loss
 from kdkernels.losses.response import soft_cross_entropy_loss
 
 
@@ -165,3 +168,141 @@ def ddgsd_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Ten
     mean_b = accumulate(features_b).flatten(1).mean(dim=0)
     mmd = (mean_a - mean_b).pow(2).sum()
     return F.cross_entropy(a, labels) + F.cross_entropy(b, labels) + kl_weight * kl + mmd_weight * mmd
+
+
+def mixup_interpolate(values: torch.Tensor, lam: float | torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """``lam·v + (1 − lam)·v[perm]`` row-wise (``lam`` a number or one weight per row, broadcast over the rest): the
+    interpolation of a batch's outputs that MixSKD compares with the outputs of the mixup images."""
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return lam * values + (1.0 - lam) * values[permutation]
+
+
+def _mixup_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lam, permutation: torch.Tensor) -> torch.Tensor:
+    """``mean_b lam_b·CE(z_b, y_b) + (1 − lam_b)·CE(z_b, y_perm_b)`` (the official ``mixup_criterion`` for one lam)."""
+    first = F.cross_entropy(logits, labels, reduction="none")
+    second = F.cross_entropy(logits, labels[permutation], reduction="none")
+    return (lam * first + (1.0 - lam) * second).mean()
+
+
+def _mixskd_lists(check: Checks, names: tuple[str, str], first, second, rows: int, device, what: str):
+    firsts = check.tensor_list(names[0], first)
+    seconds = check.tensor_list(names[1], second)
+    if len(seconds) != len(firsts):
+        check.value_error(names[1], f"must hold one tensor per {what} ({len(firsts)})", f"{len(seconds)}")
+    for index, (a, b) in enumerate(zip(firsts, seconds)):
+        check.feature_pair(f"{names[0]}[{index}]", a, f"{names[1]}[{index}]", b, same_shape=True)
+        if a.shape[0] != rows:
+            check.value_error(f"{names[0]}[{index}]", f"must have the logits' batch size {rows}",
+                              f"shape {tuple(a.shape)}")
+        check.same_device(f"{names[0]}[{index}]", a, "logits[0]", device)
+    return firsts, seconds
+
+
+def mixskd_loss(logits: Sequence[torch.Tensor], mixup_logits: Sequence[torch.Tensor],
+                features: Sequence[torch.Tensor], mixup_features: Sequence[torch.Tensor],
+                teacher_logits: torch.Tensor, teacher_mixup_logits: torch.Tensor,
+                discriminator_logits: Sequence[torch.Tensor], discriminator_mixup_logits: Sequence[torch.Tensor],
+                labels: torch.Tensor, lam: float | torch.Tensor, permutation: torch.Tensor,
+                temperature: float = 3.0) -> torch.Tensor:
+    """MixSKD's total loss (Yang, An, Zhou, Cai, Zhi, Wu, Xu, Zhang, "MixSKD: Self-Knowledge Distillation from
+    Mixup for Image Recognition", ECCV 2022; winycg/Self-KD-Lib @ ede3062 ``main_mixskd_imagenet.py`` ``train``,
+    ``utils.py`` ``DistillKL``, ``methods/adversarial.py`` ``discriminatorLoss``)::
+
+        Σ_k CE(z_k, y) + Σ_k mixCE(m_k) + mixCE(t) + mixCE(t_m)                              task
+        + KL_T(t_m.detach() ‖ ẑ_K) + KL_T(t.detach() ‖ m_K)                                    self-teacher
+        + Σ_{k<K} [KL_T(m_k.detach() ‖ ẑ_k) + KL_T(ẑ_k.detach() ‖ m_k)]                        branches, both ways
+        + Σ_k MSE(f̂_k, g_k) + Σ_k BCE(D_k(f̂_k) → [1, 0], D_k(g_k) → [0, 1])                  feature maps
+
+    over K classifiers (auxiliary branches shallow to deep, the network's own classifier last): ``logits`` z_k and
+    ``features`` f_k [B, ...] on the clean images, ``mixup_logits`` m_k and ``mixup_features`` g_k on their mixup
+    images ``lam·x + (1 − lam)·x[perm]``; ``ẑ = lam·z + (1 − lam)·z[perm]`` and ``f̂`` likewise
+    (:func:`mixup_interpolate`). ``teacher_logits`` t / ``teacher_mixup_logits`` t_m are the self-teacher's outputs
+    on the interpolated / mixup feature maps, ``discriminator_logits`` / ``discriminator_mixup_logits`` [B, 2] the
+    k-th discriminator's on the pooled f̂_k / g_k. ``mixCE(z) = lam·CE(z, y) + (1 − lam)·CE(z, y[perm])``;
+    ``KL_T`` is the batch-mean KL of the T-softened softmaxes times T² (T = 3); the MSE the mean over elements,
+    undetached both ways; the BCE ``BCEWithLogits`` averaged over the 2B×2 targets. ``lam`` is a number in [0, 1]
+    (the official one draw per batch) or one weight per sample [B]; ``permutation`` int64 [B]. Weights 1, as coded.
+    The CIFAR script (``main_mixskd_cifar.py``) computes the mixup CE terms but leaves them out of its sum; this is
+    the ImageNet script's sum, which includes them. No ``reduction``: batch means of different terms.
+    """
+    check = Checks("mixskd_loss")
+    clean = check_logits_list(check, "logits", logits)
+    mixed = check_logits_list(check, "mixup_logits", mixup_logits, clean[0], reference_name="logits[0]")
+    if len(mixed) != len(clean):
+        check.value_error("mixup_logits", f"must hold one logits per classifier ({len(clean)})", f"{len(mixed)}")
+    rows, reference = clean[0].shape[0], clean[0]
+    check.logits_pair(teacher_logits, teacher_mixup_logits, "teacher_logits", "teacher_mixup_logits", dims=(2,))
+    check.same_shape("teacher_logits", teacher_logits, "logits[0]", reference)
+    check.same_device("teacher_logits", teacher_logits, "logits[0]", reference)
+    feats, mixed_feats = _mixskd_lists(check, ("features", "mixup_features"), features, mixup_features, rows,
+                                       reference, "classifier")
+    if len(feats) != len(clean):
+        check.value_error("features", f"must hold one feature map per classifier ({len(clean)})", f"{len(feats)}")
+    judged, mixed_judged = _mixskd_lists(check, ("discriminator_logits", "discriminator_mixup_logits"),
+                                         discriminator_logits, discriminator_mixup_logits, rows, reference,
+                                         "discriminator")
+    if len(judged) != len(clean):
+        check.value_error("discriminator_logits", f"must hold one discriminator output per classifier ({len(clean)})",
+                          f"{len(judged)}")
+    for index, value in enumerate(judged):
+        check.shape(f"discriminator_logits[{index}]", value, (rows, 2))
+    check.labels(labels, clean[0].shape[:1], clean[0].device)
+    permutation = check.index_tensor("permutation", permutation, (rows,), clean[0].device)
+    if isinstance(lam, torch.Tensor):
+        check.floating("lam", lam, dims=(0, 1))
+        if lam.dim() == 1 and lam.shape[0] != rows:
+            check.value_error("lam", f"must be a number or hold one weight per sample ({rows})",
+                              f"shape {tuple(lam.shape)}")
+        check.same_device("lam", lam, "logits[0]", reference)
+        lam = accumulate(lam)
+    else:
+        lam = check.real("lam", lam, minimum=0.0, maximum=1.0)
+    temperature = check.temperature(temperature)
+
+    clean = [accumulate(z) for z in clean]
+    mixed = [accumulate(z) for z in mixed]
+    teacher, teacher_mixed = accumulate(teacher_logits), accumulate(teacher_mixup_logits)
+    interpolated = [mixup_interpolate(z, lam, permutation) for z in clean]
+
+    def kl(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return kd_loss(student, target.detach(), temperature)
+
+    task = sum(F.cross_entropy(z, labels) for z in clean)
+    task = task + sum(_mixup_cross_entropy(z, labels, lam, permutation) for z in [*mixed, teacher, teacher_mixed])
+    divergence = kl(interpolated[-1], teacher_mixed) + kl(mixed[-1], teacher)
+    for z_hat, m in zip(interpolated[:-1], mixed[:-1]):
+        divergence = divergence + kl(z_hat, m) + kl(m, z_hat)
+    feature = sum(F.mse_loss(mixup_interpolate(accumulate(f), lam, permutation), accumulate(g))
+                  for f, g in zip(feats, mixed_feats))
+    adversarial = 0.0
+    for d, d_mixed in zip(judged, mixed_judged):
+        both = torch.cat([accumulate(d), accumulate(d_mixed)])
+        target = torch.zeros_like(both)
+        target[:rows, 0] = 1.0
+        target[rows:, 1] = 1.0
+        adversarial = adversarial + F.binary_cross_entropy_with_logits(both, target)
+    return task + divergence + feature + adversarial
+
+
+def snapshot_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                               temperature: float = 3.0, ce_weight: float = 1.0,
+                               kd_weight: float = 1.0) -> torch.Tensor:
+    """Snapshot distillation's loss in a cycle after the first (Yang, Xie, Su, Yuille, "Snapshot Distillation:
+    Teacher-Student Optimization in One Generation", CVPR 2019; no official code, from the paper's description)::
+
+        ce_weight · CE(z_s, y) + kd_weight · T² · KL( softmax(z_t / T) ‖ softmax(z_s / T) )
+
+    with ``z_t`` the logits [B, C] of the network's snapshot at the end of the previous cycle (detached) and the KL
+    the batch mean of per-sample sums (``kdkernels.kd_loss``). Approximation: the paper's temperature, weights and
+    whether it softens the student's output too are not confirmed by code; the defaults are unconfirmed choices.
+    """
+    check = Checks("snapshot_distillation_loss")
+    check.logits_pair(student_logits, teacher_logits, dims=(2,))
+    check.labels(labels, student_logits.shape[:1], student_logits.device)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    kd_weight = check.real("kd_weight", kd_weight, nonnegative=True)
+    student = accumulate(student_logits)
+    distillation = kd_loss(student, accumulate(teacher_logits).detach(), temperature)
+    return ce_weight * F.cross_entropy(student, labels) + kd_weight * distillation

@@ -1,6 +1,10 @@
-"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS, DDGSD) or its own reborn copies (BAN)
-(../shared/reference/methods.md §1.14–1.15)."""
+"""Self-distillation: the network teaches itself (BAKE, CS-KD, BYOT, SAD, DKS, DDGSD, MixSKD), its own earlier
+snapshots (snapshot distillation) or its own reborn copies (BAN) (../shared/reference/methods.md §1.14–1.15)."""
 from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +15,13 @@ from kdkernels._validation import Checks
 from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.hooks import find_module, split_tap
 from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods.response import HardLabelTerm
 from kdkernels.distill.methods.self_supervised import byol_views
 from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.distill.views import MixUp, View
+from kdkernels.losses.self_distillation import mixup_interpolate
 
 
 def positive_int(method: str, name: str, value, minimum: int = 1) -> int:
@@ -387,6 +394,260 @@ def ddgsd(setup: Setup, kl_weight: float = 1.0, mmd_weight: float = 1.0, transla
                           trainable=("student", "ddgsd"), evaluate=("student",),
                           views=byol_views(translate, flip, noise))
     return single_stage("ddgsd", distiller)
+
+
+# ---------------------------------------------------------------------------------------------------------- MixSKD
+
+MIXSKD_APPROXIMATION = ("the official auxiliary branches are copies of the backbone's later stages "
+                        "(models/resnet_mixskd.py Auxiliary_Classifier: from layer k the layers k+1.. of a fresh "
+                        "ResNet, pooling and fc); here every shallow stage gets BYOT's bottleneck branch (1×1 conv, "
+                        "k×k stride-k conv to the deepest stage's size, 1×1 conv to its width, each with BN and ReLU), "
+                        "which fits any zoo model; the mixup partners are a cycle of the batch (no sample is its own "
+                        "partner) instead of torch.randperm; one lam per (micro-)batch as coded, drawn from the views' "
+                        "counter-based stream")
+
+
+class BatchMixUp(MixUp):
+    """MixUp with one ``lam ~ Beta(alpha, alpha)`` for the whole (micro-)batch, as MixSKD's ``mixup_data`` draws it:
+    the draw of the batch's sample with the smallest dataset index (``mix_lam`` holds it once per sample)."""
+
+    def __call__(self, x, draws):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+            Checks("BatchMixUp").type_error("the source", "a float tensor [B, ...]", x)
+        permutation = draws.partners()
+        lam = draws.beta(self.alpha)
+        lam = lam[torch.argmin(draws.index)].expand_as(lam).clone()
+        weight = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return weight * x + (1 - weight) * x[permutation], {self.lam: lam, self.perm: permutation}
+
+
+class MixupPair(nn.Module):
+    """The network on the clean batch and its mixup images in one forward (``torch.cat``, as the official
+    ``net(torch.cat([inputs, mix_inputs]))``: shared batch-norm statistics over the 2B rows). Returns the clean
+    rows' logits and passes the 2B logits and the 2B stage maps (``stages`` of ``network``) through the identity
+    modules ``logits`` and ``maps.k``, so that terms read them as taps (``"mixskd:logits"``, ``"mixskd:maps.0"``)."""
+
+    distill_input = BATCH
+
+    def __init__(self, network: nn.Module, stages: list[str], clean: str = "input", mixed: str = "input_mix"):
+        super().__init__()
+        self.network, self.clean, self.mixed = network, clean, mixed
+        self.stage_paths = []
+        for tap in stages:
+            path, is_input = split_tap(tap)
+            find_module(network, path, "mixskd's network")
+            self.stage_paths.append((path, is_input))
+        self.logits = nn.Identity()
+        self.maps = nn.ModuleList(nn.Identity() for _ in stages)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        if self.mixed not in batch:
+            raise ValueError(f"mixskd reads the mixup images {self.mixed!r}, which the batch does not have: apply "
+                             "the distiller's views first (Distiller.apply_views)")
+        clean = batch[self.clean]
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for position, (path, is_input) in enumerate(self.stage_paths):
+            module = self.network.get_submodule(path)
+            if is_input:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, inputs, position=position: captured.__setitem__(position, inputs[0])))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda _m, _inputs, output, position=position: captured.__setitem__(position, output)))
+        try:
+            logits = self.network(torch.cat([clean, batch[self.mixed]]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.logits(logits)
+        for position, identity in enumerate(self.maps):
+            identity(captured[position])
+        return logits[: clean.shape[0]]
+
+
+class BranchHead(BottleneckHead):
+    """A MixSKD auxiliary branch: BYOT's bottleneck (to the deepest stage's width and size), then pooling and a
+    linear classifier. Returns (feature map [B, width, H, W], logits [B, C])."""
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        branch_map = self.bottleneck(feature_map)
+        return branch_map, self.fc(self.pool(branch_map).flatten(1))
+
+
+class SelfTeacher(nn.Module):
+    """MixSKD's self-teacher (``ResNet_Final_Auxiliary_Classifer``): the K feature maps concatenated over channels,
+    a 1×1 convolution (no bias) to ``width`` channels, global average pooling and a linear classifier."""
+
+    def __init__(self, maps: int, width: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(maps * width, width, 1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(torch.cat(feature_maps, dim=1))).flatten(1))
+
+
+def feature_discriminator(width: int) -> nn.Module:
+    """MixSKD's ``Discriminator``: ``Linear(width, 128) → ReLU → Linear(128, 2)`` on a pooled feature map."""
+    return nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 2))
+
+
+class MixupDistillationTerm(Term):
+    """The whole MixSKD loss (``kdkernels.mixskd_loss``) with its modules: one :class:`BranchHead` per shallow
+    stage, the :class:`SelfTeacher` and one discriminator per feature map (K = the stages), built from the shapes;
+    the discriminators stay at their random initialisation unless ``train_discriminators``.
+
+    Reads the 2B logits and stage maps of :class:`MixupPair` (clean rows first, then the mixup rows), the labels
+    and the mixing view's ``lam`` and partners."""
+
+    def __init__(self, temperature: float, *, model: str = "mixskd", stages: int, target: str = "target",
+                 lam: str = "mix_lam", perm: str = "mix_perm", train_discriminators: bool = False):
+        super().__init__("mixskd", (f"{model}:logits", target, lam, perm,
+                                    *(f"{model}:maps.{k}" for k in range(stages))))
+        self.temperature, self.train_discriminators = temperature, train_discriminators
+        self.heads, self.discriminators = nn.ModuleList(), nn.ModuleList()
+        self.teacher = nn.Identity()
+
+    def build(self, example):
+        logits, maps = example[self.reads[0]], [example[key] for key in self.reads[4:]]
+        for key, value in zip(self.reads[4:], maps):
+            if value.dim() != 4:
+                raise ValueError(f"term {self.name!r}: MixSKD's branches and self-teacher need convolutional stage "
+                                 f"maps [B, C, H, W]; {key!r} has shape {tuple(value.shape)}")
+        final = maps[-1]
+        width, size = final.shape[1], tuple(final.shape[-2:])
+        heads = []
+        for key, value in zip(self.reads[4:-1], maps[:-1]):
+            stride = max(1, value.shape[-1] // size[1])
+            if (value.shape[-2] // stride, value.shape[-1] // stride) != size:
+                raise ValueError(f"term {self.name!r}: a stride-{stride} branch on {key!r} "
+                                 f"{tuple(value.shape[-2:])} does not reach the deepest stage's size {size}")
+            heads.append(BranchHead(value.shape[1], width, stride, logits.shape[1]))
+        device = logits.device
+        self.heads = nn.ModuleList(heads).to(device)
+        self.teacher = SelfTeacher(len(maps), width, logits.shape[1]).to(device)
+        self.discriminators = nn.ModuleList(feature_discriminator(width) for _ in maps).to(device)
+        self.discriminators.requires_grad_(self.train_discriminators)
+
+    def loss(self, logits, target, lam, perm, *maps, context):
+        rows = target.shape[0]
+        outputs = [head(feature_map) for head, feature_map in zip(self.heads, maps[:-1])]
+        features = [o[0] for o in outputs] + [maps[-1]]
+        all_logits = [o[1] for o in outputs] + [logits]
+        clean, mixed = [f[:rows] for f in features], [f[rows:] for f in features]
+        interpolated = [mixup_interpolate(f, lam, perm) for f in clean]
+        judged = [d(f.flatten(2).mean(2)) for d, f in zip(self.discriminators, interpolated)]
+        judged_mixed = [d(f.flatten(2).mean(2)) for d, f in zip(self.discriminators, mixed)]
+        return kdkernels.mixskd_loss([z[:rows] for z in all_logits], [z[rows:] for z in all_logits], clean, mixed,
+                                     self.teacher(interpolated), self.teacher(mixed), judged, judged_mixed, target,
+                                     lam, perm, self.temperature)
+
+
+@register("mixskd", category="self", needs_teacher=False,
+          paper="Yang, An, Zhou, Cai, Zhi, Wu, Xu, Zhang. MixSKD: Self-Knowledge Distillation from Mixup for Image "
+                "Recognition. ECCV 2022",
+          presets={"imagenet": {"alpha": 0.2}},
+          approximation=MIXSKD_APPROXIMATION)
+def mixskd(setup: Setup, alpha: float = 0.4, temperature: float = 3.0, train_discriminators: bool = False,
+           stages: list[str] | None = None) -> Recipe:
+    """MixSKD: each image and its mixup image teach each other, with auxiliary branches and a self-teacher.
+
+    ``x̃ = lam·x + (1 − lam)·x[perm]`` (``lam ~ Beta(α, α)``, one per batch, α = 0.4; preset ``imagenet``: 0.2) runs
+    with the clean batch in one forward. One auxiliary branch (a term submodule) sits on every stage but the deepest
+    and maps it to the deepest stage's width and size; the K feature maps (branches, then the network's deepest
+    stage) and K classifiers (branches, then the network's own) of the clean rows are interpolated with the same
+    lam and partners and compared with those of the mixup rows: feature-map MSE and a discriminator per map (BCE,
+    interpolated → [1, 0], mixup → [0, 1]); KL both ways between the branches' interpolated and mixup logits; a
+    self-teacher (the K maps concatenated, 1×1 conv, pooling, fc) on the interpolated maps teaches the network's
+    mixup logits and on the mixup maps its interpolated logits (KL at T = 3); CE on every clean classifier and
+    mixup CE on every mixup classifier and both self-teacher outputs; weights 1 (``kdkernels.mixskd_loss``;
+    winycg/Self-KD-Lib @ ede3062 ``main_mixskd_imagenet.py``, ``models/resnet_mixskd.py``,
+    ``methods/adversarial.py``). As coded, the network minimises the discriminators' BCE (no min–max) and the
+    discriminators themselves never learn: ``discriminatorLoss`` keeps them in a Python list, so they are in no
+    optimiser and stay at their random initialisation; ``train_discriminators=True`` puts them in the optimiser
+    (minimising the same BCE). The CIFAR script computes but drops the mixup CE terms; this follows the ImageNet script,
+    which adds them. The evaluated model is the network's own classifier on clean inputs (the official test reports
+    the best of all classifiers). ``stages`` (shallow to deep, convolutional) override the model's kd_points.
+    Approximation: see ``MIXSKD_APPROXIMATION``.
+    """
+    check = Checks("mixskd")
+    alpha = check.real("alpha", alpha, positive=True)
+    temperature = check.temperature(temperature)
+    train_discriminators = check.flag("train_discriminators", train_discriminators)
+    stage_taps = list(stages) if stages is not None else list(feature_points(setup.student).stages)
+    if len(stage_taps) < 1:
+        raise ValueError(f"mixskd: stages must hold at least one stage, got {stage_taps}")
+    pair = MixupPair(setup.student, stage_taps)
+    term = MixupDistillationTerm(temperature, stages=len(stage_taps), train_discriminators=train_discriminators)
+    distiller = Distiller({"student": setup.student, "mixskd": pair}, [term],
+                          trainable=("student", "mixskd"), evaluate=("student",),
+                          views=[View("input", "input_mix", BatchMixUp(alpha))])
+    return single_stage("mixskd", distiller)
+
+
+# ------------------------------------------------------------------------------------------- Snapshot distillation
+
+SNAPSHOT_APPROXIMATION = ("no official code (the authors' project page links none): built from the paper's "
+                          "description (a cyclic learning rate: with the run's default cosine schedule, from the "
+                          "run's LR to 0 in every cycle; the last snapshot of each cycle, frozen, teaches every "
+                          "iteration of the next; the first cycle CE only). The paper's text was not available here "
+                          "to confirm its numbers: the defaults (4 equal cycles, Hinton KD at T = 3, CE and KD "
+                          "weights 1) are not the paper's confirmed values, nor is it confirmed whether the paper "
+                          "softens the student's output too (here both, as in Hinton KD); each cycle is a stage with "
+                          "a fresh optimiser (SGD momentum restarts with the learning rate)")
+
+
+@dataclasses.dataclass
+class CycleStage(Stage):
+    """A stage that is cycle ``cycle`` (0-based) of ``cycles`` equal shares of the run: cycle k trains
+    ``⌊(k+1)·E/N⌋ − ⌊k·E/N⌋`` of the run's E epochs, so that the N cycles add up to E exactly."""
+
+    cycle: int = 0
+    cycles: int = 1
+
+    def epochs_of(self, run_epochs: int) -> int:
+        return (self.cycle + 1) * run_epochs // self.cycles - self.cycle * run_epochs // self.cycles
+
+
+def take_snapshot(teacher: nn.Module, student: nn.Module) -> None:
+    """``teacher ← student`` (parameters and buffers): the snapshot that teaches the next cycle."""
+    teacher.load_state_dict(student.state_dict())
+
+
+@register("snapshot-distillation", category="self", needs_teacher=False,
+          paper="Yang, Xie, Su, Yuille. Snapshot Distillation: Teacher-Student Optimization in One Generation. "
+                "CVPR 2019",
+          approximation=SNAPSHOT_APPROXIMATION)
+def snapshot_distillation(setup: Setup, cycles: int = 4, temperature: float = 3.0, ce_weight: float = 1.0,
+                          kd_weight: float = 1.0) -> Recipe:
+    """Snapshot distillation: one training run in ``cycles`` cycles; the snapshot at the end of each teaches the next.
+
+    Cycle 1: ``CE``. Cycle k ≥ 2: ``ce_weight·CE + kd_weight·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batchmean,
+    ``kdkernels.snapshot_distillation_loss``; under the trainer's MixUp the mixup criterion over both labels) with
+    ``z_t`` the network frozen as it was at the end of cycle k − 1 (one teacher model ``"teacher"``, set to the student's parameters and buffers when each cycle starts; checkpoints hold it, so a run
+    resumed inside a cycle keeps its teacher). Each cycle is a stage of an equal share of the run's epochs with its
+    own optimiser and learning-rate schedule: with the default cosine schedule the LR restarts at the run's LR and
+    decays to 0 in every cycle (the paper's cyclic learning rate). No official code: see
+    ``SNAPSHOT_APPROXIMATION`` for what is not confirmed.
+    """
+    check = Checks("snapshot-distillation")
+    cycles = check.integer("cycles", cycles, minimum=2)
+    temperature = check.temperature(temperature)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    kd_weight = check.real("kd_weight", kd_weight, nonnegative=True)
+    student = setup.student
+    teacher = copy.deepcopy(student)
+    stages = [CycleStage("cycle-1", Distiller({"student": student}, [CrossEntropyTerm("student", 1.0)]),
+                         cycle=0, cycles=cycles)]
+    for cycle in range(1, cycles):
+        terms = [HardLabelTerm("snapshot", kdkernels.snapshot_distillation_loss, ("student", "teacher", "target"),
+                               1.0, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)]
+        stages.append(CycleStage(f"cycle-{cycle + 1}", Distiller({"student": student, "teacher": teacher}, terms),
+                                 before=functools.partial(take_snapshot, teacher, student), cycle=cycle,
+                                 cycles=cycles))
+    return Recipe("snapshot-distillation", stages)
 
 
 # ------------------------------------------------------------------------------------------------------------- BAN
