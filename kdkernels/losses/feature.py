@@ -15,7 +15,9 @@ defaulting to the official one.
 * :func:`cd_loss` — channel distillation (MSE of pooled channels);
 * :func:`pad_l2_loss` — prime-aware adaptive distillation (L2 weighted by a predicted per-dimension variance).
 * :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors);
-* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching.
+* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching;
+* :func:`tofd_loss` — task-oriented feature distillation (heads' features, CE and soft CE, orthogonal links; one
+  scalar, no ``reduction``: its feature norms run over the whole batch).
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -424,3 +426,70 @@ def jacobian_matching_loss(student_jacobian: torch.Tensor, teacher_jacobian: tor
     student = F.normalize(accumulate(student_jacobian).flatten(1), dim=1)
     teacher = F.normalize(accumulate(teacher_jacobian).to(student.dtype).flatten(1), dim=1)
     return reduce_elements((student - teacher).pow(2), reduction)
+
+
+def tofd_loss(student_features, teacher_features, student_logits, teacher_logits, labels, link_weights=None, *,
+              temperature: float = 4.0, feature_weight: float = 0.05, orthogonal_weight: float = 0.03
+              ) -> torch.Tensor:
+    """Task-oriented feature distillation (Zhang, Shi, Ma, NeurIPS 2020), as
+    ArchipLab-LinfengZhang/Task-Oriented-Feature-Distillation ``distill.py`` and ``utils.py`` (``CrossEntropy``):
+    over the heads i (the auxiliary classifiers and the main one) and the feature links' weights W_j::
+
+        loss = Σ_i [ α·‖s_i − t_i‖_F + CE(z_i, y) − mean_b Σ_c softmax(z^t_i/T)·log_softmax(z_i/T) ]
+               + β·Σ_j (‖W_j W_jᵀ − I‖_F + ‖W_jᵀ W_j − I‖_F)
+
+    ``student_features`` [B, D] per head, already through its link (``link_j(f_s)``, a bias-free linear layer to the
+    teacher's width), ``teacher_features`` [B, D] per head (the teacher's auxiliary features), ``‖·‖_F`` the
+    Frobenius norm over the whole batch (``torch.dist``, not squared, not averaged), ``student_logits`` /
+    ``teacher_logits`` [B, C] per head, ``labels`` [B], ``link_weights`` the links' [D_t, D_s] weights for the
+    orthogonal penalty (None: no penalty). The soft cross-entropy is not scaled by T² (as the official). ``α`` =
+    ``feature_weight`` (official 0.05), ``β`` = ``orthogonal_weight`` (0.03); ``temperature`` is the current one (the
+    official raises it linearly from 1 to 4 over the epochs). A scalar in fp32 (fp64 for fp64 inputs). The
+    teachers are used as given (detach them).
+    """
+    check = Checks("tofd_loss")
+    students = check.tensor_list("student_features", student_features)
+    teachers = check.tensor_list("teacher_features", teacher_features)
+    student_heads = check.tensor_list("student_logits", student_logits)
+    teacher_heads = check.tensor_list("teacher_logits", teacher_logits)
+    heads = len(students)
+    for name, values in (("teacher_features", teachers), ("student_logits", student_heads),
+                         ("teacher_logits", teacher_heads)):
+        if len(values) != heads:
+            check.value_error(name, f"must hold one tensor per head ({heads}, as student_features)",
+                              f"{len(values)} tensors")
+    temperature = check.temperature(temperature)
+    alpha = check.real("feature_weight", feature_weight, nonnegative=True)
+    beta = check.real("orthogonal_weight", orthogonal_weight, nonnegative=True)
+    weights = [] if link_weights is None else check.tensor_list("link_weights", link_weights)
+    total, target = None, None
+    for index in range(heads):
+        suffix = f"[{index}]"
+        _check_pair(check, f"student_features{suffix}", students[index], f"teacher_features{suffix}",
+                    teachers[index], dims=(2,), same_shape=True)
+        check.logits_pair(student_heads[index], teacher_heads[index], f"student_logits{suffix}",
+                          f"teacher_logits{suffix}", dims=(2,))
+        if student_heads[index].shape[0] != students[index].shape[0]:
+            check.value_error(f"student_logits{suffix}", f"must have the batch size of student_features{suffix} "
+                              f"({students[index].shape[0]})", f"shape {tuple(student_heads[index].shape)}")
+        logits = accumulate(student_heads[index])
+        if target is None:
+            target = check.class_labels(labels, logits)
+        elif student_heads[index].shape[0] != target.shape[0]:
+            check.value_error(f"student_logits{suffix}", f"must have the batch size of the labels ({target.shape[0]})",
+                              f"shape {tuple(student_heads[index].shape)}")
+        feature = accumulate(students[index])
+        distance = torch.linalg.vector_norm(feature - accumulate(teachers[index]).to(feature.dtype))
+        soft = torch.softmax(accumulate(teacher_heads[index]).to(logits.dtype) / temperature, dim=-1)
+        soft_ce = -(soft * torch.log_softmax(logits / temperature, dim=-1)).sum(dim=-1).mean()
+        head = alpha * distance.to(logits.dtype) + F.cross_entropy(logits, target) + soft_ce
+        total = head if total is None else total + head.to(total.dtype)
+    for index, weight in enumerate(weights):
+        check.floating(f"link_weights[{index}]", weight, dims=(2,))
+        weight = accumulate(weight)
+        gram_rows, gram_columns = weight @ weight.t(), weight.t() @ weight
+        eye_rows = torch.eye(gram_rows.shape[0], dtype=weight.dtype, device=weight.device)
+        eye_columns = torch.eye(gram_columns.shape[0], dtype=weight.dtype, device=weight.device)
+        penalty = torch.linalg.vector_norm(gram_rows - eye_rows) + torch.linalg.vector_norm(gram_columns - eye_columns)
+        total = total + beta * penalty.to(total.dtype)
+    return total

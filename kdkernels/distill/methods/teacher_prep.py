@@ -1,5 +1,6 @@
 """Teacher preparation: sparsify the trained teacher with ``torch.nn.utils.prune``, fine-tune it, then distil from
-it (prune-then-distill, PrUE; ../shared/reference/methods.md §4)."""
+it (prune-then-distill, PrUE; ../shared/reference/methods.md §4); give the teacher task-oriented auxiliary
+classifiers, then distil their features (TOFD)."""
 from __future__ import annotations
 
 import functools
@@ -12,11 +13,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 import kdkernels
+from kdkernels._validation import Checks
+from kdkernels.distill.connectors import output_channels
 from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.hooks import find_module
 from kdkernels.distill.pruning import refresh_pruned_weights
-from kdkernels.distill.recipe import Recipe, Setup, Stage
+from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
-from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
+from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term
 
 CONV_AND_LINEAR = (nn.Conv2d, nn.Linear)
 
@@ -195,3 +199,209 @@ def prue(setup: Setup, pruning_ratio: float = 0.5, finetune_epochs: int | float 
     sparsify = fine_tune_stage("sparsify", teacher, [SparsifyingCrossEntropyTerm(teacher, pruning_ratio)],
                                finetune_epochs)
     return Recipe("prue", [sparsify, offline_kd_stage("distill", setup, teacher, alpha, 1.0 - alpha, temperature)])
+
+
+# ------------------------------------------------------------------------------------------------------------ TOFD
+
+TOFD_PAPER = "Zhang, Shi, Ma. Task-Oriented Feature Distillation. NeurIPS 2020"
+
+
+class SepConv(nn.Sequential):
+    """TOFD's down-sampling block (``models/resnet.py`` ``SepConv``): depthwise conv 3×3 stride 2, pointwise conv,
+    BN, ReLU, depthwise conv 3×3 stride 1, pointwise conv to ``out_channels``, BN, ReLU (no conv bias); the convs
+    initialised as the official models (Kaiming normal, fan-out, ReLU), BN weight 1 and bias 0."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, in_channels, 1, bias=False), nn.BatchNorm2d(in_channels), nn.ReLU(),
+            nn.Conv2d(in_channels, in_channels, 3, stride=1, padding=1, groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+class TOFDHead(nn.Module):
+    """The auxiliary classifier of one shallow stage (official ``auxiliary<i>`` + ``fc<i>``): one
+    :class:`SepConv` per later stage (to that stage's width, halving the map), global average pooling (the
+    official ``AvgPool2d(4, 4)`` of the 4×4 CIFAR map) and a linear classifier. ``forward`` returns
+    ``(feature [B, widths[-1]], logits [B, classes])``: the feature is what TOFD distils."""
+
+    def __init__(self, widths: Sequence[int], index: int, classes: int):
+        super().__init__()
+        self.features = nn.Sequential(*(SepConv(widths[k], widths[k + 1]) for k in range(index, len(widths) - 1)),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(widths[-1], classes)
+        self.feature_dim = widths[-1]
+
+    def forward(self, stage_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = self.features(stage_map)
+        return feature, self.fc(feature)
+
+
+class TOFDHeads(nn.ModuleList):
+    """A :class:`TOFDHead` on every stage but the deepest (whose head is the model's own pooling and classifier);
+    a model of the distillers, which the terms call on the tapped stage maps."""
+
+    def __init__(self, widths: Sequence[int], classes: int):
+        super().__init__(TOFDHead(widths, index, classes) for index in range(len(widths) - 1))
+
+    def classify(self, term: str, keys: Sequence[str], maps: Sequence[torch.Tensor]):
+        """``(features, logits)`` lists of the heads on ``maps`` (one per head, shallow to deep)."""
+        for key, value in zip(keys, maps):
+            if value.dim() != 4:
+                raise ValueError(f"term {term!r} puts auxiliary classifiers on [B, C, H, W] stage maps, got {key} "
+                                 f"{tuple(value.shape)}: pass student_layers / teacher_layers naming such maps")
+        outputs = [head(value) for head, value in zip(self, maps)]
+        return [f for f, _ in outputs], [z for _, z in outputs]
+
+
+class TOFDHeadTerm(Term):
+    """Stage ``tofd-aux``: ``Σ_i CE(head_i(f_t,i), y)`` of the teacher's auxiliary classifiers on its stop-gradient
+    shallow stage maps (the teacher frozen in eval mode)."""
+
+    def __init__(self, stage_keys, heads: TOFDHeads):
+        super().__init__("tofd_aux", (*stage_keys, "target"))
+        self._heads = (heads,)     # a model of the distiller, not this term's parameters
+
+    def loss(self, *values, context):
+        *maps, target = values
+        _, logits = self._heads[0].classify(self.name, self.reads[:-1], [m.detach() for m in maps])
+        return torch.stack([F.cross_entropy(z, target) for z in logits]).sum()
+
+
+class TOFDTerm(Term):
+    """Stage ``tofd``: :func:`kdkernels.tofd_loss` over the heads (the auxiliary classifiers, then the model's own
+    classifier on its pooled embedding), the student's features through bias-free linear links (this term's
+    submodules, sized from the example), the teacher's heads frozen, at ``T = 1 + t·epoch/epochs``."""
+
+    def __init__(self, student_keys, teacher_keys, student_heads: TOFDHeads, teacher_heads: TOFDHeads,
+                 temperature: float, feature_weight: float, orthogonal_weight: float):
+        # reads: shallow student maps, student embedding, student logits, the same for the teacher, the labels
+        super().__init__("tofd", (*student_keys, *teacher_keys, "target"))
+        self.stages = len(student_keys) - 2
+        self._heads = (student_heads, teacher_heads)    # models of the distiller
+        self.temperature, self.feature_weight = temperature, feature_weight
+        self.orthogonal_weight = orthogonal_weight
+        self.links = nn.ModuleList()
+
+    def temperature_at(self, context: StepContext | None) -> float:
+        """The official ``1 + (t/250)·(1 + epoch)`` (epoch 0-based, of 250) on the stage's length."""
+        if context is None:
+            return 1.0 + self.temperature
+        return 1.0 + self.temperature * context.epoch / max(context.epochs, 1)
+
+    def _sides(self, values):
+        n = self.stages + 2
+        return values[:n], values[n:2 * n], values[-1]
+
+    def build(self, example):
+        values = [example[key] for key in self.reads]
+        student, teacher, _ = self._sides(values)
+        if not len(self.links):
+            student_dims = [head.feature_dim for head in self._heads[0]] + [student[-2].flatten(1).shape[1]]
+            teacher_dims = [head.feature_dim for head in self._heads[1]] + [teacher[-2].flatten(1).shape[1]]
+            self.links = nn.ModuleList(nn.Linear(s, t, bias=False) for s, t in zip(student_dims, teacher_dims))
+        for key, value in zip(self.reads, values):
+            if value.dim() != 4 and key in self.reads[:self.stages] + self.reads[self.stages + 2:2 * self.stages + 2]:
+                raise ValueError(f"term {self.name!r} puts auxiliary classifiers on [B, C, H, W] stage maps, got "
+                                 f"{key} {tuple(value.shape)}: pass student_layers / teacher_layers naming such maps")
+
+    def loss(self, *values, context):
+        (*student_maps, student_embedding, student_logits), (*teacher_maps, teacher_embedding, teacher_logits), \
+            target = self._sides(values)
+        student_heads, teacher_heads = self._heads
+        n = self.stages
+        with torch.no_grad():
+            teacher_features, teacher_aux = teacher_heads.classify(self.name, self.reads[n + 2:2 * n + 2],
+                                                                   teacher_maps)
+        student_features, student_aux = student_heads.classify(self.name, self.reads[:n], student_maps)
+        student_features = [link(f) for link, f in zip(self.links, [*student_features, student_embedding.flatten(1)])]
+        teacher_features = [f.detach() for f in [*teacher_features, teacher_embedding.flatten(1)]]
+        return kdkernels.tofd_loss(student_features, teacher_features, [*student_aux, student_logits],
+                                   [z.detach() for z in [*teacher_aux, teacher_logits]], target,
+                                   [link.weight for link in self.links], temperature=self.temperature_at(context),
+                                   feature_weight=self.feature_weight, orthogonal_weight=self.orthogonal_weight)
+
+
+def tofd_taps(model: nn.Module, layers, argument: str) -> tuple[list[str], list[int], str]:
+    """(stage taps, their widths, the embedding tap) of a model for TOFD: ``layers`` or its ``feature_points``
+    stages (at least two: the deepest is read through the model's own classifier)."""
+    points = feature_points(model)
+    taps = list(points.stages) if layers is None else [layers] if isinstance(layers, str) else [str(x) for x in layers]
+    if len(taps) < 2:
+        raise ValueError(f"tofd puts auxiliary classifiers on every stage but the deepest: it needs at least two "
+                         f"stages, got {taps}: pass {argument}")
+    widths = [output_width(model, tap) for tap in taps]
+    if None in widths:
+        raise ValueError(f"tofd cannot tell the channels of the stages {taps} ({widths}): pass {argument} naming "
+                         f"conv/BN outputs")
+    return taps, widths, points.embedding
+
+
+def output_width(model: nn.Module, path: str) -> int | None:
+    """The channels a stage tap produces (its last conv's or BN's)."""
+    return output_channels(find_module(model, path, "model"))
+
+
+@register("tofd", category="teacher-prep", paper=TOFD_PAPER,
+          approximation="the teacher's auxiliary classifiers are trained on the frozen trained teacher (a first "
+                        "stage of aux_epochs, CE only) where the official teacher checkpoint was trained with them; "
+                        "the temperature ramp 1 + t·(1+epoch)/250 runs over the stage's epochs")
+def tofd(setup: Setup, temperature: float = 3.0, feature_weight: float = 0.05, orthogonal_weight: float = 0.03,
+         aux_epochs: int | float = 0.5, student_layers=None, teacher_layers=None) -> Recipe:
+    """TOFD: task-oriented auxiliary classifiers on the teacher's and the student's shallow stages, then
+    ``Σ_i [α·‖W_i·a_s,i − a_t,i‖_F + CE(z_s,i, y) + softCE_T(z_s,i, z_t,i)] + β·Σ_i (‖W_iW_iᵀ − I‖_F + ‖W_iᵀW_i − I‖_F)``
+    (:func:`kdkernels.tofd_loss`) over the heads i (the auxiliary classifiers and the model's own), ``a`` a head's
+    pooled feature, ``W_i`` a bias-free linear link, ``T = 1 + t·epoch/epochs``.
+
+    As ArchipLab-LinfengZhang/Task-Oriented-Feature-Distillation @8fa49d0 (``distill.py``; the newest commit
+    fcfd4be moved the optimiser step out of the batch loop, an indentation slip: the per-batch step of 8fa49d0 is
+    followed), ``utils.py`` (``CrossEntropy``) and ``models/resnet.py`` (``SepConv``, ``auxiliary1..4``,
+    ``fc1..4``):
+
+    * every stage but the deepest gets an auxiliary classifier (:class:`TOFDHead`: one :class:`SepConv` per later
+      stage, pooling, linear), the deepest is read through the model's own pooling and classifier (official
+      ``auxiliary4`` = pooling, ``fc4`` the main head); the features distilled are the heads' pooled features;
+    * stage ``tofd-aux`` (``aux_epochs``: an int, or a float share of the run): the teacher's auxiliary classifiers
+      learn the task (``Σ_i CE``) on the frozen teacher's detached stage maps;
+    * stage ``tofd``: the student with its auxiliary classifiers (trained through its backbone, as the official
+      joint forward), one link ``Linear(D_s, D_t, bias=False)`` per head, ``α`` = ``feature_weight`` 0.05 on the
+      Frobenius norm over the batch (``torch.dist``), CE and the soft cross-entropy (no T²) on every head,
+      ``t`` = ``temperature`` 3 (the official ``--t``: T rises from ≈1 to 4 over the 250 epochs; here over the
+      stage's epochs), ``β`` = ``orthogonal_weight`` 0.03 (``--beta``). The exported student is its main head.
+
+    Official schedule (not a hyperparameter here): SGD lr 0.1, momentum 0.9, weight decay 5e-4, 250 epochs, lr
+    ÷10 at 80/160/240, batch 128. Approximations (flagged): the teacher's auxiliary classifiers are trained on the
+    frozen trained teacher (the official teacher checkpoint ``teacher/resnet18.pth`` was trained with its
+    classifiers; its training script is not published); the temperature ramp on the stage's length.
+    """
+    check = Checks("tofd")
+    temperature = check.real("temperature", temperature, nonnegative=True)
+    feature_weight = check.real("feature_weight", feature_weight, nonnegative=True)
+    orthogonal_weight = check.real("orthogonal_weight", orthogonal_weight, nonnegative=True)
+    if isinstance(aux_epochs, bool) or not isinstance(aux_epochs, (int, float)):
+        check.type_error("aux_epochs", "an int (epochs) or a float (a share of the run)", aux_epochs)
+    if aux_epochs <= 0 or (isinstance(aux_epochs, float) and aux_epochs > 1):
+        raise ValueError(f"tofd: aux_epochs must be an int >= 1 or a share of the run in (0, 1], got {aux_epochs!r}")
+    teacher = setup.require_teacher("tofd")
+    student_taps, student_widths, student_embedding = tofd_taps(setup.student, student_layers, "student_layers")
+    teacher_taps, teacher_widths, teacher_embedding = tofd_taps(teacher, teacher_layers, "teacher_layers")
+    if len(student_taps) != len(teacher_taps):
+        raise ValueError(f"tofd pairs the stages one to one, got {len(student_taps)} student and {len(teacher_taps)} "
+                         f"teacher stages: pass student_layers / teacher_layers of one length")
+    student_heads = TOFDHeads(student_widths, setup.num_classes)
+    teacher_heads = TOFDHeads(teacher_widths, setup.num_classes)
+    teacher_shallow = [f"teacher:{tap}" for tap in teacher_taps[:-1]]
+    aux_stage = Distiller({"teacher": teacher, "teacher_aux": teacher_heads},
+                          [TOFDHeadTerm(teacher_shallow, teacher_heads)], trainable=("teacher_aux",),
+                          evaluate=("teacher",))
+    student_keys = [*(f"student:{tap}" for tap in student_taps[:-1]), f"student:{student_embedding}", "student"]
+    teacher_keys = [*teacher_shallow, f"teacher:{teacher_embedding}", "teacher"]
+    main = Distiller({"student": setup.student, "teacher": teacher, "student_aux": student_heads,
+                      "teacher_aux": teacher_heads},
+                     [TOFDTerm(student_keys, teacher_keys, student_heads, teacher_heads, temperature, feature_weight,
+                               orthogonal_weight)],
+                     trainable=("student", "student_aux"), evaluate=("student",))
+    return Recipe("tofd", [Stage("tofd-aux", aux_stage, epochs=aux_epochs), Stage("tofd", main)])

@@ -1,0 +1,186 @@
+"""Teacher-side methods of issue 17 (tofd): the losses against the official code transcribed here in float64 (value
+and gradients) and their argument errors; each stage's step equal to the official formula on that step's tensors,
+which parameters each stage trains, exact resume and configuration errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from distill_testing import digits_setup, first_step, run_steps
+from kdkernels.distill import build_recipe
+from kdkernels.distill.terms import StepContext
+from losses_testing import assert_equals_official, class_labels, randn
+from trainer_testing import QUIET, assert_resume_is_exact
+
+
+def term(distiller, name):
+    return next(t for t in distiller.terms if t.name == name)
+
+
+# ------------------------------------------------------------------------------------------------------------ TOFD
+
+def official_cross_entropy(outputs, targets, T=3):
+    """Task-Oriented-Feature-Distillation ``utils.py`` ``CrossEntropy``."""
+    log_softmax_outputs = F.log_softmax(outputs / T, dim=1)
+    softmax_targets = F.softmax(targets / T, dim=1)
+    return -(log_softmax_outputs * softmax_targets).sum(dim=1).mean()
+
+
+def official_tofd(student_feature, teacher_feature, outputs, teacher_logits, labels, link_weights, T, alpha=0.05,
+                  beta=0.03):
+    """``distill.py`` @8fa49d0, the loss of one batch (student features already through ``net.link``)."""
+    loss = torch.zeros((), dtype=torch.float64)
+    for index in range(len(student_feature)):
+        loss = loss + torch.dist(student_feature[index], teacher_feature[index], p=2) * alpha
+        loss = loss + F.cross_entropy(outputs[index], labels)
+        loss = loss + official_cross_entropy(outputs[index], teacher_logits[index], T)
+    for weight in link_weights:
+        weight_trans = weight.permute(1, 0)
+        ones = torch.eye(weight.size(0), dtype=weight.dtype)
+        ones2 = torch.eye(weight.size(1), dtype=weight.dtype)
+        loss = loss + torch.dist(torch.mm(weight, weight_trans), ones, p=2) * beta
+        loss = loss + torch.dist(torch.mm(weight_trans, weight), ones2, p=2) * beta
+    return loss
+
+
+def tofd_inputs(heads=3, batch=5, dim=4, classes=6, student_dim=3):
+    student = [randn(batch, dim, seed=i, grad=True) for i in range(heads)]
+    teacher = [randn(batch, dim, seed=10 + i, scale=2.0, grad=True) for i in range(heads)]
+    logits = [randn(batch, classes, seed=20 + i, grad=True) for i in range(heads)]
+    teacher_logits = [randn(batch, classes, seed=30 + i, scale=3.0) for i in range(heads)]
+    weights = [randn(dim, student_dim, seed=40 + i, scale=0.5, grad=True) for i in range(heads)]
+    return student, teacher, logits, teacher_logits, class_labels(batch, classes), weights
+
+
+@pytest.mark.parametrize("temperature, alpha, beta", [(1.012, 0.05, 0.03), (4.0, 0.05, 0.03), (2.5, 0.7, 0.0)])
+def test_tofd_loss_is_the_official_formula(temperature, alpha, beta):
+    args = tofd_inputs()
+    assert_equals_official(
+        lambda *a: kdkernels.tofd_loss(*a, temperature=temperature, feature_weight=alpha, orthogonal_weight=beta),
+        lambda *a: official_tofd(*a, T=temperature, alpha=alpha, beta=beta), *args, what="tofd_loss")
+
+
+def test_tofd_loss_without_links_and_in_low_precision():
+    student, teacher, logits, teacher_logits, labels, _ = tofd_inputs(heads=2)
+    expected = official_tofd(student, teacher, logits, teacher_logits, labels, [], T=4.0)
+    torch.testing.assert_close(kdkernels.tofd_loss(student, teacher, logits, teacher_logits, labels), expected)
+    low = kdkernels.tofd_loss([s.detach().bfloat16() for s in student], [t.detach().half() for t in teacher],
+                              [z.detach().bfloat16() for z in logits], teacher_logits, labels)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), expected.detach(), rtol=2e-2, atol=2e-2)
+
+
+TOFD_ARGS = tofd_inputs(heads=2)
+
+
+def tofd_call(**changes):
+    names = ("student_features", "teacher_features", "student_logits", "teacher_logits", "labels", "link_weights")
+    return lambda: kdkernels.tofd_loss(**{**dict(zip(names, TOFD_ARGS)), **changes})
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (tofd_call(teacher_features=TOFD_ARGS[1][:1]), ValueError,
+     r"^tofd_loss: teacher_features must hold one tensor per head \(2, as student_features\), got 1 tensors$"),
+    (tofd_call(teacher_features=[torch.randn(5, 7), TOFD_ARGS[1][1]]), ValueError,
+     r"^tofd_loss: student_features\[0\] must have the same shape as teacher_features\[0\] \(5, 7\)"),
+    (tofd_call(student_logits=[torch.randn(5, 6), torch.randn(5, 5)]), ValueError,
+     r"^tofd_loss: teacher_logits\[1\] must have the same shape as student_logits\[1\]"),
+    (tofd_call(student_logits=[torch.randn(4, 6), torch.randn(4, 6)],
+               teacher_logits=[torch.randn(4, 6), torch.randn(4, 6)]), ValueError,
+     r"^tofd_loss: student_logits\[0\] must have the batch size of student_features\[0\] \(5\)"),
+    (tofd_call(labels=torch.tensor([0, 1, 2, 3, 9])), ValueError, r"^tofd_loss: labels must be class indices"),
+    (tofd_call(link_weights=[torch.randn(4)]), ValueError, r"^tofd_loss: link_weights\[0\] must have 2 dims"),
+    (tofd_call(link_weights=torch.randn(4, 3)), TypeError, r"^tofd_loss: link_weights must be a list or tuple"),
+    (tofd_call(feature_weight=-1.0), ValueError, r"^tofd_loss: feature_weight must be >= 0"),
+    (tofd_call(orthogonal_weight="0.1"), TypeError, r"^tofd_loss: orthogonal_weight must be a real number"),
+    (tofd_call(temperature=0.0), ValueError, r"^tofd_loss: temperature must be positive"),
+])
+def test_tofd_loss_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_tofd_aux_stage_trains_the_teacher_heads_on_the_frozen_teacher():
+    distiller, batch, values, output = first_step(build_recipe("tofd", digits_setup()), stage_index=0)
+    assert distiller.trainable == ("teacher_aux",) and not distiller.models["teacher"].training
+    heads = distiller.models["teacher_aux"]
+    assert len(heads) == 2 and all(isinstance(h.features[0][0], torch.nn.Conv2d) for h in heads)
+    assert len(heads[0].features) == 4 and len(heads[1].features) == 3   # two SepConvs / one SepConv, pool, flatten
+    with torch.no_grad():
+        expected = sum(F.cross_entropy(head(values[f"teacher:stage{i}"])[1].double(), batch["target"])
+                       for i, head in enumerate(heads, 1))
+    torch.testing.assert_close(output.terms["tofd_aux"].double(), expected, rtol=1e-6, atol=1e-8)
+    output.loss.backward()
+    assert all(p.grad is None for p in distiller.models["teacher"].parameters())
+    assert all(p.grad is not None for p in heads.parameters())
+
+
+@pytest.mark.parametrize("epoch, epochs", [(1, 250), (3, 10), (10, 10)])
+def test_tofd_step_is_the_official_loss(epoch, epochs):
+    distiller, batch, values, output = first_step(build_recipe("tofd", digits_setup()))
+    tofd = term(distiller, "tofd")
+    assert tofd.reads == ("student:stage1", "student:stage2", "student:fc/input", "student", "teacher:stage1",
+                          "teacher:stage2", "teacher:fc/input", "teacher", "target")
+    assert [tuple(link.weight.shape) for link in tofd.links] == [(128, 16)] * 3
+    output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=epochs, batch=batch))
+    student_heads, teacher_heads = distiller.models["student_aux"], distiller.models["teacher_aux"]
+    assert student_heads.training and not teacher_heads.training
+    with torch.no_grad():
+        s_aux = [head(values[f"student:stage{i}"]) for i, head in enumerate(student_heads, 1)]
+        t_aux = [head(values[f"teacher:stage{i}"]) for i, head in enumerate(teacher_heads, 1)]
+        s_features = [link(f) for link, f in zip(tofd.links, [f for f, _ in s_aux] + [values["student:fc/input"]])]
+    t_features = [f for f, _ in t_aux] + [values["teacher:fc/input"]]
+    outputs = [z for _, z in s_aux] + [values["student"]]
+    t_logits = [z for _, z in t_aux] + [values["teacher"]]
+    temperature = 1 + (3.0 / epochs) * float(epoch)   # the official 1 + (t/250)·(1 + epoch), epoch 0-based
+    expected = official_tofd([f.double() for f in s_features], [f.double() for f in t_features],
+                             [z.double() for z in outputs], [z.double() for z in t_logits], batch["target"],
+                             [link.weight.detach().double() for link in tofd.links], temperature)
+    torch.testing.assert_close(output.terms["tofd"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tofd_stages_train_the_teacher_heads_then_the_student_its_heads_and_links():
+    recipe = build_recipe("tofd", digits_setup(), aux_epochs=2)
+    assert [s.name for s in recipe.stages] == ["tofd-aux", "tofd"] and recipe.stages[0].epochs_of(250) == 2
+    assert build_recipe("tofd", digits_setup()).stages[0].epochs_of(250) == 125
+    teacher_heads = [p.detach().clone() for p in recipe.stages[0].distiller.models["teacher_aux"].parameters()]
+    main = recipe.stages[1].distiller
+    assert main.trainable == ("student", "student_aux") and main.evaluate == ("student",)
+    history = run_steps(recipe, steps=2)
+    assert [set(h) for h in history] == [{"tofd_aux"}] * 2 + [{"tofd"}] * 2
+    after = list(main.models["teacher_aux"].parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(teacher_heads, after))   # trained in stage 1
+    names = {name for name, p in main.named_parameters() if p in set(main.trainable_parameters())}
+    assert any(n.startswith("terms.0.links.") for n in names) and any(n.startswith("models.student_aux.") for n in
+                                                                      names)
+    assert not any(n.startswith("models.teacher_aux.") or n.startswith("models.teacher.") for n in names)
+
+
+def make_tofd(seed=0):
+    return build_recipe("tofd", digits_setup(seed=seed), aux_epochs=1)
+
+
+def test_tofd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_tofd, dict(epochs=1, batch_size=64, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+def test_tofd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("tofd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"^tofd: feature_weight must be >= 0"):
+        build_recipe("tofd", digits_setup(), feature_weight=-1.0)
+    with pytest.raises(TypeError, match=r"^tofd: temperature must be a real number"):
+        build_recipe("tofd", digits_setup(), temperature="3")
+    with pytest.raises(ValueError, match=r"^tofd: aux_epochs must be"):
+        build_recipe("tofd", digits_setup(), aux_epochs=1.5)
+    with pytest.raises(TypeError, match=r"^tofd: aux_epochs must be an int"):
+        build_recipe("tofd", digits_setup(), aux_epochs=None)
+    with pytest.raises(ValueError, match=r"tofd puts auxiliary classifiers on every stage but the deepest"):
+        build_recipe("tofd", digits_setup(), student_layers="stage3")
+    with pytest.raises(ValueError, match=r"tofd pairs the stages one to one, got 2 student and 3 teacher"):
+        build_recipe("tofd", digits_setup(), student_layers=["stage2", "stage3"])
+    with pytest.raises(ValueError, match=r"tofd cannot tell the channels"):
+        build_recipe("tofd", digits_setup(student="student-mlp"), student_layers=["flatten", "hidden1"] * 1 +
+                     ["fc"])
