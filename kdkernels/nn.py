@@ -212,6 +212,8 @@ _SPECS = [
                                     "labels", "link_weights"),
      "loss = TOFDLoss(temperature=1 + 3 * epoch / epochs)([l(f) for l, f in zip(links, aux_s)], aux_t, z_s, z_t, y, "
      "[l.weight for l in links])"),
+    ("HKDLoss", losses.hkd_loss, ("student_features", "teacher_features", "layer_weights"),
+     "loss = HKDLoss()([e_s, *fs_s], [e_t.detach(), *[f.detach() for f in fs_t]], [1.0] + [100 * 0.7 ** epoch] * 3)"),
     ("SemCKDLoss", losses.semckd_loss, ("student_features", "teacher_features", "attention"),
      "loss = ce + kd + 400.0 * SemCKDLoss()(projected_s, [[t.detach() for t in row] for row in pooled_t], attention)"),
     ("AFDLoss", losses.afd_loss, ("student_features", "teacher_features", "attention"),

@@ -184,3 +184,163 @@ def test_tofd_bad_configuration_names_the_argument():
     with pytest.raises(ValueError, match=r"tofd cannot tell the channels"):
         build_recipe("tofd", digits_setup(student="student-mlp"), student_layers=["flatten", "hidden1"] * 1 +
                      ["fc"])
+
+
+# ------------------------------------------------------------------------------------------------------------- HKD
+
+def official_pairwise_distances(a, eps=1e-6):
+    """pkth ``nn/pkt_transfer.py`` ``pairwise_distances`` (b = a)."""
+    b = a
+    aa = torch.sum(a ** 2, dim=1)
+    bb = torch.sum(b ** 2, dim=1)
+    aa = aa.expand(bb.size(0), aa.size(0)).t()
+    bb = bb.expand(aa.size(0), bb.size(0))
+    AB = torch.mm(a, b.transpose(0, 1))
+    dists = aa + bb - 2 * AB
+    dists = torch.clamp(dists, min=0, max=float("inf"))
+    return torch.sqrt(dists + eps)
+
+
+def official_cosine_pairwise_similarities(features, eps=1e-6):
+    features_norm = torch.sqrt(torch.sum(features ** 2, dim=1, keepdim=True))
+    features = features / (features_norm + eps)
+    features = torch.where(features != features, torch.zeros_like(features), features)
+    similarities = torch.mm(features, features.transpose(0, 1))
+    return (similarities + 1.0) / 2.0
+
+
+def official_prob_loss(teacher_features, student_features):
+    """``prob_loss`` with kernel_parameters {'student': 'combined', 'teacher': 'combined', 'loss': 'combined'}."""
+    teacher_s_2 = 1.0 / (1 + official_pairwise_distances(teacher_features) ** 1)
+    teacher_s_1 = official_cosine_pairwise_similarities(teacher_features)
+    student_s_2 = 1.0 / (1 + official_pairwise_distances(student_features) ** 1)
+    student_s_1 = official_cosine_pairwise_similarities(student_features)
+    teacher_s_1 = teacher_s_1 / torch.sum(teacher_s_1, dim=1, keepdim=True)
+    student_s_1 = student_s_1 / torch.sum(student_s_1, dim=1, keepdim=True)
+    teacher_s_2 = teacher_s_2 / torch.sum(teacher_s_2, dim=1, keepdim=True)
+    student_s_2 = student_s_2 / torch.sum(student_s_2, dim=1, keepdim=True)
+    loss1 = (teacher_s_1 - student_s_1) * (torch.log(teacher_s_1) - torch.log(student_s_1))
+    loss2 = (teacher_s_2 - student_s_2) * (torch.log(teacher_s_2) - torch.log(student_s_2))
+    return torch.mean(loss1) + torch.mean(loss2)
+
+
+def official_flow(teacher_feats, student_feats, layer_weights):
+    """``prob_transfer``'s loss of one batch: Σ_i weight_i · prob_loss over the (flattened) layer pairs."""
+    return sum(w * official_prob_loss(t.flatten(1), s.flatten(1))
+               for t, s, w in zip(teacher_feats, student_feats, layer_weights))
+
+
+def test_hkd_loss_is_the_official_combined_prob_loss():
+    student = [randn(6, 5, seed=1, grad=True), randn(6, 3, 2, 2, seed=2, grad=True)]
+    teacher = [randn(6, 8, seed=3, scale=2.0, grad=True), randn(6, 4, 3, 3, seed=4, grad=True)]
+    # rtol 1e-8: the diagonal distance sqrt(‖a‖² + ‖a‖² − 2a·a + eps) is a rounding residual whose (analytically
+    # zero) gradient is amplified by 1/(2·sqrt(eps)) = 500, in the official formula as in ours
+    assert_equals_official(lambda s, t: kdkernels.hkd_loss(s, t, [1.0, 70.0]),
+                           lambda s, t: official_flow(t, s, [1.0, 70.0]), student, teacher, what="hkd_loss",
+                           rtol=1e-8)
+    assert_equals_official(kdkernels.hkd_loss, lambda s, t: official_prob_loss(t, s), student[0], teacher[0],
+                           what="hkd_loss single pair", rtol=1e-8)
+    relu = [randn(5, 7, seed=5).relu().requires_grad_(), randn(5, 7, seed=6).relu()]   # post-ReLU features
+    assert_equals_official(kdkernels.hkd_loss, lambda s, t: official_prob_loss(t, s), *relu, what="hkd_loss relu",
+                           rtol=1e-8)
+
+
+def test_hkd_loss_reductions_and_low_precision():
+    s, t = randn(6, 5, seed=1), randn(6, 4, seed=2)
+    rows = kdkernels.hkd_loss(s, t, reduction="none")
+    assert rows.shape == (6,)
+    torch.testing.assert_close(rows.sum() / 36, kdkernels.hkd_loss(s, t))
+    torch.testing.assert_close(rows.sum() / 6, kdkernels.hkd_loss(s, t, reduction="batchmean"))
+    low = kdkernels.hkd_loss(s.bfloat16(), t.half())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), official_prob_loss(t, s), rtol=5e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.hkd_loss([torch.randn(4, 3)], [torch.randn(4, 3)] * 2), ValueError,
+     r"^hkd_loss: teacher_features must hold one tensor per student tensor \(1\), got 2 tensors$"),
+    (lambda: kdkernels.hkd_loss(torch.randn(4, 3), torch.randn(5, 3)), ValueError,
+     r"^hkd_loss: teacher_features must have the same batch size as student_features \(4, 3\)"),
+    (lambda: kdkernels.hkd_loss([torch.randn(4, 3)], [torch.randn(4, 3)], [1.0, 2.0]), ValueError,
+     r"^hkd_loss: layer_weights must hold one weight per layer pair \(1\), got 2 weights$"),
+    (lambda: kdkernels.hkd_loss([torch.randn(4, 3)], [torch.randn(4, 3)], 1.0), TypeError,
+     r"^hkd_loss: layer_weights must be a sequence of real numbers"),
+    (lambda: kdkernels.hkd_loss([torch.randn(4, 3)], [torch.randn(4, 3)], ["a"]), TypeError,
+     r"^hkd_loss: layer_weights\[0\] must be a real number"),
+    (lambda: kdkernels.hkd_loss(torch.randn(4, 3), torch.randn(4, 3), eps=0.0), ValueError,
+     r"^hkd_loss: eps must be positive"),
+    (lambda: kdkernels.hkd_loss(torch.randn(4, 3), torch.randn(4, 3), reduction="avg"), ValueError,
+     r"^hkd_loss: reduction must be one of"),
+])
+def test_hkd_loss_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_hkd_auxiliary_teacher_stages_are_ce_then_the_teacher_last_layer_flow():
+    recipe = build_recipe("hkd", digits_setup())
+    assert [s.name for s in recipe.stages] == ["hkd-aux-ce", "hkd-aux", "hkd"]
+    assert [s.epochs_of(50) for s in recipe.stages] == [50, 40, 50]
+    distiller, batch, values, output = first_step(recipe, stage_index=0)
+    assert distiller.trainable == ("assistant",) and distiller.evaluate == ("assistant",)
+    assert sum(p.numel() for p in distiller.models["assistant"].parameters()) > sum(
+        p.numel() for p in recipe.stages[-1].distiller.models["student"].parameters())   # the assistant-cnn
+    torch.testing.assert_close(output.terms["ce_assistant"], F.cross_entropy(values["assistant"], batch["target"]))
+    distiller, batch, values, output = first_step(recipe, stage_index=1)
+    assert distiller.trainable == ("assistant",) and not distiller.models["teacher"].training
+    assert term(distiller, "hkd_aux").reads == ("assistant:fc/input", "teacher:fc/input")
+    expected = official_prob_loss(values["teacher:fc/input"].double(), values["assistant:fc/input"].double())
+    torch.testing.assert_close(output.terms["hkd_aux"].double(), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("epoch, epochs", [(1, 50), (2, 50), (4, 10)])
+def test_hkd_step_is_the_official_critical_period_flow(epoch, epochs):
+    distiller, batch, values, _ = first_step(build_recipe("hkd", digits_setup()))
+    assert distiller.trainable == ("student",) and not distiller.models["assistant"].training
+    flow = term(distiller, "hkd")
+    assert flow.reads == ("student:fc/input", "student:stage3", "student:stage2", "student:stage1",
+                          "assistant:fc/input", "assistant:stage3", "assistant:stage2", "assistant:stage1")
+    output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=epochs, batch=batch))
+    cur_weight = 100.0
+    for _ in range(round((epoch - 1) * 50 / epochs)):   # exp2_proposed.py: cur_weight *= decay after each epoch
+        cur_weight = cur_weight * 0.7
+    weights = (1, cur_weight, cur_weight, cur_weight)
+    expected = official_flow([values[k].double() for k in flow.reads[4:]], [values[k].double() for k in flow.reads[:4]],
+                             weights)
+    torch.testing.assert_close(output.terms["hkd"].double(), expected, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(output.terms["ce_student"], F.cross_entropy(values["student"], batch["target"]))
+
+
+def test_hkd_stages_train_the_assistant_then_the_student():
+    recipe = build_recipe("hkd", digits_setup(), ce_weight=0.0, aux_ce_epochs=0)
+    assert [s.name for s in recipe.stages] == ["hkd-aux", "hkd"]
+    assistant = recipe.stages[0].distiller.models["assistant"]
+    assert assistant is recipe.stages[1].distiller.models["assistant"]
+    before = [p.detach().clone() for p in assistant.parameters()]
+    history = run_steps(recipe, steps=2)
+    assert [set(h) for h in history] == [{"hkd_aux"}] * 2 + [{"hkd"}] * 2   # ce_weight 0: the official objective
+    assert any(not torch.equal(b, p) for b, p in zip(before, assistant.parameters()))
+
+
+def make_hkd(seed=0):
+    return build_recipe("hkd", digits_setup(seed=seed), aux_ce_epochs=1, aux_epochs=1)
+
+
+def test_hkd_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_hkd, dict(epochs=1, batch_size=64, lr=0.05, **QUIET), tmp_path, pieces=(1, 1, 1))
+
+
+def test_hkd_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("hkd", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"^hkd: decay must be in \[0, 1\]"):
+        build_recipe("hkd", digits_setup(), decay=1.5)
+    with pytest.raises(ValueError, match=r"^hkd: init_weight must be >= 0"):
+        build_recipe("hkd", digits_setup(), init_weight=-1.0)
+    with pytest.raises(ValueError, match=r"^hkd: aux_epochs must be"):
+        build_recipe("hkd", digits_setup(), aux_epochs=2.0)
+    with pytest.raises(TypeError, match=r"^hkd: aux_ce_epochs must be an int"):
+        build_recipe("hkd", digits_setup(), aux_ce_epochs="1")
+    with pytest.raises(ValueError, match=r"hkd pairs the student's and the auxiliary teacher's layers one to one, "
+                                         r"got 2 student and 4 assistant"):
+        build_recipe("hkd", digits_setup(), student_layers=["fc/input", "stage3"])

@@ -17,7 +17,8 @@ defaulting to the official one.
 * :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors);
 * :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching;
 * :func:`tofd_loss` — task-oriented feature distillation (heads' features, CE and soft CE, orthogonal links; one
-  scalar, no ``reduction``: its feature norms run over the whole batch).
+  scalar, no ``reduction``: its feature norms run over the whole batch);
+* :func:`hkd_loss` — heterogeneous KD's information-flow divergence (Jeffreys over two kernels' batch probabilities).
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -493,3 +494,68 @@ def tofd_loss(student_features, teacher_features, student_logits, teacher_logits
         penalty = torch.linalg.vector_norm(gram_rows - eye_rows) + torch.linalg.vector_norm(gram_columns - eye_columns)
         total = total + beta * penalty.to(total.dtype)
     return total
+
+
+def _hkd_probabilities(features: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pkth ``prob_loss`` 'combined' kernels of one side, row-normalised: the cosine one ``(cos + 1) / 2`` (features
+    divided by ``‖f‖ + eps``) and the Student-t one ``1 / (1 + sqrt(max(‖a‖² + ‖b‖² − 2a·b, 0) + eps))``."""
+    norms = features.pow(2).sum(dim=1, keepdim=True)
+    unit = features / (norms.sqrt() + eps)
+    cosine = (unit @ unit.t() + 1.0) / 2.0
+    squared = (norms + norms.t() - 2.0 * features @ features.t()).clamp_min(0.0)
+    student_t = 1.0 / (1.0 + torch.sqrt(squared + eps))
+    return cosine / cosine.sum(dim=1, keepdim=True), student_t / student_t.sum(dim=1, keepdim=True)
+
+
+def hkd_loss(student_features, teacher_features, layer_weights=None, *, eps: float = 1e-6,
+             reduction: Reduction = "mean") -> torch.Tensor:
+    """Information-flow divergence of heterogeneous KD (Passalis, Tzelepi, Tefas, "Heterogeneous Knowledge
+    Distillation using Information Flow Modeling", CVPR 2020), as passalis/pkth ``nn/pkt_transfer.py``
+    (``prob_loss`` with ``kernel_parameters`` 'combined', the setting of every official experiment): per layer pair
+    l, the batch's conditional probabilities under two kernels, each row normalised (the diagonal included),
+    compared by the Jeffreys divergence::
+
+        P^k_ij = K^k(f_i, f_j) / Σ_j K^k(f_i, f_j),   k ∈ {cosine (cos + 1)/2, Student-t 1/(1 + ‖f_i − f_j‖)}
+        loss = Σ_l w_l Σ_k mean_{i,j} (P^k_t,ij − P^k_s,ij)·(log P^k_t,ij − log P^k_s,ij)
+
+    ``student_features`` / ``teacher_features``: one tensor ``[B, ...]`` or a list of them (layer by layer; each is
+    flattened to [B, D], the widths of a pair may differ); ``layer_weights``: one real per pair (None: all 1; the
+    official student stage weighs the last layer 1 and the others by the critical-period schedule). ``eps`` as the
+    official (1e-6, in the cosine normaliser and under the distance's square root). ``reduction`` over the B rows
+    of each B×B matrix: ``"mean"`` (official: / B²), ``"batchmean"`` (/ B), ``"sum"``, ``"none"`` (per sample
+    [B]). The teacher is used as given (detach it for offline distillation). The kernels are computed in float64
+    (B×B, cheap): the divergence of two close distributions cancels, and the distances' Gram formula would lose
+    the small pairs in float32; the result is float32 (float64 for float64 inputs).
+    """
+    check = Checks("hkd_loss")
+    single = isinstance(student_features, torch.Tensor) and isinstance(teacher_features, torch.Tensor)
+    students = [student_features] if single else check.tensor_list("student_features", student_features)
+    teachers = [teacher_features] if single else check.tensor_list("teacher_features", teacher_features)
+    if len(students) != len(teachers):
+        check.value_error("teacher_features", f"must hold one tensor per student tensor ({len(students)})",
+                          f"{len(teachers)} tensors")
+    if layer_weights is None:
+        weights = [1.0] * len(students)
+    else:
+        if isinstance(layer_weights, (str, torch.Tensor)) or not isinstance(layer_weights, Sequence):
+            check.type_error("layer_weights", "a sequence of real numbers", layer_weights)
+        weights = [check.real(f"layer_weights[{i}]", w) for i, w in enumerate(layer_weights)]
+        if len(weights) != len(students):
+            check.value_error("layer_weights", f"must hold one weight per layer pair ({len(students)})",
+                              f"{len(weights)} weights")
+    eps = check.real("eps", eps, positive=True)
+    reduction = check.reduction(reduction)
+    total = None
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        suffix = "" if single else f"[{index}]"
+        check.feature_pair(f"student_features{suffix}", student, f"teacher_features{suffix}", teacher)
+        student = student.flatten(1).double()
+        teacher = teacher.flatten(1).double()
+        rows = None
+        for p_s, p_t in zip(_hkd_probabilities(student, eps), _hkd_probabilities(teacher, eps)):
+            kernel_rows = ((p_t - p_s) * (p_t.log() - p_s.log())).sum(dim=1)
+            rows = kernel_rows if rows is None else rows + kernel_rows
+        layer = weights[index] * reduce_rows(rows, reduction, elements=student.shape[0])
+        total = layer if total is None else total + layer
+    wide = any(x.dtype == torch.float64 for x in (*students, *teachers))
+    return total if wide else total.float()

@@ -405,3 +405,116 @@ def tofd(setup: Setup, temperature: float = 3.0, feature_weight: float = 0.05, o
                                orthogonal_weight)],
                      trainable=("student", "student_aux"), evaluate=("student",))
     return Recipe("tofd", [Stage("tofd-aux", aux_stage, epochs=aux_epochs), Stage("tofd", main)])
+
+
+# ------------------------------------------------------------------------------------------------------------- HKD
+
+HKD_PAPER = "Passalis, Tzelepi, Tefas. Heterogeneous Knowledge Distillation using Information Flow Modeling. CVPR 2020"
+
+
+class CriticalPeriodWeights:
+    """pkth ``exp2_proposed.py``: the last layer pair weighs 1, every other ``w = init·decay^e`` in epoch e
+    (0-based, of the official 50); here e = (epoch − 1)·``reference_epochs``/epochs, the schedule on the stage's
+    length."""
+
+    def __init__(self, init: float, decay: float, reference_epochs: float):
+        self.init, self.decay, self.reference_epochs = init, decay, reference_epochs
+
+    def __call__(self, pairs: int, context: StepContext | None) -> list[float]:
+        if context is None:
+            return [1.0] + [self.init] * (pairs - 1)
+        elapsed = (context.epoch - 1) * self.reference_epochs / max(context.epochs, 1)
+        return [1.0] + [self.init * self.decay ** elapsed] * (pairs - 1)
+
+
+class InformationFlowTerm(Term):
+    """:func:`kdkernels.hkd_loss` over the layer pairs (the last layer first), the teacher side detached; the
+    weights from a :class:`CriticalPeriodWeights` (None: the last pair only, weight 1)."""
+
+    def __init__(self, name: str, student_keys, teacher_keys, schedule: CriticalPeriodWeights | None):
+        super().__init__(name, (*student_keys, *teacher_keys))
+        self.pairs, self.schedule = len(student_keys), schedule
+
+    def loss(self, *values, context):
+        students, teachers = values[:self.pairs], [t.detach() for t in values[self.pairs:]]
+        weights = self.schedule(self.pairs, context) if self.schedule is not None else None
+        return kdkernels.hkd_loss(list(students), teachers, weights)
+
+
+def hkd_taps(model: nn.Module, layers, argument: str) -> list[str]:
+    """The layers HKD reads, the deepest first: ``layers`` (given deepest first), or the model's embedding then its
+    stages deep to shallow (pkth's layers (3, 2, 1, 0): the penultimate layer, then the conv blocks)."""
+    if layers is not None:
+        return [layers] if isinstance(layers, str) else [str(layer) for layer in layers]
+    points = feature_points(model)
+    taps = [points.embedding, *reversed(points.stages)]
+    if len(taps) < 2:
+        raise ValueError(f"hkd models the flow over several layers, got {taps}: pass {argument}")
+    return taps
+
+
+@register("hkd", category="teacher-prep", paper=HKD_PAPER,
+          approximation="the student stage adds ce_weight·CE (the official student learns only the information "
+                        "flow and is evaluated by retrieval; ce_weight=0 is the official objective); the auxiliary "
+                        "teacher's CE pre-training and PKT stages and the critical-period decay run on shares of the "
+                        "run (official 80, 40 and 50 epochs, Adam) instead of the official epochs")
+def hkd(setup: Setup, init_weight: float = 100.0, decay: float = 0.7, ce_weight: float = 1.0,
+        aux_ce_epochs: int | float = 1.0, aux_epochs: int | float = 0.8, reference_epochs: float = 50.0,
+        student_layers=None, teacher_layers=None, assistant_layers=None) -> Recipe:
+    """Heterogeneous KD by information-flow modelling: an auxiliary teacher of the student's capacity learns the
+    task and the teacher's last-layer geometry, then the student learns the auxiliary teacher's information flow
+    over all its layers with critical-period weighting:
+    ``ce·CE + D(e_s, e_a) + w(e)·Σ_stages D(f_s,l, f_a,l)``, ``w(e) = 100·0.7^e``, D = :func:`kdkernels.hkd_loss`
+    (Jeffreys divergence of the batch's cosine and Student-t conditional probabilities, mean over B²).
+
+    As passalis/pkth @5766e63 (``cifar10/exp0_train_base.py``, ``exp1_train_aux.py``, ``exp2_proposed.py``,
+    ``nn/pkt_transfer.py`` ``prob_loss``/``prob_transfer`` with the 'combined' kernels):
+
+    * stage ``hkd-aux-ce`` (``aux_ce_epochs``): the auxiliary teacher (``Setup.new_assistant``, else a fresh
+      student; official ``Cifar_Tiny`` between the ResNet-18 teacher and the ``Cifar_Very_Tiny`` student) trains on
+      CE (official 80 epochs, Adam 1e-3 then 1e-4);
+    * stage ``hkd-aux`` (``aux_epochs``): it learns the teacher's last layer (``D(e_a, e_t)`` on the penultimate
+      features, no CE; official 40 epochs, Adam 1e-3 then 1e-4);
+    * stage ``hkd``: the student learns the auxiliary teacher's flow on the layers (penultimate, then the stages deep
+      to shallow: the official layers 3, 2, 1, 0), weights ``(1, w, w, w)``, ``w = init_weight·decay^e`` with e
+      the 0-based epoch scaled to ``reference_epochs`` (official 50 epochs, Adam 1e-3, w ×0.7 per epoch), plus
+      ``ce_weight``·CE (see the approximation flag). The auxiliary teacher is frozen in eval mode.
+
+    Layers: ``student_layers`` / ``teacher_layers`` / ``assistant_layers`` deepest first (default: the model's
+    ``feature_points`` embedding, then its stages deep to shallow; every map is flattened, as the official
+    ``get_features``); the teacher is read on its first tap only.
+    """
+    check = Checks("hkd")
+    init_weight = check.real("init_weight", init_weight, nonnegative=True)
+    decay = check.real("decay", decay, minimum=0.0, maximum=1.0)
+    ce_weight = check.real("ce_weight", ce_weight, nonnegative=True)
+    reference_epochs = check.real("reference_epochs", reference_epochs, positive=True)
+    for name, value in (("aux_ce_epochs", aux_ce_epochs), ("aux_epochs", aux_epochs)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            check.type_error(name, "an int (epochs) or a float (a share of the run)", value)
+        if value < 0 or (isinstance(value, float) and value > 1):
+            raise ValueError(f"hkd: {name} must be an int >= 0 or a share of the run in [0, 1], got {value!r}")
+    teacher = setup.require_teacher("hkd")
+    assistant = setup.fresh_assistant("hkd")
+    student_taps = hkd_taps(setup.student, student_layers, "student_layers")
+    assistant_taps = hkd_taps(assistant, assistant_layers, "assistant_layers")
+    teacher_tap = hkd_taps(teacher, teacher_layers, "teacher_layers")[0]
+    if len(student_taps) != len(assistant_taps):
+        raise ValueError(f"hkd pairs the student's and the auxiliary teacher's layers one to one, got "
+                         f"{len(student_taps)} student and {len(assistant_taps)} assistant layers: pass "
+                         f"student_layers / assistant_layers of one length")
+    stages = []
+    if aux_ce_epochs:
+        stages.append(Stage("hkd-aux-ce", Distiller({"assistant": assistant}, [CrossEntropyTerm("assistant")],
+                                                    trainable=("assistant",)), epochs=aux_ce_epochs))
+    if aux_epochs:
+        transfer = InformationFlowTerm("hkd_aux", [f"assistant:{assistant_taps[0]}"], [f"teacher:{teacher_tap}"],
+                                       None)
+        stages.append(Stage("hkd-aux", Distiller({"assistant": assistant, "teacher": teacher}, [transfer],
+                                                 trainable=("assistant",)), epochs=aux_epochs))
+    flow = InformationFlowTerm("hkd", [f"student:{tap}" for tap in student_taps],
+                               [f"assistant:{tap}" for tap in assistant_taps],
+                               CriticalPeriodWeights(init_weight, decay, reference_epochs))
+    terms: list[Term] = [flow] + ([CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else [])
+    stages.append(Stage("hkd", Distiller({"student": setup.student, "assistant": assistant}, terms)))
+    return Recipe("hkd", stages)
