@@ -1,4 +1,4 @@
-"""Teacher-side methods of issue 17 (tofd): the losses against the official code transcribed here in float64 (value
+"""Teacher-side methods of issue 17 (tofd, hkd, prune-student): the losses against the official code transcribed here in float64 (value
 and gradients) and their argument errors; each stage's step equal to the official formula on that step's tensors,
 which parameters each stage trains, exact resume and configuration errors."""
 from __future__ import annotations
@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import digits_setup, first_step, run_steps
+from distill_testing import batches_for, digits_setup, first_step, run_steps
 from kdkernels.distill import build_recipe
+from kdkernels.distill import models as zoo_models
+from kdkernels.distill.methods.teacher_prep import (chain_widths, conv_chain, pruned_student_widths, slim_chain_,
+                                                    slimmed_teacher_copy)
 from kdkernels.distill.terms import StepContext
 from losses_testing import assert_equals_official, class_labels, randn
 from trainer_testing import QUIET, assert_resume_is_exact
@@ -344,3 +347,124 @@ def test_hkd_bad_configuration_names_the_argument():
     with pytest.raises(ValueError, match=r"hkd pairs the student's and the auxiliary teacher's layers one to one, "
                                          r"got 2 student and 4 assistant"):
         build_recipe("hkd", digits_setup(), student_layers=["fc/input", "stage3"])
+
+
+# --------------------------------------------------------------------------------------------------- prune-student
+
+ST79 = [40, 49, 'M', 111, 97, 'M', 225, 187, 224, 170, 'M', 356, 233, 220, 99, 'M', 111, 84, 297, 122]  # _plan("19_st_79")
+
+
+def official_get_student_plan(plan_base, model_type="vgg19"):
+    """prune-then-distill ``models/base.py`` ``get_student_plan`` as written (plan_base: (remaining, total) per
+    conv/linear layer, in module order)."""
+    plans = {'vgg19': [0, 0, 'M', 0, 0, 'M', 0, 0, 0, 0, 'M', 0, 0, 0, 0, 'M', 0, 0, 0, 0]}
+    plan = list(plans[model_type])
+    plan_base = list(plan_base)
+    plan_init = plan_base.pop(0)
+    plan[0] = round(plan_init[0] / (9 * 3))
+    plan_temp = plan[0]
+    for layer_info in enumerate(plan):
+        if layer_info[1] == 0:
+            plan_data = plan_base.pop(0)
+            plan[layer_info[0]] = round(plan_data[0] / (plan_temp * 3))
+            plan_temp = plan[layer_info[0]]
+    return plan
+
+
+def masked_vgg19(remaining):
+    """The CIFAR zoo's vgg19 with a ``weight_mask`` per conv keeping ``remaining[l]`` weights."""
+    model = zoo_models.create("vgg19", num_classes=100)
+    for (path, count) in zip(conv_chain(model)[0], remaining):
+        conv = model.get_submodule(path)
+        mask = torch.zeros(conv.weight.numel())
+        mask[:count] = 1
+        conv.register_buffer("weight_mask", mask.view_as(conv.weight))
+    return model
+
+
+def test_student_widths_reproduce_the_official_experiment_students():
+    widths = [w for w in ST79 if w != 'M']
+    remaining = [9 * w * c for w, c in zip(widths, [3] + widths[:-1])]   # the student's own dense weight counts
+    assert pruned_student_widths(masked_vgg19(remaining)) == widths
+    assert sum(remaining) / sum(m.weight.numel() for m in zoo_models.create("vgg19").modules()
+                                if isinstance(m, torch.nn.Conv2d)) == pytest.approx(0.207, abs=0.002)
+    # the repository's get_student_plan (÷ 3·c_{l−1} after the first layer) does not give its experiment plan
+    assert [w for w in official_get_student_plan([(r, 0) for r in remaining] + [(0, 0)]) if w != 'M'] != widths
+    assert official_get_student_plan([(r, 0) for r in remaining] + [(0, 0)])[0] == widths[0]
+
+
+def test_slimming_keeps_the_chain_and_loads_states_of_other_widths():
+    teacher = zoo_models.create("teacher-cnn")
+    assert chain_widths(teacher) == [32, 32, 64, 64, 128, 128]
+    student = slimmed_teacher_copy(teacher)
+    assert chain_widths(student) == chain_widths(teacher) and student is not teacher
+    assert not any(torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters()) if a.dim() > 1)
+    slim_chain_(student, [3, 4, 5, 6, 7, 8])
+    assert student.stage3[3].weight.shape == (8, 7, 3, 3) and student.stage3[4].num_features == 8
+    assert student.fc.in_features == 8 and student(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    other = slimmed_teacher_copy(teacher)
+    slim_chain_(other, [2, 2, 3, 3, 4, 4])
+    student.load_state_dict(other.state_dict())   # the load pre-hook reshapes the chain first
+    assert chain_widths(student) == [2, 2, 3, 3, 4, 4]
+    torch.testing.assert_close(student.fc.weight, other.fc.weight)
+    vgg = zoo_models.create("vgg8", num_classes=100)
+    slim_chain_(vgg, [4, 5, 6, 7, 8])
+    assert vgg(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("name, match", [("resnet8", r"reads \d+ channels, not the \d+ of the conv before it"),
+                                         ("student-mlp", r"has 0 conv\(s\)")])
+def test_slimming_needs_a_plain_conv_chain(name, match):
+    with pytest.raises(ValueError, match=rf"^prune-student slims plain convolution chains.*{match}"):
+        conv_chain(zoo_models.create(name))
+
+
+def test_prune_student_distils_the_pruned_teacher_into_its_slimmed_shape():
+    setup = digits_setup()
+    recipe = build_recipe("prune-student", setup, pruning_ratio=0.36)
+    assert [s.name for s in recipe.stages] == ["prune-1", "prune-2", "distill"]
+    teacher, student = setup.teacher, recipe.student
+    assert student is not setup.student and chain_widths(student) == [32, 32, 64, 64, 128, 128]
+    for stage in recipe.stages[:2]:
+        stage.before()
+    recipe.stages[2].before()
+    assert chain_widths(student) == pruned_student_widths(teacher)
+    kept = [float(teacher.get_submodule(p).weight_mask.sum()) for p in conv_chain(teacher)[0]]
+    assert sum(kept) / sum(teacher.get_submodule(p).weight.numel() for p in conv_chain(teacher)[0]) < 0.7
+    widths = chain_widths(student)
+    for index, (count, path) in enumerate(zip(kept, conv_chain(teacher)[0])):   # c_l = round(r_l / (9·c_{l−1}))
+        assert widths[index] == max(1, round(count / (9 * (1 if index == 0 else widths[index - 1]))))
+    distill = recipe.stages[2].distiller
+    batch = next(iter(batches_for(recipe.stages[2])))
+    distill.build(batch).activate().train()
+    values = distill.run_models(batch)
+    output = distill.compute_terms(values, StepContext(batch=batch))
+    s, t, y = values["student"].double(), values["teacher"].double(), batch["target"]
+    expected_kd = F.kl_div(F.log_softmax(s / 10, dim=1), F.softmax(t / 10, dim=1), reduction="batchmean") * 100
+    torch.testing.assert_close(output.loss.double(), 0.95 * expected_kd + 0.05 * F.cross_entropy(s, y),
+                               rtol=1e-5, atol=1e-7)   # kd_vanilla.py loss_fn_kd (α 0.95, T 10)
+    assert values["student"].shape == (32, 10)
+
+
+def test_prune_student_trains_one_shot_and_with_rounds():
+    run_steps(build_recipe("prune-student", digits_setup(), finetune_epochs=0, pruning_ratio=0.5), steps=2)
+    history = run_steps(build_recipe("prune-student", digits_setup(), pruning_ratio=0.2), steps=2)
+    assert [set(h) for h in history] == [{"ce_teacher"}] * 2 + [{"ce_student", "kd"}] * 2
+
+
+def make_prune_student(seed=0):
+    return build_recipe("prune-student", digits_setup(seed=seed), pruning_ratio=0.2)
+
+
+def test_prune_student_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_prune_student, dict(epochs=2, batch_size=64, lr=0.05, **QUIET), tmp_path,
+                           pieces=(1, 1, 1))   # the last resume is inside the distill stage
+
+
+def test_prune_student_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="pass a trained teacher"):
+        build_recipe("prune-student", digits_setup(teacher=None))
+    with pytest.raises(ValueError, match=r"pruning_ratio must be a fraction in \[0, 1\)"):
+        build_recipe("prune-student", digits_setup(), pruning_ratio=1.0)
+    with pytest.raises(ValueError, match=r"^prune-student slims plain convolution chains"):
+        build_recipe("prune-student", digits_setup(teacher="student-mlp"))

@@ -3,6 +3,7 @@ it (prune-then-distill, PrUE; ../shared/reference/methods.md §4); give the teac
 classifiers, then distil their features (TOFD)."""
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Sequence
 
@@ -518,3 +519,166 @@ def hkd(setup: Setup, init_weight: float = 100.0, decay: float = 0.7, ce_weight:
     terms: list[Term] = [flow] + ([CrossEntropyTerm("student", ce_weight)] if ce_weight > 0 else [])
     stages.append(Stage("hkd", Distiller({"student": setup.student, "assistant": assistant}, terms)))
     return Recipe("hkd", stages)
+
+
+# --------------------------------------------------------------------------------------------------- prune-student
+
+def conv_chain(model: nn.Module, method: str = "prune-student") -> tuple[list[str], dict[str, str], str]:
+    """(conv paths, BN path -> its conv's path, the classifier's path) of a plain convolution chain: each conv reads
+    the previous conv's channels (groups 1), each batch norm follows a conv of its width (registration order), and
+    one linear classifier reads the last conv's channels (after global pooling): VGG-style models and the digits
+    CNNs. Anything else (a residual model, a grouped conv) is a ValueError naming the method and the layer."""
+    convs, norms, linears, last = [], {}, [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if type(module) is not nn.Conv2d or module.groups != 1:
+                raise ValueError(f"{method} slims plain convolution chains: {name} ({module}) is not a plain "
+                                 f"ungrouped nn.Conv2d")
+            if last is not None and module.in_channels != last.out_channels:
+                raise ValueError(f"{method} slims plain convolution chains: {name} reads {module.in_channels} "
+                                 f"channels, not the {last.out_channels} of the conv before it (a residual or "
+                                 f"branching model)")
+            convs.append(name)
+            last = module
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if type(module) is not nn.BatchNorm2d or last is None or module.num_features != last.out_channels:
+                raise ValueError(f"{method} slims plain convolution chains: the batch norm {name} does not follow "
+                                 f"a conv of its {getattr(module, 'num_features', '?')} channels")
+            norms[name] = convs[-1]
+        elif isinstance(module, nn.Linear):
+            linears.append(name)
+    if not convs or len(linears) != 1:
+        raise ValueError(f"{method} slims plain convolution chains ending in one linear classifier: "
+                         f"{type(model).__name__} has {len(convs)} conv(s) and linear layers {linears}")
+    classifier = model.get_submodule(linears[0])
+    if classifier.in_features != last.out_channels:
+        raise ValueError(f"{method} slims plain convolution chains: the classifier {linears[0]} reads "
+                         f"{classifier.in_features} features, not the last conv's {last.out_channels} channels")
+    return convs, norms, linears[0]
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def slim_chain_(model: nn.Module, widths: Sequence[int], method: str = "prune-student") -> None:
+    """Rebuilds the model's convolution chain (:func:`conv_chain`) in place with ``widths`` output channels per
+    conv (fresh layers of the same kind, kernel, stride, padding and bias; each batch norm and the classifier
+    follow), so that it loads a state of those shapes; the new layers have PyTorch's default initialisation."""
+    convs, norms, classifier = conv_chain(model, method)
+    if len(widths) != len(convs):
+        raise ValueError(f"{method}: {len(widths)} widths for the {len(convs)} convs {convs}")
+    widths = [int(w) for w in widths]
+    previous = None
+    for path, width in zip(convs, widths):
+        old = model.get_submodule(path)
+        in_channels = old.in_channels if previous is None else previous
+        _replace(model, path, nn.Conv2d(in_channels, width, old.kernel_size, stride=old.stride, padding=old.padding,
+                                        dilation=old.dilation, bias=old.bias is not None,
+                                        padding_mode=old.padding_mode))
+        previous = width
+    for path, conv_path in norms.items():
+        old = model.get_submodule(path)
+        _replace(model, path, nn.BatchNorm2d(widths[convs.index(conv_path)], eps=old.eps, momentum=old.momentum,
+                                             affine=old.affine, track_running_stats=old.track_running_stats))
+    old = model.get_submodule(classifier)
+    _replace(model, classifier, nn.Linear(widths[-1], old.out_features, bias=old.bias is not None))
+
+
+def chain_widths(model: nn.Module) -> list[int]:
+    """The output channels of each conv of the model's chain."""
+    return [model.get_submodule(path).out_channels for path in conv_chain(model)[0]]
+
+
+def pruned_student_widths(teacher: nn.Module) -> list[int]:
+    """prune-then-distill's student plan from the pruned teacher: per conv l of the chain, the channels whose dense
+    layer holds the teacher layer's remaining weights ``r_l`` (its ``weight_mask`` sum; all weights when not
+    pruned), ``c_l = round(r_l / (k_l · c_{l−1}))``, ``k_l`` the kernel area, ``c_{−1}`` the input channels (at
+    least 1 channel)."""
+    widths: list[int] = []
+    for path in conv_chain(teacher)[0]:
+        conv = teacher.get_submodule(path)
+        mask = getattr(conv, "weight_mask", None)
+        remaining = float(mask.sum()) if isinstance(mask, torch.Tensor) else float(conv.weight.numel())
+        inputs = conv.in_channels if not widths else widths[-1]
+        area = conv.kernel_size[0] * conv.kernel_size[1]
+        widths.append(max(1, round(remaining / (area * inputs))))
+    return widths
+
+
+def init_like_prune_then_distill_(model: nn.Module) -> None:
+    """prune-then-distill ``models/cifar_vgg.py`` ``_initialize_weights``: Kaiming normal conv and linear weights
+    (PyTorch's defaults: fan-in, gain √2), zero biases, batch norm weight 1 and bias 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
+
+
+def _resize_to_state(module, state_dict, prefix, *_):
+    """Load pre-hook of the slimmed student: a state of other widths (a checkpoint written after the student was
+    built from the pruned teacher) first reshapes the chain to them."""
+    convs = conv_chain(module)[0]
+    keys = [f"{prefix}{path}.weight" for path in convs]
+    if all(key in state_dict for key in keys):
+        widths = [int(state_dict[key].shape[0]) for key in keys]
+        if widths != chain_widths(module):
+            slim_chain_(module, widths)
+
+
+def slimmed_teacher_copy(teacher: nn.Module) -> nn.Module:
+    """A copy of the teacher's architecture (its widths for now) with fresh weights, that follows the widths of the
+    states it loads; the stage that distils it rebuilds it from the pruned teacher."""
+    student = copy.deepcopy(teacher)
+    slim_chain_(student, chain_widths(teacher))
+    init_like_prune_then_distill_(student)
+    student.register_load_state_dict_pre_hook(_resize_to_state)
+    return student
+
+
+@register("prune-student", category="teacher-prep",
+          paper="Park, No. Prune Your Model Before Distill It. ECCV 2022 (arXiv:2109.14960)",
+          approximation="the student's widths are the dense channel counts holding each pruned teacher layer's "
+                        "remaining weights, c_l = round(r_l / (k_l·c_{l−1})), which reproduces the repository's "
+                        "experiment students (models/cifar_vgg.py _plan('19_st_79'): 4.14 M weights for the 79 %-"
+                        "pruned 20 M VGG-19), where its get_student_plan divides by 3·c_{l−1}; only plain "
+                        "convolution chains (VGG-style) are slimmed, as the repository's vgg-custom")
+def prune_student(setup: Setup, pruning_ratio: float = 0.8, finetune_epochs: int | float = 0.65,
+                  temperature: float = 10.0, alpha: float = 0.95) -> Recipe:
+    """Prune, then distil into the pruned teacher's shape: the teacher is pruned as :func:`prune_kd` (rounds of 20%
+    global L1 pruning with fine-tuning), then a fresh student with the TEACHER's architecture slimmed to the pruned
+    teacher's per-layer weight budget learns ``α·T²·KL(p_t ‖ p_s) + (1−α)·CE`` from the pruned teacher.
+
+    As ososos888/prune-then-distill @1b5f3d3 (``main.py --pre_train --pruning --kd``; ``kd/kd_runner.py`` with
+    ``--student_model vgg-custom``: ``get_model(..., plan=teacher_model.get_student_plan())``; ``models/base.py``
+    ``get_teacher_plan_base``: the remaining weights of each pruned layer; ``models/cifar_vgg.py`` (VGG of a plan,
+    ``_initialize_weights``, the experiment plans ``19_st_36/59/79``); ``kd_default.json``: α 0.95, T 10). The
+    student's conv l gets ``c_l = round(r_l / (k_l·c_{l−1}))`` channels (:func:`pruned_student_widths`), so that
+    its dense layer has the pruned teacher layer's weight count; the classifier follows the last width. The student
+    is the teacher's architecture (:func:`slim_chain_`, fresh Kaiming-normal weights), built when the ``distill``
+    stage starts (after the pruning rounds): ``Setup.student`` is not used. Only plain convolution chains (VGG-style
+    models, the digits CNNs: each conv reads the previous one, one linear classifier) can be slimmed, as the
+    repository's ``vgg-custom`` (ResNets: "will be updated"); other teachers raise a ValueError. The KD step and the
+    pruning schedule are :func:`prune_kd`'s.
+    """
+    teacher = setup.require_teacher("prune-student")
+    check_amount("pruning_ratio", pruning_ratio)
+    student = slimmed_teacher_copy(teacher)
+    recipe = prune_kd(Setup(student=student, num_classes=setup.num_classes, teacher=teacher),
+                      pruning_ratio=pruning_ratio, finetune_epochs=finetune_epochs, temperature=temperature,
+                      alpha=alpha)
+    distill, prune_first = recipe.stages[-1], recipe.stages[-1].before
+
+    def build_student():
+        if prune_first is not None:
+            prune_first()
+        slim_chain_(student, pruned_student_widths(teacher))
+        init_like_prune_then_distill_(student)
+
+    distill.before = build_student
+    return Recipe("prune-student", recipe.stages)
