@@ -275,7 +275,7 @@ class TOFDHeadTerm(Term):
 class TOFDTerm(Term):
     """Stage ``tofd``: :func:`kdkernels.tofd_loss` over the heads (the auxiliary classifiers, then the model's own
     classifier on its pooled embedding), the student's features through bias-free linear links (this term's
-    submodules, sized from the example), the teacher's heads frozen, at ``T = 1 + t·epoch/epochs``."""
+    submodules, sized from the example), the teacher's heads frozen (no gradient), at ``T = 1 + t·epoch/epochs``."""
 
     def __init__(self, student_keys, teacher_keys, student_heads: TOFDHeads, teacher_heads: TOFDHeads,
                  temperature: float, feature_weight: float, orthogonal_weight: float):
@@ -371,7 +371,9 @@ def tofd(setup: Setup, temperature: float = 3.0, feature_weight: float = 0.05, o
       joint forward), one link ``Linear(D_s, D_t, bias=False)`` per head, ``α`` = ``feature_weight`` 0.05 on the
       Frobenius norm over the batch (``torch.dist``), CE and the soft cross-entropy (no T²) on every head,
       ``t`` = ``temperature`` 3 (the official ``--t``: T rises from ≈1 to 4 over the 250 epochs; here over the
-      stage's epochs), ``β`` = ``orthogonal_weight`` 0.03 (``--beta``). The exported student is its main head.
+      stage's epochs), ``β`` = ``orthogonal_weight`` 0.03 (``--beta``). The teacher and its classifiers are frozen
+      but in train mode (batch statistics), as the official script (it never calls ``teacher.eval()``). The
+      exported student is its main head.
 
     Official schedule (not a hyperparameter here): SGD lr 0.1, momentum 0.9, weight decay 5e-4, 250 epochs, lr
     ÷10 at 80/160/240, batch 128. Approximations (flagged): the teacher's auxiliary classifiers are trained on the
@@ -404,7 +406,8 @@ def tofd(setup: Setup, temperature: float = 3.0, feature_weight: float = 0.05, o
                       "teacher_aux": teacher_heads},
                      [TOFDTerm(student_keys, teacher_keys, student_heads, teacher_heads, temperature, feature_weight,
                                orthogonal_weight)],
-                     trainable=("student", "student_aux"), evaluate=("student",))
+                     trainable=("student", "student_aux"), frozen_train_mode=("teacher", "teacher_aux"),
+                     evaluate=("student",))
     return Recipe("tofd", [Stage("tofd-aux", aux_stage, epochs=aux_epochs), Stage("tofd", main)])
 
 
