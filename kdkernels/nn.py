@@ -208,6 +208,12 @@ _SPECS = [
      "loss = ce + KDSVDLoss()([c(f) for c, f in zip(connectors, fs_s)], [f.detach() for f in fs_t])"),
     ("JacobianMatchingLoss", losses.jacobian_matching_loss, ("student_jacobian", "teacher_jacobian"),
      "loss = ce + kd + 20.0 * JacobianMatchingLoss()(grad(z_s[y].sum(), x, create_graph=True)[0], j_t.detach())"),
+    ("TOFDLoss", losses.tofd_loss, ("student_features", "teacher_features", "student_logits", "teacher_logits",
+                                    "labels", "link_weights"),
+     "loss = TOFDLoss(temperature=1 + 3 * epoch / epochs)([l(f) for l, f in zip(links, aux_s)], aux_t, z_s, z_t, y, "
+     "[l.weight for l in links])"),
+    ("HKDLoss", losses.hkd_loss, ("student_features", "teacher_features", "layer_weights"),
+     "loss = HKDLoss()([e_s, *fs_s], [e_t.detach(), *[f.detach() for f in fs_t]], [1.0] + [100 * 0.7 ** epoch] * 3)"),
     ("SemCKDLoss", losses.semckd_loss, ("student_features", "teacher_features", "attention"),
      "loss = ce + kd + 400.0 * SemCKDLoss()(projected_s, [[t.detach() for t in row] for row in pooled_t], attention)"),
     ("AFDLoss", losses.afd_loss, ("student_features", "teacher_features", "attention"),

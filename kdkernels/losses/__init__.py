@@ -25,9 +25,9 @@ from kdkernels.losses.bake import bake_loss, bake_targets
 from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss, mmt_loss,
                                       soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
-from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss,
+from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss, hkd_loss,
                                       jacobian_matching_loss, kd_svd_loss, nst_loss, ofd_loss, ofd_margins,
-                                      pad_l2_loss, vid_loss)
+                                      pad_l2_loss, tofd_loss, vid_loss)
 from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
@@ -52,7 +52,7 @@ __all__ = [
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
-    "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss",
+    "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss", "tofd_loss", "hkd_loss",
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",

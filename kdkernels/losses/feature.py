@@ -15,7 +15,10 @@ defaulting to the official one.
 * :func:`cd_loss` — channel distillation (MSE of pooled channels);
 * :func:`pad_l2_loss` — prime-aware adaptive distillation (L2 weighted by a predicted per-dimension variance).
 * :func:`kd_svd_loss` — KD-SVD (RBF correlations of consecutive stages' singular vectors);
-* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching.
+* :func:`jacobian_matching_loss` — normalised input-gradient (Jacobian) matching;
+* :func:`tofd_loss` — task-oriented feature distillation (heads' features, CE and soft CE, orthogonal links; one
+  scalar, no ``reduction``: its feature norms run over the whole batch);
+* :func:`hkd_loss` — heterogeneous KD's information-flow divergence (Jeffreys over two kernels' batch probabilities).
 (Attention transfer is in :mod:`kdkernels.losses.attention`.)
 """
 from __future__ import annotations
@@ -424,3 +427,135 @@ def jacobian_matching_loss(student_jacobian: torch.Tensor, teacher_jacobian: tor
     student = F.normalize(accumulate(student_jacobian).flatten(1), dim=1)
     teacher = F.normalize(accumulate(teacher_jacobian).to(student.dtype).flatten(1), dim=1)
     return reduce_elements((student - teacher).pow(2), reduction)
+
+
+def tofd_loss(student_features, teacher_features, student_logits, teacher_logits, labels, link_weights=None, *,
+              temperature: float = 4.0, feature_weight: float = 0.05, orthogonal_weight: float = 0.03
+              ) -> torch.Tensor:
+    """Task-oriented feature distillation (Zhang, Shi, Ma, NeurIPS 2020), as
+    ArchipLab-LinfengZhang/Task-Oriented-Feature-Distillation ``distill.py`` and ``utils.py`` (``CrossEntropy``):
+    over the heads i (the auxiliary classifiers and the main one) and the feature links' weights W_j::
+
+        loss = Σ_i [ α·‖s_i − t_i‖_F + CE(z_i, y) − mean_b Σ_c softmax(z^t_i/T)·log_softmax(z_i/T) ]
+               + β·Σ_j (‖W_j W_jᵀ − I‖_F + ‖W_jᵀ W_j − I‖_F)
+
+    ``student_features`` [B, D] per head, already through its link (``link_j(f_s)``, a bias-free linear layer to the
+    teacher's width), ``teacher_features`` [B, D] per head (the teacher's auxiliary features), ``‖·‖_F`` the
+    Frobenius norm over the whole batch (``torch.dist``, not squared, not averaged), ``student_logits`` /
+    ``teacher_logits`` [B, C] per head, ``labels`` [B], ``link_weights`` the links' [D_t, D_s] weights for the
+    orthogonal penalty (None: no penalty). The soft cross-entropy is not scaled by T² (as the official). ``α`` =
+    ``feature_weight`` (official 0.05), ``β`` = ``orthogonal_weight`` (0.03); ``temperature`` is the current one (the
+    official raises it linearly from 1 to 4 over the epochs). A scalar in fp32 (fp64 for fp64 inputs). The
+    teachers are used as given (detach them).
+    """
+    check = Checks("tofd_loss")
+    students = check.tensor_list("student_features", student_features)
+    teachers = check.tensor_list("teacher_features", teacher_features)
+    student_heads = check.tensor_list("student_logits", student_logits)
+    teacher_heads = check.tensor_list("teacher_logits", teacher_logits)
+    heads = len(students)
+    for name, values in (("teacher_features", teachers), ("student_logits", student_heads),
+                         ("teacher_logits", teacher_heads)):
+        if len(values) != heads:
+            check.value_error(name, f"must hold one tensor per head ({heads}, as student_features)",
+                              f"{len(values)} tensors")
+    temperature = check.temperature(temperature)
+    alpha = check.real("feature_weight", feature_weight, nonnegative=True)
+    beta = check.real("orthogonal_weight", orthogonal_weight, nonnegative=True)
+    weights = [] if link_weights is None else check.tensor_list("link_weights", link_weights)
+    total, target = None, None
+    for index in range(heads):
+        suffix = f"[{index}]"
+        _check_pair(check, f"student_features{suffix}", students[index], f"teacher_features{suffix}",
+                    teachers[index], dims=(2,), same_shape=True)
+        check.logits_pair(student_heads[index], teacher_heads[index], f"student_logits{suffix}",
+                          f"teacher_logits{suffix}", dims=(2,))
+        if student_heads[index].shape[0] != students[index].shape[0]:
+            check.value_error(f"student_logits{suffix}", f"must have the batch size of student_features{suffix} "
+                              f"({students[index].shape[0]})", f"shape {tuple(student_heads[index].shape)}")
+        logits = accumulate(student_heads[index])
+        if target is None:
+            target = check.class_labels(labels, logits)
+        elif student_heads[index].shape[0] != target.shape[0]:
+            check.value_error(f"student_logits{suffix}", f"must have the batch size of the labels ({target.shape[0]})",
+                              f"shape {tuple(student_heads[index].shape)}")
+        feature = accumulate(students[index])
+        distance = torch.linalg.vector_norm(feature - accumulate(teachers[index]).to(feature.dtype))
+        soft = torch.softmax(accumulate(teacher_heads[index]).to(logits.dtype) / temperature, dim=-1)
+        soft_ce = -(soft * torch.log_softmax(logits / temperature, dim=-1)).sum(dim=-1).mean()
+        head = alpha * distance.to(logits.dtype) + F.cross_entropy(logits, target) + soft_ce
+        total = head if total is None else total + head.to(total.dtype)
+    for index, weight in enumerate(weights):
+        check.floating(f"link_weights[{index}]", weight, dims=(2,))
+        weight = accumulate(weight)
+        gram_rows, gram_columns = weight @ weight.t(), weight.t() @ weight
+        eye_rows = torch.eye(gram_rows.shape[0], dtype=weight.dtype, device=weight.device)
+        eye_columns = torch.eye(gram_columns.shape[0], dtype=weight.dtype, device=weight.device)
+        penalty = torch.linalg.vector_norm(gram_rows - eye_rows) + torch.linalg.vector_norm(gram_columns - eye_columns)
+        total = total + beta * penalty.to(total.dtype)
+    return total
+
+
+def _hkd_probabilities(features: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pkth ``prob_loss`` 'combined' kernels of one side, row-normalised: the cosine one ``(cos + 1) / 2`` (features
+    divided by ``‖f‖ + eps``) and the Student-t one ``1 / (1 + sqrt(max(‖a‖² + ‖b‖² − 2a·b, 0) + eps))``."""
+    norms = features.pow(2).sum(dim=1, keepdim=True)
+    unit = features / (norms.sqrt() + eps)
+    cosine = (unit @ unit.t() + 1.0) / 2.0
+    squared = (norms + norms.t() - 2.0 * features @ features.t()).clamp_min(0.0)
+    student_t = 1.0 / (1.0 + torch.sqrt(squared + eps))
+    return cosine / cosine.sum(dim=1, keepdim=True), student_t / student_t.sum(dim=1, keepdim=True)
+
+
+def hkd_loss(student_features, teacher_features, layer_weights=None, *, eps: float = 1e-6,
+             reduction: Reduction = "mean") -> torch.Tensor:
+    """Information-flow divergence of heterogeneous KD (Passalis, Tzelepi, Tefas, "Heterogeneous Knowledge
+    Distillation using Information Flow Modeling", CVPR 2020), as passalis/pkth ``nn/pkt_transfer.py``
+    (``prob_loss`` with ``kernel_parameters`` 'combined', the setting of every official experiment): per layer pair
+    l, the batch's conditional probabilities under two kernels, each row normalised (the diagonal included),
+    compared by the Jeffreys divergence::
+
+        P^k_ij = K^k(f_i, f_j) / Σ_j K^k(f_i, f_j),   k ∈ {cosine (cos + 1)/2, Student-t 1/(1 + ‖f_i − f_j‖)}
+        loss = Σ_l w_l Σ_k mean_{i,j} (P^k_t,ij − P^k_s,ij)·(log P^k_t,ij − log P^k_s,ij)
+
+    ``student_features`` / ``teacher_features``: one tensor ``[B, ...]`` or a list of them (layer by layer; each is
+    flattened to [B, D], the widths of a pair may differ); ``layer_weights``: one real per pair (None: all 1; the
+    official student stage weighs the last layer 1 and the others by the critical-period schedule). ``eps`` as the
+    official (1e-6, in the cosine normaliser and under the distance's square root). ``reduction`` over the B rows
+    of each B×B matrix: ``"mean"`` (official: / B²), ``"batchmean"`` (/ B), ``"sum"``, ``"none"`` (per sample
+    [B]). The teacher is used as given (detach it for offline distillation). The kernels are computed in float64
+    (B×B, cheap): the divergence of two close distributions cancels, and the distances' Gram formula would lose
+    the small pairs in float32; the result is float32 (float64 for float64 inputs).
+    """
+    check = Checks("hkd_loss")
+    single = isinstance(student_features, torch.Tensor) and isinstance(teacher_features, torch.Tensor)
+    students = [student_features] if single else check.tensor_list("student_features", student_features)
+    teachers = [teacher_features] if single else check.tensor_list("teacher_features", teacher_features)
+    if len(students) != len(teachers):
+        check.value_error("teacher_features", f"must hold one tensor per student tensor ({len(students)})",
+                          f"{len(teachers)} tensors")
+    if layer_weights is None:
+        weights = [1.0] * len(students)
+    else:
+        if isinstance(layer_weights, (str, torch.Tensor)) or not isinstance(layer_weights, Sequence):
+            check.type_error("layer_weights", "a sequence of real numbers", layer_weights)
+        weights = [check.real(f"layer_weights[{i}]", w) for i, w in enumerate(layer_weights)]
+        if len(weights) != len(students):
+            check.value_error("layer_weights", f"must hold one weight per layer pair ({len(students)})",
+                              f"{len(weights)} weights")
+    eps = check.real("eps", eps, positive=True)
+    reduction = check.reduction(reduction)
+    total = None
+    for index, (student, teacher) in enumerate(zip(students, teachers)):
+        suffix = "" if single else f"[{index}]"
+        check.feature_pair(f"student_features{suffix}", student, f"teacher_features{suffix}", teacher)
+        student = student.flatten(1).double()
+        teacher = teacher.flatten(1).double()
+        rows = None
+        for p_s, p_t in zip(_hkd_probabilities(student, eps), _hkd_probabilities(teacher, eps)):
+            kernel_rows = ((p_t - p_s) * (p_t.log() - p_s.log())).sum(dim=1)
+            rows = kernel_rows if rows is None else rows + kernel_rows
+        layer = weights[index] * reduce_rows(rows, reduction, elements=student.shape[0])
+        total = layer if total is None else total + layer
+    wide = any(x.dtype == torch.float64 for x in (*students, *teachers))
+    return total if wide else total.float()
