@@ -8,7 +8,7 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
 :mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
 :mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`,
-:mod:`~kdkernels.losses.layer_assignment`.
+:mod:`~kdkernels.losses.layer_assignment`, :mod:`~kdkernels.losses.online_feature`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -36,6 +36,7 @@ from kdkernels.losses.self_distillation import byot_loss, ddgsd_loss, dks_loss, 
 from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
                                               softmax_mse_loss, sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
+from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss
 
 __all__ = [
     # fused kernels
@@ -48,7 +49,7 @@ __all__ = [
     "softmax_mse_loss", "byol_loss", "sskd_head_loss", "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
-    "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "gan_discriminator_loss", "lsgan_generator_loss", "lsgan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss",

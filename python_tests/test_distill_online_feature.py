@@ -1,0 +1,135 @@
+"""Online feature-map distillation (kdkernels/distill/methods/online_feature.py): AFD's terms equal the paper's
+formulas written out here on one step's tensors, the optimisers own the right parameters, exact resume, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_testing import digits_setup, first_step
+from kdkernels.distill import build_recipe, get_method
+from kdkernels.distill.optimisers import optimiser_parameters
+from kdkernels.distill.trainer import TrainConfig, Trainer
+from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- AFD (approximation) ---------------------------------------------------------------------------------------
+
+def test_afd_is_registered_as_an_online_approximation():
+    method = get_method("afd-online")
+    assert method.category == "online" and "ICML 2020" in method.paper and not method.needs_teacher
+    assert "no official code" in method.approximation
+
+
+def afd_official(names, logits, maps, discriminators, transfers, y, temperature=3.0):
+    """Chung et al. (ICML 2020): ``L_logit^k = CE(y, σ(z_k)) + T²·KL(σ(z_j/T) ‖ σ(z_k/T))``, ``L_G_k = [1 −
+    D_k(T_k(G_k))]²``, ``L_D_k = [1 − D_k(T_j(G_j))]² + [D_k(T_k(G_k))]²``, j = k − 1 cyclically; batch means."""
+    terms = {}
+    mapped = [transfers[name](maps[name]) for name in names]
+    adv, disc = 0.0, 0.0
+    for k, name in enumerate(names):
+        j = names[k - 1]
+        terms[f"ce_{name}"] = F.cross_entropy(logits[name], y)
+        terms[f"kl_{name}"] = temperature ** 2 * F.kl_div(F.log_softmax(logits[name] / temperature, 1),
+                                                          F.softmax(logits[j].detach() / temperature, 1),
+                                                          reduction="batchmean")
+        d = discriminators[name]
+        adv = adv + ((1 - d(mapped[k])) ** 2).mean()
+        disc = disc + ((1 - d(mapped[k - 1].detach())) ** 2).mean() + (d(mapped[k].detach()) ** 2).mean()
+    terms["afd_adv"], terms["afd_d"] = adv, disc
+    return terms
+
+
+@pytest.mark.parametrize("overrides", [{}, {"networks": 3, "peer_model": "assistant"}])
+def test_afd_step_is_the_papers_formula(overrides):
+    """Two identical networks (mutual), and three networks of unequal widths (cyclic, transfer layers)."""
+    distiller, batch, values, output = first_step(build_recipe("afd-online", digits_setup(), **overrides))
+    names = list(distiller.models)
+    assert names == ["student", "peer1", "peer2"][:overrides.get("networks", 2)]
+    adversarial, discriminator_term = distiller.terms[-2], distiller.terms[-1]
+    maps = {name: values[f"{name}:stage3"] for name in names}
+    expected = afd_official(names, {name: values[name] for name in names}, maps,
+                            discriminator_term.discriminators, adversarial.transfers, batch["target"])
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        close(output.terms[name], value)
+    widths = {name: maps[name].shape[1] for name in names}
+    for name in names:   # transfer layers exactly where a map is narrower than the widest
+        assert isinstance(adversarial.transfers[name], torch.nn.Identity) == (widths[name] == max(widths.values()))
+    if "peer_model" in overrides:
+        assert widths["student"] < widths["peer1"]
+
+
+def test_afd_optimisers_own_networks_and_discriminators():
+    recipe = build_recipe("afd-online", digits_setup(), networks=3, peer_model="assistant")
+    distiller, *_ = first_step(recipe)
+    stage = recipe.stages[0]
+    groups = {name: {id(p) for p in params}
+              for name, params in optimiser_parameters(stage.name, distiller, stage.optimisers).items()}
+    networks = {id(p) for name in ("student", "peer1", "peer2") for p in distiller.models[name].parameters()}
+    transfers = {id(p) for p in distiller.terms[-2].transfers.parameters()}
+    assert transfers and groups["networks"] == networks | transfers
+    assert groups["discriminators"] == {id(p) for p in distiller.terms[-1].discriminators.parameters()}
+    assert stage.optimisers["discriminators"].terms == ("afd_d",) and stage.step_plan == "simultaneous"
+    assert "afd_adv" in stage.optimisers["networks"].terms and "afd_d" not in stage.optimisers["networks"].terms
+
+
+def test_afd_discriminators_step_on_their_own_loss_only():
+    """After one step, the discriminators do not depend on adv_weight (no network loss reaches them); the networks
+    do."""
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, **QUIET)
+    distillers = {}
+    for adv_weight in (1.0, 0.0):
+        recipe = build_recipe("afd-online", digits_setup(), adv_weight=adv_weight)
+        initial = parameters_of(recipe.stages[0].distiller.models["peer1"])
+        Trainer(config).fit(recipe, small_split().train)
+        distillers[adv_weight] = recipe.stages[0].distiller
+        assert not torch.equal(parameters_of(distillers[adv_weight].models["peer1"])["fc.weight"],
+                               initial["fc.weight"])
+    with_adv, without_adv = (parameters_of(distillers[w].terms[-1]) for w in (1.0, 0.0))
+    assert with_adv and all(torch.equal(with_adv[name], value) for name, value in without_adv.items())
+    students = [parameters_of(distillers[w].models["student"]) for w in (1.0, 0.0)]
+    assert any(not torch.equal(students[0][name], students[1][name]) for name in students[0])
+
+
+def test_afd_resume_is_bit_exact(tmp_path):
+    def make(seed=0):
+        return build_recipe("afd-online", digits_setup(seed=seed), step_plan="alternate")
+    assert_resume_is_exact(make, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"networks": 1}, ValueError, "afd-online: networks"),
+    ({"networks": 2.0}, TypeError, "afd-online: networks"),
+    ({"peer_model": "teacher"}, ValueError, "afd-online: peer_model"),
+    ({"temperature": 0.0}, ValueError, "afd-online: temperature"),
+    ({"adv_weight": -1.0}, ValueError, "afd-online: adv_weight"),
+    ({"discriminator_width": 0}, ValueError, "afd-online: discriminator_width"),
+    ({"discriminator_lr_scale": 0.0}, ValueError, "afd-online: discriminator_lr_scale"),
+    ({"step_plan": "sometimes"}, ValueError, "afd-online: step_plan"),
+    ({"step_plan": {"networks": 1}}, TypeError, "afd-online: step_plan"),
+    ({"layer": 3}, TypeError, "afd-online: layer"),
+])
+def test_afd_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("afd-online", digits_setup(), **overrides)
+
+
+class EightByEight(torch.nn.Module):
+    """A peer whose ``stage3`` map is [B, 4, 8, 8] (the student's is [B, 16, 2, 2])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage3, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.stage3(x).mean(dim=(2, 3)))
+
+
+def test_afd_maps_of_different_sizes_are_refused():
+    setup = digits_setup()
+    setup.new_assistant = EightByEight
+    with pytest.raises(ValueError, match="same number of dimensions and spatial size"):
+        first_step(build_recipe("afd-online", setup, peer_model="assistant"))
