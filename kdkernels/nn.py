@@ -228,6 +228,8 @@ _SPECS = [
      "loss = 50.0 * CAMKDFeatureLoss()(adapted_s, features_t, logits_t_on_s, y)"),
     ("ONELoss", losses.one_loss, ("branch_logits", "gate_weights", "labels"),
      "loss = ONELoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], gate(shared), y)"),
+    ("OECKDLoss", losses.oec_kd_loss, ("logits", "labels", "target_features", "adapted_features"),
+     "loss = OECKDLoss(temperature=2.0)([z_0, z_1, z_2], y, maps_0, [[a(f) for a, f in zip(adapt_j, maps_j)], ...])"),
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
     ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),

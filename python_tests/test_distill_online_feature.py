@@ -133,3 +133,90 @@ def test_afd_maps_of_different_sizes_are_refused():
     setup.new_assistant = EightByEight
     with pytest.raises(ValueError, match="same number of dimensions and spatial size"):
         first_step(build_recipe("afd-online", setup, peer_model="assistant"))
+
+
+# ---- OEC-KD (okd-feature, approximation: the networks) ----------------------------------------------------------
+
+def test_okd_feature_is_registered_as_an_online_approximation():
+    method = get_method("okd-feature")
+    assert method.category == "online" and "ECCV 2020" in method.paper and not method.needs_teacher
+    assert "Devwalkar/BOC-KD" in method.approximation and "cifar10" in method.presets
+
+
+def boc_kd_step(logits, y, maps, adaptation, T, ratios):
+    """Devwalkar/BOC-KD ``BIO_ResNet._forward_student`` + ``Combined_Loss.student_forward`` written out: pseudo
+    teacher = the mean logits (weights 1/K); Σ CE of the students; Σ_b Σ_{j≥1} MSE(f_0^b.detach(), A_j^b(f_j^b));
+    Σ_i T²·KL(softmax(z_e/T).detach() ‖ softmax(z_i/T)) (sum over classes, / batch)."""
+    K = len(logits)
+    teacher = sum(z / K for z in logits)
+    normal = sum(F.cross_entropy(z, y) for z in logits)
+    inter = sum(F.mse_loss(maps[b][0].detach(), adaptation[b][j - 1](maps[b][j]))
+                for b in range(len(maps)) for j in range(1, K))
+    target = F.softmax(teacher / T, dim=1).detach()
+    kl = sum(T ** 2 * (target * (target.log() - F.log_softmax(z / T, dim=1))).sum() / z.shape[0] for z in logits)
+    return ratios[0] * normal + ratios[1] * inter + ratios[2] * kl
+
+
+@pytest.mark.parametrize("preset, T, ratios", [("default", 2.0, (0.7, 0.15, 0.15)), ("cifar10", 3.0, (1, 1, 1))])
+def test_okd_feature_step_is_the_official_combined_loss(preset, T, ratios):
+    distiller, batch, values, output = first_step(build_recipe("okd-feature", digits_setup(), preset=preset,
+                                                               networks=3))
+    names = ["full", "student", "peer2"]
+    assert list(distiller.models) == names and distiller.evaluate == ("student", "full", "peer2")
+    assert distiller.models["full"].stage3[0].out_channels > distiller.models["student"].stage3[0].out_channels
+    term = distiller.terms[0]
+    layers = ["stage1", "stage2", "stage3"]
+    maps = [[values[f"{name}:{layer}"] for name in names] for layer in layers]
+    adaptation = [[term.adaptation[f"{name}_{b}"] for name in names[1:]] for b in range(len(layers))]
+    for b, layer in enumerate(layers):   # 1×1 convolutions with bias, student channels → student 0's
+        for conv, name in zip(adaptation[b], names[1:]):
+            assert conv.kernel_size == (1, 1) and conv.bias is not None
+            assert (conv.in_channels, conv.out_channels) == (maps[b][names.index(name)].shape[1], maps[b][0].shape[1])
+    expected = boc_kd_step([values[name] for name in names], batch["target"], maps, adaptation, T, ratios)
+    close(output.terms["oec"], expected)
+
+
+def test_okd_feature_optimisers_and_the_detached_targets():
+    recipe = build_recipe("okd-feature", digits_setup(), networks=2, full_model="student")
+    distiller, batch, values, output = first_step(recipe)
+    stage = recipe.stages[0]
+    groups = {name: {id(p) for p in params}
+              for name, params in optimiser_parameters(stage.name, distiller, stage.optimisers).items()}
+    networks = {id(p) for name in ("full", "student") for p in distiller.models[name].parameters()}
+    assert groups["networks"] == networks
+    assert groups["adaptation"] == {id(p) for p in distiller.terms[0].adaptation.parameters()}
+    assert stage.optimisers["adaptation"].lr_scale == 0.5 and stage.step_plan == "simultaneous"
+    full_map = values["full:stage3"]
+    (grad,) = torch.autograd.grad(output.loss, [full_map], allow_unused=True)
+    assert grad is not None   # through full's own CE and KL ...
+    ce_kl_only = build_recipe("okd-feature", digits_setup(), networks=2, full_model="student", feature_weight=0.0)
+    _, _, values_0, output_0 = first_step(ce_kl_only)
+    (grad_0,) = torch.autograd.grad(output_0.loss, [values_0["full:stage3"]])
+    torch.testing.assert_close(grad, grad_0)   # ... but not through the feature term (the target is detached)
+
+
+def test_okd_feature_resume_is_bit_exact(tmp_path):
+    def make(seed=0):
+        return build_recipe("okd-feature", digits_setup(seed=seed), networks=2, layers=["stage2"])
+    assert_resume_is_exact(make, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"networks": 1}, ValueError, "okd-feature: networks"),
+    ({"full_model": "teacher"}, ValueError, "okd-feature: full_model"),
+    ({"temperature": -1.0}, ValueError, "okd-feature: temperature"),
+    ({"feature_weight": -0.1}, ValueError, "okd-feature: feature_weight"),
+    ({"adaptation_lr_scale": 0.0}, ValueError, "okd-feature: adaptation_lr_scale"),
+    ({"layers": "stage3"}, TypeError, "okd-feature: layers"),
+    ({"layers": []}, ValueError, "okd-feature: layers"),
+])
+def test_okd_feature_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("okd-feature", digits_setup(), **overrides)
+
+
+def test_okd_feature_maps_of_different_sizes_are_refused():
+    setup = digits_setup()
+    setup.new_assistant = EightByEight
+    with pytest.raises(ValueError, match="must be a map of the spatial size"):
+        first_step(build_recipe("okd-feature", setup, networks=2, layers=["stage3"]))

@@ -36,7 +36,7 @@ from kdkernels.losses.self_distillation import byot_loss, ddgsd_loss, dks_loss, 
 from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
                                               softmax_mse_loss, sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
-from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss
+from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss, oec_kd_loss
 
 __all__ = [
     # fused kernels
@@ -56,6 +56,7 @@ __all__ = [
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "byot_loss", "sad_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "oec_kd_loss",
+    "byot_loss", "sad_loss",
     "dks_loss", "ddgsd_loss",
 ]

@@ -18,7 +18,7 @@ from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.methods._common import single_stage, stage_tap
 from kdkernels.distill.methods.online import TowardsTerm, peer_names
 from kdkernels.distill.optimisers import STEP_PLANS, Optimiser
-from kdkernels.distill.recipe import Recipe, Setup
+from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, Term
 
@@ -191,3 +191,111 @@ def afd_online(setup: Setup, networks: int = 2, peer_model: str = "student", tem
                   "discriminators": Optimiser(terms_params=("afd_d",), terms=("afd_d",),
                                               lr_scale=discriminator_lr_scale)}
     return single_stage("afd-online", distiller, optimisers=optimisers, step_plan=step_plan)
+
+
+# --------------------------------------------------------------------------------------------------------- OEC-KD
+
+OKD_FEATURE_PAPER = ("Walawalkar, Shen, Savvides. Online Ensemble Model Compression using Knowledge Distillation. "
+                     "ECCV 2020")
+OKD_FEATURE_APPROXIMATION = (
+    "approximation of Walawalkar et al. (ECCV 2020; Devwalkar/BOC-KD): the loss is the official Combined_Loss, but "
+    "the ensemble is built from whole networks the setup provides: the uncompressed student 0 is a fresh "
+    "teacher assistant (or a fresh student) and the compressed students all have the student's architecture, "
+    "where the official code shares one stem (conv + BN + ReLU) between all students and compresses student j's "
+    "stage widths to (K − j)/K of the original; the adaptation layers train from the first step (the official "
+    "adds them to the optimiser after the first epoch)")
+
+
+def oec_adaptation(shape: Sequence[int], target_channels: int) -> nn.Module:
+    """BOC-KD ``Intermmediate_loss.adaptation_layer_init``: ``nn.Conv2d(student_channels, teacher_channels, 1)``
+    (with bias; a ``Linear`` for ``[B, D]`` features)."""
+    if len(shape) == 4:
+        return nn.Conv2d(shape[1], target_channels, 1)
+    return nn.Linear(shape[1], target_channels)
+
+
+class OECTerm(Term):
+    """:func:`kdkernels.oec_kd_loss` on the K networks' logits, the labels and their maps at ``layers``; owns the
+    adaptation layers ``A_j^b`` (one per compressed network and layer)."""
+
+    def __init__(self, networks: Sequence[str], layers: Sequence[str], temperature: float, weights: dict):
+        super().__init__("oec", [*networks, "target", *[f"{n}:{layer}" for n in networks for layer in layers]])
+        self.networks, self.layers = tuple(networks), tuple(layers)
+        self.temperature, self.weights = temperature, weights
+        self.adaptation = nn.ModuleDict()
+
+    def build(self, example):
+        for layer_index, layer in enumerate(self.layers):
+            target = example[f"{self.networks[0]}:{layer}"]
+            for name in self.networks[1:]:
+                key = f"{name}:{layer}"
+                feature = example[key]
+                if feature.dim() not in (2, 4) or feature.dim() != target.dim() \
+                        or tuple(feature.shape[2:]) != tuple(target.shape[2:]):
+                    raise ValueError(f"term {self.name!r}: {key} {tuple(feature.shape)} must be a map of the spatial "
+                                     f"size of {self.networks[0]}:{layer} {tuple(target.shape)} ([B, C, H, W] or "
+                                     "[B, D]; the adaptation layers map channels only): pass layers=... that agree")
+                self.adaptation[f"{name}_{layer_index}"] = oec_adaptation(feature.shape, target.shape[1])
+
+    def loss(self, *values, context):
+        count = len(self.networks)
+        logits, target, maps = values[:count], values[count], values[count + 1:]
+        per_network = [maps[index * len(self.layers):(index + 1) * len(self.layers)] for index in range(count)]
+        adapted = [[self.adaptation[f"{name}_{b}"](feature) for b, feature in enumerate(per_network[index])]
+                   for index, name in enumerate(self.networks) if index > 0]
+        return kdkernels.oec_kd_loss(list(logits), target, list(per_network[0]), adapted, self.temperature,
+                                     **self.weights)
+
+
+@register("okd-feature", category="online", paper=OKD_FEATURE_PAPER, approximation=OKD_FEATURE_APPROXIMATION,
+          presets={"cifar10": {"temperature": 3.0, "ce_weight": 1.0, "feature_weight": 1.0, "kl_weight": 1.0}},
+          needs_teacher=False)
+def okd_feature(setup: Setup, networks: int = 5, full_model: str = "assistant", temperature: float = 2.0,
+                ce_weight: float = 0.7, feature_weight: float = 0.15, kl_weight: float = 0.15,
+                adaptation_lr_scale: float = 0.5, layers: Sequence[str] | None = None) -> Recipe:
+    """OEC-KD: K students minimise ``0.7·Σ_i CE_i + 0.15·Σ_{b,j≥1} mse(f_0^b, A_j^b(f_j^b)) + 0.15·Σ_i T²·KL(p_e ‖
+    p_i)``, ``z_e`` the students' mean logits (Devwalkar/BOC-KD).
+
+    Walawalkar, Shen and Savvides (ECCV 2020) train a student ensemble at once: an uncompressed student 0 and
+    compressed students; their mean logits form the pseudo teacher ``z_e = (1/K) Σ_i z_i`` (fixed weights 1/K),
+    whose detached tempered softmax every student matches (T², batchmean), and the feature maps of student 0
+    (detached) at every block are the targets of the compressed students' maps through 1×1 adaptation
+    convolutions (``nn.MSELoss``); every student has its label CE (the pseudo teacher has none). The loss is
+    :func:`kdkernels.oec_kd_loss`, as Devwalkar/BOC-KD @a19bab4 ``utils/Losses.py`` ``Combined_Loss`` and
+    ``models/ResNet_cifar.py`` ``BIO_ResNet._forward_student``; defaults from its CIFAR-100 ResNet configs
+    (``configs/Cifar100_exp/Resnet32.py`` … ``Resnet110.py``: 5 students, ``contribution_ratios = [0.7, 0.15,
+    0.15]``, ``KL_loss_temperature = 2``); preset ``cifar10``: its CIFAR-10 ResNet-110 config (weights 1, T 3).
+
+    Networks: ``networks`` (K, 5) of them: ``full`` (student 0, a fresh teacher assistant with
+    ``full_model="assistant"``, a fresh student with ``"student"``), then ``student`` (exported) and ``peer2``, …
+    (fresh students). ``layers``: the taps compared (default every stage of the student's feature points, as the
+    official three blocks); the maps must agree in spatial size across the networks. The adaptation layers are
+    trained by their own optimiser at ``adaptation_lr_scale`` (0.5, the official ``lr*0.5``) × the stage's rate,
+    stepping with the networks' optimiser on each batch (two optimisers, ``step_plan="simultaneous"``).
+    Approximation (flagged): the official students share one stem and have widths (K − j)/K of the original
+    network's; here the networks are whole models the setup builds (see ``approximation``).
+    """
+    check = Checks("okd-feature")
+    count = check.integer("networks", networks, minimum=2)
+    full_model = check.choice("full_model", full_model, PEER_MODELS)
+    temperature = check.temperature(temperature)
+    weights = {name: check.real(name, value, minimum=0.0) for name, value in (
+        ("ce_weight", ce_weight), ("feature_weight", feature_weight), ("kl_weight", kl_weight))}
+    adaptation_lr_scale = check.real("adaptation_lr_scale", adaptation_lr_scale, positive=True)
+    if layers is None:
+        stage_tap("okd-feature", setup.student, -1, "layers")     # a clear error where the student declares none
+        layers = list(feature_points(setup.student).stages)
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)):
+        check.type_error("layers", "a list of tap paths", layers)
+    layers = [check.name(f"layers[{index}]", layer, "tap path") for index, layer in enumerate(layers)]
+    if not layers:
+        check.value_error("layers", "must name at least one tap", "[]")
+    full = (setup.fresh_assistant if full_model == "assistant" else setup.fresh_student)("okd-feature")
+    names = ["full", "student", *[f"peer{index}" for index in range(2, count)]]
+    models = {"full": full, "student": setup.student,
+              **{name: setup.fresh_student("okd-feature") for name in names[2:]}}
+    distiller = Distiller(models, [OECTerm(names, layers, temperature, weights)], trainable=tuple(names),
+                          evaluate=("student", *[name for name in names if name != "student"]))
+    optimisers = {"networks": Optimiser(models=tuple(names), terms=("oec",)),
+                  "adaptation": Optimiser(terms_params=("oec",), terms=("oec",), lr_scale=adaptation_lr_scale)}
+    return single_stage("okd-feature", distiller, optimisers=optimisers, step_plan="simultaneous")
