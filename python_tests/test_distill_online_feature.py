@@ -220,3 +220,64 @@ def test_okd_feature_maps_of_different_sizes_are_refused():
     setup.new_assistant = EightByEight
     with pytest.raises(ValueError, match="must be a map of the spatial size"):
         first_step(build_recipe("okd-feature", setup, networks=2, layers=["stage3"]))
+
+
+# ---- SOKD's feature-based extension (methods/online.py) -----------------------------------------------------------
+
+def repdistiller_at(f_s, f_t):
+    """RepDistiller ``distiller_zoo/AT.py`` (p = 2, maps of equal size): ``(at(f_s) − at(f_t)).pow(2).mean()``,
+    ``at(f) = normalize(f.pow(2).mean(1).view(B, −1))``."""
+    at = lambda f: F.normalize(f.pow(2).mean(1).view(f.size(0), -1))  # noqa: E731
+    return (at(f_s) - at(f_t)).pow(2).mean()
+
+
+def soft_target(s, t, T=4.0):
+    """swlzq/Semi-Online-KD ``kd_losses/st.py`` SoftTarget: ``KL(softmax(t/T) ‖ softmax(s/T)) · T²``, batchmean."""
+    return F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean") * T * T
+
+
+def test_sokd_feature_term_is_attention_transfer_from_the_branch():
+    distiller, batch, values, output = first_step(build_recipe("sokd", digits_setup(), preset="feature"))
+    term = distiller.terms[1]
+    assert term.reads[-1] == "student:stage3" and term.weights["feature"] == 1000.0
+    branch_map = term.branch[0](values["teacher:stage2"].detach())
+    auxiliary = term.branch(values["teacher:stage2"].detach())
+    s, t, y = values["student"], values["teacher"], batch["target"]
+    official = (F.cross_entropy(auxiliary, y) + soft_target(auxiliary, t.detach()) + soft_target(auxiliary, s.detach())
+                + soft_target(s, auxiliary.detach()))
+    feature = repdistiller_at(values["student:stage3"], branch_map.detach())
+    assert feature.item() > 0
+    close(output.terms["sokd"], official + 1000.0 * feature)
+
+
+def test_sokd_feature_term_trains_the_student_only_and_is_off_by_default():
+    default = build_recipe("sokd", digits_setup())
+    assert default.stages[0].distiller.terms[1].reads == ("student", "teacher", "teacher:stage2", "target")
+    grads = {}
+    for weight in (0.0, 1000.0):
+        distiller, batch, values, output = first_step(build_recipe("sokd", digits_setup(), feature_weight=weight))
+        term = distiller.terms[1]
+        student = distiller.models["student"]
+        parameters = [*term.branch.parameters(), *student.stage3.parameters()]
+        grads[weight] = torch.autograd.grad(output.loss, parameters)
+    branch_count = len(list(term.branch.parameters()))
+    for without, with_feature in zip(grads[0.0][:branch_count], grads[1000.0][:branch_count]):
+        torch.testing.assert_close(with_feature, without)       # the branch map enters detached
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0][branch_count:], grads[1000.0][branch_count:]))
+
+
+def test_sokd_feature_resume_is_bit_exact(tmp_path):
+    def make(seed=0):
+        return build_recipe("sokd", digits_setup(student="student-cnn", teacher="assistant-cnn", seed=seed),
+                            feature_weight=100.0, feature_layer="stage2")
+    assert_resume_is_exact(make, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"feature_weight": -1.0}, ValueError, "sokd: feature_weight"),
+    ({"feature_weight": "1"}, TypeError, "sokd: feature_weight"),
+    ({"feature_weight": 1.0, "feature_layer": 3}, TypeError, "sokd: feature_layer"),
+])
+def test_sokd_feature_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("sokd", digits_setup(), **overrides)
