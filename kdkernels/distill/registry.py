@@ -17,8 +17,8 @@ from kdkernels.distill.recipe import Recipe, Setup
 CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "self-supervised", "adversarial",
               "data-free", "multi-teacher", "teacher-prep", "meta")
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
-_METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "self_distillation", "self_supervised",
-                   "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta",
+_METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "online_feature", "self_distillation",
+                   "self_supervised", "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta",
                    "layer_assignment", "self_supervised_kd")
 
 

@@ -8,7 +8,7 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
 :mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
 :mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`,
-:mod:`~kdkernels.losses.layer_assignment`.
+:mod:`~kdkernels.losses.layer_assignment`, :mod:`~kdkernels.losses.online_feature`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -37,6 +37,7 @@ from kdkernels.losses.self_distillation import (byot_loss, ddgsd_loss, dks_loss,
 from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
                                               softmax_mse_loss, sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
+from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss, oec_kd_loss
 
 __all__ = [
     # fused kernels
@@ -49,13 +50,13 @@ __all__ = [
     "softmax_mse_loss", "byol_loss", "sskd_head_loss", "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
-    "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "gan_discriminator_loss", "lsgan_generator_loss", "lsgan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss", "tofd_loss", "hkd_loss",
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "byot_loss", "sad_loss",
-    "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "oec_kd_loss",
+    "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
 ]

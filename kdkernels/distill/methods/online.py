@@ -22,7 +22,7 @@ import kdkernels
 from kdkernels._validation import Checks
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
-from kdkernels.distill.methods._common import single_stage
+from kdkernels.distill.methods._common import single_stage, stage_tap
 from kdkernels.distill.methods.self_supervised import augmentation, sigmoid_rampup
 from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
@@ -238,29 +238,37 @@ def branch_layout(teacher: nn.Module, split: str | None, stages: Sequence[str] |
 
 
 class SOKDTerm(Term):
-    """SOKD's auxiliary branch on a teacher feature and its three distillation pieces (plus its CE)."""
+    """SOKD's auxiliary branch on a teacher feature and its three distillation pieces (plus its CE); with a
+    ``student_layer``, also ``at_loss(f_s, f_a.detach())`` (weight ``weights["feature"]``) between that student map
+    and the branch's last stage map."""
 
-    def __init__(self, branch: nn.Module, split: str, temperature: float, weights: dict[str, float]):
-        super().__init__("sokd", ("student", "teacher", f"teacher:{split}", "target"))
+    def __init__(self, branch: nn.Module, split: str, temperature: float, weights: dict[str, float],
+                 student_layer: str | None = None):
+        extra = (f"student:{student_layer}",) if student_layer is not None else ()
+        super().__init__("sokd", ("student", "teacher", f"teacher:{split}", "target", *extra))
         self.branch = branch
         self.temperature = temperature
         self.weights = weights
 
-    def loss(self, student, teacher, feature, target, *, context):
-        auxiliary = self.branch(feature.detach())
+    def loss(self, student, teacher, feature, target, *student_map, context):
+        branch_map = self.branch[:-2](feature.detach())              # the branch's stages; then pool, classifier
+        auxiliary = self.branch[-1](self.branch[-2](branch_map))
         kl = lambda learner, towards: kdkernels.kd_loss(learner, towards.detach(), self.temperature)  # noqa: E731
         w = self.weights
-        return (w["branch_ce"] * F.cross_entropy(auxiliary, target) + w["branch_teacher"] * kl(auxiliary, teacher)
+        loss = (w["branch_ce"] * F.cross_entropy(auxiliary, target) + w["branch_teacher"] * kl(auxiliary, teacher)
                 + w["branch_student"] * kl(auxiliary, student) + w["student"] * kl(student, auxiliary))
+        if student_map:
+            loss = loss + w["feature"] * kdkernels.at_loss(student_map[0], branch_map.detach())
+        return loss
 
 
 @register("sokd", category="online",
-          paper="Liu, Shao, Zhang, Wang, Zhang, Dong. Semi-Online Knowledge Distillation. BMVC 2021",
-          presets={"official-code": {"branch_init": "random"}})
+          paper="Liu, Liu, Huang. Semi-Online Knowledge Distillation. BMVC 2021",
+          presets={"official-code": {"branch_init": "random"}, "feature": {"feature_weight": 1000.0}})
 def sokd(setup: Setup, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
          branch_ce_weight: float = 1.0, branch_teacher_weight: float = 1.0, branch_student_weight: float = 1.0,
          branch_from: str | None = None, branch_stages: Sequence[str] | None = None,
-         branch_init: str = "teacher") -> Recipe:
+         branch_init: str = "teacher", feature_weight: float = 0.0, feature_layer: str | None = None) -> Recipe:
     """SOKD: frozen teacher plus a trainable teacher branch distilling both ways (swlzq/Semi-Online-KD).
 
     The branch ``a`` (copies of the teacher's stages after ``branch_from`` and its classifier) reads the detached
@@ -273,13 +281,29 @@ def sokd(setup: Setup, temperature: float = 4.0, ce_weight: float = 1.0, kd_weig
     ResNets). As in the official code the teacher runs in train mode (batch-norm batch statistics) with frozen
     weights. The official code's branch is randomly initialised (preset ``official-code``); by default it starts
     from the teacher's weights. The official config trains the branch at the student's lr (0.1), as here.
+
+    Feature-based extension (the paper: the framework "can be easily extended to feature-based distillation
+    methods"; the official ``calculate_kd`` receives the student's, the branch's and the teacher's features but
+    implements only ``soft_target``): with ``feature_weight`` > 0 (default 0: the official soft-target SOKD) the
+    student also learns the branch's last stage map by attention transfer, ``feature_weight ·
+    at_loss(f_s, f_a.detach())`` (:func:`kdkernels.at_loss`, p 2, mean; RepDistiller's β 1000 in preset
+    ``feature``), ``f_s`` the student's ``feature_layer`` (default its deepest stage). Which feature loss the paper
+    pairs with SOKD, and whether the branch also learns the student's features, could not be read: AT, student
+    side only, is this implementation's choice.
     """
     teacher = setup.require_teacher("sokd")
+    check = Checks("sokd")
+    feature_weight = check.real("feature_weight", feature_weight, minimum=0.0)
+    if feature_layer is not None:
+        feature_layer = check.name("feature_layer", feature_layer, "student tap path")
+    student_layer = None
+    if feature_weight > 0:
+        student_layer = feature_layer or stage_tap("sokd", setup.student, -1, "feature_layer")
     split, stages, classifier = branch_layout(teacher, branch_from, branch_stages)
     branch = auxiliary_branch(teacher, stages, classifier, branch_init)
     weights = {"branch_ce": branch_ce_weight, "branch_teacher": branch_teacher_weight,
-               "branch_student": branch_student_weight, "student": kd_weight}
-    terms = [CrossEntropyTerm("student", ce_weight), SOKDTerm(branch, split, temperature, weights)]
+               "branch_student": branch_student_weight, "student": kd_weight, "feature": feature_weight}
+    terms = [CrossEntropyTerm("student", ce_weight), SOKDTerm(branch, split, temperature, weights, student_layer)]
     distiller = Distiller({"student": setup.student, "teacher": teacher}, terms, trainable=("student",),
                           frozen_train_mode=("teacher",))
     return single_stage("sokd", distiller)
