@@ -224,6 +224,8 @@ _SPECS = [
      "loss = 50.0 * CAMKDFeatureLoss()(adapted_s, features_t, logits_t_on_s, y)"),
     ("ONELoss", losses.one_loss, ("branch_logits", "gate_weights", "labels"),
      "loss = ONELoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], gate(shared), y)"),
+    ("PCLLoss", losses.pcl_loss, ("peer_logits", "ensemble_logits", "mean_logits", "labels"),
+     "loss = PCLLoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], z_e, [ema_z_1, ema_z_2, ema_z_3], y)"),
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
     ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),

@@ -20,7 +20,7 @@ from torch import nn
 
 import kdkernels
 from kdkernels._validation import Checks
-from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import single_stage
 from kdkernels.distill.methods.self_supervised import augmentation, sigmoid_rampup
@@ -453,18 +453,20 @@ class MultiBranchNetwork(nn.Module):
 
     The forward computes every branch; it passes the stacked branch logits ``[m, B, C]`` through the identity
     ``branch_logits`` and the gate ``[B, m]`` through ``gate_weights`` (taps ``"<model>:branch_logits"``,
-    ``"<model>:gate_weights"``) and returns branch 0's logits (``deploy="branch"``) or the gated ensemble
-    ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single branch, without the other branches and the gate,
+    ``"<model>:gate_weights"``; no gate with ``gate=False``, PCL's) and returns branch 0's logits
+    (``deploy="branch"``) or the gated ensemble ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single branch, without the other branches and the gate,
     is :meth:`single_branch`: the backbone's own class with branch 0's weights (same outputs).
     """
 
     def __init__(self, backbone: nn.Module, branches: int = 3, *, split: str | None = None,
                  new_backbone: Callable[[], nn.Module] | None = None, deploy: str = "branch",
-                 gate_channels: int | None = None):
+                 gate_channels: int | None = None, gate: bool = True):
         super().__init__()
         check = Checks("MultiBranchNetwork")
         self.branch_count = check.integer("branches", branches, minimum=2)
         self.deploy = check.choice("deploy", deploy, DEPLOY)
+        if not check.flag("gate", gate) and self.deploy == "ensemble":
+            check.value_error("deploy", "must be 'branch' without a gate (gate=False)", repr(deploy))
         original, backbone = copy.deepcopy(backbone), copy.deepcopy(backbone)     # the caller's is left as it is
         points = feature_points(backbone)
         if split is None:
@@ -492,11 +494,13 @@ class MultiBranchNetwork(nn.Module):
                         module.reset_parameters()
             branch_list.append(branch)
         self.branches = nn.ModuleList(branch_list)
-        width = gate_channels if gate_channels is not None else input_width(self.branches[0][0], "the first "
-                                                                            f"branched stage {self.stage_paths[0]!r}")
-        width = check.integer("gate_channels", width, minimum=1)
-        self.gate = nn.Sequential(GlobalPool(), nn.Linear(width, self.branch_count),
-                                  nn.BatchNorm1d(self.branch_count), nn.ReLU(), nn.Softmax(dim=1))
+        self.gate: nn.Module | None = None
+        if gate:
+            width = gate_channels if gate_channels is not None else input_width(
+                self.branches[0][0], f"the first branched stage {self.stage_paths[0]!r}")
+            width = check.integer("gate_channels", width, minimum=1)
+            self.gate = nn.Sequential(GlobalPool(), nn.Linear(width, self.branch_count),
+                                      nn.BatchNorm1d(self.branch_count), nn.ReLU(), nn.Softmax(dim=1))
         self.shared = SharedFeature()
         replace_module(backbone, self.stage_paths[0], self.shared)
         for path in paths[1:]:
@@ -541,6 +545,8 @@ class MultiBranchNetwork(nn.Module):
             self.check_layout(x)
         feature = self.shared_feature(x)
         logits = self.branch_logits(torch.stack([branch(feature) for branch in self.branches]))
+        if self.gate is None:
+            return logits[0]
         gate = self.gate_weights(self.gate(feature))
         if self.deploy == "ensemble":
             return torch.einsum("bm,mbc->bc", gate, logits)
@@ -611,3 +617,136 @@ def one(setup: Setup, branches: int = 3, temperature: float = 3.0, consistency: 
                                  deploy=deploy)
     distiller = Distiller({"student": network}, [ONETerm(temperature, consistency, rampup)])
     return single_stage("one", distiller)
+
+
+# ------------------------------------------------------------------------------------------------------------ PCL
+
+PCL_APPROXIMATION = ("no official code of PCL (Wu & Gong, AAAI 2021) was found; the objective and the network follow "
+                     "the paper's abstract and the third-party reproduction shaoeric/Peer-Collaborative-Learning-for-"
+                     "Online-Knowledge-Distillation (commit 6afb473): the peer ensemble teacher is a linear "
+                     "classifier on the concatenated pooled peer features, the peer mean teachers are the peers of "
+                     "the temporal-mean (EMA) network, and the ramp-up is ONE's sigmoid ramp-up (the reproduction's "
+                     "compute_rampup_weight intends it but divides by lambda instead of the 80-epoch length); the "
+                     "deployed model is peer 0 of the temporal-mean network; branches start from independent "
+                     "initialisations (the reproduction deep-copies one)")
+
+
+class PeerCollaborativeNetwork(nn.Module):
+    """PCL's multi-branch network: the layers of ``backbone`` up to ``split`` shared, ``peers`` branches (its later
+    stages and classifier; :class:`MultiBranchNetwork` without a gate), each branch reading its own augmentation of
+    the batch (the batch keys ``views``, one per peer, each through the shared layers in its own forward, so each has
+    its own batch-norm statistics), and the peer ensemble teacher: a linear classifier on the concatenated pooled
+    features of the peers (shaoeric/... ``src/models/resnet.py``: ``en_fc`` on ``cat([feat1, feat2, feat3])``).
+
+    It reads the whole batch; a plain tensor is read by every peer. The forward returns peer 0's logits and passes
+    the stacked peer logits ``[m, B, C]`` through the identity ``peer_logits`` and the ensemble's ``[B, C]`` through
+    ``ensemble_logits`` (taps ``"<model>:peer_logits"``, ``"<model>:ensemble_logits"``). The backbone's classifier
+    must be an ``nn.Linear``; :meth:`single_peer` gives one peer alone as the backbone's own class."""
+
+    distill_input = BATCH
+
+    def __init__(self, backbone: nn.Module, peers: int = 3, *, views: Sequence[str], split: str | None = None,
+                 new_backbone: Callable[[], nn.Module] | None = None):
+        super().__init__()
+        check = Checks("PeerCollaborativeNetwork")
+        peers = check.integer("peers", peers, minimum=2)
+        self.views = tuple(views)
+        if len(self.views) != peers or not all(isinstance(key, str) and key for key in self.views):
+            check.value_error("views", f"must name one batch key per peer ({peers})", repr(views))
+        self.network = MultiBranchNetwork(backbone, peers, split=split, new_backbone=new_backbone, gate=False)
+        classifier = self.network.branches[0][-1]
+        if not isinstance(classifier, nn.Linear):
+            check.value_error("backbone", "must end in an nn.Linear classifier (the ensemble classifier takes the "
+                              "concatenated inputs of the peers' classifiers)",
+                              f"{self.network.classifier_path!r} is {type(classifier).__name__}")
+        self.ensemble_classifier = nn.Linear(peers * classifier.in_features, classifier.out_features)
+        self.peer_logits = nn.Identity()
+        self.ensemble_logits = nn.Identity()
+
+    def forward(self, batch) -> torch.Tensor:
+        network = self.network
+        inputs = [batch[key] for key in self.views] if isinstance(batch, dict) else [batch] * len(self.views)
+        if network._layout_check:
+            network.check_layout(inputs[0])
+        logits, pooled = [], []
+        for x, branch in zip(inputs, network.branches):
+            feature = branch[:-1](network.shared_feature(x))
+            pooled.append(feature.flatten(1))
+            logits.append(branch[-1](feature))
+        self.ensemble_logits(self.ensemble_classifier(torch.cat(pooled, dim=1)))
+        return self.peer_logits(torch.stack(logits))[0]
+
+    def single_peer(self, index: int = 0) -> nn.Module:
+        """Peer ``index`` alone: a copy of the backbone with the peer's later stages and classifier."""
+        return self.network.single_branch(index)
+
+
+class PCLTerm(Term):
+    """:func:`kdkernels.pcl_loss` on the peers, the peer ensemble teacher and the temporal-mean network's peers,
+    with ``kl_weight`` ramped by epoch."""
+
+    def __init__(self, temperature: float, consistency: float, rampup: float):
+        super().__init__("pcl", ("student:peer_logits", "student:ensemble_logits", "student_ema:peer_logits",
+                                 "target"))
+        self.temperature, self.consistency, self.rampup = temperature, consistency, rampup
+
+    def loss(self, peer_logits, ensemble_logits, mean_logits, target, *, context):
+        kl_weight = self.consistency * sigmoid_rampup(context.epoch - 1, self.rampup)
+        return kdkernels.pcl_loss(list(peer_logits.unbind(0)), ensemble_logits, list(mean_logits.unbind(0)), target,
+                                  self.temperature, kl_weight)
+
+
+@register("pcl", category="online",
+          paper="Wu, Gong. Peer Collaborative Learning for Online Knowledge Distillation. AAAI 2021",
+          presets={"digits": {"rampup": 8.0, "translate": 1, "flip": False, "ema_decay": 0.9}},
+          approximation=PCL_APPROXIMATION, needs_teacher=False)
+def pcl(setup: Setup, peers: int = 3, temperature: float = 3.0, consistency: float = 1.0, rampup: float = 80.0,
+        ema_decay: float = 0.999, translate: int = 4, flip: bool = True, branch_from: str | None = None) -> Recipe:
+    """PCL: ``Σ_i CE(z_i) + CE(z_e) + w(e) Σ_i [T² KL(p_e‖p_i) + 1/(m−1) Σ_{j≠i} T² KL(p̃_j‖p_i)]``.
+
+    No official code exists (flagged approximation); the paper's abstract and the reproduction
+    shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation (commit 6afb473: ``src/controller.py``,
+    ``src/losses/loss_wrapper.py``, ``src/losses/kd_loss.py``, ``src/models/resnet.py``, ``src/trainer.py``):
+
+    * the student becomes a :class:`PeerCollaborativeNetwork`: ``peers`` m (3) branches, the student's stages after
+      ``branch_from`` (by default its last stage) and classifier, sharing the layers before; each peer ``i`` reads
+      its own random augmentation of the batch (``input_peer{i}``: a translation by up to ``translate`` pixels, zero
+      padding, and with ``flip`` a horizontal flip; RandomCrop(32, 4) and flips in the reproduction) through the
+      shared layers; its logits ``z_i``;
+    * the peer ensemble teacher ``z_e``: a linear classifier on the concatenated pooled features of the m peers,
+      trained by its CE (the KL targets are detached);
+    * the temporal-mean network ``student_ema``: the EMA of the whole network's parameters, ``α = min(1 − 1/(n),
+      ema_decay)`` at the n-th update (:class:`GlobalStepEMA`, ``update_ema_variables`` with 0.999), run in train mode
+      on the same views (its batch norm keeps its own statistics); its peer j's logits ``z̃_j`` are the peer mean
+      teachers;
+    * :func:`kdkernels.pcl_loss` (T 3, T² batchmean KL, the mean teachers of the OTHER peers averaged) with
+      ``w(e) = consistency · sigmoid_rampup(e, rampup)`` (ONE's ``exp(−5(1 − e/R)²)``, e the 0-based epoch,
+      R 80).
+
+    Deployment: peer 0 of the temporal-mean network (``student_ema``, the exported model, evaluated first; the
+    reproduction validates and saves the mean model); ``test_acc_student`` reports the trained network's peer 0.
+    :meth:`PeerCollaborativeNetwork.single_peer` gives one peer as the backbone's class. Preset ``digits``: ramp-up
+    8 epochs, a 1-pixel translation, no flip, ``ema_decay`` 0.9 (as ``mmt``'s: ~150 steps from scratch).
+    """
+    check = Checks("pcl")
+    peers = check.integer("peers", peers, minimum=2)
+    temperature = check.temperature(temperature)
+    consistency = check.real("consistency", consistency, minimum=0.0)
+    rampup = check.real("rampup", rampup, minimum=0.0)
+    ema_decay = check.probability("ema_decay", ema_decay)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    if branch_from is not None:
+        check.name("branch_from", branch_from, "stage path")
+        stages = feature_points(setup.student).stages
+        if branch_from not in stages[:-1]:
+            check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
+                              repr(branch_from))
+    keys = [f"input_peer{index}" for index in range(peers)]
+    views = [view for key in keys for view in augmentation("input", key, translate, flip)]
+    network = PeerCollaborativeNetwork(setup.student, peers, views=keys, split=branch_from,
+                                       new_backbone=setup.new_student)
+    distiller = Distiller({"student": network}, [PCLTerm(temperature, consistency, rampup)],
+                          frozen_train_mode=("student_ema",), evaluate=("student_ema", "student"),
+                          updates={"student_ema": GlobalStepEMA("student", ema_decay)}, views=views)
+    return single_stage("pcl", distiller)

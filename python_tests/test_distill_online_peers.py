@@ -1,0 +1,167 @@
+"""Online methods with peers (PCL): one training step on digits equal to the objective transcribed from the reference
+code, the network's views, ensemble classifier and temporal mean, exact resume and configuration errors (the loss
+against its formula: test_losses_online.py)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_testing import batches_for, digits_setup
+from kdkernels.distill import build_recipe, digits_model
+from kdkernels.distill.methods.online import GlobalStepEMA, PeerCollaborativeNetwork
+from kdkernels.distill.terms import StepContext
+from kdkernels.distill.trainer import TrainConfig, Trainer
+from trainer_testing import QUIET, assert_resume_is_exact, small_split
+
+
+def gradients(loss, module):
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+
+def viewed_step(recipe, epoch=1, batch_size=16):
+    """(distiller, viewed batch, values, output) of one training forward with the views applied."""
+    distiller = recipe.stages[0].distiller
+    batch = next(iter(batches_for(recipe.stages[0], batch_size=batch_size)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=epoch, step=0)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=max(epoch, 2), step=0, batch=viewed))
+    return distiller, viewed, values, output
+
+
+# ---- PCL -----------------------------------------------------------------------------------------------------------
+
+def sigmoid_rampup(current, rampup_length):
+    """ONE's ``utils/ramps.py`` (what the reproduction's ``compute_rampup_weight`` intends over 80 epochs)."""
+    if rampup_length == 0:
+        return 1.0
+    current = min(max(current, 0.0), rampup_length)
+    return float(math.exp(-5.0 * (1.0 - current / rampup_length) ** 2))
+
+
+def kd(pred, target, temperature=3.0):
+    return F.kl_div(F.log_softmax(pred / temperature, dim=1), F.softmax(target / temperature, dim=1),
+                    reduction="batchmean") * temperature * temperature
+
+
+def pcl_official(peers, en_output, means, label, rampup_weight):
+    """shaoeric/... ``LossWrapper.forward``: CE(z_e) + Σ_i [CE(z_i) + w·KD(z_i, z_e.detach()) + w·PM(z_i, rest)]."""
+    loss = F.cross_entropy(en_output, label)
+    for i, pred in enumerate(peers):
+        others = [mean.detach() for j, mean in enumerate(means) if j != i]
+        loss = loss + (F.cross_entropy(pred, label) + kd(pred, en_output.detach()) * rampup_weight
+                       + sum(kd(pred, o) for o in others) / len(others) * rampup_weight)
+    return loss
+
+
+def official_forward(net: PeerCollaborativeNetwork, views):
+    """The reproduction's ``ResNet.forward(x1, x2, x3)``: ``extract`` (the shared layers) per view, ``branch_i``
+    (stages, average pooling, fc) giving (logits, pooled feature), ``en_fc(cat(features))``."""
+    trunk = net.network.trunk
+    outs, feats = [], []
+    for x, branch in zip(views, net.network.branches):
+        shared = trunk.stage2(trunk.stage1(x))
+        stage3, _, fc = branch
+        feat = F.adaptive_avg_pool2d(stage3(shared), 1).flatten(1)
+        feats.append(feat)
+        outs.append(fc(feat))
+    return torch.stack(outs), net.ensemble_classifier(torch.cat(feats, dim=1))
+
+
+@pytest.mark.parametrize("epoch", [1, 6])
+def test_pcl_step_is_the_reference_objective(epoch):
+    recipe = build_recipe("pcl", digits_setup(teacher=None), preset="digits")
+    distiller, viewed, values, output = viewed_step(recipe, epoch)
+    net, ema = distiller.models["student"], distiller.models["student_ema"]
+    assert isinstance(net, PeerCollaborativeNetwork) and recipe.student is ema
+    assert distiller.evaluate == ("student_ema", "student") and ema.training, "the mean model runs in train mode"
+    keys = ("input_peer0", "input_peer1", "input_peer2")
+    assert all(not torch.equal(viewed[a], viewed[b]) for a, b in ((keys[0], keys[1]), (keys[1], keys[2]))), \
+        "each peer reads its own augmentation"
+    peers, ensemble, means = (values["student:peer_logits"], values["student:ensemble_logits"],
+                              values["student_ema:peer_logits"])
+    assert peers.shape == means.shape == (3, 16, 10) and ensemble.shape == (16, 10)
+    torch.testing.assert_close(values["student"], peers[0], rtol=0, atol=0)
+    # recomputed on copies in train mode (batch statistics), leaving the models' running statistics alone
+    expected_peers, expected_ensemble = official_forward(copy.deepcopy(net).train(), [viewed[k] for k in keys])
+    torch.testing.assert_close(peers, expected_peers, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ensemble, expected_ensemble, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        expected_means, _ = official_forward(copy.deepcopy(ema).train(), [viewed[k] for k in keys])
+    torch.testing.assert_close(means, expected_means, rtol=1e-5, atol=1e-6)
+    weight = sigmoid_rampup(epoch - 1, 8.0)
+    expected = pcl_official(list(peers), ensemble, list(means), viewed["target"], weight)
+    torch.testing.assert_close(output.terms["pcl"], expected.detach(), rtol=1e-6, atol=1e-7)
+    ours = gradients(output.loss, net)
+    for a, b in zip(ours, gradients(expected, net)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # every peer, the shared layers and the ensemble classifier learn; the mean model gets nothing
+    for module in (*net.network.branches, net.ensemble_classifier, net.network.trunk.stage1):
+        assert any(g.abs().sum() > 0 for g in gradients(output.loss, module))
+    assert all(not p.requires_grad for p in ema.parameters())
+    assert net.network.gate is None
+
+
+def test_pcl_trains_and_the_mean_network_is_the_reference_ema():
+    recipe = build_recipe("pcl", digits_setup(teacher=None), preset="digits", peers=2)
+    distiller = recipe.stages[0].distiller
+    update = distiller.updates["student_ema"]
+    assert isinstance(update, GlobalStepEMA) and update.momentum == 0.9 and update.buffers == "own"
+    net = distiller.models["student"]
+    initial = [p.detach().clone() for p in net.parameters()]
+    result = Trainer(TrainConfig(epochs=2, batch_size=16, lr=0.05, **QUIET)).fit(recipe, small_split().train,
+                                                                                 small_split().test)
+    assert set(result.accuracies) == {"student_ema", "student"}
+    ema = distiller.models["student_ema"]
+    for e, p, p0 in zip(ema.parameters(), net.parameters(), initial):
+        assert e.grad is None and not torch.equal(p.detach(), p0) and not torch.equal(e, p.detach())
+
+
+def test_pcl_network_single_peer_and_plain_input():
+    net = PeerCollaborativeNetwork(digits_model("student-cnn"), 3, views=("a", "b", "c"),
+                                   new_backbone=lambda: digits_model("student-cnn"))
+    x = torch.randn(5, 1, 8, 8)
+    net.train()
+    net({"a": x, "b": x.flip(-1), "c": x})
+    net.eval()
+    for index in range(3):
+        deployed = net.single_peer(index).eval()
+        taps = {}
+        handle = net.peer_logits.register_forward_hook(lambda m, i, o: taps.__setitem__("z", o))
+        out = net(x)                                           # a plain tensor: every peer reads it
+        handle.remove()
+        torch.testing.assert_close(deployed(x), taps["z"][index], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, taps["z"][0])
+    assert net.ensemble_classifier.in_features == 3 * net.network.branches[0][-1].in_features
+    with pytest.raises(ValueError, match=r"PeerCollaborativeNetwork: views must name one batch key per peer \(3\)"):
+        PeerCollaborativeNetwork(digits_model("student-cnn"), 3, views=("a", "b"))
+
+
+def test_pcl_resume_is_exact(tmp_path):
+    def make(seed):
+        return build_recipe("pcl", digits_setup(teacher=None, seed=seed), preset="digits", peers=2, rampup=1.0)
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"peers": 1}, ValueError, r"pcl: peers must be an int >= 2, got 1"),
+    ({"temperature": 0.0}, ValueError, r"pcl: temperature must be positive and finite, got 0.0"),
+    ({"rampup": -1.0}, ValueError, r"pcl: rampup must be >= 0 and finite, got -1.0"),
+    ({"consistency": float("inf")}, ValueError, r"pcl: consistency must be >= 0 and finite, got inf"),
+    ({"ema_decay": 1.5}, ValueError, r"pcl: ema_decay must be in \[0, 1\], got 1.5"),
+    ({"translate": -1}, ValueError, r"pcl: translate must be an int >= 0, got -1"),
+    ({"flip": "yes"}, TypeError, r"pcl: flip must be a bool"),
+    ({"branch_from": 3}, TypeError, r"pcl: branch_from must be a stage path"),
+    ({"branch_from": "stage3"}, ValueError, r"pcl: branch_from must be one of the student's stages before the last "
+                                            r"\['stage1', 'stage2'\], got 'stage3'"),
+])
+def test_pcl_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("pcl", digits_setup(teacher=None), **overrides)
