@@ -226,6 +226,8 @@ _SPECS = [
      "loss = ONELoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], gate(shared), y)"),
     ("PCLLoss", losses.pcl_loss, ("peer_logits", "ensemble_logits", "mean_logits", "labels"),
      "loss = PCLLoss(temperature=3.0, kl_weight=ramp)([z_1, z_2, z_3], z_e, [ema_z_1, ema_z_2, ema_z_3], y)"),
+    ("MCLLoss", losses.mcl_loss, ("embeddings", "labels"),
+     "loss = ce_1 + ce_2 + MCLLoss(temperature=0.1)([head_1(f_1), head_2(f_2)], y)"),
     ("BYOTLoss", losses.byot_loss, ("final_logits", "head_logits", "labels", "final_features", "head_features"),
      "loss = BYOTLoss(temperature=3.0)(z, head_logits, y, f, head_features)"),
     ("SADLoss", losses.sad_loss, ("stage_maps",), "loss = ce + 0.1 * SADLoss()([f1, f2, f3])"),

@@ -128,6 +128,8 @@ INPUTS = {
                          "ensemble_logits": _randn(B, C, seed=4),
                          "mean_logits": [_randn(B, C, seed=5), _randn(B, C, seed=6), _randn(B, C, seed=7)],
                          "labels": _labels()},
+    "mcl_loss": lambda: {"embeddings": [_randn(B, 5, seed=1), _randn(B, 5, seed=2), _randn(B, 5, seed=3)],
+                         "labels": _labels()},
     "byot_loss": lambda: {"final_logits": _randn(B, C, seed=1), "head_logits": [_randn(B, C, seed=2)],
                           "labels": _labels(), "final_features": _randn(B, 5, seed=3),
                           "head_features": [_randn(B, 5, seed=4)]},

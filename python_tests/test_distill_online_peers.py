@@ -1,6 +1,7 @@
-"""Online methods with peers (PCL): one training step on digits equal to the objective transcribed from the reference
-code, the network's views, ensemble classifier and temporal mean, exact resume and configuration errors (the loss
-against its formula: test_losses_online.py)."""
+"""Online methods with peers (PCL, MCL): one training step on digits equal to the objective transcribed from the
+reference / official code (PCL's views, ensemble classifier and temporal mean; MCL's heads, contrastive terms, batches
+and logit distillation), exact resume and configuration errors (the losses against their formulas:
+test_losses_online.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_testing import batches_for, digits_setup
+from distill_testing import batches_for, digits_setup, first_step
 from kdkernels.distill import build_recipe, digits_model
 from kdkernels.distill.methods.online import GlobalStepEMA, PeerCollaborativeNetwork
 from kdkernels.distill.terms import StepContext
 from kdkernels.distill.trainer import TrainConfig, Trainer
+from test_losses_online import sup_mcl_official
 from trainer_testing import QUIET, assert_resume_is_exact, small_split
 
 
@@ -165,3 +167,84 @@ def test_pcl_resume_is_exact(tmp_path):
 def test_pcl_bad_configuration(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("pcl", digits_setup(teacher=None), **overrides)
+
+
+# ---- MCL -----------------------------------------------------------------------------------------------------------
+
+def embed_official(head, x):
+    """winycg/MCL ``Embed.forward``: ``proj_head`` then ``Normalize(2)``."""
+    x = head(x)
+    return x.div(x.pow(2).sum(1, keepdim=True).pow(0.5))
+
+
+@pytest.mark.parametrize("networks", [2, 3])
+def test_mcl_step_is_the_official_loss(networks):
+    recipe = build_recipe("mcl", digits_setup(teacher=None), networks=networks)
+    stage = recipe.stages[0]
+    assert stage.batching == "class_aware"
+    distiller, batch, values, output = first_step(recipe)
+    names = ("student", "peer1", "peer2")[:networks]
+    assert distiller.trainable == distiller.evaluate == names and recipe.student is distiller.models["student"]
+    y = batch["target"]
+    same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
+    assert bool(same.any(1).all()), "every anchor has a same-class partner (MPerClassSampler's guarantee)"
+    term = next(t for t in distiller.terms if t.name == "mcl")
+    assert [h[0].in_features for h in term.heads] == [16] * networks and term.heads[0][2].out_features == 128
+    embeddings = [embed_official(head, values[f"{name}:fc/input"]) for head, name in zip(term.heads, names)]
+    official_mcl = sup_mcl_official(embeddings, y)          # tau 0.1, kd_T 3, alpha 0.1, gamma 1, beta 0.1, lam 1
+    torch.testing.assert_close(output.terms["mcl"], official_mcl.detach().float(), rtol=1e-5, atol=1e-6)
+    loss_cls = sum(F.cross_entropy(values[name], y) for name in names)
+    official = loss_cls + official_mcl
+    for module in (*[distiller.models[name] for name in names], term.heads):
+        for a, b in zip(gradients(output.loss, module), gradients(official, module)):
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-6)
+    # the interactive terms couple the networks: the student's gradient depends on the peer's embedding
+    alone = sup_mcl_official(embeddings[:1] + [e.detach() for e in embeddings[1:]], y)
+    assert any(not torch.allclose(a, b.float(), atol=1e-6) for a, b in zip(
+        gradients(output.loss, distiller.models["peer1"]), gradients(loss_cls + alone, distiller.models["peer1"])))
+
+
+@pytest.mark.parametrize("networks", [2, 3])
+def test_mcl_logit_distillation_is_the_official_rule(networks):
+    recipe = build_recipe("mcl", digits_setup(teacher=None), networks=networks, logit_distill=True)
+    distiller, batch, values, output = first_step(recipe)
+    names = ("student", "peer1", "peer2")[:networks]
+    ensemble = (sum(values[name] for name in names) / networks).detach()
+    learners = names if networks == 2 else names[-1:]         # main_cifar.py: only logits[-1] beyond two networks
+    expected = sum(kd(values[name], ensemble, 3.0) for name in learners)
+    torch.testing.assert_close(output.terms["mcl_logit_kd"], expected, rtol=1e-5, atol=1e-7)
+    logit_term = next(t for t in distiller.terms if t.name == "mcl_logit_kd")
+    loss = logit_term(distiller._resolve(values, logit_term), None)
+    for name in names:
+        grads = gradients(loss, distiller.models[name])
+        assert any(g.abs().sum() > 0 for g in grads) == (name in learners)
+
+
+def test_mcl_preset_and_training():
+    recipe = build_recipe("mcl", digits_setup(teacher=None), preset="logit-distill")
+    assert recipe.stages[0].distiller.evaluate == ("student", "peer1", "peer2", "peer3")
+    recipe = build_recipe("mcl", digits_setup(teacher=None))
+    result = Trainer(TrainConfig(epochs=2, batch_size=16, lr=0.05, **QUIET)).fit(recipe, small_split().train,
+                                                                                 small_split().test)
+    assert set(result.accuracies) == {"student", "peer1"}
+
+
+def test_mcl_resume_is_exact(tmp_path):
+    def make(seed):
+        return build_recipe("mcl", digits_setup(teacher=None, seed=seed))
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"networks": 1}, ValueError, r"mcl: networks must be an int >= 2, got 1"),
+    ({"temperature": 0.0}, ValueError, r"mcl: temperature must be positive and finite, got 0.0"),
+    ({"kl_temperature": -1.0}, ValueError, r"mcl: kl_temperature must be positive and finite, got -1.0"),
+    ({"icl_weight": -0.1}, ValueError, r"mcl: icl_weight must be >= 0 and finite, got -0.1"),
+    ({"soft_vcl_weight": float("nan")}, ValueError, r"mcl: soft_vcl_weight must be >= 0 and finite, got nan"),
+    ({"feat_dim": 0}, ValueError, r"mcl: feat_dim must be an int >= 1, got 0"),
+    ({"logit_distill": 1}, TypeError, r"mcl: logit_distill must be a bool"),
+])
+def test_mcl_bad_configuration(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("mcl", digits_setup(teacher=None), **overrides)

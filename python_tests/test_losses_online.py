@@ -1,6 +1,7 @@
 """pcl_loss against PCL's objective transcribed here in eager PyTorch (the reproduction
 shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation ``src/losses/loss_wrapper.py``, ``kd_loss.py``;
-no official code exists), value and gradients in float64, which inputs receive gradients, and its argument errors."""
+no official code exists) and mcl_loss against winycg/MCL ``losses/cifar_sup_mcl_loss.py``: value and gradients in
+float64, which inputs receive gradients, and their argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,5 +111,111 @@ LABELS = torch.zeros(4, dtype=torch.long)
      ValueError, r"^pcl_loss: reduction must be one of"),
 ])
 def test_pcl_loss_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---- MCL -----------------------------------------------------------------------------------------------------------
+
+def kl_div(y_s, y_t, T):
+    """winycg/MCL ``KLDiv``."""
+    return F.kl_div(F.log_softmax(y_s / T, dim=1), F.softmax(y_t / T, dim=1), reduction="batchmean") * (T ** 2)
+
+
+def sup_mcl_official(embeddings, labels, tau=0.1, kd_T=3.0, alpha=0.1, gamma=1.0, beta=0.1, lam=1.0):
+    """winycg/MCL ``Sup_MCL_Loss.forward`` (``Embed``'s ``Normalize``) then ``SupMCL.forward``, weighted as
+    ``main_cifar.py``: ``alpha·vcl + gamma·soft_vcl + beta·icl + lam·soft_icl`` (CPU instead of ``.cuda()``)."""
+    embeddings = [x.div(x.pow(2).sum(1, keepdim=True).pow(0.5)) for x in embeddings]
+    number_net = len(embeddings)
+    labels = labels.unsqueeze(0)
+    intra_mask = torch.eq(labels, labels.T).double() - torch.eye(labels.size(1), dtype=torch.float64)
+    diag_mask = 1. - torch.eye(labels.size(1), dtype=torch.float64)
+    inter_logits = []
+    soft_icl_loss = 0.
+    for i in range(number_net):
+        for j in range(i + 1, number_net):
+            cos_simi_ij = torch.div(torch.mm(embeddings[i], embeddings[j].T), tau)
+            inter_logits.append(cos_simi_ij)
+            cos_simi_ji = torch.div(torch.mm(embeddings[j], embeddings[i].T), tau)
+            inter_logits.append(cos_simi_ji)
+            soft_icl_loss += kl_div(cos_simi_ij, cos_simi_ji.detach(), kd_T)
+            soft_icl_loss += kl_div(cos_simi_ji, cos_simi_ij.detach(), kd_T)
+    icl_loss = 0.
+    for logit in inter_logits:
+        log_prob = logit - torch.log((torch.exp(logit) * diag_mask).sum(1, keepdim=True))
+        mean_log_prob_pos = (intra_mask * log_prob).sum(1) / intra_mask.sum(1)
+        icl_loss += - mean_log_prob_pos.mean()
+    intra_logits = [torch.div(torch.mm(embeddings[i], embeddings[i].T), tau) for i in range(number_net)]
+    soft_vcl_loss = 0.
+    for i in range(number_net):
+        for j in range(number_net):
+            if i != j:
+                soft_vcl_loss += kl_div(intra_logits[i], intra_logits[j].detach(), kd_T)
+    vcl_loss = 0.
+    for logit in intra_logits:
+        log_prob = logit - torch.log((torch.exp(logit) * diag_mask).sum(1, keepdim=True))
+        mean_log_prob_pos = (intra_mask * log_prob).sum(1) / intra_mask.sum(1)
+        vcl_loss += - mean_log_prob_pos.mean()
+    return alpha * vcl_loss + gamma * soft_vcl_loss + beta * icl_loss + lam * soft_icl_loss
+
+
+def paired_labels(pairs, classes=4, seed=0):
+    """Every class present at least twice (MPerClassSampler m = 2): the official formula is defined."""
+    first = class_labels(pairs, classes, seed)
+    return torch.cat([first, first[torch.randperm(pairs, generator=torch.Generator().manual_seed(seed + 1))]])
+
+
+@pytest.mark.parametrize("m, weights, tau, kd_T", [
+    (2, (0.1, 1.0, 0.1, 1.0), 0.1, 3.0), (3, (0.1, 1.0, 0.1, 1.0), 0.1, 3.0), (2, (1.0, 0.0, 0.5, 0.0), 0.5, 1.0),
+    (4, (0.0, 0.3, 0.0, 2.0), 0.07, 4.0)])
+def test_mcl_loss_is_the_official_objective(m, weights, tau, kd_T):
+    """Value and gradients of every network's embedding (un-normalised: the loss normalises as ``Embed`` does)."""
+    embeddings = [randn(B, 6, seed=60 + k, scale=2.0, grad=True) for k in range(m)]
+    y = paired_labels(B // 2)
+    assert_equals_official(
+        lambda *es: kdkernels.mcl_loss(list(es), y, tau, kd_T, *weights),
+        lambda *es: sup_mcl_official(list(es), y, tau, kd_T, *weights), *embeddings, what="mcl")
+
+
+def test_mcl_loss_soft_targets_are_detached_and_reductions_agree():
+    e1, e2 = randn(B, 6, seed=60, grad=True), randn(B, 6, seed=61, grad=True)
+    y = paired_labels(B // 2)
+    soft_vcl = kdkernels.mcl_loss([e1, e2], y, vcl_weight=0.0, icl_weight=0.0, soft_icl_weight=0.0)
+    # soft VCL: network 1's relation rows learn towards network 2's and back; each gradient comes from its own KL
+    g1 = torch.autograd.grad(soft_vcl, e1, retain_graph=True)[0]
+    alone = torch.autograd.grad(kl_div(*(lambda a, b: (a @ a.t() / 0.1, (b @ b.t() / 0.1).detach()))(
+        F.normalize(e1, dim=1), F.normalize(e2, dim=1)), 3.0), e1)[0]
+    torch.testing.assert_close(g1, alone)
+    rows = kdkernels.mcl_loss([e1, e2], y, reduction="none")
+    assert rows.shape == (B,)
+    torch.testing.assert_close(rows.sum(), kdkernels.mcl_loss([e1, e2], y, reduction="sum"))
+    torch.testing.assert_close(rows.mean(), kdkernels.mcl_loss([e1, e2], y))
+    # an anchor without a same-class partner contributes no contrastive term (the official code would divide 0 by 0)
+    lonely = torch.cat([y[:-1], torch.tensor([9])])
+    assert torch.isfinite(kdkernels.mcl_loss([e1, e2], lonely))
+    low = kdkernels.mcl_loss([e1.to(torch.bfloat16), e2.half()], y)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), kdkernels.mcl_loss([e1, e2], y), rtol=3e-2, atol=0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.mcl_loss([_z(4, 5)], LABELS), ValueError,
+     r"^mcl_loss: embeddings must hold at least 2 tensor\(s\), got 1$"),
+    (lambda: kdkernels.mcl_loss(_z(4, 5), LABELS), TypeError, r"^mcl_loss: embeddings must be a list or tuple"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5), _z(4, 6)], LABELS), ValueError,
+     r"^mcl_loss: embeddings\[1\] must have the same shape as embeddings\[0\]"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5, 2), _z(4, 5, 2)], LABELS), ValueError, r"^mcl_loss: embeddings\[0\] must"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS, 0.0), ValueError,
+     r"^mcl_loss: temperature must be positive and finite, got 0.0$"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS, 0.1, -3.0), ValueError,
+     r"^mcl_loss: kl_temperature must be positive and finite, got -3.0$"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS, icl_weight=-1.0), ValueError,
+     r"^mcl_loss: icl_weight must be >= 0 and finite, got -1.0$"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS.float()), TypeError, r"^mcl_loss: labels must be"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS[:3]), ValueError, r"^mcl_loss: labels must have"),
+    (lambda: kdkernels.mcl_loss([_z(4, 5)] * 2, LABELS, reduction="mean"), ValueError,
+     r"^mcl_loss: reduction must be one of"),
+])
+def test_mcl_loss_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()

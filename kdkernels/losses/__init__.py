@@ -32,7 +32,7 @@ from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss, one_loss
-from kdkernels.losses.online import pcl_loss
+from kdkernels.losses.online import mcl_loss, pcl_loss
 from kdkernels.losses.self_distillation import byot_loss, ddgsd_loss, dks_loss, sad_loss
 from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
                                               softmax_mse_loss, sskd_head_loss, sskd_loss)
@@ -56,7 +56,7 @@ __all__ = [
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "pcl_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "pcl_loss", "mcl_loss",
     "byot_loss", "sad_loss",
     "dks_loss", "ddgsd_loss",
 ]

@@ -454,8 +454,9 @@ class MultiBranchNetwork(nn.Module):
     The forward computes every branch; it passes the stacked branch logits ``[m, B, C]`` through the identity
     ``branch_logits`` and the gate ``[B, m]`` through ``gate_weights`` (taps ``"<model>:branch_logits"``,
     ``"<model>:gate_weights"``; no gate with ``gate=False``, PCL's) and returns branch 0's logits
-    (``deploy="branch"``) or the gated ensemble ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single branch, without the other branches and the gate,
-    is :meth:`single_branch`: the backbone's own class with branch 0's weights (same outputs).
+    (``deploy="branch"``) or the gated ensemble ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single
+    branch, without the other branches and the gate, is :meth:`single_branch`: the backbone's own class with
+    branch 0's weights (same outputs).
     """
 
     def __init__(self, backbone: nn.Module, branches: int = 3, *, split: str | None = None,
@@ -750,3 +751,108 @@ def pcl(setup: Setup, peers: int = 3, temperature: float = 3.0, consistency: flo
                           frozen_train_mode=("student_ema",), evaluate=("student_ema", "student"),
                           updates={"student_ema": GlobalStepEMA("student", ema_decay)}, views=views)
     return single_stage("pcl", distiller)
+
+
+# ------------------------------------------------------------------------------------------------------------ MCL
+
+MCL_APPROXIMATION = ("winycg/MCL's CIFAR batches come from MPerClassSampler (m = 2: batch/2 distinct classes, two "
+                     "samples each); here the class_aware batching (each anchor followed by one other sample of its "
+                     "class; a class may appear more than twice); with more than 2 networks the official models "
+                     "(ResNet_b) share the stem and first stage, here the networks are independent (as its 2-network "
+                     "ResNet_n)")
+
+
+class MCLHead(nn.Sequential):
+    """MCL's projection head ``Embed`` (``losses/cifar_sup_mcl_loss.py``): ``Linear(d, dim) → ReLU → Linear(dim,
+    dim)``; the L2 normalisation is :func:`kdkernels.mcl_loss`'s."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__(nn.Linear(in_features, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+class MCLTerm(Term):
+    """One projection head per network on its embedding (``"<network>:<embedding tap>"``), then
+    :func:`kdkernels.mcl_loss` with the labels; the heads are built from the embeddings' widths."""
+
+    def __init__(self, embedding_keys: Sequence[str], feat_dim: int, **loss_options):
+        super().__init__("mcl", (*embedding_keys, "target"))
+        self.feat_dim = feat_dim
+        self.loss_options = loss_options
+        self.heads: nn.ModuleList | None = None
+
+    def build(self, example):
+        if self.heads is None:
+            self.heads = nn.ModuleList(MCLHead(example[key].flatten(1).shape[1], self.feat_dim)
+                                       for key in self.reads[:-1])
+
+    def loss(self, *values, context):
+        *embeddings, target = values
+        projected = [head(embedding.flatten(1)) for head, embedding in zip(self.heads, embeddings)]
+        return kdkernels.mcl_loss(projected, target, **self.loss_options)
+
+
+class EnsembleLogitTerm(Term):
+    """MCL's ``--logit-distill``: ``KL_T(mean_i(z_i).detach() ‖ z)`` (``DistillKL``, T², batchmean) for both networks
+    when there are two, for the last one only otherwise (``main_cifar.py`` ``train``)."""
+
+    def __init__(self, names: Sequence[str], temperature: float):
+        super().__init__("mcl_logit_kd", tuple(names))
+        self.temperature = temperature
+
+    def loss(self, *logits, context):
+        ensemble = (sum(logits) / len(logits)).detach()
+        learners = logits if len(logits) == 2 else logits[-1:]
+        return sum(kdkernels.kd_loss(z, ensemble, self.temperature) for z in learners)
+
+
+@register("mcl", category="online",
+          paper="Yang, An, Xu, Xu. Mutual Contrastive Learning for Visual Representation Learning. AAAI 2022",
+          presets={"logit-distill": {"networks": 4, "logit_distill": True}}, approximation=MCL_APPROXIMATION,
+          needs_teacher=False)
+def mcl(setup: Setup, networks: int = 2, temperature: float = 0.1, kl_temperature: float = 3.0,
+        vcl_weight: float = 0.1, soft_vcl_weight: float = 1.0, icl_weight: float = 0.1, soft_icl_weight: float = 1.0,
+        feat_dim: int = 128, logit_distill: bool = False, ce_weight: float = 1.0) -> Recipe:
+    """MCL: ``Σ_i CE_i + α VCL + γ soft VCL + β ICL + λ soft ICL`` (:func:`kdkernels.mcl_loss`) over m networks.
+
+    winycg/MCL (commit 236da2f) ``main_cifar.py`` (``train``: ``loss_cls + loss_logit_kd + loss_mcl``) with
+    ``losses/cifar_sup_mcl_loss.py`` (``Sup_MCL_Loss``, ``SupMCL``, ``Embed``) and ``scripts/train_cifar_mcl.sh``:
+
+    * ``networks`` m (``--number-net`` 2) networks, ``setup.student`` and m − 1 fresh students (``student``,
+      ``peer1``, …), each with its CE (weight 1) and all trained jointly by one optimiser (as the official
+      ``trainable_list``), all evaluated, the first exported;
+    * each network's embedding (the input of its classifier, the pooled feature) goes through its own projection
+      head ``Linear(d, 128) → ReLU → Linear(128, 128)`` (:class:`MCLHead`, ``--feat-dim`` 128) and L2
+      normalisation;
+    * the in-batch supervised contrastive terms (no memory bank in the CIFAR code): vanilla (VCL, within each
+      network) and interactive (ICL, across each pair of networks) contrastive losses with τ 0.1, and their soft
+      versions (KL between the networks' contrastive distributions, T 3), weights α 0.1, γ 1, β 0.1, λ 1;
+    * ``logit_distill`` (``--logit-distill``, preset ``logit-distill`` with 4 networks as
+      ``scripts/train_cifar_mcl_logit.sh``): ``KL_T(mean_i(z_i).detach() ‖ z)`` (T ``kl_temperature``) for both
+      networks when m = 2, else for the last network only, as the official code does.
+
+    Batches: ``class_aware`` (each anchor with one other sample of its class) so that every anchor has a positive,
+    as the official ``MPerClassSampler(m=2)`` ensures (approximation flagged: the samplers differ; and with m > 2 the
+    official ``ResNet_b`` shares the stem and first stage between the networks, here they are independent).
+    """
+    check = Checks("mcl")
+    names = peer_names(check.integer("networks", networks, minimum=2))
+    temperature = check.temperature(temperature)
+    kl_temperature = check.temperature(kl_temperature, "kl_temperature")
+    weights = {name: check.real(name, value, minimum=0.0) for name, value in
+               (("vcl_weight", vcl_weight), ("soft_vcl_weight", soft_vcl_weight), ("icl_weight", icl_weight),
+                ("soft_icl_weight", soft_icl_weight))}
+    feat_dim = check.integer("feat_dim", feat_dim, minimum=1)
+    logit_distill = check.flag("logit_distill", logit_distill)
+    ce_weight = check.real("ce_weight", ce_weight, minimum=0.0)
+    embedding = feature_points(setup.student).embedding
+    if embedding is None:
+        check.value_error("setup.student", "must declare an embedding feature point (the input of its classifier)",
+                          type(setup.student).__name__)
+    models = {"student": setup.student, **{name: setup.fresh_student("mcl") for name in names[1:]}}
+    terms: list[Term] = [CrossEntropyTerm(name, ce_weight) for name in names]
+    terms.append(MCLTerm([f"{name}:{embedding}" for name in names], feat_dim, temperature=temperature,
+                         kl_temperature=kl_temperature, **weights))
+    if logit_distill:
+        terms.append(EnsembleLogitTerm(names, kl_temperature))
+    distiller = Distiller(models, terms, trainable=tuple(names), evaluate=tuple(names))
+    return single_stage("mcl", distiller, batching="class_aware")
