@@ -1,7 +1,7 @@
-"""Online methods with peers (PCL, MCL): one training step on digits equal to the objective transcribed from the
-reference / official code (PCL's views, ensemble classifier and temporal mean; MCL's heads, contrastive terms, batches
-and logit distillation), exact resume and configuration errors (the losses against their formulas:
-test_losses_online.py)."""
+"""Online methods with peers (PCL, MCL, SwitOKD's three-network topologies): one training step on digits equal to the
+objective transcribed from the reference / official code (PCL's views, ensemble classifier and temporal mean; MCL's
+heads, contrastive terms, batches and logit distillation; SwitOKD's 2T1S / 1T2S switches), exact resume and
+configuration errors (the losses against their formulas: test_losses_online.py)."""
 from __future__ import annotations
 
 import copy
@@ -248,3 +248,100 @@ def test_mcl_resume_is_exact(tmp_path):
 def test_mcl_bad_configuration(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("mcl", digits_setup(teacher=None), **overrides)
+
+
+# ---- SwitOKD with three networks (2T1S, 1T2S) ------------------------------------------------------------------
+
+def official_kl_div(p_logit, q_logit, T=1.0):
+    """hfutqian/SwitOKD ``kl_div(p_logit, q_logit, T)``: KL(p ‖ q), ``p`` the (detached) target, batch mean."""
+    p = F.softmax(p_logit / T, dim=-1)
+    return torch.mean(torch.sum(p * (F.log_softmax(p_logit / T, dim=-1) - F.log_softmax(q_logit / T, dim=-1)), 1))
+
+
+def official_expert(teacher, student, target, classes=10):
+    """The switch of one (teacher, student) pair in the multi-net ``main.py``s (``dist_s_label``, ``dist_s_t``), with
+    the pair's own distances in ε (the paper's threshold)."""
+    onehot = torch.zeros(target.shape[0], classes).scatter_(1, target.view(-1, 1), 1)
+    s_label = torch.mean(torch.sum(torch.abs(F.softmax(student, -1) - onehot), 1))
+    t_label = torch.mean(torch.sum(torch.abs(F.softmax(teacher, -1) - onehot), 1))
+    ps_pt = torch.mean(torch.sum(torch.abs(F.softmax(student, -1) - F.softmax(teacher, -1)), 1))
+    epsilon = torch.exp(-1 * (t_label / (t_label + s_label)))
+    return bool(ps_pt > s_label - epsilon * t_label and t_label < s_label)
+
+
+def test_switokd_2t1s_step_is_the_official_train_step():
+    recipe = build_recipe("switokd", digits_setup(teacher=None), preset="2T1S")
+    assert recipe.stages[0].model_lr_scales == {"teacher": 10.0, "teacher2": 10.0}
+    distiller, batch, values, output = first_step(recipe)
+    assert distiller.trainable == distiller.evaluate == ("student", "teacher", "teacher2")
+    s, t1, t2, y = values["student"], values["teacher"], values["teacher2"], batch["target"]
+    torch.testing.assert_close(output.terms["switokd_student"],
+                               official_kl_div(t1.detach(), s) + official_kl_div(t2.detach(), s))
+    for name, own, other in (("switokd_teacher", t1, t2), ("switokd_teacher2", t2, t1)):
+        assert not official_expert(own, s, y)
+        expected = F.cross_entropy(own, y) + official_kl_div(s.detach(), own) + official_kl_div(other.detach(), own)
+        torch.testing.assert_close(output.terms[name], expected)
+    # each network receives exactly its own loss's gradient (the official separate backward passes)
+    def own_loss(learner, first, second):
+        return F.cross_entropy(learner, y) + official_kl_div(first.detach(), learner) + official_kl_div(second.detach(),
+                                                                                                       learner)
+
+    own_losses = {"student": own_loss(s, t1, t2), "teacher": own_loss(t1, s, t2), "teacher2": own_loss(t2, s, t1)}
+    for name, loss in own_losses.items():
+        for a, b in zip(gradients(output.loss, distiller.models[name]), gradients(loss, distiller.models[name])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _pairs():
+    """A teacher mildly right on every sample, a confidently wrong student (expert mode with it) and a student that
+    is right too (learning mode with it)."""
+    target = torch.arange(10).repeat(2)
+    teacher = (2.0 * F.one_hot(target, 10)).float().requires_grad_()
+    wrong = (8.0 * F.one_hot((target + 1) % 10, 10)).float()
+    right = (5.0 * F.one_hot(target, 10)).float()
+    assert official_expert(teacher, wrong, target) and not official_expert(teacher, right, target)
+    return teacher, wrong, right, target
+
+
+def test_switokd_1t2s_teacher_weights_follow_each_pair():
+    recipe = build_recipe("switokd", digits_setup(teacher=None), preset="1T2S")
+    distiller = recipe.stages[0].distiller
+    assert distiller.evaluate == ("student", "student2", "teacher") and recipe.stages[0].model_lr_scales == {
+        "teacher": 10.0}
+    term = next(t for t in distiller.terms if t.name == "switokd_teacher")
+    teacher, wrong, right, y = _pairs()
+    # 1T2S main.py: loss_full2 = w0·CE + w2·KL(ks2 ‖ t) + w1·KL(model ‖ t)
+    for s1, s2, (w1, w2) in ((wrong, right, (0, 1)), (right, wrong, (1, 0)), (right, right, (1, 1))):
+        expected = F.cross_entropy(teacher, y) + w2 * official_kl_div(s2, teacher) + w1 * official_kl_div(s1, teacher)
+        torch.testing.assert_close(term.loss(teacher, s1, s2, y, context=None), expected)
+    paused = term.loss(teacher, wrong, wrong, y, context=None)        # w0 = 0: the teacher takes no step
+    assert float(paused) == 0.0 and not paused.requires_grad
+    distiller, batch, values, output = first_step(recipe)
+    s1, s2, t = values["student"], values["student2"], values["teacher"]
+    torch.testing.assert_close(output.terms["switokd_student"],
+                               official_kl_div(s2.detach(), s1) + official_kl_div(t.detach(), s1))
+    torch.testing.assert_close(output.terms["switokd_student2"],
+                               official_kl_div(s1.detach(), s2) + official_kl_div(t.detach(), s2))
+
+
+def test_switokd_2t1s_teacher_in_expert_mode_pauses():
+    recipe = build_recipe("switokd", digits_setup(teacher=None), preset="2T1S")
+    term = next(t for t in recipe.stages[0].distiller.terms if t.name == "switokd_teacher2")
+    teacher, wrong, right, y = _pairs()
+    paused = term.loss(teacher, wrong, right, y, context=None)       # its pair with the student: expert mode
+    assert float(paused) == 0.0 and not paused.requires_grad
+    learning = term.loss(teacher, right, wrong, y, context=None)
+    torch.testing.assert_close(learning, F.cross_entropy(teacher, y) + official_kl_div(right, teacher)
+                               + official_kl_div(wrong, teacher))
+
+
+def test_switokd_topology_resume_is_exact(tmp_path):
+    def make(seed):
+        return build_recipe("switokd", digits_setup(student="student-mlp", teacher=None, seed=seed), preset="1T2S")
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
+
+
+def test_switokd_bad_topology():
+    with pytest.raises(ValueError, match=r"switokd: topology must be one of .*'1T1S', '2T1S', '1T2S'.*got '3T1S'"):
+        build_recipe("switokd", digits_setup(teacher=None), topology="3T1S")

@@ -160,24 +160,37 @@ def switokd_expert_mode(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 class SwitOKDTeacherTerm(Term):
-    """The teacher's ``CE_t + KL(p_s.detach() ‖ p_t)`` in learning mode; nothing (no gradient, no update of the
-    teacher) in expert mode."""
+    """An online teacher's SwitOKD loss: for each student ``s_k`` a switch (:func:`switokd_expert_mode` of that
+    pair), ``w_k = 0`` in expert mode and 1 in learning mode; the teacher minimises
+    ``CE_t + Σ_k w_k KL(p_{s_k}.detach() ‖ p_t) + Σ_j KL(p_{peer_j}.detach() ‖ p_t)`` (``peers``: the other
+    teachers, 2T1S), and nothing (no gradient, no update of the teacher) when every pair is in expert mode. With
+    one student and no peer: SwitOKD's pair (the teacher's ``CE_t + KL(p_s.detach() ‖ p_t)`` in learning mode)."""
 
-    def __init__(self, temperature: float):
-        super().__init__("switokd_teacher", ("teacher", "student", "target"))
+    def __init__(self, temperature: float, teacher: str = "teacher", students: Sequence[str] = ("student",),
+                 peers: Sequence[str] = (), name: str = "switokd_teacher"):
+        super().__init__(name, (teacher, *students, *peers, "target"))
         self.temperature = temperature
+        self.students, self.peers = len(students), len(peers)
 
-    def loss(self, teacher, student, target, *, context):
-        if switokd_expert_mode(student, teacher, target):
+    def loss(self, teacher, *values, context):
+        *others, target = values
+        students, peers = others[:self.students], others[self.students:]
+        learning = [not switokd_expert_mode(student, teacher, target) for student in students]
+        if not any(learning):
             return torch.zeros((), device=teacher.device)
-        return (F.cross_entropy(teacher, target) +
-                kdkernels.kd_loss(teacher, student.detach(), self.temperature))
+        kl = lambda other: kdkernels.kd_loss(teacher, other.detach(), self.temperature)  # noqa: E731
+        return (F.cross_entropy(teacher, target) + sum(kl(student) for student, on in zip(students, learning) if on)
+                + sum(kl(peer) for peer in peers))
+
+
+TOPOLOGIES = ("1T1S", "2T1S", "1T2S")
 
 
 @register("switokd", category="online",
           paper="Qian, Wang, Li, Hong, Wang. Switchable Online Knowledge Distillation. ECCV 2022",
-          needs_teacher=False)
-def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10.0) -> Recipe:
+          presets={"2T1S": {"topology": "2T1S"}, "1T2S": {"topology": "1T2S"}}, needs_teacher=False)
+def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10.0,
+            topology: str = "1T1S") -> Recipe:
     """SwitOKD: online pair; the teacher pauses in expert mode, learns DML-style otherwise (hfutqian/SwitOKD).
 
     The student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
@@ -188,13 +201,53 @@ def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10
     is a constant 0 with no graph, so the teacher's parameters get no gradient and the optimiser skips them, as the
     official code skips ``optimizer.step()``. The official code gives the teacher lr 0.1 and the student 0.01: the
     teacher trains at ``teacher_lr_scale`` (10) times the run's (the student's) learning rate.
+
+    ``topology``: the paper's basis topologies for three networks (``SwitOKD_code/multi-net results (table 7)``,
+    ``2T1S/.../main.py`` and ``1T2S/.../main.py``), besides the pair ``"1T1S"`` (default):
+
+    * ``"2T1S"`` (preset ``2T1S``): two teachers ``teacher`` and ``teacher2`` (fresh assistants), one student. The
+      student minimises ``CE_s + KL(p_t1‖p_s) + KL(p_t2‖p_s)``; each teacher k, unless its pair with the student is
+      in expert mode, ``CE_tk + KL(p_s‖p_tk) + KL(p_t(other)‖p_tk)`` (it also learns from the other teacher).
+    * ``"1T2S"`` (preset ``1T2S``): one teacher, two students ``student`` and ``student2`` (a fresh student). Each
+      student minimises ``CE + KL(p_other student‖p_s) + KL(p_t‖p_s)``; the teacher
+      ``w0·CE_t + w1·KL(p_s1‖p_t) + w2·KL(p_s2‖p_t)`` with ``w_k = 0`` when its pair with student k is in expert
+      mode and ``w0 = 0`` when both are (it then pauses).
+
+    Every KL target is detached (T ``temperature``, batchmean). Each pair's switch uses that pair's own label
+    distances in ``ε = exp(−t/(t + s))`` (the paper's threshold); the official scripts compute the second pair's
+    ε from the first pair's distances in 2T1S (``epsilon2`` from ``t_label``, ``s_label``) and the first pair's
+    from the second's in 1T2S: copy slips, not followed. Teachers train at ``teacher_lr_scale`` times the run's
+    learning rate, students at the run's (the official scripts mix optimisers: SGD 0.1 for the WRN networks, Adam
+    0.01 for the MobileNet student).
     """
-    terms = [CrossEntropyTerm("student"),
-             TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
-             SwitOKDTeacherTerm(temperature)]
-    distiller = Distiller(student_and_online_teacher(setup, "switokd"), terms, trainable=("student", "teacher"),
-                          evaluate=("student", "teacher"))
-    return single_stage("switokd", distiller, model_lr_scales={"teacher": teacher_lr_scale})
+    check = Checks("switokd")
+    topology = check.choice("topology", topology, TOPOLOGIES)
+    if topology == "1T1S":
+        terms = [CrossEntropyTerm("student"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
+                 SwitOKDTeacherTerm(temperature)]
+        models = student_and_online_teacher(setup, "switokd")
+        teachers = ["teacher"]
+    elif topology == "2T1S":
+        models = {"student": setup.student, "teacher": setup.fresh_assistant("switokd"),
+                  "teacher2": setup.fresh_assistant("switokd")}
+        teachers = ["teacher", "teacher2"]
+        terms = [CrossEntropyTerm("student"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", teachers, temperature=temperature),
+                 SwitOKDTeacherTerm(temperature, "teacher", ["student"], ["teacher2"]),
+                 SwitOKDTeacherTerm(temperature, "teacher2", ["student"], ["teacher"], name="switokd_teacher2")]
+    else:
+        models = {"student": setup.student, "student2": setup.fresh_student("switokd"),
+                  "teacher": setup.fresh_assistant("switokd")}
+        teachers = ["teacher"]
+        terms = [CrossEntropyTerm("student"), CrossEntropyTerm("student2"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["student2", "teacher"],
+                             temperature=temperature),
+                 TowardsTerm("switokd_student2", kdkernels.kd_loss, "student2", ["student", "teacher"],
+                             temperature=temperature),
+                 SwitOKDTeacherTerm(temperature, "teacher", ["student", "student2"])]
+    distiller = Distiller(models, terms, trainable=tuple(models), evaluate=tuple(models))
+    return single_stage("switokd", distiller, model_lr_scales={name: teacher_lr_scale for name in teachers})
 
 
 # ----------------------------------------------------------------------------------------------------------- SOKD
