@@ -12,7 +12,7 @@ untrained by ``setup.new_assistant`` (the larger network; ``new_student`` when n
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -719,7 +719,7 @@ class PeerCollaborativeNetwork(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         network = self.network
-        inputs = [batch[key] for key in self.views] if isinstance(batch, dict) else [batch] * len(self.views)
+        inputs = [batch[key] for key in self.views] if isinstance(batch, Mapping) else [batch] * len(self.views)
         if network._layout_check:
             network.check_layout(inputs[0])
         logits, pooled = [], []
