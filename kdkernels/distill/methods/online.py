@@ -1,7 +1,9 @@
 """Online methods: networks that learn from each other while they train (../shared/reference/methods.md §1.9–1.11,
-§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD, BD-KD, MMT (mutual
-mean-teaching) and ONE (on-the-fly native ensemble, with :class:`MultiBranchNetwork`, a multi-branch model built
-from any zoo backbone).
+§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD (its pair and its 2T1S / 1T2S
+three-network topologies), SOKD, BD-KD, MMT (mutual mean-teaching), ONE (on-the-fly native ensemble, with
+:class:`MultiBranchNetwork`, a multi-branch model built from any zoo backbone), PCL (peer collaborative learning:
+peers on their own views, a peer ensemble teacher and the temporal-mean network, :class:`PeerCollaborativeNetwork`)
+and MCL (mutual contrastive learning between m networks).
 
 All trainable networks share one optimiser. Where the official code gives each network its own loss and optimiser
 with the other networks' outputs detached, the distiller sums those losses: a network's parameters then appear only
