@@ -6,9 +6,10 @@ Fused families: :mod:`~kdkernels.losses.kd` (KD, reverse/symmetric KL, JSD, top-
 :mod:`~kdkernels.losses.relation` (RKD, SP, PKT, CC; and IRG), :mod:`~kdkernels.losses.contrastive` (CRD),
 :mod:`~kdkernels.losses.bake` (BAKE). Unfused categories: :mod:`~kdkernels.losses.response`,
 :mod:`~kdkernels.losses.soft_label`, :mod:`~kdkernels.losses.feature`, :mod:`~kdkernels.losses.attention`,
-:mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.self_distillation`,
+:mod:`~kdkernels.losses.ranking`, :mod:`~kdkernels.losses.ensemble`, :mod:`~kdkernels.losses.online`,
+:mod:`~kdkernels.losses.online_feature`, :mod:`~kdkernels.losses.self_distillation`,
 :mod:`~kdkernels.losses.self_supervised`, :mod:`~kdkernels.losses.generative`,
-:mod:`~kdkernels.losses.layer_assignment`, :mod:`~kdkernels.losses.online_feature`.
+:mod:`~kdkernels.losses.layer_assignment`.
 Every name here is also a top-level ``kdkernels`` name, and has an ``nn.Module`` in :mod:`kdkernels.nn`.
 """
 from kdkernels.losses.kd import kd_loss
@@ -32,6 +33,7 @@ from kdkernels.losses.attention import at_loss, ttkd_loss
 from kdkernels.losses.layer_assignment import afd_loss, l2t_ww_loss, semckd_loss
 from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss, one_loss
+from kdkernels.losses.online import mcl_loss, pcl_loss
 from kdkernels.losses.self_distillation import (byot_loss, ddgsd_loss, dks_loss, mixskd_loss, sad_loss,
                                                snapshot_distillation_loss)
 from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
@@ -57,6 +59,6 @@ __all__ = [
     "semckd_loss", "afd_loss", "l2t_ww_loss",
     "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
     "refilled_classifier_loss", "darkrank_loss",
-    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "oec_kd_loss",
-    "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
+    "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "pcl_loss", "mcl_loss",
+    "oec_kd_loss", "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
 ]

@@ -1,7 +1,9 @@
 """Online methods: networks that learn from each other while they train (../shared/reference/methods.md §1.9–1.11,
-§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD, SOKD, BD-KD, MMT (mutual
-mean-teaching) and ONE (on-the-fly native ensemble, with :class:`MultiBranchNetwork`, a multi-branch model built
-from any zoo backbone).
+§4): DML with N peers, DML + feature loss (PP-OCRv2 / PaddleClas UDML), SwitOKD (its pair and its 2T1S / 1T2S
+three-network topologies), SOKD, BD-KD, MMT (mutual mean-teaching), ONE (on-the-fly native ensemble, with
+:class:`MultiBranchNetwork`, a multi-branch model built from any zoo backbone), PCL (peer collaborative learning:
+peers on their own views, a peer ensemble teacher and the temporal-mean network, :class:`PeerCollaborativeNetwork`)
+and MCL (mutual contrastive learning between m networks).
 
 All trainable networks share one optimiser. Where the official code gives each network its own loss and optimiser
 with the other networks' outputs detached, the distiller sums those losses: a network's parameters then appear only
@@ -12,7 +14,7 @@ untrained by ``setup.new_assistant`` (the larger network; ``new_student`` when n
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch import nn
 
 import kdkernels
 from kdkernels._validation import Checks
-from kdkernels.distill.distiller import Distiller
+from kdkernels.distill.distiller import BATCH, Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import single_stage, stage_tap
 from kdkernels.distill.methods.self_supervised import augmentation, sigmoid_rampup
@@ -160,24 +162,37 @@ def switokd_expert_mode(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 class SwitOKDTeacherTerm(Term):
-    """The teacher's ``CE_t + KL(p_s.detach() ‖ p_t)`` in learning mode; nothing (no gradient, no update of the
-    teacher) in expert mode."""
+    """An online teacher's SwitOKD loss: for each student ``s_k`` a switch (:func:`switokd_expert_mode` of that
+    pair), ``w_k = 0`` in expert mode and 1 in learning mode; the teacher minimises
+    ``CE_t + Σ_k w_k KL(p_{s_k}.detach() ‖ p_t) + Σ_j KL(p_{peer_j}.detach() ‖ p_t)`` (``peers``: the other
+    teachers, 2T1S), and nothing (no gradient, no update of the teacher) when every pair is in expert mode. With
+    one student and no peer: SwitOKD's pair (the teacher's ``CE_t + KL(p_s.detach() ‖ p_t)`` in learning mode)."""
 
-    def __init__(self, temperature: float):
-        super().__init__("switokd_teacher", ("teacher", "student", "target"))
+    def __init__(self, temperature: float, teacher: str = "teacher", students: Sequence[str] = ("student",),
+                 peers: Sequence[str] = (), name: str = "switokd_teacher"):
+        super().__init__(name, (teacher, *students, *peers, "target"))
         self.temperature = temperature
+        self.students, self.peers = len(students), len(peers)
 
-    def loss(self, teacher, student, target, *, context):
-        if switokd_expert_mode(student, teacher, target):
+    def loss(self, teacher, *values, context):
+        *others, target = values
+        students, peers = others[:self.students], others[self.students:]
+        learning = [not switokd_expert_mode(student, teacher, target) for student in students]
+        if not any(learning):
             return torch.zeros((), device=teacher.device)
-        return (F.cross_entropy(teacher, target) +
-                kdkernels.kd_loss(teacher, student.detach(), self.temperature))
+        kl = lambda other: kdkernels.kd_loss(teacher, other.detach(), self.temperature)  # noqa: E731
+        return (F.cross_entropy(teacher, target) + sum(kl(student) for student, on in zip(students, learning) if on)
+                + sum(kl(peer) for peer in peers))
+
+
+TOPOLOGIES = ("1T1S", "2T1S", "1T2S")
 
 
 @register("switokd", category="online",
           paper="Qian, Wang, Li, Hong, Wang. Switchable Online Knowledge Distillation. ECCV 2022",
-          needs_teacher=False)
-def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10.0) -> Recipe:
+          presets={"2T1S": {"topology": "2T1S"}, "1T2S": {"topology": "1T2S"}}, needs_teacher=False)
+def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10.0,
+            topology: str = "1T1S") -> Recipe:
     """SwitOKD: online pair; the teacher pauses in expert mode, learns DML-style otherwise (hfutqian/SwitOKD).
 
     The student always minimises ``CE_s + KL(p_t.detach() ‖ p_s)``; the teacher minimises
@@ -188,13 +203,53 @@ def switokd(setup: Setup, temperature: float = 1.0, teacher_lr_scale: float = 10
     is a constant 0 with no graph, so the teacher's parameters get no gradient and the optimiser skips them, as the
     official code skips ``optimizer.step()``. The official code gives the teacher lr 0.1 and the student 0.01: the
     teacher trains at ``teacher_lr_scale`` (10) times the run's (the student's) learning rate.
+
+    ``topology``: the paper's basis topologies for three networks (``SwitOKD_code/multi-net results (table 7)``,
+    ``2T1S/.../main.py`` and ``1T2S/.../main.py``), besides the pair ``"1T1S"`` (default):
+
+    * ``"2T1S"`` (preset ``2T1S``): two teachers ``teacher`` and ``teacher2`` (fresh assistants), one student. The
+      student minimises ``CE_s + KL(p_t1‖p_s) + KL(p_t2‖p_s)``; each teacher k, unless its pair with the student is
+      in expert mode, ``CE_tk + KL(p_s‖p_tk) + KL(p_t(other)‖p_tk)`` (it also learns from the other teacher).
+    * ``"1T2S"`` (preset ``1T2S``): one teacher, two students ``student`` and ``student2`` (a fresh student). Each
+      student minimises ``CE + KL(p_other student‖p_s) + KL(p_t‖p_s)``; the teacher
+      ``w0·CE_t + w1·KL(p_s1‖p_t) + w2·KL(p_s2‖p_t)`` with ``w_k = 0`` when its pair with student k is in expert
+      mode and ``w0 = 0`` when both are (it then pauses).
+
+    Every KL target is detached (T ``temperature``, batchmean). Each pair's switch uses that pair's own label
+    distances in ``ε = exp(−t/(t + s))`` (the paper's threshold); the official scripts compute the second pair's
+    ε from the first pair's distances in 2T1S (``epsilon2`` from ``t_label``, ``s_label``) and the first pair's
+    from the second's in 1T2S: copy slips, not followed. Teachers train at ``teacher_lr_scale`` times the run's
+    learning rate, students at the run's (the official scripts mix optimisers: SGD 0.1 for the WRN networks, Adam
+    0.01 for the MobileNet student).
     """
-    terms = [CrossEntropyTerm("student"),
-             TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
-             SwitOKDTeacherTerm(temperature)]
-    distiller = Distiller(student_and_online_teacher(setup, "switokd"), terms, trainable=("student", "teacher"),
-                          evaluate=("student", "teacher"))
-    return single_stage("switokd", distiller, model_lr_scales={"teacher": teacher_lr_scale})
+    check = Checks("switokd")
+    topology = check.choice("topology", topology, TOPOLOGIES)
+    if topology == "1T1S":
+        terms = [CrossEntropyTerm("student"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["teacher"], temperature=temperature),
+                 SwitOKDTeacherTerm(temperature)]
+        models = student_and_online_teacher(setup, "switokd")
+        teachers = ["teacher"]
+    elif topology == "2T1S":
+        models = {"student": setup.student, "teacher": setup.fresh_assistant("switokd"),
+                  "teacher2": setup.fresh_assistant("switokd")}
+        teachers = ["teacher", "teacher2"]
+        terms = [CrossEntropyTerm("student"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", teachers, temperature=temperature),
+                 SwitOKDTeacherTerm(temperature, "teacher", ["student"], ["teacher2"]),
+                 SwitOKDTeacherTerm(temperature, "teacher2", ["student"], ["teacher"], name="switokd_teacher2")]
+    else:
+        models = {"student": setup.student, "student2": setup.fresh_student("switokd"),
+                  "teacher": setup.fresh_assistant("switokd")}
+        teachers = ["teacher"]
+        terms = [CrossEntropyTerm("student"), CrossEntropyTerm("student2"),
+                 TowardsTerm("switokd_student", kdkernels.kd_loss, "student", ["student2", "teacher"],
+                             temperature=temperature),
+                 TowardsTerm("switokd_student2", kdkernels.kd_loss, "student2", ["student", "teacher"],
+                             temperature=temperature),
+                 SwitOKDTeacherTerm(temperature, "teacher", ["student", "student2"])]
+    distiller = Distiller(models, terms, trainable=tuple(models), evaluate=tuple(models))
+    return single_stage("switokd", distiller, model_lr_scales={name: teacher_lr_scale for name in teachers})
 
 
 # ----------------------------------------------------------------------------------------------------------- SOKD
@@ -477,18 +532,21 @@ class MultiBranchNetwork(nn.Module):
 
     The forward computes every branch; it passes the stacked branch logits ``[m, B, C]`` through the identity
     ``branch_logits`` and the gate ``[B, m]`` through ``gate_weights`` (taps ``"<model>:branch_logits"``,
-    ``"<model>:gate_weights"``) and returns branch 0's logits (``deploy="branch"``) or the gated ensemble
-    ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single branch, without the other branches and the gate,
-    is :meth:`single_branch`: the backbone's own class with branch 0's weights (same outputs).
+    ``"<model>:gate_weights"``; no gate with ``gate=False``, PCL's) and returns branch 0's logits
+    (``deploy="branch"``) or the gated ensemble ``Σ_i g_i z_i`` (``deploy="ensemble"``). The deployed single
+    branch, without the other branches and the gate, is :meth:`single_branch`: the backbone's own class with
+    branch 0's weights (same outputs).
     """
 
     def __init__(self, backbone: nn.Module, branches: int = 3, *, split: str | None = None,
                  new_backbone: Callable[[], nn.Module] | None = None, deploy: str = "branch",
-                 gate_channels: int | None = None):
+                 gate_channels: int | None = None, gate: bool = True):
         super().__init__()
         check = Checks("MultiBranchNetwork")
         self.branch_count = check.integer("branches", branches, minimum=2)
         self.deploy = check.choice("deploy", deploy, DEPLOY)
+        if not check.flag("gate", gate) and self.deploy == "ensemble":
+            check.value_error("deploy", "must be 'branch' without a gate (gate=False)", repr(deploy))
         original, backbone = copy.deepcopy(backbone), copy.deepcopy(backbone)     # the caller's is left as it is
         points = feature_points(backbone)
         if split is None:
@@ -516,11 +574,13 @@ class MultiBranchNetwork(nn.Module):
                         module.reset_parameters()
             branch_list.append(branch)
         self.branches = nn.ModuleList(branch_list)
-        width = gate_channels if gate_channels is not None else input_width(self.branches[0][0], "the first "
-                                                                            f"branched stage {self.stage_paths[0]!r}")
-        width = check.integer("gate_channels", width, minimum=1)
-        self.gate = nn.Sequential(GlobalPool(), nn.Linear(width, self.branch_count),
-                                  nn.BatchNorm1d(self.branch_count), nn.ReLU(), nn.Softmax(dim=1))
+        self.gate: nn.Module | None = None
+        if gate:
+            width = gate_channels if gate_channels is not None else input_width(
+                self.branches[0][0], f"the first branched stage {self.stage_paths[0]!r}")
+            width = check.integer("gate_channels", width, minimum=1)
+            self.gate = nn.Sequential(GlobalPool(), nn.Linear(width, self.branch_count),
+                                      nn.BatchNorm1d(self.branch_count), nn.ReLU(), nn.Softmax(dim=1))
         self.shared = SharedFeature()
         replace_module(backbone, self.stage_paths[0], self.shared)
         for path in paths[1:]:
@@ -565,6 +625,8 @@ class MultiBranchNetwork(nn.Module):
             self.check_layout(x)
         feature = self.shared_feature(x)
         logits = self.branch_logits(torch.stack([branch(feature) for branch in self.branches]))
+        if self.gate is None:
+            return logits[0]
         gate = self.gate_weights(self.gate(feature))
         if self.deploy == "ensemble":
             return torch.einsum("bm,mbc->bc", gate, logits)
@@ -635,3 +697,241 @@ def one(setup: Setup, branches: int = 3, temperature: float = 3.0, consistency: 
                                  deploy=deploy)
     distiller = Distiller({"student": network}, [ONETerm(temperature, consistency, rampup)])
     return single_stage("one", distiller)
+
+
+# ------------------------------------------------------------------------------------------------------------ PCL
+
+PCL_APPROXIMATION = ("no official code of PCL (Wu & Gong, AAAI 2021) was found; the objective and the network follow "
+                     "the paper's abstract and the third-party reproduction shaoeric/Peer-Collaborative-Learning-for-"
+                     "Online-Knowledge-Distillation (commit 6afb473): the peer ensemble teacher is a linear "
+                     "classifier on the concatenated pooled peer features, the peer mean teachers are the peers of "
+                     "the temporal-mean (EMA) network, and the ramp-up is ONE's sigmoid ramp-up (the reproduction's "
+                     "compute_rampup_weight intends it but divides by lambda instead of the 80-epoch length); the "
+                     "deployed model is peer 0 of the temporal-mean network; branches start from independent "
+                     "initialisations (the reproduction deep-copies one)")
+
+
+class PeerCollaborativeNetwork(nn.Module):
+    """PCL's multi-branch network: the layers of ``backbone`` up to ``split`` shared, ``peers`` branches (its later
+    stages and classifier; :class:`MultiBranchNetwork` without a gate), each branch reading its own augmentation of
+    the batch (the batch keys ``views``, one per peer, each through the shared layers in its own forward, so each has
+    its own batch-norm statistics), and the peer ensemble teacher: a linear classifier on the concatenated pooled
+    features of the peers (shaoeric/... ``src/models/resnet.py``: ``en_fc`` on ``cat([feat1, feat2, feat3])``).
+
+    It reads the whole batch; a plain tensor is read by every peer. The forward returns peer 0's logits and passes
+    the stacked peer logits ``[m, B, C]`` through the identity ``peer_logits`` and the ensemble's ``[B, C]`` through
+    ``ensemble_logits`` (taps ``"<model>:peer_logits"``, ``"<model>:ensemble_logits"``). The backbone's classifier
+    must be an ``nn.Linear``; :meth:`single_peer` gives one peer alone as the backbone's own class."""
+
+    distill_input = BATCH
+
+    def __init__(self, backbone: nn.Module, peers: int = 3, *, views: Sequence[str], split: str | None = None,
+                 new_backbone: Callable[[], nn.Module] | None = None):
+        super().__init__()
+        check = Checks("PeerCollaborativeNetwork")
+        peers = check.integer("peers", peers, minimum=2)
+        self.views = tuple(views)
+        if len(self.views) != peers or not all(isinstance(key, str) and key for key in self.views):
+            check.value_error("views", f"must name one batch key per peer ({peers})", repr(views))
+        self.network = MultiBranchNetwork(backbone, peers, split=split, new_backbone=new_backbone, gate=False)
+        classifier = self.network.branches[0][-1]
+        if not isinstance(classifier, nn.Linear):
+            check.value_error("backbone", "must end in an nn.Linear classifier (the ensemble classifier takes the "
+                              "concatenated inputs of the peers' classifiers)",
+                              f"{self.network.classifier_path!r} is {type(classifier).__name__}")
+        self.ensemble_classifier = nn.Linear(peers * classifier.in_features, classifier.out_features)
+        self.peer_logits = nn.Identity()
+        self.ensemble_logits = nn.Identity()
+
+    def forward(self, batch) -> torch.Tensor:
+        network = self.network
+        inputs = [batch[key] for key in self.views] if isinstance(batch, Mapping) else [batch] * len(self.views)
+        if network._layout_check:
+            network.check_layout(inputs[0])
+        logits, pooled = [], []
+        for x, branch in zip(inputs, network.branches):
+            feature = branch[:-1](network.shared_feature(x))
+            pooled.append(feature.flatten(1))
+            logits.append(branch[-1](feature))
+        self.ensemble_logits(self.ensemble_classifier(torch.cat(pooled, dim=1)))
+        return self.peer_logits(torch.stack(logits))[0]
+
+    def single_peer(self, index: int = 0) -> nn.Module:
+        """Peer ``index`` alone: a copy of the backbone with the peer's later stages and classifier."""
+        return self.network.single_branch(index)
+
+
+class PCLTerm(Term):
+    """:func:`kdkernels.pcl_loss` on the peers, the peer ensemble teacher and the temporal-mean network's peers,
+    with ``kl_weight`` ramped by epoch."""
+
+    def __init__(self, temperature: float, consistency: float, rampup: float):
+        super().__init__("pcl", ("student:peer_logits", "student:ensemble_logits", "student_ema:peer_logits",
+                                 "target"))
+        self.temperature, self.consistency, self.rampup = temperature, consistency, rampup
+
+    def loss(self, peer_logits, ensemble_logits, mean_logits, target, *, context):
+        kl_weight = self.consistency * sigmoid_rampup(context.epoch - 1, self.rampup)
+        return kdkernels.pcl_loss(list(peer_logits.unbind(0)), ensemble_logits, list(mean_logits.unbind(0)), target,
+                                  self.temperature, kl_weight)
+
+
+@register("pcl", category="online",
+          paper="Wu, Gong. Peer Collaborative Learning for Online Knowledge Distillation. AAAI 2021",
+          presets={"digits": {"rampup": 8.0, "translate": 1, "flip": False, "ema_decay": 0.9}},
+          approximation=PCL_APPROXIMATION, needs_teacher=False)
+def pcl(setup: Setup, peers: int = 3, temperature: float = 3.0, consistency: float = 1.0, rampup: float = 80.0,
+        ema_decay: float = 0.999, translate: int = 4, flip: bool = True, branch_from: str | None = None) -> Recipe:
+    """PCL: ``Σ_i CE(z_i) + CE(z_e) + w(e) Σ_i [T² KL(p_e‖p_i) + 1/(m−1) Σ_{j≠i} T² KL(p̃_j‖p_i)]``.
+
+    No official code exists (flagged approximation); the paper's abstract and the reproduction
+    shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation (commit 6afb473: ``src/controller.py``,
+    ``src/losses/loss_wrapper.py``, ``src/losses/kd_loss.py``, ``src/models/resnet.py``, ``src/trainer.py``):
+
+    * the student becomes a :class:`PeerCollaborativeNetwork`: ``peers`` m (3) branches, the student's stages after
+      ``branch_from`` (by default its last stage) and classifier, sharing the layers before; each peer ``i`` reads
+      its own random augmentation of the batch (``input_peer{i}``: a translation by up to ``translate`` pixels, zero
+      padding, and with ``flip`` a horizontal flip; RandomCrop(32, 4) and flips in the reproduction) through the
+      shared layers; its logits ``z_i``;
+    * the peer ensemble teacher ``z_e``: a linear classifier on the concatenated pooled features of the m peers,
+      trained by its CE (the KL targets are detached);
+    * the temporal-mean network ``student_ema``: the EMA of the whole network's parameters, ``α = min(1 − 1/(n),
+      ema_decay)`` at the n-th update (:class:`GlobalStepEMA`, ``update_ema_variables`` with 0.999), run in train mode
+      on the same views (its batch norm keeps its own statistics); its peer j's logits ``z̃_j`` are the peer mean
+      teachers;
+    * :func:`kdkernels.pcl_loss` (T 3, T² batchmean KL, the mean teachers of the OTHER peers averaged) with
+      ``w(e) = consistency · sigmoid_rampup(e, rampup)`` (ONE's ``exp(−5(1 − e/R)²)``, e the 0-based epoch,
+      R 80).
+
+    Deployment: peer 0 of the temporal-mean network (``student_ema``, the exported model, evaluated first; the
+    reproduction validates and saves the mean model); ``test_acc_student`` reports the trained network's peer 0.
+    :meth:`PeerCollaborativeNetwork.single_peer` gives one peer as the backbone's class. Preset ``digits``: ramp-up
+    8 epochs, a 1-pixel translation, no flip, ``ema_decay`` 0.9 (as ``mmt``'s: ~150 steps from scratch).
+    """
+    check = Checks("pcl")
+    peers = check.integer("peers", peers, minimum=2)
+    temperature = check.temperature(temperature)
+    consistency = check.real("consistency", consistency, minimum=0.0)
+    rampup = check.real("rampup", rampup, minimum=0.0)
+    ema_decay = check.probability("ema_decay", ema_decay)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    if branch_from is not None:
+        check.name("branch_from", branch_from, "stage path")
+        stages = feature_points(setup.student).stages
+        if branch_from not in stages[:-1]:
+            check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
+                              repr(branch_from))
+    keys = [f"input_peer{index}" for index in range(peers)]
+    views = [view for key in keys for view in augmentation("input", key, translate, flip)]
+    network = PeerCollaborativeNetwork(setup.student, peers, views=keys, split=branch_from,
+                                       new_backbone=setup.new_student)
+    distiller = Distiller({"student": network}, [PCLTerm(temperature, consistency, rampup)],
+                          frozen_train_mode=("student_ema",), evaluate=("student_ema", "student"),
+                          updates={"student_ema": GlobalStepEMA("student", ema_decay)}, views=views)
+    return single_stage("pcl", distiller)
+
+
+# ------------------------------------------------------------------------------------------------------------ MCL
+
+MCL_APPROXIMATION = ("winycg/MCL's CIFAR batches come from MPerClassSampler (m = 2: batch/2 distinct classes, two "
+                     "samples each); here the class_aware batching (each anchor followed by one other sample of its "
+                     "class; a class may appear more than twice); with more than 2 networks the official models "
+                     "(ResNet_b) share the stem and first stage, here the networks are independent (as its 2-network "
+                     "ResNet_n)")
+
+
+class MCLHead(nn.Sequential):
+    """MCL's projection head ``Embed`` (``losses/cifar_sup_mcl_loss.py``): ``Linear(d, dim) → ReLU → Linear(dim,
+    dim)``; the L2 normalisation is :func:`kdkernels.mcl_loss`'s."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__(nn.Linear(in_features, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+class MCLTerm(Term):
+    """One projection head per network on its embedding (``"<network>:<embedding tap>"``), then
+    :func:`kdkernels.mcl_loss` with the labels; the heads are built from the embeddings' widths."""
+
+    def __init__(self, embedding_keys: Sequence[str], feat_dim: int, **loss_options):
+        super().__init__("mcl", (*embedding_keys, "target"))
+        self.feat_dim = feat_dim
+        self.loss_options = loss_options
+        self.heads: nn.ModuleList | None = None
+
+    def build(self, example):
+        if self.heads is None:
+            self.heads = nn.ModuleList(MCLHead(example[key].flatten(1).shape[1], self.feat_dim)
+                                       for key in self.reads[:-1])
+
+    def loss(self, *values, context):
+        *embeddings, target = values
+        projected = [head(embedding.flatten(1)) for head, embedding in zip(self.heads, embeddings)]
+        return kdkernels.mcl_loss(projected, target, **self.loss_options)
+
+
+class EnsembleLogitTerm(Term):
+    """MCL's ``--logit-distill``: ``KL_T(mean_i(z_i).detach() ‖ z)`` (``DistillKL``, T², batchmean) for both networks
+    when there are two, for the last one only otherwise (``main_cifar.py`` ``train``)."""
+
+    def __init__(self, names: Sequence[str], temperature: float):
+        super().__init__("mcl_logit_kd", tuple(names))
+        self.temperature = temperature
+
+    def loss(self, *logits, context):
+        ensemble = (sum(logits) / len(logits)).detach()
+        learners = logits if len(logits) == 2 else logits[-1:]
+        return sum(kdkernels.kd_loss(z, ensemble, self.temperature) for z in learners)
+
+
+@register("mcl", category="online",
+          paper="Yang, An, Xu, Xu. Mutual Contrastive Learning for Visual Representation Learning. AAAI 2022",
+          presets={"logit-distill": {"networks": 4, "logit_distill": True}}, approximation=MCL_APPROXIMATION,
+          needs_teacher=False)
+def mcl(setup: Setup, networks: int = 2, temperature: float = 0.1, kl_temperature: float = 3.0,
+        vcl_weight: float = 0.1, soft_vcl_weight: float = 1.0, icl_weight: float = 0.1, soft_icl_weight: float = 1.0,
+        feat_dim: int = 128, logit_distill: bool = False, ce_weight: float = 1.0) -> Recipe:
+    """MCL: ``Σ_i CE_i + α VCL + γ soft VCL + β ICL + λ soft ICL`` (:func:`kdkernels.mcl_loss`) over m networks.
+
+    winycg/MCL (commit 236da2f) ``main_cifar.py`` (``train``: ``loss_cls + loss_logit_kd + loss_mcl``) with
+    ``losses/cifar_sup_mcl_loss.py`` (``Sup_MCL_Loss``, ``SupMCL``, ``Embed``) and ``scripts/train_cifar_mcl.sh``:
+
+    * ``networks`` m (``--number-net`` 2) networks, ``setup.student`` and m − 1 fresh students (``student``,
+      ``peer1``, …), each with its CE (weight 1) and all trained jointly by one optimiser (as the official
+      ``trainable_list``), all evaluated, the first exported;
+    * each network's embedding (the input of its classifier, the pooled feature) goes through its own projection
+      head ``Linear(d, 128) → ReLU → Linear(128, 128)`` (:class:`MCLHead`, ``--feat-dim`` 128) and L2
+      normalisation;
+    * the in-batch supervised contrastive terms (no memory bank in the CIFAR code): vanilla (VCL, within each
+      network) and interactive (ICL, across each pair of networks) contrastive losses with τ 0.1, and their soft
+      versions (KL between the networks' contrastive distributions, T 3), weights α 0.1, γ 1, β 0.1, λ 1;
+    * ``logit_distill`` (``--logit-distill``, preset ``logit-distill`` with 4 networks as
+      ``scripts/train_cifar_mcl_logit.sh``): ``KL_T(mean_i(z_i).detach() ‖ z)`` (T ``kl_temperature``) for both
+      networks when m = 2, else for the last network only, as the official code does.
+
+    Batches: ``class_aware`` (each anchor with one other sample of its class) so that every anchor has a positive,
+    as the official ``MPerClassSampler(m=2)`` ensures (approximation flagged: the samplers differ; and with m > 2 the
+    official ``ResNet_b`` shares the stem and first stage between the networks, here they are independent).
+    """
+    check = Checks("mcl")
+    names = peer_names(check.integer("networks", networks, minimum=2))
+    temperature = check.temperature(temperature)
+    kl_temperature = check.temperature(kl_temperature, "kl_temperature")
+    weights = {name: check.real(name, value, minimum=0.0) for name, value in
+               (("vcl_weight", vcl_weight), ("soft_vcl_weight", soft_vcl_weight), ("icl_weight", icl_weight),
+                ("soft_icl_weight", soft_icl_weight))}
+    feat_dim = check.integer("feat_dim", feat_dim, minimum=1)
+    logit_distill = check.flag("logit_distill", logit_distill)
+    ce_weight = check.real("ce_weight", ce_weight, minimum=0.0)
+    embedding = feature_points(setup.student).embedding
+    if embedding is None:
+        check.value_error("setup.student", "must declare an embedding feature point (the input of its classifier)",
+                          type(setup.student).__name__)
+    models = {"student": setup.student, **{name: setup.fresh_student("mcl") for name in names[1:]}}
+    terms: list[Term] = [CrossEntropyTerm(name, ce_weight) for name in names]
+    terms.append(MCLTerm([f"{name}:{embedding}" for name in names], feat_dim, temperature=temperature,
+                         kl_temperature=kl_temperature, **weights))
+    if logit_distill:
+        terms.append(EnsembleLogitTerm(names, kl_temperature))
+    distiller = Distiller(models, terms, trainable=tuple(names), evaluate=tuple(names))
+    return single_stage("mcl", distiller, batching="class_aware")
