@@ -160,6 +160,8 @@ _SPECS = [
      "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
     ("BYOLLoss", losses.byol_loss, ("prediction", "target"),
      "loss = BYOLLoss()(predictor(projector(f(x1))), target_projector(target_f(x2)).detach()) + (views swapped)"),
+    ("SimSiamLoss", losses.simsiam_loss, ("prediction", "target"),
+     "loss = 0.5 * (SimSiamLoss()(predictor(projector(f(x1))), projector(f(x2)).detach()) + (views swapped))"),
     ("SSKDHeadLoss", losses.sskd_head_loss, ("features",),
      "loss = SSKDHeadLoss()(teacher_head(f_t(rotations(x)).detach()))   # stage 1: the teacher's head"),
     ("SSKDLoss", losses.sskd_loss, ("student_logits", "teacher_logits", "student_features", "teacher_features",

@@ -63,6 +63,7 @@ INPUTS = {
     "feature_normalized_kd_loss": lambda: {**_logits_pair(), "student_features": _randn(B, 6, seed=3)},
     "softmax_mse_loss": lambda: _logits_pair(),
     "byol_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
+    "simsiam_loss": lambda: {"prediction": _randn(B, 5, seed=1), "target": _randn(B, 5, seed=2)},
     "sskd_head_loss": lambda: {"features": _randn(4 * 3, 5, seed=1)},
     "sskd_loss": lambda: {"student_logits": _randn(4 * 3, C, seed=1), "teacher_logits": _randn(4 * 3, C, seed=2) * 2,
                           "student_features": _randn(4 * 3, 5, seed=3), "teacher_features": _randn(4 * 3, 6, seed=4),

@@ -120,6 +120,62 @@ def test_byol_loss_bad_arguments_raise_naming_the_argument(call, error, match):
         call()
 
 
+
+# ------------------------------------------------------------------------------------------------------- SimSiam
+
+def simsiam_official_loss(p1, p2, z1, z2):
+    """facebookresearch/simsiam ``main_simsiam.py`` ``train``: ``criterion = nn.CosineSimilarity(dim=1)``, ``loss =
+    −(criterion(p1, z2).mean() + criterion(p2, z1).mean()) · 0.5`` (z detached by ``simsiam/builder.py``)."""
+    criterion = torch.nn.CosineSimilarity(dim=1)
+    return -(criterion(p1, z2.detach()).mean() + criterion(p2, z1.detach()).mean()) * 0.5
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (32, 64)], ids=["6x5", "32x64"])
+def test_simsiam_loss_is_the_official_negative_cosine(shape):
+    p1, p2 = randn(*shape, seed=40, scale=2.0, grad=True), randn(*shape, seed=41, grad=True)
+    z1, z2 = randn(*shape, seed=42, scale=0.5, grad=True), randn(*shape, seed=43, scale=3.0, grad=True)
+    assert_equals_official(
+        lambda a, b, c, d: 0.5 * (kdkernels.simsiam_loss(a, d.detach()) + kdkernels.simsiam_loss(b, c.detach())),
+        simsiam_official_loss, p1, p2, z1, z2, what="simsiam symmetrised loss (main_simsiam.py)")
+    assert_equals_official(lambda p, z: kdkernels.simsiam_loss(p, z, reduction="none"),
+                           lambda p, z: -(p * z).sum(1) / (p.norm(dim=1) * z.norm(dim=1)), p1, z2,
+                           what="simsiam per sample −cos (both gradients)")
+    assert_equals_official(lambda p, z: kdkernels.simsiam_loss(p, z, reduction="sum"),
+                           lambda p, z: -torch.nn.CosineSimilarity(dim=1)(p, z).sum(), p1, z2, what="simsiam (sum)")
+
+
+def test_simsiam_loss_precisions_and_module():
+    prediction, target = randn(8, 4, seed=44), randn(8, 4, seed=45, scale=3.0)
+    value = kdkernels.simsiam_loss(prediction, target)
+    assert -1.0 <= value.item() <= 1.0
+    torch.testing.assert_close(kdkernels.simsiam_loss(prediction, prediction), torch.tensor(-1.0, dtype=torch.float64))
+    assert torch.equal(kdkernels.nn.SimSiamLoss(reduction="sum")(prediction, target),
+                       kdkernels.simsiam_loss(prediction, target, reduction="sum"))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.simsiam_loss(prediction.to(dtype), target.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=2e-2, atol=2e-2)
+    zero = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    kdkernels.simsiam_loss(zero, torch.ones(3, 4, dtype=torch.float64)).backward()
+    assert torch.isfinite(zero.grad).all(), "the 1e-8 floor of nn.CosineSimilarity"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES[:, :5]), ValueError,
+     r"^simsiam_loss: prediction must have the same shape as target"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES[:3]), ValueError,
+     r"^simsiam_loss: target must have the same batch size as prediction"),
+    (lambda: kdkernels.simsiam_loss(FEATURES[0], FEATURES[0]), ValueError,
+     r"^simsiam_loss: prediction must have 2 dims"),
+    (lambda: kdkernels.simsiam_loss(FEATURES.long(), FEATURES), TypeError, r"^simsiam_loss: prediction must be"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, [1.0]), TypeError, r"^simsiam_loss: target must be a torch.Tensor"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES, reduction="mean"), ValueError,
+     r"^simsiam_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+])
+def test_simsiam_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 def official_sskd_similarity(feat, batch):

@@ -64,6 +64,29 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor, *,
     return reduce_rows(rows, reduction)
 
 
+
+SIMSIAM_COSINE_EPSILON = 1e-8   # torch.nn.CosineSimilarity's default eps, the criterion of main_simsiam.py
+
+
+def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor, *,
+                 reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """``−cos(p, z)`` per sample: SimSiam's negative cosine similarity (Chen & He, CVPR 2021).
+
+    As facebookresearch/simsiam ``main_simsiam.py`` codes it: ``criterion = nn.CosineSimilarity(dim=1)`` (eps 1e-8)
+    of the prediction p [B, D] of one view and the projection z [B, D] of the other, and ``loss = −(criterion(p1,
+    z2).mean() + criterion(p2, z1).mean()) · 0.5``: this function is one of the two halves, ``−cos(p, z)`` per
+    sample with the batch mean (``"batchmean"``, the default; also ``"sum"`` and ``"none"``). The gradient reaches
+    both inputs; the official code stops it at z (``simsiam/builder.py`` returns ``z1.detach(), z2.detach()``): pass
+    the target projection detached.
+    """
+    check = Checks("simsiam_loss")
+    check.feature_pair("prediction", prediction, "target", target, dims=(2,), same_shape=True)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    online = accumulate(prediction)
+    rows = -torch.nn.functional.cosine_similarity(online, accumulate(target).to(online.dtype), dim=-1,
+                                                  eps=SIMSIAM_COSINE_EPSILON)
+    return reduce_rows(rows, reduction)
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it

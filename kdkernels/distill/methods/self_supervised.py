@@ -258,3 +258,98 @@ def byol(setup: Setup, projector_hidden: int = 4096, projection: int = 256, pred
                           views=byol_views(translate, flip, noise),
                           updates={"target_network": EMA("online", base_ema, schedule="cosine", buffers="own")})
     return Recipe("byol", [Stage("byol", distiller)], metrics=("linear_probe",))
+
+
+# ------------------------------------------------------------------------------------------------------- SimSiam
+
+SIMSIAM_PAPER = "Chen, He. Exploring Simple Siamese Representation Learning. CVPR 2021"
+
+
+class SimSiamProjector(nn.Sequential):
+    """SimSiam's 3-layer projector (facebookresearch/simsiam ``simsiam/builder.py``): ``Linear(hidden, no bias)`` →
+    ``BN`` → ``ReLU`` → ``Linear(hidden, no bias)`` → ``BN`` → ``ReLU`` → ``Linear(out)`` → ``BN(affine=False)``.
+    The official last linear layer keeps a bias frozen at its initial value (``fc[6].bias.requires_grad = False``,
+    "not use bias as it is followed by BN"): the batch norm subtracts it again in train mode and its running mean
+    absorbs it in eval mode, so the layer here has no bias, which computes the same outputs."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__(nn.Linear(in_features, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_features, bias=False), nn.BatchNorm1d(out_features, affine=False))
+
+
+class SimSiamPredictor(nn.Sequential):
+    """SimSiam's 2-layer bottleneck predictor (``simsiam/builder.py``): ``Linear(pred_dim, no bias)`` → ``BN`` →
+    ``ReLU`` → ``Linear(dim)`` (with bias)."""
+
+    def __init__(self, dim: int, pred_dim: int):
+        super().__init__(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(),
+                         nn.Linear(pred_dim, dim))
+
+
+class SimSiamTerm(Term):
+    """``½ (simsiam_loss(p₁, sg(z₂)) + simsiam_loss(p₂, sg(z₁)))``: ``main_simsiam.py``'s symmetrised negative
+    cosine, each half a batch mean, the projections z of the same (online) network with the gradient stopped."""
+
+    def __init__(self, weight: float = 1.0, *, network: str = "online"):
+        super().__init__("simsiam", (f"{network}:predictions", f"{network}:projections"), weight)
+
+    def loss(self, predictions, projections, *, context):
+        projections = projections.detach()
+        return 0.5 * (kdkernels.simsiam_loss(predictions[0], projections[1])
+                      + kdkernels.simsiam_loss(predictions[1], projections[0]))
+
+
+@register("simsiam", category="self-supervised", needs_teacher=False, paper=SIMSIAM_PAPER,
+          presets={"digits": {"projector_hidden": 64, "dim": 32, "pred_dim": 8, "translate": 1, "flip": False,
+                              "noise": 0.1}},
+          approximation="the run's optimiser and schedule instead of SGD with a cosine schedule and a fixed predictor "
+                        "learning rate; random translation, flip and noise views instead of random-resized crops, "
+                        "colour jitter, grayscale and blur; an online classifier on the stop-gradient embedding "
+                        "instead of a separate linear evaluation")
+def simsiam(setup: Setup, dim: int = 2048, pred_dim: int = 512, projector_hidden: int | None = None,
+            translate: int = 4, flip: bool = True, noise: float = 0.0) -> Recipe:
+    """SimSiam self-distillation: ``−½ (cos(h(f(v₁)), sg(f(v₂))) + cos(h(f(v₂)), sg(f(v₁))))`` + ``CE(classifier(
+    sg(y(v₁))), y)``, f the student's encoder with a projector, h a predictor, no momentum network; evaluated by a
+    linear probe of the student's embedding.
+
+    As facebookresearch/simsiam (commit a7bc177) ``simsiam/builder.py`` and ``main_simsiam.py`` train (defaults
+    ``--dim 2048 --pred-dim 512``):
+
+    * the encoder f is the student's encoder (embedding y = ``feature_points(student).embedding``, the input of its
+      classifier) followed by the 3-layer projector (:class:`SimSiamProjector`: two ``Linear → BN → ReLU`` of width
+      ``projector_hidden``, default the embedding's width as the official ``prev_dim``, then ``Linear(dim) → BN``
+      without affine parameters), the predictor h the 2-layer bottleneck (:class:`SimSiamPredictor`: ``Linear(
+      pred_dim) → BN → ReLU → Linear(dim)``); each view runs through the network separately (its own batch-norm
+      statistics, as the official two encoder calls; :class:`BYOLNetwork`);
+    * the loss is :func:`kdkernels.simsiam_loss` (``nn.CosineSimilarity(dim=1)``, negated) of each view's prediction
+      and the other view's projection with the gradient stopped (``z1.detach(), z2.detach()``), symmetrised with the
+      factor ½; there is no target network and no momentum: the stop-gradient alone prevents the collapse;
+    * as in :func:`byol`, the student's own classifier trains on the stop-gradient embedding of view 1 with the batch
+      mean CE (weight 1): the labels never reach the encoder, and the method adds the ``linear_probe`` metric.
+
+    Differences, flagged as an approximation: the official linear evaluation is a separate training
+    (``main_lincls.py``), here an online classifier on the stop-gradient embedding plus the ``linear_probe`` metric;
+    the run's optimiser and schedule are used (the official one is SGD, lr 0.05·B/256, momentum 0.9, weight decay
+    1e-4, cosine decay, with ``--fix-pred-lr`` keeping the predictor's learning rate constant); the views are a random
+    translation by up to ``translate`` pixels (zero padding), a horizontal flip and Gaussian noise of std ``noise``
+    (``main_simsiam.py``: random-resized crops, colour jitter, grayscale, blur and flips, not available as views); the
+    heads use torch's default initialisation. Preset ``digits``: projector width 64, ``dim`` 32 and ``pred_dim`` 8
+    (the official 4× bottleneck) for the digits models' 16-wide embeddings, 1-pixel shifts with noise of std 0.1 and
+    no flip (8×8 digits are not mirror-symmetric).
+    """
+    check = Checks("simsiam")
+    dim = check.integer("dim", dim, minimum=1)
+    pred_dim = check.integer("pred_dim", pred_dim, minimum=1)
+    if projector_hidden is not None:
+        projector_hidden = check.integer("projector_hidden", projector_hidden, minimum=1)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    width = embedding_width(setup.student)
+    online = BYOLNetwork(setup.student, SimSiamProjector(width, projector_hidden or width, dim),
+                         SimSiamPredictor(dim, pred_dim))
+    terms = [SimSiamTerm(), CrossEntropyTerm("online", name="ce_classifier")]
+    distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
+                          evaluate=("student",), views=byol_views(translate, flip, noise))
+    return Recipe("simsiam", [Stage("simsiam", distiller)], metrics=("linear_probe",))

@@ -1,0 +1,147 @@
+"""Self-supervised target networks as self-distillation (SimSiam, MoCo v2, DINO, SDSSL): one step equal to the
+official formulas transcribed here on the method's own values, the stop-gradients, the momentum networks and their
+state (MoCo's queue, DINO's center) resumed exactly, the linear-probe evaluation and configuration errors (the
+losses against the official code: test_losses_self_supervised.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_testing import batches_for, digits_setup
+from kdkernels.distill import build_recipe
+from kdkernels.distill.terms import StepContext
+from kdkernels.distill.trainer import TrainConfig, Trainer
+from trainer_testing import QUIET, assert_resume_is_exact, small_split
+
+
+def cnn_embedding(model, images):
+    """DigitsCNN's pooled feature (the input of its ``fc``), computed layer by layer."""
+    return model.flatten(model.pool(model.stage3(model.stage2(model.stage1(images)))))
+
+
+def ssl_step(method, epoch=1, step=2, epochs=10, preset="digits", **overrides):
+    """(distiller, viewed batch, output) of one training forward of ``method`` on the first digits batch."""
+    recipe = build_recipe(method, digits_setup(teacher=None), preset=preset, **overrides)
+    distiller = recipe.stages[0].distiller
+    batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=epoch, step=step)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=epochs, step=step, batch=viewed))
+    return distiller, viewed, output
+
+
+def official_classifier_loss(student, embedding, labels):
+    """The online classifier's CE on the stop-gradient embedding of view 1 (as byol_experiment.py ``classif_loss``)."""
+    return F.cross_entropy(student.fc(embedding.detach()), labels)
+
+
+def assert_a_short_run_reports_the_probe(method, trained_terms):
+    recipe = build_recipe(method, digits_setup(student="student-mlp", teacher=None), preset="digits")
+    assert recipe.metrics == ("linear_probe",)
+    result = Trainer(TrainConfig(epochs=1, batch_size=16, lr=0.05, **QUIET)).fit(recipe, small_split().train,
+                                                                                 small_split().test)
+    assert set(result.accuracies) == {"student"} and result.student is recipe.stages[0].distiller.models["student"]
+    assert 0.0 <= result.evaluation["test_probe_acc_student"] <= 100.0
+    for term in trained_terms:
+        assert term in result.history[-1] and torch.isfinite(torch.tensor(result.history[-1][term]))
+    return recipe, result
+
+
+def assert_method_resumes_exactly(method, tmp_path, **overrides):
+    def make(seed):
+        recipe = build_recipe(method, digits_setup(student="student-mlp", teacher=None, seed=seed), preset="digits",
+                              **overrides)
+        recipe.metrics = ()   # the training state is what resumes; the probe is tested on a short run
+        return recipe
+
+    assert_resume_is_exact(make, dict(epochs=3, batch_size=16, lr=0.05, **QUIET), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- SimSiam (facebookresearch)
+
+def official_simsiam_forward(network, views):
+    """``simsiam/builder.py`` ``SimSiam.forward`` on a BYOLNetwork's modules: ``z = encoder(x)`` (the student's
+    embedding then the projector), ``p = predictor(z)``, returning ``p1, p2, z1.detach(), z2.detach()``; plus the
+    embeddings."""
+    e1, e2 = (cnn_embedding(network.encoder, v) for v in views)
+    z1, z2 = network.projector(e1), network.projector(e2)
+    return network.predictor(z1), network.predictor(z2), z1.detach(), z2.detach(), e1
+
+
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_a_simsiam_step_is_the_official_loss(epoch):
+    distiller, viewed, output = ssl_step("simsiam", epoch=epoch)
+    online = distiller.models["online"]
+    assert set(distiller.models) == {"student", "online"}, "no momentum network"
+    assert not torch.equal(viewed["input"], viewed["input_view2"]), "two independent augmentations"
+    with torch.no_grad():
+        p1, p2, z1, z2, e1 = official_simsiam_forward(online, (viewed["input"], viewed["input_view2"]))
+        criterion = torch.nn.CosineSimilarity(dim=1)
+        loss = -(criterion(p1, z2).mean() + criterion(p2, z1).mean()) * 0.5     # main_simsiam.py train
+        classifier = official_classifier_loss(online.encoder, e1, viewed["target"])
+    torch.testing.assert_close(output.terms["simsiam"], loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.terms["ce_classifier"], classifier, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.loss.detach(), loss + classifier, rtol=1e-5, atol=1e-6)
+    assert -1 < output.terms["simsiam"] < 1
+
+
+def test_simsiam_stops_the_gradient_at_the_projections():
+    distiller, _, output = ssl_step("simsiam")
+    online = distiller.models["online"]
+    student = online.encoder
+    assert student is distiller.models["student"]
+    output.term_losses["simsiam"].backward()
+    assert all(p.grad is None for p in student.fc.parameters()), "the SimSiam loss does not read the classifier"
+    encoder = [p for name, p in student.named_parameters() if not name.startswith("fc.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder + list(online.predictor.parameters()))
+    grads = [p.grad.clone() for p in encoder]
+    # the same loss with the projections' gradient left on: a different gradient (so the stop-gradient acts)
+    student.zero_grad(set_to_none=True)
+    online.predictor.zero_grad(set_to_none=True)
+    online.projector.zero_grad(set_to_none=True)
+    values = distiller.run_models(distiller.apply_views(next(iter(batches_for(
+        build_recipe("simsiam", digits_setup(teacher=None), preset="digits").stages[0], batch_size=16))),
+        seed=0, epoch=1, step=2))
+    p, z = values["online:predictions"], values["online:projections"]
+    (-(F.cosine_similarity(p[0], z[1]).mean() + F.cosine_similarity(p[1], z[0]).mean()) * 0.5).backward()
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(encoder, grads))
+
+
+def test_simsiam_run_reports_the_linear_probe():
+    assert_a_short_run_reports_the_probe("simsiam", ("simsiam", "ce_classifier"))
+
+
+def test_simsiam_resume_is_exact(tmp_path):
+    assert_method_resumes_exactly("simsiam", tmp_path)
+
+
+def test_simsiam_defaults_are_the_official_configuration():
+    recipe = build_recipe("simsiam", digits_setup(teacher=None))
+    assert recipe.hyperparameters == {"dim": 2048, "pred_dim": 512, "projector_hidden": None, "translate": 4,
+                                      "flip": True, "noise": 0.0}
+    online = recipe.stages[0].distiller.models["online"]
+    layers = [(type(m).__name__, getattr(m, "in_features", getattr(m, "num_features", None)),
+               getattr(m, "out_features", None), getattr(m, "bias", False) is not None) for m in online.projector]
+    assert layers == [("Linear", 16, 16, False), ("BatchNorm1d", 16, None, True), ("ReLU", None, None, True),
+                      ("Linear", 16, 16, False), ("BatchNorm1d", 16, None, True), ("ReLU", None, None, True),
+                      ("Linear", 16, 2048, False), ("BatchNorm1d", 2048, None, False)]
+    assert not online.projector[7].affine
+    predictor = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None))
+                 for m in online.predictor]
+    assert predictor == [("Linear", 2048, 512), ("BatchNorm1d", None, None), ("ReLU", None, None),
+                         ("Linear", 512, 2048)]
+    assert online.predictor[0].bias is None and online.predictor[3].bias is not None
+    assert not recipe.stages[0].distiller.updates
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"dim": 0}, ValueError, r"simsiam: dim must be an int >= 1, got 0"),
+    ({"pred_dim": 2.5}, TypeError, r"simsiam: pred_dim must be an int"),
+    ({"projector_hidden": 0}, ValueError, r"simsiam: projector_hidden must be an int >= 1, got 0"),
+    ({"translate": -1}, ValueError, r"simsiam: translate must be an int >= 0, got -1"),
+    ({"flip": "no"}, TypeError, r"simsiam: flip must be a bool"),
+    ({"noise": -0.1}, ValueError, r"simsiam: noise must be >= 0"),
+])
+def test_simsiam_bad_configuration_names_the_problem(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("simsiam", digits_setup(teacher=None), **overrides)
