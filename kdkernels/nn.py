@@ -162,6 +162,8 @@ _SPECS = [
      "loss = BYOLLoss()(predictor(projector(f(x1))), target_projector(target_f(x2)).detach()) + (views swapped)"),
     ("SimSiamLoss", losses.simsiam_loss, ("prediction", "target"),
      "loss = 0.5 * (SimSiamLoss()(predictor(projector(f(x1))), projector(f(x2)).detach()) + (views swapped))"),
+    ("MoCoLoss", losses.moco_loss, ("query", "key", "queue"),
+     "loss = MoCoLoss(temperature=0.2)(head(f(x1)), key_head(key_f(x2)).detach(), queue)   # then enqueue the keys"),
     ("SSKDHeadLoss", losses.sskd_head_loss, ("features",),
      "loss = SSKDHeadLoss()(teacher_head(f_t(rotations(x)).detach()))   # stage 1: the teacher's head"),
     ("SSKDLoss", losses.sskd_loss, ("student_logits", "teacher_logits", "student_features", "teacher_features",

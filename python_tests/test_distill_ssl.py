@@ -18,14 +18,17 @@ def cnn_embedding(model, images):
     return model.flatten(model.pool(model.stage3(model.stage2(model.stage1(images)))))
 
 
-def ssl_step(method, epoch=1, step=2, epochs=10, preset="digits", **overrides):
-    """(distiller, viewed batch, output) of one training forward of ``method`` on the first digits batch."""
+def ssl_step(method, epoch=1, step=2, epochs=10, preset="digits", before=None, **overrides):
+    """(distiller, viewed batch, output) of one training forward of ``method`` on the first digits batch
+    (``before(distiller, values)`` runs after the models, before the terms)."""
     recipe = build_recipe(method, digits_setup(teacher=None), preset=preset, **overrides)
     distiller = recipe.stages[0].distiller
     batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
     distiller.build(batch).activate().train()
     viewed = distiller.apply_views(batch, seed=0, epoch=epoch, step=step)
     values = distiller.run_models(viewed)
+    if before is not None:
+        before(distiller, values)
     output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=epochs, step=step, batch=viewed))
     return distiller, viewed, output
 
@@ -145,3 +148,138 @@ def test_simsiam_defaults_are_the_official_configuration():
 def test_simsiam_bad_configuration_names_the_problem(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("simsiam", digits_setup(teacher=None), **overrides)
+
+
+# ------------------------------------------------------------------------------------------- MoCo v2 (facebookresearch)
+
+def official_moco_logits(network_q, network_k, im_q, im_k, queue_dk, T):
+    """``moco/builder.py`` ``MoCo.forward`` on HeadNetworks' modules (one device: no shuffle): normalised q of the
+    query encoder on im_q, k of the key encoder on im_k, ``[l_pos, l_neg] / T`` against the [dim, K] queue."""
+    q = F.normalize(network_q.head(cnn_embedding(network_q.encoder, im_q)), dim=1)
+    k = F.normalize(network_k.head(cnn_embedding(network_k.encoder, im_k)), dim=1)
+    l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", [q, queue_dk.clone().detach()])
+    logits = torch.cat([l_pos, l_neg], dim=1) / T
+    return logits, torch.zeros(logits.shape[0], dtype=torch.long), k
+
+
+def official_dequeue_and_enqueue(queue_dk, queue_ptr, keys, K):
+    """``_dequeue_and_enqueue`` (one device), with K a multiple of the batch size."""
+    batch_size = keys.shape[0]
+    ptr = int(queue_ptr)
+    assert K % batch_size == 0
+    queue_dk[:, ptr:ptr + batch_size] = keys.T
+    queue_ptr[0] = (ptr + batch_size) % K
+
+
+@pytest.mark.parametrize("start", [0, 16, 240])
+def test_a_moco_step_is_the_official_infonce_and_enqueue(start):
+    saved = {}
+
+    def before(distiller, _values):
+        term = distiller.terms[0]
+        term.queue_ptr.fill_(start)
+        saved["queue"], saved["ptr"] = term.queue.clone(), term.queue_ptr.clone()
+
+    distiller, viewed, output = ssl_step("moco", before=before)
+    online, key = distiller.models["online"], distiller.models["target_network"]
+    term = distiller.terms[0]
+    assert key.training and distiller.inputs["target_network"] == "input_view2"
+    assert not torch.equal(viewed["input"], viewed["input_view2"])
+    queue_dk, ptr = saved["queue"].T.clone(), saved["ptr"].clone()
+    with torch.no_grad():
+        logits, labels, k = official_moco_logits(online, key, viewed["input"], viewed["input_view2"], queue_dk, 0.2)
+        loss = torch.nn.CrossEntropyLoss()(logits, labels)          # main_moco.py criterion
+        classifier = official_classifier_loss(online.encoder, cnn_embedding(online.encoder, viewed["input"]),
+                                              viewed["target"])
+    official_dequeue_and_enqueue(queue_dk, ptr, k, 256)
+    torch.testing.assert_close(output.terms["moco"], loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.terms["ce_classifier"], classifier, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(term.queue, queue_dk.T, rtol=1e-6, atol=1e-7)
+    assert torch.equal(term.queue_ptr, ptr) and int(term.queue_ptr) == (start + 16) % 256
+    assert not torch.equal(term.queue, saved["queue"])
+
+
+def test_the_moco_queue_wraps_around_and_rejects_a_batch_larger_than_itself():
+    def before(distiller, values):
+        distiller.terms[0].queue_ptr.fill_(250)
+        before.queue = distiller.terms[0].queue.clone()
+        before.keys = F.normalize(values["target_network:projections"], dim=1)
+
+    distiller, _, _ = ssl_step("moco", before=before)
+    term = distiller.terms[0]
+    changed = (term.queue != before.queue).any(dim=1)
+    assert changed[250:].all() and changed[:10].all() and not changed[10:250].any()
+    assert int(term.queue_ptr) == 10
+    torch.testing.assert_close(term.queue[250:], before.keys[:6], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(term.queue[:10], before.keys[6:], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"moco: a batch of 16 keys does not fit the queue of queue_size=8"):
+        ssl_step("moco", queue_size=8)
+
+
+def test_the_key_encoder_is_the_momentum_average_of_the_query_encoder():
+    distiller, _, output = ssl_step("moco", momentum=0.9)
+    update = distiller.updates["target_network"]
+    assert (update.source, update.momentum, update.schedule, update.warmup, update.buffers) == (
+        "online", 0.9, "constant", False, "own")
+    online, key = distiller.models["online"], distiller.models["target_network"]
+    output.loss.backward()
+    assert all(p.grad is None for p in key.parameters()), "no gradient to keys"
+    assert all(p.grad is not None for p in online.head.parameters())
+    with torch.no_grad():
+        for parameter in online.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = {name: p.clone() for name, p in key.named_parameters()}
+    buffers = {name: b.clone() for name, b in key.named_buffers()}
+    from kdkernels.distill.updates import StepClock
+    distiller.updates.after_step(distiller.models, StepClock(step=3, steps_per_epoch=5, total_steps=50))
+    for name, param_q in online.named_parameters():   # _momentum_update_key_encoder
+        expected = before[name] * 0.9 + param_q.detach() * (1.0 - 0.9)
+        torch.testing.assert_close(dict(key.named_parameters())[name], expected, rtol=1e-6, atol=1e-6)
+    for name, value in key.named_buffers():
+        assert torch.equal(value, buffers[name]), f"the key encoder's batch-norm statistics are its own ({name})"
+
+
+def test_moco_run_reports_the_linear_probe_and_fills_the_queue():
+    recipe, result = assert_a_short_run_reports_the_probe("moco", ("moco", "ce_classifier"))
+    term = recipe.stages[0].distiller.terms[0]
+    seen = len(small_split().train)   # one epoch: every training sample's key enqueued once, none at evaluation
+    assert int(term.queue_ptr) == seen % 256, (int(term.queue_ptr), seen)
+    torch.testing.assert_close(term.queue.norm(dim=1), torch.ones(256))
+
+
+def test_moco_resume_is_exact_queue_included(tmp_path):
+    recipe = build_recipe("moco", digits_setup(teacher=None), preset="digits")
+    state = recipe.stages[0].distiller.state_dict()
+    assert state["terms.0.queue"].shape == (256, 32) and state["terms.0.queue_ptr"].dtype == torch.long
+    assert_method_resumes_exactly("moco", tmp_path)
+
+
+def test_moco_defaults_are_the_official_v2_configuration():
+    recipe = build_recipe("moco", digits_setup(teacher=None))
+    assert recipe.hyperparameters == {"dim": 128, "queue_size": 65536, "momentum": 0.999, "temperature": 0.2,
+                                      "mlp": True, "mlp_hidden": None, "translate": 4, "flip": True, "noise": 0.0}
+    distiller = recipe.stages[0].distiller
+    head = distiller.models["online"].head
+    assert [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None)) for m in head] == [
+        ("Linear", 16, 16), ("ReLU", None, None), ("Linear", 16, 128)]
+    term = distiller.terms[0]
+    assert term.queue.shape == (65536, 128) and term.temperature == 0.2
+    torch.testing.assert_close(term.queue.norm(dim=1), torch.ones(65536))
+    v1 = build_recipe("moco", digits_setup(teacher=None), preset="v1")
+    assert isinstance(v1.stages[0].distiller.models["online"].head, torch.nn.Linear)
+    assert v1.stages[0].distiller.terms[0].temperature == 0.07
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"dim": 0}, ValueError, r"moco: dim must be an int >= 1, got 0"),
+    ({"queue_size": 2.0}, TypeError, r"moco: queue_size must be an int"),
+    ({"momentum": 1.5}, ValueError, r"moco: momentum must be in \[0, 1\], got 1.5"),
+    ({"temperature": 0}, ValueError, r"moco: temperature must be positive"),
+    ({"mlp": 1}, TypeError, r"moco: mlp must be a bool"),
+    ({"mlp": False, "mlp_hidden": 8}, ValueError, r"moco: mlp_hidden must be None without the MLP head"),
+    ({"noise": -0.1}, ValueError, r"moco: noise must be >= 0"),
+])
+def test_moco_bad_configuration_names_the_problem(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("moco", digits_setup(teacher=None), **overrides)

@@ -176,6 +176,73 @@ def test_simsiam_loss_bad_arguments_raise_naming_the_argument(call, error, match
     with pytest.raises(error, match=match):
         call()
 
+
+# ---------------------------------------------------------------------------------------------------------- MoCo
+
+def moco_official_logits(q, k, queue_dk, T):
+    """facebookresearch/moco ``moco/builder.py`` ``MoCo.forward`` (after the encoders): normalised q and k,
+    ``l_pos = einsum('nc,nc->n')``, ``l_neg = einsum('nc,ck->nk', q, queue)`` with the official [dim, K] queue,
+    ``logits = cat([l_pos, l_neg]) / T``, labels zeros."""
+    q = torch.nn.functional.normalize(q, dim=1)
+    k = torch.nn.functional.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", [q, queue_dk])
+    logits = torch.cat([l_pos, l_neg], dim=1)
+    logits /= T
+    return logits, torch.zeros(logits.shape[0], dtype=torch.long)
+
+
+def moco_official_loss(q, k, queue_dk, T, reduction="mean"):
+    """``main_moco.py``: ``criterion = nn.CrossEntropyLoss()`` of ``model(im_q, im_k)``."""
+    logits, labels = moco_official_logits(q, k, queue_dk, T)
+    return torch.nn.CrossEntropyLoss(reduction=reduction)(logits, labels)
+
+
+@pytest.mark.parametrize("batch, dim, queue_size, temperature", [(6, 5, 12, 0.07), (16, 32, 64, 0.2)])
+def test_moco_loss_is_the_official_infonce(batch, dim, queue_size, temperature):
+    query, key = randn(batch, dim, seed=50, scale=2.0, grad=True), randn(batch, dim, seed=51, grad=True)
+    queue = F.normalize(randn(dim, queue_size, seed=52), dim=0).T.contiguous().requires_grad_()
+    assert_equals_official(lambda q, k, n: kdkernels.moco_loss(q, k, n, temperature=temperature),
+                           lambda q, k, n: moco_official_loss(q, k, n.T, temperature), query, key, queue,
+                           what="moco InfoNCE (batch mean)")
+    for reduction, official in (("sum", "sum"), ("none", "none")):
+        assert_equals_official(lambda q, k, n: kdkernels.moco_loss(q, k, n, temperature=temperature,
+                                                                   reduction=reduction),
+                               lambda q, k, n: moco_official_loss(q, k, n.T, temperature, official), query, key,
+                               queue, what=f"moco ({reduction})")
+
+
+def test_moco_loss_default_temperature_precisions_and_module():
+    query, key, queue = randn(8, 4, seed=53), randn(8, 4, seed=54), F.normalize(randn(10, 4, seed=55), dim=1)
+    value = kdkernels.moco_loss(query, key, queue)
+    torch.testing.assert_close(value, moco_official_loss(query, key, queue.T, 0.07), rtol=1e-12, atol=0)
+    assert torch.equal(kdkernels.nn.MoCoLoss(temperature=0.2)(query, key, queue),
+                       kdkernels.moco_loss(query, key, queue, temperature=0.2))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.moco_loss(query.to(dtype), key.to(dtype), queue.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+    # the positive alone scores far above unrelated negatives: the loss is close to 0
+    far = kdkernels.moco_loss(query[:1], query[:1] * 3, -F.normalize(query[:1], dim=1), temperature=0.07)
+    assert far.item() < 1e-6
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES[:, :5], FEATURES), ValueError,
+     r"^moco_loss: query must have the same shape as key"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES[:, :5]), ValueError,
+     r"^moco_loss: queue must hold keys of the query's width 6 \(shape \[K, D\]\), got shape \(4, 5\)"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES[0]), ValueError, r"^moco_loss: queue must have 2 dims"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES.long()), TypeError, r"^moco_loss: queue must be"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES, temperature=0.0), ValueError,
+     r"^moco_loss: temperature must be positive"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES, reduction="mean"), ValueError,
+     r"^moco_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+])
+def test_moco_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 def official_sskd_similarity(feat, batch):

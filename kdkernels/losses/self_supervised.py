@@ -87,6 +87,41 @@ def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor, *,
                                                   eps=SIMSIAM_COSINE_EPSILON)
     return reduce_rows(rows, reduction)
 
+
+MOCO_NORM_EPSILON = 1e-12   # torch.nn.functional.normalize's default eps, as moco/builder.py calls it
+
+
+def moco_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.07,
+              reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """``−log(exp(q·k/T) / (exp(q·k/T) + Σ_j exp(q·n_j/T)))`` per sample: MoCo's InfoNCE of each query against its
+    positive key and the queue of negative keys (He, Fan, Wu, Xie, Girshick, CVPR 2020; Chen et al., MoCo v2 2020).
+
+    As facebookresearch/moco ``moco/builder.py`` ``MoCo.forward`` and ``main_moco.py`` code it: ``q =
+    normalize(query)`` and ``k = normalize(key)`` over D (``nn.functional.normalize``, eps 1e-12), ``l_pos = q·k``
+    [B, 1], ``l_neg = q · queue`` [B, K], ``logits = cat([l_pos, l_neg]) / T``, cross-entropy with the positive at
+    index 0 (``nn.CrossEntropyLoss``: the batch mean, ``"batchmean"``; also ``"sum"`` and ``"none"``). ``query``,
+    ``key`` [B, D]; ``queue`` [K, D], one negative key per row (the official buffer is its transpose [D, K]), used as
+    given: the official queue holds normalised keys. Defaults: T 0.07 (MoCo v1; v2 trains with 0.2). The gradient
+    reaches every input; the official code computes the keys under ``no_grad`` and detaches the queue: pass them
+    detached.
+    """
+    check = Checks("moco_loss")
+    check.feature_pair("query", query, "key", key, dims=(2,), same_shape=True)
+    check.features("queue", queue, dims=(2,))
+    if queue.shape[1] != query.shape[1]:
+        check.value_error("queue", f"must hold keys of the query's width {query.shape[1]} (shape [K, D])",
+                          f"shape {tuple(queue.shape)}")
+    check.same_device("queue", queue, "query", query)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    q = torch.nn.functional.normalize(accumulate(query), dim=1, eps=MOCO_NORM_EPSILON)
+    k = torch.nn.functional.normalize(accumulate(key).to(q.dtype), dim=1, eps=MOCO_NORM_EPSILON)
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ accumulate(queue).to(q.dtype).T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    rows = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return reduce_rows(rows, reduction)
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it

@@ -353,3 +353,138 @@ def simsiam(setup: Setup, dim: int = 2048, pred_dim: int = 512, projector_hidden
     distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
                           evaluate=("student",), views=byol_views(translate, flip, noise))
     return Recipe("simsiam", [Stage("simsiam", distiller)], metrics=("linear_probe",))
+
+
+# ---------------------------------------------------------------------------------------------------------- MoCo
+
+MOCO_PAPER = ("He, Fan, Wu, Xie, Girshick. Momentum Contrast for Unsupervised Visual Representation Learning. CVPR "
+              "2020; Chen, Fan, Girshick, He. Improved Baselines with Momentum Contrastive Learning. arXiv:2003.04297")
+
+
+class HeadNetwork(nn.Module):
+    """A classifier ``encoder`` with a head on its embedding, on one view (the distiller's input for the model): the
+    head's output passes through the identity module ``projections`` (a tap, ``"online:projections"``) and the
+    model returns the encoder's classifier on the stop-gradient embedding (as :class:`BYOLNetwork`)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.classifier_path = classifier_path(encoder)
+        self.projections = nn.Identity()
+
+    encode = BYOLNetwork.encode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        embedding, logits = self.encode(images)
+        self.projections(self.head(embedding))
+        return logits
+
+
+def moco_head(width: int, dim: int, mlp: bool, hidden: int) -> nn.Module:
+    """MoCo's head (``moco/builder.py``): the encoder's ``fc`` of output ``dim``, for v2 (``mlp``) after ``Linear(
+    hidden) → ReLU`` (``dim_mlp`` the embedding's width officially), with torch's default initialisation."""
+    if not mlp:
+        return nn.Linear(width, dim)
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+class MoCoTerm(Term):
+    """``moco_loss(q, sg(k), queue, T)`` of the query network's head on view 1 and the key network's on view 2, then
+    (in training) the normalised keys replace the oldest ones of the queue (``_dequeue_and_enqueue``).
+
+    The queue [K, dim] and its pointer are buffers of the term (the distiller's state: checkpoints hold them); the
+    queue starts as ``normalize(randn(dim, K), dim=0)`` transposed (``moco/builder.py``, the official [dim, K]
+    buffer). The keys are written at rows ``(ptr + i) mod K``: the same as the official slice when K is a multiple
+    of the batch size (which it asserts), and any batch of at most K keys works."""
+
+    def __init__(self, dim: int, queue_size: int, temperature: float, weight: float = 1.0, *, query: str = "online",
+                 key: str = "target_network"):
+        super().__init__("moco", (f"{query}:projections", f"{key}:projections"), weight)
+        self.temperature = temperature
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, queue_size), dim=0).T.contiguous())
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def loss(self, query, key, *, context):
+        key = nn.functional.normalize(key.detach(), dim=1)
+        queue_size = self.queue.shape[0]
+        if key.shape[0] > queue_size:
+            raise ValueError(f"moco: a batch of {key.shape[0]} keys does not fit the queue of queue_size="
+                             f"{queue_size}: use a queue at least as large as the batch")
+        loss = kdkernels.moco_loss(query, key, self.queue.clone(), temperature=self.temperature)
+        if context is None or context.training:
+            with torch.no_grad():
+                rows = (self.queue_ptr + torch.arange(key.shape[0], device=key.device)) % queue_size
+                self.queue.index_copy_(0, rows, key.to(self.queue.dtype))
+                self.queue_ptr.copy_((self.queue_ptr + key.shape[0]) % queue_size)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, temperature={self.temperature:g}, queue={tuple(self.queue.shape)}"
+
+
+@register("moco", category="self-supervised", needs_teacher=False, paper=MOCO_PAPER,
+          presets={"digits": {"dim": 32, "queue_size": 256, "momentum": 0.99, "translate": 1, "flip": False,
+                              "noise": 0.1},
+                   "v1": {"temperature": 0.07, "mlp": False}},
+          approximation="the run's optimiser and schedule instead of SGD (lr 0.03, weight decay 1e-4, cosine for v2); "
+                        "random translation, flip and noise views instead of random-resized crops, colour jitter, "
+                        "grayscale and blur; no shuffling batch norm (a no-op on one device, not under DDP); an online "
+                        "classifier on the stop-gradient embedding instead of a separate linear evaluation")
+def moco(setup: Setup, dim: int = 128, queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.2,
+         mlp: bool = True, mlp_hidden: int | None = None, translate: int = 4, flip: bool = True,
+         noise: float = 0.0) -> Recipe:
+    """MoCo v2 self-distillation: ``CE([q·k, q·queue] / T, 0)`` of the query network's normalised output q on view 1
+    against the momentum key network's k on view 2 and a queue of earlier keys, + ``CE(classifier(sg(y(v₁))), y)``;
+    evaluated by a linear probe of the student's embedding.
+
+    As facebookresearch/moco (commit 132aea9, ``moco/builder.py``, ``main_moco.py``; v2: ``--mlp --moco-t 0.2
+    --aug-plus --cos``) trains (``--moco-dim 128 --moco-k 65536 --moco-m 0.999``):
+
+    * the query encoder is the student's encoder (embedding y = ``feature_points(student).embedding``, the input of
+      its classifier) with MoCo's head (:func:`moco_head`: ``Linear(mlp_hidden) → ReLU → Linear(dim)`` for v2,
+      ``mlp_hidden`` by default the embedding's width as the official ``dim_mlp``; ``Linear(dim)`` with
+      ``mlp=False``, MoCo v1) (:class:`HeadNetwork`);
+    * the key encoder (``target_network``) starts as a copy of the query encoder and follows it by
+      ``θ_k = m θ_k + (1 − m) θ_q`` after every optimiser step (``_momentum_update_key_encoder``, which the official
+      forward calls before computing the keys: the same sequence), parameters only: it runs in train mode with its
+      own batch-norm statistics (``EMA(buffers="own")``), gets no gradient and reads view 2 only;
+    * the loss is :func:`kdkernels.moco_loss` (InfoNCE at temperature ``temperature``, one positive and the K queued
+      negatives, batch mean) of the query on view 1 and the key on view 2 (not symmetrised, as ``main_moco.py``);
+      then the batch's normalised keys replace the oldest K-queue entries (:class:`MoCoTerm`; the queue and its
+      pointer are term buffers, so a checkpoint holds them and a resumed run continues them exactly);
+    * as in :func:`byol`, the student's own classifier trains on the stop-gradient embedding of view 1 with the batch
+      mean CE (weight 1): the labels never reach the encoder, and the method adds the ``linear_probe`` metric.
+
+    Differences, flagged as an approximation: shuffling batch norm (``_batch_shuffle_ddp``) exists only under DDP
+    (on one device it would not change the keys: the batch norm sees the same batch); it is not done across ranks
+    here; the official linear evaluation is a separate training (``main_lincls.py``); the run's optimiser and
+    schedule are used (official: SGD lr 0.03, momentum 0.9, weight decay 1e-4, cosine for v2); the views are a random
+    translation by up to ``translate`` pixels (zero padding), a horizontal flip and Gaussian noise of std ``noise``
+    (``--aug-plus``: random-resized crops, colour jitter, grayscale, blur, flips); the heads use torch's default
+    initialisation. The queue takes any batch of at most K keys (the official asserts K mod B = 0). Preset ``v1``:
+    T 0.07 and a linear head. Preset ``digits``: ``dim`` 32, a queue of 256 keys (the digits runs see about 300
+    images per epoch; the official queue holds 5 % of ImageNet), key momentum 0.99 (a few hundred steps instead of
+    hundreds of thousands), 1-pixel shifts with noise of std 0.1 and no flip.
+    """
+    check = Checks("moco")
+    dim = check.integer("dim", dim, minimum=1)
+    queue_size = check.integer("queue_size", queue_size, minimum=1)
+    momentum = check.probability("momentum", momentum)
+    temperature = check.temperature(temperature)
+    mlp = check.flag("mlp", mlp)
+    if mlp_hidden is not None:
+        mlp_hidden = check.integer("mlp_hidden", mlp_hidden, minimum=1)
+        if not mlp:
+            check.value_error("mlp_hidden", "must be None without the MLP head (mlp=False)", mlp_hidden)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    width = embedding_width(setup.student)
+    online = HeadNetwork(setup.student, moco_head(width, dim, mlp, mlp_hidden or width))
+    terms = [MoCoTerm(dim, queue_size, temperature), CrossEntropyTerm("online", name="ce_classifier")]
+    distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
+                          frozen_train_mode=("target_network",), evaluate=("student",),
+                          inputs={"online": "input", "target_network": "input_view2"},
+                          views=byol_views(translate, flip, noise),
+                          updates={"target_network": EMA("online", momentum, buffers="own")})
+    return Recipe("moco", [Stage("moco", distiller)], metrics=("linear_probe",))
