@@ -164,6 +164,8 @@ _SPECS = [
      "loss = 0.5 * (SimSiamLoss()(predictor(projector(f(x1))), projector(f(x2)).detach()) + (views swapped))"),
     ("MoCoLoss", losses.moco_loss, ("query", "key", "queue"),
      "loss = MoCoLoss(temperature=0.2)(head(f(x1)), key_head(key_f(x2)).detach(), queue)   # then enqueue the keys"),
+    ("DINOLoss", losses.dino_loss, ("student_outputs", "teacher_outputs", "center"),
+     "loss = DINOLoss(teacher_temperature=0.04)(stack(student(views)), stack(ema(global_views)).detach(), center)"),
     ("SSKDHeadLoss", losses.sskd_head_loss, ("features",),
      "loss = SSKDHeadLoss()(teacher_head(f_t(rotations(x)).detach()))   # stage 1: the teacher's head"),
     ("SSKDLoss", losses.sskd_loss, ("student_logits", "teacher_logits", "student_features", "teacher_features",

@@ -2,6 +2,7 @@
 official formulas transcribed here on the method's own values, the stop-gradients, the momentum networks and their
 state (MoCo's queue, DINO's center) resumed exactly, the linear-probe evaluation and configuration errors (the
 losses against the official code: test_losses_self_supervised.py)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,3 +284,198 @@ def test_moco_defaults_are_the_official_v2_configuration():
 def test_moco_bad_configuration_names_the_problem(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("moco", digits_setup(teacher=None), **overrides)
+
+
+# ---------------------------------------------------------------------------------------- DINO (facebookresearch)
+
+class OfficialDINOLoss(torch.nn.Module):
+    """facebookresearch/dino ``main_dino.py`` ``DINOLoss`` (one process: ``dist.all_reduce`` is the identity and the
+    world size 1)."""
+
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                 student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_out = student_output / self.student_temp
+        student_out = student_out.chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
+        teacher_out = teacher_out.detach().chunk(2)
+        total_loss = 0
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        batch_center = batch_center / len(teacher_output)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+def official_multicrop(network, crops):
+    """``utils.py`` ``MultiCropWrapper.forward`` on a DINONetwork's modules: crops of one resolution concatenated
+    (here: the globals, then the locals), the backbone (the student's embedding) per group, the head on all."""
+    output = torch.cat([cnn_embedding(network.encoder, torch.cat(group)) for group in crops if group])
+    return network.head(output)
+
+
+@pytest.mark.parametrize("epoch", [1, 4, 12])
+def test_a_dino_step_is_the_official_loss_and_center_update(epoch):
+    saved = {}
+
+    def before(distiller, _values):
+        term = distiller.terms[0]
+        term.center.copy_(torch.randn_like(term.center) * 0.1)
+        saved["center"] = term.center.clone()
+
+    distiller, viewed, output = ssl_step("dino", epoch=epoch, epochs=20, before=before)
+    student, teacher = distiller.models["online"], distiller.models["target_network"]
+    assert teacher.training and teacher.local_views == () and len(student.local_views) == 4
+    globals_ = [viewed["input"], viewed["input_view2"]]
+    locals_ = [viewed[f"input_local{i}"] for i in range(4)]
+    assert not torch.equal(locals_[0], locals_[1]) and not torch.equal(locals_[0], viewed["input"])
+    official = OfficialDINOLoss(128, 6, 0.04, 0.07, 10, 20)
+    official.center = saved["center"].clone()
+    with torch.no_grad():
+        teacher_output = official_multicrop(teacher, [globals_])      # only the 2 global views pass the teacher
+        student_output = official_multicrop(student, [globals_, locals_])
+        loss = official(student_output, teacher_output, epoch - 1)
+        classifier = official_classifier_loss(student.encoder, cnn_embedding(student.encoder, torch.cat(globals_)
+                                                                             )[:16], viewed["target"])
+    torch.testing.assert_close(output.terms["dino"], loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.terms["ce_classifier"], classifier, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distiller.terms[0].center, official.center, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(distiller.terms[0].center, saved["center"])
+
+
+def test_the_teacher_temperature_is_the_official_schedule():
+    from kdkernels.distill.methods.self_supervised import dino_teacher_temperature
+    for warmup_epochs, nepochs in ((30, 100), (10, 30), (1, 5), (0, 5)):
+        schedule = np.concatenate((np.linspace(0.04, 0.07, warmup_epochs), np.ones(nepochs - warmup_epochs) * 0.07))
+        for epoch in range(nepochs):
+            assert dino_teacher_temperature(epoch, 0.04, 0.07, warmup_epochs) == pytest.approx(schedule[epoch],
+                                                                                             rel=1e-12)
+
+
+def test_dino_teacher_is_the_cosine_ema_of_the_whole_student_network():
+    distiller, _, output = ssl_step("dino", momentum_teacher=0.9)
+    update = distiller.updates["target_network"]
+    assert (update.source, update.momentum, update.schedule, update.buffers) == ("online", 0.9, "cosine", "own")
+    assert "target_network" in distiller.frozen_train_mode
+    student, teacher = distiller.models["online"], distiller.models["target_network"]
+    output.term_losses["dino"].backward(retain_graph=True)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in student.encoder.fc.parameters()), "the DINO loss does not read the classifier"
+    encoder = [p for name, p in student.encoder.named_parameters() if not name.startswith("fc.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder + list(student.head.parameters()))
+    student.zero_grad(set_to_none=True)
+    output.term_losses["ce_classifier"].backward()
+    assert all(p.grad is not None for p in student.encoder.fc.parameters())
+    assert all(p.grad is None for p in encoder), "the labels never reach the encoder"
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = {name: p.clone() for name, p in teacher.named_parameters()}
+    from kdkernels.distill.updates import StepClock
+    distiller.updates.after_step(distiller.models, StepClock(step=10, steps_per_epoch=5, total_steps=40))
+    m = 1 + 0.5 * (0.9 - 1) * (1 + np.cos(np.pi * 10 / 40))     # utils.cosine_scheduler(0.9, 1, ...)[10]
+    for name, param_q in student.named_parameters():     # param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        torch.testing.assert_close(dict(teacher.named_parameters())[name],
+                                   before[name] * m + (1 - m) * param_q.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_dino_head_is_the_official_dinohead():
+    recipe = build_recipe("dino", digits_setup(teacher=None))
+    head = recipe.stages[0].distiller.models["online"].head
+    kinds = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None)) for m in head.mlp]
+    assert kinds == [("Linear", 16, 2048), ("GELU", None, None), ("Linear", 2048, 2048), ("GELU", None, None),
+                     ("Linear", 2048, 256)]
+    for layer in (m for m in head.mlp if isinstance(m, torch.nn.Linear)):   # _init_weights
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias)), "zero biases"
+        assert 0.019 < float(layer.weight.detach().std()) < 0.021, "trunc_normal_(std=.02)"
+    assert head.last_layer.weight_v.shape == (65536, 256) and head.last_layer.weight_g is None
+    x = torch.randn(3, 16)
+    official_last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(256, 65536, bias=False))
+    with torch.no_grad():
+        official_last.parametrizations.weight.original1.copy_(head.last_layer.weight_v)
+        official_last.parametrizations.weight.original0.fill_(1)     # weight_g.data.fill_(1)
+        expected = official_last(F.normalize(head.mlp(x), dim=-1, p=2))
+    torch.testing.assert_close(head(x).detach(), expected, rtol=1e-5, atol=1e-6)
+    bn = build_recipe("dino", digits_setup(teacher=None), use_bn=True, nlayers=2, norm_last_layer=False, hidden=8,
+                      bottleneck=4, out_dim=5).stages[0].distiller.models["online"].head
+    assert [type(m).__name__ for m in bn.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert bn.last_layer.weight_g.shape == (5, 1) and torch.equal(bn.last_layer.weight_g, torch.ones(5, 1))
+
+
+def test_resized_crop_draws_a_window_and_is_the_identity_at_full_scale():
+    from kdkernels.distill.methods.self_supervised import ResizedCrop
+    from kdkernels.distill.views import Draws
+    x = torch.randn(6, 1, 8, 8)
+    index = torch.arange(6)
+    same, _ = ResizedCrop(1.0, 1.0)(x, Draws(3, index))
+    torch.testing.assert_close(same, x, rtol=1e-5, atol=1e-6)
+    small, _ = ResizedCrop(0.25, 0.25)(x, Draws(3, index))
+    again, _ = ResizedCrop(0.25, 0.25)(x, Draws(3, index))
+    assert torch.equal(small, again), "a function of the key and the sample index"
+    # a quarter of the area, 4×4 pixels of the 8×8, magnified 2×: each output 2×2 block interpolates within the
+    # window, so the crop lies in the range of the image's values and differs from it
+    assert small.shape == x.shape and not torch.allclose(small, x)
+    assert (small.amax(dim=(1, 2, 3)) <= x.amax(dim=(1, 2, 3)) + 1e-6).all()
+    with pytest.raises(ValueError, match=r"ResizedCrop: high must be in \[0.5, 1\]"):
+        ResizedCrop(0.5, 0.25)
+
+
+def test_dino_run_reports_the_linear_probe():
+    recipe, _ = assert_a_short_run_reports_the_probe("dino", ("dino", "ce_classifier"))
+    assert recipe.stages[0].distiller.terms[0].center.abs().sum() > 0, "the center moved"
+
+
+def test_dino_resume_is_exact_center_included(tmp_path):
+    recipe = build_recipe("dino", digits_setup(teacher=None), preset="digits")
+    assert recipe.stages[0].distiller.state_dict()["terms.0.center"].shape == (1, 128)
+    assert_method_resumes_exactly("dino", tmp_path, local_crops=1)
+
+
+def test_dino_defaults_are_the_official_configuration():
+    recipe = build_recipe("dino", digits_setup(teacher=None))
+    assert recipe.hyperparameters == {
+        "out_dim": 65536, "hidden": 2048, "bottleneck": 256, "nlayers": 3, "use_bn": False, "norm_last_layer": True,
+        "momentum_teacher": 0.996, "student_temperature": 0.1, "warmup_teacher_temperature": 0.04,
+        "teacher_temperature": 0.07, "warmup_teacher_epochs": 30, "center_momentum": 0.9, "local_crops": 8,
+        "local_scale_min": 0.05, "local_scale_max": 0.4, "translate": 4, "flip": True, "noise": 0.0}
+    term = recipe.stages[0].distiller.terms[0]
+    assert term.schedule == (0.04, 0.07, 30) and term.student_temperature == 0.1 and term.center_momentum == 0.9
+    assert torch.equal(term.center, torch.zeros(1, 65536))
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"out_dim": 0}, ValueError, r"dino: out_dim must be an int >= 1, got 0"),
+    ({"nlayers": 1.0}, TypeError, r"dino: nlayers must be an int"),
+    ({"momentum_teacher": 1.5}, ValueError, r"dino: momentum_teacher must be in \[0, 1\], got 1.5"),
+    ({"teacher_temperature": 0}, ValueError, r"dino: teacher_temperature must be positive"),
+    ({"warmup_teacher_epochs": -1}, ValueError, r"dino: warmup_teacher_epochs must be an int >= 0"),
+    ({"center_momentum": -0.1}, ValueError, r"dino: center_momentum must be in \[0, 1\]"),
+    ({"local_crops": -1}, ValueError, r"dino: local_crops must be an int >= 0"),
+    ({"local_scale_min": 0.5, "local_scale_max": 0.4}, ValueError, r"dino: local_scale_max must be in \[0.5, 1\]"),
+    ({"use_bn": "no"}, TypeError, r"dino: use_bn must be a bool"),
+])
+def test_dino_bad_configuration_names_the_problem(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("dino", digits_setup(teacher=None), **overrides)

@@ -243,6 +243,84 @@ def test_moco_loss_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
+# ---------------------------------------------------------------------------------------------------------- DINO
+
+def dino_official_loss(student_output, teacher_output, center, ncrops, temp, student_temp=0.1):
+    """facebookresearch/dino ``main_dino.py`` ``DINOLoss.forward`` (without the center update), on the official
+    [V·B, K] layouts (views concatenated along the batch)."""
+    student_out = student_output / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher_output - center) / temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(2)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    total_loss /= n_loss_terms
+    return total_loss
+
+
+@pytest.mark.parametrize("views, batch, classes, temp", [(2, 5, 7, 0.04), (6, 8, 32, 0.07)])
+def test_dino_loss_is_the_official_multicrop_cross_entropy(views, batch, classes, temp):
+    student = randn(views, batch, classes, seed=60, scale=2.0, grad=True)
+    teacher = randn(2, batch, classes, seed=61, scale=0.5, grad=True)
+    center = randn(1, classes, seed=62, scale=0.3)
+    assert_equals_official(
+        lambda s, t: kdkernels.dino_loss(s, t, center, teacher_temperature=temp),
+        lambda s, t: dino_official_loss(s.reshape(views * batch, classes), t.reshape(2 * batch, classes), center,
+                                        views, temp), student, teacher, what="dino loss (DINOLoss.forward)")
+    assert_equals_official(
+        lambda s, t: kdkernels.dino_loss(s, t, center[0], student_temperature=0.2, teacher_temperature=temp),
+        lambda s, t: dino_official_loss(s.reshape(views * batch, classes), t.reshape(2 * batch, classes), center,
+                                        views, temp, student_temp=0.2), student, teacher,
+        what="dino loss (student temperature 0.2, a [K] center)")
+
+
+def test_dino_loss_precisions_module_and_one_teacher_view():
+    student, teacher, center = randn(3, 4, 6, seed=63), randn(2, 4, 6, seed=64), randn(6, seed=65, scale=0.1)
+    value = kdkernels.dino_loss(student, teacher, center)
+    assert torch.equal(kdkernels.nn.DINOLoss()(student, teacher, center), value)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.dino_loss(student.to(dtype), teacher.to(dtype), center.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+    one = kdkernels.dino_loss(student, teacher[:1], center)
+    q = F.softmax((teacher[0] - center) / 0.04, dim=-1)
+    expected = sum(-(q * F.log_softmax(student[v] / 0.1, dim=-1)).sum(-1).mean() for v in (1, 2)) / 2
+    torch.testing.assert_close(one, expected, rtol=1e-12, atol=0)
+
+
+STACKED = torch.randn(3, 4, 6)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2, :, :5], STACKED[0, 0]), ValueError,
+     r"^dino_loss: teacher_outputs must have shape \[V_t, 4, 6\] with 1 <= V_t <= 3"),
+    (lambda: kdkernels.dino_loss(STACKED[:2], STACKED, STACKED[0, 0]), ValueError,
+     r"^dino_loss: teacher_outputs must have shape \[V_t, 4, 6\] with 1 <= V_t <= 2"),
+    (lambda: kdkernels.dino_loss(STACKED[:1], STACKED[:1], STACKED[0, 0]), ValueError,
+     r"^dino_loss: student_outputs must hold at least 2 views"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0, :5]), ValueError,
+     r"^dino_loss: center must have shape \[6\] or \[1, 6\]"),
+    (lambda: kdkernels.dino_loss(STACKED[0], STACKED[:2], STACKED[0, 0]), ValueError,
+     r"^dino_loss: student_outputs must have 3 dims"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2].long(), STACKED[0, 0]), TypeError,
+     r"^dino_loss: teacher_outputs must be"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0], teacher_temperature=0.0), ValueError,
+     r"^dino_loss: teacher_temperature must be positive"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0], student_temperature=-1.0), ValueError,
+     r"^dino_loss: student_temperature must be positive"),
+])
+def test_dino_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 def official_sskd_similarity(feat, batch):

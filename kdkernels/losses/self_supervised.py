@@ -122,6 +122,48 @@ def moco_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, *, te
     rows = torch.logsumexp(logits, dim=1) - logits[:, 0]
     return reduce_rows(rows, reduction)
 
+
+def dino_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, center: torch.Tensor, *,
+              student_temperature: float = 0.1, teacher_temperature: float = 0.04) -> torch.Tensor:
+    """``mean_{(i, v), v ≠ i} mean_b Σ_k −softmax((t_i − c)/τ_t)_bk · log softmax(s_v/τ_s)_bk``: DINO's
+    cross-entropy of the centred, sharpened teacher on each global view against the student on every other view
+    (Caron, Touron, Misra, Jégou, Mairal, Bojanowski, Joulin, ICCV 2021).
+
+    As facebookresearch/dino ``main_dino.py`` ``DINOLoss.forward`` codes it (``student_temp`` 0.1; the teacher
+    temperature of the current epoch, 0.04 → 0.07 over the warm-up in the recommended runs): the student's outputs
+    on all V_s views ``student_outputs`` [V_s, B, K] (the official chunks of ``student_output / student_temp``), the
+    teacher's on the V_t ≤ V_s global views ``teacher_outputs`` [V_t, B, K] (the teacher sees the first V_t of the
+    student's views, in the same order), ``center`` [K] or [1, K]; every pair of a teacher view i and a student view
+    v ≠ i contributes the batch mean of ``Σ_k −q·log p``, and the pairs are averaged (``total_loss /=
+    n_loss_terms``). The teacher's probabilities carry no gradient (``.detach()``); the gradient reaches
+    ``student_outputs`` only. The center's update (``update_center``: ``c ← m·c + (1 − m)·mean_{views, b} t``) is
+    the caller's. Returns a float32 scalar (float64 for float64 input).
+    """
+    check = Checks("dino_loss")
+    check.floating("student_outputs", student_outputs, dims=(3,))
+    check.floating("teacher_outputs", teacher_outputs, dims=(3,))
+    check.floating("center", center, dims=(1, 2))
+    views, batch, classes = student_outputs.shape
+    if teacher_outputs.shape[1:] != (batch, classes) or not 1 <= teacher_outputs.shape[0] <= views:
+        check.value_error("teacher_outputs", f"must have shape [V_t, {batch}, {classes}] with 1 <= V_t <= {views} "
+                          "(the teacher's global views, the student's first)", f"shape {tuple(teacher_outputs.shape)}")
+    if center.shape[-1] != classes or center.numel() != classes:
+        check.value_error("center", f"must have shape [{classes}] or [1, {classes}]", f"shape {tuple(center.shape)}")
+    if views < 2:
+        check.value_error("student_outputs", "must hold at least 2 views (a pair of different views)",
+                          f"shape {tuple(student_outputs.shape)}")
+    check.same_device("teacher_outputs", teacher_outputs, "student_outputs", student_outputs)
+    check.same_device("center", center, "student_outputs", student_outputs)
+    student_temperature = check.temperature(student_temperature, "student_temperature")
+    teacher_temperature = check.temperature(teacher_temperature, "teacher_temperature")
+    log_p = torch.log_softmax(accumulate(student_outputs) / student_temperature, dim=-1)
+    teacher = accumulate(teacher_outputs).to(log_p.dtype).detach()
+    q = torch.softmax((teacher - accumulate(center).to(log_p.dtype).reshape(1, 1, classes)) / teacher_temperature,
+                      dim=-1)
+    cross = -torch.einsum("ibk,vbk->iv", q, log_p) / batch          # [V_t, V_s]: batch means of every pair
+    same = torch.eye(q.shape[0], views, dtype=torch.bool, device=cross.device)
+    return cross.masked_fill(same, 0.0).sum() / (q.shape[0] * views - q.shape[0])
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it

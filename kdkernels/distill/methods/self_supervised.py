@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
@@ -15,7 +16,7 @@ from kdkernels.distill.recipe import Recipe, Setup, Stage, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, Term
 from kdkernels.distill.updates import EMA
-from kdkernels.distill.views import GaussianNoise, HorizontalFlip, RandomCrop, View
+from kdkernels.distill.views import Draws, GaussianNoise, HorizontalFlip, RandomCrop, Transform, View
 
 BYOL_PAPER = ("Grill, Strub, Altché, Tallec, Richemond, Buchatskaya, Doersch, Pires, Guo, Azar, Piot, Kavukcuoglu, "
               "Munos, Valko. Bootstrap your own latent: A new approach to self-supervised learning. NeurIPS 2020")
@@ -488,3 +489,259 @@ def moco(setup: Setup, dim: int = 128, queue_size: int = 65536, momentum: float 
                           views=byol_views(translate, flip, noise),
                           updates={"target_network": EMA("online", momentum, buffers="own")})
     return Recipe("moco", [Stage("moco", distiller)], metrics=("linear_probe",))
+
+
+# ---------------------------------------------------------------------------------------------------------- DINO
+
+DINO_PAPER = ("Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. Emerging Properties in Self-Supervised "
+              "Vision Transformers. ICCV 2021")
+DINO_GLOBAL_VIEWS = ("input", "input_view2")
+
+
+class ResizedCrop(Transform):
+    """A square random-resized crop at the source's resolution: per sample an area fraction ``a ~ U(low, high)``
+    (torchvision ``RandomResizedCrop``'s ``scale``), a square window of side ``√a`` of the image's at a uniformly
+    drawn position inside it, resampled bilinearly back to ``H × W`` (``F.grid_sample``, ``align_corners=False``,
+    zero padding never reached). Used for DINO's local crops on small images."""
+
+    def __init__(self, low: float, high: float):
+        check = Checks("ResizedCrop")
+        self.low = check.real("low", low, positive=True, maximum=1.0)
+        self.high = check.real("high", high, minimum=self.low, maximum=1.0)
+
+    def __call__(self, x: torch.Tensor, draws: Draws):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3:
+            Checks("ResizedCrop").type_error("the source", "a float tensor [B, ..., H, W]", x)
+        area = self.low + (self.high - self.low) * draws.uniform()
+        side = area.sqrt()
+        centre = (2.0 * draws.uniform(2) - 1.0) * (1.0 - side)[:, None]
+        theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 1, 1] = side, side
+        theta[:, :, 2] = centre
+        height, width = x.shape[-2:]
+        flat = x.reshape(x.shape[0], -1, height, width)
+        grid = F.affine_grid(theta.to(flat.dtype), list(flat.shape), align_corners=False)
+        out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.reshape(x.shape), {}
+
+
+class WeightNormLinear(nn.Module):
+    """DINO's last layer ``nn.utils.weight_norm(nn.Linear(in, out, bias=False))`` with ``weight_g`` filled with 1
+    (``vision_transformer.py`` ``DINOHead``): ``x · (g ⊙ v/‖v‖_row)ᵀ``. With ``norm`` (``norm_last_layer``, the
+    default) g stays 1 (the official ``weight_g.requires_grad = False``) and is not a parameter here; otherwise g is
+    a trainable [out, 1] parameter starting at 1. ``v`` has nn.Linear's default initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, norm: bool = True):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
+        self.weight_g = None if norm else nn.Parameter(torch.ones(out_features, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        if self.weight_g is not None:
+            weight = self.weight_g * weight
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (``vision_transformer.py`` ``DINOHead``): ``nlayers`` linear layers (hidden width
+    ``hidden``, GELU, optional batch norm; the last to ``bottleneck``; truncated-normal std 0.02 weights, zero
+    biases), L2 normalisation, then the weight-normalised :class:`WeightNormLinear` to ``out_dim``."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden: int = 2048, bottleneck: int = 256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck)
+        else:
+            layers = [nn.Linear(in_dim, hidden)]
+            for index in range(nlayers - 1):
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden))
+                layers.append(nn.GELU())
+                layers.append(nn.Linear(hidden, hidden if index < nlayers - 2 else bottleneck))
+            self.mlp = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.last_layer = WeightNormLinear(bottleneck, out_dim, norm=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class DINONetwork(nn.Module):
+    """DINO's network around a classifier ``encoder`` (``utils.py`` ``MultiCropWrapper``): the global views
+    ``global_views`` concatenated along the batch go through the encoder in one forward, the local views
+    ``local_views`` in another (the official wrapper groups the crops by resolution), the head runs on every
+    embedding, and the stacked outputs ``[V, B, out_dim]`` (globals first) pass through the identity module
+    ``outputs`` (a tap, ``"online:outputs"``). It returns the encoder's classifier on the stop-gradient embedding of
+    the first global view (as :class:`BYOLNetwork`). The teacher is a copy with no local views."""
+
+    distill_input = BATCH
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, global_views=DINO_GLOBAL_VIEWS, local_views=()):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.classifier_path = classifier_path(encoder)
+        self.global_views, self.local_views = tuple(global_views), tuple(local_views)
+        self.outputs = nn.Identity()
+
+    encode = BYOLNetwork.encode
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        outputs, first_logits = [], None
+        for group in (self.global_views, self.local_views):
+            if not group:
+                continue
+            images = torch.cat([batch[key] for key in group])
+            embedding, logits = self.encode(images)
+            outputs.append(self.head(embedding).reshape(len(group), images.shape[0] // len(group), -1))
+            if first_logits is None:
+                first_logits = logits[: images.shape[0] // len(group)]
+        self.outputs(torch.cat(outputs))
+        return first_logits
+
+
+def dino_teacher_temperature(epoch: int, warmup: float, final: float, warmup_epochs: int) -> float:
+    """The teacher temperature of 0-based ``epoch`` (``DINOLoss.teacher_temp_schedule``): ``np.linspace(warmup,
+    final, warmup_epochs)[epoch]`` during the warm-up, ``final`` after it."""
+    if epoch >= warmup_epochs:
+        return final
+    if warmup_epochs == 1:
+        return warmup
+    return warmup + (final - warmup) * epoch / (warmup_epochs - 1)
+
+
+class DINOTerm(Term):
+    """``dino_loss(student outputs on every view, teacher outputs on the global views, center)`` at the epoch's
+    teacher temperature, then (in training) the center's update ``c ← m·c + (1 − m)·mean(teacher outputs)``
+    (``DINOLoss.update_center``, the mean over the global views and the batch). The center [1, out_dim] is a buffer
+    of the term (checkpointed: a resumed run continues it exactly)."""
+
+    def __init__(self, out_dim: int, *, student_temperature: float, warmup_teacher_temperature: float,
+                 teacher_temperature: float, warmup_teacher_epochs: int, center_momentum: float,
+                 weight: float = 1.0, student: str = "online", teacher: str = "target_network"):
+        super().__init__("dino", (f"{student}:outputs", f"{teacher}:outputs"), weight)
+        self.student_temperature = student_temperature
+        self.schedule = (warmup_teacher_temperature, teacher_temperature, warmup_teacher_epochs)
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature_at(self, context) -> float:
+        return dino_teacher_temperature(context.epoch - 1, *self.schedule)
+
+    def loss(self, student, teacher, *, context):
+        teacher = teacher.detach()
+        loss = kdkernels.dino_loss(student, teacher, self.center, student_temperature=self.student_temperature,
+                                   teacher_temperature=self.teacher_temperature_at(context))
+        if context is None or context.training:
+            with torch.no_grad():
+                batch_center = teacher.reshape(-1, teacher.shape[-1]).sum(dim=0, keepdim=True) / (
+                    teacher.shape[0] * teacher.shape[1])
+                self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype),
+                                                            alpha=1.0 - self.center_momentum)
+        return loss
+
+
+@register("dino", category="self-supervised", needs_teacher=False, paper=DINO_PAPER,
+          presets={"digits": {"out_dim": 128, "hidden": 64, "bottleneck": 32, "momentum_teacher": 0.97,
+                              "warmup_teacher_epochs": 10, "local_crops": 4, "local_scale_min": 0.25,
+                              "local_scale_max": 0.5, "translate": 1, "flip": False, "noise": 0.1}},
+          approximation="the run's optimiser and schedule instead of AdamW with warm-up, cosine lr and weight decay "
+                        "and gradient clipping 3.0; the last layer is not frozen in the first epoch "
+                        "(freeze_last_layer); global views by translation, flip and noise and square local crops "
+                        "resampled to the input's resolution instead of random-resized crops with colour jitter, "
+                        "blur and solarisation at 224/96 pixels; an online classifier on the stop-gradient "
+                        "embedding instead of a separate linear evaluation")
+def dino(setup: Setup, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256, nlayers: int = 3,
+         use_bn: bool = False, norm_last_layer: bool = True, momentum_teacher: float = 0.996,
+         student_temperature: float = 0.1, warmup_teacher_temperature: float = 0.04,
+         teacher_temperature: float = 0.07, warmup_teacher_epochs: int = 30, center_momentum: float = 0.9,
+         local_crops: int = 8, local_scale_min: float = 0.05, local_scale_max: float = 0.4, translate: int = 4,
+         flip: bool = True, noise: float = 0.0) -> Recipe:
+    """DINO self-distillation: ``mean_{i ∈ globals, v ≠ i} CE(softmax((g_t(x_i) − c)/τ_t), softmax(g_s(x_v)/τ_s))``
+    with the teacher t the EMA of the student s and the center c an EMA of the teacher's outputs, +
+    ``CE(classifier(sg(y(x₁))), y)``; evaluated by a linear probe of the student's embedding.
+
+    As facebookresearch/dino (commit 7c446df, ``main_dino.py``, ``vision_transformer.py``, ``utils.py``) trains
+    (defaults of ``DINOHead``: hidden 2048, bottleneck 256, 3 layers, no batch norm, ``--out_dim 65536``,
+    ``--norm_last_layer True``; ``--momentum_teacher 0.996``; ``DINOLoss``: student temperature 0.1, center
+    momentum 0.9; the teacher temperature warm-up 0.04 → 0.07 over 30 epochs of the README's recommended runs
+    ``--teacher_temp 0.07 --warmup_teacher_temp_epochs 30``, argparse's defaults being 0.04 without warm-up;
+    ``--local_crops_number 8``, ``--local_crops_scale 0.05 0.4``):
+
+    * the student network is the student's encoder (embedding = ``feature_points(student).embedding``, its
+      classifier's input) with :class:`DINOHead` (``Linear → GELU → Linear → GELU → Linear(bottleneck)``, L2
+      normalisation, weight-normalised ``Linear(out_dim)`` with its norm fixed at 1); it reads every view: the two
+      global views concatenated in one forward, the local crops in another (:class:`DINONetwork`,
+      ``MultiCropWrapper``);
+    * the teacher (``target_network``) is the EMA of the whole student network, ``m`` from ``momentum_teacher`` to 1
+      by a cosine over the run's steps (``utils.cosine_scheduler``; :class:`~kdkernels.distill.updates.EMA`
+      ``schedule="cosine"``), parameters only: it runs in train mode with its own batch-norm statistics (the official
+      teacher is never put in eval mode) on the two global views only, and gets no gradient;
+    * the loss is :func:`kdkernels.dino_loss` (``DINOLoss.forward``): teacher outputs centred and sharpened at the
+      epoch's teacher temperature (:func:`dino_teacher_temperature`), cross-entropy against the student's at 0.1 over
+      every (teacher global view, other student view) pair, averaged; then the center's EMA update (:class:`DINOTerm`;
+      a term buffer, checkpointed);
+    * as in :func:`byol`, the student's own classifier trains on the stop-gradient embedding of the first global view
+      with the batch mean CE (weight 1): the labels never reach the encoder, and the method adds ``linear_probe``.
+
+    Multi-crop on small images (our choice): the two global views are a random translation by up to ``translate``
+    pixels, a horizontal flip (``flip``) and Gaussian noise of std ``noise`` (:func:`byol_views`); the
+    ``local_crops`` local views are square random-resized crops (:class:`ResizedCrop`: area fraction in
+    ``[local_scale_min, local_scale_max]``, resampled bilinearly to the input's resolution, so any model reads them)
+    with the same flip and noise. Differences, flagged as an approximation: the official crops are random-resized
+    crops of any aspect ratio with colour jitter, grayscale, blur and solarisation, the local ones at 96 pixels
+    against 224; the run's optimiser and schedule are used (official: AdamW, lr 5e-4·B/256 with a 10-epoch warm-up
+    and cosine decay, weight decay 0.04 → 0.4, gradient clipping at norm 3); the last layer is not frozen in the
+    first epoch (``--freeze_last_layer 1``); the official linear evaluation is a separate training
+    (``eval_linear.py``). Preset ``digits``: head hidden 64, bottleneck 32, ``out_dim`` 128 for the 16-wide
+    embeddings, teacher momentum 0.97 (a few hundred steps), the teacher-temperature warm-up over 10 epochs, 4 local
+    crops of area 25–50 % (4 to 5.7 of 8 pixels a side: smaller crops of 8×8 digits hold almost nothing), 1-pixel
+    shifts with noise of std 0.1 and no flip.
+    """
+    check = Checks("dino")
+    out_dim = check.integer("out_dim", out_dim, minimum=1)
+    hidden = check.integer("hidden", hidden, minimum=1)
+    bottleneck = check.integer("bottleneck", bottleneck, minimum=1)
+    nlayers = check.integer("nlayers", nlayers, minimum=1)
+    use_bn = check.flag("use_bn", use_bn)
+    norm_last_layer = check.flag("norm_last_layer", norm_last_layer)
+    momentum_teacher = check.probability("momentum_teacher", momentum_teacher)
+    student_temperature = check.temperature(student_temperature, "student_temperature")
+    warmup_teacher_temperature = check.temperature(warmup_teacher_temperature, "warmup_teacher_temperature")
+    teacher_temperature = check.temperature(teacher_temperature, "teacher_temperature")
+    warmup_teacher_epochs = check.integer("warmup_teacher_epochs", warmup_teacher_epochs, minimum=0)
+    center_momentum = check.probability("center_momentum", center_momentum)
+    local_crops = check.integer("local_crops", local_crops, minimum=0)
+    local_scale_min = check.real("local_scale_min", local_scale_min, positive=True, maximum=1.0)
+    local_scale_max = check.real("local_scale_max", local_scale_max, minimum=local_scale_min, maximum=1.0)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    width = embedding_width(setup.student)
+    local_views = tuple(f"input_local{index}" for index in range(local_crops))
+    views = byol_views(translate, flip, noise)
+    for key in local_views:
+        views.append(View("input", key, ResizedCrop(local_scale_min, local_scale_max)))
+        if flip:
+            views.append(View(key, key, HorizontalFlip()))
+        if noise > 0:
+            views.append(View(key, key, GaussianNoise(noise)))
+    head = DINOHead(width, out_dim, use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers, hidden=hidden,
+                    bottleneck=bottleneck)
+    online = DINONetwork(setup.student, head, DINO_GLOBAL_VIEWS, local_views)
+    terms = [DINOTerm(out_dim, student_temperature=student_temperature,
+                      warmup_teacher_temperature=warmup_teacher_temperature, teacher_temperature=teacher_temperature,
+                      warmup_teacher_epochs=warmup_teacher_epochs, center_momentum=center_momentum),
+             CrossEntropyTerm("online", name="ce_classifier")]
+    distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
+                          frozen_train_mode=("target_network",), evaluate=("student",), views=views,
+                          updates={"target_network": EMA("online", momentum_teacher, schedule="cosine",
+                                                         buffers="own")})
+    distiller.models["target_network"].local_views = ()   # the teacher sees the global views only
+    return Recipe("dino", [Stage("dino", distiller)], metrics=("linear_probe",))
