@@ -166,6 +166,8 @@ _SPECS = [
      "loss = MoCoLoss(temperature=0.2)(head(f(x1)), key_head(key_f(x2)).detach(), queue)   # then enqueue the keys"),
     ("DINOLoss", losses.dino_loss, ("student_outputs", "teacher_outputs", "center"),
      "loss = DINOLoss(teacher_temperature=0.04)(stack(student(views)), stack(ema(global_views)).detach(), center)"),
+    ("SDSSLLoss", losses.sdssl_loss, ("predictions", "keys"),
+     "loss = SDSSLLoss(ratio=r)(stack([pred_l(proj_l(h_l(x1))) for l in layers]), ema_proj(ema_f(x2)).detach())"),
     ("SSKDHeadLoss", losses.sskd_head_loss, ("features",),
      "loss = SSKDHeadLoss()(teacher_head(f_t(rotations(x)).detach()))   # stage 1: the teacher's head"),
     ("SSKDLoss", losses.sskd_loss, ("student_logits", "teacher_logits", "student_features", "teacher_features",

@@ -68,6 +68,7 @@ INPUTS = {
                           "queue": torch.nn.functional.normalize(_randn(7, 5, seed=3), dim=1)},
     "dino_loss": lambda: {"student_outputs": _randn(4, B, 5, seed=1), "teacher_outputs": _randn(2, B, 5, seed=2),
                           "center": _randn(5, seed=3)},
+    "sdssl_loss": lambda: {"predictions": _randn(3, B, 5, seed=1), "keys": _randn(B, 5, seed=2)},
     "sskd_head_loss": lambda: {"features": _randn(4 * 3, 5, seed=1)},
     "sskd_loss": lambda: {"student_logits": _randn(4 * 3, C, seed=1), "teacher_logits": _randn(4 * 3, C, seed=2) * 2,
                           "student_features": _randn(4 * 3, 5, seed=3), "teacher_features": _randn(4 * 3, 6, seed=4),

@@ -479,3 +479,133 @@ def test_dino_defaults_are_the_official_configuration():
 def test_dino_bad_configuration_names_the_problem(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("dino", digits_setup(teacher=None), **overrides)
+
+
+# ------------------------------------------------------------------------------------------ SDSSL (hagiss/SDSSL)
+
+def official_info_nce_loss_layer(s_features, t_features, depth):
+    """hagiss/SDSSL ``pl_train_moco.py`` ``info_nce_loss_layer`` (rank 0); ``info_nce_loss`` is depth 1."""
+    batch_size = s_features.shape[0] // depth
+    labels = torch.cat([torch.arange(batch_size, dtype=torch.long) for _ in range(depth)], dim=0)
+    s_features = F.normalize(s_features, dim=1)
+    t_features = F.normalize(t_features, dim=1)
+    logits = torch.matmul(s_features, t_features.T) / 0.2
+    return 2 * 0.2 * torch.nn.CrossEntropyLoss()(logits, labels)
+
+
+def official_sdssl_student(network, x):
+    """``NetWrapper.forward`` (``intermediate=True``) on an SDSSLNetwork's modules, DigitsCNN layers: stage1 and
+    stage2 averaged over space, then the embedding; each through its projector, concatenated along the batch."""
+    model = network.encoder
+    h1 = model.stage1(x)
+    h2 = model.stage2(h1)
+    representation = [h1.mean(dim=(2, 3)), h2.mean(dim=(2, 3)), cnn_embedding(model, x)]
+    return torch.cat([project(r) for project, r in zip(network.projectors, representation)])
+
+
+def official_sdssl_predict(network, x, d):
+    """``NetWrapper.predict`` with ``d`` layers stacked along the batch."""
+    projections = x.reshape(d, -1, x.shape[-1])
+    return torch.cat([predictor(projections[i]) for i, predictor in enumerate(network.predictors) if i < d])
+
+
+@pytest.mark.parametrize("epoch", [1, 4])
+def test_an_sdssl_step_is_the_official_training_step(epoch):
+    distiller, viewed, output = ssl_step("sdssl", epoch=epoch, epochs=10)
+    student, teacher = distiller.models["online"], distiller.models["target_network"]
+    assert teacher.training and not teacher.intermediate and student.intermediate
+    image1, image2 = viewed["input"], viewed["input_view2"]
+    batch_size, depth = image1.shape[0], 3
+    ratio = 0.5 * (1 - np.cos(np.pi * (epoch - 1) / 10))           # cosine_scheduler(0, 1, ...) per epoch
+    with torch.no_grad():
+        teacher_output1 = teacher.projectors[-1](cnn_embedding(teacher.encoder, image1))
+        teacher_output2 = teacher.projectors[-1](cnn_embedding(teacher.encoder, image2))
+        student_output1 = official_sdssl_student(student, image2)
+        student_output2 = official_sdssl_student(student, image1)
+        student_detached1 = official_sdssl_predict(student, student_output1.detach(), depth)
+        student_detached2 = official_sdssl_predict(student, student_output2.detach(), depth)
+        loss_detached = (official_info_nce_loss_layer(student_detached1, teacher_output1, depth)
+                         + official_info_nce_loss_layer(student_detached2, teacher_output2, depth))
+        student_output1 = official_sdssl_predict(student, student_output1, depth)
+        student_output2 = official_sdssl_predict(student, student_output2, depth)
+        student_mid1, student_output1 = torch.split(student_output1, [batch_size * 2, batch_size], dim=0)
+        student_mid2, student_output2 = torch.split(student_output2, [batch_size * 2, batch_size], dim=0)
+        loss_mid = (official_info_nce_loss_layer(student_mid1, teacher_output1, 2)
+                    + official_info_nce_loss_layer(student_mid2, teacher_output2, 2))
+        loss_output = (official_info_nce_loss_layer(student_output1, teacher_output1, 1)
+                       + official_info_nce_loss_layer(student_output2, teacher_output2, 1))
+        loss = loss_output + ratio * loss_mid + depth * loss_detached        # 12 · loss_detached with 12 layers
+        classifier = official_classifier_loss(student.encoder, cnn_embedding(student.encoder, image1),
+                                              viewed["target"])
+    torch.testing.assert_close(output.terms["sdssl"], loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.terms["ce_classifier"], classifier, rtol=1e-5, atol=1e-6)
+
+
+def test_sdssl_gradients_the_detached_term_trains_the_predictors_only():
+    distiller, _, output = ssl_step("sdssl", epoch=1)      # ratio 0 at the first epoch: no intermediate loss
+    student = distiller.models["online"]
+    output.term_losses["sdssl"].backward()
+    encoder = [p for name, p in student.encoder.named_parameters() if not name.startswith("fc.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder)
+    for index, projector in enumerate(student.projectors):
+        grads = [p.grad for p in projector.parameters()]
+        if index < len(student.projectors) - 1:      # intermediate projectors: only the detached (predictor) term
+            assert all(g is None or g.abs().sum() == 0 for g in grads), index
+        else:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for predictor in student.predictors
+               for p in predictor.parameters()), "every predictor learns from the detached term"
+    assert all(p.grad is None for p in distiller.models["target_network"].parameters())
+    assert all(p.grad is None for p in student.encoder.fc.parameters())
+    later, _, late = ssl_step("sdssl", epoch=6)
+    late.term_losses["sdssl"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in later.models["online"].projectors[0].parameters()
+               ), "the intermediate layers learn once the ratio is positive"
+
+
+def test_sdssl_ratio_is_the_official_cosine_ramp():
+    from kdkernels.distill.methods.self_supervised import sdssl_ratio
+    epochs = 20
+    schedule = 1 + 0.5 * (0 - 1) * (1 + np.cos(np.pi * np.arange(epochs) / epochs))    # cosine_scheduler(0, 1, ...)
+    for epoch in range(1, epochs + 1):
+        assert sdssl_ratio(1.0, epoch, epochs) == pytest.approx(schedule[epoch - 1], abs=1e-12)
+    assert sdssl_ratio(2.0, 11, 20) == pytest.approx(1.0)
+
+
+def test_sdssl_run_reports_the_linear_probe():
+    assert_a_short_run_reports_the_probe("sdssl", ("sdssl", "ce_classifier"))
+
+
+def test_sdssl_resume_is_exact(tmp_path):
+    assert_method_resumes_exactly("sdssl", tmp_path)
+
+
+def test_sdssl_defaults_are_the_official_configuration():
+    recipe = build_recipe("sdssl", digits_setup(teacher=None))
+    assert recipe.hyperparameters == {"out_dim": 256, "mlp_hidden": 4096, "temperature": 0.2, "ratio": 1.0,
+                                      "momentum_teacher": 0.996, "translate": 4, "flip": True, "noise": 0.0}
+    distiller = recipe.stages[0].distiller
+    online = distiller.models["online"]
+    assert online.intermediate_paths == ("stage1", "stage2")
+    shapes = [[(m.in_features, m.out_features) for m in p if isinstance(m, torch.nn.Linear)] for p in online.projectors]
+    assert shapes == [[(4, 2048), (2048, 2048), (2048, 256)], [(8, 2048), (2048, 2048), (2048, 256)],
+                      [(16, 4096), (4096, 4096), (4096, 256)]]
+    assert all(not p[-1].affine and all(m.bias is None for m in p if isinstance(m, torch.nn.Linear))
+               for p in list(online.projectors) + list(online.predictors))
+    assert [[(m.in_features, m.out_features) for m in p if isinstance(m, torch.nn.Linear)]
+            for p in online.predictors] == [[(256, 4096), (4096, 256)]] * 3
+    update = distiller.updates["target_network"]
+    assert (update.momentum, update.schedule, update.buffers) == (0.996, "cosine", "own")
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"out_dim": 0}, ValueError, r"sdssl: out_dim must be an int >= 1, got 0"),
+    ({"mlp_hidden": 1}, ValueError, r"sdssl: mlp_hidden must be an int >= 2, got 1"),
+    ({"temperature": 0.0}, ValueError, r"sdssl: temperature must be positive"),
+    ({"ratio": -1}, ValueError, r"sdssl: ratio must be >= 0"),
+    ({"momentum_teacher": 2}, ValueError, r"sdssl: momentum_teacher must be in \[0, 1\], got 2"),
+    ({"flip": None}, TypeError, r"sdssl: flip must be a bool"),
+])
+def test_sdssl_bad_configuration_names_the_problem(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("sdssl", digits_setup(teacher=None), **overrides)

@@ -321,6 +321,90 @@ def test_dino_loss_bad_arguments_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
+# --------------------------------------------------------------------------------------------------------- SDSSL
+
+def sdssl_info_nce_loss(s_features, t_features):
+    """hagiss/SDSSL ``pl_train_moco.py`` ``PLLearner.info_nce_loss`` (rank 0 of one process)."""
+    batch_size = s_features.shape[0]
+    labels = torch.arange(batch_size, dtype=torch.long)
+    s_features = F.normalize(s_features, dim=1)
+    t_features = F.normalize(t_features, dim=1)
+    similarity_matrix = torch.matmul(s_features, t_features.T)
+    tau = 0.2
+    logits = similarity_matrix / tau
+    loss = torch.nn.CrossEntropyLoss()(logits, labels)
+    return 2 * tau * loss
+
+
+def sdssl_info_nce_loss_layer(s_features, t_features, depth):
+    """``PLLearner.info_nce_loss_layer`` (rank 0): ``depth`` layers' predictions stacked along the batch."""
+    batch_size = s_features.shape[0]
+    batch_size /= depth
+    labels = torch.cat([torch.arange(batch_size, dtype=torch.long) for _ in range(depth)], dim=0)
+    s_features = F.normalize(s_features, dim=1)
+    t_features = F.normalize(t_features, dim=1)
+    similarity_matrix = torch.matmul(s_features, t_features.T)
+    tau = 0.2
+    logits = similarity_matrix / tau
+    loss = torch.nn.CrossEntropyLoss()(logits, labels)
+    return 2 * tau * loss
+
+
+def sdssl_official(predictions, keys, ratio):
+    """``training_step``'s ``loss_output + self.ratio * loss_mid`` for one view pair (``st_inter``: the last
+    layer's prediction against the keys, the mean over the intermediate layers' predictions)."""
+    layers, batch, dim = predictions.shape
+    flat = predictions.reshape(layers * batch, dim)
+    student_mid, student_output = torch.split(flat, [batch * (layers - 1), batch], dim=0)
+    loss_mid = sdssl_info_nce_loss_layer(student_mid, keys, layers - 1)
+    return sdssl_info_nce_loss(student_output, keys) + ratio * loss_mid
+
+
+@pytest.mark.parametrize("layers, batch, dim, ratio", [(12, 6, 5, 1.0), (3, 16, 32, 0.37)])
+def test_sdssl_loss_is_the_official_self_distilled_infonce(layers, batch, dim, ratio):
+    predictions = randn(layers, batch, dim, seed=70, scale=2.0, grad=True)
+    keys = randn(batch, dim, seed=71, grad=True)
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p, k, ratio=ratio),
+                           lambda p, k: sdssl_official(p, k, ratio), predictions, keys,
+                           what="sdssl loss_output + ratio·loss_mid")
+    # the predictor-only term: 12 · info_nce_loss_layer(all layers) with depth 12 = ratio L − 1
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p, k, ratio=layers - 1),
+                           lambda p, k: layers * sdssl_info_nce_loss_layer(p.reshape(-1, dim), k, layers),
+                           predictions, keys, what="sdssl 12·loss_detached")
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p[-1:], k),
+                           lambda p, k: sdssl_info_nce_loss(p[-1], k), predictions, keys,
+                           what="MoCo v3 (one layer)")
+
+
+def test_sdssl_loss_precisions_module_and_temperature():
+    predictions, keys = randn(3, 8, 4, seed=72), randn(8, 4, seed=73)
+    value = kdkernels.sdssl_loss(predictions, keys)
+    assert torch.equal(kdkernels.nn.SDSSLLoss()(predictions, keys), value)
+    torch.testing.assert_close(kdkernels.sdssl_loss(predictions, keys, ratio=0.0),
+                               sdssl_info_nce_loss(predictions[-1], keys), rtol=1e-12, atol=0)
+    hot = kdkernels.sdssl_loss(predictions[-1:], keys, temperature=1.0)
+    logits = F.normalize(predictions[-1], dim=1) @ F.normalize(keys, dim=1).T
+    torch.testing.assert_close(hot, 2 * F.cross_entropy(logits, torch.arange(8)), rtol=1e-12, atol=0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.sdssl_loss(predictions.to(dtype), keys.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0, :3]), ValueError,
+     r"^sdssl_loss: keys must have shape \[B, D\] = \(4, 6\)"),
+    (lambda: kdkernels.sdssl_loss(STACKED[0], STACKED[0]), ValueError, r"^sdssl_loss: predictions must have 3 dims"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0].long()), TypeError, r"^sdssl_loss: keys must be"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0], temperature=0.0), ValueError,
+     r"^sdssl_loss: temperature must be positive"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0], ratio=-1.0), ValueError, r"^sdssl_loss: ratio must be >= 0"),
+])
+def test_sdssl_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 def official_sskd_similarity(feat, batch):

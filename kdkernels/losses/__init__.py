@@ -34,8 +34,8 @@ from kdkernels.losses.ranking import darkrank_loss
 from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weights, ensemble_kd_loss, one_loss
 from kdkernels.losses.self_distillation import byot_loss, ddgsd_loss, dks_loss, sad_loss
 from kdkernels.losses.self_supervised import (byol_loss, dino_loss, hsakd_head_loss, hsakd_joint_labels,
-                                              hsakd_loss, moco_loss, simsiam_loss, softmax_mse_loss, sskd_head_loss,
-                                              sskd_loss)
+                                              hsakd_loss, moco_loss, sdssl_loss, simsiam_loss, softmax_mse_loss,
+                                              sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
 
 __all__ = [
@@ -46,8 +46,8 @@ __all__ = [
     # composed of torch ops (no fused kernel yet)
     "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "two_temperature_kd_loss", "logit_standardized_kd_loss",
     "feature_normalized_kd_loss", "mmt_loss",
-    "softmax_mse_loss", "byol_loss", "simsiam_loss", "moco_loss", "dino_loss", "sskd_head_loss", "sskd_loss",
-    "hsakd_joint_labels",
+    "softmax_mse_loss", "byol_loss", "simsiam_loss", "moco_loss", "dino_loss", "sdssl_loss", "sskd_head_loss",
+    "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
     "gan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",

@@ -164,6 +164,51 @@ def dino_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, cent
     same = torch.eye(q.shape[0], views, dtype=torch.bool, device=cross.device)
     return cross.masked_fill(same, 0.0).sum() / (q.shape[0] * views - q.shape[0])
 
+
+def _infonce_in_batch(prediction: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``2τ · CE(normalize(p) · normalize(k)ᵀ / τ, n mod B)`` of rows p [N, D] (layers stacked, N a multiple of B)
+    against keys k [B, D]: MoCo v3's contrastive loss (one device), a mean over the N rows."""
+    p = torch.nn.functional.normalize(prediction, dim=1)
+    k = torch.nn.functional.normalize(key, dim=1)
+    logits = p @ k.T / temperature
+    labels = torch.arange(p.shape[0], device=p.device) % k.shape[0]
+    return 2.0 * temperature * torch.nn.functional.cross_entropy(logits, labels)
+
+
+def sdssl_loss(predictions: torch.Tensor, keys: torch.Tensor, *, temperature: float = 0.2,
+               ratio: float = 1.0) -> torch.Tensor:
+    """``I(p_L, k) + ratio · mean_{l<L} I(p_l, k)``, ``I(p, k) = 2τ · CE(p̂ k̂ᵀ / τ, arange(B))``: SDSSL's
+    self-distilled contrastive loss of one view pair (Jang, Kim, Yoo, Kong, Kim, Kwak, "Self-Distilled
+    Self-Supervised Representation Learning", WACV 2023), on MoCo v3's in-batch InfoNCE.
+
+    As hagiss/SDSSL ``pl_train_moco.py`` ``training_step`` codes it (``info_nce_loss`` for the last layer,
+    ``info_nce_loss_layer`` for the intermediate ones, τ = 0.2, both scaled by ``2τ``): ``predictions`` [L, B, D]
+    are the student's predictions of its L layers' projections (the last row the final layer's), ``keys`` [B, D] the
+    momentum teacher's final projections of the other view; p and k are L2-normalised over D and each prediction
+    row's positive is the key of the same sample, the other samples' keys its negatives (one device: the official
+    gathers keys across ranks). With L = 1 it is MoCo v3's loss. ``ratio`` weights the intermediate layers' mean
+    (``loss_output + ratio · loss_mid``; the official code raises it from 0 to ``--ratio 1`` by a cosine); the
+    official predictor-only term ``12 · loss_detached`` (the sum over all L layers on detached projections) is this
+    function with ``ratio = L − 1``. Returns a float32 scalar (float64 for float64 input); the gradient reaches both
+    inputs (the official keys come from the teacher under no gradient: pass them detached).
+    """
+    check = Checks("sdssl_loss")
+    check.floating("predictions", predictions, dims=(3,))
+    check.floating("keys", keys, dims=(2,))
+    if keys.shape != predictions.shape[1:]:
+        check.value_error("keys", f"must have shape [B, D] = {tuple(predictions.shape[1:])} (the predictions' "
+                          "[L, B, D] without L)", f"shape {tuple(keys.shape)}")
+    check.same_device("keys", keys, "predictions", predictions)
+    temperature = check.temperature(temperature)
+    ratio = check.real("ratio", ratio, nonnegative=True)
+    p = accumulate(predictions)
+    k = accumulate(keys).to(p.dtype)
+    total = _infonce_in_batch(p[-1], k, temperature)
+    if p.shape[0] > 1 and ratio != 0.0:
+        middle = _infonce_in_batch(p[:-1].reshape(-1, p.shape[-1]), k, temperature)
+        total = total + ratio * middle
+    return total
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it

@@ -745,3 +745,205 @@ def dino(setup: Setup, out_dim: int = 65536, hidden: int = 2048, bottleneck: int
                                                          buffers="own")})
     distiller.models["target_network"].local_views = ()   # the teacher sees the global views only
     return Recipe("dino", [Stage("dino", distiller)], metrics=("linear_probe",))
+
+
+# --------------------------------------------------------------------------------------------------------- SDSSL
+
+SDSSL_PAPER = ("Jang, Kim, Yoo, Kong, Kim, Kwak. Self-Distilled Self-Supervised Representation Learning. WACV 2023")
+
+
+class SDSSLMLP(nn.Sequential):
+    """hagiss/SDSSL ``byol_pytorch/byol_pytorch.py`` ``MLP`` (``last_bn=True``, as ``NetWrapper`` builds both the
+    projectors and the predictors): ``layers − 1`` times ``Linear(hidden, no bias) → BN → ReLU``, then
+    ``Linear(out, no bias) → BN(affine=False)``."""
+
+    def __init__(self, layers: int, in_features: int, out_features: int, hidden: int):
+        modules = []
+        for index in range(layers):
+            last = index == layers - 1
+            modules.append(nn.Linear(in_features if index == 0 else hidden, out_features if last else hidden,
+                                     bias=False))
+            modules += [nn.BatchNorm1d(out_features, affine=False)] if last else [nn.BatchNorm1d(hidden), nn.ReLU()]
+        super().__init__(*modules)
+
+
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """A stage's output as one vector per sample: the mean over its spatial positions ([B, C, ...] → [B, C]), or
+    the flattened vector of a [B, D] output."""
+    return feature.flatten(2).mean(dim=2) if feature.dim() > 2 else feature.flatten(1)
+
+
+class SDSSLNetwork(nn.Module):
+    """SDSSL's student network around a classifier ``encoder`` (``NetWrapper`` with ``intermediate=True``): each
+    view (``views``, run separately) gives the pooled outputs of the intermediate stages ``intermediate_paths`` and
+    the embedding (the input of the encoder's classifier, the last layer), each through its own projector
+    (``projectors``, the last one the final layer's) and its own predictor (``predictors``), once on the projection
+    and once on the detached projection (the official predictor-only term). The stacked ``[V, L, B, D]``
+    projections, predictions and detached-input predictions pass through the identity modules ``projections``,
+    ``predictions`` and ``predictions_detached`` (taps). With ``intermediate`` False (the momentum teacher: the
+    official ``NetWrapper(intermediate=False)``) only the embedding's projection by the last projector is computed
+    (``[V, 1, B, D]``). Returns the encoder's classifier on the stop-gradient embedding of view 1."""
+
+    distill_input = BATCH
+
+    def __init__(self, encoder: nn.Module, projectors: nn.ModuleList, predictors: nn.ModuleList,
+                 intermediate_paths, views: tuple[str, str] = BYOL_VIEWS):
+        super().__init__()
+        self.encoder, self.projectors, self.predictors = encoder, projectors, predictors
+        self.classifier_path = classifier_path(encoder)
+        self.intermediate_paths = tuple(intermediate_paths)
+        self.views = tuple(views)
+        self.intermediate = True
+        self.projections, self.predictions, self.predictions_detached = nn.Identity(), nn.Identity(), nn.Identity()
+
+    encode = BYOLNetwork.encode
+
+    def layers(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """([pooled intermediate outputs..., embedding], logits) of one view."""
+        captured, handles = {}, []
+        if self.intermediate:
+            for path in self.intermediate_paths:
+                def keep(_module, _inputs, output, path=path):
+                    captured[path] = output
+                handles.append(self.encoder.get_submodule(path).register_forward_hook(keep))
+        try:
+            embedding, logits = self.encode(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [pooled(captured[path]) for path in self.intermediate_paths if path in captured] + [embedding], logits
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        projections, predictions, detached, first_logits = [], [], [], None
+        for key in self.views:
+            features, logits = self.layers(batch[key])
+            first_logits = logits if first_logits is None else first_logits
+            if not self.intermediate:
+                projections.append(self.projectors[-1](features[-1])[None])
+                continue
+            z = [project(feature) for project, feature in zip(self.projectors, features)]
+            detached.append(torch.stack([predict(p.detach()) for predict, p in zip(self.predictors, z)]))
+            predictions.append(torch.stack([predict(p) for predict, p in zip(self.predictors, z)]))
+            projections.append(torch.stack(z))
+        self.projections(torch.stack(projections))
+        if self.intermediate:
+            self.predictions(torch.stack(predictions))
+            self.predictions_detached(torch.stack(detached))
+        return first_logits
+
+
+def sdssl_ratio(ratio: float, epoch: int, epochs: int) -> float:
+    """The intermediate layers' weight at 1-based ``epoch`` of ``epochs``: ``ratio · (1 − cos(π (epoch − 1) /
+    epochs)) / 2``, from 0 towards ``ratio`` (``utils.cosine_scheduler(0, ratio, ...)``, per epoch here)."""
+    return ratio * 0.5 * (1.0 - math.cos(math.pi * min(max(epoch - 1, 0), epochs) / max(epochs, 1)))
+
+
+class SDSSLTerm(Term):
+    """SDSSL's loss (``pl_train_moco.py`` ``training_step``), over the two (student view a, teacher view b ≠ a)
+    pairs: ``sdssl_loss(P_a, sg(K_b), ratio(e)) + sdssl_loss(P̃_a, sg(K_b), L − 1)``, P the predictions of the L
+    layers, P̃ the predictions of the detached projections (the official ``loss_output + ratio · loss_mid + 12 ·
+    loss_detached`` with L = 12 layers), K the teacher's final projections."""
+
+    def __init__(self, temperature: float, ratio: float, weight: float = 1.0, *, student: str = "online",
+                 teacher: str = "target_network"):
+        super().__init__("sdssl", (f"{student}:predictions", f"{student}:predictions_detached",
+                                   f"{teacher}:projections"), weight)
+        self.temperature, self.ratio = temperature, ratio
+
+    def loss(self, predictions, detached, keys, *, context):
+        keys = keys.detach()
+        layers = predictions.shape[1]
+        ratio = sdssl_ratio(self.ratio, context.epoch, context.epochs)
+        total = 0.0
+        for a, b in ((1, 0), (0, 1)):
+            total = total + kdkernels.sdssl_loss(predictions[a], keys[b, -1], temperature=self.temperature,
+                                                 ratio=ratio)
+            total = total + kdkernels.sdssl_loss(detached[a], keys[b, -1], temperature=self.temperature,
+                                                 ratio=float(layers - 1))
+        return total
+
+
+@register("sdssl", category="self-supervised", needs_teacher=False, paper=SDSSL_PAPER,
+          presets={"digits": {"out_dim": 32, "mlp_hidden": 64, "momentum_teacher": 0.97, "translate": 1,
+                              "flip": False, "noise": 0.1}},
+          approximation="intermediate layers are the student's feature_points stages (spatially averaged) instead "
+                        "of a ViT's normalised class tokens; the intermediate-loss ratio rises by a cosine per epoch "
+                        "instead of per step; the run's optimiser and schedule instead of AdamW with warm-up and "
+                        "weight decay 0.1; random translation, flip and noise views instead of BYOL's augmentations; "
+                        "an online classifier on the stop-gradient embedding instead of a separate linear evaluation")
+def sdssl(setup: Setup, out_dim: int = 256, mlp_hidden: int = 4096, temperature: float = 0.2, ratio: float = 1.0,
+          momentum_teacher: float = 0.996, translate: int = 4, flip: bool = True, noise: float = 0.0) -> Recipe:
+    """SDSSL (SD-MoCo v3) self-distillation: ``Σ_{a≠b} [I(q_L(v_a), k(v_b)) + r(e)·mean_{l<L} I(q_l(v_a), k(v_b))
+    + Σ_l I(q_l(sg z_l(v_a)), k(v_b))]`` with ``I(q, k) = 2τ·CE(q̂ k̂ᵀ/τ, arange(B))``, every layer l of the
+    student projected and predicted, k the momentum teacher's final projection, + ``CE(classifier(sg(y(v₁))), y)``;
+    evaluated by a linear probe of the student's embedding.
+
+    As hagiss/SDSSL (commit bbd34fa; ``pl_train_moco.py``, ``byol_pytorch/byol_pytorch.py`` ``NetWrapper`` and
+    ``MLP``, ``SD_moco.json``: ``out_dim`` 256, ``mlp_hidden`` 4096, ``momentum_teacher`` 0.996, ``ratio`` 1,
+    ``st_inter`` true) trains; the base objective is MoCo v3 as the official SD-MoCo (in-batch negatives, a
+    predictor, no queue; not :func:`moco`'s v2 queue):
+
+    * the student (``online``) is the student's encoder with, for each of its L layers (the intermediate stages of
+      ``feature_points(student).stages`` except the deepest, spatially averaged, then the embedding, the
+      classifier's input), a projector (:class:`SDSSLMLP`, 3 layers, hidden ``mlp_hidden / 2`` for the intermediate
+      layers and ``mlp_hidden`` for the last, output ``out_dim``, last batch norm without affine) and a predictor
+      (2 layers, hidden ``mlp_hidden``) (:class:`SDSSLNetwork`); each view runs separately;
+    * the teacher (``target_network``) is the EMA of the student network with ``m`` from ``momentum_teacher`` to 1 by
+      a cosine over the run's steps (``momentum_update``: the encoder and the last projector; the copy here averages
+      the unused intermediate heads too), parameters only, in train mode with its own batch-norm statistics; it
+      computes only the final projection k (``NetWrapper(intermediate=False)``), with no gradient;
+    * the loss is :class:`SDSSLTerm` (:func:`kdkernels.sdssl_loss`, τ 0.2) over the two view pairs: the final
+      layer's prediction against the other view's key, plus ``r(e)`` times the mean over the intermediate layers
+      (``ratio`` reached by a cosine from 0, ``ratio_schedule``), plus the sum over all layers of the predictions
+      of the detached projections (``12 · loss_detached``: it trains the predictors only);
+    * as in :func:`byol`, the student's own classifier trains on the stop-gradient embedding of view 1 (weight 1):
+      the labels never reach the encoder, and the method adds the ``linear_probe`` metric.
+
+    Differences, flagged as an approximation: the official layers are a ViT's 12 blocks (the final layer norm of
+    each block's class token, ``get_intermediate_layers``); here they are the student's declared stages, averaged
+    over space (L = 3 for the digits CNN: stage1, stage2 and the embedding); the ratio's cosine advances per epoch
+    (the step count of the run is not known to a term), the official one per step; the run's optimiser and
+    schedule are used (official: AdamW, lr 1.5e-4·B/256 with 40 warm-up epochs, weight decay 0.1); the views are a
+    random translation by up to ``translate`` pixels, a horizontal flip and Gaussian noise of std ``noise`` (the
+    official: BYOL's crops, colour jitter, blur and solarisation). Not confirmed: the paper's SimCLR and BYOL
+    variants (``pl_train_simclr.py``, ``pl_train_byol.py``) were not transcribed; only SD-MoCo v3 is. Preset
+    ``digits``: ``out_dim`` 32 and ``mlp_hidden`` 64 for the 16-wide embeddings, teacher momentum 0.97, 1-pixel
+    shifts with noise of std 0.1 and no flip.
+    """
+    check = Checks("sdssl")
+    out_dim = check.integer("out_dim", out_dim, minimum=1)
+    mlp_hidden = check.integer("mlp_hidden", mlp_hidden, minimum=2)
+    temperature = check.temperature(temperature)
+    ratio = check.real("ratio", ratio, nonnegative=True)
+    momentum_teacher = check.probability("momentum_teacher", momentum_teacher)
+    translate = check.integer("translate", translate, minimum=0)
+    flip = check.flag("flip", flip)
+    noise = check.real("noise", noise, nonnegative=True)
+    width = embedding_width(setup.student)
+    intermediate = list(feature_points(setup.student).stages)[:-1]
+    widths = [intermediate_width(setup.student, path) for path in intermediate] + [width]
+    projectors = nn.ModuleList(SDSSLMLP(3, w, out_dim, mlp_hidden if i == len(widths) - 1 else mlp_hidden // 2)
+                               for i, w in enumerate(widths))
+    predictors = nn.ModuleList(SDSSLMLP(2, out_dim, out_dim, mlp_hidden) for _ in widths)
+    online = SDSSLNetwork(setup.student, projectors, predictors, intermediate)
+    terms = [SDSSLTerm(temperature, ratio), CrossEntropyTerm("online", name="ce_classifier")]
+    distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
+                          frozen_train_mode=("target_network",), evaluate=("student",),
+                          views=byol_views(translate, flip, noise),
+                          updates={"target_network": EMA("online", momentum_teacher, schedule="cosine",
+                                                         buffers="own")})
+    distiller.models["target_network"].intermediate = False   # the teacher computes the final projection only
+    return Recipe("sdssl", [Stage("sdssl", distiller)], metrics=("linear_probe",))
+
+
+def intermediate_width(encoder: nn.Module, path: str) -> int:
+    """The pooled width of stage ``path``'s output (channels of a [B, C, ...] output, D of a [B, D] one), found by
+    the module's own parameters: the out_channels/out_features of its last conv/linear layer, or the num_features of
+    its last batch norm."""
+    module = encoder.get_submodule(path)
+    for inner in reversed(list(module.modules())):
+        for attribute in ("num_features", "out_channels", "out_features"):
+            if isinstance(getattr(inner, attribute, None), int):
+                return getattr(inner, attribute)
+    raise ValueError(f"sdssl: cannot tell the width of the student's stage {path!r}: it holds no conv, linear or "
+                     "batch-norm layer")
