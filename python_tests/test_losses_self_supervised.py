@@ -120,6 +120,291 @@ def test_byol_loss_bad_arguments_raise_naming_the_argument(call, error, match):
         call()
 
 
+
+# ------------------------------------------------------------------------------------------------------- SimSiam
+
+def simsiam_official_loss(p1, p2, z1, z2):
+    """facebookresearch/simsiam ``main_simsiam.py`` ``train``: ``criterion = nn.CosineSimilarity(dim=1)``, ``loss =
+    −(criterion(p1, z2).mean() + criterion(p2, z1).mean()) · 0.5`` (z detached by ``simsiam/builder.py``)."""
+    criterion = torch.nn.CosineSimilarity(dim=1)
+    return -(criterion(p1, z2.detach()).mean() + criterion(p2, z1.detach()).mean()) * 0.5
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (32, 64)], ids=["6x5", "32x64"])
+def test_simsiam_loss_is_the_official_negative_cosine(shape):
+    p1, p2 = randn(*shape, seed=40, scale=2.0, grad=True), randn(*shape, seed=41, grad=True)
+    z1, z2 = randn(*shape, seed=42, scale=0.5, grad=True), randn(*shape, seed=43, scale=3.0, grad=True)
+    assert_equals_official(
+        lambda a, b, c, d: 0.5 * (kdkernels.simsiam_loss(a, d.detach()) + kdkernels.simsiam_loss(b, c.detach())),
+        simsiam_official_loss, p1, p2, z1, z2, what="simsiam symmetrised loss (main_simsiam.py)")
+    assert_equals_official(lambda p, z: kdkernels.simsiam_loss(p, z, reduction="none"),
+                           lambda p, z: -(p * z).sum(1) / (p.norm(dim=1) * z.norm(dim=1)), p1, z2,
+                           what="simsiam per sample −cos (both gradients)")
+    assert_equals_official(lambda p, z: kdkernels.simsiam_loss(p, z, reduction="sum"),
+                           lambda p, z: -torch.nn.CosineSimilarity(dim=1)(p, z).sum(), p1, z2, what="simsiam (sum)")
+
+
+def test_simsiam_loss_precisions_and_module():
+    prediction, target = randn(8, 4, seed=44), randn(8, 4, seed=45, scale=3.0)
+    value = kdkernels.simsiam_loss(prediction, target)
+    assert -1.0 <= value.item() <= 1.0
+    torch.testing.assert_close(kdkernels.simsiam_loss(prediction, prediction), torch.tensor(-1.0, dtype=torch.float64))
+    assert torch.equal(kdkernels.nn.SimSiamLoss(reduction="sum")(prediction, target),
+                       kdkernels.simsiam_loss(prediction, target, reduction="sum"))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.simsiam_loss(prediction.to(dtype), target.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=2e-2, atol=2e-2)
+    zero = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    kdkernels.simsiam_loss(zero, torch.ones(3, 4, dtype=torch.float64)).backward()
+    assert torch.isfinite(zero.grad).all(), "the 1e-8 floor of nn.CosineSimilarity"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES[:, :5]), ValueError,
+     r"^simsiam_loss: prediction must have the same shape as target"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES[:3]), ValueError,
+     r"^simsiam_loss: target must have the same batch size as prediction"),
+    (lambda: kdkernels.simsiam_loss(FEATURES[0], FEATURES[0]), ValueError,
+     r"^simsiam_loss: prediction must have 2 dims"),
+    (lambda: kdkernels.simsiam_loss(FEATURES.long(), FEATURES), TypeError, r"^simsiam_loss: prediction must be"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, [1.0]), TypeError, r"^simsiam_loss: target must be a torch.Tensor"),
+    (lambda: kdkernels.simsiam_loss(FEATURES, FEATURES, reduction="mean"), ValueError,
+     r"^simsiam_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+])
+def test_simsiam_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------- MoCo
+
+def moco_official_logits(q, k, queue_dk, T):
+    """facebookresearch/moco ``moco/builder.py`` ``MoCo.forward`` (after the encoders): normalised q and k,
+    ``l_pos = einsum('nc,nc->n')``, ``l_neg = einsum('nc,ck->nk', q, queue)`` with the official [dim, K] queue,
+    ``logits = cat([l_pos, l_neg]) / T``, labels zeros."""
+    q = torch.nn.functional.normalize(q, dim=1)
+    k = torch.nn.functional.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", [q, queue_dk])
+    logits = torch.cat([l_pos, l_neg], dim=1)
+    logits /= T
+    return logits, torch.zeros(logits.shape[0], dtype=torch.long)
+
+
+def moco_official_loss(q, k, queue_dk, T, reduction="mean"):
+    """``main_moco.py``: ``criterion = nn.CrossEntropyLoss()`` of ``model(im_q, im_k)``."""
+    logits, labels = moco_official_logits(q, k, queue_dk, T)
+    return torch.nn.CrossEntropyLoss(reduction=reduction)(logits, labels)
+
+
+@pytest.mark.parametrize("batch, dim, queue_size, temperature", [(6, 5, 12, 0.07), (16, 32, 64, 0.2)])
+def test_moco_loss_is_the_official_infonce(batch, dim, queue_size, temperature):
+    query, key = randn(batch, dim, seed=50, scale=2.0, grad=True), randn(batch, dim, seed=51, grad=True)
+    queue = F.normalize(randn(dim, queue_size, seed=52), dim=0).T.contiguous().requires_grad_()
+    assert_equals_official(lambda q, k, n: kdkernels.moco_loss(q, k, n, temperature=temperature),
+                           lambda q, k, n: moco_official_loss(q, k, n.T, temperature), query, key, queue,
+                           what="moco InfoNCE (batch mean)")
+    for reduction, official in (("sum", "sum"), ("none", "none")):
+        assert_equals_official(lambda q, k, n: kdkernels.moco_loss(q, k, n, temperature=temperature,
+                                                                   reduction=reduction),
+                               lambda q, k, n: moco_official_loss(q, k, n.T, temperature, official), query, key,
+                               queue, what=f"moco ({reduction})")
+
+
+def test_moco_loss_default_temperature_precisions_and_module():
+    query, key, queue = randn(8, 4, seed=53), randn(8, 4, seed=54), F.normalize(randn(10, 4, seed=55), dim=1)
+    value = kdkernels.moco_loss(query, key, queue)
+    torch.testing.assert_close(value, moco_official_loss(query, key, queue.T, 0.07), rtol=1e-12, atol=0)
+    assert torch.equal(kdkernels.nn.MoCoLoss(temperature=0.2)(query, key, queue),
+                       kdkernels.moco_loss(query, key, queue, temperature=0.2))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.moco_loss(query.to(dtype), key.to(dtype), queue.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+    # the positive alone scores far above unrelated negatives: the loss is close to 0
+    far = kdkernels.moco_loss(query[:1], query[:1] * 3, -F.normalize(query[:1], dim=1), temperature=0.07)
+    assert far.item() < 1e-6
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES[:, :5], FEATURES), ValueError,
+     r"^moco_loss: query must have the same shape as key"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES[:, :5]), ValueError,
+     r"^moco_loss: queue must hold keys of the query's width 6 \(shape \[K, D\]\), got shape \(4, 5\)"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES[0]), ValueError, r"^moco_loss: queue must have 2 dims"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES.long()), TypeError, r"^moco_loss: queue must be"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES, temperature=0.0), ValueError,
+     r"^moco_loss: temperature must be positive"),
+    (lambda: kdkernels.moco_loss(FEATURES, FEATURES, FEATURES, reduction="mean"), ValueError,
+     r"^moco_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+])
+def test_moco_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------- DINO
+
+def dino_official_loss(student_output, teacher_output, center, ncrops, temp, student_temp=0.1):
+    """facebookresearch/dino ``main_dino.py`` ``DINOLoss.forward`` (without the center update), on the official
+    [V·B, K] layouts (views concatenated along the batch)."""
+    student_out = student_output / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher_output - center) / temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(2)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    total_loss /= n_loss_terms
+    return total_loss
+
+
+@pytest.mark.parametrize("views, batch, classes, temp", [(2, 5, 7, 0.04), (6, 8, 32, 0.07)])
+def test_dino_loss_is_the_official_multicrop_cross_entropy(views, batch, classes, temp):
+    student = randn(views, batch, classes, seed=60, scale=2.0, grad=True)
+    teacher = randn(2, batch, classes, seed=61, scale=0.5, grad=True)
+    center = randn(1, classes, seed=62, scale=0.3)
+    assert_equals_official(
+        lambda s, t: kdkernels.dino_loss(s, t, center, teacher_temperature=temp),
+        lambda s, t: dino_official_loss(s.reshape(views * batch, classes), t.reshape(2 * batch, classes), center,
+                                        views, temp), student, teacher, what="dino loss (DINOLoss.forward)")
+    assert_equals_official(
+        lambda s, t: kdkernels.dino_loss(s, t, center[0], student_temperature=0.2, teacher_temperature=temp),
+        lambda s, t: dino_official_loss(s.reshape(views * batch, classes), t.reshape(2 * batch, classes), center,
+                                        views, temp, student_temp=0.2), student, teacher,
+        what="dino loss (student temperature 0.2, a [K] center)")
+
+
+def test_dino_loss_precisions_module_and_one_teacher_view():
+    student, teacher, center = randn(3, 4, 6, seed=63), randn(2, 4, 6, seed=64), randn(6, seed=65, scale=0.1)
+    value = kdkernels.dino_loss(student, teacher, center)
+    assert torch.equal(kdkernels.nn.DINOLoss()(student, teacher, center), value)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.dino_loss(student.to(dtype), teacher.to(dtype), center.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+    one = kdkernels.dino_loss(student, teacher[:1], center)
+    q = F.softmax((teacher[0] - center) / 0.04, dim=-1)
+    expected = sum(-(q * F.log_softmax(student[v] / 0.1, dim=-1)).sum(-1).mean() for v in (1, 2)) / 2
+    torch.testing.assert_close(one, expected, rtol=1e-12, atol=0)
+
+
+STACKED = torch.randn(3, 4, 6)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2, :, :5], STACKED[0, 0]), ValueError,
+     r"^dino_loss: teacher_outputs must have shape \[V_t, 4, 6\] with 1 <= V_t <= 3"),
+    (lambda: kdkernels.dino_loss(STACKED[:2], STACKED, STACKED[0, 0]), ValueError,
+     r"^dino_loss: teacher_outputs must have shape \[V_t, 4, 6\] with 1 <= V_t <= 2"),
+    (lambda: kdkernels.dino_loss(STACKED[:1], STACKED[:1], STACKED[0, 0]), ValueError,
+     r"^dino_loss: student_outputs must hold at least 2 views"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0, :5]), ValueError,
+     r"^dino_loss: center must have shape \[6\] or \[1, 6\]"),
+    (lambda: kdkernels.dino_loss(STACKED[0], STACKED[:2], STACKED[0, 0]), ValueError,
+     r"^dino_loss: student_outputs must have 3 dims"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2].long(), STACKED[0, 0]), TypeError,
+     r"^dino_loss: teacher_outputs must be"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0], teacher_temperature=0.0), ValueError,
+     r"^dino_loss: teacher_temperature must be positive"),
+    (lambda: kdkernels.dino_loss(STACKED, STACKED[:2], STACKED[0, 0], student_temperature=-1.0), ValueError,
+     r"^dino_loss: student_temperature must be positive"),
+])
+def test_dino_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------------------- SDSSL
+
+def sdssl_info_nce_loss(s_features, t_features):
+    """hagiss/SDSSL ``pl_train_moco.py`` ``PLLearner.info_nce_loss`` (rank 0 of one process)."""
+    batch_size = s_features.shape[0]
+    labels = torch.arange(batch_size, dtype=torch.long)
+    s_features = F.normalize(s_features, dim=1)
+    t_features = F.normalize(t_features, dim=1)
+    similarity_matrix = torch.matmul(s_features, t_features.T)
+    tau = 0.2
+    logits = similarity_matrix / tau
+    loss = torch.nn.CrossEntropyLoss()(logits, labels)
+    return 2 * tau * loss
+
+
+def sdssl_info_nce_loss_layer(s_features, t_features, depth):
+    """``PLLearner.info_nce_loss_layer`` (rank 0): ``depth`` layers' predictions stacked along the batch."""
+    batch_size = s_features.shape[0]
+    batch_size /= depth
+    labels = torch.cat([torch.arange(batch_size, dtype=torch.long) for _ in range(depth)], dim=0)
+    s_features = F.normalize(s_features, dim=1)
+    t_features = F.normalize(t_features, dim=1)
+    similarity_matrix = torch.matmul(s_features, t_features.T)
+    tau = 0.2
+    logits = similarity_matrix / tau
+    loss = torch.nn.CrossEntropyLoss()(logits, labels)
+    return 2 * tau * loss
+
+
+def sdssl_official(predictions, keys, ratio):
+    """``training_step``'s ``loss_output + self.ratio * loss_mid`` for one view pair (``st_inter``: the last
+    layer's prediction against the keys, the mean over the intermediate layers' predictions)."""
+    layers, batch, dim = predictions.shape
+    flat = predictions.reshape(layers * batch, dim)
+    student_mid, student_output = torch.split(flat, [batch * (layers - 1), batch], dim=0)
+    loss_mid = sdssl_info_nce_loss_layer(student_mid, keys, layers - 1)
+    return sdssl_info_nce_loss(student_output, keys) + ratio * loss_mid
+
+
+@pytest.mark.parametrize("layers, batch, dim, ratio", [(12, 6, 5, 1.0), (3, 16, 32, 0.37)])
+def test_sdssl_loss_is_the_official_self_distilled_infonce(layers, batch, dim, ratio):
+    predictions = randn(layers, batch, dim, seed=70, scale=2.0, grad=True)
+    keys = randn(batch, dim, seed=71, grad=True)
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p, k, ratio=ratio),
+                           lambda p, k: sdssl_official(p, k, ratio), predictions, keys,
+                           what="sdssl loss_output + ratio·loss_mid")
+    # the predictor-only term: 12 · info_nce_loss_layer(all layers) with depth 12 = ratio L − 1
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p, k, ratio=layers - 1),
+                           lambda p, k: layers * sdssl_info_nce_loss_layer(p.reshape(-1, dim), k, layers),
+                           predictions, keys, what="sdssl 12·loss_detached")
+    assert_equals_official(lambda p, k: kdkernels.sdssl_loss(p[-1:], k),
+                           lambda p, k: sdssl_info_nce_loss(p[-1], k), predictions, keys,
+                           what="MoCo v3 (one layer)")
+
+
+def test_sdssl_loss_precisions_module_and_temperature():
+    predictions, keys = randn(3, 8, 4, seed=72), randn(8, 4, seed=73)
+    value = kdkernels.sdssl_loss(predictions, keys)
+    assert torch.equal(kdkernels.nn.SDSSLLoss()(predictions, keys), value)
+    torch.testing.assert_close(kdkernels.sdssl_loss(predictions, keys, ratio=0.0),
+                               sdssl_info_nce_loss(predictions[-1], keys), rtol=1e-12, atol=0)
+    hot = kdkernels.sdssl_loss(predictions[-1:], keys, temperature=1.0)
+    logits = F.normalize(predictions[-1], dim=1) @ F.normalize(keys, dim=1).T
+    torch.testing.assert_close(hot, 2 * F.cross_entropy(logits, torch.arange(8)), rtol=1e-12, atol=0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = kdkernels.sdssl_loss(predictions.to(dtype), keys.to(dtype))
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), value, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0, :3]), ValueError,
+     r"^sdssl_loss: keys must have shape \[B, D\] = \(4, 6\)"),
+    (lambda: kdkernels.sdssl_loss(STACKED[0], STACKED[0]), ValueError, r"^sdssl_loss: predictions must have 3 dims"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0].long()), TypeError, r"^sdssl_loss: keys must be"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0], temperature=0.0), ValueError,
+     r"^sdssl_loss: temperature must be positive"),
+    (lambda: kdkernels.sdssl_loss(STACKED, STACKED[0], ratio=-1.0), ValueError, r"^sdssl_loss: ratio must be >= 0"),
+])
+def test_sdssl_loss_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 def official_sskd_similarity(feat, batch):

@@ -36,8 +36,9 @@ from kdkernels.losses.ensemble import camkd_feature_loss, camkd_loss, camkd_weig
 from kdkernels.losses.online import mcl_loss, pcl_loss
 from kdkernels.losses.self_distillation import (byot_loss, ddgsd_loss, dks_loss, mixskd_loss, sad_loss,
                                                snapshot_distillation_loss)
-from kdkernels.losses.self_supervised import (byol_loss, hsakd_head_loss, hsakd_joint_labels, hsakd_loss,
-                                              softmax_mse_loss, sskd_head_loss, sskd_loss)
+from kdkernels.losses.self_supervised import (byol_loss, dino_loss, hsakd_head_loss, hsakd_joint_labels,
+                                              hsakd_loss, moco_loss, sdssl_loss, simsiam_loss, softmax_mse_loss,
+                                              sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
 from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss, oec_kd_loss
 
@@ -49,7 +50,8 @@ __all__ = [
     # composed of torch ops (no fused kernel yet)
     "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "two_temperature_kd_loss", "logit_standardized_kd_loss",
     "feature_normalized_kd_loss", "mmt_loss",
-    "softmax_mse_loss", "byol_loss", "sskd_head_loss", "sskd_loss", "hsakd_joint_labels",
+    "softmax_mse_loss", "byol_loss", "simsiam_loss", "moco_loss", "dino_loss", "sdssl_loss", "sskd_head_loss",
+    "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
     "gan_discriminator_loss", "lsgan_generator_loss", "lsgan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",

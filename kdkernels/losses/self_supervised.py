@@ -64,6 +64,151 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor, *,
     return reduce_rows(rows, reduction)
 
 
+
+SIMSIAM_COSINE_EPSILON = 1e-8   # torch.nn.CosineSimilarity's default eps, the criterion of main_simsiam.py
+
+
+def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor, *,
+                 reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """``−cos(p, z)`` per sample: SimSiam's negative cosine similarity (Chen & He, CVPR 2021).
+
+    As facebookresearch/simsiam ``main_simsiam.py`` codes it: ``criterion = nn.CosineSimilarity(dim=1)`` (eps 1e-8)
+    of the prediction p [B, D] of one view and the projection z [B, D] of the other, and ``loss = −(criterion(p1,
+    z2).mean() + criterion(p2, z1).mean()) · 0.5``: this function is one of the two halves, ``−cos(p, z)`` per
+    sample with the batch mean (``"batchmean"``, the default; also ``"sum"`` and ``"none"``). The gradient reaches
+    both inputs; the official code stops it at z (``simsiam/builder.py`` returns ``z1.detach(), z2.detach()``): pass
+    the target projection detached.
+    """
+    check = Checks("simsiam_loss")
+    check.feature_pair("prediction", prediction, "target", target, dims=(2,), same_shape=True)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    online = accumulate(prediction)
+    rows = -torch.nn.functional.cosine_similarity(online, accumulate(target).to(online.dtype), dim=-1,
+                                                  eps=SIMSIAM_COSINE_EPSILON)
+    return reduce_rows(rows, reduction)
+
+
+MOCO_NORM_EPSILON = 1e-12   # torch.nn.functional.normalize's default eps, as moco/builder.py calls it
+
+
+def moco_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.07,
+              reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """``−log(exp(q·k/T) / (exp(q·k/T) + Σ_j exp(q·n_j/T)))`` per sample: MoCo's InfoNCE of each query against its
+    positive key and the queue of negative keys (He, Fan, Wu, Xie, Girshick, CVPR 2020; Chen et al., MoCo v2 2020).
+
+    As facebookresearch/moco ``moco/builder.py`` ``MoCo.forward`` and ``main_moco.py`` code it: ``q =
+    normalize(query)`` and ``k = normalize(key)`` over D (``nn.functional.normalize``, eps 1e-12), ``l_pos = q·k``
+    [B, 1], ``l_neg = q · queue`` [B, K], ``logits = cat([l_pos, l_neg]) / T``, cross-entropy with the positive at
+    index 0 (``nn.CrossEntropyLoss``: the batch mean, ``"batchmean"``; also ``"sum"`` and ``"none"``). ``query``,
+    ``key`` [B, D]; ``queue`` [K, D], one negative key per row (the official buffer is its transpose [D, K]), used as
+    given: the official queue holds normalised keys. Defaults: T 0.07 (MoCo v1; v2 trains with 0.2). The gradient
+    reaches every input; the official code computes the keys under ``no_grad`` and detaches the queue: pass them
+    detached.
+    """
+    check = Checks("moco_loss")
+    check.feature_pair("query", query, "key", key, dims=(2,), same_shape=True)
+    check.features("queue", queue, dims=(2,))
+    if queue.shape[1] != query.shape[1]:
+        check.value_error("queue", f"must hold keys of the query's width {query.shape[1]} (shape [K, D])",
+                          f"shape {tuple(queue.shape)}")
+    check.same_device("queue", queue, "query", query)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    q = torch.nn.functional.normalize(accumulate(query), dim=1, eps=MOCO_NORM_EPSILON)
+    k = torch.nn.functional.normalize(accumulate(key).to(q.dtype), dim=1, eps=MOCO_NORM_EPSILON)
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ accumulate(queue).to(q.dtype).T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    rows = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return reduce_rows(rows, reduction)
+
+
+def dino_loss(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, center: torch.Tensor, *,
+              student_temperature: float = 0.1, teacher_temperature: float = 0.04) -> torch.Tensor:
+    """``mean_{(i, v), v ≠ i} mean_b Σ_k −softmax((t_i − c)/τ_t)_bk · log softmax(s_v/τ_s)_bk``: DINO's
+    cross-entropy of the centred, sharpened teacher on each global view against the student on every other view
+    (Caron, Touron, Misra, Jégou, Mairal, Bojanowski, Joulin, ICCV 2021).
+
+    As facebookresearch/dino ``main_dino.py`` ``DINOLoss.forward`` codes it (``student_temp`` 0.1; the teacher
+    temperature of the current epoch, 0.04 → 0.07 over the warm-up in the recommended runs): the student's outputs
+    on all V_s views ``student_outputs`` [V_s, B, K] (the official chunks of ``student_output / student_temp``), the
+    teacher's on the V_t ≤ V_s global views ``teacher_outputs`` [V_t, B, K] (the teacher sees the first V_t of the
+    student's views, in the same order), ``center`` [K] or [1, K]; every pair of a teacher view i and a student view
+    v ≠ i contributes the batch mean of ``Σ_k −q·log p``, and the pairs are averaged (``total_loss /=
+    n_loss_terms``). The teacher's probabilities carry no gradient (``.detach()``); the gradient reaches
+    ``student_outputs`` only. The center's update (``update_center``: ``c ← m·c + (1 − m)·mean_{views, b} t``) is
+    the caller's. Returns a float32 scalar (float64 for float64 input).
+    """
+    check = Checks("dino_loss")
+    check.floating("student_outputs", student_outputs, dims=(3,))
+    check.floating("teacher_outputs", teacher_outputs, dims=(3,))
+    check.floating("center", center, dims=(1, 2))
+    views, batch, classes = student_outputs.shape
+    if teacher_outputs.shape[1:] != (batch, classes) or not 1 <= teacher_outputs.shape[0] <= views:
+        check.value_error("teacher_outputs", f"must have shape [V_t, {batch}, {classes}] with 1 <= V_t <= {views} "
+                          "(the teacher's global views, the student's first)", f"shape {tuple(teacher_outputs.shape)}")
+    if center.shape[-1] != classes or center.numel() != classes:
+        check.value_error("center", f"must have shape [{classes}] or [1, {classes}]", f"shape {tuple(center.shape)}")
+    if views < 2:
+        check.value_error("student_outputs", "must hold at least 2 views (a pair of different views)",
+                          f"shape {tuple(student_outputs.shape)}")
+    check.same_device("teacher_outputs", teacher_outputs, "student_outputs", student_outputs)
+    check.same_device("center", center, "student_outputs", student_outputs)
+    student_temperature = check.temperature(student_temperature, "student_temperature")
+    teacher_temperature = check.temperature(teacher_temperature, "teacher_temperature")
+    log_p = torch.log_softmax(accumulate(student_outputs) / student_temperature, dim=-1)
+    teacher = accumulate(teacher_outputs).to(log_p.dtype).detach()
+    q = torch.softmax((teacher - accumulate(center).to(log_p.dtype).reshape(1, 1, classes)) / teacher_temperature,
+                      dim=-1)
+    cross = -torch.einsum("ibk,vbk->iv", q, log_p) / batch          # [V_t, V_s]: batch means of every pair
+    same = torch.eye(q.shape[0], views, dtype=torch.bool, device=cross.device)
+    return cross.masked_fill(same, 0.0).sum() / (q.shape[0] * views - q.shape[0])
+
+
+def _infonce_in_batch(prediction: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``2τ · CE(normalize(p) · normalize(k)ᵀ / τ, n mod B)`` of rows p [N, D] (layers stacked, N a multiple of B)
+    against keys k [B, D]: MoCo v3's contrastive loss (one device), a mean over the N rows."""
+    p = torch.nn.functional.normalize(prediction, dim=1)
+    k = torch.nn.functional.normalize(key, dim=1)
+    logits = p @ k.T / temperature
+    labels = torch.arange(p.shape[0], device=p.device) % k.shape[0]
+    return 2.0 * temperature * torch.nn.functional.cross_entropy(logits, labels)
+
+
+def sdssl_loss(predictions: torch.Tensor, keys: torch.Tensor, *, temperature: float = 0.2,
+               ratio: float = 1.0) -> torch.Tensor:
+    """``I(p_L, k) + ratio · mean_{l<L} I(p_l, k)``, ``I(p, k) = 2τ · CE(p̂ k̂ᵀ / τ, arange(B))``: SDSSL's
+    self-distilled contrastive loss of one view pair (Jang, Kim, Yoo, Kong, Kim, Kwak, "Self-Distilled
+    Self-Supervised Representation Learning", WACV 2023), on MoCo v3's in-batch InfoNCE.
+
+    As hagiss/SDSSL ``pl_train_moco.py`` ``training_step`` codes it (``info_nce_loss`` for the last layer,
+    ``info_nce_loss_layer`` for the intermediate ones, τ = 0.2, both scaled by ``2τ``): ``predictions`` [L, B, D]
+    are the student's predictions of its L layers' projections (the last row the final layer's), ``keys`` [B, D] the
+    momentum teacher's final projections of the other view; p and k are L2-normalised over D and each prediction
+    row's positive is the key of the same sample, the other samples' keys its negatives (one device: the official
+    gathers keys across ranks). With L = 1 it is MoCo v3's loss. ``ratio`` weights the intermediate layers' mean
+    (``loss_output + ratio · loss_mid``; the official code raises it from 0 to ``--ratio 1`` by a cosine); the
+    official predictor-only term ``12 · loss_detached`` (the sum over all L layers on detached projections) is this
+    function with ``ratio = L − 1``. Returns a float32 scalar (float64 for float64 input); the gradient reaches both
+    inputs (the official keys come from the teacher under no gradient: pass them detached).
+    """
+    check = Checks("sdssl_loss")
+    check.floating("predictions", predictions, dims=(3,))
+    check.floating("keys", keys, dims=(2,))
+    if keys.shape != predictions.shape[1:]:
+        check.value_error("keys", f"must have shape [B, D] = {tuple(predictions.shape[1:])} (the predictions' "
+                          "[L, B, D] without L)", f"shape {tuple(keys.shape)}")
+    check.same_device("keys", keys, "predictions", predictions)
+    temperature = check.temperature(temperature)
+    ratio = check.real("ratio", ratio, nonnegative=True)
+    p = accumulate(predictions)
+    k = accumulate(keys).to(p.dtype)
+    total = _infonce_in_batch(p[-1], k, temperature)
+    if p.shape[0] > 1 and ratio != 0.0:
+        middle = _infonce_in_batch(p[:-1].reshape(-1, p.shape[-1]), k, temperature)
+        total = total + ratio * middle
+    return total
+
 # ---------------------------------------------------------------------------------------------------------- SSKD
 
 SSKD_COSINE_EPSILON = 1e-8   # torch.nn.functional.cosine_similarity's eps, as the official code calls it
