@@ -161,20 +161,21 @@ class BYOLNetwork(nn.Module):
         return logits[0]
 
 
-def classifier_path(encoder: nn.Module) -> str:
-    """The path of ``encoder``'s final linear layer, whose input must be its embedding (``feature_points``)."""
+def classifier_path(encoder: nn.Module, method: str = "byol") -> str:
+    """The path of ``encoder``'s final linear layer, whose input must be its embedding (``feature_points``); the
+    error names ``method``."""
     points = feature_points(encoder)
     if points.embedding != f"{points.classifier}/input":
-        raise ValueError(f"byol: the student's embedding {points.embedding!r} must be the input of its classifier "
+        raise ValueError(f"{method}: the student's embedding {points.embedding!r} must be the input of its classifier "
                          f"{points.classifier!r} (the classifier trains on the stop-gradient embedding)")
     return points.classifier
 
 
-def embedding_width(encoder: nn.Module) -> int:
-    """The embedding's width: the ``in_features`` of the encoder's linear classifier."""
-    classifier = encoder.get_submodule(classifier_path(encoder))
+def embedding_width(encoder: nn.Module, method: str) -> int:
+    """The embedding's width: the ``in_features`` of the encoder's linear classifier (errors name ``method``)."""
+    classifier = encoder.get_submodule(classifier_path(encoder, method))
     if not isinstance(classifier, nn.Linear):
-        raise ValueError(f"byol: the student's classifier must be an nn.Linear (its in_features size the projector), "
+        raise ValueError(f"{method}: the student's classifier must be an nn.Linear (its in_features size the projector), "
                          f"got {type(classifier).__name__}")
     return classifier.in_features
 
@@ -250,7 +251,7 @@ def byol(setup: Setup, projector_hidden: int = 4096, projection: int = 256, pred
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
     noise = check.real("noise", noise, nonnegative=True)
-    width = embedding_width(setup.student)
+    width = embedding_width(setup.student, "byol")
     online = BYOLNetwork(setup.student, ProjectionMLP(width, projector_hidden, projection),
                          ProjectionMLP(projection, predictor_hidden, projection))
     terms = [BYOLTerm(), CrossEntropyTerm("online", name="ce_classifier")]
@@ -347,7 +348,7 @@ def simsiam(setup: Setup, dim: int = 2048, pred_dim: int = 512, projector_hidden
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
     noise = check.real("noise", noise, nonnegative=True)
-    width = embedding_width(setup.student)
+    width = embedding_width(setup.student, "simsiam")
     online = BYOLNetwork(setup.student, SimSiamProjector(width, projector_hidden or width, dim),
                          SimSiamPredictor(dim, pred_dim))
     terms = [SimSiamTerm(), CrossEntropyTerm("online", name="ce_classifier")]
@@ -480,7 +481,7 @@ def moco(setup: Setup, dim: int = 128, queue_size: int = 65536, momentum: float 
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
     noise = check.real("noise", noise, nonnegative=True)
-    width = embedding_width(setup.student)
+    width = embedding_width(setup.student, "moco")
     online = HeadNetwork(setup.student, moco_head(width, dim, mlp, mlp_hidden or width))
     terms = [MoCoTerm(dim, queue_size, temperature), CrossEntropyTerm("online", name="ce_classifier")]
     distiller = Distiller({"student": setup.student, "online": online}, terms, trainable=("student", "online"),
@@ -723,7 +724,7 @@ def dino(setup: Setup, out_dim: int = 65536, hidden: int = 2048, bottleneck: int
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
     noise = check.real("noise", noise, nonnegative=True)
-    width = embedding_width(setup.student)
+    width = embedding_width(setup.student, "dino")
     local_views = tuple(f"input_local{index}" for index in range(local_crops))
     views = byol_views(translate, flip, noise)
     for key in local_views:
@@ -919,7 +920,7 @@ def sdssl(setup: Setup, out_dim: int = 256, mlp_hidden: int = 4096, temperature:
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
     noise = check.real("noise", noise, nonnegative=True)
-    width = embedding_width(setup.student)
+    width = embedding_width(setup.student, "sdssl")
     intermediate = list(feature_points(setup.student).stages)[:-1]
     widths = [intermediate_width(setup.student, path) for path in intermediate] + [width]
     projectors = nn.ModuleList(SDSSLMLP(3, w, out_dim, mlp_hidden if i == len(widths) - 1 else mlp_hidden // 2)
