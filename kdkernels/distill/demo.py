@@ -165,7 +165,9 @@ def markdown_table(report: dict) -> str:
     if learned:
         lines += ["", "Learned hyperparameters after the last epoch (mean over the seeds): " + "; ".join(learned) + "."]
     lines.append("")
-    lines.append(f"Total time {report['total_seconds']:.0f} s.")
+    trained = sum(run["train_seconds"] for summary in report["methods"].values() for run in summary["runs"])
+    lines.append(f"Students' training time {trained:.0f} s in all; this call took {report['total_seconds']:.0f} s "
+                 "(runs found finished in the runs folder are read back, not retrained).")
     return "\n".join(lines) + "\n"
 
 
