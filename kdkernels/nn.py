@@ -149,6 +149,8 @@ _SPECS = [
      "loss = ce + BDKDLoss(temperature=3.0)(z_a, z_b.detach())"),
     ("MMTLoss", losses.mmt_loss, ("logits_1", "logits_2", "ema_logits_1", "ema_logits_2", "labels"),
      "loss = MMTLoss(soft_ce_weight=0.5)(net_1(x1), net_2(x2), ema_1(x1), ema_2(x2), y)"),
+    ("PrivilegedLoss", losses.privileged_loss, ("student_logits", "teacher_logits", "labels"),
+     "loss = PrivilegedLoss(temperature=1.0, imitation=1.0)(student(x_degraded), teacher(x_clean).detach(), y)"),
     ("TwoTemperatureKDLoss", losses.two_temperature_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + TwoTemperatureKDLoss(2.0, 4.0)(student(x), teacher(x).detach())"),
     ("LogitStandardizedKDLoss", losses.logit_standardized_kd_loss, ("student_logits", "teacher_logits", "labels"),
