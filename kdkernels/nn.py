@@ -151,6 +151,8 @@ _SPECS = [
      "loss = MMTLoss(soft_ce_weight=0.5)(net_1(x1), net_2(x2), ema_1(x1), ema_2(x2), y)"),
     ("PrivilegedLoss", losses.privileged_loss, ("student_logits", "teacher_logits", "labels"),
      "loss = PrivilegedLoss(temperature=1.0, imitation=1.0)(student(x_degraded), teacher(x_clean).detach(), y)"),
+    ("SupervisionTransferLoss", losses.supervision_transfer_loss, ("student_features", "teacher_features"),
+     "loss = SupervisionTransferLoss()(connector(student.pool5(x_depth)), teacher.pool5(x_rgb).detach())"),
     ("TwoTemperatureKDLoss", losses.two_temperature_kd_loss, ("student_logits", "teacher_logits"),
      "loss = ce + TwoTemperatureKDLoss(2.0, 4.0)(student(x), teacher(x).detach())"),
     ("LogitStandardizedKDLoss", losses.logit_standardized_kd_loss, ("student_logits", "teacher_logits", "labels"),

@@ -118,3 +118,96 @@ def test_privileged_resume_is_bit_exact(tmp_path):
 def test_privileged_bad_configuration_is_named(overrides, error, match):
     with pytest.raises(error, match=match):
         build_recipe("privileged", digits_setup(), **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------- cross-modal
+
+def test_cross_modal_transfer_stage_regresses_the_teachers_pool5_analogue_without_labels():
+    setup = digits_setup()
+    recipe = build_recipe("cross-modal", setup)
+    assert [stage.name for stage in recipe.stages] == ["cross-modal-transfer", "cross-modal-finetune"]
+    assert [stage.epochs_of(30) for stage in recipe.stages] == [15, 30]
+    distiller, batch, values, output = step(recipe, 0)
+    degraded = Degrade()(batch["input"], NO_DRAWS)[0]
+    assert torch.equal(batch["input_degraded"], degraded)
+    torch.testing.assert_close(values["student"], distiller.models["student"](degraded))
+    torch.testing.assert_close(values["teacher"], distiller.models["teacher"](batch["input"]))
+    student, teacher = values["student:stage3"], values["teacher:stage3"]
+    assert student.shape == (32, 16, 2, 2) and teacher.shape == (32, 128, 2, 2)
+    connector = distiller.terms[0].connectors[0]
+    assert isinstance(connector, torch.nn.Conv2d) and connector.kernel_size == (1, 1)
+    expected = 0.01 * 0.5 * (connector(student) - teacher).pow(2).sum() / 32
+    torch.testing.assert_close(output.terms["transfer"], expected)
+    assert get_method("cross-modal").hyperparameters()["transfer_weight"] == 0.01
+    assert list(output.terms) == ["transfer"]
+    # the stage reads no label: its forward runs on a batch without "target"
+    unlabelled = {key: value for key, value in batch.items() if key != "target"}
+    distiller.compute_terms(distiller.run_models(unlabelled), StepContext(epoch=1, epochs=1, batch=unlabelled))
+    # the gradient reaches the student (and the connector), not the teacher
+    output.loss.backward()
+    assert setup.student.stage1[0].weight.grad is not None and connector.weight.grad is not None
+    assert all(p.grad is None for p in distiller.models["teacher"].parameters())
+
+
+def test_cross_modal_finetune_stage_is_ce_on_the_students_modality_from_the_transferred_network():
+    setup = digits_setup()
+    recipe = build_recipe("cross-modal", setup)
+    assert recipe.stages[1].distiller.models["student"] is recipe.stages[0].distiller.models["student"]
+    assert "teacher" not in recipe.stages[1].distiller.models and recipe.student is setup.student
+    distiller, batch, values, output = step(recipe, 1)
+    degraded = Degrade()(batch["input"], NO_DRAWS)[0]
+    torch.testing.assert_close(values["student"], setup.student(degraded))
+    torch.testing.assert_close(output.terms["ce_student"],
+                               torch.nn.functional.cross_entropy(values["student"], batch["target"]))
+    assert torch.equal(distiller.evaluation_input("student", {"input": batch["input"]}), degraded)
+
+
+def test_cross_modal_presets():
+    method = get_method("cross-modal")
+    assert method.category == "cross-modal" and method.approximation
+    assert method.teacher_modality() == ((), "input")
+    alone = build_recipe("cross-modal", digits_setup(), "alone")
+    assert [stage.name for stage in alone.stages] == ["cross-modal-finetune"]
+    recipe = build_recipe("cross-modal", digits_setup(student="modal-mlp"), "profiles")
+    distiller, batch, values, output = step(recipe, 0)
+    assert values["student:hidden2"].shape == (32, 32) and values["teacher:fc/input"].shape == (32, 128)
+    connector = distiller.terms[0].connectors[0]
+    assert isinstance(connector, torch.nn.Linear)
+    torch.testing.assert_close(output.terms["transfer"], 0.005 * (connector(values["student:hidden2"])
+                                                                - values["teacher:fc/input"]).pow(2).sum() / 32)
+    recipe = build_recipe("cross-modal", digits_setup(), transfer_epochs=3, transfer_weight=2.0)
+    assert recipe.stages[0].epochs_of(30) == 3
+    distiller, _, values, weighted = step(recipe, 0)
+    connector = distiller.terms[0].connectors[0]
+    torch.testing.assert_close(weighted.terms["transfer"], 2.0 * 0.5 * (connector(values["student:stage3"])
+                                                                       - values["teacher:stage3"]).pow(2).sum() / 32)
+
+
+def make_cross_modal(seed=0):
+    return build_recipe("cross-modal", digits_setup(seed=seed))
+
+
+def test_cross_modal_resume_is_bit_exact_across_the_stage_boundary(tmp_path):
+    # 2 run epochs: 1 transfer epoch then 2 fine-tuning epochs, resumed at the boundary and inside stage 2
+    assert_resume_is_exact(make_cross_modal, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path,
+                           pieces=(1, 1, 1))
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"transfer_epochs": -1}, ValueError, "cross-modal: transfer_epochs"),
+    ({"transfer_epochs": 1.5}, ValueError, "cross-modal: transfer_epochs"),
+    ({"transfer_epochs": "half"}, TypeError, "cross-modal: transfer_epochs"),
+    ({"transfer_weight": 0.0}, ValueError, "cross-modal: transfer_weight"),
+    ({"student_layer": 3}, TypeError, "cross-modal: student_layer"),
+    ({"student_modality": "sound"}, ValueError, "cross-modal: student_modality"),
+    ({"teacher_options": {"seed": -2}}, ValueError, "cross-modal: teacher_options"),
+])
+def test_cross_modal_bad_configuration_is_named(overrides, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("cross-modal", digits_setup(), **overrides)
+
+
+def test_cross_modal_features_a_connector_cannot_map_are_named():
+    recipe = build_recipe("cross-modal", digits_setup(), student_layer="stage1", teacher_layer="stage3")
+    with pytest.raises(ValueError, match="student_layer / teacher_layer"):
+        step(recipe, 0)

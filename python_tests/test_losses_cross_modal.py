@@ -82,3 +82,50 @@ def test_privileged_loss_errors_name_the_argument(kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         kdkernels.privileged_loss(**arguments)
+
+
+# ------------------------------------------------------------------------------------- supervision transfer
+
+def caffe_euclidean_loss(bottom0, bottom1):
+    """Caffe ``EuclideanLossLayer::Forward_cpu``: ``diff = b0 − b1``, ``dot = diff·diff``, ``loss = dot / num / 2``
+    (``num`` the batch size), on the flattened blobs; the teacher blob is not back-propagated to (Gupta et al.'s
+    teacher is fixed)."""
+    diff = (bottom0 - bottom1.detach()).reshape(-1)
+    return torch.dot(diff, diff) / bottom0.shape[0] / 2.0
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 2, 2), (3, 2, 4, 4)])
+def test_supervision_transfer_loss_is_caffes_euclidean_loss(shape):
+    student = randn(*shape, seed=7, grad=True)
+    teacher = randn(*shape, seed=8, scale=2.0, grad=True)
+    assert_equals_official(lambda s, t: kdkernels.supervision_transfer_loss(s, t.detach()),
+                           caffe_euclidean_loss, student, teacher, what=f"transfer {shape}")
+
+
+def test_supervision_transfer_loss_reductions_and_dtypes():
+    student, teacher = randn(4, 3, 2, 2, seed=9), randn(4, 3, 2, 2, seed=10)
+    rows = kdkernels.supervision_transfer_loss(student, teacher, reduction="none")
+    assert rows.shape == (4,)
+    torch.testing.assert_close(rows, 0.5 * (student - teacher).pow(2).sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(kdkernels.supervision_transfer_loss(student, teacher, reduction="sum"), rows.sum())
+    torch.testing.assert_close(kdkernels.supervision_transfer_loss(student, teacher), rows.mean())
+    reference = kdkernels.supervision_transfer_loss(student, teacher)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        value = kdkernels.supervision_transfer_loss(student.to(dtype), teacher.to(dtype))
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(teacher_features=torch.randn(4, 6, 2, 2)), ValueError, "supervision_transfer_loss: .*connector"),
+    (dict(teacher_features=torch.randn(5, 3, 2, 2)), ValueError, "supervision_transfer_loss: teacher_features"),
+    (dict(student_features=torch.ones(4, 3, 2, 2, dtype=torch.long)), TypeError,
+     "supervision_transfer_loss: student_features"),
+    (dict(student_features=torch.randn(4)), ValueError, "supervision_transfer_loss: student_features"),
+    (dict(reduction="mean"), ValueError, "supervision_transfer_loss: reduction"),
+])
+def test_supervision_transfer_loss_errors_name_the_argument(kwargs, error, match):
+    arguments = dict(student_features=torch.randn(4, 3, 2, 2), teacher_features=torch.randn(4, 3, 2, 2))
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        kdkernels.supervision_transfer_loss(**arguments)

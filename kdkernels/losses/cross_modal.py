@@ -5,14 +5,16 @@ available at test time); the losses only see their outputs, so they are ordinary
 :mod:`kdkernels.distill.modalities` for the paired views the trainer gives each model).
 
 * :func:`privileged_loss` — generalised distillation / learning using privileged information (Lopez-Paz et al.,
-  ICLR 2016): ``(1 − λ)·CE(y, σ(z_s)) + λ·T²·CE(σ(z_t / T), σ(z_s))``.
+  ICLR 2016): ``(1 − λ)·CE(y, σ(z_s)) + λ·T²·CE(σ(z_t / T), σ(z_s))``;
+* :func:`supervision_transfer_loss` — cross-modal supervision transfer (Gupta, Hoffman, Malik, CVPR 2016): the L2
+  regression of the teacher modality's mid-level features, ``Σ_b ½‖φ_s(x_b) − φ_t(x*_b)‖² / B``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kdkernels._validation import Checks, Reduction
+from kdkernels._validation import Checks, Reduction, SampleReduction
 from kdkernels.losses._common import accumulate, reduce_rows, soft_cross_entropy_rows
 
 
@@ -47,3 +49,26 @@ def privileged_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     hard = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
     rows = (1.0 - imitation) * hard + imitation * temperature ** 2 * soft_cross_entropy_rows(soft, log_p)
     return reduce_rows(rows, reduction, elements=student_logits.shape[1])
+
+
+def supervision_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, *,
+                              reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """Cross-modal supervision transfer (Gupta, Hoffman, Malik, CVPR 2016, "Cross Modal Distillation for
+    Supervision Transfer", §3): the network of the unlabelled modality regresses, on paired samples, the mid-level
+    features of the network trained on the labelled modality with an L2 loss::
+
+        loss = Σ_b ½ ‖φ_s(x_b) − φ_t(x*_b)‖² / B
+
+    (the ½ and the division by the batch size are Caffe's ``EuclideanLoss``, the framework of the paper's code; the
+    paper states only "L2"). ``student_features``: the student's features (through its connector when the widths
+    differ), ``teacher_features`` the teacher's, one shape ``[B, ...]``; the teacher is used as given (detach it).
+    ``reduction`` over samples: ``"batchmean"`` (above), ``"sum"`` or ``"none"`` ([B]).
+    """
+    check = Checks("supervision_transfer_loss")
+    check.feature_pair("student_features", student_features, "teacher_features", teacher_features,
+                       dims=(2, 3, 4, 5), same_shape=True, hint=" (use a connector to map the student feature)")
+    reduction = check.reduction(reduction, allowed=("batchmean", "sum", "none"))
+    student = accumulate(student_features)
+    difference = student - accumulate(teacher_features).to(student.dtype)
+    rows = 0.5 * difference.pow(2).reshape(difference.shape[0], -1).sum(dim=1)
+    return reduce_rows(rows, reduction)
