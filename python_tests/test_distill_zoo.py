@@ -102,7 +102,7 @@ def test_the_zoo_has_every_name_of_model_dict_in_its_order():
     assert len(NAMES) == 22
     assert names()[:len(NAMES)] == NAMES and set(names()[len(NAMES):]) == {"teacher-cnn", "assistant-cnn",
                                                                             "student-cnn", "student-cnn-deep",
-                                                                            "student-mlp"}
+                                                                            "student-mlp", "modal-mlp"}
 
 
 def test_an_unknown_name_lists_the_close_matches_and_every_name():

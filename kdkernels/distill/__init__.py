@@ -25,6 +25,7 @@ from kdkernels.distill.meta_steps import MetaStep
 from kdkernels.distill.sources import GeneratorSource, Source, SyntheticData, TensorSource
 from kdkernels.distill.views import (CutMix, Downsample, GaussianNoise, HorizontalFlip, MixUp, RandomCrop, Rotate90,
                                      Transform, View)
+from kdkernels.distill.modalities import Degrade, Profiles, RandomProjection, modality_views
 
 __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTerm", "StepContext", "FeatureTaps",
            "FeaturePoints", "feature_points", "Setup", "Stage", "Recipe", "Method", "register", "list_methods",
@@ -33,7 +34,7 @@ __all__ = ["Distiller", "DistillOutput", "Term", "FunctionTerm", "CrossEntropyTe
            "digits_model", "Trainer", "TrainConfig", "RunResult", "cache_teacher", "CachedTeacher", "EMA", "Snapshot",
            "BATCH", "View", "Transform", "Rotate90", "RandomCrop", "HorizontalFlip", "GaussianNoise", "Downsample",
            "MixUp", "CutMix", "Optimiser", "GradientReversal", "grad_reverse", "GeneratorSource", "Source",
-           "TensorSource", "SyntheticData", "MetaStep"]
+           "TensorSource", "SyntheticData", "MetaStep", "Degrade", "Profiles", "RandomProjection", "modality_views"]
 
 from kdkernels.distill import meta, term_gradients      # noqa: E402  meta-steps and per-term gradients (modules)
 

@@ -269,6 +269,8 @@ def _experiment(arguments, method):
         experiment.split()   # a bad dataset or directory fails here, before any training
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if method.needs_teacher:   # the modality the method's teacher reads (privileged, cross-modal KD)
+        experiment = experiment.for_method(method.name, arguments.preset, parse_overrides(arguments.overrides))
     try:
         experiment.teacher = arguments.teacher or teacher_model_for(arguments.method, experiment)
         if arguments.teacher_steps is not None and method.needs_teacher:

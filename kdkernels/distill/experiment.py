@@ -52,6 +52,9 @@ class DigitsExperiment:
     teacher "sweet spot" grid of ``kdkernels sweep`` varies it with ``teacher_epochs``). imbalance_ratio: ρ ≥ 1 makes the student's training subset
     long-tailed (:func:`~kdkernels.distill.data.load_digits`); the teacher still trains on the full balanced
     split, and the test split is unchanged. :meth:`reversed` swaps the two models (reversed KD).
+    teacher_views, teacher_input: the modality the teachers read (privileged and cross-modal KD: the views that make
+    it, :mod:`kdkernels.distill.modalities`, and its batch key); the teachers are trained AND tested on it
+    (:meth:`for_method` sets them from a method's :meth:`~kdkernels.distill.registry.Method.teacher_modality`).
     """
 
     student: str = "student-cnn"
@@ -71,6 +74,8 @@ class DigitsExperiment:
     data_dir: str | None = None
     image_size: int | None = None
     teacher_weights: str | None = None   # a published teacher checkpoint: loaded, not trained
+    teacher_views: tuple = ()            # views making the teachers' modality (deterministic transforms)
+    teacher_input: str = "input"         # the batch key the teachers read
 
     def __post_init__(self):
         check_settings(dataclasses.asdict(self))
@@ -101,6 +106,20 @@ class DigitsExperiment:
     def model(self, name: str) -> torch.nn.Module:
         """A fresh model ``name`` for this experiment's classes (:func:`~kdkernels.distill.models.create`)."""
         return create(name, self.num_classes)
+
+    def for_method(self, method: str, preset: str = "default",
+                   overrides: dict | None = None) -> "DigitsExperiment":
+        """This experiment with the teachers reading the modality that ``method`` (with ``preset`` and
+        ``overrides``) defines for its teacher (:meth:`~kdkernels.distill.registry.Method.teacher_modality`)."""
+        views, key = get_method(method).teacher_modality(preset, overrides)
+        return dataclasses.replace(self, teacher_views=tuple(views), teacher_input=key)
+
+    @property
+    def teacher_modality(self) -> list | None:
+        """The teachers' modality as text (their input key and views), None for the plain input."""
+        if not self.teacher_views and self.teacher_input == "input":
+            return None
+        return [self.teacher_input, [repr(view) for view in self.teacher_views]]
 
     def reversed(self) -> "DigitsExperiment":
         """Reversed KD (Re-KD, Yuan et al. 2020): the same experiment with the two models' roles swapped, so the
@@ -160,6 +179,8 @@ def _teacher_cache_path(experiment: DigitsExperiment, config: TrainConfig, seed:
            config.optimizer, torch.__version__]
     if experiment.teacher_settings:   # a plain teacher keeps the key it had before these settings existed
         key.append(experiment.teacher_settings)
+    if experiment.teacher_modality is not None:   # a teacher of another modality than the input
+        key.append({"teacher_modality": experiment.teacher_modality})
     if experiment.dataset != "digits":
         key.append([experiment.dataset, str(Path(experiment.data_dir).resolve()) if experiment.data_dir else None,
                     experiment.image_size, config.schedule, list(config.milestones), config.weight_decay])
@@ -199,9 +220,21 @@ class TrainedTeacher:
 
 
 def teacher_recipe(experiment: DigitsExperiment, teacher: torch.nn.Module):
-    """How the digits teachers are trained: the ``ce`` baseline, with ``teacher_label_smoothing`` when set."""
+    """How the digits teachers are trained: the ``ce`` baseline, with ``teacher_label_smoothing`` when set, on the
+    teachers' modality (``teacher_views``, ``teacher_input``: at training and at test time)."""
     overrides = {"label_smoothing": experiment.teacher_label_smoothing} if experiment.teacher_label_smoothing else {}
-    return build_recipe("ce", Setup(student=teacher, num_classes=experiment.num_classes), **overrides)
+    recipe = build_recipe("ce", Setup(student=teacher, num_classes=experiment.num_classes), **overrides)
+    if experiment.teacher_modality is None:
+        return recipe
+    stages = []
+    for stage in recipe.stages:
+        plain = stage.distiller
+        plain.close()
+        distiller = Distiller(dict(plain.models), list(plain.terms), trainable=plain.trainable,
+                              evaluate=plain.evaluate, views=experiment.teacher_views,
+                              inputs={name: experiment.teacher_input for name in plain.models})
+        stages.append(dataclasses.replace(stage, distiller=distiller))
+    return dataclasses.replace(recipe, stages=stages)
 
 
 def teacher_config(experiment: DigitsExperiment, config: TrainConfig, seed: int) -> TrainConfig:
@@ -232,7 +265,8 @@ def fit_teacher(experiment: DigitsExperiment, config: TrainConfig, seed: int = 0
     teacher = experiment.model(experiment.teacher)
     if experiment.teacher_weights is not None:
         load_weights(teacher, experiment.teacher_weights, allow_pickle=True)
-        return TrainedTeacher(teacher.eval(), test_accuracy(teacher, split.test, config), 0, "loaded")
+        return TrainedTeacher(teacher.eval(), test_accuracy(teacher, split.test, config, experiment.teacher_views,
+                                                            experiment.teacher_input), 0, "loaded")
     path = _teacher_cache_path(experiment, config, seed)
     settings = teacher_config(experiment, config, seed)
     if path is not None and path.exists():
@@ -264,10 +298,13 @@ def digits_setup(experiment: DigitsExperiment, teachers: list[torch.nn.Module], 
                  new_assistant=lambda: experiment.model(experiment.assistant))
 
 
-def test_accuracy(model: torch.nn.Module, test_set, config: TrainConfig) -> float:
-    """The top-1 test accuracy (%) of ``model`` alone, evaluated as the trainer evaluates (a loaded teacher)."""
+def test_accuracy(model: torch.nn.Module, test_set, config: TrainConfig, views: tuple = (),
+                  input_key: str = "input") -> float:
+    """The top-1 test accuracy (%) of ``model`` alone, evaluated as the trainer evaluates (a loaded teacher), on the
+    modality ``views`` / ``input_key`` make (the plain input by default)."""
     env = set_up_environment(config.device)
-    distiller = Distiller({"model": model}, [CrossEntropyTerm("model")], trainable=("model",)).to(env.device)
+    distiller = Distiller({"model": model}, [CrossEntropyTerm("model")], trainable=("model",), views=views,
+                          inputs={"model": input_key}).to(env.device)
     evaluator = Evaluator(as_sample_dataset(test_set), env, batch_size=config.eval_batch_size,
                           num_workers=config.num_workers, amp_dtype=AMP_DTYPES[config.amp])
     return evaluator(distiller)["test_acc_model"]

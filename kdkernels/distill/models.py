@@ -54,12 +54,13 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsMLP(nn.Module):
-    """Flatten, ``hidden`` ReLU layers (``hidden1``, ``hidden2``, …), and a linear classifier ``fc``."""
+    """Flatten (``in_features`` values: 64 for an 8×8 digit), ``hidden`` ReLU layers (``hidden1``, ``hidden2``, …),
+    and a linear classifier ``fc``."""
 
-    def __init__(self, hidden: tuple[int, ...] = (32,), num_classes: int = NUM_CLASSES):
+    def __init__(self, hidden: tuple[int, ...] = (32,), num_classes: int = NUM_CLASSES, in_features: int = 64):
         super().__init__()
         self.flatten = nn.Flatten()
-        width = 64
+        width = in_features
         names = []
         for index, size in enumerate(hidden, start=1):
             setattr(self, f"hidden{index}", nn.Sequential(nn.Linear(width, size), nn.ReLU()))
@@ -84,6 +85,8 @@ MODEL_ZOO: dict[str, Callable[..., nn.Module]] = {   # name -> builder(num_class
     # the student's widths, twice the depth
     "student-cnn-deep": lambda num_classes=NUM_CLASSES: DigitsCNN((4, 8, 16), depth=2, num_classes=num_classes),
     "student-mlp": lambda num_classes=NUM_CLASSES: DigitsMLP(hidden=(32,), num_classes=num_classes),
+    # reads a digit's 16-value modalities (kdkernels.distill.modalities: row+column profiles, random projection)
+    "modal-mlp": lambda num_classes=NUM_CLASSES: DigitsMLP(hidden=(32, 32), num_classes=num_classes, in_features=16),
 }
 
 

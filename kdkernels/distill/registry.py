@@ -15,11 +15,11 @@ from typing import Callable, Mapping
 from kdkernels.distill.recipe import Recipe, Setup
 
 CATEGORIES = ("baseline", "response", "feature", "relation", "online", "self", "self-supervised", "adversarial",
-              "data-free", "multi-teacher", "teacher-prep", "meta")
+              "data-free", "multi-teacher", "teacher-prep", "meta", "cross-modal")
 TEACHER_ARCHITECTURES = ("any", "same-widths", "student")
 _METHOD_MODULES = ("baseline", "response", "feature", "relation", "online", "online_feature", "self_distillation",
                    "self_supervised", "adversarial", "data_free", "multi_teacher", "teacher_prep", "meta",
-                   "layer_assignment", "self_supervised_kd")
+                   "layer_assignment", "self_supervised_kd", "cross_modal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Method:
     approximation: str | None = None   # "approximation of <paper>: ..." where the exact loss is not pinned down
     needs_teacher: bool = True
     teacher_architecture: str = "any"  # "any"; "same-widths" (equal channels per stage, FSP); "student" (Tf-KD self)
+    # hyperparameters -> (views, batch key) of the modality the teacher reads (None: the plain "input")
+    teacher_input: Callable[[Mapping[str, object]], tuple[tuple, str]] | None = None
 
     @property
     def summary(self) -> str:
@@ -48,6 +50,16 @@ class Method:
         return {**defaults, **self.presets[preset]}
 
 
+    def teacher_modality(self, preset: str = "default",
+                         overrides: Mapping[str, object] | None = None) -> tuple[tuple, str]:
+        """``(views, key)``: the views that make the input the method's teacher reads, and its batch key, for the
+        hyperparameters of ``preset`` updated by ``overrides`` (privileged and cross-modal KD: the teacher is
+        trained and tested on its own modality); ``((), "input")`` for a teacher of the plain input."""
+        if self.teacher_input is None:
+            return (), "input"
+        views, key = self.teacher_input({**self.hyperparameters(preset), **(overrides or {})})
+        return tuple(views), key
+
     def check_overrides(self, overrides: Mapping[str, object]) -> None:
         known = set(inspect.signature(self.build).parameters) - {"setup"}
         unknown = sorted(set(overrides) - known)
@@ -59,12 +71,15 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapping[str, object]] | None = None,
-             approximation: str | None = None, needs_teacher: bool = True, teacher_architecture: str = "any"):
+             approximation: str | None = None, needs_teacher: bool = True, teacher_architecture: str = "any",
+             teacher_input: Callable[[Mapping[str, object]], tuple[tuple, str]] | None = None):
     """Decorator registering ``build(setup, **hyperparameters) -> Recipe`` as method ``name``.
 
     ``teacher_architecture`` tells runners which teacher the method is defined for: ``"any"``, ``"same-widths"``
     (the teacher's stages have the student's channel counts, e.g. FSP) or ``"student"`` (a trained copy of the
-    student's architecture, e.g. Tf-KD self)."""
+    student's architecture, e.g. Tf-KD self). ``teacher_input(hyperparameters) -> (views, key)``: the modality
+    the method's teacher reads (the views that make it and its batch key), so that runners train and test the
+    teacher on it (:meth:`Method.teacher_modality`); None: the plain ``"input"``."""
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
     if teacher_architecture not in TEACHER_ARCHITECTURES:
@@ -80,7 +95,7 @@ def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapp
             if unknown:
                 raise ValueError(f"method {name!r} preset {preset!r} sets unknown hyperparameters {unknown}")
         _REGISTRY[name] = Method(name, category, paper, build, all_presets, approximation, needs_teacher,
-                                 teacher_architecture)
+                                 teacher_architecture, teacher_input)
         return build
 
     return decorate
