@@ -156,6 +156,8 @@ _SPECS = [
     ("FeatureNormalizedKDLoss", losses.feature_normalized_kd_loss,
      ("student_logits", "teacher_logits", "student_features"),
      "loss = ce + FeatureNormalizedKDLoss(tau=1.0)(student(x), teacher(x).detach(), f_s)"),
+    ("DeiTLoss", losses.deit_loss, ("class_logits", "distillation_logits", "teacher_logits", "labels"),
+     "loss = DeiTLoss('hard', alpha=0.5)(vit.head(cls), vit.head_dist(dist), teacher(x).detach(), y)"),
     ("SoftmaxMSELoss", losses.softmax_mse_loss, ("student_logits", "teacher_logits"),
      "loss = ce + consistency_weight * SoftmaxMSELoss()(student(x), ema_teacher(x_view2).detach())"),
     ("BYOLLoss", losses.byol_loss, ("prediction", "target"),

@@ -79,6 +79,8 @@ INPUTS = {
                                          "fake_scores": _randn(B, 1, 2, 2, seed=2).sigmoid()},
     "dafl_generator_loss": lambda: {"teacher_logits": _randn(B, C, seed=1), "teacher_features": _randn(B, 5, seed=2)},
     "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
+    "deit_loss": lambda: {"class_logits": _randn(B, C, seed=1), "distillation_logits": _randn(B, C, seed=3),
+                          "teacher_logits": _randn(B, C, seed=2) * 2, "labels": _labels()},
     "bdkd_loss": lambda: {"learner_logits": _randn(B, C, seed=1), "target_logits": _randn(B, C, seed=2)},
     "mmt_loss": lambda: {"logits_1": _randn(B, C, seed=1), "logits_2": _randn(B, C, seed=2),
                          "ema_logits_1": _randn(B, C, seed=3), "ema_logits_2": _randn(B, C, seed=4),

@@ -23,8 +23,8 @@ from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_
                                           sample_other_class_indices)
 from kdkernels.losses.contrastive import crcd_loss, crcd_normalizers
 from kdkernels.losses.bake import bake_loss, bake_targets
-from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss, mmt_loss,
-                                      soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
+from kdkernels.losses.response import (bdkd_loss, deit_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
+                                      mmt_loss, soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
 from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss, hkd_loss,
                                       jacobian_matching_loss, kd_svd_loss, nst_loss, ofd_loss, ofd_margins,
@@ -48,7 +48,7 @@ __all__ = [
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
     "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "two_temperature_kd_loss", "logit_standardized_kd_loss",
-    "feature_normalized_kd_loss", "mmt_loss",
+    "feature_normalized_kd_loss", "mmt_loss", "deit_loss",
     "softmax_mse_loss", "byol_loss", "sskd_head_loss", "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
