@@ -192,8 +192,8 @@ def deit(setup: Setup, distillation_type: str = "hard", alpha: float = 0.5, temp
     ``D = CE(z_dist, argmax z_t)``, soft ``D = T²·KL(softmax(z_t/T) ‖ softmax(z_dist/T))`` summed / (B·C).
 
     Provenance: facebookresearch/deit @7e160fe ``losses.py`` ``DistillationLoss`` (the formula; defaults from
-    ``main.py``: ``--distillation-type`` 'none' (here 'hard', the paper's best and our default), ``--distillation-alpha``
-    0.5, ``--distillation-tau`` 1.0) and ``models.py`` ``DistilledVisionTransformer`` (a distillation token beside
+    ``main.py``: ``--distillation-type`` 'none' (here 'hard', the paper's best and our default),
+    ``--distillation-alpha`` 0.5, ``--distillation-tau`` 1.0) and ``models.py`` ``DistilledVisionTransformer`` (a distillation token beside
     the class token, its own head ``head_dist``; at test time the mean of the two heads). The student must be such
     a ViT: the zoo's ``student-vit-distilled`` (its forward is the mean of the heads; the method reads the heads
     apart, the taps ``head`` (the student's ``kd_points.classifier``) and ``head_dist``). The teacher is any
