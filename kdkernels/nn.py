@@ -126,6 +126,8 @@ _SPECS = [
     ("CCLoss", losses.cc_loss, ("student", "teacher"), "loss = ce + 0.02 * CCLoss(gamma=0.4)(e_s, e_t.detach())"),
     ("IRGLoss", losses.irg_loss, ("student", "teacher"),
      "loss = ce + IRGLoss()((m1_s, m2_s, emb_s, z_s), (m1_t, m2_t, emb_t, z_t))"),
+    ("ManifoldLoss", losses.manifold_loss, ("student_tokens", "teacher_tokens"),
+     "loss = ManifoldLoss(192, 0.1, 4.0, 0.2)([s_block0, s_block11], [t_block0.detach(), t_block23.detach()])"),
     ("CategoryStructureLoss", losses.category_structure_loss,
      ("student_features", "teacher_features", "labels", "student_logits", "teacher_logits"),
      "loss = 0.9 * ce + CategoryStructureLoss()(connector(f_s), f_t.detach(), y, student(x), teacher(x).detach())"),

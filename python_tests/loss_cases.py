@@ -49,6 +49,8 @@ INPUTS = {
     "pkt_loss": lambda: _features_pair(),
     "cc_loss": lambda: _features_pair(),
     "irg_loss": lambda: {"student": _irg_side(10), "teacher": _irg_side(20)},
+    "manifold_loss": lambda: {"student_tokens": [_randn(B, 5, 3, seed=1), _randn(B, 5, 3, seed=2)],
+                              "teacher_tokens": [_randn(B, 5, 4, seed=3), _randn(B, 5, 4, seed=4)]},
     "category_structure_loss": lambda: {"student_features": _maps(seed=8), "teacher_features": _maps(seed=9),
                                         "labels": _labels(), **_logits_pair()},
     "mhgd_loss": lambda: {"student_attention": _randn(3, B, B, seed=1), "teacher_attention": _randn(3, B, B, seed=2)},

@@ -113,9 +113,10 @@ def add_run_options(parser) -> None:
     parser.add_argument("--train-size", type=int, help="labelled training images for the student, a per-class "
                         "subset (default: 300 of digits, all of the other datasets)")
     parser.add_argument("--student", help="the student's model (default on digits: student-cnn, or the "
-                        "student the method is defined for: student-vit-distilled for deit)")
+                        "student the method is defined for: student-vit-distilled for deit, student-vit for manifold)")
     parser.add_argument("--teacher", help="the teacher's model (default on digits: teacher-cnn, or what the method "
-                        "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
+                        "is defined for: the student's architecture for tfkd-self, equal widths for fsp, "
+                        "teacher-vit for manifold)")
     parser.add_argument("--teacher-epochs", type=int, help="the teachers' epochs (default: the recipe's)")
     parser.add_argument("--teacher-seed", type=int, help="the first teacher's seed (default: the run's --seed; "
                         "teacher k gets it + k)")

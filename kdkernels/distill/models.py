@@ -3,8 +3,9 @@ forward: :mod:`kdkernels.distill.zoo`) or of the digits zoo below; :func:`names`
 
 The digits zoo is small, for the built-in ``digits`` data (1×8×8 images, 10 classes): teacher, assistant and student
 CNNs, an MLP student, and tiny ViTs (:mod:`kdkernels.distill.zoo.vit`: ``student-vit``, ``student-vit-distilled``
-with DeiT's distillation token, ``teacher-vit``; their ``-cifar`` twins take 3×32×32 CIFAR images in 4×4 patches). Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know
-where to hook; nothing in the distillation code depends on these classes.
+with DeiT's distillation token, ``teacher-vit``; their ``-cifar`` twins take 3×32×32 CIFAR images in 4×4 patches).
+Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know where to hook; nothing in the
+distillation code depends on these classes.
 
 CNN layout: three stages ``stage1``..``stage3`` (8×8, 4×4, 2×2), each ``Sequential(conv, bn, relu[, conv, bn,
 relu])`` so that the last BN output (``stage<i>.<k>``) is the pre-activation feature; then ``pool`` (global

@@ -16,7 +16,8 @@ from kdkernels.losses.kd import kd_loss
 from kdkernels.losses.linear_kd import linear_kd_loss
 from kdkernels.losses.decoupled import dkd_loss, nkd_loss
 from kdkernels.losses.dist import dist_loss
-from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
+from kdkernels.losses.relation import (cc_loss, irg_loss, manifold_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss,
+                                      rkd_loss, sp_loss)
 from kdkernels.losses.relation import (category_structure_loss, mhgd_loss, refilled_classifier_loss,
                                        refilled_triplet_loss)
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
@@ -57,8 +58,8 @@ __all__ = [
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss", "tofd_loss", "hkd_loss",
     "semckd_loss", "afd_loss", "l2t_ww_loss",
-    "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
-    "refilled_classifier_loss", "darkrank_loss",
+    "at_loss", "ttkd_loss", "irg_loss", "manifold_loss", "category_structure_loss", "mhgd_loss",
+    "refilled_triplet_loss", "refilled_classifier_loss", "darkrank_loss",
     "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "pcl_loss", "mcl_loss",
     "oec_kd_loss", "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
 ]

@@ -193,17 +193,16 @@ def deit(setup: Setup, distillation_type: str = "hard", alpha: float = 0.5, temp
 
     Provenance: facebookresearch/deit @7e160fe ``losses.py`` ``DistillationLoss`` (the formula; defaults from
     ``main.py``: ``--distillation-type`` 'none' (here 'hard', the paper's best and our default),
-    ``--distillation-alpha`` 0.5, ``--distillation-tau`` 1.0) and ``models.py`` ``DistilledVisionTransformer`` (a distillation token beside
-    the class token, its own head ``head_dist``; at test time the mean of the two heads). The student must be such
-    a ViT: the zoo's ``student-vit-distilled`` (its forward is the mean of the heads; the method reads the heads
-    apart, the taps ``head`` (the student's ``kd_points.classifier``) and ``head_dist``). The teacher is any
-    classifier (the paper's best: a convnet; here the digits ``teacher-cnn``), frozen. Presets ``hard`` (default)
-    and ``soft``; ``distillation_type="none"`` is the official CE-only baseline of the same model. The base
-    criterion is CE on the labels; the official recipe's default base criterion, soft-target CE under its
-    MixUp/CutMix (or label smoothing 0.1 without them), belongs to the training recipe, not to
-    ``DistillationLoss``: the trainer's ``--mixup`` gives the soft-target form (the term averages over both labels).
-    ViT students train with AdamW as DeiT's recipe does (``--optimizer adamw``; the digits recipe's SGD barely
-    moves them).
+    ``--distillation-alpha`` 0.5, ``--distillation-tau`` 1.0) and ``models.py`` ``DistilledVisionTransformer`` (a
+    distillation token beside the class token, its own head ``head_dist``; at test time the mean of the two heads).
+    The student must be such a ViT: the zoo's ``student-vit-distilled`` (its forward is the mean of the heads; the
+    method reads the heads apart, the taps ``head`` (the student's ``kd_points.classifier``) and ``head_dist``). The
+    teacher is any classifier (the paper's best: a convnet; here the digits ``teacher-cnn``), frozen. Presets
+    ``hard`` (default) and ``soft``; ``distillation_type="none"`` is the official CE-only baseline of the same model.
+    The base criterion is CE on the labels; the official recipe's default base criterion, soft-target CE under its
+    MixUp/CutMix (or label smoothing 0.1 without them), belongs to the training recipe, not to ``DistillationLoss``:
+    the trainer's ``--mixup`` gives the soft-target form (the term averages over both labels). ViT students train
+    with AdamW as DeiT's recipe does (``--optimizer adamw``; the digits recipe's SGD barely moves them).
     """
     check = Checks("deit")
     distillation_type = check.choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
