@@ -571,3 +571,20 @@ def test_manifold_refuses_pairs_of_different_patch_counts():
     with pytest.raises(ValueError, match=r"term 'manifold': the student and the teacher must have as many patch "
                                          r"tokens, got 16 and 4"):
         first_step(build_recipe("manifold", setup))
+
+
+def test_the_distill_command_picks_the_vit_pair_for_manifold_and_the_distilled_vit_for_deit(tmp_path):
+    """Method.default_student / default_teacher: what ``kdkernels distill`` uses when --student / --teacher are not
+    given (an explicit --teacher still wins)."""
+    import json
+
+    from kdkernels import cli
+
+    for method, extra, student, teacher in (("manifold", [], "student-vit", "teacher-vit"),
+                                            ("deit", [], "student-vit-distilled", "teacher-cnn"),
+                                            ("manifold", ["--teacher", "student-vit"], "student-vit", "student-vit")):
+        out = tmp_path / f"{method}-{len(extra)}.json"
+        assert cli.main(["distill", "--method", method, "--epochs", "1", "--teacher-epochs", "1", "--train-size",
+                         "30", "--batch-size", "16", "--no-progress", "--json", str(out), *extra]) == 0
+        experiment = json.loads(out.read_text())["experiment"]
+        assert (experiment["student"], experiment["teacher"]) == (student, teacher)
