@@ -429,3 +429,162 @@ def test_crcd_bad_configuration_names_the_argument():
         build_recipe("crcd", digits_setup(student="student-mlp"), student_layer="hidden1")
     with pytest.raises(ValueError, match=r"crcd: nce_temperature must be > 0"):
         build_recipe("crcd", digits_setup(), nce_temperature=0.0)
+
+
+# ------------------------------------------------------------------------------------------ manifold distillation
+
+def official_mf_layer(F_s, F_t, K):
+    """Hao840/manifold-distillation @1096b82 ``losses.py`` ``layer_mf_loss`` (float64 here): patch, sample, random."""
+    F_s, F_t = F.normalize(F_s, dim=-1), F.normalize(F_t, dim=-1)
+    patch = ((F_t.bmm(F_t.transpose(-1, -2)) - F_s.bmm(F_s.transpose(-1, -2))) ** 2).mean()
+    f_s, f_t = F_s.permute(1, 0, 2), F_t.permute(1, 0, 2)
+    sample = ((f_t.bmm(f_t.transpose(-1, -2)) - f_s.bmm(f_s.transpose(-1, -2))) ** 2).mean()
+    bsz, patch_num, _ = F_s.shape
+    sampler = torch.randperm(bsz * patch_num)[:K]
+    f_s, f_t = F_s.reshape(bsz * patch_num, -1)[sampler], F_t.reshape(bsz * patch_num, -1)[sampler]
+    random = ((f_t.mm(f_t.T) - f_s.mm(f_s.T)) ** 2).mean()
+    return patch, sample, random
+
+
+def official_manifold_step(values, labels, s_taps, t_taps, *, drop_student, drop_teacher, alpha=1.0, tau=1.0,
+                           kind="soft", K=192, weights=(0.1, 4.0, 0.2), beta=1.0, heads=("student", "student")):
+    """``DistillationLoss.forward`` + ``mf_loss`` on the step's values: (base, distillation, manifold) terms."""
+    outputs, outputs_kd = values[heads[0]].double(), values[heads[1]].double()
+    teacher_outputs = values["teacher"].double()
+    base = (1 - alpha) * F.cross_entropy(outputs, labels)
+    if kind == "soft":
+        distillation = F.kl_div(F.log_softmax(outputs_kd / tau, dim=1), F.log_softmax(teacher_outputs / tau, dim=1),
+                                reduction="batchmean", log_target=True) * (tau * tau)
+    else:
+        distillation = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+    parts = [[], [], []]
+    for s_tap, t_tap in zip(s_taps, t_taps):
+        patch, sample, random = official_mf_layer(values[s_tap].double()[:, drop_student:],
+                                                  values[t_tap].double()[:, drop_teacher:], K)
+        parts[0].append(weights[0] * sample)
+        parts[1].append(weights[1] * patch)
+        parts[2].append(weights[2] * random)
+    return base, alpha * distillation, beta * sum(sum(part) / len(part) for part in parts)
+
+
+def manifold_setup(student="student-vit", seed=0):
+    return digits_setup(student=student, teacher="teacher-vit", seed=seed)
+
+
+def seeded_terms(distiller, values, batch, seed=11):
+    """The step's terms with the global RNG (manifold's random rows) at ``seed``."""
+    from kdkernels.distill.terms import StepContext
+
+    torch.manual_seed(seed)
+    return distiller.compute_terms(values, StepContext(epoch=1, epochs=1, batch=batch)).terms
+
+
+def assert_manifold_step(output_terms, official):
+    base, distillation, relation = official
+    for name, expected in (("kd", distillation), ("manifold", relation)):
+        torch.testing.assert_close(output_terms[name].double(), expected.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(next(v for k, v in output_terms.items() if k.startswith("ce_")).double(),
+                               base.detach(), rtol=2e-5, atol=1e-7)
+
+
+def test_manifold_step_is_the_official_loss_on_the_paired_blocks():
+    """Every student block (2) with the teacher's first and last (0, 3 of 4), the class tokens dropped; the defaults
+    of the official README command (soft KD, α 1: no label CE, β 1, 0.1 / 4 / 0.2, K 192)."""
+    run_steps(build_recipe("manifold", manifold_setup()))
+    distiller, batch, values, _ = first_step(build_recipe("manifold", manifold_setup()))
+    terms = seeded_terms(distiller, values, batch)
+    assert set(terms) == {"ce_student", "kd", "manifold"} and float(terms["ce_student"]) == 0.0
+    torch.manual_seed(11)
+    official = official_manifold_step(values, batch["target"], ["student:blocks.0", "student:blocks.1"],
+                                      ["teacher:blocks.0", "teacher:blocks.3"], drop_student=1, drop_teacher=1)
+    assert_manifold_step(terms, official)
+
+
+def test_manifold_hard_preset_options_and_a_distilled_student():
+    """The distilled student's class head takes the CE, its distillation head the KD; other weights and K; the
+    official token rule (only the student's extra tokens dropped: its distillation token, the class tokens kept)."""
+    options = dict(alpha=0.4, beta=2.0, samples=50, sample_weight=1.0, patch_weight=0.5, random_weight=3.0,
+                   patch_tokens_only=False)
+    distiller, batch, values, _ = first_step(build_recipe("manifold", manifold_setup("student-vit-distilled"), "hard",
+                                                          **options))
+    terms = seeded_terms(distiller, values, batch, seed=3)
+    assert set(terms) == {"ce_student:head", "kd", "manifold"}
+    torch.manual_seed(3)
+    official = official_manifold_step(values, batch["target"], ["student:blocks.0", "student:blocks.1"],
+                                      ["teacher:blocks.0", "teacher:blocks.3"], drop_student=1, drop_teacher=0,
+                                      alpha=0.4, kind="hard", K=50, weights=(1.0, 0.5, 3.0), beta=2.0,
+                                      heads=("student:head", "student:head_dist"))
+    assert_manifold_step(terms, official)
+
+
+def test_manifold_takes_explicit_layers():
+    distiller, batch, values, _ = first_step(build_recipe(
+        "manifold", manifold_setup(), student_layers=["blocks.1"], teacher_layers=["blocks.2"]))
+    terms = seeded_terms(distiller, values, batch)
+    torch.manual_seed(11)
+    official = official_manifold_step(values, batch["target"], ["student:blocks.1"], ["teacher:blocks.2"],
+                                      drop_student=1, drop_teacher=1)
+    assert_manifold_step(terms, official)
+
+
+def test_manifold_default_pairs_follow_the_official_rule():
+    from kdkernels.distill.methods.relation import default_block_pairs
+
+    assert default_block_pairs(12, 24) == (list(range(12)), [0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23])
+    assert default_block_pairs(2, 4) == ([0, 1], [0, 3])
+    assert default_block_pairs(3, 4) == ([0, 1, 2], [0, 1, 3])
+
+
+def make_manifold(seed=0):
+    return build_recipe("manifold", manifold_setup(seed=seed), alpha=0.5, samples=20)
+
+
+def test_manifold_resume_is_bit_exact(tmp_path):
+    """The random rows come from the global RNG, which the checkpoint restores."""
+    assert_resume_is_exact(make_manifold, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+@pytest.mark.parametrize("setup, options, error, match", [
+    (lambda: digits_setup(student="student-cnn", teacher="teacher-vit"), {}, ValueError,
+     r"method 'manifold' distils vision transformers .* got a DigitsCNN student: pass --student student-vit"),
+    (lambda: digits_setup(student="student-vit", teacher="teacher-cnn"), {}, ValueError,
+     r"got a DigitsCNN teacher: pass --student student-vit --teacher teacher-vit"),
+    (lambda: manifold_setup(), {"student_layers": ["blocks.0"]}, ValueError,
+     r"manifold: student_layers and teacher_layers must pair up, got 1 student and 2 teacher"),
+    (lambda: manifold_setup(), {"alpha": 2.0}, ValueError, r"^manifold: alpha must be in \[0, 1\]"),
+    (lambda: manifold_setup(), {"samples": 0}, ValueError, r"^manifold: samples must be an int >= 1"),
+    (lambda: manifold_setup(), {"distillation_type": "none"}, ValueError,
+     r"^manifold: distillation_type must be one of 'soft', 'hard'"),
+    (lambda: manifold_setup(), {"patch_weight": -1.0}, ValueError, r"^manifold: patch_weight must be >= 0"),
+    (lambda: manifold_setup(), {"patch_tokens_only": 1}, TypeError, r"^manifold: patch_tokens_only must be a bool"),
+])
+def test_manifold_bad_configuration_names_the_argument(setup, options, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("manifold", setup(), **options)
+
+
+def test_manifold_refuses_pairs_of_different_patch_counts():
+    from kdkernels.distill.zoo.vit import VisionTransformer
+
+    setup = manifold_setup()
+    setup.teacher = setup.teachers[0] = VisionTransformer(patch_size=4, dim=64, depth=4, heads=4)   # 2×2 patches
+    with pytest.raises(ValueError, match=r"term 'manifold': the student and the teacher must have as many patch "
+                                         r"tokens, got 16 and 4"):
+        first_step(build_recipe("manifold", setup))
+
+
+def test_the_distill_command_picks_the_vit_pair_for_manifold_and_the_distilled_vit_for_deit(tmp_path):
+    """Method.default_student / default_teacher: what ``kdkernels distill`` uses when --student / --teacher are not
+    given (an explicit --teacher still wins)."""
+    import json
+
+    from kdkernels import cli
+
+    for method, extra, student, teacher in (("manifold", [], "student-vit", "teacher-vit"),
+                                            ("deit", [], "student-vit-distilled", "teacher-cnn"),
+                                            ("manifold", ["--teacher", "student-vit"], "student-vit", "student-vit")):
+        out = tmp_path / f"{method}-{len(extra)}.json"
+        assert cli.main(["distill", "--method", method, "--epochs", "1", "--teacher-epochs", "1", "--train-size",
+                         "30", "--batch-size", "16", "--no-progress", "--json", str(out), *extra]) == 0
+        experiment = json.loads(out.read_text())["experiment"]
+        assert (experiment["student"], experiment["teacher"]) == (student, teacher)

@@ -180,6 +180,79 @@ def test_fn_kd_bad_configuration_names_the_argument():
         first_step(build_recipe("fn-kd", digits_setup(), tau=0.0))
 
 
+# --------------------------------------------------------------------------------------------------------- DeiT
+
+def deit_step_official(values, labels, distillation_type, alpha, tau):
+    """facebookresearch/deit ``DistillationLoss.forward`` on the step's values, float64: the student's two heads (the
+    class token's ``head``, the distillation token's ``head_dist``: what the official training-mode forward returns
+    as a tuple), the teacher's logits."""
+    outputs, outputs_kd = values["student:head"].double(), values["student:head_dist"].double()
+    teacher_outputs = values["teacher"].double()
+    base_loss = F.cross_entropy(outputs, labels)
+    if distillation_type == "soft":
+        distillation_loss = F.kl_div(F.log_softmax(outputs_kd / tau, dim=1), F.log_softmax(teacher_outputs / tau, 1),
+                                     reduction="sum", log_target=True) * (tau * tau) / outputs_kd.numel()
+    else:
+        distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+    return base_loss * (1 - alpha) + distillation_loss * alpha
+
+
+def deit_setup(seed=0):
+    return digits_setup(student="student-vit-distilled", seed=seed)
+
+
+@pytest.mark.parametrize("preset, distillation_type", [("default", "hard"), ("hard", "hard"), ("soft", "soft")])
+def test_deit_step_is_the_official_distillation_loss_on_the_two_heads(preset, distillation_type):
+    run_steps(build_recipe("deit", deit_setup(), preset))
+    distiller, batch, values, output = first_step(build_recipe("deit", deit_setup(), preset))
+    official = deit_step_official(values, batch["target"], distillation_type, 0.5, 1.0)
+    torch.testing.assert_close(output.terms["deit"].double(), official.detach(), rtol=1e-5, atol=1e-7)
+    assert set(output.terms) == {"deit"}
+    # the student's output is DeiT's inference output, the mean of the heads
+    torch.testing.assert_close(values["student"], (values["student:head"] + values["student:head_dist"]) / 2)
+    student = distiller.models["student"]
+    gradients = torch.autograd.grad(output.loss, [student.head.weight, student.head_dist.weight])
+    assert all(bool(g.abs().sum() > 0) for g in gradients)
+
+
+def test_deit_takes_alpha_and_temperature():
+    _, batch, values, output = first_step(build_recipe("deit", deit_setup(), "soft", alpha=0.2, temperature=3.0))
+    official = deit_step_official(values, batch["target"], "soft", 0.2, 3.0)
+    torch.testing.assert_close(output.terms["deit"].double(), official.detach(), rtol=1e-5, atol=1e-7)
+    _, batch, values, output = first_step(build_recipe("deit", deit_setup(), distillation_type="none"))
+    close(output.terms["deit"], F.cross_entropy(values["student:head"], batch["target"]))
+
+
+def test_deit_is_defined_for_the_distilled_vit_student():
+    method = get_method("deit")
+    assert method.default_student == "student-vit-distilled" and method.approximation is None
+    assert method.hyperparameters() == {"distillation_type": "hard", "alpha": 0.5, "temperature": 1.0}
+    assert method.hyperparameters("soft")["distillation_type"] == "soft"
+
+
+def make_deit(seed=0):
+    return build_recipe("deit", deit_setup(seed=seed), "soft")
+
+
+def test_deit_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_deit, dict(epochs=2, batch_size=32, lr=0.05, **QUIET), tmp_path, pieces=(1, 1))
+
+
+@pytest.mark.parametrize("setup, options, error, match", [
+    (lambda: digits_setup(), {}, ValueError, r"method 'deit' trains a ViT with a distillation token .* got a "
+                                             r"DigitsCNN: pass --student student-vit-distilled"),
+    (lambda: digits_setup(student="student-vit"), {}, ValueError, r"got a VisionTransformer: pass --student"),
+    (lambda: digits_setup(student="student-vit-distilled", teacher=None), {}, ValueError, "pass a trained teacher"),
+    (deit_setup, {"distillation_type": "kl"}, ValueError, r"^deit: distillation_type must be one of 'none', 'soft'"),
+    (deit_setup, {"alpha": 1.5}, ValueError, r"^deit: alpha must be in \[0, 1\], got 1.5"),
+    (deit_setup, {"temperature": 0.0}, ValueError, r"^deit: temperature must be positive"),
+    (deit_setup, {"alpha": "half"}, TypeError, r"^deit: alpha must be a real number"),
+])
+def test_deit_bad_configuration_names_the_argument(setup, options, error, match):
+    with pytest.raises(error, match=match):
+        build_recipe("deit", setup(), **options)
+
+
 # --------------------------------------------------------------------------------------------------------- SCKD
 
 def sckd_gradient_cosine(student_model, batch, teacher_logits, temperature=4.0):

@@ -32,6 +32,8 @@ FACTS = json.loads((Path(__file__).parent / "data" / "cifar_zoo.json").read_text
 MODELS = FACTS["models"]
 NAMES = list(MODELS)
 NUM_CLASSES = FACTS["provenance"]["num_classes"]
+VIT_NAMES = ("student-vit", "student-vit-distilled", "teacher-vit", "student-vit-cifar", "student-vit-distilled-cifar",
+             "teacher-vit-cifar")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,9 +102,8 @@ def assert_recorded_features(features: list[torch.Tensor], recorded: list[dict],
 def test_the_zoo_has_every_name_of_model_dict_in_its_order():
     assert zoo.names() == NAMES
     assert len(NAMES) == 22
-    assert names()[:len(NAMES)] == NAMES and set(names()[len(NAMES):]) == {"teacher-cnn", "assistant-cnn",
-                                                                            "student-cnn", "student-cnn-deep",
-                                                                            "student-mlp", "modal-mlp"}
+    assert names()[:len(NAMES)] == NAMES and set(names()[len(NAMES):]) == {
+        "teacher-cnn", "assistant-cnn", "student-cnn", "student-cnn-deep", "student-mlp", "modal-mlp", *VIT_NAMES}
 
 
 def test_an_unknown_name_lists_the_close_matches_and_every_name():
@@ -325,3 +326,111 @@ def test_stage_wise_methods_refuse_pairs_of_different_stage_counts_with_a_clear_
 def test_feature_methods_train_the_four_stage_pairs(student, teacher):
     for method, term in (("fitnet", "hint"), ("at", "at"), ("crd", "crd")):
         assert term in one_training_step(method, student, teacher)
+
+
+# ------------------------------------------------------------------------------------------------ the tiny ViTs
+
+# name: (input shape, dim, blocks, heads, prefix tokens, patches)
+VIT_SHAPES = {"student-vit": ((1, 8, 8), 32, 2, 2, 1, 16), "student-vit-distilled": ((1, 8, 8), 32, 2, 2, 2, 16),
+              "teacher-vit": ((1, 8, 8), 64, 4, 4, 1, 16), "student-vit-cifar": ((3, 32, 32), 32, 2, 2, 1, 64),
+              "student-vit-distilled-cifar": ((3, 32, 32), 32, 2, 2, 2, 64),
+              "teacher-vit-cifar": ((3, 32, 32), 64, 4, 4, 1, 64)}
+
+
+def vit_taps(model, x):
+    points = feature_points(model)
+    taps = FeatureTaps(model, [*points.stages, *points.attention, points.embedding, points.classifier,
+                               *(["head_dist"] if model.distilled else [])])
+    try:
+        logits = model(x)
+        values = taps.pop()
+    finally:
+        taps.remove()
+    return points, logits, values
+
+
+@pytest.mark.parametrize("name", VIT_SHAPES)
+def test_vit_taps_give_every_block_s_tokens_and_attention_probabilities(name):
+    torch.manual_seed(0)
+    shape, dim, blocks, heads, prefix, patches = VIT_SHAPES[name]
+    model = create(name, 7)
+    x = torch.randn(3, *shape)
+    points, logits, values = vit_taps(model, x)
+    tokens = prefix + patches
+    assert logits.shape == (3, 7) and model.num_prefix_tokens == prefix and model.num_patches == patches
+    assert points.stages == [f"blocks.{i}" for i in range(blocks)]
+    assert points.attention == [f"blocks.{i}.attn.softmax" for i in range(blocks)]
+    for tap in points.stages:
+        assert values[tap].shape == (3, tokens, dim)
+    for tap in points.attention:
+        attention = values[tap]
+        assert attention.shape == (3, heads, tokens, tokens) and (attention >= 0).all()
+        torch.testing.assert_close(attention.sum(-1), torch.ones(3, heads, tokens))
+    # the embedding is the normalised class token of the last block, the classifier reads it
+    torch.testing.assert_close(values[points.embedding], model.norm(values[points.stages[-1]])[:, 0])
+    torch.testing.assert_close(values[points.classifier], model.head(values[points.embedding]))
+    if model.distilled:   # DeiT's inference output: the mean of the class and distillation heads
+        torch.testing.assert_close(values["head_dist"], model.head_dist(model.norm(values[points.stages[-1]])[:, 1]))
+        torch.testing.assert_close(logits, (values["head"] + values["head_dist"]) / 2)
+    else:
+        torch.testing.assert_close(logits, values["head"])
+
+
+def test_vit_attention_is_the_scaled_dot_product_softmax_of_its_block_input():
+    """The tap is softmax(q·kᵀ/√d_head) per head, recomputed here from the block's qkv projection."""
+    torch.manual_seed(0)
+    model = create("student-vit")
+    x = torch.randn(2, 1, 8, 8)
+    block = model.blocks[1]
+    taps = FeatureTaps(model, ["blocks.0", "blocks.1.attn.softmax"])
+    try:
+        model(x)
+        values = taps.pop()
+    finally:
+        taps.remove()
+    qkv = block.attn.qkv(block.norm1(values["blocks.0"])).reshape(2, 17, 3, 2, 16)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    torch.testing.assert_close(values["blocks.1.attn.softmax"], torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1))
+
+
+def test_vit_rejects_images_of_another_size_and_bad_shapes():
+    with pytest.raises(ValueError, match=r"expected input \[B, 1, 8, 8\], got \[2, 3, 32, 32\]"):
+        create("student-vit")(torch.randn(2, 3, 32, 32))
+    from kdkernels.distill.zoo.vit import VisionTransformer
+    with pytest.raises(ValueError, match="image_size"):
+        VisionTransformer(image_size=9, patch_size=2)
+    with pytest.raises(ValueError, match="heads"):
+        VisionTransformer(dim=30, heads=4)
+
+
+def test_a_vit_learns_digits_with_cross_entropy():
+    from kdkernels.distill.config import TrainConfig
+    from kdkernels.distill.data import load_digits
+    from kdkernels.distill.trainer import Trainer
+
+    torch.manual_seed(0)
+    split = load_digits(train_size=600, seed=0)
+    recipe = build_recipe("ce", Setup(student=create("student-vit"), num_classes=10))
+    result = Trainer(TrainConfig(epochs=15, batch_size=32, optimizer="adamw", lr=5e-3, weight_decay=0.05,
+                                 progress=False)).fit(recipe, split.train, split.test)
+    assert result.accuracy > 40.0, result.accuracy   # chance: 10 %
+
+
+@pytest.mark.parametrize("method, term", [("kd", "kd"), ("rkd", "rkd")])
+def test_vit_students_train_through_the_distillation_methods(method, term):
+    """A ViT pair through a response method and a relation method on the embedding tap (the class token)."""
+    torch.manual_seed(0)
+    setup = Setup(student=create("student-vit"), teacher=create("teacher-vit").eval(), num_classes=10)
+    recipe = build_recipe(method, setup)
+    batch = {"input": torch.randn(4, 1, 8, 8), "target": torch.arange(4), "index": torch.arange(4)}
+    for stage in recipe.stages:
+        distiller = stage.distiller
+        distiller.build(batch).activate().train()
+        output = distiller(batch, StepContext(epoch=1, epochs=1, step=0, batch=batch))
+        assert torch.isfinite(output.loss)
+        output.loss.backward()
+    assert term in output.terms and model_moves(distiller.models["student"])
+
+
+def model_moves(model) -> bool:
+    return all(p.grad is not None for p in model.parameters())

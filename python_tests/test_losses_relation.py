@@ -670,3 +670,109 @@ REFILLED_EMBED = torch.randn(4, 3)
 def test_refilled_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --------------------------------------------------------------------------------------------- manifold distillation
+
+def official_layer_mf_loss(F_s, F_t, K):
+    """Hao840/manifold-distillation @1096b82 ``losses.py`` ``layer_mf_loss``."""
+    F_s = torch.nn.functional.normalize(F_s, dim=-1)
+    F_t = torch.nn.functional.normalize(F_t, dim=-1)
+    M_s = F_s.bmm(F_s.transpose(-1, -2))
+    M_t = F_t.bmm(F_t.transpose(-1, -2))
+    M_diff = M_t - M_s
+    loss_mf_patch = (M_diff * M_diff).mean()
+    f_s = F_s.permute(1, 0, 2)
+    f_t = F_t.permute(1, 0, 2)
+    M_s = f_s.bmm(f_s.transpose(-1, -2))
+    M_t = f_t.bmm(f_t.transpose(-1, -2))
+    M_diff = M_t - M_s
+    loss_mf_sample = (M_diff * M_diff).mean()
+    bsz, patch_num, _ = F_s.shape
+    sampler = torch.randperm(bsz * patch_num)[:K]
+    f_s = F_s.reshape(bsz * patch_num, -1)[sampler]
+    f_t = F_t.reshape(bsz * patch_num, -1)[sampler]
+    M_s = f_s.mm(f_s.T)
+    M_t = f_t.mm(f_t.T)
+    M_diff = M_t - M_s
+    loss_mf_rand = (M_diff * M_diff).mean()
+    return loss_mf_patch, loss_mf_sample, loss_mf_rand
+
+
+def official_mf_loss(block_outs_s, block_outs_t, K, w_sample, w_patch, w_rand):
+    """``mf_loss`` over every given pair (layer ids 0..n-1), its three sums over the layers averaged, then added
+    (``DistillationLoss`` returns the three scaled by beta, and the training loop adds them)."""
+    losses = [[], [], []]
+    for F_s, F_t in zip(block_outs_s, block_outs_t):
+        loss_mf_patch, loss_mf_sample, loss_mf_rand = official_layer_mf_loss(F_s, F_t, K)
+        losses[0].append(w_sample * loss_mf_sample)
+        losses[1].append(w_patch * loss_mf_patch)
+        losses[2].append(w_rand * loss_mf_rand)
+    return sum(sum(part) / len(part) for part in losses)
+
+
+@pytest.mark.parametrize("samples", [192, 10, 1])
+@pytest.mark.parametrize("weights", [(0.1, 4.0, 0.2), (1.0, 0.0, 2.5)])
+def test_manifold_is_the_official_mf_loss(samples, weights):
+    """Two layer pairs of different widths; the same global-RNG draws (a fresh randperm per layer pair)."""
+    student = [randn(4, 9, 6, seed=1, grad=True), randn(4, 9, 6, seed=2, scale=2.0, grad=True)]
+    teacher = [randn(4, 9, 8, seed=3, grad=True), randn(4, 9, 8, seed=4, offset=0.5, grad=True)]
+
+    def ours(*tokens):
+        torch.manual_seed(7)
+        return kdkernels.manifold_loss(list(tokens[:2]), list(tokens[2:]), samples, *weights)
+
+    def official(*tokens):
+        torch.manual_seed(7)
+        return official_mf_loss(tokens[:2], tokens[2:], samples, *weights)
+
+    assert_equals_official(ours, official, *student, *teacher, what="manifold")
+
+
+def test_manifold_terms_are_relations_of_the_normalised_tokens():
+    tokens = randn(3, 5, 4, seed=5)
+    # the same relations (a rescaled copy of each token, another width by a rotation) give 0
+    rotation = torch.linalg.qr(randn(6, 6, seed=6))[0][:4]
+    scaled = tokens * torch.rand(3, 5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).add(0.5)
+    assert float(kdkernels.manifold_loss(scaled @ rotation, tokens, samples=7)) < 1e-24
+    # one layer = a list of one; the patch term alone
+    other = randn(3, 5, 2, seed=8)
+    only_patch = kdkernels.manifold_loss(other, tokens, sample_weight=0.0, patch_weight=1.0, random_weight=0.0)
+    s, t = torch.nn.functional.normalize(other, dim=-1), torch.nn.functional.normalize(tokens, dim=-1)
+    torch.testing.assert_close(only_patch, ((t @ t.transpose(1, 2) - s @ s.transpose(1, 2)) ** 2).mean())
+    torch.testing.assert_close(kdkernels.manifold_loss([other], [tokens]), kdkernels.manifold_loss(other, tokens))
+    # a generator makes the draws reproducible without the global RNG
+    first = kdkernels.manifold_loss(other, tokens, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, kdkernels.manifold_loss(other, tokens, 4, generator=torch.Generator().manual_seed(3)))
+
+
+def test_manifold_low_precision_computes_in_float32():
+    student, teacher = randn(4, 6, 5, seed=9), randn(4, 6, 7, seed=10)
+    reference_value = kdkernels.manifold_loss(student, teacher)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        value = kdkernels.manifold_loss(student.to(dtype), teacher.to(dtype))
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), reference_value, rtol=3e-2, atol=1e-4)
+
+
+MF_TOKENS = torch.randn(2, 5, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.manifold_loss(MF_TOKENS, torch.randn(2, 6, 4)), ValueError,
+     r"^manifold_loss: teacher_tokens\[0\] must have the student's batch and token count \(2, 5\)"),
+    (lambda: kdkernels.manifold_loss([MF_TOKENS, MF_TOKENS], [MF_TOKENS]), ValueError,
+     r"^manifold_loss: teacher_tokens must hold as many layers as student_tokens \(2\), got 1$"),
+    (lambda: kdkernels.manifold_loss(torch.randn(2, 20), MF_TOKENS), ValueError,
+     r"^manifold_loss: student_tokens must have 3 dims"),
+    (lambda: kdkernels.manifold_loss([], []), TypeError, r"^manifold_loss: student_tokens must be a \[B, N, D\]"),
+    (lambda: kdkernels.manifold_loss(MF_TOKENS, MF_TOKENS, 0), ValueError,
+     r"^manifold_loss: samples must be an int >= 1, got 0$"),
+    (lambda: kdkernels.manifold_loss(MF_TOKENS, MF_TOKENS, 10, -1.0), ValueError,
+     r"^manifold_loss: sample_weight must be >= 0"),
+    (lambda: kdkernels.manifold_loss(MF_TOKENS, MF_TOKENS, generator=3), TypeError,
+     r"^manifold_loss: generator must be a torch.Generator or None"),
+])
+def test_manifold_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1,4 +1,4 @@
-"""soft_cross_entropy_loss, wsl_loss, bdkd_loss, two_temperature_kd_loss and logit_standardized_kd_loss
+"""soft_cross_entropy_loss, wsl_loss, bdkd_loss, two_temperature_kd_loss, logit_standardized_kd_loss and deit_loss
 (kdkernels/losses/response.py, torch ops) against the official code transcribed here (BYOT / BAN, PaddleClas,
 logit-standardization-KD) or the documented formula (BD-KD, MKD's KD at two temperatures): float64 value and
 gradient; errors."""
@@ -362,5 +362,95 @@ def test_mmt_low_precision_computes_in_float32():
      r"^mmt_loss: ema_logits_2 must be a torch.Tensor"),
 ])
 def test_mmt_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------- DeiT
+
+def deit_official(outputs, outputs_kd, teacher_outputs, labels, distillation_type, alpha, tau):
+    """facebookresearch/deit @7e160fe ``losses.py`` ``DistillationLoss.forward`` with ``base_criterion`` CE, the
+    teacher's outputs computed under ``no_grad``."""
+    base_loss = F.cross_entropy(outputs, labels)
+    if distillation_type == "none":
+        return base_loss
+    teacher_outputs = teacher_outputs.detach()
+    if distillation_type == "soft":
+        T = tau
+        distillation_loss = F.kl_div(F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
+                                     reduction="sum", log_target=True) * (T * T) / outputs_kd.numel()
+    else:
+        distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+    return base_loss * (1 - alpha) + distillation_loss * alpha
+
+
+@pytest.mark.parametrize("distillation_type, alpha, tau", [("hard", 0.5, 1.0), ("soft", 0.5, 1.0), ("soft", 0.3, 3.0),
+                                                           ("none", 0.5, 1.0), ("hard", 1.0, 1.0)])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_deit_is_the_official_distillation_loss(shape, distillation_type, alpha, tau):
+    """Value and gradients of both student heads; the teacher gets none (no_grad in the official)."""
+    rows, classes = shape
+    z_cls, z_dist, z_t = (randn(*shape, seed=40 + k, scale=3.0, grad=True) for k in range(3))
+    y = class_labels(rows, classes, seed=4)
+    assert_equals_official(lambda *a: kdkernels.deit_loss(*a, y, distillation_type, alpha, tau),
+                           lambda *a: deit_official(*a, y, distillation_type, alpha, tau),
+                           z_cls, z_dist, z_t, what=f"deit {distillation_type}")
+    loss = kdkernels.deit_loss(z_cls, z_dist, z_t, y, distillation_type, alpha, tau)
+    assert torch.autograd.grad(loss, [z_t], allow_unused=True) == (None,)
+    per_sample = kdkernels.deit_loss(z_cls, z_dist, z_t, y, distillation_type, alpha, tau, reduction="none")
+    assert per_sample.shape == (rows,)
+    torch.testing.assert_close(per_sample.mean(), loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kdkernels.deit_loss(z_cls, z_dist, z_t, y, distillation_type, alpha, tau,
+                                                   reduction="sum"), per_sample.sum(), rtol=1e-12, atol=0)
+
+
+def test_deit_hard_distillation_takes_the_teacher_s_decision_as_the_label():
+    z_cls, z_dist = randn(5, 4, seed=50), randn(5, 4, seed=51)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    teacher = F.one_hot(torch.tensor([3, 3, 1, 0, 2]), 4).double() * 5
+    value = kdkernels.deit_loss(z_cls, z_dist, teacher, y, "hard", 0.25)
+    torch.testing.assert_close(value, 0.75 * F.cross_entropy(z_cls, y)
+                               + 0.25 * F.cross_entropy(z_dist, torch.tensor([3, 3, 1, 0, 2])))
+    # the class head never sees the teacher, the distillation head never sees the labels
+    assert torch.equal(kdkernels.deit_loss(z_cls, z_dist, teacher, y, "hard", 0.0),
+                       kdkernels.deit_loss(z_cls, z_dist + 7.0 * teacher, -teacher, y, "hard", 0.0))
+
+
+def test_deit_low_precision_computes_in_float32():
+    z_cls, z_dist, z_t = (randn(8, 10, seed=60 + k) for k in range(3))
+    y = class_labels(8, 10)
+    for distillation_type in ("hard", "soft"):
+        reference = kdkernels.deit_loss(z_cls, z_dist, z_t, y, distillation_type)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            value = kdkernels.deit_loss(*(t.to(dtype) for t in (z_cls, z_dist, z_t)), y, distillation_type)
+            assert value.dtype == torch.float32
+            torch.testing.assert_close(value.double(), reference, rtol=2e-2, atol=0)
+
+
+DEIT_LOGITS = torch.randn(4, 10)
+DEIT_LABELS = torch.zeros(4, dtype=torch.long)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS[:, :5], DEIT_LOGITS, DEIT_LABELS), ValueError,
+     r"^deit_loss: distillation_logits must have the same shape as class_logits \(4, 10\), got shape \(4, 5\)$"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS[:3], DEIT_LABELS), ValueError,
+     r"^deit_loss: teacher_logits must have the same shape as class_logits"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, DEIT_LABELS, "kl"), ValueError,
+     r"^deit_loss: distillation_type must be one of 'none', 'soft', 'hard', got 'kl'$"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, DEIT_LABELS, "hard", 1.5), ValueError,
+     r"^deit_loss: alpha must be in \[0, 1\], got 1.5$"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, DEIT_LABELS, "soft", 0.5, 0.0), ValueError,
+     r"^deit_loss: temperature must be positive"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, DEIT_LABELS, reduction="mean"), ValueError,
+     r"^deit_loss: reduction must be one of 'batchmean', 'sum', 'none'"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, torch.zeros(4)), TypeError,
+     r"^deit_loss: labels must be an integer tensor"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, DEIT_LOGITS, DEIT_LOGITS, torch.full((4,), 10)), ValueError,
+     r"^deit_loss: labels must be class indices in \[0, 10\)"),
+    (lambda: kdkernels.deit_loss(DEIT_LOGITS, "x", DEIT_LOGITS, DEIT_LABELS), TypeError,
+     r"^deit_loss: distillation_logits must be a torch.Tensor"),
+])
+def test_deit_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -112,9 +112,11 @@ def add_run_options(parser) -> None:
                           help="the channels-last memory format for 4-D weights and inputs (auto: on CUDA under AMP)")
     parser.add_argument("--train-size", type=int, help="labelled training images for the student, a per-class "
                         "subset (default: 300 of digits, all of the other datasets)")
-    parser.add_argument("--student", help="the student's model (default on digits: student-cnn)")
+    parser.add_argument("--student", help="the student's model (default on digits: student-cnn, or the "
+                        "student the method is defined for: student-vit-distilled for deit, student-vit for manifold)")
     parser.add_argument("--teacher", help="the teacher's model (default on digits: teacher-cnn, or what the method "
-                        "is defined for: the student's architecture for tfkd-self, equal widths for fsp)")
+                        "is defined for: the student's architecture for tfkd-self, equal widths for fsp, "
+                        "teacher-vit for manifold)")
     parser.add_argument("--teacher-epochs", type=int, help="the teachers' epochs (default: the recipe's)")
     parser.add_argument("--teacher-seed", type=int, help="the first teacher's seed (default: the run's --seed; "
                         "teacher k gets it + k)")
@@ -261,7 +263,7 @@ def _experiment(arguments, method):
         raise UsageError("--teacher-weights does not combine with --reversed (which trains the swapped teacher)")
     try:
         experiment = DigitsExperiment(
-            student=arguments.student or "student-cnn",
+            student=arguments.student or method.default_student or "student-cnn",
             train_size=arguments.train_size if arguments.train_size is not None or not digits else 300,
             teacher_epochs=arguments.teacher_epochs, cache_dir=arguments.teacher_cache, dataset=arguments.dataset,
             data_dir=arguments.data_dir, image_size=arguments.image_size,

@@ -160,8 +160,11 @@ SAME_WIDTH_TEACHERS = {"student-cnn": "student-cnn-deep"}
 
 def teacher_model_for(method: str, experiment: DigitsExperiment) -> str:
     """The zoo teacher a method is defined for: the experiment's teacher, a deeper model with the student's stage
-    widths (FSP: equal channel counts), or the student's own architecture (Tf-KD self)."""
+    widths (FSP: equal channel counts), the student's own architecture (Tf-KD self), or the method's
+    ``default_teacher`` (manifold: a ViT)."""
     kind = get_method(method).teacher_architecture
+    if kind == "any" and get_method(method).default_teacher is not None:
+        return get_method(method).default_teacher
     if kind == "student":
         return experiment.student
     if kind == "same-widths":

@@ -2,8 +2,10 @@
 forward: :mod:`kdkernels.distill.zoo`) or of the digits zoo below; :func:`names` lists both.
 
 The digits zoo is small, for the built-in ``digits`` data (1×8×8 images, 10 classes): teacher, assistant and student
-CNNs, and an MLP student. Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know
-where to hook; nothing in the distillation code depends on these classes.
+CNNs, an MLP student, and tiny ViTs (:mod:`kdkernels.distill.zoo.vit`: ``student-vit``, ``student-vit-distilled``
+with DeiT's distillation token, ``teacher-vit``; their ``-cifar`` twins take 3×32×32 CIFAR images in 4×4 patches).
+Every model carries ``kd_points`` (:class:`FeaturePoints`) so that feature methods know where to hook; nothing in the
+distillation code depends on these classes.
 
 CNN layout: three stages ``stage1``..``stage3`` (8×8, 4×4, 2×2), each ``Sequential(conv, bn, relu[, conv, bn,
 relu])`` so that the last BN output (``stage<i>.<k>``) is the pre-activation feature; then ``pool`` (global
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from kdkernels.distill import zoo
+from kdkernels.distill.zoo import vit
 from kdkernels.distill.recipe import FeaturePoints
 
 NUM_CLASSES = 10
@@ -87,6 +90,10 @@ MODEL_ZOO: dict[str, Callable[..., nn.Module]] = {   # name -> builder(num_class
     "student-mlp": lambda num_classes=NUM_CLASSES: DigitsMLP(hidden=(32,), num_classes=num_classes),
     # reads a digit's 16-value modalities (kdkernels.distill.modalities: row+column profiles, random projection)
     "modal-mlp": lambda num_classes=NUM_CLASSES: DigitsMLP(hidden=(32, 32), num_classes=num_classes, in_features=16),
+    # tiny ViTs (student dim 32 × 2 blocks, teacher dim 64 × 4 blocks): 2×2 patches of the digits, or, with the
+    # "-cifar" suffix, 4×4 patches of 3×32×32 images
+    **{name: (lambda build: lambda num_classes=NUM_CLASSES: build(num_classes))(build)
+       for name, build in vit.MODELS.items()},
 }
 
 

@@ -125,6 +125,8 @@ class FeaturePoints:
     margin_norms: the batch norms before the stage ReLUs, one per ``pre_activation`` tap, whose (γ, β) give OFD's
         margins where the pre-activation value is not that batch norm's output (a residual sum after it, as in the
         CIFAR ResNets: mdistiller's ``get_bn_before_relu``); empty when the ``pre_activation`` taps are the norms.
+    attention: a transformer's softmax attention probabilities per block, shallow to deep ([B, heads, tokens,
+        tokens], rows summing to 1), where the model has them (the zoo's ViTs); empty otherwise.
     """
 
     stages: list[str]
@@ -132,6 +134,7 @@ class FeaturePoints:
     classifier: str
     pre_activation: list[str] = dataclasses.field(default_factory=list)
     margin_norms: list[str] = dataclasses.field(default_factory=list)
+    attention: list[str] = dataclasses.field(default_factory=list)
 
 
 def feature_points(model: nn.Module) -> FeaturePoints:

@@ -34,6 +34,8 @@ class Method:
     teacher_architecture: str = "any"  # "any"; "same-widths" (equal channels per stage, FSP); "student" (Tf-KD self)
     # hyperparameters -> (views, batch key) of the modality the teacher reads (None: the plain "input")
     teacher_input: Callable[[Mapping[str, object]], tuple[tuple, str]] | None = None
+    default_student: str | None = None  # the digits zoo student a runner picks when none is named (deit: a DeiT ViT)
+    default_teacher: str | None = None  # the digits zoo teacher a runner picks when none is named (manifold: a ViT)
 
     @property
     def summary(self) -> str:
@@ -72,14 +74,18 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapping[str, object]] | None = None,
              approximation: str | None = None, needs_teacher: bool = True, teacher_architecture: str = "any",
-             teacher_input: Callable[[Mapping[str, object]], tuple[tuple, str]] | None = None):
+             teacher_input: Callable[[Mapping[str, object]], tuple[tuple, str]] | None = None,
+             default_student: str | None = None, default_teacher: str | None = None):
     """Decorator registering ``build(setup, **hyperparameters) -> Recipe`` as method ``name``.
 
     ``teacher_architecture`` tells runners which teacher the method is defined for: ``"any"``, ``"same-widths"``
     (the teacher's stages have the student's channel counts, e.g. FSP) or ``"student"`` (a trained copy of the
     student's architecture, e.g. Tf-KD self). ``teacher_input(hyperparameters) -> (views, key)``: the modality
     the method's teacher reads (the views that make it and its batch key), so that runners train and test the
-    teacher on it (:meth:`Method.teacher_modality`); None: the plain ``"input"``."""
+    teacher on it (:meth:`Method.teacher_modality`); None: the plain ``"input"``. ``default_student``: the zoo
+    student runners use when none is named, for methods defined for one kind of student only (``deit``: a ViT with
+    a distillation token); ``None``: the runner's default. ``default_teacher``: the same for the teacher
+    (``manifold``: a ViT teacher)."""
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
     if teacher_architecture not in TEACHER_ARCHITECTURES:
@@ -95,7 +101,7 @@ def register(name: str, *, category: str, paper: str, presets: Mapping[str, Mapp
             if unknown:
                 raise ValueError(f"method {name!r} preset {preset!r} sets unknown hyperparameters {unknown}")
         _REGISTRY[name] = Method(name, category, paper, build, all_presets, approximation, needs_teacher,
-                                 teacher_architecture, teacher_input)
+                                 teacher_architecture, teacher_input, default_student, default_teacher)
         return build
 
     return decorate

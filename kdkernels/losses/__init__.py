@@ -16,15 +16,16 @@ from kdkernels.losses.kd import kd_loss
 from kdkernels.losses.linear_kd import linear_kd_loss
 from kdkernels.losses.decoupled import dkd_loss, nkd_loss
 from kdkernels.losses.dist import dist_loss
-from kdkernels.losses.relation import cc_loss, irg_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss
+from kdkernels.losses.relation import (cc_loss, irg_loss, manifold_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss,
+                                      rkd_loss, sp_loss)
 from kdkernels.losses.relation import (category_structure_loss, mhgd_loss, refilled_classifier_loss,
                                        refilled_triplet_loss)
 from kdkernels.losses.contrastive import (crd_loss, crd_normalizers, crd_update_memory_, sample_contrast_indices,
                                           sample_other_class_indices)
 from kdkernels.losses.contrastive import crcd_loss, crcd_normalizers
 from kdkernels.losses.bake import bake_loss, bake_targets
-from kdkernels.losses.response import (bdkd_loss, feature_normalized_kd_loss, logit_standardized_kd_loss, mmt_loss,
-                                      soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
+from kdkernels.losses.response import (bdkd_loss, deit_loss, feature_normalized_kd_loss, logit_standardized_kd_loss,
+                                      mmt_loss, soft_cross_entropy_loss, two_temperature_kd_loss, wsl_loss)
 from kdkernels.losses.cross_modal import privileged_loss, supervision_transfer_loss
 from kdkernels.losses.soft_label import label_smoothing_loss, tf_kd_reg_loss, tf_nkd_loss, zipf_ls_loss
 from kdkernels.losses.feature import (ab_loss, cd_loss, cwd_loss, fitnet_loss, fsp_loss, ft_loss, hkd_loss,
@@ -50,7 +51,7 @@ __all__ = [
     "sample_other_class_indices", "bake_loss", "bake_targets",
     # composed of torch ops (no fused kernel yet)
     "soft_cross_entropy_loss", "wsl_loss", "bdkd_loss", "two_temperature_kd_loss", "logit_standardized_kd_loss",
-    "feature_normalized_kd_loss", "mmt_loss",
+    "feature_normalized_kd_loss", "mmt_loss", "deit_loss",
     "privileged_loss", "supervision_transfer_loss",
     "softmax_mse_loss", "byol_loss", "simsiam_loss", "moco_loss", "dino_loss", "sdssl_loss", "sskd_head_loss",
     "sskd_loss", "hsakd_joint_labels",
@@ -61,8 +62,8 @@ __all__ = [
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss", "tofd_loss", "hkd_loss",
     "semckd_loss", "afd_loss", "l2t_ww_loss",
-    "at_loss", "ttkd_loss", "irg_loss", "category_structure_loss", "mhgd_loss", "refilled_triplet_loss",
-    "refilled_classifier_loss", "darkrank_loss",
+    "at_loss", "ttkd_loss", "irg_loss", "manifold_loss", "category_structure_loss", "mhgd_loss",
+    "refilled_triplet_loss", "refilled_classifier_loss", "darkrank_loss",
     "ensemble_kd_loss", "camkd_weights", "camkd_loss", "camkd_feature_loss", "one_loss", "pcl_loss", "mcl_loss",
     "oec_kd_loss", "byot_loss", "sad_loss", "dks_loss", "ddgsd_loss", "mixskd_loss", "snapshot_distillation_loss",
 ]

@@ -1,5 +1,6 @@
 """Relation-based distillation losses: RKD (distance, angle), SP, PKT and CC on the fused ``pairwise`` op, and the
-instance relationship graph (IRG), category structure (CSKD) and the multi-head graph loss (MHGD), plain PyTorch.
+instance relationship graph (IRG), category structure (CSKD), the multi-head graph loss (MHGD) and the patch-token
+manifold relations of vision transformers (manifold distillation), plain PyTorch.
 
 Each compares a relation among the samples of a batch of student features with the same relation of teacher
 features. Features of any shape ``[B, ...]`` are flattened per sample; student and teacher widths may differ; fp32,
@@ -410,3 +411,78 @@ def refilled_classifier_loss(student_logits: torch.Tensor, teacher_embed: torch.
     if reduction == "batchmean":
         return rows.mean()
     return rows.sum() / (rows.shape[0] * present.sum().to(dtype))
+
+
+def _token_layers(check: Checks, name: str, value) -> list[torch.Tensor]:
+    """One ``[B, N, D]`` token tensor or a list/tuple of them (one per layer)."""
+    if isinstance(value, torch.Tensor):
+        layers = [value]
+    elif isinstance(value, (list, tuple)) and value:
+        layers = list(value)
+    else:
+        check.type_error(name, "a [B, N, D] token tensor or a non-empty list of them (one per layer)", value)
+    for index, layer in enumerate(layers):
+        label = name if isinstance(value, torch.Tensor) else f"{name}[{index}]"
+        check.floating(label, layer, dims=(3,))
+    return layers
+
+
+def _relation_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((M_t − M_s)²)`` of the Gram matrices ``M = f·fᵀ`` (batched over the leading dim when 3-D)."""
+    difference = teacher @ teacher.transpose(-1, -2) - student @ student.transpose(-1, -2)
+    return (difference * difference).mean()
+
+
+def manifold_loss(student_tokens, teacher_tokens, samples: int = 192, sample_weight: float = 0.1,
+                  patch_weight: float = 4.0, random_weight: float = 0.2, *,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fine-grained manifold distillation (Hao et al., "Learning Efficient Vision Transformers via Fine-Grained
+    Manifold Distillation", NeurIPS 2022), Hao840/manifold-distillation @1096b82 ``losses.py`` ``mf_loss`` and
+    ``layer_mf_loss``: per layer pair, with ``F = normalize(tokens, dim=-1)`` of shape ``[B, N, D]``::
+
+        patch  = mean((F_t F_tᵀ − F_s F_sᵀ)²)                 # intra-image: [B, N, N], the patches of each image
+        sample = mean((f_t f_tᵀ − f_s f_sᵀ)²), f = Fᵀ₀₁       # inter-image: [N, B, B], each patch across the batch
+        random = mean((r_t r_tᵀ − r_s r_sᵀ)²)                 # r: the same ``samples`` random rows of F.view(B·N, D)
+        loss   = mean over layer pairs of (sample_weight·sample + patch_weight·patch + random_weight·random)
+
+    ``student_tokens`` / ``teacher_tokens``: a ``[B, N, D]`` tensor or a list of them (one per distilled layer pair,
+    the same count on both sides); the patch count N and batch B must agree within each pair, the widths D may differ
+    (only the relation maps are compared). Pass the patch tokens only (the official drops the student's extra leading
+    tokens). The random rows are a fresh ``torch.randperm(B·N)[:samples]`` per layer pair, drawn on the CPU from
+    ``generator`` (default: torch's global generator, as the official); with ``samples ≥ B·N`` every row is taken, in
+    order, and nothing is drawn (the value of any permutation of all rows is the same). Defaults are the official
+    README's DeiT-Tiny ← CaiT-S24 command (``--w-sample 0.1 --w-patch 4 --w-rand 0.2 --K 192``; its
+    ``--distillation-beta 1`` multiplies all three). The value is a scalar (fp32, fp64 for fp64 inputs); gradients
+    reach both sides (the official teacher runs under ``no_grad``: detach it for offline distillation).
+    """
+    check = Checks("manifold_loss")
+    student_layers = _token_layers(check, "student_tokens", student_tokens)
+    teacher_layers = _token_layers(check, "teacher_tokens", teacher_tokens)
+    if len(student_layers) != len(teacher_layers):
+        check.value_error("teacher_tokens", f"must hold as many layers as student_tokens ({len(student_layers)})",
+                          f"{len(teacher_layers)}")
+    for index, (student, teacher) in enumerate(zip(student_layers, teacher_layers)):
+        if student.shape[:2] != teacher.shape[:2]:
+            check.value_error(f"teacher_tokens[{index}]", f"must have the student's batch and token count "
+                              f"{tuple(student.shape[:2])} (shape [B, N, D])", f"shape {tuple(teacher.shape)}")
+        check.same_device(f"teacher_tokens[{index}]", teacher, f"student_tokens[{index}]", student)
+    samples = check.integer("samples", samples, minimum=1)
+    weights = [check.real(name, value, nonnegative=True) for name, value in
+               (("sample_weight", sample_weight), ("patch_weight", patch_weight), ("random_weight", random_weight))]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        check.type_error("generator", "a torch.Generator or None", generator)
+    total = None
+    for student, teacher in zip(student_layers, teacher_layers):
+        student = F.normalize(accumulate(student), dim=-1)
+        teacher = F.normalize(accumulate(teacher).to(student.dtype), dim=-1)
+        patch = _relation_gap(student, teacher)
+        sample = _relation_gap(student.transpose(0, 1), teacher.transpose(0, 1))
+        batch, tokens, _ = student.shape
+        student_rows, teacher_rows = student.reshape(batch * tokens, -1), teacher.reshape(batch * tokens, -1)
+        if samples < batch * tokens:
+            rows = torch.randperm(batch * tokens, generator=generator)[:samples].to(student.device)
+            student_rows, teacher_rows = student_rows[rows], teacher_rows[rows]
+        random = _relation_gap(student_rows, teacher_rows)
+        layer = weights[0] * sample + weights[1] * patch + weights[2] * random
+        total = layer if total is None else total + layer
+    return total / len(student_layers)

@@ -1,7 +1,7 @@
 """Response-based losses that compose torch ops (no fused kernel of their own): the soft-target cross-entropy of
 BAN and BYOT, weighted soft labels (WSL), the balanced divergences of BD-KD, KD at separate (learnable) student
-and teacher temperatures (MKD), KD / DKD on z-scored logits (logit standardisation) and KD at a per-sample
-temperature from the student's feature norm (FN-KD).
+and teacher temperatures (MKD), KD / DKD on z-scored logits (logit standardisation) KD at a per-sample
+temperature from the student's feature norm (FN-KD), and DeiT's distillation through a distillation token.
 
 Plain PyTorch: each function IS the reference implementation of its formula (a fused kernel may replace it later
 behind the same signature), transcribed from the official code named in its docstring.
@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from kdkernels._validation import Checks, Reduction
+from kdkernels._validation import SAMPLE_REDUCTIONS, Checks, Reduction, SampleReduction
 from kdkernels.losses._common import accumulate, reduce_rows, soft_cross_entropy_rows
 from kdkernels.losses.decoupled import dkd_loss
 from kdkernels.losses.kd import kd_loss
@@ -276,3 +276,51 @@ def feature_normalized_kd_loss(student_logits: torch.Tensor, teacher_logits: tor
     log_p_t = F.log_softmax(teacher * scale, dim=-1)
     rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     return reduce_rows(rows, reduction, elements=student.shape[-1])
+
+
+DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+def deit_loss(class_logits: torch.Tensor, distillation_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              labels: torch.Tensor, distillation_type: str = "hard", alpha: float = 0.5, temperature: float = 1.0,
+              *, reduction: SampleReduction = "batchmean") -> torch.Tensor:
+    """DeiT's distillation loss (Touvron et al., "Training data-efficient image transformers & distillation through
+    attention", ICML 2021), facebookresearch/deit ``losses.py`` ``DistillationLoss`` (commit 7e160fe)::
+
+        base = CE(z_cls, y)                                           # the class token's head
+        soft: D = T² · Σ_{b,c} p_t (log p_t − log p_s) / (B·C)        # KL(softmax(z_t/T) ‖ softmax(z_dist/T)),
+                                                                      # sum / numel (the official "legacy" mean)
+        hard: D = CE(z_dist, argmax_c z_t)                            # the teacher's decision as a label
+        loss = (1 − α) · base + α · D;        "none": loss = base (no α)
+
+    ``z_dist`` is the distillation token's head (``distillation_logits``), ``z_t`` the teacher's logits (detached:
+    the official computes them under ``no_grad``). Defaults: ``hard``, α 0.5, T 1 (the official ``main.py``
+    arguments; the paper's best is hard distillation). ``reduction`` over the samples, each sample's value being
+    ``(1 − α)·CE_b + α·D_b`` with the soft ``D_b = T²·KL_b / C``: ``"batchmean"`` (the official value), ``"sum"``
+    or ``"none"`` [B].
+
+    Args:
+        class_logits, distillation_logits, teacher_logits: ``[B, C]``. labels: class indices ``[B]``.
+        distillation_type: ``"none"``, ``"soft"`` or ``"hard"``. alpha: in [0, 1]. temperature: T > 0 (soft only).
+    """
+    check = Checks("deit_loss")
+    check.logits_pair(class_logits, teacher_logits, "class_logits", "teacher_logits", dims=(2,))
+    check.logits_pair(class_logits, distillation_logits, "class_logits", "distillation_logits", dims=(2,))
+    distillation_type = check.choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
+    alpha = check.probability("alpha", alpha)
+    temperature = check.temperature(temperature)
+    reduction = check.reduction(reduction, SAMPLE_REDUCTIONS)
+    targets = check.class_labels(labels, class_logits)
+    student = accumulate(class_logits)
+    rows = F.cross_entropy(student, targets, reduction="none")
+    if distillation_type == "none":
+        return reduce_rows(rows, reduction)
+    distilled = accumulate(distillation_logits).to(student.dtype)
+    teacher = accumulate(teacher_logits.detach()).to(student.dtype)
+    if distillation_type == "soft":
+        log_p_s = F.log_softmax(distilled / temperature, dim=-1)
+        log_p_t = F.log_softmax(teacher / temperature, dim=-1)
+        distillation = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * (temperature * temperature / student.shape[-1])
+    else:
+        distillation = F.cross_entropy(distilled, teacher.argmax(dim=-1), reduction="none")
+    return reduce_rows((1.0 - alpha) * rows + alpha * distillation, reduction)

@@ -700,3 +700,128 @@ def crcd(setup: Setup, weight: float = 1.0, grad_weight: float = 1.0, kd_weight:
                  crcd_head("crcd", teacher, teacher_tap, "teacher_layer"))
         terms.append(CRCDGradientTerm("crcd_grad", student_key, teacher_key, *heads, weight=grad_weight, **options))
     return offline("crcd", setup, terms)
+
+
+# ------------------------------------------------------------------------------------------ manifold distillation
+
+def teacher_decision_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard distillation: ``CE(z_s, argmax z_t)`` (mean over the batch)."""
+    return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=-1))
+
+
+def default_block_pairs(student_blocks: int, teacher_blocks: int) -> tuple[list[int], list[int]]:
+    """Every student block, paired with the teacher's blocks at the same end of the network: the first half of the
+    student's blocks with the teacher's first blocks, the second half with its last ones (the official DeiT-Tiny ←
+    CaiT-S24 command pairs blocks 0-3, 8-11 of 12 with 0-3, 20-23 of 24)."""
+    first = (student_blocks + 1) // 2
+    last = student_blocks - first
+    return (list(range(student_blocks)),
+            list(range(first)) + list(range(teacher_blocks - last, teacher_blocks)))
+
+
+class ManifoldTerm(Term):
+    """``kdkernels.manifold_loss`` between the student's and the teacher's block tokens (the first half of ``reads``
+    the student's layers, the second half the teacher's). ``patch_tokens_only``: drop each model's
+    ``num_prefix_tokens`` leading tokens (class / distillation tokens); otherwise the official rule: drop the
+    student's extra leading tokens (``N_s − N_t``) and keep the teacher's tokens whole."""
+
+    def __init__(self, reads, weight: float, *, student_prefix: int, teacher_prefix: int, patch_tokens_only: bool,
+                 **options):
+        super().__init__("manifold", reads, weight)
+        self.student_prefix, self.teacher_prefix = student_prefix, teacher_prefix
+        self.patch_tokens_only = patch_tokens_only
+        self.options = options
+
+    def tokens(self, values):
+        half = len(values) // 2
+        student, teacher = list(values[:half]), list(values[half:])
+        if self.patch_tokens_only:
+            return ([s[:, self.student_prefix:] for s in student], [t[:, self.teacher_prefix:] for t in teacher])
+        return [s[:, s.shape[1] - t.shape[1]:] for s, t in zip(student, teacher)], teacher
+
+    def build(self, example):
+        values = [example[key] for key in self.reads]
+        if any(value.dim() != 3 for value in values):
+            shapes = {key: tuple(example[key].shape) for key in self.reads}
+            raise ValueError(f"term 'manifold' compares [B, tokens, dim] block outputs of vision transformers, got "
+                             f"{shapes}")
+        student, teacher = self.tokens(values)
+        if student[0].shape[1] != teacher[0].shape[1]:
+            raise ValueError(f"term 'manifold': the student and the teacher must have as many patch tokens, got "
+                             f"{student[0].shape[1]} and {teacher[0].shape[1]}")
+
+    def loss(self, *values, context):
+        student, teacher = self.tokens(values)
+        return kdkernels.manifold_loss(student, [t.detach() for t in teacher], **self.options)
+
+
+def _block_taps(method: str, model: nn.Module, role: str, indices, override) -> list[str]:
+    if override is not None:
+        return list(override)
+    stages = list(feature_points(model).stages)
+    if any(index >= len(stages) for index in indices):
+        raise ValueError(f"{method}: the {role} ({type(model).__name__}) declares {len(stages)} block taps "
+                         f"{stages}: pass {role}_layers=[<tap path>, ...]")
+    return [stages[index] for index in indices]
+
+
+@register("manifold", category="relation",
+          paper="Hao, Guo, Jia, Han, Tang, Zhang, Hu, Wang. Learning Efficient Vision Transformers via Fine-Grained "
+                "Manifold Distillation. NeurIPS 2022",
+          presets={"hard": {"distillation_type": "hard"}},
+          default_student="student-vit", default_teacher="teacher-vit")
+def manifold(setup: Setup, beta: float = 1.0, sample_weight: float = 0.1, patch_weight: float = 4.0,
+             random_weight: float = 0.2, samples: int = 192, distillation_type: str = "soft", alpha: float = 1.0,
+             temperature: float = 1.0, patch_tokens_only: bool = True,
+             student_layers: Sequence[str] | None = None, teacher_layers: Sequence[str] | None = None) -> Recipe:
+    """Manifold distillation: ``(1 − α)·CE + α·KD + β·mean_layers(0.1·sample + 4·patch + 0.2·random)`` with the
+    intra-image (patch), inter-image (sample) and randomly sampled (192 rows) relation maps of the normalised patch
+    tokens of paired blocks, :func:`kdkernels.manifold_loss`; KD soft ``T²·KL(p_t ‖ p_s)`` (batchmean, T 1) or hard
+    ``CE(z_s, argmax z_t)`` (preset ``hard``).
+
+    Provenance: Hao840/manifold-distillation @1096b82 ``losses.py`` (``DistillationLoss``, ``mf_loss``,
+    ``layer_mf_loss``), ``customized_forward.py`` (the block outputs, before the final norm, are the taps) and the
+    README's DeiT-Tiny ← CaiT-S24 command (``--distillation-type soft --distillation-alpha 1 --distillation-beta 1
+    --w-sample 0.1 --w-patch 4 --w-rand 0.2 --K 192``): these are the defaults, so the labels' CE weight is 0 as
+    there. Student and teacher are ViTs (the zoo's ``student-vit`` and ``teacher-vit``, the CLI's defaults for this
+    method) with as many patches; a distilled student (``head_dist``) gets CE on its class head and KD on its
+    distillation head, as the official. Layers: every student block, the first half paired with the teacher's first
+    blocks and the second half with its last ones (the official command's rule: blocks 0-3, 8-11 of 12 with 0-3,
+    20-23 of 24); ``student_layers`` / ``teacher_layers`` give tap paths instead. ``patch_tokens_only`` (default):
+    the relations of the patch tokens only (the paper; what the official computes for its CaiT teacher, whose block
+    outputs hold no class token); ``False``: the official code's rule for any pair, dropping only the student's
+    extra leading tokens (with equal prefix counts the class tokens join the relations).
+    """
+    check = Checks("manifold")
+    beta = check.real("beta", beta, nonnegative=True)
+    alpha = check.probability("alpha", alpha)
+    temperature = check.temperature(temperature)
+    distillation_type = check.choice("distillation_type", distillation_type, ("soft", "hard"))
+    patch_tokens_only = check.flag("patch_tokens_only", patch_tokens_only)
+    samples = check.integer("samples", samples, minimum=1)
+    weights = {name: check.real(name, value, nonnegative=True) for name, value in
+               (("sample_weight", sample_weight), ("patch_weight", patch_weight), ("random_weight", random_weight))}
+    teacher = setup.require_teacher("manifold")
+    student = setup.student
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(getattr(model, "num_prefix_tokens", None), int):
+            raise ValueError(f"method 'manifold' distils vision transformers (a model with `num_prefix_tokens` and "
+                             f"[B, tokens, dim] block taps), got a {type(model).__name__} {role}: pass --student "
+                             f"student-vit --teacher teacher-vit")
+    student_indices, teacher_indices = default_block_pairs(len(feature_points(student).stages),
+                                                           len(feature_points(teacher).stages))
+    student_taps = _block_taps("manifold", student, "student", student_indices, student_layers)
+    teacher_taps = _block_taps("manifold", teacher, "teacher", teacher_indices, teacher_layers)
+    if len(student_taps) != len(teacher_taps):
+        raise ValueError(f"manifold: student_layers and teacher_layers must pair up, got {len(student_taps)} student "
+                         f"and {len(teacher_taps)} teacher layers")
+    distilled = isinstance(getattr(student, "head_dist", None), nn.Module)
+    class_logits = f"student:{feature_points(student).classifier}" if distilled else "student"
+    kd_logits = "student:head_dist" if distilled else "student"
+    kd = (FunctionTerm("kd", kdkernels.kd_loss, (kd_logits, "teacher"), alpha, temperature=temperature)
+          if distillation_type == "soft" else
+          FunctionTerm("kd", teacher_decision_cross_entropy, (kd_logits, "teacher"), alpha))
+    term = ManifoldTerm([f"student:{path}" for path in student_taps] + [f"teacher:{path}" for path in teacher_taps],
+                        beta, student_prefix=student.num_prefix_tokens, teacher_prefix=teacher.num_prefix_tokens,
+                        patch_tokens_only=patch_tokens_only, samples=samples, **weights)
+    return offline("manifold", setup, [CrossEntropyTerm(class_logits, 1.0 - alpha), kd, term])

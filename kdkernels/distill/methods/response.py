@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._validation import Checks
 from kdkernels.distill.distiller import Distiller
 from kdkernels.distill.hooks import find_module
 from kdkernels.distill.methods._common import offline, single_stage, stage_tap
@@ -19,6 +20,7 @@ from kdkernels.distill.recipe import Recipe, Setup, feature_points
 from kdkernels.distill.registry import register
 from kdkernels.distill.term_gradients import GradientSimilarityGate
 from kdkernels.distill.terms import CrossEntropyTerm, FunctionTerm, StepContext, Term, mixup_average
+from kdkernels.losses.response import DEIT_DISTILLATION_TYPES
 from kdkernels.losses.soft_label import LABEL_SMOOTHING_CONVENTIONS
 
 
@@ -173,6 +175,50 @@ def fn_kd(setup: Setup, tau: float = 1.0, kd_weight: float = 1.0, ce_weight: flo
     distill = FunctionTerm("fn-kd", kdkernels.feature_normalized_kd_loss,
                            ("student", "teacher", f"student:{feature_tap}"), kd_weight, tau=tau)
     return offline("fn-kd", setup, [CrossEntropyTerm("student", ce_weight), distill])
+
+
+# --------------------------------------------------------------------------------------------------------- DeiT
+
+DEIT_STUDENTS = "student-vit-distilled (digits) or student-vit-distilled-cifar (CIFAR)"
+
+
+@register("deit", category="response",
+          paper="Touvron, Cord, Douze, Massa, Sablayrolles, Jégou. Training data-efficient image transformers & "
+                "distillation through attention. ICML 2021",
+          presets={"hard": {"distillation_type": "hard"}, "soft": {"distillation_type": "soft"}},
+          default_student="student-vit-distilled")
+def deit(setup: Setup, distillation_type: str = "hard", alpha: float = 0.5, temperature: float = 1.0) -> Recipe:
+    """DeiT: ``(1 − α)·CE(z_cls, y) + α·D`` through the distillation token, :func:`kdkernels.deit_loss`; hard
+    ``D = CE(z_dist, argmax z_t)``, soft ``D = T²·KL(softmax(z_t/T) ‖ softmax(z_dist/T))`` summed / (B·C).
+
+    Provenance: facebookresearch/deit @7e160fe ``losses.py`` ``DistillationLoss`` (the formula; defaults from
+    ``main.py``: ``--distillation-type`` 'none' (here 'hard', the paper's best and our default),
+    ``--distillation-alpha`` 0.5, ``--distillation-tau`` 1.0) and ``models.py`` ``DistilledVisionTransformer`` (a
+    distillation token beside the class token, its own head ``head_dist``; at test time the mean of the two heads).
+    The student must be such a ViT: the zoo's ``student-vit-distilled`` (its forward is the mean of the heads; the
+    method reads the heads apart, the taps ``head`` (the student's ``kd_points.classifier``) and ``head_dist``). The
+    teacher is any classifier (the paper's best: a convnet; here the digits ``teacher-cnn``), frozen. Presets
+    ``hard`` (default) and ``soft``; ``distillation_type="none"`` is the official CE-only baseline of the same model.
+    The base criterion is CE on the labels; the official recipe's default base criterion, soft-target CE under its
+    MixUp/CutMix (or label smoothing 0.1 without them), belongs to the training recipe, not to ``DistillationLoss``:
+    the trainer's ``--mixup`` gives the soft-target form (the term averages over both labels). ViT students train
+    with AdamW as DeiT's recipe does (``--optimizer adamw``; the digits recipe's SGD barely moves them).
+    """
+    check = Checks("deit")
+    distillation_type = check.choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
+    alpha = check.probability("alpha", alpha)
+    temperature = check.temperature(temperature)
+    setup.require_teacher("deit")
+    student = setup.student
+    if not isinstance(getattr(student, "head_dist", None), nn.Linear):
+        raise ValueError(f"method 'deit' trains a ViT with a distillation token and its head `head_dist` (DeiT's "
+                         f"DistilledVisionTransformer), got a {type(student).__name__}: pass --student "
+                         f"{DEIT_STUDENTS}")
+    classifier = feature_points(student).classifier
+    term = HardLabelTerm("deit", kdkernels.deit_loss, (f"student:{classifier}", "student:head_dist", "teacher",
+                                                       "target"),
+                         distillation_type=distillation_type, alpha=alpha, temperature=temperature)
+    return offline("deit", setup, [term])
 
 
 # --------------------------------------------------------------------------------------------------------- SCKD
