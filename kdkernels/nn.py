@@ -188,6 +188,8 @@ _SPECS = [
      "loss_d1 = LSGANDiscriminatorLoss()(discriminator_1(f_2.detach()), discriminator_1(f_1.detach()))"),
     ("DAFLGeneratorLoss", losses.dafl_generator_loss, ("teacher_logits", "teacher_features"),
      "loss_g = DAFLGeneratorLoss()(teacher(generator(z)), teacher_features)"),
+    ("DFADLoss", losses.dfad_loss, ("student_logits", "teacher_logits"),
+     "loss_s = DFADLoss()(student(x.detach()), teacher(x.detach()));  loss_g = -DFADLoss()(student(x), teacher(x))"),
     ("LabelSmoothingLoss", losses.label_smoothing_loss, ("logits", "labels"),
      "loss = LabelSmoothingLoss(epsilon=0.1)(student(x), y)"),
     ("TfKDRegLoss", losses.tf_kd_reg_loss, ("student_logits", "labels"),

@@ -84,6 +84,7 @@ INPUTS = {
     "lsgan_discriminator_loss": lambda: {"real_scores": _randn(B, 1, 2, 2, seed=1).sigmoid(),
                                          "fake_scores": _randn(B, 1, 2, 2, seed=2).sigmoid()},
     "dafl_generator_loss": lambda: {"teacher_logits": _randn(B, C, seed=1), "teacher_features": _randn(B, 5, seed=2)},
+    "dfad_loss": lambda: _logits_pair(),
     "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "bdkd_loss": lambda: {"learner_logits": _randn(B, C, seed=1), "target_logits": _randn(B, C, seed=2)},
     "mmt_loss": lambda: {"logits_1": _randn(B, C, seed=1), "logits_2": _randn(B, C, seed=2),

@@ -118,3 +118,106 @@ def dafl(setup: Setup, one_hot_weight: float = 1.0, information_entropy_weight: 
     source = GeneratorSource("generator", batch_size=batch_size, noise_dim=latent_dim,
                              steps_per_epoch=steps_per_epoch)
     return single_stage("dafl", distiller, source=source, optimisers=optimisers, step_plan="simultaneous")
+
+
+# --------------------------------------------------------------------------------------------------------- DFAD
+
+DFAD_PAPER = "Fang, Song, Song, Sun. Data-Free Adversarial Distillation. arXiv:1912.11006, 2019"
+
+
+class DFADGenerator(nn.Module):
+    """DFAD's generator (VainF/Data-Free-Adversarial-Distillation ``network/gan.py``, ``GeneratorA``):
+    ``Linear(latent, 2·ngf·(s/4)²)`` → BN(2ngf) → ×2 nearest → Conv3×3(2ngf→2ngf), BN, LeakyReLU(0.2) → ×2 →
+    Conv3×3(2ngf→ngf), BN, LeakyReLU(0.2), Conv3×3(ngf→channels), Tanh, BN(channels, affine=False); images
+    ``[B, channels, s, s]`` (``s`` a multiple of 4). The noise may be ``[B, latent]`` or ``[B, latent, 1, 1]``. The
+    same layout as :class:`DAFLGenerator` with PyTorch's default BN eps (DAFL's inner BNs use eps 0.8)."""
+
+    def __init__(self, latent_dim: int = 100, channels: int = 1, image_size: int = 32, width: int = 64):
+        super().__init__()
+        self.init_size = image_size // 4
+        self.l1 = nn.Sequential(nn.Linear(latent_dim, 2 * width * self.init_size ** 2))
+        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(2 * width))
+        self.conv_blocks1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, stride=1, padding=1),
+                                          nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True))
+        self.conv_blocks2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, stride=1, padding=1), nn.BatchNorm2d(width),
+                                          nn.LeakyReLU(0.2, inplace=True),
+                                          nn.Conv2d(width, channels, 3, stride=1, padding=1), nn.Tanh(),
+                                          nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z.reshape(z.shape[0], -1)).view(z.shape[0], -1, self.init_size, self.init_size)
+        img = F.interpolate(self.conv_blocks0(out), scale_factor=2)
+        img = F.interpolate(self.conv_blocks1(img), scale_factor=2)
+        return self.conv_blocks2(img)
+
+
+def dfad_generator_objective(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The generator's loss ``−mean |z_s − z_t|`` (it maximises the discrepancy; gradients through both networks)."""
+    return -kdkernels.dfad_loss(student, teacher)
+
+
+def _dfad_student(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return kdkernels.dfad_loss(student, teacher.detach())
+
+
+def _image_shape(check: Checks, image_shape) -> tuple[int, int, int]:
+    if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3:
+        check.type_error("image_shape", "a (channels, height, width) tuple", image_shape)
+    channels, height, width = (check.integer("image_shape", size, minimum=1) for size in image_shape)
+    return channels, height, width
+
+
+@register("dfad", category="data-free", paper=DFAD_PAPER, presets={
+    "digits": {"steps_per_epoch": 60},
+    "mnist": {"image_shape": (1, 32, 32), "batch_size": 512, "steps_per_epoch": 300, "generator_lr_scale": 0.1},
+    "cifar10": {"image_shape": (3, 32, 32), "batch_size": 256, "steps_per_epoch": 300, "latent_dim": 256,
+                "generator_lr_scale": 0.01}})
+def dfad(setup: Setup, student_steps: int = 5, latent_dim: int = 100, generator_width: int = 64,
+         image_shape: tuple = (1, 8, 8), batch_size: int | None = None, steps_per_epoch: int | None = None,
+         generator_lr_scale: float = 1.0) -> Recipe:
+    """DFAD, data-free adversarial distillation: the student minimises the teacher–student discrepancy
+    ``mean_{b,c} |z_s − z_t|`` (logit MAE, :func:`kdkernels.dfad_loss`) on a generator's images, the generator G
+    maximises it (``loss_G = −mean |z_s − z_t|``, gradients through the frozen teacher and the student); z ~ N(0, I).
+
+    Fang, Song, Song and Sun (2019); official code VainF/Data-Free-Adversarial-Distillation (commit c161591)
+    ``DFAD_mnist.py``/``DFAD_cifar.py`` ``train``: each iteration 5 student steps (each a new noise batch, the images
+    detached, ``F.l1_loss(s_logit, t_logit.detach())``), then one generator step on a new noise batch
+    (``−F.l1_loss(s_logit, t_logit)``); teacher in eval mode, student and G in train mode throughout. Here: a stage
+    with a :class:`~kdkernels.distill.sources.GeneratorSource` (G = :class:`DFADGenerator`, ``network/gan.py``
+    ``GeneratorA``, ngf ``generator_width`` 64) and two optimisers, ``"student"`` (term ``dfad``) and
+    ``"generator"`` (term ``dfad_generator``, at ``generator_lr_scale`` × the stage's rate), with the step plan
+    ``{"student": student_steps, "generator": 1}`` (each turn its own noise batch and forward, as officially; each
+    optimiser differentiates its own term with respect to its own parameters, the same as the official detaching).
+    The student never reads the training set; the run's test split evaluates it. Defaults: official 5 student steps
+    per generator step, latent (nz) 100 (MNIST). Deviations of the default preset, for the bundled 8×8 digits:
+    ``image_shape (1, 8, 8)``, the run's batch size and epoch length and one optimiser type and learning rate for both
+    (officially SGD lr 0.01, momentum 0.9, wd 1e-4 for S and Adam lr 1e-3 for G on MNIST; SGD 0.1 / Adam 1e-3 on
+    CIFAR). Presets ``mnist`` / ``cifar10`` hold the official values (batch 512 / 256, 50 iterations of 6 steps per
+    epoch, nz 100 / 256, lr_G/lr_S 0.1 / 0.01); ``digits`` (chosen here) makes the demo's short epochs 60 steps (10
+    iterations; by default an epoch is as long as one over the 300 training images, 5 steps, too few for the
+    generator game: 16.5 % vs 60.9 % on the digits demo). Logged: both terms every turn (each is computed every
+    turn).
+    """
+    check = Checks("dfad")
+    student_steps = check.integer("student_steps", student_steps, minimum=1)
+    latent_dim = check.integer("latent_dim", latent_dim, minimum=1)
+    generator_width = check.integer("generator_width", generator_width, minimum=1)
+    channels, height, width = _image_shape(check, image_shape)
+    if height != width or height % 4:
+        check.value_error("image_shape", "must be square with a side that is a multiple of 4 (the generator "
+                                         "up-samples twice by 2)", repr(tuple(image_shape)))
+    generator_lr_scale = check.real("generator_lr_scale", generator_lr_scale, positive=True)
+    teacher = setup.require_teacher("dfad")
+    terms = [FunctionTerm("dfad", _dfad_student, ("student", "teacher")),
+             FunctionTerm("dfad_generator", dfad_generator_objective, ("student", "teacher"))]
+    models = {"student": setup.student, "teacher": teacher,
+              "generator": DFADGenerator(latent_dim, channels, height, generator_width)}
+    distiller = Distiller(models, terms, trainable=("student", "generator"))
+    optimisers = {"student": Optimiser(models=("student",), terms=("dfad",)),
+                  "generator": Optimiser(models=("generator",), terms=("dfad_generator",),
+                                         lr_scale=generator_lr_scale)}
+    source = GeneratorSource("generator", batch_size=batch_size, noise_dim=latent_dim,
+                             steps_per_epoch=steps_per_epoch)
+    return single_stage("dfad", distiller, source=source, optimisers=optimisers,
+                        step_plan={"student": student_steps, "generator": 1})
+
