@@ -1,9 +1,11 @@
-"""More data-free distillation (issue 19): dfad (Fang et al. 2019) and its loss against the official code written
-out here (VainF/Data-Free-Adversarial-Distillation DFAD_mnist.py), float64 value and gradients; the method's terms on
-one generated batch, its step plan (5 student steps, then one generator step), a student that never reads a
-training sample, exact resume, configuration errors."""
+"""More data-free distillation (issue 19): dfad (Fang et al. 2019) and deepinversion (Yin et al. CVPR 2020), their
+losses against the official code written out here (VainF/Data-Free-Adversarial-Distillation DFAD_mnist.py,
+NVlabs/DeepInversion deepinversion.py), float64 value and gradients; the methods' terms on one generated or
+synthesised batch, dfad's step plan (5 student steps, then one generator step), students that never read a training
+sample, exact resume, configuration errors."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import kdkernels
@@ -154,3 +156,227 @@ def test_dfad_configuration_errors_name_the_hyperparameter():
         build_recipe("dfad", setup(), generator_lr_scale=0.0)
     with pytest.raises(ValueError, match="distils from a teacher"):
         build_recipe("dfad", digits_setup(teacher=None))
+
+
+# ---------------------------------------------------------------------------------------------------- deepinversion
+
+class OfficialFeatureHook:
+    """NVlabs/DeepInversion ``deepinversion.py`` ``DeepInversionFeatureHook.hook_fn``."""
+
+    def __init__(self, module):
+        self.hook = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module, input, output):
+        nch = input[0].shape[1]
+        mean = input[0].mean([0, 2, 3])
+        var = input[0].permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+
+def official_r_feature(hooks, first_bn_multiplier):
+    """``get_images``: ``rescale = [first_bn_multiplier] + [1.]·(L − 1)``, ``Σ r_feature·rescale``."""
+    rescale = [first_bn_multiplier] + [1. for _ in range(len(hooks) - 1)]
+    return sum([mod.r_feature * rescale[idx] for (idx, mod) in enumerate(hooks)])
+
+
+def official_priors(inputs_jit, tv_l1, tv_l2, l2):
+    """``get_image_prior_losses`` and the l2 line of ``get_images`` (bs = the batch)."""
+    diff1 = inputs_jit[:, :, :, :-1] - inputs_jit[:, :, :, 1:]
+    diff2 = inputs_jit[:, :, :-1, :] - inputs_jit[:, :, 1:, :]
+    diff3 = inputs_jit[:, :, 1:, :-1] - inputs_jit[:, :, :-1, 1:]
+    diff4 = inputs_jit[:, :, :-1, :-1] - inputs_jit[:, :, 1:, 1:]
+    loss_var_l2 = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
+        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
+    loss_var_l1 = loss_var_l1 * 255.0
+    loss_l2 = torch.norm(inputs_jit.view(inputs_jit.shape[0], -1), dim=1).mean()
+    return tv_l2 * loss_var_l2 + tv_l1 * loss_var_l1 + l2 * loss_l2
+
+
+def official_adi(outputs_student, outputs, T=3.0):
+    """``get_images``' Adaptive DeepInversion competition (Jensen–Shannon, clamped)."""
+    kl_loss = nn.KLDivLoss(reduction='batchmean')
+    P = nn.functional.softmax(outputs_student / T, dim=1)
+    Q = nn.functional.softmax(outputs / T, dim=1)
+    M = 0.5 * (P + Q)
+    P = torch.clamp(P, 0.01, 0.99)
+    Q = torch.clamp(Q, 0.01, 0.99)
+    M = torch.clamp(M, 0.01, 0.99)
+    loss_verifier_cig = 0.5 * kl_loss(torch.log(P), M) + 0.5 * kl_loss(torch.log(Q), M)
+    return 1.0 - torch.clamp(loss_verifier_cig, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("first_bn_multiplier", [10.0, 1.0])
+def test_deepinversion_feature_loss_is_the_official_hook(first_bn_multiplier):
+    torch.manual_seed(0)
+    layers = [nn.BatchNorm2d(3).double().eval(), nn.BatchNorm2d(5).double().eval()]   # the teacher: eval mode
+    for layer in layers:
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    maps = [randn(6, 3, 4, 4, seed=1, scale=2.0, grad=True), randn(6, 5, 2, 3, seed=2, offset=0.5, grad=True)]
+
+    def official(a, b):
+        hooks = [OfficialFeatureHook(layer) for layer in layers]
+        layers[0](a), layers[1](b)
+        for hook in hooks:
+            hook.hook.remove()
+        return official_r_feature(hooks, first_bn_multiplier)
+
+    def ours(a, b):
+        return kdkernels.deepinversion_feature_loss([a, b], [m.running_mean for m in layers],
+                                                    [m.running_var for m in layers],
+                                                    first_bn_multiplier=first_bn_multiplier)
+
+    assert_equals_official(ours, official, *maps, what="r_feature")
+    assert torch.equal(kdkernels.nn.DeepInversionFeatureLoss(first_bn_multiplier=first_bn_multiplier)(
+        maps, [m.running_mean for m in layers], [m.running_var for m in layers]), ours(*maps))
+
+
+@pytest.mark.parametrize("weights", [(0.0, 1e-4, 1e-5), (0.3, 2.5e-5, 0.0), (1.0, 0.5, 0.2)])
+def test_deepinversion_prior_loss_is_the_official_priors(weights):
+    tv_l1, tv_l2, l2 = weights
+    images = randn(5, 2, 6, 7, seed=3, grad=True)
+    assert_equals_official(lambda x: kdkernels.deepinversion_prior_loss(x, tv_l1=tv_l1, tv_l2=tv_l2, l2=l2),
+                           lambda x: official_priors(x, tv_l1, tv_l2, l2), images, what="priors")
+
+
+def test_adi_competition_loss_is_the_official_jensen_shannon():
+    s, t = randn(8, 10, seed=4, scale=3.0, grad=True), randn(8, 10, seed=5, scale=3.0, grad=True)
+    value = assert_equals_official(kdkernels.adi_competition_loss, official_adi, s, t, what="adi")
+    assert 0.0 < float(value.detach()) < 1.0
+    assert_equals_official(lambda a, b: kdkernels.adi_competition_loss(a, b, temperature=1.5),
+                           lambda a, b: official_adi(a, b, 1.5), s, t, what="adi T")
+    assert float(kdkernels.adi_competition_loss(t.detach(), t.detach())) == 1.0     # identical: JS 0
+
+
+def test_deepinversion_losses_errors_name_the_argument():
+    maps, stats = [torch.randn(4, 3, 2, 2)], [torch.zeros(3)]
+    with pytest.raises(TypeError, match=r"^deepinversion_feature_loss: features must be a list"):
+        kdkernels.deepinversion_feature_loss(maps[0], stats, stats)
+    with pytest.raises(ValueError, match=r"^deepinversion_feature_loss: running_vars must hold one tensor"):
+        kdkernels.deepinversion_feature_loss(maps, stats, stats * 2)
+    with pytest.raises(ValueError, match=r"^deepinversion_feature_loss: running_means\[0\] must have shape"):
+        kdkernels.deepinversion_feature_loss(maps, [torch.zeros(4)], stats)
+    with pytest.raises(ValueError, match=r"^deepinversion_feature_loss: first_bn_multiplier"):
+        kdkernels.deepinversion_feature_loss(maps, stats, stats, first_bn_multiplier=-1.0)
+    with pytest.raises(ValueError, match=r"^deepinversion_prior_loss: images must have 4 dims"):
+        kdkernels.deepinversion_prior_loss(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"^deepinversion_prior_loss: tv_l2"):
+        kdkernels.deepinversion_prior_loss(maps[0], tv_l2=-1.0)
+    with pytest.raises(ValueError, match=r"^adi_competition_loss: temperature"):
+        kdkernels.adi_competition_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=0.0)
+    half = kdkernels.deepinversion_prior_loss(maps[0].half())
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def di_setup(seed=0):
+    return digits_setup(student="student-mlp", teacher="student-cnn", seed=seed)
+
+
+def test_deepinversion_registered_with_the_official_defaults_and_flagged():
+    method = get_method("deepinversion")
+    assert method.category == "data-free" and "CVPR 2020" in method.paper and "Adam" in method.approximation
+    defaults = method.hyperparameters()
+    assert (defaults["r_feature"], defaults["first_bn_multiplier"], defaults["tv_l1"], defaults["tv_l2"],
+            defaults["l2"], defaults["main_loss_multiplier"], defaults["adi_scale"], defaults["flip"]) \
+        == (0.05, 10.0, 0.0, 1e-4, 1e-5, 1.0, 0.0, False)
+    cifar = method.hyperparameters("cifar10")
+    assert (cifar["r_feature"], cifar["first_bn_multiplier"], cifar["tv_l2"], cifar["jitter"], cifar["inversion_steps"]) \
+        == (100.0, 1.0, 2.5e-5, 2, 2000)
+    assert method.hyperparameters("digits")["r_feature"] == 10.0
+
+
+@pytest.mark.parametrize("adi_scale", [0.0, 0.2])
+def test_deepinversion_inversion_terms_are_the_official_losses(adi_scale):
+    recipe = build_recipe("deepinversion", di_setup(), num_images=12, inversion_batch_size=8, adi_scale=adi_scale,
+                          tv_l1=0.5, jitter=1, flip=True)
+    invert, distil = recipe.stages
+    distiller = invert.distiller
+    request = invert.source.request(seed=0, epoch=1, step=0)
+    with torch.no_grad():
+        example = distiller.apply_views(invert.source.generate(distiller, request), seed=0, epoch=1, step=0)
+    distiller.build(example).activate()
+    distiller.train()
+    batch = distiller.apply_views(invert.source.generate(distiller, request), seed=0, epoch=1, step=0)
+    output = distiller(batch, StepContext(batch=batch))
+    teacher = distiller.models["teacher"]
+    assert not teacher.training and batch["input"].requires_grad
+    images = distiller.models["synthetic"].images
+    assert torch.equal(batch["target"], torch.arange(12)[request["index"]] % 10)
+    hooks = [OfficialFeatureHook(m) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    outputs = teacher(batch["input"])
+    for hook in hooks:
+        hook.hook.remove()
+    expected = {"ce_teacher": F.cross_entropy(outputs, batch["target"]),
+                "r_feature": 0.05 * official_r_feature(hooks, 10.0),
+                "prior": official_priors(batch["input"], 0.5, 1e-4, 1e-5)}
+    if adi_scale:
+        expected["adi"] = adi_scale * official_adi(distiller.models["student"](batch["input"]), outputs)
+    assert set(output.terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(output.terms[name], value.detach(), msg=name)
+    official = torch.autograd.grad(sum(expected.values()), images, retain_graph=True)[0]
+    ours = torch.autograd.grad(output.loss, images)[0]
+    torch.testing.assert_close(ours, official)
+    assert ours[request["index"]].abs().sum() > 0
+    assert distil.distiller.terms[0].kwargs == {"temperature": 4.0}
+
+
+def test_deepinversion_distils_by_hinton_kd_on_the_synthetic_set():
+    recipe = build_recipe("deepinversion", di_setup(), num_images=12, kd_temperature=3.0)
+    distil = recipe.stages[1]
+    distiller = distil.distiller
+    distil.source.check("distil", distiller)
+    source = distil.source.resolved(8, 1)
+    request = source.request(seed=0, epoch=2, step=0)
+    batch = source.generate(distiller, request)
+    distiller.build(batch).activate()
+    distiller.train()
+    output = distiller(batch, StepContext(batch=batch))
+    s, t = output.values["student"], output.values["teacher"]
+    assert not batch["input"].requires_grad and batch["input"].shape == (8, 1, 8, 8)
+    expected = F.kl_div(F.log_softmax(s / 3.0, 1), F.softmax(t / 3.0, 1), reduction="batchmean") * 9.0
+    torch.testing.assert_close(output.terms["kd"], expected.detach())
+    assert list(distiller.trainable) == ["student"]
+
+
+def make_deepinversion(seed=0, **options):
+    return build_recipe("deepinversion", di_setup(seed), num_images=24, inversion_batch_size=12,
+                        inversion_steps=3, **options)
+
+
+def test_deepinversion_synthesises_then_distils_never_reading_training_data():
+    recipe = make_deepinversion(1)
+    data = recipe.stages[0].distiller.models["synthetic"]
+    images, labels = data.images.detach().clone(), data.labels.clone()
+    teacher = parameters_of(recipe.stages[0].distiller.models["teacher"])
+    student = parameters_of(recipe.stages[1].distiller.models["student"])
+    result = Trainer(TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_epochs=0, **QUIET)).fit(
+        recipe, unreadable_train(), small_split().test)
+    after = data.images.detach().clone()
+    assert not torch.equal(after, images) and torch.equal(data.labels, labels)
+    assert same(teacher, parameters_of(recipe.stages[0].distiller.models["teacher"]))
+    assert not same(student, parameters_of(recipe.stages[1].distiller.models["student"]))
+    assert "test_acc_student" in result.history[-1] and result.steps == 3 + len(small_split().train) // 8
+
+
+CONFIG_DI = dict(epochs=1, batch_size=8, lr=0.01, warmup_epochs=0, **QUIET)
+
+
+def test_deepinversion_resume_is_bit_exact(tmp_path):
+    assert_resume_is_exact(make_deepinversion, CONFIG_DI, tmp_path, pieces=(1, 1))
+
+
+def test_deepinversion_configuration_errors_name_the_hyperparameter():
+    with pytest.raises(ValueError, match="inversion_batch_size"):
+        build_recipe("deepinversion", di_setup(), num_images=8, inversion_batch_size=9)
+    with pytest.raises(ValueError, match="r_feature"):
+        build_recipe("deepinversion", di_setup(), r_feature=-1.0)
+    with pytest.raises(TypeError, match="flip"):
+        build_recipe("deepinversion", di_setup(), flip="yes")
+    with pytest.raises(ValueError, match="kd_temperature"):
+        build_recipe("deepinversion", di_setup(), kd_temperature=0.0)
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        build_recipe("deepinversion", digits_setup(student="student-mlp", teacher="student-mlp"))
+    with pytest.raises(ValueError, match="distils from a teacher"):
+        build_recipe("deepinversion", digits_setup(teacher=None))
