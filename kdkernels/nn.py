@@ -196,6 +196,8 @@ _SPECS = [
      "loss_x = ce + r_feature + DeepInversionPriorLoss(tv_l2=1e-4, l2=1e-5)(jittered_images)"),
     ("ADICompetitionLoss", losses.adi_competition_loss, ("student_logits", "teacher_logits"),
      "loss_x = deepinversion_terms + adi_scale * ADICompetitionLoss()(student(x), teacher(x))"),
+    ("ZSKDImpressionLoss", losses.zskd_impression_loss, ("teacher_logits", "soft_targets"),
+     "loss_x = ZSKDImpressionLoss(temperature=20.0)(teacher(impressions), dirichlet_targets)"),
     ("LabelSmoothingLoss", losses.label_smoothing_loss, ("logits", "labels"),
      "loss = LabelSmoothingLoss(epsilon=0.1)(student(x), y)"),
     ("TfKDRegLoss", losses.tf_kd_reg_loss, ("student_logits", "labels"),

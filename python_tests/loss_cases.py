@@ -90,6 +90,8 @@ INPUTS = {
                                            "running_vars": [_randn(3, seed=5).exp(), _randn(5, seed=6).exp()]},
     "deepinversion_prior_loss": lambda: {"images": _maps(seed=1)},
     "adi_competition_loss": lambda: _logits_pair(),
+    "zskd_impression_loss": lambda: {"teacher_logits": _randn(B, C, seed=1),
+                                     "soft_targets": _randn(B, C, seed=2).softmax(1)},
     "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "bdkd_loss": lambda: {"learner_logits": _randn(B, C, seed=1), "target_logits": _randn(B, C, seed=2)},
     "mmt_loss": lambda: {"logits_1": _randn(B, C, seed=1), "logits_2": _randn(B, C, seed=2),
@@ -182,4 +184,5 @@ INPUTS = {
 
 # Public functions that are helpers of a loss rather than losses (no module, no reduction).
 HELPERS = ("bake_targets", "camkd_weights", "ofd_margins", "crd_normalizers", "crd_update_memory_",
-           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers", "hsakd_joint_labels")
+           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers", "hsakd_joint_labels",
+           "zskd_class_similarity")

@@ -1,8 +1,10 @@
-"""More data-free distillation (issue 19): dfad (Fang et al. 2019) and deepinversion (Yin et al. CVPR 2020), their
-losses against the official code written out here (VainF/Data-Free-Adversarial-Distillation DFAD_mnist.py,
-NVlabs/DeepInversion deepinversion.py), float64 value and gradients; the methods' terms on one generated or
+"""More data-free distillation (issue 19): dfad (Fang et al. 2019), deepinversion (Yin et al. CVPR 2020) and zskd
+(Nayak et al. ICML 2019), their losses against the official code written out here (VainF/Data-Free-Adversarial-
+Distillation DFAD_mnist.py, NVlabs/DeepInversion deepinversion.py, vcl-iisc/ZSKD dirichmat.py and the impression
+script, in numpy/torch), float64 value and gradients; the methods' terms on one generated or
 synthesised batch, dfad's step plan (5 student steps, then one generator step), students that never read a training
 sample, exact resume, configuration errors."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -281,8 +283,8 @@ def test_deepinversion_registered_with_the_official_defaults_and_flagged():
             defaults["l2"], defaults["main_loss_multiplier"], defaults["adi_scale"], defaults["flip"]) \
         == (0.05, 10.0, 0.0, 1e-4, 1e-5, 1.0, 0.0, False)
     cifar = method.hyperparameters("cifar10")
-    assert (cifar["r_feature"], cifar["first_bn_multiplier"], cifar["tv_l2"], cifar["jitter"], cifar["inversion_steps"]) \
-        == (100.0, 1.0, 2.5e-5, 2, 2000)
+    assert (cifar["r_feature"], cifar["first_bn_multiplier"], cifar["tv_l2"], cifar["jitter"],
+            cifar["inversion_steps"]) == (100.0, 1.0, 2.5e-5, 2, 2000)
     assert method.hyperparameters("digits")["r_feature"] == 10.0
 
 
@@ -380,3 +382,124 @@ def test_deepinversion_configuration_errors_name_the_hyperparameter():
         build_recipe("deepinversion", digits_setup(student="student-mlp", teacher="student-mlp"))
     with pytest.raises(ValueError, match="distils from a teacher"):
         build_recipe("deepinversion", digits_setup(teacher=None))
+
+
+# ------------------------------------------------------------------------------------------------------------- zskd
+
+def official_similarity(weight_tf):
+    """vcl-iisc/ZSKD ``dirichmat.py`` (sklearn ``normalize(axis=0)`` written out): the TF weight [D, C]."""
+    fc_weight_norm = weight_tf / np.linalg.norm(weight_tf, axis=0, keepdims=True)
+    im_sim_mat = np.matmul(np.transpose(fc_weight_norm), fc_weight_norm)
+    return (im_sim_mat - np.min(im_sim_mat)) / (np.max(im_sim_mat) - np.min(im_sim_mat))
+
+
+def official_impression_cost(net_logits, labels):
+    """``noise_cost = reduce_mean(softmax_cross_entropy_with_logits_v2(logits=net_logits/20, labels))``."""
+    return (-(labels * torch.log_softmax(net_logits / 20.0, dim=1)).sum(1)).mean()
+
+
+def test_zskd_class_similarity_is_the_official_matrix():
+    weight = randn(10, 16, seed=6)
+    ours = kdkernels.zskd_class_similarity(weight)
+    torch.testing.assert_close(ours, torch.from_numpy(official_similarity(weight.numpy().T)))
+    assert float(ours.min()) == 0.0 and float(ours.max()) == 1.0 and torch.allclose(ours, ours.T)
+    with pytest.raises(ValueError, match="^zskd_class_similarity: weight must hold at least 2"):
+        kdkernels.zskd_class_similarity(torch.randn(1, 4))
+
+
+def test_zskd_impression_loss_is_the_official_cost():
+    logits = randn(6, 10, seed=7, scale=20.0, grad=True)
+    targets = randn(6, 10, seed=8).softmax(1).requires_grad_(True)
+    assert_equals_official(kdkernels.zskd_impression_loss, official_impression_cost, logits, targets, what="zskd")
+    assert torch.equal(kdkernels.nn.ZSKDImpressionLoss()(logits, targets),
+                       kdkernels.zskd_impression_loss(logits, targets))
+    with pytest.raises(ValueError, match="^zskd_impression_loss: soft_targets must have the same shape"):
+        kdkernels.zskd_impression_loss(logits, targets[:, :9])
+    with pytest.raises(ValueError, match="^zskd_impression_loss: temperature"):
+        kdkernels.zskd_impression_loss(logits, targets, temperature=-1.0)
+
+
+def test_zskd_dirichlet_targets_follow_the_similarity_row_and_beta():
+    from kdkernels.distill.methods.data_free import dirichlet_targets
+    torch.manual_seed(0)
+    similarity = kdkernels.zskd_class_similarity(torch.randn(10, 12))
+    labels = torch.full((4000,), 3)
+    for beta in (1.0, 0.1):
+        targets = dirichlet_targets(similarity, labels, torch.full((4000,), beta))
+        row = similarity[3]
+        concentration = (row - row.min()) / (row.max() - row.min()) * beta + 1e-4
+        torch.testing.assert_close(targets.sum(1), torch.ones(4000))
+        torch.testing.assert_close(targets.mean(0), (concentration / concentration.sum()).float(), atol=0.03,
+                                   rtol=0)
+    # β = 0.1 is a sparser Dirichlet (the official code's per-row re-normalisation would cancel it)
+    sharp = dirichlet_targets(similarity, labels, torch.full((4000,), 0.1)).max(1).values.mean()
+    soft = dirichlet_targets(similarity, labels, torch.full((4000,), 1.0)).max(1).values.mean()
+    assert sharp > soft + 0.05
+
+
+def test_zskd_registered_and_flagged():
+    method = get_method("zskd")
+    assert method.category == "data-free" and "ICML 2019" in method.paper and "generateDirch" in method.approximation
+    defaults = method.hyperparameters()
+    assert (defaults["temperature"], defaults["betas"]) == (20.0, (1.0, 0.1))
+    assert method.hyperparameters("cifar10")["num_impressions"] == 40000
+
+
+def test_zskd_terms_are_the_official_losses():
+    recipe = build_recipe("zskd", di_setup(), num_impressions=40, impression_batch_size=16, impression_weight=3.0)
+    impressions, distil = recipe.stages
+    distiller = impressions.distiller
+    data = distiller.models["synthetic"]
+    assert data.soft_targets.shape == (40, 10) and torch.equal(data.labels, torch.arange(40) % 10)
+    assert float(data.images.detach().min()) >= 0.0 and float(data.images.detach().max()) < 1.0   # U[0, 1)
+    request = impressions.source.request(seed=0, epoch=1, step=0)
+    batch = impressions.source.generate(distiller, request)
+    distiller.build(batch).activate()
+    distiller.train()
+    output = distiller(batch, StepContext(batch=batch))
+    t = output.values["teacher"]
+    expected = 3.0 * official_impression_cost(t, data.soft_targets[request["index"]])
+    torch.testing.assert_close(output.terms["impression"], expected.detach())
+    ours = torch.autograd.grad(output.loss, data.images, retain_graph=True)[0]
+    torch.testing.assert_close(ours, torch.autograd.grad(expected, data.images)[0])
+    # the KD stage: T²·softmax_cross_entropy(student/T, softmax(teacher/T)), T = 20 (train.py)
+    distil.source.check("distil", distil.distiller)
+    source = distil.source.resolved(8, 1)
+    batch = source.generate(distil.distiller, source.request(seed=0, epoch=2, step=0))
+    distil.distiller.build(batch).activate()
+    distil.distiller.train()
+    output = distil.distiller(batch, StepContext(batch=batch))
+    s, t = output.values["student"], output.values["teacher"]
+    expected = 400.0 * (-(F.softmax(t / 20.0, 1) * F.log_softmax(s / 20.0, 1)).sum(1)).mean()
+    torch.testing.assert_close(output.terms["kd"], expected.detach())
+
+
+def make_zskd(seed=0):
+    return build_recipe("zskd", di_setup(seed), num_impressions=24, impression_batch_size=12, impression_steps=3)
+
+
+def test_zskd_synthesises_then_distils_never_reading_training_data_and_resumes(tmp_path):
+    recipe = make_zskd(1)
+    data = recipe.stages[0].distiller.models["synthetic"]
+    images, targets = data.images.detach().clone(), data.soft_targets.clone()
+    student = parameters_of(recipe.stages[1].distiller.models["student"])
+    result = Trainer(TrainConfig(**CONFIG_DI)).fit(recipe, unreadable_train(), small_split().test)
+    assert not torch.equal(data.images.detach(), images) and torch.equal(data.soft_targets, targets)
+    assert not same(student, parameters_of(recipe.stages[1].distiller.models["student"]))
+    assert "test_acc_student" in result.history[-1]
+    assert_resume_is_exact(make_zskd, CONFIG_DI, tmp_path, pieces=(1, 1))
+
+
+def test_zskd_configuration_errors_name_the_hyperparameter():
+    with pytest.raises(ValueError, match="betas"):
+        build_recipe("zskd", di_setup(), betas=(1.0, 0.0))
+    with pytest.raises(TypeError, match="betas"):
+        build_recipe("zskd", di_setup(), betas=0.1)
+    with pytest.raises(ValueError, match="impression_batch_size"):
+        build_recipe("zskd", di_setup(), num_impressions=8, impression_batch_size=9)
+    with pytest.raises(ValueError, match="classifier 'stage1'"):
+        build_recipe("zskd", di_setup(), classifier="stage1")
+    with pytest.raises(ValueError, match="temperature"):
+        build_recipe("zskd", di_setup(), temperature=0.0)
+    with pytest.raises(ValueError, match="impression_weight"):
+        build_recipe("zskd", di_setup(), impression_weight=0.0)

@@ -101,3 +101,35 @@ def adi_competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     rows = p.shape[0]
     divergence = 0.5 * (m * (m.log() - p.log())).sum() / rows + 0.5 * (m * (m.log() - q.log())).sum() / rows
     return 1.0 - divergence.clamp(0.0, 1.0)
+
+
+def zskd_class_similarity(weight: torch.Tensor) -> torch.Tensor:
+    """Zero-Shot KD's class-similarity matrix from the teacher's final-layer weight ``[C, D]`` (Nayak et al., ICML
+    2019; vcl-iisc/ZSKD ``di_generation/dirichmat.py``): each class's weight vector L2-normalised, ``S = Ŵ Ŵᵀ``
+    ``[C, C]``, then min–max normalised over the whole matrix to [0, 1] (the official ``norm1``; its TF weight is
+    ``[D, C]``, normalised per column). Computed in fp32 (float64 stays); no gradient is needed."""
+    check = Checks("zskd_class_similarity")
+    weight = check.floating("weight", weight, dims=(2,))
+    if weight.shape[0] < 2:
+        check.value_error("weight", "must hold at least 2 classes (rows)", f"shape {tuple(weight.shape)}")
+    w = torch.nn.functional.normalize(accumulate(weight), dim=1)
+    similarity = w @ w.T
+    low, high = similarity.min(), similarity.max()
+    return (similarity - low) / (high - low).clamp_min(torch.finfo(similarity.dtype).tiny)
+
+
+def zskd_impression_loss(teacher_logits: torch.Tensor, soft_targets: torch.Tensor,
+                         temperature: float = 20.0) -> torch.Tensor:
+    """Zero-Shot KD's data-impression objective ``mean_b −Σ_c y_bc · log softmax(z_t/T)_bc`` (vcl-iisc/ZSKD
+    ``di_generation/cifar_10_impressions_alexnet_Dirch.py``: ``softmax_cross_entropy_with_logits_v2(logits=
+    net_logits/20, labels=dirichlet targets)``, reduce_mean): the images are optimised so that the teacher's
+    tempered softmax matches Dirichlet-sampled soft targets ``y`` (rows of probabilities ``[B, C]``); T = 20.
+    Computed in fp32 (float64 stays); returns a scalar."""
+    check = Checks("zskd_impression_loss")
+    teacher_logits = check.logits("teacher_logits", teacher_logits, dims=(2,))
+    soft_targets = check.floating("soft_targets", soft_targets, dims=(2,))
+    check.same_shape("soft_targets", soft_targets, "teacher_logits", teacher_logits)
+    check.same_device("soft_targets", soft_targets, "teacher_logits", teacher_logits)
+    temperature = check.temperature(temperature)
+    log_probs = torch.log_softmax(accumulate(teacher_logits) / temperature, dim=1)
+    return -(accumulate(soft_targets).to(log_probs.dtype) * log_probs).sum(1).mean()
