@@ -86,6 +86,14 @@ INPUTS = {
     "lsgan_discriminator_loss": lambda: {"real_scores": _randn(B, 1, 2, 2, seed=1).sigmoid(),
                                          "fake_scores": _randn(B, 1, 2, 2, seed=2).sigmoid()},
     "dafl_generator_loss": lambda: {"teacher_logits": _randn(B, C, seed=1), "teacher_features": _randn(B, 5, seed=2)},
+    "dfad_loss": lambda: _logits_pair(),
+    "deepinversion_feature_loss": lambda: {"features": [_maps(seed=1), _maps(channels=5, seed=2)],
+                                           "running_means": [_randn(3, seed=3), _randn(5, seed=4)],
+                                           "running_vars": [_randn(3, seed=5).exp(), _randn(5, seed=6).exp()]},
+    "deepinversion_prior_loss": lambda: {"images": _maps(seed=1)},
+    "adi_competition_loss": lambda: _logits_pair(),
+    "zskd_impression_loss": lambda: {"teacher_logits": _randn(B, C, seed=1),
+                                     "soft_targets": _randn(B, C, seed=2).softmax(1)},
     "wsl_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "privileged_loss": lambda: {**_logits_pair(), "labels": _labels()},
     "supervision_transfer_loss": lambda: {"student_features": _maps(seed=5), "teacher_features": _maps(seed=6)},
@@ -182,4 +190,5 @@ INPUTS = {
 
 # Public functions that are helpers of a loss rather than losses (no module, no reduction).
 HELPERS = ("bake_targets", "camkd_weights", "ofd_margins", "crd_normalizers", "crd_update_memory_",
-           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers", "hsakd_joint_labels")
+           "sample_contrast_indices", "sample_other_class_indices", "crcd_normalizers", "hsakd_joint_labels",
+           "zskd_class_similarity")

@@ -42,6 +42,8 @@ from kdkernels.losses.self_supervised import (byol_loss, dino_loss, hsakd_head_l
                                               hsakd_loss, moco_loss, sdssl_loss, simsiam_loss, softmax_mse_loss,
                                               sskd_head_loss, sskd_loss)
 from kdkernels.losses.generative import dafl_generator_loss, gan_discriminator_loss, gan_generator_loss
+from kdkernels.losses.data_free import (adi_competition_loss, deepinversion_feature_loss, deepinversion_prior_loss,
+                                        dfad_loss, zskd_class_similarity, zskd_impression_loss)
 from kdkernels.losses.online_feature import lsgan_discriminator_loss, lsgan_generator_loss, oec_kd_loss
 
 __all__ = [
@@ -57,7 +59,9 @@ __all__ = [
     "sskd_loss", "hsakd_joint_labels",
     "hsakd_head_loss", "hsakd_loss",
     "gan_generator_loss",
-    "gan_discriminator_loss", "lsgan_generator_loss", "lsgan_discriminator_loss", "dafl_generator_loss", "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
+    "gan_discriminator_loss", "lsgan_generator_loss", "lsgan_discriminator_loss", "dafl_generator_loss", "dfad_loss", "deepinversion_feature_loss",
+    "deepinversion_prior_loss", "adi_competition_loss", "zskd_impression_loss", "zskd_class_similarity",
+    "label_smoothing_loss", "tf_kd_reg_loss", "tf_nkd_loss",
     "crcd_loss", "crcd_normalizers",
     "zipf_ls_loss", "fitnet_loss", "nst_loss", "fsp_loss", "ofd_margins", "ofd_loss", "vid_loss", "ab_loss",
     "ft_loss", "cwd_loss", "cd_loss", "pad_l2_loss", "kd_svd_loss", "jacobian_matching_loss", "tofd_loss", "hkd_loss",
