@@ -514,6 +514,18 @@ def input_width(module: nn.Module, what: str) -> int:
                      "layer; pass gate_channels=...")
 
 
+def check_branch_point(check: Checks, student: nn.Module, branch_from: str | None) -> None:
+    """``branch_from`` (where the branches of a multi-branch student split off) is None or one of the student's
+    stages before the last."""
+    if branch_from is None:
+        return
+    check.name("branch_from", branch_from, "stage path")
+    stages = feature_points(student).stages
+    if branch_from not in stages[:-1]:
+        check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
+                          repr(branch_from))
+
+
 class MultiBranchNetwork(nn.Module):
     """ONE's multi-branch network built from a backbone (Lan1991Xu/ONE_NeurIPS2018 ``models/cifar/resnet.py``
     ``ONE_ResNet``): the backbone's layers up to ``split`` are shared, its stages after ``split`` and its classifier
@@ -687,12 +699,7 @@ def one(setup: Setup, branches: int = 3, temperature: float = 3.0, consistency: 
     rampup = check.real("rampup", rampup, minimum=0.0)
     branches = check.integer("branches", branches, minimum=2)
     deploy = check.choice("deploy", deploy, DEPLOY)
-    if branch_from is not None:
-        check.name("branch_from", branch_from, "stage path")
-        stages = feature_points(setup.student).stages
-        if branch_from not in stages[:-1]:
-            check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
-                              repr(branch_from))
+    check_branch_point(check, setup.student, branch_from)
     network = MultiBranchNetwork(setup.student, branches, split=branch_from, new_backbone=setup.new_student,
                                  deploy=deploy)
     distiller = Distiller({"student": network}, [ONETerm(temperature, consistency, rampup)])
@@ -816,12 +823,7 @@ def pcl(setup: Setup, peers: int = 3, temperature: float = 3.0, consistency: flo
     ema_decay = check.probability("ema_decay", ema_decay)
     translate = check.integer("translate", translate, minimum=0)
     flip = check.flag("flip", flip)
-    if branch_from is not None:
-        check.name("branch_from", branch_from, "stage path")
-        stages = feature_points(setup.student).stages
-        if branch_from not in stages[:-1]:
-            check.value_error("branch_from", f"must be one of the student's stages before the last {stages[:-1]}",
-                              repr(branch_from))
+    check_branch_point(check, setup.student, branch_from)
     keys = [f"input_peer{index}" for index in range(peers)]
     views = [view for key in keys for view in augmentation("input", key, translate, flip)]
     network = PeerCollaborativeNetwork(setup.student, peers, views=keys, split=branch_from,
