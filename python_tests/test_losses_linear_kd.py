@@ -132,14 +132,15 @@ ALGORITHM = "auto"
 
 @pytest.fixture(autouse=True, params=["chunked", "streaming", "reference"])
 def algorithm(request, monkeypatch):
-    """Runs the test with the token-chunked algorithm on tiles of two rows, with the vocabulary-streaming one on
-    blocks of three rows and vocabulary tiles of five columns (several of each, a ragged last one), and with the
-    reference."""
+    """Runs the test with the token-chunked algorithm on tiles of two rows (row math one row at a time), with the
+    vocabulary-streaming one on blocks of three rows and vocabulary tiles of five columns (several of each, a
+    ragged last one), and with the reference."""
     if request.param == "streaming":
         monkeypatch.setattr(linear_kd_streaming, "STREAM_ROWS", 3)
         monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 3 * 5)
     else:
         monkeypatch.setattr(linear_kd_chunked, "TILE_ELEMENTS", 2 * (VOCAB + PADDING))
+        monkeypatch.setattr(linear_kd_chunked, "ROW_SLICE", 1)
     monkeypatch.setattr(sys.modules[__name__], "BACKEND", "reference" if request.param == "reference" else "auto")
     monkeypatch.setattr(sys.modules[__name__], "ALGORITHM",
                         "vocab-streaming" if request.param == "streaming" else "token-chunked")

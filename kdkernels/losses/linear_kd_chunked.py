@@ -19,8 +19,9 @@ linear losses do). With ``reduction="none"`` the upstream gradient is per token:
 and the backward recomputes each tile's logits (two extra GEMMs) with ``w`` = the upstream gradient; so does a
 second backward through a retained graph.
 
-Memory beyond the returned gradients: the tiles of both sides and their gradients, ``TILE_ELEMENTS`` float32
-elements each (a few per tile), plus float32 copies of the weights when they are float16/bfloat16 (the tiles are
+The row math runs ``ROW_SLICE`` rows at a time and writes each slice's logits gradient over its logits, so a tile's
+gradient needs no buffer of its own. Memory beyond the returned gradients: one tile per side, ``TILE_ELEMENTS``
+float32 elements each, the row math's temporaries of ``ROW_SLICE`` rows, plus float32 copies of the weights when they are float16/bfloat16 (the tiles are
 formed in float32, never rounded to the input precision before the softmax) and a float32 accumulator of a
 low-precision weight's gradient.
 """
@@ -35,8 +36,10 @@ from kdkernels.losses.kd import divergence_rows as fused_divergence_rows
 from kdkernels.losses.kd import soft_cap, topk_kl_rows
 from kdkernels.reference import linear_kd as reference
 
-# float32 elements of one [chunk, V] logits tile: 2^21 = 8 MiB, so chunk = 2^21 // V rows (65 at V = 32000)
-TILE_ELEMENTS = 1 << 21
+# float32 elements of one [chunk, V] logits tile: 2^22 = 16 MiB, so chunk = 2^22 // V rows (131 at V = 32000)
+TILE_ELEMENTS = 1 << 22
+# rows of a tile whose row math (and its autograd temporaries) runs at a time; their gradients overwrite the logits
+ROW_SLICE = 16
 FUSED_DIVERGENCES = ("forward", "reverse", "jsd", "symmetric")
 
 
@@ -156,28 +159,44 @@ def chunked_pass(tensors: dict, options: Options, vocabulary: int, dtype: torch.
     n = student.hidden.shape[0]
     rows_out = torch.empty(n, dtype=dtype, device=student.hidden.device)
     step = chunk_rows(vocabulary)
+    wants = (student.wants, teacher is not None and teacher.wants)
     for start in range(0, n, step):
         tile = slice(start, min(start + step, n))
         z_s = student.logits(tile)
         z_t = None if sparse else teacher.logits(tile)
-        leaves = []
+        for first in range(0, tile.stop - start, ROW_SLICE):
+            rows = slice(first, min(first + ROW_SLICE, tile.stop - start))
+            tokens = slice(start + rows.start, start + rows.stop)
+            topk = None if not sparse else (tensors["topk_logprobs"][tokens], tensors["topk_indices"][tokens])
+            weights = None
+            if row_weights is not None:
+                weights = row_weights if row_weights.dim() == 0 else row_weights[tokens]
+            rows_out[tokens] = _slice_rows(z_s, z_t, rows, topk, None if labels is None else labels[tokens],
+                                           options, wants, weights)
         if student.wants:
-            leaves.append(z_s.requires_grad_(True))
-        if teacher is not None and teacher.wants:
-            leaves.append(z_t.requires_grad_(True))
-        topk = None if not sparse else (tensors["topk_logprobs"][tile], tensors["topk_indices"][tile])
-        with torch.set_grad_enabled(bool(leaves)):
-            rows = tile_rows(z_s, z_t, topk, None if labels is None else labels[tile], options)
-        rows_out[tile] = rows.detach()
-        if leaves:
-            weights = row_weights if row_weights.dim() == 0 else row_weights[tile]
-            tile_grads = torch.autograd.grad(rows, leaves, weights.to(rows.dtype).expand_as(rows))
-            if student.wants:
-                student.accumulate(tile, tile_grads[0])
-            if teacher is not None and teacher.wants:
-                teacher.accumulate(tile, tile_grads[-1])
+            student.accumulate(tile, z_s)
+        if wants[1]:
+            teacher.accumulate(tile, z_t)
     teacher_grads = (None, None, None) if teacher is None else teacher.gradients()
     return rows_out, student.gradients() + teacher_grads
+
+
+def _slice_rows(z_s, z_t, rows: slice, topk, labels, options: Options, wants: tuple[bool, bool], weights):
+    """The losses of ``rows`` of a tile; with ``weights``, their logits' gradients written over the logits in place
+    (the tile's logits are read once, so each side's tile buffer holds its gradient afterwards)."""
+    wants = wants if weights is not None else (False, False)
+    student = z_s[rows].detach().requires_grad_(wants[0])
+    teacher = None if z_t is None else z_t[rows].detach().requires_grad_(wants[1])
+    leaves = [leaf for leaf, wanted in ((student, wants[0]), (teacher, wants[1])) if wanted]
+    with torch.set_grad_enabled(bool(leaves)):
+        values = tile_rows(student, teacher, topk, labels, options)
+        if leaves:
+            grads = iter(torch.autograd.grad(values, leaves, weights.to(values.dtype).expand_as(values)))
+    if wants[0]:
+        z_s[rows] = next(grads)
+    if wants[1]:
+        z_t[rows] = next(grads)
+    return values.detach()
 
 
 GRADIENT_INPUTS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
