@@ -74,3 +74,29 @@ def first_step(recipe: Recipe, stage_index: int = -1, batch_size: int = 32, epoc
     values = distiller.run_models(batch)
     output = distiller.compute_terms(values, StepContext(epoch=epoch, epochs=max(epoch, 1), batch=batch))
     return distiller, batch, values, output
+
+
+def viewed_step(recipe: Recipe, step: int = 2, batch_size: int = 16, epochs: int = 10):
+    """(viewed batch, output) of one forward of a single-stage recipe's distiller on its first digits batch with the
+    stage's views applied (``first_step`` reads the plain batch), in train mode, no optimiser step."""
+    distiller = recipe.stages[0].distiller
+    batch = next(iter(batches_for(recipe.stages[0], batch_size=batch_size)))
+    distiller.build(batch).activate().train()
+    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=step)
+    values = distiller.run_models(viewed)
+    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=epochs, step=step, batch=viewed))
+    return viewed, output
+
+
+def generated_step(recipe: Recipe):
+    """(batch, output) of one forward of a data-free recipe's first stage on a batch of its generated source (the
+    distiller built on a first, gradient-free generated example)."""
+    stage = recipe.stages[0]
+    distiller = stage.distiller
+    request = stage.source.request(seed=0, epoch=1, step=0)
+    with torch.no_grad():
+        example = stage.source.generate(distiller, request)
+    distiller.build(example).activate()
+    distiller.train()
+    batch = stage.source.generate(distiller, request)
+    return batch, distiller(batch, StepContext(batch=batch))

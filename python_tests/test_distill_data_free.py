@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_testing import digits_setup
+from distill_testing import digits_setup, generated_step
 from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.methods.data_free import DAFLGenerator
-from kdkernels.distill.terms import StepContext
 from kdkernels.distill.trainer import TrainConfig, Trainer
 from trainer_testing import QUIET, assert_resume_is_exact, parameters_of, small_split
 
@@ -39,13 +38,7 @@ def test_terms_are_the_official_formulas():
     recipe = build_recipe("dafl", setup(), batch_size=8, steps_per_epoch=1)
     stage = recipe.stages[0]
     distiller = stage.distiller
-    request = stage.source.request(seed=0, epoch=1, step=0)
-    with torch.no_grad():
-        example = stage.source.generate(distiller, request)
-    distiller.build(example).activate()
-    distiller.train()
-    batch = stage.source.generate(distiller, request)
-    output = distiller(batch, StepContext(batch=batch))
+    batch, output = generated_step(recipe)
     t, s, f = output.values["teacher"], output.values["student"], output.values["teacher:fc/input"]
     mean = F.softmax(t, 1).mean(0)
     expected = {"one_hot": F.cross_entropy(t, t.argmax(1)),

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import digits_setup
+from distill_testing import digits_setup, generated_step
 from kdkernels.distill import build_recipe, get_method
 from kdkernels.distill.data import TensorDictDataset
 from kdkernels.distill.methods.data_free import DFADGenerator
@@ -98,13 +98,7 @@ def test_dfad_terms_are_the_official_formulas_on_a_generated_batch():
     recipe = build_recipe("dfad", setup(), batch_size=8, steps_per_epoch=1)
     stage = recipe.stages[0]
     distiller = stage.distiller
-    request = stage.source.request(seed=0, epoch=1, step=0)
-    with torch.no_grad():
-        example = stage.source.generate(distiller, request)
-    distiller.build(example).activate()
-    distiller.train()
-    batch = stage.source.generate(distiller, request)
-    output = distiller(batch, StepContext(batch=batch))
+    batch, output = generated_step(recipe)
     s, t = output.values["student"], output.values["teacher"]
     torch.testing.assert_close(output.terms["dfad"], dfad_official_student(s, t).detach())
     torch.testing.assert_close(output.terms["dfad_generator"], dfad_official_generator(s, t).detach())

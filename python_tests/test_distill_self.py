@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from distill_testing import batches_for, digits_setup, first_step, run_steps
+from distill_testing import digits_setup, first_step, run_steps, viewed_step
 from trainer_testing import QUIET, assert_resume_is_exact
 from kdkernels.distill import build_recipe
 from kdkernels.distill.methods.self_distillation import AnchorCrossEntropyTerm, class_consistency_loss
@@ -225,13 +225,7 @@ def test_dks_bad_configuration_names_the_argument():
 
 def ddgsd_step(step=2, **overrides):
     recipe = build_recipe("ddgsd", digits_setup(teacher=None), **overrides)
-    distiller = recipe.stages[0].distiller
-    batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
-    distiller.build(batch).activate().train()
-    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=step)
-    values = distiller.run_models(viewed)
-    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=10, step=step, batch=viewed))
-    return recipe, viewed, output
+    return (recipe, *viewed_step(recipe, step))
 
 
 def test_ddgsd_step_is_the_paper_loss_on_two_distorted_views():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_testing import batches_for, digits_setup, first_step
+from distill_testing import batches_for, digits_setup, first_step, viewed_step
 from test_losses_self_distillation import official_mixskd
 from trainer_testing import QUIET, assert_resume_is_exact, small_split
 from kdkernels.distill import TrainConfig, Trainer, build_recipe
@@ -19,13 +19,7 @@ from kdkernels.distill.views import Draws, View, apply_views
 
 def mixskd_step(step=2, **overrides):
     recipe = build_recipe("mixskd", digits_setup(teacher=None), **overrides)
-    distiller = recipe.stages[0].distiller
-    batch = next(iter(batches_for(recipe.stages[0], batch_size=16)))
-    distiller.build(batch).activate().train()
-    viewed = distiller.apply_views(batch, seed=0, epoch=1, step=step)
-    values = distiller.run_models(viewed)
-    output = distiller.compute_terms(values, StepContext(epoch=1, epochs=10, step=step, batch=viewed))
-    return recipe, viewed, output
+    return (recipe, *viewed_step(recipe, step))
 
 
 def test_mixskd_step_is_the_official_loss_on_the_clean_and_mixup_batch():
